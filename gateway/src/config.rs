@@ -1,0 +1,87 @@
+//! Gateway configuration: a TOML file whose every field has a default, overridden by flags.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::defaults;
+
+/// Everything a gateway needs to start.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Where the database, key and admin file live.
+    pub data_dir: PathBuf,
+    /// libp2p listen addresses.
+    pub listen: Vec<libp2p::Multiaddr>,
+    /// HTTP address for `/healthz`, `/metrics` and the operator's admin endpoint.
+    pub http: Option<std::net::SocketAddr>,
+    /// Where login codes go: `file:PATH` or `webhook:URL`.
+    pub code_sink: Option<String>,
+    /// Rate limits and lifetimes.
+    pub limits: Limits,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: PathBuf::from("meshgram-gateway-data"),
+            listen: meshgram_node::transport::default_listen_addrs(),
+            http: None,
+            code_sink: None,
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// Lifetimes and rate limits; see `defaults` for why each default is what it is.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    pub code_ttl_secs: u64,
+    pub code_length: u8,
+    pub max_code_attempts: u32,
+    pub code_lockout_secs: u64,
+    pub send_code_burst: u32,
+    pub send_code_refill_secs: u64,
+    pub sign_in_burst: u32,
+    pub sign_in_refill_secs: u64,
+    pub cert_ttl_secs: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            code_ttl_secs: defaults::CODE_TTL_SECS,
+            code_length: defaults::CODE_LENGTH,
+            max_code_attempts: defaults::MAX_CODE_ATTEMPTS,
+            code_lockout_secs: defaults::CODE_LOCKOUT_SECS,
+            send_code_burst: defaults::SEND_CODE_BURST,
+            send_code_refill_secs: defaults::SEND_CODE_REFILL_SECS,
+            sign_in_burst: defaults::SIGN_IN_BURST,
+            sign_in_refill_secs: defaults::SIGN_IN_REFILL_SECS,
+            cert_ttl_secs: defaults::CERT_TTL_SECS,
+        }
+    }
+}
+
+impl Limits {
+    /// Refuses values that would make the gateway unusable or insecure.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(4..=8).contains(&self.code_length) {
+            return Err(format!("code_length must be 4..=8, not {}", self.code_length));
+        }
+        if self.max_code_attempts == 0 || self.code_ttl_secs == 0 || self.cert_ttl_secs < 60 {
+            return Err("max_code_attempts and code_ttl_secs must be > 0 and cert_ttl_secs >= 60".into());
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// Reads a TOML config file.
+    pub fn load(path: &Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+}

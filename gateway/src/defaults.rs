@@ -1,0 +1,29 @@
+//! Gateway tunables, each with the reason for its default. All can be changed in the config
+//! file's `[limits]` table.
+
+/// Login codes live five minutes: long enough to switch apps and type, short enough that a
+/// leaked old code is useless.
+pub const CODE_TTL_SECS: u64 = 300;
+/// Five digits, like Telegram: with the attempt limit below, a guess succeeds with p = 5e-5.
+pub const CODE_LENGTH: u8 = 5;
+/// Wrong codes allowed per sent code before the phone is locked out.
+pub const MAX_CODE_ATTEMPTS: u32 = 5;
+/// How long a phone is locked out after too many wrong codes.
+pub const CODE_LOCKOUT_SECS: u64 = 900;
+/// Codes per phone in a burst: a user who mistypes the number or loses an SMS can retry.
+pub const SEND_CODE_BURST: u32 = 5;
+/// Then one more code per ten minutes, so nobody can use us to spam a number.
+pub const SEND_CODE_REFILL_SECS: u64 = 600;
+/// Sign-in and password attempts per device in a burst.
+pub const SIGN_IN_BURST: u32 = 20;
+/// Then one more every three seconds.
+pub const SIGN_IN_REFILL_SECS: u64 = 3;
+/// Session certificates live an hour (DESIGN.md): a revoked session stops working on relays
+/// within that bound, and clients renew well before it.
+pub const CERT_TTL_SECS: u64 = 3600;
+/// Bots per owner, as BotFather allows.
+pub const MAX_BOTS_PER_OWNER: usize = 20;
+/// A session's `last_seen` is written at most this often, to spare commits.
+pub const LAST_SEEN_RESOLUTION_SECS: u64 = 60;
+/// Requests handled at once; further ones get FLOOD_WAIT instead of queueing without bound.
+pub const MAX_INFLIGHT_REQUESTS: usize = 1024;

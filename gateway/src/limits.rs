@@ -1,0 +1,81 @@
+//! In-memory token-bucket rate limits, keyed by phone, device or account.
+//!
+//! Limits live in memory: they protect against floods within a process's life; the lasting
+//! defences (code expiry, wrong-attempt lockouts) are in the database. Full buckets are pruned
+//! when the map grows, so memory stays bounded by the number of *recently active* keys.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+/// Prune full buckets once the map holds this many keys.
+const PRUNE_AT: usize = 100_000;
+
+/// One limit: `burst` actions at once, refilled at one per `refill_secs`.
+#[derive(Debug)]
+pub struct RateLimiter {
+    burst: f64,
+    refill_secs: f64,
+    buckets: Mutex<HashMap<String, Bucket>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    tokens: f64,
+    updated: f64,
+}
+
+impl RateLimiter {
+    /// A limiter allowing `burst` at once and one more every `refill_secs`.
+    pub fn new(burst: u32, refill_secs: u64) -> Self {
+        RateLimiter {
+            burst: f64::from(burst.max(1)),
+            refill_secs: refill_secs.max(1) as f64,
+            buckets: Mutex::default(),
+        }
+    }
+
+    /// Takes one token for `key` at `now` (unix seconds), or says how many whole seconds until
+    /// one is available.
+    pub fn check(&self, key: &str, now: u64) -> Result<(), u64> {
+        let now = now as f64;
+        let mut buckets = self.buckets.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if buckets.len() >= PRUNE_AT {
+            let (burst, refill) = (self.burst, self.refill_secs);
+            buckets.retain(|_, b| b.tokens + (now - b.updated) / refill < burst);
+        }
+        let bucket = buckets.entry(key.to_string()).or_insert(Bucket { tokens: self.burst, updated: now });
+        bucket.tokens = (bucket.tokens + (now - bucket.updated).max(0.0) / self.refill_secs).min(self.burst);
+        bucket.updated = now;
+        if bucket.tokens >= 1.0 {
+            bucket.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(((1.0 - bucket.tokens) * self.refill_secs).ceil().max(1.0) as u64)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn burst_then_wait_then_refill() {
+        let limiter = RateLimiter::new(3, 10);
+        for _ in 0..3 {
+            assert!(limiter.check("a", 100).is_ok());
+        }
+        assert_eq!(limiter.check("a", 100), Err(10));
+        assert_eq!(limiter.check("a", 104), Err(6));
+        assert!(limiter.check("b", 104).is_ok(), "keys are independent");
+        assert!(limiter.check("a", 110).is_ok());
+        assert!(limiter.check("a", 110).is_err());
+    }
+
+    #[test]
+    fn clock_going_backwards_does_not_mint_tokens() {
+        let limiter = RateLimiter::new(1, 10);
+        assert!(limiter.check("a", 100).is_ok());
+        assert!(limiter.check("a", 50).is_err());
+    }
+}

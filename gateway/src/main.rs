@@ -1,0 +1,177 @@
+//! `meshgram-gateway`: run the Auth & Session Service, or talk to a running one as its operator.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use meshgram_gateway::config::Config;
+use meshgram_gateway::{AdminFile, Gateway};
+
+#[derive(Parser, Debug)]
+#[command(name = "meshgram-gateway", version, about = "Meshgram gateway: sign-in, sessions, certificates, directory")]
+struct Cli {
+    /// Data directory (database, gateway key, admin.json, default code sink).
+    #[arg(long, env = "MESHGRAM_GATEWAY_DATA")]
+    data: Option<PathBuf>,
+    /// libp2p listen address (repeatable). Default: QUIC and TCP on 127.0.0.1, port 0.
+    #[arg(long)]
+    listen: Vec<libp2p::Multiaddr>,
+    /// HTTP address for /healthz, /metrics and the admin endpoint.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    http: std::net::SocketAddr,
+    /// Where login codes go: file:PATH or webhook:URL. Default: file:DATA/codes.log.
+    #[arg(long)]
+    code_sink: Option<String>,
+    /// TOML config file; flags override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Session certificate lifetime in seconds.
+    #[arg(long)]
+    cert_ttl_secs: Option<u64>,
+    /// Login code lifetime in seconds.
+    #[arg(long)]
+    code_ttl_secs: Option<u64>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Manage bots on the running gateway of --data (through its admin endpoint).
+    #[command(subcommand)]
+    Bot(BotCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum BotCommand {
+    /// Create a bot and print its token.
+    Create {
+        #[arg(long)]
+        username: String,
+        #[arg(long)]
+        name: String,
+        /// Make this user the bot's owner.
+        #[arg(long)]
+        owner: Option<u64>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List every bot.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Replace a bot's token.
+    RevokeToken {
+        bot_id: u64,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let mut config = match &cli.config {
+        Some(path) => Config::load(path).map_err(anyhow::Error::msg)?,
+        None => Config::default(),
+    };
+    if let Some(data) = cli.data.clone() {
+        config.data_dir = data;
+    }
+    match cli.command {
+        Some(Command::Bot(command)) => admin(&config.data_dir, command).await,
+        None => run(cli, config).await,
+    }
+}
+
+async fn run(cli: Cli, mut config: Config) -> anyhow::Result<()> {
+    if !cli.listen.is_empty() {
+        config.listen = cli.listen;
+    }
+    config.http = Some(cli.http);
+    config.code_sink = cli.code_sink.or(config.code_sink);
+    if let Some(secs) = cli.cert_ttl_secs {
+        config.limits.cert_ttl_secs = secs;
+    }
+    if let Some(secs) = cli.code_ttl_secs {
+        config.limits.code_ttl_secs = secs;
+    }
+    let mut gateway = Gateway::start(config).await.context("starting the gateway")?;
+    let mut ready = serde_json::to_value(&gateway.ready)?;
+    ready["event"] = "ready".into();
+    ready["role"] = "gateway".into();
+    println!("{ready}");
+    tracing::info!(peer_id = %gateway.ready.peer_id, "gateway ready");
+
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; shutting down"),
+        _ = terminate.recv() => tracing::info!("terminated; shutting down"),
+        () = gateway.wait() => bail!("a gateway task stopped unexpectedly"),
+    }
+    gateway.shutdown().await;
+    Ok(())
+}
+
+/// Operator commands: HTTP calls to the running gateway's admin endpoint.
+async fn admin(data: &std::path::Path, command: BotCommand) -> anyhow::Result<()> {
+    let admin = AdminFile::load(data).map_err(anyhow::Error::msg)?;
+    let client = reqwest::Client::new();
+    let (request, json) = match &command {
+        BotCommand::Create { username, name, owner, json } => (
+            client
+                .post(format!("{}/admin/bots", admin.url))
+                .json(&serde_json::json!({"username": username, "name": name, "owner": owner})),
+            *json,
+        ),
+        BotCommand::List { json } => (client.get(format!("{}/admin/bots", admin.url)), *json),
+        BotCommand::RevokeToken { bot_id, json } => {
+            (client.post(format!("{}/admin/bots/{bot_id}/revoke-token", admin.url)), *json)
+        }
+    };
+    let response = request
+        .bearer_auth(&admin.token)
+        .send()
+        .await
+        .with_context(|| format!("reaching the gateway at {}", admin.url))?;
+    let status = response.status();
+    let body: serde_json::Value = response.json().await.context("reading the gateway's answer")?;
+    if !status.is_success() {
+        if json {
+            println!("{body}");
+        }
+        let error = &body["error"];
+        bail!(
+            "{}: {}",
+            error["code"].as_str().unwrap_or("ERROR"),
+            error["message"].as_str().unwrap_or("request failed")
+        );
+    }
+    if json {
+        println!("{body}");
+    } else {
+        match command {
+            BotCommand::Create { .. } | BotCommand::RevokeToken { .. } => {
+                println!("Bot @{} (id {})", body["bot"]["username"].as_str().unwrap_or("?"), body["bot"]["user_id"]);
+                println!("Token: {}", body["token"].as_str().unwrap_or("?"));
+            }
+            BotCommand::List { .. } => {
+                for bot in body.as_array().into_iter().flatten() {
+                    println!(
+                        "{}\t@{}\t{}",
+                        bot["user_id"],
+                        bot["username"].as_str().unwrap_or("?"),
+                        bot["name"].as_str().unwrap_or("")
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,969 @@
+//! The Auth & Session Service's logic: one method per request, each a short sequence of
+//! checks and one (sometimes two) durable transactions. Synchronous: the network loop runs it
+//! on blocking threads, because redb commits fsync and argon2 takes tens of milliseconds.
+
+use std::sync::Arc;
+
+use argon2::Argon2;
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString, rand_core::OsRng};
+use libp2p::PeerId;
+use libp2p::identity::ed25519;
+use meshgram_node::cert::{AccountKind, CertBody, SessionCert};
+use meshgram_node::codec::FrameError;
+use meshgram_node::identity::DeviceKeys;
+use meshgram_node::ids::{BOT_TOKEN_SECRET_LEN, BotToken, Phone, SessionId, UserId, Username};
+use meshgram_node::protocol::{
+    Account, AuthError, AuthErrorCode as Code, AuthRequest, AuthResponse, DeviceCard, LookupQuery,
+    MAX_DEVICE_NAME_CHARS, MAX_NAME_CHARS, MAX_PASSWORD_BYTES, UserCard,
+};
+use rand::Rng;
+
+use crate::code_sender::CodeSender;
+use crate::config::Limits;
+use crate::defaults::{LAST_SEEN_RESOLUTION_SECS, MAX_BOTS_PER_OWNER};
+use crate::limits::RateLimiter;
+use crate::metrics::Metrics;
+use crate::store::{CodeRecord, Store, StoreError, StoredAccount, StoredSession, Tables};
+
+impl From<StoreError> for AuthError {
+    fn from(e: StoreError) -> Self {
+        // The client learns only that we failed; the operator gets the cause.
+        tracing::error!(error = %e, "gateway store failure");
+        AuthError::new(Code::Internal, "internal error; try again later")
+    }
+}
+
+type AuthResult<T> = Result<T, AuthError>;
+
+/// A bot and its freshly issued token.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct IssuedBotToken {
+    pub bot: Account,
+    pub token: String,
+}
+
+/// The gateway's state and rules.
+#[derive(Debug)]
+pub struct AuthService {
+    store: Store,
+    signer: ed25519::Keypair,
+    /// Key for hashing login codes, derived from the gateway key: a leaked database alone does
+    /// not let anyone test codes offline.
+    code_key: [u8; 32],
+    /// Key for hashing bot token secrets, likewise.
+    token_key: [u8; 32],
+    sender: CodeSender,
+    limits: Limits,
+    send_code_limiter: RateLimiter,
+    sign_in_limiter: RateLimiter,
+    runtime: tokio::runtime::Handle,
+    metrics: Arc<Metrics>,
+}
+
+impl AuthService {
+    /// Builds the service. `runtime` is used to run the webhook from blocking threads.
+    pub fn new(
+        store: Store,
+        signer: ed25519::Keypair,
+        sender: CodeSender,
+        limits: Limits,
+        runtime: tokio::runtime::Handle,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let secret = signer.secret();
+        let code_key = blake3::derive_key("meshgram gateway 2026 login code hash", secret.as_ref());
+        let token_key = blake3::derive_key("meshgram gateway 2026 bot token hash", secret.as_ref());
+        AuthService {
+            store,
+            signer,
+            code_key,
+            token_key,
+            sender,
+            send_code_limiter: RateLimiter::new(limits.send_code_burst, limits.send_code_refill_secs),
+            sign_in_limiter: RateLimiter::new(limits.sign_in_burst, limits.sign_in_refill_secs),
+            limits,
+            runtime,
+            metrics,
+        }
+    }
+
+    /// The gateway's public signing key.
+    pub fn public_key(&self) -> ed25519::PublicKey {
+        self.signer.public()
+    }
+
+    /// Answers one request from `peer` at unix time `now`. Never panics on client input.
+    pub fn handle(&self, peer: PeerId, request: Result<AuthRequest, FrameError>, now: u64) -> AuthResponse {
+        let (kind, result) = match request {
+            Err(frame) => ("malformed", Err(AuthError::new(Code::BadRequest, frame.to_string()))),
+            Ok(request) => (request.kind(), self.dispatch(peer, request, now)),
+        };
+        let outcome = match &result {
+            Ok(_) => "ok".to_string(),
+            Err(e) => e.code.to_string(),
+        };
+        self.metrics.count_request(kind, &outcome);
+        result.unwrap_or_else(AuthResponse::Error)
+    }
+
+    fn dispatch(&self, peer: PeerId, request: AuthRequest, now: u64) -> AuthResult<AuthResponse> {
+        match request {
+            AuthRequest::SendCode { phone } => self.send_code(&phone, now),
+            AuthRequest::SignIn { phone, code, device, device_name, password } => {
+                self.sign_in(peer, &phone, &code, device, device_name, password, now)
+            }
+            AuthRequest::BotSignIn { token, device, device_name } => {
+                self.bot_sign_in(peer, &token, device, device_name, now)
+            }
+            AuthRequest::RenewCert => self.renew_cert(peer, now),
+            AuthRequest::GetMe => self.get_me(peer, now),
+            AuthRequest::SetProfile { username, name } => self.set_profile(peer, username, name, now),
+            AuthRequest::SetPassword { current, new } => self.set_password(peer, current, new, now),
+            AuthRequest::Lookup(query) => self.lookup(peer, &query, now),
+            AuthRequest::ListSessions => self.list_sessions(peer, now),
+            AuthRequest::RevokeSession { session_id } => self.revoke_session(peer, session_id, now),
+            AuthRequest::RevokeOtherSessions => self.revoke_other_sessions(peer, now),
+            AuthRequest::CreateBot { username, name } => {
+                let owner = self.store.read(|t| self.authed_user(t, &peer, now))?;
+                let issued = self.create_bot(Some(owner.user_id), &username, &name, now)?;
+                Ok(AuthResponse::BotToken { bot: issued.bot, token: issued.token })
+            }
+            AuthRequest::ListBots => {
+                let bots = self.store.read(|t| {
+                    let owner = self.authed_user(t, &peer, now)?;
+                    Ok::<_, AuthError>(t.bots_of(owner.user_id)?)
+                })?;
+                Ok(AuthResponse::Bots(bots.iter().map(StoredAccount::to_account).collect()))
+            }
+            AuthRequest::RevokeBotToken { bot } => {
+                let owner = self.store.read(|t| self.authed_user(t, &peer, now))?;
+                let issued = self.revoke_bot_token(Some(owner.user_id), bot, now)?;
+                Ok(AuthResponse::BotToken { bot: issued.bot, token: issued.token })
+            }
+        }
+    }
+
+    // ---- sign-in ----
+
+    /// `SendCode`: rate-limit, store a fresh code, deliver it.
+    fn send_code(&self, phone: &Phone, now: u64) -> AuthResult<AuthResponse> {
+        self.send_code_limiter
+            .check(phone.as_str(), now)
+            .map_err(|s| AuthError::flood_wait(s, "code requests for this number"))?;
+        let code = self.random_code();
+        self.store.write(|t| {
+            let old = t.code(phone)?;
+            if let Some(old) = &old
+                && old.locked_until > now
+            {
+                return Err(AuthError::flood_wait(old.locked_until - now, "wrong codes for this number"));
+            }
+            // Wrong attempts count per phone, not per code: asking for a new code must not buy
+            // more guesses. They are forgotten after a lockout, or a lockout period after the
+            // last code expired.
+            let carried = old
+                .filter(|o| o.locked_until == 0 && now < o.expires_at + self.limits.code_lockout_secs)
+                .map_or(0, |o| o.wrong_attempts);
+            let record = CodeRecord {
+                code_hash: *self.code_hash(&code).as_bytes(),
+                expires_at: now + self.limits.code_ttl_secs,
+                wrong_attempts: carried,
+                locked_until: 0,
+            };
+            t.put_code(phone, &record)?;
+            Ok(())
+        })?;
+        if let Err(e) = self.sender.deliver(&self.runtime, phone, &code, now) {
+            tracing::warn!(error = %e, %phone, "login code not delivered");
+            self.store.write(|t| t.remove_code(phone))?;
+            return Err(AuthError::new(
+                Code::CodeDeliveryFailed,
+                "the login code could not be delivered; try again later",
+            ));
+        }
+        tracing::info!(%phone, "login code sent");
+        self.metrics.codes_sent.inc();
+        Ok(AuthResponse::CodeSent { expires_in_secs: self.limits.code_ttl_secs, code_length: self.limits.code_length })
+    }
+
+    /// `SignIn`: check the code (counting wrong tries durably), then the 2FA password if any,
+    /// then consume the code and create the account and session in one transaction.
+    #[allow(clippy::too_many_arguments)] // the request's fields, passed through
+    fn sign_in(
+        &self,
+        peer: PeerId,
+        phone: &Phone,
+        code: &str,
+        device: DeviceKeys,
+        device_name: String,
+        password: Option<String>,
+        now: u64,
+    ) -> AuthResult<AuthResponse> {
+        self.sign_in_limiter.check(&peer.to_string(), now).map_err(|s| AuthError::flood_wait(s, "sign-in attempts"))?;
+        check_device(&peer, &device, &device_name)?;
+        // Commit even when the code is wrong: the attempt counter must survive.
+        let password_hash = self.store.write(|t| {
+            Ok::<_, AuthError>(match self.check_code(t, phone, code, now)? {
+                Err(e) => Err(e),
+                Ok(()) => Ok(t.account_by_phone(phone)?.and_then(|a| a.password_hash)),
+            })
+        })??;
+        if let Some(hash) = password_hash {
+            let password = password.ok_or_else(|| {
+                AuthError::new(
+                    Code::SessionPasswordNeeded,
+                    "this account is protected by a password; send it with the code",
+                )
+            })?;
+            verify_password(&password, &hash)?;
+        }
+        let (account, session, new_account) = self.store.write(|t| {
+            if let Err(e) = self.check_code(t, phone, code, now)? {
+                return Ok(Err(e));
+            }
+            t.remove_code(phone)?;
+            let (account, new_account) = match t.account_by_phone(phone)? {
+                Some(account) => (account, false),
+                None => {
+                    let account = StoredAccount {
+                        user_id: t.next_user_id()?,
+                        kind: AccountKind::User,
+                        phone: Some(phone.clone()),
+                        username: None,
+                        name: String::new(),
+                        password_hash: None,
+                        owner: None,
+                        created_at: now,
+                    };
+                    t.put_account(&account)?;
+                    (account, true)
+                }
+            };
+            let session = new_session(t, &account, peer, device, device_name, now)?;
+            Ok::<_, AuthError>(Ok((account, session, new_account)))
+        })??;
+        tracing::info!(user = %account.user_id, session = %session.session_id, new_account, "signed in");
+        Ok(AuthResponse::SignedIn { account: account.to_account(), cert: self.issue_cert(&session, now), new_account })
+    }
+
+    /// Checks `code` against the phone's record. The outer `Result` is a storage failure (abort);
+    /// the inner one a refusal whose side effects (attempt counter, lockout) must be committed.
+    fn check_code(&self, t: &mut Tables<'_>, phone: &Phone, code: &str, now: u64) -> AuthResult<AuthResult<()>> {
+        let Some(mut record) = t.code(phone)? else {
+            return Ok(Err(AuthError::new(
+                Code::PhoneCodeExpired,
+                "no valid code for this number: it was never sent, already used, or expired; request a new one",
+            )));
+        };
+        if record.locked_until > now {
+            return Ok(Err(AuthError::flood_wait(record.locked_until - now, "wrong codes for this number")));
+        }
+        if record.expires_at <= now {
+            t.remove_code(phone)?;
+            return Ok(Err(AuthError::new(Code::PhoneCodeExpired, "the code has expired; request a new one")));
+        }
+        // blake3::Hash equality is constant-time.
+        if self.code_hash(code.trim()) == blake3::Hash::from_bytes(record.code_hash) {
+            return Ok(Ok(()));
+        }
+        record.wrong_attempts += 1;
+        let refusal = if record.wrong_attempts >= self.limits.max_code_attempts {
+            // Burn the code and lock the phone out for a while.
+            record.locked_until = now + self.limits.code_lockout_secs;
+            record.expires_at = now;
+            AuthError::flood_wait(self.limits.code_lockout_secs, "wrong codes for this number")
+        } else {
+            AuthError::new(Code::PhoneCodeInvalid, "the code is wrong")
+        };
+        t.put_code(phone, &record)?;
+        Ok(Err(refusal))
+    }
+
+    /// `BotSignIn`: the token's secret must match the stored hash.
+    fn bot_sign_in(
+        &self,
+        peer: PeerId,
+        token: &str,
+        device: DeviceKeys,
+        device_name: String,
+        now: u64,
+    ) -> AuthResult<AuthResponse> {
+        self.sign_in_limiter.check(&peer.to_string(), now).map_err(|s| AuthError::flood_wait(s, "sign-in attempts"))?;
+        check_device(&peer, &device, &device_name)?;
+        let invalid = || AuthError::new(Code::AccessTokenInvalid, "invalid token specified");
+        let token: BotToken = token.parse().map_err(|_| invalid())?;
+        let presented = self.token_hash(&token.secret);
+        let (account, session) = self.store.write(|t| {
+            let stored = t.bot_secret(token.bot_id)?.ok_or_else(invalid)?;
+            if presented != blake3::Hash::from_bytes(stored) {
+                return Err(invalid());
+            }
+            let account = t.account(token.bot_id)?.filter(|a| a.kind == AccountKind::Bot).ok_or_else(invalid)?;
+            let session = new_session(t, &account, peer, device, device_name, now)?;
+            Ok((account, session))
+        })?;
+        tracing::info!(bot = %account.user_id, session = %session.session_id, "bot signed in");
+        Ok(AuthResponse::SignedIn {
+            account: account.to_account(),
+            cert: self.issue_cert(&session, now),
+            new_account: false,
+        })
+    }
+
+    // ---- the signed-in device ----
+
+    fn renew_cert(&self, peer: PeerId, now: u64) -> AuthResult<AuthResponse> {
+        let session = self.store.write(|t| self.authed(t, &peer, now))?;
+        Ok(AuthResponse::Cert(self.issue_cert(&session, now)))
+    }
+
+    fn get_me(&self, peer: PeerId, now: u64) -> AuthResult<AuthResponse> {
+        let account = self.store.write(|t| self.authed_account(t, &peer, now))?;
+        Ok(AuthResponse::Me(account.to_account()))
+    }
+
+    fn set_profile(
+        &self,
+        peer: PeerId,
+        username: Option<String>,
+        name: Option<String>,
+        now: u64,
+    ) -> AuthResult<AuthResponse> {
+        let account = self.store.write(|t| {
+            let mut account = self.authed_account(t, &peer, now)?;
+            if let Some(username) = username {
+                account.username = if username.trim().is_empty() {
+                    None
+                } else {
+                    Some(self.free_username(t, &username, account.kind, Some(account.user_id))?)
+                };
+            }
+            if let Some(name) = name {
+                account.name = check_name(&name)?;
+            }
+            t.put_account(&account)?;
+            Ok::<_, AuthError>(account)
+        })?;
+        Ok(AuthResponse::Me(account.to_account()))
+    }
+
+    /// Sets, changes or removes the 2FA password. argon2 runs outside the transaction.
+    fn set_password(
+        &self,
+        peer: PeerId,
+        current: Option<String>,
+        new: Option<String>,
+        now: u64,
+    ) -> AuthResult<AuthResponse> {
+        let account = self.store.read(|t| self.authed_account(t, &peer, now))?;
+        if account.kind != AccountKind::User {
+            return Err(AuthError::new(Code::Forbidden, "bots sign in with tokens and have no password"));
+        }
+        if let Some(hash) = &account.password_hash {
+            self.sign_in_limiter
+                .check(&peer.to_string(), now)
+                .map_err(|s| AuthError::flood_wait(s, "password attempts"))?;
+            let current =
+                current.ok_or_else(|| AuthError::new(Code::PasswordHashInvalid, "the current password is required"))?;
+            verify_password(&current, hash)?;
+        }
+        let new_hash = new.map(|p| hash_password(&p)).transpose()?;
+        let account = self.store.write(|t| {
+            let mut account = self.authed_account(t, &peer, now)?;
+            account.password_hash = new_hash;
+            t.put_account(&account)?;
+            Ok::<_, AuthError>(account)
+        })?;
+        Ok(AuthResponse::Me(account.to_account()))
+    }
+
+    fn lookup(&self, peer: PeerId, query: &LookupQuery, now: u64) -> AuthResult<AuthResponse> {
+        let card = self.store.read(|t| {
+            self.authed(t, &peer, now)?;
+            let account = match query {
+                LookupQuery::Username(name) => t.account_by_username(name)?,
+                LookupQuery::Phone(phone) => t.account_by_phone(phone)?,
+                LookupQuery::UserId(id) => t.account(*id)?,
+            }
+            .ok_or_else(|| AuthError::new(Code::NotFound, "no such user"))?;
+            let devices = t
+                .active_sessions(account.user_id)?
+                .into_iter()
+                .map(|s| DeviceCard { peer_id: s.device, keys: s.keys })
+                .collect();
+            Ok::<_, AuthError>(UserCard {
+                user_id: account.user_id,
+                kind: account.kind,
+                username: account.username,
+                name: account.name,
+                devices,
+            })
+        })?;
+        Ok(AuthResponse::Card(card))
+    }
+
+    fn list_sessions(&self, peer: PeerId, now: u64) -> AuthResult<AuthResponse> {
+        let mut sessions = self.store.write(|t| {
+            let me = self.authed(t, &peer, now)?;
+            let all = t.active_sessions(me.user_id)?;
+            Ok::<_, AuthError>(all.iter().map(|s| s.to_info(me.session_id)).collect::<Vec<_>>())
+        })?;
+        sessions.sort_by_key(|s| (s.created_at, s.session_id));
+        Ok(AuthResponse::Sessions(sessions))
+    }
+
+    fn revoke_session(&self, peer: PeerId, session_id: SessionId, now: u64) -> AuthResult<AuthResponse> {
+        self.store.write(|t| {
+            let me = self.authed(t, &peer, now)?;
+            let mut target =
+                t.session(session_id)?.filter(|s| s.user_id == me.user_id && s.revoked_at.is_none()).ok_or_else(
+                    || AuthError::new(Code::NotFound, format!("no active session {session_id} on this account")),
+                )?;
+            target.revoked_at = Some(now);
+            t.put_session(&target)?;
+            Ok::<_, AuthError>(())
+        })?;
+        tracing::info!(session = %session_id, "session revoked");
+        Ok(AuthResponse::Revoked { count: 1 })
+    }
+
+    fn revoke_other_sessions(&self, peer: PeerId, now: u64) -> AuthResult<AuthResponse> {
+        let count = self.store.write(|t| {
+            let me = self.authed(t, &peer, now)?;
+            let mut count = 0;
+            for mut other in t.active_sessions(me.user_id)? {
+                if other.session_id != me.session_id {
+                    other.revoked_at = Some(now);
+                    t.put_session(&other)?;
+                    count += 1;
+                }
+            }
+            Ok::<_, AuthError>(count)
+        })?;
+        Ok(AuthResponse::Revoked { count })
+    }
+
+    // ---- bots (BotFather, and the operator's admin endpoint) ----
+
+    /// Creates a bot owned by `owner` (`None`: the operator) and issues its first token.
+    pub fn create_bot(
+        &self,
+        owner: Option<UserId>,
+        username: &str,
+        name: &str,
+        now: u64,
+    ) -> AuthResult<IssuedBotToken> {
+        let (secret, hash) = self.new_token_secret();
+        let bot = self.store.write(|t| {
+            if let Some(owner) = owner {
+                match t.account(owner)? {
+                    Some(a) if a.kind == AccountKind::User => {}
+                    Some(_) => return Err(AuthError::new(Code::Forbidden, "bots cannot create bots")),
+                    None => return Err(AuthError::new(Code::NotFound, format!("no user {owner}"))),
+                }
+                if t.bots_of(owner)?.len() >= MAX_BOTS_PER_OWNER {
+                    return Err(AuthError::new(
+                        Code::Forbidden,
+                        format!("a user may own at most {MAX_BOTS_PER_OWNER} bots"),
+                    ));
+                }
+            }
+            let username = self.free_username(t, username, AccountKind::Bot, None)?;
+            let name = check_name(name)?;
+            if name.is_empty() {
+                return Err(AuthError::new(Code::NameInvalid, "a bot needs a name"));
+            }
+            let bot = StoredAccount {
+                user_id: t.next_user_id()?,
+                kind: AccountKind::Bot,
+                phone: None,
+                username: Some(username),
+                name,
+                password_hash: None,
+                owner,
+                created_at: now,
+            };
+            t.put_account(&bot)?;
+            t.put_bot_secret(bot.user_id, owner, hash.as_bytes())?;
+            Ok(bot)
+        })?;
+        tracing::info!(bot = %bot.user_id, owner = ?owner, "bot created");
+        Ok(IssuedBotToken { token: format!("{}:{secret}", bot.user_id), bot: bot.to_account() })
+    }
+
+    /// Bots of `owner`, or every bot for the operator (`None`).
+    pub fn list_bots(&self, owner: Option<UserId>) -> AuthResult<Vec<Account>> {
+        let bots = self.store.read(|t| match owner {
+            Some(owner) => t.bots_of(owner),
+            None => t.all_bots(),
+        })?;
+        Ok(bots.iter().map(StoredAccount::to_account).collect())
+    }
+
+    /// Issues a new token for `bot`; the old one stops working and the bot's sessions end.
+    pub fn revoke_bot_token(&self, owner: Option<UserId>, bot: UserId, now: u64) -> AuthResult<IssuedBotToken> {
+        let (secret, hash) = self.new_token_secret();
+        let account = self.store.write(|t| {
+            let account = t
+                .account(bot)?
+                .filter(|a| a.kind == AccountKind::Bot)
+                .ok_or_else(|| AuthError::new(Code::NotFound, format!("there is no bot {bot}")))?;
+            if owner.is_some() && account.owner != owner {
+                return Err(AuthError::new(Code::Forbidden, format!("bot {bot} belongs to someone else")));
+            }
+            t.put_bot_secret(bot, account.owner, hash.as_bytes())?;
+            for mut session in t.active_sessions(bot)? {
+                session.revoked_at = Some(now);
+                t.put_session(&session)?;
+            }
+            Ok::<_, AuthError>(account)
+        })?;
+        tracing::info!(bot = %bot, "bot token revoked");
+        Ok(IssuedBotToken { token: format!("{bot}:{secret}"), bot: account.to_account() })
+    }
+
+    // ---- helpers ----
+
+    /// The caller's active session, refreshing `last_seen` now and then.
+    fn authed(&self, t: &mut Tables<'_>, peer: &PeerId, now: u64) -> AuthResult<StoredSession> {
+        let mut session = t
+            .session_of_device(peer)?
+            .ok_or_else(|| AuthError::new(Code::AuthKeyUnregistered, "this device is not signed in; run login"))?;
+        if session.revoked_at.is_some() {
+            return Err(AuthError::new(Code::SessionRevoked, "this session was ended; sign in again"));
+        }
+        if now >= session.last_seen + LAST_SEEN_RESOLUTION_SECS {
+            session.last_seen = now;
+            t.put_session(&session)?;
+        }
+        Ok(session)
+    }
+
+    fn authed_account(&self, t: &mut Tables<'_>, peer: &PeerId, now: u64) -> AuthResult<StoredAccount> {
+        let session = self.authed(t, peer, now)?;
+        t.account(session.user_id)?
+            .ok_or_else(|| AuthError::new(Code::AuthKeyUnregistered, "the account of this session no longer exists"))
+    }
+
+    fn authed_user(&self, t: &mut Tables<'_>, peer: &PeerId, now: u64) -> AuthResult<StoredAccount> {
+        let account = self.authed_account(t, peer, now)?;
+        if account.kind != AccountKind::User {
+            return Err(AuthError::new(Code::Forbidden, "bots cannot manage bots"));
+        }
+        Ok(account)
+    }
+
+    /// Validates a username for an account kind and checks nobody else holds it.
+    fn free_username(&self, t: &Tables<'_>, raw: &str, kind: AccountKind, me: Option<UserId>) -> AuthResult<Username> {
+        let username: Username =
+            raw.parse().map_err(|e: meshgram_node::ids::InvalidValue| AuthError::new(Code::UsernameInvalid, e.0))?;
+        match (kind, username.is_bot_name()) {
+            (AccountKind::User, true) => {
+                return Err(AuthError::new(Code::UsernameInvalid, "usernames ending in 'bot' are reserved for bots"));
+            }
+            (AccountKind::Bot, false) => {
+                return Err(AuthError::new(Code::UsernameInvalid, "a bot's username must end in 'bot'"));
+            }
+            _ => {}
+        }
+        match t.username_holder(&username)? {
+            Some(holder) if Some(holder) != me => {
+                Err(AuthError::new(Code::UsernameOccupied, format!("{username} is already taken")))
+            }
+            _ => Ok(username),
+        }
+    }
+
+    fn issue_cert(&self, session: &StoredSession, now: u64) -> meshgram_node::cert::SessionCert {
+        SessionCert::sign(
+            CertBody {
+                user_id: session.user_id,
+                device: session.device,
+                noise_key: session.keys.noise_key,
+                session_id: session.session_id,
+                kind: session.kind,
+                not_before: now,
+                not_after: now + self.limits.cert_ttl_secs,
+            },
+            &self.signer,
+        )
+    }
+
+    fn random_code(&self) -> String {
+        let mut rng = rand::rngs::OsRng;
+        (0..self.limits.code_length).map(|_| char::from(b'0' + rng.gen_range(0..10u8))).collect()
+    }
+
+    fn code_hash(&self, code: &str) -> blake3::Hash {
+        blake3::keyed_hash(&self.code_key, code.as_bytes())
+    }
+
+    fn token_hash(&self, secret: &str) -> blake3::Hash {
+        blake3::keyed_hash(&self.token_key, secret.as_bytes())
+    }
+
+    fn new_token_secret(&self) -> (String, blake3::Hash) {
+        const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-";
+        let mut rng = rand::rngs::OsRng;
+        let secret: String =
+            (0..BOT_TOKEN_SECRET_LEN).map(|_| char::from(ALPHABET[rng.gen_range(0..ALPHABET.len())])).collect();
+        let hash = self.token_hash(&secret);
+        (secret, hash)
+    }
+}
+
+/// Creates a session for `peer`, ending the device's previous one: a device has one session.
+fn new_session(
+    t: &mut Tables<'_>,
+    account: &StoredAccount,
+    peer: PeerId,
+    keys: DeviceKeys,
+    device_name: String,
+    now: u64,
+) -> AuthResult<StoredSession> {
+    if let Some(mut old) = t.session_of_device(&peer)?
+        && old.revoked_at.is_none()
+    {
+        old.revoked_at = Some(now);
+        t.put_session(&old)?;
+    }
+    let session = StoredSession {
+        session_id: SessionId::random(),
+        user_id: account.user_id,
+        device: peer,
+        keys,
+        device_name,
+        kind: account.kind,
+        created_at: now,
+        last_seen: now,
+        revoked_at: None,
+    };
+    t.put_session(&session)?;
+    Ok(session)
+}
+
+/// The device keys must verify and belong to the connection's peer.
+fn check_device(peer: &PeerId, keys: &DeviceKeys, device_name: &str) -> AuthResult<()> {
+    let device = keys.verify().map_err(|e| AuthError::new(Code::DeviceKeysInvalid, e.to_string()))?;
+    if &device != peer {
+        return Err(AuthError::new(
+            Code::DeviceKeysInvalid,
+            "the device keys belong to another device than this connection's",
+        ));
+    }
+    if device_name.chars().count() > MAX_DEVICE_NAME_CHARS || device_name.chars().any(char::is_control) {
+        return Err(AuthError::new(
+            Code::BadRequest,
+            format!("device name must be at most {MAX_DEVICE_NAME_CHARS} printable characters"),
+        ));
+    }
+    Ok(())
+}
+
+/// A display name: trimmed, 1–64 printable characters.
+fn check_name(name: &str) -> AuthResult<String> {
+    let name = name.trim();
+    if name.is_empty() || name.chars().count() > MAX_NAME_CHARS || name.chars().any(char::is_control) {
+        return Err(AuthError::new(
+            Code::NameInvalid,
+            format!("a name must be 1-{MAX_NAME_CHARS} printable characters"),
+        ));
+    }
+    Ok(name.to_string())
+}
+
+fn hash_password(password: &str) -> AuthResult<String> {
+    if password.is_empty() || password.len() > MAX_PASSWORD_BYTES {
+        return Err(AuthError::new(Code::BadRequest, format!("a password must be 1-{MAX_PASSWORD_BYTES} bytes")));
+    }
+    let salt = SaltString::generate(&mut OsRng);
+    Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .map_err(|e| AuthError::new(Code::Internal, format!("could not hash the password: {e}")))
+}
+
+fn verify_password(password: &str, hash: &str) -> AuthResult<()> {
+    let invalid = || AuthError::new(Code::PasswordHashInvalid, "the password is wrong");
+    if password.len() > MAX_PASSWORD_BYTES {
+        return Err(invalid());
+    }
+    let parsed = PasswordHash::new(hash).map_err(|e| {
+        tracing::error!(error = %e, "stored password hash does not parse");
+        AuthError::new(Code::Internal, "internal error")
+    })?;
+    Argon2::default().verify_password(password.as_bytes(), &parsed).map_err(|_| invalid())
+}
+
+#[cfg(test)]
+mod tests {
+    use meshgram_node::identity::DeviceIdentity;
+
+    use super::*;
+
+    const T0: u64 = 1_800_000_000;
+
+    struct Fixture {
+        service: AuthService,
+        sink: std::path::PathBuf,
+        _dir: tempfile::TempDir,
+    }
+
+    fn fixture(limits: Limits) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let sink = dir.path().join("codes.log");
+        let service = AuthService::new(
+            Store::open(&dir.path().join("gw.redb")).unwrap(),
+            ed25519::Keypair::generate(),
+            CodeSender::File(sink.clone()),
+            limits,
+            tokio::runtime::Handle::current(),
+            Arc::new(Metrics::new()),
+        );
+        Fixture { service, sink, _dir: dir }
+    }
+
+    struct Device {
+        identity: DeviceIdentity,
+        _dir: tempfile::TempDir,
+    }
+
+    fn device() -> Device {
+        let dir = tempfile::tempdir().unwrap();
+        Device { identity: DeviceIdentity::load_or_create(dir.path()).unwrap(), _dir: dir }
+    }
+
+    fn phone(s: &str) -> Phone {
+        s.parse().unwrap()
+    }
+
+    impl Fixture {
+        fn call(&self, device: &Device, request: AuthRequest, now: u64) -> AuthResponse {
+            self.service.handle(device.identity.peer_id(), Ok(request), now)
+        }
+
+        fn last_code(&self) -> String {
+            let text = std::fs::read_to_string(&self.sink).unwrap();
+            let line: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+            line["code"].as_str().unwrap().to_string()
+        }
+
+        fn sign_in(
+            &self,
+            device: &Device,
+            phone: &Phone,
+            code: &str,
+            password: Option<&str>,
+            now: u64,
+        ) -> AuthResponse {
+            let request = AuthRequest::SignIn {
+                phone: phone.clone(),
+                code: code.into(),
+                device: device.identity.device_keys(),
+                device_name: "test".into(),
+                password: password.map(str::to_string),
+            };
+            self.call(device, request, now)
+        }
+
+        fn login(&self, device: &Device, phone: &Phone, now: u64) -> Account {
+            assert!(matches!(
+                self.call(device, AuthRequest::SendCode { phone: phone.clone() }, now),
+                AuthResponse::CodeSent { .. }
+            ));
+            match self.sign_in(device, phone, &self.last_code(), None, now) {
+                AuthResponse::SignedIn { account, .. } => account,
+                other => panic!("sign-in failed: {other:?}"),
+            }
+        }
+    }
+
+    fn error_code(response: AuthResponse) -> Code {
+        match response {
+            AuthResponse::Error(e) => e.code,
+            other => panic!("expected an error, got {other:?}"),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn certificate_is_signed_for_the_device_and_verifies() {
+        let f = fixture(Limits::default());
+        let d = device();
+        f.call(&d, AuthRequest::SendCode { phone: phone("+15550000001") }, T0);
+        let AuthResponse::SignedIn { cert, new_account, .. } =
+            f.sign_in(&d, &phone("+15550000001"), &f.last_code(), None, T0)
+        else {
+            panic!("sign-in failed");
+        };
+        assert!(new_account);
+        let body = cert.verify_for(&f.service.public_key(), &d.identity.peer_id(), T0 + 10).unwrap();
+        assert_eq!(body.noise_key, d.identity.noise_public);
+        assert_eq!(body.not_after, T0 + Limits::default().cert_ttl_secs);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn codes_expire_are_single_use_and_lock_out_after_too_many_wrong_tries() {
+        let limits = Limits { max_code_attempts: 3, code_ttl_secs: 60, code_lockout_secs: 600, ..Limits::default() };
+        let f = fixture(limits);
+        let d = device();
+        let p = phone("+15550000002");
+
+        // Expired exactly at the TTL boundary.
+        f.call(&d, AuthRequest::SendCode { phone: p.clone() }, T0);
+        assert_eq!(error_code(f.sign_in(&d, &p, &f.last_code(), None, T0 + 60)), Code::PhoneCodeExpired);
+
+        // Single use.
+        f.call(&d, AuthRequest::SendCode { phone: p.clone() }, T0 + 100);
+        let code = f.last_code();
+        assert!(matches!(f.sign_in(&d, &p, &code, None, T0 + 101), AuthResponse::SignedIn { .. }));
+        assert_eq!(error_code(f.sign_in(&d, &p, &code, None, T0 + 102)), Code::PhoneCodeExpired);
+
+        // Wrong codes: two refusals, then a lockout that also blocks the right code and new codes.
+        f.call(&d, AuthRequest::SendCode { phone: p.clone() }, T0 + 200);
+        let code = f.last_code();
+        let wrong = if code == "00000" { "11111" } else { "00000" };
+        assert_eq!(error_code(f.sign_in(&d, &p, wrong, None, T0 + 201)), Code::PhoneCodeInvalid);
+        assert_eq!(error_code(f.sign_in(&d, &p, wrong, None, T0 + 202)), Code::PhoneCodeInvalid);
+        let AuthResponse::Error(locked) = f.sign_in(&d, &p, wrong, None, T0 + 203) else { panic!() };
+        assert_eq!((locked.code, locked.retry_after_secs), (Code::FloodWait, Some(600)));
+        let AuthResponse::Error(still) = f.sign_in(&d, &p, &code, None, T0 + 303) else { panic!() };
+        assert_eq!((still.code, still.retry_after_secs), (Code::FloodWait, Some(500)));
+        assert_eq!(error_code(f.call(&d, AuthRequest::SendCode { phone: p.clone() }, T0 + 303)), Code::FloodWait);
+        // After the lockout a fresh code works, and the count starts again.
+        f.call(&d, AuthRequest::SendCode { phone: p.clone() }, T0 + 850);
+        assert_eq!(error_code(f.sign_in(&d, &p, wrong, None, T0 + 851)), Code::PhoneCodeInvalid);
+        f.call(&d, AuthRequest::SendCode { phone: p.clone() }, T0 + 900);
+        assert!(matches!(f.sign_in(&d, &p, &f.last_code(), None, T0 + 901), AuthResponse::SignedIn { .. }));
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_new_code_does_not_reset_the_wrong_attempt_count() {
+        let f = fixture(Limits { max_code_attempts: 2, ..Limits::default() });
+        let d = device();
+        let p = phone("+15550000009");
+        f.call(&d, AuthRequest::SendCode { phone: p.clone() }, T0);
+        let wrong = if f.last_code() == "00000" { "11111" } else { "00000" };
+        assert_eq!(error_code(f.sign_in(&d, &p, wrong, None, T0 + 1)), Code::PhoneCodeInvalid);
+        f.call(&d, AuthRequest::SendCode { phone: p.clone() }, T0 + 2);
+        let wrong = if f.last_code() == "00000" { "11111" } else { "00000" };
+        assert_eq!(error_code(f.sign_in(&d, &p, wrong, None, T0 + 3)), Code::FloodWait);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn code_requests_are_rate_limited_per_phone_with_retry_after() {
+        let f = fixture(Limits { send_code_burst: 2, send_code_refill_secs: 100, ..Limits::default() });
+        let d = device();
+        let p = phone("+15550000003");
+        for _ in 0..2 {
+            assert!(matches!(
+                f.call(&d, AuthRequest::SendCode { phone: p.clone() }, T0),
+                AuthResponse::CodeSent { .. }
+            ));
+        }
+        let AuthResponse::Error(e) = f.call(&d, AuthRequest::SendCode { phone: p.clone() }, T0) else { panic!() };
+        assert_eq!((e.code, e.retry_after_secs), (Code::FloodWait, Some(100)));
+        assert!(matches!(
+            f.call(&d, AuthRequest::SendCode { phone: phone("+15550000004") }, T0),
+            AuthResponse::CodeSent { .. }
+        ));
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn device_keys_must_belong_to_the_connection() {
+        let f = fixture(Limits::default());
+        let (d, thief) = (device(), device());
+        let p = phone("+15550000005");
+        f.call(&d, AuthRequest::SendCode { phone: p.clone() }, T0);
+        let request = AuthRequest::SignIn {
+            phone: p.clone(),
+            code: f.last_code(),
+            device: d.identity.device_keys(),
+            device_name: "x".into(),
+            password: None,
+        };
+        assert_eq!(error_code(f.call(&thief, request, T0)), Code::DeviceKeysInvalid);
+        let mut forged = d.identity.device_keys();
+        forged.noise_key = thief.identity.noise_public;
+        let request = AuthRequest::SignIn {
+            phone: p,
+            code: f.last_code(),
+            device: forged,
+            device_name: "x".into(),
+            password: None,
+        };
+        assert_eq!(error_code(f.call(&d, request, T0)), Code::DeviceKeysInvalid);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn malformed_frames_and_unsigned_devices_get_clear_errors() {
+        let f = fixture(Limits::default());
+        let d = device();
+        let frame = FrameError::TooLarge { len: 1 << 20, max: 16 << 10 };
+        let AuthResponse::Error(e) = f.service.handle(d.identity.peer_id(), Err(frame), T0) else { panic!() };
+        assert_eq!(e.code, Code::BadRequest);
+        assert!(e.message.contains("exceeds"), "{}", e.message);
+        assert_eq!(error_code(f.call(&d, AuthRequest::GetMe, T0)), Code::AuthKeyUnregistered);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn password_is_required_checked_and_keeps_the_code_usable() {
+        let f = fixture(Limits::default());
+        let (d1, d2) = (device(), device());
+        let p = phone("+15550000006");
+        f.login(&d1, &p, T0);
+        assert!(matches!(
+            f.call(&d1, AuthRequest::SetPassword { current: None, new: Some("hunter2".into()) }, T0),
+            AuthResponse::Me(Account { has_password: true, .. })
+        ));
+        f.call(&d2, AuthRequest::SendCode { phone: p.clone() }, T0);
+        let code = f.last_code();
+        assert_eq!(error_code(f.sign_in(&d2, &p, &code, None, T0)), Code::SessionPasswordNeeded);
+        assert_eq!(error_code(f.sign_in(&d2, &p, &code, Some("wrong"), T0)), Code::PasswordHashInvalid);
+        assert!(matches!(f.sign_in(&d2, &p, &code, Some("hunter2"), T0), AuthResponse::SignedIn { .. }));
+        // Changing it needs the current one.
+        assert_eq!(
+            error_code(f.call(&d1, AuthRequest::SetPassword { current: Some("nope".into()), new: None }, T0)),
+            Code::PasswordHashInvalid
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn signing_in_again_on_a_device_replaces_its_session() {
+        let f = fixture(Limits::default());
+        let d = device();
+        let p = phone("+15550000007");
+        f.login(&d, &p, T0);
+        f.login(&d, &p, T0 + 1);
+        let AuthResponse::Sessions(list) = f.call(&d, AuthRequest::ListSessions, T0 + 2) else { panic!() };
+        assert_eq!(list.len(), 1);
+        assert!(list[0].current);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn bot_tokens_sign_in_and_revocation_ends_them() {
+        let f = fixture(Limits::default());
+        let (owner, bot_device) = (device(), device());
+        let me = f.login(&owner, &phone("+15550000008"), T0);
+        let issued = f.service.create_bot(Some(me.user_id), "Echo_Bot", "Echo", T0).unwrap();
+        assert_eq!(
+            error_code(f.call(&owner, AuthRequest::CreateBot { username: "echo_bot".into(), name: "E".into() }, T0)),
+            Code::UsernameOccupied
+        );
+        let bot_sign_in = |token: &str| AuthRequest::BotSignIn {
+            token: token.into(),
+            device: bot_device.identity.device_keys(),
+            device_name: "bridge".into(),
+        };
+        assert!(matches!(f.call(&bot_device, bot_sign_in(&issued.token), T0), AuthResponse::SignedIn { .. }));
+        let forged = format!("{}:{}", issued.bot.user_id, "A".repeat(BOT_TOKEN_SECRET_LEN));
+        assert_eq!(error_code(f.call(&bot_device, bot_sign_in(&forged), T0)), Code::AccessTokenInvalid);
+        assert_eq!(error_code(f.call(&bot_device, bot_sign_in("garbage"), T0)), Code::AccessTokenInvalid);
+
+        let renewed = f.service.revoke_bot_token(Some(me.user_id), issued.bot.user_id, T0 + 1).unwrap();
+        assert_eq!(error_code(f.call(&bot_device, AuthRequest::RenewCert, T0 + 2)), Code::SessionRevoked);
+        assert_eq!(error_code(f.call(&bot_device, bot_sign_in(&issued.token), T0 + 2)), Code::AccessTokenInvalid);
+        assert!(matches!(f.call(&bot_device, bot_sign_in(&renewed.token), T0 + 2), AuthResponse::SignedIn { .. }));
+        // Bots cannot manage bots.
+        assert_eq!(error_code(f.call(&bot_device, AuthRequest::ListBots, T0 + 3)), Code::Forbidden);
+    }
+}

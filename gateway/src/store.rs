@@ -1,0 +1,362 @@
+//! The gateway's durable state in one redb file: accounts, sessions, login codes, bot tokens.
+//!
+//! Every request runs in one write transaction ([`Store::write`]) and commits only if its closure
+//! returns `Ok`, so a request either happens wholly or not at all. Reads also use a write
+//! transaction, aborted instead of committed: redb serializes writers anyway, the gateway's
+//! load is dominated by commits, and one `Tables` type keeps the accessors in one place.
+//! Values are postcard-encoded structs; indexes are separate tables.
+
+use std::path::Path;
+
+use libp2p::PeerId;
+use meshgram_node::cert::AccountKind;
+use meshgram_node::identity::DeviceKeys;
+use meshgram_node::ids::{Phone, SessionId, UserId, Username};
+use meshgram_node::protocol::{Account, SessionInfo};
+use redb::{
+    Database, MultimapTable, MultimapTableDefinition, ReadableMultimapTable, ReadableTable, Table, TableDefinition,
+    WriteTransaction,
+};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+
+const ACCOUNTS: TableDefinition<u64, &[u8]> = TableDefinition::new("accounts");
+const PHONES: TableDefinition<&str, u64> = TableDefinition::new("phones");
+/// Lower-cased username → user id.
+const USERNAMES: TableDefinition<&str, u64> = TableDefinition::new("usernames");
+const SESSIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("sessions");
+/// Device peer id bytes → its latest session (kept after revocation, to say SESSION_REVOKED).
+const DEVICES: TableDefinition<&[u8], u64> = TableDefinition::new("devices");
+/// User id → active session ids.
+const USER_SESSIONS: MultimapTableDefinition<u64, u64> = MultimapTableDefinition::new("user_sessions");
+const CODES: TableDefinition<&str, &[u8]> = TableDefinition::new("codes");
+/// Bot id → keyed hash of its token secret.
+const BOT_SECRETS: TableDefinition<u64, &[u8]> = TableDefinition::new("bot_secrets");
+/// Owner user id → bot ids.
+const OWNER_BOTS: MultimapTableDefinition<u64, u64> = MultimapTableDefinition::new("owner_bots");
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const NEXT_USER_ID: &str = "next_user_id";
+/// User ids start here so they look like account numbers, not row counters.
+const FIRST_USER_ID: u64 = 1_000_001;
+
+/// A storage failure: the disk, or a record that no longer decodes.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// redb failed.
+    #[error("database: {0}")]
+    Db(#[from] redb::Error),
+    /// A stored record does not decode.
+    #[error("corrupt {what} record: {reason}")]
+    Corrupt { what: &'static str, reason: String },
+}
+
+macro_rules! from_redb {
+    ($($t:ty),*) => {$(impl From<$t> for StoreError {
+        fn from(e: $t) -> Self { StoreError::Db(e.into()) }
+    })*};
+}
+from_redb!(redb::DatabaseError, redb::TransactionError, redb::TableError, redb::StorageError, redb::CommitError);
+
+/// An account as stored.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StoredAccount {
+    pub user_id: UserId,
+    pub kind: AccountKind,
+    pub phone: Option<Phone>,
+    pub username: Option<Username>,
+    pub name: String,
+    /// argon2id PHC string.
+    pub password_hash: Option<String>,
+    pub owner: Option<UserId>,
+    pub created_at: u64,
+}
+
+impl StoredAccount {
+    /// The owner's view.
+    pub fn to_account(&self) -> Account {
+        Account {
+            user_id: self.user_id,
+            kind: self.kind,
+            phone: self.phone.clone(),
+            username: self.username.clone(),
+            name: self.name.clone(),
+            has_password: self.password_hash.is_some(),
+            owner: self.owner,
+            created_at: self.created_at,
+        }
+    }
+}
+
+/// A device session as stored.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StoredSession {
+    pub session_id: SessionId,
+    pub user_id: UserId,
+    pub device: PeerId,
+    pub keys: DeviceKeys,
+    pub device_name: String,
+    pub kind: AccountKind,
+    pub created_at: u64,
+    pub last_seen: u64,
+    pub revoked_at: Option<u64>,
+}
+
+impl StoredSession {
+    /// As shown in a session list; `current` marks the caller's own.
+    pub fn to_info(&self, current: SessionId) -> SessionInfo {
+        SessionInfo {
+            session_id: self.session_id,
+            device: self.device,
+            device_name: self.device_name.clone(),
+            kind: self.kind,
+            created_at: self.created_at,
+            last_seen: self.last_seen,
+            current: self.session_id == current,
+        }
+    }
+}
+
+/// A login code waiting to be used.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CodeRecord {
+    /// Keyed blake3 of the code; compared in constant time.
+    pub code_hash: [u8; 32],
+    pub expires_at: u64,
+    pub wrong_attempts: u32,
+    /// After too many wrong attempts, nothing for this phone until then.
+    pub locked_until: u64,
+}
+
+/// The gateway database.
+#[derive(Debug)]
+pub struct Store {
+    db: Database,
+}
+
+impl Store {
+    /// Opens (or creates) the database file.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let db = Database::create(path)?;
+        let store = Store { db };
+        // Create every table up front so read paths never meet a missing table.
+        store.write(|_| Ok::<_, StoreError>(()))?;
+        Ok(store)
+    }
+
+    /// Runs `f` in a write transaction; commits (durably) only if it returns `Ok`.
+    pub fn write<T, E: From<StoreError>>(&self, f: impl FnOnce(&mut Tables<'_>) -> Result<T, E>) -> Result<T, E> {
+        let tx = self.db.begin_write().map_err(StoreError::from)?;
+        let out = {
+            let mut tables = Tables::open(&tx)?;
+            f(&mut tables)?
+        };
+        tx.commit().map_err(StoreError::from)?;
+        Ok(out)
+    }
+
+    /// Runs `f` and discards whatever it wrote: for requests that only read.
+    pub fn read<T, E: From<StoreError>>(&self, f: impl FnOnce(&mut Tables<'_>) -> Result<T, E>) -> Result<T, E> {
+        let tx = self.db.begin_write().map_err(StoreError::from)?;
+        let out = {
+            let mut tables = Tables::open(&tx)?;
+            f(&mut tables)
+        };
+        tx.abort().map_err(StoreError::from)?;
+        out
+    }
+}
+
+/// The open tables of one transaction, with typed accessors.
+#[allow(missing_debug_implementations)] // redb tables are not Debug
+pub struct Tables<'t> {
+    accounts: Table<'t, u64, &'static [u8]>,
+    phones: Table<'t, &'static str, u64>,
+    usernames: Table<'t, &'static str, u64>,
+    sessions: Table<'t, u64, &'static [u8]>,
+    devices: Table<'t, &'static [u8], u64>,
+    user_sessions: MultimapTable<'t, u64, u64>,
+    codes: Table<'t, &'static str, &'static [u8]>,
+    bot_secrets: Table<'t, u64, &'static [u8]>,
+    owner_bots: MultimapTable<'t, u64, u64>,
+    meta: Table<'t, &'static str, u64>,
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    postcard::to_stdvec(value).expect("invariant: stored records always serialize")
+}
+
+fn decode<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T, StoreError> {
+    postcard::from_bytes(bytes).map_err(|e| StoreError::Corrupt { what, reason: e.to_string() })
+}
+
+impl<'t> Tables<'t> {
+    fn open(tx: &'t WriteTransaction) -> Result<Self, StoreError> {
+        Ok(Tables {
+            accounts: tx.open_table(ACCOUNTS)?,
+            phones: tx.open_table(PHONES)?,
+            usernames: tx.open_table(USERNAMES)?,
+            sessions: tx.open_table(SESSIONS)?,
+            devices: tx.open_table(DEVICES)?,
+            user_sessions: tx.open_multimap_table(USER_SESSIONS)?,
+            codes: tx.open_table(CODES)?,
+            bot_secrets: tx.open_table(BOT_SECRETS)?,
+            owner_bots: tx.open_multimap_table(OWNER_BOTS)?,
+            meta: tx.open_table(META)?,
+        })
+    }
+
+    // ---- accounts ----
+
+    /// The account, if it exists.
+    pub fn account(&self, id: UserId) -> Result<Option<StoredAccount>, StoreError> {
+        self.accounts.get(id.0)?.map(|v| decode("account", v.value())).transpose()
+    }
+
+    /// Account by phone.
+    pub fn account_by_phone(&self, phone: &Phone) -> Result<Option<StoredAccount>, StoreError> {
+        match self.phones.get(phone.as_str())?.map(|v| v.value()) {
+            Some(id) => self.account(UserId(id)),
+            None => Ok(None),
+        }
+    }
+
+    /// Account by username, case-insensitively.
+    pub fn account_by_username(&self, username: &Username) -> Result<Option<StoredAccount>, StoreError> {
+        match self.usernames.get(username.canonical().as_str())?.map(|v| v.value()) {
+            Some(id) => self.account(UserId(id)),
+            None => Ok(None),
+        }
+    }
+
+    /// Allocates the next user id.
+    pub fn next_user_id(&mut self) -> Result<UserId, StoreError> {
+        let id = self.meta.get(NEXT_USER_ID)?.map(|v| v.value()).unwrap_or(FIRST_USER_ID);
+        self.meta.insert(NEXT_USER_ID, id + 1)?;
+        Ok(UserId(id))
+    }
+
+    /// Inserts or updates an account and its phone/username indexes. The caller has checked
+    /// that a new username is free.
+    pub fn put_account(&mut self, account: &StoredAccount) -> Result<(), StoreError> {
+        if let Some(old) = self.account(account.user_id)?
+            && let Some(old_name) = old.username
+            && Some(&old_name) != account.username.as_ref()
+        {
+            self.usernames.remove(old_name.canonical().as_str())?;
+        }
+        if let Some(name) = &account.username {
+            self.usernames.insert(name.canonical().as_str(), account.user_id.0)?;
+        }
+        if let Some(phone) = &account.phone {
+            self.phones.insert(phone.as_str(), account.user_id.0)?;
+        }
+        self.accounts.insert(account.user_id.0, encode(account).as_slice())?;
+        Ok(())
+    }
+
+    /// Who holds this username, if anyone.
+    pub fn username_holder(&self, username: &Username) -> Result<Option<UserId>, StoreError> {
+        Ok(self.usernames.get(username.canonical().as_str())?.map(|v| UserId(v.value())))
+    }
+
+    // ---- sessions ----
+
+    /// The session, revoked or not.
+    pub fn session(&self, id: SessionId) -> Result<Option<StoredSession>, StoreError> {
+        self.sessions.get(id.0)?.map(|v| decode("session", v.value())).transpose()
+    }
+
+    /// The latest session of a device, revoked or not.
+    pub fn session_of_device(&self, device: &PeerId) -> Result<Option<StoredSession>, StoreError> {
+        match self.devices.get(device.to_bytes().as_slice())?.map(|v| v.value()) {
+            Some(id) => self.session(SessionId(id)),
+            None => Ok(None),
+        }
+    }
+
+    /// Stores a session; active ones are indexed under their user and device.
+    pub fn put_session(&mut self, session: &StoredSession) -> Result<(), StoreError> {
+        self.sessions.insert(session.session_id.0, encode(session).as_slice())?;
+        self.devices.insert(session.device.to_bytes().as_slice(), session.session_id.0)?;
+        if session.revoked_at.is_none() {
+            self.user_sessions.insert(session.user_id.0, session.session_id.0)?;
+        } else {
+            self.user_sessions.remove(session.user_id.0, session.session_id.0)?;
+        }
+        Ok(())
+    }
+
+    /// Active sessions of a user.
+    pub fn active_sessions(&self, user: UserId) -> Result<Vec<StoredSession>, StoreError> {
+        let mut out = Vec::new();
+        for id in self.user_sessions.get(user.0)? {
+            if let Some(s) = self.session(SessionId(id?.value()))? {
+                out.push(s);
+            }
+        }
+        Ok(out)
+    }
+
+    // ---- login codes ----
+
+    /// The pending code for a phone.
+    pub fn code(&self, phone: &Phone) -> Result<Option<CodeRecord>, StoreError> {
+        self.codes.get(phone.as_str())?.map(|v| decode("code", v.value())).transpose()
+    }
+
+    /// Stores a phone's code record.
+    pub fn put_code(&mut self, phone: &Phone, record: &CodeRecord) -> Result<(), StoreError> {
+        self.codes.insert(phone.as_str(), encode(record).as_slice())?;
+        Ok(())
+    }
+
+    /// Deletes a phone's code record (used, or undeliverable).
+    pub fn remove_code(&mut self, phone: &Phone) -> Result<(), StoreError> {
+        self.codes.remove(phone.as_str())?;
+        Ok(())
+    }
+
+    // ---- bots ----
+
+    /// The keyed hash of a bot's token secret.
+    pub fn bot_secret(&self, bot: UserId) -> Result<Option<[u8; 32]>, StoreError> {
+        self.bot_secrets
+            .get(bot.0)?
+            .map(|v| {
+                v.value()
+                    .try_into()
+                    .map_err(|_| StoreError::Corrupt { what: "bot secret", reason: "not 32 bytes".into() })
+            })
+            .transpose()
+    }
+
+    /// Sets a bot's token hash and records its owner.
+    pub fn put_bot_secret(&mut self, bot: UserId, owner: Option<UserId>, hash: &[u8; 32]) -> Result<(), StoreError> {
+        self.bot_secrets.insert(bot.0, hash.as_slice())?;
+        if let Some(owner) = owner {
+            self.owner_bots.insert(owner.0, bot.0)?;
+        }
+        Ok(())
+    }
+
+    /// Bots created by `owner`.
+    pub fn bots_of(&self, owner: UserId) -> Result<Vec<StoredAccount>, StoreError> {
+        let mut out = Vec::new();
+        for id in self.owner_bots.get(owner.0)? {
+            if let Some(a) = self.account(UserId(id?.value()))? {
+                out.push(a);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every bot account (for the operator's list).
+    pub fn all_bots(&self) -> Result<Vec<StoredAccount>, StoreError> {
+        let mut out = Vec::new();
+        for entry in self.bot_secrets.iter()? {
+            if let Some(a) = self.account(UserId(entry?.0.value()))? {
+                out.push(a);
+            }
+        }
+        Ok(out)
+    }
+}

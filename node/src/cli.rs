@@ -1,0 +1,493 @@
+//! The `meshgram` command line: flags, one function per command, and output as text or JSON.
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::{Path, PathBuf};
+
+use clap::{Parser, Subcommand};
+use libp2p::Multiaddr;
+use meshgram_node::client::{Client, ClientError, GatewayAddr, SavedSession};
+use meshgram_node::ids::{Phone, SessionId, UserId};
+use meshgram_node::protocol::{Account, AuthErrorCode, AuthRequest, AuthResponse, LookupQuery};
+use serde_json::{Value, json};
+
+#[derive(Parser, Debug)]
+#[command(name = "meshgram", version, about = "Meshgram: a peer-assisted P2P messenger")]
+pub(crate) struct Cli {
+    /// Profile directory: this device's keys and session.
+    #[arg(long, global = true, env = "MESHGRAM_PROFILE")]
+    profile: Option<PathBuf>,
+    /// Print machine-readable JSON instead of text.
+    #[arg(long, global = true)]
+    pub(crate) json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Sign in with a phone number (a code is sent) or a bot token.
+    Login {
+        #[command(flatten)]
+        gateway: GatewayArgs,
+        /// Phone number in international form, e.g. +15550001111.
+        #[arg(long, required_unless_present = "bot_token", conflicts_with = "bot_token")]
+        phone: Option<String>,
+        /// A code you already received; skips sending a new one.
+        #[arg(long)]
+        code: Option<String>,
+        /// 2FA password, if the account has one (otherwise asked for).
+        #[arg(long)]
+        password: Option<String>,
+        /// Sign in as a bot with its token.
+        #[arg(long)]
+        bot_token: Option<String>,
+        /// How this device appears in session lists.
+        #[arg(long)]
+        device_name: Option<String>,
+    },
+    /// Show the signed-in account.
+    Whoami,
+    /// Get a fresh session certificate now.
+    Renew,
+    /// Change your profile.
+    #[command(subcommand)]
+    Profile(ProfileCommand),
+    /// Set or remove the 2FA password.
+    #[command(subcommand)]
+    Password(PasswordCommand),
+    /// Find a user by @username, +phone or user id.
+    Lookup { query: String },
+    /// List this account's sessions, or end some.
+    Sessions {
+        #[command(subcommand)]
+        command: Option<SessionsCommand>,
+    },
+    /// Create and manage your bots (like BotFather).
+    #[command(subcommand)]
+    Bot(BotCommand),
+    /// Start a whole local network on loopback.
+    Up {
+        /// Where the network keeps its data; reusing it resumes the same network.
+        #[arg(long, default_value = "meshgram-net")]
+        data: PathBuf,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+#[group(required = true, multiple = false)]
+struct GatewayArgs {
+    /// The gateway's multiaddr, ending in /p2p/<peer id>.
+    #[arg(long)]
+    gateway: Option<Multiaddr>,
+    /// A network.json written by `meshgram up`.
+    #[arg(long)]
+    network: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+enum ProfileCommand {
+    /// Set username (empty removes it) and/or display name.
+    Set {
+        #[arg(long)]
+        username: Option<String>,
+        #[arg(long)]
+        name: Option<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum PasswordCommand {
+    /// Set or change the password.
+    Set {
+        #[arg(long)]
+        new: String,
+        #[arg(long)]
+        current: Option<String>,
+    },
+    /// Remove the password.
+    Clear {
+        #[arg(long)]
+        current: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum SessionsCommand {
+    /// List sessions (the default).
+    List,
+    /// End one session by id, or all but this one.
+    Revoke {
+        #[arg(required_unless_present = "others", conflicts_with = "others")]
+        session_id: Option<String>,
+        #[arg(long)]
+        others: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum BotCommand {
+    /// Create a bot; prints its token.
+    Create {
+        #[arg(long)]
+        username: String,
+        #[arg(long)]
+        name: String,
+    },
+    /// Your bots.
+    List,
+    /// Replace a bot's token (the old one stops working).
+    RevokeToken { bot_id: String },
+}
+
+/// A failed command: a stable code, a message, and for rate limits the wait.
+#[derive(Debug)]
+pub(crate) struct CliError {
+    code: String,
+    message: String,
+    retry_after: Option<u64>,
+}
+
+impl CliError {
+    fn usage(message: impl Into<String>) -> Self {
+        CliError { code: "USAGE".into(), message: message.into(), retry_after: None }
+    }
+
+    /// Prints the error: JSON on stdout with `--json`, text on stderr otherwise.
+    pub(crate) fn report(&self, json: bool) {
+        if json {
+            println!(
+                "{}",
+                json!({ "error": { "code": self.code, "message": self.message, "retry_after": self.retry_after } })
+            );
+        } else {
+            eprintln!("error: {}: {}", self.code, self.message);
+        }
+    }
+}
+
+impl From<ClientError> for CliError {
+    fn from(e: ClientError) -> Self {
+        let code = match &e {
+            ClientError::Gateway(g) => {
+                return CliError {
+                    code: g.code.to_string(),
+                    message: g.message.clone(),
+                    retry_after: g.retry_after_secs,
+                };
+            }
+            ClientError::Net(_) => "NETWORK",
+            ClientError::NotSignedIn => "NOT_SIGNED_IN",
+            ClientError::GatewayAddress(_) => "USAGE",
+            ClientError::Profile { .. } | ClientError::KeyFile(_) => "PROFILE",
+            ClientError::Transport(_) => "NETWORK",
+            ClientError::BadCert(_) | ClientError::UnexpectedResponse(_) => "BAD_GATEWAY",
+        };
+        CliError { code: code.into(), message: e.to_string(), retry_after: None }
+    }
+}
+
+impl From<anyhow::Error> for CliError {
+    fn from(e: anyhow::Error) -> Self {
+        CliError { code: "ERROR".into(), message: format!("{e:#}"), retry_after: None }
+    }
+}
+
+type CliResult = Result<(), CliError>;
+
+/// Prints `value` as JSON, or `text` for people.
+fn emit(json: bool, value: Value, text: impl FnOnce() -> String) {
+    if json {
+        println!("{value}");
+    } else {
+        println!("{}", text());
+    }
+}
+
+fn default_profile() -> PathBuf {
+    std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(".")).join(".meshgram")
+}
+
+/// Runs one command.
+pub(crate) async fn run(cli: Cli) -> CliResult {
+    let profile = cli.profile.clone().unwrap_or_else(default_profile);
+    let json = cli.json;
+    match cli.command {
+        Command::Login { gateway, phone, code, password, bot_token, device_name } => {
+            let gateway = resolve_gateway(&gateway)?;
+            let device_name = device_name.unwrap_or_else(default_device_name);
+            login(&profile, json, gateway, phone, code, password, bot_token, device_name).await
+        }
+        Command::Whoami => whoami(&profile, json).await,
+        Command::Renew => {
+            let (client, session) = Client::open_signed_in(&profile)?;
+            let session = client.renew(session).await?;
+            let b = &session.cert.body;
+            emit(json, json!({ "session_id": b.session_id, "cert_not_after": b.not_after }), || {
+                format!("Certificate renewed; valid until {} (unix).", b.not_after)
+            });
+            Ok(())
+        }
+        Command::Profile(ProfileCommand::Set { username, name }) => {
+            if username.is_none() && name.is_none() {
+                return Err(CliError::usage("give --username and/or --name"));
+            }
+            update_account(&profile, json, AuthRequest::SetProfile { username, name }).await
+        }
+        Command::Password(PasswordCommand::Set { new, current }) => {
+            update_account(&profile, json, AuthRequest::SetPassword { current, new: Some(new) }).await
+        }
+        Command::Password(PasswordCommand::Clear { current }) => {
+            update_account(&profile, json, AuthRequest::SetPassword { current: Some(current), new: None }).await
+        }
+        Command::Lookup { query } => lookup(&profile, json, &query).await,
+        Command::Sessions { command } => sessions(&profile, json, command.unwrap_or(SessionsCommand::List)).await,
+        Command::Bot(command) => bot(&profile, json, command).await,
+        Command::Up { data } => crate::up::run(&data, json).await.map_err(CliError::from),
+    }
+}
+
+fn resolve_gateway(args: &GatewayArgs) -> Result<GatewayAddr, CliError> {
+    match (&args.gateway, &args.network) {
+        (Some(addr), _) => Ok(GatewayAddr::from_multiaddr(addr)?),
+        (None, Some(file)) => Ok(GatewayAddr::from_network_file(file)?),
+        (None, None) => Err(CliError::usage("give --gateway MULTIADDR or --network FILE")),
+    }
+}
+
+fn default_device_name() -> String {
+    let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
+    let host = host.trim();
+    if host.is_empty() { "meshgram CLI".into() } else { format!("meshgram CLI on {host}") }
+}
+
+/// Reads one line: prompts on a terminal, otherwise takes the next line of stdin.
+async fn read_line(prompt: &'static str) -> Result<String, CliError> {
+    tokio::task::spawn_blocking(move || {
+        let stdin = std::io::stdin();
+        if stdin.is_terminal() {
+            eprint!("{prompt}");
+            let _ = std::io::stderr().flush();
+        }
+        let mut line = String::new();
+        match stdin.lock().read_line(&mut line) {
+            Ok(0) => Err(CliError::usage(format!(
+                "expected a line on stdin for '{}', got end of input",
+                prompt.trim_end_matches([':', ' '])
+            ))),
+            Ok(_) => Ok(line.trim().to_string()),
+            Err(e) => Err(CliError::usage(format!("reading stdin: {e}"))),
+        }
+    })
+    .await
+    .map_err(|e| CliError::usage(format!("reading stdin: {e}")))?
+}
+
+#[allow(clippy::too_many_arguments)] // one per login flag
+async fn login(
+    profile: &Path,
+    json: bool,
+    gateway: GatewayAddr,
+    phone: Option<String>,
+    code: Option<String>,
+    password: Option<String>,
+    bot_token: Option<String>,
+    device_name: String,
+) -> CliResult {
+    let client = Client::open(profile, gateway)?;
+    let device = client.identity.device_keys();
+    let response = if let Some(token) = bot_token {
+        client.call(AuthRequest::BotSignIn { token, device, device_name }).await?
+    } else {
+        let phone: Phone =
+            phone.unwrap_or_default().parse().map_err(|e: meshgram_node::ids::InvalidValue| CliError::usage(e.0))?;
+        let code = match code {
+            Some(code) => code,
+            None => {
+                if let AuthResponse::CodeSent { expires_in_secs, .. } =
+                    client.call(AuthRequest::SendCode { phone: phone.clone() }).await?
+                {
+                    eprintln!("A login code was sent to {phone}; it is valid for {expires_in_secs} s.");
+                }
+                read_line("Code: ").await?
+            }
+        };
+        let sign_in = |password| AuthRequest::SignIn {
+            phone: phone.clone(),
+            code: code.clone(),
+            device: device.clone(),
+            device_name: device_name.clone(),
+            password,
+        };
+        match client.call(sign_in(password.clone())).await {
+            Err(ClientError::Gateway(e)) if e.code == AuthErrorCode::SessionPasswordNeeded && password.is_none() => {
+                eprintln!("This account has a password.");
+                let password = read_line("Password: ").await?;
+                client.call(sign_in(Some(password))).await?
+            }
+            other => other?,
+        }
+    };
+    let AuthResponse::SignedIn { account, cert, new_account } = response else {
+        return Err(ClientError::UnexpectedResponse("SignIn").into());
+    };
+    let session = client.accept_session(account, cert)?;
+    let b = &session.cert.body;
+    emit(
+        json,
+        json!({
+            "user_id": b.user_id, "new_account": new_account, "session_id": b.session_id,
+            "device": b.device.to_string(), "cert_not_after": b.not_after, "account": session.account,
+        }),
+        || {
+            let verb = if new_account { "Welcome! Account created" } else { "Signed in" };
+            format!("{verb}: {} (user id {}, session {}).", describe(&session.account), b.user_id, b.session_id)
+        },
+    );
+    Ok(())
+}
+
+fn describe(account: &Account) -> String {
+    match (&account.username, account.name.is_empty()) {
+        (Some(u), true) => u.to_string(),
+        (Some(u), false) => format!("{} ({u})", account.name),
+        (None, false) => account.name.clone(),
+        (None, true) => account.phone.as_ref().map(|p| p.to_string()).unwrap_or_else(|| account.user_id.to_string()),
+    }
+}
+
+async fn whoami(profile: &Path, json: bool) -> CliResult {
+    let (client, session) = Client::open_signed_in(profile)?;
+    let mut session = client.renew_if_due(session).await?;
+    let AuthResponse::Me(account) = client.call(AuthRequest::GetMe).await? else {
+        return Err(ClientError::UnexpectedResponse("GetMe").into());
+    };
+    session.account = account;
+    session.save(profile)?;
+    print_me(&session, json);
+    Ok(())
+}
+
+fn print_me(session: &SavedSession, json: bool) {
+    let b = &session.cert.body;
+    let a = &session.account;
+    emit(
+        json,
+        json!({ "account": a, "session_id": b.session_id, "device": b.device.to_string(), "cert_not_after": b.not_after }),
+        || {
+            let mut lines = vec![
+                format!("{} — {:?} account {}", describe(a), a.kind, a.user_id),
+                format!("phone: {}", a.phone.as_ref().map(|p| p.to_string()).unwrap_or_else(|| "-".into())),
+                format!("username: {}", a.username.as_ref().map(|u| u.to_string()).unwrap_or_else(|| "-".into())),
+                format!("2FA password: {}", if a.has_password { "on" } else { "off" }),
+                format!("device: {} (session {})", b.device, b.session_id),
+            ];
+            lines.retain(|l| !l.is_empty());
+            lines.join("\n")
+        },
+    );
+}
+
+/// Runs a request answered by `Me(account)` and saves the updated account.
+async fn update_account(profile: &Path, json: bool, request: AuthRequest) -> CliResult {
+    let (client, mut session) = Client::open_signed_in(profile)?;
+    let AuthResponse::Me(account) = client.call(request).await? else {
+        return Err(ClientError::UnexpectedResponse("profile update").into());
+    };
+    session.account = account;
+    session.save(profile)?;
+    emit(json, serde_json::to_value(&session.account).unwrap_or(Value::Null), || {
+        format!("Updated: {}", describe(&session.account))
+    });
+    Ok(())
+}
+
+async fn lookup(profile: &Path, json: bool, query: &str) -> CliResult {
+    let query: LookupQuery = query.parse().map_err(|e: meshgram_node::ids::InvalidValue| CliError::usage(e.0))?;
+    let (client, _) = Client::open_signed_in(profile)?;
+    let AuthResponse::Card(card) = client.call(AuthRequest::Lookup(query)).await? else {
+        return Err(ClientError::UnexpectedResponse("Lookup").into());
+    };
+    emit(json, serde_json::to_value(&card).unwrap_or(Value::Null), || {
+        let name = card.username.as_ref().map(|u| u.to_string()).unwrap_or_default();
+        let mut out = format!(
+            "{} {} — {:?} account {}, {} device(s)",
+            card.name,
+            name,
+            card.kind,
+            card.user_id,
+            card.devices.len()
+        );
+        for d in &card.devices {
+            out.push_str(&format!("\n  {} noise key {}", d.peer_id, d.noise_key().fmt_short()));
+        }
+        out
+    });
+    Ok(())
+}
+
+async fn sessions(profile: &Path, json: bool, command: SessionsCommand) -> CliResult {
+    let (client, _) = Client::open_signed_in(profile)?;
+    match command {
+        SessionsCommand::List => {
+            let AuthResponse::Sessions(list) = client.call(AuthRequest::ListSessions).await? else {
+                return Err(ClientError::UnexpectedResponse("ListSessions").into());
+            };
+            emit(json, serde_json::to_value(&list).unwrap_or(Value::Null), || {
+                list.iter()
+                    .map(|s| {
+                        format!(
+                            "{}{}\t{}\t{}",
+                            s.session_id,
+                            if s.current { " (this device)" } else { "" },
+                            s.device_name,
+                            s.device
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            });
+        }
+        SessionsCommand::Revoke { session_id, others } => {
+            let request = if others {
+                AuthRequest::RevokeOtherSessions
+            } else {
+                let id: SessionId = session_id
+                    .unwrap_or_default()
+                    .parse()
+                    .map_err(|e: meshgram_node::ids::InvalidValue| CliError::usage(e.0))?;
+                AuthRequest::RevokeSession { session_id: id }
+            };
+            let AuthResponse::Revoked { count } = client.call(request).await? else {
+                return Err(ClientError::UnexpectedResponse("RevokeSession").into());
+            };
+            emit(json, json!({ "revoked": count }), || format!("Ended {count} session(s)."));
+        }
+    }
+    Ok(())
+}
+
+async fn bot(profile: &Path, json: bool, command: BotCommand) -> CliResult {
+    let (client, _) = Client::open_signed_in(profile)?;
+    let request = match command {
+        BotCommand::Create { username, name } => AuthRequest::CreateBot { username, name },
+        BotCommand::List => AuthRequest::ListBots,
+        BotCommand::RevokeToken { bot_id } => {
+            let bot: UserId = bot_id.parse().map_err(|e: meshgram_node::ids::InvalidValue| CliError::usage(e.0))?;
+            AuthRequest::RevokeBotToken { bot }
+        }
+    };
+    match client.call(request).await? {
+        AuthResponse::BotToken { bot, token } => emit(json, json!({ "bot": bot, "token": token }), || {
+            format!(
+                "Bot {} (id {}) is ready.\nToken: {token}\nKeep the token secret: anyone with it controls the bot.",
+                describe(&bot),
+                bot.user_id
+            )
+        }),
+        AuthResponse::Bots(bots) => emit(json, serde_json::to_value(&bots).unwrap_or(Value::Null), || {
+            bots.iter().map(|b| format!("{}\t{}", b.user_id, describe(b))).collect::<Vec<_>>().join("\n")
+        }),
+        _ => return Err(ClientError::UnexpectedResponse("bot").into()),
+    }
+    Ok(())
+}

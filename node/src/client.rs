@@ -1,0 +1,185 @@
+//! Client logic shared by the CLI, the desktop app and the bot bridge: where the gateway is,
+//! the profile's saved session, and typed calls to the gateway.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use libp2p::identity::{PublicKey, ed25519};
+use libp2p::multiaddr::Protocol;
+use libp2p::{Multiaddr, PeerId};
+use serde::{Deserialize, Serialize};
+
+use crate::cert::{CertError, SessionCert, unix_now};
+use crate::defaults::CERT_RENEW_BEFORE_SECS;
+use crate::identity::{DeviceIdentity, KeyFileError, write_secret};
+use crate::net::{ClientNet, NetError};
+use crate::protocol::{Account, AuthError, AuthRequest, AuthResponse};
+use crate::transport::TransportError;
+
+/// File in a profile dir holding the signed-in session.
+pub const SESSION_FILE: &str = "session.json";
+
+/// Everything that can go wrong on the client side of a call.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The gateway refused the request.
+    #[error("{0}")]
+    Gateway(#[from] AuthError),
+    /// The gateway could not be reached or did not answer.
+    #[error(transparent)]
+    Net(#[from] NetError),
+    /// The profile directory could not be read or written.
+    #[error("profile {path}: {reason}")]
+    Profile { path: PathBuf, reason: String },
+    /// The device keys could not be loaded.
+    #[error(transparent)]
+    KeyFile(#[from] KeyFileError),
+    /// The swarm could not be built.
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    /// The profile has no session.
+    #[error("this profile is not signed in: run `meshgram login` first")]
+    NotSignedIn,
+    /// An address or network file did not say where the gateway is.
+    #[error("gateway address: {0}")]
+    GatewayAddress(String),
+    /// The gateway answered with a certificate that does not verify: a misbehaving gateway.
+    #[error("the gateway's certificate does not verify: {0}")]
+    BadCert(#[from] CertError),
+    /// The gateway answered with a reply that does not fit the request.
+    #[error("unexpected reply from the gateway to {0}")]
+    UnexpectedResponse(&'static str),
+}
+
+/// Where the gateway is: its peer id (which is also its public key) and addresses.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GatewayAddr {
+    pub peer_id: PeerId,
+    pub addrs: Vec<Multiaddr>,
+}
+
+impl GatewayAddr {
+    /// From a multiaddr ending in `/p2p/<peer id>`.
+    pub fn from_multiaddr(addr: &Multiaddr) -> Result<Self, ClientError> {
+        let mut addr = addr.clone();
+        match addr.pop() {
+            Some(Protocol::P2p(peer_id)) => Ok(GatewayAddr { peer_id, addrs: vec![addr] }),
+            _ => Err(ClientError::GatewayAddress(format!(
+                "{addr} does not end in /p2p/<gateway peer id>; copy the address from the gateway's ready line or network.json"
+            ))),
+        }
+    }
+
+    /// From the `gateway` entry of a `network.json` written by `meshgram up`.
+    pub fn from_network_file(path: &Path) -> Result<Self, ClientError> {
+        let file =
+            crate::network_file::NetworkFile::load(path).map_err(|e| ClientError::GatewayAddress(e.to_string()))?;
+        Ok(GatewayAddr { peer_id: file.gateway.peer_id, addrs: file.gateway.addrs })
+    }
+
+    /// The gateway's signing key: ed25519 peer ids embed their public key.
+    pub fn public_key(&self) -> Result<ed25519::PublicKey, ClientError> {
+        public_key_of(&self.peer_id)
+            .ok_or_else(|| ClientError::GatewayAddress(format!("{} is not an ed25519 peer id", self.peer_id)))
+    }
+}
+
+/// The ed25519 public key inlined in an identity-multihash peer id.
+pub fn public_key_of(peer: &PeerId) -> Option<ed25519::PublicKey> {
+    let hash = peer.as_ref();
+    // Multihash code 0 is "identity": the digest is the protobuf-encoded public key itself.
+    if hash.code() != 0 {
+        return None;
+    }
+    PublicKey::try_decode_protobuf(hash.digest()).ok()?.try_into_ed25519().ok()
+}
+
+/// What a signed-in profile remembers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SavedSession {
+    pub gateway: GatewayAddr,
+    pub account: Account,
+    pub cert: SessionCert,
+}
+
+impl SavedSession {
+    /// Reads the profile's session; `None` if it never signed in.
+    pub fn load(profile: &Path) -> Result<Option<Self>, ClientError> {
+        let path = profile.join(SESSION_FILE);
+        let err = |reason: String| ClientError::Profile { path: path.clone(), reason };
+        match fs::read(&path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(err(e.to_string())),
+            Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| err(format!("corrupt: {e}"))),
+        }
+    }
+
+    /// Writes the session (mode 0600: the certificate is a bearer credential for relays).
+    pub fn save(&self, profile: &Path) -> Result<(), ClientError> {
+        let json = serde_json::to_vec_pretty(self)
+            .map_err(|e| ClientError::Profile { path: profile.into(), reason: e.to_string() })?;
+        write_secret(&profile.join(SESSION_FILE), &json)?;
+        Ok(())
+    }
+}
+
+/// A device talking to its gateway.
+#[derive(Debug)]
+pub struct Client {
+    pub identity: DeviceIdentity,
+    pub gateway: GatewayAddr,
+    profile: PathBuf,
+    net: ClientNet,
+}
+
+impl Client {
+    /// Opens the profile (creating its keys on first use) and starts the network task.
+    pub fn open(profile: &Path, gateway: GatewayAddr) -> Result<Self, ClientError> {
+        let identity = DeviceIdentity::load_or_create(profile)?;
+        let net = ClientNet::spawn(&identity)?;
+        Ok(Client { identity, gateway, profile: profile.to_path_buf(), net })
+    }
+
+    /// Opens a profile that has signed in, talking to the gateway it signed in with.
+    pub fn open_signed_in(profile: &Path) -> Result<(Self, SavedSession), ClientError> {
+        let session = SavedSession::load(profile)?.ok_or(ClientError::NotSignedIn)?;
+        Ok((Client::open(profile, session.gateway.clone())?, session))
+    }
+
+    /// One request/response with the gateway; a refusal becomes `ClientError::Gateway`.
+    pub async fn call(&self, request: AuthRequest) -> Result<AuthResponse, ClientError> {
+        let response = self.net.auth_request(self.gateway.peer_id, self.gateway.addrs.clone(), request).await?;
+        match response {
+            AuthResponse::Error(e) => Err(ClientError::Gateway(e)),
+            ok => Ok(ok),
+        }
+    }
+
+    /// Checks a certificate the gateway issued to this device, then saves the session.
+    pub fn accept_session(&self, account: Account, cert: SessionCert) -> Result<SavedSession, ClientError> {
+        cert.verify_for(&self.gateway.public_key()?, &self.identity.peer_id(), unix_now())?;
+        let session = SavedSession { gateway: self.gateway.clone(), account, cert };
+        session.save(&self.profile)?;
+        Ok(session)
+    }
+
+    /// Renews the certificate now, saving it.
+    pub async fn renew(&self, mut session: SavedSession) -> Result<SavedSession, ClientError> {
+        match self.call(AuthRequest::RenewCert).await? {
+            AuthResponse::Cert(cert) => {
+                session.cert = cert;
+                self.accept_session(session.account, session.cert)
+            }
+            _ => Err(ClientError::UnexpectedResponse("RenewCert")),
+        }
+    }
+
+    /// Renews the certificate if it expires within [`CERT_RENEW_BEFORE_SECS`].
+    pub async fn renew_if_due(&self, session: SavedSession) -> Result<SavedSession, ClientError> {
+        if session.cert.body.not_after <= unix_now() + CERT_RENEW_BEFORE_SECS {
+            self.renew(session).await
+        } else {
+            Ok(session)
+        }
+    }
+}

@@ -1,0 +1,22 @@
+//! Tunables shared by every role, each with the reason for its value.
+
+use std::time::Duration;
+
+/// How long a request may take end to end. Sign-in with a 2FA password runs argon2 (~0.1 s),
+/// and a gateway under load queues requests; 30 s is long enough never to fail a slow but
+/// healthy call and short enough that a dead peer is reported while the user still waits.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Clients keep an idle connection this long: a CLI command is done in well under a second,
+/// while a daemon talks to its gateway every few minutes (certificate renewal).
+pub const CLIENT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Servers keep idle client connections for an hour: reconnecting costs a handshake, an idle
+/// yamux connection costs a few KiB.
+pub const SERVER_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// Commands queued to a swarm's event loop before callers wait: enough for bursts, bounded.
+pub const COMMAND_QUEUE: usize = 256;
+
+/// Renew a session certificate once less than this much validity is left.
+pub const CERT_RENEW_BEFORE_SECS: u64 = 10 * 60;

@@ -1,0 +1,27 @@
+//! Meshgram's core: what every role (client, gateway, relay, bot bridge) builds on.
+//!
+//! Layout, in the order a request flows through it:
+//! - [`ids`]: typed identifiers and validated user input (`UserId`, `Phone`, `Username`, …).
+//! - [`identity`]: the device's ed25519 key (its `PeerId`) and its signed X25519 Noise key.
+//! - [`cert`]: gateway-signed session certificates, verified offline by relays.
+//! - [`protocol`]: the wire spec — protocol names, size limits, request/response enums.
+//! - [`codec`]: length-prefixed postcard framing with limits, for every request-response protocol.
+//! - [`transport`]: the libp2p stack (QUIC + TCP/Noise/Yamux) and listening helpers.
+//! - [`behaviour`]: the `NetworkBehaviour` shared by the gateway and its clients.
+//! - [`net`]: the client's network actor; one task owns the `Swarm`, callers hold a handle.
+//! - [`client`]: profile, saved session and typed gateway calls, used by the CLI and later the
+//!   app and bot bridge.
+//! - [`network_file`]: `network.json`, written by `meshgram up`.
+//! - [`defaults`]: shared tunables and why they have their values.
+
+pub mod behaviour;
+pub mod cert;
+pub mod client;
+pub mod codec;
+pub mod defaults;
+pub mod identity;
+pub mod ids;
+pub mod net;
+pub mod network_file;
+pub mod protocol;
+pub mod transport;

@@ -1,0 +1,119 @@
+//! Login codes: wrong, reused and expired codes, the wrong-attempt lockout, and the limit on
+//! code requests per phone.
+
+use std::cell::RefCell;
+use std::thread;
+use std::time::Duration;
+
+use meshgram_tests::{Gateway, meshgram, meshgram_stdin, wrong_code};
+
+use crate::{ALICE, BOB};
+
+/// Asserts `code` is `len` ASCII digits.
+fn assert_code_shape(code: &str, len: usize) {
+    assert!(code.len() == len && code.chars().all(|c| c.is_ascii_digit()), "code {code:?} is not {len} digits");
+}
+
+#[test]
+fn wrong_code_is_refused_and_creates_no_account() {
+    let gw = Gateway::start();
+    let (alice_p, bob_p) = (gw.new_profile("alice"), gw.new_profile("bob"));
+    gw.login(&alice_p, ALICE);
+    assert_code_shape(&gw.codes_for(ALICE)[0], 5);
+
+    gw.login_with(&bob_p, BOB, &[], |code| vec![wrong_code(code)]).expect_err(&["PHONE_CODE_INVALID"]);
+    meshgram(&bob_p, &["whoami"]).expect_err(&["NOT_SIGNED_IN"]);
+    meshgram(&alice_p, &["lookup", BOB]).expect_err(&["NOT_FOUND"]);
+
+    let bob = gw.login(&bob_p, BOB);
+    assert_eq!(bob["new_account"], true, "{bob}");
+}
+
+#[test]
+fn used_code_cannot_be_used_again() {
+    let gw = Gateway::start();
+    let (first_p, second_p) = (gw.new_profile("alice1"), gw.new_profile("alice2"));
+    gw.login(&first_p, ALICE);
+    let used = gw.codes_for(ALICE)[0].clone();
+
+    let fresh = RefCell::new(String::new());
+    let out = gw.login_with(&second_p, ALICE, &[], |code| {
+        fresh.replace(code.to_string());
+        vec![used.clone()]
+    });
+    // One chance in 10^5 that the new code equals the old one; then signing in is right.
+    if *fresh.borrow() != used {
+        out.expect_err(&["PHONE_CODE_INVALID", "PHONE_CODE_EXPIRED"]);
+        meshgram(&second_p, &["whoami"]).expect_err(&["NOT_SIGNED_IN"]);
+    }
+}
+
+#[test]
+fn expired_code_is_refused() {
+    let gw = Gateway::builder().arg("--code-ttl-secs").arg("1").start();
+    let alice_p = gw.new_profile("alice");
+    let out = gw.login_with(&alice_p, ALICE, &[], |code| {
+        // Three seconds, not two: either end may round the 1 s lifetime up to whole seconds.
+        thread::sleep(Duration::from_secs(3));
+        vec![code.to_string()]
+    });
+    out.expect_err(&["PHONE_CODE_EXPIRED"]);
+    meshgram(&alice_p, &["whoami"]).expect_err(&["NOT_SIGNED_IN"]);
+}
+
+#[test]
+fn too_many_wrong_codes_lock_the_phone() {
+    let gw =
+        Gateway::builder().config("[limits]\nmax_code_attempts = 3\nsend_code_burst = 20\ncode_length = 6\n").start();
+    let (alice_p, bob_p) = (gw.new_profile("alice"), gw.new_profile("bob"));
+
+    // Each `login` requests a new code, so the count must be per phone, not per code.
+    for attempt in 1..=3 {
+        let out = gw.login_with(&alice_p, ALICE, &[], |code| {
+            assert_code_shape(code, 6);
+            vec![wrong_code(code)]
+        });
+        // The attempt that reaches the limit may already say FLOOD_WAIT.
+        if attempt < 3 {
+            out.expect_err(&["PHONE_CODE_INVALID"]);
+        } else {
+            out.expect_err(&["PHONE_CODE_INVALID", "FLOOD_WAIT"]);
+        }
+    }
+
+    // Locked: even the right code is refused now (whether SendCode or SignIn says so).
+    let out = gw.login_with(&alice_p, ALICE, &[], |code| vec![code.to_string()]);
+    out.expect_flood_wait(900);
+    meshgram(&alice_p, &["whoami"]).expect_err(&["NOT_SIGNED_IN"]);
+
+    // The lockout is per phone.
+    let bob = gw.login(&bob_p, BOB);
+    assert_eq!(bob["new_account"], true, "{bob}");
+}
+
+#[test]
+fn code_requests_per_phone_are_limited() {
+    let gw = Gateway::builder().config("[limits]\nsend_code_burst = 2\n").start();
+    for i in 1..=2 {
+        gw.login(&gw.new_profile(&format!("alice{i}")), ALICE);
+    }
+    assert_eq!(gw.codes_for(ALICE).len(), 2);
+
+    let third = gw.new_profile("alice3");
+    let out =
+        gw.login_with(&third, ALICE, &[], |code| panic!("a third code {code} was sent despite send_code_burst = 2"));
+    out.expect_flood_wait(600);
+    assert_eq!(gw.codes_for(ALICE).len(), 2, "no third code was sent");
+
+    gw.login(&gw.new_profile("bob"), BOB);
+}
+
+#[test]
+fn malformed_phone_is_refused() {
+    let gw = Gateway::start();
+    let profile = gw.new_profile("nobody");
+    let out = meshgram_stdin(&profile, &["login", "--gateway", &gw.addr(), "--phone", "12345"], "00000\n");
+    out.expect_err(&["PHONE_NUMBER_INVALID", "USAGE"]);
+    assert!(gw.codes_for("12345").is_empty() && gw.codes_for("+12345").is_empty(), "no code was sent");
+    meshgram(&profile, &["whoami"]).expect_err(&["NOT_SIGNED_IN"]);
+}
