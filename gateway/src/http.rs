@@ -12,7 +12,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use meshgram_node::cert::unix_now;
 use meshgram_node::ids::UserId;
-use meshgram_node::protocol::{AuthError, AuthErrorCode};
+use meshgram_node::protocol::{ErrorCode, WireError};
 use serde::Deserialize;
 
 use crate::metrics::Metrics;
@@ -52,12 +52,12 @@ impl ApiError {
     }
 }
 
-impl From<AuthError> for ApiError {
-    fn from(e: AuthError) -> Self {
+impl From<WireError> for ApiError {
+    fn from(e: WireError) -> Self {
         let status = match e.code {
-            AuthErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
-            AuthErrorCode::NotFound => StatusCode::NOT_FOUND,
-            AuthErrorCode::FloodWait => StatusCode::TOO_MANY_REQUESTS,
+            ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorCode::NotFound => StatusCode::NOT_FOUND,
+            ErrorCode::FloodWait => StatusCode::TOO_MANY_REQUESTS,
             _ => StatusCode::BAD_REQUEST,
         };
         ApiError { status, code: e.code.to_string(), message: e.message }
@@ -94,7 +94,7 @@ fn check_admin(state: &HttpState, headers: &HeaderMap) -> Result<(), ApiError> {
 }
 
 /// Runs blocking service work off the async runtime.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, AuthError> + Send + 'static) -> Result<T, ApiError> {
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, WireError> + Send + 'static) -> Result<T, ApiError> {
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL", format!("handler failed: {e}")))?

@@ -5,18 +5,17 @@
 //!   handed to the service on a blocking thread and answered on its channel.
 //! - [`service`]: the rules — login codes, sign-in, 2FA, sessions, profiles, directory, bots.
 //! - [`store`]: redb tables for accounts, sessions, codes and bot tokens; one transaction per request.
-//! - [`limits`]: in-memory token buckets that answer FLOOD_WAIT with a retry-after.
 //! - [`code_sender`]: where login codes go (a file, or an SMS provider's webhook).
 //! - [`http`]: `/healthz`, `/metrics`, and the operator's admin endpoint for bots.
-//! - [`config`], [`defaults`], [`metrics`]: configuration, tunables, Prometheus counters.
+//! - `behaviour`, [`config`], [`defaults`], [`metrics`]: configuration, tunables, Prometheus counters.
 //!
 //! [`Gateway::start`] wires them together; `main.rs` only parses flags and prints the ready line.
 
+mod behaviour;
 pub mod code_sender;
 pub mod config;
 pub mod defaults;
 pub mod http;
-pub mod limits;
 pub mod metrics;
 mod net;
 pub mod service;
@@ -26,9 +25,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use libp2p::request_response::ProtocolSupport;
 use libp2p::{Multiaddr, PeerId, multiaddr::Protocol};
-use meshgram_node::behaviour::AuthBehaviour;
 use meshgram_node::defaults::SERVER_IDLE_TIMEOUT;
 use meshgram_node::identity::{KeyFileError, load_or_create_ed25519, write_secret};
 use meshgram_node::ids::hex;
@@ -128,9 +125,7 @@ impl Gateway {
             Arc::clone(&metrics),
         ));
 
-        let mut swarm = build_swarm(keypair, SERVER_IDLE_TIMEOUT, |key| {
-            AuthBehaviour::new(key, ProtocolSupport::Inbound, concat!("meshgram-gateway/", env!("CARGO_PKG_VERSION")))
-        })?;
+        let mut swarm = build_swarm(keypair, SERVER_IDLE_TIMEOUT, behaviour::GatewayBehaviour::new)?;
         let peer_id = *swarm.local_peer_id();
         let listen = listen_on_all(&mut swarm, &config.listen).await?;
         let shutdown = CancellationToken::new();

@@ -3,13 +3,13 @@
 
 use std::sync::Arc;
 
+use crate::behaviour::{GatewayBehaviour, GatewayBehaviourEvent};
 use futures::StreamExt;
 use libp2p::Swarm;
 use libp2p::request_response::{self, ResponseChannel};
 use libp2p::swarm::SwarmEvent;
-use meshgram_node::behaviour::{AuthBehaviour, AuthBehaviourEvent};
 use meshgram_node::cert::unix_now;
-use meshgram_node::protocol::{AuthError, AuthResponse};
+use meshgram_node::protocol::{AuthResponse, WireError};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -17,13 +17,13 @@ use crate::defaults::MAX_INFLIGHT_REQUESTS;
 use crate::service::AuthService;
 
 /// Runs until `shutdown` is cancelled.
-pub(crate) async fn run(mut swarm: Swarm<AuthBehaviour>, service: Arc<AuthService>, shutdown: CancellationToken) {
+pub(crate) async fn run(mut swarm: Swarm<GatewayBehaviour>, service: Arc<AuthService>, shutdown: CancellationToken) {
     let mut inflight: JoinSet<(ResponseChannel<AuthResponse>, AuthResponse)> = JoinSet::new();
     loop {
         tokio::select! {
             () = shutdown.cancelled() => break,
             event = swarm.select_next_some() => {
-                if let SwarmEvent::Behaviour(AuthBehaviourEvent::Auth(event)) = event {
+                if let SwarmEvent::Behaviour(GatewayBehaviourEvent::Auth(event)) = event {
                     handle_auth_event(&mut swarm, &service, &mut inflight, event);
                 }
             }
@@ -40,7 +40,7 @@ pub(crate) async fn run(mut swarm: Swarm<AuthBehaviour>, service: Arc<AuthServic
 }
 
 fn handle_auth_event(
-    swarm: &mut Swarm<AuthBehaviour>,
+    swarm: &mut Swarm<GatewayBehaviour>,
     service: &Arc<AuthService>,
     inflight: &mut JoinSet<(ResponseChannel<AuthResponse>, AuthResponse)>,
     event: request_response::Event<
@@ -55,7 +55,7 @@ fn handle_auth_event(
             ..
         } => {
             if inflight.len() >= MAX_INFLIGHT_REQUESTS {
-                let busy = AuthResponse::Error(AuthError::flood_wait(1, "requests in flight at this gateway"));
+                let busy = AuthResponse::Error(WireError::flood_wait(1, "requests in flight at this gateway"));
                 let _ = swarm.behaviour_mut().auth.send_response(channel, busy);
                 return;
             }

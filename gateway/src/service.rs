@@ -13,27 +13,27 @@ use meshgram_node::codec::FrameError;
 use meshgram_node::identity::DeviceKeys;
 use meshgram_node::ids::{BOT_TOKEN_SECRET_LEN, BotToken, Phone, SessionId, UserId, Username};
 use meshgram_node::protocol::{
-    Account, AuthError, AuthErrorCode as Code, AuthRequest, AuthResponse, DeviceCard, LookupQuery,
-    MAX_DEVICE_NAME_CHARS, MAX_NAME_CHARS, MAX_PASSWORD_BYTES, UserCard,
+    Account, AuthRequest, AuthResponse, DeviceCard, ErrorCode as Code, LookupQuery, MAX_DEVICE_NAME_CHARS,
+    MAX_NAME_CHARS, MAX_PASSWORD_BYTES, UserCard, WireError,
 };
 use rand::Rng;
 
 use crate::code_sender::CodeSender;
 use crate::config::Limits;
 use crate::defaults::{LAST_SEEN_RESOLUTION_SECS, MAX_BOTS_PER_OWNER};
-use crate::limits::RateLimiter;
 use crate::metrics::Metrics;
 use crate::store::{CodeRecord, Store, StoreError, StoredAccount, StoredSession, Tables};
+use meshgram_node::limits::RateLimiter;
 
-impl From<StoreError> for AuthError {
+impl From<StoreError> for WireError {
     fn from(e: StoreError) -> Self {
         // The client learns only that we failed; the operator gets the cause.
         tracing::error!(error = %e, "gateway store failure");
-        AuthError::new(Code::Internal, "internal error; try again later")
+        WireError::new(Code::Internal, "internal error; try again later")
     }
 }
 
-type AuthResult<T> = Result<T, AuthError>;
+type AuthResult<T> = Result<T, WireError>;
 
 /// A bot and its freshly issued token.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -95,7 +95,7 @@ impl AuthService {
     /// Answers one request from `peer` at unix time `now`. Never panics on client input.
     pub fn handle(&self, peer: PeerId, request: Result<AuthRequest, FrameError>, now: u64) -> AuthResponse {
         let (kind, result) = match request {
-            Err(frame) => ("malformed", Err(AuthError::new(Code::BadRequest, frame.to_string()))),
+            Err(frame) => ("malformed", Err(WireError::new(Code::BadRequest, frame.to_string()))),
             Ok(request) => (request.kind(), self.dispatch(peer, request, now)),
         };
         let outcome = match &result {
@@ -131,7 +131,7 @@ impl AuthService {
             AuthRequest::ListBots => {
                 let bots = self.store.read(|t| {
                     let owner = self.authed_user(t, &peer, now)?;
-                    Ok::<_, AuthError>(t.bots_of(owner.user_id)?)
+                    Ok::<_, WireError>(t.bots_of(owner.user_id)?)
                 })?;
                 Ok(AuthResponse::Bots(bots.iter().map(StoredAccount::to_account).collect()))
             }
@@ -149,14 +149,14 @@ impl AuthService {
     fn send_code(&self, phone: &Phone, now: u64) -> AuthResult<AuthResponse> {
         self.send_code_limiter
             .check(phone.as_str(), now)
-            .map_err(|s| AuthError::flood_wait(s, "code requests for this number"))?;
+            .map_err(|s| WireError::flood_wait(s, "code requests for this number"))?;
         let code = self.random_code();
         self.store.write(|t| {
             let old = t.code(phone)?;
             if let Some(old) = &old
                 && old.locked_until > now
             {
-                return Err(AuthError::flood_wait(old.locked_until - now, "wrong codes for this number"));
+                return Err(WireError::flood_wait(old.locked_until - now, "wrong codes for this number"));
             }
             // Wrong attempts count per phone, not per code: asking for a new code must not buy
             // more guesses. They are forgotten after a lockout, or a lockout period after the
@@ -176,7 +176,7 @@ impl AuthService {
         if let Err(e) = self.sender.deliver(&self.runtime, phone, &code, now) {
             tracing::warn!(error = %e, %phone, "login code not delivered");
             self.store.write(|t| t.remove_code(phone))?;
-            return Err(AuthError::new(
+            return Err(WireError::new(
                 Code::CodeDeliveryFailed,
                 "the login code could not be delivered; try again later",
             ));
@@ -199,18 +199,18 @@ impl AuthService {
         password: Option<String>,
         now: u64,
     ) -> AuthResult<AuthResponse> {
-        self.sign_in_limiter.check(&peer.to_string(), now).map_err(|s| AuthError::flood_wait(s, "sign-in attempts"))?;
+        self.sign_in_limiter.check(&peer.to_string(), now).map_err(|s| WireError::flood_wait(s, "sign-in attempts"))?;
         check_device(&peer, &device, &device_name)?;
         // Commit even when the code is wrong: the attempt counter must survive.
         let password_hash = self.store.write(|t| {
-            Ok::<_, AuthError>(match self.check_code(t, phone, code, now)? {
+            Ok::<_, WireError>(match self.check_code(t, phone, code, now)? {
                 Err(e) => Err(e),
                 Ok(()) => Ok(t.account_by_phone(phone)?.and_then(|a| a.password_hash)),
             })
         })??;
         if let Some(hash) = password_hash {
             let password = password.ok_or_else(|| {
-                AuthError::new(
+                WireError::new(
                     Code::SessionPasswordNeeded,
                     "this account is protected by a password; send it with the code",
                 )
@@ -240,7 +240,7 @@ impl AuthService {
                 }
             };
             let session = new_session(t, &account, peer, device, device_name, now)?;
-            Ok::<_, AuthError>(Ok((account, session, new_account)))
+            Ok::<_, WireError>(Ok((account, session, new_account)))
         })??;
         tracing::info!(user = %account.user_id, session = %session.session_id, new_account, "signed in");
         Ok(AuthResponse::SignedIn { account: account.to_account(), cert: self.issue_cert(&session, now), new_account })
@@ -250,17 +250,17 @@ impl AuthService {
     /// the inner one a refusal whose side effects (attempt counter, lockout) must be committed.
     fn check_code(&self, t: &mut Tables<'_>, phone: &Phone, code: &str, now: u64) -> AuthResult<AuthResult<()>> {
         let Some(mut record) = t.code(phone)? else {
-            return Ok(Err(AuthError::new(
+            return Ok(Err(WireError::new(
                 Code::PhoneCodeExpired,
                 "no valid code for this number: it was never sent, already used, or expired; request a new one",
             )));
         };
         if record.locked_until > now {
-            return Ok(Err(AuthError::flood_wait(record.locked_until - now, "wrong codes for this number")));
+            return Ok(Err(WireError::flood_wait(record.locked_until - now, "wrong codes for this number")));
         }
         if record.expires_at <= now {
             t.remove_code(phone)?;
-            return Ok(Err(AuthError::new(Code::PhoneCodeExpired, "the code has expired; request a new one")));
+            return Ok(Err(WireError::new(Code::PhoneCodeExpired, "the code has expired; request a new one")));
         }
         // blake3::Hash equality is constant-time.
         if self.code_hash(code.trim()) == blake3::Hash::from_bytes(record.code_hash) {
@@ -271,9 +271,9 @@ impl AuthService {
             // Burn the code and lock the phone out for a while.
             record.locked_until = now + self.limits.code_lockout_secs;
             record.expires_at = now;
-            AuthError::flood_wait(self.limits.code_lockout_secs, "wrong codes for this number")
+            WireError::flood_wait(self.limits.code_lockout_secs, "wrong codes for this number")
         } else {
-            AuthError::new(Code::PhoneCodeInvalid, "the code is wrong")
+            WireError::new(Code::PhoneCodeInvalid, "the code is wrong")
         };
         t.put_code(phone, &record)?;
         Ok(Err(refusal))
@@ -288,9 +288,9 @@ impl AuthService {
         device_name: String,
         now: u64,
     ) -> AuthResult<AuthResponse> {
-        self.sign_in_limiter.check(&peer.to_string(), now).map_err(|s| AuthError::flood_wait(s, "sign-in attempts"))?;
+        self.sign_in_limiter.check(&peer.to_string(), now).map_err(|s| WireError::flood_wait(s, "sign-in attempts"))?;
         check_device(&peer, &device, &device_name)?;
-        let invalid = || AuthError::new(Code::AccessTokenInvalid, "invalid token specified");
+        let invalid = || WireError::new(Code::AccessTokenInvalid, "invalid token specified");
         let token: BotToken = token.parse().map_err(|_| invalid())?;
         let presented = self.token_hash(&token.secret);
         let (account, session) = self.store.write(|t| {
@@ -342,7 +342,7 @@ impl AuthService {
                 account.name = check_name(&name)?;
             }
             t.put_account(&account)?;
-            Ok::<_, AuthError>(account)
+            Ok::<_, WireError>(account)
         })?;
         Ok(AuthResponse::Me(account.to_account()))
     }
@@ -357,14 +357,14 @@ impl AuthService {
     ) -> AuthResult<AuthResponse> {
         let account = self.store.read(|t| self.authed_account(t, &peer, now))?;
         if account.kind != AccountKind::User {
-            return Err(AuthError::new(Code::Forbidden, "bots sign in with tokens and have no password"));
+            return Err(WireError::new(Code::Forbidden, "bots sign in with tokens and have no password"));
         }
         if let Some(hash) = &account.password_hash {
             self.sign_in_limiter
                 .check(&peer.to_string(), now)
-                .map_err(|s| AuthError::flood_wait(s, "password attempts"))?;
+                .map_err(|s| WireError::flood_wait(s, "password attempts"))?;
             let current =
-                current.ok_or_else(|| AuthError::new(Code::PasswordHashInvalid, "the current password is required"))?;
+                current.ok_or_else(|| WireError::new(Code::PasswordHashInvalid, "the current password is required"))?;
             verify_password(&current, hash)?;
         }
         let new_hash = new.map(|p| hash_password(&p)).transpose()?;
@@ -372,7 +372,7 @@ impl AuthService {
             let mut account = self.authed_account(t, &peer, now)?;
             account.password_hash = new_hash;
             t.put_account(&account)?;
-            Ok::<_, AuthError>(account)
+            Ok::<_, WireError>(account)
         })?;
         Ok(AuthResponse::Me(account.to_account()))
     }
@@ -385,13 +385,13 @@ impl AuthService {
                 LookupQuery::Phone(phone) => t.account_by_phone(phone)?,
                 LookupQuery::UserId(id) => t.account(*id)?,
             }
-            .ok_or_else(|| AuthError::new(Code::NotFound, "no such user"))?;
+            .ok_or_else(|| WireError::new(Code::NotFound, "no such user"))?;
             let devices = t
                 .active_sessions(account.user_id)?
                 .into_iter()
                 .map(|s| DeviceCard { peer_id: s.device, keys: s.keys })
                 .collect();
-            Ok::<_, AuthError>(UserCard {
+            Ok::<_, WireError>(UserCard {
                 user_id: account.user_id,
                 kind: account.kind,
                 username: account.username,
@@ -406,7 +406,7 @@ impl AuthService {
         let mut sessions = self.store.write(|t| {
             let me = self.authed(t, &peer, now)?;
             let all = t.active_sessions(me.user_id)?;
-            Ok::<_, AuthError>(all.iter().map(|s| s.to_info(me.session_id)).collect::<Vec<_>>())
+            Ok::<_, WireError>(all.iter().map(|s| s.to_info(me.session_id)).collect::<Vec<_>>())
         })?;
         sessions.sort_by_key(|s| (s.created_at, s.session_id));
         Ok(AuthResponse::Sessions(sessions))
@@ -417,11 +417,11 @@ impl AuthService {
             let me = self.authed(t, &peer, now)?;
             let mut target =
                 t.session(session_id)?.filter(|s| s.user_id == me.user_id && s.revoked_at.is_none()).ok_or_else(
-                    || AuthError::new(Code::NotFound, format!("no active session {session_id} on this account")),
+                    || WireError::new(Code::NotFound, format!("no active session {session_id} on this account")),
                 )?;
             target.revoked_at = Some(now);
             t.put_session(&target)?;
-            Ok::<_, AuthError>(())
+            Ok::<_, WireError>(())
         })?;
         tracing::info!(session = %session_id, "session revoked");
         Ok(AuthResponse::Revoked { count: 1 })
@@ -438,7 +438,7 @@ impl AuthService {
                     count += 1;
                 }
             }
-            Ok::<_, AuthError>(count)
+            Ok::<_, WireError>(count)
         })?;
         Ok(AuthResponse::Revoked { count })
     }
@@ -458,11 +458,11 @@ impl AuthService {
             if let Some(owner) = owner {
                 match t.account(owner)? {
                     Some(a) if a.kind == AccountKind::User => {}
-                    Some(_) => return Err(AuthError::new(Code::Forbidden, "bots cannot create bots")),
-                    None => return Err(AuthError::new(Code::NotFound, format!("no user {owner}"))),
+                    Some(_) => return Err(WireError::new(Code::Forbidden, "bots cannot create bots")),
+                    None => return Err(WireError::new(Code::NotFound, format!("no user {owner}"))),
                 }
                 if t.bots_of(owner)?.len() >= MAX_BOTS_PER_OWNER {
-                    return Err(AuthError::new(
+                    return Err(WireError::new(
                         Code::Forbidden,
                         format!("a user may own at most {MAX_BOTS_PER_OWNER} bots"),
                     ));
@@ -471,7 +471,7 @@ impl AuthService {
             let username = self.free_username(t, username, AccountKind::Bot, None)?;
             let name = check_name(name)?;
             if name.is_empty() {
-                return Err(AuthError::new(Code::NameInvalid, "a bot needs a name"));
+                return Err(WireError::new(Code::NameInvalid, "a bot needs a name"));
             }
             let bot = StoredAccount {
                 user_id: t.next_user_id()?,
@@ -507,16 +507,16 @@ impl AuthService {
             let account = t
                 .account(bot)?
                 .filter(|a| a.kind == AccountKind::Bot)
-                .ok_or_else(|| AuthError::new(Code::NotFound, format!("there is no bot {bot}")))?;
+                .ok_or_else(|| WireError::new(Code::NotFound, format!("there is no bot {bot}")))?;
             if owner.is_some() && account.owner != owner {
-                return Err(AuthError::new(Code::Forbidden, format!("bot {bot} belongs to someone else")));
+                return Err(WireError::new(Code::Forbidden, format!("bot {bot} belongs to someone else")));
             }
             t.put_bot_secret(bot, account.owner, hash.as_bytes())?;
             for mut session in t.active_sessions(bot)? {
                 session.revoked_at = Some(now);
                 t.put_session(&session)?;
             }
-            Ok::<_, AuthError>(account)
+            Ok::<_, WireError>(account)
         })?;
         tracing::info!(bot = %bot, "bot token revoked");
         Ok(IssuedBotToken { token: format!("{bot}:{secret}"), bot: account.to_account() })
@@ -528,9 +528,9 @@ impl AuthService {
     fn authed(&self, t: &mut Tables<'_>, peer: &PeerId, now: u64) -> AuthResult<StoredSession> {
         let mut session = t
             .session_of_device(peer)?
-            .ok_or_else(|| AuthError::new(Code::AuthKeyUnregistered, "this device is not signed in; run login"))?;
+            .ok_or_else(|| WireError::new(Code::AuthKeyUnregistered, "this device is not signed in; run login"))?;
         if session.revoked_at.is_some() {
-            return Err(AuthError::new(Code::SessionRevoked, "this session was ended; sign in again"));
+            return Err(WireError::new(Code::SessionRevoked, "this session was ended; sign in again"));
         }
         if now >= session.last_seen + LAST_SEEN_RESOLUTION_SECS {
             session.last_seen = now;
@@ -542,13 +542,13 @@ impl AuthService {
     fn authed_account(&self, t: &mut Tables<'_>, peer: &PeerId, now: u64) -> AuthResult<StoredAccount> {
         let session = self.authed(t, peer, now)?;
         t.account(session.user_id)?
-            .ok_or_else(|| AuthError::new(Code::AuthKeyUnregistered, "the account of this session no longer exists"))
+            .ok_or_else(|| WireError::new(Code::AuthKeyUnregistered, "the account of this session no longer exists"))
     }
 
     fn authed_user(&self, t: &mut Tables<'_>, peer: &PeerId, now: u64) -> AuthResult<StoredAccount> {
         let account = self.authed_account(t, peer, now)?;
         if account.kind != AccountKind::User {
-            return Err(AuthError::new(Code::Forbidden, "bots cannot manage bots"));
+            return Err(WireError::new(Code::Forbidden, "bots cannot manage bots"));
         }
         Ok(account)
     }
@@ -556,19 +556,19 @@ impl AuthService {
     /// Validates a username for an account kind and checks nobody else holds it.
     fn free_username(&self, t: &Tables<'_>, raw: &str, kind: AccountKind, me: Option<UserId>) -> AuthResult<Username> {
         let username: Username =
-            raw.parse().map_err(|e: meshgram_node::ids::InvalidValue| AuthError::new(Code::UsernameInvalid, e.0))?;
+            raw.parse().map_err(|e: meshgram_node::ids::InvalidValue| WireError::new(Code::UsernameInvalid, e.0))?;
         match (kind, username.is_bot_name()) {
             (AccountKind::User, true) => {
-                return Err(AuthError::new(Code::UsernameInvalid, "usernames ending in 'bot' are reserved for bots"));
+                return Err(WireError::new(Code::UsernameInvalid, "usernames ending in 'bot' are reserved for bots"));
             }
             (AccountKind::Bot, false) => {
-                return Err(AuthError::new(Code::UsernameInvalid, "a bot's username must end in 'bot'"));
+                return Err(WireError::new(Code::UsernameInvalid, "a bot's username must end in 'bot'"));
             }
             _ => {}
         }
         match t.username_holder(&username)? {
             Some(holder) if Some(holder) != me => {
-                Err(AuthError::new(Code::UsernameOccupied, format!("{username} is already taken")))
+                Err(WireError::new(Code::UsernameOccupied, format!("{username} is already taken")))
             }
             _ => Ok(username),
         }
@@ -644,15 +644,15 @@ fn new_session(
 
 /// The device keys must verify and belong to the connection's peer.
 fn check_device(peer: &PeerId, keys: &DeviceKeys, device_name: &str) -> AuthResult<()> {
-    let device = keys.verify().map_err(|e| AuthError::new(Code::DeviceKeysInvalid, e.to_string()))?;
+    let device = keys.verify().map_err(|e| WireError::new(Code::DeviceKeysInvalid, e.to_string()))?;
     if &device != peer {
-        return Err(AuthError::new(
+        return Err(WireError::new(
             Code::DeviceKeysInvalid,
             "the device keys belong to another device than this connection's",
         ));
     }
     if device_name.chars().count() > MAX_DEVICE_NAME_CHARS || device_name.chars().any(char::is_control) {
-        return Err(AuthError::new(
+        return Err(WireError::new(
             Code::BadRequest,
             format!("device name must be at most {MAX_DEVICE_NAME_CHARS} printable characters"),
         ));
@@ -664,7 +664,7 @@ fn check_device(peer: &PeerId, keys: &DeviceKeys, device_name: &str) -> AuthResu
 fn check_name(name: &str) -> AuthResult<String> {
     let name = name.trim();
     if name.is_empty() || name.chars().count() > MAX_NAME_CHARS || name.chars().any(char::is_control) {
-        return Err(AuthError::new(
+        return Err(WireError::new(
             Code::NameInvalid,
             format!("a name must be 1-{MAX_NAME_CHARS} printable characters"),
         ));
@@ -674,23 +674,23 @@ fn check_name(name: &str) -> AuthResult<String> {
 
 fn hash_password(password: &str) -> AuthResult<String> {
     if password.is_empty() || password.len() > MAX_PASSWORD_BYTES {
-        return Err(AuthError::new(Code::BadRequest, format!("a password must be 1-{MAX_PASSWORD_BYTES} bytes")));
+        return Err(WireError::new(Code::BadRequest, format!("a password must be 1-{MAX_PASSWORD_BYTES} bytes")));
     }
     let salt = SaltString::generate(&mut OsRng);
     Argon2::default()
         .hash_password(password.as_bytes(), &salt)
         .map(|h| h.to_string())
-        .map_err(|e| AuthError::new(Code::Internal, format!("could not hash the password: {e}")))
+        .map_err(|e| WireError::new(Code::Internal, format!("could not hash the password: {e}")))
 }
 
 fn verify_password(password: &str, hash: &str) -> AuthResult<()> {
-    let invalid = || AuthError::new(Code::PasswordHashInvalid, "the password is wrong");
+    let invalid = || WireError::new(Code::PasswordHashInvalid, "the password is wrong");
     if password.len() > MAX_PASSWORD_BYTES {
         return Err(invalid());
     }
     let parsed = PasswordHash::new(hash).map_err(|e| {
         tracing::error!(error = %e, "stored password hash does not parse");
-        AuthError::new(Code::Internal, "internal error")
+        WireError::new(Code::Internal, "internal error")
     })?;
     Argon2::default().verify_password(password.as_bytes(), &parsed).map_err(|_| invalid())
 }

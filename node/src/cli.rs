@@ -6,8 +6,12 @@ use std::path::{Path, PathBuf};
 use clap::{Parser, Subcommand};
 use libp2p::Multiaddr;
 use meshgram_node::client::{Client, ClientError, GatewayAddr, SavedSession};
+use meshgram_node::defaults::FETCH_WAIT_MS;
+use meshgram_node::history::StoredMessage;
 use meshgram_node::ids::{Phone, SessionId, UserId};
-use meshgram_node::protocol::{Account, AuthErrorCode, AuthRequest, AuthResponse, LookupQuery};
+use meshgram_node::messaging::{MessagingError, Messenger};
+use meshgram_node::network_file::NetworkFile;
+use meshgram_node::protocol::{Account, AuthRequest, AuthResponse, ErrorCode, LookupQuery, RelayInfo};
 use serde_json::{Value, json};
 
 #[derive(Parser, Debug)]
@@ -44,6 +48,9 @@ enum Command {
         /// How this device appears in session lists.
         #[arg(long)]
         device_name: Option<String>,
+        /// A relay to use, ending in /p2p/<peer id> (repeatable; adds to --network's relays).
+        #[arg(long)]
+        relay: Vec<Multiaddr>,
     },
     /// Show the signed-in account.
     Whoami,
@@ -65,11 +72,40 @@ enum Command {
     /// Create and manage your bots (like BotFather).
     #[command(subcommand)]
     Bot(BotCommand),
+    /// Send a message to @username, +phone or user id.
+    Send {
+        to: String,
+        /// The text (omit with --lines).
+        #[arg(required_unless_present = "lines")]
+        text: Option<String>,
+        /// Send each line of stdin as its own message, in order.
+        #[arg(long, conflicts_with = "text")]
+        lines: bool,
+        /// Reply to this message id.
+        #[arg(long)]
+        reply_to: Option<String>,
+    },
+    /// Fetch new messages, then show a chat's history (or all chats').
+    Messages {
+        /// @username, +phone or user id of the chat to show.
+        chat: Option<String>,
+        /// Keep running and print messages as they arrive.
+        #[arg(long)]
+        follow: bool,
+    },
+    /// List chats with their last message.
+    Chats,
     /// Start a whole local network on loopback.
     Up {
         /// Where the network keeps its data; reusing it resumes the same network.
         #[arg(long, default_value = "meshgram-net")]
         data: PathBuf,
+        /// How many relays to run.
+        #[arg(long, default_value_t = 3)]
+        relays: usize,
+        /// How many relays keep each message.
+        #[arg(long, default_value_t = 2)]
+        replication: usize,
     },
 }
 
@@ -79,7 +115,7 @@ struct GatewayArgs {
     /// The gateway's multiaddr, ending in /p2p/<peer id>.
     #[arg(long)]
     gateway: Option<Multiaddr>,
-    /// A network.json written by `meshgram up`.
+    /// A network.json written by `meshgram up` (gateway and relays).
     #[arg(long)]
     network: Option<PathBuf>,
 }
@@ -155,7 +191,7 @@ impl CliError {
     /// Prints the error: JSON on stdout with `--json`, text on stderr otherwise.
     pub(crate) fn report(&self, json: bool) {
         if json {
-            println!(
+            outln!(
                 "{}",
                 json!({ "error": { "code": self.code, "message": self.message, "retry_after": self.retry_after } })
             );
@@ -186,6 +222,23 @@ impl From<ClientError> for CliError {
     }
 }
 
+impl From<MessagingError> for CliError {
+    fn from(e: MessagingError) -> Self {
+        let code = match e {
+            MessagingError::Client(e) => return e.into(),
+            MessagingError::Refused(w) => {
+                return CliError { code: w.code.to_string(), message: w.message, retry_after: w.retry_after_secs };
+            }
+            MessagingError::Net(_) | MessagingError::NoRelay(_) => "NETWORK",
+            MessagingError::History(_) => "PROFILE",
+            MessagingError::Seal(_) => "E2E",
+            MessagingError::TextTooLong => "USAGE",
+            MessagingError::NoDevices(_) => "NO_DEVICES",
+        };
+        CliError { code: code.into(), message: e.to_string(), retry_after: None }
+    }
+}
+
 impl From<anyhow::Error> for CliError {
     fn from(e: anyhow::Error) -> Self {
         CliError { code: "ERROR".into(), message: format!("{e:#}"), retry_after: None }
@@ -197,9 +250,9 @@ type CliResult = Result<(), CliError>;
 /// Prints `value` as JSON, or `text` for people.
 fn emit(json: bool, value: Value, text: impl FnOnce() -> String) {
     if json {
-        println!("{value}");
+        outln!("{value}");
     } else {
-        println!("{}", text());
+        outln!("{}", text());
     }
 }
 
@@ -212,11 +265,15 @@ pub(crate) async fn run(cli: Cli) -> CliResult {
     let profile = cli.profile.clone().unwrap_or_else(default_profile);
     let json = cli.json;
     match cli.command {
-        Command::Login { gateway, phone, code, password, bot_token, device_name } => {
-            let gateway = resolve_gateway(&gateway)?;
+        Command::Login { gateway, phone, code, password, bot_token, device_name, relay } => {
+            let (gateway, relays) = resolve_gateway(&gateway, &relay)?;
             let device_name = device_name.unwrap_or_else(default_device_name);
-            login(&profile, json, gateway, phone, code, password, bot_token, device_name).await
+            let how = LoginWith { phone, code, password, bot_token, device_name };
+            login(&profile, json, gateway, relays, how).await
         }
+        Command::Send { to, text, lines, reply_to } => send(&profile, json, &to, text, lines, reply_to).await,
+        Command::Messages { chat, follow } => messages(&profile, json, chat, follow).await,
+        Command::Chats => chats(&profile, json).await,
         Command::Whoami => whoami(&profile, json).await,
         Command::Renew => {
             let (client, session) = Client::open_signed_in(&profile)?;
@@ -242,14 +299,29 @@ pub(crate) async fn run(cli: Cli) -> CliResult {
         Command::Lookup { query } => lookup(&profile, json, &query).await,
         Command::Sessions { command } => sessions(&profile, json, command.unwrap_or(SessionsCommand::List)).await,
         Command::Bot(command) => bot(&profile, json, command).await,
-        Command::Up { data } => crate::up::run(&data, json).await.map_err(CliError::from),
+        Command::Up { data, relays, replication } => {
+            crate::up::run(&data, crate::up::UpOptions { relays, replication }, json).await.map_err(CliError::from)
+        }
     }
 }
 
-fn resolve_gateway(args: &GatewayArgs) -> Result<GatewayAddr, CliError> {
+/// The gateway and the relays to remember, from `--network` or `--gateway` + `--relay`s.
+fn resolve_gateway(args: &GatewayArgs, relay_args: &[Multiaddr]) -> Result<(GatewayAddr, Vec<RelayInfo>), CliError> {
+    let mut relays = Vec::new();
+    for addr in relay_args {
+        let mut addr = addr.clone();
+        match addr.pop() {
+            Some(libp2p::multiaddr::Protocol::P2p(peer_id)) => relays.push(RelayInfo { peer_id, addrs: vec![addr] }),
+            _ => return Err(CliError::usage(format!("--relay {addr} does not end in /p2p/<relay peer id>"))),
+        }
+    }
     match (&args.gateway, &args.network) {
-        (Some(addr), _) => Ok(GatewayAddr::from_multiaddr(addr)?),
-        (None, Some(file)) => Ok(GatewayAddr::from_network_file(file)?),
+        (Some(addr), _) => Ok((GatewayAddr::from_multiaddr(addr)?, relays)),
+        (None, Some(file)) => {
+            let network = NetworkFile::load(file).map_err(|e| CliError::usage(e.to_string()))?;
+            relays.extend(network.relays.into_iter().map(|r| RelayInfo { peer_id: r.peer_id, addrs: r.addrs }));
+            Ok((GatewayAddr { peer_id: network.gateway.peer_id, addrs: network.gateway.addrs }, relays))
+        }
         (None, None) => Err(CliError::usage("give --gateway MULTIADDR or --network FILE")),
     }
 }
@@ -282,17 +354,17 @@ async fn read_line(prompt: &'static str) -> Result<String, CliError> {
     .map_err(|e| CliError::usage(format!("reading stdin: {e}")))?
 }
 
-#[allow(clippy::too_many_arguments)] // one per login flag
-async fn login(
-    profile: &Path,
-    json: bool,
-    gateway: GatewayAddr,
+/// How to sign in: the login command's flags.
+struct LoginWith {
     phone: Option<String>,
     code: Option<String>,
     password: Option<String>,
     bot_token: Option<String>,
     device_name: String,
-) -> CliResult {
+}
+
+async fn login(profile: &Path, json: bool, gateway: GatewayAddr, relays: Vec<RelayInfo>, how: LoginWith) -> CliResult {
+    let LoginWith { phone, code, password, bot_token, device_name } = how;
     let client = Client::open(profile, gateway)?;
     let device = client.identity.device_keys();
     let response = if let Some(token) = bot_token {
@@ -319,7 +391,7 @@ async fn login(
             password,
         };
         match client.call(sign_in(password.clone())).await {
-            Err(ClientError::Gateway(e)) if e.code == AuthErrorCode::SessionPasswordNeeded && password.is_none() => {
+            Err(ClientError::Gateway(e)) if e.code == ErrorCode::SessionPasswordNeeded && password.is_none() => {
                 eprintln!("This account has a password.");
                 let password = read_line("Password: ").await?;
                 client.call(sign_in(Some(password))).await?
@@ -330,7 +402,7 @@ async fn login(
     let AuthResponse::SignedIn { account, cert, new_account } = response else {
         return Err(ClientError::UnexpectedResponse("SignIn").into());
     };
-    let session = client.accept_session(account, cert)?;
+    let session = client.accept_session(account, cert, relays)?;
     let b = &session.cert.body;
     emit(
         json,
@@ -489,5 +561,115 @@ async fn bot(profile: &Path, json: bool, command: BotCommand) -> CliResult {
         }),
         _ => return Err(ClientError::UnexpectedResponse("bot").into()),
     }
+    Ok(())
+}
+
+fn parse_query(s: &str) -> Result<LookupQuery, CliError> {
+    s.parse().map_err(|e: meshgram_node::ids::InvalidValue| CliError::usage(e.0))
+}
+
+async fn send(
+    profile: &Path,
+    json: bool,
+    to: &str,
+    text: Option<String>,
+    lines: bool,
+    reply_to: Option<String>,
+) -> CliResult {
+    let to = parse_query(to)?;
+    let reply_to = reply_to
+        .map(|id| {
+            id.parse().map_err(|e: meshgram_node::ids::InvalidValue| CliError::usage(format!("--reply-to: {}", e.0)))
+        })
+        .transpose()?;
+    let texts = if lines {
+        tokio::task::spawn_blocking(|| std::io::stdin().lock().lines().collect::<Result<Vec<String>, _>>())
+            .await
+            .map_err(|e| CliError::usage(format!("reading stdin: {e}")))?
+            .map_err(|e| CliError::usage(format!("reading stdin: {e}")))?
+            .into_iter()
+            .filter(|l| !l.trim().is_empty())
+            .collect()
+    } else {
+        vec![text.unwrap_or_default()]
+    };
+    if texts.is_empty() {
+        return Err(CliError::usage("nothing to send"));
+    }
+    let mut messenger = Messenger::open(profile).await?;
+    let sent = messenger.send_texts(to, texts, reply_to).await?;
+    let ids: Vec<String> = sent.iter().map(|m| m.id.to_string()).collect();
+    emit(json, json!({ "sent": sent.len(), "ids": ids }), || match sent.as_slice() {
+        [one] => format!("Sent (id {}).", one.id),
+        many => format!("Sent {} messages.", many.len()),
+    });
+    Ok(())
+}
+
+fn message_line(m: &StoredMessage) -> String {
+    let who = if m.outgoing { "me".to_string() } else { m.from.to_string() };
+    let reply = m.reply_to.map(|r| format!(" (reply to {})", r.fmt_short())).unwrap_or_default();
+    format!("[{}] {who}{reply}: {}", m.id.fmt_short(), m.text)
+}
+
+async fn messages(profile: &Path, json: bool, chat: Option<String>, follow: bool) -> CliResult {
+    let mut messenger = Messenger::open(profile).await?;
+    let chat = match chat {
+        Some(c) => Some(messenger.card(parse_query(&c)?, false).await?.user_id),
+        None => None,
+    };
+    messenger.receive(0).await?;
+    let history = messenger.history.messages(chat).map_err(MessagingError::from)?;
+    if !follow {
+        emit(json, serde_json::to_value(&history).unwrap_or(Value::Null), || {
+            history.iter().map(message_line).collect::<Vec<_>>().join("\n")
+        });
+        return Ok(());
+    }
+    let print = |m: &StoredMessage| {
+        if json {
+            outln!("{}", serde_json::to_value(m).unwrap_or(Value::Null));
+        } else {
+            outln!("{}", message_line(m));
+        }
+    };
+    history.iter().for_each(print);
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+            fresh = messenger.receive(FETCH_WAIT_MS) => match fresh {
+                Ok(fresh) => fresh.iter().filter(|m| chat.is_none_or(|c| m.chat == c)).for_each(print),
+                Err(e) => {
+                    // Relays come and go; keep following, but say so and do not spin.
+                    eprintln!("warning: {e}; retrying");
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                }
+            },
+        }
+    }
+}
+
+async fn chats(profile: &Path, json: bool) -> CliResult {
+    let mut messenger = Messenger::open(profile).await?;
+    messenger.receive(0).await?;
+    let mut chats: Vec<(meshgram_node::ids::UserId, usize, StoredMessage)> = Vec::new();
+    for m in messenger.history.messages(None).map_err(MessagingError::from)? {
+        match chats.last_mut() {
+            Some((chat, count, last)) if *chat == m.chat => {
+                *count += 1;
+                *last = m;
+            }
+            _ => chats.push((m.chat, 1, m)),
+        }
+    }
+    let value: Vec<Value> =
+        chats.iter().map(|(chat, count, last)| json!({ "chat": chat, "messages": count, "last": last })).collect();
+    emit(json, Value::Array(value), || {
+        chats
+            .iter()
+            .map(|(chat, count, last)| format!("{chat}\t{count} messages\t{}", message_line(last)))
+            .collect::<Vec<_>>()
+            .join("\n")
+    });
     Ok(())
 }

@@ -13,7 +13,7 @@ use crate::cert::{CertError, SessionCert, unix_now};
 use crate::defaults::CERT_RENEW_BEFORE_SECS;
 use crate::identity::{DeviceIdentity, KeyFileError, write_secret};
 use crate::net::{ClientNet, NetError};
-use crate::protocol::{Account, AuthError, AuthRequest, AuthResponse};
+use crate::protocol::{Account, AuthRequest, AuthResponse, MailboxRequest, MailboxResponse, RelayInfo, WireError};
 use crate::transport::TransportError;
 
 /// File in a profile dir holding the signed-in session.
@@ -24,7 +24,7 @@ pub const SESSION_FILE: &str = "session.json";
 pub enum ClientError {
     /// The gateway refused the request.
     #[error("{0}")]
-    Gateway(#[from] AuthError),
+    Gateway(#[from] WireError),
     /// The gateway could not be reached or did not answer.
     #[error(transparent)]
     Net(#[from] NetError),
@@ -100,6 +100,9 @@ pub struct SavedSession {
     pub gateway: GatewayAddr,
     pub account: Account,
     pub cert: SessionCert,
+    /// Relays to send through and fetch from; refreshed from each relay's Welcome.
+    #[serde(default)]
+    pub relays: Vec<RelayInfo>,
 }
 
 impl SavedSession {
@@ -155,10 +158,29 @@ impl Client {
         }
     }
 
+    /// One request/response with a relay (errors are in the response, for the caller to judge).
+    pub async fn mailbox_request(
+        &self,
+        relay: &RelayInfo,
+        request: MailboxRequest,
+    ) -> Result<MailboxResponse, NetError> {
+        self.net.mailbox_request(relay.peer_id, relay.addrs.clone(), request).await
+    }
+
+    /// The profile directory.
+    pub fn profile(&self) -> &Path {
+        &self.profile
+    }
+
     /// Checks a certificate the gateway issued to this device, then saves the session.
-    pub fn accept_session(&self, account: Account, cert: SessionCert) -> Result<SavedSession, ClientError> {
+    pub fn accept_session(
+        &self,
+        account: Account,
+        cert: SessionCert,
+        relays: Vec<RelayInfo>,
+    ) -> Result<SavedSession, ClientError> {
         cert.verify_for(&self.gateway.public_key()?, &self.identity.peer_id(), unix_now())?;
-        let session = SavedSession { gateway: self.gateway.clone(), account, cert };
+        let session = SavedSession { gateway: self.gateway.clone(), account, cert, relays };
         session.save(&self.profile)?;
         Ok(session)
     }
@@ -168,7 +190,7 @@ impl Client {
         match self.call(AuthRequest::RenewCert).await? {
             AuthResponse::Cert(cert) => {
                 session.cert = cert;
-                self.accept_session(session.account, session.cert)
+                self.accept_session(session.account, session.cert, session.relays)
             }
             _ => Err(ClientError::UnexpectedResponse("RenewCert")),
         }

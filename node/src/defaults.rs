@@ -20,3 +20,10 @@ pub const COMMAND_QUEUE: usize = 256;
 
 /// Renew a session certificate once less than this much validity is left.
 pub const CERT_RENEW_BEFORE_SECS: u64 = 10 * 60;
+
+/// Mailbox requests include long-polls of up to 25 s (`MAX_FETCH_WAIT_MS`) and sends that wait
+/// for R durable copies; a minute covers both with room for a loaded relay.
+pub const MAILBOX_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long a client's `Fetch` waits for new envelopes before the relay answers empty.
+pub const FETCH_WAIT_MS: u32 = 20_000;

@@ -4,6 +4,8 @@
 //! - [`ids`]: typed identifiers and validated user input (`UserId`, `Phone`, `Username`, …).
 //! - [`identity`]: the device's ed25519 key (its `PeerId`) and its signed X25519 Noise key.
 //! - [`cert`]: gateway-signed session certificates, verified offline by relays.
+//! - [`envelope`]: what relays store and forward — routing fields plus a sealed payload.
+//! - [`e2e`]: end-to-end sealing with Noise X (`snow`), so relays only ever hold ciphertext.
 //! - [`protocol`]: the wire spec — protocol names, size limits, request/response enums.
 //! - [`codec`]: length-prefixed postcard framing with limits, for every request-response protocol.
 //! - [`transport`]: the libp2p stack (QUIC + TCP/Noise/Yamux) and listening helpers.
@@ -11,6 +13,9 @@
 //! - [`net`]: the client's network actor; one task owns the `Swarm`, callers hold a handle.
 //! - [`client`]: profile, saved session and typed gateway calls, used by the CLI and later the
 //!   app and bot bridge.
+//! - [`limits`]: in-memory token buckets for rate limits that answer with a retry-after.
+//! - [`messaging`]: cloud chats — seal per device, send via relays, fetch, verify, acknowledge.
+//! - [`history`]: the client's redb — messages, seen envelope ids, send counters, cached cards.
 //! - [`network_file`]: `network.json`, written by `meshgram up`.
 //! - [`defaults`]: shared tunables and why they have their values.
 
@@ -19,8 +24,13 @@ pub mod cert;
 pub mod client;
 pub mod codec;
 pub mod defaults;
+pub mod e2e;
+pub mod envelope;
+pub mod history;
 pub mod identity;
 pub mod ids;
+pub mod limits;
+pub mod messaging;
 pub mod net;
 pub mod network_file;
 pub mod protocol;

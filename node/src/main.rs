@@ -1,6 +1,20 @@
 //! `meshgram`: the user's client node — sign in, manage sessions, and (with `up`) run a whole
 //! local network.
 
+#[macro_use]
+mod output {
+    /// `println!` that does not panic when stdout is closed (`meshgram … | head`): a reader that
+    /// has gone needs no more output.
+    macro_rules! outln {
+        ($($arg:tt)*) => {{
+            use std::io::Write as _;
+            if writeln!(std::io::stdout(), $($arg)*).is_err() {
+                std::process::exit(0);
+            }
+        }};
+    }
+}
+
 mod cli;
 mod up;
 

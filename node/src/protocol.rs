@@ -4,6 +4,9 @@
 //! peers keep decoding what they knew; errors are data, not dropped streams.
 //! Non-goals: human-readable encoding (postcard is compact and fast; see `codec`).
 //!
+//! Protocols: `/meshgram/auth/1` (below), `/meshgram/mailbox/1` and `/meshgram/replica/1`
+//! (further down).
+//!
 //! ## `/meshgram/auth/1` (client ↔ gateway)
 //! The libp2p connection already authenticates the device key, so requests carry no tokens: the
 //! gateway maps the caller's `PeerId` to its session.
@@ -22,6 +25,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::cert::{AccountKind, SessionCert};
 use crate::codec::PostcardCodec;
+use crate::envelope::{Envelope, EnvelopeId};
 use crate::identity::DeviceKeys;
 use crate::ids::{NoiseKey, Phone, SessionId, UserId, Username};
 
@@ -158,7 +162,7 @@ pub enum AuthResponse {
     /// Done, nothing to return.
     Done,
     /// The request was refused.
-    Error(AuthError),
+    Error(WireError),
 }
 
 /// An account as its owner sees it.
@@ -218,29 +222,29 @@ pub struct SessionInfo {
 
 /// A refusal with a stable machine code (Telegram's RPC error names) and a human message.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
-pub struct AuthError {
-    pub code: AuthErrorCode,
+pub struct WireError {
+    pub code: ErrorCode,
     pub message: String,
-    /// For [`AuthErrorCode::FloodWait`]: seconds to wait before trying again.
+    /// For [`ErrorCode::FloodWait`]: seconds to wait before trying again.
     pub retry_after_secs: Option<u64>,
 }
 
-impl AuthError {
+impl WireError {
     /// An error without retry-after.
-    pub fn new(code: AuthErrorCode, message: impl Into<String>) -> Self {
-        AuthError { code, message: message.into(), retry_after_secs: None }
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        WireError { code, message: message.into(), retry_after_secs: None }
     }
     /// A rate-limit refusal.
     pub fn flood_wait(retry_after_secs: u64, what: &str) -> Self {
-        AuthError {
-            code: AuthErrorCode::FloodWait,
+        WireError {
+            code: ErrorCode::FloodWait,
             message: format!("too many {what}; retry after {retry_after_secs} s"),
             retry_after_secs: Some(retry_after_secs),
         }
     }
 }
 
-impl fmt::Display for AuthError {
+impl fmt::Display for WireError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.retry_after_secs {
             Some(secs) => write!(f, "{}_{secs}: {}", self.code, self.message),
@@ -251,7 +255,7 @@ impl fmt::Display for AuthError {
 
 /// Machine-readable refusal reasons. Append only.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum AuthErrorCode {
+pub enum ErrorCode {
     /// The request could not be decoded, was too large, or a field is out of range.
     BadRequest,
     PhoneNumberInvalid,
@@ -278,34 +282,165 @@ pub enum AuthErrorCode {
     DeviceKeysInvalid,
     /// The code could not be delivered; try again later.
     CodeDeliveryFailed,
-    /// The gateway failed; nothing the client did.
+    /// The server failed; nothing the client did.
     Internal,
+    /// A relay needs a valid session certificate (`Hello`) on this connection first.
+    CertInvalid,
+    /// An envelope's sender is not the connection's device or account.
+    SenderMismatch,
+    /// This relay does not hold that mailbox; ask one of the relays named in the message.
+    NotResponsible,
+    /// Not enough relays could store the data durably; nothing was acknowledged.
+    Unavailable,
+    /// A per-user quota (stored envelopes or bytes) is full.
+    QuotaExceeded,
 }
 
-impl fmt::Display for AuthErrorCode {
+impl fmt::Display for ErrorCode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let s = match self {
-            AuthErrorCode::BadRequest => "BAD_REQUEST",
-            AuthErrorCode::PhoneNumberInvalid => "PHONE_NUMBER_INVALID",
-            AuthErrorCode::PhoneCodeInvalid => "PHONE_CODE_INVALID",
-            AuthErrorCode::PhoneCodeExpired => "PHONE_CODE_EXPIRED",
-            AuthErrorCode::SessionPasswordNeeded => "SESSION_PASSWORD_NEEDED",
-            AuthErrorCode::PasswordHashInvalid => "PASSWORD_HASH_INVALID",
-            AuthErrorCode::FloodWait => "FLOOD_WAIT",
-            AuthErrorCode::AuthKeyUnregistered => "AUTH_KEY_UNREGISTERED",
-            AuthErrorCode::SessionRevoked => "SESSION_REVOKED",
-            AuthErrorCode::UsernameOccupied => "USERNAME_OCCUPIED",
-            AuthErrorCode::UsernameInvalid => "USERNAME_INVALID",
-            AuthErrorCode::NameInvalid => "NAME_INVALID",
-            AuthErrorCode::NotFound => "NOT_FOUND",
-            AuthErrorCode::AccessTokenInvalid => "ACCESS_TOKEN_INVALID",
-            AuthErrorCode::Forbidden => "FORBIDDEN",
-            AuthErrorCode::DeviceKeysInvalid => "DEVICE_KEYS_INVALID",
-            AuthErrorCode::CodeDeliveryFailed => "CODE_DELIVERY_FAILED",
-            AuthErrorCode::Internal => "INTERNAL",
+            ErrorCode::BadRequest => "BAD_REQUEST",
+            ErrorCode::PhoneNumberInvalid => "PHONE_NUMBER_INVALID",
+            ErrorCode::PhoneCodeInvalid => "PHONE_CODE_INVALID",
+            ErrorCode::PhoneCodeExpired => "PHONE_CODE_EXPIRED",
+            ErrorCode::SessionPasswordNeeded => "SESSION_PASSWORD_NEEDED",
+            ErrorCode::PasswordHashInvalid => "PASSWORD_HASH_INVALID",
+            ErrorCode::FloodWait => "FLOOD_WAIT",
+            ErrorCode::AuthKeyUnregistered => "AUTH_KEY_UNREGISTERED",
+            ErrorCode::SessionRevoked => "SESSION_REVOKED",
+            ErrorCode::UsernameOccupied => "USERNAME_OCCUPIED",
+            ErrorCode::UsernameInvalid => "USERNAME_INVALID",
+            ErrorCode::NameInvalid => "NAME_INVALID",
+            ErrorCode::NotFound => "NOT_FOUND",
+            ErrorCode::AccessTokenInvalid => "ACCESS_TOKEN_INVALID",
+            ErrorCode::Forbidden => "FORBIDDEN",
+            ErrorCode::DeviceKeysInvalid => "DEVICE_KEYS_INVALID",
+            ErrorCode::CodeDeliveryFailed => "CODE_DELIVERY_FAILED",
+            ErrorCode::Internal => "INTERNAL",
+            ErrorCode::CertInvalid => "CERT_INVALID",
+            ErrorCode::SenderMismatch => "SENDER_MISMATCH",
+            ErrorCode::NotResponsible => "NOT_RESPONSIBLE",
+            ErrorCode::Unavailable => "UNAVAILABLE",
+            ErrorCode::QuotaExceeded => "QUOTA_EXCEEDED",
         };
         f.write_str(s)
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// `/meshgram/mailbox/1` (client ↔ relay) and `/meshgram/replica/1` (relay ↔ relay)
+//
+// ```text
+// client                 entry relay                    mailbox relays (R closest to recipient)
+//   Hello{cert} ───────────▶ verify once per connection
+//   Send{envelopes} ───────▶ check sender = connection ─▶ Replica Store ─▶ redb commit (group)
+//   ◀──────── Stored{ids} ◀─ all R committed ◀──────────── Stored
+//
+// recipient ── Hello ──▶ one of its mailbox relays
+//   Fetch{wait} ─▶ Envelopes (long-poll: answered at once when something arrives)
+//   Ack{ids} ───▶ delete here ─▶ Replica Delete on the other replicas
+// ```
+// Relays see routing fields and ciphertext only: the content is sealed end to end (`e2e`).
+
+/// Client ↔ relay: hello, send, fetch, ack.
+pub const MAILBOX_PROTOCOL: &str = "/meshgram/mailbox/1";
+/// Relay ↔ relay: store and delete mailbox replicas.
+pub const REPLICA_PROTOCOL: &str = "/meshgram/replica/1";
+/// Relays find each other with Kademlia on this protocol.
+pub const KAD_PROTOCOL: &str = "/meshgram/kad/1";
+/// A sealed message: Noise allows 65,535 bytes per message; routing fields fit in the rest.
+pub const MAX_ENVELOPE_SIZE: usize = 66 * 1024;
+/// Envelopes per `Send`/`Store`/`Envelopes` batch: large batches amortize commits.
+pub const MAX_ENVELOPES_PER_BATCH: usize = 256;
+/// A whole mailbox request or response: a full batch of maximal envelopes plus framing.
+pub const MAX_MAILBOX_MESSAGE_SIZE: usize = MAX_ENVELOPES_PER_BATCH * MAX_ENVELOPE_SIZE + 64 * 1024;
+/// Longest a `Fetch` may wait for new envelopes before answering empty.
+pub const MAX_FETCH_WAIT_MS: u32 = 25_000;
+
+/// The codec for [`MAILBOX_PROTOCOL`].
+pub type MailboxCodec = PostcardCodec<MailboxRequest, MailboxResponse>;
+/// The codec for [`REPLICA_PROTOCOL`].
+pub type ReplicaCodec = PostcardCodec<ReplicaRequest, ReplicaResponse>;
+
+/// A new mailbox codec with this protocol's limits.
+pub fn mailbox_codec() -> MailboxCodec {
+    MailboxCodec::new(MAX_MAILBOX_MESSAGE_SIZE, MAX_MAILBOX_MESSAGE_SIZE)
+}
+
+/// A new replica codec with this protocol's limits.
+pub fn replica_codec() -> ReplicaCodec {
+    ReplicaCodec::new(MAX_MAILBOX_MESSAGE_SIZE, MAX_MAILBOX_MESSAGE_SIZE)
+}
+
+/// A client's request to a relay.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum MailboxRequest {
+    /// Present the session certificate; required once per connection before anything else.
+    Hello { cert: SessionCert },
+    /// Store envelopes in their recipients' mailboxes; answered once durable on R relays.
+    Send { envelopes: Vec<Envelope> },
+    /// Envelopes waiting in the caller's own mailbox, oldest first. With `wait_ms > 0` and an
+    /// empty mailbox, the relay answers as soon as something arrives (long-poll).
+    Fetch { max: u32, wait_ms: u32 },
+    /// The caller has these envelopes; delete them on every replica.
+    Ack { ids: Vec<EnvelopeId> },
+}
+
+impl MailboxRequest {
+    /// A short stable name for metrics and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            MailboxRequest::Hello { .. } => "hello",
+            MailboxRequest::Send { .. } => "send",
+            MailboxRequest::Fetch { .. } => "fetch",
+            MailboxRequest::Ack { .. } => "ack",
+        }
+    }
+}
+
+/// A relay's answer to a client.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum MailboxResponse {
+    /// The certificate is accepted. `mailbox_relays` hold the caller's mailbox (fetch there);
+    /// `relays` are every relay this one knows.
+    Welcome { relay: PeerId, mailbox_relays: Vec<RelayInfo>, relays: Vec<RelayInfo> },
+    /// `stored` are durable on R relays; `duplicates` were stored before and were not again.
+    Stored { stored: Vec<EnvelopeId>, duplicates: Vec<EnvelopeId> },
+    /// Envelopes from the caller's mailbox, oldest first; `more` if the batch was cut short.
+    Envelopes { envelopes: Vec<Envelope>, more: bool },
+    /// How many envelopes were deleted here.
+    Acked { count: u32 },
+    /// Refused.
+    Error(WireError),
+}
+
+/// A relay and where to reach it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayInfo {
+    pub peer_id: PeerId,
+    pub addrs: Vec<libp2p::Multiaddr>,
+}
+
+/// One relay asking another to keep or drop replicas.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum ReplicaRequest {
+    /// Keep these envelopes (the sender checked them); answer once committed.
+    Store { envelopes: Vec<Envelope> },
+    /// The recipient acknowledged these; delete them.
+    Delete { mailbox: PeerId, ids: Vec<EnvelopeId> },
+}
+
+/// Answer to a [`ReplicaRequest`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum ReplicaResponse {
+    /// Committed; `duplicates` were already held (or already delivered) and were skipped.
+    Stored {
+        duplicates: Vec<EnvelopeId>,
+    },
+    Deleted {
+        count: u32,
+    },
+    Error(WireError),
 }
 
 #[cfg(test)]
@@ -323,7 +458,7 @@ mod tests {
     #[test]
     fn flood_wait_displays_like_telegram() {
         assert_eq!(
-            AuthError::flood_wait(42, "code requests").to_string(),
+            WireError::flood_wait(42, "code requests").to_string(),
             "FLOOD_WAIT_42: too many code requests; retry after 42 s"
         );
     }

@@ -1,6 +1,6 @@
 //! `meshgram up`: a whole local network on loopback, each role its own process running the same
-//! binary an operator would run. Today that is the gateway; relays, the bot bridge and the app
-//! join as they land. Ports are remembered in `network.json`, so a second `up` on the same
+//! binary an operator would run: the gateway and N relays (the bot bridge and the desktop app
+//! join as they land). Ports are remembered in `network.json`, so a second `up` on the same
 //! directory resumes the same network at the same addresses, with its data.
 
 use std::path::{Path, PathBuf};
@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use libp2p::Multiaddr;
 use libp2p::multiaddr::Protocol;
-use meshgram_node::network_file::{GatewayEntry, NETWORK_FILE, NetworkFile};
+use meshgram_node::network_file::{GatewayEntry, NETWORK_FILE, NetworkFile, NodeEntry};
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
@@ -101,105 +101,160 @@ fn listen_addrs(previous: Option<&[Multiaddr]>) -> Vec<String> {
     vec![format!("/ip4/127.0.0.1/tcp/{tcp}"), format!("/ip4/127.0.0.1/udp/{udp}/quic-v1")]
 }
 
-async fn start_gateway(data: &Path, previous: Option<&NetworkFile>) -> anyhow::Result<RoleProcess> {
-    let bin = sibling_binary("meshgram-gateway")?;
-    let dir = data.join("gateway");
+/// Starts one role's binary in `data/<name>`, reusing the ports it had last time if it can.
+async fn start_role(
+    role: &'static str,
+    name: &str,
+    data: &Path,
+    mut args: Vec<String>,
+    previous: Option<&[Multiaddr]>,
+) -> anyhow::Result<RoleProcess> {
+    let bin = sibling_binary(&format!("meshgram-{role}"))?;
+    let dir = data.join(name);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let code_sink = dir.join("codes.log");
-    let args_for = |listen: Vec<String>| {
-        let mut args = vec![
-            "--data".into(),
-            dir.display().to_string(),
-            "--code-sink".into(),
-            format!("file:{}", code_sink.display()),
-        ];
+    args.extend(["--data".into(), dir.display().to_string()]);
+    let with_listen = |listen: Vec<String>| {
+        let mut all = args.clone();
         for addr in listen {
-            args.push("--listen".into());
-            args.push(addr);
+            all.extend(["--listen".into(), addr]);
         }
-        args
+        all
     };
-    let log = data.join("gateway.log");
-    let old_addrs = previous.map(|p| p.gateway.addrs.as_slice());
-    match RoleProcess::start("gateway", &bin, &args_for(listen_addrs(old_addrs)), &log).await {
+    let log = data.join(format!("{name}.log"));
+    match RoleProcess::start(role, &bin, &with_listen(listen_addrs(previous)), &log).await {
         Ok(p) => Ok(p),
-        // The old ports may be taken by now; a fresh port still resumes the same data.
-        Err(e) if old_addrs.is_some() => {
-            tracing::warn!(error = %e, "could not reuse the previous ports; using new ones");
-            RoleProcess::start("gateway", &bin, &args_for(listen_addrs(None)), &log).await
+        // The old ports may be taken by now; fresh ports still resume the same data.
+        Err(e) if previous.is_some() => {
+            tracing::warn!(error = %e, role, "could not reuse the previous ports; using new ones");
+            RoleProcess::start(role, &bin, &with_listen(listen_addrs(None)), &log).await
         }
         Err(e) => Err(e),
     }
 }
 
+/// The addresses in a ready line, without their `/p2p/<peer id>` suffix.
+fn ready_addrs(ready: &Value) -> anyhow::Result<Vec<Multiaddr>> {
+    let addrs: Vec<Multiaddr> = serde_json::from_value(ready["listen"].clone()).context("ready line: listen")?;
+    Ok(addrs
+        .into_iter()
+        .map(|mut a| {
+            if matches!(a.iter().last(), Some(Protocol::P2p(_))) {
+                a.pop();
+            }
+            a
+        })
+        .collect())
+}
+
+fn ready_peer(ready: &Value) -> anyhow::Result<libp2p::PeerId> {
+    serde_json::from_value(ready["peer_id"].clone()).context("ready line: peer_id")
+}
+
 fn gateway_entry(ready: &Value, code_sink: PathBuf) -> anyhow::Result<GatewayEntry> {
-    let addrs: Vec<Multiaddr> =
-        serde_json::from_value(ready["listen"].clone()).context("gateway ready line: listen")?;
     Ok(GatewayEntry {
-        peer_id: serde_json::from_value(ready["peer_id"].clone()).context("gateway ready line: peer_id")?,
-        // Stored without the /p2p suffix; the peer id is its own field.
-        addrs: addrs
-            .into_iter()
-            .map(|mut a| {
-                if matches!(a.iter().last(), Some(Protocol::P2p(_))) {
-                    a.pop();
-                }
-                a
-            })
-            .collect(),
+        peer_id: ready_peer(ready)?,
+        addrs: ready_addrs(ready)?,
         public_key: ready["public_key"].as_str().context("gateway ready line: public_key")?.to_string(),
         code_sink,
         http: ready["http"].as_str().map(str::to_string),
     })
 }
 
+/// Sizes of the local network.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct UpOptions {
+    pub(crate) relays: usize,
+    pub(crate) replication: usize,
+}
+
 /// Runs the network until Ctrl-C or SIGTERM.
-pub(crate) async fn run(data: &Path, json: bool) -> anyhow::Result<()> {
+pub(crate) async fn run(data: &Path, options: UpOptions, json: bool) -> anyhow::Result<()> {
+    if options.relays == 0 || options.replication == 0 || options.replication > options.relays {
+        bail!("need at least one relay and 1 <= replication <= relays");
+    }
     std::fs::create_dir_all(data).with_context(|| format!("creating {}", data.display()))?;
     let data = data.canonicalize().with_context(|| format!("resolving {}", data.display()))?;
     let network_path = data.join(NETWORK_FILE);
     let previous = NetworkFile::load(&network_path).ok();
 
-    let gateway = start_gateway(&data, previous.as_ref()).await?;
-    let network = NetworkFile {
-        gateway: gateway_entry(&gateway.ready, data.join("gateway").join("codes.log"))?,
-        relays: Vec::new(),
-        bot_api: None,
-        app: None,
-    };
+    let code_sink = data.join("gateway").join("codes.log");
+    let gateway_args = vec!["--code-sink".into(), format!("file:{}", code_sink.display())];
+    let mut processes = vec![
+        start_role("gateway", "gateway", &data, gateway_args, previous.as_ref().map(|p| p.gateway.addrs.as_slice()))
+            .await?,
+    ];
+    let gateway = gateway_entry(&processes[0].ready, code_sink)?;
+
+    let mut relays: Vec<NodeEntry> = Vec::new();
+    for i in 0..options.relays {
+        let mut args = vec![
+            "--gateway-key".into(),
+            gateway.public_key.clone(),
+            "--replication".into(),
+            options.replication.to_string(),
+        ];
+        // Each relay joins through the ones started before it.
+        for relay in &relays {
+            if let Some(addr) = relay.addrs.iter().find(|a| a.to_string().contains("/tcp/")) {
+                args.extend(["--bootstrap".into(), format!("{addr}/p2p/{}", relay.peer_id)]);
+            }
+        }
+        let old = previous.as_ref().and_then(|p| p.relays.get(i)).map(|r| r.addrs.as_slice());
+        let process = start_role("relay", &format!("relay-{i}"), &data, args, old).await?;
+        relays.push(NodeEntry { peer_id: ready_peer(&process.ready)?, addrs: ready_addrs(&process.ready)? });
+        processes.push(process);
+    }
+    let network = NetworkFile { gateway, relays, bot_api: None, app: None };
     network.save(&network_path)?;
 
     if json {
-        println!(
-            "{}",
-            serde_json::json!({ "event": "ready", "role": "network", "network": network_path, "data": data })
-        );
+        outln!("{}", serde_json::json!({ "event": "ready", "role": "network", "network": network_path, "data": data }));
     } else {
-        let gw_addr = network.gateway.addrs.first().map(|a| a.to_string()).unwrap_or_default();
-        println!("Meshgram network is up (data in {}).", data.display());
-        println!("  gateway   {gw_addr}/p2p/{}", network.gateway.peer_id);
-        println!("  codes     {}", network.gateway.code_sink.display());
-        println!("  network   {}", network_path.display());
-        println!();
-        println!("Sign in from another terminal:");
-        println!(
-            "  meshgram --profile {}/alice login --network {} --phone +15550000001",
-            data.display(),
-            network_path.display()
-        );
-        println!("  (the login code appears in {})", network.gateway.code_sink.display());
-        println!();
-        println!("Press Ctrl-C to stop.");
+        print_welcome(&data, &network_path, &network);
     }
 
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let mut gateway = gateway;
+    let exited = {
+        let waits = processes.iter_mut().map(|p| Box::pin(async move { (p.role, p.child.wait().await) }));
+        futures::future::select_all(waits)
+    };
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = terminate.recv() => {}
-        status = gateway.child.wait() => bail!("the gateway exited ({status:?}); see {}", data.join("gateway.log").display()),
+        ((role, status), _, _) = exited => {
+            eprintln!("the {role} exited ({status:?}); see the logs in {}; stopping the network", data.display());
+        }
     }
     eprintln!("Stopping…");
-    gateway.stop().await;
+    for process in processes.into_iter().rev() {
+        process.stop().await;
+    }
     Ok(())
+}
+
+fn print_welcome(data: &Path, network_path: &Path, network: &NetworkFile) {
+    let first = |addrs: &[Multiaddr]| addrs.first().map(|a| a.to_string()).unwrap_or_default();
+    outln!("Meshgram network is up (data and logs in {}).", data.display());
+    outln!("  gateway   {}/p2p/{}", first(&network.gateway.addrs), network.gateway.peer_id);
+    for (i, relay) in network.relays.iter().enumerate() {
+        outln!("  relay {i}   {}/p2p/{}", first(&relay.addrs), relay.peer_id);
+    }
+    outln!("  network   {}", network_path.display());
+    outln!();
+    outln!("Sign in and chat from other terminals:");
+    outln!(
+        "  meshgram --profile {0}/alice login --network {1} --phone +15550000001",
+        data.display(),
+        network_path.display()
+    );
+    outln!(
+        "  meshgram --profile {0}/bob login --network {1} --phone +15550000002",
+        data.display(),
+        network_path.display()
+    );
+    outln!("  meshgram --profile {0}/alice send +15550000002 'hi bob'", data.display());
+    outln!("  meshgram --profile {0}/bob messages --follow", data.display());
+    outln!("  (login codes appear in {})", network.gateway.code_sink.display());
+    outln!();
+    outln!("Press Ctrl-C to stop.");
 }

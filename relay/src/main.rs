@@ -1,1 +1,89 @@
-fn main() {}
+//! `meshgram-relay`: a relay node of the Meshgram mesh.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use libp2p::Multiaddr;
+use libp2p::identity::ed25519;
+use meshgram_node::ids::parse_hex;
+use meshgram_relay::{Relay, RelayConfig};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "meshgram-relay",
+    version,
+    about = "Meshgram relay: stores and forwards end-to-end encrypted envelopes"
+)]
+struct Cli {
+    /// Data directory (relay key, mailbox database).
+    #[arg(long, env = "MESHGRAM_RELAY_DATA", default_value = "meshgram-relay-data")]
+    data: PathBuf,
+    /// libp2p listen address (repeatable). Default: QUIC and TCP on 127.0.0.1, port 0.
+    #[arg(long)]
+    listen: Vec<Multiaddr>,
+    /// A relay to join the mesh through, ending in /p2p/<peer id> (repeatable).
+    #[arg(long)]
+    bootstrap: Vec<Multiaddr>,
+    /// The gateway's public key (hex, from its ready line or network.json): certificates
+    /// it signs are the only ones this relay accepts.
+    #[arg(long, env = "MESHGRAM_GATEWAY_KEY")]
+    gateway_key: String,
+    /// Relays that must hold a copy of an envelope before it is acknowledged.
+    #[arg(long, default_value_t = 2)]
+    replication: usize,
+    /// HTTP address for /healthz and /metrics.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    http: std::net::SocketAddr,
+    /// Days an undelivered envelope is kept.
+    #[arg(long, default_value_t = 30)]
+    ttl_days: u64,
+    /// Envelopes a mailbox may hold.
+    #[arg(long, default_value_t = 100_000)]
+    mailbox_quota: u64,
+    /// Envelopes per second one user may send (sustained).
+    #[arg(long, default_value_t = 5_000)]
+    send_rate: u32,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let key = parse_hex::<32>(&cli.gateway_key).context("--gateway-key")?;
+    let gateway_key = ed25519::PublicKey::try_from_bytes(&key).context("--gateway-key is not an ed25519 public key")?;
+    if cli.replication == 0 {
+        bail!("--replication must be at least 1");
+    }
+    let mut config = RelayConfig::new(cli.data, gateway_key);
+    if !cli.listen.is_empty() {
+        config.listen = cli.listen;
+    }
+    config.bootstrap = cli.bootstrap;
+    config.http = Some(cli.http);
+    config.settings.replication = cli.replication;
+    config.settings.send_rate = cli.send_rate;
+    config.store.ttl = Duration::from_secs(cli.ttl_days * 24 * 3600);
+    config.store.max_per_mailbox = cli.mailbox_quota;
+
+    let mut relay = Relay::start(config).await.context("starting the relay")?;
+    let mut ready = serde_json::to_value(&relay.ready)?;
+    ready["event"] = "ready".into();
+    ready["role"] = "relay".into();
+    println!("{ready}");
+    tracing::info!(peer_id = %relay.ready.peer_id, "relay ready");
+
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; shutting down"),
+        _ = terminate.recv() => tracing::info!("terminated; shutting down"),
+        () = relay.wait() => bail!("a relay task stopped unexpectedly"),
+    }
+    relay.shutdown().await;
+    Ok(())
+}

@@ -938,3 +938,99 @@ mod tests {
         assert_eq!(wait_code(&sink, "+15550001111", 0), "12345");
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// A whole mesh: one gateway and N relays
+
+/// The relay binary's name.
+pub const RELAY_BIN: &str = "meshgram-relay";
+
+/// A gateway and `N` relays on loopback, each relay joining through the ones before it.
+#[derive(Debug)]
+pub struct Mesh {
+    pub gateway: Gateway,
+    pub relays: Vec<Server>,
+}
+
+impl Mesh {
+    /// Starts a gateway and `relays` relays with replication `replication`.
+    pub fn start(relays: usize, replication: usize) -> Mesh {
+        let gateway = Gateway::start();
+        let key = gateway.server.ready["public_key"].as_str().expect("gateway ready line has public_key").to_string();
+        Mesh::start_with_key(gateway, &key, relays, replication)
+    }
+
+    /// Like [`Mesh::start`], but relays trust `gateway_key` (hex) instead of the gateway's own.
+    pub fn start_with_key(gateway: Gateway, gateway_key: &str, relays: usize, replication: usize) -> Mesh {
+        let mut servers: Vec<Server> = Vec::new();
+        for i in 0..relays {
+            let data = gateway.tmp().join(format!("relay-{i}"));
+            let data = data.display().to_string();
+            let replication = replication.to_string();
+            let mut args: Vec<String> = [
+                "--data",
+                &data,
+                "--gateway-key",
+                gateway_key,
+                "--replication",
+                &replication,
+                "--listen",
+                "/ip4/127.0.0.1/tcp/0",
+                "--http",
+                "127.0.0.1:0",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            for earlier in &servers {
+                args.extend(["--bootstrap".to_string(), earlier.tcp_addr()]);
+            }
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let server =
+                Server::start(&bin_path(RELAY_BIN), &args).unwrap_or_else(|e| panic!("relay {i} did not start: {e:#}"));
+            servers.push(server);
+        }
+        // Give Kademlia a moment to learn every relay (bounded; identify runs on connect).
+        thread::sleep(Duration::from_millis(500));
+        Mesh { gateway, relays: servers }
+    }
+
+    /// `--gateway ADDR --relay R1 --relay R2 …` for `meshgram login`.
+    pub fn login_args(&self) -> Vec<String> {
+        let mut args = vec!["--gateway".to_string(), self.gateway.addr()];
+        for relay in &self.relays {
+            args.extend(["--relay".to_string(), relay.tcp_addr()]);
+        }
+        args
+    }
+
+    /// Signs `phone` in on `profile`, remembering this mesh's relays; returns the login JSON.
+    pub fn login(&self, profile: &Path, phone: &str) -> Value {
+        let args = self.login_args();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.gateway.login_via(&args, profile, phone, &[], |code| vec![code.to_string()]).ok_json()
+    }
+
+    /// A fresh profile dir under the mesh's temp dir.
+    pub fn new_profile(&self, name: &str) -> PathBuf {
+        self.gateway.new_profile(name)
+    }
+
+    /// Every file under every relay's data dir, concatenated: what a relay operator can read.
+    pub fn relay_disk_bytes(&self) -> Vec<u8> {
+        let mut all = Vec::new();
+        for relay in &self.relays {
+            for entry in fs::read_dir(&relay.data_dir).into_iter().flatten().flatten() {
+                if let Ok(bytes) = fs::read(entry.path()) {
+                    all.extend(bytes);
+                }
+            }
+        }
+        all
+    }
+}
+
+/// The texts of a `meshgram messages --json` answer, in order.
+pub fn texts(messages: &Value) -> Vec<String> {
+    array(messages, "messages").iter().map(|m| str_field(m, "text").to_string()).collect()
+}

@@ -10,7 +10,7 @@ use libp2p::swarm::SwarmEvent;
 use libp2p::{Multiaddr, StreamProtocol};
 use meshgram_node::codec::PostcardCodec;
 use meshgram_node::identity::DeviceIdentity;
-use meshgram_node::protocol::{AUTH_PROTOCOL, AuthErrorCode, AuthResponse, MAX_AUTH_REQUEST_SIZE};
+use meshgram_node::protocol::{AUTH_PROTOCOL, AuthResponse, ErrorCode, MAX_AUTH_REQUEST_SIZE};
 use meshgram_node::transport::build_swarm;
 use meshgram_tests::{Gateway, meshgram};
 use serde_bytes::ByteBuf;
@@ -87,7 +87,7 @@ async fn garbage_and_oversized_requests_get_bad_request_and_the_gateway_keeps_se
     .await;
     for (i, answer) in answers.iter().enumerate() {
         match answer {
-            AuthResponse::Error(e) => assert_eq!(e.code, AuthErrorCode::BadRequest, "payload {i}: {e}"),
+            AuthResponse::Error(e) => assert_eq!(e.code, ErrorCode::BadRequest, "payload {i}: {e}"),
             other => panic!("payload {i}: expected BAD_REQUEST, got {other:?}"),
         }
     }

@@ -1,4 +1,4 @@
-//! In-memory token-bucket rate limits, keyed by phone, device or account.
+//! In-memory token-bucket rate limits, keyed by phone, device or account (gateway and relays).
 //!
 //! Limits live in memory: they protect against floods within a process's life; the lasting
 //! defences (code expiry, wrong-attempt lockouts) are in the database. Full buckets are pruned
@@ -14,6 +14,7 @@ const PRUNE_AT: usize = 100_000;
 #[derive(Debug)]
 pub struct RateLimiter {
     burst: f64,
+    /// Seconds per token.
     refill_secs: f64,
     buckets: Mutex<HashMap<String, Bucket>>,
 }
@@ -34,9 +35,24 @@ impl RateLimiter {
         }
     }
 
+    /// A limiter allowing `burst` at once and `per_second` more each second.
+    pub fn per_second(burst: u32, per_second: u32) -> Self {
+        RateLimiter {
+            burst: f64::from(burst.max(1)),
+            refill_secs: 1.0 / f64::from(per_second.max(1)),
+            buckets: Mutex::default(),
+        }
+    }
+
     /// Takes one token for `key` at `now` (unix seconds), or says how many whole seconds until
     /// one is available.
     pub fn check(&self, key: &str, now: u64) -> Result<(), u64> {
+        self.check_n(key, 1, now)
+    }
+
+    /// Takes `n` tokens at once (all or none).
+    pub fn check_n(&self, key: &str, n: u32, now: u64) -> Result<(), u64> {
+        let n = f64::from(n);
         let now = now as f64;
         let mut buckets = self.buckets.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if buckets.len() >= PRUNE_AT {
@@ -46,11 +62,11 @@ impl RateLimiter {
         let bucket = buckets.entry(key.to_string()).or_insert(Bucket { tokens: self.burst, updated: now });
         bucket.tokens = (bucket.tokens + (now - bucket.updated).max(0.0) / self.refill_secs).min(self.burst);
         bucket.updated = now;
-        if bucket.tokens >= 1.0 {
-            bucket.tokens -= 1.0;
+        if bucket.tokens >= n {
+            bucket.tokens -= n;
             Ok(())
         } else {
-            Err(((1.0 - bucket.tokens) * self.refill_secs).ceil().max(1.0) as u64)
+            Err(((n - bucket.tokens) * self.refill_secs).ceil().max(1.0) as u64)
         }
     }
 }
@@ -70,6 +86,15 @@ mod tests {
         assert!(limiter.check("b", 104).is_ok(), "keys are independent");
         assert!(limiter.check("a", 110).is_ok());
         assert!(limiter.check("a", 110).is_err());
+    }
+
+    #[test]
+    fn per_second_rates_take_batches_whole() {
+        let limiter = RateLimiter::per_second(100, 50);
+        assert!(limiter.check_n("a", 100, 0).is_ok());
+        assert_eq!(limiter.check_n("a", 50, 0), Err(1));
+        assert!(limiter.check_n("a", 50, 1).is_ok());
+        assert!(limiter.check_n("a", 1000, 100).is_err(), "more than the burst never fits");
     }
 
     #[test]

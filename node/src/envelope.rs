@@ -1,0 +1,84 @@
+//! Envelopes: what relays store and forward. Routing fields in the clear, content sealed end to
+//! end for one recipient device (see `e2e`).
+//!
+//! There is no per-envelope signature: the entry relay knows the sender from the authenticated
+//! connection and its certificate, and the recipient learns the sender's Noise key from the
+//! sealed message itself (Noise X transmits and authenticates it) and checks it against the
+//! sender's directory card. A relay that rewrote routing fields would make the recipient reject
+//! the envelope, not believe it.
+
+use std::fmt;
+use std::str::FromStr;
+
+use libp2p::PeerId;
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{InvalidValue, UserId, hex, parse_hex};
+
+/// A random id chosen by the sender; relays and recipients deduplicate by it.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct EnvelopeId(#[serde(with = "crate::ids::hex_or_bytes")] pub [u8; 16]);
+
+impl EnvelopeId {
+    /// A fresh random id.
+    pub fn random() -> Self {
+        EnvelopeId(rand::random())
+    }
+    /// First 8 hex digits, for logs.
+    pub fn fmt_short(&self) -> String {
+        hex(&self.0[..4])
+    }
+}
+
+impl fmt::Display for EnvelopeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&hex(&self.0))
+    }
+}
+
+impl fmt::Debug for EnvelopeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "EnvelopeId({})", self.fmt_short())
+    }
+}
+
+impl FromStr for EnvelopeId {
+    type Err = InvalidValue;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        parse_hex::<16>(s).map(EnvelopeId)
+    }
+}
+
+/// Which conversation an envelope belongs to. Only one-to-one chats exist today; groups and
+/// channels will be appended as variants (the enum only grows).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum ChatId {
+    /// A one-to-one chat with this user (from the reader's side: the other person).
+    User(UserId),
+}
+
+/// One sealed message for one device's mailbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Envelope {
+    pub id: EnvelopeId,
+    /// The sending account and device (checked by the entry relay against the connection).
+    pub from_user: UserId,
+    pub from_device: PeerId,
+    /// The receiving account and device; the device's key names the mailbox.
+    pub to_user: UserId,
+    pub to_device: PeerId,
+    /// Sender's clock, unix milliseconds.
+    pub sent_at_ms: u64,
+    /// Per (sender device, recipient device) counter: recipients order by it.
+    pub seq: u64,
+    /// Noise X message (see `e2e`).
+    #[serde(with = "crate::ids::hex_or_bytes")]
+    pub sealed: Vec<u8>,
+}
+
+impl Envelope {
+    /// Encoded size on the wire and on disk.
+    pub fn encoded_len(&self) -> usize {
+        postcard::experimental::serialized_size(self).unwrap_or(usize::MAX)
+    }
+}

@@ -1,0 +1,166 @@
+//! The client's own redb: message history per chat, envelope ids already seen (exactly-once
+//! display even when a relay redelivers), per-device send counters, and cached user cards.
+
+use std::path::Path;
+
+use libp2p::PeerId;
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+use crate::envelope::EnvelopeId;
+use crate::ids::UserId;
+use crate::protocol::UserCard;
+
+/// File in a profile dir.
+pub const HISTORY_FILE: &str = "history.redb";
+
+/// (chat user id, local order) → message. Local order is the order messages reached this
+/// device, which keeps each sender's messages in the order they were sent.
+const MESSAGES: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("messages");
+const SEEN: TableDefinition<&[u8; 16], ()> = TableDefinition::new("seen_envelopes");
+const SEND_SEQ: TableDefinition<&[u8], u64> = TableDefinition::new("send_seq");
+const CARDS: TableDefinition<u64, &[u8]> = TableDefinition::new("cards");
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const NEXT_ORDER: &str = "next_order";
+
+/// A message id shared by every device's copy of one message.
+pub type MessageId = EnvelopeId;
+
+/// A message as this device keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredMessage {
+    pub id: MessageId,
+    /// The other person in the chat.
+    pub chat: UserId,
+    pub from: UserId,
+    pub outgoing: bool,
+    pub text: String,
+    pub reply_to: Option<MessageId>,
+    pub sent_at_ms: u64,
+}
+
+/// History failures.
+#[derive(Debug, thiserror::Error)]
+pub enum HistoryError {
+    #[error("history database: {0}")]
+    Db(String),
+}
+
+impl<E: Into<redb::Error>> From<E> for HistoryError {
+    fn from(e: E) -> Self {
+        let e: redb::Error = e.into();
+        match e {
+            redb::Error::DatabaseAlreadyOpen => HistoryError::Db(
+                "the history is open in another meshgram process for this profile (e.g. messages --follow)".into(),
+            ),
+            other => HistoryError::Db(other.to_string()),
+        }
+    }
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    postcard::to_stdvec(value).expect("invariant: history records always serialize")
+}
+
+/// The open history of one profile.
+#[derive(Debug)]
+pub struct History {
+    db: Database,
+}
+
+impl History {
+    /// Opens (or creates) the profile's history.
+    pub fn open(profile: &Path) -> Result<Self, HistoryError> {
+        let db = Database::create(profile.join(HISTORY_FILE))?;
+        let tx = db.begin_write()?;
+        tx.open_table(MESSAGES)?;
+        tx.open_table(SEEN)?;
+        tx.open_table(SEND_SEQ)?;
+        tx.open_table(CARDS)?;
+        tx.open_table(META)?;
+        tx.commit()?;
+        Ok(History { db })
+    }
+
+    /// Reserves `n` consecutive send counters for a recipient device; returns the first.
+    pub fn reserve_seq(&self, device: &PeerId, n: u64) -> Result<u64, HistoryError> {
+        let tx = self.db.begin_write()?;
+        let first = {
+            let mut table = tx.open_table(SEND_SEQ)?;
+            let key = device.to_bytes();
+            let first = table.get(key.as_slice())?.map(|v| v.value()).unwrap_or(0);
+            table.insert(key.as_slice(), first + n)?;
+            first
+        };
+        tx.commit()?;
+        Ok(first)
+    }
+
+    /// Records messages; those whose envelope was seen before are skipped. Returns the new ones.
+    pub fn record(
+        &self,
+        messages: Vec<(Option<EnvelopeId>, StoredMessage)>,
+    ) -> Result<Vec<StoredMessage>, HistoryError> {
+        let tx = self.db.begin_write()?;
+        let mut fresh = Vec::new();
+        {
+            let mut table = tx.open_table(MESSAGES)?;
+            let mut seen = tx.open_table(SEEN)?;
+            let mut meta = tx.open_table(META)?;
+            let mut order = meta.get(NEXT_ORDER)?.map(|v| v.value()).unwrap_or(0);
+            for (envelope, message) in messages {
+                if let Some(id) = envelope {
+                    if seen.get(&id.0)?.is_some() {
+                        continue;
+                    }
+                    seen.insert(&id.0, ())?;
+                }
+                table.insert((message.chat.0, order), encode(&message).as_slice())?;
+                order += 1;
+                fresh.push(message);
+            }
+            meta.insert(NEXT_ORDER, order)?;
+        }
+        tx.commit()?;
+        Ok(fresh)
+    }
+
+    /// Whether an envelope was already processed.
+    pub fn seen(&self, id: &EnvelopeId) -> Result<bool, HistoryError> {
+        let tx = self.db.begin_read()?;
+        Ok(tx.open_table(SEEN)?.get(&id.0)?.is_some())
+    }
+
+    /// A chat's messages in order, or every chat's (grouped by chat) when `chat` is `None`.
+    pub fn messages(&self, chat: Option<UserId>) -> Result<Vec<StoredMessage>, HistoryError> {
+        let tx = self.db.begin_read()?;
+        let table = tx.open_table(MESSAGES)?;
+        let range = match chat {
+            Some(c) => table.range((c.0, 0)..=(c.0, u64::MAX))?,
+            None => table.range::<(u64, u64)>(..)?,
+        };
+        let mut out = Vec::new();
+        for entry in range {
+            let (_, value) = entry?;
+            match postcard::from_bytes(value.value()) {
+                Ok(message) => out.push(message),
+                Err(e) => tracing::warn!(error = %e, "skipping a corrupt history record"),
+            }
+        }
+        Ok(out)
+    }
+
+    /// A cached card.
+    pub fn card(&self, user: UserId) -> Result<Option<UserCard>, HistoryError> {
+        let tx = self.db.begin_read()?;
+        Ok(tx.open_table(CARDS)?.get(user.0)?.and_then(|v| postcard::from_bytes(v.value()).ok()))
+    }
+
+    /// Caches a card.
+    pub fn put_card(&self, card: &UserCard) -> Result<(), HistoryError> {
+        let tx = self.db.begin_write()?;
+        tx.open_table(CARDS)?.insert(card.user_id.0, encode(card).as_slice())?;
+        tx.commit()?;
+        Ok(())
+    }
+}

@@ -1,0 +1,172 @@
+//! Meshgram relay: keeps end-to-end encrypted envelopes for devices that are offline, replicated
+//! on the relays Kademlia-closest to each mailbox, and hands them over when the device asks.
+//!
+//! # Layout, in the order a message flows through it
+//!
+//! - [`net`]: the event loop that owns the libp2p `Swarm`. Checks each client's session
+//!   certificate once per connection (`Hello`), checks `Send`s (sender = connection, sizes, rate),
+//!   parks long-poll `Fetch`es, and forwards replica requests for tasks.
+//! - [`replicate`]: stores a `Send` on the `R` closest relays (in parallel, replacing failed ones)
+//!   before the sender hears "stored".
+//! - [`placement`]: which `R` relays are responsible for a mailbox (the Kademlia-closest to its
+//!   key); pure functions every relay and client computes alike.
+//! - [`store`]: redb mailboxes behind a group-commit actor; dedup by envelope id, TTL, quotas.
+//! - [`behaviour`], [`metrics`]: the libp2p behaviour and Prometheus counters.
+//!
+//! [`Relay::start`] wires them together; `main.rs` parses flags and prints the ready line.
+
+mod behaviour;
+pub mod metrics;
+mod net;
+pub mod placement;
+mod replicate;
+pub mod store;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use libp2p::identity::ed25519;
+use libp2p::multiaddr::Protocol;
+use libp2p::{Multiaddr, PeerId};
+use meshgram_node::defaults::SERVER_IDLE_TIMEOUT;
+use meshgram_node::identity::{KeyFileError, load_or_create_ed25519};
+use meshgram_node::transport::{TransportError, build_swarm, listen_on_all};
+use serde::Serialize;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+pub use crate::net::RelaySettings;
+use crate::store::{StoreError, StoreHandle, StoreLimits};
+
+/// The relay's node key inside its data dir.
+pub const RELAY_KEY_FILE: &str = "relay.key";
+/// The mailbox database inside its data dir.
+pub const DATABASE_FILE: &str = "relay.redb";
+
+/// Everything a relay needs to start.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    pub data_dir: PathBuf,
+    pub listen: Vec<Multiaddr>,
+    /// Other relays to join through, each ending in `/p2p/<peer id>`.
+    pub bootstrap: Vec<Multiaddr>,
+    pub http: Option<SocketAddr>,
+    pub settings: RelaySettings,
+    pub store: StoreLimits,
+}
+
+impl RelayConfig {
+    /// Defaults for everything but the data dir and gateway key.
+    pub fn new(data_dir: PathBuf, gateway_key: ed25519::PublicKey) -> Self {
+        RelayConfig {
+            data_dir,
+            listen: meshgram_node::transport::default_listen_addrs(),
+            bootstrap: Vec::new(),
+            http: None,
+            settings: RelaySettings { gateway_key, replication: 2, send_rate: 5_000, send_burst: 50_000 },
+            store: StoreLimits { ttl: Duration::from_secs(30 * 24 * 3600), max_per_mailbox: 100_000 },
+        }
+    }
+}
+
+/// Why a relay could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("data dir {path}: {source}")]
+    DataDir { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Key(#[from] KeyFileError),
+    #[error("mailbox database: {0}")]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    #[error("bootstrap address {0} does not end in /p2p/<peer id>")]
+    Bootstrap(Multiaddr),
+    #[error("could not serve HTTP on {addr}: {source}")]
+    Http { addr: SocketAddr, source: std::io::Error },
+}
+
+/// What the ready line reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct Ready {
+    pub peer_id: PeerId,
+    /// Listen addresses, each ending in `/p2p/<peer_id>`.
+    pub listen: Vec<Multiaddr>,
+    pub http: Option<String>,
+}
+
+/// A running relay. Dropping it stops every task.
+#[derive(Debug)]
+pub struct Relay {
+    pub ready: Ready,
+    tasks: JoinSet<()>,
+    shutdown: CancellationToken,
+}
+
+impl Relay {
+    /// Opens the data dir, binds, joins the mesh through the bootstrap relays, and serves.
+    pub async fn start(config: RelayConfig) -> Result<Self, StartError> {
+        let data = &config.data_dir;
+        std::fs::create_dir_all(data).map_err(|source| StartError::DataDir { path: data.clone(), source })?;
+        let keypair = load_or_create_ed25519(&data.join(RELAY_KEY_FILE))?;
+        let store = StoreHandle::open(&data.join(DATABASE_FILE), config.store)?;
+        let mut bootstrap = Vec::new();
+        for addr in &config.bootstrap {
+            match addr.iter().last() {
+                Some(Protocol::P2p(peer)) => bootstrap.push((peer, addr.clone())),
+                _ => return Err(StartError::Bootstrap(addr.clone())),
+            }
+        }
+        let mut swarm = build_swarm(keypair, SERVER_IDLE_TIMEOUT, behaviour::RelayBehaviour::new)?;
+        let peer_id = *swarm.local_peer_id();
+        let listen = listen_on_all(&mut swarm, &config.listen).await?;
+        let metrics = Arc::new(metrics::Metrics::new());
+        let mut event_loop =
+            net::EventLoop::new(swarm, store, config.settings.clone(), Arc::clone(&metrics), listen.clone());
+        event_loop.bootstrap(&bootstrap);
+
+        let shutdown = CancellationToken::new();
+        let mut tasks = JoinSet::new();
+        tasks.spawn(event_loop.run(shutdown.clone()));
+        let http = match config.http {
+            Some(addr) => Some(serve_http(addr, metrics, shutdown.clone(), &mut tasks).await?),
+            None => None,
+        };
+        let ready =
+            Ready { peer_id, listen: listen.into_iter().map(|a| a.with(Protocol::P2p(peer_id))).collect(), http };
+        Ok(Relay { ready, tasks, shutdown })
+    }
+
+    /// Stops and waits for the tasks.
+    pub async fn shutdown(mut self) {
+        self.shutdown.cancel();
+        while self.tasks.join_next().await.is_some() {}
+    }
+
+    /// Waits until a task ends on its own (only on a fatal error).
+    pub async fn wait(&mut self) {
+        self.tasks.join_next().await;
+    }
+}
+
+async fn serve_http(
+    addr: SocketAddr,
+    metrics: Arc<metrics::Metrics>,
+    shutdown: CancellationToken,
+    tasks: &mut JoinSet<()>,
+) -> Result<String, StartError> {
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|source| StartError::Http { addr, source })?;
+    let bound = listener.local_addr().map_err(|source| StartError::Http { addr, source })?;
+    let app = axum::Router::new()
+        .route("/healthz", axum::routing::get(|| async { "ok" }))
+        .route("/metrics", axum::routing::get(move || async move { metrics.encode() }));
+    tasks.spawn(async move {
+        let serve = axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.cancelled().await });
+        if let Err(e) = serve.await {
+            tracing::error!(error = %e, "HTTP server failed");
+        }
+    });
+    Ok(format!("http://{bound}"))
+}

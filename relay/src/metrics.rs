@@ -1,0 +1,65 @@
+//! Prometheus metrics served at `/metrics`.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CodeLabel {
+    code: String,
+}
+
+/// The relay's counters and their registry.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<KindLabel, Counter>,
+    errors: Family<CodeLabel, Counter>,
+    /// Envelopes accepted from clients for replication.
+    pub envelopes_received: Counter,
+    /// Connections opened (clients and relays).
+    pub connections: Counter,
+}
+
+impl Metrics {
+    /// Registers every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("meshgram_relay");
+        let requests = Family::<KindLabel, Counter>::default();
+        registry.register("requests", "Mailbox requests by kind", requests.clone());
+        let errors = Family::<CodeLabel, Counter>::default();
+        registry.register("errors", "Mailbox requests refused, by error code", errors.clone());
+        let envelopes_received = Counter::default();
+        registry.register("envelopes_received", "Envelopes accepted from clients", envelopes_received.clone());
+        let connections = Counter::default();
+        registry.register("connections", "Connections opened", connections.clone());
+        Metrics { registry, requests, errors, envelopes_received, connections }
+    }
+
+    pub(crate) fn count_request(&self, kind: &str) {
+        self.requests.get_or_create(&KindLabel { kind: kind.into() }).inc();
+    }
+
+    pub(crate) fn count_error(&self, code: &str) {
+        self.errors.get_or_create(&CodeLabel { code: code.into() }).inc();
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,553 @@
+//! The relay's event loop: owns the `Swarm`, keeps per-connection sessions (verified
+//! certificates), hands storage and replication to tasks, and parks long-poll fetches until
+//! something arrives for them.
+//!
+//! Request flow: `Hello` is checked here (one signature check per connection, not per
+//! envelope). `Send` is checked here (sender = connection, sizes, rate) and then replicated by a
+//! task ([`crate::replicate`]) that talks back to this loop through [`Command`]s for the
+//! requests it sends to other relays. Answers come back through the `tasks` join set.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use libp2p::identity::ed25519;
+use libp2p::kad;
+use libp2p::request_response::{self, OutboundRequestId, ResponseChannel};
+use libp2p::swarm::SwarmEvent;
+use libp2p::{Multiaddr, PeerId, Swarm};
+use meshgram_node::cert::{CERT_CLOCK_SKEW_SECS, CertBody, unix_now};
+use meshgram_node::codec::FrameError;
+use meshgram_node::envelope::Envelope;
+use meshgram_node::protocol::{
+    ErrorCode, MAX_ENVELOPE_SIZE, MAX_ENVELOPES_PER_BATCH, MAX_FETCH_WAIT_MS, MailboxRequest, MailboxResponse,
+    REPLICA_PROTOCOL, RelayInfo, ReplicaRequest, ReplicaResponse, WireError,
+};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::behaviour::{RelayBehaviour, RelayBehaviourEvent};
+use crate::metrics::Metrics;
+use crate::placement::{closest_relays, mailbox_key};
+use crate::replicate::{Replicas, store_replicated};
+use crate::store::StoreHandle;
+use meshgram_node::limits::RateLimiter;
+
+/// How often parked fetches are checked for their deadline.
+const PARK_TICK: Duration = Duration::from_millis(250);
+/// How often expired envelopes are dropped.
+const EXPIRE_EVERY: Duration = Duration::from_secs(600);
+/// A relay whose replica request failed is skipped in placement for this long.
+const DOWN_FOR: Duration = Duration::from_secs(30);
+/// Commands queued from tasks to the loop.
+const COMMAND_QUEUE: usize = 1024;
+
+/// What a relay is configured with.
+#[derive(Debug, Clone)]
+pub struct RelaySettings {
+    pub gateway_key: ed25519::PublicKey,
+    pub replication: usize,
+    /// Envelopes per second a user may send, in a burst of `send_burst`.
+    pub send_rate: u32,
+    pub send_burst: u32,
+}
+
+/// Requests from tasks to the loop.
+pub(crate) enum Command {
+    /// Send a replica request to another relay.
+    Replicate { peer: PeerId, request: ReplicaRequest, reply: oneshot::Sender<Result<ReplicaResponse, String>> },
+}
+
+/// What a finished task hands back to the loop.
+enum Done {
+    /// Answer a client; first wake the fetches parked on `arrived` (envelopes committed here).
+    Mailbox { channel: ResponseChannel<MailboxResponse>, response: MailboxResponse, arrived: Vec<PeerId> },
+    /// Answer a relay, likewise.
+    Replica { channel: ResponseChannel<ReplicaResponse>, response: ReplicaResponse, arrived: Vec<PeerId> },
+    /// A fetch found nothing: park it until something arrives or its deadline.
+    Park { peer: PeerId, channel: ResponseChannel<MailboxResponse>, max: u32, deadline: Instant },
+    /// Background work that answers nobody.
+    Nothing,
+}
+
+impl Done {
+    fn mailbox(channel: ResponseChannel<MailboxResponse>, response: MailboxResponse) -> Self {
+        Done::Mailbox { channel, response, arrived: Vec::new() }
+    }
+    fn replica(channel: ResponseChannel<ReplicaResponse>, response: ReplicaResponse) -> Self {
+        Done::Replica { channel, response, arrived: Vec::new() }
+    }
+}
+
+struct Parked {
+    channel: ResponseChannel<MailboxResponse>,
+    max: u32,
+    deadline: Instant,
+}
+
+pub(crate) struct EventLoop {
+    swarm: Swarm<RelayBehaviour>,
+    store: StoreHandle,
+    settings: RelaySettings,
+    metrics: Arc<Metrics>,
+    listen: Vec<Multiaddr>,
+    /// Clients that said Hello, with their certificate.
+    sessions: HashMap<PeerId, CertBody>,
+    parked: HashMap<PeerId, Parked>,
+    replica_pending: HashMap<OutboundRequestId, oneshot::Sender<Result<ReplicaResponse, String>>>,
+    /// Relays that failed recently, until when.
+    down: HashMap<PeerId, Instant>,
+    send_limiter: RateLimiter,
+    commands_tx: mpsc::Sender<Command>,
+    commands_rx: mpsc::Receiver<Command>,
+    tasks: JoinSet<Done>,
+}
+
+impl EventLoop {
+    pub(crate) fn new(
+        swarm: Swarm<RelayBehaviour>,
+        store: StoreHandle,
+        settings: RelaySettings,
+        metrics: Arc<Metrics>,
+        listen: Vec<Multiaddr>,
+    ) -> Self {
+        let (commands_tx, commands_rx) = mpsc::channel(COMMAND_QUEUE);
+        let send_limiter = RateLimiter::per_second(settings.send_burst, settings.send_rate);
+        EventLoop {
+            swarm,
+            store,
+            settings,
+            metrics,
+            listen,
+            sessions: HashMap::new(),
+            parked: HashMap::new(),
+            replica_pending: HashMap::new(),
+            down: HashMap::new(),
+            send_limiter,
+            commands_tx,
+            commands_rx,
+            tasks: JoinSet::new(),
+        }
+    }
+
+    pub(crate) async fn run(mut self, shutdown: CancellationToken) {
+        let mut park_tick = tokio::time::interval(PARK_TICK);
+        let mut expire_tick = tokio::time::interval(EXPIRE_EVERY);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                event = self.swarm.select_next_some() => self.handle_swarm_event(event),
+                Some(command) = self.commands_rx.recv() => self.handle_command(command),
+                Some(done) = self.tasks.join_next() => match done {
+                    Ok(done) => self.handle_done(done),
+                    Err(e) => tracing::error!(error = %e, "relay task failed"),
+                },
+                _ = park_tick.tick() => self.expire_parked(),
+                _ = expire_tick.tick() => {
+                    let store = self.store.clone();
+                    self.tasks.spawn(async move {
+                        match store.expire(unix_now()).await {
+                            Ok(n) if n > 0 => tracing::info!(dropped = n, "expired undelivered envelopes"),
+                            Ok(_) => {}
+                            Err(e) => tracing::error!(error = %e, "expiring envelopes failed"),
+                        }
+                        Done::Nothing
+                    });
+                }
+            }
+        }
+        self.tasks.shutdown().await;
+    }
+
+    // ---- relays and placement ----
+
+    /// Every relay we know (ourselves included) with addresses, skipping those down recently.
+    fn live_relays(&mut self) -> Vec<RelayInfo> {
+        let now = Instant::now();
+        self.down.retain(|_, until| *until > now);
+        let mut relays = vec![RelayInfo { peer_id: *self.swarm.local_peer_id(), addrs: self.listen.clone() }];
+        for bucket in self.swarm.behaviour_mut().kad.kbuckets() {
+            for entry in bucket.iter() {
+                let peer_id = *entry.node.key.preimage();
+                if !self.down.contains_key(&peer_id) {
+                    relays.push(RelayInfo { peer_id, addrs: entry.node.value.iter().cloned().collect() });
+                }
+            }
+        }
+        relays
+    }
+
+    /// Every live relay, closest to `device`'s mailbox first.
+    fn mailbox_relays(&mut self, device: &PeerId) -> Vec<RelayInfo> {
+        let relays = self.live_relays();
+        let order = closest_relays(&mailbox_key(device), relays.iter().map(|r| r.peer_id), relays.len());
+        let mut by_id: HashMap<PeerId, RelayInfo> = relays.into_iter().map(|r| (r.peer_id, r)).collect();
+        order.into_iter().filter_map(|id| by_id.remove(&id)).collect()
+    }
+
+    // ---- swarm events ----
+
+    fn handle_swarm_event(&mut self, event: SwarmEvent<RelayBehaviourEvent>) {
+        match event {
+            SwarmEvent::Behaviour(RelayBehaviourEvent::Mailbox(request_response::Event::Message {
+                peer,
+                message: request_response::Message::Request { request, channel, .. },
+                ..
+            })) => self.handle_mailbox_request(peer, request, channel),
+            SwarmEvent::Behaviour(RelayBehaviourEvent::Replica(event)) => self.handle_replica_event(event),
+            SwarmEvent::Behaviour(RelayBehaviourEvent::Identify(libp2p::identify::Event::Received {
+                peer_id,
+                info,
+                ..
+            // Relays speak the replica protocol; clients do not. Only relays join the table.
+            })) if info.protocols.iter().any(|p| p.as_ref() == REPLICA_PROTOCOL) => {
+                for addr in info.listen_addrs {
+                    self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                }
+                self.down.remove(&peer_id);
+            }
+            SwarmEvent::Behaviour(RelayBehaviourEvent::Kad(kad::Event::RoutingUpdated {
+                peer,
+                is_new_peer: true,
+                ..
+            })) => {
+                tracing::info!(%peer, "relay joined the routing table");
+            }
+            SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
+                self.sessions.remove(&peer_id);
+                self.parked.remove(&peer_id);
+            }
+            SwarmEvent::ConnectionEstablished { .. } => {
+                self.metrics.connections.inc();
+            }
+            _ => {}
+        }
+    }
+
+    fn respond(&mut self, channel: ResponseChannel<MailboxResponse>, response: MailboxResponse) {
+        if let MailboxResponse::Error(e) = &response {
+            self.metrics.count_error(&e.code.to_string());
+        }
+        // Fails only when the client has gone; nothing to do then.
+        let _ = self.swarm.behaviour_mut().mailbox.send_response(channel, response);
+    }
+
+    fn handle_mailbox_request(
+        &mut self,
+        peer: PeerId,
+        request: Result<MailboxRequest, FrameError>,
+        channel: ResponseChannel<MailboxResponse>,
+    ) {
+        let request = match request {
+            Ok(request) => request,
+            Err(e) => return self.respond(channel, refuse(ErrorCode::BadRequest, e.to_string())),
+        };
+        self.metrics.count_request(request.kind());
+        let now = unix_now();
+        if let MailboxRequest::Hello { cert } = request {
+            let response = match cert.verify_for(&self.settings.gateway_key, &peer, now) {
+                Ok(body) => {
+                    self.sessions.insert(peer, body.clone());
+                    let mut mailbox_relays = self.mailbox_relays(&peer);
+                    mailbox_relays.truncate(self.settings.replication);
+                    MailboxResponse::Welcome {
+                        relay: *self.swarm.local_peer_id(),
+                        mailbox_relays,
+                        relays: self.live_relays(),
+                    }
+                }
+                Err(e) => refuse(ErrorCode::CertInvalid, e.to_string()),
+            };
+            return self.respond(channel, response);
+        }
+        let cert = match self.sessions.get(&peer) {
+            None => {
+                return self
+                    .respond(channel, refuse(ErrorCode::CertInvalid, "say Hello with your session certificate first"));
+            }
+            Some(cert) if now > cert.not_after + CERT_CLOCK_SKEW_SECS => {
+                self.sessions.remove(&peer);
+                return self.respond(
+                    channel,
+                    refuse(ErrorCode::CertInvalid, "your certificate expired; renew it and say Hello again"),
+                );
+            }
+            Some(cert) => cert.clone(),
+        };
+        match request {
+            MailboxRequest::Hello { .. } => unreachable!("handled above"),
+            MailboxRequest::Send { envelopes } => self.handle_send(peer, &cert, envelopes, channel, now),
+            MailboxRequest::Fetch { max, wait_ms } => {
+                let store = self.store.clone();
+                let max = max.clamp(1, MAX_ENVELOPES_PER_BATCH as u32);
+                let deadline = Instant::now() + Duration::from_millis(u64::from(wait_ms.min(MAX_FETCH_WAIT_MS)));
+                self.tasks.spawn(async move {
+                    match store.fetch(peer, max as usize).await {
+                        Ok((envelopes, more)) if !envelopes.is_empty() || wait_ms == 0 => {
+                            Done::mailbox(channel, MailboxResponse::Envelopes { envelopes, more })
+                        }
+                        Ok(_) => Done::Park { peer, channel, max, deadline },
+                        Err(e) => Done::mailbox(channel, internal(e)),
+                    }
+                });
+            }
+            MailboxRequest::Ack { ids } => {
+                if ids.len() > MAX_ENVELOPES_PER_BATCH {
+                    return self.respond(
+                        channel,
+                        refuse(ErrorCode::BadRequest, format!("at most {MAX_ENVELOPES_PER_BATCH} ids per Ack")),
+                    );
+                }
+                let others: Vec<PeerId> = self
+                    .mailbox_relays(&peer)
+                    .into_iter()
+                    .map(|r| r.peer_id)
+                    .filter(|id| id != self.swarm.local_peer_id())
+                    .take(self.settings.replication)
+                    .collect();
+                let (store, commands) = (self.store.clone(), self.commands_tx.clone());
+                self.tasks.spawn(async move {
+                    let response = match store.delete(peer, ids.clone()).await {
+                        Ok(count) => MailboxResponse::Acked { count },
+                        Err(e) => internal(e),
+                    };
+                    // Best effort: a replica that misses this delete still holds a copy the
+                    // recipient will see again and drop by id.
+                    for relay in others {
+                        let (reply, _) = oneshot::channel();
+                        let request = ReplicaRequest::Delete { mailbox: peer, ids: ids.clone() };
+                        let _ = commands.send(Command::Replicate { peer: relay, request, reply }).await;
+                    }
+                    Done::mailbox(channel, response)
+                });
+            }
+        }
+    }
+
+    /// Checks a `Send` and starts its replication.
+    fn handle_send(
+        &mut self,
+        peer: PeerId,
+        cert: &CertBody,
+        envelopes: Vec<Envelope>,
+        channel: ResponseChannel<MailboxResponse>,
+        now: u64,
+    ) {
+        if let Err(refusal) = check_envelopes(&peer, cert, &envelopes) {
+            return self.respond(channel, MailboxResponse::Error(refusal));
+        }
+        if let Err(wait) = self.send_limiter.check_n(&cert.user_id.to_string(), envelopes.len() as u32, now) {
+            return self.respond(channel, MailboxResponse::Error(WireError::flood_wait(wait, "messages")));
+        }
+        let mut groups: HashMap<PeerId, Vec<Envelope>> = HashMap::new();
+        for envelope in envelopes {
+            groups.entry(envelope.to_device).or_default().push(envelope);
+        }
+        let groups: Vec<(Vec<Envelope>, Vec<PeerId>)> = groups
+            .into_iter()
+            .map(|(device, batch)| (batch, self.mailbox_relays(&device).into_iter().map(|r| r.peer_id).collect()))
+            .collect();
+        let replicas = Replicas {
+            local: *self.swarm.local_peer_id(),
+            store: self.store.clone(),
+            commands: self.commands_tx.clone(),
+            replication: self.settings.replication,
+        };
+        self.metrics.envelopes_received.inc_by(groups.iter().map(|(b, _)| b.len() as u64).sum());
+        self.tasks.spawn(async move {
+            let (response, arrived) = store_replicated(&replicas, groups, now).await;
+            Done::Mailbox { channel, response, arrived }
+        });
+    }
+
+    fn handle_replica_event(
+        &mut self,
+        event: request_response::Event<Result<ReplicaRequest, FrameError>, ReplicaResponse>,
+    ) {
+        match event {
+            request_response::Event::Message {
+                message: request_response::Message::Request { request, channel, .. },
+                ..
+            } => {
+                let request = match request {
+                    Ok(r) => r,
+                    Err(e) => {
+                        let _ = self.swarm.behaviour_mut().replica.send_response(
+                            channel,
+                            ReplicaResponse::Error(WireError::new(ErrorCode::BadRequest, e.to_string())),
+                        );
+                        return;
+                    }
+                };
+                let store = self.store.clone();
+                self.tasks.spawn(async move {
+                    match request {
+                        ReplicaRequest::Store { envelopes } => {
+                            if let Some(bad) = envelopes.iter().find(|e| e.encoded_len() > MAX_ENVELOPE_SIZE) {
+                                let refusal =
+                                    WireError::new(ErrorCode::BadRequest, format!("envelope {} is too large", bad.id));
+                                return Done::replica(channel, ReplicaResponse::Error(refusal));
+                            }
+                            let mailboxes: HashSet<PeerId> = envelopes.iter().map(|e| e.to_device).collect();
+                            match store.put(envelopes, unix_now()).await {
+                                Ok(outcome) if !outcome.over_quota.is_empty() => Done::replica(
+                                    channel,
+                                    ReplicaResponse::Error(WireError::new(
+                                        ErrorCode::QuotaExceeded,
+                                        "the recipient's mailbox is full",
+                                    )),
+                                ),
+                                Ok(outcome) => Done::Replica {
+                                    channel,
+                                    response: ReplicaResponse::Stored { duplicates: outcome.duplicates },
+                                    arrived: mailboxes.into_iter().collect(),
+                                },
+                                Err(e) => Done::replica(
+                                    channel,
+                                    ReplicaResponse::Error(WireError::new(ErrorCode::Internal, e.to_string())),
+                                ),
+                            }
+                        }
+                        ReplicaRequest::Delete { mailbox, ids } => match store.delete(mailbox, ids).await {
+                            Ok(count) => Done::replica(channel, ReplicaResponse::Deleted { count }),
+                            Err(e) => Done::replica(
+                                channel,
+                                ReplicaResponse::Error(WireError::new(ErrorCode::Internal, e.to_string())),
+                            ),
+                        },
+                    }
+                });
+            }
+            request_response::Event::Message {
+                message: request_response::Message::Response { request_id, response },
+                ..
+            } => {
+                if let Some(reply) = self.replica_pending.remove(&request_id) {
+                    let _ = reply.send(Ok(response));
+                }
+            }
+            request_response::Event::OutboundFailure { peer, request_id, error, .. } => {
+                tracing::warn!(%peer, %error, "replica request failed; skipping that relay for a while");
+                self.down.insert(peer, Instant::now() + DOWN_FOR);
+                if let Some(reply) = self.replica_pending.remove(&request_id) {
+                    let _ = reply.send(Err(error.to_string()));
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn handle_command(&mut self, command: Command) {
+        match command {
+            Command::Replicate { peer, request, reply } => {
+                let id = self.swarm.behaviour_mut().replica.send_request(&peer, Ok(request));
+                self.replica_pending.insert(id, reply);
+            }
+        }
+    }
+
+    fn handle_done(&mut self, done: Done) {
+        match done {
+            Done::Mailbox { channel, response, arrived } => {
+                self.wake(arrived);
+                self.respond(channel, response);
+            }
+            Done::Replica { channel, response, arrived } => {
+                self.wake(arrived);
+                let _ = self.swarm.behaviour_mut().replica.send_response(channel, response);
+            }
+            Done::Park { peer, channel, max, deadline } => {
+                // A newer fetch from the same device replaces an older one, which answers empty.
+                if let Some(old) = self.parked.insert(peer, Parked { channel, max, deadline }) {
+                    self.respond(old.channel, MailboxResponse::Envelopes { envelopes: Vec::new(), more: false });
+                }
+            }
+            Done::Nothing => {}
+        }
+    }
+
+    /// Answers the fetches parked on these mailboxes with what has just arrived.
+    fn wake(&mut self, mailboxes: Vec<PeerId>) {
+        for mailbox in mailboxes {
+            if let Some(parked) = self.parked.remove(&mailbox) {
+                let store = self.store.clone();
+                self.tasks.spawn(async move {
+                    let response = match store.fetch(mailbox, parked.max as usize).await {
+                        Ok((envelopes, more)) => MailboxResponse::Envelopes { envelopes, more },
+                        Err(e) => internal(e),
+                    };
+                    Done::mailbox(parked.channel, response)
+                });
+            }
+        }
+    }
+
+    fn expire_parked(&mut self) {
+        let now = Instant::now();
+        let expired: Vec<PeerId> = self.parked.iter().filter(|(_, p)| p.deadline <= now).map(|(id, _)| *id).collect();
+        for peer in expired {
+            if let Some(parked) = self.parked.remove(&peer) {
+                self.respond(parked.channel, MailboxResponse::Envelopes { envelopes: Vec::new(), more: false });
+            }
+        }
+    }
+
+    /// Dials the bootstrap relays and starts a Kademlia bootstrap.
+    pub(crate) fn bootstrap(&mut self, peers: &[(PeerId, Multiaddr)]) {
+        for (peer, addr) in peers {
+            self.swarm.behaviour_mut().kad.add_address(peer, addr.clone());
+            if let Err(e) = self.swarm.dial(addr.clone()) {
+                tracing::warn!(%addr, error = %e, "could not dial bootstrap relay");
+            }
+        }
+        if !peers.is_empty()
+            && let Err(e) = self.swarm.behaviour_mut().kad.bootstrap()
+        {
+            tracing::warn!(error = %e, "kademlia bootstrap could not start");
+        }
+    }
+}
+
+/// Each envelope must come from the connection's device and account, fit the size limit, and
+/// the batch must fit the batch limit.
+fn check_envelopes(peer: &PeerId, cert: &CertBody, envelopes: &[Envelope]) -> Result<(), WireError> {
+    if envelopes.is_empty() || envelopes.len() > MAX_ENVELOPES_PER_BATCH {
+        return Err(WireError::new(
+            ErrorCode::BadRequest,
+            format!("send 1 to {MAX_ENVELOPES_PER_BATCH} envelopes at a time"),
+        ));
+    }
+    for e in envelopes {
+        if &e.from_device != peer || e.from_user != cert.user_id {
+            return Err(WireError::new(
+                ErrorCode::SenderMismatch,
+                format!(
+                    "envelope {} claims sender {}/{}, but this connection is {}/{}",
+                    e.id, e.from_user, e.from_device, cert.user_id, peer
+                ),
+            ));
+        }
+        let len = e.encoded_len();
+        if len > MAX_ENVELOPE_SIZE {
+            return Err(WireError::new(
+                ErrorCode::BadRequest,
+                format!("envelope {} is {len} bytes; the limit is {MAX_ENVELOPE_SIZE}", e.id),
+            ));
+        }
+        if e.sealed.is_empty() {
+            return Err(WireError::new(ErrorCode::BadRequest, format!("envelope {} has no content", e.id)));
+        }
+    }
+    Ok(())
+}
+
+fn refuse(code: ErrorCode, message: impl Into<String>) -> MailboxResponse {
+    MailboxResponse::Error(WireError::new(code, message))
+}
+
+fn internal(e: impl std::fmt::Display) -> MailboxResponse {
+    tracing::error!(error = %e, "relay store failure");
+    refuse(ErrorCode::Internal, "internal error; try again later")
+}

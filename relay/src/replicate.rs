@@ -1,0 +1,130 @@
+//! Storing a `Send` durably on the `R` relays closest to each recipient's mailbox before the
+//! sender hears "stored". The first `R` copies are written in parallel; a relay that fails is
+//! replaced by the next closest one, so one dead relay costs a retry, not the message.
+
+use std::collections::HashSet;
+
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use libp2p::PeerId;
+use meshgram_node::envelope::{Envelope, EnvelopeId};
+use meshgram_node::protocol::{ErrorCode, MailboxResponse, ReplicaRequest, ReplicaResponse, WireError};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::net::Command;
+use crate::store::StoreHandle;
+
+/// Where copies go: this relay's own store, or other relays through the event loop.
+#[derive(Debug, Clone)]
+pub(crate) struct Replicas {
+    pub(crate) local: PeerId,
+    pub(crate) store: StoreHandle,
+    pub(crate) commands: mpsc::Sender<Command>,
+    pub(crate) replication: usize,
+}
+
+/// Stores each mailbox's batch on its closest relays (`targets`, closest first). Returns the
+/// answer for the sender and the mailboxes that now have new envelopes on this relay.
+pub(crate) async fn store_replicated(
+    replicas: &Replicas,
+    groups: Vec<(Vec<Envelope>, Vec<PeerId>)>,
+    now: u64,
+) -> (MailboxResponse, Vec<PeerId>) {
+    let (mut stored, mut duplicates, mut arrived) = (Vec::new(), Vec::new(), Vec::new());
+    for (batch, targets) in groups {
+        let Some(mailbox) = batch.first().map(|e| e.to_device) else { continue };
+        match store_group(replicas, &batch, &targets, now).await {
+            Ok((dups, on_local)) => {
+                stored.extend(batch.iter().map(|e| e.id).filter(|id| !dups.contains(id)));
+                duplicates.extend(dups);
+                if on_local {
+                    arrived.push(mailbox);
+                }
+            }
+            // Earlier groups stay stored; the sender retries and gets them back as duplicates.
+            Err(refusal) => return (MailboxResponse::Error(refusal), arrived),
+        }
+    }
+    (MailboxResponse::Stored { stored, duplicates }, arrived)
+}
+
+/// Returns the ids every copy already had, and whether a copy went to the local store.
+async fn store_group(
+    replicas: &Replicas,
+    batch: &[Envelope],
+    targets: &[PeerId],
+    now: u64,
+) -> Result<(HashSet<EnvelopeId>, bool), WireError> {
+    let need = replicas.replication.min(targets.len()).max(1);
+    let mut next = 0;
+    let mut inflight = FuturesUnordered::new();
+    while inflight.len() < need && next < targets.len() {
+        inflight.push(store_on(replicas, targets[next], batch.to_vec(), now));
+        next += 1;
+    }
+    let mut copies = 0;
+    let mut on_local = false;
+    let mut duplicates: Option<HashSet<EnvelopeId>> = None;
+    let mut last_error = String::from("no relay is known");
+    while let Some((target, result)) = inflight.next().await {
+        match result {
+            Ok(dups) => {
+                copies += 1;
+                on_local |= target == replicas.local;
+                let dups: HashSet<EnvelopeId> = dups.into_iter().collect();
+                duplicates = Some(match duplicates {
+                    None => dups,
+                    Some(seen) => seen.intersection(&dups).copied().collect(),
+                });
+            }
+            Err(e) if e.code == ErrorCode::QuotaExceeded => return Err(e),
+            Err(e) => {
+                tracing::warn!(relay = %target, error = %e, "replica failed; trying the next closest relay");
+                last_error = e.message;
+                if next < targets.len() {
+                    inflight.push(store_on(replicas, targets[next], batch.to_vec(), now));
+                    next += 1;
+                }
+            }
+        }
+    }
+    if copies < need {
+        return Err(WireError::new(
+            ErrorCode::Unavailable,
+            format!("stored on {copies} of {need} relays ({last_error}); nothing is acknowledged, send again"),
+        ));
+    }
+    Ok((duplicates.unwrap_or_default(), on_local))
+}
+
+/// One copy, on this relay or another; returns the ids it already had.
+async fn store_on(
+    replicas: &Replicas,
+    target: PeerId,
+    batch: Vec<Envelope>,
+    now: u64,
+) -> (PeerId, Result<Vec<EnvelopeId>, WireError>) {
+    let result = if target == replicas.local {
+        match replicas.store.put(batch, now).await {
+            Ok(outcome) if !outcome.over_quota.is_empty() => {
+                Err(WireError::new(ErrorCode::QuotaExceeded, "the recipient's mailbox is full"))
+            }
+            Ok(outcome) => Ok(outcome.duplicates),
+            Err(e) => Err(WireError::new(ErrorCode::Internal, e.to_string())),
+        }
+    } else {
+        let (reply, answer) = oneshot::channel();
+        let request = ReplicaRequest::Store { envelopes: batch };
+        if replicas.commands.send(Command::Replicate { peer: target, request, reply }).await.is_err() {
+            return (target, Err(WireError::new(ErrorCode::Internal, "relay is shutting down")));
+        }
+        match answer.await {
+            Ok(Ok(ReplicaResponse::Stored { duplicates })) => Ok(duplicates),
+            Ok(Ok(ReplicaResponse::Error(e))) => Err(e),
+            Ok(Ok(other)) => Err(WireError::new(ErrorCode::Internal, format!("unexpected replica answer {other:?}"))),
+            Ok(Err(e)) => Err(WireError::new(ErrorCode::Unavailable, e)),
+            Err(_) => Err(WireError::new(ErrorCode::Unavailable, "replica request dropped")),
+        }
+    };
+    (target, result)
+}

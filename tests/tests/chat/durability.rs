@@ -1,0 +1,47 @@
+use std::thread;
+use std::time::Duration;
+
+use meshgram_tests::{Mesh, array, meshgram, spawn_meshgram, texts, u64_field};
+
+use super::{ALICE, BOB};
+
+const SENTINEL: &str = "sentinel-7f3a9c-plaintext";
+
+#[test]
+fn offline_recipient_gets_1000_messages_exactly_once_in_order_despite_a_killed_relay() {
+    let mut mesh = Mesh::start(3, 2);
+    let (alice, bob) = (mesh.new_profile("alice"), mesh.new_profile("bob"));
+    mesh.login(&alice, ALICE);
+    mesh.login(&bob, BOB);
+    let expected: Vec<String> = (0..1000).map(|i| format!("message {i:04} {SENTINEL}")).collect();
+
+    // Bob is offline (never fetches) while Alice sends; the relay Alice sends through is
+    // SIGKILLed part-way. Everything Alice's CLI reports as sent must reach Bob.
+    let mut send = spawn_meshgram(&alice, &["send", BOB, "--lines"]);
+    for line in &expected {
+        send.write_line(line);
+    }
+    let mut victim = mesh.relays.remove(0);
+    let killer = thread::spawn(move || {
+        thread::sleep(Duration::from_millis(400));
+        victim.kill9();
+        victim
+    });
+    let sent = send.finish().ok_json();
+    let _dead_relay = killer.join().unwrap();
+    assert_eq!(u64_field(&sent, "sent"), 1000, "every message acknowledged");
+
+    // The relays' files hold ciphertext only.
+    let disk = mesh.relay_disk_bytes();
+    assert!(disk.len() > 100_000, "the envelopes are on disk ({} bytes)", disk.len());
+    assert!(!disk.windows(SENTINEL.len()).any(|w| w == SENTINEL.as_bytes()), "plaintext found in a relay's files");
+
+    let inbox = meshgram(&bob, &["messages"]).ok_json();
+    assert_eq!(texts(&inbox), expected, "all 1000, once each, in order");
+    let messages = array(&inbox, "messages");
+    let ids: std::collections::HashSet<&str> = messages.iter().filter_map(|m| m["id"].as_str()).collect();
+    assert_eq!(ids.len(), 1000);
+
+    // Fetching again (from whichever replicas are left) adds nothing.
+    assert_eq!(texts(&meshgram(&bob, &["messages"]).ok_json()).len(), 1000);
+}

@@ -1,0 +1,17 @@
+//! Cross-process tests of cloud chats: real gateway, real relays, real `meshgram` CLI.
+//!
+//! - `basic`: two users chat through three relays; replies; sync to the sender's other device.
+//! - `durability`: an offline recipient gets 1,000 messages exactly once and in order, with a
+//!   relay killed by SIGKILL while they are being sent; relays' files hold no plaintext.
+//! - `wire`: bad input straight at a relay (forged, expired and misused certificates, sender
+//!   spoofing, oversized envelopes, replays, garbage); the relay keeps serving.
+
+// A failed unwrap here is a failed test, which is what it should be.
+#![allow(clippy::unwrap_used)]
+
+mod basic;
+mod durability;
+mod wire;
+
+const ALICE: &str = "+15550001111";
+const BOB: &str = "+15550002222";
