@@ -6,6 +6,7 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use meshgram_gateway::config::Config;
 use meshgram_gateway::{AdminFile, Gateway};
+use meshgram_node::service;
 
 #[derive(Parser, Debug)]
 #[command(name = "meshgram-gateway", version, about = "Meshgram gateway: sign-in, sessions, certificates, directory")]
@@ -31,6 +32,9 @@ struct Cli {
     /// Login code lifetime in seconds.
     #[arg(long)]
     code_ttl_secs: Option<u64>,
+    /// Exit when standard input closes (used by `meshgram up`, so that roles never outlive it).
+    #[arg(long)]
+    exit_on_stdin_close: bool,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -72,11 +76,7 @@ enum BotCommand {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    service::init_tracing("info");
     let mut config = match &cli.config {
         Some(path) => Config::load(path).map_err(anyhow::Error::msg)?,
         None => Config::default(),
@@ -91,6 +91,7 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn run(cli: Cli, mut config: Config) -> anyhow::Result<()> {
+    let exit_on_stdin_close = cli.exit_on_stdin_close;
     if !cli.listen.is_empty() {
         config.listen = cli.listen;
     }
@@ -103,16 +104,10 @@ async fn run(cli: Cli, mut config: Config) -> anyhow::Result<()> {
         config.limits.code_ttl_secs = secs;
     }
     let mut gateway = Gateway::start(config).await.context("starting the gateway")?;
-    let mut ready = serde_json::to_value(&gateway.ready)?;
-    ready["event"] = "ready".into();
-    ready["role"] = "gateway".into();
-    println!("{ready}");
+    service::print_ready("gateway", &gateway.ready)?;
     tracing::info!(peer_id = %gateway.ready.peer_id, "gateway ready");
-
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
-        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; shutting down"),
-        _ = terminate.recv() => tracing::info!("terminated; shutting down"),
+        why = service::stop_requested(exit_on_stdin_close) => tracing::info!("{}; shutting down", why?),
         () = gateway.wait() => bail!("a gateway task stopped unexpectedly"),
     }
     gateway.shutdown().await;

@@ -95,6 +95,12 @@ enum Command {
     },
     /// List chats with their last message.
     Chats,
+    /// Change the text of a message you sent.
+    Edit { message_id: String, text: String },
+    /// Delete a message you sent, for everyone.
+    Delete { message_id: String },
+    /// Tell someone you are typing.
+    Typing { to: String },
     /// Start a whole local network on loopback.
     Up {
         /// Where the network keeps its data; reusing it resumes the same network.
@@ -234,6 +240,8 @@ impl From<MessagingError> for CliError {
             MessagingError::Seal(_) => "E2E",
             MessagingError::TextTooLong => "USAGE",
             MessagingError::NoDevices(_) => "NO_DEVICES",
+            MessagingError::UnknownMessage(_) => "NOT_FOUND",
+            MessagingError::NotYours(_) => "FORBIDDEN",
         };
         CliError { code: code.into(), message: e.to_string(), retry_after: None }
     }
@@ -274,6 +282,28 @@ pub(crate) async fn run(cli: Cli) -> CliResult {
         Command::Send { to, text, lines, reply_to } => send(&profile, json, &to, text, lines, reply_to).await,
         Command::Messages { chat, follow } => messages(&profile, json, chat, follow).await,
         Command::Chats => chats(&profile, json).await,
+        Command::Edit { message_id, text } => {
+            let id = parse_message_id(&message_id)?;
+            let mut messenger = Messenger::open(&profile).await?;
+            let message = messenger.edit(id, text).await?;
+            emit(json, serde_json::to_value(&message).unwrap_or(Value::Null), || {
+                format!("Edited: {}", message_line(&message))
+            });
+            Ok(())
+        }
+        Command::Delete { message_id } => {
+            let id = parse_message_id(&message_id)?;
+            let mut messenger = Messenger::open(&profile).await?;
+            let message = messenger.delete(id).await?;
+            emit(json, serde_json::to_value(&message).unwrap_or(Value::Null), || format!("Deleted {}.", message.id));
+            Ok(())
+        }
+        Command::Typing { to } => {
+            let mut messenger = Messenger::open(&profile).await?;
+            messenger.typing(parse_query(&to)?).await?;
+            emit(json, json!({ "typing": true }), || "Sent a typing notice.".into());
+            Ok(())
+        }
         Command::Whoami => whoami(&profile, json).await,
         Command::Renew => {
             let (client, session) = Client::open_signed_in(&profile)?;
@@ -564,6 +594,10 @@ async fn bot(profile: &Path, json: bool, command: BotCommand) -> CliResult {
     Ok(())
 }
 
+fn parse_message_id(s: &str) -> Result<meshgram_node::history::MessageId, CliError> {
+    s.parse().map_err(|e: meshgram_node::ids::InvalidValue| CliError::usage(format!("message id: {}", e.0)))
+}
+
 fn parse_query(s: &str) -> Result<LookupQuery, CliError> {
     s.parse().map_err(|e: meshgram_node::ids::InvalidValue| CliError::usage(e.0))
 }
@@ -609,17 +643,24 @@ async fn send(
 fn message_line(m: &StoredMessage) -> String {
     let who = if m.outgoing { "me".to_string() } else { m.from.to_string() };
     let reply = m.reply_to.map(|r| format!(" (reply to {})", r.fmt_short())).unwrap_or_default();
-    format!("[{}] {who}{reply}: {}", m.id.fmt_short(), m.text)
+    let text = if m.deleted { "(deleted)" } else { m.text.as_str() };
+    let edited = if m.edited { " (edited)" } else { "" };
+    let status = if m.outgoing { format!(" [{:?}]", m.status).to_lowercase() } else { String::new() };
+    format!("[{}] {who}{reply}: {text}{edited}{status}", m.id.fmt_short())
 }
 
 async fn messages(profile: &Path, json: bool, chat: Option<String>, follow: bool) -> CliResult {
     let mut messenger = Messenger::open(profile).await?;
     let chat = match chat {
-        Some(c) => Some(messenger.card(parse_query(&c)?, false).await?.user_id),
+        Some(c) => Some(messenger.user_card(parse_query(&c)?).await?.user_id),
         None => None,
     };
     messenger.receive(0).await?;
-    let history = messenger.history.messages(chat).map_err(MessagingError::from)?;
+    // Opening a chat reads it, as in any messenger.
+    if let Some(chat) = chat {
+        messenger.mark_read(chat).await?;
+    }
+    let history = messenger.history()?.messages(chat).map_err(MessagingError::from)?;
     if !follow {
         emit(json, serde_json::to_value(&history).unwrap_or(Value::Null), || {
             history.iter().map(message_line).collect::<Vec<_>>().join("\n")
@@ -635,10 +676,18 @@ async fn messages(profile: &Path, json: bool, chat: Option<String>, follow: bool
     };
     history.iter().for_each(print);
     loop {
+        // Let other commands of this profile (say, `send` in another terminal) use the history
+        // while this one waits on the network.
+        messenger.release_history();
         tokio::select! {
             _ = tokio::signal::ctrl_c() => return Ok(()),
             fresh = messenger.receive(FETCH_WAIT_MS) => match fresh {
-                Ok(fresh) => fresh.iter().filter(|m| chat.is_none_or(|c| m.chat == c)).for_each(print),
+                Ok(fresh) => {
+                    fresh.messages.iter().filter(|m| chat.is_none_or(|c| m.chat == c)).for_each(print);
+                    for user in fresh.typing.iter().filter(|u| chat.is_none_or(|c| **u == c)) {
+                        if json { outln!("{}", json!({ "typing": user })) } else { outln!("… {user} is typing") }
+                    }
+                }
                 Err(e) => {
                     // Relays come and go; keep following, but say so and do not spin.
                     eprintln!("warning: {e}; retrying");
@@ -653,7 +702,7 @@ async fn chats(profile: &Path, json: bool) -> CliResult {
     let mut messenger = Messenger::open(profile).await?;
     messenger.receive(0).await?;
     let mut chats: Vec<(meshgram_node::ids::UserId, usize, StoredMessage)> = Vec::new();
-    for m in messenger.history.messages(None).map_err(MessagingError::from)? {
+    for m in messenger.history()?.messages(None).map_err(MessagingError::from)? {
         match chats.last_mut() {
             Some((chat, count, last)) if *chat == m.chat => {
                 *count += 1;

@@ -13,11 +13,15 @@ use crate::protocol::UserCard;
 
 /// File in a profile dir.
 pub const HISTORY_FILE: &str = "history.redb";
+/// How long `open` waits for another process of the same profile to let go of the history.
+const OPEN_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// (chat user id, local order) → message. Local order is the order messages reached this
 /// device, which keeps each sender's messages in the order they were sent.
 const MESSAGES: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("messages");
 const SEEN: TableDefinition<&[u8; 16], ()> = TableDefinition::new("seen_envelopes");
+/// Message id → its key in `messages`, for edits, deletes and receipts.
+const MESSAGE_INDEX: TableDefinition<&[u8; 16], (u64, u64)> = TableDefinition::new("message_index");
 const SEND_SEQ: TableDefinition<&[u8], u64> = TableDefinition::new("send_seq");
 const CARDS: TableDefinition<u64, &[u8]> = TableDefinition::new("cards");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
@@ -25,6 +29,18 @@ const NEXT_ORDER: &str = "next_order";
 
 /// A message id shared by every device's copy of one message.
 pub type MessageId = EnvelopeId;
+
+/// How far an outgoing message got; for incoming ones, whether we have read it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// Stored durably by the relays (outgoing) / received here (incoming).
+    Sent,
+    /// Reached one of the recipient's devices.
+    Delivered,
+    /// The recipient (or, for incoming, this user) has read it.
+    Read,
+}
 
 /// A message as this device keeps it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -34,9 +50,13 @@ pub struct StoredMessage {
     pub chat: UserId,
     pub from: UserId,
     pub outgoing: bool,
+    /// Empty once deleted.
     pub text: String,
     pub reply_to: Option<MessageId>,
     pub sent_at_ms: u64,
+    pub status: Status,
+    pub edited: bool,
+    pub deleted: bool,
 }
 
 /// History failures.
@@ -69,12 +89,23 @@ pub struct History {
 }
 
 impl History {
-    /// Opens (or creates) the profile's history.
+    /// Opens (or creates) the profile's history. Another process of the same profile may
+    /// hold it for a moment (e.g. `messages --follow` applying a batch): wait a little for it.
     pub fn open(profile: &Path) -> Result<Self, HistoryError> {
-        let db = Database::create(profile.join(HISTORY_FILE))?;
+        let path = profile.join(HISTORY_FILE);
+        let deadline = std::time::Instant::now() + OPEN_WAIT;
+        let db = loop {
+            match Database::create(&path) {
+                Err(redb::DatabaseError::DatabaseAlreadyOpen) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                other => break other?,
+            }
+        };
         let tx = db.begin_write()?;
         tx.open_table(MESSAGES)?;
         tx.open_table(SEEN)?;
+        tx.open_table(MESSAGE_INDEX)?;
         tx.open_table(SEND_SEQ)?;
         tx.open_table(CARDS)?;
         tx.open_table(META)?;
@@ -106,6 +137,7 @@ impl History {
         {
             let mut table = tx.open_table(MESSAGES)?;
             let mut seen = tx.open_table(SEEN)?;
+            let mut index = tx.open_table(MESSAGE_INDEX)?;
             let mut meta = tx.open_table(META)?;
             let mut order = meta.get(NEXT_ORDER)?.map(|v| v.value()).unwrap_or(0);
             for (envelope, message) in messages {
@@ -115,7 +147,11 @@ impl History {
                     }
                     seen.insert(&id.0, ())?;
                 }
+                if index.get(&message.id.0)?.is_some() {
+                    continue;
+                }
                 table.insert((message.chat.0, order), encode(&message).as_slice())?;
+                index.insert(&message.id.0, (message.chat.0, order))?;
                 order += 1;
                 fresh.push(message);
             }
@@ -123,6 +159,56 @@ impl History {
         }
         tx.commit()?;
         Ok(fresh)
+    }
+
+    /// Marks envelopes as processed without recording a message (receipts, edits, typing).
+    pub fn mark_seen(&self, ids: &[EnvelopeId]) -> Result<(), HistoryError> {
+        let tx = self.db.begin_write()?;
+        {
+            let mut seen = tx.open_table(SEEN)?;
+            for id in ids {
+                seen.insert(&id.0, ())?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// A message by id.
+    pub fn message(&self, id: &MessageId) -> Result<Option<StoredMessage>, HistoryError> {
+        let tx = self.db.begin_read()?;
+        let Some(key) = tx.open_table(MESSAGE_INDEX)?.get(&id.0)?.map(|v| v.value()) else {
+            return Ok(None);
+        };
+        Ok(tx.open_table(MESSAGES)?.get(key)?.and_then(|v| postcard::from_bytes(v.value()).ok()))
+    }
+
+    /// Applies `change` to each listed message that exists; returns the changed ones.
+    pub fn update(
+        &self,
+        ids: &[MessageId],
+        mut change: impl FnMut(&mut StoredMessage) -> bool,
+    ) -> Result<Vec<StoredMessage>, HistoryError> {
+        let tx = self.db.begin_write()?;
+        let mut changed = Vec::new();
+        {
+            let index = tx.open_table(MESSAGE_INDEX)?;
+            let mut table = tx.open_table(MESSAGES)?;
+            for id in ids {
+                let Some(key) = index.get(&id.0)?.map(|v| v.value()) else { continue };
+                let Some(mut message) =
+                    table.get(key)?.and_then(|v| postcard::from_bytes::<StoredMessage>(v.value()).ok())
+                else {
+                    continue;
+                };
+                if change(&mut message) {
+                    table.insert(key, encode(&message).as_slice())?;
+                    changed.push(message);
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(changed)
     }
 
     /// Whether an envelope was already processed.

@@ -17,6 +17,7 @@
 //! - [`messaging`]: cloud chats — seal per device, send via relays, fetch, verify, acknowledge.
 //! - [`history`]: the client's redb — messages, seen envelope ids, send counters, cached cards.
 //! - [`network_file`]: `network.json`, written by `meshgram up`.
+//! - [`service`]: what every server binary's `main` shares (logging, ready line, stop signals).
 //! - [`defaults`]: shared tunables and why they have their values.
 
 pub mod behaviour;
@@ -34,4 +35,5 @@ pub mod messaging;
 pub mod net;
 pub mod network_file;
 pub mod protocol;
+pub mod service;
 pub mod transport;

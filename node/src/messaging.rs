@@ -11,7 +11,7 @@ use crate::cert::unix_now;
 use crate::client::{Client, ClientError, SavedSession};
 use crate::e2e::{self, E2eError};
 use crate::envelope::{Envelope, EnvelopeId};
-use crate::history::{History, HistoryError, MessageId, StoredMessage};
+use crate::history::{History, HistoryError, MessageId, Status, StoredMessage};
 use crate::ids::UserId;
 use crate::protocol::{
     AuthRequest, AuthResponse, ErrorCode, LookupQuery, MAX_ENVELOPES_PER_BATCH, MailboxRequest, MailboxResponse,
@@ -31,11 +31,32 @@ pub struct Payload {
     pub body: Body,
 }
 
-/// Message kinds.
+/// What a payload says. Append-only.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Body {
+    /// A new message.
     Text { text: String, reply_to: Option<MessageId> },
+    /// The author changed the text of an earlier message.
+    Edit { message: MessageId, text: String },
+    /// The author deleted earlier messages (for everyone).
+    Delete { messages: Vec<MessageId> },
+    /// The recipient's device got, or its user read, these messages.
+    Receipt { status: Status, messages: Vec<MessageId> },
+    /// The sender is typing in this chat; never stored.
+    Typing,
 }
+
+/// What a fetch brought: new or changed messages, and who is typing.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Inbox {
+    pub messages: Vec<StoredMessage>,
+    pub typing: Vec<UserId>,
+}
+
+/// Message ids per receipt: 16 bytes each keeps a receipt far below the envelope limit.
+const MAX_IDS_PER_RECEIPT: usize = 2_000;
+/// A typing notice older than this is stale by the time it is read, and is dropped.
+const TYPING_FRESH_MS: u64 = 10_000;
 
 /// Messaging failures.
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +78,10 @@ pub enum MessagingError {
     TextTooLong,
     #[error("{0} has no signed-in devices to send to")]
     NoDevices(UserId),
+    #[error("no message {0} on this device")]
+    UnknownMessage(MessageId),
+    #[error("message {0} is not yours to change")]
+    NotYours(MessageId),
 }
 
 /// A signed-in device that sends and receives.
@@ -64,7 +89,9 @@ pub enum MessagingError {
 pub struct Messenger {
     pub client: Client,
     pub session: SavedSession,
-    pub history: History,
+    /// Open while in use; released (see [`Messenger::release_history`]) so that other
+    /// processes of the same profile can use it while this one waits on the network.
+    history: Option<History>,
     /// Relays that accepted our Hello on the current connection.
     greeted: HashSet<PeerId>,
     /// From the last Welcome: the relays holding our mailbox.
@@ -76,8 +103,27 @@ impl Messenger {
     pub async fn open(profile: &std::path::Path) -> Result<Self, MessagingError> {
         let (client, session) = Client::open_signed_in(profile)?;
         let session = client.renew_if_due(session).await?;
-        let history = History::open(profile)?;
+        let history = Some(History::open(profile)?);
         Ok(Messenger { client, session, history, greeted: HashSet::new(), mailbox_relays: Vec::new() })
+    }
+
+    /// The profile's history, opening it if it was released.
+    pub fn history(&mut self) -> Result<&History, MessagingError> {
+        if self.history.is_none() {
+            self.history = Some(History::open(self.client.profile())?);
+        }
+        Ok(self.h())
+    }
+
+    /// Lets go of the history file until the next operation needs it.
+    pub fn release_history(&mut self) {
+        self.history = None;
+    }
+
+    /// The open history. Every public operation opens it (`history()`) before work that
+    /// needs it, so internal code can rely on it.
+    fn h(&self) -> &History {
+        self.history.as_ref().expect("invariant: public operations open the history before using it")
     }
 
     fn me(&self) -> UserId {
@@ -85,15 +131,20 @@ impl Messenger {
     }
 
     /// A user's card, asking the gateway when not cached or when `refresh`.
-    pub async fn card(&self, query: LookupQuery, refresh: bool) -> Result<UserCard, MessagingError> {
+    pub async fn user_card(&mut self, query: LookupQuery) -> Result<UserCard, MessagingError> {
+        self.history()?;
+        self.card(query, false).await
+    }
+
+    async fn card(&self, query: LookupQuery, refresh: bool) -> Result<UserCard, MessagingError> {
         if let (LookupQuery::UserId(id), false) = (&query, refresh)
-            && let Some(card) = self.history.card(*id)?
+            && let Some(card) = self.h().card(*id)?
         {
             return Ok(card);
         }
         match self.client.call(AuthRequest::Lookup(query)).await? {
             AuthResponse::Card(card) => {
-                self.history.put_card(&card)?;
+                self.h().put_card(&card)?;
                 Ok(card)
             }
             _ => Err(ClientError::UnexpectedResponse("Lookup").into()),
@@ -149,74 +200,160 @@ impl Messenger {
         texts: Vec<String>,
         reply_to: Option<MessageId>,
     ) -> Result<Vec<StoredMessage>, MessagingError> {
+        self.history()?;
         if texts.iter().any(|t| t.is_empty() || t.chars().count() > MAX_TEXT_CHARS) {
             return Err(MessagingError::TextTooLong);
         }
         let card = self.card(to, true).await?;
+        let me = self.me();
+        let bodies = texts.into_iter().map(|text| Body::Text { text, reply_to }).collect();
+        let sent = self.send_payloads(&card, bodies, true).await?;
+        let records = sent
+            .into_iter()
+            .filter_map(|(payload, sent_at_ms)| match payload.body {
+                Body::Text { text, reply_to } => Some((
+                    None,
+                    StoredMessage {
+                        id: payload.message_id,
+                        chat: card.user_id,
+                        from: me,
+                        outgoing: true,
+                        text,
+                        reply_to,
+                        sent_at_ms,
+                        status: Status::Sent,
+                        edited: false,
+                        deleted: false,
+                    },
+                )),
+                _ => None,
+            })
+            .collect();
+        Ok(self.h().record(records)?)
+    }
+
+    /// Changes the text of one of our messages, here and on every device of the chat.
+    pub async fn edit(&mut self, id: MessageId, text: String) -> Result<StoredMessage, MessagingError> {
+        self.history()?;
+        if text.is_empty() || text.chars().count() > MAX_TEXT_CHARS {
+            return Err(MessagingError::TextTooLong);
+        }
+        let original = self.own_message(&id)?;
+        let card = self.card(LookupQuery::UserId(original.chat), true).await?;
+        self.send_payloads(&card, vec![Body::Edit { message: id, text: text.clone() }], true).await?;
+        let changed = self.h().update(&[id], |m| {
+            m.text.clone_from(&text);
+            m.edited = true;
+            true
+        })?;
+        Ok(changed.into_iter().next().unwrap_or(original))
+    }
+
+    /// Deletes one of our messages for everyone in the chat.
+    pub async fn delete(&mut self, id: MessageId) -> Result<StoredMessage, MessagingError> {
+        self.history()?;
+        let original = self.own_message(&id)?;
+        let card = self.card(LookupQuery::UserId(original.chat), true).await?;
+        self.send_payloads(&card, vec![Body::Delete { messages: vec![id] }], true).await?;
+        let changed = self.h().update(&[id], mark_deleted)?;
+        Ok(changed.into_iter().next().unwrap_or(original))
+    }
+
+    /// Tells `to` that we are typing.
+    pub async fn typing(&mut self, to: LookupQuery) -> Result<(), MessagingError> {
+        self.history()?;
+        let card = self.card(to, true).await?;
+        self.send_payloads(&card, vec![Body::Typing], false).await?;
+        Ok(())
+    }
+
+    /// Marks every incoming message of a chat as read, telling the sender.
+    pub async fn mark_read(&mut self, chat: UserId) -> Result<usize, MessagingError> {
+        self.history()?;
+        let unread: Vec<MessageId> = self
+            .h()
+            .messages(Some(chat))?
+            .into_iter()
+            .filter(|m| !m.outgoing && m.status < Status::Read)
+            .map(|m| m.id)
+            .collect();
+        if unread.is_empty() {
+            return Ok(0);
+        }
+        self.h().update(&unread, |m| {
+            m.status = Status::Read;
+            true
+        })?;
+        self.send_receipts(chat, Status::Read, &unread).await?;
+        Ok(unread.len())
+    }
+
+    fn own_message(&self, id: &MessageId) -> Result<StoredMessage, MessagingError> {
+        match self.h().message(id)? {
+            Some(m) if m.outgoing && !m.deleted => Ok(m),
+            Some(_) => Err(MessagingError::NotYours(*id)),
+            None => Err(MessagingError::UnknownMessage(*id)),
+        }
+    }
+
+    async fn send_receipts(&mut self, to: UserId, status: Status, ids: &[MessageId]) -> Result<(), MessagingError> {
+        let card = self.card(LookupQuery::UserId(to), true).await?;
+        let bodies = ids.chunks(MAX_IDS_PER_RECEIPT).map(|c| Body::Receipt { status, messages: c.to_vec() }).collect();
+        self.send_payloads(&card, bodies, false).await?;
+        Ok(())
+    }
+
+    /// Seals each body once per device of `card` (and per own other device when `sync`), and
+    /// sends them in order; returns each payload with its send time.
+    async fn send_payloads(
+        &mut self,
+        card: &UserCard,
+        bodies: Vec<Body>,
+        sync: bool,
+    ) -> Result<Vec<(Payload, u64)>, MessagingError> {
         if card.devices.is_empty() {
             return Err(MessagingError::NoDevices(card.user_id));
         }
         let me = self.me();
         let my_device = self.client.identity.peer_id();
-        let mine = if card.user_id == me { None } else { Some(self.card(LookupQuery::UserId(me), true).await?) };
-        let devices: Vec<_> = card
+        let mine =
+            if sync && card.user_id != me { Some(self.card(LookupQuery::UserId(me), true).await?) } else { None };
+        let targets: Vec<(UserId, crate::protocol::DeviceCard)> = card
             .devices
             .iter()
-            .chain(mine.iter().flat_map(|c| c.devices.iter()))
-            .filter(|d| d.peer_id != my_device)
-            .cloned()
+            .map(|d| (card.user_id, d.clone()))
+            .chain(mine.iter().flat_map(|c| c.devices.iter().map(|d| (me, d.clone()))))
+            .filter(|(_, d)| d.peer_id != my_device)
             .collect();
-        let owner: HashMap<PeerId, UserId> = card
-            .devices
-            .iter()
-            .map(|d| (d.peer_id, card.user_id))
-            .chain(mine.iter().flat_map(|c| c.devices.iter().map(|d| (d.peer_id, me))))
-            .collect();
-
-        let mut records = Vec::new();
-        let mut envelopes = Vec::new();
         let mut first_seq = HashMap::new();
-        for device in &devices {
-            first_seq.insert(device.peer_id, self.history.reserve_seq(&device.peer_id, texts.len() as u64)?);
+        for (_, device) in &targets {
+            first_seq.insert(device.peer_id, self.h().reserve_seq(&device.peer_id, bodies.len() as u64)?);
         }
-        for (i, text) in texts.into_iter().enumerate() {
-            let payload = Payload {
-                message_id: MessageId::random(),
-                chat_with: card.user_id,
-                body: Body::Text { text: text.clone(), reply_to },
-            };
+        let mut sent = Vec::new();
+        let mut envelopes = Vec::new();
+        for (i, body) in bodies.into_iter().enumerate() {
+            let payload = Payload { message_id: MessageId::random(), chat_with: card.user_id, body };
             let bytes = postcard::to_stdvec(&payload).expect("invariant: payloads serialize");
             let sent_at_ms = now_ms();
-            for device in &devices {
+            for (user, device) in &targets {
                 let id = EnvelopeId::random();
                 envelopes.push(Envelope {
                     id,
                     from_user: me,
                     from_device: my_device,
-                    to_user: owner[&device.peer_id],
+                    to_user: *user,
                     to_device: device.peer_id,
                     sent_at_ms,
                     seq: first_seq[&device.peer_id] + i as u64,
                     sealed: e2e::seal(&self.client.identity, &device.noise_key(), &id, &bytes)?,
                 });
             }
-            records.push((
-                None,
-                StoredMessage {
-                    id: payload.message_id,
-                    chat: card.user_id,
-                    from: me,
-                    outgoing: true,
-                    text,
-                    reply_to,
-                    sent_at_ms,
-                },
-            ));
+            sent.push((payload, sent_at_ms));
         }
         for batch in envelopes.chunks(MAX_ENVELOPES_PER_BATCH) {
             self.send_batch(batch.to_vec()).await?;
         }
-        Ok(self.history.record(records)?)
+        Ok(sent)
     }
 
     /// One batch through the first relay that stores it; a relay that fails or cannot reach
@@ -245,19 +382,20 @@ impl Messenger {
 
     /// Fetches from every relay holding our mailbox (waiting up to `wait_ms` on the first for
     /// something to arrive), records what is new, acknowledges everything fetched.
-    pub async fn receive(&mut self, wait_ms: u32) -> Result<Vec<StoredMessage>, MessagingError> {
+    pub async fn receive(&mut self, wait_ms: u32) -> Result<Inbox, MessagingError> {
         if self.mailbox_relays.is_empty() {
             self.greet_any().await?;
         }
-        let mut fresh = Vec::new();
+        let mut fresh = Inbox::default();
         let mut reached = 0;
         let mut last = String::from("no mailbox relay known");
         for (i, relay) in self.mailbox_relays.clone().into_iter().enumerate() {
             let wait = if i == 0 { wait_ms } else { 0 };
             match self.drain(&relay, wait).await {
-                Ok(messages) => {
+                Ok(inbox) => {
                     reached += 1;
-                    fresh.extend(messages);
+                    fresh.messages.extend(inbox.messages);
+                    fresh.typing.extend(inbox.typing);
                 }
                 Err(e) => {
                     tracing::warn!(relay = %relay.peer_id, error = %e, "mailbox relay unavailable");
@@ -270,7 +408,22 @@ impl Messenger {
             self.mailbox_relays.clear();
             return Err(MessagingError::NoRelay(last));
         }
+        self.acknowledge_delivery(&fresh.messages).await;
         Ok(fresh)
+    }
+
+    /// Tells each sender which of their messages reached this device. Best effort: a receipt
+    /// that cannot be sent now is not worth failing the fetch for.
+    async fn acknowledge_delivery(&mut self, fresh: &[StoredMessage]) {
+        let mut by_sender: HashMap<UserId, Vec<MessageId>> = HashMap::new();
+        for m in fresh.iter().filter(|m| !m.outgoing && m.status == Status::Sent && !m.edited && !m.deleted) {
+            by_sender.entry(m.from).or_default().push(m.id);
+        }
+        for (sender, ids) in by_sender {
+            if let Err(e) = self.send_receipts(sender, Status::Delivered, &ids).await {
+                tracing::warn!(%sender, error = %e, "could not send delivery receipts");
+            }
+        }
     }
 
     async fn greet_any(&mut self) -> Result<(), MessagingError> {
@@ -287,8 +440,8 @@ impl Messenger {
     }
 
     /// Everything waiting on one relay, batch by batch.
-    async fn drain(&mut self, relay: &RelayInfo, wait_ms: u32) -> Result<Vec<StoredMessage>, MessagingError> {
-        let mut fresh = Vec::new();
+    async fn drain(&mut self, relay: &RelayInfo, wait_ms: u32) -> Result<Inbox, MessagingError> {
+        let mut fresh = Inbox::default();
         let mut wait = wait_ms;
         loop {
             let fetch = MailboxRequest::Fetch { max: MAX_ENVELOPES_PER_BATCH as u32, wait_ms: wait };
@@ -301,7 +454,10 @@ impl Messenger {
                 return Ok(fresh);
             }
             let ids: Vec<EnvelopeId> = envelopes.iter().map(|e| e.id).collect();
-            fresh.extend(self.accept(envelopes).await?);
+            self.history()?;
+            let inbox = self.accept(envelopes).await?;
+            fresh.messages.extend(inbox.messages);
+            fresh.typing.extend(inbox.typing);
             // Acknowledge only after the history commit: a crash before it means a redelivery,
             // which the seen-set absorbs; never a loss.
             match self.relay_call(relay, MailboxRequest::Ack { ids }).await? {
@@ -316,39 +472,74 @@ impl Messenger {
         }
     }
 
-    /// Opens, verifies and records envelopes; drops (and logs) those that fail.
-    async fn accept(&mut self, envelopes: Vec<Envelope>) -> Result<Vec<StoredMessage>, MessagingError> {
+    /// Opens, verifies and applies envelopes; drops (and logs) those that fail.
+    async fn accept(&mut self, envelopes: Vec<Envelope>) -> Result<Inbox, MessagingError> {
         let envelopes = delivery_order(envelopes);
-        let me = self.me();
-        let mut records = Vec::new();
+        let mut inbox = Inbox::default();
         for envelope in envelopes {
-            if self.history.seen(&envelope.id)? {
+            if self.h().seen(&envelope.id)? {
                 continue;
             }
             match self.open_envelope(&envelope).await {
-                Ok(payload) => {
-                    let Body::Text { text, reply_to } = payload.body;
-                    let outgoing = envelope.from_user == me;
-                    let chat = if outgoing { payload.chat_with } else { envelope.from_user };
-                    records.push((
-                        Some(envelope.id),
-                        StoredMessage {
-                            id: payload.message_id,
-                            chat,
-                            from: envelope.from_user,
-                            outgoing,
-                            text,
-                            reply_to,
-                            sent_at_ms: envelope.sent_at_ms,
-                        },
-                    ));
-                }
+                Ok(payload) => self.apply(&envelope, payload, &mut inbox)?,
                 Err(e) => {
-                    tracing::warn!(envelope = %envelope.id, error = %e, "dropping an envelope that does not verify")
+                    tracing::warn!(envelope = %envelope.id, error = %e, "dropping an envelope that does not verify");
+                    self.h().mark_seen(&[envelope.id])?;
                 }
             }
         }
-        Ok(self.history.record(records)?)
+        Ok(inbox)
+    }
+
+    /// What one verified payload changes here.
+    fn apply(&self, envelope: &Envelope, payload: Payload, inbox: &mut Inbox) -> Result<(), MessagingError> {
+        let me = self.me();
+        let outgoing = envelope.from_user == me;
+        let chat = if outgoing { payload.chat_with } else { envelope.from_user };
+        let author = envelope.from_user;
+        match payload.body {
+            Body::Text { text, reply_to } => {
+                let message = StoredMessage {
+                    id: payload.message_id,
+                    chat,
+                    from: author,
+                    outgoing,
+                    text,
+                    reply_to,
+                    sent_at_ms: envelope.sent_at_ms,
+                    status: Status::Sent,
+                    edited: false,
+                    deleted: false,
+                };
+                inbox.messages.extend(self.h().record(vec![(Some(envelope.id), message)])?);
+                return Ok(());
+            }
+            // Only a message's author may edit or delete it.
+            Body::Edit { message, text } => inbox.messages.extend(self.h().update(&[message], |m| {
+                m.from == author && !m.deleted && {
+                    m.text.clone_from(&text);
+                    m.edited = true;
+                    true
+                }
+            })?),
+            Body::Delete { messages } => {
+                inbox.messages.extend(self.h().update(&messages, |m| m.from == author && mark_deleted(m))?);
+            }
+            // Receipts come from the other side of the chat, about our messages.
+            Body::Receipt { status, messages } => inbox.messages.extend(self.h().update(&messages, |m| {
+                m.outgoing && m.chat == author && m.status < status && {
+                    m.status = status;
+                    true
+                }
+            })?),
+            Body::Typing => {
+                if !outgoing && now_ms().saturating_sub(envelope.sent_at_ms) < TYPING_FRESH_MS {
+                    inbox.typing.push(author);
+                }
+            }
+        }
+        self.h().mark_seen(&[envelope.id])?;
+        Ok(())
     }
 
     /// Opens an envelope and checks that the key that sealed it belongs to the device it names.
@@ -392,6 +583,15 @@ fn delivery_order(mut envelopes: Vec<Envelope>) -> Vec<Envelope> {
         }
     }
     ordered.into_iter().flatten().collect()
+}
+
+fn mark_deleted(m: &mut StoredMessage) -> bool {
+    if m.deleted {
+        return false;
+    }
+    m.text.clear();
+    m.deleted = true;
+    true
 }
 
 fn now_ms() -> u64 {

@@ -13,7 +13,7 @@ use libp2p::multiaddr::Protocol;
 use meshgram_node::network_file::{GatewayEntry, NETWORK_FILE, NetworkFile, NodeEntry};
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
+use tokio::process::{Child, ChildStdin, Command};
 
 /// A role's process must print its ready line within this long.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -24,6 +24,9 @@ const STOP_GRACE: Duration = Duration::from_secs(5);
 struct RoleProcess {
     role: &'static str,
     child: Child,
+    /// Held, not used: the role exits when it closes. Kept out of `child`, whose `wait()`
+    /// would close it.
+    _stdin: ChildStdin,
     ready: Value,
 }
 
@@ -35,14 +38,17 @@ impl RoleProcess {
             .append(true)
             .open(log)
             .with_context(|| format!("opening {}", log.display()))?;
+        // The role exits when this pipe closes, i.e. when `up` is gone however it died.
         let mut child = Command::new(bin)
             .args(args)
-            .stdin(Stdio::null())
+            .arg("--exit-on-stdin-close")
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(log_file)
             .kill_on_drop(true)
             .spawn()
             .with_context(|| format!("starting {}", bin.display()))?;
+        let stdin = child.stdin.take().context("child stdin")?;
         let stdout = child.stdout.take().context("child stdout")?;
         let mut lines = BufReader::new(stdout).lines();
         let ready = tokio::time::timeout(READY_TIMEOUT, async {
@@ -63,7 +69,7 @@ impl RoleProcess {
         };
         // Keep draining stdout so the role never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Ok(RoleProcess { role, child, ready })
+        Ok(RoleProcess { role, child, _stdin: stdin, ready })
     }
 
     /// SIGTERM, then SIGKILL after the grace period.

@@ -8,6 +8,7 @@ use clap::Parser;
 use libp2p::Multiaddr;
 use libp2p::identity::ed25519;
 use meshgram_node::ids::parse_hex;
+use meshgram_node::service;
 use meshgram_relay::{Relay, RelayConfig};
 
 #[derive(Parser, Debug)]
@@ -45,16 +46,16 @@ struct Cli {
     /// Envelopes per second one user may send (sustained).
     #[arg(long, default_value_t = 5_000)]
     send_rate: u32,
+    /// Exit when standard input closes (used by `meshgram up`, so that roles never outlive it).
+    #[arg(long)]
+    exit_on_stdin_close: bool,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    service::init_tracing("info");
+    let exit_on_stdin_close = cli.exit_on_stdin_close;
     let key = parse_hex::<32>(&cli.gateway_key).context("--gateway-key")?;
     let gateway_key = ed25519::PublicKey::try_from_bytes(&key).context("--gateway-key is not an ed25519 public key")?;
     if cli.replication == 0 {
@@ -72,16 +73,10 @@ async fn main() -> anyhow::Result<()> {
     config.store.max_per_mailbox = cli.mailbox_quota;
 
     let mut relay = Relay::start(config).await.context("starting the relay")?;
-    let mut ready = serde_json::to_value(&relay.ready)?;
-    ready["event"] = "ready".into();
-    ready["role"] = "relay".into();
-    println!("{ready}");
+    service::print_ready("relay", &relay.ready)?;
     tracing::info!(peer_id = %relay.ready.peer_id, "relay ready");
-
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
-        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; shutting down"),
-        _ = terminate.recv() => tracing::info!("terminated; shutting down"),
+        why = service::stop_requested(exit_on_stdin_close) => tracing::info!("{}; shutting down", why?),
         () = relay.wait() => bail!("a relay task stopped unexpectedly"),
     }
     relay.shutdown().await;

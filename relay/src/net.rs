@@ -66,8 +66,9 @@ enum Done {
     Mailbox { channel: ResponseChannel<MailboxResponse>, response: MailboxResponse, arrived: Vec<PeerId> },
     /// Answer a relay, likewise.
     Replica { channel: ResponseChannel<ReplicaResponse>, response: ReplicaResponse, arrived: Vec<PeerId> },
-    /// A fetch found nothing: park it until something arrives or its deadline.
-    Park { peer: PeerId, channel: ResponseChannel<MailboxResponse>, max: u32, deadline: Instant },
+    /// A fetch found nothing: park it until something arrives or its deadline, unless
+    /// something arrived since it looked (`arrivals` then differs from the session's count).
+    Park { peer: PeerId, channel: ResponseChannel<MailboxResponse>, max: u32, deadline: Instant, arrivals: u64 },
     /// Background work that answers nobody.
     Nothing,
 }
@@ -87,6 +88,14 @@ struct Parked {
     deadline: Instant,
 }
 
+/// A client that said Hello on a live connection.
+struct Session {
+    cert: CertBody,
+    /// Counts commits into this client's mailbox here, so a fetch that read an empty mailbox
+    /// just before an arrival is not parked past it.
+    arrivals: u64,
+}
+
 pub(crate) struct EventLoop {
     swarm: Swarm<RelayBehaviour>,
     store: StoreHandle,
@@ -94,7 +103,7 @@ pub(crate) struct EventLoop {
     metrics: Arc<Metrics>,
     listen: Vec<Multiaddr>,
     /// Clients that said Hello, with their certificate.
-    sessions: HashMap<PeerId, CertBody>,
+    sessions: HashMap<PeerId, Session>,
     parked: HashMap<PeerId, Parked>,
     replica_pending: HashMap<OutboundRequestId, oneshot::Sender<Result<ReplicaResponse, String>>>,
     /// Relays that failed recently, until when.
@@ -249,7 +258,7 @@ impl EventLoop {
         if let MailboxRequest::Hello { cert } = request {
             let response = match cert.verify_for(&self.settings.gateway_key, &peer, now) {
                 Ok(body) => {
-                    self.sessions.insert(peer, body.clone());
+                    self.sessions.insert(peer, Session { cert: body.clone(), arrivals: 0 });
                     let mut mailbox_relays = self.mailbox_relays(&peer);
                     mailbox_relays.truncate(self.settings.replication);
                     MailboxResponse::Welcome {
@@ -262,36 +271,27 @@ impl EventLoop {
             };
             return self.respond(channel, response);
         }
-        let cert = match self.sessions.get(&peer) {
+        let (cert, arrivals) = match self.sessions.get(&peer) {
             None => {
                 return self
                     .respond(channel, refuse(ErrorCode::CertInvalid, "say Hello with your session certificate first"));
             }
-            Some(cert) if now > cert.not_after + CERT_CLOCK_SKEW_SECS => {
+            Some(session) if now > session.cert.not_after + CERT_CLOCK_SKEW_SECS => {
                 self.sessions.remove(&peer);
                 return self.respond(
                     channel,
                     refuse(ErrorCode::CertInvalid, "your certificate expired; renew it and say Hello again"),
                 );
             }
-            Some(cert) => cert.clone(),
+            Some(session) => (session.cert.clone(), session.arrivals),
         };
         match request {
             MailboxRequest::Hello { .. } => unreachable!("handled above"),
             MailboxRequest::Send { envelopes } => self.handle_send(peer, &cert, envelopes, channel, now),
             MailboxRequest::Fetch { max, wait_ms } => {
-                let store = self.store.clone();
                 let max = max.clamp(1, MAX_ENVELOPES_PER_BATCH as u32);
                 let deadline = Instant::now() + Duration::from_millis(u64::from(wait_ms.min(MAX_FETCH_WAIT_MS)));
-                self.tasks.spawn(async move {
-                    match store.fetch(peer, max as usize).await {
-                        Ok((envelopes, more)) if !envelopes.is_empty() || wait_ms == 0 => {
-                            Done::mailbox(channel, MailboxResponse::Envelopes { envelopes, more })
-                        }
-                        Ok(_) => Done::Park { peer, channel, max, deadline },
-                        Err(e) => Done::mailbox(channel, internal(e)),
-                    }
-                });
+                self.spawn_fetch(peer, channel, max, deadline, arrivals);
             }
             MailboxRequest::Ack { ids } => {
                 if ids.len() > MAX_ENVELOPES_PER_BATCH {
@@ -324,6 +324,27 @@ impl EventLoop {
                 });
             }
         }
+    }
+
+    /// Reads the caller's mailbox; if empty and `deadline` is ahead, the answer waits (parks).
+    fn spawn_fetch(
+        &mut self,
+        peer: PeerId,
+        channel: ResponseChannel<MailboxResponse>,
+        max: u32,
+        deadline: Instant,
+        arrivals: u64,
+    ) {
+        let store = self.store.clone();
+        self.tasks.spawn(async move {
+            match store.fetch(peer, max as usize).await {
+                Ok((envelopes, more)) if !envelopes.is_empty() || Instant::now() >= deadline => {
+                    Done::mailbox(channel, MailboxResponse::Envelopes { envelopes, more })
+                }
+                Ok(_) => Done::Park { peer, channel, max, deadline, arrivals },
+                Err(e) => Done::mailbox(channel, internal(e)),
+            }
+        });
     }
 
     /// Checks a `Send` and starts its replication.
@@ -458,7 +479,17 @@ impl EventLoop {
                 self.wake(arrived);
                 let _ = self.swarm.behaviour_mut().replica.send_response(channel, response);
             }
-            Done::Park { peer, channel, max, deadline } => {
+            Done::Park { peer, channel, max, deadline, arrivals } => {
+                match self.sessions.get(&peer) {
+                    // Something arrived while the fetch was reading: read again.
+                    Some(session) if session.arrivals != arrivals => {
+                        let now = session.arrivals;
+                        return self.spawn_fetch(peer, channel, max, deadline, now);
+                    }
+                    Some(_) => {}
+                    // The client is gone; nobody to answer.
+                    None => return,
+                }
                 // A newer fetch from the same device replaces an older one, which answers empty.
                 if let Some(old) = self.parked.insert(peer, Parked { channel, max, deadline }) {
                     self.respond(old.channel, MailboxResponse::Envelopes { envelopes: Vec::new(), more: false });
@@ -471,6 +502,9 @@ impl EventLoop {
     /// Answers the fetches parked on these mailboxes with what has just arrived.
     fn wake(&mut self, mailboxes: Vec<PeerId>) {
         for mailbox in mailboxes {
+            if let Some(session) = self.sessions.get_mut(&mailbox) {
+                session.arrivals += 1;
+            }
             if let Some(parked) = self.parked.remove(&mailbox) {
                 let store = self.store.clone();
                 self.tasks.spawn(async move {

@@ -151,6 +151,16 @@ impl Server {
         }
     }
 
+    /// SIGTERM, then waits (bounded) for a clean exit; returns its status.
+    pub fn terminate(&mut self) -> Option<ExitStatus> {
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let status = wait_exit(&mut self.child, Duration::from_secs(20));
+        for forwarder in self.forwarders.drain(..) {
+            join_bounded(forwarder);
+        }
+        status
+    }
+
     /// Kills the process with SIGKILL (no clean shutdown) and reaps it.
     pub fn kill9(&mut self) {
         // Errors mean it is already dead and reaped, which is what we want.

@@ -1,0 +1,66 @@
+//! What every long-running role's `main` shares: logging to stderr, the JSON ready line on
+//! stdout, and waiting for the signal to stop.
+
+use serde::Serialize;
+
+/// Logs to stderr (stdout carries the ready line), filtered by `RUST_LOG`, colour only on a
+/// terminal.
+pub fn init_tracing(default_filter: &str) {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default_filter.into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+/// Prints the one ready line: `ready`'s fields plus `"event":"ready"` and `"role"`.
+pub fn print_ready(role: &str, ready: &impl Serialize) -> Result<(), serde_json::Error> {
+    let mut line = serde_json::to_value(ready)?;
+    line["event"] = "ready".into();
+    line["role"] = role.into();
+    println!("{line}");
+    Ok(())
+}
+
+/// Waits for Ctrl-C, SIGTERM, or (with `exit_on_stdin_close`) the end of stdin; says which.
+pub async fn stop_requested(exit_on_stdin_close: bool) -> std::io::Result<&'static str> {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let parent_gone = async {
+        if exit_on_stdin_close {
+            stdin_closed().await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
+    Ok(tokio::select! {
+        () = parent_gone => "stdin closed",
+        _ = tokio::signal::ctrl_c() => "interrupted",
+        _ = terminate.recv() => "terminated",
+    })
+}
+
+/// Resolves when standard input reaches end of file. A parent that starts a role with a pipe
+/// as its stdin (like `meshgram up`) thereby stops it even when the parent is SIGKILLed.
+///
+/// The read runs on a plain OS thread, not tokio's blocking pool: runtime shutdown waits for
+/// blocking-pool tasks, and a read of an open pipe never finishes. The thread ends with the
+/// process.
+pub async fn stdin_closed() {
+    let (closed, rx) = tokio::sync::oneshot::channel::<()>();
+    let spawned = std::thread::Builder::new().name("stdin-watch".into()).spawn(move || {
+        use std::io::Read;
+        let mut buf = [0u8; 64];
+        let mut stdin = std::io::stdin();
+        while matches!(stdin.read(&mut buf), Ok(n) if n > 0) {}
+        let _ = closed.send(());
+    });
+    match spawned {
+        Ok(_) => {
+            let _ = rx.await;
+        }
+        // Without the watch the role still stops on SIGTERM; never stop it for this.
+        Err(_) => std::future::pending().await,
+    }
+}
