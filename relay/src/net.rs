@@ -450,8 +450,14 @@ impl EventLoop {
                 }
             }
             request_response::Event::OutboundFailure { peer, request_id, error, .. } => {
-                tracing::warn!(%peer, %error, "replica request failed; skipping that relay for a while");
-                self.down.insert(peer, Instant::now() + DOWN_FOR);
+                // Only failures that say the peer is unreachable or unresponsive take it out of
+                // placement; a local I/O error (e.g. too many streams) is back-pressure.
+                if !matches!(error, request_response::OutboundFailure::Io(_)) {
+                    tracing::warn!(%peer, %error, "replica request failed; skipping that relay for a while");
+                    self.down.insert(peer, Instant::now() + DOWN_FOR);
+                } else {
+                    tracing::warn!(%peer, %error, "replica request failed");
+                }
                 if let Some(reply) = self.replica_pending.remove(&request_id) {
                     let _ = reply.send(Err(error.to_string()));
                 }

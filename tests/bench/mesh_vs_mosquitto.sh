@@ -31,7 +31,9 @@ echo "== $("$MOSQUITTO" -h 2>/dev/null | head -1 || true)"
 
 echo "== building (release)"
 cargo build --release --workspace --bins
+# The bench's own artifact (the relay binary is built for it too and also has an executable).
 BENCH_EXE=$(cargo bench --no-run -p meshgram-relay --bench mesh --message-format=json \
+    | grep '"kind":\["bench"\]' | grep '"name":"mesh"' \
     | grep -o '"executable":"[^"]*"' | tail -1 | cut -d'"' -f4)
 if [ -z "$BENCH_EXE" ] || [ ! -x "$BENCH_EXE" ]; then
     echo "could not find the built benchmark executable" >&2
@@ -52,16 +54,22 @@ echo "== open files limit: $(ulimit -n)"
 WORK=$(mktemp -d -t mesh-vs-mosquitto.XXXXXX)
 PIDFILE=$WORK/pids
 : >"$PIDFILE"
+# Signals the recorded pids that are still ours: every process of this run has $WORK on its
+# command line (the benchmark's --work-dir, the servers' data dirs and configs), so a pid the
+# system has since reused for something else is left alone.
+signal_ours() {
+    local sig=$1 pid
+    while read -r pid; do
+        if [ -r "/proc/$pid/cmdline" ] && tr '\0' ' ' <"/proc/$pid/cmdline" | grep -qF "$WORK"; then
+            kill "-$sig" "$pid" 2>/dev/null || true
+        fi
+    done <"$PIDFILE"
+}
 cleanup() {
-    # Only the processes this run started: the benchmark and the servers it recorded.
     if [ -s "$PIDFILE" ]; then
-        while read -r pid; do
-            kill -TERM "$pid" 2>/dev/null || true
-        done <"$PIDFILE"
+        signal_ours TERM
         sleep 1
-        while read -r pid; do
-            kill -KILL "$pid" 2>/dev/null || true
-        done <"$PIDFILE"
+        signal_ours KILL
     fi
     rm -rf "$WORK"
 }
