@@ -7,8 +7,8 @@ use libp2p::request_response::{self, ProtocolSupport};
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::{StreamProtocol, identify, ping};
 
-use crate::defaults::{MAILBOX_REQUEST_TIMEOUT, REQUEST_TIMEOUT};
-use crate::protocol::{AUTH_PROTOCOL, AuthCodec, MAILBOX_PROTOCOL, MailboxCodec, auth_codec, mailbox_codec};
+use crate::defaults::REQUEST_TIMEOUT;
+use crate::protocol::{AUTH_PROTOCOL, AuthCodec, auth_codec};
 
 /// Identify's protocol version string; peers with another major version are not ours.
 pub const IDENTIFY_PROTOCOL: &str = "/meshgram/1.0.0";
@@ -28,8 +28,8 @@ pub struct ClientBehaviour {
     pub ping: ping::Behaviour,
     /// `/meshgram/auth/1` requests to the gateway.
     pub auth: request_response::Behaviour<AuthCodec>,
-    /// `/meshgram/mailbox/1` requests to relays.
-    pub mailbox: request_response::Behaviour<MailboxCodec>,
+    /// Pipes to relays (`/meshgram/mailbox/1`, see `pipe`).
+    pub stream: libp2p_stream::Behaviour,
 }
 
 impl ClientBehaviour {
@@ -43,11 +43,7 @@ impl ClientBehaviour {
                 [(StreamProtocol::new(AUTH_PROTOCOL), ProtocolSupport::Outbound)],
                 request_response::Config::default().with_request_timeout(REQUEST_TIMEOUT),
             ),
-            mailbox: request_response::Behaviour::with_codec(
-                mailbox_codec(),
-                [(StreamProtocol::new(MAILBOX_PROTOCOL), ProtocolSupport::Outbound)],
-                request_response::Config::default().with_request_timeout(MAILBOX_REQUEST_TIMEOUT),
-            ),
+            stream: libp2p_stream::Behaviour::new(),
         }
     }
 }

@@ -15,18 +15,29 @@ use serde::{Deserialize, Serialize};
 
 use crate::ids::{InvalidValue, UserId, hex, parse_hex};
 
-/// A random id chosen by the sender; relays and recipients deduplicate by it.
+/// An id chosen by the sender; relays and recipients deduplicate by it.
+///
+/// The first 6 bytes are the sender's clock in milliseconds (big-endian), the other 10 random
+/// (like a UUIDv7): ids made at about the same time sort together, so a relay's id index grows
+/// at its end instead of touching a random B-tree page per envelope. Relays never trust the
+/// time part; a client that picks ids otherwise only makes its own writes slower.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct EnvelopeId(#[serde(with = "crate::ids::hex_or_bytes")] pub [u8; 16]);
 
 impl EnvelopeId {
-    /// A fresh random id.
+    /// A fresh id: the current time, then randomness.
     pub fn random() -> Self {
-        EnvelopeId(rand::random())
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let mut id: [u8; 16] = rand::random();
+        id[..6].copy_from_slice(&now_ms.to_be_bytes()[2..]);
+        EnvelopeId(id)
     }
-    /// First 8 hex digits, for logs.
+    /// The last 8 hex digits (random, unlike the leading time), for logs and listings.
     pub fn fmt_short(&self) -> String {
-        hex(&self.0[..4])
+        hex(&self.0[12..])
     }
 }
 

@@ -34,6 +34,7 @@ pub mod limits;
 pub mod messaging;
 pub mod net;
 pub mod network_file;
+pub mod pipe;
 pub mod protocol;
 pub mod service;
 pub mod transport;

@@ -1,20 +1,23 @@
 //! The client's network actor: one task owns the client's `Swarm`; the rest of the program holds
-//! a [`ClientNet`] handle and sends it requests with a oneshot for the reply.
+//! a [`ClientNet`] handle and sends it requests with a oneshot for the reply. Mailbox requests
+//! travel on one pipe per relay (`crate::pipe`), opened once the event loop has a connection.
 
 use std::collections::HashMap;
 
 use futures::StreamExt;
 use libp2p::request_response::{self, OutboundRequestId};
-use libp2p::swarm::SwarmEvent;
+use libp2p::swarm::dial_opts::DialOpts;
+use libp2p::swarm::{DialError, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, Swarm};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::behaviour::{ClientBehaviour, ClientBehaviourEvent};
 use crate::codec::FrameError;
-use crate::defaults::{CLIENT_IDLE_TIMEOUT, COMMAND_QUEUE};
+use crate::defaults::{CLIENT_IDLE_TIMEOUT, COMMAND_QUEUE, MAILBOX_REQUEST_TIMEOUT};
 use crate::identity::DeviceIdentity;
-use crate::protocol::{AuthRequest, AuthResponse, MailboxRequest, MailboxResponse};
+use crate::pipe::PipePool;
+use crate::protocol::{AuthRequest, AuthResponse, MAILBOX_LIMITS, MAILBOX_PROTOCOL, MailboxRequest, MailboxResponse};
 use crate::transport::{TransportError, build_swarm};
 
 /// Why a request to a peer got no answer.
@@ -35,14 +38,22 @@ type Reply<T> = oneshot::Sender<Result<T, NetError>>;
 
 enum Command {
     Auth { peer: PeerId, addrs: Vec<Multiaddr>, request: AuthRequest, reply: Reply<AuthResponse> },
-    Mailbox { peer: PeerId, addrs: Vec<Multiaddr>, request: MailboxRequest, reply: Reply<MailboxResponse> },
+    /// Answer once connected to `peer`, dialing `addrs` if need be.
+    Connect { peer: PeerId, addrs: Vec<Multiaddr>, reply: Reply<()> },
 }
 
 /// Handle to the client's network task. Dropping it stops the task.
-#[derive(Debug)]
 pub struct ClientNet {
     commands: mpsc::Sender<Command>,
     task: JoinHandle<()>,
+    /// One pipe per relay.
+    relays: PipePool<MailboxRequest, MailboxResponse>,
+}
+
+impl std::fmt::Debug for ClientNet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientNet").finish_non_exhaustive()
+    }
 }
 
 impl Drop for ClientNet {
@@ -57,15 +68,17 @@ impl ClientNet {
         let swarm = build_swarm(identity.keypair.clone(), CLIENT_IDLE_TIMEOUT, |key| {
             ClientBehaviour::new(key, concat!("meshgram/", env!("CARGO_PKG_VERSION")))
         })?;
+        let streams = swarm.behaviour().stream.new_control();
         let (commands, rx) = mpsc::channel(COMMAND_QUEUE);
         let event_loop = EventLoop {
             swarm,
             commands: rx,
             auth: HashMap::new(),
-            mailbox: HashMap::new(),
+            connecting: HashMap::new(),
             dial_errors: HashMap::new(),
         };
-        Ok(ClientNet { commands, task: tokio::spawn(event_loop.run()) })
+        let relays = PipePool::new(MAILBOX_PROTOCOL, MAILBOX_LIMITS, MAILBOX_REQUEST_TIMEOUT, streams);
+        Ok(ClientNet { commands, task: tokio::spawn(event_loop.run()), relays })
     }
 
     /// Sends an auth request to the gateway `peer`, dialing `addrs` if not connected.
@@ -87,9 +100,16 @@ impl ClientNet {
         addrs: Vec<Multiaddr>,
         request: MailboxRequest,
     ) -> Result<MailboxResponse, NetError> {
-        let (reply, rx) = oneshot::channel();
-        self.commands.send(Command::Mailbox { peer, addrs, request, reply }).await.map_err(|_| NetError::Stopped)?;
-        rx.await.map_err(|_| NetError::Stopped)?
+        let connect = async {
+            let (reply, rx) = oneshot::channel();
+            self.commands.send(Command::Connect { peer, addrs, reply }).await.map_err(|_| NetError::Stopped)?;
+            rx.await.map_err(|_| NetError::Stopped)?
+        };
+        let connect = async { connect.await.map_err(|e| e.to_string()) };
+        self.relays
+            .call(peer, request, connect)
+            .await
+            .map_err(|e| NetError::RequestFailed { peer, reason: e.to_string() })
     }
 }
 
@@ -103,7 +123,8 @@ struct EventLoop {
     swarm: Swarm<ClientBehaviour>,
     commands: mpsc::Receiver<Command>,
     auth: HashMap<OutboundRequestId, Pending<AuthResponse>>,
-    mailbox: HashMap<OutboundRequestId, Pending<MailboxResponse>>,
+    /// Callers waiting for a connection to a peer, with the addresses dialed.
+    connecting: HashMap<PeerId, Vec<(Vec<Multiaddr>, Reply<()>)>>,
     /// The last dial error per peer, so a dial failure is reported with its cause.
     dial_errors: HashMap<PeerId, String>,
 }
@@ -127,10 +148,20 @@ impl EventLoop {
                 let id = self.swarm.behaviour_mut().auth.send_request_with_addresses(&peer, Ok(request), addrs.clone());
                 self.auth.insert(id, Pending { peer, addrs, reply });
             }
-            Command::Mailbox { peer, addrs, request, reply } => {
-                let id =
-                    self.swarm.behaviour_mut().mailbox.send_request_with_addresses(&peer, Ok(request), addrs.clone());
-                self.mailbox.insert(id, Pending { peer, addrs, reply });
+            Command::Connect { peer, addrs, reply } => {
+                if self.swarm.is_connected(&peer) {
+                    let _ = reply.send(Ok(()));
+                    return;
+                }
+                match self.swarm.dial(DialOpts::peer_id(peer).addresses(addrs.clone()).build()) {
+                    // Already dialing: wait for that attempt.
+                    Ok(()) | Err(DialError::DialPeerConditionFalse(_)) => {
+                        self.connecting.entry(peer).or_default().push((addrs, reply));
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(unreachable(peer, &addrs, e.to_string())));
+                    }
+                }
             }
         }
     }
@@ -140,10 +171,15 @@ impl EventLoop {
             SwarmEvent::Behaviour(ClientBehaviourEvent::Auth(event)) => {
                 settle(&mut self.auth, &mut self.dial_errors, event);
             }
-            SwarmEvent::Behaviour(ClientBehaviourEvent::Mailbox(event)) => {
-                settle(&mut self.mailbox, &mut self.dial_errors, event);
+            SwarmEvent::ConnectionEstablished { peer_id, .. } => {
+                for (_, reply) in self.connecting.remove(&peer_id).unwrap_or_default() {
+                    let _ = reply.send(Ok(()));
+                }
             }
             SwarmEvent::OutgoingConnectionError { peer_id: Some(peer), error, .. } => {
+                for (addrs, reply) in self.connecting.remove(&peer).unwrap_or_default() {
+                    let _ = reply.send(Err(unreachable(peer, &addrs, error.to_string())));
+                }
                 self.dial_errors.insert(peer, error.to_string());
             }
             _ => {}
@@ -169,11 +205,11 @@ fn settle<Req, Resp>(
         request_response::Event::OutboundFailure { request_id, error, .. } => {
             if let Some(p) = pending.remove(&request_id) {
                 let err = match error {
-                    request_response::OutboundFailure::DialFailure => NetError::Unreachable {
-                        peer: p.peer,
-                        addrs: p.addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(", "),
-                        reason: dial_errors.remove(&p.peer).unwrap_or_else(|| "dial failed".into()),
-                    },
+                    request_response::OutboundFailure::DialFailure => unreachable(
+                        p.peer,
+                        &p.addrs,
+                        dial_errors.remove(&p.peer).unwrap_or_else(|| "dial failed".into()),
+                    ),
                     other => NetError::RequestFailed { peer: p.peer, reason: other.to_string() },
                 };
                 let _ = p.reply.send(Err(err));
@@ -181,4 +217,8 @@ fn settle<Req, Resp>(
         }
         _ => {}
     }
+}
+
+fn unreachable(peer: PeerId, addrs: &[Multiaddr], reason: String) -> NetError {
+    NetError::Unreachable { peer, addrs: addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(", "), reason }
 }

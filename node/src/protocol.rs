@@ -28,6 +28,7 @@ use crate::codec::PostcardCodec;
 use crate::envelope::{Envelope, EnvelopeId};
 use crate::identity::DeviceKeys;
 use crate::ids::{NoiseKey, Phone, SessionId, UserId, Username};
+use crate::pipe::PipeLimits;
 
 /// Sign-in, sessions, profiles and the directory.
 pub const AUTH_PROTOCOL: &str = "/meshgram/auth/1";
@@ -357,20 +358,12 @@ pub const MAX_MAILBOX_MESSAGE_SIZE: usize = MAX_ENVELOPES_PER_BATCH * MAX_ENVELO
 /// Longest a `Fetch` may wait for new envelopes before answering empty.
 pub const MAX_FETCH_WAIT_MS: u32 = 25_000;
 
-/// The codec for [`MAILBOX_PROTOCOL`].
-pub type MailboxCodec = PostcardCodec<MailboxRequest, MailboxResponse>;
-/// The codec for [`REPLICA_PROTOCOL`].
-pub type ReplicaCodec = PostcardCodec<ReplicaRequest, ReplicaResponse>;
-
-/// A new mailbox codec with this protocol's limits.
-pub fn mailbox_codec() -> MailboxCodec {
-    MailboxCodec::new(MAX_MAILBOX_MESSAGE_SIZE, MAX_MAILBOX_MESSAGE_SIZE)
-}
-
-/// A new replica codec with this protocol's limits.
-pub fn replica_codec() -> ReplicaCodec {
-    ReplicaCodec::new(MAX_MAILBOX_MESSAGE_SIZE, MAX_MAILBOX_MESSAGE_SIZE)
-}
+/// Both protocols run as pipes (`crate::pipe`): one long-lived stream per connection carrying
+/// tagged requests and answers; these are their message size limits.
+pub const MAILBOX_LIMITS: PipeLimits =
+    PipeLimits { max_request: MAX_MAILBOX_MESSAGE_SIZE, max_response: MAX_MAILBOX_MESSAGE_SIZE };
+/// See [`MAILBOX_LIMITS`].
+pub const REPLICA_LIMITS: PipeLimits = MAILBOX_LIMITS;
 
 /// A client's request to a relay.
 #[derive(Debug, Clone, Serialize, Deserialize)]

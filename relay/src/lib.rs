@@ -5,7 +5,7 @@
 //!
 //! - [`net`]: the event loop that owns the libp2p `Swarm`. Checks each client's session
 //!   certificate once per connection (`Hello`), checks `Send`s (sender = connection, sizes, rate),
-//!   parks long-poll `Fetch`es, and forwards replica requests for tasks.
+//!   parks long-poll `Fetch`es, and serves other relays' replica requests.
 //! - [`replicate`]: stores a `Send` on the `R` closest relays (in parallel, replacing failed ones)
 //!   before the sender hears "stored".
 //! - [`placement`]: which `R` relays are responsible for a mailbox (the Kademlia-closest to its
@@ -84,6 +84,8 @@ pub enum StartError {
     Transport(#[from] TransportError),
     #[error("bootstrap address {0} does not end in /p2p/<peer id>")]
     Bootstrap(Multiaddr),
+    #[error("protocol set-up: {0}")]
+    Protocol(String),
     #[error("could not serve HTTP on {addr}: {source}")]
     Http { addr: SocketAddr, source: std::io::Error },
 }
@@ -124,7 +126,8 @@ impl Relay {
         let listen = listen_on_all(&mut swarm, &config.listen).await?;
         let metrics = Arc::new(metrics::Metrics::new());
         let mut event_loop =
-            net::EventLoop::new(swarm, store, config.settings.clone(), Arc::clone(&metrics), listen.clone());
+            net::EventLoop::new(swarm, store, config.settings.clone(), Arc::clone(&metrics), listen.clone())
+                .map_err(|e| StartError::Protocol(e.to_string()))?;
         event_loop.bootstrap(&bootstrap);
 
         let shutdown = CancellationToken::new();

@@ -2,10 +2,12 @@
 //! certificates), hands storage and replication to tasks, and parks long-poll fetches until
 //! something arrives for them.
 //!
-//! Request flow: `Hello` is checked here (one signature check per connection, not per
-//! envelope). `Send` is checked here (sender = connection, sizes, rate) and then replicated by a
-//! task ([`crate::replicate`]) that talks back to this loop through [`Command`]s for the
-//! requests it sends to other relays. Answers come back through the `tasks` join set.
+//! Request flow: clients' and relays' requests arrive on pipes (`meshgram_node::pipe`), one
+//! long-lived stream per connection, whose tasks hand them to this loop. `Hello` is checked
+//! here (one signature check per connection, not per envelope). `Send` is checked here (sender
+//! = connection, sizes, rate) and then replicated by a task ([`crate::replicate`]) that calls
+//! other relays on pipes of its own and reports dead ones back as [`Command`]s. Answers come
+//! back through the `tasks` join set.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -14,17 +16,18 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use libp2p::identity::ed25519;
 use libp2p::kad;
-use libp2p::request_response::{self, OutboundRequestId, ResponseChannel};
 use libp2p::swarm::SwarmEvent;
-use libp2p::{Multiaddr, PeerId, Swarm};
+use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm};
 use meshgram_node::cert::{CERT_CLOCK_SKEW_SECS, CertBody, unix_now};
 use meshgram_node::codec::FrameError;
 use meshgram_node::envelope::Envelope;
+use meshgram_node::pipe::{self, Inbound, PipePool, Responder};
 use meshgram_node::protocol::{
-    ErrorCode, MAX_ENVELOPE_SIZE, MAX_ENVELOPES_PER_BATCH, MAX_FETCH_WAIT_MS, MailboxRequest, MailboxResponse,
-    REPLICA_PROTOCOL, RelayInfo, ReplicaRequest, ReplicaResponse, WireError,
+    ErrorCode, MAILBOX_LIMITS, MAILBOX_PROTOCOL, MAX_ENVELOPE_SIZE, MAX_ENVELOPES_PER_BATCH, MAX_FETCH_WAIT_MS,
+    MailboxRequest, MailboxResponse, REPLICA_LIMITS, REPLICA_PROTOCOL, RelayInfo, ReplicaRequest, ReplicaResponse,
+    WireError,
 };
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -43,6 +46,15 @@ const EXPIRE_EVERY: Duration = Duration::from_secs(600);
 const DOWN_FOR: Duration = Duration::from_secs(30);
 /// Commands queued from tasks to the loop.
 const COMMAND_QUEUE: usize = 1024;
+/// Requests queued from pipes to the loop; a full queue pushes back on every pipe.
+const INBOUND_QUEUE: usize = 4096;
+/// Replica requests wait for a commit on a possibly loaded relay; a minute leaves room.
+const REPLICA_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+type MailboxInbound = Inbound<MailboxRequest, MailboxResponse>;
+type ReplicaInbound = Inbound<ReplicaRequest, ReplicaResponse>;
+/// Pipes to the other relays.
+pub(crate) type ReplicaPipes = Arc<PipePool<ReplicaRequest, ReplicaResponse>>;
 
 /// What a relay is configured with.
 #[derive(Debug, Clone)]
@@ -56,34 +68,34 @@ pub struct RelaySettings {
 
 /// Requests from tasks to the loop.
 pub(crate) enum Command {
-    /// Send a replica request to another relay.
-    Replicate { peer: PeerId, request: ReplicaRequest, reply: oneshot::Sender<Result<ReplicaResponse, String>> },
+    /// This relay did not answer a replica request: leave it out of placement for a while.
+    Down(PeerId),
 }
 
 /// What a finished task hands back to the loop.
 enum Done {
     /// Answer a client; first wake the fetches parked on `arrived` (envelopes committed here).
-    Mailbox { channel: ResponseChannel<MailboxResponse>, response: MailboxResponse, arrived: Vec<PeerId> },
+    Mailbox { channel: Responder<MailboxResponse>, response: MailboxResponse, arrived: Vec<PeerId> },
     /// Answer a relay, likewise.
-    Replica { channel: ResponseChannel<ReplicaResponse>, response: ReplicaResponse, arrived: Vec<PeerId> },
+    Replica { channel: Responder<ReplicaResponse>, response: ReplicaResponse, arrived: Vec<PeerId> },
     /// A fetch found nothing: park it until something arrives or its deadline, unless
     /// something arrived since it looked (`arrivals` then differs from the session's count).
-    Park { peer: PeerId, channel: ResponseChannel<MailboxResponse>, max: u32, deadline: Instant, arrivals: u64 },
+    Park { peer: PeerId, channel: Responder<MailboxResponse>, max: u32, deadline: Instant, arrivals: u64 },
     /// Background work that answers nobody.
     Nothing,
 }
 
 impl Done {
-    fn mailbox(channel: ResponseChannel<MailboxResponse>, response: MailboxResponse) -> Self {
+    fn mailbox(channel: Responder<MailboxResponse>, response: MailboxResponse) -> Self {
         Done::Mailbox { channel, response, arrived: Vec::new() }
     }
-    fn replica(channel: ResponseChannel<ReplicaResponse>, response: ReplicaResponse) -> Self {
+    fn replica(channel: Responder<ReplicaResponse>, response: ReplicaResponse) -> Self {
         Done::Replica { channel, response, arrived: Vec::new() }
     }
 }
 
 struct Parked {
-    channel: ResponseChannel<MailboxResponse>,
+    channel: Responder<MailboxResponse>,
     max: u32,
     deadline: Instant,
 }
@@ -105,7 +117,15 @@ pub(crate) struct EventLoop {
     /// Clients that said Hello, with their certificate.
     sessions: HashMap<PeerId, Session>,
     parked: HashMap<PeerId, Parked>,
-    replica_pending: HashMap<OutboundRequestId, oneshot::Sender<Result<ReplicaResponse, String>>>,
+    /// New pipes from clients and from other relays.
+    mailbox_streams: libp2p_stream::IncomingStreams,
+    replica_streams: libp2p_stream::IncomingStreams,
+    /// Requests read from those pipes.
+    mailbox_tx: mpsc::Sender<MailboxInbound>,
+    mailbox_rx: mpsc::Receiver<MailboxInbound>,
+    replica_tx: mpsc::Sender<ReplicaInbound>,
+    replica_rx: mpsc::Receiver<ReplicaInbound>,
+    replicas: ReplicaPipes,
     /// Relays that failed recently, until when.
     down: HashMap<PeerId, Instant>,
     send_limiter: RateLimiter,
@@ -121,10 +141,16 @@ impl EventLoop {
         settings: RelaySettings,
         metrics: Arc<Metrics>,
         listen: Vec<Multiaddr>,
-    ) -> Self {
+    ) -> Result<Self, libp2p_stream::AlreadyRegistered> {
         let (commands_tx, commands_rx) = mpsc::channel(COMMAND_QUEUE);
         let send_limiter = RateLimiter::per_second(settings.send_burst, settings.send_rate);
-        EventLoop {
+        let mut streams = swarm.behaviour().stream.new_control();
+        let mailbox_streams = streams.accept(StreamProtocol::new(MAILBOX_PROTOCOL))?;
+        let replica_streams = streams.accept(StreamProtocol::new(REPLICA_PROTOCOL))?;
+        let replicas = Arc::new(PipePool::new(REPLICA_PROTOCOL, REPLICA_LIMITS, REPLICA_REQUEST_TIMEOUT, streams));
+        let (mailbox_tx, mailbox_rx) = mpsc::channel(INBOUND_QUEUE);
+        let (replica_tx, replica_rx) = mpsc::channel(INBOUND_QUEUE);
+        Ok(EventLoop {
             swarm,
             store,
             settings,
@@ -132,13 +158,19 @@ impl EventLoop {
             listen,
             sessions: HashMap::new(),
             parked: HashMap::new(),
-            replica_pending: HashMap::new(),
+            mailbox_streams,
+            replica_streams,
+            mailbox_tx,
+            mailbox_rx,
+            replica_tx,
+            replica_rx,
+            replicas,
             down: HashMap::new(),
             send_limiter,
             commands_tx,
             commands_rx,
             tasks: JoinSet::new(),
-        }
+        })
     }
 
     pub(crate) async fn run(mut self, shutdown: CancellationToken) {
@@ -148,6 +180,16 @@ impl EventLoop {
             tokio::select! {
                 () = shutdown.cancelled() => break,
                 event = self.swarm.select_next_some() => self.handle_swarm_event(event),
+                Some((peer, stream)) = self.mailbox_streams.next() => {
+                    pipe::serve(peer, stream, MAILBOX_LIMITS, self.mailbox_tx.clone());
+                }
+                Some((peer, stream)) = self.replica_streams.next() => {
+                    pipe::serve(peer, stream, REPLICA_LIMITS, self.replica_tx.clone());
+                }
+                Some(inbound) = self.mailbox_rx.recv() => {
+                    self.handle_mailbox_request(inbound.peer, inbound.request, inbound.responder);
+                }
+                Some(inbound) = self.replica_rx.recv() => self.handle_replica_request(inbound.request, inbound.responder),
                 Some(command) = self.commands_rx.recv() => self.handle_command(command),
                 Some(done) = self.tasks.join_next() => match done {
                     Ok(done) => self.handle_done(done),
@@ -200,12 +242,6 @@ impl EventLoop {
 
     fn handle_swarm_event(&mut self, event: SwarmEvent<RelayBehaviourEvent>) {
         match event {
-            SwarmEvent::Behaviour(RelayBehaviourEvent::Mailbox(request_response::Event::Message {
-                peer,
-                message: request_response::Message::Request { request, channel, .. },
-                ..
-            })) => self.handle_mailbox_request(peer, request, channel),
-            SwarmEvent::Behaviour(RelayBehaviourEvent::Replica(event)) => self.handle_replica_event(event),
             SwarmEvent::Behaviour(RelayBehaviourEvent::Identify(libp2p::identify::Event::Received {
                 peer_id,
                 info,
@@ -235,19 +271,18 @@ impl EventLoop {
         }
     }
 
-    fn respond(&mut self, channel: ResponseChannel<MailboxResponse>, response: MailboxResponse) {
+    fn respond(&mut self, channel: Responder<MailboxResponse>, response: MailboxResponse) {
         if let MailboxResponse::Error(e) = &response {
             self.metrics.count_error(&e.code.to_string());
         }
-        // Fails only when the client has gone; nothing to do then.
-        let _ = self.swarm.behaviour_mut().mailbox.send_response(channel, response);
+        channel.respond(response);
     }
 
     fn handle_mailbox_request(
         &mut self,
         peer: PeerId,
         request: Result<MailboxRequest, FrameError>,
-        channel: ResponseChannel<MailboxResponse>,
+        channel: Responder<MailboxResponse>,
     ) {
         let request = match request {
             Ok(request) => request,
@@ -307,19 +342,22 @@ impl EventLoop {
                     .filter(|id| id != self.swarm.local_peer_id())
                     .take(self.settings.replication)
                     .collect();
-                let (store, commands) = (self.store.clone(), self.commands_tx.clone());
+                let (store, replicas) = (self.store.clone(), self.replicas.clone());
+                // Best effort, and not waited for: a replica that misses this delete still holds
+                // a copy the recipient will see again (only if this relay fails) and drop by id.
+                for relay in others {
+                    let (replicas, request) = (replicas.clone(), ReplicaRequest::Delete { mailbox: peer, ids: ids.clone() });
+                    tokio::spawn(async move {
+                        if let Err(e) = replicas.call(relay, request, async { Ok(()) }).await {
+                            tracing::debug!(%relay, error = %e, "replica delete failed");
+                        }
+                    });
+                }
                 self.tasks.spawn(async move {
-                    let response = match store.delete(peer, ids.clone()).await {
+                    let response = match store.delete(peer, ids).await {
                         Ok(count) => MailboxResponse::Acked { count },
                         Err(e) => internal(e),
                     };
-                    // Best effort: a replica that misses this delete still holds a copy the
-                    // recipient will see again and drop by id.
-                    for relay in others {
-                        let (reply, _) = oneshot::channel();
-                        let request = ReplicaRequest::Delete { mailbox: peer, ids: ids.clone() };
-                        let _ = commands.send(Command::Replicate { peer: relay, request, reply }).await;
-                    }
                     Done::mailbox(channel, response)
                 });
             }
@@ -330,7 +368,7 @@ impl EventLoop {
     fn spawn_fetch(
         &mut self,
         peer: PeerId,
-        channel: ResponseChannel<MailboxResponse>,
+        channel: Responder<MailboxResponse>,
         max: u32,
         deadline: Instant,
         arrivals: u64,
@@ -353,7 +391,7 @@ impl EventLoop {
         peer: PeerId,
         cert: &CertBody,
         envelopes: Vec<Envelope>,
-        channel: ResponseChannel<MailboxResponse>,
+        channel: Responder<MailboxResponse>,
         now: u64,
     ) {
         if let Err(refusal) = check_envelopes(&peer, cert, &envelopes) {
@@ -373,6 +411,7 @@ impl EventLoop {
         let replicas = Replicas {
             local: *self.swarm.local_peer_id(),
             store: self.store.clone(),
+            pipes: self.replicas.clone(),
             commands: self.commands_tx.clone(),
             replication: self.settings.replication,
         };
@@ -383,94 +422,61 @@ impl EventLoop {
         });
     }
 
-    fn handle_replica_event(
+    fn handle_replica_request(
         &mut self,
-        event: request_response::Event<Result<ReplicaRequest, FrameError>, ReplicaResponse>,
+        request: Result<ReplicaRequest, FrameError>,
+        channel: Responder<ReplicaResponse>,
     ) {
-        match event {
-            request_response::Event::Message {
-                message: request_response::Message::Request { request, channel, .. },
-                ..
-            } => {
-                let request = match request {
-                    Ok(r) => r,
-                    Err(e) => {
-                        let _ = self.swarm.behaviour_mut().replica.send_response(
+        let request = match request {
+            Ok(r) => r,
+            Err(e) => {
+                return channel.respond(ReplicaResponse::Error(WireError::new(ErrorCode::BadRequest, e.to_string())));
+            }
+        };
+        let store = self.store.clone();
+        self.tasks.spawn(async move {
+            match request {
+                ReplicaRequest::Store { envelopes } => {
+                    if let Some(bad) = envelopes.iter().find(|e| e.encoded_len() > MAX_ENVELOPE_SIZE) {
+                        let refusal = WireError::new(ErrorCode::BadRequest, format!("envelope {} is too large", bad.id));
+                        return Done::replica(channel, ReplicaResponse::Error(refusal));
+                    }
+                    let mailboxes: HashSet<PeerId> = envelopes.iter().map(|e| e.to_device).collect();
+                    match store.put(envelopes, unix_now()).await {
+                        Ok(outcome) if !outcome.over_quota.is_empty() => Done::replica(
                             channel,
-                            ReplicaResponse::Error(WireError::new(ErrorCode::BadRequest, e.to_string())),
-                        );
-                        return;
-                    }
-                };
-                let store = self.store.clone();
-                self.tasks.spawn(async move {
-                    match request {
-                        ReplicaRequest::Store { envelopes } => {
-                            if let Some(bad) = envelopes.iter().find(|e| e.encoded_len() > MAX_ENVELOPE_SIZE) {
-                                let refusal =
-                                    WireError::new(ErrorCode::BadRequest, format!("envelope {} is too large", bad.id));
-                                return Done::replica(channel, ReplicaResponse::Error(refusal));
-                            }
-                            let mailboxes: HashSet<PeerId> = envelopes.iter().map(|e| e.to_device).collect();
-                            match store.put(envelopes, unix_now()).await {
-                                Ok(outcome) if !outcome.over_quota.is_empty() => Done::replica(
-                                    channel,
-                                    ReplicaResponse::Error(WireError::new(
-                                        ErrorCode::QuotaExceeded,
-                                        "the recipient's mailbox is full",
-                                    )),
-                                ),
-                                Ok(outcome) => Done::Replica {
-                                    channel,
-                                    response: ReplicaResponse::Stored { duplicates: outcome.duplicates },
-                                    arrived: mailboxes.into_iter().collect(),
-                                },
-                                Err(e) => Done::replica(
-                                    channel,
-                                    ReplicaResponse::Error(WireError::new(ErrorCode::Internal, e.to_string())),
-                                ),
-                            }
-                        }
-                        ReplicaRequest::Delete { mailbox, ids } => match store.delete(mailbox, ids).await {
-                            Ok(count) => Done::replica(channel, ReplicaResponse::Deleted { count }),
-                            Err(e) => Done::replica(
-                                channel,
-                                ReplicaResponse::Error(WireError::new(ErrorCode::Internal, e.to_string())),
-                            ),
+                            ReplicaResponse::Error(WireError::new(
+                                ErrorCode::QuotaExceeded,
+                                "the recipient's mailbox is full",
+                            )),
+                        ),
+                        Ok(outcome) => Done::Replica {
+                            channel,
+                            response: ReplicaResponse::Stored { duplicates: outcome.duplicates },
+                            arrived: mailboxes.into_iter().collect(),
                         },
+                        Err(e) => Done::replica(
+                            channel,
+                            ReplicaResponse::Error(WireError::new(ErrorCode::Internal, e.to_string())),
+                        ),
                     }
-                });
-            }
-            request_response::Event::Message {
-                message: request_response::Message::Response { request_id, response },
-                ..
-            } => {
-                if let Some(reply) = self.replica_pending.remove(&request_id) {
-                    let _ = reply.send(Ok(response));
                 }
+                ReplicaRequest::Delete { mailbox, ids } => match store.delete(mailbox, ids).await {
+                    Ok(count) => Done::replica(channel, ReplicaResponse::Deleted { count }),
+                    Err(e) => Done::replica(
+                        channel,
+                        ReplicaResponse::Error(WireError::new(ErrorCode::Internal, e.to_string())),
+                    ),
+                },
             }
-            request_response::Event::OutboundFailure { peer, request_id, error, .. } => {
-                // Only failures that say the peer is unreachable or unresponsive take it out of
-                // placement; a local I/O error (e.g. too many streams) is back-pressure.
-                if !matches!(error, request_response::OutboundFailure::Io(_)) {
-                    tracing::warn!(%peer, %error, "replica request failed; skipping that relay for a while");
-                    self.down.insert(peer, Instant::now() + DOWN_FOR);
-                } else {
-                    tracing::warn!(%peer, %error, "replica request failed");
-                }
-                if let Some(reply) = self.replica_pending.remove(&request_id) {
-                    let _ = reply.send(Err(error.to_string()));
-                }
-            }
-            _ => {}
-        }
+        });
     }
 
     fn handle_command(&mut self, command: Command) {
         match command {
-            Command::Replicate { peer, request, reply } => {
-                let id = self.swarm.behaviour_mut().replica.send_request(&peer, Ok(request));
-                self.replica_pending.insert(id, reply);
+            Command::Down(peer) => {
+                tracing::warn!(%peer, "a relay did not answer a replica request; skipping it for a while");
+                self.down.insert(peer, Instant::now() + DOWN_FOR);
             }
         }
     }
@@ -483,7 +489,7 @@ impl EventLoop {
             }
             Done::Replica { channel, response, arrived } => {
                 self.wake(arrived);
-                let _ = self.swarm.behaviour_mut().replica.send_response(channel, response);
+                channel.respond(response);
             }
             Done::Park { peer, channel, max, deadline, arrivals } => {
                 match self.sessions.get(&peer) {

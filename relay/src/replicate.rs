@@ -8,17 +8,20 @@ use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use libp2p::PeerId;
 use meshgram_node::envelope::{Envelope, EnvelopeId};
+use meshgram_node::pipe::PipeError;
 use meshgram_node::protocol::{ErrorCode, MailboxResponse, ReplicaRequest, ReplicaResponse, WireError};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
-use crate::net::Command;
+use crate::net::{Command, ReplicaPipes};
 use crate::store::StoreHandle;
 
-/// Where copies go: this relay's own store, or other relays through the event loop.
+/// Where copies go: this relay's own store, or other relays on their pipes.
 #[derive(Debug, Clone)]
 pub(crate) struct Replicas {
     pub(crate) local: PeerId,
     pub(crate) store: StoreHandle,
+    pub(crate) pipes: ReplicaPipes,
+    /// To tell the event loop about relays that did not answer.
     pub(crate) commands: mpsc::Sender<Command>,
     pub(crate) replication: usize,
 }
@@ -113,17 +116,17 @@ async fn store_on(
             Err(e) => Err(WireError::new(ErrorCode::Internal, e.to_string())),
         }
     } else {
-        let (reply, answer) = oneshot::channel();
-        let request = ReplicaRequest::Store { envelopes: batch };
-        if replicas.commands.send(Command::Replicate { peer: target, request, reply }).await.is_err() {
-            return (target, Err(WireError::new(ErrorCode::Internal, "relay is shutting down")));
-        }
-        match answer.await {
-            Ok(Ok(ReplicaResponse::Stored { duplicates })) => Ok(duplicates),
-            Ok(Ok(ReplicaResponse::Error(e))) => Err(e),
-            Ok(Ok(other)) => Err(WireError::new(ErrorCode::Internal, format!("unexpected replica answer {other:?}"))),
-            Ok(Err(e)) => Err(WireError::new(ErrorCode::Unavailable, e)),
-            Err(_) => Err(WireError::new(ErrorCode::Unavailable, "replica request dropped")),
+        // libp2p-stream dials the relay if need be, with the addresses Kademlia knows.
+        match replicas.pipes.call(target, ReplicaRequest::Store { envelopes: batch }, async { Ok(()) }).await {
+            Ok(ReplicaResponse::Stored { duplicates }) => Ok(duplicates),
+            Ok(ReplicaResponse::Error(e)) => Err(e),
+            Ok(other) => Err(WireError::new(ErrorCode::Internal, format!("unexpected replica answer {other:?}"))),
+            Err(e) => {
+                if matches!(e, PipeError::Open(_) | PipeError::Closed(_) | PipeError::Timeout(_)) {
+                    let _ = replicas.commands.send(Command::Down(target)).await;
+                }
+                Err(WireError::new(ErrorCode::Unavailable, e.to_string()))
+            }
         }
     };
     (target, result)

@@ -5,9 +5,12 @@
 //! Tables:
 //! - `mailbox`: (device peer id, arrival number) → envelope. Arrival order is fetch order.
 //! - `envelope_ids`: envelope id → where it is and until when its id is remembered. Kept after
-//!   delivery (until the TTL) so that a replayed envelope is recognised, not delivered twice.
-//! - `mailbox_sizes`: device → envelopes waiting, for quotas.
+//!   delivery (until the TTL) so that a replayed envelope is recognised, not delivered twice;
+//!   an id whose `mailbox` entry is gone was delivered. Ids lead with the sender's clock
+//!   (`EnvelopeId`), so new ids land at the end of this table, not on random pages.
+//! - `mailbox_sizes`: device → envelopes waiting, for quotas (one update per mailbox per batch).
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
@@ -49,7 +52,6 @@ struct IdRecord {
     arrival: u64,
     /// Unix seconds after which the envelope (if still undelivered) and its id are dropped.
     expires_at: u64,
-    delivered: bool,
 }
 
 /// What a put did.
@@ -212,28 +214,35 @@ fn put(
     let mut meta = tx.open_table(META)?;
     let mut arrival = meta.get(NEXT_ARRIVAL)?.map(|v| v.value()).unwrap_or(0);
     let mut outcome = PutOutcome::default();
+    // Waiting envelopes per mailbox touched by this batch, written back once at the end.
+    let mut sizes_now: HashMap<Vec<u8>, u64> = HashMap::new();
     for envelope in envelopes {
         if ids.get(&envelope.id.0)?.is_some() {
             outcome.duplicates.push(envelope.id);
             continue;
         }
         let key = envelope.to_device.to_bytes();
-        let size = sizes.get(key.as_slice())?.map(|v| v.value()).unwrap_or(0);
+        let size = match sizes_now.get(&key) {
+            Some(size) => *size,
+            None => sizes.get(key.as_slice())?.map(|v| v.value()).unwrap_or(0),
+        };
         if size >= limits.max_per_mailbox {
             outcome.over_quota.push(envelope.id);
             continue;
         }
-        let record =
-            IdRecord { mailbox: key.clone(), arrival, expires_at: now + limits.ttl.as_secs(), delivered: false };
+        let record = IdRecord { mailbox: key.clone(), arrival, expires_at: now + limits.ttl.as_secs() };
         let bytes = postcard::to_stdvec(&envelope).map_err(|e| StoreError::Db(e.to_string()))?;
         mailbox.insert((key.as_slice(), arrival), bytes.as_slice())?;
         ids.insert(
             &envelope.id.0,
             postcard::to_stdvec(&record).map_err(|e| StoreError::Db(e.to_string()))?.as_slice(),
         )?;
-        sizes.insert(key.as_slice(), size + 1)?;
+        sizes_now.insert(key, size + 1);
         outcome.stored.push(envelope.id);
         arrival += 1;
+    }
+    for (key, size) in sizes_now {
+        sizes.insert(key.as_slice(), size)?;
     }
     meta.insert(NEXT_ARRIVAL, arrival)?;
     Ok(outcome)
@@ -262,22 +271,19 @@ fn fetch(db: &Database, mailbox: &PeerId, max: usize) -> Result<(Vec<Envelope>, 
 
 fn delete(tx: &redb::WriteTransaction, mailbox: &PeerId, delivered: &[EnvelopeId]) -> Result<u32, StoreError> {
     let mut table = tx.open_table(MAILBOX)?;
-    let mut ids = tx.open_table(ENVELOPE_IDS)?;
+    let ids = tx.open_table(ENVELOPE_IDS)?;
     let mut sizes = tx.open_table(MAILBOX_SIZES)?;
     let key = mailbox.to_bytes();
     let mut count = 0;
     for id in delivered {
-        let Some(mut record) = ids.get(&id.0)?.and_then(|v| postcard::from_bytes::<IdRecord>(v.value()).ok()) else {
+        let Some(record) = ids.get(&id.0)?.and_then(|v| postcard::from_bytes::<IdRecord>(v.value()).ok()) else {
             continue;
         };
-        // Only the mailbox's owner may delete from it.
-        if record.mailbox != key || record.delivered {
-            continue;
+        // Only the mailbox's owner may delete from it. The id record stays (a replay is still
+        // a duplicate); the missing mailbox entry is what says "delivered".
+        if record.mailbox == key && table.remove((key.as_slice(), record.arrival))?.is_some() {
+            count += 1;
         }
-        table.remove((key.as_slice(), record.arrival))?;
-        record.delivered = true;
-        ids.insert(&id.0, postcard::to_stdvec(&record).map_err(|e| StoreError::Db(e.to_string()))?.as_slice())?;
-        count += 1;
     }
     if count > 0 {
         let size = sizes.get(key.as_slice())?.map(|v| v.value()).unwrap_or(0);
@@ -302,8 +308,7 @@ fn expire(tx: &redb::WriteTransaction, now: u64) -> Result<u32, StoreError> {
     let mut dropped = 0;
     for (id, record) in expired {
         ids.remove(&id)?;
-        if !record.delivered {
-            table.remove((record.mailbox.as_slice(), record.arrival))?;
+        if table.remove((record.mailbox.as_slice(), record.arrival))?.is_some() {
             let size = sizes.get(record.mailbox.as_slice())?.map(|v| v.value()).unwrap_or(0);
             sizes.insert(record.mailbox.as_slice(), size.saturating_sub(1))?;
             dropped += 1;

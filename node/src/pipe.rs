@@ -1,0 +1,358 @@
+//! Many requests over one long-lived libp2p stream (a "pipe"), answered in any order.
+//!
+//! Why not libp2p's request-response: it opens a new yamux stream per request (stream set-up,
+//! protocol negotiation, a timer, close), and those costs, not the work, dominated a relay's CPU
+//! per message. A pipe negotiates once per connection and then only moves frames; several
+//! queued frames go out in one write.
+//!
+//! Frame: a 4-byte big-endian length (of what follows), an 8-byte big-endian tag chosen by the
+//! caller, and the postcard-encoded message. The answer carries the request's tag. The tag sits
+//! outside the message so that a request whose body is garbage still gets its `BAD_REQUEST`
+//! answer and the pipe keeps going; a frame over the size limit gets its answer and then the
+//! pipe closes (the rest of the stream cannot be trusted to be framed).
+//!
+//! Each side runs a reader task and a writer task, so neither direction can block the other.
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::io::{ReadHalf, WriteHalf};
+use futures::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use libp2p::{PeerId, Stream, StreamProtocol};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::sync::{Semaphore, mpsc, oneshot};
+
+use crate::codec::FrameError;
+
+/// Requests one pipe may have unanswered at a relay; further requests wait in the stream
+/// (back-pressure), which bounds the memory a single client can tie up.
+pub const MAX_IN_FLIGHT: usize = 256;
+/// Queued frames are folded into one write up to this many bytes.
+const WRITE_BATCH_BYTES: usize = 256 * 1024;
+/// Frame header: length (4) and tag (8).
+const HEADER: usize = 12;
+
+/// Size limits of one protocol, in message bytes (without the header).
+#[derive(Debug, Clone, Copy)]
+pub struct PipeLimits {
+    pub max_request: usize,
+    pub max_response: usize,
+}
+
+/// Why a call on a pipe got no answer.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum PipeError {
+    #[error("could not open a stream: {0}")]
+    Open(String),
+    #[error("the stream closed: {0}")]
+    Closed(String),
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    #[error("request not sent: {0}")]
+    Encode(String),
+}
+
+fn encode<M: Serialize>(tag: u64, msg: &M, max: usize, out: &mut Vec<u8>) -> Result<(), FrameError> {
+    let body = postcard::to_stdvec(msg).map_err(|e| FrameError::Malformed(e.to_string()))?;
+    if body.len() > max {
+        return Err(FrameError::TooLarge { len: body.len(), max });
+    }
+    out.extend_from_slice(&((body.len() + 8) as u32).to_be_bytes());
+    out.extend_from_slice(&tag.to_be_bytes());
+    out.extend_from_slice(&body);
+    Ok(())
+}
+
+/// One inbound frame: its tag and the decoded message, or why it is not one. `Err(TooLarge)`
+/// means the stream can no longer be read.
+async fn read_frame<M: DeserializeOwned, R: AsyncRead + Unpin>(
+    io: &mut R,
+    max: usize,
+) -> io::Result<(u64, Result<M, FrameError>)> {
+    let mut header = [0u8; HEADER];
+    io.read_exact(&mut header[..4]).await?;
+    let len = u32::from_be_bytes([header[0], header[1], header[2], header[3]]) as usize;
+    if len < 8 {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("frame of {len} bytes has no tag")));
+    }
+    io.read_exact(&mut header[4..]).await?;
+    let tag = u64::from_be_bytes(header[4..].try_into().unwrap_or_default());
+    let len = len - 8;
+    if len > max {
+        return Ok((tag, Err(FrameError::TooLarge { len, max })));
+    }
+    let mut body = vec![0u8; len];
+    io.read_exact(&mut body).await?;
+    Ok((tag, postcard::from_bytes(&body).map_err(|e| FrameError::Malformed(e.to_string()))))
+}
+
+/// Writes whatever is queued, in as few writes as it can; ends when the queue closes or the
+/// stream fails. `next` turns a queued item into frame bytes (or skips it).
+async fn write_loop<T>(
+    mut io: WriteHalf<Stream>,
+    mut queue: mpsc::UnboundedReceiver<T>,
+    mut next: impl FnMut(T, &mut Vec<u8>),
+) -> io::Result<()> {
+    let mut buf = Vec::new();
+    while let Some(item) = queue.recv().await {
+        next(item, &mut buf);
+        while buf.len() < WRITE_BATCH_BYTES {
+            match queue.try_recv() {
+                Ok(item) => next(item, &mut buf),
+                Err(_) => break,
+            }
+        }
+        if !buf.is_empty() {
+            io.write_all(&buf).await?;
+            io.flush().await?;
+            buf.clear();
+        }
+    }
+    io.close().await
+}
+
+// ---- the calling side ----
+
+type Pending<Resp> = Arc<Mutex<Option<HashMap<u64, oneshot::Sender<Result<Resp, PipeError>>>>>>;
+
+/// The calling end of a pipe. Cheap to clone; the pipe closes when every clone is dropped.
+#[derive(Debug)]
+pub struct PipeClient<Req, Resp> {
+    queue: mpsc::UnboundedSender<(Req, oneshot::Sender<Result<Resp, PipeError>>)>,
+    timeout: Duration,
+}
+
+impl<Req, Resp> Clone for PipeClient<Req, Resp> {
+    fn clone(&self) -> Self {
+        PipeClient { queue: self.queue.clone(), timeout: self.timeout }
+    }
+}
+
+impl<Req, Resp> PipeClient<Req, Resp>
+where
+    Req: Serialize + Send + 'static,
+    Resp: DeserializeOwned + Send + 'static,
+{
+    /// Starts the pipe's tasks on an opened stream. Each call fails after `timeout`.
+    pub fn start(stream: Stream, limits: PipeLimits, timeout: Duration) -> Self {
+        let (read, write) = stream.split();
+        let (queue, rx) = mpsc::unbounded_channel();
+        // `None` once the stream is gone: later calls fail at once instead of waiting forever.
+        let pending: Pending<Resp> = Arc::new(Mutex::new(Some(HashMap::new())));
+        tokio::spawn(client_reader(read, limits.max_response, pending.clone()));
+        tokio::spawn(async move {
+            let mut next_tag = 0u64;
+            let result = write_loop(write, rx, |(request, reply): (Req, oneshot::Sender<_>), buf| {
+                next_tag += 1;
+                if let Err(e) = encode(next_tag, &request, limits.max_request, buf) {
+                    let _ = reply.send(Err(PipeError::Encode(e.to_string())));
+                    return;
+                }
+                match lock(&pending).as_mut() {
+                    Some(waiting) => {
+                        waiting.insert(next_tag, reply);
+                    }
+                    None => {
+                        let _ = reply.send(Err(PipeError::Closed("the stream ended".into())));
+                    }
+                }
+            })
+            .await;
+            close_all(&pending, &format!("write failed: {}", result.err().map_or("closed".into(), |e| e.to_string())));
+        });
+        PipeClient { queue, timeout }
+    }
+
+    /// Sends one request and waits for its answer.
+    pub async fn call(&self, request: Req) -> Result<Resp, PipeError> {
+        let (reply, answer) = oneshot::channel();
+        self.queue.send((request, reply)).map_err(|_| PipeError::Closed("the pipe has stopped".into()))?;
+        match tokio::time::timeout(self.timeout, answer).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(PipeError::Closed("the pipe has stopped".into())),
+            Err(_) => Err(PipeError::Timeout(self.timeout)),
+        }
+    }
+
+    /// Whether the pipe has stopped (its stream ended or failed).
+    pub fn is_closed(&self) -> bool {
+        self.queue.is_closed()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn close_all<Resp>(pending: &Pending<Resp>, why: &str) {
+    if let Some(waiting) = lock(pending).take() {
+        for (_, reply) in waiting {
+            let _ = reply.send(Err(PipeError::Closed(why.to_string())));
+        }
+    }
+}
+
+async fn client_reader<Resp: DeserializeOwned>(mut io: ReadHalf<Stream>, max: usize, pending: Pending<Resp>) {
+    let why = loop {
+        match read_frame::<Resp, _>(&mut io, max).await {
+            Ok((tag, response)) => {
+                let reply = lock(&pending).as_mut().and_then(|waiting| waiting.remove(&tag));
+                let Some(reply) = reply else { continue };
+                let _ = reply.send(response.map_err(|e| PipeError::Closed(format!("bad answer: {e}"))));
+            }
+            Err(e) => break e.to_string(),
+        }
+    };
+    close_all(&pending, &why);
+}
+
+/// Pipes of one protocol to many peers: one each, opened on first use and reopened after it
+/// closed. Opening a pipe to one peer never holds up calls to others.
+pub struct PipePool<Req, Resp> {
+    protocol: StreamProtocol,
+    limits: PipeLimits,
+    timeout: Duration,
+    streams: libp2p_stream::Control,
+    pipes: Mutex<HashMap<PeerId, Arc<tokio::sync::Mutex<Option<PipeClient<Req, Resp>>>>>>,
+}
+
+impl<Req, Resp> std::fmt::Debug for PipePool<Req, Resp> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PipePool").field("protocol", &self.protocol).finish_non_exhaustive()
+    }
+}
+
+impl<Req, Resp> PipePool<Req, Resp>
+where
+    Req: Serialize + Send + 'static,
+    Resp: DeserializeOwned + Send + 'static,
+{
+    pub fn new(protocol: &'static str, limits: PipeLimits, timeout: Duration, streams: libp2p_stream::Control) -> Self {
+        PipePool { protocol: StreamProtocol::new(protocol), limits, timeout, streams, pipes: Mutex::new(HashMap::new()) }
+    }
+
+    /// Sends `request` to `peer` on its pipe. A new pipe first awaits `connect` (which makes
+    /// sure there is a connection, or explains why there cannot be one).
+    pub async fn call(
+        &self,
+        peer: PeerId,
+        request: Req,
+        connect: impl Future<Output = Result<(), String>>,
+    ) -> Result<Resp, PipeError> {
+        let slot = lock(&self.pipes).entry(peer).or_default().clone();
+        let pipe = {
+            let mut slot = slot.lock().await;
+            match slot.as_ref().filter(|p| !p.is_closed()) {
+                Some(pipe) => pipe.clone(),
+                None => {
+                    connect.await.map_err(PipeError::Open)?;
+                    let stream = self
+                        .streams
+                        .clone()
+                        .open_stream(peer, self.protocol.clone())
+                        .await
+                        .map_err(|e| PipeError::Open(e.to_string()))?;
+                    let pipe = PipeClient::start(stream, self.limits, self.timeout);
+                    *slot = Some(pipe.clone());
+                    pipe
+                }
+            }
+        };
+        pipe.call(request).await
+    }
+}
+
+// ---- the answering side ----
+
+/// One request that arrived on a pipe, with the way to answer it.
+#[derive(Debug)]
+pub struct Inbound<Req, Resp> {
+    pub peer: PeerId,
+    pub request: Result<Req, FrameError>,
+    pub responder: Responder<Resp>,
+}
+
+/// Answers one request. Dropping it unanswered frees its slot but leaves the caller to time
+/// out, so every path should answer.
+#[derive(Debug)]
+pub struct Responder<Resp> {
+    tag: u64,
+    out: mpsc::UnboundedSender<(u64, Resp)>,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl<Resp> Responder<Resp> {
+    /// Sends the answer (a no-op if the caller has gone).
+    pub fn respond(self, response: Resp) {
+        let _ = self.out.send((self.tag, response));
+    }
+}
+
+/// Serves one inbound pipe: each request goes to `inbound` (awaited, so a busy handler pushes
+/// back on the stream); answers are written as they come.
+pub fn serve<Req, Resp>(peer: PeerId, stream: Stream, limits: PipeLimits, inbound: mpsc::Sender<Inbound<Req, Resp>>)
+where
+    Req: DeserializeOwned + Send + 'static,
+    Resp: Serialize + Send + 'static,
+{
+    let (mut read, write) = stream.split();
+    let (out, rx) = mpsc::unbounded_channel::<(u64, Resp)>();
+    tokio::spawn(async move {
+        let _ = write_loop(write, rx, |(tag, response), buf| {
+            if let Err(e) = encode(tag, &response, limits.max_response, buf) {
+                tracing::error!(%peer, error = %e, "an answer could not be encoded; the caller will time out");
+            }
+        })
+        .await;
+    });
+    tokio::spawn(async move {
+        let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+        loop {
+            let Ok(slot) = slots.clone().acquire_owned().await else { return };
+            let (tag, request) = match read_frame::<Req, _>(&mut read, limits.max_request).await {
+                Ok(frame) => frame,
+                Err(e) => {
+                    tracing::debug!(%peer, error = %e, "pipe closed");
+                    return;
+                }
+            };
+            let fatal = matches!(request, Err(FrameError::TooLarge { .. }));
+            let responder = Responder { tag, out: out.clone(), _slot: slot };
+            if inbound.send(Inbound { peer, request, responder }).await.is_err() || fatal {
+                // Dropping `out` lets the writer send what is queued (this refusal included)
+                // and close.
+                return;
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn frames_round_trip_and_bad_ones_are_told_apart() {
+        let mut buf = Vec::new();
+        encode(7, &"hello".to_string(), 100, &mut buf).unwrap();
+        // A garbage body with a good header: the tag survives, the message does not.
+        buf.extend_from_slice(&9u32.to_be_bytes());
+        buf.extend_from_slice(&8u64.to_be_bytes());
+        buf.push(0xff);
+        // An oversized frame.
+        buf.extend_from_slice(&1000u32.to_be_bytes());
+        buf.extend_from_slice(&9u64.to_be_bytes());
+        let mut io = futures::io::Cursor::new(buf);
+        let (tag, msg) = read_frame::<String, _>(&mut io, 100).await.unwrap();
+        assert_eq!((tag, msg), (7, Ok("hello".to_string())));
+        let (tag, msg) = read_frame::<String, _>(&mut io, 100).await.unwrap();
+        assert!(tag == 8 && matches!(msg, Err(FrameError::Malformed(_))));
+        let (tag, msg) = read_frame::<String, _>(&mut io, 100).await.unwrap();
+        assert!(tag == 9 && matches!(msg, Err(FrameError::TooLarge { len: 992, max: 100 })));
+        assert!(read_frame::<String, _>(&mut io, 100).await.is_err(), "end of stream");
+        assert!(matches!(encode(1, &"x".repeat(200), 100, &mut Vec::new()), Err(FrameError::TooLarge { .. })));
+    }
+}
