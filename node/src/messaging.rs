@@ -96,6 +96,9 @@ pub struct Messenger {
     greeted: HashSet<PeerId>,
     /// From the last Welcome: the relays holding our mailbox.
     mailbox_relays: Vec<RelayInfo>,
+    /// Envelopes fetched and recorded in the history but not yet acknowledged, per relay: the
+    /// next `Fetch` there carries them ([`Messenger::flush_acks`] sends them on their own).
+    unacked: HashMap<PeerId, Vec<EnvelopeId>>,
 }
 
 impl Messenger {
@@ -104,7 +107,14 @@ impl Messenger {
         let (client, session) = Client::open_signed_in(profile)?;
         let session = client.renew_if_due(session).await?;
         let history = Some(History::open(profile)?);
-        Ok(Messenger { client, session, history, greeted: HashSet::new(), mailbox_relays: Vec::new() })
+        Ok(Messenger {
+            client,
+            session,
+            history,
+            greeted: HashSet::new(),
+            mailbox_relays: Vec::new(),
+            unacked: HashMap::new(),
+        })
     }
 
     /// The profile's history, opening it if it was released.
@@ -430,7 +440,7 @@ impl Messenger {
         let mut last = String::from("no relays known; sign in with --network");
         for relay in self.known_relays() {
             self.greeted.remove(&relay.peer_id);
-            let hello = MailboxRequest::Fetch { max: 1, wait_ms: 0 };
+            let hello = MailboxRequest::Fetch { max: 1, wait_ms: 0, ack: Vec::new() };
             match self.relay_call(&relay, hello).await {
                 Ok(_) => return Ok(()),
                 Err(e) => last = e.to_string(),
@@ -439,16 +449,26 @@ impl Messenger {
         Err(MessagingError::NoRelay(last))
     }
 
-    /// Everything waiting on one relay, batch by batch.
+    /// Everything waiting on one relay, batch by batch. Each `Fetch` acknowledges the batch
+    /// before it; the last batch is acknowledged by the next `receive` or by `flush_acks`.
     async fn drain(&mut self, relay: &RelayInfo, wait_ms: u32) -> Result<Inbox, MessagingError> {
         let mut fresh = Inbox::default();
         let mut wait = wait_ms;
         loop {
-            let fetch = MailboxRequest::Fetch { max: MAX_ENVELOPES_PER_BATCH as u32, wait_ms: wait };
-            let (envelopes, more) = match self.relay_call(relay, fetch).await? {
-                MailboxResponse::Envelopes { envelopes, more } => (envelopes, more),
-                MailboxResponse::Error(e) => return Err(MessagingError::Refused(e)),
-                _ => return Err(ClientError::UnexpectedResponse("Fetch").into()),
+            let ack = self.unacked.remove(&relay.peer_id).unwrap_or_default();
+            let fetch = MailboxRequest::Fetch { max: MAX_ENVELOPES_PER_BATCH as u32, wait_ms: wait, ack: ack.clone() };
+            let answer = self.relay_call(relay, fetch).await;
+            let (envelopes, more) = match answer {
+                Ok(MailboxResponse::Envelopes { envelopes, more }) => (envelopes, more),
+                failed => {
+                    // Not acknowledged after all: keep them for the next attempt.
+                    self.unacked.insert(relay.peer_id, ack);
+                    return Err(match failed {
+                        Ok(MailboxResponse::Error(e)) => MessagingError::Refused(e),
+                        Ok(_) => ClientError::UnexpectedResponse("Fetch").into(),
+                        Err(e) => e,
+                    });
+                }
             };
             if envelopes.is_empty() {
                 return Ok(fresh);
@@ -458,18 +478,28 @@ impl Messenger {
             let inbox = self.accept(envelopes).await?;
             fresh.messages.extend(inbox.messages);
             fresh.typing.extend(inbox.typing);
-            // Acknowledge only after the history commit: a crash before it means a redelivery,
+            // Acknowledged only after the history commit: a crash before it means a redelivery,
             // which the seen-set absorbs; never a loss.
-            match self.relay_call(relay, MailboxRequest::Ack { ids }).await? {
-                MailboxResponse::Acked { .. } => {}
-                MailboxResponse::Error(e) => return Err(MessagingError::Refused(e)),
-                _ => return Err(ClientError::UnexpectedResponse("Ack").into()),
-            }
+            self.unacked.insert(relay.peer_id, ids);
             if !more {
                 return Ok(fresh);
             }
             wait = 0;
         }
+    }
+
+    /// Acknowledges what `receive` left unacknowledged. Commands that receive once and exit
+    /// call it; skipping it costs only a redelivery, which the seen-set absorbs.
+    pub async fn flush_acks(&mut self) -> Result<(), MessagingError> {
+        for relay in self.mailbox_relays.clone() {
+            let Some(ids) = self.unacked.remove(&relay.peer_id) else { continue };
+            match self.relay_call(&relay, MailboxRequest::Ack { ids }).await? {
+                MailboxResponse::Acked { .. } => {}
+                MailboxResponse::Error(e) => return Err(MessagingError::Refused(e)),
+                _ => return Err(ClientError::UnexpectedResponse("Ack").into()),
+            }
+        }
+        Ok(())
     }
 
     /// Opens, verifies and applies envelopes; drops (and logs) those that fail.

@@ -373,8 +373,10 @@ pub enum MailboxRequest {
     /// Store envelopes in their recipients' mailboxes; answered once durable on R relays.
     Send { envelopes: Vec<Envelope> },
     /// Envelopes waiting in the caller's own mailbox, oldest first. With `wait_ms > 0` and an
-    /// empty mailbox, the relay answers as soon as something arrives (long-poll).
-    Fetch { max: u32, wait_ms: u32 },
+    /// empty mailbox, the relay answers as soon as something arrives (long-poll). `ack` are
+    /// envelopes of earlier fetches the caller has kept, deleted first as by `Ack`: a
+    /// receiving loop needs one request per batch, not two.
+    Fetch { max: u32, wait_ms: u32, ack: Vec<EnvelopeId> },
     /// The caller has these envelopes; delete them on every replica.
     Ack { ids: Vec<EnvelopeId> },
 }

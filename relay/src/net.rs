@@ -20,7 +20,7 @@ use libp2p::swarm::SwarmEvent;
 use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm};
 use meshgram_node::cert::{CERT_CLOCK_SKEW_SECS, CertBody, unix_now};
 use meshgram_node::codec::FrameError;
-use meshgram_node::envelope::Envelope;
+use meshgram_node::envelope::{Envelope, EnvelopeId};
 use meshgram_node::pipe::{self, Inbound, PipePool, Responder};
 use meshgram_node::protocol::{
     ErrorCode, MAILBOX_LIMITS, MAILBOX_PROTOCOL, MAX_ENVELOPE_SIZE, MAX_ENVELOPES_PER_BATCH, MAX_FETCH_WAIT_MS,
@@ -35,7 +35,7 @@ use crate::behaviour::{RelayBehaviour, RelayBehaviourEvent};
 use crate::metrics::Metrics;
 use crate::placement::{closest_relays, mailbox_key};
 use crate::replicate::{Replicas, store_replicated};
-use crate::store::StoreHandle;
+use crate::store::{StoreError, StoreHandle};
 use meshgram_node::limits::RateLimiter;
 
 /// How often parked fetches are checked for their deadline.
@@ -323,38 +323,28 @@ impl EventLoop {
         match request {
             MailboxRequest::Hello { .. } => unreachable!("handled above"),
             MailboxRequest::Send { envelopes } => self.handle_send(peer, &cert, envelopes, channel, now),
-            MailboxRequest::Fetch { max, wait_ms } => {
+            MailboxRequest::Fetch { max, wait_ms, ack } => {
+                if ack.len() > MAX_ENVELOPES_PER_BATCH {
+                    return self.respond(channel, too_many_acks());
+                }
                 let max = max.clamp(1, MAX_ENVELOPES_PER_BATCH as u32);
                 let deadline = Instant::now() + Duration::from_millis(u64::from(wait_ms.min(MAX_FETCH_WAIT_MS)));
-                self.spawn_fetch(peer, channel, max, deadline, arrivals);
+                let deleted = self.delete_delivered(peer, ack);
+                let store = self.store.clone();
+                self.tasks.spawn(async move {
+                    match deleted.await {
+                        Ok(_) => fetch(store, peer, channel, max, deadline, arrivals).await,
+                        Err(e) => Done::mailbox(channel, internal(e)),
+                    }
+                });
             }
             MailboxRequest::Ack { ids } => {
                 if ids.len() > MAX_ENVELOPES_PER_BATCH {
-                    return self.respond(
-                        channel,
-                        refuse(ErrorCode::BadRequest, format!("at most {MAX_ENVELOPES_PER_BATCH} ids per Ack")),
-                    );
+                    return self.respond(channel, too_many_acks());
                 }
-                let others: Vec<PeerId> = self
-                    .mailbox_relays(&peer)
-                    .into_iter()
-                    .map(|r| r.peer_id)
-                    .filter(|id| id != self.swarm.local_peer_id())
-                    .take(self.settings.replication)
-                    .collect();
-                let (store, replicas) = (self.store.clone(), self.replicas.clone());
-                // Best effort, and not waited for: a replica that misses this delete still holds
-                // a copy the recipient will see again (only if this relay fails) and drop by id.
-                for relay in others {
-                    let (replicas, request) = (replicas.clone(), ReplicaRequest::Delete { mailbox: peer, ids: ids.clone() });
-                    tokio::spawn(async move {
-                        if let Err(e) = replicas.call(relay, request, async { Ok(()) }).await {
-                            tracing::debug!(%relay, error = %e, "replica delete failed");
-                        }
-                    });
-                }
+                let deleted = self.delete_delivered(peer, ids);
                 self.tasks.spawn(async move {
-                    let response = match store.delete(peer, ids).await {
+                    let response = match deleted.await {
                         Ok(count) => MailboxResponse::Acked { count },
                         Err(e) => internal(e),
                     };
@@ -364,26 +354,35 @@ impl EventLoop {
         }
     }
 
-    /// Reads the caller's mailbox; if empty and `deadline` is ahead, the answer waits (parks).
-    fn spawn_fetch(
+    /// Deletes envelopes the owner of `mailbox` has received: here (the returned future, to be
+    /// awaited before reading the mailbox again) and on the other replicas (best effort, not
+    /// waited for: a replica that misses it still holds a copy the recipient would see again
+    /// only if this relay failed, and would drop by id).
+    fn delete_delivered(
         &mut self,
-        peer: PeerId,
-        channel: Responder<MailboxResponse>,
-        max: u32,
-        deadline: Instant,
-        arrivals: u64,
-    ) {
-        let store = self.store.clone();
-        self.tasks.spawn(async move {
-            match store.fetch(peer, max as usize).await {
-                Ok((envelopes, more)) if !envelopes.is_empty() || Instant::now() >= deadline => {
-                    Done::mailbox(channel, MailboxResponse::Envelopes { envelopes, more })
+        mailbox: PeerId,
+        ids: Vec<EnvelopeId>,
+    ) -> impl Future<Output = Result<u32, StoreError>> + Send + 'static {
+        let local = *self.swarm.local_peer_id();
+        let others: Vec<PeerId> = if ids.is_empty() {
+            Vec::new()
+        } else {
+            let mut relays = self.mailbox_relays(&mailbox);
+            relays.truncate(self.settings.replication + 1);
+            relays.into_iter().map(|r| r.peer_id).filter(|id| *id != local).collect()
+        };
+        for relay in others {
+            let (replicas, request) = (self.replicas.clone(), ReplicaRequest::Delete { mailbox, ids: ids.clone() });
+            tokio::spawn(async move {
+                if let Err(e) = replicas.call(relay, request, async { Ok(()) }).await {
+                    tracing::debug!(%relay, error = %e, "replica delete failed");
                 }
-                Ok(_) => Done::Park { peer, channel, max, deadline, arrivals },
-                Err(e) => Done::mailbox(channel, internal(e)),
-            }
-        });
+            });
+        }
+        let store = self.store.clone();
+        async move { if ids.is_empty() { Ok(0) } else { store.delete(mailbox, ids).await } }
     }
+
 
     /// Checks a `Send` and starts its replication.
     fn handle_send(
@@ -495,8 +494,9 @@ impl EventLoop {
                 match self.sessions.get(&peer) {
                     // Something arrived while the fetch was reading: read again.
                     Some(session) if session.arrivals != arrivals => {
-                        let now = session.arrivals;
-                        return self.spawn_fetch(peer, channel, max, deadline, now);
+                        let (store, now) = (self.store.clone(), session.arrivals);
+                        self.tasks.spawn(fetch(store, peer, channel, max, deadline, now));
+                        return;
                     }
                     Some(_) => {}
                     // The client is gone; nobody to answer.
@@ -587,6 +587,28 @@ fn check_envelopes(peer: &PeerId, cert: &CertBody, envelopes: &[Envelope]) -> Re
         }
     }
     Ok(())
+}
+
+/// Reads `peer`'s mailbox; if it is empty and `deadline` is ahead, the answer waits (parks).
+async fn fetch(
+    store: StoreHandle,
+    peer: PeerId,
+    channel: Responder<MailboxResponse>,
+    max: u32,
+    deadline: Instant,
+    arrivals: u64,
+) -> Done {
+    match store.fetch(peer, max as usize).await {
+        Ok((envelopes, more)) if !envelopes.is_empty() || Instant::now() >= deadline => {
+            Done::mailbox(channel, MailboxResponse::Envelopes { envelopes, more })
+        }
+        Ok(_) => Done::Park { peer, channel, max, deadline, arrivals },
+        Err(e) => Done::mailbox(channel, internal(e)),
+    }
+}
+
+fn too_many_acks() -> MailboxResponse {
+    refuse(ErrorCode::BadRequest, format!("at most {MAX_ENVELOPES_PER_BATCH} ids per acknowledgement"))
 }
 
 fn refuse(code: ErrorCode, message: impl Into<String>) -> MailboxResponse {

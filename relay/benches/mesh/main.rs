@@ -121,7 +121,6 @@ struct RecipientFigures {
     cycles: usize,
     envelopes_per_cycle: f64,
     fetch: Option<Percentiles>,
-    ack: Option<Percentiles>,
 }
 
 impl RecipientFigures {
@@ -133,7 +132,6 @@ impl RecipientFigures {
             cycles: during.len(),
             envelopes_per_cycle: envelopes as f64 / during.len().max(1) as f64,
             fetch: Percentiles::of(during.iter().map(|c| c.fetch).collect()),
-            ack: Percentiles::of(during.iter().map(|c| c.ack).collect()),
         }
     }
 }
@@ -579,12 +577,11 @@ fn report(args: &Args, r: &Results) {
             for (phase, f) in &l.recipient {
                 let p50 = |p: &Option<Percentiles>| p.map_or_else(|| "-".into(), |p| fmt_duration(p.p50));
                 println!(
-                    "{name} {phase}: recipient made {} Fetch→Ack turns of {:.1} envelopes on average; Fetch RTT p50 {} \
-                     (includes waiting for mail), Ack RTT p50 {}",
+                    "{name} {phase}: recipient made {} Fetch turns (each acknowledging the batch before) of {:.1} \
+                     envelopes on average; Fetch RTT p50 {} (includes waiting for mail)",
                     f.cycles,
                     f.envelopes_per_cycle,
                     p50(&f.fetch),
-                    p50(&f.ack)
                 );
             }
             if let Some(lag) = l.paced_lag {

@@ -296,7 +296,7 @@ impl MeshRig {
             self.send(i..i + 1, tracker, (), None).await?;
             sends.push(now_ns() - start);
             let start = now_ns();
-            match self.sender.call(&self.entry, MailboxRequest::Fetch { max: 1, wait_ms: 0 }).await? {
+            match self.sender.call(&self.entry, MailboxRequest::Fetch { max: 1, wait_ms: 0, ack: vec![] }).await? {
                 MailboxResponse::Envelopes { .. } => fetches.push(now_ns() - start),
                 other => bail!("Fetch answered {other:?}"),
             }
@@ -384,8 +384,6 @@ pub(crate) struct Cycle {
     pub(crate) start: u64,
     /// `Fetch` round trip, including any time parked waiting for envelopes.
     pub(crate) fetch: u64,
-    /// `Ack` round trip (a commit on this relay).
-    pub(crate) ack: u64,
     pub(crate) envelopes: usize,
 }
 
@@ -397,8 +395,8 @@ struct Received {
     cycles: Vec<Cycle>,
 }
 
-/// The recipient: long-poll `Fetch`, note each arrival, `Ack` the batch (awaited, as the real
-/// client does: a second fetch before the ack commits would get the same envelopes again).
+/// The recipient: long-poll `Fetch`, note each arrival; the next `Fetch` acknowledges the batch
+/// (as `Messenger` does), and a last `Ack` the final one.
 async fn receive_loop(
     net: Arc<ClientNet>,
     relay: RelayInfo,
@@ -406,9 +404,10 @@ async fn receive_loop(
     stop: Arc<AtomicBool>,
 ) -> anyhow::Result<Received> {
     let mut received = Received::default();
+    let mut ack = Vec::new();
     while !stop.load(Ordering::Relaxed) {
         let start = now_ns();
-        let fetch = MailboxRequest::Fetch { max: FETCH_MAX, wait_ms: FETCH_WAIT_MS };
+        let fetch = MailboxRequest::Fetch { max: FETCH_MAX, wait_ms: FETCH_WAIT_MS, ack: std::mem::take(&mut ack) };
         let envelopes = match net.mailbox_request(relay.peer_id, relay.addrs.clone(), fetch).await? {
             MailboxResponse::Envelopes { envelopes, .. } => envelopes,
             other => bail!("Fetch answered {other:?}"),
@@ -423,13 +422,14 @@ async fn receive_loop(
                 received.samples.push(envelope.clone());
             }
         }
-        let count = envelopes.len();
-        let ids = envelopes.iter().map(|e| e.id).collect();
-        match net.mailbox_request(relay.peer_id, relay.addrs.clone(), MailboxRequest::Ack { ids }).await? {
+        ack = envelopes.iter().map(|e| e.id).collect();
+        received.cycles.push(Cycle { start, fetch: at - start, envelopes: envelopes.len() });
+    }
+    if !ack.is_empty() {
+        match net.mailbox_request(relay.peer_id, relay.addrs.clone(), MailboxRequest::Ack { ids: ack }).await? {
             MailboxResponse::Acked { .. } => {}
             other => bail!("Ack answered {other:?}"),
         }
-        received.cycles.push(Cycle { start, fetch: at - start, ack: now_ns() - at, envelopes: count });
     }
     Ok(received)
 }

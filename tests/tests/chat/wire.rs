@@ -116,7 +116,7 @@ async fn relays_refuse_bad_certificates_spoofed_senders_oversized_and_replayed_e
     }
 
     // Mallory's own mailbox is empty: she cannot read or acknowledge Bob's.
-    match mallory.call(MailboxRequest::Fetch { max: 10, wait_ms: 0 }).await {
+    match mallory.call(MailboxRequest::Fetch { max: 10, wait_ms: 0, ack: vec![] }).await {
         MailboxResponse::Envelopes { envelopes, .. } => assert!(envelopes.is_empty()),
         other => panic!("expected Envelopes, got {other:?}"),
     }
@@ -132,7 +132,7 @@ async fn relays_refuse_bad_certificates_spoofed_senders_oversized_and_replayed_e
     let to_mallory = honest.envelope(2, mallory.identity.peer_id(), 50);
     assert!(matches!(honest.call(send(&honest, to_mallory.clone())).await, MailboxResponse::Stored { .. }));
     // And the long-poll hands it over.
-    match mallory.call(MailboxRequest::Fetch { max: 10, wait_ms: 5_000 }).await {
+    match mallory.call(MailboxRequest::Fetch { max: 10, wait_ms: 5_000, ack: vec![] }).await {
         MailboxResponse::Envelopes { envelopes, .. } => assert_eq!(envelopes, vec![to_mallory]),
         other => panic!("expected Envelopes, got {other:?}"),
     }
