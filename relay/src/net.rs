@@ -433,15 +433,31 @@ impl EventLoop {
             }
         };
         let store = self.store.clone();
+        if let ReplicaRequest::Store { envelopes } = &request {
+            if let Some(bad) = envelopes.iter().find(|e| e.encoded_len() > MAX_ENVELOPE_SIZE) {
+                let refusal = WireError::new(ErrorCode::BadRequest, format!("envelope {} is too large", bad.id));
+                return channel.respond(ReplicaResponse::Error(refusal));
+            }
+        }
+        // A recipient waiting on this relay gets its envelopes as they arrive, while they are
+        // being committed: what it sees first is what reaches the screen, and the sender still
+        // hears "stored" only after the commit. Their put is queued before the push goes out,
+        // so an acknowledgement of them can only be applied after it.
+        let put = match &request {
+            ReplicaRequest::Store { envelopes } if envelopes.iter().any(|e| self.parked.contains_key(&e.to_device)) => {
+                store.put_in_order(envelopes.clone(), unix_now()).inspect(|_| self.push_to_parked(envelopes))
+            }
+            _ => None,
+        };
         self.tasks.spawn(async move {
             match request {
                 ReplicaRequest::Store { envelopes } => {
-                    if let Some(bad) = envelopes.iter().find(|e| e.encoded_len() > MAX_ENVELOPE_SIZE) {
-                        let refusal = WireError::new(ErrorCode::BadRequest, format!("envelope {} is too large", bad.id));
-                        return Done::replica(channel, ReplicaResponse::Error(refusal));
-                    }
                     let mailboxes: HashSet<PeerId> = envelopes.iter().map(|e| e.to_device).collect();
-                    match store.put(envelopes, unix_now()).await {
+                    let outcome = match put {
+                        Some(queued) => queued.await,
+                        None => store.put(envelopes, unix_now()).await,
+                    };
+                    match outcome {
                         Ok(outcome) if !outcome.over_quota.is_empty() => Done::replica(
                             channel,
                             ReplicaResponse::Error(WireError::new(
@@ -520,13 +536,35 @@ impl EventLoop {
             if let Some(parked) = self.parked.remove(&mailbox) {
                 let store = self.store.clone();
                 self.tasks.spawn(async move {
-                    let response = match store.fetch(mailbox, parked.max as usize).await {
+                    let response = match store.fetch(mailbox, parked.max as usize) {
                         Ok((envelopes, more)) => MailboxResponse::Envelopes { envelopes, more },
                         Err(e) => internal(e),
                     };
                     Done::mailbox(parked.channel, response)
                 });
             }
+        }
+    }
+
+    /// Answers the fetches parked on the mailboxes of these envelopes with them.
+    fn push_to_parked(&mut self, envelopes: &[Envelope]) {
+        let mut answers: HashMap<PeerId, (Parked, Vec<Envelope>)> = HashMap::new();
+        for envelope in envelopes {
+            let mailbox = envelope.to_device;
+            if !answers.contains_key(&mailbox) {
+                let Some(parked) = self.parked.remove(&mailbox) else { continue };
+                answers.insert(mailbox, (parked, Vec::new()));
+            }
+            if let Some((parked, batch)) = answers.get_mut(&mailbox)
+                && batch.len() < parked.max as usize
+            {
+                batch.push(envelope.clone());
+            }
+        }
+        for (_, (parked, envelopes)) in answers {
+            // `more`: the rest (if any) is in the store once committed.
+            let more = envelopes.len() == parked.max as usize;
+            self.respond(parked.channel, MailboxResponse::Envelopes { envelopes, more });
         }
     }
 
@@ -598,7 +636,7 @@ async fn fetch(
     deadline: Instant,
     arrivals: u64,
 ) -> Done {
-    match store.fetch(peer, max as usize).await {
+    match store.fetch(peer, max as usize) {
         Ok((envelopes, more)) if !envelopes.is_empty() || Instant::now() >= deadline => {
             Done::mailbox(channel, MailboxResponse::Envelopes { envelopes, more })
         }

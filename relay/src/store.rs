@@ -1,6 +1,7 @@
 //! The relay's durable mailboxes in one redb file, behind a single-threaded actor that commits
 //! many requests in one transaction (group commit): under load, one fsync covers every
-//! envelope that arrived while the previous commit ran.
+//! envelope that arrived while the previous commit ran. Reads need no actor: redb serves
+//! readers alongside its writer, so fetches read committed data on the caller's task.
 //!
 //! Tables:
 //! - `mailbox`: (device peer id, arrival number) → envelope. Arrival order is fetch order.
@@ -12,6 +13,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use libp2p::PeerId;
@@ -66,7 +68,6 @@ pub struct PutOutcome {
 
 enum Command {
     Put { envelopes: Vec<Envelope>, now: u64, reply: oneshot::Sender<Result<PutOutcome, StoreError>> },
-    Fetch { mailbox: PeerId, max: usize, reply: oneshot::Sender<Result<(Vec<Envelope>, bool), StoreError>> },
     Delete { mailbox: PeerId, ids: Vec<EnvelopeId>, reply: oneshot::Sender<Result<u32, StoreError>> },
     Expire { now: u64, reply: oneshot::Sender<Result<u32, StoreError>> },
 }
@@ -75,6 +76,7 @@ enum Command {
 #[derive(Debug, Clone)]
 pub struct StoreHandle {
     commands: mpsc::Sender<Command>,
+    db: Arc<Database>,
 }
 
 /// Limits the store enforces.
@@ -97,11 +99,13 @@ impl StoreHandle {
         tx.open_table(META)?;
         tx.commit()?;
         let (commands, rx) = mpsc::channel(STORE_QUEUE);
+        let db = Arc::new(db);
+        let writer = Arc::clone(&db);
         std::thread::Builder::new()
             .name("relay-store".into())
-            .spawn(move || run(db, limits, rx))
+            .spawn(move || run(&writer, limits, rx))
             .map_err(|e| StoreError::Db(e.to_string()))?;
-        Ok(StoreHandle { commands })
+        Ok(StoreHandle { commands, db })
     }
 
     async fn ask<T>(
@@ -118,9 +122,21 @@ impl StoreHandle {
         self.ask(|reply| Command::Put { envelopes, now, reply }).await
     }
 
-    /// Oldest envelopes of a mailbox, and whether more are waiting.
-    pub async fn fetch(&self, mailbox: PeerId, max: usize) -> Result<(Vec<Envelope>, bool), StoreError> {
-        self.ask(|reply| Command::Fetch { mailbox, max, reply }).await
+    /// Queues a put now, ahead of anything queued after this call returns (an `Ack` of these
+    /// envelopes, say), and gives the future of its outcome; `None` if the queue is full.
+    pub fn put_in_order(
+        &self,
+        envelopes: Vec<Envelope>,
+        now: u64,
+    ) -> Option<impl Future<Output = Result<PutOutcome, StoreError>> + Send + 'static> {
+        let (reply, rx) = oneshot::channel();
+        self.commands.try_send(Command::Put { envelopes, now, reply }).ok()?;
+        Some(async move { rx.await.map_err(|_| StoreError::Stopped)? })
+    }
+
+    /// Oldest envelopes of a mailbox, and whether more are waiting (committed data only).
+    pub fn fetch(&self, mailbox: PeerId, max: usize) -> Result<(Vec<Envelope>, bool), StoreError> {
+        fetch(&self.db, &mailbox, max)
     }
 
     /// Deletes delivered envelopes of a mailbox (ids of other mailboxes are ignored).
@@ -136,7 +152,7 @@ impl StoreHandle {
 
 /// The actor: take one command, then whatever else is queued, and run all writes in one
 /// transaction whose commit they share.
-fn run(db: Database, limits: StoreLimits, mut rx: mpsc::Receiver<Command>) {
+fn run(db: &Database, limits: StoreLimits, mut rx: mpsc::Receiver<Command>) {
     while let Some(first) = rx.blocking_recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_GROUP {
@@ -145,26 +161,13 @@ fn run(db: Database, limits: StoreLimits, mut rx: mpsc::Receiver<Command>) {
                 Err(_) => break,
             }
         }
-        run_batch(&db, &limits, batch);
+        run_batch(db, &limits, batch);
     }
 }
 
 type Reply = Box<dyn FnOnce(Result<(), StoreError>)>;
 
-fn run_batch(db: &Database, limits: &StoreLimits, batch: Vec<Command>) {
-    // Reads first, outside the write transaction, so they see only committed data.
-    let mut writes = Vec::new();
-    for command in batch {
-        match command {
-            Command::Fetch { mailbox, max, reply } => {
-                let _ = reply.send(fetch(db, &mailbox, max));
-            }
-            other => writes.push(other),
-        }
-    }
-    if writes.is_empty() {
-        return;
-    }
+fn run_batch(db: &Database, limits: &StoreLimits, writes: Vec<Command>) {
     let mut replies: Vec<Reply> = Vec::new();
     // A lost delete only means a redelivery, which recipients drop by id: batches of nothing
     // but deletes skip the fsync and become durable with the next batch that stores.
@@ -196,7 +199,6 @@ fn run_batch(db: &Database, limits: &StoreLimits, batch: Vec<Command>) {
                         let _ = reply.send(committed.and(outcome));
                     }));
                 }
-                Command::Fetch { .. } => unreachable!("fetches were answered above"),
             }
         }
         tx.commit()?;
@@ -362,17 +364,17 @@ mod tests {
         let replay = store.put(vec![batch[0].clone()], 2).await.unwrap();
         assert_eq!(replay.duplicates, vec![batch[0].id]);
 
-        let (got, more) = store.fetch(bob, 3).await.unwrap();
+        let (got, more) = store.fetch(bob, 3).unwrap();
         assert_eq!(got.iter().map(|e| e.seq).collect::<Vec<_>>(), [0, 1, 2]);
         assert!(more);
 
         // Carol cannot delete Bob's envelopes; Bob can.
         assert_eq!(store.delete(carol, vec![batch[0].id]).await.unwrap(), 0);
         assert_eq!(store.delete(bob, batch.iter().map(|e| e.id).collect()).await.unwrap(), 5);
-        assert!(store.fetch(bob, 10).await.unwrap().0.is_empty());
+        assert!(store.fetch(bob, 10).unwrap().0.is_empty());
         // A delivered envelope replayed is still a duplicate.
         assert_eq!(store.put(vec![batch[1].clone()], 3).await.unwrap().duplicates.len(), 1);
-        assert_eq!(store.fetch(carol, 10).await.unwrap().0.len(), 1);
+        assert_eq!(store.fetch(carol, 10).unwrap().0.len(), 1);
     }
 
     #[tokio::test]
@@ -384,7 +386,7 @@ mod tests {
         assert_eq!((outcome.stored.len(), outcome.over_quota.len()), (2, 1));
         assert_eq!(store.expire(99).await.unwrap(), 0);
         assert_eq!(store.expire(100).await.unwrap(), 2);
-        assert!(store.fetch(bob, 10).await.unwrap().0.is_empty());
+        assert!(store.fetch(bob, 10).unwrap().0.is_empty());
         assert_eq!(store.put(vec![envelope(bob, 9)], 100).await.unwrap().stored.len(), 1, "quota freed");
     }
 
@@ -410,6 +412,6 @@ mod tests {
                 Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
             }
         }
-        assert_eq!(reopened.unwrap().fetch(bob, 10).await.unwrap().0.len(), 1);
+        assert_eq!(reopened.unwrap().fetch(bob, 10).unwrap().0.len(), 1);
     }
 }
