@@ -656,7 +656,7 @@ async fn messages(profile: &Path, json: bool, chat: Option<String>, follow: bool
         None => None,
     };
     messenger.receive(0).await?;
-    messenger.flush_acks().await?;
+    messenger.flush_acks().await;
     // Opening a chat reads it, as in any messenger.
     if let Some(chat) = chat {
         messenger.mark_read(chat).await?;
@@ -681,7 +681,10 @@ async fn messages(profile: &Path, json: bool, chat: Option<String>, follow: bool
         // while this one waits on the network.
         messenger.release_history();
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => return Ok(messenger.flush_acks().await?),
+            _ = tokio::signal::ctrl_c() => {
+                messenger.flush_acks().await;
+                return Ok(());
+            }
             fresh = messenger.receive(FETCH_WAIT_MS) => match fresh {
                 Ok(fresh) => {
                     fresh.messages.iter().filter(|m| chat.is_none_or(|c| m.chat == c)).for_each(print);
@@ -702,7 +705,7 @@ async fn messages(profile: &Path, json: bool, chat: Option<String>, follow: bool
 async fn chats(profile: &Path, json: bool) -> CliResult {
     let mut messenger = Messenger::open(profile).await?;
     messenger.receive(0).await?;
-    messenger.flush_acks().await?;
+    messenger.flush_acks().await;
     let mut chats: Vec<(meshgram_node::ids::UserId, usize, StoredMessage)> = Vec::new();
     for m in messenger.history()?.messages(None).map_err(MessagingError::from)? {
         match chats.last_mut() {

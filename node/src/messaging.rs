@@ -462,7 +462,9 @@ impl Messenger {
                 Ok(MailboxResponse::Envelopes { envelopes, more }) => (envelopes, more),
                 failed => {
                     // Not acknowledged after all: keep them for the next attempt.
-                    self.unacked.insert(relay.peer_id, ack);
+                    if !ack.is_empty() {
+                        self.unacked.insert(relay.peer_id, ack);
+                    }
                     return Err(match failed {
                         Ok(MailboxResponse::Error(e)) => MessagingError::Refused(e),
                         Ok(_) => ClientError::UnexpectedResponse("Fetch").into(),
@@ -489,17 +491,17 @@ impl Messenger {
     }
 
     /// Acknowledges what `receive` left unacknowledged. Commands that receive once and exit
-    /// call it; skipping it costs only a redelivery, which the seen-set absorbs.
-    pub async fn flush_acks(&mut self) -> Result<(), MessagingError> {
+    /// call it. Best effort: a missed acknowledgement costs only a redelivery, which the
+    /// seen-set absorbs, so a relay that cannot be reached is logged, not an error.
+    pub async fn flush_acks(&mut self) {
         for relay in self.mailbox_relays.clone() {
             let Some(ids) = self.unacked.remove(&relay.peer_id) else { continue };
-            match self.relay_call(&relay, MailboxRequest::Ack { ids }).await? {
-                MailboxResponse::Acked { .. } => {}
-                MailboxResponse::Error(e) => return Err(MessagingError::Refused(e)),
-                _ => return Err(ClientError::UnexpectedResponse("Ack").into()),
+            match self.relay_call(&relay, MailboxRequest::Ack { ids }).await {
+                Ok(MailboxResponse::Acked { .. }) => {}
+                Ok(other) => tracing::warn!(relay = %relay.peer_id, answer = ?other, "acknowledgement refused"),
+                Err(e) => tracing::warn!(relay = %relay.peer_id, error = %e, "acknowledgement not delivered"),
             }
         }
-        Ok(())
     }
 
     /// Opens, verifies and applies envelopes; drops (and logs) those that fail.

@@ -81,6 +81,8 @@ enum Done {
     /// A fetch found nothing: park it until something arrives or its deadline, unless
     /// something arrived since it looked (`arrivals` then differs from the session's count).
     Park { peer: PeerId, channel: Responder<MailboxResponse>, max: u32, deadline: Instant, arrivals: u64 },
+    /// These acknowledged envelopes are deleted here (or failed to be, and will come again).
+    AcksApplied { peer: PeerId, ids: Vec<EnvelopeId> },
     /// Background work that answers nobody.
     Nothing,
 }
@@ -106,6 +108,9 @@ struct Session {
     /// Counts commits into this client's mailbox here, so a fetch that read an empty mailbox
     /// just before an arrival is not parked past it.
     arrivals: u64,
+    /// Acknowledged by a `Fetch` but maybe not yet deleted: fetches skip them rather than wait
+    /// for the delete, which may queue behind other commits.
+    acks_in_flight: HashSet<EnvelopeId>,
 }
 
 pub(crate) struct EventLoop {
@@ -293,7 +298,8 @@ impl EventLoop {
         if let MailboxRequest::Hello { cert } = request {
             let response = match cert.verify_for(&self.settings.gateway_key, &peer, now) {
                 Ok(body) => {
-                    self.sessions.insert(peer, Session { cert: body.clone(), arrivals: 0 });
+                    let session = Session { cert: body.clone(), arrivals: 0, acks_in_flight: HashSet::new() };
+                    self.sessions.insert(peer, session);
                     let mut mailbox_relays = self.mailbox_relays(&peer);
                     mailbox_relays.truncate(self.settings.replication);
                     MailboxResponse::Welcome {
@@ -306,7 +312,7 @@ impl EventLoop {
             };
             return self.respond(channel, response);
         }
-        let (cert, arrivals) = match self.sessions.get(&peer) {
+        let cert = match self.sessions.get(&peer) {
             None => {
                 return self
                     .respond(channel, refuse(ErrorCode::CertInvalid, "say Hello with your session certificate first"));
@@ -318,7 +324,7 @@ impl EventLoop {
                     refuse(ErrorCode::CertInvalid, "your certificate expired; renew it and say Hello again"),
                 );
             }
-            Some(session) => (session.cert.clone(), session.arrivals),
+            Some(session) => session.cert.clone(),
         };
         match request {
             MailboxRequest::Hello { .. } => unreachable!("handled above"),
@@ -329,14 +335,19 @@ impl EventLoop {
                 }
                 let max = max.clamp(1, MAX_ENVELOPES_PER_BATCH as u32);
                 let deadline = Instant::now() + Duration::from_millis(u64::from(wait_ms.min(MAX_FETCH_WAIT_MS)));
-                let deleted = self.delete_delivered(peer, ack);
-                let store = self.store.clone();
-                self.tasks.spawn(async move {
-                    match deleted.await {
-                        Ok(_) => fetch(store, peer, channel, max, deadline, arrivals).await,
-                        Err(e) => Done::mailbox(channel, internal(e)),
+                if !ack.is_empty() {
+                    if let Some(session) = self.sessions.get_mut(&peer) {
+                        session.acks_in_flight.extend(ack.iter().copied());
                     }
-                });
+                    let deleted = self.delete_delivered(peer, ack.clone());
+                    self.tasks.spawn(async move {
+                        if let Err(e) = deleted.await {
+                            tracing::error!(%peer, error = %e, "deleting acknowledged envelopes failed");
+                        }
+                        Done::AcksApplied { peer, ids: ack }
+                    });
+                }
+                self.spawn_fetch(peer, channel, max, deadline);
             }
             MailboxRequest::Ack { ids } => {
                 if ids.len() > MAX_ENVELOPES_PER_BATCH {
@@ -510,9 +521,7 @@ impl EventLoop {
                 match self.sessions.get(&peer) {
                     // Something arrived while the fetch was reading: read again.
                     Some(session) if session.arrivals != arrivals => {
-                        let (store, now) = (self.store.clone(), session.arrivals);
-                        self.tasks.spawn(fetch(store, peer, channel, max, deadline, now));
-                        return;
+                        return self.spawn_fetch(peer, channel, max, deadline);
                     }
                     Some(_) => {}
                     // The client is gone; nobody to answer.
@@ -523,8 +532,38 @@ impl EventLoop {
                     self.respond(old.channel, MailboxResponse::Envelopes { envelopes: Vec::new(), more: false });
                 }
             }
+            Done::AcksApplied { peer, ids } => {
+                if let Some(session) = self.sessions.get_mut(&peer) {
+                    for id in &ids {
+                        session.acks_in_flight.remove(id);
+                    }
+                }
+            }
             Done::Nothing => {}
         }
+    }
+
+    /// Reads `peer`'s mailbox on a task; answers, or parks until `deadline` if it is empty.
+    fn spawn_fetch(&mut self, peer: PeerId, channel: Responder<MailboxResponse>, max: u32, deadline: Instant) {
+        // The client is gone: nobody to answer.
+        let Some(session) = self.sessions.get(&peer) else { return };
+        let (arrivals, skip) = (session.arrivals, session.acks_in_flight.clone());
+        let store = self.store.clone();
+        self.tasks.spawn(async move {
+            let read = store.fetch(peer, max as usize + skip.len()).map(|(mut envelopes, more)| {
+                envelopes.retain(|e| !skip.contains(&e.id));
+                let more = more || envelopes.len() > max as usize;
+                envelopes.truncate(max as usize);
+                (envelopes, more)
+            });
+            match read {
+                Ok((envelopes, more)) if !envelopes.is_empty() || Instant::now() >= deadline => {
+                    Done::mailbox(channel, MailboxResponse::Envelopes { envelopes, more })
+                }
+                Ok(_) => Done::Park { peer, channel, max, deadline, arrivals },
+                Err(e) => Done::mailbox(channel, internal(e)),
+            }
+        });
     }
 
     /// Answers the fetches parked on these mailboxes with what has just arrived.
@@ -534,14 +573,7 @@ impl EventLoop {
                 session.arrivals += 1;
             }
             if let Some(parked) = self.parked.remove(&mailbox) {
-                let store = self.store.clone();
-                self.tasks.spawn(async move {
-                    let response = match store.fetch(mailbox, parked.max as usize) {
-                        Ok((envelopes, more)) => MailboxResponse::Envelopes { envelopes, more },
-                        Err(e) => internal(e),
-                    };
-                    Done::mailbox(parked.channel, response)
-                });
+                self.spawn_fetch(mailbox, parked.channel, parked.max, parked.deadline);
             }
         }
     }
@@ -625,24 +657,6 @@ fn check_envelopes(peer: &PeerId, cert: &CertBody, envelopes: &[Envelope]) -> Re
         }
     }
     Ok(())
-}
-
-/// Reads `peer`'s mailbox; if it is empty and `deadline` is ahead, the answer waits (parks).
-async fn fetch(
-    store: StoreHandle,
-    peer: PeerId,
-    channel: Responder<MailboxResponse>,
-    max: u32,
-    deadline: Instant,
-    arrivals: u64,
-) -> Done {
-    match store.fetch(peer, max as usize) {
-        Ok((envelopes, more)) if !envelopes.is_empty() || Instant::now() >= deadline => {
-            Done::mailbox(channel, MailboxResponse::Envelopes { envelopes, more })
-        }
-        Ok(_) => Done::Park { peer, channel, max, deadline, arrivals },
-        Err(e) => Done::mailbox(channel, internal(e)),
-    }
 }
 
 fn too_many_acks() -> MailboxResponse {

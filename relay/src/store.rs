@@ -14,7 +14,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
 use meshgram_node::envelope::{Envelope, EnvelopeId};
@@ -32,6 +32,11 @@ const NEXT_ARRIVAL: &str = "next_arrival";
 const STORE_QUEUE: usize = 4096;
 /// Requests folded into one transaction at most.
 const MAX_GROUP: usize = 512;
+/// Deletes wait up to this long for a transaction that stores (and carries them along) before
+/// committing on their own: a recipient acknowledges every batch, often a single envelope,
+/// and nothing is lost if a delete comes late (the relay does not show acknowledged envelopes
+/// again, and a crash only means a redelivery the recipient drops by id).
+const DELETE_DELAY: Duration = Duration::from_millis(20);
 
 /// A storage failure.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -153,13 +158,45 @@ impl StoreHandle {
 /// The actor: take one command, then whatever else is queued, and run all writes in one
 /// transaction whose commit they share.
 fn run(db: &Database, limits: StoreLimits, mut rx: mpsc::Receiver<Command>) {
-    while let Some(first) = rx.blocking_recv() {
-        let mut batch = vec![first];
-        while batch.len() < MAX_GROUP {
-            match rx.try_recv() {
-                Ok(command) => batch.push(command),
-                Err(_) => break,
+    // Only for receiving with a deadline on this plain thread.
+    let timer = match tokio::runtime::Builder::new_current_thread().enable_time().build() {
+        Ok(timer) => timer,
+        Err(e) => {
+            tracing::error!(error = %e, "the store could not start");
+            return;
+        }
+    };
+    // Deletes waiting to ride along with the next store, and since when.
+    let mut deferred: Vec<Command> = Vec::new();
+    let mut deferred_since = Instant::now();
+    loop {
+        let next = if deferred.is_empty() {
+            rx.blocking_recv()
+        } else {
+            let left = DELETE_DELAY.saturating_sub(deferred_since.elapsed());
+            timer.block_on(async { tokio::time::timeout(left, rx.recv()).await }).unwrap_or_default()
+        };
+        let timed_out = next.is_none();
+        let starting = deferred.is_empty();
+        let mut batch = std::mem::take(&mut deferred);
+        if let Some(first) = next {
+            batch.push(first);
+            while batch.len() < MAX_GROUP {
+                match rx.try_recv() {
+                    Ok(command) => batch.push(command),
+                    Err(_) => break,
+                }
             }
+        } else if batch.is_empty() {
+            return; // every handle is gone and nothing is left to write
+        }
+        let only_deletes = batch.iter().all(|c| matches!(c, Command::Delete { .. }));
+        if only_deletes && !timed_out && batch.len() < MAX_GROUP {
+            if starting {
+                deferred_since = Instant::now();
+            }
+            deferred = batch;
+            continue;
         }
         run_batch(db, &limits, batch);
     }

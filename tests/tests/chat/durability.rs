@@ -1,6 +1,8 @@
 use std::thread;
 use std::time::Duration;
 
+use libp2p::PeerId;
+use libp2p::kad::KBucketKey;
 use meshgram_tests::{Mesh, array, meshgram, spawn_meshgram, texts, u64_field};
 
 use super::{ALICE, BOB};
@@ -15,13 +17,17 @@ fn offline_recipient_gets_1000_messages_exactly_once_in_order_despite_a_killed_r
     mesh.login(&bob, BOB);
     let expected: Vec<String> = (0..1000).map(|i| format!("message {i:04} {SENTINEL}")).collect();
 
-    // Bob is offline (never fetches) while Alice sends; the relay Alice sends through is
-    // SIGKILLed part-way. Everything Alice's CLI reports as sent must reach Bob.
+    // Bob is offline (never fetches) while Alice sends; the relay closest to Bob's mailbox
+    // (Kademlia distance from his device key: it holds a copy of everything) is SIGKILLed
+    // part-way. Everything Alice's CLI reports as sent must reach Bob.
+    let bob_device: PeerId = meshgram(&bob, &["whoami"]).ok_json()["device"].as_str().unwrap().parse().unwrap();
+    let distance = |relay: &str| KBucketKey::from(bob_device).distance(&KBucketKey::from(relay.parse::<PeerId>().unwrap()));
+    let closest = (0..mesh.relays.len()).min_by_key(|&i| distance(&mesh.relays[i].peer_id())).unwrap();
     let mut send = spawn_meshgram(&alice, &["send", BOB, "--lines"]);
     for line in &expected {
         send.write_line(line);
     }
-    let mut victim = mesh.relays.remove(0);
+    let mut victim = mesh.relays.remove(closest);
     let killer = thread::spawn(move || {
         thread::sleep(Duration::from_millis(400));
         victim.kill9();
@@ -36,6 +42,7 @@ fn offline_recipient_gets_1000_messages_exactly_once_in_order_despite_a_killed_r
     assert!(disk.len() > 100_000, "the envelopes are on disk ({} bytes)", disk.len());
     assert!(!disk.windows(SENTINEL.len()).any(|w| w == SENTINEL.as_bytes()), "plaintext found in a relay's files");
 
+    // Bob comes back while that relay is still dead: the surviving replica has it all.
     let inbox = meshgram(&bob, &["messages"]).ok_json();
     assert_eq!(texts(&inbox), expected, "all 1000, once each, in order");
     let messages = array(&inbox, "messages");
