@@ -37,9 +37,18 @@ pub enum NetError {
 type Reply<T> = oneshot::Sender<Result<T, NetError>>;
 
 enum Command {
-    Auth { peer: PeerId, addrs: Vec<Multiaddr>, request: AuthRequest, reply: Reply<AuthResponse> },
+    Auth {
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+        request: AuthRequest,
+        reply: Reply<AuthResponse>,
+    },
     /// Answer once connected to `peer`, dialing `addrs` if need be.
-    Connect { peer: PeerId, addrs: Vec<Multiaddr>, reply: Reply<()> },
+    Connect {
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+        reply: Reply<()>,
+    },
 }
 
 /// Handle to the client's network task. Dropping it stops the task.

@@ -231,7 +231,13 @@ where
     Resp: DeserializeOwned + Send + 'static,
 {
     pub fn new(protocol: &'static str, limits: PipeLimits, timeout: Duration, streams: libp2p_stream::Control) -> Self {
-        PipePool { protocol: StreamProtocol::new(protocol), limits, timeout, streams, pipes: Mutex::new(HashMap::new()) }
+        PipePool {
+            protocol: StreamProtocol::new(protocol),
+            limits,
+            timeout,
+            streams,
+            pipes: Mutex::new(HashMap::new()),
+        }
     }
 
     /// Sends `request` to `peer` on its pipe. A new pipe first awaits `connect` (which makes

@@ -394,7 +394,6 @@ impl EventLoop {
         async move { if ids.is_empty() { Ok(0) } else { store.delete(mailbox, ids).await } }
     }
 
-
     /// Checks a `Send` and starts its replication.
     fn handle_send(
         &mut self,

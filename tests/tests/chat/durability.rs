@@ -21,7 +21,8 @@ fn offline_recipient_gets_1000_messages_exactly_once_in_order_despite_a_killed_r
     // (Kademlia distance from his device key: it holds a copy of everything) is SIGKILLed
     // part-way. Everything Alice's CLI reports as sent must reach Bob.
     let bob_device: PeerId = meshgram(&bob, &["whoami"]).ok_json()["device"].as_str().unwrap().parse().unwrap();
-    let distance = |relay: &str| KBucketKey::from(bob_device).distance(&KBucketKey::from(relay.parse::<PeerId>().unwrap()));
+    let distance =
+        |relay: &str| KBucketKey::from(bob_device).distance(&KBucketKey::from(relay.parse::<PeerId>().unwrap()));
     let closest = (0..mesh.relays.len()).min_by_key(|&i| distance(&mesh.relays[i].peer_id())).unwrap();
     let mut send = spawn_meshgram(&alice, &["send", BOB, "--lines"]);
     for line in &expected {

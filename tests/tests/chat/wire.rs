@@ -137,3 +137,96 @@ async fn relays_refuse_bad_certificates_spoofed_senders_oversized_and_replayed_e
         other => panic!("expected Envelopes, got {other:?}"),
     }
 }
+
+/// Reads one pipe frame: (tag, answer).
+async fn read_answer(stream: &mut libp2p::Stream) -> std::io::Result<(u64, MailboxResponse)> {
+    use futures::AsyncReadExt;
+    let mut header = [0u8; 12];
+    stream.read_exact(&mut header).await?;
+    let len = u32::from_be_bytes(header[..4].try_into().unwrap()) as usize - 8;
+    let mut body = vec![0u8; len];
+    stream.read_exact(&mut body).await?;
+    Ok((u64::from_be_bytes(header[4..].try_into().unwrap()), postcard::from_bytes(&body).unwrap()))
+}
+
+/// A frame header: length of what follows (tag included), then the tag.
+fn header(body_len: usize, tag: u64) -> Vec<u8> {
+    let mut frame = ((body_len + 8) as u32).to_be_bytes().to_vec();
+    frame.extend(tag.to_be_bytes());
+    frame
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_on_a_relay_pipe_gets_bad_request_and_the_relay_keeps_serving() {
+    use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
+    use meshgram_node::protocol::{MAILBOX_PROTOCOL, MAX_MAILBOX_MESSAGE_SIZE};
+
+    let gateway_key = ed25519::Keypair::generate();
+    let mesh = Mesh::start_with_key(Gateway::start(), &hex(&gateway_key.public().to_bytes()), 1, 1);
+    let relay_addr: libp2p::Multiaddr = mesh.relays[0].tcp_addr().parse().unwrap();
+    let relay: PeerId = mesh.relays[0].peer_id().parse().unwrap();
+
+    // A bare libp2p node that speaks raw bytes on the mailbox protocol.
+    let keypair = libp2p::identity::Keypair::generate_ed25519();
+    let mut swarm = meshgram_node::transport::build_swarm(keypair, std::time::Duration::from_secs(60), |_| {
+        libp2p_stream::Behaviour::new()
+    })
+    .unwrap();
+    let control = swarm.behaviour().new_control();
+    swarm.dial(relay_addr).unwrap();
+    tokio::spawn(async move {
+        loop {
+            swarm.select_next_some().await;
+        }
+    });
+    let open = |mut control: libp2p_stream::Control| async move {
+        for _ in 0..100 {
+            if let Ok(stream) = control.open_stream(relay, libp2p::StreamProtocol::new(MAILBOX_PROTOCOL)).await {
+                return stream;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        panic!("no stream to the relay");
+    };
+    let mut stream = open(control.clone()).await;
+
+    // A body that is not a request: BAD_REQUEST on its tag, and the pipe goes on.
+    let mut frame = header(3, 7);
+    frame.extend([0xff, 0xff, 0xff]);
+    stream.write_all(&frame).await.unwrap();
+    let (tag, answer) = read_answer(&mut stream).await.unwrap();
+    assert_eq!((tag, refused(&answer)), (7, ErrorCode::BadRequest));
+    // A well-formed request still works on the same pipe (and is refused for want of Hello).
+    let request = postcard::to_stdvec(&MailboxRequest::Fetch { max: 1, wait_ms: 0, ack: vec![] }).unwrap();
+    let mut frame = header(request.len(), 8);
+    frame.extend(&request);
+    stream.write_all(&frame).await.unwrap();
+    let (tag, answer) = read_answer(&mut stream).await.unwrap();
+    assert_eq!((tag, refused(&answer)), (8, ErrorCode::CertInvalid));
+
+    // An oversized frame: BAD_REQUEST, then the relay closes the pipe (the rest of the stream
+    // cannot be trusted to be framed); its body is never read.
+    stream.write_all(&header(MAX_MAILBOX_MESSAGE_SIZE + 1, 9)).await.unwrap();
+    let (tag, answer) = read_answer(&mut stream).await.unwrap();
+    assert_eq!((tag, refused(&answer)), (9, ErrorCode::BadRequest));
+    let mut rest = Vec::new();
+    assert_eq!(stream.read_to_end(&mut rest).await.unwrap_or(0), 0, "the pipe is closed");
+
+    // A frame too short to hold a tag, and a pipe cut mid-frame: closed without an answer.
+    let mut stream = open(control.clone()).await;
+    stream.write_all(&[0, 0, 0, 3, 1, 2, 3]).await.unwrap();
+    assert_eq!(stream.read_to_end(&mut rest).await.unwrap_or(0), 0);
+    let mut stream = open(control.clone()).await;
+    stream.write_all(&header(100, 1)[..10]).await.unwrap();
+    stream.close().await.unwrap();
+    assert_eq!(stream.read_to_end(&mut rest).await.unwrap_or(0), 0);
+
+    // The relay serves an honest client as before.
+    let honest = RawClient::new(&mesh.relays[0].tcp_addr());
+    let cert = honest.cert(&gateway_key, 2, unix_now(), unix_now() + 3600);
+    assert!(matches!(honest.call(MailboxRequest::Hello { cert }).await, MailboxResponse::Welcome { .. }));
+    // And a new pipe from the same node still works.
+    let mut stream = open(control).await;
+    stream.write_all(&frame).await.unwrap();
+    assert_eq!(read_answer(&mut stream).await.unwrap().0, 8);
+}
