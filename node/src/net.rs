@@ -122,6 +122,9 @@ impl ClientNet {
     }
 }
 
+/// A caller waiting for a connection, and the addresses dialed for it.
+type Dialing = (Vec<Multiaddr>, Reply<()>);
+
 struct Pending<T> {
     peer: PeerId,
     addrs: Vec<Multiaddr>,
@@ -133,7 +136,7 @@ struct EventLoop {
     commands: mpsc::Receiver<Command>,
     auth: HashMap<OutboundRequestId, Pending<AuthResponse>>,
     /// Callers waiting for a connection to a peer, with the addresses dialed.
-    connecting: HashMap<PeerId, Vec<(Vec<Multiaddr>, Reply<()>)>>,
+    connecting: HashMap<PeerId, Vec<Dialing>>,
     /// The last dial error per peer, so a dial failure is reported with its cause.
     dial_errors: HashMap<PeerId, String>,
 }

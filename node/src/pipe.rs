@@ -34,6 +34,10 @@ pub const MAX_IN_FLIGHT: usize = 256;
 const WRITE_BATCH_BYTES: usize = 256 * 1024;
 /// Frame header: length (4) and tag (8).
 const HEADER: usize = 12;
+/// Tries of a call whose pipe closed under it (see [`PipePool::call`]), and the pause before
+/// the second (growing with each).
+const CALL_ATTEMPTS: u32 = 6;
+const RETRY_PAUSE: Duration = Duration::from_millis(25);
 
 /// Size limits of one protocol, in message bytes (without the header).
 #[derive(Debug, Clone, Copy)]
@@ -209,6 +213,9 @@ async fn client_reader<Resp: DeserializeOwned>(mut io: ReadHalf<Stream>, max: us
     close_all(&pending, &why);
 }
 
+/// One peer's pipe, if open; locked while one is being opened.
+type PipeSlot<Req, Resp> = Arc<tokio::sync::Mutex<Option<PipeClient<Req, Resp>>>>;
+
 /// Pipes of one protocol to many peers: one each, opened on first use and reopened after it
 /// closed. Opening a pipe to one peer never holds up calls to others.
 pub struct PipePool<Req, Resp> {
@@ -216,7 +223,7 @@ pub struct PipePool<Req, Resp> {
     limits: PipeLimits,
     timeout: Duration,
     streams: libp2p_stream::Control,
-    pipes: Mutex<HashMap<PeerId, Arc<tokio::sync::Mutex<Option<PipeClient<Req, Resp>>>>>>,
+    pipes: Mutex<HashMap<PeerId, PipeSlot<Req, Resp>>>,
 }
 
 impl<Req, Resp> std::fmt::Debug for PipePool<Req, Resp> {
@@ -242,32 +249,55 @@ where
 
     /// Sends `request` to `peer` on its pipe. A new pipe first awaits `connect` (which makes
     /// sure there is a connection, or explains why there cannot be one).
+    ///
+    /// Every request of the protocols on pipes is idempotent (envelopes are deduplicated by
+    /// id, deletes and fetches can repeat), so a call whose pipe closed under it is sent again
+    /// on a new pipe: a peer that is busy may drop a just-opened stream (libp2p-stream does
+    /// when its accept queue is full), and a connection may be replaced.
     pub async fn call(
         &self,
         peer: PeerId,
         request: Req,
         connect: impl Future<Output = Result<(), String>>,
-    ) -> Result<Resp, PipeError> {
+    ) -> Result<Resp, PipeError>
+    where
+        Req: Clone,
+    {
         let slot = lock(&self.pipes).entry(peer).or_default().clone();
-        let pipe = {
-            let mut slot = slot.lock().await;
-            match slot.as_ref().filter(|p| !p.is_closed()) {
-                Some(pipe) => pipe.clone(),
-                None => {
-                    connect.await.map_err(PipeError::Open)?;
-                    let stream = self
-                        .streams
-                        .clone()
-                        .open_stream(peer, self.protocol.clone())
-                        .await
-                        .map_err(|e| PipeError::Open(e.to_string()))?;
-                    let pipe = PipeClient::start(stream, self.limits, self.timeout);
-                    *slot = Some(pipe.clone());
-                    pipe
+        let mut connect = Some(connect);
+        let mut attempt = 1;
+        loop {
+            let pipe = {
+                let mut slot = slot.lock().await;
+                match slot.as_ref().filter(|p| !p.is_closed()) {
+                    Some(pipe) => pipe.clone(),
+                    None => {
+                        if let Some(connect) = connect.take() {
+                            connect.await.map_err(PipeError::Open)?;
+                        }
+                        let stream = self
+                            .streams
+                            .clone()
+                            .open_stream(peer, self.protocol.clone())
+                            .await
+                            .map_err(|e| PipeError::Open(e.to_string()))?;
+                        let pipe = PipeClient::start(stream, self.limits, self.timeout);
+                        *slot = Some(pipe.clone());
+                        pipe
+                    }
                 }
+            };
+            match pipe.call(request.clone()).await {
+                Err(PipeError::Closed(why)) if attempt < CALL_ATTEMPTS => {
+                    tracing::debug!(%peer, %why, attempt, "pipe closed; sending again on a new one");
+                    // Jittered, so that callers whose streams were dropped together do not
+                    // all come back at once.
+                    tokio::time::sleep(RETRY_PAUSE * attempt + Duration::from_millis(rand::random::<u64>() % 25)).await;
+                    attempt += 1;
+                }
+                result => return result,
             }
-        };
-        pipe.call(request).await
+        }
     }
 }
 

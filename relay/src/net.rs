@@ -21,7 +21,7 @@ use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm};
 use meshgram_node::cert::{CERT_CLOCK_SKEW_SECS, CertBody, unix_now};
 use meshgram_node::codec::FrameError;
 use meshgram_node::envelope::{Envelope, EnvelopeId};
-use meshgram_node::pipe::{self, Inbound, PipePool, Responder};
+use meshgram_node::pipe::{self, Inbound, PipeLimits, PipePool, Responder};
 use meshgram_node::protocol::{
     ErrorCode, MAILBOX_LIMITS, MAILBOX_PROTOCOL, MAX_ENVELOPE_SIZE, MAX_ENVELOPES_PER_BATCH, MAX_FETCH_WAIT_MS,
     MailboxRequest, MailboxResponse, REPLICA_LIMITS, REPLICA_PROTOCOL, RelayInfo, ReplicaRequest, ReplicaResponse,
@@ -122,13 +122,8 @@ pub(crate) struct EventLoop {
     /// Clients that said Hello, with their certificate.
     sessions: HashMap<PeerId, Session>,
     parked: HashMap<PeerId, Parked>,
-    /// New pipes from clients and from other relays.
-    mailbox_streams: libp2p_stream::IncomingStreams,
-    replica_streams: libp2p_stream::IncomingStreams,
-    /// Requests read from those pipes.
-    mailbox_tx: mpsc::Sender<MailboxInbound>,
+    /// Requests read from clients' and other relays' pipes.
     mailbox_rx: mpsc::Receiver<MailboxInbound>,
-    replica_tx: mpsc::Sender<ReplicaInbound>,
     replica_rx: mpsc::Receiver<ReplicaInbound>,
     replicas: ReplicaPipes,
     /// Relays that failed recently, until when.
@@ -150,11 +145,13 @@ impl EventLoop {
         let (commands_tx, commands_rx) = mpsc::channel(COMMAND_QUEUE);
         let send_limiter = RateLimiter::per_second(settings.send_burst, settings.send_rate);
         let mut streams = swarm.behaviour().stream.new_control();
-        let mailbox_streams = streams.accept(StreamProtocol::new(MAILBOX_PROTOCOL))?;
-        let replica_streams = streams.accept(StreamProtocol::new(REPLICA_PROTOCOL))?;
-        let replicas = Arc::new(PipePool::new(REPLICA_PROTOCOL, REPLICA_LIMITS, REPLICA_REQUEST_TIMEOUT, streams));
         let (mailbox_tx, mailbox_rx) = mpsc::channel(INBOUND_QUEUE);
         let (replica_tx, replica_rx) = mpsc::channel(INBOUND_QUEUE);
+        let mailbox_streams = streams.accept(StreamProtocol::new(MAILBOX_PROTOCOL))?;
+        let replica_streams = streams.accept(StreamProtocol::new(REPLICA_PROTOCOL))?;
+        tokio::spawn(accept_pipes(mailbox_streams, MAILBOX_LIMITS, mailbox_tx));
+        tokio::spawn(accept_pipes(replica_streams, REPLICA_LIMITS, replica_tx));
+        let replicas = Arc::new(PipePool::new(REPLICA_PROTOCOL, REPLICA_LIMITS, REPLICA_REQUEST_TIMEOUT, streams));
         Ok(EventLoop {
             swarm,
             store,
@@ -163,11 +160,7 @@ impl EventLoop {
             listen,
             sessions: HashMap::new(),
             parked: HashMap::new(),
-            mailbox_streams,
-            replica_streams,
-            mailbox_tx,
             mailbox_rx,
-            replica_tx,
             replica_rx,
             replicas,
             down: HashMap::new(),
@@ -185,12 +178,6 @@ impl EventLoop {
             tokio::select! {
                 () = shutdown.cancelled() => break,
                 event = self.swarm.select_next_some() => self.handle_swarm_event(event),
-                Some((peer, stream)) = self.mailbox_streams.next() => {
-                    pipe::serve(peer, stream, MAILBOX_LIMITS, self.mailbox_tx.clone());
-                }
-                Some((peer, stream)) = self.replica_streams.next() => {
-                    pipe::serve(peer, stream, REPLICA_LIMITS, self.replica_tx.clone());
-                }
                 Some(inbound) = self.mailbox_rx.recv() => {
                     self.handle_mailbox_request(inbound.peer, inbound.request, inbound.responder);
                 }
@@ -443,11 +430,11 @@ impl EventLoop {
             }
         };
         let store = self.store.clone();
-        if let ReplicaRequest::Store { envelopes } = &request {
-            if let Some(bad) = envelopes.iter().find(|e| e.encoded_len() > MAX_ENVELOPE_SIZE) {
-                let refusal = WireError::new(ErrorCode::BadRequest, format!("envelope {} is too large", bad.id));
-                return channel.respond(ReplicaResponse::Error(refusal));
-            }
+        if let ReplicaRequest::Store { envelopes } = &request
+            && let Some(bad) = envelopes.iter().find(|e| e.encoded_len() > MAX_ENVELOPE_SIZE)
+        {
+            let refusal = WireError::new(ErrorCode::BadRequest, format!("envelope {} is too large", bad.id));
+            return channel.respond(ReplicaResponse::Error(refusal));
         }
         // A recipient waiting on this relay gets its envelopes as they arrive, while they are
         // being committed: what it sees first is what reaches the screen, and the sender still
@@ -582,13 +569,14 @@ impl EventLoop {
         let mut answers: HashMap<PeerId, (Parked, Vec<Envelope>)> = HashMap::new();
         for envelope in envelopes {
             let mailbox = envelope.to_device;
-            if !answers.contains_key(&mailbox) {
-                let Some(parked) = self.parked.remove(&mailbox) else { continue };
-                answers.insert(mailbox, (parked, Vec::new()));
-            }
-            if let Some((parked, batch)) = answers.get_mut(&mailbox)
-                && batch.len() < parked.max as usize
-            {
+            let (parked, batch) = match answers.entry(mailbox) {
+                std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
+                std::collections::hash_map::Entry::Vacant(entry) => {
+                    let Some(parked) = self.parked.remove(&mailbox) else { continue };
+                    entry.insert((parked, Vec::new()))
+                }
+            };
+            if batch.len() < parked.max as usize {
                 batch.push(envelope.clone());
             }
         }
@@ -656,6 +644,21 @@ fn check_envelopes(peer: &PeerId, cert: &CertBody, envelopes: &[Envelope]) -> Re
         }
     }
     Ok(())
+}
+
+/// Starts serving each new pipe. A task of its own, never the busy event loop: libp2p-stream
+/// hands over inbound streams through a one-slot channel and drops those that find it full.
+async fn accept_pipes<Req, Resp>(
+    mut incoming: libp2p_stream::IncomingStreams,
+    limits: PipeLimits,
+    inbound: mpsc::Sender<Inbound<Req, Resp>>,
+) where
+    Req: serde::de::DeserializeOwned + Send + 'static,
+    Resp: serde::Serialize + Send + 'static,
+{
+    while let Some((peer, stream)) = incoming.next().await {
+        pipe::serve(peer, stream, limits, inbound.clone());
+    }
 }
 
 fn too_many_acks() -> MailboxResponse {
