@@ -7,7 +7,10 @@
 //! - [`envelope`]: what relays store and forward — routing fields plus a sealed payload.
 //! - [`e2e`]: end-to-end sealing with Noise X (`snow`), so relays only ever hold ciphertext.
 //! - [`protocol`]: the wire spec — protocol names, size limits, request/response enums.
-//! - [`codec`]: length-prefixed postcard framing with limits, for every request-response protocol.
+//! - [`codec`]: length-prefixed postcard framing with limits, for the gateway's request-response
+//!   protocol.
+//! - [`pipe`]: many tagged requests over one long-lived stream, for the mailbox and replica
+//!   protocols (where per-request streams cost more than the work).
 //! - [`transport`]: the libp2p stack (QUIC + TCP/Noise/Yamux) and listening helpers.
 //! - [`behaviour`]: the `NetworkBehaviour` shared by the gateway and its clients.
 //! - [`net`]: the client's network actor; one task owns the `Swarm`, callers hold a handle.

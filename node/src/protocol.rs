@@ -338,9 +338,11 @@ impl fmt::Display for ErrorCode {
 //   ◀──────── Stored{ids} ◀─ all R committed ◀──────────── Stored
 //
 // recipient ── Hello ──▶ one of its mailbox relays
-//   Fetch{wait} ─▶ Envelopes (long-poll: answered at once when something arrives)
-//   Ack{ids} ───▶ delete here ─▶ Replica Delete on the other replicas
+//   Fetch{wait, ack} ─▶ Envelopes (long-poll: answered as soon as a Store arrives, even
+//                       before its commit); `ack` (the batch before) is deleted here and by
+//                       Replica Delete on the other replicas. `Ack{ids}` does that alone.
 // ```
+// Both run on pipes (`crate::pipe`): one stream per connection, tagged requests and answers.
 // Relays see routing fields and ciphertext only: the content is sealed end to end (`e2e`).
 
 /// Client ↔ relay: hello, send, fetch, ack.

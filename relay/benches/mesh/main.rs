@@ -463,7 +463,7 @@ fn report(args: &Args, r: &Results) {
     println!(
         "mesh: 3 relays, replication 2, Stored only after both copies are committed (fsync); sender uses a relay that \
          does not hold the mailbox; saturated: {} envelopes per Send, {} Sends in flight; paced: 1 envelope per Send; \
-         recipient: long-poll Fetch(max 256) then Ack, in turn",
+         recipient: long-poll Fetch(max 256), each acknowledging the batch before",
         args.batch, args.inflight
     );
     println!(
@@ -532,7 +532,7 @@ fn report(args: &Args, r: &Results) {
     for (what, p) in [
         ("store alone: put 1 envelope (commit)".to_string(), r.store.put_one),
         (format!("store alone: put {batch} envelopes"), r.store.put_batch),
-        (format!("store alone: delete {batch} (an Ack)"), r.store.delete_batch),
+        (format!("store alone: delete {batch} (an Ack; waits up to 20 ms to share a commit)"), r.store.delete_batch),
     ] {
         row(&format!("{what} p50"), floor(p, |p| p.p50), None, &ms);
         row(&format!("{what} p99"), floor(p, |p| p.p99), None, &ms);
