@@ -9,6 +9,8 @@
 //! - [`protocol`]: the wire spec — protocol names, size limits, request/response enums.
 //! - [`codec`]: length-prefixed postcard framing with limits, for the gateway's request-response
 //!   protocol.
+//! - [`placement`]: which relays hold a mailbox (Kademlia-closest), computed alike by relays
+//!   and clients.
 //! - [`pipe`]: many tagged requests over one long-lived stream, for the mailbox and replica
 //!   protocols (where per-request streams cost more than the work).
 //! - [`transport`]: the libp2p stack (QUIC + TCP/Noise/Yamux) and listening helpers.
@@ -38,6 +40,7 @@ pub mod messaging;
 pub mod net;
 pub mod network_file;
 pub mod pipe;
+pub mod placement;
 pub mod protocol;
 pub mod service;
 pub mod transport;

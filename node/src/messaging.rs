@@ -13,6 +13,7 @@ use crate::e2e::{self, E2eError};
 use crate::envelope::{Envelope, EnvelopeId};
 use crate::history::{History, HistoryError, MessageId, Status, StoredMessage};
 use crate::ids::UserId;
+use crate::placement;
 use crate::protocol::{
     AuthRequest, AuthResponse, ErrorCode, LookupQuery, MAX_ENVELOPES_PER_BATCH, MailboxRequest, MailboxResponse,
     RelayInfo, UserCard, WireError,
@@ -368,9 +369,22 @@ impl Messenger {
 
     /// One batch through the first relay that stores it; a relay that fails or cannot reach
     /// enough replicas is skipped. Resending is safe: relays report duplicates, not errors.
+    ///
+    /// Relays holding the first recipient device's mailbox come first: one copy is then local
+    /// to the relay that takes the batch, and a recipient waiting there gets it as it arrives,
+    /// one hop sooner than through any other relay (which would do as well, only slower).
     async fn send_batch(&mut self, envelopes: Vec<Envelope>) -> Result<(), MessagingError> {
         let mut last = String::from("no relays known; sign in with --network");
-        for relay in self.known_relays() {
+        let mut relays = self.known_relays();
+        if let Some(first) = envelopes.first() {
+            let order = placement::closest_relays(
+                &placement::mailbox_key(&first.to_device),
+                relays.iter().map(|r| r.peer_id),
+                relays.len(),
+            );
+            relays.sort_by_key(|r| order.iter().position(|id| *id == r.peer_id));
+        }
+        for relay in relays {
             match self.relay_call(&relay, MailboxRequest::Send { envelopes: envelopes.clone() }).await {
                 Ok(MailboxResponse::Stored { .. }) => return Ok(()),
                 Ok(MailboxResponse::Error(e))

@@ -9,7 +9,7 @@
 //! - [`replicate`]: stores a `Send` on the `R` closest relays (in parallel, replacing failed ones)
 //!   before the sender hears "stored".
 //! - [`placement`]: which `R` relays are responsible for a mailbox (the Kademlia-closest to its
-//!   key); pure functions every relay and client computes alike.
+//!   key); lives in `meshgram_node` because clients compute it too.
 //! - [`store`]: redb mailboxes behind a group-commit actor; dedup by envelope id, TTL, quotas.
 //! - [`behaviour`], [`metrics`]: the libp2p behaviour and Prometheus counters.
 //!
@@ -18,7 +18,7 @@
 mod behaviour;
 pub mod metrics;
 mod net;
-pub mod placement;
+pub use meshgram_node::placement;
 mod replicate;
 pub mod store;
 

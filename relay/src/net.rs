@@ -34,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 use crate::behaviour::{RelayBehaviour, RelayBehaviourEvent};
 use crate::metrics::Metrics;
 use crate::placement::{closest_relays, mailbox_key};
-use crate::replicate::{Replicas, store_replicated};
+use crate::replicate::{Group, Replicas, store_replicated};
 use crate::store::{StoreError, StoreHandle};
 use meshgram_node::limits::RateLimiter;
 
@@ -400,18 +400,31 @@ impl EventLoop {
         for envelope in envelopes {
             groups.entry(envelope.to_device).or_default().push(envelope);
         }
-        let groups: Vec<(Vec<Envelope>, Vec<PeerId>)> = groups
+        let local = *self.swarm.local_peer_id();
+        let groups: Vec<Group> = groups
             .into_iter()
-            .map(|(device, batch)| (batch, self.mailbox_relays(&device).into_iter().map(|r| r.peer_id).collect()))
+            .map(|(device, batch)| {
+                let targets: Vec<PeerId> = self.mailbox_relays(&device).into_iter().map(|r| r.peer_id).collect();
+                // This relay holds a copy and the recipient waits here: push as on a replica
+                // store (see `handle_replica_request`).
+                let local_put = if targets.iter().take(self.settings.replication).any(|t| *t == local)
+                    && self.parked.contains_key(&device)
+                {
+                    self.store.put_in_order(batch.clone(), now).inspect(|_| self.push_to_parked(&batch))
+                } else {
+                    None
+                };
+                Group { batch, targets, local_put }
+            })
             .collect();
         let replicas = Replicas {
-            local: *self.swarm.local_peer_id(),
+            local,
             store: self.store.clone(),
             pipes: self.replicas.clone(),
             commands: self.commands_tx.clone(),
             replication: self.settings.replication,
         };
-        self.metrics.envelopes_received.inc_by(groups.iter().map(|(b, _)| b.len() as u64).sum());
+        self.metrics.envelopes_received.inc_by(groups.iter().map(|g| g.batch.len() as u64).sum());
         self.tasks.spawn(async move {
             let (response, arrived) = store_replicated(&replicas, groups, now).await;
             Done::Mailbox { channel, response, arrived }
@@ -451,7 +464,7 @@ impl EventLoop {
                 ReplicaRequest::Store { envelopes } => {
                     let mailboxes: HashSet<PeerId> = envelopes.iter().map(|e| e.to_device).collect();
                     let outcome = match put {
-                        Some(queued) => queued.await,
+                        Some(queued) => queued.outcome().await,
                         None => store.put(envelopes, unix_now()).await,
                     };
                     match outcome {

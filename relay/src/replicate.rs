@@ -13,7 +13,7 @@ use meshgram_node::protocol::{ErrorCode, MailboxResponse, ReplicaRequest, Replic
 use tokio::sync::mpsc;
 
 use crate::net::{Command, ReplicaPipes};
-use crate::store::StoreHandle;
+use crate::store::{QueuedPut, StoreHandle};
 
 /// Where copies go: this relay's own store, or other relays on their pipes.
 #[derive(Debug, Clone)]
@@ -26,17 +26,27 @@ pub(crate) struct Replicas {
     pub(crate) replication: usize,
 }
 
-/// Stores each mailbox's batch on its closest relays (`targets`, closest first). Returns the
-/// answer for the sender and the mailboxes that now have new envelopes on this relay.
+/// One mailbox's envelopes of a `Send`, and where they go.
+#[derive(Debug)]
+pub(crate) struct Group {
+    pub(crate) batch: Vec<Envelope>,
+    /// Live relays, closest to the mailbox first.
+    pub(crate) targets: Vec<PeerId>,
+    /// The local copy, when it was already queued (so that it precedes a push to the recipient).
+    pub(crate) local_put: Option<QueuedPut>,
+}
+
+/// Stores each mailbox's batch on its closest relays. Returns the answer for the sender and
+/// the mailboxes that now have new envelopes on this relay.
 pub(crate) async fn store_replicated(
     replicas: &Replicas,
-    groups: Vec<(Vec<Envelope>, Vec<PeerId>)>,
+    groups: Vec<Group>,
     now: u64,
 ) -> (MailboxResponse, Vec<PeerId>) {
     let (mut stored, mut duplicates, mut arrived) = (Vec::new(), Vec::new(), Vec::new());
-    for (batch, targets) in groups {
+    for Group { batch, targets, local_put } in groups {
         let Some(mailbox) = batch.first().map(|e| e.to_device) else { continue };
-        match store_group(replicas, &batch, &targets, now).await {
+        match store_group(replicas, &batch, &targets, local_put, now).await {
             Ok((dups, on_local)) => {
                 stored.extend(batch.iter().map(|e| e.id).filter(|id| !dups.contains(id)));
                 duplicates.extend(dups);
@@ -56,13 +66,18 @@ async fn store_group(
     replicas: &Replicas,
     batch: &[Envelope],
     targets: &[PeerId],
+    mut local_put: Option<QueuedPut>,
     now: u64,
 ) -> Result<(HashSet<EnvelopeId>, bool), WireError> {
     let need = replicas.replication.min(targets.len()).max(1);
+    let mut copy_to = |target: PeerId| {
+        let queued = if target == replicas.local { local_put.take() } else { None };
+        store_on(replicas, target, batch.to_vec(), queued, now)
+    };
     let mut next = 0;
     let mut inflight = FuturesUnordered::new();
     while inflight.len() < need && next < targets.len() {
-        inflight.push(store_on(replicas, targets[next], batch.to_vec(), now));
+        inflight.push(copy_to(targets[next]));
         next += 1;
     }
     let mut copies = 0;
@@ -85,7 +100,7 @@ async fn store_group(
                 tracing::warn!(relay = %target, error = %e, "replica failed; trying the next closest relay");
                 last_error = e.message;
                 if next < targets.len() {
-                    inflight.push(store_on(replicas, targets[next], batch.to_vec(), now));
+                    inflight.push(copy_to(targets[next]));
                     next += 1;
                 }
             }
@@ -100,15 +115,21 @@ async fn store_group(
     Ok((duplicates.unwrap_or_default(), on_local))
 }
 
-/// One copy, on this relay or another; returns the ids it already had.
+/// One copy, on this relay (`queued` if already in the store's queue) or another; returns the
+/// ids it already had.
 async fn store_on(
     replicas: &Replicas,
     target: PeerId,
     batch: Vec<Envelope>,
+    queued: Option<QueuedPut>,
     now: u64,
 ) -> (PeerId, Result<Vec<EnvelopeId>, WireError>) {
     let result = if target == replicas.local {
-        match replicas.store.put(batch, now).await {
+        let outcome = match queued {
+            Some(queued) => queued.outcome().await,
+            None => replicas.store.put(batch, now).await,
+        };
+        match outcome {
             Ok(outcome) if !outcome.over_quota.is_empty() => {
                 Err(WireError::new(ErrorCode::QuotaExceeded, "the recipient's mailbox is full"))
             }

@@ -84,6 +84,17 @@ pub struct StoreHandle {
     db: Arc<Database>,
 }
 
+/// A put already in the store's queue (see [`StoreHandle::put_in_order`]).
+#[derive(Debug)]
+pub struct QueuedPut(oneshot::Receiver<Result<PutOutcome, StoreError>>);
+
+impl QueuedPut {
+    /// What the put did, once committed.
+    pub async fn outcome(self) -> Result<PutOutcome, StoreError> {
+        self.0.await.map_err(|_| StoreError::Stopped)?
+    }
+}
+
 /// Limits the store enforces.
 #[derive(Debug, Clone, Copy)]
 pub struct StoreLimits {
@@ -129,14 +140,10 @@ impl StoreHandle {
 
     /// Queues a put now, ahead of anything queued after this call returns (an `Ack` of these
     /// envelopes, say), and gives the future of its outcome; `None` if the queue is full.
-    pub fn put_in_order(
-        &self,
-        envelopes: Vec<Envelope>,
-        now: u64,
-    ) -> Option<impl Future<Output = Result<PutOutcome, StoreError>> + Send + 'static> {
+    pub fn put_in_order(&self, envelopes: Vec<Envelope>, now: u64) -> Option<QueuedPut> {
         let (reply, rx) = oneshot::channel();
         self.commands.try_send(Command::Put { envelopes, now, reply }).ok()?;
-        Some(async move { rx.await.map_err(|_| StoreError::Stopped)? })
+        Some(QueuedPut(rx))
     }
 
     /// Oldest envelopes of a mailbox, and whether more are waiting (committed data only).

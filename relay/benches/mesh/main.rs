@@ -88,6 +88,10 @@ struct Args {
     /// Every server is killed after this many seconds, whatever happens.
     #[arg(long, default_value_t = 900)]
     server_limit_secs: u64,
+    /// Send through a relay that holds neither copy (both copies remote), instead of the
+    /// recipient's first mailbox relay as `Messenger` does, to see what the extra hop costs.
+    #[arg(long)]
+    entry_holds_no_copy: bool,
     #[arg(long)]
     skip_throughput: bool,
     #[arg(long)]
@@ -198,6 +202,7 @@ fn main() -> anyhow::Result<()> {
         relay_bin,
         dir: temp.path().to_path_buf(),
         server_limit: Duration::from_secs(args.server_limit_secs),
+        entry_holds_no_copy: args.entry_holds_no_copy,
     };
 
     let mut results = Results::default();
@@ -307,8 +312,10 @@ async fn mesh_load(args: &Args, options: &MeshOptions) -> anyhow::Result<LoadRes
     let tracker = Arc::new(Tracker::new(probes.end));
     let mut rig = MeshRig::start(options, probes.end).await?;
     println!(
-        "  sender → relay {} (not a mailbox relay) → R=2 → recipient fetches from relay {}",
-        rig.entry.peer_id, rig.fetch_from.peer_id
+        "  sender → relay {} ({}) → R=2 → recipient fetches from relay {}",
+        rig.entry.peer_id,
+        if options.entry_holds_no_copy { "not a mailbox relay" } else { "the recipient's first mailbox relay" },
+        rig.fetch_from.peer_id
     );
     rig.start_receiving(Arc::clone(&tracker));
     let timeout = Duration::from_secs(args.phase_timeout_secs);
@@ -461,10 +468,11 @@ fn report(args: &Args, r: &Results) {
     println!();
     println!("==== Mesh vs mosquitto — one sender → one recipient, 256-byte payloads, same run ====");
     println!(
-        "mesh: 3 relays, replication 2, Stored only after both copies are committed (fsync); sender uses a relay that \
-         does not hold the mailbox; saturated: {} envelopes per Send, {} Sends in flight; paced: 1 envelope per Send; \
+        "mesh: 3 relays, replication 2, Stored only after both copies are committed (fsync); sender sends through {}; saturated: {} envelopes per Send, {} Sends in flight; paced: 1 envelope per Send; \
          recipient: long-poll Fetch(max 256), each acknowledging the batch before",
-        args.batch, args.inflight
+        if args.entry_holds_no_copy { "a relay holding no copy" } else { "the recipient's first mailbox relay" },
+        args.batch,
+        args.inflight
     );
     println!(
         "mosquitto: QoS 1, persistence on (periodic snapshot, no fsync per message), publisher {} in flight, 1 subscriber",

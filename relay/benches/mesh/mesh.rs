@@ -97,6 +97,8 @@ pub(crate) struct MeshOptions {
     pub(crate) dir: PathBuf,
     /// Every server is killed by `timeout` after this long, whatever happens.
     pub(crate) server_limit: Duration,
+    /// Send through a relay holding no copy rather than the recipient's first mailbox relay.
+    pub(crate) entry_holds_no_copy: bool,
 }
 
 /// Three relays, a sender, a recipient, and the pre-sealed envelopes (message `i` has `seq = i`).
@@ -105,8 +107,8 @@ pub(crate) struct MeshRig {
     relays: Vec<RelayProcess>,
     sender: Device,
     recipient: Device,
-    /// Where the sender sends: a relay that does not hold the recipient's mailbox, so both
-    /// copies are remote, as for most senders in a mesh of more than R relays.
+    /// Where the sender sends: the recipient's first mailbox relay, as `Messenger` does (one
+    /// copy local, one remote), or with `entry_holds_no_copy` a relay with neither copy.
     pub(crate) entry: RelayInfo,
     /// Where the recipient fetches: the first of its mailbox relays.
     pub(crate) fetch_from: RelayInfo,
@@ -161,11 +163,15 @@ impl MeshRig {
         let (mailbox_relays, _) = recipient.hello(&relays[0].info).await?;
         let fetch_from = mailbox_relays.first().context("the recipient has no mailbox relays")?.clone();
         recipient.hello(&fetch_from).await?;
-        let entry = relays
-            .iter()
-            .map(|r| r.info.clone())
-            .find(|r| mailbox_relays.iter().all(|m| m.peer_id != r.peer_id))
-            .context("every relay holds the recipient's mailbox; expected R=2 of 3")?;
+        let entry = if options.entry_holds_no_copy {
+            relays
+                .iter()
+                .map(|r| r.info.clone())
+                .find(|r| mailbox_relays.iter().all(|m| m.peer_id != r.peer_id))
+                .context("every relay holds the recipient's mailbox; expected R=2 of 3")?
+        } else {
+            fetch_from.clone()
+        };
 
         let envelopes = tokio::task::block_in_place(|| preseal(&sender, &recipient, messages))?;
         Ok(MeshRig {
