@@ -110,11 +110,11 @@ impl ClientNet {
         request: MailboxRequest,
     ) -> Result<MailboxResponse, NetError> {
         let connect = async {
+            let stopped = NetError::Stopped.to_string();
             let (reply, rx) = oneshot::channel();
-            self.commands.send(Command::Connect { peer, addrs, reply }).await.map_err(|_| NetError::Stopped)?;
-            rx.await.map_err(|_| NetError::Stopped)?
+            self.commands.send(Command::Connect { peer, addrs, reply }).await.map_err(|_| stopped.clone())?;
+            rx.await.map_err(|_| stopped)?.map_err(|e| e.to_string())
         };
-        let connect = async { connect.await.map_err(|e| e.to_string()) };
         self.relays
             .call(peer, request, connect)
             .await

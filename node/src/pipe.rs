@@ -57,6 +57,8 @@ pub enum PipeError {
     Timeout(Duration),
     #[error("request not sent: {0}")]
     Encode(String),
+    #[error("the answer could not be read: {0}")]
+    BadAnswer(String),
 }
 
 fn encode<M: Serialize>(tag: u64, msg: &M, max: usize, out: &mut Vec<u8>) -> Result<(), FrameError> {
@@ -203,9 +205,15 @@ async fn client_reader<Resp: DeserializeOwned>(mut io: ReadHalf<Stream>, max: us
     let why = loop {
         match read_frame::<Resp, _>(&mut io, max).await {
             Ok((tag, response)) => {
+                // An oversized answer's body was not read: nothing after it can be framed.
+                let fatal = matches!(response, Err(FrameError::TooLarge { .. }));
                 let reply = lock(&pending).as_mut().and_then(|waiting| waiting.remove(&tag));
-                let Some(reply) = reply else { continue };
-                let _ = reply.send(response.map_err(|e| PipeError::Closed(format!("bad answer: {e}"))));
+                if let Some(reply) = reply {
+                    let _ = reply.send(response.map_err(|e| PipeError::BadAnswer(e.to_string())));
+                }
+                if fatal {
+                    break "an answer exceeded the size limit".to_string();
+                }
             }
             Err(e) => break e.to_string(),
         }

@@ -352,10 +352,10 @@ impl EventLoop {
         }
     }
 
-    /// Deletes envelopes the owner of `mailbox` has received: here (the returned future, to be
-    /// awaited before reading the mailbox again) and on the other replicas (best effort, not
-    /// waited for: a replica that misses it still holds a copy the recipient would see again
-    /// only if this relay failed, and would drop by id).
+    /// Deletes envelopes the owner of `mailbox` has received: here (the returned future, done
+    /// once the delete is committed) and on the other replicas (best effort, not waited for: a
+    /// replica that misses it still holds a copy, which the recipient drops by id when it sees
+    /// it again, and acknowledges there).
     fn delete_delivered(
         &mut self,
         mailbox: PeerId,
