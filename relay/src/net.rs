@@ -35,7 +35,7 @@ use crate::behaviour::{RelayBehaviour, RelayBehaviourEvent};
 use crate::metrics::Metrics;
 use crate::placement::{closest_relays, mailbox_key};
 use crate::replicate::{Group, Replicas, store_replicated};
-use crate::store::{StoreError, StoreHandle};
+use crate::store::{QueuedPut, StoreError, StoreHandle};
 use meshgram_node::limits::RateLimiter;
 
 /// How often parked fetches are checked for their deadline.
@@ -405,12 +405,8 @@ impl EventLoop {
             .into_iter()
             .map(|(device, batch)| {
                 let targets: Vec<PeerId> = self.mailbox_relays(&device).into_iter().map(|r| r.peer_id).collect();
-                // This relay holds a copy and the recipient waits here: push as on a replica
-                // store (see `handle_replica_request`).
-                let local_put = if targets.iter().take(self.settings.replication).any(|t| *t == local)
-                    && self.parked.contains_key(&device)
-                {
-                    self.store.put_in_order(batch.clone(), now).inspect(|_| self.push_to_parked(&batch))
+                let local_put = if targets.iter().take(self.settings.replication).any(|t| *t == local) {
+                    self.put_and_push(&batch, now)
                 } else {
                     None
                 };
@@ -449,15 +445,9 @@ impl EventLoop {
             let refusal = WireError::new(ErrorCode::BadRequest, format!("envelope {} is too large", bad.id));
             return channel.respond(ReplicaResponse::Error(refusal));
         }
-        // A recipient waiting on this relay gets its envelopes as they arrive, while they are
-        // being committed: what it sees first is what reaches the screen, and the sender still
-        // hears "stored" only after the commit. Their put is queued before the push goes out,
-        // so an acknowledgement of them can only be applied after it.
         let put = match &request {
-            ReplicaRequest::Store { envelopes } if envelopes.iter().any(|e| self.parked.contains_key(&e.to_device)) => {
-                store.put_in_order(envelopes.clone(), unix_now()).inspect(|_| self.push_to_parked(envelopes))
-            }
-            _ => None,
+            ReplicaRequest::Store { envelopes } => self.put_and_push(envelopes, unix_now()),
+            ReplicaRequest::Delete { .. } => None,
         };
         self.tasks.spawn(async move {
             match request {
@@ -575,6 +565,20 @@ impl EventLoop {
                 self.spawn_fetch(mailbox, parked.channel, parked.max, parked.deadline);
             }
         }
+    }
+
+    /// For envelopes this relay keeps a copy of: when a recipient of theirs waits here, queues
+    /// their put and hands them over at once, while they are being committed (what it sees first
+    /// is what reaches the screen; the sender still hears "stored" only after the commit). The
+    /// put is queued before the push goes out, so an acknowledgement of them can only be applied
+    /// after it. `None` (nothing queued, nothing pushed) when nobody waits or the queue is full.
+    fn put_and_push(&mut self, envelopes: &[Envelope], now: u64) -> Option<QueuedPut> {
+        if !envelopes.iter().any(|e| self.parked.contains_key(&e.to_device)) {
+            return None;
+        }
+        let queued = self.store.put_in_order(envelopes.to_vec(), now)?;
+        self.push_to_parked(envelopes);
+        Some(queued)
     }
 
     /// Answers the fetches parked on the mailboxes of these envelopes with them.
