@@ -198,6 +198,9 @@ pub(crate) async fn run(data: &Path, options: UpOptions, json: bool) -> anyhow::
             gateway.public_key.clone(),
             "--replication".into(),
             options.replication.to_string(),
+            // The relays share this machine's cores: one thread each saves hand-offs.
+            "--worker-threads".into(),
+            "1".into(),
         ];
         // Each relay joins through the ones started before it.
         for relay in &relays {

@@ -11,16 +11,20 @@
 //! - [`placement`]: which `R` relays are responsible for a mailbox (the Kademlia-closest to its
 //!   key); lives in `meshgram_node` because clients compute it too.
 //! - [`store`]: redb mailboxes behind a group-commit actor; dedup by envelope id, TTL, quotas.
+//!   Its [`wal`] makes a batch durable with one small synced append.
+//! - [`accept`]: starts serving each inbound pipe as libp2p negotiates it.
 //! - [`behaviour`], [`metrics`]: the libp2p behaviour and Prometheus counters.
 //!
 //! [`Relay::start`] wires them together; `main.rs` parses flags and prints the ready line.
 
+mod accept;
 mod behaviour;
 pub mod metrics;
 mod net;
 pub use meshgram_node::placement;
 mod replicate;
 pub mod store;
+mod wal;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -84,8 +88,6 @@ pub enum StartError {
     Transport(#[from] TransportError),
     #[error("bootstrap address {0} does not end in /p2p/<peer id>")]
     Bootstrap(Multiaddr),
-    #[error("protocol set-up: {0}")]
-    Protocol(String),
     #[error("could not serve HTTP on {addr}: {source}")]
     Http { addr: SocketAddr, source: std::io::Error },
 }
@@ -121,13 +123,13 @@ impl Relay {
                 _ => return Err(StartError::Bootstrap(addr.clone())),
             }
         }
-        let mut swarm = build_swarm(keypair, SERVER_IDLE_TIMEOUT, behaviour::RelayBehaviour::new)?;
+        let (acceptor, inbound) = net::inbound_pipes();
+        let mut swarm = build_swarm(keypair, SERVER_IDLE_TIMEOUT, |key| behaviour::RelayBehaviour::new(key, acceptor))?;
         let peer_id = *swarm.local_peer_id();
         let listen = listen_on_all(&mut swarm, &config.listen).await?;
         let metrics = Arc::new(metrics::Metrics::new());
         let mut event_loop =
-            net::EventLoop::new(swarm, store, config.settings.clone(), Arc::clone(&metrics), listen.clone())
-                .map_err(|e| StartError::Protocol(e.to_string()))?;
+            net::EventLoop::new(swarm, inbound, store, config.settings.clone(), Arc::clone(&metrics), listen.clone());
         event_loop.bootstrap(&bootstrap);
 
         let shutdown = CancellationToken::new();

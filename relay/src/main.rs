@@ -46,14 +46,28 @@ struct Cli {
     /// Envelopes per second one user may send (sustained).
     #[arg(long, default_value_t = 5_000)]
     send_rate: u32,
+    /// Threads for networking and request handling (default: one per core). Relays that share
+    /// a machine (`meshgram up`) do better with 1: no hand-offs between threads per message.
+    #[arg(long)]
+    worker_threads: Option<usize>,
     /// Exit when standard input closes (used by `meshgram up`, so that roles never outlive it).
     #[arg(long)]
     exit_on_stdin_close: bool,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    let runtime = match cli.worker_threads {
+        Some(0) => bail!("--worker-threads must be at least 1"),
+        Some(1) => tokio::runtime::Builder::new_current_thread().enable_all().build(),
+        Some(n) => tokio::runtime::Builder::new_multi_thread().worker_threads(n).enable_all().build(),
+        None => tokio::runtime::Builder::new_multi_thread().enable_all().build(),
+    }
+    .context("starting the runtime")?;
+    runtime.block_on(run(cli))
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
     service::init_tracing("info");
     let exit_on_stdin_close = cli.exit_on_stdin_close;
     let key = parse_hex::<32>(&cli.gateway_key).context("--gateway-key")?;

@@ -21,7 +21,7 @@ use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm};
 use meshgram_node::cert::{CERT_CLOCK_SKEW_SECS, CertBody, unix_now};
 use meshgram_node::codec::FrameError;
 use meshgram_node::envelope::{Envelope, EnvelopeId};
-use meshgram_node::pipe::{self, Inbound, PipeLimits, PipePool, Responder};
+use meshgram_node::pipe::{self, Inbound, PipePool, Responder};
 use meshgram_node::protocol::{
     ErrorCode, MAILBOX_LIMITS, MAILBOX_PROTOCOL, MAX_ENVELOPE_SIZE, MAX_ENVELOPES_PER_BATCH, MAX_FETCH_WAIT_MS,
     MailboxRequest, MailboxResponse, REPLICA_LIMITS, REPLICA_PROTOCOL, RelayInfo, ReplicaRequest, ReplicaResponse,
@@ -31,10 +31,11 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::accept::{Acceptor, Serve};
 use crate::behaviour::{RelayBehaviour, RelayBehaviourEvent};
 use crate::metrics::Metrics;
 use crate::placement::{closest_relays, mailbox_key};
-use crate::replicate::{Group, Replicas, store_replicated};
+use crate::replicate::{Group, ReplicaDelete, Replicas, spawn_delete_forwarder, store_replicated};
 use crate::store::{QueuedPut, StoreError, StoreHandle};
 use meshgram_node::limits::RateLimiter;
 
@@ -126,6 +127,7 @@ pub(crate) struct EventLoop {
     mailbox_rx: mpsc::Receiver<MailboxInbound>,
     replica_rx: mpsc::Receiver<ReplicaInbound>,
     replicas: ReplicaPipes,
+    replica_deletes: mpsc::Sender<ReplicaDelete>,
     /// Relays that failed recently, until when.
     down: HashMap<PeerId, Instant>,
     send_limiter: RateLimiter,
@@ -134,25 +136,44 @@ pub(crate) struct EventLoop {
     tasks: JoinSet<Done>,
 }
 
+/// Where requests read from inbound pipes go: the acceptor's side (for the swarm's behaviour)
+/// and the loop's side.
+pub(crate) fn inbound_pipes() -> (Acceptor, InboundPipes) {
+    let (mailbox_tx, mailbox) = mpsc::channel(INBOUND_QUEUE);
+    let (replica_tx, replica) = mpsc::channel(INBOUND_QUEUE);
+    let routes: Vec<(StreamProtocol, Serve)> = vec![
+        (
+            StreamProtocol::new(MAILBOX_PROTOCOL),
+            Box::new(move |peer, stream| pipe::serve(peer, stream, MAILBOX_LIMITS, mailbox_tx.clone())),
+        ),
+        (
+            StreamProtocol::new(REPLICA_PROTOCOL),
+            Box::new(move |peer, stream| pipe::serve(peer, stream, REPLICA_LIMITS, replica_tx.clone())),
+        ),
+    ];
+    (Acceptor::new(routes), InboundPipes { mailbox, replica })
+}
+
+/// The loop's side of [`inbound_pipes`].
+pub(crate) struct InboundPipes {
+    mailbox: mpsc::Receiver<MailboxInbound>,
+    replica: mpsc::Receiver<ReplicaInbound>,
+}
+
 impl EventLoop {
     pub(crate) fn new(
         swarm: Swarm<RelayBehaviour>,
+        inbound: InboundPipes,
         store: StoreHandle,
         settings: RelaySettings,
         metrics: Arc<Metrics>,
         listen: Vec<Multiaddr>,
-    ) -> Result<Self, libp2p_stream::AlreadyRegistered> {
+    ) -> Self {
         let (commands_tx, commands_rx) = mpsc::channel(COMMAND_QUEUE);
         let send_limiter = RateLimiter::per_second(settings.send_burst, settings.send_rate);
-        let mut streams = swarm.behaviour().stream.new_control();
-        let (mailbox_tx, mailbox_rx) = mpsc::channel(INBOUND_QUEUE);
-        let (replica_tx, replica_rx) = mpsc::channel(INBOUND_QUEUE);
-        let mailbox_streams = streams.accept(StreamProtocol::new(MAILBOX_PROTOCOL))?;
-        let replica_streams = streams.accept(StreamProtocol::new(REPLICA_PROTOCOL))?;
-        tokio::spawn(accept_pipes(mailbox_streams, MAILBOX_LIMITS, mailbox_tx));
-        tokio::spawn(accept_pipes(replica_streams, REPLICA_LIMITS, replica_tx));
+        let streams = swarm.behaviour().stream.new_control();
         let replicas = Arc::new(PipePool::new(REPLICA_PROTOCOL, REPLICA_LIMITS, REPLICA_REQUEST_TIMEOUT, streams));
-        Ok(EventLoop {
+        EventLoop {
             swarm,
             store,
             settings,
@@ -160,15 +181,16 @@ impl EventLoop {
             listen,
             sessions: HashMap::new(),
             parked: HashMap::new(),
-            mailbox_rx,
-            replica_rx,
+            mailbox_rx: inbound.mailbox,
+            replica_rx: inbound.replica,
+            replica_deletes: spawn_delete_forwarder(Arc::clone(&replicas)),
             replicas,
             down: HashMap::new(),
             send_limiter,
             commands_tx,
             commands_rx,
             tasks: JoinSet::new(),
-        })
+        }
     }
 
     pub(crate) async fn run(mut self, shutdown: CancellationToken) {
@@ -353,9 +375,9 @@ impl EventLoop {
     }
 
     /// Deletes envelopes the owner of `mailbox` has received: here (the returned future, done
-    /// once the delete is committed) and on the other replicas (best effort, not waited for: a
-    /// replica that misses it still holds a copy, which the recipient drops by id when it sees
-    /// it again, and acknowledges there).
+    /// once the delete is committed) and on the other replicas (best effort, gathered with
+    /// other deletes and not waited for: a replica that misses it still holds a copy, which the
+    /// recipient drops by id when it sees it again, and acknowledges there).
     fn delete_delivered(
         &mut self,
         mailbox: PeerId,
@@ -370,12 +392,10 @@ impl EventLoop {
             relays.into_iter().map(|r| r.peer_id).filter(|id| *id != local).collect()
         };
         for relay in others {
-            let (replicas, request) = (self.replicas.clone(), ReplicaRequest::Delete { mailbox, ids: ids.clone() });
-            tokio::spawn(async move {
-                if let Err(e) = replicas.call(relay, request, async { Ok(()) }).await {
-                    tracing::debug!(%relay, error = %e, "replica delete failed");
-                }
-            });
+            let delete = ReplicaDelete { relay, mailbox, ids: ids.clone() };
+            if self.replica_deletes.try_send(delete).is_err() {
+                tracing::debug!(%relay, "too many replica deletes queued; this one is dropped");
+            }
         }
         let store = self.store.clone();
         async move { if ids.is_empty() { Ok(0) } else { store.delete(mailbox, ids).await } }
@@ -567,15 +587,12 @@ impl EventLoop {
         }
     }
 
-    /// For envelopes this relay keeps a copy of: when a recipient of theirs waits here, queues
-    /// their put and hands them over at once, while they are being committed (what it sees first
-    /// is what reaches the screen; the sender still hears "stored" only after the commit). The
-    /// put is queued before the push goes out, so an acknowledgement of them can only be applied
-    /// after it. `None` (nothing queued, nothing pushed) when nobody waits or the queue is full.
+    /// For envelopes this relay keeps a copy of: queues their put now, so that fetches see them
+    /// at once (see `store::Queued`) and an acknowledgement of them can only be applied after
+    /// it, and hands them over to a recipient of theirs who waits here, while they are being
+    /// made durable (the sender still hears "stored" only after that). `None` (nothing queued,
+    /// nothing pushed) when the store's queue is full: the put is then made by the task.
     fn put_and_push(&mut self, envelopes: &[Envelope], now: u64) -> Option<QueuedPut> {
-        if !envelopes.iter().any(|e| self.parked.contains_key(&e.to_device)) {
-            return None;
-        }
         let queued = self.store.put_in_order(envelopes.to_vec(), now)?;
         self.push_to_parked(envelopes);
         Some(queued)
@@ -665,19 +682,6 @@ fn check_envelopes(peer: &PeerId, cert: &CertBody, envelopes: &[Envelope]) -> Re
 
 /// Starts serving each new pipe. A task of its own, never the busy event loop: libp2p-stream
 /// hands over inbound streams through a one-slot channel and drops those that find it full.
-async fn accept_pipes<Req, Resp>(
-    mut incoming: libp2p_stream::IncomingStreams,
-    limits: PipeLimits,
-    inbound: mpsc::Sender<Inbound<Req, Resp>>,
-) where
-    Req: serde::de::DeserializeOwned + Send + 'static,
-    Resp: serde::Serialize + Send + 'static,
-{
-    while let Some((peer, stream)) = incoming.next().await {
-        pipe::serve(peer, stream, limits, inbound.clone());
-    }
-}
-
 fn too_many_acks() -> MailboxResponse {
     refuse(ErrorCode::BadRequest, format!("at most {MAX_ENVELOPES_PER_BATCH} ids per acknowledgement"))
 }

@@ -1,15 +1,19 @@
 //! Storing a `Send` durably on the `R` relays closest to each recipient's mailbox before the
 //! sender hears "stored". The first `R` copies are written in parallel; a relay that fails is
 //! replaced by the next closest one, so one dead relay costs a retry, not the message.
+//! Deleting what a recipient acknowledged from the other copies, gathered over a short while.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
 
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use libp2p::PeerId;
 use meshgram_node::envelope::{Envelope, EnvelopeId};
 use meshgram_node::pipe::PipeError;
-use meshgram_node::protocol::{ErrorCode, MailboxResponse, ReplicaRequest, ReplicaResponse, WireError};
+use meshgram_node::protocol::{
+    ErrorCode, MAX_ENVELOPES_PER_BATCH, MailboxResponse, ReplicaRequest, ReplicaResponse, WireError,
+};
 use tokio::sync::mpsc;
 
 use crate::net::{Command, ReplicaPipes};
@@ -151,4 +155,48 @@ async fn store_on(
         }
     };
     (target, result)
+}
+
+/// How long deletes for other replicas gather before going out. A recipient acknowledges every
+/// batch it gets, at a steady trickle often a single envelope, and each would otherwise cost
+/// every other replica a request and a commit of its own. A late or lost delete loses nothing:
+/// the copy stays until its TTL, and a recipient that sees it again drops it by id.
+const DELETE_GATHER: Duration = Duration::from_millis(20);
+/// Deletes waiting to be gathered; when full, more are dropped (see above).
+const DELETE_QUEUE: usize = 4096;
+
+/// Ids of one mailbox to delete on one other relay.
+#[derive(Debug)]
+pub(crate) struct ReplicaDelete {
+    pub(crate) relay: PeerId,
+    pub(crate) mailbox: PeerId,
+    pub(crate) ids: Vec<EnvelopeId>,
+}
+
+/// Starts the task that sends [`ReplicaDelete`]s, gathered per relay and mailbox over
+/// [`DELETE_GATHER`]; nothing waits for their answers.
+pub(crate) fn spawn_delete_forwarder(pipes: ReplicaPipes) -> mpsc::Sender<ReplicaDelete> {
+    let (tx, mut rx) = mpsc::channel::<ReplicaDelete>(DELETE_QUEUE);
+    tokio::spawn(async move {
+        let mut gathered: HashMap<(PeerId, PeerId), Vec<EnvelopeId>> = HashMap::new();
+        while let Some(first) = rx.recv().await {
+            let mut add = |d: ReplicaDelete| gathered.entry((d.relay, d.mailbox)).or_default().extend(d.ids);
+            add(first);
+            let until = tokio::time::Instant::now() + DELETE_GATHER;
+            while let Ok(Some(more)) = tokio::time::timeout_at(until, rx.recv()).await {
+                add(more);
+            }
+            for ((relay, mailbox), ids) in gathered.drain() {
+                for chunk in ids.chunks(MAX_ENVELOPES_PER_BATCH) {
+                    let (pipes, request) = (pipes.clone(), ReplicaRequest::Delete { mailbox, ids: chunk.to_vec() });
+                    tokio::spawn(async move {
+                        if let Err(e) = pipes.call(relay, request, async { Ok(()) }).await {
+                            tracing::debug!(%relay, error = %e, "replica delete failed");
+                        }
+                    });
+                }
+            }
+        }
+    });
+    tx
 }

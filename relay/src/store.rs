@@ -1,7 +1,8 @@
-//! The relay's durable mailboxes in one redb file, behind a single-threaded actor that commits
-//! many requests in one transaction (group commit): under load, one fsync covers every
-//! envelope that arrived while the previous commit ran. Reads need no actor: redb serves
-//! readers alongside its writer, so fetches read committed data on the caller's task.
+//! The relay's durable mailboxes: a redb file and its write-ahead log ([`crate::wal`]), behind
+//! a single-threaded actor that applies many requests in one transaction (group commit). A
+//! batch is durable once its log record is synced; redb commits it without syncing, and every
+//! [`CHECKPOINT_EVERY`] one syncing commit makes redb durable and empties the log. Reads need
+//! no actor: redb serves readers alongside its writer, so fetches read on the caller's task.
 //!
 //! Tables:
 //! - `mailbox`: (device peer id, arrival number) → envelope. Arrival order is fetch order.
@@ -13,7 +14,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
@@ -21,6 +22,8 @@ use meshgram_node::envelope::{Envelope, EnvelopeId};
 use redb::{Database, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
+
+use crate::wal::{Wal, Write};
 
 const MAILBOX: TableDefinition<(&[u8], u64), &[u8]> = TableDefinition::new("mailbox");
 const ENVELOPE_IDS: TableDefinition<&[u8; 16], &[u8]> = TableDefinition::new("envelope_ids");
@@ -32,17 +35,25 @@ const NEXT_ARRIVAL: &str = "next_arrival";
 const STORE_QUEUE: usize = 4096;
 /// Requests folded into one transaction at most.
 const MAX_GROUP: usize = 512;
-/// Deletes wait up to this long for a transaction that stores (and carries them along) before
-/// committing on their own: a recipient acknowledges every batch, often a single envelope,
-/// and nothing is lost if a delete comes late (the relay does not show acknowledged envelopes
-/// again, and a crash only means a redelivery the recipient drops by id).
-const DELETE_DELAY: Duration = Duration::from_millis(20);
+/// How often redb is made durable and the log emptied (sooner if the log reaches
+/// [`CHECKPOINT_BYTES`]). The syncing commit holds up the store for ~2 ms after 250 ms of
+/// steady traffic and ~7 ms after a second of it, so often and short is kinder to latency; the
+/// log is replayed on open, so this also bounds the replay after a crash.
+pub const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
+const CHECKPOINT_BYTES: u64 = 64 << 20;
+/// A batch is written at least this long after the one before it started: at most 1,000 log
+/// syncs a second, whatever the load. At a steady trickle (a message every millisecond or so,
+/// each its own batch) this lets a few share one sync; under a backlog batches take longer
+/// than this anyway and nothing waits.
+const MIN_BATCH_GAP: Duration = Duration::from_millis(1);
 
 /// A storage failure.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     #[error("database: {0}")]
     Db(String),
+    #[error("write-ahead log: {0}")]
+    Log(String),
     #[error("the store has stopped")]
     Stopped,
 }
@@ -71,10 +82,18 @@ pub struct PutOutcome {
     pub over_quota: Vec<EnvelopeId>,
 }
 
-enum Command {
-    Put { envelopes: Vec<Envelope>, now: u64, reply: oneshot::Sender<Result<PutOutcome, StoreError>> },
-    Delete { mailbox: PeerId, ids: Vec<EnvelopeId>, reply: oneshot::Sender<Result<u32, StoreError>> },
-    Expire { now: u64, reply: oneshot::Sender<Result<u32, StoreError>> },
+/// What applying a [`Write`] did.
+#[derive(Debug)]
+enum Applied {
+    Put(PutOutcome),
+    /// Envelopes deleted or expired.
+    Count(u32),
+}
+
+/// A write and who waits for it.
+struct Command {
+    write: Write,
+    reply: oneshot::Sender<Result<Applied, StoreError>>,
 }
 
 /// Cheap, cloneable handle to the store actor.
@@ -82,16 +101,56 @@ enum Command {
 pub struct StoreHandle {
     commands: mpsc::Sender<Command>,
     db: Arc<Database>,
+    queued: Queued,
+}
+
+/// Envelopes of puts in the store's queue, not yet applied, per mailbox. Fetches hand them
+/// over too, so what a recipient sees never waits for a sync (as with a push on arrival); the
+/// sender still hears "stored" only once the put is durable. One that turns out a duplicate,
+/// or over quota, may so reach the recipient, who drops what it already has by id.
+#[derive(Debug, Clone, Default)]
+struct Queued(Arc<Mutex<HashMap<PeerId, Vec<Envelope>>>>);
+
+impl Queued {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PeerId, Vec<Envelope>>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn add(&self, envelopes: &[Envelope]) {
+        let mut queued = self.lock();
+        for envelope in envelopes {
+            queued.entry(envelope.to_device).or_default().push(envelope.clone());
+        }
+    }
+
+    fn remove(&self, envelopes: &[Envelope]) {
+        let mut queued = self.lock();
+        for envelope in envelopes {
+            if let Some(waiting) = queued.get_mut(&envelope.to_device) {
+                waiting.retain(|e| e.id != envelope.id);
+                if waiting.is_empty() {
+                    queued.remove(&envelope.to_device);
+                }
+            }
+        }
+    }
+
+    fn of(&self, mailbox: &PeerId) -> Vec<Envelope> {
+        self.lock().get(mailbox).cloned().unwrap_or_default()
+    }
 }
 
 /// A put already in the store's queue (see [`StoreHandle::put_in_order`]).
 #[derive(Debug)]
-pub struct QueuedPut(oneshot::Receiver<Result<PutOutcome, StoreError>>);
+pub struct QueuedPut(oneshot::Receiver<Result<Applied, StoreError>>);
 
 impl QueuedPut {
-    /// What the put did, once committed.
+    /// What the put did, once durable.
     pub async fn outcome(self) -> Result<PutOutcome, StoreError> {
-        self.0.await.map_err(|_| StoreError::Stopped)?
+        match self.0.await.map_err(|_| StoreError::Stopped)?? {
+            Applied::Put(outcome) => Ok(outcome),
+            Applied::Count(_) => Err(StoreError::Db("a put was answered as a delete".into())),
+        }
     }
 }
 
@@ -105,7 +164,8 @@ pub struct StoreLimits {
 }
 
 impl StoreHandle {
-    /// Opens the database and starts the actor on its own thread.
+    /// Opens the database and its log next to it (`.wal`), applies what the log holds (the
+    /// writes of the last moments before a crash), and starts the actor on its own thread.
     pub fn open(path: &Path, limits: StoreLimits) -> Result<Self, StoreError> {
         let db = Database::create(path)?;
         let tx = db.begin_write()?;
@@ -114,57 +174,102 @@ impl StoreHandle {
         tx.open_table(MAILBOX_SIZES)?;
         tx.open_table(META)?;
         tx.commit()?;
+        let log = |e: std::io::Error| StoreError::Log(e.to_string());
+        let (mut wal, batches) = Wal::open(&path.with_extension("wal")).map_err(log)?;
+        if !batches.is_empty() {
+            let tx = db.begin_write()?;
+            for write in batches.iter().flatten() {
+                apply(&tx, &limits, write)?;
+            }
+            tx.commit()?;
+            wal.clear().map_err(log)?;
+            tracing::info!(batches = batches.len(), "applied the write-ahead log left by the last run");
+        }
         let (commands, rx) = mpsc::channel(STORE_QUEUE);
         let db = Arc::new(db);
-        let writer = Arc::clone(&db);
+        let queued = Queued::default();
+        let (writer, applied) = (Arc::clone(&db), queued.clone());
         std::thread::Builder::new()
             .name("relay-store".into())
-            .spawn(move || run(&writer, limits, rx))
+            .spawn(move || run(&writer, wal, limits, rx, &applied))
             .map_err(|e| StoreError::Db(e.to_string()))?;
-        Ok(StoreHandle { commands, db })
+        Ok(StoreHandle { commands, db, queued })
     }
 
-    async fn ask<T>(
-        &self,
-        make: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Command,
-    ) -> Result<T, StoreError> {
+    async fn ask(&self, write: Write) -> Result<Applied, StoreError> {
         let (reply, rx) = oneshot::channel();
-        self.commands.send(make(reply)).await.map_err(|_| StoreError::Stopped)?;
+        self.commands.send(Command { write, reply }).await.map_err(|_| StoreError::Stopped)?;
         rx.await.map_err(|_| StoreError::Stopped)?
     }
 
-    /// Stores envelopes durably (returns after the commit).
+    /// Stores envelopes durably (returns once they are).
     pub async fn put(&self, envelopes: Vec<Envelope>, now: u64) -> Result<PutOutcome, StoreError> {
-        self.ask(|reply| Command::Put { envelopes, now, reply }).await
+        let (reply, rx) = oneshot::channel();
+        self.queued.add(&envelopes);
+        let command = Command { write: Write::Put { envelopes, now }, reply };
+        if let Err(mpsc::error::SendError(command)) = self.commands.send(command).await {
+            self.queued.remove(command.write.envelopes());
+            return Err(StoreError::Stopped);
+        }
+        QueuedPut(rx).outcome().await
     }
 
     /// Queues a put now, ahead of anything queued after this call returns (an `Ack` of these
     /// envelopes, say), and gives the future of its outcome; `None` if the queue is full.
     pub fn put_in_order(&self, envelopes: Vec<Envelope>, now: u64) -> Option<QueuedPut> {
         let (reply, rx) = oneshot::channel();
-        self.commands.try_send(Command::Put { envelopes, now, reply }).ok()?;
-        Some(QueuedPut(rx))
+        self.queued.add(&envelopes);
+        let command = Command { write: Write::Put { envelopes, now }, reply };
+        match self.commands.try_send(command) {
+            Ok(()) => Some(QueuedPut(rx)),
+            Err(mpsc::error::TrySendError::Full(command) | mpsc::error::TrySendError::Closed(command)) => {
+                self.queued.remove(command.write.envelopes());
+                None
+            }
+        }
     }
 
-    /// Oldest envelopes of a mailbox, and whether more are waiting (committed data only).
+    /// Oldest envelopes of a mailbox, and whether more are waiting: what is stored, then what
+    /// is queued to be (see [`Queued`]).
     pub fn fetch(&self, mailbox: PeerId, max: usize) -> Result<(Vec<Envelope>, bool), StoreError> {
-        fetch(&self.db, &mailbox, max)
+        // Queued first: a put is applied before it leaves the queue, so one missing from this
+        // snapshot is in the read that follows.
+        let queued = self.queued.of(&mailbox);
+        let (mut envelopes, mut more) = fetch(&self.db, &mailbox, max)?;
+        if !more {
+            let stored: std::collections::HashSet<EnvelopeId> = envelopes.iter().map(|e| e.id).collect();
+            for envelope in queued.into_iter().filter(|e| !stored.contains(&e.id)) {
+                if envelopes.len() == max {
+                    more = true;
+                    break;
+                }
+                envelopes.push(envelope);
+            }
+        }
+        Ok((envelopes, more))
     }
 
     /// Deletes delivered envelopes of a mailbox (ids of other mailboxes are ignored).
     pub async fn delete(&self, mailbox: PeerId, ids: Vec<EnvelopeId>) -> Result<u32, StoreError> {
-        self.ask(|reply| Command::Delete { mailbox, ids, reply }).await
+        count(self.ask(Write::Delete { mailbox, ids }).await)
     }
 
     /// Drops envelopes and ids past their TTL; returns how many envelopes were dropped.
     pub async fn expire(&self, now: u64) -> Result<u32, StoreError> {
-        self.ask(|reply| Command::Expire { now, reply }).await
+        count(self.ask(Write::Expire { now }).await)
     }
 }
 
-/// The actor: take one command, then whatever else is queued, and run all writes in one
-/// transaction whose commit they share.
-fn run(db: &Database, limits: StoreLimits, mut rx: mpsc::Receiver<Command>) {
+fn count(applied: Result<Applied, StoreError>) -> Result<u32, StoreError> {
+    match applied? {
+        Applied::Count(n) => Ok(n),
+        Applied::Put(_) => Err(StoreError::Db("a delete was answered as a put".into())),
+    }
+}
+
+/// The actor: take one command, then whatever else is queued, log them with one sync and
+/// apply them in one transaction; make redb durable and empty the log now and then.
+fn run(db: &Database, mut wal: Wal, limits: StoreLimits, mut rx: mpsc::Receiver<Command>, queued: &Queued) {
     // Only for receiving with a deadline on this plain thread.
     let timer = match tokio::runtime::Builder::new_current_thread().enable_time().build() {
         Ok(timer) => timer,
@@ -173,93 +278,111 @@ fn run(db: &Database, limits: StoreLimits, mut rx: mpsc::Receiver<Command>) {
             return;
         }
     };
-    // Deletes waiting to ride along with the next store, and since when.
-    let mut deferred: Vec<Command> = Vec::new();
-    let mut deferred_since = Instant::now();
+    let mut last_checkpoint = Instant::now();
+    let mut last_batch_started: Option<Instant> = None;
     loop {
-        let next = if deferred.is_empty() {
+        let next = if wal.len() == 0 {
             rx.blocking_recv()
         } else {
-            let left = DELETE_DELAY.saturating_sub(deferred_since.elapsed());
-            timer.block_on(async { tokio::time::timeout(left, rx.recv()).await }).unwrap_or_default()
-        };
-        let timed_out = next.is_none();
-        let starting = deferred.is_empty();
-        let mut batch = std::mem::take(&mut deferred);
-        if let Some(first) = next {
-            batch.push(first);
-            while batch.len() < MAX_GROUP {
-                match rx.try_recv() {
-                    Ok(command) => batch.push(command),
-                    Err(_) => break,
+            let left = CHECKPOINT_EVERY.saturating_sub(last_checkpoint.elapsed());
+            match timer.block_on(async { tokio::time::timeout(left, rx.recv()).await }) {
+                Ok(next) => next,
+                Err(_) => {
+                    checkpoint(db, &mut wal, &mut last_checkpoint);
+                    continue;
                 }
             }
-        } else if batch.is_empty() {
-            return; // every handle is gone and nothing is left to write
+        };
+        let Some(first) = next else { break };
+        if let Some(started) = last_batch_started {
+            // A plain sleep: the runtime's timer would round this up to a whole millisecond.
+            std::thread::sleep((started + MIN_BATCH_GAP).saturating_duration_since(Instant::now()));
         }
-        let only_deletes = batch.iter().all(|c| matches!(c, Command::Delete { .. }));
-        if only_deletes && !timed_out && batch.len() < MAX_GROUP {
-            if starting {
-                deferred_since = Instant::now();
+        last_batch_started = Some(Instant::now());
+        let mut batch = vec![first];
+        while batch.len() < MAX_GROUP {
+            match rx.try_recv() {
+                Ok(command) => batch.push(command),
+                Err(_) => break,
             }
-            deferred = batch;
-            continue;
         }
-        run_batch(db, &limits, batch);
+        run_batch(db, &mut wal, &limits, batch, queued);
+        if last_checkpoint.elapsed() >= CHECKPOINT_EVERY || wal.len() >= CHECKPOINT_BYTES {
+            checkpoint(db, &mut wal, &mut last_checkpoint);
+        }
+    }
+    // Every handle is gone: leave nothing to replay.
+    checkpoint(db, &mut wal, &mut last_checkpoint);
+}
+
+/// Makes everything redb holds durable, then empties the log. On failure the log stays and
+/// is replayed on the next open.
+fn checkpoint(db: &Database, wal: &mut Wal, last: &mut Instant) {
+    *last = Instant::now();
+    if wal.len() == 0 {
+        return;
+    }
+    // An empty transaction that syncs makes the unsynced commits before it durable.
+    let mut durable = || -> Result<(), StoreError> {
+        db.begin_write()?.commit()?;
+        wal.clear().map_err(|e| StoreError::Log(e.to_string()))
+    };
+    if let Err(e) = durable() {
+        tracing::error!(error = %e, "relay store checkpoint failed; the log is kept");
     }
 }
 
-type Reply = Box<dyn FnOnce(Result<(), StoreError>)>;
-
-fn run_batch(db: &Database, limits: &StoreLimits, writes: Vec<Command>) {
-    let mut replies: Vec<Reply> = Vec::new();
-    // A lost delete only means a redelivery, which recipients drop by id: batches of nothing
-    // but deletes skip the fsync and become durable with the next batch that stores.
-    let durability = if writes.iter().all(|w| matches!(w, Command::Delete { .. })) {
-        redb::Durability::None
-    } else {
-        redb::Durability::Immediate
-    };
-    let result = (|| -> Result<(), StoreError> {
+fn run_batch(db: &Database, wal: &mut Wal, limits: &StoreLimits, batch: Vec<Command>, queued: &Queued) {
+    let writes: Vec<&Write> = batch.iter().map(|c| &c.write).collect();
+    // A lost delete only means a redelivery, which recipients drop by id: a batch of nothing
+    // but deletes is not synced, and becomes durable with the next sync.
+    let sync = writes.iter().any(|w| !matches!(w, Write::Delete { .. }));
+    if let Err(e) = wal.append(&writes, sync) {
+        tracing::error!(error = %e, "relay store could not log a batch");
+        for command in batch {
+            queued.remove(command.write.envelopes());
+            let _ = command.reply.send(Err(StoreError::Log(e.to_string())));
+        }
+        return;
+    }
+    let result = (|| -> Result<Vec<Result<Applied, StoreError>>, StoreError> {
         let mut tx = db.begin_write()?;
-        tx.set_durability(durability).map_err(|e| StoreError::Db(e.to_string()))?;
-        for command in writes {
-            match command {
-                Command::Put { envelopes, now, reply } => {
-                    let outcome = put(&tx, limits, envelopes, now);
-                    replies.push(Box::new(move |committed| {
-                        let _ = reply.send(committed.and(outcome));
-                    }));
-                }
-                Command::Delete { mailbox, ids, reply } => {
-                    let outcome = delete(&tx, &mailbox, &ids);
-                    replies.push(Box::new(move |committed| {
-                        let _ = reply.send(committed.and(outcome));
-                    }));
-                }
-                Command::Expire { now, reply } => {
-                    let outcome = expire(&tx, now);
-                    replies.push(Box::new(move |committed| {
-                        let _ = reply.send(committed.and(outcome));
-                    }));
-                }
+        tx.set_durability(redb::Durability::None).map_err(|e| StoreError::Db(e.to_string()))?;
+        let applied = writes.iter().map(|w| apply(&tx, limits, w)).collect();
+        tx.commit()?;
+        Ok(applied)
+    })();
+    // Applied or failed, they are no longer waiting (a failed put's sender hears so).
+    for command in &batch {
+        queued.remove(command.write.envelopes());
+    }
+    match result {
+        Ok(applied) => {
+            for (command, applied) in batch.into_iter().zip(applied) {
+                let _ = command.reply.send(applied);
             }
         }
-        tx.commit()?;
-        Ok(())
-    })();
-    if let Err(e) = &result {
-        tracing::error!(error = %e, "relay store commit failed");
+        Err(e) => {
+            tracing::error!(error = %e, "relay store commit failed");
+            for command in batch {
+                let _ = command.reply.send(Err(e.clone()));
+            }
+        }
     }
-    for reply in replies {
-        reply(result.clone());
-    }
+}
+
+fn apply(tx: &redb::WriteTransaction, limits: &StoreLimits, write: &Write) -> Result<Applied, StoreError> {
+    Ok(match write {
+        Write::Put { envelopes, now } => Applied::Put(put(tx, limits, envelopes, *now)?),
+        Write::Delete { mailbox, ids } => Applied::Count(delete(tx, mailbox, ids)?),
+        Write::Expire { now } => Applied::Count(expire(tx, *now)?),
+    })
 }
 
 fn put(
     tx: &redb::WriteTransaction,
     limits: &StoreLimits,
-    envelopes: Vec<Envelope>,
+    envelopes: &[Envelope],
     now: u64,
 ) -> Result<PutOutcome, StoreError> {
     let mut mailbox = tx.open_table(MAILBOX)?;
@@ -285,7 +408,7 @@ fn put(
             continue;
         }
         let record = IdRecord { mailbox: key.clone(), arrival, expires_at: now + limits.ttl.as_secs() };
-        let bytes = postcard::to_stdvec(&envelope).map_err(|e| StoreError::Db(e.to_string()))?;
+        let bytes = postcard::to_stdvec(envelope).map_err(|e| StoreError::Db(e.to_string()))?;
         mailbox.insert((key.as_slice(), arrival), bytes.as_slice())?;
         ids.insert(
             &envelope.id.0,
@@ -457,5 +580,44 @@ mod tests {
             }
         }
         assert_eq!(reopened.unwrap().fetch(bob, 10).unwrap().0.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_queued_put_is_fetched_at_once_and_only_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path(), 10);
+        let bob = PeerId::random();
+        let first = envelope(bob, 0);
+        store.put(vec![first.clone()], 0).await.unwrap();
+        let second = envelope(bob, 1);
+        let queued = store.put_in_order(vec![second.clone()], 0).unwrap();
+        let ids = |(got, _): (Vec<Envelope>, bool)| got.iter().map(|e| e.id).collect::<Vec<_>>();
+        assert_eq!(ids(store.fetch(bob, 10).unwrap()), [first.id, second.id], "visible before it is durable");
+        assert_eq!(ids(store.fetch(bob, 1).unwrap()), [first.id]);
+        queued.outcome().await.unwrap();
+        assert_eq!(ids(store.fetch(bob, 10).unwrap()), [first.id, second.id], "once, not twice");
+    }
+
+    #[tokio::test]
+    async fn a_crash_before_the_checkpoint_loses_nothing_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path(), 10);
+        let bob = PeerId::random();
+        let batch: Vec<_> = (0..5).map(|i| envelope(bob, i)).collect();
+        store.put(batch.clone(), 0).await.unwrap();
+        store.put(vec![envelope(PeerId::random(), 9)], 0).await.unwrap();
+        store.delete(bob, vec![batch[0].id]).await.unwrap();
+        // The files as a crash now would leave them: redb has the writes unsynced (or, if a
+        // checkpoint came first, synced) and the log has them synced.
+        let crashed = tempfile::tempdir().unwrap();
+        for file in ["relay.redb", "relay.wal"] {
+            std::fs::copy(dir.path().join(file), crashed.path().join(file)).unwrap();
+        }
+        let reopened = open(crashed.path(), 10);
+        assert_eq!(std::fs::metadata(crashed.path().join("relay.wal")).unwrap().len(), 0, "the log was applied");
+        let (got, more) = reopened.fetch(bob, 10).unwrap();
+        assert_eq!((got.iter().map(|e| e.seq).collect::<Vec<_>>(), more), (vec![1, 2, 3, 4], false));
+        let replay = reopened.put(vec![batch[0].clone(), batch[1].clone()], 1).await.unwrap();
+        assert_eq!(replay.duplicates, [batch[0].id, batch[1].id], "ids survive, delivered or not");
     }
 }

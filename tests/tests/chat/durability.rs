@@ -3,7 +3,9 @@ use std::time::Duration;
 
 use libp2p::PeerId;
 use libp2p::kad::KBucketKey;
-use meshgram_tests::{Mesh, array, meshgram, spawn_meshgram, texts, u64_field};
+use meshgram_tests::{
+    Mesh, RELAY_BIN, Server, array, bin_path, meshgram, meshgram_stdin, spawn_meshgram, texts, u64_field,
+};
 
 use super::{ALICE, BOB};
 
@@ -52,4 +54,31 @@ fn offline_recipient_gets_1000_messages_exactly_once_in_order_despite_a_killed_r
 
     // Fetching again (from whichever replicas are left) adds nothing.
     assert_eq!(texts(&meshgram(&bob, &["messages"]).ok_json()).len(), 1000);
+}
+
+#[test]
+fn a_relay_killed_right_after_acknowledging_has_everything_when_it_restarts() {
+    // One relay keeping the only copy: nothing else could hand Bob his messages.
+    let mut mesh = Mesh::start(1, 1);
+    let (alice, bob) = (mesh.new_profile("alice"), mesh.new_profile("bob"));
+    mesh.login(&alice, ALICE);
+    mesh.login(&bob, BOB);
+    let expected: Vec<String> = (0..300).map(|i| format!("kept {i:03}")).collect();
+    let sent = meshgram_stdin(&alice, &["send", BOB, "--lines"], &expected.join("\n")).ok_json();
+    assert_eq!(u64_field(&sent, "sent"), 300);
+
+    // SIGKILL at once: the newest envelopes are then only in the relay's write-ahead log
+    // (redb is synced every 250 ms). The relay comes back on the same data dir and port.
+    let relay = &mut mesh.relays[0];
+    let (peer, port, data) = (relay.peer_id(), relay.tcp_port(), relay.data_dir.display().to_string());
+    relay.kill9();
+    let key = mesh.gateway.server.ready["public_key"].as_str().unwrap().to_string();
+    let listen = format!("/ip4/127.0.0.1/tcp/{port}");
+    let args =
+        ["--data", &data, "--gateway-key", &key, "--replication", "1", "--listen", &listen, "--http", "127.0.0.1:0"];
+    mesh.relays[0] = Server::start(&bin_path(RELAY_BIN), &args).unwrap();
+    assert_eq!(mesh.relays[0].peer_id(), peer, "same relay key");
+
+    let inbox = meshgram(&bob, &["messages"]).ok_json();
+    assert_eq!(texts(&inbox), expected, "all 300, once each, in order");
 }

@@ -2,7 +2,8 @@
 //!
 //! - `basic`: two users chat through three relays; replies; sync to the sender's other device.
 //! - `durability`: an offline recipient gets 1,000 messages exactly once and in order, with a
-//!   relay killed by SIGKILL while they are being sent; relays' files hold no plaintext.
+//!   relay killed by SIGKILL while they are being sent; relays' files hold no plaintext; a
+//!   relay SIGKILLed right after acknowledging has everything when it restarts.
 //! - `features`: edits, deletes, delivery and read receipts, typing, `messages --follow`.
 //! - `wire`: bad input straight at a relay (forged, expired and misused certificates, sender
 //!   spoofing, oversized envelopes, replays, garbage); the relay keeps serving.
