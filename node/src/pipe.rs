@@ -260,8 +260,9 @@ where
     ///
     /// Every request of the protocols on pipes is idempotent (envelopes are deduplicated by
     /// id, deletes and fetches can repeat), so a call whose pipe closed under it is sent again
-    /// on a new pipe: a peer that is busy may drop a just-opened stream (libp2p-stream does
-    /// when its accept queue is full), and a connection may be replaced.
+    /// on a new pipe: a connection may be replaced or closed under it, and a peer may drop a
+    /// just-opened stream (libp2p-stream's own accept path does when busy; relays accept
+    /// pipes their own way, see `meshgram_relay::accept`).
     pub async fn call(
         &self,
         peer: PeerId,

@@ -538,9 +538,9 @@ fn report(args: &Args, r: &Results) {
     row("one empty Fetch at a time, RTT p99", floor(fetch_rtt, |p| p.p99), None, &ms);
     let batch = mesh::STORE_BATCH;
     for (what, p) in [
-        ("store alone: put 1 envelope (commit)".to_string(), r.store.put_one),
+        ("store alone: put 1 envelope (synced log append + commit)".to_string(), r.store.put_one),
         (format!("store alone: put {batch} envelopes"), r.store.put_batch),
-        (format!("store alone: delete {batch} (an Ack; waits up to 20 ms to share a commit)"), r.store.delete_batch),
+        (format!("store alone: delete {batch} (an Ack; not synced on its own)"), r.store.delete_batch),
     ] {
         row(&format!("{what} p50"), floor(p, |p| p.p50), None, &ms);
         row(&format!("{what} p99"), floor(p, |p| p.p99), None, &ms);

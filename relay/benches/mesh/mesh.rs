@@ -559,7 +559,8 @@ fn make_identities(dir: &Path, n: usize) -> anyhow::Result<Vec<DeviceIdentity>> 
 /// The relay's store on its own, in this process, one request at a time.
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct StoreFigures {
-    /// `put` of one envelope: a redb commit with fsync, the floor under every durable ack.
+    /// `put` of one envelope: a synced log append and an unsynced redb commit, the floor under
+    /// every durable ack.
     pub(crate) put_one: Option<Percentiles>,
     /// `put` of a full batch of [`STORE_BATCH`] envelopes.
     pub(crate) put_batch: Option<Percentiles>,
