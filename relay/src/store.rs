@@ -124,12 +124,20 @@ impl Queued {
     }
 
     fn remove(&self, envelopes: &[Envelope]) {
-        let mut queued = self.lock();
+        let Some(first) = envelopes.first() else { return };
+        let ids: std::collections::HashSet<EnvelopeId> = envelopes.iter().map(|e| e.id).collect();
+        let mut mailboxes = vec![first.to_device];
         for envelope in envelopes {
-            if let Some(waiting) = queued.get_mut(&envelope.to_device) {
-                waiting.retain(|e| e.id != envelope.id);
+            if !mailboxes.contains(&envelope.to_device) {
+                mailboxes.push(envelope.to_device);
+            }
+        }
+        let mut queued = self.lock();
+        for mailbox in mailboxes {
+            if let Some(waiting) = queued.get_mut(&mailbox) {
+                waiting.retain(|e| !ids.contains(&e.id));
                 if waiting.is_empty() {
-                    queued.remove(&envelope.to_device);
+                    queued.remove(&mailbox);
                 }
             }
         }

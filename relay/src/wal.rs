@@ -72,14 +72,14 @@ impl Wal {
 
     /// Appends one batch; with `sync`, returns once it is on disk.
     pub(crate) fn append(&mut self, batch: &[&Write], sync: bool) -> io::Result<()> {
-        let payload = postcard::to_stdvec(batch).map_err(io::Error::other)?;
-        let Ok(len) = u32::try_from(payload.len()) else {
+        // The header's place first, filled in once the payload is encoded after it.
+        let mut record = postcard::to_extend(batch, vec![0; HEADER]).map_err(io::Error::other)?;
+        let Ok(len) = u32::try_from(record.len() - HEADER) else {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "a batch of 4 GiB or more"));
         };
-        let mut record = Vec::with_capacity(HEADER + payload.len());
-        record.extend_from_slice(&len.to_le_bytes());
-        record.extend_from_slice(&blake3::hash(&payload).as_bytes()[..8]);
-        record.extend_from_slice(&payload);
+        let checksum = blake3::hash(&record[HEADER..]);
+        record[..4].copy_from_slice(&len.to_le_bytes());
+        record[4..HEADER].copy_from_slice(&checksum.as_bytes()[..8]);
         if let Err(e) = self.file.write_all(&record) {
             // Leave no partial record for the next append to follow.
             self.file.set_len(self.len)?;
