@@ -40,8 +40,7 @@ use crate::metrics::Metrics;
 use crate::service::AuthService;
 use crate::store::{Store, StoreError};
 
-/// The gateway's node key inside its data dir.
-pub const GATEWAY_KEY_FILE: &str = "gateway.key";
+pub use meshgram_node::defaults::GATEWAY_KEY_FILE;
 /// The database inside its data dir.
 pub const DATABASE_FILE: &str = "gateway.redb";
 /// Where a running gateway tells operator commands how to reach its admin endpoint.

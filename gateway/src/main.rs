@@ -44,6 +44,20 @@ enum Command {
     /// Manage bots on the running gateway of --data (through its admin endpoint).
     #[command(subcommand)]
     Bot(BotCommand),
+    /// Admit a relay to this network: sign a certificate for its peer id with the gateway key
+    /// of --data (the gateway need not be running). Relays replicate only with relays that
+    /// hold one; the relay reads it from its DATA/relay.cert (or --relay-cert).
+    RelayCert {
+        /// The relay's peer id (a relay without a certificate prints it when refusing to start).
+        #[arg(long)]
+        relay: libp2p::PeerId,
+        /// How long the certificate is valid.
+        #[arg(long, default_value_t = meshgram_node::defaults::RELAY_CERT_DAYS)]
+        days: u64,
+        /// Write it to this file instead of standard output.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -86,6 +100,7 @@ async fn main() -> anyhow::Result<()> {
     }
     match cli.command {
         Some(Command::Bot(command)) => admin(&config.data_dir, command).await,
+        Some(Command::RelayCert { relay, days, out }) => relay_cert(&config.data_dir, relay, days, out.as_deref()),
         None => run(cli, config).await,
     }
 }
@@ -111,6 +126,26 @@ async fn run(cli: Cli, mut config: Config) -> anyhow::Result<()> {
         () = gateway.wait() => bail!("a gateway task stopped unexpectedly"),
     }
     gateway.shutdown().await;
+    Ok(())
+}
+
+/// Signs a relay certificate with the gateway key (see [`Command::RelayCert`]).
+fn relay_cert(
+    data: &std::path::Path,
+    relay: libp2p::PeerId,
+    days: u64,
+    out: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    let key_file = data.join(meshgram_gateway::GATEWAY_KEY_FILE);
+    let Some(key) = meshgram_node::identity::load_ed25519(&key_file)? else {
+        bail!("no gateway key at {}: is --data the gateway's data dir?", key_file.display());
+    };
+    let cert = meshgram_node::cert::RelayCert::issue(&key, relay, days, meshgram_node::cert::unix_now());
+    let json = serde_json::to_string_pretty(&cert)?;
+    match out {
+        Some(path) => std::fs::write(path, json + "\n").with_context(|| format!("writing {}", path.display()))?,
+        None => println!("{json}"),
+    }
     Ok(())
 }
 

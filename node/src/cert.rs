@@ -1,16 +1,18 @@
-//! Session certificates: the gateway's signed statement that a device belongs to an account
-//! for a bounded time. Relays verify them offline with the gateway's public key.
+//! Certificates: the gateway's signed statements, verified offline with its public key.
+//! - [`SessionCert`]: a device belongs to an account, for a bounded time. Relays serve only
+//!   devices that present one.
+//! - [`RelayCert`]: a peer is a relay of this network. Relays keep and forward replicas only
+//!   for, and through, peers that present one (`meshgram-gateway relay-cert` issues them).
 //!
-//! The signature covers a domain-separated postcard encoding of [`CertBody`]; postcard is
-//! deterministic for these types, so signer and verifier encode the same bytes.
+//! The signature covers a domain-separated postcard encoding of the body (each kind has its own
+//! context, so one kind can never pass for another); postcard is deterministic for these
+//! types, so signer and verifier encode the same bytes.
 
 use libp2p::PeerId;
 use libp2p::identity::ed25519;
 use serde::{Deserialize, Serialize};
 
 use crate::ids::{NoiseKey, SessionId, UserId};
-
-const CERT_SIGNING_CONTEXT: &[u8] = b"meshgram/session-cert/1\0";
 /// Clock skew tolerated between gateway and verifier, in seconds.
 pub const CERT_CLOCK_SKEW_SECS: u64 = 60;
 
@@ -24,7 +26,17 @@ pub enum AccountKind {
     Bot,
 }
 
-/// What the gateway vouches for.
+/// What a certificate's body says, as far as checking it goes.
+pub trait Statement: Serialize {
+    /// Signing context: what kind of statement this is.
+    const CONTEXT: &'static [u8];
+    /// The peer it is about (who must present it).
+    fn subject(&self) -> &PeerId;
+    /// Unix seconds from which, and until which, it holds.
+    fn valid(&self) -> (u64, u64);
+}
+
+/// What the gateway vouches for in a session certificate.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CertBody {
     /// The account.
@@ -43,75 +55,114 @@ pub struct CertBody {
     pub not_after: u64,
 }
 
-/// A [`CertBody`] with the gateway's ed25519 signature.
+impl Statement for CertBody {
+    const CONTEXT: &'static [u8] = b"meshgram/session-cert/1\0";
+    fn subject(&self) -> &PeerId {
+        &self.device
+    }
+    fn valid(&self) -> (u64, u64) {
+        (self.not_before, self.not_after)
+    }
+}
+
+/// What the gateway vouches for in a relay certificate.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SessionCert {
+pub struct RelayCertBody {
+    /// The relay (its libp2p identity).
+    pub relay: PeerId,
+    /// Unix seconds from which the certificate is valid.
+    pub not_before: u64,
+    /// Unix seconds after which it is not.
+    pub not_after: u64,
+}
+
+impl Statement for RelayCertBody {
+    const CONTEXT: &'static [u8] = b"meshgram/relay-cert/1\0";
+    fn subject(&self) -> &PeerId {
+        &self.relay
+    }
+    fn valid(&self) -> (u64, u64) {
+        (self.not_before, self.not_after)
+    }
+}
+
+/// A statement with the gateway's ed25519 signature.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cert<B> {
     /// The signed statement.
-    pub body: CertBody,
+    pub body: B,
     /// ed25519 signature by the gateway key.
     #[serde(with = "crate::ids::hex_or_bytes")]
     pub signature: Vec<u8>,
+}
+
+/// A device's session certificate.
+pub type SessionCert = Cert<CertBody>;
+/// A relay's certificate.
+pub type RelayCert = Cert<RelayCertBody>;
+
+impl RelayCert {
+    /// A certificate for `relay`, valid from now (less the tolerated skew) for `days`.
+    pub fn issue(gateway: &ed25519::Keypair, relay: PeerId, days: u64, now: u64) -> Self {
+        let not_before = now.saturating_sub(CERT_CLOCK_SKEW_SECS);
+        Cert::sign(RelayCertBody { relay, not_before, not_after: now + days * 24 * 3600 }, gateway)
+    }
 }
 
 /// Why a certificate was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CertError {
     /// Not signed by the expected gateway, or altered after signing.
-    #[error("session certificate signature is not the gateway's")]
+    #[error("certificate signature is not the gateway's")]
     BadSignature,
     /// Past `not_after`.
-    #[error("session certificate expired at {not_after} (now {now})")]
+    #[error("certificate expired at {not_after} (now {now})")]
     Expired { not_after: u64, now: u64 },
     /// Before `not_before`.
-    #[error("session certificate is not valid before {not_before} (now {now})")]
+    #[error("certificate is not valid before {not_before} (now {now})")]
     NotYetValid { not_before: u64, now: u64 },
-    /// Presented by a device other than the one it names.
-    #[error("session certificate names device {expected}, presented by {actual}")]
+    /// Presented by a peer other than the one it names.
+    #[error("certificate names {expected}, presented by {actual}")]
     WrongDevice { expected: PeerId, actual: PeerId },
 }
 
-impl SessionCert {
+impl<B: Statement> Cert<B> {
     /// Signs `body` with the gateway key.
-    pub fn sign(body: CertBody, gateway: &ed25519::Keypair) -> Self {
+    pub fn sign(body: B, gateway: &ed25519::Keypair) -> Self {
         let signature = gateway.sign(&signed_bytes(&body));
-        SessionCert { body, signature }
+        Cert { body, signature }
     }
 
     /// Checks signature and validity window at `now` (unix seconds), allowing
     /// [`CERT_CLOCK_SKEW_SECS`] of skew on both ends.
-    pub fn verify(&self, gateway: &ed25519::PublicKey, now: u64) -> Result<&CertBody, CertError> {
-        let b = &self.body;
-        if now > b.not_after.saturating_add(CERT_CLOCK_SKEW_SECS) {
-            return Err(CertError::Expired { not_after: b.not_after, now });
+    pub fn verify(&self, gateway: &ed25519::PublicKey, now: u64) -> Result<&B, CertError> {
+        let (not_before, not_after) = self.body.valid();
+        if now > not_after.saturating_add(CERT_CLOCK_SKEW_SECS) {
+            return Err(CertError::Expired { not_after, now });
         }
-        if now.saturating_add(CERT_CLOCK_SKEW_SECS) < b.not_before {
-            return Err(CertError::NotYetValid { not_before: b.not_before, now });
+        if now.saturating_add(CERT_CLOCK_SKEW_SECS) < not_before {
+            return Err(CertError::NotYetValid { not_before, now });
         }
-        if !gateway.verify(&signed_bytes(b), &self.signature) {
+        if !gateway.verify(&signed_bytes(&self.body), &self.signature) {
             return Err(CertError::BadSignature);
         }
-        Ok(b)
+        Ok(&self.body)
     }
 
-    /// [`Self::verify`] plus a check that `presenter` is the certified device.
-    pub fn verify_for(
-        &self,
-        gateway: &ed25519::PublicKey,
-        presenter: &PeerId,
-        now: u64,
-    ) -> Result<&CertBody, CertError> {
+    /// [`Self::verify`] plus a check that `presenter` is the certified peer.
+    pub fn verify_for(&self, gateway: &ed25519::PublicKey, presenter: &PeerId, now: u64) -> Result<&B, CertError> {
         let body = self.verify(gateway, now)?;
-        if &body.device != presenter {
-            return Err(CertError::WrongDevice { expected: body.device, actual: *presenter });
+        if body.subject() != presenter {
+            return Err(CertError::WrongDevice { expected: *body.subject(), actual: *presenter });
         }
         Ok(body)
     }
 }
 
-fn signed_bytes(body: &CertBody) -> Vec<u8> {
-    let mut out = CERT_SIGNING_CONTEXT.to_vec();
+fn signed_bytes<B: Statement>(body: &B) -> Vec<u8> {
+    let mut out = B::CONTEXT.to_vec();
     // Serializing plain structs of integers, byte arrays and a PeerId cannot fail.
-    out.extend(postcard::to_stdvec(body).expect("invariant: CertBody always serializes"));
+    out.extend(postcard::to_stdvec(body).expect("invariant: certificate bodies always serialize"));
     out
 }
 
@@ -170,5 +221,24 @@ mod tests {
 
         let thief = PeerId::random();
         assert!(matches!(cert.verify_for(&gw.public(), &thief, 2_000), Err(CertError::WrongDevice { .. })));
+    }
+
+    #[test]
+    fn relay_certificates_verify_for_their_relay_only_and_never_pass_for_session_ones() {
+        let gw = ed25519::Keypair::generate();
+        let relay = PeerId::random();
+        let cert = RelayCert::issue(&gw, relay, 365, 10_000);
+        assert_eq!(cert.verify_for(&gw.public(), &relay, 10_000).unwrap().relay, relay);
+        assert!(matches!(cert.verify_for(&gw.public(), &PeerId::random(), 10_000), Err(CertError::WrongDevice { .. })));
+        assert!(matches!(cert.verify(&gw.public(), 10_000 + 366 * 86_400), Err(CertError::Expired { .. })));
+        let forged = RelayCert::issue(&ed25519::Keypair::generate(), relay, 365, 10_000);
+        assert_eq!(forged.verify(&gw.public(), 10_000), Err(CertError::BadSignature));
+        // The same signature over the same fields under the other kind's context does not verify.
+        let session = SessionCert::sign(body(relay), &gw);
+        let relabelled = RelayCert {
+            body: RelayCertBody { relay, not_before: 1_000, not_after: 4_600 },
+            signature: session.signature,
+        };
+        assert_eq!(relabelled.verify(&gw.public(), 2_000), Err(CertError::BadSignature));
     }
 }

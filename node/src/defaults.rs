@@ -27,3 +27,13 @@ pub const MAILBOX_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// How long a client's `Fetch` waits for new envelopes before the relay answers empty.
 pub const FETCH_WAIT_MS: u32 = 20_000;
+
+/// The gateway's signing key in its data dir (also its libp2p identity). `meshgram up` and
+/// `meshgram-gateway relay-cert` read it to admit relays.
+pub const GATEWAY_KEY_FILE: &str = "gateway.key";
+/// A relay's libp2p identity in its data dir.
+pub const RELAY_KEY_FILE: &str = "relay.key";
+/// A relay's certificate from the gateway in its data dir (JSON), unless given elsewhere.
+pub const RELAY_CERT_FILE: &str = "relay.cert";
+/// Relay certificates `meshgram up` and `meshgram-gateway relay-cert` issue last this long.
+pub const RELAY_CERT_DAYS: u64 = 365;

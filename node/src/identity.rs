@@ -137,18 +137,22 @@ impl DeviceIdentity {
 /// Loads an ed25519 keypair from `path`, creating it (mode 0600) if the file does not exist.
 /// Used for device keys and for server node keys alike.
 pub fn load_or_create_ed25519(path: &Path) -> Result<Keypair, KeyFileError> {
-    match read_secret(path)? {
-        Some(mut bytes) => {
-            let kp = ed25519::Keypair::try_from_bytes(&mut bytes)
-                .map_err(|e| KeyFileError::Corrupt { path: path.to_path_buf(), reason: e.to_string() })?;
-            Ok(kp.into())
-        }
+    match load_ed25519(path)? {
+        Some(kp) => Ok(kp.into()),
         None => {
             let kp = ed25519::Keypair::generate();
             write_secret(path, &kp.to_bytes())?;
             Ok(kp.into())
         }
     }
+}
+
+/// Loads an ed25519 key file written by [`load_or_create_ed25519`]; `None` if there is none.
+pub fn load_ed25519(path: &Path) -> Result<Option<ed25519::Keypair>, KeyFileError> {
+    let Some(mut bytes) = read_secret(path)? else { return Ok(None) };
+    let kp = ed25519::Keypair::try_from_bytes(&mut bytes)
+        .map_err(|e| KeyFileError::Corrupt { path: path.to_path_buf(), reason: e.to_string() })?;
+    Ok(Some(kp))
 }
 
 fn generate_noise_pair() -> [u8; 64] {

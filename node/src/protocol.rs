@@ -23,7 +23,7 @@ use std::fmt;
 use libp2p::PeerId;
 use serde::{Deserialize, Serialize};
 
-use crate::cert::{AccountKind, SessionCert};
+use crate::cert::{AccountKind, RelayCert, SessionCert};
 use crate::codec::PostcardCodec;
 use crate::envelope::{Envelope, EnvelopeId};
 use crate::identity::DeviceKeys;
@@ -334,8 +334,10 @@ impl fmt::Display for ErrorCode {
 // ```text
 // client                 entry relay                    mailbox relays (R closest to recipient)
 //   Hello{cert} ───────────▶ verify once per connection
-//   Send{envelopes} ───────▶ check sender = connection ─▶ Replica Store ─▶ redb commit (group)
-//   ◀──────── Stored{ids} ◀─ all R committed ◀──────────── Stored
+//   Send{envelopes} ───────▶ check sender = connection ─▶ Replica Store ─▶ synced log + redb
+//   ◀──────── Stored{ids} ◀─ all R durable ◀────────────── Stored
+//                            (relays greet each other first: Replica Hello{relay cert} ⇄
+//                             Welcome{relay cert}, both signed by the gateway)
 //
 // recipient ── Hello ──▶ one of its mailbox relays
 //   Fetch{wait, ack} ─▶ Envelopes (long-poll: answered as soon as a Store arrives, even
@@ -425,6 +427,9 @@ pub enum ReplicaRequest {
     Store { envelopes: Vec<Envelope> },
     /// The recipient acknowledged these; delete them.
     Delete { mailbox: PeerId, ids: Vec<EnvelopeId> },
+    /// Present this relay's certificate; required once per connection before `Store` or
+    /// `Delete` (`CERT_INVALID` otherwise). Answered with the other relay's own.
+    Hello { cert: RelayCert },
 }
 
 /// Answer to a [`ReplicaRequest`].
@@ -438,6 +443,10 @@ pub enum ReplicaResponse {
         count: u32,
     },
     Error(WireError),
+    /// `Hello` accepted; this is the answering relay's certificate, for the caller to check.
+    Welcome {
+        cert: RelayCert,
+    },
 }
 
 #[cfg(test)]

@@ -27,14 +27,16 @@ pub mod store;
 mod wal;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use libp2p::identity::ed25519;
 use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, PeerId};
+use meshgram_node::cert::{RelayCert, unix_now};
 use meshgram_node::defaults::SERVER_IDLE_TIMEOUT;
+pub use meshgram_node::defaults::{RELAY_CERT_FILE, RELAY_KEY_FILE};
 use meshgram_node::identity::{KeyFileError, load_or_create_ed25519};
 use meshgram_node::transport::{TransportError, build_swarm, listen_on_all};
 use serde::Serialize;
@@ -44,8 +46,6 @@ use tokio_util::sync::CancellationToken;
 pub use crate::net::RelaySettings;
 use crate::store::{StoreError, StoreHandle, StoreLimits};
 
-/// The relay's node key inside its data dir.
-pub const RELAY_KEY_FILE: &str = "relay.key";
 /// The mailbox database inside its data dir.
 pub const DATABASE_FILE: &str = "relay.redb";
 
@@ -57,6 +57,8 @@ pub struct RelayConfig {
     /// Other relays to join through, each ending in `/p2p/<peer id>`.
     pub bootstrap: Vec<Multiaddr>,
     pub http: Option<SocketAddr>,
+    /// The gateway's certificate for this relay (JSON); default `DATA/relay.cert`.
+    pub cert_file: Option<PathBuf>,
     pub settings: RelaySettings,
     pub store: StoreLimits,
 }
@@ -69,6 +71,7 @@ impl RelayConfig {
             listen: meshgram_node::transport::default_listen_addrs(),
             bootstrap: Vec::new(),
             http: None,
+            cert_file: None,
             settings: RelaySettings { gateway_key, replication: 2, send_rate: 5_000, send_burst: 50_000 },
             store: StoreLimits { ttl: Duration::from_secs(30 * 24 * 3600), max_per_mailbox: 100_000 },
         }
@@ -88,6 +91,12 @@ pub enum StartError {
     Transport(#[from] TransportError),
     #[error("bootstrap address {0} does not end in /p2p/<peer id>")]
     Bootstrap(Multiaddr),
+    #[error(
+        "this relay ({peer_id}) has no valid certificate from the gateway in {path}: {reason}. The \
+         gateway's operator issues one with: meshgram-gateway --data GATEWAY_DIR relay-cert --relay \
+         {peer_id} --out {path}"
+    )]
+    Cert { peer_id: PeerId, path: PathBuf, reason: String },
     #[error("could not serve HTTP on {addr}: {source}")]
     Http { addr: SocketAddr, source: std::io::Error },
 }
@@ -115,6 +124,8 @@ impl Relay {
         let data = &config.data_dir;
         std::fs::create_dir_all(data).map_err(|source| StartError::DataDir { path: data.clone(), source })?;
         let keypair = load_or_create_ed25519(&data.join(RELAY_KEY_FILE))?;
+        let cert_file = config.cert_file.clone().unwrap_or_else(|| data.join(RELAY_CERT_FILE));
+        let cert = load_cert(&cert_file, &keypair.public().to_peer_id(), &config.settings.gateway_key)?;
         let store = StoreHandle::open(&data.join(DATABASE_FILE), config.store)?;
         let mut bootstrap = Vec::new();
         for addr in &config.bootstrap {
@@ -128,8 +139,15 @@ impl Relay {
         let peer_id = *swarm.local_peer_id();
         let listen = listen_on_all(&mut swarm, &config.listen).await?;
         let metrics = Arc::new(metrics::Metrics::new());
-        let mut event_loop =
-            net::EventLoop::new(swarm, inbound, store, config.settings.clone(), Arc::clone(&metrics), listen.clone());
+        let mut event_loop = net::EventLoop::new(
+            swarm,
+            inbound,
+            store,
+            config.settings.clone(),
+            cert,
+            Arc::clone(&metrics),
+            listen.clone(),
+        );
         event_loop.bootstrap(&bootstrap);
 
         let shutdown = CancellationToken::new();
@@ -154,6 +172,16 @@ impl Relay {
     pub async fn wait(&mut self) {
         self.tasks.join_next().await;
     }
+}
+
+/// Reads this relay's certificate and checks that it is the gateway's, for this relay, and valid
+/// now: a relay without one could not replicate (other relays refuse it), so it does not start.
+fn load_cert(path: &Path, relay: &PeerId, gateway_key: &ed25519::PublicKey) -> Result<RelayCert, StartError> {
+    let refused = |reason: String| StartError::Cert { peer_id: *relay, path: path.to_path_buf(), reason };
+    let text = std::fs::read_to_string(path).map_err(|e| refused(e.to_string()))?;
+    let cert: RelayCert = serde_json::from_str(&text).map_err(|e| refused(format!("not a relay certificate: {e}")))?;
+    cert.verify_for(gateway_key, relay, unix_now()).map_err(|e| refused(e.to_string()))?;
+    Ok(cert)
 }
 
 async fn serve_http(

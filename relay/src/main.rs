@@ -31,6 +31,10 @@ struct Cli {
     /// it signs are the only ones this relay accepts.
     #[arg(long, env = "MESHGRAM_GATEWAY_KEY")]
     gateway_key: String,
+    /// The gateway's certificate for this relay (default: DATA/relay.cert); see
+    /// `meshgram-gateway relay-cert`.
+    #[arg(long)]
+    relay_cert: Option<PathBuf>,
     /// Relays that must hold a copy of an envelope before it is acknowledged.
     #[arg(long, default_value_t = 2)]
     replication: usize,
@@ -80,6 +84,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         config.listen = cli.listen;
     }
     config.bootstrap = cli.bootstrap;
+    config.cert_file = cli.relay_cert;
     config.http = Some(cli.http);
     config.settings.replication = cli.replication;
     config.settings.send_rate = cli.send_rate;

@@ -18,7 +18,7 @@ use libp2p::identity::ed25519;
 use libp2p::kad;
 use libp2p::swarm::SwarmEvent;
 use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm};
-use meshgram_node::cert::{CERT_CLOCK_SKEW_SECS, CertBody, unix_now};
+use meshgram_node::cert::{CERT_CLOCK_SKEW_SECS, CertBody, RelayCert, unix_now};
 use meshgram_node::codec::FrameError;
 use meshgram_node::envelope::{Envelope, EnvelopeId};
 use meshgram_node::pipe::{self, Inbound, PipePool, Responder};
@@ -35,7 +35,9 @@ use crate::accept::{Acceptor, Serve};
 use crate::behaviour::{RelayBehaviour, RelayBehaviourEvent};
 use crate::metrics::Metrics;
 use crate::placement::{closest_relays, mailbox_key};
-use crate::replicate::{Group, ReplicaDelete, Replicas, spawn_delete_forwarder, store_replicated};
+use crate::replicate::{
+    Group, ReplicaClient, ReplicaDelete, ReplicaPipes, Replicas, spawn_delete_forwarder, store_replicated,
+};
 use crate::store::{QueuedPut, StoreError, StoreHandle};
 use meshgram_node::limits::RateLimiter;
 
@@ -45,6 +47,8 @@ const PARK_TICK: Duration = Duration::from_millis(250);
 const EXPIRE_EVERY: Duration = Duration::from_secs(600);
 /// A relay whose replica request failed is skipped in placement for this long.
 const DOWN_FOR: Duration = Duration::from_secs(30);
+/// A peer that showed no valid relay certificate is skipped in placement for this long.
+const NOT_A_RELAY_FOR: Duration = Duration::from_secs(600);
 /// Commands queued from tasks to the loop.
 const COMMAND_QUEUE: usize = 1024;
 /// Requests queued from pipes to the loop; a full queue pushes back on every pipe.
@@ -54,8 +58,6 @@ const REPLICA_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
 type MailboxInbound = Inbound<MailboxRequest, MailboxResponse>;
 type ReplicaInbound = Inbound<ReplicaRequest, ReplicaResponse>;
-/// Pipes to the other relays.
-pub(crate) type ReplicaPipes = Arc<PipePool<ReplicaRequest, ReplicaResponse>>;
 
 /// What a relay is configured with.
 #[derive(Debug, Clone)]
@@ -71,6 +73,9 @@ pub struct RelaySettings {
 pub(crate) enum Command {
     /// This relay did not answer a replica request: leave it out of placement for a while.
     Down(PeerId),
+    /// This peer speaks the replica protocol but showed no valid relay certificate: leave it
+    /// out of placement (until its identify says it is a relay again after a while).
+    NotARelay(PeerId),
 }
 
 /// What a finished task hands back to the loop.
@@ -130,6 +135,11 @@ pub(crate) struct EventLoop {
     replica_deletes: mpsc::Sender<ReplicaDelete>,
     /// Relays that failed recently, until when.
     down: HashMap<PeerId, Instant>,
+    /// Peers that failed to show a relay certificate, until when they are asked again.
+    not_relays: HashMap<PeerId, Instant>,
+    /// Relays that showed a valid certificate on a live connection, until it expires (unix s).
+    certified: HashMap<PeerId, u64>,
+    cert: RelayCert,
     send_limiter: RateLimiter,
     commands_tx: mpsc::Sender<Command>,
     commands_rx: mpsc::Receiver<Command>,
@@ -166,13 +176,15 @@ impl EventLoop {
         inbound: InboundPipes,
         store: StoreHandle,
         settings: RelaySettings,
+        cert: RelayCert,
         metrics: Arc<Metrics>,
         listen: Vec<Multiaddr>,
     ) -> Self {
         let (commands_tx, commands_rx) = mpsc::channel(COMMAND_QUEUE);
         let send_limiter = RateLimiter::per_second(settings.send_burst, settings.send_rate);
         let streams = swarm.behaviour().stream.new_control();
-        let replicas = Arc::new(PipePool::new(REPLICA_PROTOCOL, REPLICA_LIMITS, REPLICA_REQUEST_TIMEOUT, streams));
+        let pipes = PipePool::new(REPLICA_PROTOCOL, REPLICA_LIMITS, REPLICA_REQUEST_TIMEOUT, streams);
+        let replicas = Arc::new(ReplicaClient::new(pipes, cert.clone(), settings.gateway_key.clone()));
         EventLoop {
             swarm,
             store,
@@ -186,6 +198,9 @@ impl EventLoop {
             replica_deletes: spawn_delete_forwarder(Arc::clone(&replicas)),
             replicas,
             down: HashMap::new(),
+            not_relays: HashMap::new(),
+            certified: HashMap::new(),
+            cert,
             send_limiter,
             commands_tx,
             commands_rx,
@@ -203,7 +218,9 @@ impl EventLoop {
                 Some(inbound) = self.mailbox_rx.recv() => {
                     self.handle_mailbox_request(inbound.peer, inbound.request, inbound.responder);
                 }
-                Some(inbound) = self.replica_rx.recv() => self.handle_replica_request(inbound.request, inbound.responder),
+                Some(inbound) = self.replica_rx.recv() => {
+                    self.handle_replica_request(inbound.peer, inbound.request, inbound.responder);
+                }
                 Some(command) = self.commands_rx.recv() => self.handle_command(command),
                 Some(done) = self.tasks.join_next() => match done {
                     Ok(done) => self.handle_done(done),
@@ -232,11 +249,12 @@ impl EventLoop {
     fn live_relays(&mut self) -> Vec<RelayInfo> {
         let now = Instant::now();
         self.down.retain(|_, until| *until > now);
+        self.not_relays.retain(|_, until| *until > now);
         let mut relays = vec![RelayInfo { peer_id: *self.swarm.local_peer_id(), addrs: self.listen.clone() }];
         for bucket in self.swarm.behaviour_mut().kad.kbuckets() {
             for entry in bucket.iter() {
                 let peer_id = *entry.node.key.preimage();
-                if !self.down.contains_key(&peer_id) {
+                if !self.down.contains_key(&peer_id) && !self.not_relays.contains_key(&peer_id) {
                     relays.push(RelayInfo { peer_id, addrs: entry.node.value.iter().cloned().collect() });
                 }
             }
@@ -277,6 +295,7 @@ impl EventLoop {
             SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
                 self.sessions.remove(&peer_id);
                 self.parked.remove(&peer_id);
+                self.certified.remove(&peer_id);
             }
             SwarmEvent::ConnectionEstablished { .. } => {
                 self.metrics.connections.inc();
@@ -449,62 +468,64 @@ impl EventLoop {
 
     fn handle_replica_request(
         &mut self,
+        peer: PeerId,
         request: Result<ReplicaRequest, FrameError>,
         channel: Responder<ReplicaResponse>,
     ) {
-        let request = match request {
-            Ok(r) => r,
-            Err(e) => {
-                return channel.respond(ReplicaResponse::Error(WireError::new(ErrorCode::BadRequest, e.to_string())));
+        let refuse = |code, message: String| ReplicaResponse::Error(WireError::new(code, message));
+        let now = unix_now();
+        match request {
+            Err(e) => channel.respond(refuse(ErrorCode::BadRequest, e.to_string())),
+            Ok(ReplicaRequest::Hello { cert }) => {
+                let response = match cert.verify_for(&self.settings.gateway_key, &peer, now) {
+                    Ok(body) => {
+                        self.certified.insert(peer, body.not_after.saturating_add(CERT_CLOCK_SKEW_SECS));
+                        ReplicaResponse::Welcome { cert: self.cert.clone() }
+                    }
+                    Err(e) => refuse(ErrorCode::CertInvalid, format!("relay {e}")),
+                };
+                channel.respond(response);
             }
-        };
-        let store = self.store.clone();
-        if let ReplicaRequest::Store { envelopes } = &request
-            && let Some(bad) = envelopes.iter().find(|e| e.encoded_len() > MAX_ENVELOPE_SIZE)
-        {
-            let refusal = WireError::new(ErrorCode::BadRequest, format!("envelope {} is too large", bad.id));
-            return channel.respond(ReplicaResponse::Error(refusal));
-        }
-        let put = match &request {
-            ReplicaRequest::Store { envelopes } => self.put_and_push(envelopes, unix_now()),
-            ReplicaRequest::Delete { .. } => None,
-        };
-        self.tasks.spawn(async move {
-            match request {
-                ReplicaRequest::Store { envelopes } => {
+            Ok(_) if self.certified.get(&peer).is_none_or(|until| now > *until) => channel.respond(refuse(
+                ErrorCode::CertInvalid,
+                "say Hello with a gateway-signed relay certificate first".into(),
+            )),
+            Ok(ReplicaRequest::Store { envelopes }) => {
+                if let Some(bad) = envelopes.iter().find(|e| e.encoded_len() > MAX_ENVELOPE_SIZE) {
+                    return channel.respond(refuse(ErrorCode::BadRequest, format!("envelope {} is too large", bad.id)));
+                }
+                let (store, put) = (self.store.clone(), self.put_and_push(&envelopes, now));
+                self.tasks.spawn(async move {
                     let mailboxes: HashSet<PeerId> = envelopes.iter().map(|e| e.to_device).collect();
                     let outcome = match put {
                         Some(queued) => queued.outcome().await,
-                        None => store.put(envelopes, unix_now()).await,
+                        None => store.put(envelopes, now).await,
                     };
                     match outcome {
                         Ok(outcome) if !outcome.over_quota.is_empty() => Done::replica(
                             channel,
-                            ReplicaResponse::Error(WireError::new(
-                                ErrorCode::QuotaExceeded,
-                                "the recipient's mailbox is full",
-                            )),
+                            refuse(ErrorCode::QuotaExceeded, "the recipient's mailbox is full".into()),
                         ),
                         Ok(outcome) => Done::Replica {
                             channel,
                             response: ReplicaResponse::Stored { duplicates: outcome.duplicates },
                             arrived: mailboxes.into_iter().collect(),
                         },
-                        Err(e) => Done::replica(
-                            channel,
-                            ReplicaResponse::Error(WireError::new(ErrorCode::Internal, e.to_string())),
-                        ),
+                        Err(e) => Done::replica(channel, refuse(ErrorCode::Internal, e.to_string())),
                     }
-                }
-                ReplicaRequest::Delete { mailbox, ids } => match store.delete(mailbox, ids).await {
-                    Ok(count) => Done::replica(channel, ReplicaResponse::Deleted { count }),
-                    Err(e) => Done::replica(
-                        channel,
-                        ReplicaResponse::Error(WireError::new(ErrorCode::Internal, e.to_string())),
-                    ),
-                },
+                });
             }
-        });
+            Ok(ReplicaRequest::Delete { mailbox, ids }) => {
+                let store = self.store.clone();
+                self.tasks.spawn(async move {
+                    let response = match store.delete(mailbox, ids).await {
+                        Ok(count) => ReplicaResponse::Deleted { count },
+                        Err(e) => refuse(ErrorCode::Internal, e.to_string()),
+                    };
+                    Done::replica(channel, response)
+                });
+            }
+        }
     }
 
     fn handle_command(&mut self, command: Command) {
@@ -512,6 +533,10 @@ impl EventLoop {
             Command::Down(peer) => {
                 tracing::warn!(%peer, "a relay did not answer a replica request; skipping it for a while");
                 self.down.insert(peer, Instant::now() + DOWN_FOR);
+            }
+            Command::NotARelay(peer) => {
+                tracing::warn!(%peer, "a peer showed no valid relay certificate; it gets no replicas");
+                self.not_relays.insert(peer, Instant::now() + NOT_A_RELAY_FOR);
             }
         }
     }

@@ -4,19 +4,22 @@
 //! Deleting what a recipient acknowledged from the other copies, gathered over a short while.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use libp2p::PeerId;
+use libp2p::identity::ed25519;
+use meshgram_node::cert::{RelayCert, unix_now};
 use meshgram_node::envelope::{Envelope, EnvelopeId};
-use meshgram_node::pipe::PipeError;
+use meshgram_node::pipe::{PipeError, PipePool};
 use meshgram_node::protocol::{
     ErrorCode, MAX_ENVELOPES_PER_BATCH, MailboxResponse, ReplicaRequest, ReplicaResponse, WireError,
 };
 use tokio::sync::mpsc;
 
-use crate::net::{Command, ReplicaPipes};
+use crate::net::Command;
 use crate::store::{QueuedPut, StoreHandle};
 
 /// Where copies go: this relay's own store, or other relays on their pipes.
@@ -25,7 +28,7 @@ pub(crate) struct Replicas {
     pub(crate) local: PeerId,
     pub(crate) store: StoreHandle,
     pub(crate) pipes: ReplicaPipes,
-    /// To tell the event loop about relays that did not answer.
+    /// To tell the event loop about relays that did not answer, or are not relays.
     pub(crate) commands: mpsc::Sender<Command>,
     pub(crate) replication: usize,
 }
@@ -142,13 +145,13 @@ async fn store_on(
         }
     } else {
         // libp2p-stream dials the relay if need be, with the addresses Kademlia knows.
-        match replicas.pipes.call(target, ReplicaRequest::Store { envelopes: batch }, async { Ok(()) }).await {
+        match replicas.pipes.call(target, ReplicaRequest::Store { envelopes: batch }).await {
             Ok(ReplicaResponse::Stored { duplicates }) => Ok(duplicates),
             Ok(ReplicaResponse::Error(e)) => Err(e),
             Ok(other) => Err(WireError::new(ErrorCode::Internal, format!("unexpected replica answer {other:?}"))),
             Err(e) => {
-                if matches!(e, PipeError::Open(_) | PipeError::Closed(_) | PipeError::Timeout(_)) {
-                    let _ = replicas.commands.send(Command::Down(target)).await;
+                if let Some(command) = e.command(target) {
+                    let _ = replicas.commands.send(command).await;
                 }
                 Err(WireError::new(ErrorCode::Unavailable, e.to_string()))
             }
@@ -190,7 +193,7 @@ pub(crate) fn spawn_delete_forwarder(pipes: ReplicaPipes) -> mpsc::Sender<Replic
                 for chunk in ids.chunks(MAX_ENVELOPES_PER_BATCH) {
                     let (pipes, request) = (pipes.clone(), ReplicaRequest::Delete { mailbox, ids: chunk.to_vec() });
                     tokio::spawn(async move {
-                        if let Err(e) = pipes.call(relay, request, async { Ok(()) }).await {
+                        if let Err(e) = pipes.call(relay, request).await {
                             tracing::debug!(%relay, error = %e, "replica delete failed");
                         }
                     });
@@ -199,4 +202,95 @@ pub(crate) fn spawn_delete_forwarder(pipes: ReplicaPipes) -> mpsc::Sender<Replic
         }
     });
     tx
+}
+
+/// This relay's calls to other relays.
+pub(crate) type ReplicaPipes = std::sync::Arc<ReplicaClient>;
+
+/// Calls other relays on replica pipes. Greets each one once per connection with this relay's
+/// certificate, and checks the one it answers with: a peer that cannot show a gateway-signed
+/// relay certificate is never given a copy (it could acknowledge one and drop it).
+#[derive(Debug)]
+pub(crate) struct ReplicaClient {
+    pipes: PipePool<ReplicaRequest, ReplicaResponse>,
+    cert: RelayCert,
+    gateway_key: ed25519::PublicKey,
+    /// Relays that accepted our `Hello` and showed a valid certificate.
+    greeted: Mutex<HashSet<PeerId>>,
+}
+
+/// Why a call to another relay failed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ReplicaCallError {
+    #[error(transparent)]
+    Pipe(#[from] PipeError),
+    /// It showed no valid relay certificate.
+    #[error("{relay} is not a certified relay: {reason}")]
+    NotARelay { relay: PeerId, reason: String },
+    /// It refused our certificate.
+    #[error("{relay} refused this relay's certificate: {error}")]
+    Refused { relay: PeerId, error: WireError },
+}
+
+impl ReplicaCallError {
+    /// What the event loop should hear about `relay` after this failure, if anything.
+    pub(crate) fn command(&self, relay: PeerId) -> Option<Command> {
+        match self {
+            ReplicaCallError::Pipe(PipeError::Open(_) | PipeError::Closed(_) | PipeError::Timeout(_)) => {
+                Some(Command::Down(relay))
+            }
+            ReplicaCallError::NotARelay { .. } => Some(Command::NotARelay(relay)),
+            _ => None,
+        }
+    }
+}
+
+impl ReplicaClient {
+    pub(crate) fn new(
+        pipes: PipePool<ReplicaRequest, ReplicaResponse>,
+        cert: RelayCert,
+        gateway_key: ed25519::PublicKey,
+    ) -> Self {
+        ReplicaClient { pipes, cert, gateway_key, greeted: Mutex::new(HashSet::new()) }
+    }
+
+    /// Sends `request` to `relay`, greeting it first if need be.
+    pub(crate) async fn call(
+        &self,
+        relay: PeerId,
+        request: ReplicaRequest,
+    ) -> Result<ReplicaResponse, ReplicaCallError> {
+        let mut greeted_now = false;
+        loop {
+            if !self.greeted().contains(&relay) {
+                self.greet(relay).await?;
+                greeted_now = true;
+            }
+            match self.pipes.call(relay, request.clone(), async { Ok(()) }).await? {
+                // It forgot us (it restarted, or the connection was replaced): greet again, once.
+                ReplicaResponse::Error(e) if e.code == ErrorCode::CertInvalid && !greeted_now => {
+                    self.greeted().remove(&relay);
+                }
+                response => return Ok(response),
+            }
+        }
+    }
+
+    async fn greet(&self, relay: PeerId) -> Result<(), ReplicaCallError> {
+        let hello = ReplicaRequest::Hello { cert: self.cert.clone() };
+        match self.pipes.call(relay, hello, async { Ok(()) }).await? {
+            ReplicaResponse::Welcome { cert } => {
+                cert.verify_for(&self.gateway_key, &relay, unix_now())
+                    .map_err(|e| ReplicaCallError::NotARelay { relay, reason: e.to_string() })?;
+                self.greeted().insert(relay);
+                Ok(())
+            }
+            ReplicaResponse::Error(error) => Err(ReplicaCallError::Refused { relay, error }),
+            other => Err(ReplicaCallError::NotARelay { relay, reason: format!("it answered Hello with {other:?}") }),
+        }
+    }
+
+    fn greeted(&self) -> std::sync::MutexGuard<'_, HashSet<PeerId>> {
+        self.greeted.lock().unwrap_or_else(PoisonError::into_inner)
+    }
 }

@@ -24,7 +24,7 @@ use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{self, RecvTimeoutError, SyncSender};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::{self, JoinHandle};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use axum::Router;
@@ -32,6 +32,12 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::post;
+use libp2p::identity::ed25519;
+use meshgram_node::cert::RelayCert;
+/// Seconds since the Unix epoch.
+pub use meshgram_node::cert::unix_now;
+use meshgram_node::defaults::{RELAY_CERT_FILE, RELAY_KEY_FILE};
+use meshgram_node::identity::load_or_create_ed25519;
 use serde_json::Value;
 use tempfile::TempDir;
 
@@ -823,11 +829,6 @@ impl Gateway {
 // ---------------------------------------------------------------------------------------------
 // Small helpers
 
-/// Seconds since the Unix epoch.
-pub fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
-}
-
 /// Whether `token` has Telegram's bot token shape: `^\d+:[A-Za-z0-9_-]{35}$`.
 pub fn is_bot_token(token: &str) -> bool {
     let Some((id, secret)) = token.split_once(':') else {
@@ -963,19 +964,45 @@ pub struct Mesh {
 }
 
 impl Mesh {
-    /// Starts a gateway and `relays` relays with replication `replication`.
+    /// Starts a gateway and `relays` relays with replication `replication`. Each relay is
+    /// admitted as an operator would: `meshgram-gateway relay-cert` signs its certificate.
     pub fn start(relays: usize, replication: usize) -> Mesh {
         let gateway = Gateway::start();
         let key = gateway.server.ready["public_key"].as_str().expect("gateway ready line has public_key").to_string();
-        Mesh::start_with_key(gateway, &key, relays, replication)
+        let gateway_dir = gateway.data_dir().display().to_string();
+        Mesh::start_relays(gateway, &key, relays, replication, |relay, cert_file| {
+            let (relay, out) = (relay.to_string(), cert_file.display().to_string());
+            let args = ["--data", &gateway_dir, "relay-cert", "--relay", &relay, "--out", &out];
+            let issued = run(&bin_path(GATEWAY_BIN), &args, None);
+            assert!(issued.status.success(), "relay-cert failed: {}", issued.stderr);
+        })
     }
 
-    /// Like [`Mesh::start`], but relays trust `gateway_key` (hex) instead of the gateway's own.
-    pub fn start_with_key(gateway: Gateway, gateway_key: &str, relays: usize, replication: usize) -> Mesh {
+    /// Like [`Mesh::start`], but relays trust `gateway` (a key the test holds, which also signs
+    /// their certificates) instead of the gateway's own key.
+    pub fn start_with_key(gateway: Gateway, signer: &ed25519::Keypair, relays: usize, replication: usize) -> Mesh {
+        let key = meshgram_node::ids::hex(&signer.public().to_bytes());
+        Mesh::start_relays(gateway, &key, relays, replication, |relay, cert_file| {
+            let cert = RelayCert::issue(signer, relay, 1, unix_now());
+            fs::write(cert_file, serde_json::to_string(&cert).expect("a certificate serializes")).expect("write cert");
+        })
+    }
+
+    /// Starts the relays, each after `admit` wrote the certificate for its peer id.
+    fn start_relays(
+        gateway: Gateway,
+        gateway_key: &str,
+        relays: usize,
+        replication: usize,
+        admit: impl Fn(libp2p::PeerId, &Path),
+    ) -> Mesh {
         let mut servers: Vec<Server> = Vec::new();
         for i in 0..relays {
-            let data = gateway.tmp().join(format!("relay-{i}"));
-            let data = data.display().to_string();
+            let dir = gateway.tmp().join(format!("relay-{i}"));
+            fs::create_dir_all(&dir).expect("relay data dir");
+            let relay = load_or_create_ed25519(&dir.join(RELAY_KEY_FILE)).expect("relay key").public().to_peer_id();
+            admit(relay, &dir.join(RELAY_CERT_FILE));
+            let data = dir.display().to_string();
             let replication = replication.to_string();
             let mut args: Vec<String> = [
                 "--data",

@@ -17,7 +17,7 @@ use meshgram_node::cert::{AccountKind, CertBody, SessionCert, unix_now};
 use meshgram_node::e2e;
 use meshgram_node::envelope::{Envelope, EnvelopeId};
 use meshgram_node::identity::DeviceIdentity;
-use meshgram_node::ids::{SessionId, UserId, hex};
+use meshgram_node::ids::{SessionId, UserId};
 use meshgram_node::net::ClientNet;
 use meshgram_node::protocol::{MailboxRequest, MailboxResponse, RelayInfo};
 use meshgram_relay::store::{StoreHandle, StoreLimits};
@@ -122,7 +122,6 @@ impl MeshRig {
     /// `messages` envelopes (on every core, before anything is timed).
     pub(crate) async fn start(options: &MeshOptions, messages: usize) -> anyhow::Result<Self> {
         let gateway = ed25519::Keypair::generate();
-        let gateway_hex = hex(&gateway.public().to_bytes());
         let mut relays: Vec<RelayProcess> = Vec::new();
         for i in 1..=3 {
             let relay = RelayProcess::start(
@@ -130,7 +129,7 @@ impl MeshRig {
                 RelayOptions {
                     bin: &options.relay_bin,
                     dir: options.dir.join(format!("relay-{i}")),
-                    gateway_key_hex: &gateway_hex,
+                    gateway: &gateway,
                     replication: 2,
                     bootstrap: relays.first().map(|r| r.bootstrap_addr.clone()).into_iter().collect(),
                     limit: options.server_limit,
@@ -475,7 +474,7 @@ pub(crate) async fn idle_clients(
         RelayOptions {
             bin: &options.relay_bin,
             dir: options.dir.join("relay-idle"),
-            gateway_key_hex: &hex(&gateway.public().to_bytes()),
+            gateway: &gateway,
             replication: 1,
             bootstrap: Vec::new(),
             limit: options.server_limit,

@@ -15,8 +15,13 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use libp2p::identity::ed25519;
 use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, PeerId};
+use meshgram_node::cert::{RelayCert, unix_now};
+use meshgram_node::defaults::{RELAY_CERT_FILE, RELAY_KEY_FILE};
+use meshgram_node::identity::load_or_create_ed25519;
+use meshgram_node::ids::hex;
 use meshgram_node::protocol::RelayInfo;
 use serde_json::Value;
 
@@ -198,7 +203,8 @@ pub(crate) struct RelayProcess {
 pub(crate) struct RelayOptions<'a> {
     pub(crate) bin: &'a Path,
     pub(crate) dir: PathBuf,
-    pub(crate) gateway_key_hex: &'a str,
+    /// The gateway key the relay trusts, which also signs its relay certificate here.
+    pub(crate) gateway: &'a ed25519::Keypair,
     pub(crate) replication: usize,
     pub(crate) bootstrap: Vec<Multiaddr>,
     pub(crate) limit: Duration,
@@ -207,11 +213,17 @@ pub(crate) struct RelayOptions<'a> {
 impl RelayProcess {
     /// Starts a relay on loopback TCP port 0 and waits for its JSON ready line.
     pub(crate) fn start(name: &str, options: RelayOptions<'_>) -> anyhow::Result<Self> {
+        // Admitted as `meshgram up` admits its relays: key first, then its certificate.
+        let data = options.dir.join("data");
+        fs::create_dir_all(&data)?;
+        let relay = load_or_create_ed25519(&data.join(RELAY_KEY_FILE))?.public().to_peer_id();
+        let cert = RelayCert::issue(options.gateway, relay, 1, unix_now());
+        fs::write(data.join(RELAY_CERT_FILE), serde_json::to_string(&cert)?)?;
         let mut args: Vec<String> = vec![
             "--data".into(),
-            options.dir.join("data").display().to_string(),
+            data.display().to_string(),
             "--gateway-key".into(),
-            options.gateway_key_hex.into(),
+            hex(&options.gateway.public().to_bytes()),
             "--replication".into(),
             options.replication.to_string(),
             "--listen".into(),

@@ -1,12 +1,14 @@
 //! Bad input straight at a real relay, from a raw client whose certificates the test signs:
-//! the relays are started trusting a gateway key the test holds.
+//! the relays are started trusting a gateway key the test holds. Also: only peers with a
+//! gateway-signed relay certificate may store or delete replicas, and a relay without one
+//! does not start.
 
 use libp2p::PeerId;
 use libp2p::identity::ed25519;
 use meshgram_node::cert::{AccountKind, CertBody, SessionCert, unix_now};
 use meshgram_node::envelope::{Envelope, EnvelopeId};
 use meshgram_node::identity::DeviceIdentity;
-use meshgram_node::ids::{SessionId, UserId, hex};
+use meshgram_node::ids::{SessionId, UserId};
 use meshgram_node::net::ClientNet;
 use meshgram_node::protocol::{ErrorCode, MAX_ENVELOPE_SIZE, MailboxRequest, MailboxResponse, RelayInfo};
 use meshgram_tests::{Gateway, Mesh};
@@ -69,7 +71,7 @@ fn refused(response: &MailboxResponse) -> ErrorCode {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relays_refuse_bad_certificates_spoofed_senders_oversized_and_replayed_envelopes() {
     let gateway_key = ed25519::Keypair::generate();
-    let mesh = Mesh::start_with_key(Gateway::start(), &hex(&gateway_key.public().to_bytes()), 2, 2);
+    let mesh = Mesh::start_with_key(Gateway::start(), &gateway_key, 2, 2);
     let relay = mesh.relays[0].tcp_addr();
     let now = unix_now();
     let mallory = RawClient::new(&relay);
@@ -162,7 +164,7 @@ async fn garbage_on_a_relay_pipe_gets_bad_request_and_the_relay_keeps_serving() 
     use meshgram_node::protocol::{MAILBOX_PROTOCOL, MAX_MAILBOX_MESSAGE_SIZE};
 
     let gateway_key = ed25519::Keypair::generate();
-    let mesh = Mesh::start_with_key(Gateway::start(), &hex(&gateway_key.public().to_bytes()), 1, 1);
+    let mesh = Mesh::start_with_key(Gateway::start(), &gateway_key, 1, 1);
     let relay_addr: libp2p::Multiaddr = mesh.relays[0].tcp_addr().parse().unwrap();
     let relay: PeerId = mesh.relays[0].peer_id().parse().unwrap();
 
@@ -229,4 +231,118 @@ async fn garbage_on_a_relay_pipe_gets_bad_request_and_the_relay_keeps_serving() 
     let mut stream = open(control).await;
     stream.write_all(&frame).await.unwrap();
     assert_eq!(read_answer(&mut stream).await.unwrap().0, 8);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_certified_relays_may_store_or_delete_replicas() {
+    use futures::StreamExt;
+    use meshgram_node::cert::{Cert, RelayCert, RelayCertBody};
+    use meshgram_node::pipe::PipePool;
+    use meshgram_node::protocol::{REPLICA_LIMITS, REPLICA_PROTOCOL, ReplicaRequest, ReplicaResponse};
+
+    let gateway_key = ed25519::Keypair::generate();
+    let mesh = Mesh::start_with_key(Gateway::start(), &gateway_key, 1, 1);
+    let relay: PeerId = mesh.relays[0].peer_id().parse().unwrap();
+
+    // A bare libp2p node calling the relay on the replica protocol, as another relay would.
+    let keypair = libp2p::identity::Keypair::generate_ed25519();
+    let me = keypair.public().to_peer_id();
+    let mut swarm = meshgram_node::transport::build_swarm(keypair, std::time::Duration::from_secs(60), |_| {
+        libp2p_stream::Behaviour::new()
+    })
+    .unwrap();
+    let pipes: PipePool<ReplicaRequest, ReplicaResponse> = PipePool::new(
+        REPLICA_PROTOCOL,
+        REPLICA_LIMITS,
+        std::time::Duration::from_secs(10),
+        swarm.behaviour().new_control(),
+    );
+    swarm.dial(mesh.relays[0].tcp_addr().parse::<libp2p::Multiaddr>().unwrap()).unwrap();
+    tokio::spawn(async move {
+        loop {
+            swarm.select_next_some().await;
+        }
+    });
+    let call = |request: ReplicaRequest| {
+        let pipes = &pipes;
+        async move {
+            for _ in 0..100 {
+                match pipes.call(relay, request.clone(), async { Ok(()) }).await {
+                    Ok(response) => return response,
+                    // Not connected yet.
+                    Err(_) => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
+                }
+            }
+            panic!("the relay never answered");
+        }
+    };
+    let refused = |response: ReplicaResponse| match response {
+        ReplicaResponse::Error(e) => e.code,
+        other => panic!("expected a refusal, got {other:?}"),
+    };
+    let bob = PeerId::random();
+    let envelope = Envelope {
+        id: EnvelopeId::random(),
+        from_user: UserId(1),
+        from_device: me,
+        to_user: UserId(2),
+        to_device: bob,
+        sent_at_ms: 0,
+        seq: 0,
+        sealed: vec![1; 100],
+    };
+    let store = ReplicaRequest::Store { envelopes: vec![envelope.clone()] };
+    let delete = ReplicaRequest::Delete { mailbox: bob, ids: vec![envelope.id] };
+
+    // No Hello: refused.
+    assert_eq!(refused(call(store.clone()).await), ErrorCode::CertInvalid);
+    assert_eq!(refused(call(delete.clone()).await), ErrorCode::CertInvalid);
+    // Forged, someone else's, expired: each refused, and Store still is.
+    let now = unix_now();
+    let hello = |cert: RelayCert| ReplicaRequest::Hello { cert };
+    let forged = RelayCert::issue(&ed25519::Keypair::generate(), me, 1, now);
+    let someone_elses = RelayCert::issue(&gateway_key, PeerId::random(), 1, now);
+    let expired = Cert::sign(RelayCertBody { relay: me, not_before: now - 7200, not_after: now - 3600 }, &gateway_key);
+    for cert in [forged, someone_elses, expired] {
+        assert_eq!(refused(call(hello(cert)).await), ErrorCode::CertInvalid);
+    }
+    assert_eq!(refused(call(store.clone()).await), ErrorCode::CertInvalid);
+
+    // A valid certificate: Welcome with the relay's own, which checks out; then it serves.
+    match call(hello(RelayCert::issue(&gateway_key, me, 1, now))).await {
+        ReplicaResponse::Welcome { cert } => {
+            assert_eq!(cert.verify_for(&gateway_key.public(), &relay, now).unwrap().relay, relay);
+        }
+        other => panic!("expected Welcome, got {other:?}"),
+    }
+    assert!(matches!(call(store).await, ReplicaResponse::Stored { duplicates } if duplicates.is_empty()));
+    assert!(matches!(call(delete).await, ReplicaResponse::Deleted { count: 1 }));
+}
+
+#[test]
+fn a_relay_without_a_valid_certificate_does_not_start_and_says_how_to_get_one() {
+    use meshgram_tests::{RELAY_BIN, bin_path, run};
+
+    let gateway = Gateway::start();
+    let key = gateway.server.ready["public_key"].as_str().unwrap().to_string();
+    let data = gateway.tmp().join("uncertified-relay");
+    let data = data.display().to_string();
+    let args = ["--data", &data, "--gateway-key", &key, "--listen", "/ip4/127.0.0.1/tcp/0", "--http", "127.0.0.1:0"];
+    let refused = run(&bin_path(RELAY_BIN), &args, None);
+    let error = refused.stderr;
+    assert!(!refused.status.success());
+    assert!(error.contains("has no valid certificate from the gateway"), "{error}");
+    assert!(error.contains("relay-cert --relay 12D3KooW"), "names the command and its peer id: {error}");
+
+    // A certificate signed by another gateway is refused as well.
+    let other = ed25519::Keypair::generate();
+    let relay = meshgram_node::identity::load_or_create_ed25519(&std::path::Path::new(&data).join("relay.key"))
+        .unwrap()
+        .public()
+        .to_peer_id();
+    let cert = meshgram_node::cert::RelayCert::issue(&other, relay, 1, unix_now());
+    std::fs::write(std::path::Path::new(&data).join("relay.cert"), serde_json::to_string(&cert).unwrap()).unwrap();
+    let refused = run(&bin_path(RELAY_BIN), &args, None);
+    assert!(!refused.status.success());
+    assert!(refused.stderr.contains("signature is not the gateway's"), "{}", refused.stderr);
 }
