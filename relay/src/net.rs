@@ -36,7 +36,8 @@ use crate::behaviour::{RelayBehaviour, RelayBehaviourEvent};
 use crate::metrics::Metrics;
 use crate::placement::{closest_relays, mailbox_key};
 use crate::replicate::{
-    Group, ReplicaClient, ReplicaDelete, ReplicaPipes, Replicas, spawn_delete_forwarder, store_replicated,
+    Group, ReplicaCallError, ReplicaClient, ReplicaDelete, ReplicaPipes, Replicas, spawn_delete_forwarder,
+    store_replicated,
 };
 use crate::store::{QueuedPut, StoreError, StoreHandle};
 use meshgram_node::limits::RateLimiter;
@@ -89,6 +90,8 @@ enum Done {
     Park { peer: PeerId, channel: Responder<MailboxResponse>, max: u32, deadline: Instant, arrivals: u64 },
     /// These acknowledged envelopes are deleted here (or failed to be, and will come again).
     AcksApplied { peer: PeerId, ids: Vec<EnvelopeId> },
+    /// This relay greeted `peer` on the replica protocol: did it show a relay certificate?
+    Greeted { peer: PeerId, outcome: Result<(), ReplicaCallError> },
     /// Background work that answers nobody.
     Nothing,
 }
@@ -137,6 +140,12 @@ pub(crate) struct EventLoop {
     down: HashMap<PeerId, Instant>,
     /// Peers that failed to show a relay certificate, until when they are asked again.
     not_relays: HashMap<PeerId, Instant>,
+    /// Relays in the routing table whose certificate this relay checked: only they are given
+    /// mailboxes (and named to clients), so an uncertified peer that joins Kademlia gets
+    /// nothing to keep.
+    verified: HashSet<PeerId>,
+    /// Greetings under way.
+    greeting: HashSet<PeerId>,
     /// Relays that showed a valid certificate on a live connection, until it expires (unix s).
     certified: HashMap<PeerId, u64>,
     cert: RelayCert,
@@ -199,6 +208,8 @@ impl EventLoop {
             replicas,
             down: HashMap::new(),
             not_relays: HashMap::new(),
+            verified: HashSet::new(),
+            greeting: HashSet::new(),
             certified: HashMap::new(),
             cert,
             send_limiter,
@@ -254,7 +265,10 @@ impl EventLoop {
         for bucket in self.swarm.behaviour_mut().kad.kbuckets() {
             for entry in bucket.iter() {
                 let peer_id = *entry.node.key.preimage();
-                if !self.down.contains_key(&peer_id) && !self.not_relays.contains_key(&peer_id) {
+                if self.verified.contains(&peer_id)
+                    && !self.down.contains_key(&peer_id)
+                    && !self.not_relays.contains_key(&peer_id)
+                {
                     relays.push(RelayInfo { peer_id, addrs: entry.node.value.iter().cloned().collect() });
                 }
             }
@@ -284,6 +298,7 @@ impl EventLoop {
                     self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
                 }
                 self.down.remove(&peer_id);
+                self.greet(peer_id);
             }
             SwarmEvent::Behaviour(RelayBehaviourEvent::Kad(kad::Event::RoutingUpdated {
                 peer,
@@ -573,6 +588,20 @@ impl EventLoop {
                     }
                 }
             }
+            Done::Greeted { peer, outcome } => {
+                self.greeting.remove(&peer);
+                match outcome {
+                    Ok(()) => {
+                        self.verified.insert(peer);
+                    }
+                    Err(e) => {
+                        tracing::warn!(%peer, error = %e, "greeting a relay failed");
+                        if let Some(command) = e.command(peer) {
+                            self.handle_command(command);
+                        }
+                    }
+                }
+            }
             Done::Nothing => {}
         }
     }
@@ -654,6 +683,17 @@ impl EventLoop {
                 self.respond(parked.channel, MailboxResponse::Envelopes { envelopes: Vec::new(), more: false });
             }
         }
+    }
+
+    /// Checks the certificate of a relay that identified itself, unless that is done or under
+    /// way (or it recently failed to show one).
+    fn greet(&mut self, peer: PeerId) {
+        let refused_lately = self.not_relays.get(&peer).is_some_and(|until| *until > Instant::now());
+        if self.verified.contains(&peer) || refused_lately || !self.greeting.insert(peer) {
+            return;
+        }
+        let replicas = Arc::clone(&self.replicas);
+        self.tasks.spawn(async move { Done::Greeted { peer, outcome: replicas.greet(peer).await } });
     }
 
     /// Dials the bootstrap relays and starts a Kademlia bootstrap.

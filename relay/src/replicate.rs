@@ -276,7 +276,8 @@ impl ReplicaClient {
         }
     }
 
-    async fn greet(&self, relay: PeerId) -> Result<(), ReplicaCallError> {
+    /// Says `Hello` to `relay` and checks the certificate it answers with.
+    pub(crate) async fn greet(&self, relay: PeerId) -> Result<(), ReplicaCallError> {
         let hello = ReplicaRequest::Hello { cert: self.cert.clone() };
         match self.pipes.call(relay, hello, async { Ok(()) }).await? {
             ReplicaResponse::Welcome { cert } => {
