@@ -1,5 +1,7 @@
 //! Cross-process tests of cloud chats: real gateway, real relays, real `meshgram` CLI.
 //!
+//! - `admission`: only gateway-certified relays may store or delete replicas or are given
+//!   any; a relay without a certificate does not start.
 //! - `basic`: two users chat through three relays; replies; sync to the sender's other device.
 //! - `durability`: an offline recipient gets 1,000 messages exactly once and in order, with a
 //!   relay killed by SIGKILL while they are being sent; relays' files hold no plaintext; a
@@ -11,6 +13,7 @@
 // A failed unwrap here is a failed test, which is what it should be.
 #![allow(clippy::unwrap_used)]
 
+mod admission;
 mod basic;
 mod durability;
 mod features;
