@@ -116,7 +116,7 @@ impl ClientNet {
             rx.await.map_err(|_| stopped)?.map_err(|e| e.to_string())
         };
         self.relays
-            .call(peer, request, connect)
+            .call(peer, &request, connect)
             .await
             .map_err(|e| NetError::RequestFailed { peer, reason: e.to_string() })
     }

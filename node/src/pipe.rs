@@ -61,14 +61,29 @@ pub enum PipeError {
     BadAnswer(String),
 }
 
+/// Appends one frame to `out`, the message encoded in place after its header (nothing is
+/// appended if it cannot be).
 fn encode<M: Serialize>(tag: u64, msg: &M, max: usize, out: &mut Vec<u8>) -> Result<(), FrameError> {
-    let body = postcard::to_stdvec(msg).map_err(|e| FrameError::Malformed(e.to_string()))?;
-    if body.len() > max {
-        return Err(FrameError::TooLarge { len: body.len(), max });
+    /// Lets postcard append to a buffer it does not own.
+    struct Tail<'a>(&'a mut Vec<u8>);
+    impl Extend<u8> for Tail<'_> {
+        fn extend<I: IntoIterator<Item = u8>>(&mut self, bytes: I) {
+            self.0.extend(bytes);
+        }
     }
-    out.extend_from_slice(&((body.len() + 8) as u32).to_be_bytes());
-    out.extend_from_slice(&tag.to_be_bytes());
-    out.extend_from_slice(&body);
+    let start = out.len();
+    out.extend_from_slice(&[0; HEADER]);
+    if let Err(e) = postcard::to_extend(msg, Tail(out)) {
+        out.truncate(start);
+        return Err(FrameError::Malformed(e.to_string()));
+    }
+    let body_len = out.len() - start - HEADER;
+    if body_len > max {
+        out.truncate(start);
+        return Err(FrameError::TooLarge { len: body_len, max });
+    }
+    out[start..start + 4].copy_from_slice(&((body_len + 8) as u32).to_be_bytes());
+    out[start + 4..start + HEADER].copy_from_slice(&tag.to_be_bytes());
     Ok(())
 }
 
@@ -124,16 +139,21 @@ async fn write_loop<T>(
 
 type Pending<Resp> = Arc<Mutex<Option<HashMap<u64, oneshot::Sender<Result<Resp, PipeError>>>>>>;
 
+/// A request on its way to the writer: its frame without the tag (the writer numbers it).
+type Queued<Resp> = (Vec<u8>, oneshot::Sender<Result<Resp, PipeError>>);
+
 /// The calling end of a pipe. Cheap to clone; the pipe closes when every clone is dropped.
 #[derive(Debug)]
 pub struct PipeClient<Req, Resp> {
-    queue: mpsc::UnboundedSender<(Req, oneshot::Sender<Result<Resp, PipeError>>)>,
+    queue: mpsc::UnboundedSender<Queued<Resp>>,
+    limits: PipeLimits,
     timeout: Duration,
+    _requests: std::marker::PhantomData<fn(&Req)>,
 }
 
 impl<Req, Resp> Clone for PipeClient<Req, Resp> {
     fn clone(&self) -> Self {
-        PipeClient { queue: self.queue.clone(), timeout: self.timeout }
+        PipeClient { queue: self.queue.clone(), limits: self.limits, timeout: self.timeout, _requests: self._requests }
     }
 }
 
@@ -151,12 +171,10 @@ where
         tokio::spawn(client_reader(read, limits.max_response, pending.clone()));
         tokio::spawn(async move {
             let mut next_tag = 0u64;
-            let result = write_loop(write, rx, |(request, reply): (Req, oneshot::Sender<_>), buf| {
+            let result = write_loop(write, rx, |(mut frame, reply): Queued<Resp>, buf| {
                 next_tag += 1;
-                if let Err(e) = encode(next_tag, &request, limits.max_request, buf) {
-                    let _ = reply.send(Err(PipeError::Encode(e.to_string())));
-                    return;
-                }
+                frame[4..HEADER].copy_from_slice(&next_tag.to_be_bytes());
+                buf.extend_from_slice(&frame);
                 match lock(&pending).as_mut() {
                     Some(waiting) => {
                         waiting.insert(next_tag, reply);
@@ -169,13 +187,16 @@ where
             .await;
             close_all(&pending, &format!("write failed: {}", result.err().map_or("closed".into(), |e| e.to_string())));
         });
-        PipeClient { queue, timeout }
+        PipeClient { queue, limits, timeout, _requests: std::marker::PhantomData }
     }
 
-    /// Sends one request and waits for its answer.
-    pub async fn call(&self, request: Req) -> Result<Resp, PipeError> {
+    /// Sends one request and waits for its answer. The request is encoded here, so the caller
+    /// keeps it (to send again elsewhere, say) without a copy.
+    pub async fn call(&self, request: &Req) -> Result<Resp, PipeError> {
+        let mut frame = Vec::new();
+        encode(0, request, self.limits.max_request, &mut frame).map_err(|e| PipeError::Encode(e.to_string()))?;
         let (reply, answer) = oneshot::channel();
-        self.queue.send((request, reply)).map_err(|_| PipeError::Closed("the pipe has stopped".into()))?;
+        self.queue.send((frame, reply)).map_err(|_| PipeError::Closed("the pipe has stopped".into()))?;
         match tokio::time::timeout(self.timeout, answer).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(PipeError::Closed("the pipe has stopped".into())),
@@ -266,12 +287,9 @@ where
     pub async fn call(
         &self,
         peer: PeerId,
-        request: Req,
+        request: &Req,
         connect: impl Future<Output = Result<(), String>>,
-    ) -> Result<Resp, PipeError>
-    where
-        Req: Clone,
-    {
+    ) -> Result<Resp, PipeError> {
         let slot = lock(&self.pipes).entry(peer).or_default().clone();
         let mut connect = Some(connect);
         let mut attempt = 1;
@@ -296,7 +314,7 @@ where
                     }
                 }
             };
-            match pipe.call(request.clone()).await {
+            match pipe.call(request).await {
                 Err(PipeError::Closed(why)) if attempt < CALL_ATTEMPTS => {
                     tracing::debug!(%peer, %why, attempt, "pipe closed; sending again on a new one");
                     // Jittered, so that callers whose streams were dropped together do not

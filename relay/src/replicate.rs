@@ -145,7 +145,7 @@ async fn store_on(
         }
     } else {
         // libp2p-stream dials the relay if need be, with the addresses Kademlia knows.
-        match replicas.pipes.call(target, ReplicaRequest::Store { envelopes: batch }).await {
+        match replicas.pipes.call(target, &ReplicaRequest::Store { envelopes: batch }).await {
             Ok(ReplicaResponse::Stored { duplicates }) => Ok(duplicates),
             Ok(ReplicaResponse::Error(e)) => Err(e),
             Ok(other) => Err(WireError::new(ErrorCode::Internal, format!("unexpected replica answer {other:?}"))),
@@ -193,7 +193,7 @@ pub(crate) fn spawn_delete_forwarder(pipes: ReplicaPipes) -> mpsc::Sender<Replic
                 for chunk in ids.chunks(MAX_ENVELOPES_PER_BATCH) {
                     let (pipes, request) = (pipes.clone(), ReplicaRequest::Delete { mailbox, ids: chunk.to_vec() });
                     tokio::spawn(async move {
-                        if let Err(e) = pipes.call(relay, request).await {
+                        if let Err(e) = pipes.call(relay, &request).await {
                             tracing::debug!(%relay, error = %e, "replica delete failed");
                         }
                     });
@@ -258,7 +258,7 @@ impl ReplicaClient {
     pub(crate) async fn call(
         &self,
         relay: PeerId,
-        request: ReplicaRequest,
+        request: &ReplicaRequest,
     ) -> Result<ReplicaResponse, ReplicaCallError> {
         let mut greeted_now = false;
         loop {
@@ -266,7 +266,7 @@ impl ReplicaClient {
                 self.greet(relay).await?;
                 greeted_now = true;
             }
-            match self.pipes.call(relay, request.clone(), async { Ok(()) }).await? {
+            match self.pipes.call(relay, request, async { Ok(()) }).await? {
                 // It forgot us (it restarted, or the connection was replaced): greet again, once.
                 ReplicaResponse::Error(e) if e.code == ErrorCode::CertInvalid && !greeted_now => {
                     self.greeted().remove(&relay);
@@ -279,7 +279,7 @@ impl ReplicaClient {
     /// Says `Hello` to `relay` and checks the certificate it answers with.
     pub(crate) async fn greet(&self, relay: PeerId) -> Result<(), ReplicaCallError> {
         let hello = ReplicaRequest::Hello { cert: self.cert.clone() };
-        match self.pipes.call(relay, hello, async { Ok(()) }).await? {
+        match self.pipes.call(relay, &hello, async { Ok(()) }).await? {
             ReplicaResponse::Welcome { cert } => {
                 cert.verify_for(&self.gateway_key, &relay, unix_now())
                     .map_err(|e| ReplicaCallError::NotARelay { relay, reason: e.to_string() })?;

@@ -143,8 +143,12 @@ impl Queued {
         }
     }
 
-    fn of(&self, mailbox: &PeerId) -> Vec<Envelope> {
-        self.lock().get(mailbox).cloned().unwrap_or_default()
+    /// The first `max` waiting for `mailbox`, and whether there are more.
+    fn of(&self, mailbox: &PeerId, max: usize) -> (Vec<Envelope>, bool) {
+        match self.lock().get(mailbox) {
+            Some(waiting) => (waiting.iter().take(max).cloned().collect(), waiting.len() > max),
+            None => (Vec::new(), false),
+        }
     }
 }
 
@@ -242,7 +246,7 @@ impl StoreHandle {
     pub fn fetch(&self, mailbox: PeerId, max: usize) -> Result<(Vec<Envelope>, bool), StoreError> {
         // Queued first: a put is applied before it leaves the queue, so one missing from this
         // snapshot is in the read that follows.
-        let queued = self.queued.of(&mailbox);
+        let (queued, more_queued) = self.queued.of(&mailbox, max);
         let (mut envelopes, mut more) = fetch(&self.db, &mailbox, max)?;
         if !more {
             let stored: std::collections::HashSet<EnvelopeId> = envelopes.iter().map(|e| e.id).collect();
@@ -253,6 +257,7 @@ impl StoreHandle {
                 }
                 envelopes.push(envelope);
             }
+            more |= more_queued;
         }
         Ok((envelopes, more))
     }
@@ -399,34 +404,37 @@ fn put(
     let mut meta = tx.open_table(META)?;
     let mut arrival = meta.get(NEXT_ARRIVAL)?.map(|v| v.value()).unwrap_or(0);
     let mut outcome = PutOutcome::default();
-    // Waiting envelopes per mailbox touched by this batch, written back once at the end.
-    let mut sizes_now: HashMap<Vec<u8>, u64> = HashMap::new();
+    // Per mailbox touched by this batch: its key bytes (made once, not per envelope) and how
+    // many envelopes wait in it, written back once at the end.
+    let mut touched: HashMap<PeerId, (Vec<u8>, u64)> = HashMap::new();
+    let encoding = |e: postcard::Error| StoreError::Db(e.to_string());
     for envelope in envelopes {
         if ids.get(&envelope.id.0)?.is_some() {
             outcome.duplicates.push(envelope.id);
             continue;
         }
-        let key = envelope.to_device.to_bytes();
-        let size = match sizes_now.get(&key) {
-            Some(size) => *size,
-            None => sizes.get(key.as_slice())?.map(|v| v.value()).unwrap_or(0),
+        let (key, size) = match touched.entry(envelope.to_device) {
+            std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
+            std::collections::hash_map::Entry::Vacant(entry) => {
+                let key = envelope.to_device.to_bytes();
+                let size = sizes.get(key.as_slice())?.map(|v| v.value()).unwrap_or(0);
+                entry.insert((key, size))
+            }
         };
-        if size >= limits.max_per_mailbox {
+        if *size >= limits.max_per_mailbox {
             outcome.over_quota.push(envelope.id);
             continue;
         }
         let record = IdRecord { mailbox: key.clone(), arrival, expires_at: now + limits.ttl.as_secs() };
-        let bytes = postcard::to_stdvec(envelope).map_err(|e| StoreError::Db(e.to_string()))?;
+        // Room for the sealed bytes and the routing fields, so the encoding never regrows.
+        let bytes = postcard::to_extend(envelope, Vec::with_capacity(envelope.sealed.len() + 160)).map_err(encoding)?;
         mailbox.insert((key.as_slice(), arrival), bytes.as_slice())?;
-        ids.insert(
-            &envelope.id.0,
-            postcard::to_stdvec(&record).map_err(|e| StoreError::Db(e.to_string()))?.as_slice(),
-        )?;
-        sizes_now.insert(key, size + 1);
+        ids.insert(&envelope.id.0, postcard::to_stdvec(&record).map_err(encoding)?.as_slice())?;
+        *size += 1;
         outcome.stored.push(envelope.id);
         arrival += 1;
     }
-    for (key, size) in sizes_now {
+    for (key, size) in touched.into_values() {
         sizes.insert(key.as_slice(), size)?;
     }
     meta.insert(NEXT_ARRIVAL, arrival)?;

@@ -72,8 +72,12 @@ impl Wal {
 
     /// Appends one batch; with `sync`, returns once it is on disk.
     pub(crate) fn append(&mut self, batch: &[&Write], sync: bool) -> io::Result<()> {
-        // The header's place first, filled in once the payload is encoded after it.
-        let mut record = postcard::to_extend(batch, vec![0; HEADER]).map_err(io::Error::other)?;
+        // The header's place first, filled in once the payload is encoded after it; room for
+        // the envelopes' sealed bytes and routing fields, so the encoding never regrows.
+        let room: usize = batch.iter().flat_map(|w| w.envelopes()).map(|e| e.sealed.len() + 160).sum();
+        let mut buffer = Vec::with_capacity(HEADER + room + 64);
+        buffer.resize(HEADER, 0);
+        let mut record = postcard::to_extend(batch, buffer).map_err(io::Error::other)?;
         let Ok(len) = u32::try_from(record.len() - HEADER) else {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "a batch of 4 GiB or more"));
         };

@@ -43,7 +43,7 @@ async fn only_certified_relays_may_store_or_delete_replicas() {
         let pipes = &pipes;
         async move {
             for _ in 0..100 {
-                match pipes.call(relay, request.clone(), async { Ok(()) }).await {
+                match pipes.call(relay, &request, async { Ok(()) }).await {
                     Ok(response) => return response,
                     // Not connected yet.
                     Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
