@@ -409,10 +409,6 @@ fn put(
     let mut touched: HashMap<PeerId, (Vec<u8>, u64)> = HashMap::new();
     let encoding = |e: postcard::Error| StoreError::Db(e.to_string());
     for envelope in envelopes {
-        if ids.get(&envelope.id.0)?.is_some() {
-            outcome.duplicates.push(envelope.id);
-            continue;
-        }
         let (key, size) = match touched.entry(envelope.to_device) {
             std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
             std::collections::hash_map::Entry::Vacant(entry) => {
@@ -421,15 +417,23 @@ fn put(
                 entry.insert((key, size))
             }
         };
+        // One lookup for the usual case: insert the id, and put back what was there if the
+        // envelope turns out to be known (or refused).
+        let record = IdRecord { mailbox: key.clone(), arrival, expires_at: now + limits.ttl.as_secs() };
+        let previous = ids.insert(&envelope.id.0, postcard::to_stdvec(&record).map_err(encoding)?.as_slice())?;
+        if let Some(previous) = previous.map(|p| p.value().to_vec()) {
+            ids.insert(&envelope.id.0, previous.as_slice())?;
+            outcome.duplicates.push(envelope.id);
+            continue;
+        }
         if *size >= limits.max_per_mailbox {
+            ids.remove(&envelope.id.0)?;
             outcome.over_quota.push(envelope.id);
             continue;
         }
-        let record = IdRecord { mailbox: key.clone(), arrival, expires_at: now + limits.ttl.as_secs() };
         // Room for the sealed bytes and the routing fields, so the encoding never regrows.
         let bytes = postcard::to_extend(envelope, Vec::with_capacity(envelope.sealed.len() + 160)).map_err(encoding)?;
         mailbox.insert((key.as_slice(), arrival), bytes.as_slice())?;
-        ids.insert(&envelope.id.0, postcard::to_stdvec(&record).map_err(encoding)?.as_slice())?;
         *size += 1;
         outcome.stored.push(envelope.id);
         arrival += 1;
