@@ -5,9 +5,11 @@
 //!
 //! - [`net`]: the event loop that owns the libp2p `Swarm`. Checks each client's session
 //!   certificate once per connection (`Hello`), checks `Send`s (sender = connection, sizes, rate),
-//!   parks long-poll `Fetch`es, and serves other relays' replica requests.
+//!   parks long-poll `Fetch`es, and serves other relays' replica requests (only from relays
+//!   that showed a gateway-signed relay certificate).
 //! - [`replicate`]: stores a `Send` on the `R` closest relays (in parallel, replacing failed ones)
-//!   before the sender hears "stored".
+//!   before the sender hears "stored"; talks to other relays only after checking their
+//!   certificate (`ReplicaClient`).
 //! - [`placement`]: which `R` relays are responsible for a mailbox (the Kademlia-closest to its
 //!   key); lives in `meshgram_node` because clients compute it too.
 //! - [`store`]: redb mailboxes behind a group-commit actor; dedup by envelope id, TTL, quotas.

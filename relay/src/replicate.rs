@@ -2,6 +2,8 @@
 //! sender hears "stored". The first `R` copies are written in parallel; a relay that fails is
 //! replaced by the next closest one, so one dead relay costs a retry, not the message.
 //! Deleting what a recipient acknowledged from the other copies, gathered over a short while.
+//! Every call to another relay goes through [`ReplicaClient`], which first exchanges relay
+//! certificates with it.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Mutex, PoisonError};
