@@ -12,6 +12,10 @@ use libp2p::PeerId;
 use libp2p::identity::ed25519;
 use serde::{Deserialize, Serialize};
 
+use std::path::{Path, PathBuf};
+
+use crate::defaults::{RELAY_CERT_FILE, RELAY_KEY_FILE};
+use crate::identity::{KeyFileError, load_or_create_ed25519};
 use crate::ids::{NoiseKey, SessionId, UserId};
 /// Clock skew tolerated between gateway and verifier, in seconds.
 pub const CERT_CLOCK_SKEW_SECS: u64 = 60;
@@ -107,6 +111,29 @@ impl RelayCert {
         let not_before = now.saturating_sub(CERT_CLOCK_SKEW_SECS);
         Cert::sign(RelayCertBody { relay, not_before, not_after: now + days * 24 * 3600 }, gateway)
     }
+
+    /// Admits the relay whose data dir is `relay_dir` before it starts, for whoever holds the
+    /// gateway key (`meshgram up`, tests, benchmarks): creates its key if need be and writes
+    /// its certificate where it reads it. Returns the relay's peer id.
+    pub fn admit(gateway: &ed25519::Keypair, relay_dir: &Path, days: u64, now: u64) -> Result<PeerId, AdmitError> {
+        let write = |path: PathBuf| move |source| AdmitError::Write { path, source };
+        std::fs::create_dir_all(relay_dir).map_err(write(relay_dir.to_path_buf()))?;
+        let relay = load_or_create_ed25519(&relay_dir.join(RELAY_KEY_FILE))?.public().to_peer_id();
+        let path = relay_dir.join(RELAY_CERT_FILE);
+        let json = serde_json::to_string_pretty(&RelayCert::issue(gateway, relay, days, now))
+            .expect("invariant: a certificate serializes to JSON");
+        std::fs::write(&path, json + "\n").map_err(write(path.clone()))?;
+        Ok(relay)
+    }
+}
+
+/// Why a relay could not be admitted.
+#[derive(Debug, thiserror::Error)]
+pub enum AdmitError {
+    #[error(transparent)]
+    Key(#[from] KeyFileError),
+    #[error("writing {path}: {source}")]
+    Write { path: PathBuf, source: std::io::Error },
 }
 
 /// Why a certificate was refused.

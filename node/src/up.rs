@@ -11,8 +11,8 @@ use anyhow::{Context, bail};
 use libp2p::Multiaddr;
 use libp2p::multiaddr::Protocol;
 use meshgram_node::cert::{RelayCert, unix_now};
-use meshgram_node::defaults::{GATEWAY_KEY_FILE, RELAY_CERT_DAYS, RELAY_CERT_FILE, RELAY_KEY_FILE};
-use meshgram_node::identity::{load_ed25519, load_or_create_ed25519};
+use meshgram_node::defaults::{GATEWAY_KEY_FILE, RELAY_CERT_DAYS};
+use meshgram_node::identity::load_ed25519;
 use meshgram_node::network_file::{GatewayEntry, NETWORK_FILE, NetworkFile, NodeEntry};
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -111,18 +111,13 @@ fn listen_addrs(previous: Option<&[Multiaddr]>) -> Vec<String> {
 }
 
 /// Starts one role's binary in `data/<name>`, reusing the ports it had last time if it can.
-/// Admits a relay to the network before it starts: creates its key if need be and writes its
-/// certificate, signed with the gateway's key (what an operator does with `meshgram-gateway
-/// relay-cert`). Issued afresh on every `up`, so it never runs out.
+/// Admits a relay to the network before it starts, with the gateway's key (what an operator
+/// does with `meshgram-gateway relay-cert`). Issued afresh on every `up`, so it never runs out.
 fn admit_relay(gateway_dir: &Path, relay_dir: &Path) -> anyhow::Result<()> {
     let key_file = gateway_dir.join(GATEWAY_KEY_FILE);
     let gateway = load_ed25519(&key_file)?.with_context(|| format!("no gateway key at {}", key_file.display()))?;
-    std::fs::create_dir_all(relay_dir).with_context(|| format!("creating {}", relay_dir.display()))?;
-    let relay = load_or_create_ed25519(&relay_dir.join(RELAY_KEY_FILE))?.public().to_peer_id();
-    let cert = RelayCert::issue(&gateway, relay, RELAY_CERT_DAYS, unix_now());
-    let path = relay_dir.join(RELAY_CERT_FILE);
-    std::fs::write(&path, serde_json::to_string_pretty(&cert)? + "\n")
-        .with_context(|| format!("writing {}", path.display()))
+    RelayCert::admit(&gateway, relay_dir, RELAY_CERT_DAYS, unix_now())?;
+    Ok(())
 }
 
 async fn start_role(

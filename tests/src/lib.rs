@@ -970,8 +970,9 @@ impl Mesh {
         let gateway = Gateway::start();
         let key = gateway.server.ready["public_key"].as_str().expect("gateway ready line has public_key").to_string();
         let gateway_dir = gateway.data_dir().display().to_string();
-        Mesh::start_relays(gateway, &key, relays, replication, |relay, cert_file| {
-            let (relay, out) = (relay.to_string(), cert_file.display().to_string());
+        Mesh::start_relays(gateway, &key, relays, replication, |dir| {
+            let relay = load_or_create_ed25519(&dir.join(RELAY_KEY_FILE)).expect("relay key").public().to_peer_id();
+            let (relay, out) = (relay.to_string(), dir.join(RELAY_CERT_FILE).display().to_string());
             let args = ["--data", &gateway_dir, "relay-cert", "--relay", &relay, "--out", &out];
             let issued = run(&bin_path(GATEWAY_BIN), &args, None);
             assert!(issued.status.success(), "relay-cert failed: {}", issued.stderr);
@@ -982,26 +983,24 @@ impl Mesh {
     /// their certificates) instead of the gateway's own key.
     pub fn start_with_key(gateway: Gateway, signer: &ed25519::Keypair, relays: usize, replication: usize) -> Mesh {
         let key = meshgram_node::ids::hex(&signer.public().to_bytes());
-        Mesh::start_relays(gateway, &key, relays, replication, |relay, cert_file| {
-            let cert = RelayCert::issue(signer, relay, 1, unix_now());
-            fs::write(cert_file, serde_json::to_string(&cert).expect("a certificate serializes")).expect("write cert");
+        Mesh::start_relays(gateway, &key, relays, replication, |dir| {
+            RelayCert::admit(signer, dir, 1, unix_now()).expect("admit the relay");
         })
     }
 
-    /// Starts the relays, each after `admit` wrote the certificate for its peer id.
+    /// Starts the relays, each after `admit` gave its data dir a key and a certificate.
     fn start_relays(
         gateway: Gateway,
         gateway_key: &str,
         relays: usize,
         replication: usize,
-        admit: impl Fn(libp2p::PeerId, &Path),
+        admit: impl Fn(&Path),
     ) -> Mesh {
         let mut servers: Vec<Server> = Vec::new();
         for i in 0..relays {
             let dir = gateway.tmp().join(format!("relay-{i}"));
             fs::create_dir_all(&dir).expect("relay data dir");
-            let relay = load_or_create_ed25519(&dir.join(RELAY_KEY_FILE)).expect("relay key").public().to_peer_id();
-            admit(relay, &dir.join(RELAY_CERT_FILE));
+            admit(&dir);
             let data = dir.display().to_string();
             let replication = replication.to_string();
             let mut args: Vec<String> = [

@@ -19,8 +19,6 @@ use libp2p::identity::ed25519;
 use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, PeerId};
 use meshgram_node::cert::{RelayCert, unix_now};
-use meshgram_node::defaults::{RELAY_CERT_FILE, RELAY_KEY_FILE};
-use meshgram_node::identity::load_or_create_ed25519;
 use meshgram_node::ids::hex;
 use meshgram_node::protocol::RelayInfo;
 use serde_json::Value;
@@ -213,12 +211,9 @@ pub(crate) struct RelayOptions<'a> {
 impl RelayProcess {
     /// Starts a relay on loopback TCP port 0 and waits for its JSON ready line.
     pub(crate) fn start(name: &str, options: RelayOptions<'_>) -> anyhow::Result<Self> {
-        // Admitted as `meshgram up` admits its relays: key first, then its certificate.
+        // Admitted as `meshgram up` admits its relays.
         let data = options.dir.join("data");
-        fs::create_dir_all(&data)?;
-        let relay = load_or_create_ed25519(&data.join(RELAY_KEY_FILE))?.public().to_peer_id();
-        let cert = RelayCert::issue(options.gateway, relay, 1, unix_now());
-        fs::write(data.join(RELAY_CERT_FILE), serde_json::to_string(&cert)?)?;
+        RelayCert::admit(options.gateway, &data, 1, unix_now())?;
         let mut args: Vec<String> = vec![
             "--data".into(),
             data.display().to_string(),

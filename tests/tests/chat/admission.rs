@@ -109,13 +109,7 @@ fn a_relay_without_a_valid_certificate_does_not_start_and_says_how_to_get_one() 
     assert!(error.contains("relay-cert --relay 12D3KooW"), "names the command and its peer id: {error}");
 
     // A certificate signed by another gateway is refused as well.
-    let other = ed25519::Keypair::generate();
-    let relay = meshgram_node::identity::load_or_create_ed25519(&std::path::Path::new(&data).join("relay.key"))
-        .unwrap()
-        .public()
-        .to_peer_id();
-    let cert = RelayCert::issue(&other, relay, 1, unix_now());
-    std::fs::write(std::path::Path::new(&data).join("relay.cert"), serde_json::to_string(&cert).unwrap()).unwrap();
+    RelayCert::admit(&ed25519::Keypair::generate(), std::path::Path::new(&data), 1, unix_now()).unwrap();
     let refused = run(&bin_path(RELAY_BIN), &args, None);
     assert!(!refused.status.success());
     assert!(refused.stderr.contains("signature is not the gateway's"), "{}", refused.stderr);
