@@ -3,12 +3,13 @@
 use std::time::Duration;
 
 use libp2p::identity::Keypair;
+use libp2p::kad::{self, store::MemoryStore};
 use libp2p::request_response::{self, ProtocolSupport};
 use libp2p::swarm::NetworkBehaviour;
-use libp2p::{StreamProtocol, identify, ping};
+use libp2p::{PeerId, StreamProtocol, identify, ping};
 
 use crate::defaults::REQUEST_TIMEOUT;
-use crate::protocol::{AUTH_PROTOCOL, AuthCodec, auth_codec};
+use crate::protocol::{AUTH_PROTOCOL, AuthCodec, KAD_PROTOCOL, auth_codec};
 
 /// Identify's protocol version string; peers with another major version are not ours.
 pub const IDENTIFY_PROTOCOL: &str = "/meshgram/1.0.0";
@@ -16,6 +17,18 @@ pub const IDENTIFY_PROTOCOL: &str = "/meshgram/1.0.0";
 /// Identify's configuration, the same for every role but for the agent string.
 pub fn identify_config(key: &Keypair, agent: &str) -> identify::Config {
     identify::Config::new(IDENTIFY_PROTOCOL.into(), key.public()).with_agent_version(agent.into())
+}
+
+/// A relay's Kademlia: `/meshgram/kad/1`, in server mode (without it, a relay that has no
+/// confirmed external address refuses inbound queries).
+pub fn relay_kad(peer_id: PeerId) -> kad::Behaviour<MemoryStore> {
+    let mut kad = kad::Behaviour::with_config(
+        peer_id,
+        MemoryStore::new(peer_id),
+        kad::Config::new(StreamProtocol::new(KAD_PROTOCOL)),
+    );
+    kad.set_mode(Some(kad::Mode::Server));
+    kad
 }
 
 /// A client device: talks to the gateway and to relays; serves nothing.

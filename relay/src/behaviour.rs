@@ -5,9 +5,8 @@ use std::time::Duration;
 use libp2p::identity::Keypair;
 use libp2p::kad::{self, store::MemoryStore};
 use libp2p::swarm::NetworkBehaviour;
-use libp2p::{StreamProtocol, identify, ping};
-use meshgram_node::behaviour::identify_config;
-use meshgram_node::protocol::KAD_PROTOCOL;
+use libp2p::{identify, ping};
+use meshgram_node::behaviour::{identify_config, relay_kad};
 
 use crate::accept::Acceptor;
 
@@ -29,21 +28,13 @@ pub(crate) struct RelayBehaviour {
 
 impl RelayBehaviour {
     pub(crate) fn new(key: &Keypair, accept: Acceptor) -> Self {
-        let peer_id = key.public().to_peer_id();
-        let mut kad = kad::Behaviour::with_config(
-            peer_id,
-            MemoryStore::new(peer_id),
-            kad::Config::new(StreamProtocol::new(KAD_PROTOCOL)),
-        );
-        // Without this a relay that has no confirmed external address refuses inbound queries.
-        kad.set_mode(Some(kad::Mode::Server));
         RelayBehaviour {
             identify: identify::Behaviour::new(identify_config(
                 key,
                 concat!("meshgram-relay/", env!("CARGO_PKG_VERSION")),
             )),
             ping: ping::Behaviour::new(ping::Config::new().with_interval(Duration::from_secs(15))),
-            kad,
+            kad: relay_kad(key.public().to_peer_id()),
             accept,
             stream: libp2p_stream::Behaviour::new(),
         }

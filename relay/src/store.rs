@@ -216,29 +216,33 @@ impl StoreHandle {
 
     /// Stores envelopes durably (returns once they are).
     pub async fn put(&self, envelopes: Vec<Envelope>, now: u64) -> Result<PutOutcome, StoreError> {
-        let (reply, rx) = oneshot::channel();
-        self.queued.add(&envelopes);
-        let command = Command { write: Write::Put { envelopes, now }, reply };
+        let (command, queued) = self.put_command(envelopes, now);
         if let Err(mpsc::error::SendError(command)) = self.commands.send(command).await {
             self.queued.remove(command.write.envelopes());
             return Err(StoreError::Stopped);
         }
-        QueuedPut(rx).outcome().await
+        queued.outcome().await
     }
 
     /// Queues a put now, ahead of anything queued after this call returns (an `Ack` of these
     /// envelopes, say), and gives the future of its outcome; `None` if the queue is full.
     pub fn put_in_order(&self, envelopes: Vec<Envelope>, now: u64) -> Option<QueuedPut> {
-        let (reply, rx) = oneshot::channel();
-        self.queued.add(&envelopes);
-        let command = Command { write: Write::Put { envelopes, now }, reply };
+        let (command, queued) = self.put_command(envelopes, now);
         match self.commands.try_send(command) {
-            Ok(()) => Some(QueuedPut(rx)),
+            Ok(()) => Some(queued),
             Err(mpsc::error::TrySendError::Full(command) | mpsc::error::TrySendError::Closed(command)) => {
                 self.queued.remove(command.write.envelopes());
                 None
             }
         }
+    }
+
+    /// A put for the actor, its envelopes already visible to fetches (the caller takes them
+    /// back out if the command cannot be queued).
+    fn put_command(&self, envelopes: Vec<Envelope>, now: u64) -> (Command, QueuedPut) {
+        let (reply, rx) = oneshot::channel();
+        self.queued.add(&envelopes);
+        (Command { write: Write::Put { envelopes, now }, reply }, QueuedPut(rx))
     }
 
     /// Oldest envelopes of a mailbox, and whether more are waiting: what is stored, then what

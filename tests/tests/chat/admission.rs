@@ -12,9 +12,7 @@ use meshgram_node::cert::{Cert, RelayCert, RelayCertBody, unix_now};
 use meshgram_node::envelope::{Envelope, EnvelopeId};
 use meshgram_node::ids::UserId;
 use meshgram_node::pipe::{self, PipePool};
-use meshgram_node::protocol::{
-    ErrorCode, KAD_PROTOCOL, REPLICA_LIMITS, REPLICA_PROTOCOL, ReplicaRequest, ReplicaResponse,
-};
+use meshgram_node::protocol::{ErrorCode, REPLICA_LIMITS, REPLICA_PROTOCOL, ReplicaRequest, ReplicaResponse};
 use meshgram_tests::{Gateway, Mesh, RELAY_BIN, bin_path, meshgram, meshgram_stdin, run, texts, u64_field};
 
 use super::{ALICE, BOB};
@@ -154,18 +152,10 @@ fn a_peer_posing_as_a_relay_without_a_certificate_is_given_nothing() {
         mesh.relays.iter().map(|r| (r.peer_id().parse().unwrap(), r.tcp_addr().parse().unwrap())).collect();
     let (seen_hellos, seen_stores) = (hellos.clone(), stores.clone());
     runtime.spawn(async move {
-        let mut swarm = meshgram_node::transport::build_swarm(keypair, Duration::from_secs(60), |key| {
-            let mut kad = kad::Behaviour::with_config(
-                me,
-                MemoryStore::new(me),
-                kad::Config::new(StreamProtocol::new(KAD_PROTOCOL)),
-            );
-            kad.set_mode(Some(kad::Mode::Server));
-            Rogue {
-                identify: identify::Behaviour::new(meshgram_node::behaviour::identify_config(key, "rogue/0")),
-                kad,
-                stream: libp2p_stream::Behaviour::new(),
-            }
+        let mut swarm = meshgram_node::transport::build_swarm(keypair, Duration::from_secs(60), |key| Rogue {
+            identify: identify::Behaviour::new(meshgram_node::behaviour::identify_config(key, "rogue/0")),
+            kad: meshgram_node::behaviour::relay_kad(me),
+            stream: libp2p_stream::Behaviour::new(),
         })
         .unwrap();
         swarm.listen_on("/ip4/127.0.0.1/tcp/0".parse().unwrap()).unwrap();
