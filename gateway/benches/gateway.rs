@@ -17,10 +17,10 @@ use libp2p::PeerId;
 use libp2p::identity::ed25519;
 use meshgram_gateway::Gateway;
 use meshgram_gateway::config::{Config, Limits};
-use meshgram_node::cert::{AccountKind, CertBody, SessionCert};
 use meshgram_node::client::{Client, GatewayAddr};
+use meshgram_node::crypto::cert::{AccountKind, CertBody, SessionCert};
 use meshgram_node::ids::{NoiseKey, Phone, SessionId, UserId};
-use meshgram_node::protocol::{AuthRequest, AuthResponse};
+use meshgram_node::proto::{AuthRequest, AuthResponse};
 use tokio::sync::{Mutex, Notify};
 
 const VERIFY_SECS: f64 = 2.0;

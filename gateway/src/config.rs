@@ -26,7 +26,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             data_dir: PathBuf::from("meshgram-gateway-data"),
-            listen: meshgram_node::transport::default_listen_addrs(),
+            listen: meshgram_node::net::transport::default_listen_addrs(),
             http: None,
             code_sink: None,
             limits: Limits::default(),

@@ -10,9 +10,9 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use meshgram_node::cert::unix_now;
+use meshgram_node::crypto::cert::unix_now;
 use meshgram_node::ids::UserId;
-use meshgram_node::protocol::{ErrorCode, WireError};
+use meshgram_node::proto::{ErrorCode, WireError};
 use serde::Deserialize;
 
 use crate::metrics::Metrics;

@@ -26,10 +26,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use libp2p::{Multiaddr, PeerId, multiaddr::Protocol};
+use meshgram_node::crypto::identity::{KeyFileError, load_or_create_ed25519, write_secret};
 use meshgram_node::defaults::SERVER_IDLE_TIMEOUT;
-use meshgram_node::identity::{KeyFileError, load_or_create_ed25519, write_secret};
 use meshgram_node::ids::hex;
-use meshgram_node::transport::{TransportError, build_swarm, listen_on_all};
+use meshgram_node::net::transport::{TransportError, build_swarm, listen_on_all};
 use serde::{Deserialize, Serialize};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;

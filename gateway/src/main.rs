@@ -6,7 +6,7 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use meshgram_gateway::config::Config;
 use meshgram_gateway::{AdminFile, Gateway};
-use meshgram_node::service;
+use meshgram_node::server::service;
 
 #[derive(Parser, Debug)]
 #[command(name = "meshgram-gateway", version, about = "Meshgram gateway: sign-in, sessions, certificates, directory")]
@@ -137,10 +137,11 @@ fn relay_cert(
     out: Option<&std::path::Path>,
 ) -> anyhow::Result<()> {
     let key_file = data.join(meshgram_gateway::GATEWAY_KEY_FILE);
-    let Some(key) = meshgram_node::identity::load_ed25519(&key_file)? else {
+    let Some(key) = meshgram_node::crypto::identity::load_ed25519(&key_file)? else {
         bail!("no gateway key at {}: is --data the gateway's data dir?", key_file.display());
     };
-    let cert = meshgram_node::cert::RelayCert::issue(&key, relay, days, meshgram_node::cert::unix_now());
+    let cert =
+        meshgram_node::crypto::cert::RelayCert::issue(&key, relay, days, meshgram_node::crypto::cert::unix_now());
     let json = serde_json::to_string_pretty(&cert)?;
     match out {
         Some(path) => std::fs::write(path, json + "\n").with_context(|| format!("writing {}", path.display()))?,

@@ -8,8 +8,8 @@ use futures::StreamExt;
 use libp2p::Swarm;
 use libp2p::request_response::{self, ResponseChannel};
 use libp2p::swarm::SwarmEvent;
-use meshgram_node::cert::unix_now;
-use meshgram_node::protocol::{AuthResponse, WireError};
+use meshgram_node::crypto::cert::unix_now;
+use meshgram_node::proto::{AuthResponse, WireError};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -44,7 +44,7 @@ fn handle_auth_event(
     service: &Arc<AuthService>,
     inflight: &mut JoinSet<(ResponseChannel<AuthResponse>, AuthResponse)>,
     event: request_response::Event<
-        Result<meshgram_node::protocol::AuthRequest, meshgram_node::codec::FrameError>,
+        Result<meshgram_node::proto::AuthRequest, meshgram_node::net::codec::FrameError>,
         AuthResponse,
     >,
 ) {

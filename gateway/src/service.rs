@@ -8,11 +8,11 @@ use argon2::Argon2;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString, rand_core::OsRng};
 use libp2p::PeerId;
 use libp2p::identity::ed25519;
-use meshgram_node::cert::{AccountKind, CertBody, SessionCert};
-use meshgram_node::codec::FrameError;
-use meshgram_node::identity::DeviceKeys;
+use meshgram_node::crypto::cert::{AccountKind, CertBody, SessionCert};
+use meshgram_node::crypto::identity::DeviceKeys;
 use meshgram_node::ids::{BOT_TOKEN_SECRET_LEN, BotToken, Phone, SessionId, UserId, Username};
-use meshgram_node::protocol::{
+use meshgram_node::net::codec::FrameError;
+use meshgram_node::proto::{
     Account, AuthRequest, AuthResponse, DeviceCard, ErrorCode as Code, LookupQuery, MAX_DEVICE_NAME_CHARS,
     MAX_NAME_CHARS, MAX_PASSWORD_BYTES, UserCard, WireError,
 };
@@ -23,7 +23,7 @@ use crate::config::Limits;
 use crate::defaults::{LAST_SEEN_RESOLUTION_SECS, MAX_BOTS_PER_OWNER};
 use crate::metrics::Metrics;
 use crate::store::{CodeRecord, Store, StoreError, StoredAccount, StoredSession, Tables};
-use meshgram_node::limits::RateLimiter;
+use meshgram_node::server::limits::RateLimiter;
 
 impl From<StoreError> for WireError {
     fn from(e: StoreError) -> Self {
@@ -574,7 +574,7 @@ impl AuthService {
         }
     }
 
-    fn issue_cert(&self, session: &StoredSession, now: u64) -> meshgram_node::cert::SessionCert {
+    fn issue_cert(&self, session: &StoredSession, now: u64) -> meshgram_node::crypto::cert::SessionCert {
         SessionCert::sign(
             CertBody {
                 user_id: session.user_id,
@@ -697,7 +697,7 @@ fn verify_password(password: &str, hash: &str) -> AuthResult<()> {
 
 #[cfg(test)]
 mod tests {
-    use meshgram_node::identity::DeviceIdentity;
+    use meshgram_node::crypto::identity::DeviceIdentity;
 
     use super::*;
 

@@ -9,10 +9,10 @@
 use std::path::Path;
 
 use libp2p::PeerId;
-use meshgram_node::cert::AccountKind;
-use meshgram_node::identity::DeviceKeys;
+use meshgram_node::crypto::cert::AccountKind;
+use meshgram_node::crypto::identity::DeviceKeys;
 use meshgram_node::ids::{Phone, SessionId, UserId, Username};
-use meshgram_node::protocol::{Account, SessionInfo};
+use meshgram_node::proto::{Account, SessionInfo};
 use redb::{
     Database, MultimapTable, MultimapTableDefinition, ReadableMultimapTable, ReadableTable, Table, TableDefinition,
     WriteTransaction,

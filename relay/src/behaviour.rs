@@ -6,7 +6,7 @@ use libp2p::identity::Keypair;
 use libp2p::kad::{self, store::MemoryStore};
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::{identify, ping};
-use meshgram_node::behaviour::{identify_config, relay_kad};
+use meshgram_node::net::behaviour::{identify_config, relay_kad};
 
 use crate::accept::Acceptor;
 
@@ -19,7 +19,7 @@ pub(crate) struct RelayBehaviour {
     pub(crate) ping: ping::Behaviour,
     /// Relays find each other and agree on who is closest to a key.
     pub(crate) kad: kad::Behaviour<MemoryStore>,
-    /// Inbound pipes (see `meshgram_node::pipe`): clients' mailbox requests (hello, send,
+    /// Inbound pipes (see `meshgram_node::net::pipe`): clients' mailbox requests (hello, send,
     /// fetch, ack) and other relays' replica requests (store, delete).
     pub(crate) accept: Acceptor,
     /// Outbound pipes: this relay's replica requests to other relays.

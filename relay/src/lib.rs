@@ -23,7 +23,7 @@ mod accept;
 mod behaviour;
 pub mod metrics;
 mod net;
-pub use meshgram_node::placement;
+pub use meshgram_node::net::placement;
 mod replicate;
 pub mod store;
 mod wal;
@@ -36,11 +36,11 @@ use std::time::Duration;
 use libp2p::identity::ed25519;
 use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, PeerId};
-use meshgram_node::cert::{RelayCert, unix_now};
+use meshgram_node::crypto::cert::{RelayCert, unix_now};
+use meshgram_node::crypto::identity::{KeyFileError, load_or_create_ed25519};
 use meshgram_node::defaults::SERVER_IDLE_TIMEOUT;
 pub use meshgram_node::defaults::{RELAY_CERT_FILE, RELAY_KEY_FILE};
-use meshgram_node::identity::{KeyFileError, load_or_create_ed25519};
-use meshgram_node::transport::{TransportError, build_swarm, listen_on_all};
+use meshgram_node::net::transport::{TransportError, build_swarm, listen_on_all};
 use serde::Serialize;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -70,7 +70,7 @@ impl RelayConfig {
     pub fn new(data_dir: PathBuf, gateway_key: ed25519::PublicKey) -> Self {
         RelayConfig {
             data_dir,
-            listen: meshgram_node::transport::default_listen_addrs(),
+            listen: meshgram_node::net::transport::default_listen_addrs(),
             bootstrap: Vec::new(),
             http: None,
             cert_file: None,

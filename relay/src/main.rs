@@ -8,7 +8,7 @@ use clap::Parser;
 use libp2p::Multiaddr;
 use libp2p::identity::ed25519;
 use meshgram_node::ids::parse_hex;
-use meshgram_node::service;
+use meshgram_node::server::service;
 use meshgram_relay::{Relay, RelayConfig};
 
 #[derive(Parser, Debug)]

@@ -2,7 +2,7 @@
 //! certificates), hands storage and replication to tasks, and parks long-poll fetches until
 //! something arrives for them.
 //!
-//! Request flow: clients' and relays' requests arrive on pipes (`meshgram_node::pipe`), one
+//! Request flow: clients' and relays' requests arrive on pipes (`meshgram_node::net::pipe`), one
 //! long-lived stream per connection, whose tasks hand them to this loop. `Hello` is checked
 //! here (one signature check per connection, not per envelope). `Send` is checked here (sender
 //! = connection, sizes, rate) and then replicated by a task ([`crate::replicate`]) that calls
@@ -18,11 +18,11 @@ use libp2p::identity::ed25519;
 use libp2p::kad;
 use libp2p::swarm::SwarmEvent;
 use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm};
-use meshgram_node::cert::{CERT_CLOCK_SKEW_SECS, CertBody, RelayCert, unix_now};
-use meshgram_node::codec::FrameError;
-use meshgram_node::envelope::{Envelope, EnvelopeId};
-use meshgram_node::pipe::{self, Inbound, PipePool, Responder};
-use meshgram_node::protocol::{
+use meshgram_node::crypto::cert::{CERT_CLOCK_SKEW_SECS, CertBody, RelayCert, unix_now};
+use meshgram_node::net::codec::FrameError;
+use meshgram_node::net::pipe::{self, Inbound, PipePool, Responder};
+use meshgram_node::proto::envelope::{Envelope, EnvelopeId};
+use meshgram_node::proto::{
     ErrorCode, MAILBOX_LIMITS, MAILBOX_PROTOCOL, MAX_ENVELOPE_SIZE, MAX_ENVELOPES_PER_BATCH, MAX_FETCH_WAIT_MS,
     MailboxRequest, MailboxResponse, REPLICA_LIMITS, REPLICA_PROTOCOL, RelayInfo, ReplicaRequest, ReplicaResponse,
     WireError,
@@ -40,7 +40,7 @@ use crate::replicate::{
     store_replicated,
 };
 use crate::store::{QueuedPut, StoreError, StoreHandle};
-use meshgram_node::limits::RateLimiter;
+use meshgram_node::server::limits::RateLimiter;
 
 /// How often parked fetches are checked for their deadline.
 const PARK_TICK: Duration = Duration::from_millis(250);

@@ -13,10 +13,10 @@ use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use libp2p::PeerId;
 use libp2p::identity::ed25519;
-use meshgram_node::cert::{RelayCert, unix_now};
-use meshgram_node::envelope::{Envelope, EnvelopeId};
-use meshgram_node::pipe::{PipeError, PipePool};
-use meshgram_node::protocol::{
+use meshgram_node::crypto::cert::{RelayCert, unix_now};
+use meshgram_node::net::pipe::{PipeError, PipePool};
+use meshgram_node::proto::envelope::{Envelope, EnvelopeId};
+use meshgram_node::proto::{
     ErrorCode, MAX_ENVELOPES_PER_BATCH, MailboxResponse, ReplicaRequest, ReplicaResponse, WireError,
 };
 use tokio::sync::mpsc;

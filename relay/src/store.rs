@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
-use meshgram_node::envelope::{Envelope, EnvelopeId};
+use meshgram_node::proto::envelope::{Envelope, EnvelopeId};
 use redb::{Database, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};

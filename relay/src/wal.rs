@@ -18,7 +18,7 @@ use std::io::{self, Read, Seek, SeekFrom, Write as _};
 use std::path::Path;
 
 use libp2p::PeerId;
-use meshgram_node::envelope::{Envelope, EnvelopeId};
+use meshgram_node::proto::envelope::{Envelope, EnvelopeId};
 use serde::{Deserialize, Serialize};
 
 const HEADER: usize = 12;

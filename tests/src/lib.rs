@@ -33,11 +33,11 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::post;
 use libp2p::identity::ed25519;
-use meshgram_node::cert::RelayCert;
+use meshgram_node::crypto::cert::RelayCert;
 /// Seconds since the Unix epoch.
-pub use meshgram_node::cert::unix_now;
+pub use meshgram_node::crypto::cert::unix_now;
+use meshgram_node::crypto::identity::load_or_create_ed25519;
 use meshgram_node::defaults::{RELAY_CERT_FILE, RELAY_KEY_FILE};
-use meshgram_node::identity::load_or_create_ed25519;
 use serde_json::Value;
 use tempfile::TempDir;
 

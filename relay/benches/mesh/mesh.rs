@@ -13,13 +13,13 @@ use anyhow::{Context, bail};
 use futures::StreamExt;
 use libp2p::PeerId;
 use libp2p::identity::ed25519;
-use meshgram_node::cert::{AccountKind, CertBody, SessionCert, unix_now};
-use meshgram_node::e2e;
-use meshgram_node::envelope::{Envelope, EnvelopeId};
-use meshgram_node::identity::DeviceIdentity;
+use meshgram_node::client::net::ClientNet;
+use meshgram_node::crypto::cert::{AccountKind, CertBody, SessionCert, unix_now};
+use meshgram_node::crypto::identity::DeviceIdentity;
+use meshgram_node::crypto::seal;
 use meshgram_node::ids::{SessionId, UserId};
-use meshgram_node::net::ClientNet;
-use meshgram_node::protocol::{MailboxRequest, MailboxResponse, RelayInfo};
+use meshgram_node::proto::envelope::{Envelope, EnvelopeId};
+use meshgram_node::proto::{MailboxRequest, MailboxResponse, RelayInfo};
 use meshgram_relay::store::{StoreHandle, StoreLimits};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -30,7 +30,7 @@ use crate::stats::{Pacer, Percentiles, Tracker, now_ns};
 /// Sealed size of every envelope's content, like the 256-byte MQTT payloads.
 pub(crate) const SEALED_LEN: usize = 256;
 /// Plaintext that seals to [`SEALED_LEN`]: the message number, then padding.
-const PLAINTEXT_LEN: usize = SEALED_LEN - e2e::SEAL_OVERHEAD;
+const PLAINTEXT_LEN: usize = SEALED_LEN - seal::SEAL_OVERHEAD;
 /// How long the recipient's long-poll waits before asking again; short, so that it notices the
 /// end of the run quickly (an answer comes at once whenever something arrives).
 const FETCH_WAIT_MS: u32 = 500;
@@ -320,7 +320,7 @@ impl MeshRig {
             None => Received::default(),
         };
         for envelope in &samples {
-            let opened = e2e::open(&self.recipient.identity, &envelope.id, &envelope.sealed)
+            let opened = seal::open(&self.recipient.identity, &envelope.id, &envelope.sealed)
                 .with_context(|| format!("envelope {} does not open", envelope.seq))?;
             let number = opened.payload.get(..8).and_then(|b| <[u8; 8]>::try_from(b).ok()).map(u64::from_le_bytes);
             if opened.sender_key != self.sender.identity.noise_public || number != Some(envelope.seq) {
@@ -359,7 +359,7 @@ fn preseal(sender: &Device, recipient: &Device, messages: usize) -> anyhow::Resu
 
 fn seal_one(sender: &Device, recipient: &Device, i: usize) -> anyhow::Result<Envelope> {
     let id = EnvelopeId::random();
-    let sealed = e2e::seal(&sender.identity, &recipient.identity.noise_public, &id, &plaintext(i as u64))?;
+    let sealed = seal::seal(&sender.identity, &recipient.identity.noise_public, &id, &plaintext(i as u64))?;
     Ok(Envelope {
         id,
         from_user: sender.user,
@@ -612,18 +612,18 @@ pub(crate) async fn store_latency(dir: &Path, singles: usize) -> anyhow::Result<
     })
 }
 
-/// `e2e::seal` and `e2e::open` of a 256-byte sealed message, per second on one thread.
+/// `seal::seal` and `seal::open` of a 256-byte sealed message, per second on one thread.
 pub(crate) fn seal_open_rates(dir: &Path, secs: f64) -> anyhow::Result<(f64, f64)> {
     let alice = DeviceIdentity::load_or_create(&dir.join("seal-alice"))?;
     let bob = DeviceIdentity::load_or_create(&dir.join("seal-bob"))?;
     let id = EnvelopeId::random();
     let text = plaintext(7);
-    let sealed = e2e::seal(&alice, &bob.noise_public, &id, &text)?;
+    let sealed = seal::seal(&alice, &bob.noise_public, &id, &text)?;
     if sealed.len() != SEALED_LEN {
         bail!("sealed {} bytes, expected {SEALED_LEN}", sealed.len());
     }
-    let seal = rate(secs, || e2e::seal(&alice, &bob.noise_public, &id, &text).is_ok());
-    let open = rate(secs, || e2e::open(&bob, &id, &sealed).is_ok());
+    let seal = rate(secs, || seal::seal(&alice, &bob.noise_public, &id, &text).is_ok());
+    let open = rate(secs, || seal::open(&bob, &id, &sealed).is_ok());
     Ok((seal, open))
 }
 

@@ -18,9 +18,9 @@ use anyhow::{Context, bail};
 use libp2p::identity::ed25519;
 use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, PeerId};
-use meshgram_node::cert::{RelayCert, unix_now};
+use meshgram_node::crypto::cert::{RelayCert, unix_now};
 use meshgram_node::ids::hex;
-use meshgram_node::protocol::RelayInfo;
+use meshgram_node::proto::RelayInfo;
 use serde_json::Value;
 
 /// How long a server may take to print its ready line or accept connections.

@@ -8,11 +8,11 @@ use libp2p::identity::ed25519;
 use libp2p::kad::{self, KBucketKey, store::MemoryStore};
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::{PeerId, StreamProtocol, identify};
-use meshgram_node::cert::{Cert, RelayCert, RelayCertBody, unix_now};
-use meshgram_node::envelope::{Envelope, EnvelopeId};
+use meshgram_node::crypto::cert::{Cert, RelayCert, RelayCertBody, unix_now};
 use meshgram_node::ids::UserId;
-use meshgram_node::pipe::{self, PipePool};
-use meshgram_node::protocol::{ErrorCode, REPLICA_LIMITS, REPLICA_PROTOCOL, ReplicaRequest, ReplicaResponse};
+use meshgram_node::net::pipe::{self, PipePool};
+use meshgram_node::proto::envelope::{Envelope, EnvelopeId};
+use meshgram_node::proto::{ErrorCode, REPLICA_LIMITS, REPLICA_PROTOCOL, ReplicaRequest, ReplicaResponse};
 use meshgram_tests::{Gateway, Mesh, RELAY_BIN, bin_path, meshgram, meshgram_stdin, run, texts, u64_field};
 
 use super::{ALICE, BOB};
@@ -26,9 +26,10 @@ async fn only_certified_relays_may_store_or_delete_replicas() {
     // A bare libp2p node calling the relay on the replica protocol, as another relay would.
     let keypair = libp2p::identity::Keypair::generate_ed25519();
     let me = keypair.public().to_peer_id();
-    let mut swarm =
-        meshgram_node::transport::build_swarm(keypair, Duration::from_secs(60), |_| libp2p_stream::Behaviour::new())
-            .unwrap();
+    let mut swarm = meshgram_node::net::transport::build_swarm(keypair, Duration::from_secs(60), |_| {
+        libp2p_stream::Behaviour::new()
+    })
+    .unwrap();
     let pipes: PipePool<ReplicaRequest, ReplicaResponse> =
         PipePool::new(REPLICA_PROTOCOL, REPLICA_LIMITS, Duration::from_secs(10), swarm.behaviour().new_control());
     swarm.dial(mesh.relays[0].tcp_addr().parse::<libp2p::Multiaddr>().unwrap()).unwrap();
@@ -152,9 +153,9 @@ fn a_peer_posing_as_a_relay_without_a_certificate_is_given_nothing() {
         mesh.relays.iter().map(|r| (r.peer_id().parse().unwrap(), r.tcp_addr().parse().unwrap())).collect();
     let (seen_hellos, seen_stores) = (hellos.clone(), stores.clone());
     runtime.spawn(async move {
-        let mut swarm = meshgram_node::transport::build_swarm(keypair, Duration::from_secs(60), |key| Rogue {
-            identify: identify::Behaviour::new(meshgram_node::behaviour::identify_config(key, "rogue/0")),
-            kad: meshgram_node::behaviour::relay_kad(me),
+        let mut swarm = meshgram_node::net::transport::build_swarm(keypair, Duration::from_secs(60), |key| Rogue {
+            identify: identify::Behaviour::new(meshgram_node::net::behaviour::identify_config(key, "rogue/0")),
+            kad: meshgram_node::net::behaviour::relay_kad(me),
             stream: libp2p_stream::Behaviour::new(),
         })
         .unwrap();

@@ -3,12 +3,12 @@
 
 use libp2p::PeerId;
 use libp2p::identity::ed25519;
-use meshgram_node::cert::{AccountKind, CertBody, SessionCert, unix_now};
-use meshgram_node::envelope::{Envelope, EnvelopeId};
-use meshgram_node::identity::DeviceIdentity;
+use meshgram_node::client::net::ClientNet;
+use meshgram_node::crypto::cert::{AccountKind, CertBody, SessionCert, unix_now};
+use meshgram_node::crypto::identity::DeviceIdentity;
 use meshgram_node::ids::{SessionId, UserId};
-use meshgram_node::net::ClientNet;
-use meshgram_node::protocol::{ErrorCode, MAX_ENVELOPE_SIZE, MailboxRequest, MailboxResponse, RelayInfo};
+use meshgram_node::proto::envelope::{Envelope, EnvelopeId};
+use meshgram_node::proto::{ErrorCode, MAX_ENVELOPE_SIZE, MailboxRequest, MailboxResponse, RelayInfo};
 use meshgram_tests::{Gateway, Mesh};
 
 struct RawClient {
@@ -159,7 +159,7 @@ fn header(body_len: usize, tag: u64) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_on_a_relay_pipe_gets_bad_request_and_the_relay_keeps_serving() {
     use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
-    use meshgram_node::protocol::{MAILBOX_PROTOCOL, MAX_MAILBOX_MESSAGE_SIZE};
+    use meshgram_node::proto::{MAILBOX_PROTOCOL, MAX_MAILBOX_MESSAGE_SIZE};
 
     let gateway_key = ed25519::Keypair::generate();
     let mesh = Mesh::start_with_key(Gateway::start(), &gateway_key, 1, 1);
@@ -168,7 +168,7 @@ async fn garbage_on_a_relay_pipe_gets_bad_request_and_the_relay_keeps_serving() 
 
     // A bare libp2p node that speaks raw bytes on the mailbox protocol.
     let keypair = libp2p::identity::Keypair::generate_ed25519();
-    let mut swarm = meshgram_node::transport::build_swarm(keypair, std::time::Duration::from_secs(60), |_| {
+    let mut swarm = meshgram_node::net::transport::build_swarm(keypair, std::time::Duration::from_secs(60), |_| {
         libp2p_stream::Behaviour::new()
     })
     .unwrap();

@@ -8,10 +8,10 @@ use futures::StreamExt;
 use libp2p::request_response::{self, ProtocolSupport};
 use libp2p::swarm::SwarmEvent;
 use libp2p::{Multiaddr, StreamProtocol};
-use meshgram_node::codec::PostcardCodec;
-use meshgram_node::identity::DeviceIdentity;
-use meshgram_node::protocol::{AUTH_PROTOCOL, AuthResponse, ErrorCode, MAX_AUTH_REQUEST_SIZE};
-use meshgram_node::transport::build_swarm;
+use meshgram_node::crypto::identity::DeviceIdentity;
+use meshgram_node::net::codec::PostcardCodec;
+use meshgram_node::net::transport::build_swarm;
+use meshgram_node::proto::{AUTH_PROTOCOL, AuthResponse, ErrorCode, MAX_AUTH_REQUEST_SIZE};
 use meshgram_tests::{Gateway, meshgram};
 use serde_bytes::ByteBuf;
 

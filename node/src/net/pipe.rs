@@ -25,7 +25,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
-use crate::codec::FrameError;
+use crate::net::codec::FrameError;
 
 /// Requests one pipe may have unanswered at a relay; further requests wait in the stream
 /// (back-pressure), which bounds the memory a single client can tie up.

@@ -5,47 +5,18 @@
 use std::collections::{HashMap, HashSet};
 
 use libp2p::PeerId;
-use serde::{Deserialize, Serialize};
 
-use crate::cert::unix_now;
-use crate::client::{Client, ClientError, SavedSession};
-use crate::e2e::{self, E2eError};
-use crate::envelope::{Envelope, EnvelopeId};
-use crate::history::{History, HistoryError, MessageId, Status, StoredMessage};
-use crate::ids::UserId;
-use crate::placement;
-use crate::protocol::{
+use crate::client::history::{History, HistoryError, StoredMessage};
+use crate::client::session::{Client, ClientError, SavedSession};
+use crate::crypto::seal::{self, E2eError};
+use crate::ids::{UserId, now_ms};
+use crate::net::placement;
+use crate::proto::envelope::{Envelope, EnvelopeId};
+use crate::proto::payload::{Body, MAX_TEXT_CHARS, MessageId, Payload, Status};
+use crate::proto::{
     AuthRequest, AuthResponse, ErrorCode, LookupQuery, MAX_ENVELOPES_PER_BATCH, MailboxRequest, MailboxResponse,
     RelayInfo, UserCard, WireError,
 };
-
-/// Longest message text, in characters (Telegram's limit).
-pub const MAX_TEXT_CHARS: usize = 4096;
-
-/// What travels sealed inside an envelope. Append-only, like every wire enum.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Payload {
-    /// Shared by every device's copy of the message.
-    pub message_id: MessageId,
-    /// The other person in the conversation, from the sender's side (for sync copies).
-    pub chat_with: UserId,
-    pub body: Body,
-}
-
-/// What a payload says. Append-only.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Body {
-    /// A new message.
-    Text { text: String, reply_to: Option<MessageId> },
-    /// The author changed the text of an earlier message.
-    Edit { message: MessageId, text: String },
-    /// The author deleted earlier messages (for everyone).
-    Delete { messages: Vec<MessageId> },
-    /// The recipient's device got, or its user read, these messages.
-    Receipt { status: Status, messages: Vec<MessageId> },
-    /// The sender is typing in this chat; never stored.
-    Typing,
-}
 
 /// What a fetch brought: new or changed messages, and who is typing.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -65,7 +36,7 @@ pub enum MessagingError {
     #[error(transparent)]
     Client(#[from] ClientError),
     #[error(transparent)]
-    Net(#[from] crate::net::NetError),
+    Net(#[from] crate::client::net::NetError),
     #[error(transparent)]
     History(#[from] HistoryError),
     #[error(transparent)]
@@ -329,7 +300,7 @@ impl Messenger {
         let my_device = self.client.identity.peer_id();
         let mine =
             if sync && card.user_id != me { Some(self.card(LookupQuery::UserId(me), true).await?) } else { None };
-        let targets: Vec<(UserId, crate::protocol::DeviceCard)> = card
+        let targets: Vec<(UserId, crate::proto::DeviceCard)> = card
             .devices
             .iter()
             .map(|d| (card.user_id, d.clone()))
@@ -356,7 +327,7 @@ impl Messenger {
                     to_device: device.peer_id,
                     sent_at_ms,
                     seq: first_seq[&device.peer_id] + i as u64,
-                    sealed: e2e::seal(&self.client.identity, &device.noise_key(), &id, &bytes)?,
+                    sealed: seal::seal(&self.client.identity, &device.noise_key(), &id, &bytes)?,
                 });
             }
             sent.push((payload, sent_at_ms));
@@ -593,7 +564,7 @@ impl Messenger {
         if envelope.to_device != self.client.identity.peer_id() {
             return Err(E2eError::Open("addressed to another device".into()).into());
         }
-        let opened = e2e::open(&self.client.identity, &envelope.id, &envelope.sealed)?;
+        let opened = seal::open(&self.client.identity, &envelope.id, &envelope.sealed)?;
         let matches = |card: &UserCard| {
             card.devices.iter().any(|d| d.peer_id == envelope.from_device && d.noise_key() == opened.sender_key)
         };
@@ -638,13 +609,6 @@ fn mark_deleted(m: &mut StoredMessage) -> bool {
     m.text.clear();
     m.deleted = true;
     true
-}
-
-fn now_ms() -> u64 {
-    unix_now() * 1000
-        + u64::from(
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_millis()).unwrap_or(0),
-        )
 }
 
 #[cfg(test)]

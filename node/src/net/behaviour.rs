@@ -9,7 +9,7 @@ use libp2p::swarm::NetworkBehaviour;
 use libp2p::{PeerId, StreamProtocol, identify, ping};
 
 use crate::defaults::REQUEST_TIMEOUT;
-use crate::protocol::{AUTH_PROTOCOL, AuthCodec, KAD_PROTOCOL, auth_codec};
+use crate::proto::{AUTH_PROTOCOL, AuthCodec, KAD_PROTOCOL, auth_codec};
 
 /// Identify's protocol version string; peers with another major version are not ours.
 pub const IDENTIFY_PROTOCOL: &str = "/meshgram/1.0.0";

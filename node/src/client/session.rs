@@ -9,12 +9,12 @@ use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, PeerId};
 use serde::{Deserialize, Serialize};
 
-use crate::cert::{CertError, SessionCert, unix_now};
+use crate::client::net::{ClientNet, NetError};
+use crate::crypto::cert::{CertError, SessionCert, unix_now};
+use crate::crypto::identity::{DeviceIdentity, KeyFileError, write_secret};
 use crate::defaults::CERT_RENEW_BEFORE_SECS;
-use crate::identity::{DeviceIdentity, KeyFileError, write_secret};
-use crate::net::{ClientNet, NetError};
-use crate::protocol::{Account, AuthRequest, AuthResponse, MailboxRequest, MailboxResponse, RelayInfo, WireError};
-use crate::transport::TransportError;
+use crate::net::transport::TransportError;
+use crate::proto::{Account, AuthRequest, AuthResponse, MailboxRequest, MailboxResponse, RelayInfo, WireError};
 
 /// File in a profile dir holding the signed-in session.
 pub const SESSION_FILE: &str = "session.json";

@@ -7,57 +7,19 @@
 //! sender's directory card. A relay that rewrote routing fields would make the recipient reject
 //! the envelope, not believe it.
 
-use std::fmt;
-use std::str::FromStr;
-
 use libp2p::PeerId;
 use serde::{Deserialize, Serialize};
 
-use crate::ids::{InvalidValue, UserId, hex, parse_hex};
+use crate::ids::UserId;
 
-/// An id chosen by the sender; relays and recipients deduplicate by it.
-///
-/// The first 6 bytes are the sender's clock in milliseconds (big-endian), the other 10 random
-/// (like a UUIDv7): ids made at about the same time sort together, so a relay's id index grows
-/// at its end instead of touching a random B-tree page per envelope. Relays never trust the
-/// time part; a client that picks ids otherwise only makes its own writes slower.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct EnvelopeId(#[serde(with = "crate::ids::hex_or_bytes")] pub [u8; 16]);
-
-impl EnvelopeId {
-    /// A fresh id: the current time, then randomness.
-    pub fn random() -> Self {
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
-        let mut id: [u8; 16] = rand::random();
-        id[..6].copy_from_slice(&now_ms.to_be_bytes()[2..]);
-        EnvelopeId(id)
-    }
-    /// The last 8 hex digits (random, unlike the leading time), for logs and listings.
-    pub fn fmt_short(&self) -> String {
-        hex(&self.0[12..])
-    }
-}
-
-impl fmt::Display for EnvelopeId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&hex(&self.0))
-    }
-}
-
-impl fmt::Debug for EnvelopeId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "EnvelopeId({})", self.fmt_short())
-    }
-}
-
-impl FromStr for EnvelopeId {
-    type Err = InvalidValue;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        parse_hex::<16>(s).map(EnvelopeId)
-    }
+crate::ids::time_ordered_id! {
+    /// An id chosen by the sender; relays and recipients deduplicate by it.
+    ///
+    /// The first 6 bytes are the sender's clock in milliseconds (big-endian), the other 10 random
+    /// (like a UUIDv7): ids made at about the same time sort together, so a relay's id index grows
+    /// at its end instead of touching a random B-tree page per envelope. Relays never trust the
+    /// time part; a client that picks ids otherwise only makes its own writes slower.
+    EnvelopeId
 }
 
 /// Which conversation an envelope belongs to. Only one-to-one chats exist today; groups and
@@ -82,7 +44,7 @@ pub struct Envelope {
     pub sent_at_ms: u64,
     /// Per (sender device, recipient device) counter: recipients order by it.
     pub seq: u64,
-    /// Noise X message (see `e2e`).
+    /// Noise X message (see `crypto::seal`).
     #[serde(with = "crate::ids::hex_or_bytes")]
     pub sealed: Vec<u8>,
 }

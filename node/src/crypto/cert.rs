@@ -14,8 +14,8 @@ use serde::{Deserialize, Serialize};
 
 use std::path::{Path, PathBuf};
 
+use crate::crypto::identity::{KeyFileError, load_or_create_ed25519};
 use crate::defaults::{RELAY_CERT_FILE, RELAY_KEY_FILE};
-use crate::identity::{KeyFileError, load_or_create_ed25519};
 use crate::ids::{NoiseKey, SessionId, UserId};
 /// Clock skew tolerated between gateway and verifier, in seconds.
 pub const CERT_CLOCK_SKEW_SECS: u64 = 60;
@@ -195,7 +195,7 @@ fn signed_bytes<B: Statement>(body: &B) -> Vec<u8> {
 
 /// Unix time in seconds.
 pub fn unix_now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    crate::ids::now_ms() / 1000
 }
 
 #[cfg(test)]

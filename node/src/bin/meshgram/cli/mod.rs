@@ -5,13 +5,13 @@ use std::path::{Path, PathBuf};
 
 use clap::{Parser, Subcommand};
 use libp2p::Multiaddr;
+use meshgram_node::client::history::StoredMessage;
+use meshgram_node::client::messaging::{MessagingError, Messenger};
 use meshgram_node::client::{Client, ClientError, GatewayAddr, SavedSession};
 use meshgram_node::defaults::FETCH_WAIT_MS;
-use meshgram_node::history::StoredMessage;
 use meshgram_node::ids::{Phone, SessionId, UserId};
-use meshgram_node::messaging::{MessagingError, Messenger};
 use meshgram_node::network_file::NetworkFile;
-use meshgram_node::protocol::{Account, AuthRequest, AuthResponse, ErrorCode, LookupQuery, RelayInfo};
+use meshgram_node::proto::{Account, AuthRequest, AuthResponse, ErrorCode, LookupQuery, RelayInfo};
 use serde_json::{Value, json};
 
 #[derive(Parser, Debug)]
@@ -594,7 +594,7 @@ async fn bot(profile: &Path, json: bool, command: BotCommand) -> CliResult {
     Ok(())
 }
 
-fn parse_message_id(s: &str) -> Result<meshgram_node::history::MessageId, CliError> {
+fn parse_message_id(s: &str) -> Result<meshgram_node::proto::payload::MessageId, CliError> {
     s.parse().map_err(|e: meshgram_node::ids::InvalidValue| CliError::usage(format!("message id: {}", e.0)))
 }
 

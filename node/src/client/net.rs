@@ -1,6 +1,6 @@
 //! The client's network actor: one task owns the client's `Swarm`; the rest of the program holds
 //! a [`ClientNet`] handle and sends it requests with a oneshot for the reply. Mailbox requests
-//! travel on one pipe per relay (`crate::pipe`), opened once the event loop has a connection.
+//! travel on one pipe per relay (`crate::net::pipe`), opened once the event loop has a connection.
 
 use std::collections::HashMap;
 
@@ -12,13 +12,13 @@ use libp2p::{Multiaddr, PeerId, Swarm};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-use crate::behaviour::{ClientBehaviour, ClientBehaviourEvent};
-use crate::codec::FrameError;
+use crate::crypto::identity::DeviceIdentity;
 use crate::defaults::{CLIENT_IDLE_TIMEOUT, COMMAND_QUEUE, MAILBOX_REQUEST_TIMEOUT};
-use crate::identity::DeviceIdentity;
-use crate::pipe::PipePool;
-use crate::protocol::{AuthRequest, AuthResponse, MAILBOX_LIMITS, MAILBOX_PROTOCOL, MailboxRequest, MailboxResponse};
-use crate::transport::{TransportError, build_swarm};
+use crate::net::behaviour::{ClientBehaviour, ClientBehaviourEvent};
+use crate::net::codec::FrameError;
+use crate::net::pipe::PipePool;
+use crate::net::transport::{TransportError, build_swarm};
+use crate::proto::{AuthRequest, AuthResponse, MAILBOX_LIMITS, MAILBOX_PROTOCOL, MailboxRequest, MailboxResponse};
 
 /// Why a request to a peer got no answer.
 #[derive(Debug, Clone, thiserror::Error)]

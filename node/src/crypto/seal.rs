@@ -11,9 +11,9 @@
 
 use snow::Builder;
 
-use crate::envelope::EnvelopeId;
-use crate::identity::{DeviceIdentity, NOISE_PARAMS};
+use crate::crypto::identity::{DeviceIdentity, NOISE_PARAMS};
 use crate::ids::NoiseKey;
+use crate::proto::envelope::EnvelopeId;
 
 /// Noise X overhead per message: e (32) + encrypted s (32+16) + payload tag (16).
 pub const SEAL_OVERHEAD: usize = 96;

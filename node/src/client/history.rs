@@ -7,9 +7,10 @@ use libp2p::PeerId;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
-use crate::envelope::EnvelopeId;
 use crate::ids::UserId;
-use crate::protocol::UserCard;
+use crate::proto::UserCard;
+use crate::proto::envelope::EnvelopeId;
+use crate::proto::payload::{MessageId, Status};
 
 /// File in a profile dir.
 pub const HISTORY_FILE: &str = "history.redb";
@@ -26,21 +27,6 @@ const SEND_SEQ: TableDefinition<&[u8], u64> = TableDefinition::new("send_seq");
 const CARDS: TableDefinition<u64, &[u8]> = TableDefinition::new("cards");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const NEXT_ORDER: &str = "next_order";
-
-/// A message id shared by every device's copy of one message.
-pub type MessageId = EnvelopeId;
-
-/// How far an outgoing message got; for incoming ones, whether we have read it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Status {
-    /// Stored durably by the relays (outgoing) / received here (incoming).
-    Sent,
-    /// Reached one of the recipient's devices.
-    Delivered,
-    /// The recipient (or, for incoming, this user) has read it.
-    Read,
-}
 
 /// A message as this device keeps it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,0 +1,14 @@
+//! The client: a signed-in device. A leaf of the crate: only the `meshgram` binary and the bot
+//! bridge use it; the shared core never does (`tests/run` checks).
+//!
+//! - [`session`]: the profile's saved session, where the gateway is, typed gateway calls.
+//! - [`net`]: the client's network actor; one task owns the `Swarm`, callers hold a handle.
+//! - [`history`]: the client's redb — messages, seen envelope ids, send counters, cached cards.
+//! - [`messaging`]: cloud chats — seal per device, send via relays, fetch, verify, acknowledge.
+
+pub mod history;
+pub mod messaging;
+pub mod net;
+pub mod session;
+
+pub use session::{Client, ClientError, GatewayAddr, SESSION_FILE, SavedSession, public_key_of};

@@ -1,0 +1,10 @@
+//! Keys and signatures: who a device is, what the gateway vouches for, and sealing for one
+//! recipient device.
+//!
+//! - [`identity`]: the device's ed25519 key (its `PeerId`) and its signed X25519 Noise key.
+//! - [`cert`]: gateway-signed session and relay certificates, verified offline.
+//! - [`seal`]: one-way end-to-end sealing with Noise X (`snow`), so relays only hold ciphertext.
+
+pub mod cert;
+pub mod identity;
+pub mod seal;

@@ -1,0 +1,224 @@
+//! `/meshgram/auth/1` (client ↔ gateway): sign-in, sessions, profiles and the directory.
+//!
+//! The libp2p connection already authenticates the device key, so requests carry no tokens: the
+//! gateway maps the caller's `PeerId` to its session.
+//!
+//! ```text
+//! SendCode{phone} ─────────────▶ CodeSent{expires_in}      (code goes out via the CodeSender)
+//! SignIn{phone, code, device} ─▶ SignedIn{account, cert}   | Error(PASSWORD_REQUIRED) → retry with password
+//! RenewCert ───────────────────▶ Cert(cert)                | Error(SESSION_REVOKED)
+//! Lookup / ListSessions / RevokeSession / CreateBot / …
+//! ```
+
+use libp2p::PeerId;
+use serde::{Deserialize, Serialize};
+
+use crate::crypto::cert::{AccountKind, SessionCert};
+use crate::crypto::identity::DeviceKeys;
+use crate::ids::{NoiseKey, Phone, SessionId, UserId, Username};
+use crate::net::codec::PostcardCodec;
+use crate::proto::WireError;
+
+/// Sign-in, sessions, profiles and the directory.
+pub const AUTH_PROTOCOL: &str = "/meshgram/auth/1";
+/// No auth request needs more than a few hundred bytes; 16 KiB leaves room and bounds abuse.
+pub const MAX_AUTH_REQUEST_SIZE: usize = 16 * 1024;
+/// Session lists and cards with many devices are the largest replies.
+pub const MAX_AUTH_RESPONSE_SIZE: usize = 1024 * 1024;
+/// Longest display name, in characters (Telegram's first+last name fit in 64).
+pub const MAX_NAME_CHARS: usize = 64;
+/// Longest device name a client may report.
+pub const MAX_DEVICE_NAME_CHARS: usize = 64;
+/// Longest 2FA password accepted.
+pub const MAX_PASSWORD_BYTES: usize = 256;
+
+/// The codec for [`AUTH_PROTOCOL`].
+pub type AuthCodec = PostcardCodec<AuthRequest, AuthResponse>;
+
+/// A new auth codec with this protocol's limits.
+pub fn auth_codec() -> AuthCodec {
+    AuthCodec::new(MAX_AUTH_REQUEST_SIZE, MAX_AUTH_RESPONSE_SIZE)
+}
+
+/// A client's request to the gateway.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum AuthRequest {
+    /// Send a login code to this phone.
+    SendCode { phone: Phone },
+    /// Sign in (creating the account on first use) with the code that was sent.
+    SignIn {
+        phone: Phone,
+        code: String,
+        device: DeviceKeys,
+        device_name: String,
+        /// The 2FA password, when the account has one.
+        password: Option<String>,
+    },
+    /// Sign a bot in with its token.
+    BotSignIn { token: String, device: DeviceKeys, device_name: String },
+    /// A fresh certificate for the caller's session.
+    RenewCert,
+    /// The caller's own account.
+    GetMe,
+    /// Change username (`Some("")` removes it) and/or display name.
+    SetProfile { username: Option<String>, name: Option<String> },
+    /// Set, change (`new: Some`) or remove (`new: None`) the 2FA password.
+    SetPassword { current: Option<String>, new: Option<String> },
+    /// Find a user's card.
+    Lookup(LookupQuery),
+    /// The caller's account's active sessions.
+    ListSessions,
+    /// End one session of the caller's account.
+    RevokeSession { session_id: SessionId },
+    /// End every session of the caller's account but the caller's.
+    RevokeOtherSessions,
+    /// Create a bot owned by the caller (BotFather's /newbot).
+    CreateBot { username: String, name: String },
+    /// Bots the caller owns.
+    ListBots,
+    /// Replace a bot's token; its sessions end.
+    RevokeBotToken { bot: UserId },
+}
+
+impl AuthRequest {
+    /// A short stable name, for metrics and logs (never includes secrets).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            AuthRequest::SendCode { .. } => "send_code",
+            AuthRequest::SignIn { .. } => "sign_in",
+            AuthRequest::BotSignIn { .. } => "bot_sign_in",
+            AuthRequest::RenewCert => "renew_cert",
+            AuthRequest::GetMe => "get_me",
+            AuthRequest::SetProfile { .. } => "set_profile",
+            AuthRequest::SetPassword { .. } => "set_password",
+            AuthRequest::Lookup(_) => "lookup",
+            AuthRequest::ListSessions => "list_sessions",
+            AuthRequest::RevokeSession { .. } => "revoke_session",
+            AuthRequest::RevokeOtherSessions => "revoke_other_sessions",
+            AuthRequest::CreateBot { .. } => "create_bot",
+            AuthRequest::ListBots => "list_bots",
+            AuthRequest::RevokeBotToken { .. } => "revoke_bot_token",
+        }
+    }
+}
+
+/// Who to look up.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LookupQuery {
+    /// By `@username`.
+    Username(Username),
+    /// By phone number.
+    Phone(Phone),
+    /// By account number.
+    UserId(UserId),
+}
+
+impl std::str::FromStr for LookupQuery {
+    type Err = crate::ids::InvalidValue;
+    /// `@name`, `+15550001111`, or a number.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        if s.starts_with('+') {
+            s.parse().map(LookupQuery::Phone)
+        } else if s.chars().all(|c| c.is_ascii_digit()) && !s.is_empty() {
+            s.parse().map(LookupQuery::UserId)
+        } else {
+            s.parse().map(LookupQuery::Username)
+        }
+    }
+}
+
+/// The gateway's reply.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum AuthResponse {
+    /// A code is on its way.
+    CodeSent { expires_in_secs: u64, code_length: u8 },
+    /// Signed in; keep the certificate and renew it before `not_after`.
+    SignedIn { account: Account, cert: SessionCert, new_account: bool },
+    /// A renewed certificate.
+    Cert(SessionCert),
+    /// The caller's account.
+    Me(Account),
+    /// A user's public card.
+    Card(UserCard),
+    /// Active sessions.
+    Sessions(Vec<SessionInfo>),
+    /// How many sessions were ended.
+    Revoked { count: u32 },
+    /// A bot and its (new) token.
+    BotToken { bot: Account, token: String },
+    /// Bots owned by the caller.
+    Bots(Vec<Account>),
+    /// Done, nothing to return.
+    Done,
+    /// The request was refused.
+    Error(WireError),
+}
+
+/// An account as its owner sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Account {
+    pub user_id: UserId,
+    pub kind: AccountKind,
+    /// Users only.
+    pub phone: Option<Phone>,
+    pub username: Option<Username>,
+    pub name: String,
+    pub has_password: bool,
+    /// Bots only: the user who created it (none when an operator did).
+    pub owner: Option<UserId>,
+    /// Unix seconds.
+    pub created_at: u64,
+}
+
+/// What anyone may learn about a user: enough to encrypt to every device of theirs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserCard {
+    pub user_id: UserId,
+    pub kind: AccountKind,
+    pub username: Option<Username>,
+    pub name: String,
+    pub devices: Vec<DeviceCard>,
+}
+
+/// One device of a user's card.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceCard {
+    pub peer_id: PeerId,
+    pub keys: DeviceKeys,
+}
+
+impl DeviceCard {
+    /// The device's Noise key.
+    pub fn noise_key(&self) -> NoiseKey {
+        self.keys.noise_key
+    }
+}
+
+/// One session in a session list.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionInfo {
+    pub session_id: SessionId,
+    pub device: PeerId,
+    pub device_name: String,
+    pub kind: AccountKind,
+    /// Unix seconds.
+    pub created_at: u64,
+    /// Unix seconds, updated at most once a minute.
+    pub last_seen: u64,
+    /// The session making the request.
+    pub current: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lookup_queries_parse_by_shape() {
+        assert!(matches!("@alice_x".parse(), Ok(LookupQuery::Username(_))));
+        assert!(matches!("+15550001111".parse(), Ok(LookupQuery::Phone(_))));
+        assert_eq!("42".parse::<LookupQuery>().unwrap(), LookupQuery::UserId(UserId(42)));
+        assert!("@x".parse::<LookupQuery>().is_err());
+    }
+}

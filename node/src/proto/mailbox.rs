@@ -1,0 +1,128 @@
+//! `/meshgram/mailbox/1` (client ↔ relay) and `/meshgram/replica/1` (relay ↔ relay).
+//!
+//! ```text
+//! client                 entry relay                    mailbox relays (R closest to recipient)
+//!   Hello{cert} ───────────▶ verify once per connection
+//!   Send{envelopes} ───────▶ check sender = connection ─▶ Replica Store ─▶ synced log + redb
+//!   ◀──────── Stored{ids} ◀─ all R durable ◀────────────── Stored
+//!                            (relays greet each other first: Replica Hello{relay cert} ⇄
+//!                             Welcome{relay cert}, both signed by the gateway)
+//!
+//! recipient ── Hello ──▶ one of its mailbox relays
+//!   Fetch{wait, ack} ─▶ Envelopes (long-poll: answered as soon as a Store arrives, even
+//!                       before its commit); `ack` (the batch before) is deleted here and by
+//!                       Replica Delete on the other replicas. `Ack{ids}` does that alone.
+//! ```
+//! Both run on pipes (`crate::net::pipe`): one stream per connection, tagged requests and answers.
+//! Relays see routing fields and ciphertext only: the content is sealed end to end
+//! (`crypto::seal`).
+
+use libp2p::PeerId;
+use serde::{Deserialize, Serialize};
+
+use crate::crypto::cert::{RelayCert, SessionCert};
+use crate::net::pipe::PipeLimits;
+use crate::proto::WireError;
+use crate::proto::envelope::{Envelope, EnvelopeId};
+
+/// Client ↔ relay: hello, send, fetch, ack.
+pub const MAILBOX_PROTOCOL: &str = "/meshgram/mailbox/1";
+/// Relay ↔ relay: store and delete mailbox replicas.
+pub const REPLICA_PROTOCOL: &str = "/meshgram/replica/1";
+/// Relays find each other with Kademlia on this protocol.
+pub const KAD_PROTOCOL: &str = "/meshgram/kad/1";
+/// A sealed message: Noise allows 65,535 bytes per message; routing fields fit in the rest.
+pub const MAX_ENVELOPE_SIZE: usize = 66 * 1024;
+/// Envelopes per `Send`/`Store`/`Envelopes` batch: large batches amortize commits.
+pub const MAX_ENVELOPES_PER_BATCH: usize = 256;
+/// A whole mailbox request or response: a full batch of maximal envelopes plus framing.
+pub const MAX_MAILBOX_MESSAGE_SIZE: usize = MAX_ENVELOPES_PER_BATCH * MAX_ENVELOPE_SIZE + 64 * 1024;
+/// Longest a `Fetch` may wait for new envelopes before answering empty.
+pub const MAX_FETCH_WAIT_MS: u32 = 25_000;
+
+/// Both protocols run as pipes (`crate::net::pipe`): one long-lived stream per connection carrying
+/// tagged requests and answers; these are their message size limits.
+pub const MAILBOX_LIMITS: PipeLimits =
+    PipeLimits { max_request: MAX_MAILBOX_MESSAGE_SIZE, max_response: MAX_MAILBOX_MESSAGE_SIZE };
+/// See [`MAILBOX_LIMITS`].
+pub const REPLICA_LIMITS: PipeLimits = MAILBOX_LIMITS;
+
+/// A client's request to a relay.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum MailboxRequest {
+    /// Present the session certificate; required once per connection before anything else.
+    Hello { cert: SessionCert },
+    /// Store envelopes in their recipients' mailboxes; answered once durable on R relays.
+    Send { envelopes: Vec<Envelope> },
+    /// Envelopes waiting in the caller's own mailbox, oldest first. With `wait_ms > 0` and an
+    /// empty mailbox, the relay answers as soon as something arrives (long-poll). `ack` are
+    /// envelopes of earlier fetches the caller has kept, deleted first as by `Ack`: a
+    /// receiving loop needs one request per batch, not two.
+    Fetch { max: u32, wait_ms: u32, ack: Vec<EnvelopeId> },
+    /// The caller has these envelopes; delete them on every replica.
+    Ack { ids: Vec<EnvelopeId> },
+}
+
+impl MailboxRequest {
+    /// A short stable name for metrics and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            MailboxRequest::Hello { .. } => "hello",
+            MailboxRequest::Send { .. } => "send",
+            MailboxRequest::Fetch { .. } => "fetch",
+            MailboxRequest::Ack { .. } => "ack",
+        }
+    }
+}
+
+/// A relay's answer to a client.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum MailboxResponse {
+    /// The certificate is accepted. `mailbox_relays` hold the caller's mailbox (fetch there);
+    /// `relays` are every relay this one knows.
+    Welcome { relay: PeerId, mailbox_relays: Vec<RelayInfo>, relays: Vec<RelayInfo> },
+    /// `stored` are durable on R relays; `duplicates` were stored before and were not again.
+    Stored { stored: Vec<EnvelopeId>, duplicates: Vec<EnvelopeId> },
+    /// Envelopes from the caller's mailbox, oldest first; `more` if the batch was cut short.
+    Envelopes { envelopes: Vec<Envelope>, more: bool },
+    /// How many envelopes were deleted here.
+    Acked { count: u32 },
+    /// Refused.
+    Error(WireError),
+}
+
+/// A relay and where to reach it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayInfo {
+    pub peer_id: PeerId,
+    pub addrs: Vec<libp2p::Multiaddr>,
+}
+
+/// One relay asking another to keep or drop replicas.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum ReplicaRequest {
+    /// Keep these envelopes (the sender checked them); answer once committed.
+    Store { envelopes: Vec<Envelope> },
+    /// The recipient acknowledged these; delete them.
+    Delete { mailbox: PeerId, ids: Vec<EnvelopeId> },
+    /// Present this relay's certificate; required once per connection before `Store` or
+    /// `Delete` (`CERT_INVALID` otherwise). Answered with the other relay's own.
+    Hello { cert: RelayCert },
+}
+
+/// Answer to a [`ReplicaRequest`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum ReplicaResponse {
+    /// Committed; `duplicates` were already held (or already delivered) and were skipped.
+    Stored {
+        duplicates: Vec<EnvelopeId>,
+    },
+    Deleted {
+        count: u32,
+    },
+    Error(WireError),
+    /// `Hello` accepted; this is the answering relay's certificate, for the caller to check.
+    Welcome {
+        cert: RelayCert,
+    },
+}

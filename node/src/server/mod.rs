@@ -1,0 +1,8 @@
+//! What only the servers (gateway, relays, bot bridge) use.
+//!
+//! - [`limits`]: in-memory token buckets for rate limits that answer with a retry-after.
+//! - [`service`]: what every long-running binary's `main` shares (logging, ready line, stop
+//!   signals); the `meshgram node` binary uses it too.
+
+pub mod limits;
+pub mod service;
