@@ -271,6 +271,56 @@ pub fn parse_hex<const N: usize>(s: &str) -> Result<[u8; N], InvalidValue> {
     Ok(out)
 }
 
+/// Defines a 16-byte id whose first 6 bytes are the creator's clock in milliseconds and the rest
+/// random (like a UUIDv7), with hex `Display`/`FromStr`, serde (hex in JSON, bytes in postcard)
+/// and `fmt_short`. Envelope and message ids share the shape but never stand for each other.
+macro_rules! time_ordered_id {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+        pub struct $name(#[serde(with = "crate::ids::hex_or_bytes")] pub [u8; 16]);
+
+        impl $name {
+            /// A fresh id: the current time, then randomness.
+            pub fn random() -> Self {
+                let mut id: [u8; 16] = rand::random();
+                id[..6].copy_from_slice(&crate::ids::now_ms().to_be_bytes()[2..]);
+                $name(id)
+            }
+            /// The last 8 hex digits (random, unlike the leading time), for logs and listings.
+            pub fn fmt_short(&self) -> String {
+                crate::ids::hex(&self.0[12..])
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(&crate::ids::hex(&self.0))
+            }
+        }
+
+        impl std::fmt::Debug for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "{}({})", stringify!($name), self.fmt_short())
+            }
+        }
+
+        impl std::str::FromStr for $name {
+            type Err = crate::ids::InvalidValue;
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                crate::ids::parse_hex::<16>(s).map($name)
+            }
+        }
+    };
+}
+pub(crate) use time_ordered_id;
+
+/// The wall clock in unix milliseconds (0 before 1970): the one clock every timestamp here is
+/// read from, in one reading.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -322,54 +372,4 @@ mod tests {
         assert!(parse_hex::<4>("00").is_err());
         assert!(parse_hex::<1>("zz").is_err());
     }
-}
-
-/// Defines a 16-byte id whose first 6 bytes are the creator's clock in milliseconds and the rest
-/// random (like a UUIDv7), with hex `Display`/`FromStr`, serde (hex in JSON, bytes in postcard)
-/// and `fmt_short`. Envelope and message ids share the shape but never stand for each other.
-macro_rules! time_ordered_id {
-    ($(#[$doc:meta])* $name:ident) => {
-        $(#[$doc])*
-        #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
-        pub struct $name(#[serde(with = "crate::ids::hex_or_bytes")] pub [u8; 16]);
-
-        impl $name {
-            /// A fresh id: the current time, then randomness.
-            pub fn random() -> Self {
-                let mut id: [u8; 16] = rand::random();
-                id[..6].copy_from_slice(&crate::ids::now_ms().to_be_bytes()[2..]);
-                $name(id)
-            }
-            /// The last 8 hex digits (random, unlike the leading time), for logs and listings.
-            pub fn fmt_short(&self) -> String {
-                crate::ids::hex(&self.0[12..])
-            }
-        }
-
-        impl std::fmt::Display for $name {
-            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str(&crate::ids::hex(&self.0))
-            }
-        }
-
-        impl std::fmt::Debug for $name {
-            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                write!(f, "{}({})", stringify!($name), self.fmt_short())
-            }
-        }
-
-        impl std::str::FromStr for $name {
-            type Err = crate::ids::InvalidValue;
-            fn from_str(s: &str) -> Result<Self, Self::Err> {
-                crate::ids::parse_hex::<16>(s).map($name)
-            }
-        }
-    };
-}
-pub(crate) use time_ordered_id;
-
-/// The wall clock in unix milliseconds (0 before 1970): the one clock every timestamp here is
-/// read from, in one reading.
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
