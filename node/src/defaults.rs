@@ -37,3 +37,17 @@ pub const RELAY_KEY_FILE: &str = "relay.key";
 pub const RELAY_CERT_FILE: &str = "relay.cert";
 /// Relay certificates `meshgram up` and `meshgram-gateway relay-cert` issue last this long.
 pub const RELAY_CERT_DAYS: u64 = 365;
+
+/// Calls queued to a client node before callers wait: front ends make a handful at a time.
+pub const NODE_CALL_QUEUE: usize = 64;
+/// Events a slow subscriber may fall behind by before it is told it lagged (it then reads the
+/// history): a burst of a few hundred messages fits.
+pub const NODE_EVENT_QUEUE: usize = 1024;
+/// How often a client node checks whether its certificate is due for renewal: well inside the
+/// [`CERT_RENEW_BEFORE_SECS`] margin, so a renewal that fails is retried many times before expiry.
+pub const NODE_RENEW_CHECK: Duration = Duration::from_secs(30);
+/// How long a client node waits after a failed poll of its relays before polling again.
+pub const NODE_RETRY_AFTER: Duration = Duration::from_secs(1);
+/// The longest line a client node's control socket reads: calls are small (the largest is a
+/// batch of texts of at most 4,096 characters each), so 4 MiB bounds memory, not use.
+pub const CONTROL_MAX_LINE: usize = 4 * 1024 * 1024;

@@ -2,6 +2,7 @@
 //! display even when a relay redelivers), per-device send counters, and cached user cards.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use libp2p::PeerId;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
@@ -68,10 +69,11 @@ fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     postcard::to_stdvec(value).expect("invariant: history records always serialize")
 }
 
-/// The open history of one profile.
-#[derive(Debug)]
+/// The open history of one profile. Clones share the open database (a client node's sender and
+/// receiver both write to it; redb serializes their write transactions).
+#[derive(Debug, Clone)]
 pub struct History {
-    db: Database,
+    db: Arc<Database>,
 }
 
 impl History {
@@ -96,7 +98,7 @@ impl History {
         tx.open_table(CARDS)?;
         tx.open_table(META)?;
         tx.commit()?;
-        Ok(History { db })
+        Ok(History { db: Arc::new(db) })
     }
 
     /// Reserves `n` consecutive send counters for a recipient device; returns the first.

@@ -61,8 +61,7 @@ pub enum MessagingError {
 pub struct Messenger {
     pub client: Client,
     pub session: SavedSession,
-    /// Open while in use; released (see [`Messenger::release_history`]) so that other
-    /// processes of the same profile can use it while this one waits on the network.
+    /// Opened on first use.
     history: Option<History>,
     /// Relays that accepted our Hello on the current connection.
     greeted: HashSet<PeerId>,
@@ -74,32 +73,41 @@ pub struct Messenger {
 }
 
 impl Messenger {
-    /// Opens a signed-in profile, renewing its certificate if due.
+    /// Opens a signed-in profile, renewing its certificate if due. The history is opened when
+    /// first needed, so calls that only talk to the gateway never touch it.
     pub async fn open(profile: &std::path::Path) -> Result<Self, MessagingError> {
         let (client, session) = Client::open_signed_in(profile)?;
         let session = client.renew_if_due(session).await?;
-        let history = Some(History::open(profile)?);
         Ok(Messenger {
             client,
             session,
-            history,
+            history: None,
             greeted: HashSet::new(),
             mailbox_relays: Vec::new(),
             unacked: HashMap::new(),
         })
     }
 
-    /// The profile's history, opening it if it was released.
+    /// A second messenger on the same network task and history, with its own relay state: a
+    /// client node receives on one while it sends on the other.
+    pub fn fork(&mut self) -> Result<Messenger, MessagingError> {
+        let history = self.history()?.clone();
+        Ok(Messenger {
+            client: self.client.clone(),
+            session: self.session.clone(),
+            history: Some(history),
+            greeted: HashSet::new(),
+            mailbox_relays: self.mailbox_relays.clone(),
+            unacked: HashMap::new(),
+        })
+    }
+
+    /// The profile's history, opening it on first use.
     pub fn history(&mut self) -> Result<&History, MessagingError> {
         if self.history.is_none() {
             self.history = Some(History::open(self.client.profile())?);
         }
         Ok(self.h())
-    }
-
-    /// Lets go of the history file until the next operation needs it.
-    pub fn release_history(&mut self) {
-        self.history = None;
     }
 
     /// The open history. Every public operation opens it (`history()`) before work that

@@ -3,6 +3,7 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use libp2p::identity::{PublicKey, ed25519};
 use libp2p::multiaddr::Protocol;
@@ -13,8 +14,12 @@ use crate::client::net::{ClientNet, NetError};
 use crate::crypto::cert::{CertError, SessionCert, unix_now};
 use crate::crypto::identity::{DeviceIdentity, KeyFileError, write_secret};
 use crate::defaults::CERT_RENEW_BEFORE_SECS;
+use crate::ids::{Phone, SessionId};
 use crate::net::transport::TransportError;
-use crate::proto::{Account, AuthRequest, AuthResponse, MailboxRequest, MailboxResponse, RelayInfo, WireError};
+use crate::proto::{
+    Account, AuthRequest, AuthResponse, LookupQuery, MailboxRequest, MailboxResponse, RelayInfo, SessionInfo, UserCard,
+    WireError,
+};
 
 /// File in a profile dir holding the signed-in session.
 pub const SESSION_FILE: &str = "session.json";
@@ -126,20 +131,32 @@ impl SavedSession {
     }
 }
 
-/// A device talking to its gateway.
-#[derive(Debug)]
+/// A device talking to its gateway. Cheap to clone: clones share one network task, which stops
+/// when the last clone is dropped.
+#[derive(Debug, Clone)]
 pub struct Client {
-    pub identity: DeviceIdentity,
+    pub identity: Arc<DeviceIdentity>,
     pub gateway: GatewayAddr,
     profile: PathBuf,
-    net: ClientNet,
+    net: Arc<ClientNet>,
+}
+
+/// Turns an [`AuthResponse`] into the one variant a typed call expects, or says which call got
+/// something else.
+macro_rules! expect_reply {
+    ($response:expr, $call:literal, $pattern:pat => $value:expr) => {
+        match $response {
+            $pattern => Ok($value),
+            _ => Err(ClientError::UnexpectedResponse($call)),
+        }
+    };
 }
 
 impl Client {
     /// Opens the profile (creating its keys on first use) and starts the network task.
     pub fn open(profile: &Path, gateway: GatewayAddr) -> Result<Self, ClientError> {
-        let identity = DeviceIdentity::load_or_create(profile)?;
-        let net = ClientNet::spawn(&identity)?;
+        let identity = Arc::new(DeviceIdentity::load_or_create(profile)?);
+        let net = Arc::new(ClientNet::spawn(&identity)?);
         Ok(Client { identity, gateway, profile: profile.to_path_buf(), net })
     }
 
@@ -186,14 +203,9 @@ impl Client {
     }
 
     /// Renews the certificate now, saving it.
-    pub async fn renew(&self, mut session: SavedSession) -> Result<SavedSession, ClientError> {
-        match self.call(AuthRequest::RenewCert).await? {
-            AuthResponse::Cert(cert) => {
-                session.cert = cert;
-                self.accept_session(session.account, session.cert, session.relays)
-            }
-            _ => Err(ClientError::UnexpectedResponse("RenewCert")),
-        }
+    pub async fn renew(&self, session: SavedSession) -> Result<SavedSession, ClientError> {
+        let cert = expect_reply!(self.call(AuthRequest::RenewCert).await?, "RenewCert", AuthResponse::Cert(c) => c)?;
+        self.accept_session(session.account, cert, session.relays)
     }
 
     /// Renews the certificate if it expires within [`CERT_RENEW_BEFORE_SECS`].
@@ -204,4 +216,69 @@ impl Client {
             Ok(session)
         }
     }
+
+    // ---- typed gateway calls ----
+
+    /// Asks the gateway to text a login code to `phone`; returns how long it stays valid (s).
+    pub async fn send_code(&self, phone: Phone) -> Result<u64, ClientError> {
+        let response = self.call(AuthRequest::SendCode { phone }).await?;
+        expect_reply!(response, "SendCode", AuthResponse::CodeSent { expires_in_secs, .. } => expires_in_secs)
+    }
+
+    /// Signs in with a code (or a bot token); returns the account, certificate, and whether the
+    /// account is new. `request` is `SignIn` or `BotSignIn`.
+    pub async fn sign_in(&self, request: AuthRequest) -> Result<SignedIn, ClientError> {
+        let response = self.call(request).await?;
+        expect_reply!(response, "SignIn", AuthResponse::SignedIn { account, cert, new_account } =>
+            SignedIn { account, cert, new_account })
+    }
+
+    /// The caller's own account.
+    pub async fn get_me(&self) -> Result<Account, ClientError> {
+        expect_reply!(self.call(AuthRequest::GetMe).await?, "GetMe", AuthResponse::Me(a) => a)
+    }
+
+    /// Changes the profile or the 2FA password (`SetProfile` / `SetPassword`); returns the
+    /// account as it now is.
+    pub async fn update_account(&self, request: AuthRequest) -> Result<Account, ClientError> {
+        expect_reply!(self.call(request).await?, "account update", AuthResponse::Me(a) => a)
+    }
+
+    /// A user's card from the directory.
+    pub async fn lookup(&self, query: LookupQuery) -> Result<UserCard, ClientError> {
+        expect_reply!(self.call(AuthRequest::Lookup(query)).await?, "Lookup", AuthResponse::Card(c) => c)
+    }
+
+    /// The account's sessions.
+    pub async fn sessions(&self) -> Result<Vec<SessionInfo>, ClientError> {
+        expect_reply!(self.call(AuthRequest::ListSessions).await?, "ListSessions", AuthResponse::Sessions(s) => s)
+    }
+
+    /// Ends one session (`Some`) or every other session (`None`); returns how many ended.
+    pub async fn revoke_sessions(&self, which: Option<SessionId>) -> Result<u32, ClientError> {
+        let request = match which {
+            Some(session_id) => AuthRequest::RevokeSession { session_id },
+            None => AuthRequest::RevokeOtherSessions,
+        };
+        expect_reply!(self.call(request).await?, "RevokeSession", AuthResponse::Revoked { count } => count)
+    }
+
+    /// Creates a bot (`CreateBot`) or replaces a bot's token (`RevokeBotToken`); returns the bot
+    /// and its token.
+    pub async fn bot_token(&self, request: AuthRequest) -> Result<(Account, String), ClientError> {
+        expect_reply!(self.call(request).await?, "bot token", AuthResponse::BotToken { bot, token } => (bot, token))
+    }
+
+    /// The bots the caller owns.
+    pub async fn bots(&self) -> Result<Vec<Account>, ClientError> {
+        expect_reply!(self.call(AuthRequest::ListBots).await?, "ListBots", AuthResponse::Bots(b) => b)
+    }
+}
+
+/// A successful sign-in.
+#[derive(Debug, Clone)]
+pub struct SignedIn {
+    pub account: Account,
+    pub cert: SessionCert,
+    pub new_account: bool,
 }

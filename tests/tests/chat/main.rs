@@ -7,6 +7,8 @@
 //!   relay killed by SIGKILL while they are being sent; relays' files hold no plaintext; a
 //!   relay SIGKILLed right after acknowledging has everything when it restarts.
 //! - `features`: edits, deletes, delivery and read receipts, typing, `messages --follow`.
+//! - `node`: the client node — the CLI through its socket with the same output, `--follow` by
+//!   push, one node per profile, SIGKILL and restart, garbage on the socket, other users refused.
 //! - `wire`: bad input straight at a relay (forged, expired and misused certificates, sender
 //!   spoofing, oversized envelopes, replays, garbage); the relay keeps serving.
 
@@ -17,6 +19,7 @@ mod admission;
 mod basic;
 mod durability;
 mod features;
+mod node;
 mod wire;
 
 const ALICE: &str = "+15550001111";

@@ -257,27 +257,24 @@ pub(crate) async fn run(data: &Path, options: UpOptions, json: bool) -> anyhow::
 
 fn print_welcome(data: &Path, network_path: &Path, network: &NetworkFile) {
     let first = |addrs: &[Multiaddr]| addrs.first().map(|a| a.to_string()).unwrap_or_default();
-    outln!("Meshgram network is up (data and logs in {}).", data.display());
+    // Printed as they must be typed from any directory: this binary's real path (a new user has
+    // no `meshgram` on PATH) and absolute data paths.
+    let exe = std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_else(|_| "meshgram".into());
+    let absolute = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf()).display().to_string();
+    let (data, network_path) = (absolute(data), absolute(network_path));
+    outln!("Meshgram network is up (data and logs in {data}).");
     outln!("  gateway   {}/p2p/{}", first(&network.gateway.addrs), network.gateway.peer_id);
     for (i, relay) in network.relays.iter().enumerate() {
         outln!("  relay {i}   {}/p2p/{}", first(&relay.addrs), relay.peer_id);
     }
-    outln!("  network   {}", network_path.display());
+    outln!("  network   {network_path}");
     outln!();
-    outln!("Sign in and chat from other terminals:");
-    outln!(
-        "  meshgram --profile {0}/alice login --network {1} --phone +15550000001",
-        data.display(),
-        network_path.display()
-    );
-    outln!(
-        "  meshgram --profile {0}/bob login --network {1} --phone +15550000002",
-        data.display(),
-        network_path.display()
-    );
-    outln!("  meshgram --profile {0}/alice send +15550000002 'hi bob'", data.display());
-    outln!("  meshgram --profile {0}/bob messages --follow", data.display());
-    outln!("  (login codes appear in {})", network.gateway.code_sink.display());
+    outln!("Sign in and chat from other terminals (login codes appear in {}):", network.gateway.code_sink.display());
+    outln!("  {exe} --profile {data}/alice login --network {network_path} --phone +15550000001");
+    outln!("  {exe} --profile {data}/bob login --network {network_path} --phone +15550000002");
+    outln!("  {exe} --profile {data}/bob node                  # bob's client node: receives as messages arrive");
+    outln!("  {exe} --profile {data}/alice send +15550000002 'hi bob'");
+    outln!("  {exe} --profile {data}/bob messages --follow");
     outln!();
     outln!("Press Ctrl-C to stop.");
 }

@@ -1,0 +1,212 @@
+//! Commands that are one call to the profile's client node: through its control socket when a
+//! node runs, otherwise on a node opened for this command alone. Either way the reply is the
+//! same, and so is what prints.
+
+use std::io::BufRead;
+use std::path::Path;
+
+use meshgram_node::client::api::{ApiError, Call, Reply};
+use meshgram_node::client::control::ControlClient;
+use meshgram_node::client::node::{NodeHandle, NodeMode};
+use meshgram_node::ids::InvalidValue;
+use meshgram_node::proto::LookupQuery;
+use meshgram_node::proto::payload::MessageId;
+use serde_json::{Value, json};
+
+use super::output::{describe, emit, message_line, to_json};
+use super::{BotCommand, CliError, CliResult, Command, PasswordCommand, ProfileCommand, SessionsCommand};
+
+/// Makes `call` on the profile's node, the running one if there is one.
+pub(super) async fn call_node(profile: &Path, call: Call) -> Result<Reply, CliError> {
+    if let Some(mut node) = ControlClient::connect(profile).await? {
+        return Ok(node.call(&call).await?);
+    }
+    let node = NodeHandle::start(profile, NodeMode::OneShot).await?;
+    Ok(node.call(call).await?)
+}
+
+fn unexpected(reply: &Reply) -> CliError {
+    CliError(ApiError::unexpected("this command", reply))
+}
+
+pub(super) fn parse_query(s: &str) -> Result<LookupQuery, CliError> {
+    s.parse().map_err(|e: InvalidValue| CliError::usage(e.0))
+}
+
+fn parse_message_id(s: &str) -> Result<MessageId, CliError> {
+    s.parse().map_err(|e: InvalidValue| CliError::usage(format!("message id: {}", e.0)))
+}
+
+/// The call a command makes.
+async fn call_for(command: Command) -> Result<Call, CliError> {
+    Ok(match command {
+        Command::Whoami => Call::Whoami,
+        Command::Renew => Call::Renew,
+        Command::Profile(ProfileCommand::Set { username, name }) => {
+            if username.is_none() && name.is_none() {
+                return Err(CliError::usage("give --username and/or --name"));
+            }
+            Call::SetProfile { username, name }
+        }
+        Command::Password(PasswordCommand::Set { new, current }) => Call::SetPassword { current, new: Some(new) },
+        Command::Password(PasswordCommand::Clear { current }) => {
+            Call::SetPassword { current: Some(current), new: None }
+        }
+        Command::Lookup { query } => Call::Lookup { query: parse_query(&query)? },
+        Command::Sessions { command: None | Some(SessionsCommand::List) } => Call::Sessions,
+        Command::Sessions { command: Some(SessionsCommand::Revoke { session_id, others }) } => {
+            let session_id = if others {
+                None
+            } else {
+                Some(session_id.unwrap_or_default().parse().map_err(|e: InvalidValue| CliError::usage(e.0))?)
+            };
+            Call::RevokeSessions { session_id }
+        }
+        Command::Bot(BotCommand::Create { username, name }) => Call::CreateBot { username, name },
+        Command::Bot(BotCommand::List) => Call::ListBots,
+        Command::Bot(BotCommand::RevokeToken { bot_id }) => {
+            Call::RevokeBotToken { bot: bot_id.parse().map_err(|e: InvalidValue| CliError::usage(e.0))? }
+        }
+        Command::Send { to, text, lines, reply_to } => {
+            let to = parse_query(&to)?;
+            let reply_to = reply_to
+                .map(|id| id.parse().map_err(|e: InvalidValue| CliError::usage(format!("--reply-to: {}", e.0))))
+                .transpose()?;
+            let texts = if lines { stdin_lines().await? } else { vec![text.unwrap_or_default()] };
+            if texts.is_empty() {
+                return Err(CliError::usage("nothing to send"));
+            }
+            Call::Send { to, texts, reply_to }
+        }
+        Command::Messages { chat, .. } => Call::Messages { chat: chat.as_deref().map(parse_query).transpose()? },
+        Command::Chats => Call::Chats,
+        Command::Edit { message_id, text } => Call::Edit { message: parse_message_id(&message_id)?, text },
+        Command::Delete { message_id } => Call::Delete { message: parse_message_id(&message_id)? },
+        Command::Typing { to } => Call::Typing { to: parse_query(&to)? },
+        Command::Login { .. } | Command::Node | Command::Up { .. } => {
+            return Err(CliError::usage("this command is not a call to the client node"));
+        }
+    })
+}
+
+/// The non-blank lines of stdin, for `send --lines`.
+async fn stdin_lines() -> Result<Vec<String>, CliError> {
+    let lines = tokio::task::spawn_blocking(|| std::io::stdin().lock().lines().collect::<Result<Vec<String>, _>>())
+        .await
+        .map_err(|e| CliError::usage(format!("reading stdin: {e}")))?
+        .map_err(|e| CliError::usage(format!("reading stdin: {e}")))?;
+    Ok(lines.into_iter().filter(|l| !l.trim().is_empty()).collect())
+}
+
+/// Runs a command that is a call, and prints its reply.
+pub(super) async fn run(profile: &Path, json: bool, command: Command) -> CliResult {
+    let call = call_for(command).await?;
+    let reply = call_node(profile, call.clone()).await?;
+    print(json, &call, reply)
+}
+
+fn print(json: bool, call: &Call, reply: Reply) -> CliResult {
+    match (call, reply) {
+        (Call::Whoami, Reply::Me(me)) => {
+            let a = &me.account;
+            emit(
+                json,
+                json!({ "account": a, "session_id": me.session_id, "device": me.device.to_string(), "cert_not_after": me.cert_not_after }),
+                || {
+                    [
+                        format!("{} — {:?} account {}", describe(a), a.kind, a.user_id),
+                        format!("phone: {}", a.phone.as_ref().map(|p| p.to_string()).unwrap_or_else(|| "-".into())),
+                        format!(
+                            "username: {}",
+                            a.username.as_ref().map(|u| u.to_string()).unwrap_or_else(|| "-".into())
+                        ),
+                        format!("2FA password: {}", if a.has_password { "on" } else { "off" }),
+                        format!("device: {} (session {})", me.device, me.session_id),
+                    ]
+                    .join("\n")
+                },
+            );
+        }
+        (Call::Renew, Reply::Me(me)) => {
+            emit(json, json!({ "session_id": me.session_id, "cert_not_after": me.cert_not_after }), || {
+                format!("Certificate renewed; valid until {} (unix).", me.cert_not_after)
+            });
+        }
+        (_, Reply::Account { account }) => {
+            emit(json, to_json(&account), || format!("Updated: {}", describe(&account)));
+        }
+        (_, Reply::Card { card }) => emit(json, to_json(&card), || {
+            let name = card.username.as_ref().map(|u| u.to_string()).unwrap_or_default();
+            let mut out = format!(
+                "{} {} — {:?} account {}, {} device(s)",
+                card.name,
+                name,
+                card.kind,
+                card.user_id,
+                card.devices.len()
+            );
+            for d in &card.devices {
+                out.push_str(&format!("\n  {} noise key {}", d.peer_id, d.noise_key().fmt_short()));
+            }
+            out
+        }),
+        (_, Reply::Sessions { sessions }) => emit(json, to_json(&sessions), || {
+            sessions
+                .iter()
+                .map(|s| {
+                    let current = if s.current { " (this device)" } else { "" };
+                    format!("{}{current}\t{}\t{}", s.session_id, s.device_name, s.device)
+                })
+                .collect::<Vec<_>>()
+                .join("\n")
+        }),
+        (_, Reply::Revoked { count }) => {
+            emit(json, json!({ "revoked": count }), || format!("Ended {count} session(s)."))
+        }
+        (_, Reply::BotToken { bot, token }) => emit(json, json!({ "bot": bot, "token": token }), || {
+            format!(
+                "Bot {} (id {}) is ready.\nToken: {token}\nKeep the token secret: anyone with it controls the bot.",
+                describe(&bot),
+                bot.user_id
+            )
+        }),
+        (_, Reply::Bots { bots }) => emit(json, to_json(&bots), || {
+            bots.iter().map(|b| format!("{}\t{}", b.user_id, describe(b))).collect::<Vec<_>>().join("\n")
+        }),
+        (Call::Send { .. }, Reply::Messages { messages, .. }) => {
+            let ids: Vec<String> = messages.iter().map(|m| m.id.to_string()).collect();
+            emit(json, json!({ "sent": messages.len(), "ids": ids }), || match messages.as_slice() {
+                [one] => format!("Sent (id {}).", one.id),
+                many => format!("Sent {} messages.", many.len()),
+            });
+        }
+        (_, Reply::Messages { messages, names }) => emit(json, to_json(&messages), || {
+            messages.iter().map(|m| message_line(m, &names)).collect::<Vec<_>>().join("\n")
+        }),
+        (_, Reply::Chats { chats }) => {
+            let value: Vec<Value> = chats
+                .iter()
+                .map(|c| json!({ "chat": c.chat, "name": c.name, "messages": c.messages, "last": c.last }))
+                .collect();
+            emit(json, Value::Array(value), || {
+                chats
+                    .iter()
+                    .map(|c| {
+                        let names = [(c.chat, c.name.clone())].into_iter().collect();
+                        format!("{}\t{} messages\t{}", c.name, c.messages, message_line(&c.last, &names))
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            });
+        }
+        (Call::Edit { .. }, Reply::Message { message }) => {
+            emit(json, to_json(&message), || format!("Edited: {}", message_line(&message, &Default::default())));
+        }
+        (Call::Delete { .. }, Reply::Message { message }) => {
+            emit(json, to_json(&message), || format!("Deleted {}.", message.id));
+        }
+        (Call::Typing { .. }, Reply::Done) => emit(json, json!({ "typing": true }), || "Sent a typing notice.".into()),
+        (_, other) => return Err(unexpected(&other)),
+    }
+    Ok(())
+}

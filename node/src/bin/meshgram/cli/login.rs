@@ -1,0 +1,139 @@
+//! `meshgram login`: the one command that runs before there is a session, so always on its own
+//! (never through a node).
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::Path;
+
+use libp2p::Multiaddr;
+use meshgram_node::client::control::NodeLock;
+use meshgram_node::client::{Client, ClientError, GatewayAddr};
+use meshgram_node::ids::Phone;
+use meshgram_node::network_file::NetworkFile;
+use meshgram_node::proto::{AuthRequest, ErrorCode, RelayInfo};
+use serde_json::json;
+
+use super::output::{describe, emit};
+use super::{CliError, CliResult, GatewayArgs};
+
+/// The gateway and the relays to remember, from `--network` or `--gateway` + `--relay`s.
+fn resolve_gateway(args: &GatewayArgs, relay_args: &[Multiaddr]) -> Result<(GatewayAddr, Vec<RelayInfo>), CliError> {
+    let mut relays = Vec::new();
+    for addr in relay_args {
+        let mut addr = addr.clone();
+        match addr.pop() {
+            Some(libp2p::multiaddr::Protocol::P2p(peer_id)) => relays.push(RelayInfo { peer_id, addrs: vec![addr] }),
+            _ => return Err(CliError::usage(format!("--relay {addr} does not end in /p2p/<relay peer id>"))),
+        }
+    }
+    match (&args.gateway, &args.network) {
+        (Some(addr), _) => Ok((GatewayAddr::from_multiaddr(addr)?, relays)),
+        (None, Some(file)) => {
+            let network = NetworkFile::load(file).map_err(|e| CliError::usage(e.to_string()))?;
+            relays.extend(network.relays.into_iter().map(|r| RelayInfo { peer_id: r.peer_id, addrs: r.addrs }));
+            Ok((GatewayAddr { peer_id: network.gateway.peer_id, addrs: network.gateway.addrs }, relays))
+        }
+        (None, None) => Err(CliError::usage("give --gateway MULTIADDR or --network FILE")),
+    }
+}
+
+fn default_device_name() -> String {
+    let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
+    let host = host.trim();
+    if host.is_empty() { "meshgram CLI".into() } else { format!("meshgram CLI on {host}") }
+}
+
+/// Reads one line: prompts on a terminal, otherwise takes the next line of stdin.
+async fn read_line(prompt: &'static str) -> Result<String, CliError> {
+    tokio::task::spawn_blocking(move || {
+        let stdin = std::io::stdin();
+        if stdin.is_terminal() {
+            eprint!("{prompt}");
+            let _ = std::io::stderr().flush();
+        }
+        let mut line = String::new();
+        match stdin.lock().read_line(&mut line) {
+            Ok(0) => Err(CliError::usage(format!(
+                "expected a line on stdin for '{}', got end of input",
+                prompt.trim_end_matches([':', ' '])
+            ))),
+            Ok(_) => Ok(line.trim().to_string()),
+            Err(e) => Err(CliError::usage(format!("reading stdin: {e}"))),
+        }
+    })
+    .await
+    .map_err(|e| CliError::usage(format!("reading stdin: {e}")))?
+}
+
+/// How to sign in: the login command's flags.
+pub(super) struct LoginWith {
+    pub(super) phone: Option<String>,
+    pub(super) code: Option<String>,
+    pub(super) password: Option<String>,
+    pub(super) bot_token: Option<String>,
+    pub(super) device_name: Option<String>,
+}
+
+pub(super) async fn login(
+    profile: &Path,
+    json: bool,
+    gateway: &GatewayArgs,
+    relays: &[Multiaddr],
+    how: LoginWith,
+) -> CliResult {
+    if let Some(pid) = NodeLock::holder(profile) {
+        let pid = pid.map(|p| format!(" (pid {p})")).unwrap_or_default();
+        return Err(CliError(meshgram_node::client::api::ApiError::new(
+            "NODE_RUNNING",
+            format!("a client node runs for this profile{pid}; stop it before signing in again"),
+        )));
+    }
+    let (gateway, relays) = resolve_gateway(gateway, relays)?;
+    let LoginWith { phone, code, password, bot_token, device_name } = how;
+    let device_name = device_name.unwrap_or_else(default_device_name);
+    let client = Client::open(profile, gateway)?;
+    let device = client.identity.device_keys();
+    let signed_in = if let Some(token) = bot_token {
+        client.sign_in(AuthRequest::BotSignIn { token, device, device_name }).await?
+    } else {
+        let phone: Phone =
+            phone.unwrap_or_default().parse().map_err(|e: meshgram_node::ids::InvalidValue| CliError::usage(e.0))?;
+        let code = match code {
+            Some(code) => code,
+            None => {
+                let expires_in_secs = client.send_code(phone.clone()).await?;
+                eprintln!("A login code was sent to {phone}; it is valid for {expires_in_secs} s.");
+                read_line("Code: ").await?
+            }
+        };
+        let sign_in = |password| AuthRequest::SignIn {
+            phone: phone.clone(),
+            code: code.clone(),
+            device: device.clone(),
+            device_name: device_name.clone(),
+            password,
+        };
+        match client.sign_in(sign_in(password.clone())).await {
+            Err(ClientError::Gateway(e)) if e.code == ErrorCode::SessionPasswordNeeded && password.is_none() => {
+                eprintln!("This account has a password.");
+                let password = read_line("Password: ").await?;
+                client.sign_in(sign_in(Some(password))).await?
+            }
+            other => other?,
+        }
+    };
+    let new_account = signed_in.new_account;
+    let session = client.accept_session(signed_in.account, signed_in.cert, relays)?;
+    let b = &session.cert.body;
+    emit(
+        json,
+        json!({
+            "user_id": b.user_id, "new_account": new_account, "session_id": b.session_id,
+            "device": b.device.to_string(), "cert_not_after": b.not_after, "account": session.account,
+        }),
+        || {
+            let verb = if new_account { "Welcome! Account created" } else { "Signed in" };
+            format!("{verb}: {} (user id {}, session {}).", describe(&session.account), b.user_id, b.session_id)
+        },
+    );
+    Ok(())
+}

@@ -1,0 +1,46 @@
+//! What every command prints: JSON with `--json`, lines for people otherwise.
+
+use meshgram_node::client::api::Names;
+use meshgram_node::client::history::StoredMessage;
+use meshgram_node::ids::UserId;
+use meshgram_node::proto::Account;
+use serde_json::Value;
+
+/// Prints `value` as JSON, or `text` for people.
+pub(super) fn emit(json: bool, value: Value, text: impl FnOnce() -> String) {
+    if json {
+        outln!("{value}");
+    } else {
+        outln!("{}", text());
+    }
+}
+
+/// `value` as JSON (`null` if it cannot be: never for our own types).
+pub(super) fn to_json(value: &impl serde::Serialize) -> Value {
+    serde_json::to_value(value).unwrap_or(Value::Null)
+}
+
+/// How to call an account: name and @username, either alone, or the phone or user id.
+pub(super) fn describe(account: &Account) -> String {
+    match (&account.username, account.name.is_empty()) {
+        (Some(u), true) => u.to_string(),
+        (Some(u), false) => format!("{} ({u})", account.name),
+        (None, false) => account.name.clone(),
+        (None, true) => account.phone.as_ref().map(|p| p.to_string()).unwrap_or_else(|| account.user_id.to_string()),
+    }
+}
+
+/// A person by name when the node knows one, else by user id.
+pub(super) fn name_of(names: &Names, user: UserId) -> String {
+    names.get(&user).cloned().unwrap_or_else(|| user.to_string())
+}
+
+/// One message as a line: `[id] who (reply to …): text (edited) [status]`.
+pub(super) fn message_line(m: &StoredMessage, names: &Names) -> String {
+    let who = if m.outgoing { "me".to_string() } else { name_of(names, m.from) };
+    let reply = m.reply_to.map(|r| format!(" (reply to {})", r.fmt_short())).unwrap_or_default();
+    let text = if m.deleted { "(deleted)" } else { m.text.as_str() };
+    let edited = if m.edited { " (edited)" } else { "" };
+    let status = if m.outgoing { format!(" [{:?}]", m.status).to_lowercase() } else { String::new() };
+    format!("[{}] {who}{reply}: {text}{edited}{status}", m.id.fmt_short())
+}

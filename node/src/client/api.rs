@@ -1,0 +1,240 @@
+//! The client node's API: the calls a front end makes ([`Call`]), their answers ([`Reply`]),
+//! the one error shape ([`ApiError`]) and the event stream ([`Event`]).
+//!
+//! The same types serve a node in the same process ([`crate::client::node::NodeHandle`]) and
+//! one in another process over its control socket ([`crate::client::control`]), so the CLI
+//! prints the same whichever answered. Like every wire enum here, these only grow.
+
+use std::collections::BTreeMap;
+
+use libp2p::PeerId;
+use serde::{Deserialize, Serialize};
+
+use crate::client::history::StoredMessage;
+use crate::client::messaging::MessagingError;
+use crate::client::session::ClientError;
+use crate::ids::{SessionId, UserId};
+use crate::proto::payload::MessageId;
+use crate::proto::{Account, LookupQuery, SessionInfo, UserCard};
+
+/// What a front end asks of its client node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "call", rename_all = "snake_case")]
+pub enum Call {
+    /// The account as the gateway has it now, and this device's session.
+    Whoami,
+    /// A fresh session certificate now.
+    Renew,
+    /// Change username (`Some("")` removes it) and/or display name.
+    SetProfile { username: Option<String>, name: Option<String> },
+    /// Set, change (`new: Some`) or remove (`new: None`) the 2FA password.
+    SetPassword { current: Option<String>, new: Option<String> },
+    /// A user's card from the directory.
+    Lookup { query: LookupQuery },
+    /// The account's sessions.
+    Sessions,
+    /// End one session, or (`None`) every other one.
+    RevokeSessions { session_id: Option<SessionId> },
+    /// Create a bot owned by this account.
+    CreateBot { username: String, name: String },
+    /// The bots this account owns.
+    ListBots,
+    /// Replace a bot's token.
+    RevokeBotToken { bot: UserId },
+    /// Send text messages, in order.
+    Send { to: LookupQuery, texts: Vec<String>, reply_to: Option<MessageId> },
+    /// Fetch what is waiting, then a chat's history (reading it), or every chat's.
+    Messages { chat: Option<LookupQuery> },
+    /// Fetch what is waiting, then every chat with its last message.
+    Chats,
+    /// Change the text of one of our messages.
+    Edit { message: MessageId, text: String },
+    /// Delete one of our messages for everyone.
+    Delete { message: MessageId },
+    /// Tell someone we are typing.
+    Typing { to: LookupQuery },
+    /// Answered with `Subscribed`, then [`Event`]s until the caller hangs up (control socket only).
+    Subscribe,
+}
+
+/// A node's answer to a [`Call`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "reply", rename_all = "snake_case")]
+pub enum Reply {
+    /// `Whoami`, `Renew`.
+    Me(Me),
+    /// `SetProfile`, `SetPassword`: the account as it now is.
+    Account { account: Account },
+    /// `Lookup`.
+    Card { card: UserCard },
+    /// `Sessions`.
+    Sessions { sessions: Vec<SessionInfo> },
+    /// `RevokeSessions`: how many ended.
+    Revoked { count: u32 },
+    /// `CreateBot`, `RevokeBotToken`.
+    BotToken { bot: Account, token: String },
+    /// `ListBots`.
+    Bots { bots: Vec<Account> },
+    /// `Send`, `Messages`: messages, and how to call the people in them.
+    Messages {
+        messages: Vec<StoredMessage>,
+        #[serde(with = "names_as_pairs")]
+        names: Names,
+    },
+    /// `Chats`.
+    Chats { chats: Vec<ChatSummary> },
+    /// `Edit`, `Delete`: the message as it now is.
+    Message { message: StoredMessage },
+    /// `Typing`.
+    Done,
+    /// `Subscribe`: events follow.
+    Subscribed,
+}
+
+/// Display names of the people a reply mentions, from cached directory cards.
+pub type Names = BTreeMap<UserId, String>;
+
+/// [`Names`] as `[[user_id, name], …]`: JSON object keys are strings, and a user id is a number.
+mod names_as_pairs {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use super::Names;
+    use crate::ids::UserId;
+
+    pub(super) fn serialize<S: Serializer>(names: &Names, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(names.iter())
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Names, D::Error> {
+        Ok(Vec::<(UserId, String)>::deserialize(d)?.into_iter().collect())
+    }
+}
+
+/// The signed-in account and this device's session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Me {
+    pub account: Account,
+    pub session_id: SessionId,
+    pub device: PeerId,
+    /// Unix seconds.
+    pub cert_not_after: u64,
+}
+
+/// One chat in a chat list.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatSummary {
+    /// The other person.
+    pub chat: UserId,
+    /// How to call them: name and @username, or the user id when nothing else is known.
+    pub name: String,
+    pub messages: usize,
+    pub last: StoredMessage,
+}
+
+/// Something that happened on the node, pushed to every subscriber.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    /// A message is new or changed here. `received`: it came from the network (a message, an
+    /// edit, a receipt, a copy from another own device); otherwise this node sent or changed it.
+    Message {
+        message: StoredMessage,
+        received: bool,
+        #[serde(with = "names_as_pairs")]
+        names: Names,
+    },
+    /// Someone is typing to us.
+    Typing { user: UserId },
+    /// The node reached its mailbox relays again (`connected`), or lost them (`detail` says why).
+    Connection { connected: bool, detail: Option<String> },
+    /// This subscriber was too slow and missed `missed` events (they are in the history).
+    Lagged { missed: u64 },
+}
+
+/// A failed call: a stable code (Telegram's RPC error names where one fits), a message for
+/// people, and for rate limits how long to wait.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct ApiError {
+    pub code: String,
+    pub message: String,
+    pub retry_after: Option<u64>,
+}
+
+impl ApiError {
+    /// An error without retry-after.
+    pub fn new(code: &str, message: impl Into<String>) -> Self {
+        ApiError { code: code.into(), message: message.into(), retry_after: None }
+    }
+
+    /// The caller's input was wrong.
+    pub fn usage(message: impl Into<String>) -> Self {
+        ApiError::new("USAGE", message)
+    }
+
+    /// A reply that does not belong to the call: a node of another version, or a bug.
+    pub fn unexpected(call: &str, reply: &Reply) -> Self {
+        ApiError::new("INTERNAL", format!("the node answered {call} with {reply:?}"))
+    }
+}
+
+impl From<ClientError> for ApiError {
+    fn from(e: ClientError) -> Self {
+        let code = match &e {
+            ClientError::Gateway(g) => {
+                return ApiError {
+                    code: g.code.to_string(),
+                    message: g.message.clone(),
+                    retry_after: g.retry_after_secs,
+                };
+            }
+            ClientError::Net(_) | ClientError::Transport(_) => "NETWORK",
+            ClientError::NotSignedIn => "NOT_SIGNED_IN",
+            ClientError::GatewayAddress(_) => "USAGE",
+            ClientError::Profile { .. } | ClientError::KeyFile(_) => "PROFILE",
+            ClientError::BadCert(_) | ClientError::UnexpectedResponse(_) => "BAD_GATEWAY",
+        };
+        ApiError::new(code, e.to_string())
+    }
+}
+
+impl From<MessagingError> for ApiError {
+    fn from(e: MessagingError) -> Self {
+        let code = match e {
+            MessagingError::Client(e) => return e.into(),
+            MessagingError::Refused(w) => {
+                return ApiError { code: w.code.to_string(), message: w.message, retry_after: w.retry_after_secs };
+            }
+            MessagingError::Net(_) | MessagingError::NoRelay(_) => "NETWORK",
+            MessagingError::History(_) => "PROFILE",
+            MessagingError::Seal(_) => "E2E",
+            MessagingError::TextTooLong => "USAGE",
+            MessagingError::NoDevices(_) => "NO_DEVICES",
+            MessagingError::UnknownMessage(_) => "NOT_FOUND",
+            MessagingError::NotYours(_) => "FORBIDDEN",
+        };
+        ApiError::new(code, e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn calls_read_as_json_lines() {
+        let call: Call = serde_json::from_str(r#"{"call":"send","to":{"UserId":7},"texts":["hi"],"reply_to":null}"#)
+            .expect("a send call parses");
+        assert_eq!(call, Call::Send { to: LookupQuery::UserId(UserId(7)), texts: vec!["hi".into()], reply_to: None });
+        let line = serde_json::to_string(&Call::Whoami).expect("serializes");
+        assert_eq!(line, r#"{"call":"whoami"}"#);
+        assert!(serde_json::from_str::<Call>(r#"{"call":"format_disk"}"#).is_err());
+    }
+
+    #[test]
+    fn replies_with_names_round_trip_through_json() {
+        let reply = Reply::Messages { messages: Vec::new(), names: [(UserId(7), "Alice (@alice)".into())].into() };
+        let line = serde_json::to_string(&reply).expect("serializes");
+        assert_eq!(serde_json::from_str::<Reply>(&line).expect("parses"), reply);
+    }
+}

@@ -1,0 +1,380 @@
+//! The client node: one signed-in device kept running. It holds the profile (keys, session,
+//! history), long-polls its mailbox relays and records what arrives, renews its certificate
+//! ahead of expiry, and answers [`Call`]s from its front ends, telling subscribers what changed.
+//!
+//! Two tasks, both owned by the handles (the last [`NodeHandle`] dropped stops them):
+//! - the **actor** owns the [`Messenger`] that sends and answers calls, one call at a time;
+//! - the **receiver** owns a fork of it (same network task, same history, its own relay state)
+//!   and long-polls, so a message arrives while a send is in flight and a call never waits for
+//!   a poll. The actor hands it each renewed session through a `watch` channel.
+//!
+//! Both record into one history; its seen-set makes sure each envelope is applied once even
+//! when both fetch it, so every [`Event::Message`] for a received message is sent once.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use libp2p::PeerId;
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio_util::task::AbortOnDropHandle;
+
+use crate::client::api::{ApiError, Call, ChatSummary, Event, Me, Names, Reply};
+use crate::client::history::{History, StoredMessage};
+use crate::client::messaging::{Inbox, MessagingError, Messenger};
+use crate::client::session::SavedSession;
+use crate::defaults::{FETCH_WAIT_MS, NODE_CALL_QUEUE, NODE_EVENT_QUEUE, NODE_RENEW_CHECK, NODE_RETRY_AFTER};
+use crate::ids::UserId;
+use crate::proto::payload::MessageId;
+use crate::proto::{AuthRequest, LookupQuery, UserCard};
+
+/// What a node does besides answering calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeMode {
+    /// Receive continuously and renew the certificate: `meshgram node`, the app, each bot.
+    Running,
+    /// Answer calls only, for one command of a CLI that found no running node.
+    OneShot,
+}
+
+type Job = (Call, oneshot::Sender<Result<Reply, ApiError>>);
+
+/// A cheap, cloneable handle to a running client node.
+#[derive(Debug, Clone)]
+pub struct NodeHandle {
+    calls: mpsc::Sender<Job>,
+    events: broadcast::Sender<Event>,
+    user_id: UserId,
+    device: PeerId,
+    _tasks: Arc<Vec<AbortOnDropHandle<()>>>,
+}
+
+impl NodeHandle {
+    /// Opens a signed-in profile (renewing its certificate if due) and starts its node.
+    pub async fn start(profile: &Path, mode: NodeMode) -> Result<NodeHandle, ApiError> {
+        let mut messenger = Messenger::open(profile).await?;
+        let (user_id, device) = (messenger.session.cert.body.user_id, messenger.session.cert.body.device);
+        let (events, _) = broadcast::channel(NODE_EVENT_QUEUE);
+        let (calls, jobs) = mpsc::channel(NODE_CALL_QUEUE);
+        let (session_tx, session_rx) = watch::channel(messenger.session.clone());
+        let mut tasks = Vec::new();
+        if mode == NodeMode::Running {
+            let receiver = Receiver { messenger: messenger.fork()?, session: session_rx, events: events.clone() };
+            tasks.push(AbortOnDropHandle::new(tokio::spawn(receiver.run())));
+        }
+        let actor = Actor { messenger, events: events.clone(), session: session_tx };
+        tasks.push(AbortOnDropHandle::new(tokio::spawn(actor.run(jobs, mode == NodeMode::Running))));
+        Ok(NodeHandle { calls, events, user_id, device, _tasks: Arc::new(tasks) })
+    }
+
+    /// The signed-in account.
+    pub fn user_id(&self) -> UserId {
+        self.user_id
+    }
+
+    /// This device.
+    pub fn device(&self) -> PeerId {
+        self.device
+    }
+
+    /// Events from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+
+    /// Makes one call and waits for its answer.
+    pub async fn call(&self, call: Call) -> Result<Reply, ApiError> {
+        let stopped = || ApiError::new("INTERNAL", "the client node has stopped");
+        let (reply, answer) = oneshot::channel();
+        self.calls.send((call, reply)).await.map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
+    }
+
+    // ---- typed calls ----
+
+    /// Sends text messages, in order; returns them as recorded.
+    pub async fn send_texts(
+        &self,
+        to: LookupQuery,
+        texts: Vec<String>,
+        reply_to: Option<MessageId>,
+    ) -> Result<Vec<StoredMessage>, ApiError> {
+        match self.call(Call::Send { to, texts, reply_to }).await? {
+            Reply::Messages { messages, .. } => Ok(messages),
+            other => Err(ApiError::unexpected("send", &other)),
+        }
+    }
+
+    /// A chat's history (reading it), or every chat's, after fetching what is waiting.
+    pub async fn messages(&self, chat: Option<LookupQuery>) -> Result<(Vec<StoredMessage>, Names), ApiError> {
+        match self.call(Call::Messages { chat }).await? {
+            Reply::Messages { messages, names } => Ok((messages, names)),
+            other => Err(ApiError::unexpected("messages", &other)),
+        }
+    }
+
+    /// Every chat with its last message.
+    pub async fn chats(&self) -> Result<Vec<ChatSummary>, ApiError> {
+        match self.call(Call::Chats).await? {
+            Reply::Chats { chats } => Ok(chats),
+            other => Err(ApiError::unexpected("chats", &other)),
+        }
+    }
+
+    /// The signed-in account and session.
+    pub async fn whoami(&self) -> Result<Me, ApiError> {
+        match self.call(Call::Whoami).await? {
+            Reply::Me(me) => Ok(me),
+            other => Err(ApiError::unexpected("whoami", &other)),
+        }
+    }
+}
+
+/// Sends, and answers calls.
+struct Actor {
+    messenger: Messenger,
+    events: broadcast::Sender<Event>,
+    session: watch::Sender<SavedSession>,
+}
+
+impl Actor {
+    async fn run(mut self, mut jobs: mpsc::Receiver<Job>, renew: bool) {
+        let mut renew_check = tokio::time::interval(NODE_RENEW_CHECK);
+        renew_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                job = jobs.recv() => {
+                    let Some((call, reply)) = job else { return };
+                    let answer = self.handle(call).await;
+                    // A caller that gave up does not need the answer.
+                    let _ = reply.send(answer);
+                }
+                _ = renew_check.tick(), if renew => self.renew_if_due().await,
+            }
+        }
+    }
+
+    async fn renew_if_due(&mut self) {
+        let session = self.messenger.session.clone();
+        match self.messenger.client.renew_if_due(session).await {
+            Ok(renewed) => self.set_session(renewed),
+            Err(e) => tracing::warn!(error = %e, "could not renew the session certificate; will retry"),
+        }
+    }
+
+    /// Keeps a changed session here and on the receiver.
+    fn set_session(&mut self, session: SavedSession) {
+        if session.cert != self.messenger.session.cert || session.account != self.messenger.session.account {
+            self.messenger.session = session.clone();
+            self.session.send_replace(session);
+        }
+    }
+
+    fn me(&self) -> Me {
+        let session = &self.messenger.session;
+        let b = &session.cert.body;
+        Me { account: session.account.clone(), session_id: b.session_id, device: b.device, cert_not_after: b.not_after }
+    }
+
+    fn publish(&mut self, messages: &[StoredMessage], received: bool) {
+        if let Ok(history) = self.messenger.history() {
+            publish(&self.events, history, messages, received);
+        }
+    }
+
+    async fn handle(&mut self, call: Call) -> Result<Reply, ApiError> {
+        let client = self.messenger.client.clone();
+        Ok(match call {
+            Call::Whoami => {
+                let mut session = client.renew_if_due(self.messenger.session.clone()).await?;
+                session.account = client.get_me().await?;
+                session.save(client.profile())?;
+                self.set_session(session);
+                Reply::Me(self.me())
+            }
+            Call::Renew => {
+                let session = client.renew(self.messenger.session.clone()).await?;
+                self.set_session(session);
+                Reply::Me(self.me())
+            }
+            Call::SetProfile { username, name } => {
+                self.update_account(AuthRequest::SetProfile { username, name }).await?
+            }
+            Call::SetPassword { current, new } => {
+                self.update_account(AuthRequest::SetPassword { current, new }).await?
+            }
+            Call::Lookup { query } => Reply::Card { card: client.lookup(query).await? },
+            Call::Sessions => Reply::Sessions { sessions: client.sessions().await? },
+            Call::RevokeSessions { session_id } => Reply::Revoked { count: client.revoke_sessions(session_id).await? },
+            Call::CreateBot { username, name } => {
+                let (bot, token) = client.bot_token(AuthRequest::CreateBot { username, name }).await?;
+                Reply::BotToken { bot, token }
+            }
+            Call::RevokeBotToken { bot } => {
+                let (bot, token) = client.bot_token(AuthRequest::RevokeBotToken { bot }).await?;
+                Reply::BotToken { bot, token }
+            }
+            Call::ListBots => Reply::Bots { bots: client.bots().await? },
+            Call::Send { to, texts, reply_to } => {
+                let sent = self.messenger.send_texts(to, texts, reply_to).await?;
+                self.publish(&sent, false);
+                let names = names(self.messenger.history()?, &sent);
+                Reply::Messages { messages: sent, names }
+            }
+            Call::Messages { chat } => {
+                let chat = match chat {
+                    Some(query) => Some(self.messenger.user_card(query).await?.user_id),
+                    None => None,
+                };
+                self.receive_waiting().await?;
+                // Opening a chat reads it, as in any messenger.
+                if let Some(chat) = chat {
+                    self.messenger.mark_read(chat).await?;
+                }
+                let history = self.messenger.history()?;
+                let messages = history.messages(chat).map_err(MessagingError::from)?;
+                let names = names(history, &messages);
+                Reply::Messages { messages, names }
+            }
+            Call::Chats => {
+                self.receive_waiting().await?;
+                Reply::Chats { chats: chats(self.messenger.history()?)? }
+            }
+            Call::Edit { message, text } => {
+                let message = self.messenger.edit(message, text).await?;
+                self.publish(std::slice::from_ref(&message), false);
+                Reply::Message { message }
+            }
+            Call::Delete { message } => {
+                let message = self.messenger.delete(message).await?;
+                self.publish(std::slice::from_ref(&message), false);
+                Reply::Message { message }
+            }
+            Call::Typing { to } => {
+                self.messenger.typing(to).await?;
+                Reply::Done
+            }
+            Call::Subscribe => return Err(ApiError::usage("subscribe to a node's events on its control socket")),
+        })
+    }
+
+    async fn update_account(&mut self, request: AuthRequest) -> Result<Reply, ApiError> {
+        let client = self.messenger.client.clone();
+        let mut session = self.messenger.session.clone();
+        session.account = client.update_account(request).await?;
+        session.save(client.profile())?;
+        let account = session.account.clone();
+        self.set_session(session);
+        Ok(Reply::Account { account })
+    }
+
+    /// Fetches whatever waits now (no long-poll) and acknowledges it, so the answer that follows
+    /// is up to date even when the receiver is between polls.
+    async fn receive_waiting(&mut self) -> Result<(), ApiError> {
+        let inbox = self.messenger.receive(0).await?;
+        self.messenger.flush_acks().await;
+        self.publish(&inbox.messages, true);
+        publish_typing(&self.events, &inbox);
+        Ok(())
+    }
+}
+
+/// Long-polls the mailbox relays for as long as the node runs.
+struct Receiver {
+    messenger: Messenger,
+    session: watch::Receiver<SavedSession>,
+    events: broadcast::Sender<Event>,
+}
+
+impl Receiver {
+    async fn run(mut self) {
+        let mut connected = None;
+        loop {
+            if self.session.has_changed().unwrap_or(false) {
+                self.messenger.session = self.session.borrow_and_update().clone();
+            }
+            let (now_connected, detail) = match self.messenger.receive(FETCH_WAIT_MS).await {
+                Ok(inbox) => {
+                    if let Ok(history) = self.messenger.history() {
+                        publish(&self.events, history, &inbox.messages, true);
+                    }
+                    publish_typing(&self.events, &inbox);
+                    (true, None)
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "receiving failed; retrying");
+                    (false, Some(e.to_string()))
+                }
+            };
+            if connected != Some(now_connected) || !now_connected {
+                let _ = self.events.send(Event::Connection { connected: now_connected, detail });
+                connected = Some(now_connected);
+            }
+            if !now_connected {
+                // Relays come and go: keep trying, without spinning.
+                tokio::time::sleep(NODE_RETRY_AFTER).await;
+            }
+        }
+    }
+}
+
+/// Tells subscribers about new or changed messages, with the names of the people in them.
+fn publish(events: &broadcast::Sender<Event>, history: &History, messages: &[StoredMessage], received: bool) {
+    // No subscribers is fine: nobody is watching.
+    if events.receiver_count() == 0 {
+        return;
+    }
+    for message in messages {
+        let names = names(history, std::slice::from_ref(message));
+        let _ = events.send(Event::Message { message: message.clone(), received, names });
+    }
+}
+
+fn publish_typing(events: &broadcast::Sender<Event>, inbox: &Inbox) {
+    for user in &inbox.typing {
+        let _ = events.send(Event::Typing { user: *user });
+    }
+}
+
+/// How to call a person: name and @username, either alone, or the user id.
+pub fn display_name(card: &UserCard) -> String {
+    match (card.name.is_empty(), &card.username) {
+        (false, Some(u)) => format!("{} ({u})", card.name),
+        (false, None) => card.name.clone(),
+        (true, Some(u)) => u.to_string(),
+        (true, None) => card.user_id.to_string(),
+    }
+}
+
+/// Names of everyone these messages involve, from the cards the history has cached.
+fn names(history: &History, messages: &[StoredMessage]) -> Names {
+    let mut names = Names::new();
+    for user in messages.iter().flat_map(|m| [m.chat, m.from]) {
+        if !names.contains_key(&user)
+            && let Ok(Some(card)) = history.card(user)
+        {
+            names.insert(user, display_name(&card));
+        }
+    }
+    names
+}
+
+/// Every chat with its message count and last message, in history order.
+fn chats(history: &History) -> Result<Vec<ChatSummary>, ApiError> {
+    let mut chats: Vec<ChatSummary> = Vec::new();
+    for m in history.messages(None).map_err(MessagingError::from)? {
+        match chats.last_mut() {
+            Some(summary) if summary.chat == m.chat => {
+                summary.messages += 1;
+                summary.last = m;
+            }
+            _ => chats.push(ChatSummary { chat: m.chat, name: String::new(), messages: 1, last: m }),
+        }
+    }
+    for summary in &mut chats {
+        summary.name = match history.card(summary.chat) {
+            Ok(Some(card)) => display_name(&card),
+            _ => summary.chat.to_string(),
+        };
+    }
+    Ok(chats)
+}
