@@ -7,6 +7,9 @@
 //! dropped up to a fifth of new pipes. Here the connection handler that negotiated the stream
 //! starts the pipe's tasks itself, so there is no queue to overflow. libp2p-stream still opens
 //! this relay's outbound pipes to other relays.
+//!
+//! Each connection's handler owns the tasks of the pipes it started: when the connection
+//! closes, they stop with it.
 
 use std::convert::Infallible;
 use std::future::{Ready, ready};
@@ -22,18 +25,18 @@ use libp2p::swarm::{
     ConnectionDenied, ConnectionHandler, ConnectionHandlerEvent, ConnectionId, FromSwarm, NetworkBehaviour, Stream,
     StreamProtocol, SubstreamProtocol, THandler, THandlerInEvent, THandlerOutEvent, ToSwarm,
 };
+use meshgram_node::net::pipe::PipeTasks;
 
-/// Starts serving a negotiated inbound stream of one protocol.
-pub(crate) type Serve = Box<dyn Fn(PeerId, Stream) + Send + Sync>;
+/// Starts serving a negotiated inbound stream of one protocol; the pipe is served while its
+/// tasks are kept.
+pub(crate) type Serve = Box<dyn Fn(PeerId, Stream) -> PipeTasks + Send + Sync>;
 
 /// The protocols this relay accepts pipes on, and what serves each.
 struct Routes(Vec<(StreamProtocol, Serve)>);
 
 impl Routes {
-    fn serve(&self, peer: PeerId, protocol: &StreamProtocol, stream: Stream) {
-        if let Some((_, serve)) = self.0.iter().find(|(p, _)| p == protocol) {
-            serve(peer, stream);
-        }
+    fn serve(&self, peer: PeerId, protocol: &StreamProtocol, stream: Stream) -> Option<PipeTasks> {
+        self.0.iter().find(|(p, _)| p == protocol).map(|(_, serve)| serve(peer, stream))
     }
 }
 
@@ -48,7 +51,7 @@ impl Acceptor {
     }
 
     fn handler(&self, peer: PeerId) -> Handler {
-        Handler { peer, routes: Arc::clone(&self.routes) }
+        Handler { peer, routes: Arc::clone(&self.routes), pipes: Vec::new() }
     }
 }
 
@@ -93,6 +96,8 @@ impl NetworkBehaviour for Acceptor {
 pub(crate) struct Handler {
     peer: PeerId,
     routes: Arc<Routes>,
+    /// The tasks of the pipes served on this connection; dropped (stopped) with it.
+    pipes: Vec<PipeTasks>,
 }
 
 impl ConnectionHandler for Handler {
@@ -120,7 +125,8 @@ impl ConnectionHandler for Handler {
             protocol: (stream, protocol), ..
         }) = event
         {
-            self.routes.serve(self.peer, &protocol, stream);
+            self.pipes.retain(|pipe| !pipe.is_finished());
+            self.pipes.extend(self.routes.serve(self.peer, &protocol, stream));
         }
     }
 }

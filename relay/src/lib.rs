@@ -3,27 +3,39 @@
 //!
 //! # Layout, in the order a message flows through it
 //!
-//! - [`net`]: the event loop that owns the libp2p `Swarm`. Checks each client's session
-//!   certificate once per connection (`Hello`), checks `Send`s (sender = connection, sizes, rate),
-//!   parks long-poll `Fetch`es, and serves other relays' replica requests (only from relays
-//!   that showed a gateway-signed relay certificate).
+//! - [`net`]: the event loop that owns the libp2p `Swarm` and dispatches: requests read from
+//!   pipes to [`mailbox`] or [`replica`], swarm events and reports on other relays to
+//!   [`relays`], finished tasks back to whoever started them.
+//! - [`mailbox`]: serves clients. Checks each client's session certificate once per connection
+//!   (`Hello`), checks `Send`s (sender = connection, sizes, rate) and hands them to
+//!   [`replicate`], parks long-poll `Fetch`es until something arrives, applies `Ack`s.
 //! - [`replicate`]: stores a `Send` on the `R` closest relays (in parallel, replacing failed ones)
 //!   before the sender hears "stored"; talks to other relays only after checking their
-//!   certificate (`ReplicaClient`).
+//!   certificate (`ReplicaClient`); forwards deletes of acknowledged envelopes to the other
+//!   copies.
+//! - [`replica`]: the other side of [`replicate`]: serves other relays' `Store`s and `Delete`s,
+//!   only from relays that showed a gateway-signed relay certificate.
+//! - [`relays`]: owns every other relay's standing (certificate checked, down lately, not a
+//!   relay, certified on its connection) and the words tasks report on relays with
+//!   (`RelayReport`); lists the live relays placement chooses from.
 //! - [`placement`]: which `R` relays are responsible for a mailbox (the Kademlia-closest to its
 //!   key); lives in `meshgram_node` because clients compute it too.
 //! - [`store`]: redb mailboxes behind a group-commit actor; dedup by envelope id, TTL, quotas.
 //!   Its [`wal`] makes a batch durable with one small synced append.
-//! - [`accept`]: starts serving each inbound pipe as libp2p negotiates it.
+//! - [`accept`]: starts serving each inbound pipe as libp2p negotiates it; each connection owns
+//!   its pipes' tasks.
 //! - [`behaviour`], [`metrics`]: the libp2p behaviour and Prometheus counters.
 //!
 //! [`Relay::start`] wires them together; `main.rs` parses flags and prints the ready line.
 
 mod accept;
 mod behaviour;
+mod mailbox;
 pub mod metrics;
 mod net;
 pub use meshgram_node::net::placement;
+mod relays;
+mod replica;
 mod replicate;
 pub mod store;
 mod wal;
@@ -45,11 +57,20 @@ use serde::Serialize;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-pub use crate::net::RelaySettings;
 use crate::store::{StoreError, StoreHandle, StoreLimits};
 
 /// The mailbox database inside its data dir.
 pub const DATABASE_FILE: &str = "relay.redb";
+
+/// What a relay is configured with.
+#[derive(Debug, Clone)]
+pub struct RelaySettings {
+    pub gateway_key: ed25519::PublicKey,
+    pub replication: usize,
+    /// Envelopes per second a user may send, in a burst of `send_burst`.
+    pub send_rate: u32,
+    pub send_burst: u32,
+}
 
 /// Everything a relay needs to start.
 #[derive(Debug, Clone)]

@@ -3,7 +3,8 @@
 //! replaced by the next closest one, so one dead relay costs a retry, not the message.
 //! Deleting what a recipient acknowledged from the other copies, gathered over a short while.
 //! Every call to another relay goes through [`ReplicaClient`], which first exchanges relay
-//! certificates with it.
+//! certificates with it. What a call finds out about the relay it called goes to
+//! [`crate::relays`] as a [`RelayReport`].
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Mutex, PoisonError};
@@ -20,8 +21,9 @@ use meshgram_node::proto::{
     ErrorCode, MAX_ENVELOPES_PER_BATCH, MailboxResponse, ReplicaRequest, ReplicaResponse, WireError,
 };
 use tokio::sync::mpsc;
+use tokio::task::JoinSet;
 
-use crate::net::Command;
+use crate::relays::{RelayReport, Reporter};
 use crate::store::{QueuedPut, StoreHandle};
 
 /// Where copies go: this relay's own store, or other relays on their pipes.
@@ -31,7 +33,7 @@ pub(crate) struct Replicas {
     pub(crate) store: StoreHandle,
     pub(crate) pipes: ReplicaPipes,
     /// To tell the event loop about relays that did not answer, or are not relays.
-    pub(crate) commands: mpsc::Sender<Command>,
+    pub(crate) reporter: Reporter,
     pub(crate) replication: usize,
 }
 
@@ -152,8 +154,8 @@ async fn store_on(
             Ok(ReplicaResponse::Error(e)) => Err(e),
             Ok(other) => Err(WireError::new(ErrorCode::Internal, format!("unexpected replica answer {other:?}"))),
             Err(e) => {
-                if let Some(command) = e.command(target) {
-                    let _ = replicas.commands.send(command).await;
+                if let Some(report) = e.report() {
+                    replicas.reporter.report(target, report).await;
                 }
                 Err(WireError::new(ErrorCode::Unavailable, e.to_string()))
             }
@@ -178,32 +180,63 @@ pub(crate) struct ReplicaDelete {
     pub(crate) ids: Vec<EnvelopeId>,
 }
 
-/// Starts the task that sends [`ReplicaDelete`]s, gathered per relay and mailbox over
-/// [`DELETE_GATHER`]; nothing waits for their answers.
-pub(crate) fn spawn_delete_forwarder(pipes: ReplicaPipes) -> mpsc::Sender<ReplicaDelete> {
-    let (tx, mut rx) = mpsc::channel::<ReplicaDelete>(DELETE_QUEUE);
-    tokio::spawn(async move {
-        let mut gathered: HashMap<(PeerId, PeerId), Vec<EnvelopeId>> = HashMap::new();
-        while let Some(first) = rx.recv().await {
-            let mut add = |d: ReplicaDelete| gathered.entry((d.relay, d.mailbox)).or_default().extend(d.ids);
-            add(first);
-            let until = tokio::time::Instant::now() + DELETE_GATHER;
-            while let Ok(Some(more)) = tokio::time::timeout_at(until, rx.recv()).await {
-                add(more);
-            }
-            for ((relay, mailbox), ids) in gathered.drain() {
-                for chunk in ids.chunks(MAX_ENVELOPES_PER_BATCH) {
-                    let (pipes, request) = (pipes.clone(), ReplicaRequest::Delete { mailbox, ids: chunk.to_vec() });
-                    tokio::spawn(async move {
-                        if let Err(e) = pipes.call(relay, &request).await {
-                            tracing::debug!(%relay, error = %e, "replica delete failed");
-                        }
-                    });
-                }
+/// Sends [`ReplicaDelete`]s, gathered per relay and mailbox over [`DELETE_GATHER`]; nothing
+/// waits for their answers. Dropping it stops its task and the deletes still under way.
+#[derive(Debug)]
+pub(crate) struct DeleteForwarder {
+    queue: mpsc::Sender<ReplicaDelete>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl DeleteForwarder {
+    /// Starts the forwarding task.
+    pub(crate) fn start(pipes: ReplicaPipes) -> Self {
+        let (queue, rx) = mpsc::channel::<ReplicaDelete>(DELETE_QUEUE);
+        DeleteForwarder { queue, task: tokio::spawn(forward_deletes(pipes, rx)) }
+    }
+
+    /// Queues a delete; `false` (and it is dropped) if too many are queued.
+    pub(crate) fn try_send(&self, delete: ReplicaDelete) -> bool {
+        self.queue.try_send(delete).is_ok()
+    }
+}
+
+impl Drop for DeleteForwarder {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn forward_deletes(pipes: ReplicaPipes, mut rx: mpsc::Receiver<ReplicaDelete>) {
+    let mut gathered: HashMap<(PeerId, PeerId), Vec<EnvelopeId>> = HashMap::new();
+    // The calls under way; their answers are only logged.
+    let mut calls = JoinSet::new();
+    loop {
+        let first = tokio::select! {
+            first = rx.recv() => match first {
+                Some(first) => first,
+                None => break,
+            },
+            Some(_) = calls.join_next() => continue,
+        };
+        let mut add = |d: ReplicaDelete| gathered.entry((d.relay, d.mailbox)).or_default().extend(d.ids);
+        add(first);
+        let until = tokio::time::Instant::now() + DELETE_GATHER;
+        while let Ok(Some(more)) = tokio::time::timeout_at(until, rx.recv()).await {
+            add(more);
+        }
+        for ((relay, mailbox), ids) in gathered.drain() {
+            for chunk in ids.chunks(MAX_ENVELOPES_PER_BATCH) {
+                let (pipes, request) = (pipes.clone(), ReplicaRequest::Delete { mailbox, ids: chunk.to_vec() });
+                calls.spawn(async move {
+                    if let Err(e) = pipes.call(relay, &request).await {
+                        tracing::debug!(%relay, error = %e, "replica delete failed");
+                    }
+                });
             }
         }
-    });
-    tx
+    }
+    while calls.join_next().await.is_some() {}
 }
 
 /// This relay's calls to other relays.
@@ -235,13 +268,13 @@ pub(crate) enum ReplicaCallError {
 }
 
 impl ReplicaCallError {
-    /// What the event loop should hear about `relay` after this failure, if anything.
-    pub(crate) fn command(&self, relay: PeerId) -> Option<Command> {
+    /// What this failure says about the relay called, if anything.
+    pub(crate) fn report(&self) -> Option<RelayReport> {
         match self {
             ReplicaCallError::Pipe(PipeError::Open(_) | PipeError::Closed(_) | PipeError::Timeout(_)) => {
-                Some(Command::Down(relay))
+                Some(RelayReport::Down)
             }
-            ReplicaCallError::NotARelay { .. } => Some(Command::NotARelay(relay)),
+            ReplicaCallError::NotARelay { .. } => Some(RelayReport::NotARelay),
             _ => None,
         }
     }

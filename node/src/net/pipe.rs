@@ -12,6 +12,8 @@
 //! pipe closes (the rest of the stream cannot be trusted to be framed).
 //!
 //! Each side runs a reader task and a writer task, so neither direction can block the other.
+//! Both are owned ([`PipeTasks`]): a calling pipe stops them when its last clone is dropped, an
+//! answering pipe when whoever started serving it drops the handle [`serve`] returns.
 
 use std::collections::HashMap;
 use std::io;
@@ -24,6 +26,7 @@ use libp2p::{PeerId, Stream, StreamProtocol};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::task::JoinHandle;
 
 use crate::net::codec::FrameError;
 
@@ -142,18 +145,48 @@ type Pending<Resp> = Arc<Mutex<Option<HashMap<u64, oneshot::Sender<Result<Resp, 
 /// A request on its way to the writer: its frame without the tag (the writer numbers it).
 type Queued<Resp> = (Vec<u8>, oneshot::Sender<Result<Resp, PipeError>>);
 
-/// The calling end of a pipe. Cheap to clone; the pipe closes when every clone is dropped.
+/// A pipe's reader and writer tasks. Dropping this stops both.
+#[derive(Debug)]
+#[must_use = "dropping it stops the pipe's tasks"]
+pub struct PipeTasks {
+    reader: JoinHandle<()>,
+    writer: JoinHandle<()>,
+}
+
+impl PipeTasks {
+    /// Whether both tasks have ended (the pipe is done).
+    pub fn is_finished(&self) -> bool {
+        self.reader.is_finished() && self.writer.is_finished()
+    }
+}
+
+impl Drop for PipeTasks {
+    fn drop(&mut self) {
+        self.reader.abort();
+        self.writer.abort();
+    }
+}
+
+/// The calling end of a pipe. Cheap to clone (one reference count); the pipe and its tasks
+/// stop when every clone is dropped.
 #[derive(Debug)]
 pub struct PipeClient<Req, Resp> {
+    shared: Arc<ClientShared<Resp>>,
+    _requests: std::marker::PhantomData<fn(&Req)>,
+}
+
+/// What the clones of one [`PipeClient`] share.
+#[derive(Debug)]
+struct ClientShared<Resp> {
     queue: mpsc::UnboundedSender<Queued<Resp>>,
     limits: PipeLimits,
     timeout: Duration,
-    _requests: std::marker::PhantomData<fn(&Req)>,
+    _tasks: PipeTasks,
 }
 
 impl<Req, Resp> Clone for PipeClient<Req, Resp> {
     fn clone(&self) -> Self {
-        PipeClient { queue: self.queue.clone(), limits: self.limits, timeout: self.timeout, _requests: self._requests }
+        PipeClient { shared: Arc::clone(&self.shared), _requests: self._requests }
     }
 }
 
@@ -168,8 +201,8 @@ where
         let (queue, rx) = mpsc::unbounded_channel();
         // `None` once the stream is gone: later calls fail at once instead of waiting forever.
         let pending: Pending<Resp> = Arc::new(Mutex::new(Some(HashMap::new())));
-        tokio::spawn(client_reader(read, limits.max_response, pending.clone()));
-        tokio::spawn(async move {
+        let reader = tokio::spawn(client_reader(read, limits.max_response, pending.clone()));
+        let writer = tokio::spawn(async move {
             let mut next_tag = 0u64;
             let result = write_loop(write, rx, |(mut frame, reply): Queued<Resp>, buf| {
                 next_tag += 1;
@@ -187,26 +220,28 @@ where
             .await;
             close_all(&pending, &format!("write failed: {}", result.err().map_or("closed".into(), |e| e.to_string())));
         });
-        PipeClient { queue, limits, timeout, _requests: std::marker::PhantomData }
+        let shared = ClientShared { queue, limits, timeout, _tasks: PipeTasks { reader, writer } };
+        PipeClient { shared: Arc::new(shared), _requests: std::marker::PhantomData }
     }
 
     /// Sends one request and waits for its answer. The request is encoded here, so the caller
     /// keeps it (to send again elsewhere, say) without a copy.
     pub async fn call(&self, request: &Req) -> Result<Resp, PipeError> {
         let mut frame = Vec::new();
-        encode(0, request, self.limits.max_request, &mut frame).map_err(|e| PipeError::Encode(e.to_string()))?;
+        let shared = &*self.shared;
+        encode(0, request, shared.limits.max_request, &mut frame).map_err(|e| PipeError::Encode(e.to_string()))?;
         let (reply, answer) = oneshot::channel();
-        self.queue.send((frame, reply)).map_err(|_| PipeError::Closed("the pipe has stopped".into()))?;
-        match tokio::time::timeout(self.timeout, answer).await {
+        shared.queue.send((frame, reply)).map_err(|_| PipeError::Closed("the pipe has stopped".into()))?;
+        match tokio::time::timeout(shared.timeout, answer).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(PipeError::Closed("the pipe has stopped".into())),
-            Err(_) => Err(PipeError::Timeout(self.timeout)),
+            Err(_) => Err(PipeError::Timeout(shared.timeout)),
         }
     }
 
     /// Whether the pipe has stopped (its stream ended or failed).
     pub fn is_closed(&self) -> bool {
-        self.queue.is_closed()
+        self.shared.queue.is_closed()
     }
 }
 
@@ -355,15 +390,21 @@ impl<Resp> Responder<Resp> {
 }
 
 /// Serves one inbound pipe: each request goes to `inbound` (awaited, so a busy handler pushes
-/// back on the stream); answers are written as they come.
-pub fn serve<Req, Resp>(peer: PeerId, stream: Stream, limits: PipeLimits, inbound: mpsc::Sender<Inbound<Req, Resp>>)
+/// back on the stream); answers are written as they come. The pipe is served until it ends or
+/// the returned tasks are dropped.
+pub fn serve<Req, Resp>(
+    peer: PeerId,
+    stream: Stream,
+    limits: PipeLimits,
+    inbound: mpsc::Sender<Inbound<Req, Resp>>,
+) -> PipeTasks
 where
     Req: DeserializeOwned + Send + 'static,
     Resp: Serialize + Send + 'static,
 {
     let (mut read, write) = stream.split();
     let (out, rx) = mpsc::unbounded_channel::<(u64, Resp)>();
-    tokio::spawn(async move {
+    let writer = tokio::spawn(async move {
         let _ = write_loop(write, rx, |(tag, response), buf| {
             if let Err(e) = encode(tag, &response, limits.max_response, buf) {
                 tracing::error!(%peer, error = %e, "an answer could not be encoded; the caller will time out");
@@ -371,7 +412,7 @@ where
         })
         .await;
     });
-    tokio::spawn(async move {
+    let reader = tokio::spawn(async move {
         let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
         loop {
             let Ok(slot) = slots.clone().acquire_owned().await else { return };
@@ -391,6 +432,7 @@ where
             }
         }
     });
+    PipeTasks { reader, writer }
 }
 
 #[cfg(test)]

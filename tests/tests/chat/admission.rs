@@ -164,8 +164,10 @@ fn a_peer_posing_as_a_relay_without_a_certificate_is_given_nothing() {
             swarm.behaviour().stream.new_control().accept(StreamProtocol::new(REPLICA_PROTOCOL)).unwrap();
         let (requests_tx, mut requests) = tokio::sync::mpsc::channel(64);
         tokio::spawn(async move {
+            // A pipe is served while its tasks are kept.
+            let mut served = Vec::new();
             while let Some((peer, stream)) = incoming.next().await {
-                pipe::serve(peer, stream, REPLICA_LIMITS, requests_tx.clone());
+                served.push(pipe::serve(peer, stream, REPLICA_LIMITS, requests_tx.clone()));
             }
         });
         // It says it is a relay, with a certificate from a gateway of its own making, and

@@ -1,0 +1,457 @@
+//! Serving clients' mailbox requests: `Hello` (one session-certificate check per connection,
+//! not per envelope), `Send` (sender = connection, sizes, rate; then replicated by
+//! [`crate::replicate`]), `Fetch` (long-polls parked until something arrives or their deadline)
+//! and `Ack`.
+//!
+//! [`Mailboxes`] keeps the sessions and parked fetches and runs the store and replication work
+//! on tasks of its own; the event loop hands it each request and each finished task.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use libp2p::PeerId;
+use meshgram_node::crypto::cert::{CERT_CLOCK_SKEW_SECS, CertBody, unix_now};
+use meshgram_node::net::codec::FrameError;
+use meshgram_node::net::pipe::Responder;
+use meshgram_node::proto::envelope::{Envelope, EnvelopeId};
+use meshgram_node::proto::{
+    ErrorCode, MAX_ENVELOPE_SIZE, MAX_ENVELOPES_PER_BATCH, MAX_FETCH_WAIT_MS, MailboxRequest, MailboxResponse,
+    WireError,
+};
+use meshgram_node::server::limits::RateLimiter;
+use tokio::task::{JoinError, JoinSet};
+
+use crate::RelaySettings;
+use crate::metrics::Metrics;
+use crate::relays::KnownRelays;
+use crate::replicate::{DeleteForwarder, Group, ReplicaDelete, Replicas, store_replicated};
+use crate::store::{QueuedPut, StoreError, StoreHandle};
+
+/// What a finished mailbox task hands back, through [`Mailboxes::finish`].
+#[derive(Debug)]
+pub(crate) enum Done {
+    /// Answer a client; first wake the fetches parked on `arrived` (envelopes committed here).
+    Answer { channel: Responder<MailboxResponse>, response: MailboxResponse, arrived: Vec<PeerId> },
+    /// A fetch found nothing: park it until something arrives or its deadline, unless
+    /// something arrived since it looked (`arrivals` then differs from the session's count).
+    Park { peer: PeerId, channel: Responder<MailboxResponse>, max: u32, deadline: Instant, arrivals: u64 },
+    /// These acknowledged envelopes are deleted here (or failed to be, and will come again).
+    AcksApplied { peer: PeerId, ids: Vec<EnvelopeId> },
+    /// Background work that answers nobody.
+    Nothing,
+}
+
+impl Done {
+    fn answer(channel: Responder<MailboxResponse>, response: MailboxResponse) -> Self {
+        Done::Answer { channel, response, arrived: Vec::new() }
+    }
+}
+
+#[derive(Debug)]
+struct Parked {
+    channel: Responder<MailboxResponse>,
+    max: u32,
+    deadline: Instant,
+}
+
+/// A client that said Hello on a live connection.
+#[derive(Debug)]
+struct Session {
+    cert: CertBody,
+    /// Counts commits into this client's mailbox here, so a fetch that read an empty mailbox
+    /// just before an arrival is not parked past it.
+    arrivals: u64,
+    /// Acknowledged by a `Fetch` but maybe not yet deleted: fetches skip them rather than wait
+    /// for the delete, which may queue behind other commits.
+    acks_in_flight: HashSet<EnvelopeId>,
+}
+
+/// The clients' mailboxes on this relay: sessions, parked fetches, and the tasks serving them.
+#[derive(Debug)]
+pub(crate) struct Mailboxes {
+    store: StoreHandle,
+    settings: RelaySettings,
+    metrics: Arc<Metrics>,
+    /// Clients that said Hello, with their certificate.
+    sessions: HashMap<PeerId, Session>,
+    parked: HashMap<PeerId, Parked>,
+    send_limiter: RateLimiter,
+    /// Where a `Send`'s copies go.
+    replicas: Replicas,
+    /// Deletes of acknowledged envelopes on the other replicas.
+    replica_deletes: DeleteForwarder,
+    tasks: JoinSet<Done>,
+}
+
+impl Mailboxes {
+    pub(crate) fn new(settings: RelaySettings, metrics: Arc<Metrics>, replicas: Replicas) -> Self {
+        let send_limiter = RateLimiter::per_second(settings.send_burst, settings.send_rate);
+        Mailboxes {
+            store: replicas.store.clone(),
+            settings,
+            metrics,
+            sessions: HashMap::new(),
+            parked: HashMap::new(),
+            send_limiter,
+            replica_deletes: DeleteForwarder::start(Arc::clone(&replicas.pipes)),
+            replicas,
+            tasks: JoinSet::new(),
+        }
+    }
+
+    /// The next task to finish, for [`Mailboxes::finish`]; `None` when none runs.
+    pub(crate) async fn next_done(&mut self) -> Option<Result<Done, JoinError>> {
+        self.tasks.join_next().await
+    }
+
+    /// Stops and waits for the tasks.
+    pub(crate) async fn shutdown(&mut self) {
+        self.tasks.shutdown().await;
+    }
+
+    /// Serves one mailbox request from `peer`.
+    pub(crate) fn handle(
+        &mut self,
+        peer: PeerId,
+        request: Result<MailboxRequest, FrameError>,
+        channel: Responder<MailboxResponse>,
+        known: &mut KnownRelays<'_>,
+    ) {
+        let request = match request {
+            Ok(request) => request,
+            Err(e) => return self.respond(channel, refuse(ErrorCode::BadRequest, e.to_string())),
+        };
+        self.metrics.count_request(request.kind());
+        let now = unix_now();
+        if let MailboxRequest::Hello { cert } = request {
+            let response = match cert.verify_for(&self.settings.gateway_key, &peer, now) {
+                Ok(body) => {
+                    let session = Session { cert: body.clone(), arrivals: 0, acks_in_flight: HashSet::new() };
+                    self.sessions.insert(peer, session);
+                    let mut mailbox_relays = known.mailbox_relays(&peer);
+                    mailbox_relays.truncate(self.settings.replication);
+                    MailboxResponse::Welcome { relay: known.local(), mailbox_relays, relays: known.live_relays() }
+                }
+                Err(e) => refuse(ErrorCode::CertInvalid, e.to_string()),
+            };
+            return self.respond(channel, response);
+        }
+        let cert = match self.sessions.get(&peer) {
+            None => {
+                return self
+                    .respond(channel, refuse(ErrorCode::CertInvalid, "say Hello with your session certificate first"));
+            }
+            Some(session) if now > session.cert.not_after + CERT_CLOCK_SKEW_SECS => {
+                self.sessions.remove(&peer);
+                return self.respond(
+                    channel,
+                    refuse(ErrorCode::CertInvalid, "your certificate expired; renew it and say Hello again"),
+                );
+            }
+            Some(session) => session.cert.clone(),
+        };
+        match request {
+            MailboxRequest::Hello { .. } => unreachable!("handled above"),
+            MailboxRequest::Send { envelopes } => self.handle_send(peer, &cert, envelopes, channel, now, known),
+            MailboxRequest::Fetch { max, wait_ms, ack } => self.handle_fetch(peer, max, wait_ms, ack, channel, known),
+            MailboxRequest::Ack { ids } => {
+                if ids.len() > MAX_ENVELOPES_PER_BATCH {
+                    return self.respond(channel, too_many_acks());
+                }
+                let deleted = self.delete_delivered(peer, ids, known);
+                self.tasks.spawn(async move {
+                    let response = match deleted.await {
+                        Ok(count) => MailboxResponse::Acked { count },
+                        Err(e) => internal(e),
+                    };
+                    Done::answer(channel, response)
+                });
+            }
+        }
+    }
+
+    /// Takes a finished task's result.
+    pub(crate) fn finish(&mut self, done: Done) {
+        match done {
+            Done::Answer { channel, response, arrived } => {
+                self.wake(arrived);
+                self.respond(channel, response);
+            }
+            Done::Park { peer, channel, max, deadline, arrivals } => {
+                match self.sessions.get(&peer) {
+                    // Something arrived while the fetch was reading: read again.
+                    Some(session) if session.arrivals != arrivals => {
+                        return self.spawn_fetch(peer, channel, max, deadline);
+                    }
+                    Some(_) => {}
+                    // The client is gone; nobody to answer.
+                    None => return,
+                }
+                // A newer fetch from the same device replaces an older one, which answers empty.
+                if let Some(old) = self.parked.insert(peer, Parked { channel, max, deadline }) {
+                    self.respond(old.channel, MailboxResponse::Envelopes { envelopes: Vec::new(), more: false });
+                }
+            }
+            Done::AcksApplied { peer, ids } => {
+                if let Some(session) = self.sessions.get_mut(&peer) {
+                    for id in &ids {
+                        session.acks_in_flight.remove(id);
+                    }
+                }
+            }
+            Done::Nothing => {}
+        }
+    }
+
+    /// `peer`'s last connection closed: its session and parked fetch go.
+    pub(crate) fn disconnected(&mut self, peer: &PeerId) {
+        self.sessions.remove(peer);
+        self.parked.remove(peer);
+    }
+
+    /// Drops envelopes past their TTL, on a task.
+    pub(crate) fn expire_envelopes(&mut self) {
+        let store = self.store.clone();
+        self.tasks.spawn(async move {
+            match store.expire(unix_now()).await {
+                Ok(n) if n > 0 => tracing::info!(dropped = n, "expired undelivered envelopes"),
+                Ok(_) => {}
+                Err(e) => tracing::error!(error = %e, "expiring envelopes failed"),
+            }
+            Done::Nothing
+        });
+    }
+
+    /// Answers the parked fetches whose deadline has passed, empty.
+    pub(crate) fn expire_parked(&mut self) {
+        let now = Instant::now();
+        let expired: Vec<PeerId> = self.parked.iter().filter(|(_, p)| p.deadline <= now).map(|(id, _)| *id).collect();
+        for peer in expired {
+            if let Some(parked) = self.parked.remove(&peer) {
+                self.respond(parked.channel, MailboxResponse::Envelopes { envelopes: Vec::new(), more: false });
+            }
+        }
+    }
+
+    /// Answers the fetches parked on these mailboxes with what has just arrived.
+    pub(crate) fn wake(&mut self, mailboxes: Vec<PeerId>) {
+        for mailbox in mailboxes {
+            if let Some(session) = self.sessions.get_mut(&mailbox) {
+                session.arrivals += 1;
+            }
+            if let Some(parked) = self.parked.remove(&mailbox) {
+                self.spawn_fetch(mailbox, parked.channel, parked.max, parked.deadline);
+            }
+        }
+    }
+
+    /// For envelopes this relay keeps a copy of: queues their put now, so that fetches see them
+    /// at once (see `store::Queued`) and an acknowledgement of them can only be applied after
+    /// it, and hands them over to a recipient of theirs who waits here, while they are being
+    /// made durable (the sender still hears "stored" only after that). `None` (nothing queued,
+    /// nothing pushed) when the store's queue is full: the put is then made by the task.
+    pub(crate) fn put_and_push(&mut self, envelopes: &[Envelope], now: u64) -> Option<QueuedPut> {
+        let queued = self.store.put_in_order(envelopes.to_vec(), now)?;
+        self.push_to_parked(envelopes);
+        Some(queued)
+    }
+
+    fn respond(&mut self, channel: Responder<MailboxResponse>, response: MailboxResponse) {
+        if let MailboxResponse::Error(e) = &response {
+            self.metrics.count_error(&e.code.to_string());
+        }
+        channel.respond(response);
+    }
+
+    /// Checks a `Send` and starts its replication.
+    fn handle_send(
+        &mut self,
+        peer: PeerId,
+        cert: &CertBody,
+        envelopes: Vec<Envelope>,
+        channel: Responder<MailboxResponse>,
+        now: u64,
+        known: &mut KnownRelays<'_>,
+    ) {
+        if let Err(refusal) = check_envelopes(&peer, cert, &envelopes) {
+            return self.respond(channel, MailboxResponse::Error(refusal));
+        }
+        if let Err(wait) = self.send_limiter.check_n(&cert.user_id.to_string(), envelopes.len() as u32, now) {
+            return self.respond(channel, MailboxResponse::Error(WireError::flood_wait(wait, "messages")));
+        }
+        let mut groups: HashMap<PeerId, Vec<Envelope>> = HashMap::new();
+        for envelope in envelopes {
+            groups.entry(envelope.to_device).or_default().push(envelope);
+        }
+        let local = known.local();
+        let groups: Vec<Group> = groups
+            .into_iter()
+            .map(|(device, batch)| {
+                let targets: Vec<PeerId> = known.mailbox_relays(&device).into_iter().map(|r| r.peer_id).collect();
+                let local_put = if targets.iter().take(self.settings.replication).any(|t| *t == local) {
+                    self.put_and_push(&batch, now)
+                } else {
+                    None
+                };
+                Group { batch, targets, local_put }
+            })
+            .collect();
+        let replicas = self.replicas.clone();
+        self.metrics.envelopes_received.inc_by(groups.iter().map(|g| g.batch.len() as u64).sum());
+        self.tasks.spawn(async move {
+            let (response, arrived) = store_replicated(&replicas, groups, now).await;
+            Done::Answer { channel, response, arrived }
+        });
+    }
+
+    /// Applies a `Fetch`'s acknowledgements and reads (or parks) it.
+    fn handle_fetch(
+        &mut self,
+        peer: PeerId,
+        max: u32,
+        wait_ms: u32,
+        ack: Vec<EnvelopeId>,
+        channel: Responder<MailboxResponse>,
+        known: &mut KnownRelays<'_>,
+    ) {
+        if ack.len() > MAX_ENVELOPES_PER_BATCH {
+            return self.respond(channel, too_many_acks());
+        }
+        let max = max.clamp(1, MAX_ENVELOPES_PER_BATCH as u32);
+        let deadline = Instant::now() + Duration::from_millis(u64::from(wait_ms.min(MAX_FETCH_WAIT_MS)));
+        if !ack.is_empty() {
+            if let Some(session) = self.sessions.get_mut(&peer) {
+                session.acks_in_flight.extend(ack.iter().copied());
+            }
+            let deleted = self.delete_delivered(peer, ack.clone(), known);
+            self.tasks.spawn(async move {
+                if let Err(e) = deleted.await {
+                    tracing::error!(%peer, error = %e, "deleting acknowledged envelopes failed");
+                }
+                Done::AcksApplied { peer, ids: ack }
+            });
+        }
+        self.spawn_fetch(peer, channel, max, deadline);
+    }
+
+    /// Deletes envelopes the owner of `mailbox` has received: here (the returned future, done
+    /// once the delete is committed) and on the other replicas (best effort, gathered with
+    /// other deletes and not waited for: a replica that misses it still holds a copy, which the
+    /// recipient drops by id when it sees it again, and acknowledges there).
+    fn delete_delivered(
+        &mut self,
+        mailbox: PeerId,
+        ids: Vec<EnvelopeId>,
+        known: &mut KnownRelays<'_>,
+    ) -> impl Future<Output = Result<u32, StoreError>> + Send + 'static {
+        let local = known.local();
+        let others: Vec<PeerId> = if ids.is_empty() {
+            Vec::new()
+        } else {
+            let mut relays = known.mailbox_relays(&mailbox);
+            relays.truncate(self.settings.replication + 1);
+            relays.into_iter().map(|r| r.peer_id).filter(|id| *id != local).collect()
+        };
+        for relay in others {
+            let delete = ReplicaDelete { relay, mailbox, ids: ids.clone() };
+            if !self.replica_deletes.try_send(delete) {
+                tracing::debug!(%relay, "too many replica deletes queued; this one is dropped");
+            }
+        }
+        let store = self.store.clone();
+        async move { if ids.is_empty() { Ok(0) } else { store.delete(mailbox, ids).await } }
+    }
+
+    /// Reads `peer`'s mailbox on a task; answers, or parks until `deadline` if it is empty.
+    fn spawn_fetch(&mut self, peer: PeerId, channel: Responder<MailboxResponse>, max: u32, deadline: Instant) {
+        // The client is gone: nobody to answer.
+        let Some(session) = self.sessions.get(&peer) else { return };
+        let (arrivals, skip) = (session.arrivals, session.acks_in_flight.clone());
+        let store = self.store.clone();
+        self.tasks.spawn(async move {
+            let read = store.fetch(peer, max as usize + skip.len()).map(|(mut envelopes, more)| {
+                envelopes.retain(|e| !skip.contains(&e.id));
+                let more = more || envelopes.len() > max as usize;
+                envelopes.truncate(max as usize);
+                (envelopes, more)
+            });
+            match read {
+                Ok((envelopes, more)) if !envelopes.is_empty() || Instant::now() >= deadline => {
+                    Done::answer(channel, MailboxResponse::Envelopes { envelopes, more })
+                }
+                Ok(_) => Done::Park { peer, channel, max, deadline, arrivals },
+                Err(e) => Done::answer(channel, internal(e)),
+            }
+        });
+    }
+
+    /// Answers the fetches parked on the mailboxes of these envelopes with them.
+    fn push_to_parked(&mut self, envelopes: &[Envelope]) {
+        let mut answers: HashMap<PeerId, (Parked, Vec<Envelope>)> = HashMap::new();
+        for envelope in envelopes {
+            let mailbox = envelope.to_device;
+            let (parked, batch) = match answers.entry(mailbox) {
+                std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
+                std::collections::hash_map::Entry::Vacant(entry) => {
+                    let Some(parked) = self.parked.remove(&mailbox) else { continue };
+                    entry.insert((parked, Vec::new()))
+                }
+            };
+            if batch.len() < parked.max as usize {
+                batch.push(envelope.clone());
+            }
+        }
+        for (_, (parked, envelopes)) in answers {
+            // `more`: the rest (if any) is in the store once committed.
+            let more = envelopes.len() == parked.max as usize;
+            self.respond(parked.channel, MailboxResponse::Envelopes { envelopes, more });
+        }
+    }
+}
+
+/// Each envelope must come from the connection's device and account, fit the size limit, and
+/// the batch must fit the batch limit.
+fn check_envelopes(peer: &PeerId, cert: &CertBody, envelopes: &[Envelope]) -> Result<(), WireError> {
+    if envelopes.is_empty() || envelopes.len() > MAX_ENVELOPES_PER_BATCH {
+        return Err(WireError::new(
+            ErrorCode::BadRequest,
+            format!("send 1 to {MAX_ENVELOPES_PER_BATCH} envelopes at a time"),
+        ));
+    }
+    for e in envelopes {
+        if &e.from_device != peer || e.from_user != cert.user_id {
+            return Err(WireError::new(
+                ErrorCode::SenderMismatch,
+                format!(
+                    "envelope {} claims sender {}/{}, but this connection is {}/{}",
+                    e.id, e.from_user, e.from_device, cert.user_id, peer
+                ),
+            ));
+        }
+        let len = e.encoded_len();
+        if len > MAX_ENVELOPE_SIZE {
+            return Err(WireError::new(
+                ErrorCode::BadRequest,
+                format!("envelope {} is {len} bytes; the limit is {MAX_ENVELOPE_SIZE}", e.id),
+            ));
+        }
+        if e.sealed.is_empty() {
+            return Err(WireError::new(ErrorCode::BadRequest, format!("envelope {} has no content", e.id)));
+        }
+    }
+    Ok(())
+}
+
+fn too_many_acks() -> MailboxResponse {
+    refuse(ErrorCode::BadRequest, format!("at most {MAX_ENVELOPES_PER_BATCH} ids per acknowledgement"))
+}
+
+fn refuse(code: ErrorCode, message: impl Into<String>) -> MailboxResponse {
+    MailboxResponse::Error(WireError::new(code, message))
+}
+
+fn internal(e: impl std::fmt::Display) -> MailboxResponse {
+    tracing::error!(error = %e, "relay store failure");
+    refuse(ErrorCode::Internal, "internal error; try again later")
+}

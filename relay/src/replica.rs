@@ -1,0 +1,124 @@
+//! Serving other relays' replica requests: `Hello` (exchange relay certificates), then `Store`
+//! and `Delete`, only from relays that showed a gateway-signed relay certificate on their
+//! connection ([`crate::relays`] keeps who did). The calling side is [`crate::replicate`].
+
+use std::collections::HashSet;
+
+use libp2p::PeerId;
+use libp2p::identity::ed25519;
+use meshgram_node::crypto::cert::{CERT_CLOCK_SKEW_SECS, RelayCert, unix_now};
+use meshgram_node::net::codec::FrameError;
+use meshgram_node::net::pipe::Responder;
+use meshgram_node::proto::{ErrorCode, MAX_ENVELOPE_SIZE, ReplicaRequest, ReplicaResponse, WireError};
+use tokio::task::{JoinError, JoinSet};
+
+use crate::mailbox::Mailboxes;
+use crate::relays::Relays;
+use crate::store::StoreHandle;
+
+/// A finished replica request: answer the relay, first waking the fetches parked on `arrived`
+/// (envelopes committed here).
+#[derive(Debug)]
+pub(crate) struct Done {
+    pub(crate) channel: Responder<ReplicaResponse>,
+    pub(crate) response: ReplicaResponse,
+    pub(crate) arrived: Vec<PeerId>,
+}
+
+impl Done {
+    fn answer(channel: Responder<ReplicaResponse>, response: ReplicaResponse) -> Self {
+        Done { channel, response, arrived: Vec::new() }
+    }
+}
+
+/// Serves the replica protocol, with the tasks that commit what it is asked to.
+#[derive(Debug)]
+pub(crate) struct ReplicaServer {
+    gateway_key: ed25519::PublicKey,
+    /// This relay's certificate, shown in answer to a `Hello`.
+    cert: RelayCert,
+    store: StoreHandle,
+    tasks: JoinSet<Done>,
+}
+
+impl ReplicaServer {
+    pub(crate) fn new(gateway_key: ed25519::PublicKey, cert: RelayCert, store: StoreHandle) -> Self {
+        ReplicaServer { gateway_key, cert, store, tasks: JoinSet::new() }
+    }
+
+    /// The next request to finish; `None` when none is under way.
+    pub(crate) async fn next_done(&mut self) -> Option<Result<Done, JoinError>> {
+        self.tasks.join_next().await
+    }
+
+    /// Stops and waits for the tasks.
+    pub(crate) async fn shutdown(&mut self) {
+        self.tasks.shutdown().await;
+    }
+
+    /// Serves one replica request from `peer`. A `Store` of envelopes this relay keeps is
+    /// queued through `mailboxes`, so that fetches parked here see it at once.
+    pub(crate) fn handle(
+        &mut self,
+        peer: PeerId,
+        request: Result<ReplicaRequest, FrameError>,
+        channel: Responder<ReplicaResponse>,
+        relays: &mut Relays,
+        mailboxes: &mut Mailboxes,
+    ) {
+        let refuse = |code, message: String| ReplicaResponse::Error(WireError::new(code, message));
+        let now = unix_now();
+        match request {
+            Err(e) => channel.respond(refuse(ErrorCode::BadRequest, e.to_string())),
+            Ok(ReplicaRequest::Hello { cert }) => {
+                let response = match cert.verify_for(&self.gateway_key, &peer, now) {
+                    Ok(body) => {
+                        relays.certified(peer, body.not_after.saturating_add(CERT_CLOCK_SKEW_SECS));
+                        ReplicaResponse::Welcome { cert: self.cert.clone() }
+                    }
+                    Err(e) => refuse(ErrorCode::CertInvalid, format!("relay {e}")),
+                };
+                channel.respond(response);
+            }
+            Ok(_) if !relays.is_certified(&peer, now) => channel.respond(refuse(
+                ErrorCode::CertInvalid,
+                "say Hello with a gateway-signed relay certificate first".into(),
+            )),
+            Ok(ReplicaRequest::Store { envelopes }) => {
+                if let Some(bad) = envelopes.iter().find(|e| e.encoded_len() > MAX_ENVELOPE_SIZE) {
+                    return channel.respond(refuse(ErrorCode::BadRequest, format!("envelope {} is too large", bad.id)));
+                }
+                let (store, put) = (self.store.clone(), mailboxes.put_and_push(&envelopes, now));
+                self.tasks.spawn(async move {
+                    let mailboxes: HashSet<PeerId> = envelopes.iter().map(|e| e.to_device).collect();
+                    let outcome = match put {
+                        Some(queued) => queued.outcome().await,
+                        None => store.put(envelopes, now).await,
+                    };
+                    match outcome {
+                        Ok(outcome) if !outcome.over_quota.is_empty() => Done::answer(
+                            channel,
+                            refuse(ErrorCode::QuotaExceeded, "the recipient's mailbox is full".into()),
+                        ),
+                        Ok(outcome) => Done {
+                            channel,
+                            response: ReplicaResponse::Stored { duplicates: outcome.duplicates },
+                            arrived: mailboxes.into_iter().collect(),
+                        },
+                        Err(e) => Done::answer(channel, refuse(ErrorCode::Internal, e.to_string())),
+                    }
+                });
+            }
+            Ok(ReplicaRequest::Delete { mailbox, ids }) => {
+                let store = self.store.clone();
+                self.tasks.spawn(async move {
+                    let response = match store.delete(mailbox, ids).await {
+                        Ok(count) => ReplicaResponse::Deleted { count },
+                        Err(e) => refuse(ErrorCode::Internal, e.to_string()),
+                    };
+                    Done::answer(channel, response)
+                });
+            }
+        }
+    }
+}

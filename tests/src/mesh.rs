@@ -1,0 +1,124 @@
+//! A whole mesh on loopback: one gateway and N relays.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::thread;
+use std::time::Duration;
+
+use libp2p::identity::ed25519;
+use meshgram_node::crypto::cert::{RelayCert, unix_now};
+use meshgram_node::crypto::identity::load_or_create_ed25519;
+use meshgram_node::defaults::{RELAY_CERT_FILE, RELAY_KEY_FILE};
+use serde_json::Value;
+
+use crate::{GATEWAY_BIN, Gateway, RELAY_BIN, Server, bin_path, run};
+
+/// A gateway and `N` relays on loopback, each relay joining through the ones before it.
+#[derive(Debug)]
+pub struct Mesh {
+    pub gateway: Gateway,
+    pub relays: Vec<Server>,
+}
+
+impl Mesh {
+    /// Starts a gateway and `relays` relays with replication `replication`. Each relay is
+    /// admitted as an operator would: `meshgram-gateway relay-cert` signs its certificate.
+    pub fn start(relays: usize, replication: usize) -> Mesh {
+        let gateway = Gateway::start();
+        let key = gateway.server.ready["public_key"].as_str().expect("gateway ready line has public_key").to_string();
+        let gateway_dir = gateway.data_dir().display().to_string();
+        Mesh::start_relays(gateway, &key, relays, replication, |dir| {
+            let relay = load_or_create_ed25519(&dir.join(RELAY_KEY_FILE)).expect("relay key").public().to_peer_id();
+            let (relay, out) = (relay.to_string(), dir.join(RELAY_CERT_FILE).display().to_string());
+            let args = ["--data", &gateway_dir, "relay-cert", "--relay", &relay, "--out", &out];
+            let issued = run(&bin_path(GATEWAY_BIN), &args, None);
+            assert!(issued.status.success(), "relay-cert failed: {}", issued.stderr);
+        })
+    }
+
+    /// Like [`Mesh::start`], but relays trust `gateway` (a key the test holds, which also signs
+    /// their certificates) instead of the gateway's own key.
+    pub fn start_with_key(gateway: Gateway, signer: &ed25519::Keypair, relays: usize, replication: usize) -> Mesh {
+        let key = meshgram_node::ids::hex(&signer.public().to_bytes());
+        Mesh::start_relays(gateway, &key, relays, replication, |dir| {
+            RelayCert::admit(signer, dir, 1, unix_now()).expect("admit the relay");
+        })
+    }
+
+    /// Starts the relays, each after `admit` gave its data dir a key and a certificate.
+    fn start_relays(
+        gateway: Gateway,
+        gateway_key: &str,
+        relays: usize,
+        replication: usize,
+        admit: impl Fn(&Path),
+    ) -> Mesh {
+        let mut servers: Vec<Server> = Vec::new();
+        for i in 0..relays {
+            let dir = gateway.tmp().join(format!("relay-{i}"));
+            fs::create_dir_all(&dir).expect("relay data dir");
+            admit(&dir);
+            let data = dir.display().to_string();
+            let replication = replication.to_string();
+            let mut args: Vec<String> = [
+                "--data",
+                &data,
+                "--gateway-key",
+                gateway_key,
+                "--replication",
+                &replication,
+                "--listen",
+                "/ip4/127.0.0.1/tcp/0",
+                "--http",
+                "127.0.0.1:0",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            for earlier in &servers {
+                args.extend(["--bootstrap".to_string(), earlier.tcp_addr()]);
+            }
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let server =
+                Server::start(&bin_path(RELAY_BIN), &args).unwrap_or_else(|e| panic!("relay {i} did not start: {e:#}"));
+            servers.push(server);
+        }
+        // Give Kademlia a moment to learn every relay (bounded; identify runs on connect).
+        thread::sleep(Duration::from_millis(500));
+        Mesh { gateway, relays: servers }
+    }
+
+    /// `--gateway ADDR --relay R1 --relay R2 …` for `meshgram login`.
+    pub fn login_args(&self) -> Vec<String> {
+        let mut args = vec!["--gateway".to_string(), self.gateway.addr()];
+        for relay in &self.relays {
+            args.extend(["--relay".to_string(), relay.tcp_addr()]);
+        }
+        args
+    }
+
+    /// Signs `phone` in on `profile`, remembering this mesh's relays; returns the login JSON.
+    pub fn login(&self, profile: &Path, phone: &str) -> Value {
+        let args = self.login_args();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.gateway.login_via(&args, profile, phone, &[], |code| vec![code.to_string()]).ok_json()
+    }
+
+    /// A fresh profile dir under the mesh's temp dir.
+    pub fn new_profile(&self, name: &str) -> PathBuf {
+        self.gateway.new_profile(name)
+    }
+
+    /// Every file under every relay's data dir, concatenated: what a relay operator can read.
+    pub fn relay_disk_bytes(&self) -> Vec<u8> {
+        let mut all = Vec::new();
+        for relay in &self.relays {
+            for entry in fs::read_dir(&relay.data_dir).into_iter().flatten().flatten() {
+                if let Ok(bytes) = fs::read(entry.path()) {
+                    all.extend(bytes);
+                }
+            }
+        }
+        all
+    }
+}
