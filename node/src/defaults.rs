@@ -18,7 +18,8 @@ pub const SERVER_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 /// Commands queued to a swarm's event loop before callers wait: enough for bursts, bounded.
 pub const COMMAND_QUEUE: usize = 256;
 
-/// Renew a session certificate once less than this much validity is left.
+/// Renew a session certificate once less than this much validity is left (or half its life has
+/// passed, if that comes first).
 pub const CERT_RENEW_BEFORE_SECS: u64 = 10 * 60;
 
 /// Mailbox requests include long-polls of up to 25 s (`MAX_FETCH_WAIT_MS`) and sends that wait
@@ -43,9 +44,10 @@ pub const NODE_CALL_QUEUE: usize = 64;
 /// Events a slow subscriber may fall behind by before it is told it lagged (it then reads the
 /// history): a burst of a few hundred messages fits.
 pub const NODE_EVENT_QUEUE: usize = 1024;
-/// How often a client node checks whether its certificate is due for renewal: well inside the
-/// [`CERT_RENEW_BEFORE_SECS`] margin, so a renewal that fails is retried many times before expiry.
-pub const NODE_RENEW_CHECK: Duration = Duration::from_secs(30);
+/// How often a client node checks whether its certificate is due for renewal (a comparison of
+/// two numbers until it is): far inside the renewal margin, so a renewal that fails is retried
+/// many times before the certificate expires.
+pub const NODE_RENEW_CHECK: Duration = Duration::from_secs(5);
 /// How long a client node waits after a failed poll of its relays before polling again.
 pub const NODE_RETRY_AFTER: Duration = Duration::from_secs(1);
 /// The longest line a client node's control socket reads: calls are small (the largest is a

@@ -24,7 +24,11 @@ impl Mesh {
     /// Starts a gateway and `relays` relays with replication `replication`. Each relay is
     /// admitted as an operator would: `meshgram-gateway relay-cert` signs its certificate.
     pub fn start(relays: usize, replication: usize) -> Mesh {
-        let gateway = Gateway::start();
+        Mesh::start_on(Gateway::start(), relays, replication)
+    }
+
+    /// Like [`Mesh::start`], on a gateway the test started (say, with short certificates).
+    pub fn start_on(gateway: Gateway, relays: usize, replication: usize) -> Mesh {
         let key = gateway.server.ready["public_key"].as_str().expect("gateway ready line has public_key").to_string();
         let gateway_dir = gateway.data_dir().display().to_string();
         Mesh::start_relays(gateway, &key, relays, replication, |dir| {

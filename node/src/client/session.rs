@@ -208,13 +208,13 @@ impl Client {
         self.accept_session(session.account, cert, session.relays)
     }
 
-    /// Renews the certificate if it expires within [`CERT_RENEW_BEFORE_SECS`].
+    /// Renews the certificate once it is past half its life or expires within
+    /// [`CERT_RENEW_BEFORE_SECS`], whichever comes first: a client that cannot reach the gateway
+    /// then has the other half (or those minutes) to keep trying.
     pub async fn renew_if_due(&self, session: SavedSession) -> Result<SavedSession, ClientError> {
-        if session.cert.body.not_after <= unix_now() + CERT_RENEW_BEFORE_SECS {
-            self.renew(session).await
-        } else {
-            Ok(session)
-        }
+        let b = &session.cert.body;
+        let margin = CERT_RENEW_BEFORE_SECS.min(b.not_after.saturating_sub(b.not_before) / 2);
+        if b.not_after <= unix_now() + margin { self.renew(session).await } else { Ok(session) }
     }
 
     // ---- typed gateway calls ----

@@ -11,7 +11,7 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use meshgram_tests::{CLI_BIN, Mesh, Server, array, bin_path, meshgram, run, str_field, texts};
+use meshgram_tests::{CLI_BIN, Gateway, Mesh, Server, array, bin_path, meshgram, run, str_field, texts, unix_now};
 use serde_json::Value;
 
 use super::{ALICE, BOB};
@@ -270,4 +270,35 @@ fn another_local_user_cannot_use_the_node() {
     let refused = meshgram(&carol, &["whoami"]);
     let error = refused.expect_err(&["FORBIDDEN"]);
     assert!(str_field(&error, "message").contains("65534"), "{refused}");
+}
+
+/// `cert.body.not_after` of the profile's saved session.
+fn saved_cert_expiry(profile: &Path) -> u64 {
+    let session: Value = serde_json::from_slice(&std::fs::read(profile.join("session.json")).unwrap()).unwrap();
+    session["cert"]["body"]["not_after"].as_u64().unwrap()
+}
+
+#[test]
+fn a_running_node_renews_its_certificate_and_keeps_receiving_past_the_first_expiry() {
+    // One-minute certificates: the node renews at half-life, with no command run meanwhile.
+    let gateway = Gateway::builder().arg("--cert-ttl-secs").arg("60").start();
+    let mesh = Mesh::start_on(gateway, 2, 2);
+    let (alice, bob) = (mesh.new_profile("alice"), mesh.new_profile("bob"));
+    mesh.login(&alice, ALICE);
+    mesh.login(&bob, BOB);
+    let first_expiry = saved_cert_expiry(&bob);
+    let _node = start_node(&bob);
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while saved_cert_expiry(&bob) == first_expiry {
+        assert!(Instant::now() < deadline, "the node did not renew its certificate");
+        thread::sleep(Duration::from_millis(500));
+    }
+    // Past the first certificate's end, Bob's node (on its renewed one) still gets messages.
+    while unix_now() <= first_expiry + 1 {
+        thread::sleep(Duration::from_millis(500));
+    }
+    meshgram(&alice, &["send", BOB, "after the first certificate expired"]).ok_json();
+    let inbox = meshgram(&bob, &["messages"]).ok_json();
+    assert_eq!(texts(&inbox), ["after the first certificate expired"]);
 }

@@ -1,11 +1,13 @@
 //! `meshgram up`: a whole local network on loopback, each role its own process running the same
 //! binary an operator would run: the gateway and N relays (the bot bridge and the desktop app
 //! join as they land). Ports are remembered in `network.json`, so a second `up` on the same
-//! directory resumes the same network at the same addresses, with its data.
+//! directory resumes the same network at the same addresses, with its data. `up` supervises its
+//! roles: one that exits (a SIGKILLed relay, say) is restarted on the same data and ports while
+//! the others keep running; only Ctrl-C or SIGTERM stops the network.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use libp2p::Multiaddr;
@@ -14,14 +16,25 @@ use meshgram_node::crypto::cert::{RelayCert, unix_now};
 use meshgram_node::crypto::identity::load_ed25519;
 use meshgram_node::defaults::{GATEWAY_KEY_FILE, RELAY_CERT_DAYS};
 use meshgram_node::network_file::{GatewayEntry, NETWORK_FILE, NetworkFile, NodeEntry};
+use meshgram_node::server::service::stop_requested;
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, ChildStdin, Command};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 
 /// A role's process must print its ready line within this long.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// After SIGTERM, a role gets this long to exit before SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// The first wait before restarting a role that exited; doubled after each quick exit.
+const RESTART_FIRST: Duration = Duration::from_secs(1);
+/// The longest wait between restarts: a role that keeps failing is retried twice a minute.
+const RESTART_MAX: Duration = Duration::from_secs(30);
+/// A role that ran this long before exiting is restarted after [`RESTART_FIRST`] again.
+const RESTART_STABLE: Duration = Duration::from_secs(60);
 
 /// A child process of one role; killed when dropped.
 struct RoleProcess {
@@ -30,7 +43,19 @@ struct RoleProcess {
     /// Held, not used: the role exits when it closes. Kept out of `child`, whose `wait()`
     /// would close it.
     _stdin: ChildStdin,
+    /// Drains stdout after the ready line, so the role never blocks on a full pipe.
+    _drain: AbortOnDropHandle<()>,
     ready: Value,
+}
+
+/// How to start one role again: the same binary, data dir and ports.
+struct RoleSpec {
+    role: &'static str,
+    /// For people: "gateway", "relay 1".
+    label: String,
+    bin: PathBuf,
+    args: Vec<String>,
+    log: PathBuf,
 }
 
 impl RoleProcess {
@@ -70,9 +95,9 @@ impl RoleProcess {
             Ok(Ok(None)) | Ok(Err(_)) => bail!("{role} exited before it was ready; see {}", log.display()),
             Err(_) => bail!("{role} was not ready within {READY_TIMEOUT:?}; see {}", log.display()),
         };
-        // Keep draining stdout so the role never blocks on a full pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Ok(RoleProcess { role, child, _stdin: stdin, ready })
+        let drain =
+            AbortOnDropHandle::new(tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} }));
+        Ok(RoleProcess { role, child, _stdin: stdin, _drain: drain, ready })
     }
 
     /// SIGTERM, then SIGKILL after the grace period.
@@ -126,7 +151,7 @@ async fn start_role(
     data: &Path,
     mut args: Vec<String>,
     previous: Option<&[Multiaddr]>,
-) -> anyhow::Result<RoleProcess> {
+) -> anyhow::Result<(RoleProcess, RoleSpec)> {
     let bin = sibling_binary(&format!("meshgram-{role}"))?;
     let dir = data.join(name);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -139,14 +164,66 @@ async fn start_role(
         all
     };
     let log = data.join(format!("{name}.log"));
-    match RoleProcess::start(role, &bin, &with_listen(listen_addrs(previous)), &log).await {
-        Ok(p) => Ok(p),
+    let process = match RoleProcess::start(role, &bin, &with_listen(listen_addrs(previous)), &log).await {
+        Ok(p) => p,
         // The old ports may be taken by now; fresh ports still resume the same data.
         Err(e) if previous.is_some() => {
             tracing::warn!(error = %e, role, "could not reuse the previous ports; using new ones");
-            RoleProcess::start(role, &bin, &with_listen(listen_addrs(None)), &log).await
+            RoleProcess::start(role, &bin, &with_listen(listen_addrs(None)), &log).await?
         }
-        Err(e) => Err(e),
+        Err(e) => return Err(e),
+    };
+    // A restart binds the ports it has now, so every address handed out stays right.
+    let ports = ready_addrs(&process.ready)?;
+    let spec =
+        RoleSpec { role, label: name.replace('-', " "), bin, args: with_listen(listen_addrs(Some(&ports))), log };
+    Ok((process, spec))
+}
+
+/// Keeps one role running until `stop`, like systemd's `Restart=always`: a role that exits is
+/// started again on the same data dir and ports, after a wait that doubles while it keeps
+/// failing; the other roles are not touched.
+async fn supervise(spec: RoleSpec, mut process: RoleProcess, stop: CancellationToken) {
+    let mut delay = RESTART_FIRST;
+    let mut started = Instant::now();
+    loop {
+        let status = tokio::select! {
+            status = process.child.wait() => status,
+            () = stop.cancelled() => return process.stop().await,
+        };
+        if started.elapsed() >= RESTART_STABLE {
+            delay = RESTART_FIRST;
+        }
+        let how = match status {
+            Ok(status) => describe_exit(status),
+            Err(e) => format!("lost track of it ({e})"),
+        };
+        eprintln!("{} exited: {how}; restarting in {} s", spec.label, delay.as_secs());
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = stop.cancelled() => return,
+            }
+            delay = (delay * 2).min(RESTART_MAX);
+            match RoleProcess::start(spec.role, &spec.bin, &spec.args, &spec.log).await {
+                Ok(restarted) => {
+                    eprintln!("{} is back", spec.label);
+                    process = restarted;
+                    started = Instant::now();
+                    break;
+                }
+                Err(e) => eprintln!("{} did not restart: {e:#}; retrying in {} s", spec.label, delay.as_secs()),
+            }
+        }
+    }
+}
+
+fn describe_exit(status: std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exit status {code}"),
+        (None, Some(signal)) => format!("killed by signal {signal}"),
+        _ => status.to_string(),
     }
 }
 
@@ -197,11 +274,11 @@ pub(crate) async fn run(data: &Path, options: UpOptions, json: bool) -> anyhow::
 
     let code_sink = data.join("gateway").join("codes.log");
     let gateway_args = vec!["--code-sink".into(), format!("file:{}", code_sink.display())];
-    let mut processes = vec![
+    let mut roles = vec![
         start_role("gateway", "gateway", &data, gateway_args, previous.as_ref().map(|p| p.gateway.addrs.as_slice()))
             .await?,
     ];
-    let gateway = gateway_entry(&processes[0].ready, code_sink)?;
+    let gateway = gateway_entry(&roles[0].0.ready, code_sink)?;
 
     let mut relays: Vec<NodeEntry> = Vec::new();
     for i in 0..options.relays {
@@ -223,9 +300,17 @@ pub(crate) async fn run(data: &Path, options: UpOptions, json: bool) -> anyhow::
         let old = previous.as_ref().and_then(|p| p.relays.get(i)).map(|r| r.addrs.as_slice());
         let name = format!("relay-{i}");
         admit_relay(&data.join("gateway"), &data.join(&name))?;
-        let process = start_role("relay", &name, &data, args, old).await?;
+        let (process, spec) = start_role("relay", &name, &data, args, old).await?;
         relays.push(NodeEntry { peer_id: ready_peer(&process.ready)?, addrs: ready_addrs(&process.ready)? });
-        processes.push(process);
+        roles.push((process, spec));
+    }
+    // A relay that is restarted later joins through every other relay, not only the earlier ones.
+    for (i, (_, spec)) in roles.iter_mut().skip(1).enumerate() {
+        for later in relays.iter().skip(i + 1) {
+            if let Some(addr) = later.addrs.iter().find(|a| a.to_string().contains("/tcp/")) {
+                spec.args.extend(["--bootstrap".into(), format!("{addr}/p2p/{}", later.peer_id)]);
+            }
+        }
     }
     let network = NetworkFile { gateway, relays, bot_api: None, app: None };
     network.save(&network_path)?;
@@ -236,22 +321,16 @@ pub(crate) async fn run(data: &Path, options: UpOptions, json: bool) -> anyhow::
         print_welcome(&data, &network_path, &network);
     }
 
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let exited = {
-        let waits = processes.iter_mut().map(|p| Box::pin(async move { (p.role, p.child.wait().await) }));
-        futures::future::select_all(waits)
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = terminate.recv() => {}
-        ((role, status), _, _) = exited => {
-            eprintln!("the {role} exited ({status:?}); see the logs in {}; stopping the network", data.display());
-        }
+    let stop = CancellationToken::new();
+    let mut supervisors = JoinSet::new();
+    for (process, spec) in roles {
+        supervisors.spawn(supervise(spec, process, stop.clone()));
     }
-    eprintln!("Stopping…");
-    for process in processes.into_iter().rev() {
-        process.stop().await;
-    }
+    // Only Ctrl-C or SIGTERM stops the network; a role that exits is restarted.
+    let why = stop_requested(false).await?;
+    eprintln!("Stopping ({why})…");
+    stop.cancel();
+    while supervisors.join_next().await.is_some() {}
     Ok(())
 }
 
