@@ -50,6 +50,14 @@ pub const NODE_EVENT_QUEUE: usize = 1024;
 pub const NODE_RENEW_CHECK: Duration = Duration::from_secs(5);
 /// How long a client node waits after a failed poll of its relays before polling again.
 pub const NODE_RETRY_AFTER: Duration = Duration::from_secs(1);
+/// The longest a client node waits between polls while envelopes wait to be verified (the
+/// gateway is away): new messages from others are late by at most this much meanwhile.
+pub const NODE_DEFERRED_BACKOFF_MAX: Duration = Duration::from_secs(10);
 /// The longest line a client node's control socket reads: calls are small (the largest is a
 /// batch of texts of at most 4,096 characters each), so 4 MiB bounds memory, not use.
 pub const CONTROL_MAX_LINE: usize = 4 * 1024 * 1024;
+
+/// A cached directory card younger than this is used as it is when sending; an older one is
+/// looked up again (so a contact's new or removed device is picked up within a minute), and
+/// used anyway when the gateway cannot be reached.
+pub const CARD_FRESH_SECS: u64 = 60;

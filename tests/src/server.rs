@@ -102,6 +102,11 @@ impl Server {
         }
     }
 
+    /// The process id, e.g. to SIGSTOP the server.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// `peer_id` from the ready line.
     pub fn peer_id(&self) -> String {
         self.ready["peer_id"]

@@ -9,9 +9,9 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use crate::ids::UserId;
-use crate::proto::UserCard;
 use crate::proto::envelope::EnvelopeId;
 use crate::proto::payload::{MessageId, Status};
+use crate::proto::{LookupQuery, UserCard};
 
 /// File in a profile dir.
 pub const HISTORY_FILE: &str = "history.redb";
@@ -26,6 +26,11 @@ const SEEN: TableDefinition<&[u8; 16], ()> = TableDefinition::new("seen_envelope
 const MESSAGE_INDEX: TableDefinition<&[u8; 16], (u64, u64)> = TableDefinition::new("message_index");
 const SEND_SEQ: TableDefinition<&[u8], u64> = TableDefinition::new("send_seq");
 const CARDS: TableDefinition<u64, &[u8]> = TableDefinition::new("cards");
+/// User id → when its card was fetched (unix seconds): how fresh the cached card is.
+const CARD_FETCHED: TableDefinition<u64, u64> = TableDefinition::new("card_fetched");
+/// `@username` (canonical) or `+phone` → user id, so a known contact is found by name without
+/// the gateway.
+const CARD_NAMES: TableDefinition<&str, u64> = TableDefinition::new("card_names");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const NEXT_ORDER: &str = "next_order";
 
@@ -96,6 +101,8 @@ impl History {
         tx.open_table(MESSAGE_INDEX)?;
         tx.open_table(SEND_SEQ)?;
         tx.open_table(CARDS)?;
+        tx.open_table(CARD_FETCHED)?;
+        tx.open_table(CARD_NAMES)?;
         tx.open_table(META)?;
         tx.commit()?;
         Ok(History { db: Arc::new(db) })
@@ -230,11 +237,56 @@ impl History {
         Ok(tx.open_table(CARDS)?.get(user.0)?.and_then(|v| postcard::from_bytes(v.value()).ok()))
     }
 
-    /// Caches a card.
-    pub fn put_card(&self, card: &UserCard) -> Result<(), HistoryError> {
+    /// A cached card and when it was fetched (unix seconds), by any query.
+    pub fn cached_card(&self, query: &LookupQuery) -> Result<Option<(UserCard, u64)>, HistoryError> {
+        let tx = self.db.begin_read()?;
+        let user = match query {
+            LookupQuery::UserId(id) => id.0,
+            by_name => match tx.open_table(CARD_NAMES)?.get(name_key(by_name).as_str())? {
+                Some(id) => id.value(),
+                None => return Ok(None),
+            },
+        };
+        let Some(card) =
+            tx.open_table(CARDS)?.get(user)?.and_then(|v| postcard::from_bytes::<UserCard>(v.value()).ok())
+        else {
+            return Ok(None);
+        };
+        // A name that has moved on to someone else since is no longer this card's.
+        if let LookupQuery::Username(u) = query
+            && card.username.as_ref().map(|c| c.canonical()) != Some(u.canonical())
+        {
+            return Ok(None);
+        }
+        let fetched = tx.open_table(CARD_FETCHED)?.get(user)?.map(|v| v.value()).unwrap_or(0);
+        Ok(Some((card, fetched)))
+    }
+
+    /// Caches a card fetched at `now` (unix seconds) for `query`, and by its @username.
+    pub fn put_card(&self, card: &UserCard, query: &LookupQuery, now: u64) -> Result<(), HistoryError> {
         let tx = self.db.begin_write()?;
-        tx.open_table(CARDS)?.insert(card.user_id.0, encode(card).as_slice())?;
+        {
+            let user = card.user_id.0;
+            tx.open_table(CARDS)?.insert(user, encode(card).as_slice())?;
+            tx.open_table(CARD_FETCHED)?.insert(user, now)?;
+            let mut names = tx.open_table(CARD_NAMES)?;
+            if !matches!(query, LookupQuery::UserId(_)) {
+                names.insert(name_key(query).as_str(), user)?;
+            }
+            if let Some(username) = &card.username {
+                names.insert(name_key(&LookupQuery::Username(username.clone())).as_str(), user)?;
+            }
+        }
         tx.commit()?;
         Ok(())
+    }
+}
+
+/// The key a by-name query is cached under: the canonical @username, or the phone.
+fn name_key(query: &LookupQuery) -> String {
+    match query {
+        LookupQuery::Username(u) => format!("@{}", u.canonical()),
+        LookupQuery::Phone(p) => p.as_str().to_string(),
+        LookupQuery::UserId(id) => id.to_string(),
     }
 }

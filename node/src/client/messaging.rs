@@ -8,14 +8,15 @@ use libp2p::PeerId;
 
 use crate::client::history::{History, HistoryError, StoredMessage};
 use crate::client::session::{Client, ClientError, SavedSession};
+use crate::crypto::cert::unix_now;
 use crate::crypto::seal::{self, E2eError};
+use crate::defaults::CARD_FRESH_SECS;
 use crate::ids::{UserId, now_ms};
 use crate::net::placement;
 use crate::proto::envelope::{Envelope, EnvelopeId};
 use crate::proto::payload::{Body, MAX_TEXT_CHARS, MessageId, Payload, Status};
 use crate::proto::{
-    AuthRequest, AuthResponse, ErrorCode, LookupQuery, MAX_ENVELOPES_PER_BATCH, MailboxRequest, MailboxResponse,
-    RelayInfo, UserCard, WireError,
+    ErrorCode, LookupQuery, MAX_ENVELOPES_PER_BATCH, MailboxRequest, MailboxResponse, RelayInfo, UserCard, WireError,
 };
 
 /// What a fetch brought: new or changed messages, and who is typing.
@@ -23,6 +24,10 @@ use crate::proto::{
 pub struct Inbox {
     pub messages: Vec<StoredMessage>,
     pub typing: Vec<UserId>,
+    /// Envelopes that could not be verified yet (say, the gateway is away): left on the relays,
+    /// unacknowledged, to be tried again. A receiving loop backs off while there are some, since
+    /// the relays hand them straight back.
+    pub deferred: usize,
 }
 
 /// Message ids per receipt: 16 bytes each keeps a receipt far below the envelope limit.
@@ -56,6 +61,30 @@ pub enum MessagingError {
     NotYours(MessageId),
 }
 
+impl MessagingError {
+    /// Whether the failure may pass (a peer or the gateway unreachable or busy, our own history
+    /// busy, our session in trouble): retry later, never turn it into a verdict. Only a bad seal,
+    /// a key not on the sender's card, a malformed payload or a sender the directory does not
+    /// know are definitive.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            MessagingError::Seal(_) => false,
+            MessagingError::Client(ClientError::Gateway(e)) | MessagingError::Refused(e) => {
+                e.code != ErrorCode::NotFound
+            }
+            MessagingError::Client(ClientError::BadCert(_) | ClientError::UnexpectedResponse(_)) => false,
+            MessagingError::TextTooLong
+            | MessagingError::NoDevices(_)
+            | MessagingError::UnknownMessage(_)
+            | MessagingError::NotYours(_) => false,
+            MessagingError::Client(_)
+            | MessagingError::Net(_)
+            | MessagingError::History(_)
+            | MessagingError::NoRelay(_) => true,
+        }
+    }
+}
+
 /// A signed-in device that sends and receives.
 #[derive(Debug)]
 pub struct Messenger {
@@ -70,6 +99,8 @@ pub struct Messenger {
     /// Envelopes fetched and recorded in the history but not yet acknowledged, per relay: the
     /// next `Fetch` there carries them ([`Messenger::flush_acks`] sends them on their own).
     unacked: HashMap<PeerId, Vec<EnvelopeId>>,
+    /// Envelopes dropped as definitively bad (forged, malformed).
+    dropped_envelopes: u64,
 }
 
 impl Messenger {
@@ -77,7 +108,15 @@ impl Messenger {
     /// first needed, so calls that only talk to the gateway never touch it.
     pub async fn open(profile: &std::path::Path) -> Result<Self, MessagingError> {
         let (client, session) = Client::open_signed_in(profile)?;
-        let session = client.renew_if_due(session).await?;
+        let session = match client.renew_if_due(session.clone()).await {
+            Ok(renewed) => renewed,
+            // The relays take the current certificate while it lasts; a renewal can wait.
+            Err(e) if e.is_transient() && session.cert.body.not_after > unix_now() => {
+                tracing::warn!(error = %e, "could not renew the session certificate now; using the current one");
+                session
+            }
+            Err(e) => return Err(e.into()),
+        };
         Ok(Messenger {
             client,
             session,
@@ -85,6 +124,7 @@ impl Messenger {
             greeted: HashSet::new(),
             mailbox_relays: Vec::new(),
             unacked: HashMap::new(),
+            dropped_envelopes: 0,
         })
     }
 
@@ -99,6 +139,7 @@ impl Messenger {
             greeted: HashSet::new(),
             mailbox_relays: self.mailbox_relays.clone(),
             unacked: HashMap::new(),
+            dropped_envelopes: 0,
         })
     }
 
@@ -120,25 +161,39 @@ impl Messenger {
         self.session.cert.body.user_id
     }
 
-    /// A user's card, asking the gateway when not cached or when `refresh`.
+    /// A user's card: the cached one whatever its age, else the gateway's.
     pub async fn user_card(&mut self, query: LookupQuery) -> Result<UserCard, MessagingError> {
         self.history()?;
-        self.card(query, false).await
+        self.card(query, u64::MAX).await
     }
 
-    async fn card(&self, query: LookupQuery, refresh: bool) -> Result<UserCard, MessagingError> {
-        if let (LookupQuery::UserId(id), false) = (&query, refresh)
-            && let Some(card) = self.h().card(*id)?
+    /// A card from the cache if it is at most `max_age_secs` old, else from the gateway (and
+    /// cached). When the gateway cannot be reached, a cached card of any age does: messaging
+    /// known contacts needs only the relays.
+    async fn card(&self, query: LookupQuery, max_age_secs: u64) -> Result<UserCard, MessagingError> {
+        let cached = self.h().cached_card(&query)?;
+        if let Some((card, fetched)) = &cached
+            && unix_now().saturating_sub(*fetched) <= max_age_secs
         {
-            return Ok(card);
+            return Ok(card.clone());
         }
-        match self.client.call(AuthRequest::Lookup(query)).await? {
-            AuthResponse::Card(card) => {
-                self.h().put_card(&card)?;
-                Ok(card)
-            }
-            _ => Err(ClientError::UnexpectedResponse("Lookup").into()),
+        match self.lookup(query).await {
+            Err(e) if e.is_transient() => match cached {
+                Some((card, _)) => {
+                    tracing::debug!(user = %card.user_id, error = %e, "the gateway is away; using the cached card");
+                    Ok(card)
+                }
+                None => Err(e),
+            },
+            fresh => fresh,
         }
+    }
+
+    /// A card from the gateway, cached.
+    async fn lookup(&self, query: LookupQuery) -> Result<UserCard, MessagingError> {
+        let card = self.client.lookup(query.clone()).await?;
+        self.h().put_card(&card, &query, unix_now())?;
+        Ok(card)
     }
 
     // ---- relays ----
@@ -194,7 +249,7 @@ impl Messenger {
         if texts.iter().any(|t| t.is_empty() || t.chars().count() > MAX_TEXT_CHARS) {
             return Err(MessagingError::TextTooLong);
         }
-        let card = self.card(to, true).await?;
+        let card = self.card(to, CARD_FRESH_SECS).await?;
         let me = self.me();
         let bodies = texts.into_iter().map(|text| Body::Text { text, reply_to }).collect();
         let sent = self.send_payloads(&card, bodies, true).await?;
@@ -229,7 +284,7 @@ impl Messenger {
             return Err(MessagingError::TextTooLong);
         }
         let original = self.own_message(&id)?;
-        let card = self.card(LookupQuery::UserId(original.chat), true).await?;
+        let card = self.card(LookupQuery::UserId(original.chat), CARD_FRESH_SECS).await?;
         self.send_payloads(&card, vec![Body::Edit { message: id, text: text.clone() }], true).await?;
         let changed = self.h().update(&[id], |m| {
             m.text.clone_from(&text);
@@ -243,7 +298,7 @@ impl Messenger {
     pub async fn delete(&mut self, id: MessageId) -> Result<StoredMessage, MessagingError> {
         self.history()?;
         let original = self.own_message(&id)?;
-        let card = self.card(LookupQuery::UserId(original.chat), true).await?;
+        let card = self.card(LookupQuery::UserId(original.chat), CARD_FRESH_SECS).await?;
         self.send_payloads(&card, vec![Body::Delete { messages: vec![id] }], true).await?;
         let changed = self.h().update(&[id], mark_deleted)?;
         Ok(changed.into_iter().next().unwrap_or(original))
@@ -252,7 +307,7 @@ impl Messenger {
     /// Tells `to` that we are typing.
     pub async fn typing(&mut self, to: LookupQuery) -> Result<(), MessagingError> {
         self.history()?;
-        let card = self.card(to, true).await?;
+        let card = self.card(to, CARD_FRESH_SECS).await?;
         self.send_payloads(&card, vec![Body::Typing], false).await?;
         Ok(())
     }
@@ -287,7 +342,7 @@ impl Messenger {
     }
 
     async fn send_receipts(&mut self, to: UserId, status: Status, ids: &[MessageId]) -> Result<(), MessagingError> {
-        let card = self.card(LookupQuery::UserId(to), true).await?;
+        let card = self.card(LookupQuery::UserId(to), CARD_FRESH_SECS).await?;
         let bodies = ids.chunks(MAX_IDS_PER_RECEIPT).map(|c| Body::Receipt { status, messages: c.to_vec() }).collect();
         self.send_payloads(&card, bodies, false).await?;
         Ok(())
@@ -306,8 +361,11 @@ impl Messenger {
         }
         let me = self.me();
         let my_device = self.client.identity.peer_id();
-        let mine =
-            if sync && card.user_id != me { Some(self.card(LookupQuery::UserId(me), true).await?) } else { None };
+        let mine = if sync && card.user_id != me {
+            Some(self.card(LookupQuery::UserId(me), CARD_FRESH_SECS).await?)
+        } else {
+            None
+        };
         let targets: Vec<(UserId, crate::proto::DeviceCard)> = card
             .devices
             .iter()
@@ -399,6 +457,7 @@ impl Messenger {
                     reached += 1;
                     fresh.messages.extend(inbox.messages);
                     fresh.typing.extend(inbox.typing);
+                    fresh.deferred += inbox.deferred;
                 }
                 Err(e) => {
                     tracing::warn!(relay = %relay.peer_id, error = %e, "mailbox relay unavailable");
@@ -468,15 +527,18 @@ impl Messenger {
             if envelopes.is_empty() {
                 return Ok(fresh);
             }
-            let ids: Vec<EnvelopeId> = envelopes.iter().map(|e| e.id).collect();
             self.history()?;
-            let inbox = self.accept(envelopes).await?;
+            let fetched: Vec<EnvelopeId> = envelopes.iter().map(|e| e.id).collect();
+            let (inbox, deferred) = self.accept(envelopes).await?;
             fresh.messages.extend(inbox.messages);
             fresh.typing.extend(inbox.typing);
+            fresh.deferred += deferred.len();
             // Acknowledged only after the history commit: a crash before it means a redelivery,
-            // which the seen-set absorbs; never a loss.
+            // which the seen-set absorbs; never a loss. Deferred envelopes stay on the relays.
+            let ids = fetched.into_iter().filter(|id| !deferred.contains(id)).collect();
             self.unacked.insert(relay.peer_id, ids);
-            if !more {
+            // More now would bring the deferred ones straight back.
+            if !more || !deferred.is_empty() {
                 return Ok(fresh);
             }
             wait = 0;
@@ -497,23 +559,42 @@ impl Messenger {
         }
     }
 
-    /// Opens, verifies and applies envelopes; drops (and logs) those that fail.
-    async fn accept(&mut self, envelopes: Vec<Envelope>) -> Result<Inbox, MessagingError> {
-        let envelopes = delivery_order(envelopes);
+    /// Opens, verifies and applies envelopes. One that is definitively bad (bad seal, key not
+    /// on the sender's card, malformed) is dropped, logged and counted; one that cannot be
+    /// verified yet (the gateway away, say) is deferred, and so is everything after it from the
+    /// same device, so that each sender's order holds. Returns what changed and the deferred ids.
+    async fn accept(&mut self, envelopes: Vec<Envelope>) -> Result<(Inbox, HashSet<EnvelopeId>), MessagingError> {
         let mut inbox = Inbox::default();
-        for envelope in envelopes {
+        let mut deferred = HashSet::new();
+        let mut waiting_devices = HashSet::new();
+        for envelope in delivery_order(envelopes) {
             if self.h().seen(&envelope.id)? {
+                continue;
+            }
+            if waiting_devices.contains(&envelope.from_device) {
+                deferred.insert(envelope.id);
                 continue;
             }
             match self.open_envelope(&envelope).await {
                 Ok(payload) => self.apply(&envelope, payload, &mut inbox)?,
+                Err(e) if e.is_transient() => {
+                    tracing::warn!(envelope = %envelope.id, error = %e, "cannot verify an envelope yet; keeping it for later");
+                    waiting_devices.insert(envelope.from_device);
+                    deferred.insert(envelope.id);
+                }
                 Err(e) => {
                     tracing::warn!(envelope = %envelope.id, error = %e, "dropping an envelope that does not verify");
+                    self.dropped_envelopes += 1;
                     self.h().mark_seen(&[envelope.id])?;
                 }
             }
         }
-        Ok(inbox)
+        Ok((inbox, deferred))
+    }
+
+    /// How many envelopes this messenger dropped as definitively bad.
+    pub fn dropped_envelopes(&self) -> u64 {
+        self.dropped_envelopes
     }
 
     /// What one verified payload changes here.
@@ -576,8 +657,9 @@ impl Messenger {
         let matches = |card: &UserCard| {
             card.devices.iter().any(|d| d.peer_id == envelope.from_device && d.noise_key() == opened.sender_key)
         };
-        let cached = self.card(LookupQuery::UserId(envelope.from_user), false).await?;
-        if !matches(&cached) && !matches(&self.card(LookupQuery::UserId(envelope.from_user), true).await?) {
+        // The cached card first; a key it does not list may be a device added since.
+        let cached = self.card(LookupQuery::UserId(envelope.from_user), u64::MAX).await?;
+        if !matches(&cached) && !matches(&self.lookup(LookupQuery::UserId(envelope.from_user)).await?) {
             return Err(E2eError::Open(format!(
                 "sealed by a key that is not device {} of user {}",
                 envelope.from_device, envelope.from_user

@@ -22,7 +22,9 @@ use crate::client::api::{ApiError, Call, ChatSummary, Event, Me, Names, Reply};
 use crate::client::history::{History, StoredMessage};
 use crate::client::messaging::{Inbox, MessagingError, Messenger};
 use crate::client::session::SavedSession;
-use crate::defaults::{FETCH_WAIT_MS, NODE_CALL_QUEUE, NODE_EVENT_QUEUE, NODE_RENEW_CHECK, NODE_RETRY_AFTER};
+use crate::defaults::{
+    FETCH_WAIT_MS, NODE_CALL_QUEUE, NODE_DEFERRED_BACKOFF_MAX, NODE_EVENT_QUEUE, NODE_RENEW_CHECK, NODE_RETRY_AFTER,
+};
 use crate::ids::UserId;
 use crate::proto::payload::MessageId;
 use crate::proto::{AuthRequest, LookupQuery, UserCard};
@@ -58,7 +60,8 @@ impl NodeHandle {
         let (session_tx, session_rx) = watch::channel(messenger.session.clone());
         let mut tasks = Vec::new();
         if mode == NodeMode::Running {
-            let receiver = Receiver { messenger: messenger.fork()?, session: session_rx, events: events.clone() };
+            let receiver =
+                Receiver { messenger: messenger.fork()?, deferred: 0, session: session_rx, events: events.clone() };
             tasks.push(AbortOnDropHandle::new(tokio::spawn(receiver.run())));
         }
         let actor = Actor { messenger, events: events.clone(), session: session_tx };
@@ -281,6 +284,8 @@ impl Actor {
 /// Long-polls the mailbox relays for as long as the node runs.
 struct Receiver {
     messenger: Messenger,
+    /// Envelopes the last poll had to leave for later.
+    deferred: usize,
     session: watch::Receiver<SavedSession>,
     events: broadcast::Sender<Event>,
 }
@@ -288,12 +293,14 @@ struct Receiver {
 impl Receiver {
     async fn run(mut self) {
         let mut connected = None;
+        let mut deferred_backoff = NODE_RETRY_AFTER;
         loop {
             if self.session.has_changed().unwrap_or(false) {
                 self.messenger.session = self.session.borrow_and_update().clone();
             }
             let (now_connected, detail) = match self.messenger.receive(FETCH_WAIT_MS).await {
                 Ok(inbox) => {
+                    self.deferred = inbox.deferred;
                     if let Ok(history) = self.messenger.history() {
                         publish(&self.events, history, &inbox.messages, true);
                     }
@@ -312,6 +319,14 @@ impl Receiver {
             if !now_connected {
                 // Relays come and go: keep trying, without spinning.
                 tokio::time::sleep(NODE_RETRY_AFTER).await;
+            }
+            // Envelopes that cannot be verified yet come straight back from the relays: wait
+            // longer each time (up to a limit) rather than spin on them.
+            if self.deferred > 0 {
+                tokio::time::sleep(deferred_backoff).await;
+                deferred_backoff = (deferred_backoff * 2).min(NODE_DEFERRED_BACKOFF_MAX);
+            } else {
+                deferred_backoff = NODE_RETRY_AFTER;
             }
         }
     }

@@ -17,8 +17,8 @@ use crate::defaults::CERT_RENEW_BEFORE_SECS;
 use crate::ids::{Phone, SessionId};
 use crate::net::transport::TransportError;
 use crate::proto::{
-    Account, AuthRequest, AuthResponse, LookupQuery, MailboxRequest, MailboxResponse, RelayInfo, SessionInfo, UserCard,
-    WireError,
+    Account, AuthRequest, AuthResponse, ErrorCode, LookupQuery, MailboxRequest, MailboxResponse, RelayInfo,
+    SessionInfo, UserCard, WireError,
 };
 
 /// File in a profile dir holding the signed-in session.
@@ -31,7 +31,7 @@ pub enum ClientError {
     #[error("{0}")]
     Gateway(#[from] WireError),
     /// The gateway could not be reached or did not answer.
-    #[error(transparent)]
+    #[error("the gateway cannot be reached: {0}")]
     Net(#[from] NetError),
     /// The profile directory could not be read or written.
     #[error("profile {path}: {reason}")]
@@ -54,6 +54,19 @@ pub enum ClientError {
     /// The gateway answered with a reply that does not fit the request.
     #[error("unexpected reply from the gateway to {0}")]
     UnexpectedResponse(&'static str),
+}
+
+impl ClientError {
+    /// Whether the failure may pass: the gateway unreachable, busy or rate limiting.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ClientError::Net(_) | ClientError::Transport(_) => true,
+            ClientError::Gateway(e) => {
+                matches!(e.code, ErrorCode::FloodWait | ErrorCode::Internal | ErrorCode::Unavailable)
+            }
+            _ => false,
+        }
+    }
 }
 
 /// Where the gateway is: its peer id (which is also its public key) and addresses.

@@ -9,6 +9,8 @@
 //! - `features`: edits, deletes, delivery and read receipts, typing, `messages --follow`.
 //! - `node`: the client node — the CLI through its socket with the same output, `--follow` by
 //!   push, one node per profile, SIGKILL and restart, garbage on the socket, other users refused.
+//! - `resilience`: with the gateway stopped, known contacts still chat, and an envelope that
+//!   cannot be verified yet is kept and shown once the gateway is back.
 //! - `wire`: bad input straight at a relay (forged, expired and misused certificates, sender
 //!   spoofing, oversized envelopes, replays, garbage); the relay keeps serving.
 
@@ -20,6 +22,7 @@ mod basic;
 mod durability;
 mod features;
 mod node;
+mod resilience;
 mod wire;
 
 const ALICE: &str = "+15550001111";
