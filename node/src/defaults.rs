@@ -53,11 +53,24 @@ pub const NODE_RETRY_AFTER: Duration = Duration::from_secs(1);
 /// The longest a client node waits between polls while envelopes wait to be verified (the
 /// gateway is away): new messages from others are late by at most this much meanwhile.
 pub const NODE_DEFERRED_BACKOFF_MAX: Duration = Duration::from_secs(10);
-/// The longest line a client node's control socket reads: calls are small (the largest is a
-/// batch of texts of at most 4,096 characters each), so 4 MiB bounds memory, not use.
-pub const CONTROL_MAX_LINE: usize = 4 * 1024 * 1024;
+/// The longest call a client node's control socket reads: the largest is `send --lines`, a
+/// batch of texts of at most 4,096 characters each; 64 MiB (thousands of full-length messages)
+/// bounds memory, not use. Only the profile's owner can connect at all.
+pub const CONTROL_MAX_LINE: usize = 64 * 1024 * 1024;
 
 /// A cached directory card younger than this is used as it is when sending; an older one is
 /// looked up again (so a contact's new or removed device is picked up within a minute), and
 /// used anyway when the gateway cannot be reached.
 pub const CARD_FRESH_SECS: u64 = 60;
+
+/// How long a command waits for another process of the same profile (a one-shot command, a
+/// node still starting) before it gives up: one-shot commands take well under a second, a node
+/// starts in a few.
+pub const PROFILE_BUSY_WAIT: Duration = Duration::from_secs(30);
+/// How often a command waiting for a busy profile looks again.
+pub const PROFILE_BUSY_POLL: Duration = Duration::from_millis(50);
+
+/// A cached card older than this is looked up again before it vouches for a received envelope,
+/// so a device its owner removed stops being trusted within ten minutes (the cached card still
+/// serves while the gateway cannot be reached).
+pub const CARD_TRUST_SECS: u64 = 600;

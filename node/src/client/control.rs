@@ -29,7 +29,7 @@ use tokio_util::task::AbortOnDropHandle;
 
 use crate::client::api::{ApiError, Call, Event, Reply};
 use crate::client::node::NodeHandle;
-use crate::defaults::CONTROL_MAX_LINE;
+use crate::defaults::{CONTROL_MAX_LINE, PROFILE_BUSY_POLL, PROFILE_BUSY_WAIT};
 
 /// The socket in a profile dir.
 pub const SOCKET_FILE: &str = "node.sock";
@@ -44,12 +44,30 @@ enum Answer {
     Error(ApiError),
 }
 
-/// Why a node could not take over its profile.
+/// Who holds a profile's lock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Holder {
+    /// A client node (`meshgram node`, a follower, the app), serving the socket.
+    Node,
+    /// One CLI command that found no node and opened the profile itself, for a moment.
+    OneShot,
+}
+
+impl Holder {
+    fn as_str(self) -> &'static str {
+        match self {
+            Holder::Node => "node",
+            Holder::OneShot => "command",
+        }
+    }
+}
+
+/// Why a process could not take over its profile.
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
-    /// Another process is this profile's node.
-    #[error("a client node already runs for this profile{}", .pid.map(|p| format!(" (pid {p})")).unwrap_or_default())]
-    AlreadyRunning { pid: Option<u32> },
+    /// Another process holds the profile.
+    #[error("{} already uses this profile{}", match .holder { Some(Holder::OneShot) => "another meshgram command", _ => "a client node" }, .pid.map(|p| format!(" (pid {p})")).unwrap_or_default())]
+    AlreadyRunning { pid: Option<u32>, holder: Option<Holder> },
     /// The lock file or socket could not be set up.
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
@@ -65,7 +83,7 @@ impl From<ControlError> for ApiError {
     }
 }
 
-/// Proof that this process is the profile's node, for as long as it is held.
+/// Proof that this process alone uses the profile, for as long as it is held.
 #[derive(Debug)]
 pub struct NodeLock {
     _file: File,
@@ -73,8 +91,8 @@ pub struct NodeLock {
 }
 
 impl NodeLock {
-    /// Takes the profile's node lock, or says which process holds it.
-    pub fn acquire(profile: &Path) -> Result<NodeLock, ControlError> {
+    /// Takes the profile's lock as `holder`, or says which process holds it.
+    pub fn acquire(profile: &Path, holder: Holder) -> Result<NodeLock, ControlError> {
         let path = profile.join(LOCK_FILE);
         let io = |source| ControlError::Io { path: path.clone(), source };
         let mut file = OpenOptions::new()
@@ -88,21 +106,35 @@ impl NodeLock {
         match file.try_lock() {
             Ok(()) => {}
             Err(fs::TryLockError::WouldBlock) => {
-                let mut pid = String::new();
-                let _ = file.read_to_string(&mut pid);
-                return Err(ControlError::AlreadyRunning { pid: pid.trim().parse().ok() });
+                let mut text = String::new();
+                let _ = file.read_to_string(&mut text);
+                let mut words = text.split_whitespace();
+                let pid = words.next().and_then(|p| p.parse().ok());
+                let holder =
+                    words.next().map(|h| if h == Holder::OneShot.as_str() { Holder::OneShot } else { Holder::Node });
+                return Err(ControlError::AlreadyRunning { pid, holder });
             }
             Err(fs::TryLockError::Error(e)) => return Err(io(e)),
         }
-        file.set_len(0).and_then(|()| write!(file, "{}", std::process::id())).map_err(io)?;
+        file.set_len(0).and_then(|()| write!(file, "{} {}", std::process::id(), holder.as_str())).map_err(io)?;
         Ok(NodeLock { _file: file, profile: profile.to_path_buf() })
     }
+}
 
-    /// The pid of the profile's running node, if one runs.
-    pub fn holder(profile: &Path) -> Option<Option<u32>> {
-        match NodeLock::acquire(profile) {
-            Err(ControlError::AlreadyRunning { pid }) => Some(pid),
-            _ => None,
+impl NodeLock {
+    /// Like [`NodeLock::acquire`], but waits (bounded) while another one-shot command holds
+    /// the profile for a moment; a running node is an answer at once.
+    pub async fn acquire_when_free(profile: &Path, holder: Holder) -> Result<NodeLock, ControlError> {
+        let deadline = tokio::time::Instant::now() + PROFILE_BUSY_WAIT;
+        loop {
+            match NodeLock::acquire(profile, holder) {
+                Err(ControlError::AlreadyRunning { holder: Some(Holder::OneShot), .. })
+                    if tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(PROFILE_BUSY_POLL).await;
+                }
+                other => return other,
+            }
         }
     }
 }
@@ -124,7 +156,13 @@ impl ControlServer {
             Err(e) if e.kind() != ErrorKind::NotFound => return Err(io(e)),
             _ => {}
         }
-        let listener = UnixListener::bind(&path).map_err(io)?;
+        let listener = UnixListener::bind(&path).map_err(|e| match e.kind() {
+            ErrorKind::InvalidInput => io(std::io::Error::new(
+                e.kind(),
+                "the profile's path is too long for a unix socket (at most 107 bytes with /node.sock): use a shorter --profile",
+            )),
+            _ => io(e),
+        })?;
         fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).map_err(io)?;
         let owner = fs::metadata(&path).map_err(io)?.uid();
         let accept = AbortOnDropHandle::new(tokio::spawn(accept_loop(listener, node, owner)));
@@ -173,7 +211,7 @@ async fn serve_connection(stream: UnixStream, node: NodeHandle, owner: u32) {
     }
     let mut reader = BufReader::new(read);
     loop {
-        let line = match read_line(&mut reader).await {
+        let line = match read_line(&mut reader, CONTROL_MAX_LINE).await {
             Ok(Some(line)) => line,
             Ok(None) => return,
             Err(refusal) => {
@@ -234,10 +272,13 @@ async fn stream_events(
     }
 }
 
-/// One line without its newline; `None` at the end of input. A line over the limit is refused.
-async fn read_line(reader: &mut (impl AsyncBufReadExt + AsyncRead + Unpin)) -> Result<Option<Vec<u8>>, ApiError> {
+/// One line without its newline; `None` at the end of input. A line over `max` bytes is refused.
+async fn read_line(
+    reader: &mut (impl AsyncBufReadExt + AsyncRead + Unpin),
+    max: usize,
+) -> Result<Option<Vec<u8>>, ApiError> {
     let mut line = Vec::new();
-    let limit = CONTROL_MAX_LINE as u64 + 1;
+    let limit = (max as u64).saturating_add(1);
     let n = reader
         .take(limit)
         .read_until(b'\n', &mut line)
@@ -248,8 +289,8 @@ async fn read_line(reader: &mut (impl AsyncBufReadExt + AsyncRead + Unpin)) -> R
     }
     if line.last() == Some(&b'\n') {
         line.pop();
-    } else if line.len() > CONTROL_MAX_LINE {
-        return Err(ApiError::new("BAD_REQUEST", format!("a line is longer than {CONTROL_MAX_LINE} bytes")));
+    } else if line.len() > max {
+        return Err(ApiError::new("BAD_REQUEST", format!("a line is longer than {max} bytes")));
     }
     Ok(Some(line))
 }
@@ -290,7 +331,13 @@ impl ControlClient {
                 let (read, write) = stream.into_split();
                 Ok(Some(ControlClient { reader: BufReader::new(read), write }))
             }
-            Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::ConnectionRefused) => Ok(None),
+            // No socket, a stale one, or a profile path too long for any socket (no node can
+            // have bound it): no node runs.
+            Err(e)
+                if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::ConnectionRefused | ErrorKind::InvalidInput) =>
+            {
+                Ok(None)
+            }
             Err(e) => Err(ApiError::new("PROFILE", format!("{}: {e}", path.display()))),
         }
     }
@@ -311,7 +358,8 @@ impl ControlClient {
     }
 
     async fn answer(&mut self) -> Result<Answer, ApiError> {
-        let line = read_line(&mut self.reader).await?.ok_or_else(node_gone)?;
+        // The node is this user's own process: its answers (a long history) are not bounded.
+        let line = read_line(&mut self.reader, usize::MAX).await?.ok_or_else(node_gone)?;
         serde_json::from_slice(&line).map_err(|e| ApiError::new("INTERNAL", format!("the node's answer: {e}")))
     }
 
@@ -325,9 +373,15 @@ impl ControlClient {
 }
 
 impl EventStream {
-    /// The next event; `Err(NODE_GONE)` when the node went away.
+    /// The next event; `Err(NODE_GONE)` when the node went away. Events this version does not
+    /// know (from a newer node: the enum only grows) are skipped.
     pub async fn next(&mut self) -> Result<Event, ApiError> {
-        let line = read_line(&mut self.reader).await?.ok_or_else(node_gone)?;
-        serde_json::from_slice(&line).map_err(|e| ApiError::new("INTERNAL", format!("the node's event: {e}")))
+        loop {
+            let line = read_line(&mut self.reader, usize::MAX).await?.ok_or_else(node_gone)?;
+            match serde_json::from_slice(&line) {
+                Ok(event) => return Ok(event),
+                Err(e) => tracing::debug!(error = %e, "skipping an event this version does not know"),
+            }
+        }
     }
 }

@@ -63,7 +63,8 @@ impl<E: Into<redb::Error>> From<E> for HistoryError {
         let e: redb::Error = e.into();
         match e {
             redb::Error::DatabaseAlreadyOpen => HistoryError::Db(
-                "the history is open in another meshgram process for this profile (e.g. messages --follow)".into(),
+                "the history is open in another meshgram process for this profile (a client node, or another command)"
+                    .into(),
             ),
             other => HistoryError::Db(other.to_string()),
         }
@@ -156,17 +157,13 @@ impl History {
         Ok(fresh)
     }
 
-    /// Marks envelopes as processed without recording a message (receipts, edits, typing).
-    pub fn mark_seen(&self, ids: &[EnvelopeId]) -> Result<(), HistoryError> {
+    /// Marks an envelope processed without recording a message (typing, a dropped forgery);
+    /// returns whether it was new.
+    pub fn mark_seen(&self, id: EnvelopeId) -> Result<bool, HistoryError> {
         let tx = self.db.begin_write()?;
-        {
-            let mut seen = tx.open_table(SEEN)?;
-            for id in ids {
-                seen.insert(&id.0, ())?;
-            }
-        }
+        let new = tx.open_table(SEEN)?.insert(&id.0, ())?.is_none();
         tx.commit()?;
-        Ok(())
+        Ok(new)
     }
 
     /// A message by id.
@@ -178,15 +175,41 @@ impl History {
         Ok(tx.open_table(MESSAGES)?.get(key)?.and_then(|v| postcard::from_bytes(v.value()).ok()))
     }
 
-    /// Applies `change` to each listed message that exists; returns the changed ones.
+    /// Applies `change` (what envelope `envelope` says) to each listed message that exists, and
+    /// marks the envelope seen, in one transaction; returns the changed messages. An envelope
+    /// seen before changes nothing.
     pub fn update(
         &self,
+        envelope: EnvelopeId,
+        ids: &[MessageId],
+        change: impl FnMut(&mut StoredMessage) -> bool,
+    ) -> Result<Vec<StoredMessage>, HistoryError> {
+        self.change(Some(envelope), ids, change)
+    }
+
+    /// Applies a change of this device's own making to each listed message that exists.
+    pub fn update_own(
+        &self,
+        ids: &[MessageId],
+        change: impl FnMut(&mut StoredMessage) -> bool,
+    ) -> Result<Vec<StoredMessage>, HistoryError> {
+        self.change(None, ids, change)
+    }
+
+    fn change(
+        &self,
+        envelope: Option<EnvelopeId>,
         ids: &[MessageId],
         mut change: impl FnMut(&mut StoredMessage) -> bool,
     ) -> Result<Vec<StoredMessage>, HistoryError> {
         let tx = self.db.begin_write()?;
         let mut changed = Vec::new();
         {
+            if let Some(envelope) = envelope
+                && tx.open_table(SEEN)?.insert(&envelope.0, ())?.is_some()
+            {
+                return Ok(changed);
+            }
             let index = tx.open_table(MESSAGE_INDEX)?;
             let mut table = tx.open_table(MESSAGES)?;
             for id in ids {

@@ -10,7 +10,7 @@ use crate::client::history::{History, HistoryError, StoredMessage};
 use crate::client::session::{Client, ClientError, SavedSession};
 use crate::crypto::cert::unix_now;
 use crate::crypto::seal::{self, E2eError};
-use crate::defaults::CARD_FRESH_SECS;
+use crate::defaults::{CARD_FRESH_SECS, CARD_TRUST_SECS, CERT_RENEW_BEFORE_SECS};
 use crate::ids::{UserId, now_ms};
 use crate::net::placement;
 use crate::proto::envelope::{Envelope, EnvelopeId};
@@ -101,14 +101,20 @@ pub struct Messenger {
     unacked: HashMap<PeerId, Vec<EnvelopeId>>,
     /// Envelopes dropped as definitively bad (forged, malformed).
     dropped_envelopes: u64,
+    /// Whether this messenger writes `session.json` when it learns relays (a client node's
+    /// messengers leave that to the node, which owns the session).
+    saves_session: bool,
 }
 
 impl Messenger {
-    /// Opens a signed-in profile, renewing its certificate if due. The history is opened when
-    /// first needed, so calls that only talk to the gateway never touch it.
-    pub async fn open(profile: &std::path::Path) -> Result<Self, MessagingError> {
+    /// Opens a signed-in profile, renewing its certificate first if `renew` and it is due. The
+    /// history is opened when first needed, so calls that only talk to the gateway never touch it.
+    pub async fn open(profile: &std::path::Path, renew: bool) -> Result<Self, MessagingError> {
         let (client, session) = Client::open_signed_in(profile)?;
-        let session = match client.renew_if_due(session.clone()).await {
+        if !renew {
+            return Ok(Messenger::new(client, session));
+        }
+        let session = match client.renew_if_due(session.clone(), CERT_RENEW_BEFORE_SECS).await {
             Ok(renewed) => renewed,
             // The relays take the current certificate while it lasts; a renewal can wait.
             Err(e) if e.is_transient() && session.cert.body.not_after > unix_now() => {
@@ -117,7 +123,11 @@ impl Messenger {
             }
             Err(e) => return Err(e.into()),
         };
-        Ok(Messenger {
+        Ok(Messenger::new(client, session))
+    }
+
+    fn new(client: Client, session: SavedSession) -> Self {
+        Messenger {
             client,
             session,
             history: None,
@@ -125,7 +135,19 @@ impl Messenger {
             mailbox_relays: Vec::new(),
             unacked: HashMap::new(),
             dropped_envelopes: 0,
-        })
+            saves_session: true,
+        }
+    }
+
+    /// Takes a changed session (a renewed certificate, say): relays are greeted with it anew.
+    pub fn set_session(&mut self, session: SavedSession) {
+        self.session = session;
+        self.greeted.clear();
+    }
+
+    /// Leaves writing `session.json` to the caller, which owns the session.
+    pub fn leave_session_saving_to_caller(&mut self) {
+        self.saves_session = false;
     }
 
     /// A second messenger on the same network task and history, with its own relay state: a
@@ -140,6 +162,7 @@ impl Messenger {
             mailbox_relays: self.mailbox_relays.clone(),
             unacked: HashMap::new(),
             dropped_envelopes: 0,
+            saves_session: self.saves_session,
         })
     }
 
@@ -211,7 +234,9 @@ impl Messenger {
                     self.mailbox_relays = mailbox_relays;
                     if !relays.is_empty() && relays != self.session.relays {
                         self.session.relays = relays;
-                        self.session.save(self.client.profile())?;
+                        if self.saves_session {
+                            self.session.save(self.client.profile())?;
+                        }
                     }
                 }
                 MailboxResponse::Error(e) => return Err(MessagingError::Refused(e)),
@@ -286,7 +311,7 @@ impl Messenger {
         let original = self.own_message(&id)?;
         let card = self.card(LookupQuery::UserId(original.chat), CARD_FRESH_SECS).await?;
         self.send_payloads(&card, vec![Body::Edit { message: id, text: text.clone() }], true).await?;
-        let changed = self.h().update(&[id], |m| {
+        let changed = self.h().update_own(&[id], |m| {
             m.text.clone_from(&text);
             m.edited = true;
             true
@@ -300,7 +325,7 @@ impl Messenger {
         let original = self.own_message(&id)?;
         let card = self.card(LookupQuery::UserId(original.chat), CARD_FRESH_SECS).await?;
         self.send_payloads(&card, vec![Body::Delete { messages: vec![id] }], true).await?;
-        let changed = self.h().update(&[id], mark_deleted)?;
+        let changed = self.h().update_own(&[id], mark_deleted)?;
         Ok(changed.into_iter().next().unwrap_or(original))
     }
 
@@ -325,7 +350,7 @@ impl Messenger {
         if unread.is_empty() {
             return Ok(0);
         }
-        self.h().update(&unread, |m| {
+        self.h().update_own(&unread, |m| {
             m.status = Status::Read;
             true
         })?;
@@ -450,8 +475,9 @@ impl Messenger {
         let mut fresh = Inbox::default();
         let mut reached = 0;
         let mut last = String::from("no mailbox relay known");
-        for (i, relay) in self.mailbox_relays.clone().into_iter().enumerate() {
-            let wait = if i == 0 { wait_ms } else { 0 };
+        for relay in self.mailbox_relays.clone() {
+            // Long-poll the first relay that answers; the others are only drained.
+            let wait = if reached == 0 { wait_ms } else { 0 };
             match self.drain(&relay, wait).await {
                 Ok(inbox) => {
                     reached += 1;
@@ -585,7 +611,7 @@ impl Messenger {
                 Err(e) => {
                     tracing::warn!(envelope = %envelope.id, error = %e, "dropping an envelope that does not verify");
                     self.dropped_envelopes += 1;
-                    self.h().mark_seen(&[envelope.id])?;
+                    self.h().mark_seen(envelope.id)?;
                 }
             }
         }
@@ -620,8 +646,9 @@ impl Messenger {
                 inbox.messages.extend(self.h().record(vec![(Some(envelope.id), message)])?);
                 return Ok(());
             }
-            // Only a message's author may edit or delete it.
-            Body::Edit { message, text } => inbox.messages.extend(self.h().update(&[message], |m| {
+            // Only a message's author may edit or delete it. Each change is applied in the same
+            // transaction that marks its envelope seen, so two fetchers never apply it twice.
+            Body::Edit { message, text } => inbox.messages.extend(self.h().update(envelope.id, &[message], |m| {
                 m.from == author && !m.deleted && {
                     m.text.clone_from(&text);
                     m.edited = true;
@@ -629,22 +656,26 @@ impl Messenger {
                 }
             })?),
             Body::Delete { messages } => {
-                inbox.messages.extend(self.h().update(&messages, |m| m.from == author && mark_deleted(m))?);
+                inbox
+                    .messages
+                    .extend(self.h().update(envelope.id, &messages, |m| m.from == author && mark_deleted(m))?);
             }
             // Receipts come from the other side of the chat, about our messages.
-            Body::Receipt { status, messages } => inbox.messages.extend(self.h().update(&messages, |m| {
-                m.outgoing && m.chat == author && m.status < status && {
-                    m.status = status;
-                    true
-                }
-            })?),
+            Body::Receipt { status, messages } => {
+                inbox.messages.extend(self.h().update(envelope.id, &messages, |m| {
+                    m.outgoing && m.chat == author && m.status < status && {
+                        m.status = status;
+                        true
+                    }
+                })?)
+            }
             Body::Typing => {
-                if !outgoing && now_ms().saturating_sub(envelope.sent_at_ms) < TYPING_FRESH_MS {
+                let fresh = now_ms().saturating_sub(envelope.sent_at_ms) < TYPING_FRESH_MS;
+                if self.h().mark_seen(envelope.id)? && !outgoing && fresh {
                     inbox.typing.push(author);
                 }
             }
         }
-        self.h().mark_seen(&[envelope.id])?;
         Ok(())
     }
 
@@ -657,8 +688,10 @@ impl Messenger {
         let matches = |card: &UserCard| {
             card.devices.iter().any(|d| d.peer_id == envelope.from_device && d.noise_key() == opened.sender_key)
         };
-        // The cached card first; a key it does not list may be a device added since.
-        let cached = self.card(LookupQuery::UserId(envelope.from_user), u64::MAX).await?;
+        // The cached card first (looked up again once it is old, so a removed device stops being
+        // trusted; the old one serves while the gateway is away); a key it does not list may be
+        // a device added since.
+        let cached = self.card(LookupQuery::UserId(envelope.from_user), CARD_TRUST_SECS).await?;
         if !matches(&cached) && !matches(&self.lookup(LookupQuery::UserId(envelope.from_user)).await?) {
             return Err(E2eError::Open(format!(
                 "sealed by a key that is not device {} of user {}",
@@ -715,6 +748,34 @@ mod tests {
             sent_at_ms,
             seq,
             sealed: vec![1],
+        }
+    }
+
+    #[test]
+    fn only_bad_seals_keys_payloads_and_unknown_senders_are_definitive() {
+        use crate::client::net::NetError;
+        use crate::proto::WireError;
+        let refused = |code| MessagingError::Client(ClientError::Gateway(WireError::new(code, "x")));
+        let unreachable = NetError::Unreachable { peer: PeerId::random(), addrs: String::new(), reason: "down".into() };
+        let transient = [
+            MessagingError::Client(ClientError::Net(unreachable.clone())),
+            MessagingError::Net(unreachable),
+            MessagingError::NoRelay("all down".into()),
+            MessagingError::History(crate::client::history::HistoryError::Db("busy".into())),
+            refused(ErrorCode::FloodWait),
+            refused(ErrorCode::Internal),
+            refused(ErrorCode::SessionRevoked),
+        ];
+        for e in &transient {
+            assert!(e.is_transient(), "{e}");
+        }
+        let definitive = [
+            MessagingError::Seal(E2eError::Open("bad seal".into())),
+            refused(ErrorCode::NotFound),
+            MessagingError::Client(ClientError::UnexpectedResponse("Lookup")),
+        ];
+        for e in &definitive {
+            assert!(!e.is_transient(), "{e}");
         }
     }
 

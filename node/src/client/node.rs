@@ -21,7 +21,8 @@ use tokio_util::task::AbortOnDropHandle;
 use crate::client::api::{ApiError, Call, ChatSummary, Event, Me, Names, Reply};
 use crate::client::history::{History, StoredMessage};
 use crate::client::messaging::{Inbox, MessagingError, Messenger};
-use crate::client::session::SavedSession;
+use crate::client::session::{Client, ClientError, SavedSession};
+use crate::crypto::cert::unix_now;
 use crate::defaults::{
     FETCH_WAIT_MS, NODE_CALL_QUEUE, NODE_DEFERRED_BACKOFF_MAX, NODE_EVENT_QUEUE, NODE_RENEW_CHECK, NODE_RETRY_AFTER,
 };
@@ -51,22 +52,40 @@ pub struct NodeHandle {
 }
 
 impl NodeHandle {
-    /// Opens a signed-in profile (renewing its certificate if due) and starts its node.
+    /// Opens a signed-in profile and starts its node. A one-shot node renews a certificate that
+    /// is about to expire first; a running one starts at once and renews on its own task, so it
+    /// starts (and serves from the relays) even while the gateway is away.
     pub async fn start(profile: &Path, mode: NodeMode) -> Result<NodeHandle, ApiError> {
-        let mut messenger = Messenger::open(profile).await?;
+        let running = mode == NodeMode::Running;
+        let mut messenger = Messenger::open(profile, !running).await?;
+        if running {
+            // The node's renewal task writes the session too: one writer at a time, through it.
+            messenger.leave_session_saving_to_caller();
+        }
         let (user_id, device) = (messenger.session.cert.body.user_id, messenger.session.cert.body.device);
         let (events, _) = broadcast::channel(NODE_EVENT_QUEUE);
         let (calls, jobs) = mpsc::channel(NODE_CALL_QUEUE);
-        let (session_tx, session_rx) = watch::channel(messenger.session.clone());
+        let session =
+            SharedSession { tx: Arc::new(watch::channel(messenger.session.clone()).0), profile: profile.into() };
         let mut tasks = Vec::new();
-        if mode == NodeMode::Running {
-            let receiver =
-                Receiver { messenger: messenger.fork()?, deferred: 0, session: session_rx, events: events.clone() };
+        if running {
+            let receiver = Receiver {
+                messenger: messenger.fork()?,
+                deferred: 0,
+                session: session.tx.subscribe(),
+                events: events.clone(),
+            };
             tasks.push(AbortOnDropHandle::new(tokio::spawn(receiver.run())));
+            tasks.push(AbortOnDropHandle::new(tokio::spawn(renew_loop(messenger.client.clone(), session.clone()))));
         }
-        let actor = Actor { messenger, events: events.clone(), session: session_tx };
-        tasks.push(AbortOnDropHandle::new(tokio::spawn(actor.run(jobs, mode == NodeMode::Running))));
+        let actor = Actor { messenger, events: events.clone(), updates: session.tx.subscribe(), session };
+        tasks.push(AbortOnDropHandle::new(tokio::spawn(actor.run(jobs))));
         Ok(NodeHandle { calls, events, user_id, device, _tasks: Arc::new(tasks) })
+    }
+
+    /// Resolves when the node can no longer answer calls (its actor ended).
+    pub async fn stopped(&self) {
+        self.calls.closed().await;
     }
 
     /// The signed-in account.
@@ -132,44 +151,82 @@ impl NodeHandle {
     }
 }
 
+/// The profile's session as the node's tasks share it: whoever changes it saves it, and the
+/// others pick the change up (and greet the relays again) before their next request.
+#[derive(Debug, Clone)]
+struct SharedSession {
+    tx: Arc<watch::Sender<SavedSession>>,
+    profile: std::path::PathBuf,
+}
+
+impl SharedSession {
+    fn get(&self) -> SavedSession {
+        self.tx.borrow().clone()
+    }
+
+    /// Changes the session in place (so concurrent changes of other fields survive) and saves it.
+    fn modify(&self, change: impl FnOnce(&mut SavedSession)) -> Result<(), ClientError> {
+        self.tx.send_modify(change);
+        self.get().save(&self.profile)
+    }
+}
+
+/// Takes the shared session into `messenger` if it changed since `updates` last looked.
+fn catch_up(messenger: &mut Messenger, updates: &mut watch::Receiver<SavedSession>) {
+    if updates.has_changed().unwrap_or(false) {
+        messenger.set_session(updates.borrow_and_update().clone());
+    }
+}
+
+/// Renews the certificate once half its life has passed, on its own task so that calls never
+/// wait for a gateway that is away; retries every check until it works.
+async fn renew_loop(client: Client, session: SharedSession) {
+    let mut check = tokio::time::interval(NODE_RENEW_CHECK);
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        check.tick().await;
+        let b = session.get().cert.body;
+        let half_life = b.not_after.saturating_sub(b.not_before) / 2;
+        if b.not_after > unix_now() + half_life {
+            continue;
+        }
+        match client.renew_cert().await {
+            Ok(cert) => {
+                if let Err(e) = session.modify(|s| s.cert = cert) {
+                    tracing::warn!(error = %e, "renewed the certificate but could not save it");
+                }
+            }
+            Err(e) => {
+                let left = b.not_after.saturating_sub(unix_now());
+                tracing::warn!(error = %e, left_secs = left, "could not renew the session certificate; retrying");
+            }
+        }
+    }
+}
+
 /// Sends, and answers calls.
 struct Actor {
     messenger: Messenger,
     events: broadcast::Sender<Event>,
-    session: watch::Sender<SavedSession>,
+    session: SharedSession,
+    updates: watch::Receiver<SavedSession>,
 }
 
 impl Actor {
-    async fn run(mut self, mut jobs: mpsc::Receiver<Job>, renew: bool) {
-        let mut renew_check = tokio::time::interval(NODE_RENEW_CHECK);
-        renew_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                job = jobs.recv() => {
-                    let Some((call, reply)) = job else { return };
-                    let answer = self.handle(call).await;
-                    // A caller that gave up does not need the answer.
-                    let _ = reply.send(answer);
-                }
-                _ = renew_check.tick(), if renew => self.renew_if_due().await,
-            }
+    async fn run(mut self, mut jobs: mpsc::Receiver<Job>) {
+        while let Some((call, reply)) = jobs.recv().await {
+            catch_up(&mut self.messenger, &mut self.updates);
+            let answer = self.handle(call).await;
+            // A caller that gave up does not need the answer.
+            let _ = reply.send(answer);
         }
     }
 
-    async fn renew_if_due(&mut self) {
-        let session = self.messenger.session.clone();
-        match self.messenger.client.renew_if_due(session).await {
-            Ok(renewed) => self.set_session(renewed),
-            Err(e) => tracing::warn!(error = %e, "could not renew the session certificate; will retry"),
-        }
-    }
-
-    /// Keeps a changed session here and on the receiver.
-    fn set_session(&mut self, session: SavedSession) {
-        if session.cert != self.messenger.session.cert || session.account != self.messenger.session.account {
-            self.messenger.session = session.clone();
-            self.session.send_replace(session);
-        }
+    /// Applies a change to the shared session (saved) and to this actor's messenger.
+    fn change_session(&mut self, change: impl FnOnce(&mut SavedSession)) -> Result<(), ApiError> {
+        self.session.modify(change)?;
+        catch_up(&mut self.messenger, &mut self.updates);
+        Ok(())
     }
 
     fn me(&self) -> Me {
@@ -188,15 +245,13 @@ impl Actor {
         let client = self.messenger.client.clone();
         Ok(match call {
             Call::Whoami => {
-                let mut session = client.renew_if_due(self.messenger.session.clone()).await?;
-                session.account = client.get_me().await?;
-                session.save(client.profile())?;
-                self.set_session(session);
+                let account = client.get_me().await?;
+                self.change_session(|s| s.account = account)?;
                 Reply::Me(self.me())
             }
             Call::Renew => {
-                let session = client.renew(self.messenger.session.clone()).await?;
-                self.set_session(session);
+                let cert = client.renew_cert().await?;
+                self.change_session(|s| s.cert = cert)?;
                 Reply::Me(self.me())
             }
             Call::SetProfile { username, name } => {
@@ -261,12 +316,8 @@ impl Actor {
     }
 
     async fn update_account(&mut self, request: AuthRequest) -> Result<Reply, ApiError> {
-        let client = self.messenger.client.clone();
-        let mut session = self.messenger.session.clone();
-        session.account = client.update_account(request).await?;
-        session.save(client.profile())?;
-        let account = session.account.clone();
-        self.set_session(session);
+        let account = self.messenger.client.update_account(request).await?;
+        self.change_session(|s| s.account = account.clone())?;
         Ok(Reply::Account { account })
     }
 
@@ -295,9 +346,7 @@ impl Receiver {
         let mut connected = None;
         let mut deferred_backoff = NODE_RETRY_AFTER;
         loop {
-            if self.session.has_changed().unwrap_or(false) {
-                self.messenger.session = self.session.borrow_and_update().clone();
-            }
+            catch_up(&mut self.messenger, &mut self.session);
             let (now_connected, detail) = match self.messenger.receive(FETCH_WAIT_MS).await {
                 Ok(inbox) => {
                     self.deferred = inbox.deferred;

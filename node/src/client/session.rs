@@ -13,7 +13,6 @@ use serde::{Deserialize, Serialize};
 use crate::client::net::{ClientNet, NetError};
 use crate::crypto::cert::{CertError, SessionCert, unix_now};
 use crate::crypto::identity::{DeviceIdentity, KeyFileError, write_secret};
-use crate::defaults::CERT_RENEW_BEFORE_SECS;
 use crate::ids::{Phone, SessionId};
 use crate::net::transport::TransportError;
 use crate::proto::{
@@ -217,17 +216,20 @@ impl Client {
 
     /// Renews the certificate now, saving it.
     pub async fn renew(&self, session: SavedSession) -> Result<SavedSession, ClientError> {
-        let cert = expect_reply!(self.call(AuthRequest::RenewCert).await?, "RenewCert", AuthResponse::Cert(c) => c)?;
+        let cert = self.renew_cert().await?;
         self.accept_session(session.account, cert, session.relays)
     }
 
-    /// Renews the certificate once it is past half its life or expires within
-    /// [`CERT_RENEW_BEFORE_SECS`], whichever comes first: a client that cannot reach the gateway
-    /// then has the other half (or those minutes) to keep trying.
-    pub async fn renew_if_due(&self, session: SavedSession) -> Result<SavedSession, ClientError> {
-        let b = &session.cert.body;
-        let margin = CERT_RENEW_BEFORE_SECS.min(b.not_after.saturating_sub(b.not_before) / 2);
-        if b.not_after <= unix_now() + margin { self.renew(session).await } else { Ok(session) }
+    /// Renews the certificate if less than `within_secs` of its validity is left.
+    pub async fn renew_if_due(&self, session: SavedSession, within_secs: u64) -> Result<SavedSession, ClientError> {
+        if session.cert.body.not_after <= unix_now() + within_secs { self.renew(session).await } else { Ok(session) }
+    }
+
+    /// A fresh certificate for this device, checked.
+    pub async fn renew_cert(&self) -> Result<SessionCert, ClientError> {
+        let cert = expect_reply!(self.call(AuthRequest::RenewCert).await?, "RenewCert", AuthResponse::Cert(c) => c)?;
+        cert.verify_for(&self.gateway.public_key()?, &self.identity.peer_id(), unix_now())?;
+        Ok(cert)
     }
 
     // ---- typed gateway calls ----

@@ -6,8 +6,10 @@ use std::io::BufRead;
 use std::path::Path;
 
 use meshgram_node::client::api::{ApiError, Call, Reply};
-use meshgram_node::client::control::ControlClient;
+use meshgram_node::client::control::{ControlClient, ControlError, Holder, NodeLock};
 use meshgram_node::client::node::{NodeHandle, NodeMode};
+use meshgram_node::client::{ClientError, SESSION_FILE};
+use meshgram_node::defaults::{PROFILE_BUSY_POLL, PROFILE_BUSY_WAIT};
 use meshgram_node::ids::InvalidValue;
 use meshgram_node::proto::LookupQuery;
 use meshgram_node::proto::payload::MessageId;
@@ -16,13 +18,29 @@ use serde_json::{Value, json};
 use super::output::{describe, emit, message_line, to_json};
 use super::{BotCommand, CliError, CliResult, Command, PasswordCommand, ProfileCommand, SessionsCommand};
 
-/// Makes `call` on the profile's node, the running one if there is one.
+/// Makes `call` on the profile's node: the running one if there is one, else one opened for
+/// this call, holding the profile's lock meanwhile (so no node starts under it). A node that is
+/// still starting, or another one-shot command, is waited for (bounded).
 pub(super) async fn call_node(profile: &Path, call: Call) -> Result<Reply, CliError> {
-    if let Some(mut node) = ControlClient::connect(profile).await? {
-        return Ok(node.call(&call).await?);
+    let deadline = tokio::time::Instant::now() + PROFILE_BUSY_WAIT;
+    loop {
+        if let Some(mut node) = ControlClient::connect(profile).await? {
+            return Ok(node.call(&call).await?);
+        }
+        match NodeLock::acquire(profile, Holder::OneShot) {
+            Ok(_lock) => {
+                let node = NodeHandle::start(profile, NodeMode::OneShot).await?;
+                return Ok(node.call(call).await?);
+            }
+            Err(ControlError::AlreadyRunning { .. }) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(PROFILE_BUSY_POLL).await;
+            }
+            Err(ControlError::Io { .. }) if !profile.join(SESSION_FILE).exists() => {
+                return Err(ClientError::NotSignedIn.into());
+            }
+            Err(e) => return Err(e.into()),
+        }
     }
-    let node = NodeHandle::start(profile, NodeMode::OneShot).await?;
-    Ok(node.call(call).await?)
 }
 
 fn unexpected(reply: &Reply) -> CliError {

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use meshgram_node::client::api::{ApiError, Call, Event, Names, Reply};
-use meshgram_node::client::control::{ControlClient, ControlError, ControlServer, NodeLock};
+use meshgram_node::client::control::{ControlClient, ControlError, ControlServer, Holder, NodeLock};
 use meshgram_node::client::history::StoredMessage;
 use meshgram_node::client::node::{NodeHandle, NodeMode};
 use meshgram_node::ids::UserId;
@@ -61,8 +61,8 @@ struct Follower {
     /// The chat being followed, once resolved.
     chat: Option<UserId>,
     names: Names,
-    /// What was printed of each message, so the history and the first events never show the
-    /// same thing twice.
+    /// History entries as printed, until an event about them comes: the history and the first
+    /// events never show the same thing twice.
     shown: HashMap<MessageId, StoredMessage>,
 }
 
@@ -85,7 +85,7 @@ impl Follower {
                 }
             }
         }
-        let lock = match NodeLock::acquire(profile) {
+        let lock = match NodeLock::acquire(profile, Holder::Node) {
             Ok(lock) => lock,
             Err(ControlError::AlreadyRunning { .. }) => {
                 tokio::time::sleep(NODE_STARTING_WAIT).await;
@@ -119,10 +119,13 @@ impl Follower {
                 },
             });
         }
-        match node.call(Call::Messages { chat: self.query.clone() }).await? {
+        match node.call(Call::Messages { chat: self.chat.map(LookupQuery::UserId) }).await? {
             Reply::Messages { messages, names } => {
                 self.names.extend(names);
-                messages.into_iter().for_each(|m| self.show_message(m));
+                for message in messages {
+                    self.print(&message);
+                    self.shown.insert(message.id, message);
+                }
                 Ok(())
             }
             other => Err(ApiError::unexpected("messages", &other).into()),
@@ -158,16 +161,20 @@ impl Follower {
         self.chat.is_none_or(|c| c == user)
     }
 
+    /// Prints a message unless it is what the history printed already.
     fn show_message(&mut self, message: StoredMessage) {
-        if self.shown.get(&message.id) == Some(&message) {
+        if self.shown.remove(&message.id).is_some_and(|shown| shown == message) {
             return;
         }
+        self.print(&message);
+    }
+
+    fn print(&self, message: &StoredMessage) {
         if self.json {
-            outln!("{}", to_json(&message));
+            outln!("{}", to_json(message));
         } else {
-            outln!("{}", message_line(&message, &self.names));
+            outln!("{}", message_line(message, &self.names));
         }
-        self.shown.insert(message.id, message);
     }
 }
 

@@ -5,7 +5,8 @@ use std::io::{BufRead, IsTerminal, Write};
 use std::path::Path;
 
 use libp2p::Multiaddr;
-use meshgram_node::client::control::NodeLock;
+use meshgram_node::client::api::ApiError;
+use meshgram_node::client::control::{ControlError, Holder, NodeLock};
 use meshgram_node::client::{Client, ClientError, GatewayAddr};
 use meshgram_node::ids::Phone;
 use meshgram_node::network_file::NetworkFile;
@@ -80,13 +81,16 @@ pub(super) async fn login(
     relays: &[Multiaddr],
     how: LoginWith,
 ) -> CliResult {
-    if let Some(pid) = NodeLock::holder(profile) {
-        let pid = pid.map(|p| format!(" (pid {p})")).unwrap_or_default();
-        return Err(CliError(meshgram_node::client::api::ApiError::new(
-            "NODE_RUNNING",
-            format!("a client node runs for this profile{pid}; stop it before signing in again"),
-        )));
-    }
+    std::fs::create_dir_all(profile)
+        .map_err(|e| CliError::usage(format!("creating the profile {}: {e}", profile.display())))?;
+    // Held for the whole sign-in, so that no node starts on a half-written session.
+    let _lock = match NodeLock::acquire_when_free(profile, Holder::OneShot).await {
+        Ok(lock) => lock,
+        Err(e @ ControlError::AlreadyRunning { .. }) => {
+            return Err(CliError(ApiError::new("NODE_RUNNING", format!("{e}; stop it before signing in again"))));
+        }
+        Err(e) => return Err(e.into()),
+    };
     let (gateway, relays) = resolve_gateway(gateway, relays)?;
     let LoginWith { phone, code, password, bot_token, device_name } = how;
     let device_name = device_name.unwrap_or_else(default_device_name);

@@ -2,10 +2,12 @@
 
 use std::path::Path;
 
-use meshgram_node::client::control::{ControlServer, NodeLock};
+use meshgram_node::client::control::{ControlServer, Holder, NodeLock};
 use meshgram_node::client::node::{NodeHandle, NodeMode};
 use meshgram_node::server::service::{print_ready, stop_requested};
 use serde::Serialize;
+
+use meshgram_node::client::api::ApiError;
 
 use super::{CliError, CliResult};
 
@@ -19,7 +21,7 @@ struct Ready {
 }
 
 pub(super) async fn run(profile: &Path, json: bool) -> CliResult {
-    let lock = NodeLock::acquire(profile)?;
+    let lock = NodeLock::acquire_when_free(profile, Holder::Node).await?;
     let node = NodeHandle::start(profile, NodeMode::Running).await?;
     let server = ControlServer::start(&lock, node.clone())?;
     let ready = Ready {
@@ -35,7 +37,13 @@ pub(super) async fn run(profile: &Path, json: bool) -> CliResult {
             ready.user_id, ready.pid
         );
     }
-    let why = stop_requested(false).await.map_err(|e| CliError::usage(format!("waiting for a signal: {e}")))?;
-    tracing::info!(why, "client node stopping");
-    Ok(())
+    tokio::select! {
+        why = stop_requested(false) => {
+            let why = why.map_err(|e| CliError::usage(format!("waiting for a signal: {e}")))?;
+            tracing::info!(why, "client node stopping");
+            Ok(())
+        }
+        // A node that cannot answer any more must not keep the profile's lock and socket.
+        () = node.stopped() => Err(CliError(ApiError::new("INTERNAL", "the client node stopped unexpectedly"))),
+    }
 }
