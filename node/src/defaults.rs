@@ -74,3 +74,7 @@ pub const PROFILE_BUSY_POLL: Duration = Duration::from_millis(50);
 /// so a device its owner removed stops being trusted within ten minutes (the cached card still
 /// serves while the gateway cannot be reached).
 pub const CARD_TRUST_SECS: u64 = 600;
+
+/// How often a client node tries its outbox again while messages wait there: soon enough that
+/// a message goes out within seconds of a relay coming back, rare enough to cost nothing.
+pub const NODE_OUTBOX_RETRY: Duration = Duration::from_secs(2);

@@ -5,12 +5,12 @@ use std::path::Path;
 use std::sync::Arc;
 
 use libp2p::PeerId;
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
 
 use crate::ids::UserId;
 use crate::proto::envelope::EnvelopeId;
-use crate::proto::payload::{MessageId, Status};
+use crate::proto::payload::{MessageId, Payload, Status};
 use crate::proto::{LookupQuery, UserCard};
 
 /// File in a profile dir.
@@ -31,8 +31,12 @@ const CARD_FETCHED: TableDefinition<u64, u64> = TableDefinition::new("card_fetch
 /// `@username` (canonical) or `+phone` → user id, so a known contact is found by name without
 /// the gateway.
 const CARD_NAMES: TableDefinition<&str, u64> = TableDefinition::new("card_names");
+/// Messages no relay could take yet, oldest first: order → the sealed payload's plaintext
+/// (`Payload`, whose `chat_with` names the recipient). Sealed afresh when sent.
+const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const NEXT_ORDER: &str = "next_order";
+const NEXT_OUTBOX: &str = "next_outbox";
 
 /// A message as this device keeps it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -105,6 +109,7 @@ impl History {
         tx.open_table(CARD_FETCHED)?;
         tx.open_table(CARD_NAMES)?;
         tx.open_table(META)?;
+        tx.open_table(OUTBOX)?;
         tx.commit()?;
         Ok(History { db: Arc::new(db) })
     }
@@ -129,30 +134,7 @@ impl History {
         messages: Vec<(Option<EnvelopeId>, StoredMessage)>,
     ) -> Result<Vec<StoredMessage>, HistoryError> {
         let tx = self.db.begin_write()?;
-        let mut fresh = Vec::new();
-        {
-            let mut table = tx.open_table(MESSAGES)?;
-            let mut seen = tx.open_table(SEEN)?;
-            let mut index = tx.open_table(MESSAGE_INDEX)?;
-            let mut meta = tx.open_table(META)?;
-            let mut order = meta.get(NEXT_ORDER)?.map(|v| v.value()).unwrap_or(0);
-            for (envelope, message) in messages {
-                if let Some(id) = envelope {
-                    if seen.get(&id.0)?.is_some() {
-                        continue;
-                    }
-                    seen.insert(&id.0, ())?;
-                }
-                if index.get(&message.id.0)?.is_some() {
-                    continue;
-                }
-                table.insert((message.chat.0, order), encode(&message).as_slice())?;
-                index.insert(&message.id.0, (message.chat.0, order))?;
-                order += 1;
-                fresh.push(message);
-            }
-            meta.insert(NEXT_ORDER, order)?;
-        }
+        let fresh = record_in(&tx, messages)?;
         tx.commit()?;
         Ok(fresh)
     }
@@ -164,6 +146,82 @@ impl History {
         let new = tx.open_table(SEEN)?.insert(&id.0, ())?.is_none();
         tx.commit()?;
         Ok(new)
+    }
+
+    /// Records outgoing messages as pending and queues their payloads, in one transaction.
+    pub fn queue(
+        &self,
+        messages: Vec<StoredMessage>,
+        payloads: &[Payload],
+    ) -> Result<Vec<StoredMessage>, HistoryError> {
+        let tx = self.db.begin_write()?;
+        let fresh = {
+            let fresh = record_in(&tx, messages.into_iter().map(|m| (None, m)).collect())?;
+            let mut outbox = tx.open_table(OUTBOX)?;
+            let mut meta = tx.open_table(META)?;
+            let mut next = meta.get(NEXT_OUTBOX)?.map(|v| v.value()).unwrap_or(0);
+            for payload in payloads {
+                outbox.insert(next, encode(payload).as_slice())?;
+                next += 1;
+            }
+            meta.insert(NEXT_OUTBOX, next)?;
+            fresh
+        };
+        tx.commit()?;
+        Ok(fresh)
+    }
+
+    /// What waits in the outbox, oldest first, with each entry's key.
+    pub fn outbox(&self) -> Result<Vec<(u64, Payload)>, HistoryError> {
+        let tx = self.db.begin_read()?;
+        let mut out = Vec::new();
+        for entry in tx.open_table(OUTBOX)?.range::<u64>(..)? {
+            let (key, value) = entry?;
+            match postcard::from_bytes(value.value()) {
+                Ok(payload) => out.push((key.value(), payload)),
+                Err(e) => tracing::warn!(error = %e, "skipping a corrupt outbox entry"),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Takes sent entries out of the outbox and marks their messages sent; returns those.
+    pub fn sent_from_outbox(&self, keys: &[u64], ids: &[MessageId]) -> Result<Vec<StoredMessage>, HistoryError> {
+        self.leave_outbox(keys, ids, |m| {
+            m.status == Status::Pending && {
+                m.status = Status::Sent;
+                true
+            }
+        })
+    }
+
+    /// Takes refused entries out of the outbox; their messages stay, marked deleted (nobody
+    /// got them), so the user sees what did not go out.
+    pub fn refused_from_outbox(&self, keys: &[u64], ids: &[MessageId]) -> Result<Vec<StoredMessage>, HistoryError> {
+        self.leave_outbox(keys, ids, |m| {
+            m.status == Status::Pending && {
+                m.deleted = true;
+                true
+            }
+        })
+    }
+
+    fn leave_outbox(
+        &self,
+        keys: &[u64],
+        ids: &[MessageId],
+        change: impl FnMut(&mut StoredMessage) -> bool,
+    ) -> Result<Vec<StoredMessage>, HistoryError> {
+        let tx = self.db.begin_write()?;
+        let changed = {
+            let mut outbox = tx.open_table(OUTBOX)?;
+            for key in keys {
+                outbox.remove(key)?;
+            }
+            change_in(&tx, ids, change)?
+        };
+        tx.commit()?;
+        Ok(changed)
     }
 
     /// A message by id.
@@ -200,31 +258,15 @@ impl History {
         &self,
         envelope: Option<EnvelopeId>,
         ids: &[MessageId],
-        mut change: impl FnMut(&mut StoredMessage) -> bool,
+        change: impl FnMut(&mut StoredMessage) -> bool,
     ) -> Result<Vec<StoredMessage>, HistoryError> {
         let tx = self.db.begin_write()?;
-        let mut changed = Vec::new();
+        if let Some(envelope) = envelope
+            && tx.open_table(SEEN)?.insert(&envelope.0, ())?.is_some()
         {
-            if let Some(envelope) = envelope
-                && tx.open_table(SEEN)?.insert(&envelope.0, ())?.is_some()
-            {
-                return Ok(changed);
-            }
-            let index = tx.open_table(MESSAGE_INDEX)?;
-            let mut table = tx.open_table(MESSAGES)?;
-            for id in ids {
-                let Some(key) = index.get(&id.0)?.map(|v| v.value()) else { continue };
-                let Some(mut message) =
-                    table.get(key)?.and_then(|v| postcard::from_bytes::<StoredMessage>(v.value()).ok())
-                else {
-                    continue;
-                };
-                if change(&mut message) {
-                    table.insert(key, encode(&message).as_slice())?;
-                    changed.push(message);
-                }
-            }
+            return Ok(Vec::new());
         }
+        let changed = change_in(&tx, ids, change)?;
         tx.commit()?;
         Ok(changed)
     }
@@ -303,6 +345,59 @@ impl History {
         tx.commit()?;
         Ok(())
     }
+}
+
+/// Records messages within `tx`; see [`History::record`].
+fn record_in(
+    tx: &WriteTransaction,
+    messages: Vec<(Option<EnvelopeId>, StoredMessage)>,
+) -> Result<Vec<StoredMessage>, HistoryError> {
+    let mut fresh = Vec::new();
+    let mut table = tx.open_table(MESSAGES)?;
+    let mut seen = tx.open_table(SEEN)?;
+    let mut index = tx.open_table(MESSAGE_INDEX)?;
+    let mut meta = tx.open_table(META)?;
+    let mut order = meta.get(NEXT_ORDER)?.map(|v| v.value()).unwrap_or(0);
+    for (envelope, message) in messages {
+        if let Some(id) = envelope {
+            if seen.get(&id.0)?.is_some() {
+                continue;
+            }
+            seen.insert(&id.0, ())?;
+        }
+        if index.get(&message.id.0)?.is_some() {
+            continue;
+        }
+        table.insert((message.chat.0, order), encode(&message).as_slice())?;
+        index.insert(&message.id.0, (message.chat.0, order))?;
+        order += 1;
+        fresh.push(message);
+    }
+    meta.insert(NEXT_ORDER, order)?;
+    Ok(fresh)
+}
+
+/// Applies `change` to each listed message within `tx`; returns the changed ones.
+fn change_in(
+    tx: &WriteTransaction,
+    ids: &[MessageId],
+    mut change: impl FnMut(&mut StoredMessage) -> bool,
+) -> Result<Vec<StoredMessage>, HistoryError> {
+    let mut changed = Vec::new();
+    let index = tx.open_table(MESSAGE_INDEX)?;
+    let mut table = tx.open_table(MESSAGES)?;
+    for id in ids {
+        let Some(key) = index.get(&id.0)?.map(|v| v.value()) else { continue };
+        let Some(mut message) = table.get(key)?.and_then(|v| postcard::from_bytes::<StoredMessage>(v.value()).ok())
+        else {
+            continue;
+        };
+        if change(&mut message) {
+            table.insert(key, encode(&message).as_slice())?;
+            changed.push(message);
+        }
+    }
+    Ok(changed)
 }
 
 /// The key a by-name query is cached under: the canonical @username, or the phone.

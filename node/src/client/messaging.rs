@@ -85,6 +85,25 @@ impl MessagingError {
     }
 }
 
+impl MessagingError {
+    /// Whether a send that failed so may go through later (then it waits in the outbox): no
+    /// relay or gateway reachable, relays busy or full for now. A refusal of the message itself
+    /// (too large, malformed, no such user) is final.
+    pub fn may_pass(&self) -> bool {
+        match self {
+            MessagingError::Refused(e) => {
+                matches!(
+                    e.code,
+                    ErrorCode::Unavailable | ErrorCode::FloodWait | ErrorCode::QuotaExceeded | ErrorCode::Internal
+                )
+            }
+            MessagingError::Client(e) => e.is_transient(),
+            MessagingError::Net(_) | MessagingError::NoRelay(_) | MessagingError::History(_) => true,
+            _ => false,
+        }
+    }
+}
+
 /// A signed-in device that sends and receives.
 #[derive(Debug)]
 pub struct Messenger {
@@ -263,7 +282,9 @@ impl Messenger {
 
     // ---- sending ----
 
-    /// Sends text messages, in order, to `to`; returns them as recorded.
+    /// Sends text messages, in order, to `to`; returns them as recorded. They go through the
+    /// outbox: when no relay can take them now they stay there, `Pending`, and go out (after
+    /// anything queued before them) with the next flush; only a refusal is an error.
     pub async fn send_texts(
         &mut self,
         to: LookupQuery,
@@ -275,31 +296,76 @@ impl Messenger {
             return Err(MessagingError::TextTooLong);
         }
         let card = self.card(to, CARD_FRESH_SECS).await?;
-        let me = self.me();
-        let bodies = texts.into_iter().map(|text| Body::Text { text, reply_to }).collect();
-        let sent = self.send_payloads(&card, bodies, true).await?;
-        let records = sent
-            .into_iter()
-            .filter_map(|(payload, sent_at_ms)| match payload.body {
-                Body::Text { text, reply_to } => Some((
-                    None,
-                    StoredMessage {
-                        id: payload.message_id,
-                        chat: card.user_id,
-                        from: me,
-                        outgoing: true,
-                        text,
-                        reply_to,
-                        sent_at_ms,
-                        status: Status::Sent,
-                        edited: false,
-                        deleted: false,
-                    },
-                )),
-                _ => None,
-            })
-            .collect();
-        Ok(self.h().record(records)?)
+        if card.devices.is_empty() {
+            return Err(MessagingError::NoDevices(card.user_id));
+        }
+        let (me, sent_at_ms) = (self.me(), now_ms());
+        let (mut records, mut payloads) = (Vec::new(), Vec::new());
+        for text in texts {
+            let message_id = MessageId::random();
+            records.push(StoredMessage {
+                id: message_id,
+                chat: card.user_id,
+                from: me,
+                outgoing: true,
+                text: text.clone(),
+                reply_to,
+                sent_at_ms,
+                status: Status::Pending,
+                edited: false,
+                deleted: false,
+            });
+            payloads.push(Payload { message_id, chat_with: card.user_id, body: Body::Text { text, reply_to } });
+        }
+        let ids: Vec<MessageId> = records.iter().map(|m| m.id).collect();
+        self.h().queue(records, &payloads)?;
+        match self.flush_outbox().await {
+            Ok(_) => {}
+            Err(e) if e.may_pass() => tracing::info!(error = %e, "queued in the outbox; sent when a relay can take it"),
+            Err(e) => return Err(e),
+        }
+        let mut now = Vec::new();
+        for id in &ids {
+            now.extend(self.h().message(id)?);
+        }
+        Ok(now)
+    }
+
+    /// Sends what waits in the outbox, oldest first, and returns the messages now sent. Stops
+    /// at the first failure that may pass (the rest wait, in order); a refusal takes the refused
+    /// messages out (marked deleted) and is returned.
+    pub async fn flush_outbox(&mut self) -> Result<Vec<StoredMessage>, MessagingError> {
+        self.history()?;
+        let mut waiting = self.h().outbox()?;
+        let mut sent = Vec::new();
+        while !waiting.is_empty() {
+            // The oldest entries for one recipient go together.
+            let chat = waiting[0].1.chat_with;
+            let run = waiting.iter().take_while(|(_, p)| p.chat_with == chat).count();
+            let batch: Vec<(u64, Payload)> = waiting.drain(..run).collect();
+            let keys: Vec<u64> = batch.iter().map(|(k, _)| *k).collect();
+            let ids: Vec<MessageId> = batch.iter().map(|(_, p)| p.message_id).collect();
+            let payloads = batch.into_iter().map(|(_, p)| p).collect();
+            let outcome = match self.card(LookupQuery::UserId(chat), CARD_FRESH_SECS).await {
+                Ok(card) => self.send_sealed(&card, payloads, true).await.map(drop),
+                Err(e) => Err(e),
+            };
+            match outcome {
+                Ok(()) => sent.extend(self.h().sent_from_outbox(&keys, &ids)?),
+                Err(e) if e.may_pass() => return Err(e),
+                Err(e) => {
+                    tracing::warn!(%chat, error = %e, "refused: taking these messages out of the outbox");
+                    self.h().refused_from_outbox(&keys, &ids)?;
+                    return Err(e);
+                }
+            }
+        }
+        Ok(sent)
+    }
+
+    /// Whether the outbox has anything waiting.
+    pub fn outbox_waiting(&mut self) -> Result<bool, MessagingError> {
+        Ok(!self.history()?.outbox()?.is_empty())
     }
 
     /// Changes the text of one of our messages, here and on every device of the chat.
@@ -381,6 +447,21 @@ impl Messenger {
         bodies: Vec<Body>,
         sync: bool,
     ) -> Result<Vec<(Payload, u64)>, MessagingError> {
+        let payloads = bodies
+            .into_iter()
+            .map(|body| Payload { message_id: MessageId::random(), chat_with: card.user_id, body })
+            .collect();
+        self.send_sealed(card, payloads, sync).await
+    }
+
+    /// Seals each payload once per device of `card` (and per own other device when `sync`),
+    /// and sends them in order; returns each payload with its send time.
+    async fn send_sealed(
+        &mut self,
+        card: &UserCard,
+        payloads: Vec<Payload>,
+        sync: bool,
+    ) -> Result<Vec<(Payload, u64)>, MessagingError> {
         if card.devices.is_empty() {
             return Err(MessagingError::NoDevices(card.user_id));
         }
@@ -400,12 +481,11 @@ impl Messenger {
             .collect();
         let mut first_seq = HashMap::new();
         for (_, device) in &targets {
-            first_seq.insert(device.peer_id, self.h().reserve_seq(&device.peer_id, bodies.len() as u64)?);
+            first_seq.insert(device.peer_id, self.h().reserve_seq(&device.peer_id, payloads.len() as u64)?);
         }
         let mut sent = Vec::new();
         let mut envelopes = Vec::new();
-        for (i, body) in bodies.into_iter().enumerate() {
-            let payload = Payload { message_id: MessageId::random(), chat_with: card.user_id, body };
+        for (i, payload) in payloads.into_iter().enumerate() {
             let bytes = postcard::to_stdvec(&payload).expect("invariant: payloads serialize");
             let sent_at_ms = now_ms();
             for (user, device) in &targets {

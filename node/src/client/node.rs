@@ -24,7 +24,8 @@ use crate::client::messaging::{Inbox, MessagingError, Messenger};
 use crate::client::session::{Client, ClientError, SavedSession};
 use crate::crypto::cert::unix_now;
 use crate::defaults::{
-    FETCH_WAIT_MS, NODE_CALL_QUEUE, NODE_DEFERRED_BACKOFF_MAX, NODE_EVENT_QUEUE, NODE_RENEW_CHECK, NODE_RETRY_AFTER,
+    FETCH_WAIT_MS, NODE_CALL_QUEUE, NODE_DEFERRED_BACKOFF_MAX, NODE_EVENT_QUEUE, NODE_OUTBOX_RETRY, NODE_RENEW_CHECK,
+    NODE_RETRY_AFTER,
 };
 use crate::ids::UserId;
 use crate::proto::payload::MessageId;
@@ -214,11 +215,34 @@ struct Actor {
 
 impl Actor {
     async fn run(mut self, mut jobs: mpsc::Receiver<Job>) {
-        while let Some((call, reply)) = jobs.recv().await {
-            catch_up(&mut self.messenger, &mut self.updates);
-            let answer = self.handle(call).await;
-            // A caller that gave up does not need the answer.
-            let _ = reply.send(answer);
+        // What an earlier command or node left in the outbox goes first, in order.
+        self.flush_outbox().await;
+        let mut retry = tokio::time::interval(NODE_OUTBOX_RETRY);
+        retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                job = jobs.recv() => {
+                    let Some((call, reply)) = job else { return };
+                    catch_up(&mut self.messenger, &mut self.updates);
+                    let answer = self.handle(call).await;
+                    // A caller that gave up does not need the answer.
+                    let _ = reply.send(answer);
+                }
+                _ = retry.tick() => {
+                    if self.messenger.outbox_waiting().unwrap_or(false) {
+                        catch_up(&mut self.messenger, &mut self.updates);
+                        self.flush_outbox().await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends what waits in the outbox and tells subscribers; a failure waits for the next try.
+    async fn flush_outbox(&mut self) {
+        match self.messenger.flush_outbox().await {
+            Ok(sent) => self.publish(&sent, false),
+            Err(e) => tracing::info!(error = %e, "the outbox waits for a relay"),
         }
     }
 
@@ -322,12 +346,18 @@ impl Actor {
     }
 
     /// Fetches whatever waits now (no long-poll) and acknowledges it, so the answer that follows
-    /// is up to date even when the receiver is between polls.
+    /// is up to date even when the receiver is between polls. With no relay reachable the
+    /// history is still worth showing, as it is.
     async fn receive_waiting(&mut self) -> Result<(), ApiError> {
-        let inbox = self.messenger.receive(0).await?;
-        self.messenger.flush_acks().await;
-        self.publish(&inbox.messages, true);
-        publish_typing(&self.events, &inbox);
+        match self.messenger.receive(0).await {
+            Ok(inbox) => {
+                self.messenger.flush_acks().await;
+                self.publish(&inbox.messages, true);
+                publish_typing(&self.events, &inbox);
+            }
+            Err(e) if e.may_pass() => tracing::warn!(error = %e, "showing the history without fetching"),
+            Err(e) => return Err(e.into()),
+        }
         Ok(())
     }
 }

@@ -40,8 +40,9 @@ pub enum Body {
     Typing,
 }
 
-/// How far an outgoing message got; for incoming ones, whether we have read it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+/// How far an outgoing message got; for incoming ones, whether we have read it. Ordered by how
+/// far along (`Pending` first), whatever the order of the variants on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Status {
     /// Stored durably by the relays (outgoing) / received here (incoming).
@@ -50,4 +51,29 @@ pub enum Status {
     Delivered,
     /// The recipient (or, for incoming, this user) has read it.
     Read,
+    /// Outgoing, in this device's outbox: no relay could take it yet. Never sent in a receipt.
+    Pending,
+}
+
+impl Status {
+    fn progress(self) -> u8 {
+        match self {
+            Status::Pending => 0,
+            Status::Sent => 1,
+            Status::Delivered => 2,
+            Status::Read => 3,
+        }
+    }
+}
+
+impl PartialOrd for Status {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Status {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.progress().cmp(&other.progress())
+    }
 }

@@ -4,7 +4,7 @@
 use std::process::Command;
 use std::time::Instant;
 
-use meshgram_tests::{Mesh, Server, meshgram, texts};
+use meshgram_tests::{CLI_BIN, Mesh, RELAY_BIN, Server, bin_path, meshgram, texts};
 
 use super::{ALICE, BOB};
 
@@ -77,4 +77,75 @@ fn an_envelope_that_cannot_be_verified_while_the_gateway_is_stopped_is_kept_and_
     let inbox = meshgram(&bob, &["messages"]).ok_json();
     assert_eq!(texts(&inbox), ["first", "second"], "once each, in order, once the gateway is back");
     assert_eq!(texts(&meshgram(&bob, &["messages"]).ok_json()), ["first", "second"]);
+}
+
+/// SIGKILLs the mesh's only relay; returns what restarts it on the same data dir and port.
+fn kill_the_relay(mesh: &mut Mesh) -> impl FnOnce(&mut Mesh) + use<> {
+    let relay = &mut mesh.relays[0];
+    let (port, data) = (relay.tcp_port(), relay.data_dir.display().to_string());
+    relay.kill9();
+    let key = mesh.gateway.server.ready["public_key"].as_str().unwrap().to_string();
+    move |mesh: &mut Mesh| {
+        let listen = format!("/ip4/127.0.0.1/tcp/{port}");
+        let args = [
+            "--data",
+            &data,
+            "--gateway-key",
+            &key,
+            "--replication",
+            "1",
+            "--listen",
+            &listen,
+            "--http",
+            "127.0.0.1:0",
+        ];
+        mesh.relays[0] = Server::start(&bin_path(RELAY_BIN), &args).unwrap();
+    }
+}
+
+fn statuses(messages: &serde_json::Value) -> Vec<String> {
+    messages.as_array().unwrap().iter().map(|m| m["status"].as_str().unwrap().to_string()).collect()
+}
+
+#[test]
+fn messages_sent_while_no_relay_can_take_them_wait_in_the_outbox_and_go_out_once_in_order() {
+    let mut mesh = Mesh::start(1, 1);
+    let (alice, bob) = (mesh.new_profile("alice"), mesh.new_profile("bob"));
+    mesh.login(&alice, ALICE);
+    mesh.login(&bob, BOB);
+    meshgram(&alice, &["send", BOB, "hello"]).ok_json();
+
+    // Without a node: `send` queues (exit 0, status pending) and the history says so.
+    let restart = kill_the_relay(&mut mesh);
+    for text in ["queued 1", "queued 2"] {
+        let sent = meshgram(&alice, &["send", BOB, text]).ok_json();
+        assert_eq!(sent["status"], "pending", "{sent}");
+    }
+    let mine = meshgram(&alice, &["messages", BOB]).ok_json();
+    assert_eq!(texts(&mine), ["hello", "queued 1", "queued 2"]);
+    assert_eq!(statuses(&mine)[1..], ["pending", "pending"]);
+    restart(&mut mesh);
+    // The next command sends them, oldest first.
+    meshgram(&alice, &["whoami"]).ok_json();
+    assert_eq!(texts(&meshgram(&bob, &["messages"]).ok_json()), ["hello", "queued 1", "queued 2"]);
+    let mine = meshgram(&alice, &["messages", BOB]).ok_json();
+    assert!(statuses(&mine).iter().all(|s| s != "pending"), "{mine}");
+
+    // With a node: it sends them by itself once a relay answers again.
+    let node = Server::start(&bin_path(CLI_BIN), &["--profile", alice.to_str().unwrap(), "--json", "node"]).unwrap();
+    let restart = kill_the_relay(&mut mesh);
+    let sent = meshgram(&alice, &["send", BOB, "queued 3"]).ok_json();
+    assert_eq!(sent["status"], "pending", "{sent}");
+    restart(&mut mesh);
+    let deadline = Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let inbox = texts(&meshgram(&bob, &["messages"]).ok_json());
+        if inbox.len() == 4 {
+            assert_eq!(inbox, ["hello", "queued 1", "queued 2", "queued 3"], "once each, in order");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the node did not send its outbox: {inbox:?}");
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+    drop(node);
 }

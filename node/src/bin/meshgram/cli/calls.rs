@@ -12,7 +12,7 @@ use meshgram_node::client::{ClientError, SESSION_FILE};
 use meshgram_node::defaults::{PROFILE_BUSY_POLL, PROFILE_BUSY_WAIT};
 use meshgram_node::ids::InvalidValue;
 use meshgram_node::proto::LookupQuery;
-use meshgram_node::proto::payload::MessageId;
+use meshgram_node::proto::payload::{MessageId, Status};
 use serde_json::{Value, json};
 
 use super::output::{describe, emit, message_line, to_json};
@@ -193,9 +193,18 @@ fn print(json: bool, call: &Call, reply: Reply) -> CliResult {
         }),
         (Call::Send { .. }, Reply::Messages { messages, .. }) => {
             let ids: Vec<String> = messages.iter().map(|m| m.id.to_string()).collect();
-            emit(json, json!({ "sent": messages.len(), "ids": ids }), || match messages.as_slice() {
-                [one] => format!("Sent (id {}).", one.id),
-                many => format!("Sent {} messages.", many.len()),
+            let pending = messages.iter().any(|m| m.status == Status::Pending);
+            let status = if pending { "pending" } else { "sent" };
+            emit(json, json!({ "sent": messages.len(), "ids": ids, "status": status }), || {
+                let what = match messages.as_slice() {
+                    [one] => format!("(id {})", one.id),
+                    many => format!("{} messages", many.len()),
+                };
+                if pending {
+                    format!("Queued {what}: no relay can take it now; it goes out as soon as one can.")
+                } else {
+                    format!("Sent {what}.")
+                }
             });
         }
         (_, Reply::Messages { messages, names }) => emit(json, to_json(&messages), || {
