@@ -12,6 +12,8 @@
 //!   `meshgram login`.
 //! - [`mesh`]: [`Mesh`], a gateway and N relays on loopback, each relay admitted with a relay
 //!   certificate.
+//! - [`up`]: [`Up`], a whole network started with `meshgram up`, whose roles a test can
+//!   SIGKILL and watch come back.
 //! - [`cli`]: [`run`], [`meshgram`], [`meshgram_stdin`], [`CliChild`]: one-shot commands under a
 //!   hard timeout, returning a [`CliOutput`] whose `--json` result or error the test inspects.
 //! - [`codes`]: [`read_codes`], [`wait_code`], the file code sink; [`WebhookSink`], a local HTTP
@@ -29,6 +31,7 @@ mod http;
 mod mesh;
 mod output;
 mod server;
+mod up;
 
 use std::time::Duration;
 
@@ -40,6 +43,7 @@ pub use http::http_get;
 pub use mesh::Mesh;
 pub use output::{array, is_bot_token, str_field, texts, u64_field};
 pub use server::{READY_TIMEOUT, Server};
+pub use up::{RESTART_TIMEOUT, Roles, Up};
 
 /// Seconds since the Unix epoch.
 pub use meshgram_node::crypto::cert::unix_now;
