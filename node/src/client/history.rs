@@ -327,6 +327,18 @@ impl History {
         Ok(Some((card, fetched)))
     }
 
+    /// The phone number this user was looked up by, if ever (cards carry no phone numbers).
+    pub fn known_phone(&self, user: UserId) -> Result<Option<String>, HistoryError> {
+        let tx = self.db.begin_read()?;
+        for entry in tx.open_table(CARD_NAMES)?.range::<&str>("+"..",")? {
+            let (name, id) = entry?;
+            if id.value() == user.0 {
+                return Ok(Some(name.value().to_string()));
+            }
+        }
+        Ok(None)
+    }
+
     /// Caches a card fetched at `now` (unix seconds) for `query`, and by its @username.
     pub fn put_card(&self, card: &UserCard, query: &LookupQuery, now: u64) -> Result<(), HistoryError> {
         let tx = self.db.begin_write()?;

@@ -429,14 +429,21 @@ fn publish_typing(events: &broadcast::Sender<Event>, inbox: &Inbox) {
     }
 }
 
-/// How to call a person: name and @username, either alone, or the user id.
-pub fn display_name(card: &UserCard) -> String {
+/// How to call a person: name and @username, either alone, else the phone number they were
+/// found by, else the user id.
+pub fn display_name(card: &UserCard, phone: Option<String>) -> String {
     match (card.name.is_empty(), &card.username) {
         (false, Some(u)) => format!("{} ({u})", card.name),
         (false, None) => card.name.clone(),
         (true, Some(u)) => u.to_string(),
-        (true, None) => card.user_id.to_string(),
+        (true, None) => phone.unwrap_or_else(|| card.user_id.to_string()),
     }
+}
+
+/// A person's display name from the history's cached card (and phone), if it has one.
+fn name_from(history: &History, user: UserId) -> Option<String> {
+    let card = history.card(user).ok().flatten()?;
+    Some(display_name(&card, history.known_phone(user).ok().flatten()))
 }
 
 /// Names of everyone these messages involve, from the cards the history has cached.
@@ -444,9 +451,9 @@ fn names(history: &History, messages: &[StoredMessage]) -> Names {
     let mut names = Names::new();
     for user in messages.iter().flat_map(|m| [m.chat, m.from]) {
         if !names.contains_key(&user)
-            && let Ok(Some(card)) = history.card(user)
+            && let Some(name) = name_from(history, user)
         {
-            names.insert(user, display_name(&card));
+            names.insert(user, name);
         }
     }
     names
@@ -465,10 +472,7 @@ fn chats(history: &History) -> Result<Vec<ChatSummary>, ApiError> {
         }
     }
     for summary in &mut chats {
-        summary.name = match history.card(summary.chat) {
-            Ok(Some(card)) => display_name(&card),
-            _ => summary.chat.to_string(),
-        };
+        summary.name = name_from(history, summary.chat).unwrap_or_else(|| summary.chat.to_string());
     }
     Ok(chats)
 }

@@ -33,8 +33,9 @@ const STOP_GRACE: Duration = Duration::from_secs(5);
 const RESTART_FIRST: Duration = Duration::from_secs(1);
 /// The longest wait between restarts: a role that keeps failing is retried twice a minute.
 const RESTART_MAX: Duration = Duration::from_secs(30);
-/// A role that ran this long before exiting is restarted after [`RESTART_FIRST`] again.
-const RESTART_STABLE: Duration = Duration::from_secs(60);
+/// A role that ran this long before exiting is restarted after [`RESTART_FIRST`] again: what
+/// exits sooner is crash-looping (a bad config, a port taken), what ran longer was serving.
+const RESTART_STABLE: Duration = Duration::from_secs(10);
 
 /// A child process of one role; killed when dropped.
 struct RoleProcess {

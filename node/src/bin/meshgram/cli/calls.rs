@@ -8,7 +8,6 @@ use std::path::Path;
 use meshgram_node::client::api::{ApiError, Call, Reply};
 use meshgram_node::client::control::{ControlClient, ControlError, Holder, NodeLock};
 use meshgram_node::client::node::{NodeHandle, NodeMode};
-use meshgram_node::client::{ClientError, SESSION_FILE};
 use meshgram_node::defaults::{PROFILE_BUSY_POLL, PROFILE_BUSY_WAIT};
 use meshgram_node::ids::InvalidValue;
 use meshgram_node::proto::LookupQuery;
@@ -35,10 +34,11 @@ pub(super) async fn call_node(profile: &Path, call: Call) -> Result<Reply, CliEr
             Err(ControlError::AlreadyRunning { .. }) if tokio::time::Instant::now() < deadline => {
                 tokio::time::sleep(PROFILE_BUSY_POLL).await;
             }
-            Err(ControlError::Io { .. }) if !profile.join(SESSION_FILE).exists() => {
-                return Err(ClientError::NotSignedIn.into());
+            Err(e) => {
+                // A profile that never signed in has no lock file to take either: say the former.
+                super::require_session(profile)?;
+                return Err(e.into());
             }
-            Err(e) => return Err(e.into()),
         }
     }
 }

@@ -28,6 +28,7 @@ use super::output::{message_line, name_of, to_json};
 const NODE_STARTING_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
 
 pub(super) async fn follow(profile: &Path, json: bool, chat: Option<String>) -> CliResult {
+    super::require_session(profile)?;
     let query = chat.as_deref().map(parse_query).transpose()?;
     let mut follower = Follower { json, query, chat: None, names: Names::new(), shown: HashMap::new() };
     let stop = stop_requested(false);

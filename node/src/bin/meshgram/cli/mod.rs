@@ -247,6 +247,14 @@ impl From<anyhow::Error> for CliError {
 
 type CliResult = Result<(), CliError>;
 
+/// A clear `NOT_SIGNED_IN` before a command that would otherwise trip over a missing profile.
+fn require_session(profile: &std::path::Path) -> CliResult {
+    match profile.join(meshgram_node::client::SESSION_FILE).exists() {
+        true => Ok(()),
+        false => Err(ClientError::NotSignedIn.into()),
+    }
+}
+
 fn default_profile() -> PathBuf {
     std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(".")).join(".meshgram")
 }

@@ -21,6 +21,7 @@ struct Ready {
 }
 
 pub(super) async fn run(profile: &Path, json: bool) -> CliResult {
+    super::require_session(profile)?;
     let lock = NodeLock::acquire_when_free(profile, Holder::Node).await?;
     let node = NodeHandle::start(profile, NodeMode::Running).await?;
     let server = ControlServer::start(&lock, node.clone())?;
