@@ -66,7 +66,13 @@ pub const DATABASE_FILE: &str = "relay.redb";
 #[derive(Debug, Clone)]
 pub struct RelaySettings {
     pub gateway_key: ed25519::PublicKey,
+    /// Copies of an envelope (`R`, this relay's own included) that must be durable before its
+    /// sender hears `Stored`.
     pub replication: usize,
+    /// Acknowledge with fewer than `replication` copies when fewer relays are live (at least
+    /// one copy). An operator's explicit choice for a network smaller than `R`; off by
+    /// default, so that a relay that just restarted, or that sees its peers down, refuses.
+    pub allow_fewer_replicas: bool,
     /// Envelopes per second a user may send, in a burst of `send_burst`.
     pub send_rate: u32,
     pub send_burst: u32,
@@ -95,7 +101,13 @@ impl RelayConfig {
             bootstrap: Vec::new(),
             http: None,
             cert_file: None,
-            settings: RelaySettings { gateway_key, replication: 2, send_rate: 5_000, send_burst: 50_000 },
+            settings: RelaySettings {
+                gateway_key,
+                replication: 2,
+                allow_fewer_replicas: false,
+                send_rate: 5_000,
+                send_burst: 50_000,
+            },
             store: StoreLimits { ttl: Duration::from_secs(30 * 24 * 3600), max_per_mailbox: 100_000 },
         }
     }

@@ -112,6 +112,7 @@ impl EventLoop {
             pipes: Arc::clone(&replica_client),
             reporter,
             replication: settings.replication,
+            allow_fewer_replicas: settings.allow_fewer_replicas,
         };
         EventLoop {
             swarm,
@@ -211,6 +212,7 @@ impl EventLoop {
             e.report()
         });
         self.relays.greeted(peer, outcome);
+        self.metrics.relays_verified.set(i64::try_from(self.relays.verified_count()).unwrap_or(i64::MAX));
     }
 
     /// Dials the bootstrap relays and starts a Kademlia bootstrap.

@@ -35,6 +35,16 @@ pub(crate) struct Replicas {
     /// To tell the event loop about relays that did not answer, or are not relays.
     pub(crate) reporter: Reporter,
     pub(crate) replication: usize,
+    /// Whether fewer than `replication` copies may do when fewer relays are live.
+    pub(crate) allow_fewer_replicas: bool,
+}
+
+impl Replicas {
+    /// Durable copies a `Send` needs before `Stored`, with `live` relays (this one included)
+    /// to choose from: always `R`, unless the operator allowed fewer.
+    fn copies_needed(&self, live: usize) -> usize {
+        if self.allow_fewer_replicas { self.replication.min(live).max(1) } else { self.replication }
+    }
 }
 
 /// One mailbox's envelopes of a `Send`, and where they go.
@@ -80,7 +90,17 @@ async fn store_group(
     mut local_put: Option<QueuedPut>,
     now: u64,
 ) -> Result<(HashSet<EnvelopeId>, bool), WireError> {
-    let need = replicas.replication.min(targets.len()).max(1);
+    let need = replicas.copies_needed(targets.len());
+    if targets.len() < need {
+        return Err(WireError::new(
+            ErrorCode::Unavailable,
+            format!(
+                "this relay knows {} live relays (itself included) and an envelope needs {need} durable copies; \
+                 nothing is acknowledged, send again",
+                targets.len()
+            ),
+        ));
+    }
     let mut copy_to = |target: PeerId| {
         let queued = if target == replicas.local { local_put.take() } else { None };
         store_on(replicas, target, batch.to_vec(), queued, now)

@@ -18,7 +18,11 @@ fn login(profile: &Path, network: &Path, sink: &Path, phone: &str, nth: usize) -
 }
 
 fn start_up(data: &Path) -> Server {
-    Server::start(&bin_path(CLI_BIN), &["--json", "up", "--data", &data.display().to_string(), "--relays", "3"])
+    start_up_with(data, "3")
+}
+
+fn start_up_with(data: &Path, relays: &str) -> Server {
+    Server::start(&bin_path(CLI_BIN), &["--json", "up", "--data", &data.display().to_string(), "--relays", relays])
         .unwrap()
 }
 
@@ -70,4 +74,23 @@ fn up_runs_a_network_that_resumes_with_its_data() {
     // Ctrl-C / SIGTERM stops it cleanly.
     let status = up.terminate().expect("`meshgram up` stops within 20 s of SIGTERM");
     assert!(status.success(), "{status}");
+}
+
+#[test]
+fn up_with_one_relay_keeps_one_copy_and_delivers() {
+    // The default replication is 2; one relay cannot keep two copies, so `up` runs it with 1
+    // (a relay refuses to acknowledge with fewer copies than its --replication).
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("net");
+    let _up = start_up_with(&data, "1");
+    let network_path = data.join("network.json");
+    let network: Value = serde_json::from_slice(&std::fs::read(&network_path).unwrap()).unwrap();
+    assert_eq!(network["relays"].as_array().unwrap().len(), 1);
+    let sink = Path::new(network["gateway"]["code_sink"].as_str().unwrap()).to_path_buf();
+
+    let (alice, bob) = (tmp.path().join("alice"), tmp.path().join("bob"));
+    login(&alice, &network_path, &sink, "+15550001111", 0);
+    login(&bob, &network_path, &sink, "+15550002222", 0);
+    meshgram(&alice, &["send", "+15550002222", "one relay is enough"]).ok_json();
+    assert_eq!(texts(&meshgram(&bob, &["messages"]).ok_json()), ["one relay is enough"]);
 }

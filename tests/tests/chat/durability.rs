@@ -1,12 +1,17 @@
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
+use libp2p::identity::ed25519;
 use libp2p::kad::KBucketKey;
+use meshgram_node::crypto::cert::RelayCert;
+use meshgram_node::proto::{ErrorCode, MailboxRequest, MailboxResponse};
 use meshgram_tests::{
-    Mesh, RELAY_BIN, Server, array, bin_path, meshgram, meshgram_stdin, spawn_meshgram, texts, u64_field,
+    Gateway, Mesh, RELAY_BIN, Server, array, bin_path, meshgram, meshgram_stdin, spawn_meshgram, texts, u64_field,
+    unix_now,
 };
 
+use super::wire::RawClient;
 use super::{ALICE, BOB};
 
 const SENTINEL: &str = "sentinel-7f3a9c-plaintext";
@@ -81,4 +86,54 @@ fn a_relay_killed_right_after_acknowledging_has_everything_when_it_restarts() {
 
     let inbox = meshgram(&bob, &["messages"]).ok_json();
     assert_eq!(texts(&inbox), expected, "all 300, once each, in order");
+}
+
+/// Hello on `client`'s relay with a certificate for user `user`, then one `Send`; its answer and
+/// how long it took.
+async fn hello_and_send(client: &RawClient, signer: &ed25519::Keypair, user: u64) -> (MailboxResponse, Duration) {
+    let now = unix_now();
+    let cert = client.cert(signer, user, now, now + 3600);
+    assert!(matches!(client.call(MailboxRequest::Hello { cert }).await, MailboxResponse::Welcome { .. }));
+    let envelope = client.envelope(user, PeerId::random(), 100);
+    let started = Instant::now();
+    let answer = client.call(MailboxRequest::Send { envelopes: vec![envelope] }).await;
+    (answer, started.elapsed())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_that_knows_fewer_than_r_relays_does_not_acknowledge_unless_allowed() {
+    // One relay with replication 2: what a relay that just restarted (and has checked no
+    // other relay's certificate yet) sees. It keeps its own copy, but one copy is not R.
+    let signer = ed25519::Keypair::generate();
+    let mesh = Mesh::start_with_key(Gateway::start(), &signer, 1, 2);
+    let (answer, _) = hello_and_send(&RawClient::new(&mesh.relays[0].tcp_addr()), &signer, 1).await;
+    match answer {
+        MailboxResponse::Error(e) => {
+            assert_eq!(e.code, ErrorCode::Unavailable, "{e}");
+            assert!(e.message.contains("needs 2 durable copies"), "says why: {e}");
+        }
+        other => panic!("acknowledged with one copy of two: {other:?}"),
+    }
+
+    // A network smaller than R is the operator's explicit choice.
+    let dir = mesh.gateway.tmp().join("small-network-relay");
+    std::fs::create_dir_all(&dir).unwrap();
+    RelayCert::admit(&signer, &dir, 1, unix_now()).unwrap();
+    let (data, key) = (dir.display().to_string(), meshgram_node::ids::hex(&signer.public().to_bytes()));
+    let args = [
+        "--data",
+        &data,
+        "--gateway-key",
+        &key,
+        "--replication",
+        "2",
+        "--allow-fewer-replicas",
+        "--listen",
+        "/ip4/127.0.0.1/tcp/0",
+        "--http",
+        "127.0.0.1:0",
+    ];
+    let allowed = Server::start(&bin_path(RELAY_BIN), &args).unwrap();
+    let (answer, _) = hello_and_send(&RawClient::new(&allowed.tcp_addr()), &signer, 1).await;
+    assert!(matches!(answer, MailboxResponse::Stored { .. }), "{answer:?}");
 }

@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use libp2p::Multiaddr;
@@ -15,13 +15,17 @@ use meshgram_node::crypto::identity::load_ed25519;
 use meshgram_node::defaults::{GATEWAY_KEY_FILE, RELAY_CERT_DAYS};
 use meshgram_node::network_file::{GatewayEntry, NETWORK_FILE, NetworkFile, NodeEntry};
 use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, Command};
 
 /// A role's process must print its ready line within this long.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// After SIGTERM, a role gets this long to exit before SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(5);
+/// How long `up` waits for its relays to check each other's certificates before it says the
+/// network is ready: until a relay knows R relays it refuses sends. On loopback this takes
+/// well under a second; past this bound `up` warns and carries on (clients retry).
+const RELAYS_VERIFY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A child process of one role; killed when dropped.
 struct RoleProcess {
@@ -110,6 +114,40 @@ fn listen_addrs(previous: Option<&[Multiaddr]>) -> Vec<String> {
     vec![format!("/ip4/127.0.0.1/tcp/{tcp}"), format!("/ip4/127.0.0.1/udp/{udp}/quic-v1")]
 }
 
+/// Waits (bounded by [`RELAYS_VERIFY_TIMEOUT`]) until each relay has checked the certificate of
+/// every other one, as its `/metrics` reports.
+async fn wait_for_relays(processes: &[RoleProcess], relays: usize) {
+    let others = relays.saturating_sub(1);
+    let deadline = Instant::now() + RELAYS_VERIFY_TIMEOUT;
+    for process in processes.iter().filter(|p| p.role == "relay") {
+        let Some(http) = process.ready["http"].as_str() else { continue };
+        while relays_verified(http).await.is_none_or(|n| n < others) {
+            if Instant::now() >= deadline {
+                tracing::warn!(
+                    "relays have not all checked each other's certificates yet; sends may be refused at first"
+                );
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// `meshgram_relay_relays_verified` from a relay's `/metrics` at `http` (`http://HOST:PORT`).
+async fn relays_verified(http: &str) -> Option<usize> {
+    let authority = http.strip_prefix("http://")?;
+    let get = async {
+        let mut stream = tokio::net::TcpStream::connect(authority).await.ok()?;
+        let request = format!("GET /metrics HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.ok()?;
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).await.ok()?;
+        Some(answer)
+    };
+    let answer = tokio::time::timeout(Duration::from_secs(1), get).await.ok()??;
+    answer.lines().find_map(|line| line.strip_prefix("meshgram_relay_relays_verified "))?.trim().parse().ok()
+}
+
 /// Starts one role's binary in `data/<name>`, reusing the ports it had last time if it can.
 /// Admits a relay to the network before it starts, with the gateway's key (what an operator
 /// does with `meshgram-gateway relay-cert`). Issued afresh on every `up`, so it never runs out.
@@ -187,9 +225,12 @@ pub(crate) struct UpOptions {
 
 /// Runs the network until Ctrl-C or SIGTERM.
 pub(crate) async fn run(data: &Path, options: UpOptions, json: bool) -> anyhow::Result<()> {
-    if options.relays == 0 || options.replication == 0 || options.replication > options.relays {
-        bail!("need at least one relay and 1 <= replication <= relays");
+    if options.relays == 0 || options.replication == 0 {
+        bail!("need at least one relay and a replication of at least 1");
     }
+    // Relays acknowledge only with R durable copies, so R cannot exceed the relays there are:
+    // a smaller network keeps as many copies as it has relays (`--relays 1`: one).
+    let replication = options.replication.min(options.relays);
     std::fs::create_dir_all(data).with_context(|| format!("creating {}", data.display()))?;
     let data = data.canonicalize().with_context(|| format!("resolving {}", data.display()))?;
     let network_path = data.join(NETWORK_FILE);
@@ -209,7 +250,7 @@ pub(crate) async fn run(data: &Path, options: UpOptions, json: bool) -> anyhow::
             "--gateway-key".into(),
             gateway.public_key.clone(),
             "--replication".into(),
-            options.replication.to_string(),
+            replication.to_string(),
             // The relays share this machine's cores: one thread each saves hand-offs.
             "--worker-threads".into(),
             "1".into(),
@@ -227,6 +268,7 @@ pub(crate) async fn run(data: &Path, options: UpOptions, json: bool) -> anyhow::
         relays.push(NodeEntry { peer_id: ready_peer(&process.ready)?, addrs: ready_addrs(&process.ready)? });
         processes.push(process);
     }
+    wait_for_relays(&processes, options.relays).await;
     let network = NetworkFile { gateway, relays, bot_api: None, app: None };
     network.save(&network_path)?;
 
