@@ -41,7 +41,8 @@ const PARK_TICK: Duration = Duration::from_millis(250);
 const EXPIRE_EVERY: Duration = Duration::from_secs(600);
 /// Requests queued from pipes to the loop; a full queue pushes back on every pipe.
 const INBOUND_QUEUE: usize = 4096;
-/// Replica requests wait for a commit on a possibly loaded relay; a minute leaves room.
+/// Replica requests wait for a commit on a possibly loaded relay; a minute leaves room. A
+/// `Store`, which a sender waits on, has a much shorter deadline of its own (`replicate`).
 const REPLICA_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
 type MailboxInbound = Inbound<MailboxRequest, MailboxResponse>;

@@ -169,20 +169,39 @@ async fn store_on(
         }
     } else {
         // libp2p-stream dials the relay if need be, with the addresses Kademlia knows.
-        match replicas.pipes.call(target, &ReplicaRequest::Store { envelopes: batch }).await {
-            Ok(ReplicaResponse::Stored { duplicates }) => Ok(duplicates),
-            Ok(ReplicaResponse::Error(e)) => Err(e),
-            Ok(other) => Err(WireError::new(ErrorCode::Internal, format!("unexpected replica answer {other:?}"))),
-            Err(e) => {
+        let request = ReplicaRequest::Store { envelopes: batch };
+        match tokio::time::timeout(REPLICA_STORE_DEADLINE, replicas.pipes.call(target, &request)).await {
+            Ok(Ok(ReplicaResponse::Stored { duplicates })) => Ok(duplicates),
+            Ok(Ok(ReplicaResponse::Error(e))) => Err(e),
+            Ok(Ok(other)) => Err(WireError::new(ErrorCode::Internal, format!("unexpected replica answer {other:?}"))),
+            Ok(Err(e)) => {
                 if let Some(report) = e.report() {
                     replicas.reporter.report(target, report).await;
                 }
                 Err(WireError::new(ErrorCode::Unavailable, e.to_string()))
             }
+            // Given up on, not cancelled: it may still store the copy, which is harmless (a
+            // spare copy, deduplicated by id, deleted with the others or expired by its TTL).
+            Err(_) => {
+                replicas.reporter.report(target, RelayReport::Down).await;
+                Err(WireError::new(
+                    ErrorCode::Unavailable,
+                    format!("{target} did not store a copy within {REPLICA_STORE_DEADLINE:?}"),
+                ))
+            }
         }
     };
     (target, result)
 }
+
+/// How long a replica `Store` may take before the next closest relay is asked instead (and the
+/// slow one is reported down, so following sends skip it for a while). A healthy relay answers
+/// in milliseconds: a batch is durable after one small synced append (`store`, `wal`), so 3 s
+/// is a thousand times a normal answer, and a relay that has not answered by then is hung,
+/// stopped or cut off while the sender waits. Without this deadline one such relay held every
+/// send that picked it for the replica pipe's 60 s timeout, as long as the client's own. A
+/// relay taken for slow by mistake costs only placement: the next closest relay keeps the copy.
+const REPLICA_STORE_DEADLINE: Duration = Duration::from_secs(3);
 
 /// How long deletes for other replicas gather before going out. A recipient acknowledges every
 /// batch it gets, at a steady trickle often a single envelope, and each would otherwise cost

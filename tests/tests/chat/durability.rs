@@ -137,3 +137,54 @@ async fn a_relay_that_knows_fewer_than_r_relays_does_not_acknowledge_unless_allo
     let (answer, _) = hello_and_send(&RawClient::new(&allowed.tcp_addr()), &signer, 1).await;
     assert!(matches!(answer, MailboxResponse::Stored { .. }), "{answer:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_two_relays_and_one_stopped_a_send_is_refused_within_seconds_not_acknowledged() {
+    let signer = ed25519::Keypair::generate();
+    let mesh = Mesh::start_with_key(Gateway::start(), &signer, 2, 2);
+    // SIGSTOP: its sockets stay open and it answers nothing, like a hung relay.
+    mesh.relays[1].stop();
+    let (answer, took) = hello_and_send(&RawClient::new(&mesh.relays[0].tcp_addr()), &signer, 1).await;
+    mesh.relays[1].cont();
+    match answer {
+        MailboxResponse::Error(e) => assert_eq!(e.code, ErrorCode::Unavailable, "{e}"),
+        other => panic!("acknowledged with one copy of two: {other:?}"),
+    }
+    assert!(took < Duration::from_secs(10), "refused after {took:?}: a stopped replica should cost seconds");
+}
+
+#[test]
+fn a_stopped_replica_costs_a_send_seconds_and_every_acknowledged_message_arrives_once() {
+    let mesh = Mesh::start(3, 2);
+    let (alice, bob) = (mesh.new_profile("alice"), mesh.new_profile("bob"));
+    mesh.login(&alice, ALICE);
+    mesh.login(&bob, BOB);
+
+    // Stop the second closest relay to Bob's mailbox: the closest one (which Alice's client
+    // sends through) keeps a copy and must find another relay for the second.
+    let bob_device: PeerId = meshgram(&bob, &["whoami"]).ok_json()["device"].as_str().unwrap().parse().unwrap();
+    let distance =
+        |relay: &str| KBucketKey::from(bob_device).distance(&KBucketKey::from(relay.parse::<PeerId>().unwrap()));
+    let mut by_distance: Vec<usize> = (0..mesh.relays.len()).collect();
+    by_distance.sort_by_key(|&i| distance(&mesh.relays[i].peer_id()));
+    let stopped = by_distance[1];
+    mesh.relays[stopped].stop();
+
+    let expected: Vec<String> = (0..5).map(|i| format!("while a relay is stopped {i}")).collect();
+    let mut took = Vec::new();
+    for text in &expected {
+        let started = Instant::now();
+        let sent = meshgram(&alice, &["send", BOB, text]).ok_json();
+        took.push(started.elapsed());
+        assert_eq!(u64_field(&sent, "sent"), 1);
+    }
+    eprintln!("sends with a relay stopped took {took:?}");
+    assert!(took.iter().all(|t| *t < Duration::from_secs(10)), "a send took far longer than the deadline: {took:?}");
+
+    // The stopped relay carries on (with whatever copies it was given up on for); Bob gets
+    // every acknowledged message once, from whichever relays hold it.
+    mesh.relays[stopped].cont();
+    let inbox = meshgram(&bob, &["messages"]).ok_json();
+    assert_eq!(texts(&inbox), expected, "each once, in order");
+    assert_eq!(texts(&meshgram(&bob, &["messages"]).ok_json()).len(), expected.len(), "nothing twice");
+}
