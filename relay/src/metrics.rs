@@ -28,6 +28,8 @@ pub struct Metrics {
     pub connections: Counter,
     /// Other relays whose certificate this relay checked: those it may store copies on.
     pub relays_verified: Gauge,
+    /// 1 once a store write failed: the relay then takes no writes (see `/healthz`).
+    pub store_failed: Gauge,
 }
 
 impl Metrics {
@@ -48,7 +50,13 @@ impl Metrics {
             "Other relays whose certificate this relay checked",
             relays_verified.clone(),
         );
-        Metrics { registry, requests, errors, envelopes_received, connections, relays_verified }
+        let store_failed = Gauge::default();
+        registry.register(
+            "store_failed",
+            "1 once a store write failed and the relay takes no writes",
+            store_failed.clone(),
+        );
+        Metrics { registry, requests, errors, envelopes_received, connections, relays_verified, store_failed }
     }
 
     pub(crate) fn count_request(&self, kind: &str) {

@@ -165,7 +165,7 @@ async fn store_on(
                 Err(WireError::new(ErrorCode::QuotaExceeded, "the recipient's mailbox is full"))
             }
             Ok(outcome) => Ok(outcome.duplicates),
-            Err(e) => Err(WireError::new(ErrorCode::Internal, e.to_string())),
+            Err(e) => Err(WireError::new(crate::replica::store_error_code(&e), e.to_string())),
         }
     } else {
         // libp2p-stream dials the relay if need be, with the addresses Kademlia knows.

@@ -7,8 +7,8 @@ use libp2p::kad::KBucketKey;
 use meshgram_node::crypto::cert::RelayCert;
 use meshgram_node::proto::{ErrorCode, MailboxRequest, MailboxResponse};
 use meshgram_tests::{
-    Gateway, Mesh, RELAY_BIN, Server, array, bin_path, meshgram, meshgram_stdin, spawn_meshgram, texts, u64_field,
-    unix_now,
+    Gateway, Mesh, RELAY_BIN, Server, array, bin_path, http_get, meshgram, meshgram_stdin, spawn_meshgram, texts,
+    u64_field, unix_now,
 };
 
 use super::wire::RawClient;
@@ -187,4 +187,106 @@ fn a_stopped_replica_costs_a_send_seconds_and_every_acknowledged_message_arrives
     let inbox = meshgram(&bob, &["messages"]).ok_json();
     assert_eq!(texts(&inbox), expected, "each once, in order");
     assert_eq!(texts(&meshgram(&bob, &["messages"]).ok_json()).len(), expected.len(), "nothing twice");
+}
+
+/// A small tmpfs, unmounted on drop.
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    /// Mounts a tmpfs of `size` (`mount -o size=`) at `dir`; `Err` says why not (not root, say).
+    fn mount(dir: &std::path::Path, size: &str) -> Result<SmallDisk, String> {
+        std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs", &dir.display().to_string()])
+            .output()
+            .map_err(|e| format!("mount: {e}"))?;
+        if !out.status.success() {
+            return Err(format!("mount failed: {}", String::from_utf8_lossy(&out.stderr).trim()));
+        }
+        Ok(SmallDisk(dir.to_path_buf()))
+    }
+
+    /// Writes `name` on it until the disk is full.
+    fn fill(&self, name: &str) {
+        use std::io::Write;
+        let mut filler = std::fs::File::create(self.0.join(name)).unwrap();
+        let chunk = vec![0u8; 4096];
+        while filler.write_all(&chunk).and_then(|()| filler.sync_data()).is_ok() {}
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").args(["-l", &self.0.display().to_string()]).status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_whose_disk_fills_stops_acknowledging_and_says_so_on_healthz() {
+    let signer = ed25519::Keypair::generate();
+    let gateway = Gateway::start();
+    let disk = match SmallDisk::mount(&gateway.tmp().join("small-disk"), "8m") {
+        Ok(disk) => disk,
+        Err(why) => {
+            eprintln!("skipped: this test needs a small tmpfs ({why}); run it as root");
+            return;
+        }
+    };
+    let dir = disk.0.join("relay");
+    std::fs::create_dir_all(&dir).unwrap();
+    RelayCert::admit(&signer, &dir, 1, unix_now()).unwrap();
+    let (data, key) = (dir.display().to_string(), meshgram_node::ids::hex(&signer.public().to_bytes()));
+    let args = [
+        "--data",
+        &data,
+        "--gateway-key",
+        &key,
+        "--replication",
+        "1",
+        "--listen",
+        "/ip4/127.0.0.1/tcp/0",
+        "--http",
+        "127.0.0.1:0",
+    ];
+    let relay = Server::start(&bin_path(RELAY_BIN), &args).unwrap();
+    let http = relay.http().unwrap();
+    assert_eq!(http_get(&http, "/healthz").unwrap(), (200, "ok".to_string()));
+    let client = RawClient::new(&relay.tcp_addr());
+    let (answer, _) = hello_and_send(&client, &signer, 1).await;
+    assert!(matches!(answer, MailboxResponse::Stored { .. }), "{answer:?}");
+
+    // The disk fills up: sends are refused from the first write that fails.
+    disk.fill("filler");
+    let send = || MailboxRequest::Send { envelopes: vec![client.envelope(1, PeerId::random(), 16 * 1024)] };
+    let mut refused = None;
+    for _ in 0..100 {
+        match client.call(send()).await {
+            MailboxResponse::Stored { .. } => continue,
+            MailboxResponse::Error(e) => {
+                refused = Some(e);
+                break;
+            }
+            other => panic!("unexpected answer {other:?}"),
+        }
+    }
+    let refused = refused.expect("a full disk refuses sends");
+    assert_eq!(refused.code, ErrorCode::Unavailable, "{refused}");
+
+    // It says so, and acknowledges nothing any more, even once there is room again.
+    let (status, body) = http_get(&http, "/healthz").unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("failed"), "{body}");
+    let (_, metrics) = http_get(&http, "/metrics").unwrap();
+    assert!(metrics.lines().any(|l| l == "meshgram_relay_store_failed 1"), "{metrics}");
+    std::fs::remove_file(disk.0.join("filler")).unwrap();
+    for _ in 0..3 {
+        match client.call(send()).await {
+            MailboxResponse::Error(e) => {
+                assert_eq!(e.code, ErrorCode::Unavailable, "{e}");
+                assert!(e.message.contains("store failed"), "{e}");
+            }
+            other => panic!("acknowledged after a failed write: {other:?}"),
+        }
+    }
+    drop(relay);
 }
