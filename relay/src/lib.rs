@@ -21,7 +21,8 @@
 //! - [`placement`]: which `R` relays are responsible for a mailbox (the Kademlia-closest to its
 //!   key); lives in `meshgram_node` because clients compute it too.
 //! - [`store`]: redb mailboxes behind a group-commit actor; dedup by envelope id, TTL, quotas.
-//!   Its [`wal`] makes a batch durable with one small synced append.
+//!   Its [`wal`] makes a batch durable with one small synced append. After a failed write it
+//!   takes no more (the relay refuses sends, `/healthz` says 503).
 //! - [`accept`]: starts serving each inbound pipe as libp2p negotiates it; each connection owns
 //!   its pipes' tasks.
 //! - [`behaviour`], [`metrics`]: the libp2p behaviour and Prometheus counters.
@@ -66,7 +67,13 @@ pub const DATABASE_FILE: &str = "relay.redb";
 #[derive(Debug, Clone)]
 pub struct RelaySettings {
     pub gateway_key: ed25519::PublicKey,
+    /// Copies of an envelope (`R`, this relay's own included) that must be durable before its
+    /// sender hears `Stored`.
     pub replication: usize,
+    /// Acknowledge with fewer than `replication` copies when fewer relays are live (at least
+    /// one copy). An operator's explicit choice for a network smaller than `R`; off by
+    /// default, so that a relay that just restarted, or that sees its peers down, refuses.
+    pub allow_fewer_replicas: bool,
     /// Envelopes per second a user may send, in a burst of `send_burst`.
     pub send_rate: u32,
     pub send_burst: u32,
@@ -95,7 +102,13 @@ impl RelayConfig {
             bootstrap: Vec::new(),
             http: None,
             cert_file: None,
-            settings: RelaySettings { gateway_key, replication: 2, send_rate: 5_000, send_burst: 50_000 },
+            settings: RelaySettings {
+                gateway_key,
+                replication: 2,
+                allow_fewer_replicas: false,
+                send_rate: 5_000,
+                send_burst: 50_000,
+            },
             store: StoreLimits { ttl: Duration::from_secs(30 * 24 * 3600), max_per_mailbox: 100_000 },
         }
     }
@@ -165,7 +178,7 @@ impl Relay {
         let mut event_loop = net::EventLoop::new(
             swarm,
             inbound,
-            store,
+            store.clone(),
             config.settings.clone(),
             cert,
             Arc::clone(&metrics),
@@ -177,7 +190,7 @@ impl Relay {
         let mut tasks = JoinSet::new();
         tasks.spawn(event_loop.run(shutdown.clone()));
         let http = match config.http {
-            Some(addr) => Some(serve_http(addr, metrics, shutdown.clone(), &mut tasks).await?),
+            Some(addr) => Some(serve_http(addr, metrics, store, shutdown.clone(), &mut tasks).await?),
             None => None,
         };
         let ready =
@@ -207,17 +220,37 @@ fn load_cert(path: &Path, relay: &PeerId, gateway_key: &ed25519::PublicKey) -> R
     Ok(cert)
 }
 
+/// `/healthz` (503 with the reason once the store takes no writes) and `/metrics`.
 async fn serve_http(
     addr: SocketAddr,
     metrics: Arc<metrics::Metrics>,
+    store: StoreHandle,
     shutdown: CancellationToken,
     tasks: &mut JoinSet<()>,
 ) -> Result<String, StartError> {
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(|source| StartError::Http { addr, source })?;
     let bound = listener.local_addr().map_err(|source| StartError::Http { addr, source })?;
+    let health = store.clone();
     let app = axum::Router::new()
-        .route("/healthz", axum::routing::get(|| async { "ok" }))
-        .route("/metrics", axum::routing::get(move || async move { metrics.encode() }));
+        .route(
+            "/healthz",
+            axum::routing::get(move || async move {
+                match health.failure() {
+                    None => (axum::http::StatusCode::OK, "ok".to_string()),
+                    Some(why) => (
+                        axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                        format!("the store takes no writes since one failed: {why}"),
+                    ),
+                }
+            }),
+        )
+        .route(
+            "/metrics",
+            axum::routing::get(move || async move {
+                metrics.store_failed.set(i64::from(store.failure().is_some()));
+                metrics.encode()
+            }),
+        );
     tasks.spawn(async move {
         let serve = axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.cancelled().await });
         if let Err(e) = serve.await {

@@ -277,6 +277,10 @@ impl Mailboxes {
         if let Err(refusal) = check_envelopes(&peer, cert, &envelopes) {
             return self.respond(channel, MailboxResponse::Error(refusal));
         }
+        // Not even through other relays: a relay whose disk failed acknowledges nothing.
+        if let Some(why) = self.store.failure() {
+            return self.respond(channel, refuse(ErrorCode::Unavailable, store_failed(why)));
+        }
         if let Err(wait) = self.send_limiter.check_n(&cert.user_id.to_string(), envelopes.len() as u32, now) {
             return self.respond(channel, MailboxResponse::Error(WireError::flood_wait(wait, "messages")));
         }
@@ -441,6 +445,13 @@ fn check_envelopes(peer: &PeerId, cert: &CertBody, envelopes: &[Envelope]) -> Re
         }
     }
     Ok(())
+}
+
+/// The refusal of a relay whose store takes no more writes.
+pub(crate) fn store_failed(why: &str) -> String {
+    format!(
+        "this relay's store failed ({why}) and takes no writes until the relay restarts; send through another relay"
+    )
 }
 
 fn too_many_acks() -> MailboxResponse {

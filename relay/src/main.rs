@@ -38,6 +38,11 @@ struct Cli {
     /// Relays that must hold a copy of an envelope before it is acknowledged.
     #[arg(long, default_value_t = 2)]
     replication: usize,
+    /// Acknowledge with fewer copies than --replication when fewer relays are live (at least
+    /// this relay's own). Without it such a relay answers UNAVAILABLE and the client tries
+    /// another; use it only for a network knowingly smaller than --replication.
+    #[arg(long)]
+    allow_fewer_replicas: bool,
     /// HTTP address for /healthz and /metrics.
     #[arg(long, default_value = "127.0.0.1:0")]
     http: std::net::SocketAddr,
@@ -87,6 +92,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     config.cert_file = cli.relay_cert;
     config.http = Some(cli.http);
     config.settings.replication = cli.replication;
+    config.settings.allow_fewer_replicas = cli.allow_fewer_replicas;
     config.settings.send_rate = cli.send_rate;
     config.store.ttl = Duration::from_secs(cli.ttl_days * 24 * 3600);
     config.store.max_per_mailbox = cli.mailbox_quota;

@@ -3,6 +3,7 @@
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -25,6 +26,10 @@ pub struct Metrics {
     pub envelopes_received: Counter,
     /// Connections opened (clients and relays).
     pub connections: Counter,
+    /// Other relays whose certificate this relay checked: those it may store copies on.
+    pub relays_verified: Gauge,
+    /// 1 once a store write failed: the relay then takes no writes (see `/healthz`).
+    pub store_failed: Gauge,
 }
 
 impl Metrics {
@@ -39,7 +44,19 @@ impl Metrics {
         registry.register("envelopes_received", "Envelopes accepted from clients", envelopes_received.clone());
         let connections = Counter::default();
         registry.register("connections", "Connections opened", connections.clone());
-        Metrics { registry, requests, errors, envelopes_received, connections }
+        let relays_verified = Gauge::default();
+        registry.register(
+            "relays_verified",
+            "Other relays whose certificate this relay checked",
+            relays_verified.clone(),
+        );
+        let store_failed = Gauge::default();
+        registry.register(
+            "store_failed",
+            "1 once a store write failed and the relay takes no writes",
+            store_failed.clone(),
+        );
+        Metrics { registry, requests, errors, envelopes_received, connections, relays_verified, store_failed }
     }
 
     pub(crate) fn count_request(&self, kind: &str) {

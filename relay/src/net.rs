@@ -41,7 +41,8 @@ const PARK_TICK: Duration = Duration::from_millis(250);
 const EXPIRE_EVERY: Duration = Duration::from_secs(600);
 /// Requests queued from pipes to the loop; a full queue pushes back on every pipe.
 const INBOUND_QUEUE: usize = 4096;
-/// Replica requests wait for a commit on a possibly loaded relay; a minute leaves room.
+/// Replica requests wait for a commit on a possibly loaded relay; a minute leaves room. A
+/// `Store`, which a sender waits on, has a much shorter deadline of its own (`replicate`).
 const REPLICA_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
 type MailboxInbound = Inbound<MailboxRequest, MailboxResponse>;
@@ -112,6 +113,7 @@ impl EventLoop {
             pipes: Arc::clone(&replica_client),
             reporter,
             replication: settings.replication,
+            allow_fewer_replicas: settings.allow_fewer_replicas,
         };
         EventLoop {
             swarm,
@@ -211,6 +213,7 @@ impl EventLoop {
             e.report()
         });
         self.relays.greeted(peer, outcome);
+        self.metrics.relays_verified.set(i64::try_from(self.relays.verified_count()).unwrap_or(i64::MAX));
     }
 
     /// Dials the bootstrap relays and starts a Kademlia bootstrap.

@@ -128,6 +128,11 @@ impl Relays {
         }
     }
 
+    /// How many other relays showed a valid certificate when greeted.
+    pub(crate) fn verified_count(&self) -> usize {
+        self.verified.len()
+    }
+
     /// `relay` greeted us with a certificate valid until `until` (unix s, skew included).
     pub(crate) fn certified(&mut self, relay: PeerId, until: u64) {
         self.certified.insert(relay, until);

@@ -12,9 +12,9 @@ use meshgram_node::net::pipe::Responder;
 use meshgram_node::proto::{ErrorCode, MAX_ENVELOPE_SIZE, ReplicaRequest, ReplicaResponse, WireError};
 use tokio::task::{JoinError, JoinSet};
 
-use crate::mailbox::Mailboxes;
+use crate::mailbox::{Mailboxes, store_failed};
 use crate::relays::Relays;
-use crate::store::StoreHandle;
+use crate::store::{StoreError, StoreHandle};
 
 /// A finished replica request: answer the relay, first waking the fetches parked on `arrived`
 /// (envelopes committed here).
@@ -88,6 +88,9 @@ impl ReplicaServer {
                 if let Some(bad) = envelopes.iter().find(|e| e.encoded_len() > MAX_ENVELOPE_SIZE) {
                     return channel.respond(refuse(ErrorCode::BadRequest, format!("envelope {} is too large", bad.id)));
                 }
+                if let Some(why) = self.store.failure() {
+                    return channel.respond(refuse(ErrorCode::Unavailable, store_failed(why)));
+                }
                 let (store, put) = (self.store.clone(), mailboxes.put_and_push(&envelopes, now));
                 self.tasks.spawn(async move {
                     let mailboxes: HashSet<PeerId> = envelopes.iter().map(|e| e.to_device).collect();
@@ -105,7 +108,7 @@ impl ReplicaServer {
                             response: ReplicaResponse::Stored { duplicates: outcome.duplicates },
                             arrived: mailboxes.into_iter().collect(),
                         },
-                        Err(e) => Done::answer(channel, refuse(ErrorCode::Internal, e.to_string())),
+                        Err(e) => Done::answer(channel, refuse(store_error_code(&e), e.to_string())),
                     }
                 });
             }
@@ -120,5 +123,14 @@ impl ReplicaServer {
                 });
             }
         }
+    }
+}
+
+/// How a failed write is answered: a store that takes no more writes is a relay to skip
+/// (`UNAVAILABLE`), anything else an internal error.
+pub(crate) fn store_error_code(e: &StoreError) -> ErrorCode {
+    match e {
+        StoreError::Failed(_) => ErrorCode::Unavailable,
+        StoreError::Db(_) | StoreError::Log(_) | StoreError::Stopped => ErrorCode::Internal,
     }
 }

@@ -35,6 +35,16 @@ pub(crate) struct Replicas {
     /// To tell the event loop about relays that did not answer, or are not relays.
     pub(crate) reporter: Reporter,
     pub(crate) replication: usize,
+    /// Whether fewer than `replication` copies may do when fewer relays are live.
+    pub(crate) allow_fewer_replicas: bool,
+}
+
+impl Replicas {
+    /// Durable copies a `Send` needs before `Stored`, with `live` relays (this one included)
+    /// to choose from: always `R`, unless the operator allowed fewer.
+    fn copies_needed(&self, live: usize) -> usize {
+        if self.allow_fewer_replicas { self.replication.min(live).max(1) } else { self.replication }
+    }
 }
 
 /// One mailbox's envelopes of a `Send`, and where they go.
@@ -80,7 +90,17 @@ async fn store_group(
     mut local_put: Option<QueuedPut>,
     now: u64,
 ) -> Result<(HashSet<EnvelopeId>, bool), WireError> {
-    let need = replicas.replication.min(targets.len()).max(1);
+    let need = replicas.copies_needed(targets.len());
+    if targets.len() < need {
+        return Err(WireError::new(
+            ErrorCode::Unavailable,
+            format!(
+                "this relay knows {} live relays (itself included) and an envelope needs {need} durable copies; \
+                 nothing is acknowledged, send again",
+                targets.len()
+            ),
+        ));
+    }
     let mut copy_to = |target: PeerId| {
         let queued = if target == replicas.local { local_put.take() } else { None };
         store_on(replicas, target, batch.to_vec(), queued, now)
@@ -145,24 +165,43 @@ async fn store_on(
                 Err(WireError::new(ErrorCode::QuotaExceeded, "the recipient's mailbox is full"))
             }
             Ok(outcome) => Ok(outcome.duplicates),
-            Err(e) => Err(WireError::new(ErrorCode::Internal, e.to_string())),
+            Err(e) => Err(WireError::new(crate::replica::store_error_code(&e), e.to_string())),
         }
     } else {
         // libp2p-stream dials the relay if need be, with the addresses Kademlia knows.
-        match replicas.pipes.call(target, &ReplicaRequest::Store { envelopes: batch }).await {
-            Ok(ReplicaResponse::Stored { duplicates }) => Ok(duplicates),
-            Ok(ReplicaResponse::Error(e)) => Err(e),
-            Ok(other) => Err(WireError::new(ErrorCode::Internal, format!("unexpected replica answer {other:?}"))),
-            Err(e) => {
+        let request = ReplicaRequest::Store { envelopes: batch };
+        match tokio::time::timeout(REPLICA_STORE_DEADLINE, replicas.pipes.call(target, &request)).await {
+            Ok(Ok(ReplicaResponse::Stored { duplicates })) => Ok(duplicates),
+            Ok(Ok(ReplicaResponse::Error(e))) => Err(e),
+            Ok(Ok(other)) => Err(WireError::new(ErrorCode::Internal, format!("unexpected replica answer {other:?}"))),
+            Ok(Err(e)) => {
                 if let Some(report) = e.report() {
                     replicas.reporter.report(target, report).await;
                 }
                 Err(WireError::new(ErrorCode::Unavailable, e.to_string()))
             }
+            // Given up on, not cancelled: it may still store the copy, which is harmless (a
+            // spare copy, deduplicated by id, deleted with the others or expired by its TTL).
+            Err(_) => {
+                replicas.reporter.report(target, RelayReport::Down).await;
+                Err(WireError::new(
+                    ErrorCode::Unavailable,
+                    format!("{target} did not store a copy within {REPLICA_STORE_DEADLINE:?}"),
+                ))
+            }
         }
     };
     (target, result)
 }
+
+/// How long a replica `Store` may take before the next closest relay is asked instead (and the
+/// slow one is reported down, so following sends skip it for a while). A healthy relay answers
+/// in milliseconds: a batch is durable after one small synced append (`store`, `wal`), so 3 s
+/// is a thousand times a normal answer, and a relay that has not answered by then is hung,
+/// stopped or cut off while the sender waits. Without this deadline one such relay held every
+/// send that picked it for the replica pipe's 60 s timeout, as long as the client's own. A
+/// relay taken for slow by mistake costs only placement: the next closest relay keeps the copy.
+const REPLICA_STORE_DEADLINE: Duration = Duration::from_secs(3);
 
 /// How long deletes for other replicas gather before going out. A recipient acknowledges every
 /// batch it gets, at a steady trickle often a single envelope, and each would otherwise cost

@@ -14,7 +14,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
@@ -56,6 +56,11 @@ pub enum StoreError {
     Log(String),
     #[error("the store has stopped")]
     Stopped,
+    /// A write failed earlier (a full or failing disk), so the store takes no more: after a
+    /// failed sync nobody can tell what reached the disk, and a later write that seems to
+    /// succeed could be acknowledged on top of a lost one.
+    #[error("the store takes no writes since one failed: {0}")]
+    Failed(String),
 }
 
 impl<E: Into<redb::Error>> From<E> for StoreError {
@@ -102,6 +107,26 @@ pub struct StoreHandle {
     commands: mpsc::Sender<Command>,
     db: Arc<Database>,
     queued: Queued,
+    failure: Failure,
+}
+
+/// The first write failure, once there is one: from then on the store refuses every write
+/// ([`StoreError::Failed`]) and the relay reports itself unhealthy. Reads go on.
+#[derive(Debug, Clone, Default)]
+struct Failure(Arc<OnceLock<String>>);
+
+impl Failure {
+    /// Records `what` (unless a failure came first) and returns the error writes now get.
+    fn set(&self, what: &StoreError) -> StoreError {
+        if self.0.set(what.to_string()).is_ok() {
+            tracing::error!(error = %what, "relay store write failed; it takes no more writes until restarted");
+        }
+        StoreError::Failed(self.0.get().cloned().unwrap_or_default())
+    }
+
+    fn get(&self) -> Option<&str> {
+        self.0.get().map(String::as_str)
+    }
 }
 
 /// Envelopes of puts in the store's queue, not yet applied, per mailbox. Fetches hand them
@@ -199,13 +224,18 @@ impl StoreHandle {
         }
         let (commands, rx) = mpsc::channel(STORE_QUEUE);
         let db = Arc::new(db);
-        let queued = Queued::default();
-        let (writer, applied) = (Arc::clone(&db), queued.clone());
+        let (queued, failure) = (Queued::default(), Failure::default());
+        let (writer, applied, failed) = (Arc::clone(&db), queued.clone(), failure.clone());
         std::thread::Builder::new()
             .name("relay-store".into())
-            .spawn(move || run(&writer, wal, limits, rx, &applied))
+            .spawn(move || run(&writer, wal, limits, rx, &applied, &failed))
             .map_err(|e| StoreError::Db(e.to_string()))?;
-        Ok(StoreHandle { commands, db, queued })
+        Ok(StoreHandle { commands, db, queued, failure })
+    }
+
+    /// Why the store refuses writes, if a write failed (see [`StoreError::Failed`]).
+    pub fn failure(&self) -> Option<&str> {
+        self.failure.get()
     }
 
     async fn ask(&self, write: Write) -> Result<Applied, StoreError> {
@@ -286,7 +316,14 @@ fn count(applied: Result<Applied, StoreError>) -> Result<u32, StoreError> {
 
 /// The actor: take one command, then whatever else is queued, log them with one sync and
 /// apply them in one transaction; make redb durable and empty the log now and then.
-fn run(db: &Database, mut wal: Wal, limits: StoreLimits, mut rx: mpsc::Receiver<Command>, queued: &Queued) {
+fn run(
+    db: &Database,
+    mut wal: Wal,
+    limits: StoreLimits,
+    mut rx: mpsc::Receiver<Command>,
+    queued: &Queued,
+    failure: &Failure,
+) {
     // Only for receiving with a deadline on this plain thread.
     let timer = match tokio::runtime::Builder::new_current_thread().enable_time().build() {
         Ok(timer) => timer,
@@ -305,7 +342,7 @@ fn run(db: &Database, mut wal: Wal, limits: StoreLimits, mut rx: mpsc::Receiver<
             match timer.block_on(async { tokio::time::timeout(left, rx.recv()).await }) {
                 Ok(next) => next,
                 Err(_) => {
-                    checkpoint(db, &mut wal, &mut last_checkpoint);
+                    checkpoint(db, &mut wal, &mut last_checkpoint, failure);
                     continue;
                 }
             }
@@ -323,20 +360,20 @@ fn run(db: &Database, mut wal: Wal, limits: StoreLimits, mut rx: mpsc::Receiver<
                 Err(_) => break,
             }
         }
-        run_batch(db, &mut wal, &limits, batch, queued);
+        run_batch(db, &mut wal, &limits, batch, queued, failure);
         if last_checkpoint.elapsed() >= CHECKPOINT_EVERY || wal.len() >= CHECKPOINT_BYTES {
-            checkpoint(db, &mut wal, &mut last_checkpoint);
+            checkpoint(db, &mut wal, &mut last_checkpoint, failure);
         }
     }
     // Every handle is gone: leave nothing to replay.
-    checkpoint(db, &mut wal, &mut last_checkpoint);
+    checkpoint(db, &mut wal, &mut last_checkpoint, failure);
 }
 
 /// Makes everything redb holds durable, then empties the log. On failure the log stays and
-/// is replayed on the next open.
-fn checkpoint(db: &Database, wal: &mut Wal, last: &mut Instant) {
+/// is replayed on the next open, and the store takes no more writes.
+fn checkpoint(db: &Database, wal: &mut Wal, last: &mut Instant, failure: &Failure) {
     *last = Instant::now();
-    if wal.len() == 0 {
+    if wal.len() == 0 || failure.get().is_some() {
         return;
     }
     // An empty transaction that syncs makes the unsynced commits before it durable.
@@ -346,19 +383,34 @@ fn checkpoint(db: &Database, wal: &mut Wal, last: &mut Instant) {
     };
     if let Err(e) = durable() {
         tracing::error!(error = %e, "relay store checkpoint failed; the log is kept");
+        let _ = failure.set(&e);
     }
 }
 
-fn run_batch(db: &Database, wal: &mut Wal, limits: &StoreLimits, batch: Vec<Command>, queued: &Queued) {
+fn run_batch(
+    db: &Database,
+    wal: &mut Wal,
+    limits: &StoreLimits,
+    batch: Vec<Command>,
+    queued: &Queued,
+    failure: &Failure,
+) {
+    if let Some(why) = failure.get() {
+        for command in batch {
+            queued.remove(command.write.envelopes());
+            let _ = command.reply.send(Err(StoreError::Failed(why.to_string())));
+        }
+        return;
+    }
     let writes: Vec<&Write> = batch.iter().map(|c| &c.write).collect();
     // A lost delete only means a redelivery, which recipients drop by id: a batch of nothing
     // but deletes is not synced, and becomes durable with the next sync.
     let sync = writes.iter().any(|w| !matches!(w, Write::Delete { .. }));
     if let Err(e) = wal.append(&writes, sync) {
-        tracing::error!(error = %e, "relay store could not log a batch");
+        let e = failure.set(&StoreError::Log(e.to_string()));
         for command in batch {
             queued.remove(command.write.envelopes());
-            let _ = command.reply.send(Err(StoreError::Log(e.to_string())));
+            let _ = command.reply.send(Err(e.clone()));
         }
         return;
     }
@@ -380,7 +432,7 @@ fn run_batch(db: &Database, wal: &mut Wal, limits: &StoreLimits, batch: Vec<Comm
             }
         }
         Err(e) => {
-            tracing::error!(error = %e, "relay store commit failed");
+            let e = failure.set(&e);
             for command in batch {
                 let _ = command.reply.send(Err(e.clone()));
             }

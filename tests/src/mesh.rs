@@ -3,7 +3,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use libp2p::identity::ed25519;
 use meshgram_node::crypto::cert::{RelayCert, unix_now};
@@ -11,7 +11,36 @@ use meshgram_node::crypto::identity::load_or_create_ed25519;
 use meshgram_node::defaults::{RELAY_CERT_FILE, RELAY_KEY_FILE};
 use serde_json::Value;
 
-use crate::{GATEWAY_BIN, Gateway, RELAY_BIN, Server, bin_path, run};
+use crate::{GATEWAY_BIN, Gateway, RELAY_BIN, Server, bin_path, http_get, run};
+
+/// How long relays may take to check each other's certificates after they start.
+const VERIFY_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Waits (bounded) until every relay has checked every other relay's certificate, as its
+/// `/metrics` reports: relays acknowledge a message only with `R` durable copies, so one that
+/// does not know its peers yet would refuse sends.
+fn wait_until_relays_verified(relays: &[Server]) {
+    let others = relays.len().saturating_sub(1);
+    let deadline = Instant::now() + VERIFY_TIMEOUT;
+    for (i, relay) in relays.iter().enumerate() {
+        let http = relay.http().unwrap_or_else(|| panic!("relay {i} serves no HTTP"));
+        loop {
+            let verified = http_get(&http, "/metrics").ok().and_then(|(_, body)| {
+                body.lines()
+                    .find_map(|line| line.strip_prefix("meshgram_relay_relays_verified "))
+                    .and_then(|n| n.trim().parse::<usize>().ok())
+            });
+            if verified.is_some_and(|n| n >= others) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "relay {i} verified {verified:?} of {others} relays in {VERIFY_TIMEOUT:?}"
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
 
 /// A gateway and `N` relays on loopback, each relay joining through the ones before it.
 #[derive(Debug)]
@@ -87,8 +116,7 @@ impl Mesh {
                 Server::start(&bin_path(RELAY_BIN), &args).unwrap_or_else(|e| panic!("relay {i} did not start: {e:#}"));
             servers.push(server);
         }
-        // Give Kademlia a moment to learn every relay (bounded; identify runs on connect).
-        thread::sleep(Duration::from_millis(500));
+        wait_until_relays_verified(&servers);
         Mesh { gateway, relays: servers }
     }
 

@@ -102,9 +102,21 @@ impl Server {
         }
     }
 
-    /// The process id, e.g. to SIGSTOP the server.
-    pub fn pid(&self) -> u32 {
-        self.child.id()
+    /// SIGSTOP: the process stays, with its sockets open, and answers nothing until
+    /// [`Server::cont`] (a hung or badly overloaded server).
+    pub fn stop(&self) {
+        self.signal("-STOP");
+    }
+
+    /// SIGCONT after [`Server::stop`]: it carries on where it stopped.
+    pub fn cont(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let pid = self.child.id().to_string();
+        let status = Command::new("kill").args([signal, &pid]).status();
+        assert!(status.is_ok_and(|s| s.success()), "kill {signal} {pid} ({}) failed", self.name);
     }
 
     /// `peer_id` from the ready line.

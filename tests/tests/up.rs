@@ -87,3 +87,16 @@ fn up_restarts_a_role_that_dies_and_the_network_keeps_working() {
     );
     assert!(up.server.terminate().expect("`meshgram up` stops on SIGTERM").success());
 }
+
+#[test]
+fn up_with_one_relay_keeps_one_copy_and_delivers() {
+    // The default replication is 2; one relay cannot keep two copies, so `up` runs it with 1
+    // (a relay refuses to acknowledge with fewer copies than its --replication).
+    let up = Up::start(1);
+    assert_eq!(up.network["relays"].as_array().unwrap().len(), 1);
+    let (alice, bob) = (up.tmp().join("alice"), up.tmp().join("bob"));
+    up.login(&alice, "+15550001111", 0);
+    up.login(&bob, "+15550002222", 0);
+    meshgram(&alice, &["send", "+15550002222", "one relay is enough"]).ok_json();
+    assert_eq!(texts(&meshgram(&bob, &["messages"]).ok_json()), ["one relay is enough"]);
+}

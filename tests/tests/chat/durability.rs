@@ -1,12 +1,17 @@
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
+use libp2p::identity::ed25519;
 use libp2p::kad::KBucketKey;
+use meshgram_node::crypto::cert::RelayCert;
+use meshgram_node::proto::{ErrorCode, MailboxRequest, MailboxResponse};
 use meshgram_tests::{
-    Mesh, RELAY_BIN, Server, array, bin_path, meshgram, meshgram_stdin, spawn_meshgram, texts, u64_field,
+    Gateway, Mesh, RELAY_BIN, Server, array, bin_path, http_get, meshgram, meshgram_stdin, spawn_meshgram, texts,
+    u64_field, unix_now,
 };
 
+use super::wire::RawClient;
 use super::{ALICE, BOB};
 
 const SENTINEL: &str = "sentinel-7f3a9c-plaintext";
@@ -81,4 +86,207 @@ fn a_relay_killed_right_after_acknowledging_has_everything_when_it_restarts() {
 
     let inbox = meshgram(&bob, &["messages"]).ok_json();
     assert_eq!(texts(&inbox), expected, "all 300, once each, in order");
+}
+
+/// Hello on `client`'s relay with a certificate for user `user`, then one `Send`; its answer and
+/// how long it took.
+async fn hello_and_send(client: &RawClient, signer: &ed25519::Keypair, user: u64) -> (MailboxResponse, Duration) {
+    let now = unix_now();
+    let cert = client.cert(signer, user, now, now + 3600);
+    assert!(matches!(client.call(MailboxRequest::Hello { cert }).await, MailboxResponse::Welcome { .. }));
+    let envelope = client.envelope(user, PeerId::random(), 100);
+    let started = Instant::now();
+    let answer = client.call(MailboxRequest::Send { envelopes: vec![envelope] }).await;
+    (answer, started.elapsed())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_that_knows_fewer_than_r_relays_does_not_acknowledge_unless_allowed() {
+    // One relay with replication 2: what a relay that just restarted (and has checked no
+    // other relay's certificate yet) sees. It keeps its own copy, but one copy is not R.
+    let signer = ed25519::Keypair::generate();
+    let mesh = Mesh::start_with_key(Gateway::start(), &signer, 1, 2);
+    let (answer, _) = hello_and_send(&RawClient::new(&mesh.relays[0].tcp_addr()), &signer, 1).await;
+    match answer {
+        MailboxResponse::Error(e) => {
+            assert_eq!(e.code, ErrorCode::Unavailable, "{e}");
+            assert!(e.message.contains("needs 2 durable copies"), "says why: {e}");
+        }
+        other => panic!("acknowledged with one copy of two: {other:?}"),
+    }
+
+    // A network smaller than R is the operator's explicit choice.
+    let dir = mesh.gateway.tmp().join("small-network-relay");
+    std::fs::create_dir_all(&dir).unwrap();
+    RelayCert::admit(&signer, &dir, 1, unix_now()).unwrap();
+    let (data, key) = (dir.display().to_string(), meshgram_node::ids::hex(&signer.public().to_bytes()));
+    let args = [
+        "--data",
+        &data,
+        "--gateway-key",
+        &key,
+        "--replication",
+        "2",
+        "--allow-fewer-replicas",
+        "--listen",
+        "/ip4/127.0.0.1/tcp/0",
+        "--http",
+        "127.0.0.1:0",
+    ];
+    let allowed = Server::start(&bin_path(RELAY_BIN), &args).unwrap();
+    let (answer, _) = hello_and_send(&RawClient::new(&allowed.tcp_addr()), &signer, 1).await;
+    assert!(matches!(answer, MailboxResponse::Stored { .. }), "{answer:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_two_relays_and_one_stopped_a_send_is_refused_within_seconds_not_acknowledged() {
+    let signer = ed25519::Keypair::generate();
+    let mesh = Mesh::start_with_key(Gateway::start(), &signer, 2, 2);
+    // SIGSTOP: its sockets stay open and it answers nothing, like a hung relay.
+    mesh.relays[1].stop();
+    let (answer, took) = hello_and_send(&RawClient::new(&mesh.relays[0].tcp_addr()), &signer, 1).await;
+    mesh.relays[1].cont();
+    match answer {
+        MailboxResponse::Error(e) => assert_eq!(e.code, ErrorCode::Unavailable, "{e}"),
+        other => panic!("acknowledged with one copy of two: {other:?}"),
+    }
+    assert!(took < Duration::from_secs(10), "refused after {took:?}: a stopped replica should cost seconds");
+}
+
+#[test]
+fn a_stopped_replica_costs_a_send_seconds_and_every_acknowledged_message_arrives_once() {
+    let mesh = Mesh::start(3, 2);
+    let (alice, bob) = (mesh.new_profile("alice"), mesh.new_profile("bob"));
+    mesh.login(&alice, ALICE);
+    mesh.login(&bob, BOB);
+
+    // Stop the second closest relay to Bob's mailbox: the closest one (which Alice's client
+    // sends through) keeps a copy and must find another relay for the second.
+    let bob_device: PeerId = meshgram(&bob, &["whoami"]).ok_json()["device"].as_str().unwrap().parse().unwrap();
+    let distance =
+        |relay: &str| KBucketKey::from(bob_device).distance(&KBucketKey::from(relay.parse::<PeerId>().unwrap()));
+    let mut by_distance: Vec<usize> = (0..mesh.relays.len()).collect();
+    by_distance.sort_by_key(|&i| distance(&mesh.relays[i].peer_id()));
+    let stopped = by_distance[1];
+    mesh.relays[stopped].stop();
+
+    let expected: Vec<String> = (0..5).map(|i| format!("while a relay is stopped {i}")).collect();
+    let mut took = Vec::new();
+    for text in &expected {
+        let started = Instant::now();
+        let sent = meshgram(&alice, &["send", BOB, text]).ok_json();
+        took.push(started.elapsed());
+        assert_eq!(u64_field(&sent, "sent"), 1);
+    }
+    eprintln!("sends with a relay stopped took {took:?}");
+    assert!(took.iter().all(|t| *t < Duration::from_secs(10)), "a send took far longer than the deadline: {took:?}");
+
+    // The stopped relay carries on (with whatever copies it was given up on for); Bob gets
+    // every acknowledged message once, from whichever relays hold it.
+    mesh.relays[stopped].cont();
+    let inbox = meshgram(&bob, &["messages"]).ok_json();
+    assert_eq!(texts(&inbox), expected, "each once, in order");
+    assert_eq!(texts(&meshgram(&bob, &["messages"]).ok_json()).len(), expected.len(), "nothing twice");
+}
+
+/// A small tmpfs, unmounted on drop.
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    /// Mounts a tmpfs of `size` (`mount -o size=`) at `dir`; `Err` says why not (not root, say).
+    fn mount(dir: &std::path::Path, size: &str) -> Result<SmallDisk, String> {
+        std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs", &dir.display().to_string()])
+            .output()
+            .map_err(|e| format!("mount: {e}"))?;
+        if !out.status.success() {
+            return Err(format!("mount failed: {}", String::from_utf8_lossy(&out.stderr).trim()));
+        }
+        Ok(SmallDisk(dir.to_path_buf()))
+    }
+
+    /// Writes `name` on it until the disk is full.
+    fn fill(&self, name: &str) {
+        use std::io::Write;
+        let mut filler = std::fs::File::create(self.0.join(name)).unwrap();
+        let chunk = vec![0u8; 4096];
+        while filler.write_all(&chunk).and_then(|()| filler.sync_data()).is_ok() {}
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").args(["-l", &self.0.display().to_string()]).status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_whose_disk_fills_stops_acknowledging_and_says_so_on_healthz() {
+    let signer = ed25519::Keypair::generate();
+    let gateway = Gateway::start();
+    let disk = match SmallDisk::mount(&gateway.tmp().join("small-disk"), "8m") {
+        Ok(disk) => disk,
+        Err(why) => {
+            eprintln!("skipped: this test needs a small tmpfs ({why}); run it as root");
+            return;
+        }
+    };
+    let dir = disk.0.join("relay");
+    std::fs::create_dir_all(&dir).unwrap();
+    RelayCert::admit(&signer, &dir, 1, unix_now()).unwrap();
+    let (data, key) = (dir.display().to_string(), meshgram_node::ids::hex(&signer.public().to_bytes()));
+    let args = [
+        "--data",
+        &data,
+        "--gateway-key",
+        &key,
+        "--replication",
+        "1",
+        "--listen",
+        "/ip4/127.0.0.1/tcp/0",
+        "--http",
+        "127.0.0.1:0",
+    ];
+    let relay = Server::start(&bin_path(RELAY_BIN), &args).unwrap();
+    let http = relay.http().unwrap();
+    assert_eq!(http_get(&http, "/healthz").unwrap(), (200, "ok".to_string()));
+    let client = RawClient::new(&relay.tcp_addr());
+    let (answer, _) = hello_and_send(&client, &signer, 1).await;
+    assert!(matches!(answer, MailboxResponse::Stored { .. }), "{answer:?}");
+
+    // The disk fills up: sends are refused from the first write that fails.
+    disk.fill("filler");
+    let send = || MailboxRequest::Send { envelopes: vec![client.envelope(1, PeerId::random(), 16 * 1024)] };
+    let mut refused = None;
+    for _ in 0..100 {
+        match client.call(send()).await {
+            MailboxResponse::Stored { .. } => continue,
+            MailboxResponse::Error(e) => {
+                refused = Some(e);
+                break;
+            }
+            other => panic!("unexpected answer {other:?}"),
+        }
+    }
+    let refused = refused.expect("a full disk refuses sends");
+    assert_eq!(refused.code, ErrorCode::Unavailable, "{refused}");
+
+    // It says so, and acknowledges nothing any more, even once there is room again.
+    let (status, body) = http_get(&http, "/healthz").unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("failed"), "{body}");
+    let (_, metrics) = http_get(&http, "/metrics").unwrap();
+    assert!(metrics.lines().any(|l| l == "meshgram_relay_store_failed 1"), "{metrics}");
+    std::fs::remove_file(disk.0.join("filler")).unwrap();
+    for _ in 0..3 {
+        match client.call(send()).await {
+            MailboxResponse::Error(e) => {
+                assert_eq!(e.code, ErrorCode::Unavailable, "{e}");
+                assert!(e.message.contains("store failed"), "{e}");
+            }
+            other => panic!("acknowledged after a failed write: {other:?}"),
+        }
+    }
+    drop(relay);
 }

@@ -5,7 +5,11 @@
 //! - `basic`: two users chat through three relays; replies; sync to the sender's other device.
 //! - `durability`: an offline recipient gets 1,000 messages exactly once and in order, with a
 //!   relay killed by SIGKILL while they are being sent; relays' files hold no plaintext; a
-//!   relay SIGKILLed right after acknowledging has everything when it restarts.
+//!   relay SIGKILLed right after acknowledging has everything when it restarts; a relay
+//!   acknowledges only with R durable copies (or when the operator allowed fewer); a stopped
+//!   (SIGSTOP) replica costs a send seconds, not a minute, and loses nothing; a relay whose
+//!   disk fills (a small tmpfs; skipped unless root) acknowledges nothing after the failed write
+//!   and says so on `/healthz` and in its metrics.
 //! - `features`: edits, deletes, delivery and read receipts, typing, `messages --follow`.
 //! - `node`: the client node — the CLI through its socket with the same output, `--follow` by
 //!   push, one node per profile, SIGKILL and restart, garbage on the socket, other users refused.

@@ -1,7 +1,6 @@
 //! Messaging while the gateway is away: known contacts need only the relays, and an envelope
 //! that cannot be verified now is kept, not dropped.
 
-use std::process::Command;
 use std::time::Instant;
 
 use meshgram_tests::{CLI_BIN, Mesh, RELAY_BIN, Server, bin_path, meshgram, texts};
@@ -13,20 +12,15 @@ struct Stopped<'a>(&'a Server);
 
 impl<'a> Stopped<'a> {
     fn new(server: &'a Server) -> Self {
-        signal(server, "-STOP");
+        server.stop();
         Stopped(server)
     }
 }
 
 impl Drop for Stopped<'_> {
     fn drop(&mut self) {
-        signal(self.0, "-CONT");
+        self.0.cont();
     }
-}
-
-fn signal(server: &Server, signal: &str) {
-    let status = Command::new("kill").args([signal, &server.pid().to_string()]).status().unwrap();
-    assert!(status.success(), "kill {signal}");
 }
 
 #[test]

@@ -11,7 +11,8 @@ use meshgram_node::proto::envelope::{Envelope, EnvelopeId};
 use meshgram_node::proto::{ErrorCode, MAX_ENVELOPE_SIZE, MailboxRequest, MailboxResponse, RelayInfo};
 use meshgram_tests::{Gateway, Mesh};
 
-struct RawClient {
+/// A client that speaks the mailbox protocol with certificates the test signs.
+pub(super) struct RawClient {
     identity: DeviceIdentity,
     net: ClientNet,
     relay: RelayInfo,
@@ -19,7 +20,7 @@ struct RawClient {
 }
 
 impl RawClient {
-    fn new(relay: &str) -> Self {
+    pub(super) fn new(relay: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let identity = DeviceIdentity::load_or_create(dir.path()).unwrap();
         let net = ClientNet::spawn(&identity).unwrap();
@@ -28,11 +29,11 @@ impl RawClient {
         RawClient { identity, net, relay: RelayInfo { peer_id, addrs: vec![addr] }, _dir: dir }
     }
 
-    async fn call(&self, request: MailboxRequest) -> MailboxResponse {
+    pub(super) async fn call(&self, request: MailboxRequest) -> MailboxResponse {
         self.net.mailbox_request(self.relay.peer_id, self.relay.addrs.clone(), request).await.unwrap()
     }
 
-    fn cert(&self, signer: &ed25519::Keypair, user: u64, not_before: u64, not_after: u64) -> SessionCert {
+    pub(super) fn cert(&self, signer: &ed25519::Keypair, user: u64, not_before: u64, not_after: u64) -> SessionCert {
         let body = CertBody {
             user_id: UserId(user),
             device: self.identity.peer_id(),
@@ -45,7 +46,7 @@ impl RawClient {
         SessionCert::sign(body, signer)
     }
 
-    fn envelope(&self, user: u64, to: PeerId, len: usize) -> Envelope {
+    pub(super) fn envelope(&self, user: u64, to: PeerId, len: usize) -> Envelope {
         Envelope {
             id: EnvelopeId::random(),
             from_user: UserId(user),

@@ -18,7 +18,7 @@ use meshgram_node::defaults::{GATEWAY_KEY_FILE, RELAY_CERT_DAYS};
 use meshgram_node::network_file::{GatewayEntry, NETWORK_FILE, NetworkFile, NodeEntry};
 use meshgram_node::server::service::stop_requested;
 use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, Command};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -28,6 +28,10 @@ use tokio_util::task::AbortOnDropHandle;
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// After SIGTERM, a role gets this long to exit before SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(5);
+/// How long `up` waits for its relays to check each other's certificates before it says the
+/// network is ready: until a relay knows R relays it refuses sends. On loopback this takes
+/// well under a second; past this bound `up` warns and carries on (clients retry).
+const RELAYS_VERIFY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The first wait before restarting a role that exited; doubled after each quick exit.
 const RESTART_FIRST: Duration = Duration::from_secs(1);
@@ -134,6 +138,40 @@ fn listen_addrs(previous: Option<&[Multiaddr]>) -> Vec<String> {
         }
     }
     vec![format!("/ip4/127.0.0.1/tcp/{tcp}"), format!("/ip4/127.0.0.1/udp/{udp}/quic-v1")]
+}
+
+/// Waits (bounded by [`RELAYS_VERIFY_TIMEOUT`]) until each relay has checked the certificate of
+/// every other one, as its `/metrics` reports.
+async fn wait_for_relays<'a>(processes: impl Iterator<Item = &'a RoleProcess>, relays: usize) {
+    let others = relays.saturating_sub(1);
+    let deadline = Instant::now() + RELAYS_VERIFY_TIMEOUT;
+    for process in processes.filter(|p| p.role == "relay") {
+        let Some(http) = process.ready["http"].as_str() else { continue };
+        while relays_verified(http).await.is_none_or(|n| n < others) {
+            if Instant::now() >= deadline {
+                tracing::warn!(
+                    "relays have not all checked each other's certificates yet; sends may be refused at first"
+                );
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// `meshgram_relay_relays_verified` from a relay's `/metrics` at `http` (`http://HOST:PORT`).
+async fn relays_verified(http: &str) -> Option<usize> {
+    let authority = http.strip_prefix("http://")?;
+    let get = async {
+        let mut stream = tokio::net::TcpStream::connect(authority).await.ok()?;
+        let request = format!("GET /metrics HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.ok()?;
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).await.ok()?;
+        Some(answer)
+    };
+    let answer = tokio::time::timeout(Duration::from_secs(1), get).await.ok()??;
+    answer.lines().find_map(|line| line.strip_prefix("meshgram_relay_relays_verified "))?.trim().parse().ok()
 }
 
 /// Starts one role's binary in `data/<name>`, reusing the ports it had last time if it can.
@@ -265,9 +303,12 @@ pub(crate) struct UpOptions {
 
 /// Runs the network until Ctrl-C or SIGTERM.
 pub(crate) async fn run(data: &Path, options: UpOptions, json: bool) -> anyhow::Result<()> {
-    if options.relays == 0 || options.replication == 0 || options.replication > options.relays {
-        bail!("need at least one relay and 1 <= replication <= relays");
+    if options.relays == 0 || options.replication == 0 {
+        bail!("need at least one relay and a replication of at least 1");
     }
+    // Relays acknowledge only with R durable copies, so R cannot exceed the relays there are:
+    // a smaller network keeps as many copies as it has relays (`--relays 1`: one).
+    let replication = options.replication.min(options.relays);
     std::fs::create_dir_all(data).with_context(|| format!("creating {}", data.display()))?;
     let data = data.canonicalize().with_context(|| format!("resolving {}", data.display()))?;
     let network_path = data.join(NETWORK_FILE);
@@ -287,7 +328,7 @@ pub(crate) async fn run(data: &Path, options: UpOptions, json: bool) -> anyhow::
             "--gateway-key".into(),
             gateway.public_key.clone(),
             "--replication".into(),
-            options.replication.to_string(),
+            replication.to_string(),
             // The relays share this machine's cores: one thread each saves hand-offs.
             "--worker-threads".into(),
             "1".into(),
@@ -313,6 +354,7 @@ pub(crate) async fn run(data: &Path, options: UpOptions, json: bool) -> anyhow::
             }
         }
     }
+    wait_for_relays(roles.iter().map(|(process, _)| process), options.relays).await;
     let network = NetworkFile { gateway, relays, bot_api: None, app: None };
     network.save(&network_path)?;
 
