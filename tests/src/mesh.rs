@@ -42,6 +42,24 @@ fn wait_until_relays_verified(relays: &[Server]) {
     }
 }
 
+/// Starts `meshgram-relay` on `data`, trusting `gateway_key` (hex), keeping `replication`
+/// copies, on TCP port `tcp_port` of 127.0.0.1 (0 = any) and HTTP on any port, with `extra`
+/// arguments after those.
+pub fn start_relay(
+    data: &Path,
+    gateway_key: &str,
+    replication: usize,
+    tcp_port: u16,
+    extra: &[&str],
+) -> anyhow::Result<Server> {
+    let (data, replication) = (data.display().to_string(), replication.to_string());
+    let listen = format!("/ip4/127.0.0.1/tcp/{tcp_port}");
+    let mut args = vec!["--data", &data, "--gateway-key", gateway_key, "--replication", &replication];
+    args.extend(["--listen", &listen, "--http", "127.0.0.1:0"]);
+    args.extend_from_slice(extra);
+    Server::start(&bin_path(RELAY_BIN), &args)
+}
+
 /// A gateway and `N` relays on loopback, each relay joining through the ones before it.
 #[derive(Debug)]
 pub struct Mesh {
@@ -91,29 +109,11 @@ impl Mesh {
             let dir = gateway.tmp().join(format!("relay-{i}"));
             fs::create_dir_all(&dir).expect("relay data dir");
             admit(&dir);
-            let data = dir.display().to_string();
-            let replication = replication.to_string();
-            let mut args: Vec<String> = [
-                "--data",
-                &data,
-                "--gateway-key",
-                gateway_key,
-                "--replication",
-                &replication,
-                "--listen",
-                "/ip4/127.0.0.1/tcp/0",
-                "--http",
-                "127.0.0.1:0",
-            ]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-            for earlier in &servers {
-                args.extend(["--bootstrap".to_string(), earlier.tcp_addr()]);
-            }
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            let server =
-                Server::start(&bin_path(RELAY_BIN), &args).unwrap_or_else(|e| panic!("relay {i} did not start: {e:#}"));
+            let bootstrap: Vec<String> =
+                servers.iter().flat_map(|s| ["--bootstrap".to_string(), s.tcp_addr()]).collect();
+            let extra: Vec<&str> = bootstrap.iter().map(String::as_str).collect();
+            let server = start_relay(&dir, gateway_key, replication, 0, &extra)
+                .unwrap_or_else(|e| panic!("relay {i} did not start: {e:#}"));
             servers.push(server);
         }
         wait_until_relays_verified(&servers);

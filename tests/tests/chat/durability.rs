@@ -7,8 +7,7 @@ use libp2p::kad::KBucketKey;
 use meshgram_node::crypto::cert::RelayCert;
 use meshgram_node::proto::{ErrorCode, MailboxRequest, MailboxResponse};
 use meshgram_tests::{
-    Gateway, Mesh, RELAY_BIN, Server, array, bin_path, http_get, meshgram, meshgram_stdin, spawn_meshgram, texts,
-    u64_field, unix_now,
+    Gateway, Mesh, array, http_get, meshgram, meshgram_stdin, spawn_meshgram, start_relay, texts, u64_field, unix_now,
 };
 
 use super::wire::RawClient;
@@ -75,13 +74,10 @@ fn a_relay_killed_right_after_acknowledging_has_everything_when_it_restarts() {
     // SIGKILL at once: the newest envelopes are then only in the relay's write-ahead log
     // (redb is synced every 250 ms). The relay comes back on the same data dir and port.
     let relay = &mut mesh.relays[0];
-    let (peer, port, data) = (relay.peer_id(), relay.tcp_port(), relay.data_dir.display().to_string());
+    let (peer, port, data) = (relay.peer_id(), relay.tcp_port(), relay.data_dir.clone());
     relay.kill9();
     let key = mesh.gateway.server.ready["public_key"].as_str().unwrap().to_string();
-    let listen = format!("/ip4/127.0.0.1/tcp/{port}");
-    let args =
-        ["--data", &data, "--gateway-key", &key, "--replication", "1", "--listen", &listen, "--http", "127.0.0.1:0"];
-    mesh.relays[0] = Server::start(&bin_path(RELAY_BIN), &args).unwrap();
+    mesh.relays[0] = start_relay(&data, &key, 1, port, &[]).unwrap();
     assert_eq!(mesh.relays[0].peer_id(), peer, "same relay key");
 
     let inbox = meshgram(&bob, &["messages"]).ok_json();
@@ -119,21 +115,8 @@ async fn a_relay_that_knows_fewer_than_r_relays_does_not_acknowledge_unless_allo
     let dir = mesh.gateway.tmp().join("small-network-relay");
     std::fs::create_dir_all(&dir).unwrap();
     RelayCert::admit(&signer, &dir, 1, unix_now()).unwrap();
-    let (data, key) = (dir.display().to_string(), meshgram_node::ids::hex(&signer.public().to_bytes()));
-    let args = [
-        "--data",
-        &data,
-        "--gateway-key",
-        &key,
-        "--replication",
-        "2",
-        "--allow-fewer-replicas",
-        "--listen",
-        "/ip4/127.0.0.1/tcp/0",
-        "--http",
-        "127.0.0.1:0",
-    ];
-    let allowed = Server::start(&bin_path(RELAY_BIN), &args).unwrap();
+    let key = meshgram_node::ids::hex(&signer.public().to_bytes());
+    let allowed = start_relay(&dir, &key, 2, 0, &["--allow-fewer-replicas"]).unwrap();
     let (answer, _) = hello_and_send(&RawClient::new(&allowed.tcp_addr()), &signer, 1).await;
     assert!(matches!(answer, MailboxResponse::Stored { .. }), "{answer:?}");
 }
@@ -235,20 +218,8 @@ async fn a_relay_whose_disk_fills_stops_acknowledging_and_says_so_on_healthz() {
     let dir = disk.0.join("relay");
     std::fs::create_dir_all(&dir).unwrap();
     RelayCert::admit(&signer, &dir, 1, unix_now()).unwrap();
-    let (data, key) = (dir.display().to_string(), meshgram_node::ids::hex(&signer.public().to_bytes()));
-    let args = [
-        "--data",
-        &data,
-        "--gateway-key",
-        &key,
-        "--replication",
-        "1",
-        "--listen",
-        "/ip4/127.0.0.1/tcp/0",
-        "--http",
-        "127.0.0.1:0",
-    ];
-    let relay = Server::start(&bin_path(RELAY_BIN), &args).unwrap();
+    let key = meshgram_node::ids::hex(&signer.public().to_bytes());
+    let relay = start_relay(&dir, &key, 1, 0, &[]).unwrap();
     let http = relay.http().unwrap();
     assert_eq!(http_get(&http, "/healthz").unwrap(), (200, "ok".to_string()));
     let client = RawClient::new(&relay.tcp_addr());

@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use meshgram_tests::{CLI_BIN, Mesh, RELAY_BIN, Server, bin_path, meshgram, texts};
+use meshgram_tests::{CLI_BIN, Mesh, Server, bin_path, meshgram, start_relay, texts};
 
 use super::{ALICE, BOB};
 
@@ -76,25 +76,10 @@ fn an_envelope_that_cannot_be_verified_while_the_gateway_is_stopped_is_kept_and_
 /// SIGKILLs the mesh's only relay; returns what restarts it on the same data dir and port.
 fn kill_the_relay(mesh: &mut Mesh) -> impl FnOnce(&mut Mesh) + use<> {
     let relay = &mut mesh.relays[0];
-    let (port, data) = (relay.tcp_port(), relay.data_dir.display().to_string());
+    let (port, data) = (relay.tcp_port(), relay.data_dir.clone());
     relay.kill9();
     let key = mesh.gateway.server.ready["public_key"].as_str().unwrap().to_string();
-    move |mesh: &mut Mesh| {
-        let listen = format!("/ip4/127.0.0.1/tcp/{port}");
-        let args = [
-            "--data",
-            &data,
-            "--gateway-key",
-            &key,
-            "--replication",
-            "1",
-            "--listen",
-            &listen,
-            "--http",
-            "127.0.0.1:0",
-        ];
-        mesh.relays[0] = Server::start(&bin_path(RELAY_BIN), &args).unwrap();
-    }
+    move |mesh: &mut Mesh| mesh.relays[0] = start_relay(&data, &key, 1, port, &[]).unwrap()
 }
 
 fn statuses(messages: &serde_json::Value) -> Vec<String> {
