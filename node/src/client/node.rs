@@ -2,14 +2,18 @@
 //! history), long-polls its mailbox relays and records what arrives, renews its certificate
 //! ahead of expiry, and answers [`Call`]s from its front ends, telling subscribers what changed.
 //!
-//! Two tasks, both owned by the handles (the last [`NodeHandle`] dropped stops them):
-//! - the **actor** owns the [`Messenger`] that sends and answers calls, one call at a time;
+//! Three tasks, owned by the handles (the last [`NodeHandle`] dropped stops them):
+//! - the **actor** owns the [`Messenger`] that sends and answers calls, one call at a time, and
+//!   retries the outbox while messages wait in it;
 //! - the **receiver** owns a fork of it (same network task, same history, its own relay state)
 //!   and long-polls, so a message arrives while a send is in flight and a call never waits for
-//!   a poll. The actor hands it each renewed session through a `watch` channel.
+//!   a poll;
+//! - the **renewer** renews the certificate at half-life, so no call waits on the gateway.
 //!
-//! Both record into one history; its seen-set makes sure each envelope is applied once even
-//! when both fetch it, so every [`Event::Message`] for a received message is sent once.
+//! The session is shared through a `watch` channel ([`SharedSession`]): whoever changes it saves
+//! it, and each messenger takes the change before its next request. Actor and receiver record
+//! into one history, where each envelope's change is applied in the transaction that marks it
+//! seen, so every [`Event::Message`] for a received message is sent once.
 
 use std::path::Path;
 use std::sync::Arc;
