@@ -26,6 +26,21 @@ pub const CERT_RENEW_BEFORE_SECS: u64 = 10 * 60;
 /// for R durable copies; a minute covers both with room for a loaded relay.
 pub const MAILBOX_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// How long a client gives a relay to answer a request that does not wait for mail (greeting,
+/// acknowledging, fetching what is there), on top of a fetch's long-poll: a relay that is
+/// stopped or swamped costs this, then the next relay is asked.
+pub const RELAY_ANSWER_DEADLINE: Duration = Duration::from_secs(5);
+
+/// How long a client gives a relay to store a `Send` on R relays: a relay gives each replica
+/// 3 s before it tries the next one, so two slow replicas and the commits fit; past it the next
+/// relay is asked (a resend is safe: relays report duplicates).
+pub const SEND_DEADLINE: Duration = Duration::from_secs(10);
+
+/// A relay that failed to answer is asked last for this long: long enough that a stopped relay
+/// costs one deadline, not one per request, short enough that one that is back gets its turn
+/// again soon.
+pub const UNRESPONSIVE_RELAY_LAST_FOR: Duration = Duration::from_secs(30);
+
 /// How long a client's `Fetch` waits for new envelopes before the relay answers empty.
 pub const FETCH_WAIT_MS: u32 = 20_000;
 

@@ -10,7 +10,10 @@ use crate::client::history::{History, HistoryError, StoredMessage};
 use crate::client::session::{Client, ClientError, SavedSession};
 use crate::crypto::cert::unix_now;
 use crate::crypto::seal::{self, E2eError};
-use crate::defaults::{CARD_FRESH_SECS, CARD_TRUST_SECS, CERT_RENEW_BEFORE_SECS};
+use crate::defaults::{
+    CARD_FRESH_SECS, CARD_TRUST_SECS, CERT_RENEW_BEFORE_SECS, RELAY_ANSWER_DEADLINE, SEND_DEADLINE,
+    UNRESPONSIVE_RELAY_LAST_FOR,
+};
 use crate::ids::{UserId, now_ms};
 use crate::net::placement;
 use crate::proto::envelope::{Envelope, EnvelopeId};
@@ -120,6 +123,9 @@ pub struct Messenger {
     unacked: HashMap<PeerId, Vec<EnvelopeId>>,
     /// Envelopes dropped as definitively bad (forged, malformed).
     dropped_envelopes: u64,
+    /// Relays that failed to answer lately, and until when they are asked last (and, when
+    /// receiving, skipped if another holder of the mailbox answers).
+    unresponsive: HashMap<PeerId, std::time::Instant>,
     /// Whether this messenger writes `session.json` when it learns relays (a client node's
     /// messengers leave that to the node, which owns the session).
     saves_session: bool,
@@ -154,6 +160,7 @@ impl Messenger {
             mailbox_relays: Vec::new(),
             unacked: HashMap::new(),
             dropped_envelopes: 0,
+            unresponsive: HashMap::new(),
             saves_session: true,
         }
     }
@@ -181,6 +188,7 @@ impl Messenger {
             mailbox_relays: self.mailbox_relays.clone(),
             unacked: HashMap::new(),
             dropped_envelopes: 0,
+            unresponsive: HashMap::new(),
             saves_session: self.saves_session,
         })
     }
@@ -240,14 +248,58 @@ impl Messenger {
 
     // ---- relays ----
 
+    /// One request to a relay (greeting it first if need be), given up after `deadline`: a
+    /// relay that is stopped or swamped must cost a bounded wait, then the next relay.
     async fn relay_call(
+        &mut self,
+        relay: &RelayInfo,
+        request: MailboxRequest,
+        deadline: std::time::Duration,
+    ) -> Result<MailboxResponse, MessagingError> {
+        let answer = match tokio::time::timeout(deadline, self.relay_call_unbounded(relay, request)).await {
+            Ok(answer) => answer,
+            Err(_) => {
+                // Whatever state that connection is in, greet afresh next time.
+                self.greeted.remove(&relay.peer_id);
+                let reason = format!("no answer within {} s", deadline.as_secs_f32());
+                Err(crate::client::net::NetError::RequestFailed { peer: relay.peer_id, reason }.into())
+            }
+        };
+        match &answer {
+            Err(MessagingError::Net(_)) => {
+                self.unresponsive.insert(relay.peer_id, std::time::Instant::now() + UNRESPONSIVE_RELAY_LAST_FOR);
+            }
+            _ => {
+                self.unresponsive.remove(&relay.peer_id);
+            }
+        }
+        answer
+    }
+
+    fn is_unresponsive(&self, relay: &PeerId) -> bool {
+        self.unresponsive.get(relay).is_some_and(|until| *until > std::time::Instant::now())
+    }
+
+    /// `relays` in their order, those that failed to answer lately moved to the end.
+    fn answering_first(&self, mut relays: Vec<RelayInfo>) -> Vec<RelayInfo> {
+        relays.sort_by_key(|r| self.is_unresponsive(&r.peer_id));
+        relays
+    }
+
+    async fn relay_call_unbounded(
         &mut self,
         relay: &RelayInfo,
         request: MailboxRequest,
     ) -> Result<MailboxResponse, MessagingError> {
         if !self.greeted.contains(&relay.peer_id) {
             let hello = MailboxRequest::Hello { cert: self.session.cert.clone() };
-            match self.client.mailbox_request(relay, hello).await? {
+            // A greeting waits for nothing: a relay that does not answer it soon is not there.
+            let greeting = tokio::time::timeout(RELAY_ANSWER_DEADLINE, self.client.mailbox_request(relay, hello)).await;
+            let Ok(welcome) = greeting else {
+                let reason = format!("no answer to Hello within {} s", RELAY_ANSWER_DEADLINE.as_secs());
+                return Err(crate::client::net::NetError::RequestFailed { peer: relay.peer_id, reason }.into());
+            };
+            match welcome? {
                 MailboxResponse::Welcome { mailbox_relays, relays, .. } => {
                     self.greeted.insert(relay.peer_id);
                     self.mailbox_relays = mailbox_relays;
@@ -526,8 +578,8 @@ impl Messenger {
             );
             relays.sort_by_key(|r| order.iter().position(|id| *id == r.peer_id));
         }
-        for relay in relays {
-            match self.relay_call(&relay, MailboxRequest::Send { envelopes: envelopes.clone() }).await {
+        for relay in self.answering_first(relays) {
+            match self.relay_call(&relay, MailboxRequest::Send { envelopes: envelopes.clone() }, SEND_DEADLINE).await {
                 Ok(MailboxResponse::Stored { .. }) => return Ok(()),
                 Ok(MailboxResponse::Error(e))
                     if matches!(e.code, ErrorCode::Unavailable | ErrorCode::CertInvalid | ErrorCode::Internal) =>
@@ -555,7 +607,11 @@ impl Messenger {
         let mut fresh = Inbox::default();
         let mut reached = 0;
         let mut last = String::from("no mailbox relay known");
-        for relay in self.mailbox_relays.clone() {
+        for relay in self.answering_first(self.mailbox_relays.clone()) {
+            // Another holder of the mailbox has answered: one that did not lately can wait.
+            if reached > 0 && self.is_unresponsive(&relay.peer_id) {
+                continue;
+            }
             // Long-poll the first relay that answers; the others are only drained.
             let wait = if reached == 0 { wait_ms } else { 0 };
             match self.drain(&relay, wait).await {
@@ -596,10 +652,10 @@ impl Messenger {
 
     async fn greet_any(&mut self) -> Result<(), MessagingError> {
         let mut last = String::from("no relays known; sign in with --network");
-        for relay in self.known_relays() {
+        for relay in self.answering_first(self.known_relays()) {
             self.greeted.remove(&relay.peer_id);
             let hello = MailboxRequest::Fetch { max: 1, wait_ms: 0, ack: Vec::new() };
-            match self.relay_call(&relay, hello).await {
+            match self.relay_call(&relay, hello, RELAY_ANSWER_DEADLINE).await {
                 Ok(_) => return Ok(()),
                 Err(e) => last = e.to_string(),
             }
@@ -615,7 +671,8 @@ impl Messenger {
         loop {
             let ack = self.unacked.remove(&relay.peer_id).unwrap_or_default();
             let fetch = MailboxRequest::Fetch { max: MAX_ENVELOPES_PER_BATCH as u32, wait_ms: wait, ack: ack.clone() };
-            let answer = self.relay_call(relay, fetch).await;
+            let deadline = std::time::Duration::from_millis(u64::from(wait)) + RELAY_ANSWER_DEADLINE;
+            let answer = self.relay_call(relay, fetch, deadline).await;
             let (envelopes, more) = match answer {
                 Ok(MailboxResponse::Envelopes { envelopes, more }) => (envelopes, more),
                 failed => {
@@ -657,7 +714,7 @@ impl Messenger {
     pub async fn flush_acks(&mut self) {
         for relay in self.mailbox_relays.clone() {
             let Some(ids) = self.unacked.remove(&relay.peer_id) else { continue };
-            match self.relay_call(&relay, MailboxRequest::Ack { ids }).await {
+            match self.relay_call(&relay, MailboxRequest::Ack { ids }, RELAY_ANSWER_DEADLINE).await {
                 Ok(MailboxResponse::Acked { .. }) => {}
                 Ok(other) => tracing::warn!(relay = %relay.peer_id, answer = ?other, "acknowledgement refused"),
                 Err(e) => tracing::warn!(relay = %relay.peer_id, error = %e, "acknowledgement not delivered"),

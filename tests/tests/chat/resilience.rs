@@ -1,7 +1,10 @@
 //! Messaging while the gateway is away: known contacts need only the relays, and an envelope
 //! that cannot be verified now is kept, not dropped.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+use libp2p::PeerId;
+use libp2p::kad::KBucketKey;
 
 use meshgram_tests::{CLI_BIN, Mesh, Server, bin_path, meshgram, start_relay, texts};
 
@@ -127,4 +130,32 @@ fn messages_sent_while_no_relay_can_take_them_wait_in_the_outbox_and_go_out_once
         std::thread::sleep(std::time::Duration::from_millis(300));
     }
     drop(node);
+}
+
+#[test]
+fn a_stopped_relay_costs_a_send_and_a_fetch_seconds_not_a_minute() {
+    let mesh = Mesh::start(3, 2);
+    let (alice, bob) = (mesh.new_profile("alice"), mesh.new_profile("bob"));
+    mesh.login(&alice, ALICE);
+    mesh.login(&bob, BOB);
+    meshgram(&alice, &["send", BOB, "before"]).ok_json();
+    meshgram(&bob, &["messages"]).ok_json();
+
+    // Alice sends through the relay closest to Bob's mailbox, which also holds a copy: stop it.
+    let device: PeerId = meshgram(&bob, &["whoami"]).ok_json()["device"].as_str().unwrap().parse().unwrap();
+    let distance = |relay: &Server| {
+        KBucketKey::from(device).distance(&KBucketKey::from(relay.peer_id().parse::<PeerId>().unwrap()))
+    };
+    let closest = mesh.relays.iter().min_by_key(|r| distance(r)).unwrap();
+    let _stopped = Stopped::new(closest);
+    let started = Instant::now();
+    let sent = meshgram(&alice, &["send", BOB, "around a stopped relay"]).ok_json();
+    let send_took = started.elapsed();
+    assert_eq!(sent["status"], "sent", "two live relays keep the two copies: {sent}");
+    let started = Instant::now();
+    assert_eq!(texts(&meshgram(&bob, &["messages", ALICE]).ok_json()), ["before", "around a stopped relay"]);
+    let fetch_took = started.elapsed();
+    eprintln!("with the closest relay stopped: send {send_took:?}, messages {fetch_took:?}");
+    // Each waited out a deadline or two (10 s for a send, 5 s for a fetch), not a minute's timeout.
+    assert!(send_took < Duration::from_secs(30) && fetch_took < Duration::from_secs(30));
 }
