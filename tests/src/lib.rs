@@ -5,7 +5,7 @@
 //! `use meshgram_tests::{Gateway, meshgram, ...}`):
 //! - [`bins`]: [`bin_path`], where `cargo build` put a binary (`target/<profile>/<name>`, under
 //!   [`target_dir`]), and the binaries' names.
-//! - [`server`]: [`Server`], a long-running binary that prints a JSON ready line on stdout; its
+//! - [`server`]: [`Server`] (and [`start_node`] for `meshgram node`), a long-running binary that prints a JSON ready line on stdout; its
 //!   stderr goes to the test's output (shown when the test fails); SIGKILLed on drop.
 //! - [`gateway`]: [`Gateway`] (built by [`GatewayBuilder`]), a `meshgram-gateway` in its own temp
 //!   dir with a code sink, and sign-in helpers that type the code the gateway "texted" into
@@ -42,7 +42,7 @@ pub use gateway::{Gateway, GatewayBuilder};
 pub use http::http_get;
 pub use mesh::{Mesh, start_relay};
 pub use output::{array, is_bot_token, str_field, texts, u64_field};
-pub use server::{READY_TIMEOUT, Server};
+pub use server::{READY_TIMEOUT, Server, start_node, start_node_as};
 pub use up::{RESTART_TIMEOUT, Roles, Up};
 
 /// Seconds since the Unix epoch.

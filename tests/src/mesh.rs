@@ -5,7 +5,9 @@ use std::path::{Path, PathBuf};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use libp2p::PeerId;
 use libp2p::identity::ed25519;
+use libp2p::kad::KBucketKey;
 use meshgram_node::crypto::cert::{RelayCert, unix_now};
 use meshgram_node::crypto::identity::load_or_create_ed25519;
 use meshgram_node::defaults::{RELAY_CERT_FILE, RELAY_KEY_FILE};
@@ -134,6 +136,20 @@ impl Mesh {
         let args = self.login_args();
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         self.gateway.login_via(&args, profile, phone, &[], |code| vec![code.to_string()]).ok_json()
+    }
+
+    /// Indexes of the relays, closest to the mailbox of the device signed in on `profile`
+    /// first (Kademlia distance from its device key: the first R hold its copies).
+    pub fn relays_by_mailbox_distance(&self, profile: &Path) -> Vec<usize> {
+        let whoami = crate::meshgram(profile, &["whoami"]).ok_json();
+        let device: PeerId = whoami["device"].as_str().and_then(|d| d.parse().ok()).expect("whoami names the device");
+        let distance = |relay: &Server| {
+            let relay: PeerId = relay.peer_id().parse().expect("relays have peer ids");
+            KBucketKey::from(device).distance(&KBucketKey::from(relay))
+        };
+        let mut order: Vec<usize> = (0..self.relays.len()).collect();
+        order.sort_by_key(|&i| distance(&self.relays[i]));
+        order
     }
 
     /// A fresh profile dir under the mesh's temp dir.

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use serde_json::Value;
 
-use crate::POLL;
+use crate::{CLI_BIN, POLL, bin_path};
 
 /// How long a server may take to print its ready line (a cold debug binary opening redb).
 pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -231,4 +231,20 @@ pub(crate) fn wait_exit(child: &mut Child, timeout: Duration) -> Option<ExitStat
             Ok(None) | Err(_) => return None,
         }
     }
+}
+
+/// Starts `meshgram --profile P --json node` and waits for its ready line.
+pub fn start_node(profile: &Path) -> Server {
+    start_node_as(&[], &bin_path(CLI_BIN), profile)
+}
+
+/// Like [`start_node`], with `bin` run through `wrapper` (e.g. `setpriv …` to be another user).
+pub fn start_node_as(wrapper: &[&str], bin: &Path, profile: &Path) -> Server {
+    let (bin, profile) = (bin.display().to_string(), profile.display().to_string());
+    let mut command: Vec<&str> = wrapper.to_vec();
+    command.extend([bin.as_str(), "--profile", &profile, "--json", "node"]);
+    let node = Server::start(Path::new(command[0]), &command[1..])
+        .unwrap_or_else(|e| panic!("the client node did not start: {e:#}"));
+    assert_eq!(node.ready["role"], "node", "{}", node.ready);
+    node
 }

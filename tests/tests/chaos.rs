@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use meshgram_tests::{CLI_BIN, Server, Up, bin_path, meshgram, meshgram_stdin, texts};
+use meshgram_tests::{Up, meshgram, meshgram_stdin, start_node, texts};
 
 const ALICE: &str = "+15550001111";
 const BOB: &str = "+15550002222";
@@ -38,7 +38,7 @@ fn every_message_arrives_once_in_order_while_relays_and_the_gateway_are_killed()
     up.login(&alice, ALICE, 0);
     up.login(&bob, BOB, 0);
     meshgram(&alice, &["send", BOB, "warm-up"]).ok_json();
-    let _bob_node = Server::start(&bin_path(CLI_BIN), &["--profile", bob.to_str().unwrap(), "--json", "node"]).unwrap();
+    let _bob_node = start_node(&bob);
 
     let stop = Arc::new(AtomicBool::new(false));
     let killer = {

@@ -3,7 +3,6 @@ use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
 use libp2p::identity::ed25519;
-use libp2p::kad::KBucketKey;
 use meshgram_node::crypto::cert::RelayCert;
 use meshgram_node::proto::{ErrorCode, MailboxRequest, MailboxResponse};
 use meshgram_tests::{
@@ -26,10 +25,7 @@ fn offline_recipient_gets_1000_messages_exactly_once_in_order_despite_a_killed_r
     // Bob is offline (never fetches) while Alice sends; the relay closest to Bob's mailbox
     // (Kademlia distance from his device key: it holds a copy of everything) is SIGKILLed
     // part-way. Everything Alice's CLI reports as sent must reach Bob.
-    let bob_device: PeerId = meshgram(&bob, &["whoami"]).ok_json()["device"].as_str().unwrap().parse().unwrap();
-    let distance =
-        |relay: &str| KBucketKey::from(bob_device).distance(&KBucketKey::from(relay.parse::<PeerId>().unwrap()));
-    let closest = (0..mesh.relays.len()).min_by_key(|&i| distance(&mesh.relays[i].peer_id())).unwrap();
+    let closest = mesh.relays_by_mailbox_distance(&bob)[0];
     let mut send = spawn_meshgram(&alice, &["send", BOB, "--lines"]);
     for line in &expected {
         send.write_line(line);
@@ -145,12 +141,7 @@ fn a_stopped_replica_costs_a_send_seconds_and_every_acknowledged_message_arrives
 
     // Stop the second closest relay to Bob's mailbox: the closest one (which Alice's client
     // sends through) keeps a copy and must find another relay for the second.
-    let bob_device: PeerId = meshgram(&bob, &["whoami"]).ok_json()["device"].as_str().unwrap().parse().unwrap();
-    let distance =
-        |relay: &str| KBucketKey::from(bob_device).distance(&KBucketKey::from(relay.parse::<PeerId>().unwrap()));
-    let mut by_distance: Vec<usize> = (0..mesh.relays.len()).collect();
-    by_distance.sort_by_key(|&i| distance(&mesh.relays[i].peer_id()));
-    let stopped = by_distance[1];
+    let stopped = mesh.relays_by_mailbox_distance(&bob)[1];
     mesh.relays[stopped].stop();
 
     let expected: Vec<String> = (0..5).map(|i| format!("while a relay is stopped {i}")).collect();

@@ -12,26 +12,12 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use meshgram_node::crypto::cert::CERT_CLOCK_SKEW_SECS;
-use meshgram_tests::{CLI_BIN, Gateway, Mesh, Server, array, bin_path, meshgram, run, str_field, texts, unix_now};
+use meshgram_tests::{
+    CLI_BIN, Gateway, Mesh, array, bin_path, meshgram, run, start_node, start_node_as, str_field, texts, unix_now,
+};
 use serde_json::Value;
 
 use super::{ALICE, BOB};
-
-/// Starts `meshgram --profile P --json node` and waits for its ready line.
-fn start_node(profile: &Path) -> Server {
-    start_node_as(&[], &bin_path(CLI_BIN), profile)
-}
-
-/// Like [`start_node`], with `bin` run through `wrapper` (e.g. `setpriv …` to be another user).
-fn start_node_as(wrapper: &[&str], bin: &Path, profile: &Path) -> Server {
-    let (bin, profile) = (bin.display().to_string(), profile.display().to_string());
-    let mut command: Vec<&str> = wrapper.to_vec();
-    command.extend([bin.as_str(), "--profile", &profile, "--json", "node"]);
-    let node = Server::start(Path::new(command[0]), &command[1..])
-        .unwrap_or_else(|e| panic!("the client node did not start: {e:#}"));
-    assert_eq!(node.ready["role"], "node", "{}", node.ready);
-    node
-}
 
 /// Sessions without the field that changes by itself (last seen).
 fn sessions_without_last_seen(profile: &Path) -> Value {

@@ -3,10 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use libp2p::PeerId;
-use libp2p::kad::KBucketKey;
-
-use meshgram_tests::{CLI_BIN, Mesh, Server, bin_path, meshgram, start_relay, texts};
+use meshgram_tests::{Mesh, Server, meshgram, start_node, start_relay, texts};
 
 use super::{ALICE, BOB};
 
@@ -114,7 +111,7 @@ fn messages_sent_while_no_relay_can_take_them_wait_in_the_outbox_and_go_out_once
     assert!(statuses(&mine).iter().all(|s| s != "pending"), "{mine}");
 
     // With a node: it sends them by itself once a relay answers again.
-    let node = Server::start(&bin_path(CLI_BIN), &["--profile", alice.to_str().unwrap(), "--json", "node"]).unwrap();
+    let node = start_node(&alice);
     let restart = kill_the_relay(&mut mesh);
     let sent = meshgram(&alice, &["send", BOB, "queued 3"]).ok_json();
     assert_eq!(sent["status"], "pending", "{sent}");
@@ -142,12 +139,8 @@ fn a_stopped_relay_costs_a_send_and_a_fetch_seconds_not_a_minute() {
     meshgram(&bob, &["messages"]).ok_json();
 
     // Alice sends through the relay closest to Bob's mailbox, which also holds a copy: stop it.
-    let device: PeerId = meshgram(&bob, &["whoami"]).ok_json()["device"].as_str().unwrap().parse().unwrap();
-    let distance = |relay: &Server| {
-        KBucketKey::from(device).distance(&KBucketKey::from(relay.peer_id().parse::<PeerId>().unwrap()))
-    };
-    let closest = mesh.relays.iter().min_by_key(|r| distance(r)).unwrap();
-    let _stopped = Stopped::new(closest);
+    let closest = mesh.relays_by_mailbox_distance(&bob)[0];
+    let _stopped = Stopped::new(&mesh.relays[closest]);
     let started = Instant::now();
     let sent = meshgram(&alice, &["send", BOB, "around a stopped relay"]).ok_json();
     let send_took = started.elapsed();
