@@ -15,6 +15,9 @@
 //!   copies.
 //! - [`replica`]: the other side of [`replicate`]: serves other relays' `Store`s and `Delete`s,
 //!   only from relays that showed a gateway-signed relay certificate.
+//! - [`repair`]: brings what this relay holds back to `R` responsible relays after relays die,
+//!   return or join, and deletes copies a replica has delivered (rounds on a timer and on
+//!   membership change).
 //! - [`relays`]: owns every other relay's standing (certificate checked, down lately, not a
 //!   relay, certified on its connection) and the words tasks report on relays with
 //!   (`RelayReport`); lists the live relays placement chooses from.
@@ -36,6 +39,7 @@ pub mod metrics;
 mod net;
 pub use meshgram_node::net::placement;
 mod relays;
+mod repair;
 mod replica;
 mod replicate;
 pub mod store;

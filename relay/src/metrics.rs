@@ -30,6 +30,12 @@ pub struct Metrics {
     pub relays_verified: Gauge,
     /// 1 once a store write failed: the relay then takes no writes (see `/healthz`).
     pub store_failed: Gauge,
+    /// Repair rounds finished (`repair`).
+    pub repair_rounds: Counter,
+    /// Envelopes repair copied to responsible relays that lacked them.
+    pub repair_copied: Counter,
+    /// Stale copies repair deleted here because a replica had delivered them.
+    pub repair_stale_deleted: Counter,
 }
 
 impl Metrics {
@@ -56,7 +62,32 @@ impl Metrics {
             "1 once a store write failed and the relay takes no writes",
             store_failed.clone(),
         );
-        Metrics { registry, requests, errors, envelopes_received, connections, relays_verified, store_failed }
+        let repair_rounds = Counter::default();
+        registry.register("repair_rounds", "Repair rounds finished", repair_rounds.clone());
+        let repair_copied = Counter::default();
+        registry.register(
+            "repair_copied",
+            "Envelopes repair copied to responsible relays that lacked them",
+            repair_copied.clone(),
+        );
+        let repair_stale_deleted = Counter::default();
+        registry.register(
+            "repair_stale_deleted",
+            "Stale copies deleted because a replica had delivered them",
+            repair_stale_deleted.clone(),
+        );
+        Metrics {
+            registry,
+            requests,
+            errors,
+            envelopes_received,
+            connections,
+            relays_verified,
+            store_failed,
+            repair_rounds,
+            repair_copied,
+            repair_stale_deleted,
+        }
     }
 
     pub(crate) fn count_request(&self, kind: &str) {

@@ -296,6 +296,79 @@ impl StoreHandle {
         Ok((envelopes, more))
     }
 
+    /// Every mailbox with envelopes waiting here, and their ids: what repair compares with the
+    /// other replicas. Reads the whole mailbox table (on the caller's thread: call it from a
+    /// blocking task).
+    pub fn held(&self) -> Result<Vec<(PeerId, Vec<EnvelopeId>)>, StoreError> {
+        held(&self.db)
+    }
+
+    /// The ids of the envelopes waiting in `mailbox` here.
+    pub fn held_in(&self, mailbox: &PeerId) -> Result<Vec<EnvelopeId>, StoreError> {
+        use redb::ReadableDatabase;
+        let tx = self.db.begin_read()?;
+        let table = tx.open_table(MAILBOX)?;
+        let key = mailbox.to_bytes();
+        let mut ids = Vec::new();
+        for entry in table.range((key.as_slice(), 0)..=(key.as_slice(), u64::MAX))? {
+            let (_, value) = entry?;
+            match postcard::from_bytes::<EnvelopeHead>(value.value()) {
+                Ok(head) => ids.push(head.id),
+                Err(e) => tracing::error!(error = %e, "skipping a corrupt stored envelope"),
+            }
+        }
+        Ok(ids)
+    }
+
+    /// Where each of `ids` stands in `mailbox` here (ids recorded for another mailbox are
+    /// [`IdState::Unknown`]).
+    pub fn states(&self, mailbox: &PeerId, ids: &[EnvelopeId]) -> Result<Vec<IdState>, StoreError> {
+        use redb::ReadableDatabase;
+        let tx = self.db.begin_read()?;
+        let (records, table) = (tx.open_table(ENVELOPE_IDS)?, tx.open_table(MAILBOX)?);
+        let key = mailbox.to_bytes();
+        let mut states = Vec::with_capacity(ids.len());
+        for id in ids {
+            let record = records.get(&id.0)?.and_then(|v| postcard::from_bytes::<IdRecord>(v.value()).ok());
+            states.push(match record {
+                Some(record) if record.mailbox == key => {
+                    if table.get((key.as_slice(), record.arrival))?.is_some() {
+                        IdState::Held
+                    } else {
+                        IdState::Delivered
+                    }
+                }
+                _ => IdState::Unknown,
+            });
+        }
+        Ok(states)
+    }
+
+    /// The envelopes of `ids` still waiting in `mailbox` here, in the order of `ids`.
+    pub fn held_envelopes(&self, mailbox: &PeerId, ids: &[EnvelopeId]) -> Result<Vec<Envelope>, StoreError> {
+        use redb::ReadableDatabase;
+        let tx = self.db.begin_read()?;
+        let (records, table) = (tx.open_table(ENVELOPE_IDS)?, tx.open_table(MAILBOX)?);
+        let key = mailbox.to_bytes();
+        let mut envelopes = Vec::with_capacity(ids.len());
+        for id in ids {
+            let Some(record) = records.get(&id.0)?.and_then(|v| postcard::from_bytes::<IdRecord>(v.value()).ok())
+            else {
+                continue;
+            };
+            if record.mailbox != key {
+                continue;
+            }
+            if let Some(value) = table.get((key.as_slice(), record.arrival))? {
+                match postcard::from_bytes::<Envelope>(value.value()) {
+                    Ok(envelope) => envelopes.push(envelope),
+                    Err(e) => tracing::error!(error = %e, "skipping a corrupt stored envelope"),
+                }
+            }
+        }
+        Ok(envelopes)
+    }
+
     /// Deletes delivered envelopes of a mailbox (ids of other mailboxes are ignored).
     pub async fn delete(&self, mailbox: PeerId, ids: Vec<EnvelopeId>) -> Result<u32, StoreError> {
         count(self.ask(Write::Delete { mailbox, ids }).await)
@@ -522,6 +595,51 @@ fn fetch(db: &Database, mailbox: &PeerId, max: usize) -> Result<(Vec<Envelope>, 
     Ok((out, more))
 }
 
+/// Where an envelope id stands on a relay, for repair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdState {
+    /// Waiting in the mailbox.
+    Held,
+    /// Handed over and acknowledged by the mailbox's owner; the id is kept until its TTL so
+    /// that a stale copy elsewhere is deleted, not brought back.
+    Delivered,
+    /// Never seen here (or forgotten after its TTL).
+    Unknown,
+}
+
+/// The start of a stored envelope: postcard decodes a prefix and ignores what follows, so the
+/// id is read without copying the sealed bytes.
+#[derive(Deserialize)]
+struct EnvelopeHead {
+    id: EnvelopeId,
+}
+
+fn held(db: &Database) -> Result<Vec<(PeerId, Vec<EnvelopeId>)>, StoreError> {
+    use redb::ReadableDatabase;
+    let tx = db.begin_read()?;
+    let table = tx.open_table(MAILBOX)?;
+    let mut held: Vec<(PeerId, Vec<EnvelopeId>)> = Vec::new();
+    let mut current: Option<(Vec<u8>, PeerId)> = None;
+    for entry in table.iter()? {
+        let (key, value) = entry?;
+        let (mailbox_bytes, _) = key.value();
+        if current.as_ref().is_none_or(|(bytes, _)| bytes.as_slice() != mailbox_bytes) {
+            let Ok(mailbox) = PeerId::from_bytes(mailbox_bytes) else {
+                tracing::error!("skipping a stored mailbox whose key is not a peer id");
+                continue;
+            };
+            current = Some((mailbox_bytes.to_vec(), mailbox));
+            held.push((mailbox, Vec::new()));
+        }
+        match (postcard::from_bytes::<EnvelopeHead>(value.value()), held.last_mut()) {
+            (Ok(head), Some((_, ids))) => ids.push(head.id),
+            (Err(e), _) => tracing::error!(error = %e, "skipping a corrupt stored envelope"),
+            (Ok(_), None) => {}
+        }
+    }
+    Ok(held)
+}
+
 fn delete(tx: &redb::WriteTransaction, mailbox: &PeerId, delivered: &[EnvelopeId]) -> Result<u32, StoreError> {
     let mut table = tx.open_table(MAILBOX)?;
     let ids = tx.open_table(ENVELOPE_IDS)?;
@@ -618,6 +736,30 @@ mod tests {
         // A delivered envelope replayed is still a duplicate.
         assert_eq!(store.put(vec![batch[1].clone()], 3).await.unwrap().duplicates.len(), 1);
         assert_eq!(store.fetch(carol, 10).unwrap().0.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn repair_reads_what_is_held_and_what_was_delivered() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path(), 1000);
+        let (bob, carol) = (PeerId::random(), PeerId::random());
+        let bobs: Vec<_> = (0..3).map(|i| envelope(bob, i)).collect();
+        let carols = vec![envelope(carol, 0)];
+        store.put(bobs.clone(), 1).await.unwrap();
+        store.put(carols.clone(), 1).await.unwrap();
+        store.delete(bob, vec![bobs[0].id]).await.unwrap();
+
+        let mut held = store.held().unwrap();
+        held.sort_by_key(|(mailbox, _)| *mailbox == carol);
+        assert_eq!(held, vec![(bob, vec![bobs[1].id, bobs[2].id]), (carol, vec![carols[0].id])]);
+        assert_eq!(store.held_in(&bob).unwrap(), [bobs[1].id, bobs[2].id]);
+
+        let stranger = EnvelopeId::random();
+        let states = store.states(&bob, &[bobs[0].id, bobs[1].id, stranger, carols[0].id]).unwrap();
+        // Carol's envelope is not in Bob's mailbox: unknown there.
+        assert_eq!(states, [IdState::Delivered, IdState::Held, IdState::Unknown, IdState::Unknown]);
+        let got = store.held_envelopes(&bob, &[bobs[2].id, bobs[0].id, carols[0].id]).unwrap();
+        assert_eq!(got, vec![bobs[2].clone()], "only what waits in that mailbox");
     }
 
     #[tokio::test]

@@ -13,6 +13,8 @@
 //! - `features`: edits, deletes, delivery and read receipts, typing, `messages --follow`.
 //! - `node`: the client node — the CLI through its socket with the same output, `--follow` by
 //!   push, one node per profile, SIGKILL and restart, garbage on the socket, other users refused.
+//! - `repair`: a dead relay's copies are back on `R` live relays before a second one dies;
+//!   relays that come back get what they missed; stale copies never show twice.
 //! - `resilience`: with the gateway stopped, known contacts still chat, and an envelope that
 //!   cannot be verified yet is kept and shown once the gateway is back.
 //! - `wire`: bad input straight at a relay (forged, expired and misused certificates, sender
@@ -26,6 +28,7 @@ mod basic;
 mod durability;
 mod features;
 mod node;
+mod repair;
 mod resilience;
 mod wire;
 
