@@ -9,7 +9,7 @@ use libp2p::Multiaddr;
 use libp2p::identity::ed25519;
 use meshgram_node::ids::parse_hex;
 use meshgram_node::server::service;
-use meshgram_relay::{Relay, RelayConfig};
+use meshgram_relay::{Ended, Relay, RelayConfig};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -102,7 +102,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     tracing::info!(peer_id = %relay.ready.peer_id, "relay ready");
     tokio::select! {
         why = service::stop_requested(exit_on_stdin_close) => tracing::info!("{}; shutting down", why?),
-        () = relay.wait() => bail!("a relay task stopped unexpectedly"),
+        ended = relay.wait() => {
+            if ended == Ended::DiskTakesWritesAgain {
+                // Nothing is left to write; closing connections cleanly spares clients a timeout.
+                relay.shutdown().await;
+            }
+            // Nonzero, so that `meshgram up` or systemd's Restart=on-failure starts it again.
+            return Err(ended.into());
+        }
     }
     relay.shutdown().await;
     Ok(())
