@@ -10,7 +10,7 @@ use libp2p::identity::ed25519;
 use meshgram_node::ids::parse_hex;
 use meshgram_node::server::service;
 use meshgram_relay::store::{StoreHandle, StoreLimits};
-use meshgram_relay::{Relay, RelayConfig};
+use meshgram_relay::{Ended, Relay, RelayConfig};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -116,7 +116,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     tracing::info!(peer_id = %relay.ready.peer_id, "relay ready");
     tokio::select! {
         why = service::stop_requested(exit_on_stdin_close) => tracing::info!("{}; shutting down", why?),
-        () = relay.wait() => bail!("a relay task stopped unexpectedly"),
+        ended = relay.wait() => {
+            if ended == Ended::DiskTakesWritesAgain {
+                // Nothing is left to write; closing connections cleanly spares clients a timeout.
+                relay.shutdown().await;
+            }
+            // Nonzero, so that `meshgram up` or systemd's Restart=on-failure starts it again.
+            return Err(ended.into());
+        }
     }
     relay.shutdown().await;
     Ok(())
@@ -128,7 +135,7 @@ fn inspect(data: &std::path::Path) -> anyhow::Result<()> {
     if !path.exists() {
         bail!("{} holds no relay store", data.display());
     }
-    // Used only by the replay of a log left by a crash: the defaults, with no quota.
+    // Limits apply to new writes only, and inspecting makes none.
     let limits = StoreLimits { ttl: Duration::from_secs(30 * 24 * 3600), max_per_mailbox: u64::MAX };
     let store = StoreHandle::open(&path, limits)
         .with_context(|| format!("opening {} (is the relay stopped?)", path.display()))?;

@@ -173,7 +173,8 @@ impl ReplicaServer {
 /// (`UNAVAILABLE`), anything else an internal error.
 pub(crate) fn store_error_code(e: &StoreError) -> ErrorCode {
     match e {
-        StoreError::Failed(_) => ErrorCode::Unavailable,
+        // (The second only comes from opening a store, never from a write.)
+        StoreError::Failed(_) | StoreError::DiskTakesNoWrites { .. } => ErrorCode::Unavailable,
         StoreError::Db(_) | StoreError::Log(_) | StoreError::Stopped => ErrorCode::Internal,
     }
 }

@@ -8,8 +8,9 @@
 //!   relay SIGKILLed right after acknowledging has everything when it restarts; a relay
 //!   acknowledges only with R durable copies (or when the operator allowed fewer); a stopped
 //!   (SIGSTOP) replica costs a send seconds, not a minute, and loses nothing; a relay whose
-//!   disk fills (a small tmpfs; skipped unless root) acknowledges nothing after the failed write
-//!   and says so on `/healthz` and in its metrics.
+//!   disk fills (a small tmpfs; skipped unless root) acknowledges nothing after the failed write,
+//!   says so on `/healthz` and in its metrics, exits once there is room again, does not start
+//!   while the disk is full, and restarted has everything it acknowledged.
 //! - `features`: edits, deletes, delivery and read receipts, typing, `messages --follow`.
 //! - `node`: the client node — the CLI through its socket with the same output, `--follow` by
 //!   push, one node per profile, SIGKILL and restart, garbage on the socket, other users refused.
