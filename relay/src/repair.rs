@@ -180,7 +180,9 @@ async fn repair_batch(
         for envelopes in envelopes.chunks(MAX_ENVELOPES_PER_BATCH) {
             let sent = envelopes.len() as u64;
             match call(replicas, relay, ReplicaRequest::Store { envelopes: envelopes.to_vec() }).await {
-                Ok(ReplicaResponse::Stored { duplicates }) => done.copied += sent - duplicates.len() as u64,
+                Ok(ReplicaResponse::Stored { duplicates }) => {
+                    done.copied += sent.saturating_sub(duplicates.len() as u64);
+                }
                 // Its owner's mailbox is full there: the copies here stay until delivered.
                 Err(e) if e.code == ErrorCode::QuotaExceeded => {
                     tracing::warn!(%relay, %mailbox, "repair: the mailbox is full on a replica");

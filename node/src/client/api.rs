@@ -118,6 +118,10 @@ pub struct Me {
     pub device: PeerId,
     /// Unix seconds.
     pub cert_not_after: u64,
+    /// Envelopes this profile dropped as definitively bad (forged, malformed), ever: never
+    /// shown, only counted.
+    #[serde(default)]
+    pub dropped_envelopes: u64,
 }
 
 /// One chat in a chat list.

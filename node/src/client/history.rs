@@ -37,6 +37,8 @@ const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const NEXT_ORDER: &str = "next_order";
 const NEXT_OUTBOX: &str = "next_outbox";
+/// Envelopes dropped as definitively bad (forged, malformed), ever.
+const DROPPED_ENVELOPES: &str = "dropped_envelopes";
 
 /// A message as this device keeps it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -146,6 +148,25 @@ impl History {
         let new = tx.open_table(SEEN)?.insert(&id.0, ())?.is_none();
         tx.commit()?;
         Ok(new)
+    }
+
+    /// Marks a definitively bad envelope seen, so that it is acknowledged and never opened
+    /// again, and counts it (once, however often it is fetched).
+    pub fn drop_envelope(&self, id: EnvelopeId) -> Result<(), HistoryError> {
+        let tx = self.db.begin_write()?;
+        if tx.open_table(SEEN)?.insert(&id.0, ())?.is_none() {
+            let mut meta = tx.open_table(META)?;
+            let dropped = meta.get(DROPPED_ENVELOPES)?.map(|v| v.value()).unwrap_or(0);
+            meta.insert(DROPPED_ENVELOPES, dropped + 1)?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// How many envelopes were dropped as definitively bad, ever.
+    pub fn dropped_envelopes(&self) -> Result<u64, HistoryError> {
+        let tx = self.db.begin_read()?;
+        Ok(tx.open_table(META)?.get(DROPPED_ENVELOPES)?.map(|v| v.value()).unwrap_or(0))
     }
 
     /// Records outgoing messages as pending and queues their payloads, in one transaction.
@@ -418,5 +439,24 @@ fn name_key(query: &LookupQuery) -> String {
         LookupQuery::Username(u) => format!("@{}", u.canonical()),
         LookupQuery::Phone(p) => p.as_str().to_string(),
         LookupQuery::UserId(id) => id.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_dropped_envelope_is_seen_and_counted_once() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let history = History::open(dir.path()).expect("open");
+        let (bad, worse) = (EnvelopeId::random(), EnvelopeId::random());
+        history.drop_envelope(bad).expect("drop");
+        history.drop_envelope(bad).expect("fetched again");
+        history.drop_envelope(worse).expect("drop");
+        assert_eq!(history.dropped_envelopes().expect("count"), 2);
+        assert!(history.seen(&bad).expect("seen"), "never opened again");
+        drop(history);
+        assert_eq!(History::open(dir.path()).expect("reopen").dropped_envelopes().expect("count"), 2, "kept");
     }
 }

@@ -121,8 +121,6 @@ pub struct Messenger {
     /// Envelopes fetched and recorded in the history but not yet acknowledged, per relay: the
     /// next `Fetch` there carries them ([`Messenger::flush_acks`] sends them on their own).
     unacked: HashMap<PeerId, Vec<EnvelopeId>>,
-    /// Envelopes dropped as definitively bad (forged, malformed).
-    dropped_envelopes: u64,
     /// Relays that failed to answer lately, and until when they are asked last (and, when
     /// receiving, skipped if another holder of the mailbox answers).
     unresponsive: HashMap<PeerId, std::time::Instant>,
@@ -159,7 +157,6 @@ impl Messenger {
             greeted: HashSet::new(),
             mailbox_relays: Vec::new(),
             unacked: HashMap::new(),
-            dropped_envelopes: 0,
             unresponsive: HashMap::new(),
             saves_session: true,
         }
@@ -187,7 +184,6 @@ impl Messenger {
             greeted: HashSet::new(),
             mailbox_relays: self.mailbox_relays.clone(),
             unacked: HashMap::new(),
-            dropped_envelopes: 0,
             unresponsive: HashMap::new(),
             saves_session: self.saves_session,
         })
@@ -748,17 +744,16 @@ impl Messenger {
                 }
                 Err(e) => {
                     tracing::warn!(envelope = %envelope.id, error = %e, "dropping an envelope that does not verify");
-                    self.dropped_envelopes += 1;
-                    self.h().mark_seen(envelope.id)?;
+                    self.h().drop_envelope(envelope.id)?;
                 }
             }
         }
         Ok((inbox, deferred))
     }
 
-    /// How many envelopes this messenger dropped as definitively bad.
-    pub fn dropped_envelopes(&self) -> u64 {
-        self.dropped_envelopes
+    /// How many envelopes this profile dropped as definitively bad, ever.
+    pub fn dropped_envelopes(&self) -> Result<u64, MessagingError> {
+        Ok(self.h().dropped_envelopes()?)
     }
 
     /// What one verified payload changes here.

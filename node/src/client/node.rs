@@ -260,7 +260,13 @@ impl Actor {
     fn me(&self) -> Me {
         let session = &self.messenger.session;
         let b = &session.cert.body;
-        Me { account: session.account.clone(), session_id: b.session_id, device: b.device, cert_not_after: b.not_after }
+        Me {
+            account: session.account.clone(),
+            session_id: b.session_id,
+            device: b.device,
+            cert_not_after: b.not_after,
+            dropped_envelopes: self.messenger.dropped_envelopes().unwrap_or(0),
+        }
     }
 
     fn publish(&mut self, messages: &[StoredMessage], received: bool) {

@@ -129,7 +129,13 @@ fn print(json: bool, call: &Call, reply: Reply) -> CliResult {
             let a = &me.account;
             emit(
                 json,
-                json!({ "account": a, "session_id": me.session_id, "device": me.device.to_string(), "cert_not_after": me.cert_not_after }),
+                json!({
+                    "account": a,
+                    "session_id": me.session_id,
+                    "device": me.device.to_string(),
+                    "cert_not_after": me.cert_not_after,
+                    "dropped_envelopes": me.dropped_envelopes,
+                }),
                 || {
                     [
                         format!("{} — {:?} account {}", describe(a), a.kind, a.user_id),
@@ -140,6 +146,7 @@ fn print(json: bool, call: &Call, reply: Reply) -> CliResult {
                         ),
                         format!("2FA password: {}", if a.has_password { "on" } else { "off" }),
                         format!("device: {} (session {})", me.device, me.session_id),
+                        format!("envelopes dropped as forged or malformed: {}", me.dropped_envelopes),
                     ]
                     .join("\n")
                 },
