@@ -251,8 +251,8 @@ impl Mailboxes {
     /// it, and hands them over to a recipient of theirs who waits here, while they are being
     /// made durable (the sender still hears "stored" only after that). `None` (nothing queued,
     /// nothing pushed) when the store's queue is full: the put is then made by the task.
-    pub(crate) fn put_and_push(&mut self, envelopes: &[Envelope], now: u64) -> Option<QueuedPut> {
-        let queued = self.store.put_in_order(envelopes.to_vec(), now)?;
+    pub(crate) fn put_and_push(&mut self, envelopes: &[Envelope], now: u64, until: Option<u64>) -> Option<QueuedPut> {
+        let queued = self.store.put_in_order(envelopes.to_vec(), now, until)?;
         self.push_to_parked(envelopes);
         Some(queued)
     }
@@ -294,7 +294,7 @@ impl Mailboxes {
             .map(|(device, batch)| {
                 let targets: Vec<PeerId> = known.mailbox_relays(&device).into_iter().map(|r| r.peer_id).collect();
                 let local_put = if targets.iter().take(self.settings.replication).any(|t| *t == local) {
-                    self.put_and_push(&batch, now)
+                    self.put_and_push(&batch, now, None)
                 } else {
                     None
                 };

@@ -10,12 +10,13 @@
 //! ([`crate::repair`]) run on a task, one at a time, on a timer and soon after the live relays
 //! change.
 
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use libp2p::kad;
-use libp2p::swarm::SwarmEvent;
+use libp2p::swarm::{ConnectionError, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm};
 use meshgram_node::crypto::cert::RelayCert;
 use meshgram_node::net::pipe::{self, Inbound, PipePool};
@@ -74,6 +75,8 @@ pub(crate) struct EventLoop {
     repairs: JoinSet<RoundReport>,
     /// When the next repair round starts (sooner after a membership change).
     next_repair: tokio::time::Instant,
+    /// Relays dialled back after their connection failed, and when (see `ConnectionClosed`).
+    redialled: HashMap<PeerId, Instant>,
 }
 
 /// Where requests read from inbound pipes go: the acceptor's side (for the swarm's behaviour)
@@ -136,6 +139,7 @@ impl EventLoop {
             replicas,
             repairs: JoinSet::new(),
             next_repair: tokio::time::Instant::now() + REPAIR_EVERY,
+            redialled: HashMap::new(),
         }
     }
 
@@ -218,16 +222,23 @@ impl EventLoop {
             })) => {
                 tracing::info!(%peer, "relay joined the routing table");
             }
-            SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
+            SwarmEvent::ConnectionClosed { peer_id, num_established: 0, cause, .. } => {
                 self.mailboxes.disconnected(&peer_id);
                 self.relays.disconnected(&peer_id);
-                // A relay's connection closing usually means it died or restarts: dial it
+                // A relay's connection failing usually means it died or restarts: dial it
                 // back, and if that fails, take it out of placement now (below) rather than
-                // when the next copy to it times out.
-                if self.relays.is_verified(&peer_id)
-                    && let Err(e) = self.swarm.dial(peer_id)
-                {
-                    tracing::debug!(peer = %peer_id, error = %e, "could not redial a relay");
+                // when the next copy to it times out. Not after an orderly close (idle), and
+                // once per round at most, so a relay that keeps dropping connections costs
+                // little.
+                let now = Instant::now();
+                let redialled_lately =
+                    self.redialled.get(&peer_id).is_some_and(|at| now.duration_since(*at) < REPAIR_EVERY);
+                let failed = matches!(cause, Some(ConnectionError::IO(_)));
+                if failed && self.relays.is_verified(&peer_id) && !redialled_lately {
+                    self.redialled.insert(peer_id, now);
+                    if let Err(e) = self.swarm.dial(peer_id) {
+                        tracing::debug!(peer = %peer_id, error = %e, "could not redial a relay");
+                    }
                 }
             }
             SwarmEvent::OutgoingConnectionError { peer_id: Some(peer_id), error, .. }
@@ -267,6 +278,7 @@ impl EventLoop {
     /// Starts a repair round against the relays live now.
     fn start_repair(&mut self) {
         self.next_repair = tokio::time::Instant::now() + REPAIR_EVERY;
+        self.redialled.retain(|_, at| at.elapsed() < REPAIR_EVERY);
         // One that answers identifies itself, is live again and starts a round of its own.
         for relay in self.relays.down_verified() {
             if !self.swarm.is_connected(&relay) {

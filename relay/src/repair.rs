@@ -3,13 +3,15 @@
 //! up with it.
 //!
 //! A round, every [`REPAIR_EVERY`] and [`AFTER_MEMBERSHIP_CHANGE`] after the live relays changed:
-//! 1. Read which envelope ids this relay holds, per mailbox, and place each mailbox on the live
+//! 1. Read the digest of each mailbox this relay holds envelopes for (the store keeps them up to
+//!    date, so this reads one small row per such mailbox) and place each mailbox on the live
 //!    relays (the same rule as a `Send`, [`crate::placement`]).
-//! 2. To each other relay responsible for some of them: `Digests` (32 bytes per mailbox, in
-//!    batches); it answers with the mailboxes whose digest differs from its own.
+//! 2. To each other relay responsible for some of them: `Digests` (4,096 mailboxes per
+//!    request); it answers with the mailboxes whose digest differs from its own.
 //! 3. For each of those: `Reconcile` with the ids held here; it answers which it lacks
-//!    (`wanted`: sent with a plain `Store`, so its dedup and quota apply) and which it has
-//!    *delivered* (the copies here are stale: deleted, never sent back).
+//!    (`wanted`: sent with `StoreUntil`, so its dedup and quota apply and the copy expires with
+//!    the original) and which it has *delivered* (the copies here are stale: deleted, never sent
+//!    back).
 //!
 //! Every relay runs rounds for what it holds, so a pair of replicas converges from both sides:
 //! what one lacks the other pushes, what one delivered the other deletes. A relay that is no
@@ -17,16 +19,19 @@
 //! and drops its copies once they are delivered, as any replica does. Deletes are not brought
 //! back because a store keeps the id of a delivered envelope until its TTL (`store`: the id
 //! record outlives the mailbox entry) and answers it as `delivered`, and `Store` of such an id is
-//! a duplicate. A relay that does not answer within [`REPAIR_CALL_DEADLINE`] is reported down
+//! a duplicate; a repaired copy expires when its original does, so it cannot outlive that
+//! record. A relay that does not answer within [`REPAIR_CALL_DEADLINE`] is reported down
 //! (`relays`), which makes placement skip it and starts the next round soon: its mailboxes then
 //! go to the next closest relays. So a dead relay's copies are back on `R` live relays within
 //! about `REPAIR_EVERY + REPAIR_CALL_DEADLINE + AFTER_MEMBERSHIP_CHANGE` (17 s) plus the copying.
 //!
-//! What a round costs when everything is in sync: one read of the mailbox table and one small
-//! request per peer relay per 4,096 mailboxes holding undelivered envelopes; mailboxes whose
-//! owner is online are usually empty and cost nothing.
+//! What a round costs when everything is in sync: one read of the digest table and one small
+//! request per peer relay per 4,096 mailboxes holding undelivered envelopes (answered from that
+//! relay's digest table); mailboxes whose owner is online are usually empty and cost nothing.
+//! What a peer answers is checked against what it was asked: a relay that names mailboxes or
+//! ids it was not asked about gets nothing for them.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,15 +39,17 @@ use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use libp2p::PeerId;
 use libp2p::kad::KBucketKey;
-use meshgram_node::proto::envelope::EnvelopeId;
+use meshgram_node::proto::envelope::{Envelope, EnvelopeId};
 use meshgram_node::proto::{
-    ErrorCode, MAX_DIGESTS_PER_REQUEST, MAX_ENVELOPES_PER_BATCH, MailboxDigest, ReplicaRequest, ReplicaResponse,
-    WireError,
+    ErrorCode, MAX_DIGESTS_PER_REQUEST, MAX_ENVELOPES_PER_BATCH, MAX_IDS_PER_RECONCILE, MailboxDigest, ReplicaRequest,
+    ReplicaResponse, WireError,
 };
 
 use crate::metrics::Metrics;
 use crate::placement::{closest_relay_keys, mailbox_key};
+use crate::replica::store_error;
 use crate::replicate::{Replicas, unexpected};
+use crate::store::{StoreError, StoreHandle};
 
 /// How often a round runs when nothing changes.
 pub(crate) const REPAIR_EVERY: Duration = Duration::from_secs(10);
@@ -70,42 +77,35 @@ pub(crate) struct RoundReport {
 /// One round: see the module's description. `live` are the relays placement may choose from,
 /// this one included.
 pub(crate) async fn repair_round(replicas: Replicas, live: Vec<PeerId>, metrics: Arc<Metrics>) -> RoundReport {
-    let store = replicas.store.clone();
-    let held = match tokio::task::spawn_blocking(move || store.held()).await {
-        Ok(Ok(held)) => held,
-        Ok(Err(e)) => {
-            tracing::error!(error = %e, "repair could not read the store");
-            return RoundReport { unfinished: 1, ..RoundReport::default() };
-        }
+    let digests = match read(&replicas, StoreHandle::digests).await {
+        Ok(digests) => digests,
         Err(e) => {
-            tracing::error!(error = %e, "repair's store read failed");
+            tracing::error!(error = %e.message, "repair could not read the store");
             return RoundReport { unfinished: 1, ..RoundReport::default() };
         }
     };
-    let held = Arc::new(held);
     let keys: Vec<KBucketKey<PeerId>> = live.into_iter().map(KBucketKey::from).collect();
-    let mut plan: HashMap<PeerId, Vec<usize>> = HashMap::new();
-    for (index, (mailbox, _)) in held.iter().enumerate() {
+    let mut plan: HashMap<PeerId, Vec<MailboxDigest>> = HashMap::new();
+    for (mailbox, digest) in &digests {
         for relay in closest_relay_keys(&mailbox_key(mailbox), &keys, replicas.replication) {
             if relay != replicas.local {
-                plan.entry(relay).or_default().push(index);
+                plan.entry(relay).or_default().push(MailboxDigest { mailbox: *mailbox, digest: *digest });
             }
         }
     }
-    let mut report = RoundReport { mailboxes: held.len(), ..RoundReport::default() };
+    let mut report = RoundReport { mailboxes: digests.len(), ..RoundReport::default() };
     let mut pending = plan.into_iter();
     let mut running = FuturesUnordered::new();
     loop {
         while running.len() < RELAYS_AT_ONCE
             && let Some((relay, mailboxes)) = pending.next()
         {
-            running.push(repair_relay(&replicas, relay, Arc::clone(&held), mailboxes));
+            running.push(repair_relay(&replicas, relay, mailboxes));
         }
-        let Some((relay, outcome)) = running.next().await else { break };
-        let RelayRepair { copied, stale_deleted, error } = outcome;
-        report.copied += copied;
-        report.stale_deleted += stale_deleted;
-        if let Some(error) = error {
+        let Some((relay, done)) = running.next().await else { break };
+        report.copied += done.copied;
+        report.stale_deleted += done.stale_deleted;
+        if let Some(error) = done.error {
             report.unfinished += 1;
             tracing::warn!(%relay, %error, "repair could not finish with a relay; the next round tries again");
         }
@@ -124,7 +124,7 @@ pub(crate) async fn repair_round(replicas: Replicas, live: Vec<PeerId>, metrics:
     report
 }
 
-/// What repairing with one relay did, up to its first failure.
+/// What repairing with one relay did; `error` if it had to stop early.
 #[derive(Debug, Default)]
 struct RelayRepair {
     copied: u64,
@@ -132,74 +132,100 @@ struct RelayRepair {
     error: Option<WireError>,
 }
 
-/// Brings `relay` up to date with the mailboxes of `held` at `mailboxes` (indices).
-async fn repair_relay(
-    replicas: &Replicas,
-    relay: PeerId,
-    held: Arc<Vec<(PeerId, Vec<EnvelopeId>)>>,
-    mailboxes: Vec<usize>,
-) -> (PeerId, RelayRepair) {
+/// Brings `relay` up to date with what this relay holds of `mailboxes`.
+async fn repair_relay(replicas: &Replicas, relay: PeerId, mailboxes: Vec<MailboxDigest>) -> (PeerId, RelayRepair) {
     let mut done = RelayRepair::default();
     for batch in mailboxes.chunks(MAX_DIGESTS_PER_REQUEST) {
-        if let Err(e) = repair_batch(replicas, relay, &held, batch, &mut done).await {
-            done.error = Some(e);
-            break;
+        let asked: HashSet<PeerId> = batch.iter().map(|d| d.mailbox).collect();
+        let differ = match call(replicas, relay, ReplicaRequest::Digests { mailboxes: batch.to_vec() }).await {
+            Ok(ReplicaResponse::Differ { mailboxes }) => mailboxes,
+            Ok(other) => return (relay, RelayRepair { error: Some(unexpected(&other)), ..done }),
+            Err(e) => return (relay, RelayRepair { error: Some(e), ..done }),
+        };
+        // Only mailboxes it was asked about, each once: a relay that names others gets nothing.
+        let differ: HashSet<PeerId> = differ.into_iter().filter(|m| asked.contains(m)).collect();
+        for mailbox in differ {
+            match repair_mailbox(replicas, relay, mailbox, &mut done).await {
+                Ok(()) => {}
+                // It is down or its store failed: nothing more to do with it this round.
+                Err(e) if e.code == ErrorCode::Unavailable => return (relay, RelayRepair { error: Some(e), ..done }),
+                Err(e) => {
+                    tracing::warn!(%relay, %mailbox, error = %e, "repair of a mailbox failed; the next round tries again")
+                }
+            }
         }
     }
     (relay, done)
 }
 
-async fn repair_batch(
+/// Reconciles one mailbox with `relay`: sends what it lacks, deletes here what it delivered.
+async fn repair_mailbox(
     replicas: &Replicas,
     relay: PeerId,
-    held: &[(PeerId, Vec<EnvelopeId>)],
-    batch: &[usize],
+    mailbox: PeerId,
     done: &mut RelayRepair,
 ) -> Result<(), WireError> {
-    let by_mailbox: HashMap<PeerId, &[EnvelopeId]> = batch.iter().map(|&i| (held[i].0, held[i].1.as_slice())).collect();
-    let digests = by_mailbox.iter().map(|(mailbox, ids)| MailboxDigest::of(*mailbox, ids)).collect();
-    let differ = match call(replicas, relay, ReplicaRequest::Digests { mailboxes: digests }).await? {
-        ReplicaResponse::Differ { mailboxes } => mailboxes,
-        other => return Err(unexpected(&other)),
-    };
-    for mailbox in differ {
-        // Only mailboxes it was asked about: a relay that names others gets nothing for them.
-        let Some(ids) = by_mailbox.get(&mailbox) else { continue };
+    let held = read(replicas, move |store| store.held_in(&mailbox)).await?;
+    for ids in held.chunks(MAX_IDS_PER_RECONCILE) {
         let request = ReplicaRequest::Reconcile { mailbox, held: ids.to_vec() };
         let (wanted, delivered) = match call(replicas, relay, request).await? {
             ReplicaResponse::Reconciled { wanted, delivered } => (wanted, delivered),
             other => return Err(unexpected(&other)),
         };
+        // Only ids it was asked about, each once, whatever it answered.
+        let sent: HashSet<EnvelopeId> = ids.iter().copied().collect();
+        let only_sent = |answer: Vec<EnvelopeId>| -> Vec<EnvelopeId> {
+            let answer: HashSet<EnvelopeId> = answer.into_iter().filter(|id| sent.contains(id)).collect();
+            answer.into_iter().collect()
+        };
+        let (wanted, delivered) = (only_sent(wanted), only_sent(delivered));
         if !delivered.is_empty() {
-            done.stale_deleted += u64::from(replicas.store.delete(mailbox, delivered).await.map_err(store_error)?);
+            let deleted = replicas.store.delete(mailbox, delivered).await.map_err(|e| store_error(&e))?;
+            done.stale_deleted += u64::from(deleted);
         }
-        if wanted.is_empty() {
-            continue;
-        }
-        let envelopes = replicas.store.held_envelopes(&mailbox, &wanted).map_err(store_error)?;
-        for envelopes in envelopes.chunks(MAX_ENVELOPES_PER_BATCH) {
-            let sent = envelopes.len() as u64;
-            match call(replicas, relay, ReplicaRequest::Store { envelopes: envelopes.to_vec() }).await {
-                Ok(ReplicaResponse::Stored { duplicates }) => {
-                    done.copied += sent.saturating_sub(duplicates.len() as u64);
+        for wanted in wanted.chunks(MAX_ENVELOPES_PER_BATCH) {
+            let wanted = wanted.to_vec();
+            let mut envelopes = read(replicas, move |store| store.held_envelopes(&mailbox, &wanted)).await?;
+            envelopes.sort_by_key(|(_, expires_at)| *expires_at);
+            for copies in expiring_together(&envelopes) {
+                let expires_at = copies.last().map_or(0, |(_, expires_at)| *expires_at);
+                let sent = copies.len() as u64;
+                let envelopes = copies.iter().map(|(envelope, _)| envelope.clone()).collect();
+                match call(replicas, relay, ReplicaRequest::StoreUntil { envelopes, expires_at }).await? {
+                    ReplicaResponse::Stored { duplicates } => {
+                        done.copied += sent.saturating_sub(duplicates.len() as u64);
+                    }
+                    other => return Err(unexpected(&other)),
                 }
-                // Its owner's mailbox is full there: the copies here stay until delivered.
-                Err(e) if e.code == ErrorCode::QuotaExceeded => {
-                    tracing::warn!(%relay, %mailbox, "repair: the mailbox is full on a replica");
-                    break;
-                }
-                Ok(other) => return Err(unexpected(&other)),
-                Err(e) => return Err(e),
             }
         }
     }
     Ok(())
 }
 
+/// Envelopes sorted by expiry, in runs that expire within [`EXPIRY_SPREAD`] of each other: a
+/// repaired copy is kept until the run's last expiry, so it may outlive its original by that
+/// much at most (and a recipient drops a second delivery by id).
+fn expiring_together(sorted: &[(Envelope, u64)]) -> impl Iterator<Item = &[(Envelope, u64)]> {
+    sorted.chunk_by(|(_, first), (_, next)| next.saturating_sub(*first) <= EXPIRY_SPREAD_SECS)
+}
+
+/// See [`expiring_together`].
+const EXPIRY_SPREAD_SECS: u64 = 60;
+
 async fn call(replicas: &Replicas, relay: PeerId, request: ReplicaRequest) -> Result<ReplicaResponse, WireError> {
     replicas.call_within(relay, &request, REPAIR_CALL_DEADLINE).await
 }
 
-fn store_error(e: crate::store::StoreError) -> WireError {
-    WireError::new(crate::replica::store_error_code(&e), format!("this relay's store: {e}"))
+/// Runs a store read on a blocking thread: a mailbox can be large, and a relay's event loop may
+/// share its one thread with this task.
+async fn read<T: Send + 'static>(
+    replicas: &Replicas,
+    f: impl FnOnce(&StoreHandle) -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, WireError> {
+    let store = replicas.store.clone();
+    match tokio::task::spawn_blocking(move || f(&store)).await {
+        Ok(result) => result.map_err(|e| store_error(&e)),
+        Err(e) => Err(WireError::new(ErrorCode::Internal, format!("a store read failed: {e}"))),
+    }
 }

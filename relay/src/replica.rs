@@ -9,8 +9,9 @@ use libp2p::identity::ed25519;
 use meshgram_node::crypto::cert::{CERT_CLOCK_SKEW_SECS, RelayCert, unix_now};
 use meshgram_node::net::codec::FrameError;
 use meshgram_node::net::pipe::Responder;
+use meshgram_node::proto::envelope::Envelope;
 use meshgram_node::proto::{
-    ErrorCode, MAX_DIGESTS_PER_REQUEST, MAX_ENVELOPE_SIZE, MailboxDigest, ReplicaRequest, ReplicaResponse, WireError,
+    ErrorCode, MAX_DIGESTS_PER_REQUEST, MAX_ENVELOPE_SIZE, ReplicaRequest, ReplicaResponse, WireError,
 };
 use tokio::task::{JoinError, JoinSet};
 
@@ -86,33 +87,14 @@ impl ReplicaServer {
                 ErrorCode::CertInvalid,
                 "say Hello with a gateway-signed relay certificate first".into(),
             )),
-            Ok(ReplicaRequest::Store { envelopes }) => {
-                if let Some(bad) = envelopes.iter().find(|e| e.encoded_len() > MAX_ENVELOPE_SIZE) {
-                    return channel.respond(refuse(ErrorCode::BadRequest, format!("envelope {} is too large", bad.id)));
+            Ok(ReplicaRequest::Store { envelopes }) => self.store(channel, envelopes, None, now, mailboxes),
+            Ok(ReplicaRequest::StoreUntil { envelopes, expires_at }) => {
+                // The copy it repairs has expired: nothing to keep.
+                if expires_at <= now {
+                    let duplicates = envelopes.into_iter().map(|e| e.id).collect();
+                    return channel.respond(ReplicaResponse::Stored { duplicates });
                 }
-                if let Some(why) = self.store.failure() {
-                    return channel.respond(refuse(ErrorCode::Unavailable, store_failed(why)));
-                }
-                let (store, put) = (self.store.clone(), mailboxes.put_and_push(&envelopes, now));
-                self.tasks.spawn(async move {
-                    let mailboxes: HashSet<PeerId> = envelopes.iter().map(|e| e.to_device).collect();
-                    let outcome = match put {
-                        Some(queued) => queued.outcome().await,
-                        None => store.put(envelopes, now).await,
-                    };
-                    match outcome {
-                        Ok(outcome) if !outcome.over_quota.is_empty() => Done::answer(
-                            channel,
-                            refuse(ErrorCode::QuotaExceeded, "the recipient's mailbox is full".into()),
-                        ),
-                        Ok(outcome) => Done {
-                            channel,
-                            response: ReplicaResponse::Stored { duplicates: outcome.duplicates },
-                            arrived: mailboxes.into_iter().collect(),
-                        },
-                        Err(e) => Done::answer(channel, refuse(store_error_code(&e), e.to_string())),
-                    }
-                });
+                self.store(channel, envelopes, Some(expires_at), now, mailboxes);
             }
             Ok(ReplicaRequest::Digests { mailboxes }) => {
                 if mailboxes.len() > MAX_DIGESTS_PER_REQUEST {
@@ -125,8 +107,8 @@ impl ReplicaServer {
                 self.tasks.spawn_blocking(move || {
                     let differ = mailboxes
                         .into_iter()
-                        .filter(|theirs| match store.held_in(&theirs.mailbox) {
-                            Ok(ours) => MailboxDigest::of(theirs.mailbox, &ours) != *theirs,
+                        .filter(|theirs| match store.digest(&theirs.mailbox) {
+                            Ok(ours) => ours != theirs.digest,
                             // Unreadable here: say it differs, and the caller asks again in detail.
                             Err(_) => true,
                         })
@@ -167,6 +149,49 @@ impl ReplicaServer {
             }
         }
     }
+
+    /// A `Store` (or repair's `StoreUntil`, kept no longer than `until`): queued through
+    /// `mailboxes`, so that fetches parked here see it at once, and answered once committed.
+    fn store(
+        &mut self,
+        channel: Responder<ReplicaResponse>,
+        envelopes: Vec<Envelope>,
+        until: Option<u64>,
+        now: u64,
+        mailboxes: &mut Mailboxes,
+    ) {
+        let refuse = |code, message: String| ReplicaResponse::Error(WireError::new(code, message));
+        if let Some(bad) = envelopes.iter().find(|e| e.encoded_len() > MAX_ENVELOPE_SIZE) {
+            return channel.respond(refuse(ErrorCode::BadRequest, format!("envelope {} is too large", bad.id)));
+        }
+        if let Some(why) = self.store.failure() {
+            return channel.respond(refuse(ErrorCode::Unavailable, store_failed(why)));
+        }
+        let (store, put) = (self.store.clone(), mailboxes.put_and_push(&envelopes, now, until));
+        self.tasks.spawn(async move {
+            let mailboxes: HashSet<PeerId> = envelopes.iter().map(|e| e.to_device).collect();
+            let outcome = match put {
+                Some(queued) => queued.outcome().await,
+                None => store.put(envelopes, now, until).await,
+            };
+            match outcome {
+                Ok(outcome) if !outcome.over_quota.is_empty() => {
+                    Done::answer(channel, refuse(ErrorCode::QuotaExceeded, "the recipient's mailbox is full".into()))
+                }
+                Ok(outcome) => Done {
+                    channel,
+                    response: ReplicaResponse::Stored { duplicates: outcome.duplicates },
+                    arrived: mailboxes.into_iter().collect(),
+                },
+                Err(e) => Done::answer(channel, ReplicaResponse::Error(store_error(&e))),
+            }
+        });
+    }
+}
+
+/// A failed write, as a replica request's refusal.
+pub(crate) fn store_error(e: &StoreError) -> WireError {
+    WireError::new(store_error_code(e), e.to_string())
 }
 
 /// How a failed write is answered: a store that takes no more writes is a relay to skip

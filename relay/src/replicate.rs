@@ -186,14 +186,14 @@ async fn store_on(
     let result = if target == replicas.local {
         let outcome = match queued {
             Some(queued) => queued.outcome().await,
-            None => replicas.store.put(batch, now).await,
+            None => replicas.store.put(batch, now, None).await,
         };
         match outcome {
             Ok(outcome) if !outcome.over_quota.is_empty() => {
                 Err(WireError::new(ErrorCode::QuotaExceeded, "the recipient's mailbox is full"))
             }
             Ok(outcome) => Ok(outcome.duplicates),
-            Err(e) => Err(WireError::new(crate::replica::store_error_code(&e), e.to_string())),
+            Err(e) => Err(crate::replica::store_error(&e)),
         }
     } else {
         match replicas.call_within(target, &ReplicaRequest::Store { envelopes: batch }, REPLICA_STORE_DEADLINE).await {

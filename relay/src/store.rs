@@ -23,6 +23,7 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
+use meshgram_node::proto::MailboxDigest;
 use meshgram_node::proto::envelope::{Envelope, EnvelopeId};
 use redb::{Database, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -34,8 +35,13 @@ use crate::wal::{Effect, Replay, Wal};
 const MAILBOX: TableDefinition<(&[u8], u64), &[u8]> = TableDefinition::new("mailbox");
 const ENVELOPE_IDS: TableDefinition<&[u8; 16], &[u8]> = TableDefinition::new("envelope_ids");
 const MAILBOX_SIZES: TableDefinition<&[u8], u64> = TableDefinition::new("mailbox_sizes");
+/// Per mailbox with envelopes waiting: the digest of their ids (`MailboxDigest`), kept up to
+/// date by every put, delete and expiry, so repair compares replicas without reading mailboxes.
+const MAILBOX_DIGESTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("mailbox_digests");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const NEXT_ARRIVAL: &str = "next_arrival";
+/// Set once `MAILBOX_DIGESTS` covers the mailboxes (a store from before it is scanned once).
+const DIGESTS_BUILT: &str = "mailbox_digests_built";
 
 /// Requests queued for the store: a full queue pushes back on the network loop.
 const STORE_QUEUE: usize = 4096;
@@ -116,9 +122,19 @@ enum Applied {
 /// One write the store applies.
 #[derive(Debug, Clone)]
 enum Write {
-    Put { envelopes: Vec<Envelope>, now: u64 },
-    Delete { mailbox: PeerId, ids: Vec<EnvelopeId> },
-    Expire { now: u64 },
+    /// Kept for the TTL from `now`, or until `until` if that is sooner (a repaired copy).
+    Put {
+        envelopes: Vec<Envelope>,
+        now: u64,
+        until: Option<u64>,
+    },
+    Delete {
+        mailbox: PeerId,
+        ids: Vec<EnvelopeId>,
+    },
+    Expire {
+        now: u64,
+    },
 }
 
 impl Write {
@@ -252,7 +268,9 @@ impl StoreHandle {
         tx.open_table(MAILBOX)?;
         tx.open_table(ENVELOPE_IDS)?;
         tx.open_table(MAILBOX_SIZES)?;
+        tx.open_table(MAILBOX_DIGESTS)?;
         tx.open_table(META)?;
+        build_digests(&tx)?;
         tx.commit()?;
         let wal = replay_log(&db, &path.with_extension("wal"))?;
         let (commands, rx) = mpsc::channel(STORE_QUEUE);
@@ -277,9 +295,10 @@ impl StoreHandle {
         rx.await.map_err(|_| StoreError::Stopped)?
     }
 
-    /// Stores envelopes durably (returns once they are).
-    pub async fn put(&self, envelopes: Vec<Envelope>, now: u64) -> Result<PutOutcome, StoreError> {
-        let (command, queued) = self.put_command(envelopes, now);
+    /// Stores envelopes durably (returns once they are), for the TTL or until `until` (Unix
+    /// seconds) if that is sooner.
+    pub async fn put(&self, envelopes: Vec<Envelope>, now: u64, until: Option<u64>) -> Result<PutOutcome, StoreError> {
+        let (command, queued) = self.put_command(envelopes, now, until);
         if let Err(mpsc::error::SendError(command)) = self.commands.send(command).await {
             self.queued.remove(command.write.envelopes());
             return Err(StoreError::Stopped);
@@ -288,9 +307,10 @@ impl StoreHandle {
     }
 
     /// Queues a put now, ahead of anything queued after this call returns (an `Ack` of these
-    /// envelopes, say), and gives the future of its outcome; `None` if the queue is full.
-    pub fn put_in_order(&self, envelopes: Vec<Envelope>, now: u64) -> Option<QueuedPut> {
-        let (command, queued) = self.put_command(envelopes, now);
+    /// envelopes, say), and gives the future of its outcome; `None` if the queue is full. The
+    /// envelopes are kept for the TTL, or until `until` (Unix seconds) if that is sooner.
+    pub fn put_in_order(&self, envelopes: Vec<Envelope>, now: u64, until: Option<u64>) -> Option<QueuedPut> {
+        let (command, queued) = self.put_command(envelopes, now, until);
         match self.commands.try_send(command) {
             Ok(()) => Some(queued),
             Err(mpsc::error::TrySendError::Full(command) | mpsc::error::TrySendError::Closed(command)) => {
@@ -302,10 +322,10 @@ impl StoreHandle {
 
     /// A put for the actor, its envelopes already visible to fetches (the caller takes them
     /// back out if the command cannot be queued).
-    fn put_command(&self, envelopes: Vec<Envelope>, now: u64) -> (Command, QueuedPut) {
+    fn put_command(&self, envelopes: Vec<Envelope>, now: u64, until: Option<u64>) -> (Command, QueuedPut) {
         let (reply, rx) = oneshot::channel();
         self.queued.add(&envelopes);
-        (Command { write: Write::Put { envelopes, now }, reply }, QueuedPut(rx))
+        (Command { write: Write::Put { envelopes, now, until }, reply }, QueuedPut(rx))
     }
 
     /// Oldest envelopes of a mailbox, and whether more are waiting: what is stored, then what
@@ -329,11 +349,38 @@ impl StoreHandle {
         Ok((envelopes, more))
     }
 
-    /// Every mailbox with envelopes waiting here, and their ids: what repair compares with the
-    /// other replicas. Reads the whole mailbox table (on the caller's thread: call it from a
-    /// blocking task).
+    /// Every mailbox with envelopes waiting here, and their ids (`meshgram-relay inspect`).
+    /// Reads the whole mailbox table.
     pub fn held(&self) -> Result<Vec<(PeerId, Vec<EnvelopeId>)>, StoreError> {
-        held(&self.db)
+        let mut held: Vec<(PeerId, Vec<EnvelopeId>)> = Vec::new();
+        for (mailbox, _) in self.digests()? {
+            held.push((mailbox, self.held_in(&mailbox)?));
+        }
+        Ok(held)
+    }
+
+    /// Every mailbox with envelopes waiting here, and the digest of their ids: what repair
+    /// compares with the other replicas. Reads one small row per such mailbox.
+    pub fn digests(&self) -> Result<Vec<(PeerId, [u8; 32])>, StoreError> {
+        use redb::ReadableDatabase;
+        let tx = self.db.begin_read()?;
+        let mut digests = Vec::new();
+        for entry in tx.open_table(MAILBOX_DIGESTS)?.iter()? {
+            let (mailbox, digest) = entry?;
+            match (PeerId::from_bytes(mailbox.value()), <[u8; 32]>::try_from(digest.value())) {
+                (Ok(mailbox), Ok(digest)) => digests.push((mailbox, digest)),
+                _ => tracing::error!("skipping a corrupt mailbox digest"),
+            }
+        }
+        Ok(digests)
+    }
+
+    /// The digest of what waits in `mailbox` here (all zeros for nothing).
+    pub fn digest(&self, mailbox: &PeerId) -> Result<[u8; 32], StoreError> {
+        use redb::ReadableDatabase;
+        let tx = self.db.begin_read()?;
+        let digest = tx.open_table(MAILBOX_DIGESTS)?.get(mailbox.to_bytes().as_slice())?;
+        Ok(digest.and_then(|d| <[u8; 32]>::try_from(d.value()).ok()).unwrap_or_default())
     }
 
     /// The ids of the envelopes waiting in `mailbox` here.
@@ -362,39 +409,28 @@ impl StoreHandle {
         let key = mailbox.to_bytes();
         let mut states = Vec::with_capacity(ids.len());
         for id in ids {
-            let record = records.get(&id.0)?.and_then(|v| postcard::from_bytes::<IdRecord>(v.value()).ok());
-            states.push(match record {
-                Some(record) if record.mailbox == key => {
-                    if table.get((key.as_slice(), record.arrival))?.is_some() {
-                        IdState::Held
-                    } else {
-                        IdState::Delivered
-                    }
-                }
-                _ => IdState::Unknown,
+            states.push(match id_record(&records, id, &key)? {
+                Some(record) if table.get((key.as_slice(), record.arrival))?.is_some() => IdState::Held,
+                Some(_) => IdState::Delivered,
+                None => IdState::Unknown,
             });
         }
         Ok(states)
     }
 
-    /// The envelopes of `ids` still waiting in `mailbox` here, in the order of `ids`.
-    pub fn held_envelopes(&self, mailbox: &PeerId, ids: &[EnvelopeId]) -> Result<Vec<Envelope>, StoreError> {
+    /// The envelopes of `ids` still waiting in `mailbox` here, each with when it expires (Unix
+    /// seconds), in the order of `ids`.
+    pub fn held_envelopes(&self, mailbox: &PeerId, ids: &[EnvelopeId]) -> Result<Vec<(Envelope, u64)>, StoreError> {
         use redb::ReadableDatabase;
         let tx = self.db.begin_read()?;
         let (records, table) = (tx.open_table(ENVELOPE_IDS)?, tx.open_table(MAILBOX)?);
         let key = mailbox.to_bytes();
         let mut envelopes = Vec::with_capacity(ids.len());
         for id in ids {
-            let Some(record) = records.get(&id.0)?.and_then(|v| postcard::from_bytes::<IdRecord>(v.value()).ok())
-            else {
-                continue;
-            };
-            if record.mailbox != key {
-                continue;
-            }
+            let Some(record) = id_record(&records, id, &key)? else { continue };
             if let Some(value) = table.get((key.as_slice(), record.arrival))? {
                 match postcard::from_bytes::<Envelope>(value.value()) {
-                    Ok(envelope) => envelopes.push(envelope),
+                    Ok(envelope) => envelopes.push((envelope, record.expires_at)),
                     Err(e) => tracing::error!(error = %e, "skipping a corrupt stored envelope"),
                 }
             }
@@ -615,8 +651,9 @@ fn apply<'a>(
     write: &'a Write,
 ) -> Result<(Applied, Option<Effect<&'a Envelope>>), StoreError> {
     Ok(match write {
-        Write::Put { envelopes, now } => {
+        Write::Put { envelopes, now, until } => {
             let expires_at = now.saturating_add(limits.ttl.as_secs());
+            let expires_at = until.map_or(expires_at, |until| until.min(expires_at));
             let outcome = put(tx, envelopes, expires_at, limits.max_per_mailbox)?;
             let effect = (!outcome.stored.is_empty())
                 .then(|| Effect::Store { envelopes: stored_of(envelopes, &outcome.stored), expires_at });
@@ -667,6 +704,7 @@ fn put(
     let mut meta = tx.open_table(META)?;
     let mut arrival = meta.get(NEXT_ARRIVAL)?.map(|v| v.value()).unwrap_or(0);
     let mut outcome = PutOutcome::default();
+    let mut digests = DigestChanges::default();
     // Per mailbox touched by this batch: its key bytes (made once, not per envelope) and how
     // many envelopes wait in it, written back once at the end.
     let mut touched: HashMap<PeerId, (Vec<u8>, u64)> = HashMap::new();
@@ -697,6 +735,7 @@ fn put(
         // Room for the sealed bytes and the routing fields, so the encoding never regrows.
         let bytes = postcard::to_extend(envelope, Vec::with_capacity(envelope.sealed.len() + 160)).map_err(encoding)?;
         mailbox.insert((key.as_slice(), arrival), bytes.as_slice())?;
+        digests.toggle(key, &envelope.id);
         *size += 1;
         outcome.stored.push(envelope.id);
         arrival += 1;
@@ -705,6 +744,7 @@ fn put(
         sizes.insert(key.as_slice(), size)?;
     }
     meta.insert(NEXT_ARRIVAL, arrival)?;
+    digests.apply(tx)?;
     Ok(outcome)
 }
 
@@ -748,30 +788,64 @@ struct EnvelopeHead {
     id: EnvelopeId,
 }
 
-fn held(db: &Database) -> Result<Vec<(PeerId, Vec<EnvelopeId>)>, StoreError> {
-    use redb::ReadableDatabase;
-    let tx = db.begin_read()?;
-    let table = tx.open_table(MAILBOX)?;
-    let mut held: Vec<(PeerId, Vec<EnvelopeId>)> = Vec::new();
-    let mut current: Option<(Vec<u8>, PeerId)> = None;
-    for entry in table.iter()? {
-        let (key, value) = entry?;
-        let (mailbox_bytes, _) = key.value();
-        if current.as_ref().is_none_or(|(bytes, _)| bytes.as_slice() != mailbox_bytes) {
-            let Ok(mailbox) = PeerId::from_bytes(mailbox_bytes) else {
-                tracing::error!("skipping a stored mailbox whose key is not a peer id");
-                continue;
-            };
-            current = Some((mailbox_bytes.to_vec(), mailbox));
-            held.push((mailbox, Vec::new()));
+/// The id record of `id`, if it is one of the mailbox whose key is `mailbox`.
+fn id_record(
+    records: &impl ReadableTable<&'static [u8; 16], &'static [u8]>,
+    id: &EnvelopeId,
+    mailbox: &[u8],
+) -> Result<Option<IdRecord>, StoreError> {
+    let record = records.get(&id.0)?.and_then(|v| postcard::from_bytes::<IdRecord>(v.value()).ok());
+    Ok(record.filter(|record| record.mailbox == mailbox))
+}
+
+/// Changes to mailbox digests within one write, applied once per mailbox at its end.
+#[derive(Default)]
+struct DigestChanges(HashMap<Vec<u8>, [u8; 32]>);
+
+impl DigestChanges {
+    /// An envelope of the mailbox whose key is `mailbox` came or went.
+    fn toggle(&mut self, mailbox: &[u8], id: &EnvelopeId) {
+        let digest = match self.0.get_mut(mailbox) {
+            Some(digest) => digest,
+            None => self.0.entry(mailbox.to_vec()).or_default(),
+        };
+        MailboxDigest::toggle(digest, id);
+    }
+
+    fn apply(self, tx: &redb::WriteTransaction) -> Result<(), StoreError> {
+        let mut digests = tx.open_table(MAILBOX_DIGESTS)?;
+        for (mailbox, change) in self.0 {
+            let old = digests.get(mailbox.as_slice())?.and_then(|d| <[u8; 32]>::try_from(d.value()).ok());
+            let mut digest = old.unwrap_or_default();
+            digest.iter_mut().zip(change).for_each(|(d, c)| *d ^= c);
+            // All zeros: the mailbox is empty here (a false zero needs a blake3 collision).
+            if digest == [0; 32] {
+                digests.remove(mailbox.as_slice())?;
+            } else {
+                digests.insert(mailbox.as_slice(), digest.as_slice())?;
+            }
         }
-        match (postcard::from_bytes::<EnvelopeHead>(value.value()), held.last_mut()) {
-            (Ok(head), Some((_, ids))) => ids.push(head.id),
-            (Err(e), _) => tracing::error!(error = %e, "skipping a corrupt stored envelope"),
-            (Ok(_), None) => {}
+        Ok(())
+    }
+}
+
+/// Computes the mailbox digests of a store from before they were kept, once.
+fn build_digests(tx: &redb::WriteTransaction) -> Result<(), StoreError> {
+    let mut meta = tx.open_table(META)?;
+    if meta.get(DIGESTS_BUILT)?.is_some() {
+        return Ok(());
+    }
+    let mut changes = DigestChanges::default();
+    for entry in tx.open_table(MAILBOX)?.iter()? {
+        let (key, value) = entry?;
+        if let Ok(head) = postcard::from_bytes::<EnvelopeHead>(value.value()) {
+            changes.toggle(key.value().0, &head.id);
         }
     }
-    Ok(held)
+    tx.open_table(MAILBOX_DIGESTS)?.retain(|_, _| false)?;
+    changes.apply(tx)?;
+    meta.insert(DIGESTS_BUILT, 1)?;
+    Ok(())
 }
 
 fn delete(tx: &redb::WriteTransaction, mailbox: &PeerId, delivered: &[EnvelopeId]) -> Result<u32, StoreError> {
@@ -780,13 +854,13 @@ fn delete(tx: &redb::WriteTransaction, mailbox: &PeerId, delivered: &[EnvelopeId
     let mut sizes = tx.open_table(MAILBOX_SIZES)?;
     let key = mailbox.to_bytes();
     let mut count = 0;
+    let mut digests = DigestChanges::default();
     for id in delivered {
-        let Some(record) = ids.get(&id.0)?.and_then(|v| postcard::from_bytes::<IdRecord>(v.value()).ok()) else {
-            continue;
-        };
         // Only the mailbox's owner may delete from it. The id record stays (a replay is still
         // a duplicate); the missing mailbox entry is what says "delivered".
-        if record.mailbox == key && table.remove((key.as_slice(), record.arrival))?.is_some() {
+        let Some(record) = id_record(&ids, id, &key)? else { continue };
+        if table.remove((key.as_slice(), record.arrival))?.is_some() {
+            digests.toggle(&key, id);
             count += 1;
         }
     }
@@ -794,6 +868,7 @@ fn delete(tx: &redb::WriteTransaction, mailbox: &PeerId, delivered: &[EnvelopeId
         let size = sizes.get(key.as_slice())?.map(|v| v.value()).unwrap_or(0);
         sizes.insert(key.as_slice(), size.saturating_sub(u64::from(count)))?;
     }
+    digests.apply(tx)?;
     Ok(count)
 }
 
@@ -811,14 +886,17 @@ fn expire(tx: &redb::WriteTransaction, now: u64) -> Result<u32, StoreError> {
         }
     }
     let mut dropped = 0;
+    let mut digests = DigestChanges::default();
     for (id, record) in expired {
         ids.remove(&id)?;
         if table.remove((record.mailbox.as_slice(), record.arrival))?.is_some() {
+            digests.toggle(&record.mailbox, &EnvelopeId(id));
             let size = sizes.get(record.mailbox.as_slice())?.map(|v| v.value()).unwrap_or(0);
             sizes.insert(record.mailbox.as_slice(), size.saturating_sub(1))?;
             dropped += 1;
         }
     }
+    digests.apply(tx)?;
     Ok(dropped)
 }
 
@@ -852,11 +930,11 @@ mod tests {
         let store = open(dir.path(), 1000);
         let (bob, carol) = (PeerId::random(), PeerId::random());
         let batch: Vec<_> = (0..5).map(|i| envelope(bob, i)).collect();
-        let outcome = store.put(batch.clone(), 1).await.unwrap();
+        let outcome = store.put(batch.clone(), 1, None).await.unwrap();
         assert_eq!(outcome.stored.len(), 5);
-        store.put(vec![envelope(carol, 0)], 1).await.unwrap();
+        store.put(vec![envelope(carol, 0)], 1, None).await.unwrap();
 
-        let replay = store.put(vec![batch[0].clone()], 2).await.unwrap();
+        let replay = store.put(vec![batch[0].clone()], 2, None).await.unwrap();
         assert_eq!(replay.duplicates, vec![batch[0].id]);
 
         let (got, more) = store.fetch(bob, 3).unwrap();
@@ -868,7 +946,7 @@ mod tests {
         assert_eq!(store.delete(bob, batch.iter().map(|e| e.id).collect()).await.unwrap(), 5);
         assert!(store.fetch(bob, 10).unwrap().0.is_empty());
         // A delivered envelope replayed is still a duplicate.
-        assert_eq!(store.put(vec![batch[1].clone()], 3).await.unwrap().duplicates.len(), 1);
+        assert_eq!(store.put(vec![batch[1].clone()], 3, None).await.unwrap().duplicates.len(), 1);
         assert_eq!(store.fetch(carol, 10).unwrap().0.len(), 1);
     }
 
@@ -879,8 +957,8 @@ mod tests {
         let (bob, carol) = (PeerId::random(), PeerId::random());
         let bobs: Vec<_> = (0..3).map(|i| envelope(bob, i)).collect();
         let carols = vec![envelope(carol, 0)];
-        store.put(bobs.clone(), 1).await.unwrap();
-        store.put(carols.clone(), 1).await.unwrap();
+        store.put(bobs.clone(), 1, None).await.unwrap();
+        store.put(carols.clone(), 1, None).await.unwrap();
         store.delete(bob, vec![bobs[0].id]).await.unwrap();
 
         let mut held = store.held().unwrap();
@@ -893,7 +971,48 @@ mod tests {
         // Carol's envelope is not in Bob's mailbox: unknown there.
         assert_eq!(states, [IdState::Delivered, IdState::Held, IdState::Unknown, IdState::Unknown]);
         let got = store.held_envelopes(&bob, &[bobs[2].id, bobs[0].id, carols[0].id]).unwrap();
-        assert_eq!(got, vec![bobs[2].clone()], "only what waits in that mailbox");
+        assert_eq!(got, vec![(bobs[2].clone(), 101)], "only what waits in that mailbox, with its expiry");
+
+        // Digests follow every put and delete, and match the definition.
+        let digest_of = |ids: &[EnvelopeId]| MailboxDigest::of(bob, ids).digest;
+        assert_eq!(store.digest(&bob).unwrap(), digest_of(&[bobs[1].id, bobs[2].id]));
+        store.delete(bob, vec![bobs[1].id, bobs[2].id]).await.unwrap();
+        assert_eq!(store.digest(&bob).unwrap(), [0; 32], "empty");
+        assert_eq!(store.digests().unwrap(), vec![(carol, MailboxDigest::of(carol, &[carols[0].id]).digest)]);
+
+        // A repaired copy expires with its original, not a TTL later.
+        let repaired = envelope(bob, 7);
+        store.put(vec![repaired.clone()], 1, Some(50)).await.unwrap();
+        assert_eq!(store.held_envelopes(&bob, &[repaired.id]).unwrap(), vec![(repaired, 50)]);
+        assert_eq!(store.expire(50).await.unwrap(), 1);
+        assert_eq!(store.digest(&bob).unwrap(), [0; 32], "expiry takes it out of the digest");
+    }
+
+    #[tokio::test]
+    async fn a_store_from_before_digests_gets_them_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let bob = PeerId::random();
+        let batch: Vec<_> = (0..3).map(|i| envelope(bob, i)).collect();
+        {
+            let store = open(dir.path(), 10);
+            store.put(batch.clone(), 0, None).await.unwrap();
+        }
+        // As an older relay left it: no digests, and no mark that they were built.
+        let path = dir.path().join("relay.redb");
+        let db = loop {
+            match Database::create(&path) {
+                Ok(db) => break db,
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        };
+        let tx = db.begin_write().unwrap();
+        tx.delete_table(MAILBOX_DIGESTS).unwrap();
+        tx.open_table(META).unwrap().remove(DIGESTS_BUILT).unwrap();
+        tx.commit().unwrap();
+        drop(db);
+        let store = open(dir.path(), 10);
+        let ids: Vec<EnvelopeId> = batch.iter().map(|e| e.id).collect();
+        assert_eq!(store.digests().unwrap(), vec![(bob, MailboxDigest::of(bob, &ids).digest)]);
     }
 
     #[tokio::test]
@@ -902,13 +1021,13 @@ mod tests {
         let store = open(dir.path(), 2);
         let bob = PeerId::random();
         let batch: Vec<_> = (0..3).map(|i| envelope(bob, i)).collect();
-        let outcome = store.put(batch.clone(), 0).await.unwrap();
+        let outcome = store.put(batch.clone(), 0, None).await.unwrap();
         assert_eq!((outcome.stored.len(), outcome.over_quota, outcome.duplicates), (2, vec![batch[2].id], vec![]));
         assert_eq!(store.expire(99).await.unwrap(), 0);
         assert_eq!(store.expire(100).await.unwrap(), 2);
         assert!(store.fetch(bob, 10).unwrap().0.is_empty());
         // The refused one was not remembered: sent again once there is room, it is stored.
-        assert_eq!(store.put(vec![batch[2].clone()], 100).await.unwrap().stored, [batch[2].id], "quota freed");
+        assert_eq!(store.put(vec![batch[2].clone()], 100, None).await.unwrap().stored, [batch[2].id], "quota freed");
     }
 
     #[tokio::test]
@@ -917,7 +1036,7 @@ mod tests {
         let bob = PeerId::random();
         {
             let store = open(dir.path(), 10);
-            store.put(vec![envelope(bob, 0)], 0).await.unwrap();
+            store.put(vec![envelope(bob, 0)], 0, None).await.unwrap();
         }
         // The actor thread exits when its handle is dropped; give it a moment to release the file.
         let mut reopened = None;
@@ -942,9 +1061,9 @@ mod tests {
         let store = open(dir.path(), 10);
         let bob = PeerId::random();
         let first = envelope(bob, 0);
-        store.put(vec![first.clone()], 0).await.unwrap();
+        store.put(vec![first.clone()], 0, None).await.unwrap();
         let second = envelope(bob, 1);
-        let queued = store.put_in_order(vec![second.clone()], 0).unwrap();
+        let queued = store.put_in_order(vec![second.clone()], 0, None).unwrap();
         let ids = |(got, _): (Vec<Envelope>, bool)| got.iter().map(|e| e.id).collect::<Vec<_>>();
         assert_eq!(ids(store.fetch(bob, 10).unwrap()), [first.id, second.id], "visible before it is durable");
         assert_eq!(ids(store.fetch(bob, 1).unwrap()), [first.id]);
@@ -958,15 +1077,15 @@ mod tests {
         let store = open(dir.path(), 10);
         let bob = PeerId::random();
         let batch: Vec<_> = (0..5).map(|i| envelope(bob, i)).collect();
-        store.put(batch.clone(), 0).await.unwrap();
-        store.put(vec![envelope(PeerId::random(), 9)], 0).await.unwrap();
+        store.put(batch.clone(), 0, None).await.unwrap();
+        store.put(vec![envelope(PeerId::random(), 9)], 0, None).await.unwrap();
         store.delete(bob, vec![batch[0].id]).await.unwrap();
         let crashed = crash_copy(dir.path());
         let reopened = open(crashed.path(), 10);
         assert_eq!(std::fs::metadata(crashed.path().join("relay.wal")).unwrap().len(), 0, "the log was applied");
         let (got, more) = reopened.fetch(bob, 10).unwrap();
         assert_eq!((got.iter().map(|e| e.seq).collect::<Vec<_>>(), more), (vec![1, 2, 3, 4], false));
-        let replay = reopened.put(vec![batch[0].clone(), batch[1].clone()], 1).await.unwrap();
+        let replay = reopened.put(vec![batch[0].clone(), batch[1].clone()], 1, None).await.unwrap();
         assert_eq!(replay.duplicates, [batch[0].id, batch[1].id], "ids survive, delivered or not");
     }
 
@@ -990,12 +1109,12 @@ mod tests {
         let store = open(dir.path(), 10);
         let bob = PeerId::random();
         for seq in 0..5 {
-            assert_eq!(store.put(vec![envelope(bob, seq)], 0).await.unwrap().stored.len(), 1);
+            assert_eq!(store.put(vec![envelope(bob, seq)], 0, None).await.unwrap().stored.len(), 1);
         }
         let crashed = crash_copy(dir.path());
         let reopened = open(crashed.path(), 2);
         assert_eq!(seqs(reopened.fetch(bob, 10).unwrap()), [0, 1, 2, 3, 4], "all five, over the new quota");
-        assert_eq!(reopened.put(vec![envelope(bob, 5)], 0).await.unwrap().over_quota.len(), 1, "the quota holds");
+        assert_eq!(reopened.put(vec![envelope(bob, 5)], 0, None).await.unwrap().over_quota.len(), 1, "the quota holds");
     }
 
     /// A log at `dir` as a crash would leave it: one record per batch, stored for `bob`; where

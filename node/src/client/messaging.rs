@@ -872,7 +872,8 @@ const MAX_KNOWN_RELAYS: usize = 64;
 
 /// The relays to remember after a `Welcome` listed `live`: those first (live as that relay
 /// sees them), then the others known before, which may be down now but come back — if every
-/// relay of the Welcome dies, they are all the client has left to try.
+/// relay of the Welcome dies, they are all the client has left to try — up to
+/// [`MAX_KNOWN_RELAYS`] in all, so the longest-unseen go first.
 fn merge_known_relays(live: Vec<RelayInfo>, known: &[RelayInfo]) -> Vec<RelayInfo> {
     let mut relays = live;
     for relay in known {

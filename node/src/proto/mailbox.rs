@@ -115,17 +115,27 @@ pub enum ReplicaRequest {
     /// Repair, first step: digests of the envelopes the caller holds per mailbox (at most
     /// [`MAX_DIGESTS_PER_REQUEST`]); answered with the mailboxes whose digest differs here.
     Digests { mailboxes: Vec<MailboxDigest> },
-    /// Repair, second step, for a mailbox whose digest differed: every envelope id the caller
-    /// holds in it. Answered with which of them this relay lacks and which it has delivered.
+    /// Repair, second step, for a mailbox whose digest differed: the envelope ids the caller
+    /// holds in it (at most [`MAX_IDS_PER_RECONCILE`] at a time). Answered with which of them
+    /// this relay lacks and which it has delivered.
     Reconcile { mailbox: PeerId, held: Vec<EnvelopeId> },
+    /// Repair, last step: keep these envelopes as `Store` does, but no longer than
+    /// `expires_at` (Unix seconds, when the copy they repair expires), so that a repaired copy
+    /// never outlives the original, nor the record of its delivery elsewhere.
+    StoreUntil { envelopes: Vec<Envelope>, expires_at: u64 },
 }
+
+/// Ids per [`ReplicaRequest::Reconcile`]: 1 MiB of ids, far below the frame limit.
+pub const MAX_IDS_PER_RECONCILE: usize = 65_536;
 
 /// Digests per [`ReplicaRequest::Digests`]: ~100 bytes each, so a request stays far below the
 /// pipe's frame limit.
 pub const MAX_DIGESTS_PER_REQUEST: usize = 4096;
 
-/// What a relay holds of one mailbox, in 32 bytes: the blake3 of the ids of the envelopes it
-/// holds there (undelivered), sorted. Two replicas with the same digest hold the same envelopes.
+/// What a relay holds of one mailbox, in 32 bytes: the XOR of the blake3 hashes of the ids of
+/// the envelopes it holds there (undelivered). Two replicas with the same digest hold the same
+/// envelopes. XOR, so that a store keeps it up to date per put and delete instead of reading the
+/// mailbox, and an empty mailbox's digest is all zeros.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MailboxDigest {
     pub mailbox: PeerId,
@@ -136,13 +146,18 @@ pub struct MailboxDigest {
 impl MailboxDigest {
     /// The digest of holding `held` (in any order) in `mailbox`.
     pub fn of(mailbox: PeerId, held: &[EnvelopeId]) -> Self {
-        let mut sorted = held.to_vec();
-        sorted.sort_unstable();
-        let mut hasher = blake3::Hasher::new();
-        for id in &sorted {
-            hasher.update(&id.0);
+        let mut digest = [0; 32];
+        for id in held {
+            Self::toggle(&mut digest, id);
         }
-        MailboxDigest { mailbox, digest: *hasher.finalize().as_bytes() }
+        MailboxDigest { mailbox, digest }
+    }
+
+    /// Adds `id` to `digest`, or takes it out if it is in it.
+    pub fn toggle(digest: &mut [u8; 32], id: &EnvelopeId) {
+        for (d, h) in digest.iter_mut().zip(blake3::hash(&id.0).as_bytes()) {
+            *d ^= h;
+        }
     }
 }
 

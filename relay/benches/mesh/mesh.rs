@@ -589,7 +589,7 @@ pub(crate) async fn store_latency(dir: &Path, singles: usize) -> anyhow::Result<
     let mut put_one = Vec::with_capacity(singles);
     for i in 0..singles {
         let start = now_ns();
-        store.put(vec![envelope(i)], unix_now()).await?;
+        store.put(vec![envelope(i)], unix_now(), None).await?;
         put_one.push(now_ns() - start);
     }
     let (mut put_batch, mut delete_batch, mut batches) = (Vec::new(), Vec::new(), Vec::new());
@@ -597,7 +597,7 @@ pub(crate) async fn store_latency(dir: &Path, singles: usize) -> anyhow::Result<
         let batch: Vec<Envelope> = (0..STORE_BATCH).map(|i| envelope(b * STORE_BATCH + i)).collect();
         batches.push(batch.iter().map(|e| e.id).collect::<Vec<_>>());
         let start = now_ns();
-        store.put(batch, unix_now()).await?;
+        store.put(batch, unix_now(), None).await?;
         put_batch.push(now_ns() - start);
     }
     for ids in batches {
