@@ -30,6 +30,10 @@ pub struct Metrics {
     pub relays_verified: Gauge,
     /// 1 once a store write failed: the relay then takes no writes (see `/healthz`).
     pub store_failed: Gauge,
+    /// Session revocations from the gateway taken in.
+    pub sessions_revoked: Counter,
+    /// Relays whose admission the gateway revoked.
+    pub relays_revoked: Gauge,
 }
 
 impl Metrics {
@@ -56,7 +60,25 @@ impl Metrics {
             "1 once a store write failed and the relay takes no writes",
             store_failed.clone(),
         );
-        Metrics { registry, requests, errors, envelopes_received, connections, relays_verified, store_failed }
+        let sessions_revoked = Counter::default();
+        registry.register(
+            "sessions_revoked",
+            "Session revocations from the gateway taken in",
+            sessions_revoked.clone(),
+        );
+        let relays_revoked = Gauge::default();
+        registry.register("relays_revoked", "Relays whose admission the gateway revoked", relays_revoked.clone());
+        Metrics {
+            registry,
+            requests,
+            errors,
+            envelopes_received,
+            connections,
+            relays_verified,
+            store_failed,
+            sessions_revoked,
+            relays_revoked,
+        }
     }
 
     pub(crate) fn count_request(&self, kind: &str) {

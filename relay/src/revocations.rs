@@ -1,0 +1,148 @@
+//! Revocations from the gateway: sessions signed out and relays whose admission ended, applied
+//! within seconds instead of at certificate expiry.
+//!
+//! Relays check certificates offline, once per connection, so on its own a relay would serve a
+//! revoked session until its certificate expired (up to an hour). Instead every relay started
+//! with `--gateway` asks the gateway every [`POLL_EVERY`] for the revocations since the last
+//! sequence number it saw (`AuthRequest::Revocations`, on the gateway's `/meshgram/auth/1`),
+//! showing its relay certificate. Each revocation is signed by the gateway key and checked here
+//! before it is believed. The event loop hands what a poll brought to [`crate::mailbox`]
+//! (sessions) and [`crate::relays`] (relays).
+//!
+//! A failed poll is retried at the next tick, never taken as a verdict: with the gateway away
+//! the relay keeps serving with what it knows, and catches up when the gateway is back.
+
+use std::time::Duration;
+
+use libp2p::identity::ed25519;
+use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport};
+use libp2p::{Multiaddr, PeerId, StreamProtocol};
+use meshgram_node::crypto::cert::{RelayCert, RevocationBody, unix_now};
+use meshgram_node::net::codec::FrameError;
+use meshgram_node::proto::{AUTH_PROTOCOL, AuthCodec, AuthRequest, AuthResponse, auth_codec};
+
+/// How often the gateway is asked. A revocation reaches every relay within about this long
+/// (plus a round trip); at 0.5 requests per second per relay the gateway hardly notices.
+pub(crate) const POLL_EVERY: Duration = Duration::from_secs(2);
+/// A poll not answered by then has failed, and the next tick asks again: a gateway that was
+/// stopped and is back is asked anew within seconds rather than after a long timeout.
+const POLL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The relay's side of `/meshgram/auth/1`: it only asks.
+pub(crate) type GatewayClient = request_response::Behaviour<AuthCodec>;
+
+/// A gateway client, for the relay's behaviour.
+pub(crate) fn gateway_client() -> GatewayClient {
+    request_response::Behaviour::with_codec(
+        auth_codec(),
+        [(StreamProtocol::new(AUTH_PROTOCOL), ProtocolSupport::Outbound)],
+        request_response::Config::default().with_request_timeout(POLL_TIMEOUT),
+    )
+}
+
+/// What the gateway client reports to the event loop.
+pub(crate) type GatewayEvent = request_response::Event<Result<AuthRequest, FrameError>, AuthResponse>;
+
+/// Where the gateway is and what to show it.
+#[derive(Debug, Clone)]
+pub(crate) struct GatewayAddr {
+    pub(crate) peer: PeerId,
+    pub(crate) addrs: Vec<Multiaddr>,
+}
+
+/// Asks the gateway for revocations, one request at a time, and checks what it answers.
+#[derive(Debug)]
+pub(crate) struct RevocationPoller {
+    gateway: GatewayAddr,
+    gateway_key: ed25519::PublicKey,
+    /// This relay's certificate: the gateway gives the list only to relays of its network.
+    cert: RelayCert,
+    /// The sequence number to ask from.
+    since: u64,
+    in_flight: Option<OutboundRequestId>,
+    /// Failed polls in a row, so that the log says so once per outage, not every tick.
+    failures: u32,
+}
+
+impl RevocationPoller {
+    pub(crate) fn new(gateway: GatewayAddr, gateway_key: ed25519::PublicKey, cert: RelayCert) -> Self {
+        RevocationPoller { gateway, gateway_key, cert, since: 0, in_flight: None, failures: 0 }
+    }
+
+    /// Asks the gateway, unless a poll is under way.
+    pub(crate) fn poll(&mut self, client: &mut GatewayClient) {
+        if self.in_flight.is_some() {
+            return;
+        }
+        let request = AuthRequest::Revocations { since: self.since, relay_cert: self.cert.clone() };
+        let id = client.send_request_with_addresses(&self.gateway.peer, Ok(request), self.gateway.addrs.clone());
+        self.in_flight = Some(id);
+    }
+
+    /// Takes an event of the gateway client: the revocations an answer brought (checked), and
+    /// whether to ask again at once (the answer said there is more).
+    pub(crate) fn on_event(&mut self, event: GatewayEvent) -> Polled {
+        let (request_id, outcome) = match event {
+            request_response::Event::Message {
+                message: request_response::Message::Response { request_id, response },
+                ..
+            } => (request_id, Ok(response)),
+            request_response::Event::OutboundFailure { request_id, error, .. } => (request_id, Err(error.to_string())),
+            _ => return Polled::default(),
+        };
+        if self.in_flight != Some(request_id) {
+            return Polled::default();
+        }
+        self.in_flight = None;
+        match outcome {
+            Ok(AuthResponse::Revocations { revocations, next, more }) => {
+                if self.failures > 0 {
+                    tracing::info!(failed = self.failures, "the gateway answers again; catching up on revocations");
+                }
+                self.failures = 0;
+                self.since = next;
+                Polled { revocations: self.checked(revocations), again: more }
+            }
+            Ok(AuthResponse::Error(e)) => self.failed(e.to_string()),
+            Ok(other) => self.failed(format!("unexpected answer {other:?}")),
+            Err(e) => self.failed(e),
+        }
+    }
+
+    /// The revocations whose signature is the gateway's and that still matter; others are
+    /// logged and dropped (a relay acts only on what the gateway signed).
+    fn checked(&self, revocations: Vec<meshgram_node::crypto::cert::Revocation>) -> Vec<RevocationBody> {
+        let now = unix_now();
+        revocations
+            .into_iter()
+            .filter_map(|revocation| match revocation.verify(&self.gateway_key, now) {
+                Ok(body) => Some(body.clone()),
+                Err(e) => {
+                    tracing::debug!(error = %e, "a revocation from the gateway does not check out; ignored");
+                    None
+                }
+            })
+            .collect()
+    }
+
+    fn failed(&mut self, why: String) -> Polled {
+        if self.failures == 0 {
+            tracing::warn!(
+                gateway = %self.gateway.peer,
+                error = %why,
+                "asking the gateway for revocations failed; serving with what is known and retrying every {POLL_EVERY:?}"
+            );
+        }
+        self.failures += 1;
+        Polled::default()
+    }
+}
+
+/// What one poll brought.
+#[derive(Debug, Default)]
+pub(crate) struct Polled {
+    /// Checked revocations, to apply.
+    pub(crate) revocations: Vec<RevocationBody>,
+    /// The gateway has more right now: ask again without waiting for the tick.
+    pub(crate) again: bool,
+}
