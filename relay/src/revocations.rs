@@ -146,3 +146,33 @@ pub(crate) struct Polled {
     /// The gateway has more right now: ask again without waiting for the tick.
     pub(crate) again: bool,
 }
+
+#[cfg(test)]
+mod tests {
+    use meshgram_node::crypto::cert::{Revocation, Revoked};
+    use meshgram_node::ids::SessionId;
+
+    use super::*;
+
+    #[test]
+    fn only_revocations_the_gateway_signed_and_still_in_force_are_applied() {
+        let gateway = ed25519::Keypair::generate();
+        let relay = PeerId::random();
+        let addr = GatewayAddr { peer: PeerId::random(), addrs: Vec::new() };
+        let poller = RevocationPoller::new(addr, gateway.public(), RelayCert::issue(&gateway, relay, 1, unix_now()));
+        let now = unix_now();
+        let body = |session, until| RevocationBody {
+            peer: PeerId::random(),
+            revoked: Revoked::Session(SessionId(session)),
+            revoked_at: now - 10,
+            until,
+        };
+        let in_force = Revocation::sign(body(1, now + 3600), &gateway);
+        let forged = Revocation::sign(body(2, now + 3600), &ed25519::Keypair::generate());
+        let mut altered = Revocation::sign(body(3, now + 3600), &gateway);
+        altered.body.revoked = Revoked::Relay;
+        let expired = Revocation::sign(body(4, now - 3600), &gateway);
+        let applied = poller.checked(vec![in_force.clone(), forged, altered, expired]);
+        assert_eq!(applied, vec![in_force.body]);
+    }
+}
