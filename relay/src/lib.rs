@@ -203,6 +203,7 @@ impl Relay {
                 gateway,
                 config.settings.gateway_key.clone(),
                 cert,
+                metrics.gateway_polls_failed.clone(),
             )),
             None => tracing::warn!(
                 "no --gateway: revoked sessions and relays keep access here until their certificates expire"

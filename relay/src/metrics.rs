@@ -34,6 +34,8 @@ pub struct Metrics {
     pub sessions_revoked: Counter,
     /// Relays whose admission the gateway revoked.
     pub relays_revoked: Gauge,
+    /// Polls of the gateway for revocations that failed (retried at the next tick).
+    pub gateway_polls_failed: Counter,
 }
 
 impl Metrics {
@@ -68,6 +70,12 @@ impl Metrics {
         );
         let relays_revoked = Gauge::default();
         registry.register("relays_revoked", "Relays whose admission the gateway revoked", relays_revoked.clone());
+        let gateway_polls_failed = Counter::default();
+        registry.register(
+            "gateway_polls_failed",
+            "Polls of the gateway for revocations that failed (retried)",
+            gateway_polls_failed.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -78,6 +86,7 @@ impl Metrics {
             store_failed,
             sessions_revoked,
             relays_revoked,
+            gateway_polls_failed,
         }
     }
 

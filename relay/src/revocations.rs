@@ -12,7 +12,7 @@
 //! A failed poll is retried at the next tick, never taken as a verdict: with the gateway away
 //! the relay keeps serving with what it knows, and catches up when the gateway is back.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use libp2p::identity::ed25519;
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport};
@@ -20,12 +20,14 @@ use libp2p::{Multiaddr, PeerId, StreamProtocol};
 use meshgram_node::crypto::cert::{RelayCert, RevocationBody, unix_now};
 use meshgram_node::net::codec::FrameError;
 use meshgram_node::proto::{AUTH_PROTOCOL, AuthCodec, AuthRequest, AuthResponse, auth_codec};
+use prometheus_client::metrics::counter::Counter;
 
 /// How often the gateway is asked. A revocation reaches every relay within about this long
 /// (plus a round trip); at 0.5 requests per second per relay the gateway hardly notices.
 pub(crate) const POLL_EVERY: Duration = Duration::from_secs(2);
-/// A poll not answered by then has failed, and the next tick asks again: a gateway that was
-/// stopped and is back is asked anew within seconds rather than after a long timeout.
+/// A poll not answered by then has failed, and the next tick asks again (a late answer to it
+/// is ignored): a gateway that was stopped and is back is asked anew within seconds, whatever
+/// became of the request it was sent while away.
 const POLL_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The relay's side of `/meshgram/auth/1`: it only asks.
@@ -59,24 +61,36 @@ pub(crate) struct RevocationPoller {
     cert: RelayCert,
     /// The sequence number to ask from.
     since: u64,
-    in_flight: Option<OutboundRequestId>,
+    /// The poll under way, and when it was sent.
+    in_flight: Option<(OutboundRequestId, Instant)>,
     /// Failed polls in a row, so that the log says so once per outage, not every tick.
     failures: u32,
+    /// Every failed poll, for `/metrics`.
+    failed_total: Counter,
 }
 
 impl RevocationPoller {
-    pub(crate) fn new(gateway: GatewayAddr, gateway_key: ed25519::PublicKey, cert: RelayCert) -> Self {
-        RevocationPoller { gateway, gateway_key, cert, since: 0, in_flight: None, failures: 0 }
+    /// A poller that counts its failed polls in `failed_total`.
+    pub(crate) fn new(
+        gateway: GatewayAddr,
+        gateway_key: ed25519::PublicKey,
+        cert: RelayCert,
+        failed_total: Counter,
+    ) -> Self {
+        RevocationPoller { gateway, gateway_key, cert, since: 0, in_flight: None, failures: 0, failed_total }
     }
 
-    /// Asks the gateway, unless a poll is under way.
+    /// Asks the gateway, unless a poll is under way and not yet past its deadline.
     pub(crate) fn poll(&mut self, client: &mut GatewayClient) {
-        if self.in_flight.is_some() {
-            return;
+        if let Some((_, sent)) = self.in_flight {
+            if sent.elapsed() < POLL_TIMEOUT {
+                return;
+            }
+            self.failed(format!("no answer within {POLL_TIMEOUT:?}"));
         }
         let request = AuthRequest::Revocations { since: self.since, relay_cert: self.cert.clone() };
         let id = client.send_request_with_addresses(&self.gateway.peer, Ok(request), self.gateway.addrs.clone());
-        self.in_flight = Some(id);
+        self.in_flight = Some((id, Instant::now()));
     }
 
     /// Takes an event of the gateway client: the revocations an answer brought (checked), and
@@ -90,7 +104,8 @@ impl RevocationPoller {
             request_response::Event::OutboundFailure { request_id, error, .. } => (request_id, Err(error.to_string())),
             _ => return Polled::default(),
         };
-        if self.in_flight != Some(request_id) {
+        // An answer to a poll given up on: the next one asks from the same place.
+        if self.in_flight.map(|(id, _)| id) != Some(request_id) {
             return Polled::default();
         }
         self.in_flight = None;
@@ -126,6 +141,8 @@ impl RevocationPoller {
     }
 
     fn failed(&mut self, why: String) -> Polled {
+        self.in_flight = None;
+        self.failed_total.inc();
         if self.failures == 0 {
             tracing::warn!(
                 gateway = %self.gateway.peer,
@@ -159,7 +176,8 @@ mod tests {
         let gateway = ed25519::Keypair::generate();
         let relay = PeerId::random();
         let addr = GatewayAddr { peer: PeerId::random(), addrs: Vec::new() };
-        let poller = RevocationPoller::new(addr, gateway.public(), RelayCert::issue(&gateway, relay, 1, unix_now()));
+        let cert = RelayCert::issue(&gateway, relay, 1, unix_now());
+        let poller = RevocationPoller::new(addr, gateway.public(), cert, Counter::default());
         let now = unix_now();
         let body = |session, until| RevocationBody {
             peer: PeerId::random(),

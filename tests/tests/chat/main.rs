@@ -15,8 +15,8 @@
 //!   push, one node per profile, SIGKILL and restart, garbage on the socket, other users refused.
 //! - `resilience`: with the gateway stopped, known contacts still chat, and an envelope that
 //!   cannot be verified yet is kept and shown once the gateway is back.
-//! - `revocation`: a revoked session loses relay access within seconds (a parked fetch, sends,
-//!   a fresh Hello); a revoked relay gets no new copies and its replica stores are refused; a
+//! - `revocation`: a revoked session or a replaced bot token loses relay access within seconds
+//!   (a parked fetch, sends, a fresh Hello); a revoked relay gets no new copies and its replica stores are refused; a
 //!   stopped gateway stops neither serving nor, once it is back, revocations.
 //! - `wire`: bad input straight at a relay (forged, expired and misused certificates, sender
 //!   spoofing, oversized envelopes, replays, garbage); the relay keeps serving.

@@ -276,9 +276,10 @@ async fn with_the_gateway_stopped_relays_keep_serving_and_catch_up_when_it_is_ba
         assert!(welcomed(&alice.hello(relay).await));
     }
 
-    // Longer than a poll's deadline (5 s), so that the relays' polls fail meanwhile.
+    // Long enough for a poll to pass its deadline (5 s, checked every 2 s, after a poll sent
+    // up to 2 s in), so that the relays' polls fail meanwhile.
     mesh.gateway.server.stop();
-    let stopped_for = Duration::from_secs(7);
+    let stopped_for = Duration::from_secs(10);
     let until = Instant::now() + stopped_for;
     while Instant::now() < until {
         for relay in &relays {
@@ -289,6 +290,9 @@ async fn with_the_gateway_stopped_relays_keep_serving_and_catch_up_when_it_is_ba
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     mesh.gateway.server.cont();
+    for relay in &mesh.relays {
+        assert!(metric(relay, "meshgram_relay_gateway_polls_failed_total") >= 1, "polls failed, and were retried");
+    }
 
     let revoked_at = Instant::now();
     revoke_other_sessions(&laptop).await;
@@ -298,4 +302,33 @@ async fn with_the_gateway_stopped_relays_keep_serving_and_catch_up_when_it_is_ba
     }
     eprintln!("after {stopped_for:?} without the gateway, a revocation applied in {:?}", revoked_at.elapsed());
     assert_cut_off(&alice, &bob, &relays).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replaced_bot_token_cuts_the_bot_off_the_relays_within_seconds() {
+    let mesh = Mesh::start(2, 2);
+    let (owner_p, bot_p, bob_p) = (mesh.new_profile("owner"), mesh.new_profile("echo"), mesh.new_profile("bob"));
+    mesh.login(&owner_p, ALICE);
+    mesh.login(&bob_p, BOB);
+    let created = meshgram(&owner_p, &["bot", "create", "--username", "echo_bot", "--name", "Echo"]).ok_json();
+    let token = created["token"].as_str().unwrap().to_string();
+    let bot_id = created["bot"]["user_id"].to_string();
+    mesh.gateway.login_bot(&bot_p, &token).ok_json();
+    let (bot, bob) = (Device::of(&bot_p), Device::of(&bob_p));
+    let relays: Vec<RelayInfo> = mesh.relays.iter().map(relay_info).collect();
+    for relay in &relays {
+        assert!(welcomed(&bot.hello(relay).await));
+        let (_, stored) = send(&bot, &bob, relay, 1).await;
+        assert!(matches!(stored, MailboxResponse::Stored { .. }), "{stored:?}");
+    }
+
+    let revoked_at = Instant::now();
+    let owner = owner_p.clone();
+    tokio::task::spawn_blocking(move || meshgram(&owner, &["bot", "revoke-token", &bot_id]).ok_json()).await.unwrap();
+    let deadline = revoked_at + REVOCATION_BOUND;
+    for relay in &relays {
+        until_refused(&bot, relay, deadline).await;
+    }
+    eprintln!("a replaced bot token cut the bot off both relays after {:?}", revoked_at.elapsed());
+    assert_cut_off(&bot, &bob, &relays).await;
 }
