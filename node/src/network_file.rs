@@ -50,6 +50,9 @@ pub struct GatewayEntry {
 pub struct NodeEntry {
     pub peer_id: PeerId,
     pub addrs: Vec<Multiaddr>,
+    /// Health and metrics (`/healthz`, `/metrics`), when it serves them.
+    #[serde(default)]
+    pub http: Option<String>,
 }
 
 impl NetworkFile {

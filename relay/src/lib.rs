@@ -15,6 +15,9 @@
 //!   copies.
 //! - [`replica`]: the other side of [`replicate`]: serves other relays' `Store`s and `Delete`s,
 //!   only from relays that showed a gateway-signed relay certificate.
+//! - [`repair`]: brings what this relay holds back to `R` responsible relays after relays die,
+//!   return or join, and deletes copies a replica has delivered (rounds on a timer and on
+//!   membership change).
 //! - [`relays`]: owns every other relay's standing (certificate checked, down lately, not a
 //!   relay, certified on its connection, revoked) and the words tasks report on relays with
 //!   (`RelayReport`); lists the live relays placement chooses from.
@@ -24,7 +27,8 @@
 //!   key); lives in `meshgram_node` because clients compute it too.
 //! - [`store`]: redb mailboxes behind a group-commit actor; dedup by envelope id, TTL, quotas.
 //!   Its [`wal`] makes a batch durable with one small synced append. After a failed write it
-//!   takes no more (the relay refuses sends, `/healthz` says 503).
+//!   takes no more (the relay refuses sends, `/healthz` says 503) until [`disk`] finds that the
+//!   disk takes writes again; the relay then ends ([`Ended::DiskTakesWritesAgain`]) to be restarted.
 //! - [`accept`]: starts serving each inbound pipe as libp2p negotiates it; each connection owns
 //!   its pipes' tasks.
 //! - [`behaviour`], [`metrics`]: the libp2p behaviour and Prometheus counters.
@@ -33,11 +37,13 @@
 
 mod accept;
 mod behaviour;
+mod disk;
 mod mailbox;
 pub mod metrics;
 mod net;
 pub use meshgram_node::net::placement;
 mod relays;
+mod repair;
 mod replica;
 mod replicate;
 mod revocations;
@@ -65,6 +71,10 @@ use crate::store::{StoreError, StoreHandle, StoreLimits};
 
 /// The mailbox database inside its data dir.
 pub const DATABASE_FILE: &str = "relay.redb";
+/// How often a relay whose store failed checks whether its disk takes writes again: a disk
+/// given room is back in service within seconds, and a probe of a still-full disk (1 MiB
+/// written and removed) every few seconds costs nothing.
+const DISK_PROBE_EVERY: Duration = Duration::from_secs(2);
 
 /// What a relay is configured with.
 #[derive(Debug, Clone)]
@@ -155,11 +165,24 @@ pub struct Ready {
     pub http: Option<String>,
 }
 
+/// Why a relay ended on its own (see [`Relay::wait`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Ended {
+    /// The store took no writes since one failed, and its disk takes writes again. A running
+    /// store cannot trust its files after a failed sync; a fresh start replays the log onto
+    /// redb and serves again, so the relay exits for its supervisor to start it again.
+    #[error("the store's disk takes writes again; exiting so the supervisor restarts the relay with a clean store")]
+    DiskTakesWritesAgain,
+    /// A task stopped on a fatal error (logged where it happened).
+    #[error("a relay task stopped unexpectedly")]
+    TaskStopped,
+}
+
 /// A running relay. Dropping it stops every task.
 #[derive(Debug)]
 pub struct Relay {
     pub ready: Ready,
-    tasks: JoinSet<()>,
+    tasks: JoinSet<Ended>,
     shutdown: CancellationToken,
 }
 
@@ -213,7 +236,12 @@ impl Relay {
 
         let shutdown = CancellationToken::new();
         let mut tasks = JoinSet::new();
-        tasks.spawn(event_loop.run(shutdown.clone()));
+        let stopped = shutdown.clone();
+        tasks.spawn(async move {
+            event_loop.run(stopped).await;
+            Ended::TaskStopped
+        });
+        tasks.spawn(wait_for_store_recovery(store.clone(), data.clone(), shutdown.clone()));
         let http = match config.http {
             Some(addr) => Some(serve_http(addr, metrics, store, shutdown.clone(), &mut tasks).await?),
             None => None,
@@ -229,9 +257,38 @@ impl Relay {
         while self.tasks.join_next().await.is_some() {}
     }
 
-    /// Waits until a task ends on its own (only on a fatal error).
-    pub async fn wait(&mut self) {
-        self.tasks.join_next().await;
+    /// Waits until the relay ends on its own: its store recovered (the relay should restart),
+    /// or a fatal error.
+    pub async fn wait(&mut self) -> Ended {
+        match self.tasks.join_next().await {
+            Some(Ok(ended)) => ended,
+            Some(Err(_)) | None => Ended::TaskStopped,
+        }
+    }
+}
+
+/// Once the store has failed, probes every [`DISK_PROBE_EVERY`] whether the disk under
+/// `data_dir` takes writes again; ends then, with [`Ended::DiskTakesWritesAgain`].
+async fn wait_for_store_recovery(store: StoreHandle, data_dir: PathBuf, shutdown: CancellationToken) -> Ended {
+    let mut every = tokio::time::interval(DISK_PROBE_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return Ended::TaskStopped,
+            _ = every.tick() => {}
+        }
+        if store.failure().is_none() {
+            continue;
+        }
+        let dir = data_dir.clone();
+        match tokio::task::spawn_blocking(move || disk::probe(&dir)).await {
+            Ok(Ok(())) => {
+                tracing::warn!("{}", Ended::DiskTakesWritesAgain);
+                return Ended::DiskTakesWritesAgain;
+            }
+            Ok(Err(e)) => tracing::debug!(error = %e, "the store's disk still takes no writes"),
+            Err(e) => tracing::warn!(error = %e, "the disk probe did not finish"),
+        }
     }
 }
 
@@ -265,7 +322,7 @@ async fn serve_http(
     metrics: Arc<metrics::Metrics>,
     store: StoreHandle,
     shutdown: CancellationToken,
-    tasks: &mut JoinSet<()>,
+    tasks: &mut JoinSet<Ended>,
 ) -> Result<String, StartError> {
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(|source| StartError::Http { addr, source })?;
     let bound = listener.local_addr().map_err(|source| StartError::Http { addr, source })?;
@@ -278,7 +335,10 @@ async fn serve_http(
                     None => (axum::http::StatusCode::OK, "ok".to_string()),
                     Some(why) => (
                         axum::http::StatusCode::SERVICE_UNAVAILABLE,
-                        format!("the store takes no writes since one failed: {why}"),
+                        format!(
+                            "the store takes no writes since one failed: {why}; the relay restarts once its disk \
+                             takes writes again"
+                        ),
                     ),
                 }
             }),
@@ -295,6 +355,7 @@ async fn serve_http(
         if let Err(e) = serve.await {
             tracing::error!(error = %e, "HTTP server failed");
         }
+        Ended::TaskStopped
     });
     Ok(format!("http://{bound}"))
 }

@@ -488,7 +488,8 @@ fn check_envelopes(peer: &PeerId, cert: &CertBody, envelopes: &[Envelope]) -> Re
 /// The refusal of a relay whose store takes no more writes.
 pub(crate) fn store_failed(why: &str) -> String {
     format!(
-        "this relay's store failed ({why}) and takes no writes until the relay restarts; send through another relay"
+        "this relay's store failed ({why}) and takes no writes until its disk takes writes again and the relay \
+         restarts; send through another relay"
     )
 }
 

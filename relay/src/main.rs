@@ -9,7 +9,8 @@ use libp2p::Multiaddr;
 use libp2p::identity::ed25519;
 use meshgram_node::ids::parse_hex;
 use meshgram_node::server::service;
-use meshgram_relay::{Relay, RelayConfig};
+use meshgram_relay::store::{StoreHandle, StoreLimits};
+use meshgram_relay::{Ended, Relay, RelayConfig};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -18,6 +19,8 @@ use meshgram_relay::{Relay, RelayConfig};
     about = "Meshgram relay: stores and forwards end-to-end encrypted envelopes"
 )]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// Data directory (relay key, mailbox database).
     #[arg(long, env = "MESHGRAM_RELAY_DATA", default_value = "meshgram-relay-data")]
     data: PathBuf,
@@ -30,7 +33,7 @@ struct Cli {
     /// The gateway's public key (hex, from its ready line or network.json): certificates
     /// it signs are the only ones this relay accepts.
     #[arg(long, env = "MESHGRAM_GATEWAY_KEY")]
-    gateway_key: String,
+    gateway_key: Option<String>,
     /// The gateway's address (from its ready line or network.json), to ask it for revoked
     /// sessions and relays every 2 s. Without it a revoked session keeps access here until
     /// its certificate expires (up to an hour).
@@ -69,8 +72,18 @@ struct Cli {
     exit_on_stdin_close: bool,
 }
 
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// Print what the (stopped) relay's store holds, as JSON: per mailbox, the ids of the
+    /// envelopes waiting there. Envelopes are sealed; this shows only what routing shows.
+    Inspect,
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Some(Command::Inspect) = cli.command {
+        return inspect(&cli.data);
+    }
     let runtime = match cli.worker_threads {
         Some(0) => bail!("--worker-threads must be at least 1"),
         Some(1) => tokio::runtime::Builder::new_current_thread().enable_all().build(),
@@ -84,7 +97,8 @@ fn main() -> anyhow::Result<()> {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     service::init_tracing("info");
     let exit_on_stdin_close = cli.exit_on_stdin_close;
-    let key = parse_hex::<32>(&cli.gateway_key).context("--gateway-key")?;
+    let key = cli.gateway_key.as_deref().context("--gateway-key is required to run a relay")?;
+    let key = parse_hex::<32>(key).context("--gateway-key")?;
     let gateway_key = ed25519::PublicKey::try_from_bytes(&key).context("--gateway-key is not an ed25519 public key")?;
     if cli.replication == 0 {
         bail!("--replication must be at least 1");
@@ -108,8 +122,34 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     tracing::info!(peer_id = %relay.ready.peer_id, "relay ready");
     tokio::select! {
         why = service::stop_requested(exit_on_stdin_close) => tracing::info!("{}; shutting down", why?),
-        () = relay.wait() => bail!("a relay task stopped unexpectedly"),
+        ended = relay.wait() => {
+            if ended == Ended::DiskTakesWritesAgain {
+                // Nothing is left to write; closing connections cleanly spares clients a timeout.
+                relay.shutdown().await;
+            }
+            // Nonzero, so that `meshgram up` or systemd's Restart=on-failure starts it again.
+            return Err(ended.into());
+        }
     }
     relay.shutdown().await;
+    Ok(())
+}
+
+/// `inspect`: opens the store (replaying its log, as a start would) and prints its mailboxes.
+fn inspect(data: &std::path::Path) -> anyhow::Result<()> {
+    let path = data.join(meshgram_relay::DATABASE_FILE);
+    if !path.exists() {
+        bail!("{} holds no relay store", data.display());
+    }
+    // Limits apply to new writes only, and inspecting makes none.
+    let limits = StoreLimits { ttl: Duration::from_secs(30 * 24 * 3600), max_per_mailbox: u64::MAX };
+    let store = StoreHandle::open(&path, limits)
+        .with_context(|| format!("opening {} (is the relay stopped?)", path.display()))?;
+    let mailboxes: Vec<serde_json::Value> = store
+        .held()?
+        .into_iter()
+        .map(|(mailbox, held)| serde_json::json!({ "mailbox": mailbox.to_string(), "held": held }))
+        .collect();
+    println!("{}", serde_json::json!({ "mailboxes": mailboxes }));
     Ok(())
 }

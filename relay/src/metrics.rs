@@ -36,6 +36,12 @@ pub struct Metrics {
     pub relays_revoked: Gauge,
     /// Polls of the gateway for revocations that failed (retried at the next tick).
     pub gateway_polls_failed: Counter,
+    /// Repair rounds finished (`repair`).
+    pub repair_rounds: Counter,
+    /// Envelopes repair copied to responsible relays that lacked them.
+    pub repair_copied: Counter,
+    /// Stale copies repair deleted here because a replica had delivered them.
+    pub repair_stale_deleted: Counter,
 }
 
 impl Metrics {
@@ -76,6 +82,20 @@ impl Metrics {
             "Polls of the gateway for revocations that failed (retried)",
             gateway_polls_failed.clone(),
         );
+        let repair_rounds = Counter::default();
+        registry.register("repair_rounds", "Repair rounds finished", repair_rounds.clone());
+        let repair_copied = Counter::default();
+        registry.register(
+            "repair_copied",
+            "Envelopes repair copied to responsible relays that lacked them",
+            repair_copied.clone(),
+        );
+        let repair_stale_deleted = Counter::default();
+        registry.register(
+            "repair_stale_deleted",
+            "Stale copies deleted because a replica had delivered them",
+            repair_stale_deleted.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -87,6 +107,9 @@ impl Metrics {
             sessions_revoked,
             relays_revoked,
             gateway_polls_failed,
+            repair_rounds,
+            repair_copied,
+            repair_stale_deleted,
         }
     }
 

@@ -6,8 +6,10 @@
 //! [`Mailboxes`] (sessions, sends, parked fetches), replica requests to [`ReplicaServer`]; both
 //! run their work on tasks they own and hand the results back through this loop. Reports on
 //! other relays ([`crate::relays::RelayReport`]) come back from replication tasks and from
-//! greetings, and go to [`Relays`], which owns every relay's standing. Revocations polled from
-//! the gateway ([`RevocationPoller`]) go to [`Mailboxes`] (sessions) and [`Relays`] (relays).
+//! greetings, and go to [`Relays`], which owns every relay's standing. Repair rounds
+//! ([`crate::repair`]) run on a task, one at a time, on a timer and soon after the live relays
+//! change. Revocations polled from the gateway ([`RevocationPoller`]) go to [`Mailboxes`]
+//! (sessions) and [`Relays`] (relays).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,7 +33,8 @@ use crate::accept::{Acceptor, Serve};
 use crate::behaviour::{RelayBehaviour, RelayBehaviourEvent};
 use crate::mailbox::Mailboxes;
 use crate::metrics::Metrics;
-use crate::relays::{Relays, Reports, reports};
+use crate::relays::{RelayReport, Relays, Reports, reports};
+use crate::repair::{AFTER_MEMBERSHIP_CHANGE, REPAIR_EVERY, RoundReport, repair_round};
 use crate::replica::{self, ReplicaServer};
 use crate::replicate::{ReplicaCallError, ReplicaClient, ReplicaPipes, Replicas};
 use crate::revocations::{self, GatewayEvent, Polled, RevocationPoller};
@@ -68,6 +71,11 @@ pub(crate) struct EventLoop {
     /// This relay's calls to other relays (here: greetings).
     replica_client: ReplicaPipes,
     greetings: JoinSet<Greeted>,
+    /// Where repair copies to, and its round under way (at most one).
+    replicas: Replicas,
+    repairs: JoinSet<RoundReport>,
+    /// When the next repair round starts (sooner after a membership change).
+    next_repair: tokio::time::Instant,
     /// Asks the gateway for revocations (with `--gateway`).
     revocations: Option<RevocationPoller>,
 }
@@ -125,10 +133,13 @@ impl EventLoop {
             relays: Relays::new(local, listen),
             reports,
             replica_server: ReplicaServer::new(settings.gateway_key.clone(), cert, store),
-            mailboxes: Mailboxes::new(settings, Arc::clone(&metrics), replicas),
+            mailboxes: Mailboxes::new(settings, Arc::clone(&metrics), replicas.clone()),
             metrics,
             replica_client,
             greetings: JoinSet::new(),
+            replicas,
+            repairs: JoinSet::new(),
+            next_repair: tokio::time::Instant::now() + REPAIR_EVERY,
             revocations: None,
         }
     }
@@ -154,7 +165,13 @@ impl EventLoop {
                     let (relays, mailboxes) = (&mut self.relays, &mut self.mailboxes);
                     self.replica_server.handle(inbound.peer, inbound.request, inbound.responder, relays, mailboxes);
                 }
-                Some((peer, report)) = self.reports.recv() => self.relays.report(peer, report),
+                Some((peer, report)) = self.reports.recv() => {
+                    self.relays.report(peer, report);
+                    // Its mailboxes now go to the next closest relays.
+                    if report == RelayReport::Down {
+                        self.repair_soon();
+                    }
+                }
                 Some(done) = self.mailboxes.next_done() => match done {
                     Ok(done) => self.mailboxes.finish(done),
                     Err(e) => tracing::error!(error = %e, "relay task failed"),
@@ -170,6 +187,12 @@ impl EventLoop {
                     Ok((peer, outcome)) => self.greeted(peer, outcome),
                     Err(e) => tracing::error!(error = %e, "relay task failed"),
                 },
+                () = tokio::time::sleep_until(self.next_repair), if self.repairs.is_empty() => self.start_repair(),
+                Some(round) = self.repairs.join_next() => {
+                    if let Err(e) = round {
+                        tracing::error!(error = %e, "relay repair task failed");
+                    }
+                }
                 _ = park_tick.tick() => self.mailboxes.expire_parked(),
                 _ = expire_tick.tick() => self.mailboxes.expire_envelopes(),
                 _ = revocation_tick.tick(), if self.revocations.is_some() => self.poll_gateway(),
@@ -178,6 +201,7 @@ impl EventLoop {
         self.mailboxes.shutdown().await;
         self.replica_server.shutdown().await;
         self.greetings.shutdown().await;
+        self.repairs.shutdown().await;
     }
 
     fn handle_swarm_event(&mut self, event: SwarmEvent<RelayBehaviourEvent>) {
@@ -191,8 +215,12 @@ impl EventLoop {
                 for addr in info.listen_addrs {
                     self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
                 }
+                let back = self.relays.is_down(&peer_id);
                 if self.relays.identified(peer_id) {
                     self.greet(peer_id);
+                }
+                if back {
+                    self.repair_soon();
                 }
             }
             SwarmEvent::Behaviour(RelayBehaviourEvent::Kad(kad::Event::RoutingUpdated {
@@ -205,6 +233,23 @@ impl EventLoop {
             SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
                 self.mailboxes.disconnected(&peer_id);
                 self.relays.disconnected(&peer_id);
+                // A relay's connection closing usually means it died or restarts: dial it
+                // back, and if that fails, take it out of placement now (below) rather than
+                // when the next copy to it times out.
+                if self.relays.is_verified(&peer_id)
+                    && let Err(e) = self.swarm.dial(peer_id)
+                {
+                    tracing::debug!(peer = %peer_id, error = %e, "could not redial a relay");
+                }
+            }
+            SwarmEvent::OutgoingConnectionError { peer_id: Some(peer_id), error, .. }
+                if self.relays.is_verified(&peer_id)
+                    && !self.swarm.is_connected(&peer_id)
+                    && !self.relays.is_down(&peer_id) =>
+            {
+                tracing::debug!(peer = %peer_id, %error, "dialling a relay failed");
+                self.relays.report(peer_id, RelayReport::Down);
+                self.repair_soon();
             }
             SwarmEvent::ConnectionEstablished { .. } => {
                 self.metrics.connections.inc();
@@ -249,8 +294,30 @@ impl EventLoop {
             tracing::warn!(%peer, error = %e, "greeting a relay failed");
             e.report()
         });
+        if outcome.is_ok() {
+            self.repair_soon();
+        }
         self.relays.greeted(peer, outcome);
         self.metrics.relays_verified.set(i64::try_from(self.relays.verified_count()).unwrap_or(i64::MAX));
+    }
+
+    /// Starts a repair round against the relays live now.
+    fn start_repair(&mut self) {
+        self.next_repair = tokio::time::Instant::now() + REPAIR_EVERY;
+        // One that answers identifies itself, is live again and starts a round of its own.
+        for relay in self.relays.down_verified() {
+            if !self.swarm.is_connected(&relay) {
+                let _ = self.swarm.dial(relay);
+            }
+        }
+        let live = self.relays.known(&mut self.swarm.behaviour_mut().kad).live_relays();
+        let live = live.into_iter().map(|relay| relay.peer_id).collect();
+        self.repairs.spawn(repair_round(self.replicas.clone(), live, Arc::clone(&self.metrics)));
+    }
+
+    /// The live relays changed: repair soon (after the round under way, if one is).
+    fn repair_soon(&mut self) {
+        self.next_repair = self.next_repair.min(tokio::time::Instant::now() + AFTER_MEMBERSHIP_CHANGE);
     }
 
     /// Dials the bootstrap relays and starts a Kademlia bootstrap.

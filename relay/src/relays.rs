@@ -100,7 +100,7 @@ impl Relays {
     pub(crate) fn report(&mut self, relay: PeerId, report: RelayReport) {
         match report {
             RelayReport::Down => {
-                tracing::warn!(peer = %relay, "a relay did not answer a replica request; skipping it for a while");
+                tracing::warn!(peer = %relay, "a relay did not answer; skipping it in placement for a while");
                 self.down.insert(relay, Instant::now() + DOWN_FOR);
             }
             RelayReport::NotARelay => {
@@ -108,6 +108,22 @@ impl Relays {
                 self.not_relays.insert(relay, Instant::now() + NOT_A_RELAY_FOR);
             }
         }
+    }
+
+    /// Whether `relay` showed a valid relay certificate when greeted.
+    pub(crate) fn is_verified(&self, relay: &PeerId) -> bool {
+        self.verified.contains(relay)
+    }
+
+    /// Certified relays reported down lately: dialled now and then, so that one that is back
+    /// is seen (and identified) again before its time out of placement is over.
+    pub(crate) fn down_verified(&self) -> Vec<PeerId> {
+        self.down.keys().filter(|relay| self.verified.contains(relay)).copied().collect()
+    }
+
+    /// Whether `relay` was reported down lately (it is left out of placement).
+    pub(crate) fn is_down(&self, relay: &PeerId) -> bool {
+        self.down.contains_key(relay)
     }
 
     /// `relay` identified itself as a relay, so it is up. Returns whether to greet it now (its

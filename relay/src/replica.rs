@@ -1,5 +1,5 @@
 //! Serving other relays' replica requests: `Hello` (exchange relay certificates), then `Store`
-//! and `Delete`, only from relays that showed a gateway-signed relay certificate on their
+//! and `Delete`, and repair's `Digests` and `Reconcile` ([`crate::repair`]), only from relays that showed a gateway-signed relay certificate on their
 //! connection ([`crate::relays`] keeps who did). The calling side is [`crate::replicate`].
 
 use std::collections::HashSet;
@@ -9,12 +9,14 @@ use libp2p::identity::ed25519;
 use meshgram_node::crypto::cert::{CERT_CLOCK_SKEW_SECS, RelayCert, unix_now};
 use meshgram_node::net::codec::FrameError;
 use meshgram_node::net::pipe::Responder;
-use meshgram_node::proto::{ErrorCode, MAX_ENVELOPE_SIZE, ReplicaRequest, ReplicaResponse, WireError};
+use meshgram_node::proto::{
+    ErrorCode, MAX_DIGESTS_PER_REQUEST, MAX_ENVELOPE_SIZE, MailboxDigest, ReplicaRequest, ReplicaResponse, WireError,
+};
 use tokio::task::{JoinError, JoinSet};
 
 use crate::mailbox::{Mailboxes, store_failed};
 use crate::relays::Relays;
-use crate::store::{StoreError, StoreHandle};
+use crate::store::{IdState, StoreError, StoreHandle};
 
 /// A finished replica request: answer the relay, first waking the fetches parked on `arrived`
 /// (envelopes committed here).
@@ -116,6 +118,47 @@ impl ReplicaServer {
                     }
                 });
             }
+            Ok(ReplicaRequest::Digests { mailboxes }) => {
+                if mailboxes.len() > MAX_DIGESTS_PER_REQUEST {
+                    return channel.respond(refuse(
+                        ErrorCode::BadRequest,
+                        format!("at most {MAX_DIGESTS_PER_REQUEST} digests per request"),
+                    ));
+                }
+                let store = self.store.clone();
+                self.tasks.spawn_blocking(move || {
+                    let differ = mailboxes
+                        .into_iter()
+                        .filter(|theirs| match store.held_in(&theirs.mailbox) {
+                            Ok(ours) => MailboxDigest::of(theirs.mailbox, &ours) != *theirs,
+                            // Unreadable here: say it differs, and the caller asks again in detail.
+                            Err(_) => true,
+                        })
+                        .map(|digest| digest.mailbox)
+                        .collect();
+                    Done::answer(channel, ReplicaResponse::Differ { mailboxes: differ })
+                });
+            }
+            Ok(ReplicaRequest::Reconcile { mailbox, held }) => {
+                let store = self.store.clone();
+                self.tasks.spawn_blocking(move || {
+                    let response = match store.states(&mailbox, &held) {
+                        Ok(states) => {
+                            let (mut wanted, mut delivered) = (Vec::new(), Vec::new());
+                            for (id, state) in held.into_iter().zip(states) {
+                                match state {
+                                    IdState::Unknown => wanted.push(id),
+                                    IdState::Delivered => delivered.push(id),
+                                    IdState::Held => {}
+                                }
+                            }
+                            ReplicaResponse::Reconciled { wanted, delivered }
+                        }
+                        Err(e) => refuse(ErrorCode::Internal, e.to_string()),
+                    };
+                    Done::answer(channel, response)
+                });
+            }
             Ok(ReplicaRequest::Delete { mailbox, ids }) => {
                 let store = self.store.clone();
                 self.tasks.spawn(async move {
@@ -134,7 +177,8 @@ impl ReplicaServer {
 /// (`UNAVAILABLE`), anything else an internal error.
 pub(crate) fn store_error_code(e: &StoreError) -> ErrorCode {
     match e {
-        StoreError::Failed(_) => ErrorCode::Unavailable,
+        // (The second only comes from opening a store, never from a write.)
+        StoreError::Failed(_) | StoreError::DiskTakesNoWrites { .. } => ErrorCode::Unavailable,
         StoreError::Db(_) | StoreError::Log(_) | StoreError::Stopped => ErrorCode::Internal,
     }
 }

@@ -40,6 +40,34 @@ pub(crate) struct Replicas {
 }
 
 impl Replicas {
+    /// Calls another relay, giving up after `deadline`. A relay that did not answer (or showed
+    /// no relay certificate) is reported, so placement skips it for a while; its refusals come
+    /// back as they are.
+    pub(crate) async fn call_within(
+        &self,
+        relay: PeerId,
+        request: &ReplicaRequest,
+        deadline: Duration,
+    ) -> Result<ReplicaResponse, WireError> {
+        // libp2p-stream dials the relay if need be, with the addresses Kademlia knows.
+        match tokio::time::timeout(deadline, self.pipes.call(relay, request)).await {
+            Ok(Ok(ReplicaResponse::Error(e))) => Err(e),
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(e)) => {
+                if let Some(report) = e.report() {
+                    self.reporter.report(relay, report).await;
+                }
+                Err(WireError::new(ErrorCode::Unavailable, e.to_string()))
+            }
+            // Given up on, not cancelled: a `Store` may still be committed there, which is
+            // harmless (a spare copy, deduplicated by id, deleted with the others or expired).
+            Err(_) => {
+                self.reporter.report(relay, RelayReport::Down).await;
+                Err(WireError::new(ErrorCode::Unavailable, format!("{relay} did not answer within {deadline:?}")))
+            }
+        }
+    }
+
     /// Durable copies a `Send` needs before `Stored`, with `live` relays (this one included)
     /// to choose from: always `R`, unless the operator allowed fewer.
     fn copies_needed(&self, live: usize) -> usize {
@@ -168,30 +196,18 @@ async fn store_on(
             Err(e) => Err(WireError::new(crate::replica::store_error_code(&e), e.to_string())),
         }
     } else {
-        // libp2p-stream dials the relay if need be, with the addresses Kademlia knows.
-        let request = ReplicaRequest::Store { envelopes: batch };
-        match tokio::time::timeout(REPLICA_STORE_DEADLINE, replicas.pipes.call(target, &request)).await {
-            Ok(Ok(ReplicaResponse::Stored { duplicates })) => Ok(duplicates),
-            Ok(Ok(ReplicaResponse::Error(e))) => Err(e),
-            Ok(Ok(other)) => Err(WireError::new(ErrorCode::Internal, format!("unexpected replica answer {other:?}"))),
-            Ok(Err(e)) => {
-                if let Some(report) = e.report() {
-                    replicas.reporter.report(target, report).await;
-                }
-                Err(WireError::new(ErrorCode::Unavailable, e.to_string()))
-            }
-            // Given up on, not cancelled: it may still store the copy, which is harmless (a
-            // spare copy, deduplicated by id, deleted with the others or expired by its TTL).
-            Err(_) => {
-                replicas.reporter.report(target, RelayReport::Down).await;
-                Err(WireError::new(
-                    ErrorCode::Unavailable,
-                    format!("{target} did not store a copy within {REPLICA_STORE_DEADLINE:?}"),
-                ))
-            }
+        match replicas.call_within(target, &ReplicaRequest::Store { envelopes: batch }, REPLICA_STORE_DEADLINE).await {
+            Ok(ReplicaResponse::Stored { duplicates }) => Ok(duplicates),
+            Ok(other) => Err(unexpected(&other)),
+            Err(e) => Err(e),
         }
     };
     (target, result)
+}
+
+/// The error for an answer of the wrong kind.
+pub(crate) fn unexpected(answer: &ReplicaResponse) -> WireError {
+    WireError::new(ErrorCode::Internal, format!("unexpected replica answer {answer:?}"))
 }
 
 /// How long a replica `Store` may take before the next closest relay is asked instead (and the

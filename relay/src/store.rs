@@ -1,8 +1,13 @@
 //! The relay's durable mailboxes: a redb file and its write-ahead log ([`crate::wal`]), behind
 //! a single-threaded actor that applies many requests in one transaction (group commit). A
-//! batch is durable once its log record is synced; redb commits it without syncing, and every
-//! [`CHECKPOINT_EVERY`] one syncing commit makes redb durable and empties the log. Reads need
-//! no actor: redb serves readers alongside its writer, so fetches read on the caller's task.
+//! batch is durable once its log record (what the transaction did, not what was asked) is
+//! synced; redb commits it without syncing, and every [`CHECKPOINT_EVERY`] one syncing commit
+//! makes redb durable and empties the log. Reads need no actor: redb serves readers alongside
+//! its writer, so fetches read on the caller's task.
+//!
+//! After a failed write the store takes no more ([`StoreError::Failed`]); that also keeps the
+//! log bounded, to [`CHECKPOINT_BYTES`] and one batch, since only a checkpoint empties it. The
+//! relay restarts once the disk takes writes again (see `Relay::wait`), and replays the log.
 //!
 //! Tables:
 //! - `mailbox`: (device peer id, arrival number) → envelope. Arrival order is fetch order.
@@ -13,7 +18,7 @@
 //! - `mailbox_sizes`: device → envelopes waiting, for quotas (one update per mailbox per batch).
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -23,7 +28,8 @@ use redb::{Database, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::wal::{Wal, Write};
+use crate::disk;
+use crate::wal::{Effect, Replay, Wal};
 
 const MAILBOX: TableDefinition<(&[u8], u64), &[u8]> = TableDefinition::new("mailbox");
 const ENVELOPE_IDS: TableDefinition<&[u8; 16], &[u8]> = TableDefinition::new("envelope_ids");
@@ -35,6 +41,14 @@ const NEXT_ARRIVAL: &str = "next_arrival";
 const STORE_QUEUE: usize = 4096;
 /// Requests folded into one transaction at most.
 const MAX_GROUP: usize = 512;
+/// Envelope bytes folded into one transaction at most (one request more may pass it): this
+/// bounds a log record, which is what replay holds in memory at a time.
+const MAX_GROUP_BYTES: usize = 16 << 20;
+/// Log bytes replayed per redb transaction: what replay holds uncommitted stays this small,
+/// however long the log a crash left.
+const REPLAY_TX_BYTES: u64 = 8 << 20;
+/// The quota of a replayed store: none, what it stores was accepted when it was logged.
+const NO_QUOTA: u64 = u64::MAX;
 /// How often redb is made durable and the log emptied (sooner if the log reaches
 /// [`CHECKPOINT_BYTES`]). The syncing commit holds up the store for ~2 ms after 250 ms of
 /// steady traffic and ~7 ms after a second of it, so often and short is kinder to latency; the
@@ -61,6 +75,10 @@ pub enum StoreError {
     /// succeed could be acknowledged on top of a lost one.
     #[error("the store takes no writes since one failed: {0}")]
     Failed(String),
+    /// The store does not open on a disk that takes no writes (a full one, say): it would fail
+    /// at its first write.
+    #[error("the disk of {dir} takes no writes: {reason}")]
+    DiskTakesNoWrites { dir: PathBuf, reason: String },
 }
 
 impl<E: Into<redb::Error>> From<E> for StoreError {
@@ -95,6 +113,24 @@ enum Applied {
     Count(u32),
 }
 
+/// One write the store applies.
+#[derive(Debug, Clone)]
+enum Write {
+    Put { envelopes: Vec<Envelope>, now: u64 },
+    Delete { mailbox: PeerId, ids: Vec<EnvelopeId> },
+    Expire { now: u64 },
+}
+
+impl Write {
+    /// The envelopes a put stores (none for other writes).
+    fn envelopes(&self) -> &[Envelope] {
+        match self {
+            Write::Put { envelopes, .. } => envelopes,
+            Write::Delete { .. } | Write::Expire { .. } => &[],
+        }
+    }
+}
+
 /// A write and who waits for it.
 struct Command {
     write: Write,
@@ -119,7 +155,10 @@ impl Failure {
     /// Records `what` (unless a failure came first) and returns the error writes now get.
     fn set(&self, what: &StoreError) -> StoreError {
         if self.0.set(what.to_string()).is_ok() {
-            tracing::error!(error = %what, "relay store write failed; it takes no more writes until restarted");
+            tracing::error!(
+                error = %what,
+                "relay store write failed; it takes no more writes, and the relay restarts once its disk takes writes again"
+            );
         }
         StoreError::Failed(self.0.get().cloned().unwrap_or_default())
     }
@@ -201,9 +240,13 @@ pub struct StoreLimits {
 }
 
 impl StoreHandle {
-    /// Opens the database and its log next to it (`.wal`), applies what the log holds (the
-    /// writes of the last moments before a crash), and starts the actor on its own thread.
+    /// Checks that the disk takes writes, opens the database and its log next to it (`.wal`),
+    /// applies what the log holds (the writes of the last moments before a crash), and starts
+    /// the actor on its own thread.
     pub fn open(path: &Path, limits: StoreLimits) -> Result<Self, StoreError> {
+        let dir = path.parent().filter(|dir| !dir.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        disk::probe(dir)
+            .map_err(|e| StoreError::DiskTakesNoWrites { dir: dir.to_path_buf(), reason: e.to_string() })?;
         let db = Database::create(path)?;
         let tx = db.begin_write()?;
         tx.open_table(MAILBOX)?;
@@ -211,17 +254,7 @@ impl StoreHandle {
         tx.open_table(MAILBOX_SIZES)?;
         tx.open_table(META)?;
         tx.commit()?;
-        let log = |e: std::io::Error| StoreError::Log(e.to_string());
-        let (mut wal, batches) = Wal::open(&path.with_extension("wal")).map_err(log)?;
-        if !batches.is_empty() {
-            let tx = db.begin_write()?;
-            for write in batches.iter().flatten() {
-                apply(&tx, &limits, write)?;
-            }
-            tx.commit()?;
-            wal.clear().map_err(log)?;
-            tracing::info!(batches = batches.len(), "applied the write-ahead log left by the last run");
-        }
+        let wal = replay_log(&db, &path.with_extension("wal"))?;
         let (commands, rx) = mpsc::channel(STORE_QUEUE);
         let db = Arc::new(db);
         let (queued, failure) = (Queued::default(), Failure::default());
@@ -296,6 +329,79 @@ impl StoreHandle {
         Ok((envelopes, more))
     }
 
+    /// Every mailbox with envelopes waiting here, and their ids: what repair compares with the
+    /// other replicas. Reads the whole mailbox table (on the caller's thread: call it from a
+    /// blocking task).
+    pub fn held(&self) -> Result<Vec<(PeerId, Vec<EnvelopeId>)>, StoreError> {
+        held(&self.db)
+    }
+
+    /// The ids of the envelopes waiting in `mailbox` here.
+    pub fn held_in(&self, mailbox: &PeerId) -> Result<Vec<EnvelopeId>, StoreError> {
+        use redb::ReadableDatabase;
+        let tx = self.db.begin_read()?;
+        let table = tx.open_table(MAILBOX)?;
+        let key = mailbox.to_bytes();
+        let mut ids = Vec::new();
+        for entry in table.range((key.as_slice(), 0)..=(key.as_slice(), u64::MAX))? {
+            let (_, value) = entry?;
+            match postcard::from_bytes::<EnvelopeHead>(value.value()) {
+                Ok(head) => ids.push(head.id),
+                Err(e) => tracing::error!(error = %e, "skipping a corrupt stored envelope"),
+            }
+        }
+        Ok(ids)
+    }
+
+    /// Where each of `ids` stands in `mailbox` here (ids recorded for another mailbox are
+    /// [`IdState::Unknown`]).
+    pub fn states(&self, mailbox: &PeerId, ids: &[EnvelopeId]) -> Result<Vec<IdState>, StoreError> {
+        use redb::ReadableDatabase;
+        let tx = self.db.begin_read()?;
+        let (records, table) = (tx.open_table(ENVELOPE_IDS)?, tx.open_table(MAILBOX)?);
+        let key = mailbox.to_bytes();
+        let mut states = Vec::with_capacity(ids.len());
+        for id in ids {
+            let record = records.get(&id.0)?.and_then(|v| postcard::from_bytes::<IdRecord>(v.value()).ok());
+            states.push(match record {
+                Some(record) if record.mailbox == key => {
+                    if table.get((key.as_slice(), record.arrival))?.is_some() {
+                        IdState::Held
+                    } else {
+                        IdState::Delivered
+                    }
+                }
+                _ => IdState::Unknown,
+            });
+        }
+        Ok(states)
+    }
+
+    /// The envelopes of `ids` still waiting in `mailbox` here, in the order of `ids`.
+    pub fn held_envelopes(&self, mailbox: &PeerId, ids: &[EnvelopeId]) -> Result<Vec<Envelope>, StoreError> {
+        use redb::ReadableDatabase;
+        let tx = self.db.begin_read()?;
+        let (records, table) = (tx.open_table(ENVELOPE_IDS)?, tx.open_table(MAILBOX)?);
+        let key = mailbox.to_bytes();
+        let mut envelopes = Vec::with_capacity(ids.len());
+        for id in ids {
+            let Some(record) = records.get(&id.0)?.and_then(|v| postcard::from_bytes::<IdRecord>(v.value()).ok())
+            else {
+                continue;
+            };
+            if record.mailbox != key {
+                continue;
+            }
+            if let Some(value) = table.get((key.as_slice(), record.arrival))? {
+                match postcard::from_bytes::<Envelope>(value.value()) {
+                    Ok(envelope) => envelopes.push(envelope),
+                    Err(e) => tracing::error!(error = %e, "skipping a corrupt stored envelope"),
+                }
+            }
+        }
+        Ok(envelopes)
+    }
+
     /// Deletes delivered envelopes of a mailbox (ids of other mailboxes are ignored).
     pub async fn delete(&self, mailbox: PeerId, ids: Vec<EnvelopeId>) -> Result<u32, StoreError> {
         count(self.ask(Write::Delete { mailbox, ids }).await)
@@ -305,6 +411,45 @@ impl StoreHandle {
     pub async fn expire(&self, now: u64) -> Result<u32, StoreError> {
         count(self.ask(Write::Expire { now }).await)
     }
+}
+
+/// Applies what the log at `path` holds, as it was decided when logged (whatever the limits
+/// now), a few MiB per transaction; makes it durable and returns the log emptied.
+fn replay_log(db: &Database, path: &Path) -> Result<Wal, StoreError> {
+    let log = |e: std::io::Error| StoreError::Log(e.to_string());
+    let mut replay = Replay::open(path).map_err(log)?;
+    let mut batches = 0u64;
+    let mut tx = unsynced_write(db)?;
+    let mut in_tx = 0;
+    while let Some(batch) = replay.next_batch().map_err(log)? {
+        for effect in &batch.effects {
+            apply_logged(&tx, effect)?;
+        }
+        batches += 1;
+        in_tx += batch.bytes;
+        if in_tx >= REPLAY_TX_BYTES {
+            tx.commit()?;
+            (tx, in_tx) = (unsynced_write(db)?, 0);
+        }
+    }
+    tx.commit()?;
+    if batches > 0 || replay.damaged_bytes() > 0 {
+        // An empty transaction that syncs makes the unsynced commits before it durable.
+        db.begin_write()?.commit()?;
+        tracing::info!(
+            batches,
+            damaged_bytes = replay.damaged_bytes(),
+            "applied the write-ahead log left by the last run"
+        );
+    }
+    replay.into_empty_log().map_err(log)
+}
+
+/// A write transaction that commits without syncing (the log, or a later sync, makes it durable).
+fn unsynced_write(db: &Database) -> Result<redb::WriteTransaction, StoreError> {
+    let mut tx = db.begin_write()?;
+    tx.set_durability(redb::Durability::None).map_err(|e| StoreError::Db(e.to_string()))?;
+    Ok(tx)
 }
 
 fn count(applied: Result<Applied, StoreError>) -> Result<u32, StoreError> {
@@ -353,10 +498,14 @@ fn run(
             std::thread::sleep((started + MIN_BATCH_GAP).saturating_duration_since(Instant::now()));
         }
         last_batch_started = Some(Instant::now());
+        let mut bytes = envelope_bytes(&first.write);
         let mut batch = vec![first];
-        while batch.len() < MAX_GROUP {
+        while batch.len() < MAX_GROUP && bytes < MAX_GROUP_BYTES {
             match rx.try_recv() {
-                Ok(command) => batch.push(command),
+                Ok(command) => {
+                    bytes += envelope_bytes(&command.write);
+                    batch.push(command);
+                }
                 Err(_) => break,
             }
         }
@@ -367,6 +516,10 @@ fn run(
     }
     // Every handle is gone: leave nothing to replay.
     checkpoint(db, &mut wal, &mut last_checkpoint, failure);
+}
+
+fn envelope_bytes(write: &Write) -> usize {
+    write.envelopes().iter().map(|e| e.sealed.len()).sum()
 }
 
 /// Makes everything redb holds durable, then empties the log. On failure the log stays and
@@ -402,25 +555,7 @@ fn run_batch(
         }
         return;
     }
-    let writes: Vec<&Write> = batch.iter().map(|c| &c.write).collect();
-    // A lost delete only means a redelivery, which recipients drop by id: a batch of nothing
-    // but deletes is not synced, and becomes durable with the next sync.
-    let sync = writes.iter().any(|w| !matches!(w, Write::Delete { .. }));
-    if let Err(e) = wal.append(&writes, sync) {
-        let e = failure.set(&StoreError::Log(e.to_string()));
-        for command in batch {
-            queued.remove(command.write.envelopes());
-            let _ = command.reply.send(Err(e.clone()));
-        }
-        return;
-    }
-    let result = (|| -> Result<Vec<Result<Applied, StoreError>>, StoreError> {
-        let mut tx = db.begin_write()?;
-        tx.set_durability(redb::Durability::None).map_err(|e| StoreError::Db(e.to_string()))?;
-        let applied = writes.iter().map(|w| apply(&tx, limits, w)).collect();
-        tx.commit()?;
-        Ok(applied)
-    })();
+    let result = apply_and_log(db, wal, limits, &batch);
     // Applied or failed, they are no longer waiting (a failed put's sender hears so).
     for command in &batch {
         queued.remove(command.write.envelopes());
@@ -440,19 +575,91 @@ fn run_batch(
     }
 }
 
-fn apply(tx: &redb::WriteTransaction, limits: &StoreLimits, write: &Write) -> Result<Applied, StoreError> {
+/// Applies the batch in one transaction, logs what that did, then commits without syncing:
+/// nothing is committed that the log does not hold. A write that fails is answered so and
+/// logs nothing; a failed log append or commit fails the whole batch.
+fn apply_and_log(
+    db: &Database,
+    wal: &mut Wal,
+    limits: &StoreLimits,
+    batch: &[Command],
+) -> Result<Vec<Result<Applied, StoreError>>, StoreError> {
+    let tx = unsynced_write(db)?;
+    let mut effects = Vec::new();
+    let mut applied = Vec::with_capacity(batch.len());
+    for command in batch {
+        applied.push(apply(&tx, limits, &command.write).map(|(outcome, effect)| {
+            effects.extend(effect);
+            outcome
+        }));
+    }
+    if !effects.is_empty() {
+        // A lost delete only means a redelivery, which recipients drop by id: a batch of
+        // nothing but deletes is not synced, and becomes durable with the next sync.
+        let sync = effects.iter().any(|e| !matches!(e, Effect::Delete { .. }));
+        if let Err(e) = wal.append(&effects, sync) {
+            if let Err(abort) = tx.abort() {
+                tracing::warn!(error = %abort, "aborting a transaction the log refused failed");
+            }
+            return Err(StoreError::Log(e.to_string()));
+        }
+    }
+    tx.commit()?;
+    Ok(applied)
+}
+
+/// Applies a write; what it did, and what the log is to keep of it (nothing if it changed nothing).
+fn apply<'a>(
+    tx: &redb::WriteTransaction,
+    limits: &StoreLimits,
+    write: &'a Write,
+) -> Result<(Applied, Option<Effect<&'a Envelope>>), StoreError> {
     Ok(match write {
-        Write::Put { envelopes, now } => Applied::Put(put(tx, limits, envelopes, *now)?),
-        Write::Delete { mailbox, ids } => Applied::Count(delete(tx, mailbox, ids)?),
-        Write::Expire { now } => Applied::Count(expire(tx, *now)?),
+        Write::Put { envelopes, now } => {
+            let expires_at = now.saturating_add(limits.ttl.as_secs());
+            let outcome = put(tx, envelopes, expires_at, limits.max_per_mailbox)?;
+            let effect = (!outcome.stored.is_empty())
+                .then(|| Effect::Store { envelopes: stored_of(envelopes, &outcome.stored), expires_at });
+            (Applied::Put(outcome), effect)
+        }
+        Write::Delete { mailbox, ids } => {
+            let count = delete(tx, mailbox, ids)?;
+            (Applied::Count(count), (count > 0).then(|| Effect::Delete { mailbox: *mailbox, ids: ids.clone() }))
+        }
+        // Logged even when no envelope was dropped: the ids of delivered ones may have been.
+        Write::Expire { now } => (Applied::Count(expire(tx, *now)?), Some(Effect::Expire { now: *now })),
     })
 }
 
+/// The envelopes `stored` names, in order; of an id given twice, the first (the one stored).
+fn stored_of<'a>(envelopes: &'a [Envelope], stored: &[EnvelopeId]) -> Vec<&'a Envelope> {
+    let mut stored = stored.iter().peekable();
+    envelopes.iter().filter(|e| stored.next_if(|id| **id == e.id).is_some()).collect()
+}
+
+/// Applies a logged effect again, as it was decided: no quota, the TTL it was given.
+fn apply_logged(tx: &redb::WriteTransaction, effect: &Effect) -> Result<(), StoreError> {
+    match effect {
+        Effect::Store { envelopes, expires_at } => {
+            put(tx, envelopes, *expires_at, NO_QUOTA)?;
+        }
+        Effect::Delete { mailbox, ids } => {
+            delete(tx, mailbox, ids)?;
+        }
+        Effect::Expire { now } => {
+            expire(tx, *now)?;
+        }
+    }
+    Ok(())
+}
+
+/// Stores the envelopes not already known, their ids kept until `expires_at`, while their
+/// mailbox holds fewer than `quota`.
 fn put(
     tx: &redb::WriteTransaction,
-    limits: &StoreLimits,
     envelopes: &[Envelope],
-    now: u64,
+    expires_at: u64,
+    quota: u64,
 ) -> Result<PutOutcome, StoreError> {
     let mut mailbox = tx.open_table(MAILBOX)?;
     let mut ids = tx.open_table(ENVELOPE_IDS)?;
@@ -475,14 +682,14 @@ fn put(
         };
         // One lookup for the usual case: insert the id, and put back what was there if the
         // envelope turns out to be known (or refused).
-        let record = IdRecord { mailbox: key.clone(), arrival, expires_at: now + limits.ttl.as_secs() };
+        let record = IdRecord { mailbox: key.clone(), arrival, expires_at };
         let previous = ids.insert(&envelope.id.0, postcard::to_stdvec(&record).map_err(encoding)?.as_slice())?;
         if let Some(previous) = previous.map(|p| p.value().to_vec()) {
             ids.insert(&envelope.id.0, previous.as_slice())?;
             outcome.duplicates.push(envelope.id);
             continue;
         }
-        if *size >= limits.max_per_mailbox {
+        if *size >= quota {
             ids.remove(&envelope.id.0)?;
             outcome.over_quota.push(envelope.id);
             continue;
@@ -520,6 +727,51 @@ fn fetch(db: &Database, mailbox: &PeerId, max: usize) -> Result<(Vec<Envelope>, 
         }
     }
     Ok((out, more))
+}
+
+/// Where an envelope id stands on a relay, for repair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdState {
+    /// Waiting in the mailbox.
+    Held,
+    /// Handed over and acknowledged by the mailbox's owner; the id is kept until its TTL so
+    /// that a stale copy elsewhere is deleted, not brought back.
+    Delivered,
+    /// Never seen here (or forgotten after its TTL).
+    Unknown,
+}
+
+/// The start of a stored envelope: postcard decodes a prefix and ignores what follows, so the
+/// id is read without copying the sealed bytes.
+#[derive(Deserialize)]
+struct EnvelopeHead {
+    id: EnvelopeId,
+}
+
+fn held(db: &Database) -> Result<Vec<(PeerId, Vec<EnvelopeId>)>, StoreError> {
+    use redb::ReadableDatabase;
+    let tx = db.begin_read()?;
+    let table = tx.open_table(MAILBOX)?;
+    let mut held: Vec<(PeerId, Vec<EnvelopeId>)> = Vec::new();
+    let mut current: Option<(Vec<u8>, PeerId)> = None;
+    for entry in table.iter()? {
+        let (key, value) = entry?;
+        let (mailbox_bytes, _) = key.value();
+        if current.as_ref().is_none_or(|(bytes, _)| bytes.as_slice() != mailbox_bytes) {
+            let Ok(mailbox) = PeerId::from_bytes(mailbox_bytes) else {
+                tracing::error!("skipping a stored mailbox whose key is not a peer id");
+                continue;
+            };
+            current = Some((mailbox_bytes.to_vec(), mailbox));
+            held.push((mailbox, Vec::new()));
+        }
+        match (postcard::from_bytes::<EnvelopeHead>(value.value()), held.last_mut()) {
+            (Ok(head), Some((_, ids))) => ids.push(head.id),
+            (Err(e), _) => tracing::error!(error = %e, "skipping a corrupt stored envelope"),
+            (Ok(_), None) => {}
+        }
+    }
+    Ok(held)
 }
 
 fn delete(tx: &redb::WriteTransaction, mailbox: &PeerId, delivered: &[EnvelopeId]) -> Result<u32, StoreError> {
@@ -621,6 +873,30 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn repair_reads_what_is_held_and_what_was_delivered() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path(), 1000);
+        let (bob, carol) = (PeerId::random(), PeerId::random());
+        let bobs: Vec<_> = (0..3).map(|i| envelope(bob, i)).collect();
+        let carols = vec![envelope(carol, 0)];
+        store.put(bobs.clone(), 1).await.unwrap();
+        store.put(carols.clone(), 1).await.unwrap();
+        store.delete(bob, vec![bobs[0].id]).await.unwrap();
+
+        let mut held = store.held().unwrap();
+        held.sort_by_key(|(mailbox, _)| *mailbox == carol);
+        assert_eq!(held, vec![(bob, vec![bobs[1].id, bobs[2].id]), (carol, vec![carols[0].id])]);
+        assert_eq!(store.held_in(&bob).unwrap(), [bobs[1].id, bobs[2].id]);
+
+        let stranger = EnvelopeId::random();
+        let states = store.states(&bob, &[bobs[0].id, bobs[1].id, stranger, carols[0].id]).unwrap();
+        // Carol's envelope is not in Bob's mailbox: unknown there.
+        assert_eq!(states, [IdState::Delivered, IdState::Held, IdState::Unknown, IdState::Unknown]);
+        let got = store.held_envelopes(&bob, &[bobs[2].id, bobs[0].id, carols[0].id]).unwrap();
+        assert_eq!(got, vec![bobs[2].clone()], "only what waits in that mailbox");
+    }
+
+    #[tokio::test]
     async fn quotas_and_ttl() {
         let dir = tempfile::tempdir().unwrap();
         let store = open(dir.path(), 2);
@@ -685,17 +961,82 @@ mod tests {
         store.put(batch.clone(), 0).await.unwrap();
         store.put(vec![envelope(PeerId::random(), 9)], 0).await.unwrap();
         store.delete(bob, vec![batch[0].id]).await.unwrap();
-        // The files as a crash now would leave them: redb has the writes unsynced (or, if a
-        // checkpoint came first, synced) and the log has them synced.
-        let crashed = tempfile::tempdir().unwrap();
-        for file in ["relay.redb", "relay.wal"] {
-            std::fs::copy(dir.path().join(file), crashed.path().join(file)).unwrap();
-        }
+        let crashed = crash_copy(dir.path());
         let reopened = open(crashed.path(), 10);
         assert_eq!(std::fs::metadata(crashed.path().join("relay.wal")).unwrap().len(), 0, "the log was applied");
         let (got, more) = reopened.fetch(bob, 10).unwrap();
         assert_eq!((got.iter().map(|e| e.seq).collect::<Vec<_>>(), more), (vec![1, 2, 3, 4], false));
         let replay = reopened.put(vec![batch[0].clone(), batch[1].clone()], 1).await.unwrap();
         assert_eq!(replay.duplicates, [batch[0].id, batch[1].id], "ids survive, delivered or not");
+    }
+
+    /// Copies the store's files as a crash now would leave them: redb has the writes unsynced
+    /// (or, if a checkpoint came first, synced) and the log has them synced.
+    fn crash_copy(dir: &Path) -> tempfile::TempDir {
+        let crashed = tempfile::tempdir().unwrap();
+        for file in ["relay.redb", "relay.wal"] {
+            std::fs::copy(dir.join(file), crashed.path().join(file)).unwrap();
+        }
+        crashed
+    }
+
+    fn seqs((got, _): (Vec<Envelope>, bool)) -> Vec<u64> {
+        got.iter().map(|e| e.seq).collect()
+    }
+
+    #[tokio::test]
+    async fn a_lower_quota_after_a_crash_refuses_nothing_acknowledged() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path(), 10);
+        let bob = PeerId::random();
+        for seq in 0..5 {
+            assert_eq!(store.put(vec![envelope(bob, seq)], 0).await.unwrap().stored.len(), 1);
+        }
+        let crashed = crash_copy(dir.path());
+        let reopened = open(crashed.path(), 2);
+        assert_eq!(seqs(reopened.fetch(bob, 10).unwrap()), [0, 1, 2, 3, 4], "all five, over the new quota");
+        assert_eq!(reopened.put(vec![envelope(bob, 5)], 0).await.unwrap().over_quota.len(), 1, "the quota holds");
+    }
+
+    /// A log at `dir` as a crash would leave it: one record per batch, stored for `bob`; where
+    /// each record starts and the log's end.
+    fn crashed_log(dir: &Path, bob: PeerId, batches: &[&[u64]]) -> Vec<u64> {
+        let mut wal = Replay::open(&dir.join("relay.wal")).unwrap().into_empty_log().unwrap();
+        let mut starts = Vec::new();
+        for seqs in batches {
+            starts.push(wal.len());
+            let envelopes: Vec<Envelope> = seqs.iter().map(|&seq| envelope(bob, seq)).collect();
+            let store = Effect::Store { envelopes: envelopes.iter().collect(), expires_at: 100 };
+            wal.append(&[store], true).unwrap();
+        }
+        starts.push(wal.len());
+        starts
+    }
+
+    #[tokio::test]
+    async fn replay_stores_what_was_logged_without_the_quota_of_now() {
+        // Nothing in redb: only the log can bring these back.
+        let dir = tempfile::tempdir().unwrap();
+        let bob = PeerId::random();
+        crashed_log(dir.path(), bob, &[&[0, 1, 2], &[3, 4]]);
+        let reopened = open(dir.path(), 1);
+        assert_eq!(seqs(reopened.fetch(bob, 10).unwrap()), [0, 1, 2, 3, 4]);
+        assert_eq!(std::fs::metadata(dir.path().join("relay.wal")).unwrap().len(), 0, "the log was applied");
+        // Their ids are kept as long as when they were logged, whatever the TTL now.
+        assert_eq!(reopened.expire(99).await.unwrap(), 0);
+        assert_eq!(reopened.expire(100).await.unwrap(), 5);
+    }
+
+    #[tokio::test]
+    async fn replay_applies_the_records_before_and_after_a_damaged_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let bob = PeerId::random();
+        let starts = crashed_log(dir.path(), bob, &[&[0, 1], &[2, 3], &[4, 5]]);
+        // The middle of the second record: its payload.
+        let mut bytes = std::fs::read(dir.path().join("relay.wal")).unwrap();
+        bytes[((starts[1] + starts[2]) / 2) as usize] ^= 0x55;
+        std::fs::write(dir.path().join("relay.wal"), bytes).unwrap();
+        let reopened = open(dir.path(), 10);
+        assert_eq!(seqs(reopened.fetch(bob, 10).unwrap()), [0, 1, 4, 5], "only the damaged record is lost");
     }
 }

@@ -40,7 +40,7 @@ pub use cli::{CLI_TIMEOUT, CliChild, CliOutput, meshgram, meshgram_stdin, run, s
 pub use codes::{CODE_TIMEOUT, WebhookSink, read_codes, wait_code, wrong_code};
 pub use gateway::{Gateway, GatewayBuilder};
 pub use http::http_get;
-pub use mesh::{Mesh, start_relay};
+pub use mesh::{Mesh, inspect_relay, relay_metric, start_relay, wait_repair_settled};
 pub use output::{array, is_bot_token, str_field, texts, u64_field};
 pub use server::{READY_TIMEOUT, Server, start_node, start_node_as};
 pub use up::{RESTART_TIMEOUT, Roles, Up};

@@ -25,14 +25,9 @@ fn wait_until_relays_verified(relays: &[Server]) {
     let others = relays.len().saturating_sub(1);
     let deadline = Instant::now() + VERIFY_TIMEOUT;
     for (i, relay) in relays.iter().enumerate() {
-        let http = relay.http().unwrap_or_else(|| panic!("relay {i} serves no HTTP"));
         loop {
-            let verified = http_get(&http, "/metrics").ok().and_then(|(_, body)| {
-                body.lines()
-                    .find_map(|line| line.strip_prefix("meshgram_relay_relays_verified "))
-                    .and_then(|n| n.trim().parse::<usize>().ok())
-            });
-            if verified.is_some_and(|n| n >= others) {
+            let verified = relay_metric(relay, "meshgram_relay_relays_verified");
+            if verified.is_some_and(|n| n >= others as u64) {
                 break;
             }
             assert!(
@@ -42,6 +37,74 @@ fn wait_until_relays_verified(relays: &[Server]) {
             thread::sleep(Duration::from_millis(50));
         }
     }
+}
+
+/// A counter or gauge from a relay's `/metrics` (`name` without labels); `None` if the relay
+/// does not answer or has no such metric.
+pub fn relay_metric(relay: &Server, name: &str) -> Option<u64> {
+    relay_metric_at(&relay.http()?, name)
+}
+
+/// [`relay_metric`] from the relay serving HTTP at `http` (`http://HOST:PORT`).
+fn relay_metric_at(http: &str, name: &str) -> Option<u64> {
+    let (_, body) = http_get(http, "/metrics").ok()?;
+    // Counters are exported with a `_total` suffix.
+    body.lines().find_map(|line| {
+        let value = line.strip_prefix(name)?;
+        let value = value.strip_prefix("_total").unwrap_or(value);
+        value.strip_prefix(' ')?.trim().parse().ok()
+    })
+}
+
+/// Waits (bounded by `within`) until repair has settled on the relays serving HTTP at `https`:
+/// each has finished two rounds since it last copied anything, so one whole round found every
+/// replica in sync. Returns how long that took.
+pub fn wait_repair_settled(https: &[String], within: Duration) -> Duration {
+    let started = Instant::now();
+    let read = |http: &String| {
+        let rounds = relay_metric_at(http, "meshgram_relay_repair_rounds")?;
+        Some((rounds, relay_metric_at(http, "meshgram_relay_repair_copied")?))
+    };
+    let mut since: Vec<Option<(u64, u64)>> = https.iter().map(read).collect();
+    loop {
+        thread::sleep(Duration::from_millis(500));
+        let now: Vec<Option<(u64, u64)>> = https.iter().map(read).collect();
+        let mut settled = true;
+        for (base, now) in since.iter_mut().zip(&now) {
+            match (*base, *now) {
+                (Some((rounds, copied)), Some((rounds_now, copied_now))) if copied == copied_now => {
+                    settled &= rounds_now >= rounds + 2;
+                }
+                _ => {
+                    *base = *now;
+                    settled = false;
+                }
+            }
+        }
+        if settled {
+            return started.elapsed();
+        }
+        assert!(started.elapsed() < within, "repair did not settle within {within:?}: {now:?}");
+    }
+}
+
+/// What a stopped relay's store on `data` holds: mailbox peer id → ids of the envelopes waiting
+/// there (`meshgram-relay inspect`).
+pub fn inspect_relay(data: &Path) -> std::collections::HashMap<String, Vec<String>> {
+    let out = std::process::Command::new(bin_path(RELAY_BIN))
+        .args(["--data", &data.display().to_string(), "inspect"])
+        .output()
+        .expect("run meshgram-relay inspect");
+    assert!(out.status.success(), "inspect failed: {}", String::from_utf8_lossy(&out.stderr));
+    let json: Value = serde_json::from_slice(&out.stdout).expect("inspect prints JSON");
+    let mailboxes = json["mailboxes"].as_array().expect("inspect lists mailboxes");
+    mailboxes
+        .iter()
+        .map(|m| {
+            let ids = m["held"].as_array().expect("held ids").iter().map(|id| id.as_str().unwrap_or("").to_string());
+            (m["mailbox"].as_str().expect("mailbox").to_string(), ids.collect())
+        })
+        .collect()
 }
 
 /// Starts `meshgram-relay` on `data`, trusting `gateway_key` (hex), keeping `replication`

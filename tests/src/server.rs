@@ -92,6 +92,15 @@ impl Server {
         status
     }
 
+    /// Waits up to `timeout` for the process to exit on its own; its status, if it did.
+    pub fn wait_for_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let status = wait_exit(&mut self.child, timeout)?;
+        for forwarder in self.forwarders.drain(..) {
+            join_bounded(forwarder);
+        }
+        Some(status)
+    }
+
     /// Kills the process with SIGKILL (no clean shutdown) and reaps it.
     pub fn kill9(&mut self) {
         // Errors mean it is already dead and reaped, which is what we want.

@@ -303,7 +303,8 @@ impl Messenger {
                 MailboxResponse::Welcome { mailbox_relays, relays, .. } => {
                     self.greeted.insert(relay.peer_id);
                     self.mailbox_relays = mailbox_relays;
-                    if !relays.is_empty() && relays != self.session.relays {
+                    let relays = merge_known_relays(relays, &self.session.relays);
+                    if relays != self.session.relays {
                         self.session.relays = relays;
                         if self.saves_session {
                             self.session.save(self.client.profile())?;
@@ -871,9 +872,36 @@ fn mark_deleted(m: &mut StoredMessage) -> bool {
     true
 }
 
+/// Relays a client remembers at most.
+const MAX_KNOWN_RELAYS: usize = 64;
+
+/// The relays to remember after a `Welcome` listed `live`: those first (live as that relay
+/// sees them), then the others known before, which may be down now but come back — if every
+/// relay of the Welcome dies, they are all the client has left to try.
+fn merge_known_relays(live: Vec<RelayInfo>, known: &[RelayInfo]) -> Vec<RelayInfo> {
+    let mut relays = live;
+    for relay in known {
+        if !relays.iter().any(|r| r.peer_id == relay.peer_id) {
+            relays.push(relay.clone());
+        }
+    }
+    relays.truncate(MAX_KNOWN_RELAYS);
+    relays
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_welcome_puts_its_live_relays_first_and_forgets_none_known_before() {
+        let relay = || RelayInfo { peer_id: PeerId::random(), addrs: Vec::new() };
+        let (a, b, c) = (relay(), relay(), relay());
+        let merged = merge_known_relays(vec![c.clone(), a.clone()], &[a.clone(), b.clone()]);
+        assert_eq!(merged, vec![c, a, b]);
+        let many: Vec<RelayInfo> = (0..100).map(|_| relay()).collect();
+        assert_eq!(merge_known_relays(Vec::new(), &many).len(), MAX_KNOWN_RELAYS);
+    }
 
     fn envelope(from: PeerId, seq: u64, sent_at_ms: u64) -> Envelope {
         Envelope {

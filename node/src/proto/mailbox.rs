@@ -12,6 +12,10 @@
 //!   Fetch{wait, ack} ─▶ Envelopes (long-poll: answered as soon as a Store arrives, even
 //!                       before its commit); `ack` (the batch before) is deleted here and by
 //!                       Replica Delete on the other replicas. `Ack{ids}` does that alone.
+//!
+//! relay ── Replica Digests{mailbox → blake3(held ids)} ──▶ another relay responsible for them
+//!       ◀─ Differ{mailboxes} ─ Reconcile{mailbox, held} ─▶ Reconciled{wanted, delivered}
+//!       ── Store{wanted envelopes} ──▶          (repair, every few seconds; `relay::repair`)
 //! ```
 //! Both run on pipes (`crate::net::pipe`): one stream per connection, tagged requests and answers.
 //! Relays see routing fields and ciphertext only: the content is sealed end to end
@@ -27,7 +31,7 @@ use crate::proto::envelope::{Envelope, EnvelopeId};
 
 /// Client ↔ relay: hello, send, fetch, ack.
 pub const MAILBOX_PROTOCOL: &str = "/meshgram/mailbox/1";
-/// Relay ↔ relay: store and delete mailbox replicas.
+/// Relay ↔ relay: store and delete mailbox replicas, and repair them.
 pub const REPLICA_PROTOCOL: &str = "/meshgram/replica/1";
 /// Relays find each other with Kademlia on this protocol.
 pub const KAD_PROTOCOL: &str = "/meshgram/kad/1";
@@ -108,6 +112,38 @@ pub enum ReplicaRequest {
     /// Present this relay's certificate; required once per connection before `Store` or
     /// `Delete` (`CERT_INVALID` otherwise). Answered with the other relay's own.
     Hello { cert: RelayCert },
+    /// Repair, first step: digests of the envelopes the caller holds per mailbox (at most
+    /// [`MAX_DIGESTS_PER_REQUEST`]); answered with the mailboxes whose digest differs here.
+    Digests { mailboxes: Vec<MailboxDigest> },
+    /// Repair, second step, for a mailbox whose digest differed: every envelope id the caller
+    /// holds in it. Answered with which of them this relay lacks and which it has delivered.
+    Reconcile { mailbox: PeerId, held: Vec<EnvelopeId> },
+}
+
+/// Digests per [`ReplicaRequest::Digests`]: ~100 bytes each, so a request stays far below the
+/// pipe's frame limit.
+pub const MAX_DIGESTS_PER_REQUEST: usize = 4096;
+
+/// What a relay holds of one mailbox, in 32 bytes: the blake3 of the ids of the envelopes it
+/// holds there (undelivered), sorted. Two replicas with the same digest hold the same envelopes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MailboxDigest {
+    pub mailbox: PeerId,
+    #[serde(with = "crate::ids::hex_or_bytes")]
+    pub digest: [u8; 32],
+}
+
+impl MailboxDigest {
+    /// The digest of holding `held` (in any order) in `mailbox`.
+    pub fn of(mailbox: PeerId, held: &[EnvelopeId]) -> Self {
+        let mut sorted = held.to_vec();
+        sorted.sort_unstable();
+        let mut hasher = blake3::Hasher::new();
+        for id in &sorted {
+            hasher.update(&id.0);
+        }
+        MailboxDigest { mailbox, digest: *hasher.finalize().as_bytes() }
+    }
 }
 
 /// Answer to a [`ReplicaRequest`].
@@ -124,5 +160,16 @@ pub enum ReplicaResponse {
     /// `Hello` accepted; this is the answering relay's certificate, for the caller to check.
     Welcome {
         cert: RelayCert,
+    },
+    /// Answer to `Digests`: the mailboxes whose digest differs from this relay's.
+    Differ {
+        mailboxes: Vec<PeerId>,
+    },
+    /// Answer to `Reconcile`: of the caller's ids, those this relay has never held (`wanted`:
+    /// send them with `Store`) and those it has delivered to the mailbox's owner (`delivered`:
+    /// the caller's copies are stale and may go).
+    Reconciled {
+        wanted: Vec<EnvelopeId>,
+        delivered: Vec<EnvelopeId>,
     },
 }

@@ -1,12 +1,15 @@
+use std::collections::HashSet;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
 use libp2p::identity::ed25519;
 use meshgram_node::crypto::cert::RelayCert;
-use meshgram_node::proto::{ErrorCode, MailboxRequest, MailboxResponse};
+use meshgram_node::proto::envelope::EnvelopeId;
+use meshgram_node::proto::{ErrorCode, MailboxRequest, MailboxResponse, WireError};
 use meshgram_tests::{
-    Gateway, Mesh, array, http_get, meshgram, meshgram_stdin, spawn_meshgram, start_relay, texts, u64_field, unix_now,
+    Gateway, Mesh, RELAY_BIN, array, bin_path, http_get, meshgram, meshgram_stdin, run, spawn_meshgram, start_relay,
+    texts, u64_field, unix_now,
 };
 
 use super::wire::RawClient;
@@ -80,12 +83,16 @@ fn a_relay_killed_right_after_acknowledging_has_everything_when_it_restarts() {
     assert_eq!(texts(&inbox), expected, "all 300, once each, in order");
 }
 
-/// Hello on `client`'s relay with a certificate for user `user`, then one `Send`; its answer and
-/// how long it took.
-async fn hello_and_send(client: &RawClient, signer: &ed25519::Keypair, user: u64) -> (MailboxResponse, Duration) {
+/// Hello on `client`'s relay with a certificate for user `user`.
+async fn hello(client: &RawClient, signer: &ed25519::Keypair, user: u64) {
     let now = unix_now();
     let cert = client.cert(signer, user, now, now + 3600);
     assert!(matches!(client.call(MailboxRequest::Hello { cert }).await, MailboxResponse::Welcome { .. }));
+}
+
+/// [`hello`], then one `Send`; its answer and how long it took.
+async fn hello_and_send(client: &RawClient, signer: &ed25519::Keypair, user: u64) -> (MailboxResponse, Duration) {
+    hello(client, signer, user).await;
     let envelope = client.envelope(user, PeerId::random(), 100);
     let started = Instant::now();
     let answer = client.call(MailboxRequest::Send { envelopes: vec![envelope] }).await;
@@ -195,8 +202,41 @@ impl Drop for SmallDisk {
     }
 }
 
+/// How long a relay whose store failed may take to exit once its disk takes writes again (it
+/// probes every 2 s).
+const RECOVERY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Sends envelopes of 16 KiB to `to` until one is refused; the ids acknowledged and the refusal.
+async fn send_until_refused(client: &RawClient, to: PeerId) -> (Vec<EnvelopeId>, WireError) {
+    let mut acknowledged = Vec::new();
+    for _ in 0..100 {
+        let envelopes = vec![client.envelope(1, to, 16 * 1024)];
+        match client.call(MailboxRequest::Send { envelopes }).await {
+            MailboxResponse::Stored { stored, .. } => acknowledged.extend(stored),
+            MailboxResponse::Error(e) => return (acknowledged, e),
+            other => panic!("unexpected answer {other:?}"),
+        }
+    }
+    panic!("100 sends of 16 KiB acknowledged on a full 8 MiB disk");
+}
+
+/// Every envelope id in `client`'s mailbox, acknowledging them as it goes.
+async fn fetch_all(client: &RawClient) -> HashSet<EnvelopeId> {
+    let (mut all, mut ack) = (HashSet::new(), Vec::new());
+    loop {
+        match client.call(MailboxRequest::Fetch { max: 100, wait_ms: 0, ack }).await {
+            MailboxResponse::Envelopes { envelopes, .. } if envelopes.is_empty() => return all,
+            MailboxResponse::Envelopes { envelopes, .. } => {
+                ack = envelopes.iter().map(|e| e.id).collect();
+                all.extend(ack.iter().copied());
+            }
+            other => panic!("expected Envelopes, got {other:?}"),
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_relay_whose_disk_fills_stops_acknowledging_and_says_so_on_healthz() {
+async fn a_relay_whose_disk_fills_stops_acknowledging_and_restarts_with_everything_once_there_is_room() {
     let signer = ed25519::Keypair::generate();
     let gateway = Gateway::start();
     let disk = match SmallDisk::mount(&gateway.tmp().join("small-disk"), "8m") {
@@ -210,45 +250,65 @@ async fn a_relay_whose_disk_fills_stops_acknowledging_and_says_so_on_healthz() {
     std::fs::create_dir_all(&dir).unwrap();
     RelayCert::admit(&signer, &dir, 1, unix_now()).unwrap();
     let key = meshgram_node::ids::hex(&signer.public().to_bytes());
-    let relay = start_relay(&dir, &key, 1, 0, &[]).unwrap();
-    let http = relay.http().unwrap();
+    let mut relay = start_relay(&dir, &key, 1, 0, &[]).unwrap();
+    let (http, port) = (relay.http().unwrap(), relay.tcp_port());
     assert_eq!(http_get(&http, "/healthz").unwrap(), (200, "ok".to_string()));
-    let client = RawClient::new(&relay.tcp_addr());
-    let (answer, _) = hello_and_send(&client, &signer, 1).await;
-    assert!(matches!(answer, MailboxResponse::Stored { .. }), "{answer:?}");
+    // Alice sends to Bob, who fetches once the relay is back.
+    let (alice, bob) = (RawClient::new(&relay.tcp_addr()), RawClient::new(&relay.tcp_addr()));
+    hello(&alice, &signer, 1).await;
+    let mut acknowledged = Vec::new();
+    for _ in 0..20 {
+        match alice.call(MailboxRequest::Send { envelopes: vec![alice.envelope(1, bob.device(), 100)] }).await {
+            MailboxResponse::Stored { stored, .. } => acknowledged.extend(stored),
+            other => panic!("not acknowledged: {other:?}"),
+        }
+    }
 
     // The disk fills up: sends are refused from the first write that fails.
     disk.fill("filler");
-    let send = || MailboxRequest::Send { envelopes: vec![client.envelope(1, PeerId::random(), 16 * 1024)] };
-    let mut refused = None;
-    for _ in 0..100 {
-        match client.call(send()).await {
-            MailboxResponse::Stored { .. } => continue,
-            MailboxResponse::Error(e) => {
-                refused = Some(e);
-                break;
-            }
-            other => panic!("unexpected answer {other:?}"),
-        }
-    }
-    let refused = refused.expect("a full disk refuses sends");
+    let (more, refused) = send_until_refused(&alice, bob.device()).await;
+    acknowledged.extend(more);
     assert_eq!(refused.code, ErrorCode::Unavailable, "{refused}");
 
-    // It says so, and acknowledges nothing any more, even once there is room again.
+    // It says so, and acknowledges nothing more while the disk is full.
     let (status, body) = http_get(&http, "/healthz").unwrap();
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("failed"), "{body}");
     let (_, metrics) = http_get(&http, "/metrics").unwrap();
     assert!(metrics.lines().any(|l| l == "meshgram_relay_store_failed 1"), "{metrics}");
-    std::fs::remove_file(disk.0.join("filler")).unwrap();
-    for _ in 0..3 {
-        match client.call(send()).await {
-            MailboxResponse::Error(e) => {
-                assert_eq!(e.code, ErrorCode::Unavailable, "{e}");
-                assert!(e.message.contains("store failed"), "{e}");
-            }
-            other => panic!("acknowledged after a failed write: {other:?}"),
+    match alice.call(MailboxRequest::Send { envelopes: vec![alice.envelope(1, bob.device(), 100)] }).await {
+        MailboxResponse::Error(e) => {
+            assert_eq!(e.code, ErrorCode::Unavailable, "{e}");
+            assert!(e.message.contains("store failed"), "{e}");
         }
+        other => panic!("acknowledged after a failed write: {other:?}"),
     }
-    drop(relay);
+
+    // Room again: the relay sees it and exits, nonzero, for its supervisor to restart it.
+    std::fs::remove_file(disk.0.join("filler")).unwrap();
+    let exit = relay.wait_for_exit(RECOVERY_TIMEOUT).expect("the relay exits once its disk takes writes again");
+    assert!(!exit.success(), "{exit}");
+
+    // The supervisor's part. On a disk that is full again, the relay does not start, and says
+    // why (the supervisor retries)...
+    disk.fill("filler");
+    let data = dir.display().to_string();
+    let args = ["--data", &data, "--gateway-key", &key, "--replication", "1", "--http", "127.0.0.1:0"];
+    let refused_start = run(&bin_path(RELAY_BIN), &args, None);
+    assert!(!refused_start.status.success(), "started on a full disk: {}", refused_start.stderr);
+    assert!(refused_start.stderr.contains("takes no writes"), "{}", refused_start.stderr);
+    // ...and once there is room, it starts on the same data dir and port with everything it
+    // acknowledged, and acknowledges sends again.
+    std::fs::remove_file(disk.0.join("filler")).unwrap();
+    let relay = start_relay(&dir, &key, 1, port, &[]).unwrap();
+    assert_eq!(http_get(&relay.http().unwrap(), "/healthz").unwrap(), (200, "ok".to_string()));
+    hello(&bob, &signer, 2).await;
+    let fetched = fetch_all(&bob).await;
+    let lost: Vec<&EnvelopeId> = acknowledged.iter().filter(|id| !fetched.contains(id)).collect();
+    assert!(lost.is_empty(), "{} of {} acknowledged envelopes lost: {lost:?}", lost.len(), acknowledged.len());
+    hello(&alice, &signer, 1).await;
+    match alice.call(MailboxRequest::Send { envelopes: vec![alice.envelope(1, bob.device(), 100)] }).await {
+        MailboxResponse::Stored { stored, .. } => assert_eq!(stored.len(), 1),
+        other => panic!("not acknowledged after the restart: {other:?}"),
+    }
 }

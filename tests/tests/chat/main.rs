@@ -8,11 +8,14 @@
 //!   relay SIGKILLed right after acknowledging has everything when it restarts; a relay
 //!   acknowledges only with R durable copies (or when the operator allowed fewer); a stopped
 //!   (SIGSTOP) replica costs a send seconds, not a minute, and loses nothing; a relay whose
-//!   disk fills (a small tmpfs; skipped unless root) acknowledges nothing after the failed write
-//!   and says so on `/healthz` and in its metrics.
+//!   disk fills (a small tmpfs; skipped unless root) acknowledges nothing after the failed write,
+//!   says so on `/healthz` and in its metrics, exits once there is room again, does not start
+//!   while the disk is full, and restarted has everything it acknowledged.
 //! - `features`: edits, deletes, delivery and read receipts, typing, `messages --follow`.
 //! - `node`: the client node — the CLI through its socket with the same output, `--follow` by
 //!   push, one node per profile, SIGKILL and restart, garbage on the socket, other users refused.
+//! - `repair`: a dead relay's copies are back on `R` live relays before a second one dies;
+//!   relays that come back get what they missed; stale copies never show twice.
 //! - `resilience`: with the gateway stopped, known contacts still chat, and an envelope that
 //!   cannot be verified yet is kept and shown once the gateway is back.
 //! - `revocation`: a revoked session or a replaced bot token loses relay access within seconds
@@ -29,6 +32,7 @@ mod basic;
 mod durability;
 mod features;
 mod node;
+mod repair;
 mod resilience;
 mod revocation;
 mod wire;

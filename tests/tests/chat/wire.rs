@@ -29,6 +29,11 @@ impl RawClient {
         RawClient { identity, net, relay: RelayInfo { peer_id, addrs: vec![addr] }, _dir: dir }
     }
 
+    /// Its device: the mailbox its fetches read.
+    pub(super) fn device(&self) -> PeerId {
+        self.identity.peer_id()
+    }
+
     pub(super) async fn call(&self, request: MailboxRequest) -> MailboxResponse {
         self.net.mailbox_request(self.relay.peer_id, self.relay.addrs.clone(), request).await.unwrap()
     }

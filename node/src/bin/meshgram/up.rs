@@ -212,10 +212,16 @@ async fn start_role(
         }
         Err(e) => return Err(e),
     };
-    // A restart binds the ports it has now, so every address handed out stays right.
+    // A restart binds the ports it has now, so every address handed out stays right (a
+    // relay's HTTP port too: network.json names it for its metrics).
     let ports = ready_addrs(&process.ready)?;
-    let spec =
-        RoleSpec { role, label: name.replace('-', " "), bin, args: with_listen(listen_addrs(Some(&ports))), log };
+    let mut restart_args = with_listen(listen_addrs(Some(&ports)));
+    if role == "relay"
+        && let Some(http) = process.ready["http"].as_str().and_then(|url| url.strip_prefix("http://"))
+    {
+        restart_args.extend(["--http".into(), http.to_string()]);
+    }
+    let spec = RoleSpec { role, label: name.replace('-', " "), bin, args: restart_args, log };
     Ok((process, spec))
 }
 
@@ -349,7 +355,11 @@ pub(crate) async fn run(data: &Path, options: UpOptions, json: bool) -> anyhow::
         let name = format!("relay-{i}");
         admit_relay(&data.join("gateway"), &data.join(&name))?;
         let (process, spec) = start_role("relay", &name, &data, args, old).await?;
-        relays.push(NodeEntry { peer_id: ready_peer(&process.ready)?, addrs: ready_addrs(&process.ready)? });
+        relays.push(NodeEntry {
+            peer_id: ready_peer(&process.ready)?,
+            addrs: ready_addrs(&process.ready)?,
+            http: process.ready["http"].as_str().map(str::to_string),
+        });
         roles.push((process, spec));
     }
     // A relay that is restarted later joins through every other relay, not only the earlier ones.
