@@ -266,14 +266,19 @@ impl EventLoop {
     }
 
     /// Applies what a poll of the gateway brought: revoked sessions lose their access here,
-    /// revoked relays their place in placement and their replica access.
+    /// revoked relays their place in placement (so repair runs soon) and their replica access.
     fn gateway_answered(&mut self, event: GatewayEvent) {
         let Some(poller) = &mut self.revocations else { return };
         let Polled { revocations, again } = poller.on_event(event);
         for revocation in revocations {
             match revocation.revoked {
                 Revoked::Session(session) => self.mailboxes.revoke_session(revocation.peer, session, revocation.until),
-                Revoked::Relay => self.relays.revoke(revocation.peer),
+                // Its mailboxes have other responsible relays now: repair copies them there.
+                Revoked::Relay => {
+                    if self.relays.revoke(revocation.peer) {
+                        self.repair_soon();
+                    }
+                }
             }
         }
         self.metrics.relays_verified.set(i64::try_from(self.relays.verified_count()).unwrap_or(i64::MAX));

@@ -167,13 +167,15 @@ impl Relays {
 
     /// The gateway revoked `relay`'s admission: it gets no more copies (placement, and the
     /// relay lists clients are given, leave it out) and its replica requests are refused.
-    pub(crate) fn revoke(&mut self, relay: PeerId) {
+    /// Returns whether that is news (the live relays changed).
+    pub(crate) fn revoke(&mut self, relay: PeerId) -> bool {
+        self.certified.remove(&relay);
+        self.greeting.remove(&relay);
+        let was_live = self.verified.remove(&relay);
         if self.revoked.insert(relay) {
             tracing::warn!(peer = %relay, "the gateway revoked this relay's admission; it gets no more copies");
         }
-        self.verified.remove(&relay);
-        self.certified.remove(&relay);
-        self.greeting.remove(&relay);
+        was_live
     }
 
     /// Whether the gateway revoked `relay`'s admission.
@@ -282,7 +284,8 @@ mod tests {
         relays.certified(other, 100);
         assert!(relays.is_live(&other) && relays.is_certified(&other, 10));
 
-        relays.revoke(other);
+        assert!(relays.revoke(other), "it was live: placement changes");
+        assert!(!relays.revoke(other), "once");
         assert!(!relays.is_live(&other), "no copies for it");
         assert!(!relays.is_certified(&other, 10), "its replica requests are refused");
         assert!(!relays.identified(other), "never greeted again");

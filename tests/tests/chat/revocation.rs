@@ -230,6 +230,14 @@ async fn a_revoked_relay_gets_no_new_copies_and_its_replica_stores_are_refused()
         assert_eq!(metric(&mesh.relays[i], "meshgram_relay_relays_verified"), 1, "only the other good relay");
     }
     eprintln!("relay revocation reached both other relays after {:?}", revoked_at.elapsed());
+    // What only it and one good relay held is repaired onto the other good relay, now
+    // responsible in its place (a round runs 2 s after the live relays change).
+    let repair_deadline = Instant::now() + Duration::from_secs(20);
+    while !fetched_ids(bob.fetch(others[1], 0).await).is_superset(&before) {
+        assert!(Instant::now() < repair_deadline, "the revoked relay's copies were not repaired elsewhere");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!("its copies were on two good relays again {:?} after the revocation", revoked_at.elapsed());
 
     // After: sends through either good relay are stored on the two good relays only.
     let mut after = HashSet::new();
