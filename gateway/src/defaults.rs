@@ -18,8 +18,9 @@ pub const SEND_CODE_REFILL_SECS: u64 = 600;
 pub const SIGN_IN_BURST: u32 = 20;
 /// Then one more every three seconds.
 pub const SIGN_IN_REFILL_SECS: u64 = 3;
-/// Session certificates live an hour (DESIGN.md): a revoked session stops working on relays
-/// within that bound, and clients renew well before it.
+/// Session certificates live an hour (DESIGN.md), and clients renew well before it. Relays
+/// that ask the gateway for revocations cut a revoked session off within seconds; one that does
+/// not, within this bound. It also bounds how long a session's revocation is kept.
 pub const CERT_TTL_SECS: u64 = 3600;
 /// Bots per owner, as BotFather allows.
 pub const MAX_BOTS_PER_OWNER: usize = 20;

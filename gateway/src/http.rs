@@ -1,5 +1,6 @@
 //! HTTP: `/healthz`, Prometheus `/metrics`, and the operator's admin endpoint for bots
-//! (`/admin/bots…`, bearer token from `admin.json` in the data dir). The admin endpoint exists
+//! (`/admin/bots…`) and relays (`/admin/relays/{peer}/revoke`), with the bearer token from
+//! `admin.json` in the data dir. The admin endpoint exists
 //! because a running gateway holds its redb file exclusively.
 
 use std::sync::Arc;
@@ -34,6 +35,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/metrics", get(get_metrics))
         .route("/admin/bots", get(list_bots).post(create_bot))
         .route("/admin/bots/{bot_id}/revoke-token", post(revoke_bot_token))
+        .route("/admin/relays/{relay}/revoke", post(revoke_relay))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "NOT_FOUND", "no such endpoint") })
         .with_state(state)
 }
@@ -149,6 +151,20 @@ async fn revoke_bot_token(
     Ok(Json(blocking(move || service.revoke_bot_token(None, bot, unix_now())).await?))
 }
 
+/// `POST /admin/relays/{relay}/revoke`
+async fn revoke_relay(
+    State(state): State<HttpState>,
+    headers: HeaderMap,
+    Path(relay): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    check_admin(&state, &headers)?;
+    let relay: libp2p::PeerId = relay.parse().map_err(|e| {
+        ApiError::new(StatusCode::BAD_REQUEST, "BAD_REQUEST", format!("{relay} is not a relay's peer id: {e}"))
+    })?;
+    let service = Arc::clone(&state.service);
+    Ok(Json(blocking(move || service.revoke_relay(relay, unix_now())).await?))
+}
+
 #[cfg(test)]
 mod tests {
     use axum::body::Body;
@@ -221,6 +237,15 @@ mod tests {
         assert_eq!(status, StatusCode::NOT_FOUND);
         let (status, body) = call(&s, "GET", "/admin/bots", Some("sesame"), "").await;
         assert_eq!((status, body.as_array().map(Vec::len)), (StatusCode::OK, Some(1)));
+        let (status, _) = call(&s, "POST", "/admin/relays/notapeer/revoke", Some("sesame"), "").await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        let relay = libp2p::PeerId::random();
+        let (status, _) = call(&s, "POST", &format!("/admin/relays/{relay}/revoke"), None, "").await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        let (status, first) = call(&s, "POST", &format!("/admin/relays/{relay}/revoke"), Some("sesame"), "").await;
+        assert_eq!((status, first["relay"].as_str()), (StatusCode::OK, Some(relay.to_string().as_str())));
+        let (_, again) = call(&s, "POST", &format!("/admin/relays/{relay}/revoke"), Some("sesame"), "").await;
+        assert_eq!(again["revoked_at"], first["revoked_at"], "revoking again changes nothing");
         let (status, body) = call(&s, "GET", "/nope", None, "").await;
         assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::NOT_FOUND, Some("NOT_FOUND")));
     }

@@ -3,10 +3,12 @@
 //! Layout, in the order a request flows through it:
 //! - [`net`]: the event loop that owns the libp2p `Swarm`; each `/meshgram/auth/1` request is
 //!   handed to the service on a blocking thread and answered on its channel.
-//! - [`service`]: the rules — login codes, sign-in, 2FA, sessions, profiles, directory, bots.
-//! - [`store`]: redb tables for accounts, sessions, codes and bot tokens; one transaction per request.
+//! - [`service`]: the rules — login codes, sign-in, 2FA, sessions, profiles, directory, bots,
+//!   and the signed revocations relays poll for (ended sessions, revoked relays).
+//! - [`store`]: redb tables for accounts, sessions, codes, bot tokens and revocations; one
+//!   transaction per request.
 //! - [`code_sender`]: where login codes go (a file, or an SMS provider's webhook).
-//! - [`http`]: `/healthz`, `/metrics`, and the operator's admin endpoint for bots.
+//! - [`http`]: `/healthz`, `/metrics`, and the operator's admin endpoint for bots and relays.
 //! - `behaviour`, [`config`], [`defaults`], [`metrics`]: configuration, tunables, Prometheus counters.
 //!
 //! [`Gateway::start`] wires them together; `main.rs` only parses flags and prints the ready line.

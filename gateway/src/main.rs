@@ -58,6 +58,16 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// End a relay's admission on the running gateway of --data (through its admin endpoint):
+    /// within seconds the other relays give it no copies and refuse its replica requests.
+    /// For good: to admit that machine again, give it a new relay key and certificate.
+    RelayRevoke {
+        /// The relay's peer id.
+        #[arg(long)]
+        relay: libp2p::PeerId,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -100,6 +110,7 @@ async fn main() -> anyhow::Result<()> {
     }
     match cli.command {
         Some(Command::Bot(command)) => admin(&config.data_dir, command).await,
+        Some(Command::RelayRevoke { relay, json }) => relay_revoke(&config.data_dir, relay, json).await,
         Some(Command::RelayCert { relay, days, out }) => relay_cert(&config.data_dir, relay, days, out.as_deref()),
         None => run(cli, config).await,
     }
@@ -150,22 +161,26 @@ fn relay_cert(
     Ok(())
 }
 
-/// Operator commands: HTTP calls to the running gateway's admin endpoint.
-async fn admin(data: &std::path::Path, command: BotCommand) -> anyhow::Result<()> {
+/// Revokes a relay's admission (see [`Command::RelayRevoke`]).
+async fn relay_revoke(data: &std::path::Path, relay: libp2p::PeerId, json: bool) -> anyhow::Result<()> {
     let admin = AdminFile::load(data).map_err(anyhow::Error::msg)?;
-    let client = reqwest::Client::new();
-    let (request, json) = match &command {
-        BotCommand::Create { username, name, owner, json } => (
-            client
-                .post(format!("{}/admin/bots", admin.url))
-                .json(&serde_json::json!({"username": username, "name": name, "owner": owner})),
-            *json,
-        ),
-        BotCommand::List { json } => (client.get(format!("{}/admin/bots", admin.url)), *json),
-        BotCommand::RevokeToken { bot_id, json } => {
-            (client.post(format!("{}/admin/bots/{bot_id}/revoke-token", admin.url)), *json)
-        }
-    };
+    let request = reqwest::Client::new().post(format!("{}/admin/relays/{relay}/revoke", admin.url));
+    let body = admin_call(&admin, request, json).await?;
+    if json {
+        println!("{body}");
+    } else {
+        println!("Relay {relay} revoked (at {}); relays stop using it within seconds", body["revoked_at"]);
+    }
+    Ok(())
+}
+
+/// Sends an admin request with the bearer token; returns the JSON body of a success and turns
+/// a refusal into an error (printing its body first under `--json`).
+async fn admin_call(
+    admin: &AdminFile,
+    request: reqwest::RequestBuilder,
+    json: bool,
+) -> anyhow::Result<serde_json::Value> {
     let response = request
         .bearer_auth(&admin.token)
         .send()
@@ -184,6 +199,26 @@ async fn admin(data: &std::path::Path, command: BotCommand) -> anyhow::Result<()
             error["message"].as_str().unwrap_or("request failed")
         );
     }
+    Ok(body)
+}
+
+/// Operator commands: HTTP calls to the running gateway's admin endpoint.
+async fn admin(data: &std::path::Path, command: BotCommand) -> anyhow::Result<()> {
+    let admin = AdminFile::load(data).map_err(anyhow::Error::msg)?;
+    let client = reqwest::Client::new();
+    let (request, json) = match &command {
+        BotCommand::Create { username, name, owner, json } => (
+            client
+                .post(format!("{}/admin/bots", admin.url))
+                .json(&serde_json::json!({"username": username, "name": name, "owner": owner})),
+            *json,
+        ),
+        BotCommand::List { json } => (client.get(format!("{}/admin/bots", admin.url)), *json),
+        BotCommand::RevokeToken { bot_id, json } => {
+            (client.post(format!("{}/admin/bots/{bot_id}/revoke-token", admin.url)), *json)
+        }
+    };
+    let body = admin_call(&admin, request, json).await?;
     if json {
         println!("{body}");
     } else {

@@ -8,13 +8,15 @@ use argon2::Argon2;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString, rand_core::OsRng};
 use libp2p::PeerId;
 use libp2p::identity::ed25519;
-use meshgram_node::crypto::cert::{AccountKind, CertBody, SessionCert};
+use meshgram_node::crypto::cert::{
+    AccountKind, CERT_CLOCK_SKEW_SECS, CertBody, RelayCert, Revocation, RevocationBody, Revoked, SessionCert,
+};
 use meshgram_node::crypto::identity::DeviceKeys;
 use meshgram_node::ids::{BOT_TOKEN_SECRET_LEN, BotToken, Phone, SessionId, UserId, Username};
 use meshgram_node::net::codec::FrameError;
 use meshgram_node::proto::{
     Account, AuthRequest, AuthResponse, DeviceCard, ErrorCode as Code, LookupQuery, MAX_DEVICE_NAME_CHARS,
-    MAX_NAME_CHARS, MAX_PASSWORD_BYTES, UserCard, WireError,
+    MAX_NAME_CHARS, MAX_PASSWORD_BYTES, MAX_REVOCATIONS_PER_ANSWER, UserCard, WireError,
 };
 use rand::Rng;
 
@@ -34,6 +36,14 @@ impl From<StoreError> for WireError {
 }
 
 type AuthResult<T> = Result<T, WireError>;
+
+/// A relay whose admission the operator revoked.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RevokedRelay {
+    pub relay: PeerId,
+    /// Unix seconds; the first revocation's time if it was revoked before.
+    pub revoked_at: u64,
+}
 
 /// A bot and its freshly issued token.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -140,6 +150,7 @@ impl AuthService {
                 let issued = self.revoke_bot_token(Some(owner.user_id), bot, now)?;
                 Ok(AuthResponse::BotToken { bot: issued.bot, token: issued.token })
             }
+            AuthRequest::Revocations { since, relay_cert } => self.revocations(peer, since, &relay_cert, now),
         }
     }
 
@@ -239,7 +250,7 @@ impl AuthService {
                     (account, true)
                 }
             };
-            let session = new_session(t, &account, peer, device, device_name, now)?;
+            let session = self.new_session(t, &account, peer, device, device_name, now)?;
             Ok::<_, WireError>(Ok((account, session, new_account)))
         })??;
         tracing::info!(user = %account.user_id, session = %session.session_id, new_account, "signed in");
@@ -299,7 +310,7 @@ impl AuthService {
                 return Err(invalid());
             }
             let account = t.account(token.bot_id)?.filter(|a| a.kind == AccountKind::Bot).ok_or_else(invalid)?;
-            let session = new_session(t, &account, peer, device, device_name, now)?;
+            let session = self.new_session(t, &account, peer, device, device_name, now)?;
             Ok((account, session))
         })?;
         tracing::info!(bot = %account.user_id, session = %session.session_id, "bot signed in");
@@ -419,8 +430,7 @@ impl AuthService {
                 t.session(session_id)?.filter(|s| s.user_id == me.user_id && s.revoked_at.is_none()).ok_or_else(
                     || WireError::new(Code::NotFound, format!("no active session {session_id} on this account")),
                 )?;
-            target.revoked_at = Some(now);
-            t.put_session(&target)?;
+            self.end_session(t, &mut target, now)?;
             Ok::<_, WireError>(())
         })?;
         tracing::info!(session = %session_id, "session revoked");
@@ -433,8 +443,7 @@ impl AuthService {
             let mut count = 0;
             for mut other in t.active_sessions(me.user_id)? {
                 if other.session_id != me.session_id {
-                    other.revoked_at = Some(now);
-                    t.put_session(&other)?;
+                    self.end_session(t, &mut other, now)?;
                     count += 1;
                 }
             }
@@ -513,13 +522,106 @@ impl AuthService {
             }
             t.put_bot_secret(bot, account.owner, hash.as_bytes())?;
             for mut session in t.active_sessions(bot)? {
-                session.revoked_at = Some(now);
-                t.put_session(&session)?;
+                self.end_session(t, &mut session, now)?;
             }
             Ok::<_, WireError>(account)
         })?;
         tracing::info!(bot = %bot, "bot token revoked");
         Ok(IssuedBotToken { token: format!("{bot}:{secret}"), bot: account.to_account() })
+    }
+
+    // ---- revocations (relays fetch them; see docs/DECISIONS.md) ----
+
+    /// `Revocations`: the list from `since` on, for relays of this network only. It names
+    /// devices that signed out, which is nobody else's business.
+    fn revocations(&self, peer: PeerId, since: u64, relay_cert: &RelayCert, now: u64) -> AuthResult<AuthResponse> {
+        relay_cert.verify_for(&self.signer.public(), &peer, now).map_err(|e| {
+            WireError::new(Code::CertInvalid, format!("revocations are for relays of this network: relay {e}"))
+        })?;
+        self.store.read(|t| {
+            if t.relay_revoked_at(&peer)?.is_some() {
+                return Err(WireError::new(Code::CertInvalid, "this relay's admission was revoked"));
+            }
+            let end = t.next_revocation_seq()?;
+            // A relay that is ahead of this database (it was replaced) starts over.
+            let since = if since > end { 0 } else { since };
+            let found = t.revocations_since(since, MAX_REVOCATIONS_PER_ANSWER)?;
+            let more = found.len() == MAX_REVOCATIONS_PER_ANSWER;
+            let next = found.last().map_or(since, |(seq, _)| seq + 1);
+            let revocations = found.into_iter().map(|(_, r)| r).filter(|r| r.body.until >= now).collect();
+            Ok(AuthResponse::Revocations { revocations, next, more })
+        })
+    }
+
+    /// Ends `relay`'s admission: relays stop giving it copies and refuse its replica requests
+    /// within seconds. For good: an admitted-again relay comes back under a new key.
+    pub fn revoke_relay(&self, relay: PeerId, now: u64) -> AuthResult<RevokedRelay> {
+        let revoked_at = self.store.write(|t| {
+            if let Some(at) = t.relay_revoked_at(&relay)? {
+                return Ok::<_, WireError>(at);
+            }
+            t.put_revoked_relay(&relay, now)?;
+            self.record_revocation(t, relay, Revoked::Relay, now, u64::MAX)?;
+            Ok(now)
+        })?;
+        tracing::info!(%relay, "relay admission revoked");
+        Ok(RevokedRelay { relay, revoked_at })
+    }
+
+    /// Marks `session` revoked and tells the relays: its certificates (at most one TTL old)
+    /// stop working there within seconds instead of at expiry.
+    fn end_session(&self, t: &mut Tables<'_>, session: &mut StoredSession, now: u64) -> Result<(), StoreError> {
+        session.revoked_at = Some(now);
+        t.put_session(session)?;
+        // A certificate issued just before is valid until `now + TTL`, and a relay whose clock
+        // is behind ours takes it for up to one skew longer than that (plus its own skew).
+        let until = now.saturating_add(self.limits.cert_ttl_secs).saturating_add(2 * CERT_CLOCK_SKEW_SECS);
+        self.record_revocation(t, session.device, Revoked::Session(session.session_id), now, until)
+    }
+
+    /// Signs and stores a revocation, dropping those that no longer matter.
+    fn record_revocation(
+        &self,
+        t: &mut Tables<'_>,
+        peer: PeerId,
+        revoked: Revoked,
+        now: u64,
+        until: u64,
+    ) -> Result<(), StoreError> {
+        let revocation = Revocation::sign(RevocationBody { peer, revoked, revoked_at: now, until }, &self.signer);
+        t.add_revocation(&revocation)?;
+        t.prune_revocations(now)?;
+        Ok(())
+    }
+
+    /// Creates a session for `peer`, ending the device's previous one: a device has one session.
+    fn new_session(
+        &self,
+        t: &mut Tables<'_>,
+        account: &StoredAccount,
+        peer: PeerId,
+        keys: DeviceKeys,
+        device_name: String,
+        now: u64,
+    ) -> AuthResult<StoredSession> {
+        if let Some(mut old) = t.session_of_device(&peer)?
+            && old.revoked_at.is_none()
+        {
+            self.end_session(t, &mut old, now)?;
+        }
+        let session = StoredSession {
+            session_id: SessionId::random(),
+            user_id: account.user_id,
+            device: peer,
+            keys,
+            device_name,
+            kind: account.kind,
+            created_at: now,
+            last_seen: now,
+            revoked_at: None,
+        };
+        t.put_session(&session)?;
+        Ok(session)
     }
 
     // ---- helpers ----
@@ -610,36 +712,6 @@ impl AuthService {
         let hash = self.token_hash(&secret);
         (secret, hash)
     }
-}
-
-/// Creates a session for `peer`, ending the device's previous one: a device has one session.
-fn new_session(
-    t: &mut Tables<'_>,
-    account: &StoredAccount,
-    peer: PeerId,
-    keys: DeviceKeys,
-    device_name: String,
-    now: u64,
-) -> AuthResult<StoredSession> {
-    if let Some(mut old) = t.session_of_device(&peer)?
-        && old.revoked_at.is_none()
-    {
-        old.revoked_at = Some(now);
-        t.put_session(&old)?;
-    }
-    let session = StoredSession {
-        session_id: SessionId::random(),
-        user_id: account.user_id,
-        device: peer,
-        keys,
-        device_name,
-        kind: account.kind,
-        created_at: now,
-        last_seen: now,
-        revoked_at: None,
-    };
-    t.put_session(&session)?;
-    Ok(session)
 }
 
 /// The device keys must verify and belong to the connection's peer.
@@ -965,5 +1037,78 @@ mod tests {
         assert!(matches!(f.call(&bot_device, bot_sign_in(&renewed.token), T0 + 2), AuthResponse::SignedIn { .. }));
         // Bots cannot manage bots.
         assert_eq!(error_code(f.call(&bot_device, AuthRequest::ListBots, T0 + 3)), Code::Forbidden);
+    }
+
+    /// `Revocations` from `relay` (a device standing in for one) with a certificate `signer` made.
+    fn ask_revocations(f: &Fixture, relay: &Device, since: u64, signer: &ed25519::Keypair) -> AuthResponse {
+        let relay_cert = RelayCert::issue(signer, relay.identity.peer_id(), 1, T0);
+        f.call(relay, AuthRequest::Revocations { since, relay_cert }, T0 + 10)
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn revoked_sessions_and_relays_are_listed_signed_for_relays_only() {
+        let f = fixture(Limits::default());
+        let gateway = f.service.signer.clone();
+        let (d1, d2, relay, other_relay) = (device(), device(), device(), device());
+        let p = phone("+15550000010");
+        f.login(&d1, &p, T0);
+        f.login(&d2, &p, T0);
+        let AuthResponse::Revocations { revocations, next, more: false } = ask_revocations(&f, &relay, 0, &gateway)
+        else {
+            panic!("relays get the list")
+        };
+        assert!(revocations.is_empty());
+
+        let AuthResponse::Sessions(list) = f.call(&d1, AuthRequest::ListSessions, T0 + 1) else { panic!() };
+        let target = list.iter().find(|s| !s.current).unwrap().session_id;
+        assert!(matches!(
+            f.call(&d1, AuthRequest::RevokeSession { session_id: target }, T0 + 1),
+            AuthResponse::Revoked { count: 1 }
+        ));
+        let AuthResponse::Revocations { revocations, next: after, .. } = ask_revocations(&f, &relay, next, &gateway)
+        else {
+            panic!()
+        };
+        assert_eq!(revocations.len(), 1);
+        let body = revocations[0].verify(&f.service.public_key(), T0 + 10).unwrap();
+        assert_eq!((body.peer, body.revoked), (d2.identity.peer_id(), Revoked::Session(target)));
+        let ttl = Limits::default().cert_ttl_secs;
+        assert!(body.until >= T0 + 1 + ttl + CERT_CLOCK_SKEW_SECS, "kept until its certificates expired");
+        let AuthResponse::Revocations { revocations, .. } = ask_revocations(&f, &relay, after, &gateway) else {
+            panic!()
+        };
+        assert!(revocations.is_empty(), "asked from `next`: nothing new");
+
+        // Not for a device, or a relay certificate another key signed.
+        assert_eq!(error_code(ask_revocations(&f, &d1, 0, &ed25519::Keypair::generate())), Code::CertInvalid);
+
+        // A revoked relay is listed for the others and gets no list itself.
+        let revoked = f.service.revoke_relay(relay.identity.peer_id(), T0 + 2).unwrap();
+        assert_eq!(f.service.revoke_relay(relay.identity.peer_id(), T0 + 3).unwrap().revoked_at, revoked.revoked_at);
+        assert_eq!(error_code(ask_revocations(&f, &relay, 0, &gateway)), Code::CertInvalid);
+        let AuthResponse::Revocations { revocations, .. } = ask_revocations(&f, &other_relay, after, &gateway) else {
+            panic!()
+        };
+        assert_eq!(revocations.len(), 1, "revoking twice lists it once");
+        assert_eq!(revocations[0].body.revoked, Revoked::Relay);
+
+        // Signing in again on a device ends its old session: listed too. And long after, when
+        // its certificates have expired, it is no longer.
+        f.login(&d1, &p, T0 + 4);
+        let list = |now| match f.call(
+            &other_relay,
+            AuthRequest::Revocations {
+                since: 0,
+                relay_cert: RelayCert::issue(&gateway, other_relay.identity.peer_id(), 1, now),
+            },
+            now,
+        ) {
+            AuthResponse::Revocations { revocations, .. } => {
+                revocations.into_iter().map(|r| r.body.revoked).collect::<Vec<_>>()
+            }
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(list(T0 + 10).len(), 3);
+        assert_eq!(list(T0 + 4 + ttl + 3 * CERT_CLOCK_SKEW_SECS), vec![Revoked::Relay]);
     }
 }

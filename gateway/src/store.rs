@@ -1,4 +1,5 @@
-//! The gateway's durable state in one redb file: accounts, sessions, login codes, bot tokens.
+//! The gateway's durable state in one redb file: accounts, sessions, login codes, bot tokens,
+//! and the revocations relays fetch.
 //!
 //! Every request runs in one write transaction ([`Store::write`]) and commits only if its closure
 //! returns `Ok`, so a request either happens wholly or not at all. Reads also use a write
@@ -9,7 +10,7 @@
 use std::path::Path;
 
 use libp2p::PeerId;
-use meshgram_node::crypto::cert::AccountKind;
+use meshgram_node::crypto::cert::{AccountKind, Revocation};
 use meshgram_node::crypto::identity::DeviceKeys;
 use meshgram_node::ids::{Phone, SessionId, UserId, Username};
 use meshgram_node::proto::{Account, SessionInfo};
@@ -33,8 +34,13 @@ const CODES: TableDefinition<&str, &[u8]> = TableDefinition::new("codes");
 const BOT_SECRETS: TableDefinition<u64, &[u8]> = TableDefinition::new("bot_secrets");
 /// Owner user id → bot ids.
 const OWNER_BOTS: MultimapTableDefinition<u64, u64> = MultimapTableDefinition::new("owner_bots");
+/// Sequence number → a signed revocation (postcard), kept while it matters.
+const REVOCATIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("revocations");
+/// Relay peer id bytes → when its admission was revoked (kept for good).
+const REVOKED_RELAYS: TableDefinition<&[u8], u64> = TableDefinition::new("revoked_relays");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const NEXT_USER_ID: &str = "next_user_id";
+const NEXT_REVOCATION: &str = "next_revocation";
 /// User ids start here so they look like account numbers, not row counters.
 const FIRST_USER_ID: u64 = 1_000_001;
 
@@ -177,6 +183,8 @@ pub struct Tables<'t> {
     codes: Table<'t, &'static str, &'static [u8]>,
     bot_secrets: Table<'t, u64, &'static [u8]>,
     owner_bots: MultimapTable<'t, u64, u64>,
+    revocations: Table<'t, u64, &'static [u8]>,
+    revoked_relays: Table<'t, &'static [u8], u64>,
     meta: Table<'t, &'static str, u64>,
 }
 
@@ -200,6 +208,8 @@ impl<'t> Tables<'t> {
             codes: tx.open_table(CODES)?,
             bot_secrets: tx.open_table(BOT_SECRETS)?,
             owner_bots: tx.open_multimap_table(OWNER_BOTS)?,
+            revocations: tx.open_table(REVOCATIONS)?,
+            revoked_relays: tx.open_table(REVOKED_RELAYS)?,
             meta: tx.open_table(META)?,
         })
     }
@@ -358,5 +368,58 @@ impl<'t> Tables<'t> {
             }
         }
         Ok(out)
+    }
+
+    // ---- revocations ----
+
+    /// Appends a revocation; returns its sequence number (they only grow).
+    pub fn add_revocation(&mut self, revocation: &Revocation) -> Result<u64, StoreError> {
+        let seq = self.next_revocation_seq()?;
+        self.meta.insert(NEXT_REVOCATION, seq + 1)?;
+        self.revocations.insert(seq, encode(revocation).as_slice())?;
+        Ok(seq)
+    }
+
+    /// The sequence number the next revocation will get.
+    pub fn next_revocation_seq(&self) -> Result<u64, StoreError> {
+        Ok(self.meta.get(NEXT_REVOCATION)?.map(|v| v.value()).unwrap_or(0))
+    }
+
+    /// Up to `limit` revocations from sequence number `since` on, with their numbers.
+    pub fn revocations_since(&self, since: u64, limit: usize) -> Result<Vec<(u64, Revocation)>, StoreError> {
+        let mut out = Vec::new();
+        for entry in self.revocations.range(since..)?.take(limit) {
+            let (seq, value) = entry?;
+            out.push((seq.value(), decode("revocation", value.value())?));
+        }
+        Ok(out)
+    }
+
+    /// Deletes the revocations that no longer matter at `now` (every certificate they end has
+    /// expired); returns how many.
+    pub fn prune_revocations(&mut self, now: u64) -> Result<usize, StoreError> {
+        let mut expired = Vec::new();
+        for entry in self.revocations.iter()? {
+            let (seq, value) = entry?;
+            let revocation: Revocation = decode("revocation", value.value())?;
+            if revocation.body.until < now {
+                expired.push(seq.value());
+            }
+        }
+        for seq in &expired {
+            self.revocations.remove(seq)?;
+        }
+        Ok(expired.len())
+    }
+
+    /// When `relay`'s admission was revoked, if it was.
+    pub fn relay_revoked_at(&self, relay: &PeerId) -> Result<Option<u64>, StoreError> {
+        Ok(self.revoked_relays.get(relay.to_bytes().as_slice())?.map(|v| v.value()))
+    }
+
+    /// Records that `relay`'s admission was revoked at `at`.
+    pub fn put_revoked_relay(&mut self, relay: &PeerId, at: u64) -> Result<(), StoreError> {
+        self.revoked_relays.insert(relay.to_bytes().as_slice(), at)?;
+        Ok(())
     }
 }

@@ -19,8 +19,10 @@
 //!   return or join, and deletes copies a replica has delivered (rounds on a timer and on
 //!   membership change).
 //! - [`relays`]: owns every other relay's standing (certificate checked, down lately, not a
-//!   relay, certified on its connection) and the words tasks report on relays with
+//!   relay, certified on its connection, revoked) and the words tasks report on relays with
 //!   (`RelayReport`); lists the live relays placement chooses from.
+//! - [`revocations`]: asks the gateway every 2 s for revoked sessions and relays, checks their
+//!   signatures, and hands them to [`mailbox`] (drops the sessions) and [`relays`].
 //! - [`placement`]: which `R` relays are responsible for a mailbox (the Kademlia-closest to its
 //!   key); lives in `meshgram_node` because clients compute it too.
 //! - [`store`]: redb mailboxes behind a group-commit actor; dedup by envelope id, TTL, quotas.
@@ -44,6 +46,7 @@ mod relays;
 mod repair;
 mod replica;
 mod replicate;
+mod revocations;
 pub mod store;
 mod wal;
 
@@ -96,6 +99,9 @@ pub struct RelayConfig {
     pub listen: Vec<Multiaddr>,
     /// Other relays to join through, each ending in `/p2p/<peer id>`.
     pub bootstrap: Vec<Multiaddr>,
+    /// Where the gateway listens, to ask it for revocations every few seconds. Without it,
+    /// revoked sessions keep access here until their certificates expire.
+    pub gateway: Option<Multiaddr>,
     pub http: Option<SocketAddr>,
     /// The gateway's certificate for this relay (JSON); default `DATA/relay.cert`.
     pub cert_file: Option<PathBuf>,
@@ -110,6 +116,7 @@ impl RelayConfig {
             data_dir,
             listen: meshgram_node::net::transport::default_listen_addrs(),
             bootstrap: Vec::new(),
+            gateway: None,
             http: None,
             cert_file: None,
             settings: RelaySettings {
@@ -137,6 +144,8 @@ pub enum StartError {
     Transport(#[from] TransportError),
     #[error("bootstrap address {0} does not end in /p2p/<peer id>")]
     Bootstrap(Multiaddr),
+    #[error("gateway address {addr} names peer {named}, but the gateway key is {expected}'s")]
+    GatewayAddr { addr: Multiaddr, named: PeerId, expected: PeerId },
     #[error(
         "this relay ({peer_id}) has no valid certificate from the gateway in {path}: {reason}. The \
          gateway's operator issues one with: meshgram-gateway --data GATEWAY_DIR relay-cert --relay \
@@ -193,8 +202,13 @@ impl Relay {
                 _ => return Err(StartError::Bootstrap(addr.clone())),
             }
         }
+        let gateway =
+            config.gateway.as_ref().map(|addr| gateway_addr(addr, &config.settings.gateway_key)).transpose()?;
         let (acceptor, inbound) = net::inbound_pipes();
-        let mut swarm = build_swarm(keypair, SERVER_IDLE_TIMEOUT, |key| behaviour::RelayBehaviour::new(key, acceptor))?;
+        let asks_gateway = gateway.is_some();
+        let mut swarm = build_swarm(keypair, SERVER_IDLE_TIMEOUT, |key| {
+            behaviour::RelayBehaviour::new(key, acceptor, asks_gateway)
+        })?;
         let peer_id = *swarm.local_peer_id();
         let listen = listen_on_all(&mut swarm, &config.listen).await?;
         let metrics = Arc::new(metrics::Metrics::new());
@@ -203,10 +217,21 @@ impl Relay {
             inbound,
             store.clone(),
             config.settings.clone(),
-            cert,
+            cert.clone(),
             Arc::clone(&metrics),
             listen.clone(),
         );
+        match gateway {
+            Some(gateway) => event_loop.ask_gateway(revocations::RevocationPoller::new(
+                gateway,
+                config.settings.gateway_key.clone(),
+                cert,
+                metrics.gateway_polls_failed.clone(),
+            )),
+            None => tracing::warn!(
+                "no --gateway: revoked sessions and relays keep access here until their certificates expire"
+            ),
+        }
         event_loop.bootstrap(&bootstrap);
 
         let shutdown = CancellationToken::new();
@@ -275,6 +300,20 @@ fn load_cert(path: &Path, relay: &PeerId, gateway_key: &ed25519::PublicKey) -> R
     let cert: RelayCert = serde_json::from_str(&text).map_err(|e| refused(format!("not a relay certificate: {e}")))?;
     cert.verify_for(gateway_key, relay, unix_now()).map_err(|e| refused(e.to_string()))?;
     Ok(cert)
+}
+
+/// The gateway's peer id (its key's) and where to dial it. An address ending in `/p2p/<id>`
+/// must name the peer whose key signs certificates.
+fn gateway_addr(addr: &Multiaddr, key: &ed25519::PublicKey) -> Result<revocations::GatewayAddr, StartError> {
+    let expected = libp2p::identity::PublicKey::from(key.clone()).to_peer_id();
+    let mut dial = addr.clone();
+    if let Some(Protocol::P2p(named)) = dial.iter().last() {
+        if named != expected {
+            return Err(StartError::GatewayAddr { addr: addr.clone(), named, expected });
+        }
+        dial.pop();
+    }
+    Ok(revocations::GatewayAddr { peer: expected, addrs: vec![dial] })
 }
 
 /// `/healthz` (503 with the reason once the store takes no writes) and `/metrics`.

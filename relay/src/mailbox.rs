@@ -4,7 +4,8 @@
 //! and `Ack`.
 //!
 //! [`Mailboxes`] keeps the sessions and parked fetches and runs the store and replication work
-//! on tasks of its own; the event loop hands it each request and each finished task.
+//! on tasks of its own; the event loop hands it each request and each finished task, and the
+//! session revocations the gateway publishes ([`Mailboxes::revoke_session`]).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -12,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
 use meshgram_node::crypto::cert::{CERT_CLOCK_SKEW_SECS, CertBody, unix_now};
+use meshgram_node::ids::SessionId;
 use meshgram_node::net::codec::FrameError;
 use meshgram_node::net::pipe::Responder;
 use meshgram_node::proto::envelope::{Envelope, EnvelopeId};
@@ -75,6 +77,12 @@ pub(crate) struct Mailboxes {
     metrics: Arc<Metrics>,
     /// Clients that said Hello, with their certificate.
     sessions: HashMap<PeerId, Session>,
+    /// Sessions the gateway revoked, until their certificates have expired anyway (unix s):
+    /// a `Hello` with one of their certificates is refused.
+    revoked_sessions: HashMap<SessionId, u64>,
+    /// Connected devices whose session was revoked under them: told so (`SESSION_REVOKED`)
+    /// until they say Hello with a valid certificate or disconnect.
+    signed_out: HashSet<PeerId>,
     parked: HashMap<PeerId, Parked>,
     send_limiter: RateLimiter,
     /// Where a `Send`'s copies go.
@@ -92,6 +100,8 @@ impl Mailboxes {
             settings,
             metrics,
             sessions: HashMap::new(),
+            revoked_sessions: HashMap::new(),
+            signed_out: HashSet::new(),
             parked: HashMap::new(),
             send_limiter,
             replica_deletes: DeleteForwarder::start(Arc::clone(&replicas.pipes)),
@@ -126,7 +136,9 @@ impl Mailboxes {
         let now = unix_now();
         if let MailboxRequest::Hello { cert } = request {
             let response = match cert.verify_for(&self.settings.gateway_key, &peer, now) {
+                Ok(body) if self.revoked_sessions.contains_key(&body.session_id) => session_revoked(),
                 Ok(body) => {
+                    self.signed_out.remove(&peer);
                     let session = Session { cert: body.clone(), arrivals: 0, acks_in_flight: HashSet::new() };
                     self.sessions.insert(peer, session);
                     let mut mailbox_relays = known.mailbox_relays(&peer);
@@ -138,6 +150,7 @@ impl Mailboxes {
             return self.respond(channel, response);
         }
         let cert = match self.sessions.get(&peer) {
+            None if self.signed_out.contains(&peer) => return self.respond(channel, session_revoked()),
             None => {
                 return self
                     .respond(channel, refuse(ErrorCode::CertInvalid, "say Hello with your session certificate first"));
@@ -185,6 +198,8 @@ impl Mailboxes {
                         return self.spawn_fetch(peer, channel, max, deadline);
                     }
                     Some(_) => {}
+                    // Its session was revoked while the fetch was reading.
+                    None if self.signed_out.contains(&peer) => return self.respond(channel, session_revoked()),
                     // The client is gone; nobody to answer.
                     None => return,
                 }
@@ -208,13 +223,36 @@ impl Mailboxes {
     pub(crate) fn disconnected(&mut self, peer: &PeerId) {
         self.sessions.remove(peer);
         self.parked.remove(peer);
+        self.signed_out.remove(peer);
     }
 
-    /// Drops envelopes past their TTL, on a task.
+    /// The gateway revoked `device`'s session `session`: if that is the session it said Hello
+    /// with here, it goes (a parked fetch is answered `SESSION_REVOKED`, as is every later
+    /// request until a valid Hello), and certificates of that session are refused until
+    /// `until`, when they have expired anyway.
+    pub(crate) fn revoke_session(&mut self, device: PeerId, session: SessionId, until: u64) {
+        if self.revoked_sessions.insert(session, until).is_some() {
+            return;
+        }
+        self.metrics.sessions_revoked.inc();
+        if self.sessions.get(&device).is_none_or(|s| s.cert.session_id != session) {
+            return;
+        }
+        tracing::info!(%device, %session, "session revoked by the gateway; its access here ends");
+        self.sessions.remove(&device);
+        self.signed_out.insert(device);
+        if let Some(parked) = self.parked.remove(&device) {
+            self.respond(parked.channel, session_revoked());
+        }
+    }
+
+    /// Drops envelopes past their TTL (on a task), and revocations that no longer matter.
     pub(crate) fn expire_envelopes(&mut self) {
+        let now = unix_now();
+        self.revoked_sessions.retain(|_, until| *until >= now);
         let store = self.store.clone();
         self.tasks.spawn(async move {
-            match store.expire(unix_now()).await {
+            match store.expire(now).await {
                 Ok(n) if n > 0 => tracing::info!(dropped = n, "expired undelivered envelopes"),
                 Ok(_) => {}
                 Err(e) => tracing::error!(error = %e, "expiring envelopes failed"),
@@ -453,6 +491,11 @@ pub(crate) fn store_failed(why: &str) -> String {
         "this relay's store failed ({why}) and takes no writes until its disk takes writes again and the relay \
          restarts; send through another relay"
     )
+}
+
+/// The answer to a device whose session the gateway revoked.
+fn session_revoked() -> MailboxResponse {
+    refuse(ErrorCode::SessionRevoked, "this session was revoked (signed out); sign in again")
 }
 
 fn too_many_acks() -> MailboxResponse {

@@ -34,6 +34,11 @@ struct Cli {
     /// it signs are the only ones this relay accepts.
     #[arg(long, env = "MESHGRAM_GATEWAY_KEY")]
     gateway_key: Option<String>,
+    /// The gateway's address (from its ready line or network.json), to ask it for revoked
+    /// sessions and relays every 2 s. Without it a revoked session keeps access here until
+    /// its certificate expires (up to an hour).
+    #[arg(long)]
+    gateway: Option<Multiaddr>,
     /// The gateway's certificate for this relay (default: DATA/relay.cert); see
     /// `meshgram-gateway relay-cert`.
     #[arg(long)]
@@ -103,6 +108,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         config.listen = cli.listen;
     }
     config.bootstrap = cli.bootstrap;
+    config.gateway = cli.gateway;
     config.cert_file = cli.relay_cert;
     config.http = Some(cli.http);
     config.settings.replication = cli.replication;

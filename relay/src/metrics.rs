@@ -30,6 +30,12 @@ pub struct Metrics {
     pub relays_verified: Gauge,
     /// 1 once a store write failed: the relay then takes no writes (see `/healthz`).
     pub store_failed: Gauge,
+    /// Session revocations from the gateway taken in.
+    pub sessions_revoked: Counter,
+    /// Relays whose admission the gateway revoked.
+    pub relays_revoked: Gauge,
+    /// Polls of the gateway for revocations that failed (retried at the next tick).
+    pub gateway_polls_failed: Counter,
     /// Repair rounds finished (`repair`).
     pub repair_rounds: Counter,
     /// Envelopes repair copied to responsible relays that lacked them.
@@ -62,6 +68,20 @@ impl Metrics {
             "1 once a store write failed and the relay takes no writes",
             store_failed.clone(),
         );
+        let sessions_revoked = Counter::default();
+        registry.register(
+            "sessions_revoked",
+            "Session revocations from the gateway taken in",
+            sessions_revoked.clone(),
+        );
+        let relays_revoked = Gauge::default();
+        registry.register("relays_revoked", "Relays whose admission the gateway revoked", relays_revoked.clone());
+        let gateway_polls_failed = Counter::default();
+        registry.register(
+            "gateway_polls_failed",
+            "Polls of the gateway for revocations that failed (retried)",
+            gateway_polls_failed.clone(),
+        );
         let repair_rounds = Counter::default();
         registry.register("repair_rounds", "Repair rounds finished", repair_rounds.clone());
         let repair_copied = Counter::default();
@@ -84,6 +104,9 @@ impl Metrics {
             connections,
             relays_verified,
             store_failed,
+            sessions_revoked,
+            relays_revoked,
+            gateway_polls_failed,
             repair_rounds,
             repair_copied,
             repair_stale_deleted,

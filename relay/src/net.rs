@@ -8,7 +8,8 @@
 //! other relays ([`crate::relays::RelayReport`]) come back from replication tasks and from
 //! greetings, and go to [`Relays`], which owns every relay's standing. Repair rounds
 //! ([`crate::repair`]) run on a task, one at a time, on a timer and soon after the live relays
-//! change.
+//! change. Revocations polled from the gateway ([`RevocationPoller`]) go to [`Mailboxes`]
+//! (sessions) and [`Relays`] (relays).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -18,7 +19,7 @@ use futures::StreamExt;
 use libp2p::kad;
 use libp2p::swarm::{ConnectionError, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm};
-use meshgram_node::crypto::cert::RelayCert;
+use meshgram_node::crypto::cert::{RelayCert, Revoked};
 use meshgram_node::net::pipe::{self, Inbound, PipePool};
 use meshgram_node::proto::{
     MAILBOX_LIMITS, MAILBOX_PROTOCOL, MailboxRequest, MailboxResponse, REPLICA_LIMITS, REPLICA_PROTOCOL,
@@ -37,6 +38,7 @@ use crate::relays::{RelayReport, Relays, Reports, reports};
 use crate::repair::{AFTER_MEMBERSHIP_CHANGE, REPAIR_EVERY, RoundReport, repair_round};
 use crate::replica::{self, ReplicaServer};
 use crate::replicate::{ReplicaCallError, ReplicaClient, ReplicaPipes, Replicas};
+use crate::revocations::{self, GatewayEvent, Polled, RevocationPoller};
 use crate::store::StoreHandle;
 
 /// How often parked fetches are checked for their deadline.
@@ -77,6 +79,8 @@ pub(crate) struct EventLoop {
     next_repair: tokio::time::Instant,
     /// Relays dialled back after their connection failed, and when (see `ConnectionClosed`).
     redialled: HashMap<PeerId, Instant>,
+    /// Asks the gateway for revocations (with `--gateway`).
+    revocations: Option<RevocationPoller>,
 }
 
 /// Where requests read from inbound pipes go: the acceptor's side (for the swarm's behaviour)
@@ -140,12 +144,19 @@ impl EventLoop {
             repairs: JoinSet::new(),
             next_repair: tokio::time::Instant::now() + REPAIR_EVERY,
             redialled: HashMap::new(),
+            revocations: None,
         }
+    }
+
+    /// Applies the gateway's revocations from now on, asking it every few seconds.
+    pub(crate) fn ask_gateway(&mut self, poller: RevocationPoller) {
+        self.revocations = Some(poller);
     }
 
     pub(crate) async fn run(mut self, shutdown: CancellationToken) {
         let mut park_tick = tokio::time::interval(PARK_TICK);
         let mut expire_tick = tokio::time::interval(EXPIRE_EVERY);
+        let mut revocation_tick = tokio::time::interval(revocations::POLL_EVERY);
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => break,
@@ -188,6 +199,7 @@ impl EventLoop {
                 }
                 _ = park_tick.tick() => self.mailboxes.expire_parked(),
                 _ = expire_tick.tick() => self.mailboxes.expire_envelopes(),
+                _ = revocation_tick.tick(), if self.revocations.is_some() => self.poll_gateway(),
             }
         }
         self.mailboxes.shutdown().await;
@@ -253,7 +265,37 @@ impl EventLoop {
             SwarmEvent::ConnectionEstablished { .. } => {
                 self.metrics.connections.inc();
             }
+            SwarmEvent::Behaviour(RelayBehaviourEvent::Gateway(event)) => self.gateway_answered(event),
             _ => {}
+        }
+    }
+
+    fn poll_gateway(&mut self) {
+        if let (Some(poller), Some(client)) = (&mut self.revocations, self.swarm.behaviour_mut().gateway.as_mut()) {
+            poller.poll(client);
+        }
+    }
+
+    /// Applies what a poll of the gateway brought: revoked sessions lose their access here,
+    /// revoked relays their place in placement (so repair runs soon) and their replica access.
+    fn gateway_answered(&mut self, event: GatewayEvent) {
+        let Some(poller) = &mut self.revocations else { return };
+        let Polled { revocations, again } = poller.on_event(event);
+        for revocation in revocations {
+            match revocation.revoked {
+                Revoked::Session(session) => self.mailboxes.revoke_session(revocation.peer, session, revocation.until),
+                // Its mailboxes have other responsible relays now: repair copies them there.
+                Revoked::Relay => {
+                    if self.relays.revoke(revocation.peer) {
+                        self.repair_soon();
+                    }
+                }
+            }
+        }
+        self.metrics.relays_verified.set(i64::try_from(self.relays.verified_count()).unwrap_or(i64::MAX));
+        self.metrics.relays_revoked.set(i64::try_from(self.relays.revoked_count()).unwrap_or(i64::MAX));
+        if again {
+            self.poll_gateway();
         }
     }
 

@@ -4,7 +4,8 @@
 //! when greeted (`verified`), and loses it for a while when a replica call to it fails
 //! ([`RelayReport::Down`]) or it shows no valid certificate ([`RelayReport::NotARelay`]).
 //! Separately, a relay that greeted *us* with a valid certificate may store and delete replicas
-//! here until the certificate expires or its connection closes (`certified`).
+//! here until the certificate expires or its connection closes (`certified`). A relay whose
+//! admission the gateway revoked ([`Relays::revoke`]) loses both, for good.
 //!
 //! Tasks report on relays with a [`RelayReport`] sent through a [`Reporter`]; the event loop
 //! hands each to [`Relays::report`]. Nothing else edits these sets.
@@ -73,6 +74,8 @@ pub(crate) struct Relays {
     greeting: HashSet<PeerId>,
     /// Relays that showed a valid certificate on a live connection, until it expires (unix s).
     certified: HashMap<PeerId, u64>,
+    /// Relays whose admission the gateway revoked: never verified or certified again.
+    revoked: HashSet<PeerId>,
 }
 
 impl Relays {
@@ -84,6 +87,7 @@ impl Relays {
             verified: HashSet::new(),
             greeting: HashSet::new(),
             certified: HashMap::new(),
+            revoked: HashSet::new(),
         }
     }
 
@@ -128,7 +132,10 @@ impl Relays {
     pub(crate) fn identified(&mut self, relay: PeerId) -> bool {
         self.down.remove(&relay);
         let refused_lately = self.not_relays.get(&relay).is_some_and(|until| *until > Instant::now());
-        !self.verified.contains(&relay) && !refused_lately && self.greeting.insert(relay)
+        !self.verified.contains(&relay)
+            && !refused_lately
+            && !self.revoked.contains(&relay)
+            && self.greeting.insert(relay)
     }
 
     /// A greeting of `relay` ended: it showed a valid certificate (`Ok`), or failed, with what
@@ -136,6 +143,8 @@ impl Relays {
     pub(crate) fn greeted(&mut self, relay: PeerId, outcome: Result<(), Option<RelayReport>>) {
         self.greeting.remove(&relay);
         match outcome {
+            // Revoked while the greeting was under way: its certificate no longer counts.
+            Ok(()) if self.revoked.contains(&relay) => {}
             Ok(()) => {
                 self.verified.insert(relay);
             }
@@ -151,7 +160,32 @@ impl Relays {
 
     /// `relay` greeted us with a certificate valid until `until` (unix s, skew included).
     pub(crate) fn certified(&mut self, relay: PeerId, until: u64) {
-        self.certified.insert(relay, until);
+        if !self.revoked.contains(&relay) {
+            self.certified.insert(relay, until);
+        }
+    }
+
+    /// The gateway revoked `relay`'s admission: it gets no more copies (placement, and the
+    /// relay lists clients are given, leave it out) and its replica requests are refused.
+    /// Returns whether that is news (the live relays changed).
+    pub(crate) fn revoke(&mut self, relay: PeerId) -> bool {
+        self.certified.remove(&relay);
+        self.greeting.remove(&relay);
+        let was_live = self.verified.remove(&relay);
+        if self.revoked.insert(relay) {
+            tracing::warn!(peer = %relay, "the gateway revoked this relay's admission; it gets no more copies");
+        }
+        was_live
+    }
+
+    /// Whether the gateway revoked `relay`'s admission.
+    pub(crate) fn is_revoked(&self, relay: &PeerId) -> bool {
+        self.revoked.contains(relay)
+    }
+
+    /// How many relays' admissions the gateway revoked.
+    pub(crate) fn revoked_count(&self) -> usize {
+        self.revoked.len()
     }
 
     /// Whether `relay` showed a certificate still valid at `now` (unix s) on a live connection.
@@ -239,6 +273,30 @@ mod tests {
         assert!(!relays.is_live(&good));
         relays.identified(good);
         assert!(relays.is_live(&good), "identify says it is up again");
+    }
+
+    #[test]
+    fn a_revoked_relay_loses_placement_and_replica_access_for_good() {
+        let mut relays = Relays::new(PeerId::random(), Vec::new());
+        let other = PeerId::random();
+        assert!(relays.identified(other));
+        relays.greeted(other, Ok(()));
+        relays.certified(other, 100);
+        assert!(relays.is_live(&other) && relays.is_certified(&other, 10));
+
+        assert!(relays.revoke(other), "it was live: placement changes");
+        assert!(!relays.revoke(other), "once");
+        assert!(!relays.is_live(&other), "no copies for it");
+        assert!(!relays.is_certified(&other, 10), "its replica requests are refused");
+        assert!(!relays.identified(other), "never greeted again");
+        relays.greeted(other, Ok(()));
+        relays.certified(other, 100);
+        assert!(
+            !relays.is_live(&other) && !relays.is_certified(&other, 10),
+            "a later certificate check does not undo it"
+        );
+        assert!(relays.is_revoked(&other));
+        assert_eq!(relays.revoked_count(), 1);
     }
 
     #[test]

@@ -73,6 +73,10 @@ impl ReplicaServer {
         let now = unix_now();
         match request {
             Err(e) => channel.respond(refuse(ErrorCode::BadRequest, e.to_string())),
+            Ok(ReplicaRequest::Hello { .. }) if relays.is_revoked(&peer) => channel.respond(refuse(
+                ErrorCode::CertInvalid,
+                "the gateway revoked this relay's admission; it may not store or delete replicas".into(),
+            )),
             Ok(ReplicaRequest::Hello { cert }) => {
                 let response = match cert.verify_for(&self.gateway_key, &peer, now) {
                     Ok(body) => {

@@ -143,7 +143,9 @@ impl Mesh {
     pub fn start_on(gateway: Gateway, relays: usize, replication: usize) -> Mesh {
         let key = gateway.server.ready["public_key"].as_str().expect("gateway ready line has public_key").to_string();
         let gateway_dir = gateway.data_dir().display().to_string();
-        Mesh::start_relays(gateway, &key, relays, replication, |dir| {
+        // Relays ask this gateway for revocations.
+        let gateway_addr = gateway.addr();
+        Mesh::start_relays(gateway, &key, Some(&gateway_addr), relays, replication, |dir| {
             let relay = load_or_create_ed25519(&dir.join(RELAY_KEY_FILE)).expect("relay key").public().to_peer_id();
             let (relay, out) = (relay.to_string(), dir.join(RELAY_CERT_FILE).display().to_string());
             let args = ["--data", &gateway_dir, "relay-cert", "--relay", &relay, "--out", &out];
@@ -156,15 +158,18 @@ impl Mesh {
     /// their certificates) instead of the gateway's own key.
     pub fn start_with_key(gateway: Gateway, signer: &ed25519::Keypair, relays: usize, replication: usize) -> Mesh {
         let key = meshgram_node::ids::hex(&signer.public().to_bytes());
-        Mesh::start_relays(gateway, &key, relays, replication, |dir| {
+        // The gateway's revocations are signed by its own key, not this one: none to ask for.
+        Mesh::start_relays(gateway, &key, None, relays, replication, |dir| {
             RelayCert::admit(signer, dir, 1, unix_now()).expect("admit the relay");
         })
     }
 
-    /// Starts the relays, each after `admit` gave its data dir a key and a certificate.
+    /// Starts the relays, each after `admit` gave its data dir a key and a certificate, asking
+    /// `gateway_addr` (if any) for revocations.
     fn start_relays(
         gateway: Gateway,
         gateway_key: &str,
+        gateway_addr: Option<&str>,
         relays: usize,
         replication: usize,
         admit: impl Fn(&Path),
@@ -174,9 +179,10 @@ impl Mesh {
             let dir = gateway.tmp().join(format!("relay-{i}"));
             fs::create_dir_all(&dir).expect("relay data dir");
             admit(&dir);
-            let bootstrap: Vec<String> =
+            let mut extra: Vec<String> =
                 servers.iter().flat_map(|s| ["--bootstrap".to_string(), s.tcp_addr()]).collect();
-            let extra: Vec<&str> = bootstrap.iter().map(String::as_str).collect();
+            extra.extend(gateway_addr.iter().flat_map(|addr| ["--gateway".to_string(), addr.to_string()]));
+            let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
             let server = start_relay(&dir, gateway_key, replication, 0, &extra)
                 .unwrap_or_else(|e| panic!("relay {i} did not start: {e:#}"));
             servers.push(server);

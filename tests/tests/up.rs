@@ -1,5 +1,5 @@
-//! `meshgram up`: a whole network from one command, resumed with its data by a second one, and
-//! supervising its roles.
+//! `meshgram up`: a whole network from one command, resumed with its data by a second one,
+//! supervising its roles, with relays that apply the gateway's revocations.
 
 // A failed unwrap here is a failed test, which is what it should be.
 #![allow(clippy::unwrap_used)]
@@ -99,4 +99,22 @@ fn up_with_one_relay_keeps_one_copy_and_delivers() {
     up.login(&bob, "+15550002222", 0);
     meshgram(&alice, &["send", "+15550002222", "one relay is enough"]).ok_json();
     assert_eq!(texts(&meshgram(&bob, &["messages"]).ok_json()), ["one relay is enough"]);
+}
+
+#[test]
+fn up_relays_cut_a_revoked_session_off_within_seconds() {
+    let up = Up::start(1);
+    let (phone, laptop) = (up.tmp().join("phone"), up.tmp().join("laptop"));
+    up.login(&phone, "+15550001111", 0);
+    up.login(&laptop, "+15550001111", 1);
+    meshgram(&phone, &["messages"]).ok_json();
+    meshgram(&laptop, &["sessions", "revoke", "--others"]).ok_json();
+    // `up` tells its relays where the gateway is, so they learn of it within a poll (2 s). The
+    // CLI still shows the local history, and logs why it could not fetch: in the relay's words,
+    // not the gateway's, since it was the relay that refused.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !meshgram(&phone, &["messages"]).stderr.contains("SESSION_REVOKED: this session was revoked (signed out)") {
+        assert!(Instant::now() < deadline, "the relay still serves the revoked session");
+        thread::sleep(Duration::from_millis(200));
+    }
 }

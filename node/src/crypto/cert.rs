@@ -3,6 +3,8 @@
 //!   devices that present one.
 //! - [`RelayCert`]: a peer is a relay of this network. Relays keep and forward replicas only
 //!   for, and through, peers that present one (`meshgram-gateway relay-cert` issues them).
+//! - [`Revocation`]: a session, or a relay's admission, ended before its certificates expire.
+//!   Relays fetch them from the gateway every few seconds and stop serving what they name.
 //!
 //! The signature covers a domain-separated postcard encoding of the body (each kind has its own
 //! context, so one kind can never pass for another); postcard is deterministic for these
@@ -90,6 +92,39 @@ impl Statement for RelayCertBody {
     }
 }
 
+/// What a [`Revocation`] ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Revoked {
+    /// One session of the device: every session certificate naming it.
+    Session(SessionId),
+    /// A relay's admission: every relay certificate of that peer, for good (a relay that is
+    /// admitted again comes back under a new key).
+    Relay,
+}
+
+/// What the gateway vouches for in a revocation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevocationBody {
+    /// The device whose session, or the relay whose admission, ends.
+    pub peer: PeerId,
+    pub revoked: Revoked,
+    /// Unix seconds when the gateway revoked it.
+    pub revoked_at: u64,
+    /// Unix seconds after which it no longer matters: every certificate it ends has expired
+    /// by then (clock skew included). `u64::MAX` for relays.
+    pub until: u64,
+}
+
+impl Statement for RevocationBody {
+    const CONTEXT: &'static [u8] = b"meshgram/revocation/1\0";
+    fn subject(&self) -> &PeerId {
+        &self.peer
+    }
+    fn valid(&self) -> (u64, u64) {
+        (self.revoked_at, self.until)
+    }
+}
+
 /// A statement with the gateway's ed25519 signature.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Cert<B> {
@@ -104,6 +139,8 @@ pub struct Cert<B> {
 pub type SessionCert = Cert<CertBody>;
 /// A relay's certificate.
 pub type RelayCert = Cert<RelayCertBody>;
+/// A revocation, signed like a certificate (so it can be checked wherever it comes from).
+pub type Revocation = Cert<RevocationBody>;
 
 impl RelayCert {
     /// A certificate for `relay`, valid from now (less the tolerated skew) for `days`.

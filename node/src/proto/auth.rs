@@ -8,12 +8,13 @@
 //! SignIn{phone, code, device} ─▶ SignedIn{account, cert}   | Error(PASSWORD_REQUIRED) → retry with password
 //! RenewCert ───────────────────▶ Cert(cert)                | Error(SESSION_REVOKED)
 //! Lookup / ListSessions / RevokeSession / CreateBot / …
+//! Revocations{since, relay_cert} ─▶ Revocations{revocations, next, more}   (relays, every ~2 s)
 //! ```
 
 use libp2p::PeerId;
 use serde::{Deserialize, Serialize};
 
-use crate::crypto::cert::{AccountKind, SessionCert};
+use crate::crypto::cert::{AccountKind, RelayCert, Revocation, SessionCert};
 use crate::crypto::identity::DeviceKeys;
 use crate::ids::{NoiseKey, Phone, SessionId, UserId, Username};
 use crate::net::codec::PostcardCodec;
@@ -25,6 +26,9 @@ pub const AUTH_PROTOCOL: &str = "/meshgram/auth/1";
 pub const MAX_AUTH_REQUEST_SIZE: usize = 16 * 1024;
 /// Session lists and cards with many devices are the largest replies.
 pub const MAX_AUTH_RESPONSE_SIZE: usize = 1024 * 1024;
+/// Revocations per answer: a signed revocation is ~150 bytes, so a full answer stays well
+/// under [`MAX_AUTH_RESPONSE_SIZE`]; a relay that is further behind asks again at once.
+pub const MAX_REVOCATIONS_PER_ANSWER: usize = 2_000;
 /// Longest display name, in characters (Telegram's first+last name fit in 64).
 pub const MAX_NAME_CHARS: usize = 64;
 /// Longest device name a client may report.
@@ -78,6 +82,9 @@ pub enum AuthRequest {
     ListBots,
     /// Replace a bot's token; its sessions end.
     RevokeBotToken { bot: UserId },
+    /// A relay asks for the revocations from sequence number `since` on (0: all that still
+    /// matter). Only relays of this network may: the caller shows its relay certificate.
+    Revocations { since: u64, relay_cert: RelayCert },
 }
 
 impl AuthRequest {
@@ -98,6 +105,7 @@ impl AuthRequest {
             AuthRequest::CreateBot { .. } => "create_bot",
             AuthRequest::ListBots => "list_bots",
             AuthRequest::RevokeBotToken { .. } => "revoke_bot_token",
+            AuthRequest::Revocations { .. } => "revocations",
         }
     }
 }
@@ -153,6 +161,9 @@ pub enum AuthResponse {
     Done,
     /// The request was refused.
     Error(WireError),
+    /// Revocations from the asked sequence number on, each signed by the gateway. Ask again
+    /// from `next`; `more`: there are more right now (the answer is bounded).
+    Revocations { revocations: Vec<Revocation>, next: u64, more: bool },
 }
 
 /// An account as its owner sees it.

@@ -18,6 +18,9 @@
 //!   relays that come back get what they missed; stale copies never show twice.
 //! - `resilience`: with the gateway stopped, known contacts still chat, and an envelope that
 //!   cannot be verified yet is kept and shown once the gateway is back.
+//! - `revocation`: a revoked session or a replaced bot token loses relay access within seconds
+//!   (a parked fetch, sends, a fresh Hello); a revoked relay gets no new copies and its replica stores are refused; a
+//!   stopped gateway stops neither serving nor, once it is back, revocations.
 //! - `wire`: bad input straight at a relay (forged, expired and misused certificates, sender
 //!   spoofing, oversized envelopes, replays, garbage); the relay keeps serving.
 
@@ -31,6 +34,7 @@ mod features;
 mod node;
 mod repair;
 mod resilience;
+mod revocation;
 mod wire;
 
 const ALICE: &str = "+15550001111";

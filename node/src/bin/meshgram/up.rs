@@ -328,6 +328,9 @@ pub(crate) async fn run(data: &Path, options: UpOptions, json: bool) -> anyhow::
     ];
     let gateway = gateway_entry(&roles[0].0.ready, code_sink)?;
 
+    // Relays ask the gateway for revocations; it restarts on the same ports, so one address
+    // serves for the network's life.
+    let gateway_addr = gateway.addrs.iter().find(|a| a.to_string().contains("/tcp/")).cloned();
     let mut relays: Vec<NodeEntry> = Vec::new();
     for i in 0..options.relays {
         let mut args = vec![
@@ -339,6 +342,9 @@ pub(crate) async fn run(data: &Path, options: UpOptions, json: bool) -> anyhow::
             "--worker-threads".into(),
             "1".into(),
         ];
+        if let Some(addr) = &gateway_addr {
+            args.extend(["--gateway".into(), addr.to_string()]);
+        }
         // Each relay joins through the ones started before it.
         for relay in &relays {
             if let Some(addr) = relay.addrs.iter().find(|a| a.to_string().contains("/tcp/")) {
