@@ -43,6 +43,7 @@ pub mod metrics;
 mod net;
 pub use meshgram_node::net::placement;
 mod relays;
+pub use relays::PlacementLookups;
 mod repair;
 mod replica;
 mod replicate;
@@ -87,6 +88,8 @@ pub struct RelaySettings {
     /// one copy). An operator's explicit choice for a network smaller than `R`; off by
     /// default, so that a relay that just restarted, or that sees its peers down, refuses.
     pub allow_fewer_replicas: bool,
+    /// When placement looks mailboxes' closest relays up with Kademlia.
+    pub placement_lookups: PlacementLookups,
     /// Envelopes per second a user may send, in a burst of `send_burst`.
     pub send_rate: u32,
     pub send_burst: u32,
@@ -123,6 +126,7 @@ impl RelayConfig {
                 gateway_key,
                 replication: 2,
                 allow_fewer_replicas: false,
+                placement_lookups: PlacementLookups::default(),
                 send_rate: 5_000,
                 send_burst: 50_000,
             },

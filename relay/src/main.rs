@@ -51,6 +51,10 @@ struct Cli {
     /// another; use it only for a network knowingly smaller than --replication.
     #[arg(long)]
     allow_fewer_replicas: bool,
+    /// Look every mailbox's closest relays up with Kademlia, not only when the routing table
+    /// may be incomplete (for tests of that path on a small mesh).
+    #[arg(long, hide = true)]
+    placement_lookups_always: bool,
     /// HTTP address for /healthz and /metrics.
     #[arg(long, default_value = "127.0.0.1:0")]
     http: std::net::SocketAddr,
@@ -113,6 +117,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     config.http = Some(cli.http);
     config.settings.replication = cli.replication;
     config.settings.allow_fewer_replicas = cli.allow_fewer_replicas;
+    if cli.placement_lookups_always {
+        config.settings.placement_lookups = meshgram_relay::PlacementLookups::Always;
+    }
     config.settings.send_rate = cli.send_rate;
     config.store.ttl = Duration::from_secs(cli.ttl_days * 24 * 3600);
     config.store.max_per_mailbox = cli.mailbox_quota;

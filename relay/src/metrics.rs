@@ -36,6 +36,8 @@ pub struct Metrics {
     pub relays_revoked: Gauge,
     /// Polls of the gateway for revocations that failed (retried at the next tick).
     pub gateway_polls_failed: Counter,
+    /// Kademlia lookups of a mailbox's closest relays finished (`relays`).
+    pub placement_lookups: Counter,
     /// Repair rounds finished (`repair`).
     pub repair_rounds: Counter,
     /// Envelopes repair copied to responsible relays that lacked them.
@@ -82,6 +84,12 @@ impl Metrics {
             "Polls of the gateway for revocations that failed (retried)",
             gateway_polls_failed.clone(),
         );
+        let placement_lookups = Counter::default();
+        registry.register(
+            "placement_lookups",
+            "Kademlia lookups of a mailbox's closest relays finished",
+            placement_lookups.clone(),
+        );
         let repair_rounds = Counter::default();
         registry.register("repair_rounds", "Repair rounds finished", repair_rounds.clone());
         let repair_copied = Counter::default();
@@ -107,6 +115,7 @@ impl Metrics {
             sessions_revoked,
             relays_revoked,
             gateway_polls_failed,
+            placement_lookups,
             repair_rounds,
             repair_copied,
             repair_stale_deleted,

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use libp2p::kad;
+use libp2p::swarm::dial_opts::DialOpts;
 use libp2p::swarm::{ConnectionError, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm};
 use meshgram_node::crypto::cert::{RelayCert, Revoked};
@@ -133,7 +134,7 @@ impl EventLoop {
         EventLoop {
             swarm,
             inbound,
-            relays: Relays::new(local, listen),
+            relays: Relays::new(local, listen, settings.placement_lookups),
             reports,
             replica_server: ReplicaServer::new(settings.gateway_key.clone(), cert, store),
             mailboxes: Mailboxes::new(settings, Arc::clone(&metrics), replicas.clone()),
@@ -192,11 +193,15 @@ impl EventLoop {
                     Err(e) => tracing::error!(error = %e, "relay task failed"),
                 },
                 () = tokio::time::sleep_until(self.next_repair), if self.repairs.is_empty() => self.start_repair(),
-                Some(round) = self.repairs.join_next() => {
-                    if let Err(e) = round {
-                        tracing::error!(error = %e, "relay repair task failed");
+                Some(round) = self.repairs.join_next() => match round {
+                    Ok(report) => {
+                        let mut known = self.relays.known(&mut self.swarm.behaviour_mut().kad);
+                        for mailbox in &report.held {
+                            known.look_up_if_needed(mailbox);
+                        }
                     }
-                }
+                    Err(e) => tracing::error!(error = %e, "relay repair task failed"),
+                },
                 _ = park_tick.tick() => self.mailboxes.expire_parked(),
                 _ = expire_tick.tick() => self.mailboxes.expire_envelopes(),
                 _ = revocation_tick.tick(), if self.revocations.is_some() => self.poll_gateway(),
@@ -216,15 +221,35 @@ impl EventLoop {
                 ..
             // Relays speak the replica protocol; clients do not. Only relays join the table.
             })) if info.protocols.iter().any(|p| p.as_ref() == REPLICA_PROTOCOL) => {
-                for addr in info.listen_addrs {
-                    self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                for addr in &info.listen_addrs {
+                    self.swarm.behaviour_mut().kad.add_address(&peer_id, addr.clone());
                 }
                 let back = self.relays.is_down(&peer_id);
-                if self.relays.identified(peer_id) {
+                if self.relays.identified(peer_id, info.listen_addrs) {
                     self.greet(peer_id);
                 }
                 if back {
                     self.repair_soon();
+                }
+            }
+            // A placement lookup ended: dial the relays it found that are not known yet; they
+            // identify themselves, are greeted, and join placement.
+            SwarmEvent::Behaviour(RelayBehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
+                id,
+                result: kad::QueryResult::GetClosestPeers(result),
+                ..
+            })) => {
+                let found = match result {
+                    Ok(kad::GetClosestPeersOk { peers, .. }) => peers,
+                    Err(kad::GetClosestPeersError::Timeout { peers, .. }) => peers,
+                };
+                let Some(unknown) = self.relays.looked_up(id, found) else { return };
+                self.metrics.placement_lookups.inc();
+                for relay in unknown {
+                    let dial = DialOpts::peer_id(relay.peer_id).addresses(relay.addrs).build();
+                    if let Err(e) = self.swarm.dial(dial) {
+                        tracing::debug!(peer = %relay.peer_id, error = %e, "could not dial a relay a lookup found");
+                    }
                 }
             }
             SwarmEvent::Behaviour(RelayBehaviourEvent::Kad(kad::Event::RoutingUpdated {
@@ -334,6 +359,7 @@ impl EventLoop {
 
     /// The live relays changed: repair soon (after the round under way, if one is).
     fn repair_soon(&mut self) {
+        self.relays.membership_changed();
         self.next_repair = self.next_repair.min(tokio::time::Instant::now() + AFTER_MEMBERSHIP_CHANGE);
     }
 

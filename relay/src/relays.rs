@@ -7,6 +7,15 @@
 //! here until the certificate expires or its connection closes (`certified`). A relay whose
 //! admission the gateway revoked ([`Relays::revoke`]) loses both, for good.
 //!
+//! Placement chooses from every verified relay that is not down, with the listen addresses its
+//! identify gave, not only those in Kademlia's routing table: past a few dozen relays the far
+//! k-buckets keep only k of the relays they cover, and the closest relays of most mailboxes
+//! are then missing from it (docs/SIMULATION.md). When the table may be incomplete (a k-bucket
+//! is full), placing a mailbox also starts a Kademlia lookup of its closest relays
+//! ([`KnownRelays::mailbox_relays`]); the event loop dials the relays it finds, which identify
+//! themselves, are greeted, and so join placement. A relay down for [`FORGET_AFTER`] is
+//! forgotten until it identifies itself again.
+//!
 //! Tasks report on relays with a [`RelayReport`] sent through a [`Reporter`]; the event loop
 //! hands each to [`Relays::report`]. Nothing else edits these sets.
 
@@ -24,6 +33,13 @@ use crate::placement::{closest_relays, mailbox_key};
 const DOWN_FOR: Duration = Duration::from_secs(30);
 /// A peer that showed no valid relay certificate is skipped in placement for this long.
 const NOT_A_RELAY_FOR: Duration = Duration::from_secs(600);
+/// A relay reported down again and again for this long is forgotten (no longer verified):
+/// placement would otherwise keep trying a relay that is gone for good.
+const FORGET_AFTER: Duration = Duration::from_secs(600);
+/// A mailbox's closest relays are looked up again after this long (or when the relays change).
+const LOOKUP_FRESH_FOR: Duration = Duration::from_secs(600);
+/// Lookups under way at most; beyond that, placement uses what it knows.
+const MAX_LOOKUPS: usize = 64;
 /// Reports queued from tasks to the event loop.
 const REPORT_QUEUE: usize = 1024;
 
@@ -76,10 +92,30 @@ pub(crate) struct Relays {
     certified: HashMap<PeerId, u64>,
     /// Relays whose admission the gateway revoked: never verified or certified again.
     revoked: HashSet<PeerId>,
+    /// Listen addresses relays gave in their identify.
+    addrs: HashMap<PeerId, Vec<Multiaddr>>,
+    /// Since when a relay has been reported down without identifying itself in between.
+    down_since: HashMap<PeerId, Instant>,
+    /// Whether to look mailboxes' closest relays up with Kademlia (see the module).
+    lookups: PlacementLookups,
+    /// Mailboxes looked up lately, and when.
+    looked_up: HashMap<PeerId, Instant>,
+    /// Lookups under way, by query.
+    looking_up: HashMap<kad::QueryId, PeerId>,
+}
+
+/// When placement looks a mailbox's closest relays up with Kademlia.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PlacementLookups {
+    /// When the routing table may be incomplete (a k-bucket is full).
+    #[default]
+    WhenNeeded,
+    /// Always (tests, so that the lookup path runs on a small mesh).
+    Always,
 }
 
 impl Relays {
-    pub(crate) fn new(local: PeerId, listen: Vec<Multiaddr>) -> Self {
+    pub(crate) fn new(local: PeerId, listen: Vec<Multiaddr>, lookups: PlacementLookups) -> Self {
         Relays {
             local: RelayInfo { peer_id: local, addrs: listen },
             down: HashMap::new(),
@@ -88,6 +124,11 @@ impl Relays {
             greeting: HashSet::new(),
             certified: HashMap::new(),
             revoked: HashSet::new(),
+            addrs: HashMap::new(),
+            down_since: HashMap::new(),
+            lookups,
+            looked_up: HashMap::new(),
+            looking_up: HashMap::new(),
         }
     }
 
@@ -101,7 +142,9 @@ impl Relays {
         match report {
             RelayReport::Down => {
                 tracing::warn!(peer = %relay, "a relay did not answer; skipping it in placement for a while");
-                self.down.insert(relay, Instant::now() + DOWN_FOR);
+                let now = Instant::now();
+                self.down.insert(relay, now + DOWN_FOR);
+                self.down_since.entry(relay).or_insert(now);
             }
             RelayReport::NotARelay => {
                 tracing::warn!(peer = %relay, "a peer showed no valid relay certificate; it gets no replicas");
@@ -129,8 +172,12 @@ impl Relays {
     /// `relay` identified itself as a relay, so it is up. Returns whether to greet it now (its
     /// certificate is not checked yet, no greeting is under way, and it did not recently fail
     /// to show one); if so, the greeting counts as under way until [`Relays::greeted`].
-    pub(crate) fn identified(&mut self, relay: PeerId) -> bool {
+    pub(crate) fn identified(&mut self, relay: PeerId, addrs: Vec<Multiaddr>) -> bool {
         self.down.remove(&relay);
+        self.down_since.remove(&relay);
+        if !addrs.is_empty() {
+            self.addrs.insert(relay, addrs);
+        }
         let refused_lately = self.not_relays.get(&relay).is_some_and(|until| *until > Instant::now());
         !self.verified.contains(&relay)
             && !refused_lately
@@ -211,6 +258,41 @@ impl Relays {
     fn forget_expired(&mut self, now: Instant) {
         self.down.retain(|_, until| *until > now);
         self.not_relays.retain(|_, until| *until > now);
+        let gone: Vec<PeerId> = self
+            .down_since
+            .iter()
+            .filter(|(_, since)| now.duration_since(**since) >= FORGET_AFTER)
+            .map(|(relay, _)| *relay)
+            .collect();
+        for relay in gone {
+            tracing::info!(peer = %relay, "forgetting a relay that has been down for long");
+            self.down_since.remove(&relay);
+            self.verified.remove(&relay);
+            self.addrs.remove(&relay);
+        }
+        self.looked_up.retain(|_, at| now.duration_since(*at) < LOOKUP_FRESH_FOR);
+    }
+
+    /// The relays changed: mailboxes are looked up afresh when next placed.
+    pub(crate) fn membership_changed(&mut self) {
+        self.looked_up.clear();
+    }
+
+    /// A lookup ended with these relays: those not yet known, to dial (so that they identify
+    /// themselves and are greeted), with their addresses; `None` if it was not a placement
+    /// lookup.
+    pub(crate) fn looked_up(&mut self, query: kad::QueryId, found: Vec<kad::PeerInfo>) -> Option<Vec<kad::PeerInfo>> {
+        self.looking_up.remove(&query)?;
+        let unknown = found
+            .into_iter()
+            .filter(|p| {
+                p.peer_id != self.local.peer_id
+                    && !self.verified.contains(&p.peer_id)
+                    && !self.revoked.contains(&p.peer_id)
+                    && !self.greeting.contains(&p.peer_id)
+            })
+            .collect();
+        Some(unknown)
     }
 }
 
@@ -226,27 +308,50 @@ impl KnownRelays<'_> {
         self.relays.local()
     }
 
-    /// Every relay we know (ourselves included) with addresses, skipping those down recently.
+    /// Every verified relay (ourselves included) with addresses, skipping those down recently.
     pub(crate) fn live_relays(&mut self) -> Vec<RelayInfo> {
         self.relays.forget_expired(Instant::now());
         let mut relays = vec![self.relays.local.clone()];
+        // The routing table's addresses where identify gave none.
+        let mut table: HashMap<PeerId, Vec<Multiaddr>> = HashMap::new();
         for bucket in self.kad.kbuckets() {
             for entry in bucket.iter() {
-                let peer_id = *entry.node.key.preimage();
-                if self.relays.is_live(&peer_id) {
-                    relays.push(RelayInfo { peer_id, addrs: entry.node.value.iter().cloned().collect() });
-                }
+                table.insert(*entry.node.key.preimage(), entry.node.value.iter().cloned().collect());
             }
+        }
+        let mut live: Vec<PeerId> = self.relays.verified.iter().filter(|r| self.relays.is_live(r)).copied().collect();
+        live.sort_unstable();
+        for peer_id in live {
+            let addrs = self.relays.addrs.get(&peer_id).cloned().or_else(|| table.remove(&peer_id)).unwrap_or_default();
+            relays.push(RelayInfo { peer_id, addrs });
         }
         relays
     }
 
-    /// Every live relay, closest to `device`'s mailbox first.
+    /// Every live relay, closest to `device`'s mailbox first. Starts a lookup of its closest
+    /// relays when the routing table may not hold them (see the module).
     pub(crate) fn mailbox_relays(&mut self, device: &PeerId) -> Vec<RelayInfo> {
+        self.look_up_if_needed(device);
         let relays = self.live_relays();
         let order = closest_relays(&mailbox_key(device), relays.iter().map(|r| r.peer_id), relays.len());
         let mut by_id: HashMap<PeerId, RelayInfo> = relays.into_iter().map(|r| (r.peer_id, r)).collect();
         order.into_iter().filter_map(|id| by_id.remove(&id)).collect()
+    }
+
+    /// Starts a lookup of `device`'s closest relays if the routing table may not hold them and
+    /// none was made lately (see the module).
+    pub(crate) fn look_up_if_needed(&mut self, device: &PeerId) {
+        let relays = &mut *self.relays;
+        let needed = match relays.lookups {
+            PlacementLookups::Always => true,
+            PlacementLookups::WhenNeeded => self.kad.kbuckets().any(|b| b.num_entries() >= kad::K_VALUE.get()),
+        };
+        if !needed || relays.looked_up.contains_key(device) || relays.looking_up.len() >= MAX_LOOKUPS {
+            return;
+        }
+        relays.looked_up.insert(*device, Instant::now());
+        let query = self.kad.get_closest_peers(*device);
+        relays.looking_up.insert(query, *device);
     }
 }
 
@@ -256,30 +361,30 @@ mod tests {
 
     #[test]
     fn a_relay_is_greeted_once_and_a_refusal_holds_until_it_expires() {
-        let mut relays = Relays::new(PeerId::random(), Vec::new());
+        let mut relays = Relays::new(PeerId::random(), Vec::new(), PlacementLookups::WhenNeeded);
         let other = PeerId::random();
-        assert!(relays.identified(other), "first sight: greet");
-        assert!(!relays.identified(other), "greeting under way");
+        assert!(relays.identified(other, Vec::new()), "first sight: greet");
+        assert!(!relays.identified(other, Vec::new()), "greeting under way");
         relays.greeted(other, Err(Some(RelayReport::NotARelay)));
-        assert!(!relays.identified(other), "refused lately");
+        assert!(!relays.identified(other, Vec::new()), "refused lately");
         assert!(!relays.is_live(&other));
 
         let good = PeerId::random();
-        assert!(relays.identified(good));
+        assert!(relays.identified(good, Vec::new()));
         relays.greeted(good, Ok(()));
-        assert!(!relays.identified(good), "already verified");
+        assert!(!relays.identified(good, Vec::new()), "already verified");
         assert!(relays.is_live(&good));
         relays.report(good, RelayReport::Down);
         assert!(!relays.is_live(&good));
-        relays.identified(good);
+        relays.identified(good, Vec::new());
         assert!(relays.is_live(&good), "identify says it is up again");
     }
 
     #[test]
     fn a_revoked_relay_loses_placement_and_replica_access_for_good() {
-        let mut relays = Relays::new(PeerId::random(), Vec::new());
+        let mut relays = Relays::new(PeerId::random(), Vec::new(), PlacementLookups::WhenNeeded);
         let other = PeerId::random();
-        assert!(relays.identified(other));
+        assert!(relays.identified(other, Vec::new()));
         relays.greeted(other, Ok(()));
         relays.certified(other, 100);
         assert!(relays.is_live(&other) && relays.is_certified(&other, 10));
@@ -288,7 +393,7 @@ mod tests {
         assert!(!relays.revoke(other), "once");
         assert!(!relays.is_live(&other), "no copies for it");
         assert!(!relays.is_certified(&other, 10), "its replica requests are refused");
-        assert!(!relays.identified(other), "never greeted again");
+        assert!(!relays.identified(other, Vec::new()), "never greeted again");
         relays.greeted(other, Ok(()));
         relays.certified(other, 100);
         assert!(
@@ -300,8 +405,22 @@ mod tests {
     }
 
     #[test]
+    fn a_relay_down_for_long_is_forgotten_until_it_identifies_again() {
+        let mut relays = Relays::new(PeerId::random(), Vec::new(), PlacementLookups::WhenNeeded);
+        let gone = PeerId::random();
+        relays.identified(gone, Vec::new());
+        relays.greeted(gone, Ok(()));
+        relays.report(gone, RelayReport::Down);
+        relays.forget_expired(Instant::now());
+        assert!(relays.is_verified(&gone), "down a while: still known");
+        relays.forget_expired(Instant::now() + FORGET_AFTER);
+        assert!(!relays.is_verified(&gone), "down for long: forgotten");
+        assert!(relays.identified(gone, Vec::new()), "back: greeted again");
+    }
+
+    #[test]
     fn certified_until_expiry_or_disconnect() {
-        let mut relays = Relays::new(PeerId::random(), Vec::new());
+        let mut relays = Relays::new(PeerId::random(), Vec::new(), PlacementLookups::WhenNeeded);
         let other = PeerId::random();
         assert!(!relays.is_certified(&other, 10));
         relays.certified(other, 100);

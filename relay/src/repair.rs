@@ -62,7 +62,7 @@ const REPAIR_CALL_DEADLINE: Duration = Duration::from_secs(5);
 const RELAYS_AT_ONCE: usize = 4;
 
 /// What a round did.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub(crate) struct RoundReport {
     /// Mailboxes with envelopes held here.
     pub(crate) mailboxes: usize,
@@ -72,6 +72,9 @@ pub(crate) struct RoundReport {
     pub(crate) stale_deleted: u64,
     /// Relays the round could not finish with (down, refusing, or a failing store).
     pub(crate) unfinished: usize,
+    /// Mailboxes held here: the event loop looks up their closest relays when its routing
+    /// table may not hold them, so that the next round places them right.
+    pub(crate) held: Vec<PeerId>,
 }
 
 /// One round: see the module's description. `live` are the relays placement may choose from,
@@ -93,7 +96,8 @@ pub(crate) async fn repair_round(replicas: Replicas, live: Vec<PeerId>, metrics:
             }
         }
     }
-    let mut report = RoundReport { mailboxes: digests.len(), ..RoundReport::default() };
+    let held = digests.iter().map(|(mailbox, _)| *mailbox).collect();
+    let mut report = RoundReport { mailboxes: digests.len(), held, ..RoundReport::default() };
     let mut pending = plan.into_iter();
     let mut running = FuturesUnordered::new();
     loop {

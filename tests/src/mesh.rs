@@ -141,11 +141,20 @@ impl Mesh {
 
     /// Like [`Mesh::start`], on a gateway the test started (say, with short certificates).
     pub fn start_on(gateway: Gateway, relays: usize, replication: usize) -> Mesh {
+        Mesh::start_on_with_args(gateway, relays, replication, &[])
+    }
+
+    /// Like [`Mesh::start`], each relay started with `extra` arguments too.
+    pub fn start_with_relay_args(relays: usize, replication: usize, extra: &[&str]) -> Mesh {
+        Mesh::start_on_with_args(Gateway::start(), relays, replication, extra)
+    }
+
+    fn start_on_with_args(gateway: Gateway, relays: usize, replication: usize, extra: &[&str]) -> Mesh {
         let key = gateway.server.ready["public_key"].as_str().expect("gateway ready line has public_key").to_string();
         let gateway_dir = gateway.data_dir().display().to_string();
         // Relays ask this gateway for revocations.
         let gateway_addr = gateway.addr();
-        Mesh::start_relays(gateway, &key, Some(&gateway_addr), relays, replication, |dir| {
+        Mesh::start_relays(gateway, &key, Some(&gateway_addr), relays, replication, extra, |dir| {
             let relay = load_or_create_ed25519(&dir.join(RELAY_KEY_FILE)).expect("relay key").public().to_peer_id();
             let (relay, out) = (relay.to_string(), dir.join(RELAY_CERT_FILE).display().to_string());
             let args = ["--data", &gateway_dir, "relay-cert", "--relay", &relay, "--out", &out];
@@ -159,19 +168,20 @@ impl Mesh {
     pub fn start_with_key(gateway: Gateway, signer: &ed25519::Keypair, relays: usize, replication: usize) -> Mesh {
         let key = meshgram_node::ids::hex(&signer.public().to_bytes());
         // The gateway's revocations are signed by its own key, not this one: none to ask for.
-        Mesh::start_relays(gateway, &key, None, relays, replication, |dir| {
+        Mesh::start_relays(gateway, &key, None, relays, replication, &[], |dir| {
             RelayCert::admit(signer, dir, 1, unix_now()).expect("admit the relay");
         })
     }
 
     /// Starts the relays, each after `admit` gave its data dir a key and a certificate, asking
-    /// `gateway_addr` (if any) for revocations.
+    /// `gateway_addr` (if any) for revocations, with `more` arguments.
     fn start_relays(
         gateway: Gateway,
         gateway_key: &str,
         gateway_addr: Option<&str>,
         relays: usize,
         replication: usize,
+        more: &[&str],
         admit: impl Fn(&Path),
     ) -> Mesh {
         let mut servers: Vec<Server> = Vec::new();
@@ -182,6 +192,7 @@ impl Mesh {
             let mut extra: Vec<String> =
                 servers.iter().flat_map(|s| ["--bootstrap".to_string(), s.tcp_addr()]).collect();
             extra.extend(gateway_addr.iter().flat_map(|addr| ["--gateway".to_string(), addr.to_string()]));
+            extra.extend(more.iter().map(|arg| arg.to_string()));
             let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
             let server = start_relay(&dir, gateway_key, replication, 0, &extra)
                 .unwrap_or_else(|e| panic!("relay {i} did not start: {e:#}"));

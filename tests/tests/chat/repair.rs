@@ -28,7 +28,18 @@ fn wait_repaired(relay: &Server, count: u64, what: &str) -> Duration {
 
 #[test]
 fn copies_of_a_dead_relay_are_back_on_r_relays_before_a_second_failure_and_a_returning_relay_catches_up() {
-    let mut mesh = Mesh::start(4, 2);
+    dead_and_returning_relays(&[]);
+}
+
+/// The same with every placement going through a Kademlia lookup (a big mesh's path; on four
+/// relays the routing table alone would be exact).
+#[test]
+fn the_same_with_placement_by_kademlia_lookups() {
+    dead_and_returning_relays(&["--placement-lookups-always"]);
+}
+
+fn dead_and_returning_relays(relay_args: &[&str]) {
+    let mut mesh = Mesh::start_with_relay_args(4, 2, relay_args);
     let (alice, bob) = (mesh.new_profile("alice"), mesh.new_profile("bob"));
     mesh.login(&alice, ALICE);
     mesh.login(&bob, BOB);
@@ -61,8 +72,8 @@ fn copies_of_a_dead_relay_are_back_on_r_relays_before_a_second_failure_and_a_ret
         .iter()
         .map(|&i| relay_metric(&mesh.relays[i], "meshgram_relay_repair_copied").unwrap_or(0))
         .sum();
-    mesh.relays[first] = start_relay(&first_data, &key, 2, first_port, &[]).unwrap();
-    mesh.relays[second] = start_relay(&second_data, &key, 2, second_port, &[]).unwrap();
+    mesh.relays[first] = start_relay(&first_data, &key, 2, first_port, relay_args).unwrap();
+    mesh.relays[second] = start_relay(&second_data, &key, 2, second_port, relay_args).unwrap();
     let started = Instant::now();
     loop {
         let copied: u64 = [third, fourth]
@@ -79,6 +90,11 @@ fn copies_of_a_dead_relay_are_back_on_r_relays_before_a_second_failure_and_a_ret
     eprintln!("returning relays caught up {:?} after they started", started.elapsed());
     // The stand-ins die: the returning relays alone hand Bob the rest, and nothing twice (the
     // stale copies of what Bob already has are dropped by id).
+    if relay_args.contains(&"--placement-lookups-always") {
+        let lookups: u64 =
+            mesh.relays.iter().map(|relay| relay_metric(relay, "meshgram_relay_placement_lookups").unwrap_or(0)).sum();
+        assert!(lookups > 0, "placement went through Kademlia lookups");
+    }
     mesh.relays[third].kill9();
     mesh.relays[fourth].kill9();
     let fetched = meshgram(&bob, &["messages"]);
