@@ -39,6 +39,17 @@ fn wait_until_relays_verified(relays: &[Server]) {
     }
 }
 
+/// Issues a certificate for the relay whose key is in `dir` (made there if missing) with the
+/// gateway whose data dir is `gateway_dir`.
+fn admit_relay(gateway_dir: &Path, dir: &Path) {
+    let relay = load_or_create_ed25519(&dir.join(RELAY_KEY_FILE)).expect("relay key").public().to_peer_id();
+    let (relay, out) = (relay.to_string(), dir.join(RELAY_CERT_FILE).display().to_string());
+    let gateway_dir = gateway_dir.display().to_string();
+    let args = ["--data", &gateway_dir, "relay-cert", "--relay", &relay, "--out", &out];
+    let issued = run(&bin_path(GATEWAY_BIN), &args, None);
+    assert!(issued.status.success(), "relay-cert failed: {}", issued.stderr);
+}
+
 /// A counter or gauge from a relay's `/metrics` (`name` without labels); `None` if the relay
 /// does not answer or has no such metric.
 pub fn relay_metric(relay: &Server, name: &str) -> Option<u64> {
@@ -151,16 +162,23 @@ impl Mesh {
 
     fn start_on_with_args(gateway: Gateway, relays: usize, replication: usize, extra: &[&str]) -> Mesh {
         let key = gateway.server.ready["public_key"].as_str().expect("gateway ready line has public_key").to_string();
-        let gateway_dir = gateway.data_dir().display().to_string();
+        let gateway_dir = gateway.data_dir().to_path_buf();
         // Relays ask this gateway for revocations.
         let gateway_addr = gateway.addr();
         Mesh::start_relays(gateway, &key, Some(&gateway_addr), relays, replication, extra, |dir| {
-            let relay = load_or_create_ed25519(&dir.join(RELAY_KEY_FILE)).expect("relay key").public().to_peer_id();
-            let (relay, out) = (relay.to_string(), dir.join(RELAY_CERT_FILE).display().to_string());
-            let args = ["--data", &gateway_dir, "relay-cert", "--relay", &relay, "--out", &out];
-            let issued = run(&bin_path(GATEWAY_BIN), &args, None);
-            assert!(issued.status.success(), "relay-cert failed: {}", issued.stderr);
+            admit_relay(&gateway_dir, dir)
         })
+    }
+
+    /// Admits the relay whose key is in `dir` (made there if missing) with this mesh's gateway,
+    /// as its operator would (`meshgram-gateway relay-cert`).
+    pub fn admit_relay(&self, dir: &Path) {
+        admit_relay(self.gateway.data_dir(), dir);
+    }
+
+    /// Waits (bounded) until every relay has checked every other relay's certificate.
+    pub fn wait_until_verified(&self) {
+        wait_until_relays_verified(&self.relays);
     }
 
     /// Like [`Mesh::start`], but relays trust `gateway` (a key the test holds, which also signs

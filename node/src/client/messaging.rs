@@ -33,6 +33,8 @@ pub struct Inbox {
     pub deferred: usize,
 }
 
+/// How long a `Welcome`'s mailbox relays are used before a receiving device asks again.
+const MAILBOX_RELAYS_FRESH_FOR: std::time::Duration = std::time::Duration::from_secs(30);
 /// Message ids per receipt: 16 bytes each keeps a receipt far below the envelope limit.
 const MAX_IDS_PER_RECEIPT: usize = 2_000;
 /// A typing notice older than this is stale by the time it is read, and is dropped.
@@ -116,8 +118,9 @@ pub struct Messenger {
     history: Option<History>,
     /// Relays that accepted our Hello on the current connection.
     greeted: HashSet<PeerId>,
-    /// From the last Welcome: the relays holding our mailbox.
+    /// From the last Welcome: the relays holding our mailbox, and when it came.
     mailbox_relays: Vec<RelayInfo>,
+    mailbox_relays_at: Option<std::time::Instant>,
     /// Envelopes fetched and recorded in the history but not yet acknowledged, per relay: the
     /// next `Fetch` there carries them ([`Messenger::flush_acks`] sends them on their own).
     unacked: HashMap<PeerId, Vec<EnvelopeId>>,
@@ -156,6 +159,7 @@ impl Messenger {
             history: None,
             greeted: HashSet::new(),
             mailbox_relays: Vec::new(),
+            mailbox_relays_at: None,
             unacked: HashMap::new(),
             unresponsive: HashMap::new(),
             saves_session: true,
@@ -183,6 +187,7 @@ impl Messenger {
             history: Some(history),
             greeted: HashSet::new(),
             mailbox_relays: self.mailbox_relays.clone(),
+            mailbox_relays_at: self.mailbox_relays_at,
             unacked: HashMap::new(),
             unresponsive: HashMap::new(),
             saves_session: self.saves_session,
@@ -299,6 +304,7 @@ impl Messenger {
                 MailboxResponse::Welcome { mailbox_relays, relays, .. } => {
                     self.greeted.insert(relay.peer_id);
                     self.mailbox_relays = mailbox_relays;
+                    self.mailbox_relays_at = Some(std::time::Instant::now());
                     let relays = merge_known_relays(relays, &self.session.relays);
                     if relays != self.session.relays {
                         self.session.relays = relays;
@@ -600,6 +606,14 @@ impl Messenger {
     pub async fn receive(&mut self, wait_ms: u32) -> Result<Inbox, MessagingError> {
         if self.mailbox_relays.is_empty() {
             self.greet_any().await?;
+        } else if self.mailbox_relays_at.is_none_or(|at| at.elapsed() >= MAILBOX_RELAYS_FRESH_FOR) {
+            // Placement moves when relays join, leave or are revoked, and repair moves the
+            // copies with it: ask again now and then, or a long-running node keeps fetching
+            // from relays that no longer hold its mailbox. The old list serves if none answers.
+            if let Err(e) = self.greet_any().await {
+                tracing::warn!(error = %e, "could not refresh this device's mailbox relays");
+                self.mailbox_relays_at = Some(std::time::Instant::now());
+            }
         }
         let mut fresh = Inbox::default();
         let mut reached = 0;

@@ -1,11 +1,16 @@
 //! Repair: after a relay dies, the copies it held are back on `R` live relays before a second
 //! failure can lose them; a relay that comes back gets what it missed; a delete that missed a
-//! replica does not come back as a duplicate.
+//! replica does not come back as a duplicate; a running node follows its mailbox when closer
+//! relays join.
 
 use std::thread;
 use std::time::{Duration, Instant};
 
-use meshgram_tests::{Mesh, Server, meshgram, meshgram_stdin, relay_metric, start_relay, texts, u64_field};
+use libp2p::PeerId;
+use libp2p::kad::KBucketKey;
+use meshgram_node::crypto::identity::load_or_create_ed25519;
+use meshgram_node::defaults::RELAY_KEY_FILE;
+use meshgram_tests::{Mesh, Server, meshgram, meshgram_stdin, relay_metric, start_node, start_relay, texts, u64_field};
 
 use super::{ALICE, BOB};
 
@@ -103,4 +108,51 @@ fn dead_and_returning_relays(relay_args: &[&str]) {
     let mut everything = before.clone();
     everything.extend(after);
     assert_eq!(texts(&inbox), everything, "every message once, in order");
+}
+
+/// How long a running node may take to notice that its mailbox moved: it asks for its mailbox
+/// relays again every 30 s (`messaging::MAILBOX_RELAYS_FRESH_FOR`), between long-polls of up to
+/// 25 s.
+const MAILBOX_MOVED_WITHIN: Duration = Duration::from_secs(60);
+
+#[test]
+fn a_running_node_follows_its_mailbox_when_closer_relays_join() {
+    let mut mesh = Mesh::start(2, 2);
+    let (alice, bob) = (mesh.new_profile("alice"), mesh.new_profile("bob"));
+    mesh.login(&alice, ALICE);
+    mesh.login(&bob, BOB);
+    let _bob_node = start_node(&bob);
+    let device: PeerId = meshgram(&bob, &["whoami"]).ok_json()["device"].as_str().unwrap().parse().unwrap();
+    let distance = |relay: PeerId| KBucketKey::from(device).distance(&KBucketKey::from(relay));
+    let wait_for = |text: &str, within: Duration| {
+        let started = Instant::now();
+        while !texts(&meshgram(&bob, &["messages", ALICE]).ok_json()).iter().any(|t| t == text) {
+            assert!(started.elapsed() < within, "Bob's node did not get {text:?} within {within:?}");
+            thread::sleep(Duration::from_millis(500));
+        }
+    };
+    meshgram(&alice, &["send", BOB, "before the join"]).ok_json();
+    wait_for("before the join", Duration::from_secs(20));
+
+    // Two relays join, both closer to Bob's mailbox than either relay his node fetches from:
+    // they hold it now, and what Alice sends goes there.
+    let farthest_now = mesh.relays.iter().map(|r| distance(r.peer_id().parse().unwrap())).min().unwrap();
+    let key = mesh.gateway.server.ready["public_key"].as_str().unwrap().to_string();
+    let mut extra = vec!["--gateway".to_string(), mesh.gateway.addr()];
+    extra.extend(mesh.relays.iter().flat_map(|r| ["--bootstrap".to_string(), r.tcp_addr()]));
+    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+    for n in 0.. {
+        if mesh.relays.len() == 4 {
+            break;
+        }
+        let dir = mesh.gateway.tmp().join(format!("joining-{n}"));
+        let peer = load_or_create_ed25519(&dir.join(RELAY_KEY_FILE)).unwrap().public().to_peer_id();
+        if distance(peer) < farthest_now {
+            mesh.admit_relay(&dir);
+            mesh.relays.push(start_relay(&dir, &key, 2, 0, &extra).unwrap());
+        }
+    }
+    mesh.wait_until_verified();
+    meshgram(&alice, &["send", BOB, "after the join"]).ok_json();
+    wait_for("after the join", MAILBOX_MOVED_WITHIN);
 }
