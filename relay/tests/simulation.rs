@@ -4,19 +4,24 @@
 //! - `relay_mesh_simulation` (ignored by default: minutes of CPU in an unoptimized build) starts
 //!   the relays, joins them into a mesh, and measures what a `get_closest_peers` lookup costs and
 //!   whether it finds the same `R` replicas as [`closest_relays`] over the full relay set; then the
-//!   placement figures below over the relays' ids. Writes its report to
-//!   `target/simulation-report.txt`.
+//!   placement figures below over the relays' ids. Then placement as production relays do it
+//!   (over the relays they identified, with and without one lookup), churn (10% of the relays
+//!   leave at once and as many join) with a repair model over 10,000 envelopes, the lookups and
+//!   placement again over the live relays, and the same churn in two steps of 5% with repair in
+//!   between. Writes its report to `target/simulation-report.txt`. Past 200 relays run it in a
+//!   release build (`cargo test --release`): 400 relays take ~16 minutes, 1,000 far longer.
 //! - `placement_balance_and_churn` (seconds, runs with every `cargo test`): how evenly placement
 //!   spreads 100,000 mailboxes over the relays and how many move when one leaves or joins.
 //!
 //! Both print their report (run with `--nocapture`). `MESHGRAM_SIM_RELAYS=500` runs more relays,
 //! `MESHGRAM_SIM_TIMEOUT_SECS` changes the time bound, `MESHGRAM_SIM_IDENTIFY=0` runs without
-//! identify, and `MESHGRAM_SIM_SEED=n` fixes the random choices (not the network's timing).
+//! identify, `MESHGRAM_SIM_ENVELOPES` changes the repair model's envelopes, and
+//! `MESHGRAM_SIM_SEED=n` fixes the random choices (not the network's timing).
 
 #![allow(clippy::unwrap_used)]
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     fmt::Write as _,
     num::NonZeroUsize,
     time::{Duration, Instant},
@@ -71,6 +76,21 @@ const QUERY_TIMEOUT: Duration = Duration::from_secs(60);
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(90);
 /// Relays keep their links: they would otherwise close after 10 s and be re-dialled.
 const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(600);
+/// Above this many relays, links close when idle instead: joins leave the relays nearly fully
+/// meshed, and N² connections do not fit (1,000 relays took 3.4 GB after 200 had joined).
+const FULL_MESH_MAX_RELAYS: usize = 300;
+/// libp2p's default idle timeout, used above [`FULL_MESH_MAX_RELAYS`].
+const SHORT_IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
+/// Share of the relays that leave (and as many that join) in the churn phase.
+const CHURN_FRACTION: f64 = 0.10;
+/// Envelopes placed before churn for the repair model (`MESHGRAM_SIM_ENVELOPES` changes it):
+/// each repair round looks every copy up, ~20,000 lookups for 10,000 envelopes (80 s of CPU in a
+/// release build at 200 relays), so the unoptimized test build, ~5× slower, places fewer.
+const DEFAULT_ENVELOPES: usize = if cfg!(debug_assertions) { 1_000 } else { 10_000 };
+/// Repair lookups in flight at once over the whole mesh (each holder runs several).
+const REPAIR_CONCURRENCY: usize = 32;
+/// Repair rounds tried before the model gives up: one should do when lookups are exact.
+const MAX_REPAIR_ROUNDS: usize = 5;
 /// New relays tried for the "one relay joins" figure; one alone is noisy.
 const JOINING_RELAYS: usize = 10;
 /// Mailboxes on which the churn figures are also recomputed from scratch, as a check.
@@ -94,11 +114,31 @@ struct RelayBehaviour {
 
 /// What the test asks of one relay's event loop.
 enum Command {
-    AddPeer { peer: PeerId, addr: Multiaddr },
-    Bootstrap { reply: oneshot::Sender<Result<Join, kad::NoKnownPeers>> },
-    Lookup { key: PeerId, num_results: NonZeroUsize, reply: oneshot::Sender<Lookup> },
-    Counters { reply: oneshot::Sender<Counters> },
-    RoutingTable { reply: oneshot::Sender<Vec<PeerId>> },
+    AddPeer {
+        peer: PeerId,
+        addr: Multiaddr,
+    },
+    Bootstrap {
+        reply: oneshot::Sender<Result<Join, kad::NoKnownPeers>>,
+    },
+    Lookup {
+        key: PeerId,
+        num_results: NonZeroUsize,
+        reply: oneshot::Sender<Lookup>,
+    },
+    Counters {
+        reply: oneshot::Sender<Counters>,
+    },
+    RoutingTable {
+        reply: oneshot::Sender<Vec<PeerId>>,
+    },
+    /// Relays whose identify this relay received: what production relays place mailboxes over.
+    Identified {
+        reply: oneshot::Sender<Vec<PeerId>>,
+    },
+    /// Leave the mesh: the loop ends and drops the swarm, closing every connection at once, as a
+    /// relay that crashes or is switched off.
+    Stop,
 }
 
 /// What one relay has seen so far.
@@ -136,7 +176,7 @@ impl RelayHandle {
     }
 }
 
-fn build_swarm(with_identify: bool) -> Swarm<RelayBehaviour> {
+fn build_swarm(with_identify: bool, idle_timeout: Duration) -> Swarm<RelayBehaviour> {
     SwarmBuilder::with_new_identity()
         .with_tokio()
         .with_other_transport(|key| {
@@ -153,6 +193,10 @@ fn build_swarm(with_identify: bool) -> Swarm<RelayBehaviour> {
             let peer_id = key.public().to_peer_id();
             let mut config = kad::Config::new(KAD_PROTOCOL);
             config.set_query_timeout(QUERY_TIMEOUT);
+            // Production relays re-bootstrap every 5 minutes (libp2p's default); here that would
+            // be N bootstraps per 5 minutes on two cores, more than the joins at 1,000 relays. It
+            // only refreshes routing tables, so without it the figures are if anything worse.
+            config.set_periodic_bootstrap_interval(None);
             let mut kad = kad::Behaviour::with_config(peer_id, MemoryStore::new(peer_id), config);
             kad.set_mode(Some(kad::Mode::Server));
             let identify = with_identify
@@ -160,7 +204,7 @@ fn build_swarm(with_identify: bool) -> Swarm<RelayBehaviour> {
             RelayBehaviour { kad, identify: identify.into() }
         })
         .unwrap()
-        .with_swarm_config(|c| c.with_idle_connection_timeout(IDLE_CONNECTION_TIMEOUT))
+        .with_swarm_config(|c| c.with_idle_connection_timeout(idle_timeout))
         .build()
 }
 
@@ -170,10 +214,11 @@ async fn run_relay(mut swarm: Swarm<RelayBehaviour>, mut commands: mpsc::Receive
         HashMap::new();
     let mut lookups: HashMap<QueryId, oneshot::Sender<Lookup>> = HashMap::new();
     let mut counters = Counters::default();
+    let mut identified: HashSet<PeerId> = HashSet::new();
     loop {
         tokio::select! {
             command = commands.recv() => match command {
-                None => return,
+                None | Some(Command::Stop) => return,
                 Some(Command::AddPeer { peer, addr }) => {
                     swarm.behaviour_mut().kad.add_address(&peer, addr);
                 }
@@ -194,6 +239,9 @@ async fn run_relay(mut swarm: Swarm<RelayBehaviour>, mut commands: mpsc::Receive
                     let peers = kad.kbuckets().flat_map(|b| b.iter().map(|e| *e.node.key.preimage()).collect::<Vec<_>>());
                     let _ = reply.send(peers.collect());
                 }
+                Some(Command::Identified { reply }) => {
+                    let _ = reply.send(identified.iter().copied().collect());
+                }
                 Some(Command::Counters { reply }) => {
                     counters.routing_table = swarm.behaviour_mut().kad.kbuckets().map(|b| b.num_entries()).sum();
                     counters.open_connections = swarm.network_info().connection_counters().num_connections() as usize;
@@ -204,6 +252,7 @@ async fn run_relay(mut swarm: Swarm<RelayBehaviour>, mut commands: mpsc::Receive
                 SwarmEvent::Behaviour(RelayBehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }))
                     if info.protocols.contains(&KAD_PROTOCOL) =>
                 {
+                    identified.insert(peer_id);
                     for addr in info.listen_addrs {
                         swarm.behaviour_mut().kad.add_address(&peer_id, addr);
                     }
@@ -243,13 +292,19 @@ async fn run_relay(mut swarm: Swarm<RelayBehaviour>, mut commands: mpsc::Receive
 }
 
 /// Starts `n` relays listening on fresh `/memory/<port>` addresses, each driven by its own task.
-fn start_relays(n: usize, with_identify: bool, rng: &mut StdRng, tasks: &mut JoinSet<()>) -> Vec<RelayHandle> {
+fn start_relays(
+    n: usize,
+    with_identify: bool,
+    idle_timeout: Duration,
+    rng: &mut StdRng,
+    tasks: &mut JoinSet<()>,
+) -> Vec<RelayHandle> {
     // The memory transport's ports are process-wide: start at a random base so that nothing else in
     // this process collides with us.
     let base: u64 = rng.gen_range(1 << 40..1 << 50);
     (0..n)
         .map(|i| {
-            let mut swarm = build_swarm(with_identify);
+            let mut swarm = build_swarm(with_identify, idle_timeout);
             let addr: Multiaddr = Protocol::Memory(base + i as u64).into();
             swarm.listen_on(addr.clone()).unwrap();
             let (commands, receiver) = mpsc::channel(16);
@@ -629,6 +684,231 @@ fn report_balance(out: &mut Report, balance: &Balance, keys: usize, leaving: usi
     max_over_mean
 }
 
+/// One `get_n_closest_peers` lookup of `device` from `origin`: the peers found (those that
+/// answered), or none if the query failed (counted by the caller, not fatal: after churn a lookup
+/// may time out, and repair must cope).
+async fn look_up(origin: &RelayHandle, device: PeerId, num_results: usize) -> Option<Vec<PeerId>> {
+    let num_results = NonZeroUsize::new(num_results).unwrap();
+    origin.ask(|reply| Command::Lookup { key: device, num_results, reply }).await.peers.ok()
+}
+
+/// Placement as production relays do it: over the relays each relay has identified (plus itself),
+/// and over that set plus one `get_n_closest_peers(R)` lookup's results (what a relay does when
+/// its routing table may be incomplete). Scored against placement over `live_ids`, for
+/// [`LOCAL_PLACEMENT_KEYS`] random mailboxes from random relays. Returns both exact-match shares.
+async fn report_identified_placement(
+    out: &mut Report,
+    title: &str,
+    relays: &[RelayHandle],
+    live_ids: &[PeerId],
+    rng: &mut StdRng,
+) -> (f64, f64) {
+    let phase = Phase::start();
+    let live: HashSet<PeerId> = live_ids.iter().copied().collect();
+    let mut sets = Vec::with_capacity(relays.len());
+    for relay in relays {
+        let identified = relay.ask(|reply| Command::Identified { reply }).await;
+        // Relays that left stay identified here, but production leaves a relay out of placement
+        // as soon as one call to it fails (`RelayReport::Down`): the first repair push does it.
+        sets.push(identified.into_iter().filter(|p| live.contains(p)).collect::<Vec<_>>());
+    }
+    let mut sizes: Vec<usize> = sets.iter().map(Vec::len).collect();
+    sizes.sort_unstable();
+    let jobs: Vec<(usize, PeerId)> =
+        (0..LOCAL_PLACEMENT_KEYS).map(|_| (rng.gen_range(0..relays.len()), PeerId::random())).collect();
+    let sets = &sets;
+    let results: Vec<(bool, bool, bool)> = futures::stream::iter(jobs)
+        .map(|(which, device)| async move {
+            let origin = &relays[which];
+            let key = mailbox_key(&device);
+            let truth = closest_relays(&key, live_ids.iter().copied(), R);
+            let known = || sets[which].iter().copied().chain([origin.peer_id]);
+            let from_identified = closest_relays(&key, known(), R) == truth;
+            let found = look_up(origin, device, R).await;
+            let failed = found.is_none();
+            let with_lookup = closest_relays(&key, known().chain(found.unwrap_or_default()), R) == truth;
+            (from_identified, with_lookup, failed)
+        })
+        .buffer_unordered(LOOKUP_CONCURRENCY)
+        .collect()
+        .await;
+    let share = |count: usize| count as f64 / results.len() as f64;
+    let identified = share(results.iter().filter(|r| r.0).count());
+    let with_lookup = share(results.iter().filter(|r| r.1).count());
+    writeln!(
+        out,
+        "{title}: placement over the relays each relay identified (live ones) + itself, {LOCAL_PLACEMENT_KEYS} random mailboxes from random relays"
+    )
+    .unwrap();
+    writeln!(
+        out,
+        "  identified relays per relay: min {} / median {} / max {} of {}",
+        sizes[0],
+        quantile(&sizes, 0.5),
+        sizes.last().unwrap(),
+        live_ids.len()
+    )
+    .unwrap();
+    writeln!(out, "  R={R} replicas exact match, identified set alone:              {:.1}%", 100.0 * identified)
+        .unwrap();
+    writeln!(
+        out,
+        "  R={R} replicas exact match, identified + one get_n_closest_peers(R): {:.1}%  (failed lookups {})",
+        100.0 * with_lookup,
+        results.iter().filter(|r| r.2).count()
+    )
+    .unwrap();
+    writeln!(out, "  phase took {}", phase.took()).unwrap();
+    (identified, with_lookup)
+}
+
+/// `fraction` of the relays leave at once (their swarms are dropped) and as many new ones join,
+/// each bootstrapping through 1–3 random survivors. Returns the ids that left.
+#[allow(clippy::too_many_arguments)]
+async fn churn(
+    out: &mut Report,
+    relays: &mut Vec<RelayHandle>,
+    fraction: f64,
+    with_identify: bool,
+    idle_timeout: Duration,
+    rng: &mut StdRng,
+    tasks: &mut JoinSet<()>,
+) -> HashSet<PeerId> {
+    let phase = Phase::start();
+    let count = ((relays.len() as f64 * fraction).round() as usize).max(1);
+    relays.shuffle(rng);
+    let leaving: Vec<RelayHandle> = relays.drain(..count).collect();
+    for relay in &leaving {
+        // The loop may already be gone only if it panicked; the test then fails elsewhere.
+        let _ = relay.commands.send(Command::Stop).await;
+    }
+    let joining = start_relays(count, with_identify, idle_timeout, rng, tasks);
+    let mut in_flight = futures::stream::FuturesUnordered::new();
+    let mut joins = Vec::with_capacity(count);
+    for relay in &joining {
+        if in_flight.len() == JOIN_CONCURRENCY {
+            joins.push(in_flight.next().await.unwrap());
+        }
+        let contacts = rng.gen_range(1..=3);
+        for contact in relays.choose_multiple(rng, contacts) {
+            let command = Command::AddPeer { peer: contact.peer_id, addr: contact.addr.clone() };
+            relay.commands.send(command).await.unwrap();
+        }
+        in_flight.push(async move {
+            let join = relay.ask(|reply| Command::Bootstrap { reply }).await;
+            join.unwrap_or_else(|e| panic!("bootstrap of joining relay {}: {e}", relay.peer_id))
+        });
+    }
+    while let Some(join) = in_flight.next().await {
+        joins.push(join);
+    }
+    drop(in_flight);
+    relays.extend(joining);
+    writeln!(out, "Churn: {count} relays left at once, {count} joined through random survivors, in {}", phase.took())
+        .unwrap();
+    report_joins(out, &joins);
+    leaving.iter().map(|r| r.peer_id).collect()
+}
+
+/// The repair model's bookkeeping: which relays hold a copy of each envelope.
+struct Envelopes {
+    mailboxes: Vec<PeerId>,
+    holders: Vec<HashSet<PeerId>>,
+}
+
+impl Envelopes {
+    /// `count` envelopes for random mailboxes, each on its `R` closest relays of `relay_ids`.
+    fn place(count: usize, relay_ids: &[PeerId]) -> Self {
+        let keys: Vec<KBucketKey<PeerId>> = relay_ids.iter().copied().map(KBucketKey::from).collect();
+        let mailboxes: Vec<PeerId> = (0..count).map(|_| PeerId::random()).collect();
+        let holders =
+            mailboxes.iter().map(|m| closest_relay_keys(&mailbox_key(m), &keys, R).into_iter().collect()).collect();
+        Envelopes { mailboxes, holders }
+    }
+
+    /// The copies on relays that left are gone; returns how many envelopes lost every copy.
+    fn drop_copies_on(&mut self, left: &HashSet<PeerId>) -> usize {
+        for holders in &mut self.holders {
+            holders.retain(|h| !left.contains(h));
+        }
+        self.holders.iter().filter(|h| h.is_empty()).count()
+    }
+
+    /// Envelopes that still have a copy but not on all their `R` closest relays of `live_ids`.
+    fn misplaced(&self, live_ids: &[PeerId]) -> usize {
+        let keys: Vec<KBucketKey<PeerId>> = live_ids.iter().copied().map(KBucketKey::from).collect();
+        self.mailboxes
+            .iter()
+            .zip(&self.holders)
+            .filter(|(m, holders)| {
+                !holders.is_empty()
+                    && !closest_relay_keys(&mailbox_key(m), &keys, R).iter().all(|r| holders.contains(r))
+            })
+            .count()
+    }
+}
+
+/// One repair round, as production runs it every ~10 s: every live holder of an envelope looks
+/// its mailbox up (`get_n_closest_peers(R)`, plus itself) and copies the envelope to the `R`
+/// closest it found. Copies already there are not counted. Returns (lookups, failed, copies).
+async fn repair_round(envelopes: &mut Envelopes, relays: &[RelayHandle]) -> (usize, usize, usize) {
+    let by_id: HashMap<PeerId, &RelayHandle> = relays.iter().map(|r| (r.peer_id, r)).collect();
+    let mut jobs = Vec::new();
+    for (index, (mailbox, holders)) in envelopes.mailboxes.iter().zip(&envelopes.holders).enumerate() {
+        for holder in holders {
+            jobs.push((index, *mailbox, by_id[holder]));
+        }
+    }
+    let lookups = jobs.len();
+    let found: Vec<(usize, Option<Vec<PeerId>>)> = futures::stream::iter(jobs)
+        .map(|(index, mailbox, holder)| async move {
+            let found = look_up(holder, mailbox, R).await;
+            let key = mailbox_key(&mailbox);
+            (index, found.map(|peers| closest_relays(&key, peers.into_iter().chain([holder.peer_id]), R)))
+        })
+        .buffer_unordered(REPAIR_CONCURRENCY)
+        .collect()
+        .await;
+    let (mut failed, mut copies) = (0, 0);
+    for (index, targets) in found {
+        let Some(targets) = targets else {
+            failed += 1;
+            continue;
+        };
+        for target in targets {
+            copies += usize::from(envelopes.holders[index].insert(target));
+        }
+    }
+    (lookups, failed, copies)
+}
+
+/// Repair rounds until every envelope with a live copy is on its `R` closest live relays (or
+/// [`MAX_REPAIR_ROUNDS`]); returns the rounds that took, `None` if they did not suffice.
+async fn repair(out: &mut Report, envelopes: &mut Envelopes, relays: &[RelayHandle]) -> Option<usize> {
+    let live_ids: Vec<PeerId> = relays.iter().map(|r| r.peer_id).collect();
+    writeln!(
+        out,
+        "  before repair: {} envelopes not on their R={R} closest live relays",
+        envelopes.misplaced(&live_ids)
+    )
+    .unwrap();
+    for round in 1..=MAX_REPAIR_ROUNDS {
+        let phase = Phase::start();
+        let (lookups, failed, copies) = repair_round(envelopes, relays).await;
+        let misplaced = envelopes.misplaced(&live_ids);
+        writeln!(
+            out,
+            "  repair round {round}: {lookups} lookups ({failed} failed), {copies} copies made; {misplaced} envelopes still not on their R closest; {}",
+            phase.took()
+        )
+        .unwrap();
+        if misplaced == 0 {
+            return Some(round);
+        }
+    }
+    None
+}
+
 /// [`DEFAULT_RELAYS`], or `MESHGRAM_SIM_RELAYS`.
 fn relay_count() -> usize {
     let n = env_number("MESHGRAM_SIM_RELAYS").map_or(DEFAULT_RELAYS, |n| n as usize);
@@ -676,6 +956,17 @@ fn report_placement(out: &mut Report, relay_ids: &[PeerId], rng: &mut StdRng) ->
     max_over_mean
 }
 
+/// What the whole simulation asserts on.
+#[derive(Default)]
+struct Figures {
+    /// R = 2 exact-match share of each lookup phase (both kinds, before and after churn).
+    exact_r: Vec<f64>,
+    /// Exact-match share of placement over identified relays plus one lookup, before and after.
+    placed_with_lookup: Vec<f64>,
+    /// Rounds each repair took to put every surviving envelope on its R closest live relays.
+    repaired: Vec<Option<usize>>,
+}
+
 /// The whole simulation: relays join a Kademlia mesh, look up random keys, and the placement of
 /// mailboxes over their ids is measured.
 ///
@@ -688,20 +979,30 @@ async fn relay_mesh_simulation() {
     let whole = Phase::start();
     let n = relay_count();
     let with_identify = env_number("MESHGRAM_SIM_IDENTIFY") != Some(0);
-    let test_timeout = env_number("MESHGRAM_SIM_TIMEOUT_SECS").map_or(TEST_TIMEOUT, Duration::from_secs);
+    // Past 200 relays the join grows about as N² (a joining relay's bootstraps cost more, and
+    // nearly every Kademlia request dials afresh once links close when idle): 400 relays took
+    // 16 minutes in a release build on a shared 2-core machine, so allow (N/200)² × 10 minutes.
+    let scale = (n as f64 / DEFAULT_RELAYS as f64).max(1.0);
+    // Churn, placement lookups and repair add ~4 CPU-minutes at 200 relays in the unoptimized
+    // build (with its 1,000 envelopes) to the join's 6.
+    let debug_extra = if cfg!(debug_assertions) { 1.5 } else { 1.0 };
+    let default_timeout = TEST_TIMEOUT.mul_f64(scale * scale * debug_extra);
+    let test_timeout = env_number("MESHGRAM_SIM_TIMEOUT_SECS").map_or(default_timeout, Duration::from_secs);
+    let idle_timeout = if n > FULL_MESH_MAX_RELAYS { SHORT_IDLE_CONNECTION_TIMEOUT } else { IDLE_CONNECTION_TIMEOUT };
+    let envelope_count = env_number("MESHGRAM_SIM_ENVELOPES").map_or(DEFAULT_ENVELOPES, |e| e as usize);
     let seed = env_number("MESHGRAM_SIM_SEED").unwrap_or_else(rand::random);
     let mut rng = StdRng::seed_from_u64(seed);
     let mut out = Report::default();
     writeln!(
         out,
-        "Meshgram relay simulation: N = {n} relays, memory transport + noise + yamux, kad server mode, identify {}, seed {seed}",
+        "Meshgram relay simulation: N = {n} relays, memory transport + noise + yamux, kad server mode, identify {}, idle timeout {idle_timeout:?}, seed {seed}",
         if with_identify { "on" } else { "off" },
     )
     .unwrap();
 
-    let (relay_ids, exact_r, exact_r_n) = timeout(test_timeout, async {
+    let (relay_ids, figures) = timeout(test_timeout, async {
         let mut tasks = JoinSet::new();
-        let relays = start_relays(n, with_identify, &mut rng, &mut tasks);
+        let mut relays = start_relays(n, with_identify, idle_timeout, &mut rng, &mut tasks);
         let relay_ids: Vec<PeerId> = relays.iter().map(|r| r.peer_id).collect();
 
         let phase = Phase::start();
@@ -710,20 +1011,76 @@ async fn relay_mesh_simulation() {
         report_joins(&mut out, &joins);
         report_counters(&mut out, &relays).await;
 
+        let mut figures = Figures::default();
         let phase = Phase::start();
         let scores = run_lookups(&relays, &relay_ids, K, &mut rng).await;
-        let exact_r = report_lookups(&mut out, "get_closest_peers (k=20)", &scores, n);
+        figures.exact_r.push(report_lookups(&mut out, "get_closest_peers (k=20)", &scores, n));
         writeln!(out, "  phase took {}", phase.took()).unwrap();
         let phase = Phase::start();
         let scores = run_lookups(&relays, &relay_ids, R, &mut rng).await;
-        let exact_r_n = report_lookups(&mut out, "get_n_closest_peers (n=R=2)", &scores, n);
+        figures.exact_r.push(report_lookups(&mut out, "get_n_closest_peers (n=R=2)", &scores, n));
         writeln!(out, "  phase took {}", phase.took()).unwrap();
         report_counters(&mut out, &relays).await;
         report_local_placement(&mut out, &relays, &relay_ids, &mut rng).await;
+        let (_, with_lookup) =
+            report_identified_placement(&mut out, "Before churn", &relays, &relay_ids, &mut rng).await;
+        figures.placed_with_lookup.push(with_lookup);
+
+        // Repair model, churn in one step: envelopes on their true replicas, then 10% of the
+        // relays leave at once (and as many join); with R = 2 an envelope whose two replicas
+        // both leave is lost, ~CHURN_FRACTION² of them.
+        let mut envelopes = Envelopes::place(envelope_count, &relay_ids);
+        let left = churn(&mut out, &mut relays, CHURN_FRACTION, with_identify, idle_timeout, &mut rng, &mut tasks).await;
+        let live_ids: Vec<PeerId> = relays.iter().map(|r| r.peer_id).collect();
+        let lost = envelopes.drop_copies_on(&left);
+        writeln!(
+            out,
+            "Repair, {:.0}% leaving at once: {envelope_count} envelopes on their R={R} closest relays before; {lost} lost both copies ({:.2}%; CHURN_FRACTION² = {:.2}%)",
+            CHURN_FRACTION * 100.0,
+            100.0 * lost as f64 / envelope_count as f64,
+            100.0 * CHURN_FRACTION * CHURN_FRACTION,
+        )
+        .unwrap();
+        figures.repaired.push(repair(&mut out, &mut envelopes, &relays).await);
+
+        // Lookups and placement again, over the live relays.
+        let n_live = live_ids.len();
+        let phase = Phase::start();
+        let scores = run_lookups(&relays, &live_ids, K, &mut rng).await;
+        figures.exact_r.push(report_lookups(&mut out, "After churn: get_closest_peers (k=20)", &scores, n_live));
+        writeln!(out, "  phase took {}", phase.took()).unwrap();
+        let phase = Phase::start();
+        let scores = run_lookups(&relays, &live_ids, R, &mut rng).await;
+        figures.exact_r.push(report_lookups(&mut out, "After churn: get_n_closest_peers (n=R=2)", &scores, n_live));
+        writeln!(out, "  phase took {}", phase.took()).unwrap();
+        let (_, with_lookup) =
+            report_identified_placement(&mut out, "After churn", &relays, &live_ids, &mut rng).await;
+        figures.placed_with_lookup.push(with_lookup);
+
+        // The same churn in two steps of half the size, with repair between: an envelope is lost
+        // only if both its replicas leave in the same step.
+        let mut envelopes = Envelopes::place(envelope_count, &live_ids);
+        let mut lost_total = 0;
+        for step in 1..=2 {
+            let left =
+                churn(&mut out, &mut relays, CHURN_FRACTION / 2.0, with_identify, idle_timeout, &mut rng, &mut tasks)
+                    .await;
+            let lost = envelopes.drop_copies_on(&left) - lost_total;
+            lost_total += lost;
+            writeln!(
+                out,
+                "Repair, {:.0}% leaving in two steps, step {step}: {lost} more envelopes lost both copies ({lost_total} of {envelope_count} in all, {:.2}%)",
+                CHURN_FRACTION * 100.0,
+                100.0 * lost_total as f64 / envelope_count as f64,
+            )
+            .unwrap();
+            figures.repaired.push(repair(&mut out, &mut envelopes, &relays).await);
+        }
+        report_counters(&mut out, &relays).await;
 
         drop(relays);
         tasks.shutdown().await;
-        (relay_ids, exact_r, exact_r_n)
+        (relay_ids, figures)
     })
     .await
     .unwrap_or_else(|_| panic!("the network part of the simulation took longer than {test_timeout:?}"));
@@ -734,12 +1091,15 @@ async fn relay_mesh_simulation() {
     std::fs::write(&path, &out.0).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
     println!("(report written to {})", path.display());
 
-    assert!(exact_r >= MIN_EXACT_MATCH_R, "get_closest_peers found the R={R} replicas in only {:.0}%", exact_r * 100.0);
-    assert!(
-        exact_r_n >= MIN_EXACT_MATCH_R,
-        "get_n_closest_peers found the R={R} replicas in only {:.0}%",
-        exact_r_n * 100.0
-    );
+    for exact_r in figures.exact_r {
+        assert!(exact_r >= MIN_EXACT_MATCH_R, "a lookup kind found the R={R} replicas in only {:.0}%", exact_r * 100.0);
+    }
+    for placed in figures.placed_with_lookup {
+        assert!(placed >= MIN_EXACT_MATCH_R, "placement with a lookup was exact for only {:.0}%", placed * 100.0);
+    }
+    for (i, rounds) in figures.repaired.iter().enumerate() {
+        assert!(rounds.is_some(), "repair {i} did not restore R={R} copies within {MAX_REPAIR_ROUNDS} rounds");
+    }
     assert!(max_over_mean < MAX_LOAD_OVER_MEAN, "the busiest relay holds {max_over_mean:.2}× the mean");
     assert!(whole.wall.elapsed() < test_timeout, "the simulation took {:?}", whole.wall.elapsed());
 }
