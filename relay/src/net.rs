@@ -317,7 +317,7 @@ impl EventLoop {
                 }
             }
         }
-        self.metrics.relays_verified.set(i64::try_from(self.relays.verified_count()).unwrap_or(i64::MAX));
+        self.count_verified();
         self.metrics.relays_revoked.set(i64::try_from(self.relays.revoked_count()).unwrap_or(i64::MAX));
         if again {
             self.poll_gateway();
@@ -339,6 +339,11 @@ impl EventLoop {
             self.repair_soon();
         }
         self.relays.greeted(peer, outcome);
+        self.count_verified();
+    }
+
+    /// Sets the gauge of relays whose certificate this relay checked.
+    fn count_verified(&self) {
         self.metrics.relays_verified.set(i64::try_from(self.relays.verified_count()).unwrap_or(i64::MAX));
     }
 
@@ -346,7 +351,7 @@ impl EventLoop {
     fn start_repair(&mut self) {
         self.next_repair = tokio::time::Instant::now() + REPAIR_EVERY;
         self.redialled.retain(|_, at| at.elapsed() < REPAIR_EVERY);
-        // One that answers identifies itself, is live again and starts a round of its own.
+        // A down relay that answers identifies itself, is live again, and repair follows.
         for relay in self.relays.down_verified() {
             if !self.swarm.is_connected(&relay) {
                 let _ = self.swarm.dial(relay);
@@ -354,6 +359,8 @@ impl EventLoop {
         }
         let live = self.relays.known(&mut self.swarm.behaviour_mut().kad).live_relays();
         let live = live.into_iter().map(|relay| relay.peer_id).collect();
+        // Placing forgets relays down for long: the gauge follows.
+        self.count_verified();
         self.repairs.spawn(repair_round(self.replicas.clone(), live, Arc::clone(&self.metrics)));
     }
 
