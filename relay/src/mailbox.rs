@@ -89,6 +89,9 @@ pub(crate) struct Mailboxes {
     replicas: Replicas,
     /// Deletes of acknowledged envelopes on the other replicas.
     replica_deletes: DeleteForwarder,
+    /// Why the gateway no longer admits this relay, once it said so: new greetings are then
+    /// refused, so clients go to other relays (those already here may still fetch).
+    not_admitted: Option<String>,
     tasks: JoinSet<Done>,
 }
 
@@ -105,6 +108,7 @@ impl Mailboxes {
             parked: HashMap::new(),
             send_limiter,
             replica_deletes: DeleteForwarder::start(Arc::clone(&replicas.pipes)),
+            not_admitted: None,
             replicas,
             tasks: JoinSet::new(),
         }
@@ -134,6 +138,10 @@ impl Mailboxes {
         };
         self.metrics.count_request(request.kind());
         let now = unix_now();
+        if let (MailboxRequest::Hello { .. }, Some(why)) = (&request, &self.not_admitted) {
+            let message = format!("the gateway no longer admits this relay ({why}); use another relay");
+            return self.respond(channel, refuse(ErrorCode::Unavailable, message));
+        }
         if let MailboxRequest::Hello { cert } = request {
             let response = match cert.verify_for(&self.settings.gateway_key, &peer, now) {
                 Ok(body) if self.revoked_sessions.contains_key(&body.session_id) => session_revoked(),
@@ -217,6 +225,14 @@ impl Mailboxes {
             }
             Done::Nothing => {}
         }
+    }
+
+    /// The gateway refused this relay's certificate: greet no more clients.
+    pub(crate) fn no_longer_admitted(&mut self, why: String) {
+        if self.not_admitted.is_none() {
+            tracing::error!(reason = %why, "the gateway no longer admits this relay; refusing new clients");
+        }
+        self.not_admitted = Some(why);
     }
 
     /// `peer`'s last connection closed: its session and parked fetch go.

@@ -305,7 +305,10 @@ impl EventLoop {
     /// revoked relays their place in placement (so repair runs soon) and their replica access.
     fn gateway_answered(&mut self, event: GatewayEvent) {
         let Some(poller) = &mut self.revocations else { return };
-        let Polled { revocations, again } = poller.on_event(event);
+        let Polled { revocations, again, refused } = poller.on_event(event);
+        if let Some(why) = refused {
+            self.mailboxes.no_longer_admitted(why);
+        }
         for revocation in revocations {
             match revocation.revoked {
                 Revoked::Session(session) => self.mailboxes.revoke_session(revocation.peer, session, revocation.until),

@@ -19,7 +19,7 @@ use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport};
 use libp2p::{Multiaddr, PeerId, StreamProtocol};
 use meshgram_node::crypto::cert::{RelayCert, RevocationBody, unix_now};
 use meshgram_node::net::codec::FrameError;
-use meshgram_node::proto::{AUTH_PROTOCOL, AuthCodec, AuthRequest, AuthResponse, auth_codec};
+use meshgram_node::proto::{AUTH_PROTOCOL, AuthCodec, AuthRequest, AuthResponse, ErrorCode, auth_codec};
 use prometheus_client::metrics::counter::Counter;
 
 /// How often the gateway is asked. A revocation reaches every relay within about this long
@@ -116,7 +116,12 @@ impl RevocationPoller {
                 }
                 self.failures = 0;
                 self.since = next;
-                Polled { revocations: self.checked(revocations), again: more }
+                Polled { revocations: self.checked(revocations), again: more, refused: None }
+            }
+            // The gateway refuses this relay's own certificate (revoked, or expired): it is no
+            // longer a relay of this network, and says so to clients that greet it.
+            Ok(AuthResponse::Error(e)) if e.code == ErrorCode::CertInvalid => {
+                Polled { refused: Some(e.message.clone()), ..self.failed(e.to_string()) }
             }
             Ok(AuthResponse::Error(e)) => self.failed(e.to_string()),
             Ok(other) => self.failed(format!("unexpected answer {other:?}")),
@@ -162,6 +167,8 @@ pub(crate) struct Polled {
     pub(crate) revocations: Vec<RevocationBody>,
     /// The gateway has more right now: ask again without waiting for the tick.
     pub(crate) again: bool,
+    /// The gateway refused this relay's certificate, saying why.
+    pub(crate) refused: Option<String>,
 }
 
 #[cfg(test)]

@@ -591,7 +591,13 @@ impl Messenger {
                 }
                 Ok(MailboxResponse::Error(e)) => return Err(MessagingError::Refused(e)),
                 Ok(_) => last = "unexpected answer to Send".into(),
-                Err(MessagingError::Refused(e)) if e.code == ErrorCode::CertInvalid => last = e.to_string(),
+                // Our certificate refused there, or the relay takes no clients (not admitted):
+                // another relay may do.
+                Err(MessagingError::Refused(e))
+                    if matches!(e.code, ErrorCode::CertInvalid | ErrorCode::Unavailable) =>
+                {
+                    last = e.to_string();
+                }
                 Err(MessagingError::Net(e)) => last = e.to_string(),
                 Err(e) => return Err(e),
             }

@@ -268,6 +268,21 @@ async fn a_revoked_relay_gets_no_new_copies_and_its_replica_stores_are_refused()
         }
         other => panic!("the revoked relay acknowledged a send: {other:?}"),
     }
+    // It learns it is no longer admitted (the gateway refuses its polls) and greets no new
+    // client, so clients go to the good relays.
+    let deadline = Instant::now() + REVOCATION_BOUND;
+    loop {
+        match alice.hello(closest).await {
+            MailboxResponse::Error(e) if e.code == ErrorCode::Unavailable => {
+                assert!(e.message.contains("no longer admits"), "says why: {e}");
+                break;
+            }
+            other => {
+                assert!(Instant::now() < deadline, "the revoked relay still greets clients: {other:?}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
