@@ -813,6 +813,9 @@ impl DigestChanges {
     }
 
     fn apply(self, tx: &redb::WriteTransaction) -> Result<(), StoreError> {
+        if self.0.is_empty() {
+            return Ok(());
+        }
         let mut digests = tx.open_table(MAILBOX_DIGESTS)?;
         for (mailbox, change) in self.0 {
             let old = digests.get(mailbox.as_slice())?.and_then(|d| <[u8; 32]>::try_from(d.value()).ok());
