@@ -312,17 +312,24 @@ impl KnownRelays<'_> {
     pub(crate) fn live_relays(&mut self) -> Vec<RelayInfo> {
         self.relays.forget_expired(Instant::now());
         let mut relays = vec![self.relays.local.clone()];
-        // The routing table's addresses where identify gave none.
-        let mut table: HashMap<PeerId, Vec<Multiaddr>> = HashMap::new();
-        for bucket in self.kad.kbuckets() {
-            for entry in bucket.iter() {
-                table.insert(*entry.node.key.preimage(), entry.node.value.iter().cloned().collect());
-            }
-        }
         let mut live: Vec<PeerId> = self.relays.verified.iter().filter(|r| self.relays.is_live(r)).copied().collect();
         live.sort_unstable();
         for peer_id in live {
-            let addrs = self.relays.addrs.get(&peer_id).cloned().or_else(|| table.remove(&peer_id)).unwrap_or_default();
+            // Identify gives a relay's addresses before it is greeted; the routing table's
+            // serve if it gave none.
+            let addrs = match self.relays.addrs.get(&peer_id) {
+                Some(addrs) => addrs.clone(),
+                None => self
+                    .kad
+                    .kbucket(peer_id)
+                    .and_then(|bucket| {
+                        bucket
+                            .iter()
+                            .find(|e| *e.node.key.preimage() == peer_id)
+                            .map(|e| e.node.value.iter().cloned().collect())
+                    })
+                    .unwrap_or_default(),
+            };
             relays.push(RelayInfo { peer_id, addrs });
         }
         relays

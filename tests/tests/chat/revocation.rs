@@ -7,7 +7,7 @@
 //! certificate their profile signed in with, so that each refusal is seen as the relay sends it.
 
 use std::collections::HashSet;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,7 +19,7 @@ use meshgram_node::crypto::cert::SessionCert;
 use meshgram_node::crypto::identity::DeviceIdentity;
 use meshgram_node::proto::envelope::{Envelope, EnvelopeId};
 use meshgram_node::proto::{ErrorCode, MailboxRequest, MailboxResponse, RelayInfo};
-use meshgram_tests::{Mesh, Server, http_get, meshgram};
+use meshgram_tests::{Mesh, Server, meshgram, relay_metric};
 
 use super::{ALICE, BOB};
 
@@ -109,8 +109,21 @@ fn fetched_ids(response: MailboxResponse) -> HashSet<EnvelopeId> {
 
 /// A relay metric's value (0 when not reported yet).
 fn metric(relay: &Server, name: &str) -> u64 {
-    let (_, body) = http_get(&relay.http().unwrap(), "/metrics").unwrap();
-    body.lines().find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok()).unwrap_or(0)
+    relay_metric(relay, name).unwrap_or(0)
+}
+
+/// Two relays; Alice signed in on a phone and a laptop, Bob on one device: the mesh, the
+/// laptop's profile, the phone's and Bob's devices, and the relays.
+fn alice_on_two_devices_and_bob() -> (Mesh, PathBuf, Device, Device, Vec<RelayInfo>) {
+    let mesh = Mesh::start(2, 2);
+    let (phone, laptop, bob) =
+        (mesh.new_profile("alice-phone"), mesh.new_profile("alice-laptop"), mesh.new_profile("bob"));
+    mesh.login(&phone, ALICE);
+    mesh.login(&laptop, ALICE);
+    mesh.login(&bob, BOB);
+    let (alice, bob) = (Device::of(&phone), Device::of(&bob));
+    let relays: Vec<RelayInfo> = mesh.relays.iter().map(relay_info).collect();
+    (mesh, laptop, alice, bob, relays)
 }
 
 /// Revokes every other session of the account signed in on `profile` (a blocking CLI call).
@@ -154,14 +167,7 @@ async fn assert_cut_off(device: &Device, to: &Device, relays: &[RelayInfo]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoked_session_loses_relay_access_within_seconds() {
-    let mesh = Mesh::start(2, 2);
-    let (phone, laptop, bob) =
-        (mesh.new_profile("alice-phone"), mesh.new_profile("alice-laptop"), mesh.new_profile("bob"));
-    mesh.login(&phone, ALICE);
-    mesh.login(&laptop, ALICE);
-    mesh.login(&bob, BOB);
-    let (alice, bob) = (Device::of(&phone), Device::of(&bob));
-    let relays: Vec<RelayInfo> = mesh.relays.iter().map(relay_info).collect();
+    let (mesh, laptop, alice, bob, relays) = alice_on_two_devices_and_bob();
 
     // The phone is live on both relays, with a long-poll parked on the first, as a running
     // client is.
@@ -287,14 +293,7 @@ async fn a_revoked_relay_gets_no_new_copies_and_its_replica_stores_are_refused()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_the_gateway_stopped_relays_keep_serving_and_catch_up_when_it_is_back() {
-    let mesh = Mesh::start(2, 2);
-    let (phone, laptop, bob) =
-        (mesh.new_profile("alice-phone"), mesh.new_profile("alice-laptop"), mesh.new_profile("bob"));
-    mesh.login(&phone, ALICE);
-    mesh.login(&laptop, ALICE);
-    mesh.login(&bob, BOB);
-    let (alice, bob) = (Device::of(&phone), Device::of(&bob));
-    let relays: Vec<RelayInfo> = mesh.relays.iter().map(relay_info).collect();
+    let (mesh, laptop, alice, bob, relays) = alice_on_two_devices_and_bob();
     for relay in &relays {
         assert!(welcomed(&alice.hello(relay).await));
     }
