@@ -822,6 +822,10 @@ impl Messenger {
                     }
                 })?)
             }
+            // Files are recorded by the media layer (coming in this change).
+            Body::File { .. } => {
+                self.h().mark_seen(envelope.id)?;
+            }
             Body::Typing => {
                 let fresh = now_ms().saturating_sub(envelope.sent_at_ms) < TYPING_FRESH_MS;
                 if self.h().mark_seen(envelope.id)? && !outgoing && fresh {

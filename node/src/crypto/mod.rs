@@ -3,8 +3,10 @@
 //!
 //! - [`identity`]: the device's ed25519 key (its `PeerId`) and its signed X25519 Noise key.
 //! - [`cert`]: gateway-signed session and relay certificates, verified offline.
+//! - [`media`]: sealing file parts with a per-file key, so relays only hold ciphertext chunks.
 //! - [`seal`]: one-way end-to-end sealing with Noise X (`snow`), so relays only hold ciphertext.
 
 pub mod cert;
 pub mod identity;
+pub mod media;
 pub mod seal;

@@ -20,6 +20,8 @@ use libp2p::{
     kad::{KBucketDistance, KBucketKey},
 };
 
+use crate::proto::media::{ChunkHash, FileId};
+
 /// The key of a device's mailbox: the device's `PeerId` in Kademlia's key space.
 ///
 /// The same key that `kad::Behaviour::get_closest_peers(device)` looks up.
@@ -27,10 +29,20 @@ pub fn mailbox_key(device: &PeerId) -> KBucketKey<PeerId> {
     KBucketKey::from(*device)
 }
 
+/// The key of a media chunk: its hash in Kademlia's key space (as a provider record's key).
+pub fn chunk_key(hash: &ChunkHash) -> KBucketKey<[u8; 32]> {
+    KBucketKey::new(hash.0)
+}
+
+/// The key of an upload's records: its file id in Kademlia's key space.
+pub fn file_key(file: &FileId) -> KBucketKey<[u8; 16]> {
+    KBucketKey::new(file.0)
+}
+
 /// The `r` relays closest to `key`, closest first; fewer if there are fewer distinct relays.
 ///
 /// Duplicates in `relays` count once. The result does not depend on the order of `relays`.
-pub fn closest_relays(key: &KBucketKey<PeerId>, relays: impl IntoIterator<Item = PeerId>, r: usize) -> Vec<PeerId> {
+pub fn closest_relays<T>(key: &KBucketKey<T>, relays: impl IntoIterator<Item = PeerId>, r: usize) -> Vec<PeerId> {
     closest_relay_keys(key, relays.into_iter().map(KBucketKey::from), r)
 }
 
@@ -38,7 +50,7 @@ pub fn closest_relays(key: &KBucketKey<PeerId>, relays: impl IntoIterator<Item =
 ///
 /// A relay places every envelope and chunk against the same relay set; hashing the set once and
 /// reusing the keys saves one SHA-256 per relay per placement.
-pub fn closest_relay_keys<K>(key: &KBucketKey<PeerId>, relays: impl IntoIterator<Item = K>, r: usize) -> Vec<PeerId>
+pub fn closest_relay_keys<T, K>(key: &KBucketKey<T>, relays: impl IntoIterator<Item = K>, r: usize) -> Vec<PeerId>
 where
     K: std::borrow::Borrow<KBucketKey<PeerId>>,
 {

@@ -25,9 +25,11 @@ use libp2p::PeerId;
 use serde::{Deserialize, Serialize};
 
 use crate::crypto::cert::{RelayCert, SessionCert};
+use crate::ids::UserId;
 use crate::net::pipe::PipeLimits;
 use crate::proto::WireError;
 use crate::proto::envelope::{Envelope, EnvelopeId};
+use crate::proto::media::{ChunkHash, FileId, PartRecord};
 
 /// Client ↔ relay: hello, send, fetch, ack.
 pub const MAILBOX_PROTOCOL: &str = "/meshgram/mailbox/1";
@@ -123,6 +125,24 @@ pub enum ReplicaRequest {
     /// `expires_at` (Unix seconds, when the copy they repair expires), so that a repaired copy
     /// never outlives the original, nor the record of its delivery elsewhere.
     StoreUntil { envelopes: Vec<Envelope>, expires_at: u64 },
+    /// Keep this media chunk (the caller checked its hash; so does the callee); answered
+    /// `ChunkStored` once it is synced to disk.
+    StoreChunk {
+        hash: ChunkHash,
+        #[serde(with = "serde_bytes")]
+        bytes: Vec<u8>,
+    },
+    /// Record a saved part of an upload (this relay is among the `R` closest to its file id);
+    /// refused if the upload belongs to another user, had another `total_parts`, or had this
+    /// part saved with another hash. Answered `PartRecorded`.
+    RecordPart { record: PartRecord },
+    /// An upload's saved parts as recorded here, for a client resuming through another relay.
+    UploadStatus { file_id: FileId },
+    /// One chunk, if held here (`Chunk`, else `NOT_FOUND`).
+    GetChunk { hash: ChunkHash },
+    /// Media repair: which of these chunks (at most [`crate::proto::media::MAX_HASHES_PER_REQUEST`]) this relay
+    /// lacks. Answered `MissingChunks`; the caller sends those with `StoreChunk`.
+    HasChunks { hashes: Vec<ChunkHash> },
 }
 
 /// Ids per [`ReplicaRequest::Reconcile`]: 1 MiB of ids, far below the frame limit.
@@ -187,4 +207,18 @@ pub enum ReplicaResponse {
         wanted: Vec<EnvelopeId>,
         delivered: Vec<EnvelopeId>,
     },
+    /// Answer to `StoreChunk`: durable here.
+    ChunkStored,
+    /// Answer to `RecordPart`: committed here.
+    PartRecorded,
+    /// Answer to `UploadStatus`: the upload's owner (`None` if unknown here), its total parts
+    /// and the parts saved, ascending.
+    UploadStatus { owner: Option<UserId>, total_parts: u32, saved: Vec<u32> },
+    /// Answer to `GetChunk`.
+    Chunk {
+        #[serde(with = "serde_bytes")]
+        bytes: Vec<u8>,
+    },
+    /// Answer to `HasChunks`: those not held here.
+    MissingChunks { hashes: Vec<ChunkHash> },
 }

@@ -6,6 +6,7 @@
 //!
 //! - [`auth`]: `/meshgram/auth/1`, client ↔ gateway.
 //! - [`mailbox`]: `/meshgram/mailbox/1`, client ↔ relay, and `/meshgram/replica/1`, relay ↔ relay.
+//! - [`media`]: `/meshgram/media/1`, client ↔ relay: uploads in parts, chunks by hash.
 //! - [`envelope`]: what relays store and forward (routing fields + sealed bytes).
 //! - [`payload`]: what is sealed inside an envelope; only the two ends ever read it.
 //! - [`error`]: refusals, shared by every protocol.
@@ -14,6 +15,7 @@ pub mod auth;
 pub mod envelope;
 pub mod error;
 pub mod mailbox;
+pub mod media;
 pub mod payload;
 
 pub use auth::*;

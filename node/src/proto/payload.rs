@@ -5,6 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::ids::UserId;
+use crate::proto::media::FileRef;
 
 /// Longest message text, in characters (Telegram's limit).
 pub const MAX_TEXT_CHARS: usize = 4096;
@@ -38,6 +39,9 @@ pub enum Body {
     Receipt { status: Status, messages: Vec<MessageId> },
     /// The sender is typing in this chat; never stored.
     Typing,
+    /// A file: its reference (keys included) and an optional caption. A forward sends the
+    /// same reference again, so nothing is uploaded twice.
+    File { file: FileRef, caption: Option<String>, reply_to: Option<MessageId> },
 }
 
 /// How far an outgoing message got; for incoming ones, whether we have read it. Ordered by how
