@@ -26,6 +26,20 @@ pub const CERT_RENEW_BEFORE_SECS: u64 = 10 * 60;
 /// for R durable copies; a minute covers both with room for a loaded relay.
 pub const MAILBOX_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// A media request moves up to 1 MiB and, for a part, waits for R synced copies of it: 60 s
+/// covers a slow disk and a slow link; the client's own deadline per part is shorter
+/// (`MEDIA_PART_DEADLINE`), after which it tries another relay.
+pub const MEDIA_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long a client gives a relay to save a part (R synced copies of up to 1 MiB) or hand over
+/// a chunk before it asks another: a hundred times a healthy answer on a slow link.
+pub const MEDIA_PART_DEADLINE: Duration = Duration::from_secs(30);
+
+/// Parts a client keeps in flight, uploading or downloading: enough to keep the link and the
+/// relays' disks busy while one part waits for its copies, few enough that memory stays a few
+/// MiB whatever the file's size.
+pub const MEDIA_PARTS_IN_FLIGHT: usize = 8;
+
 /// How long a client gives a relay to answer a request that does not wait for mail (greeting,
 /// acknowledging, fetching what is there), on top of a fetch's long-poll: a relay that is
 /// stopped or swamped costs this, then the next relay is asked.

@@ -33,6 +33,13 @@ impl CliOutput {
         serde_json::from_str(self.stdout.trim()).unwrap_or_else(|e| panic!("stdout is not JSON ({e}):\n{self}"))
     }
 
+    /// Asserts success and parses each line of stdout as JSON: the events a command printed
+    /// while it ran (`upload --json`, say), its result last.
+    pub fn ok_json_lines(&self) -> Vec<Value> {
+        assert!(self.status.success(), "expected success:\n{self}");
+        json_lines(&self.stdout)
+    }
+
     /// Asserts exit status 1 with a `{"error":{"code":..,"message":..}}` document on stdout, and
     /// returns the `error` object.
     pub fn err_json(&self) -> Value {
@@ -123,6 +130,21 @@ impl CliChild {
         }
     }
 
+    /// Gives the process up to `timeout` from now (instead of [`CLI_TIMEOUT`]).
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.deadline = Instant::now() + timeout;
+        self
+    }
+
+    /// Kills the process with SIGKILL and returns what it printed until then.
+    pub fn kill(mut self) -> CliOutput {
+        let _ = self.child.kill();
+        let status = self.child.wait().unwrap_or_else(|e| panic!("waiting for `{}`: {e}", self.command));
+        self.reaped = true;
+        let (stdout, stderr) = self.collect();
+        CliOutput { command: self.command.clone(), status, stdout, stderr }
+    }
+
     /// Closes stdin and waits for the exit (killing the process and panicking on timeout).
     pub fn finish(mut self) -> CliOutput {
         drop(self.stdin.take());
@@ -156,6 +178,11 @@ impl Drop for CliChild {
             let _ = self.child.wait();
         }
     }
+}
+
+/// Each non-empty line of `text` as JSON; lines that are not JSON are skipped.
+pub fn json_lines(text: &str) -> Vec<Value> {
+    text.lines().filter_map(|line| serde_json::from_str(line.trim()).ok()).collect()
 }
 
 fn read_all(mut from: impl Read) -> String {

@@ -19,6 +19,7 @@
 //! - [`codes`]: [`read_codes`], [`wait_code`], the file code sink; [`WebhookSink`], a local HTTP
 //!   server standing in for an SMS provider.
 //! - [`http`]: [`http_get`], a minimal blocking HTTP/1 GET for the health and metrics endpoints.
+//! - [`files`]: [`random_file`] and [`blake3_of_file`], for files that round-trip.
 //! - [`output`]: reading what commands printed ([`array`], [`str_field`], [`texts`], ...).
 //!
 //! Every wait is bounded, so a hung binary fails its test instead of hanging the suite.
@@ -26,6 +27,7 @@
 mod bins;
 mod cli;
 mod codes;
+mod files;
 mod gateway;
 mod http;
 mod mesh;
@@ -36,11 +38,12 @@ mod up;
 use std::time::Duration;
 
 pub use bins::{CLI_BIN, GATEWAY_BIN, RELAY_BIN, bin_path, target_dir};
-pub use cli::{CLI_TIMEOUT, CliChild, CliOutput, meshgram, meshgram_stdin, run, spawn_meshgram};
+pub use cli::{CLI_TIMEOUT, CliChild, CliOutput, json_lines, meshgram, meshgram_stdin, run, spawn_meshgram};
 pub use codes::{CODE_TIMEOUT, WebhookSink, read_codes, wait_code, wrong_code};
+pub use files::{blake3_of_file, random_file};
 pub use gateway::{Gateway, GatewayBuilder};
 pub use http::http_get;
-pub use mesh::{Mesh, inspect_relay, relay_metric, start_relay, wait_repair_settled};
+pub use mesh::{Mesh, files_under, inspect_relay, relay_metric, start_relay, wait_repair_settled};
 pub use output::{array, is_bot_token, str_field, texts, u64_field};
 pub use server::{READY_TIMEOUT, Server, start_node, start_node_as};
 pub use up::{RESTART_TIMEOUT, Roles, Up};

@@ -118,6 +118,22 @@ pub fn inspect_relay(data: &Path) -> std::collections::HashMap<String, Vec<Strin
         .collect()
 }
 
+/// Every file under `dir`, at any depth.
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    let mut dirs = vec![dir.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        for entry in fs::read_dir(&dir).into_iter().flatten().flatten() {
+            match entry.file_type() {
+                Ok(t) if t.is_dir() => dirs.push(entry.path()),
+                Ok(t) if t.is_file() => files.push(entry.path()),
+                _ => {}
+            }
+        }
+    }
+    files
+}
+
 /// Starts `meshgram-relay` on `data`, trusting `gateway_key` (hex), keeping `replication`
 /// copies, on TCP port `tcp_port` of 127.0.0.1 (0 = any) and HTTP on any port, with `extra`
 /// arguments after those.
@@ -184,9 +200,20 @@ impl Mesh {
     /// Like [`Mesh::start`], but relays trust `gateway` (a key the test holds, which also signs
     /// their certificates) instead of the gateway's own key.
     pub fn start_with_key(gateway: Gateway, signer: &ed25519::Keypair, relays: usize, replication: usize) -> Mesh {
+        Mesh::start_with_key_and_args(gateway, signer, relays, replication, &[])
+    }
+
+    /// Like [`Mesh::start_with_key`], each relay started with `extra` arguments too.
+    pub fn start_with_key_and_args(
+        gateway: Gateway,
+        signer: &ed25519::Keypair,
+        relays: usize,
+        replication: usize,
+        extra: &[&str],
+    ) -> Mesh {
         let key = meshgram_node::ids::hex(&signer.public().to_bytes());
         // The gateway's revocations are signed by its own key, not this one: none to ask for.
-        Mesh::start_relays(gateway, &key, None, relays, replication, &[], |dir| {
+        Mesh::start_relays(gateway, &key, None, relays, replication, extra, |dir| {
             RelayCert::admit(signer, dir, 1, unix_now()).expect("admit the relay");
         })
     }
@@ -259,12 +286,22 @@ impl Mesh {
     pub fn relay_disk_bytes(&self) -> Vec<u8> {
         let mut all = Vec::new();
         for relay in &self.relays {
-            for entry in fs::read_dir(&relay.data_dir).into_iter().flatten().flatten() {
-                if let Ok(bytes) = fs::read(entry.path()) {
+            for file in files_under(&relay.data_dir) {
+                if let Ok(bytes) = fs::read(file) {
                     all.extend(bytes);
                 }
             }
         }
         all
+    }
+
+    /// The files under any relay's data dir (chunk files included) that contain `needle`.
+    pub fn relay_files_containing(&self, needle: &[u8]) -> Vec<PathBuf> {
+        let finder = memchr::memmem::Finder::new(needle);
+        self.relays
+            .iter()
+            .flat_map(|relay| files_under(&relay.data_dir))
+            .filter(|file| fs::read(file).is_ok_and(|bytes| finder.find(&bytes).is_some()))
+            .collect()
     }
 }

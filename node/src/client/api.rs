@@ -10,10 +10,14 @@ use std::collections::BTreeMap;
 use libp2p::PeerId;
 use serde::{Deserialize, Serialize};
 
+use std::path::PathBuf;
+
 use crate::client::history::StoredMessage;
+use crate::client::media::{Downloaded, Progress};
 use crate::client::messaging::MessagingError;
 use crate::client::session::ClientError;
 use crate::ids::{SessionId, UserId};
+use crate::proto::media::FileRef;
 use crate::proto::payload::MessageId;
 use crate::proto::{Account, LookupQuery, SessionInfo, UserCard};
 
@@ -55,6 +59,16 @@ pub enum Call {
     Typing { to: LookupQuery },
     /// Answered with `Subscribed`, then [`Event`]s until the caller hangs up (control socket only).
     Subscribe,
+    /// Upload a file (resuming an interrupted upload of it) and send it; progress comes as
+    /// [`Event::Transfer`]s. The path is read by the node, which runs as the same user.
+    Upload { path: PathBuf, to: LookupQuery, caption: Option<String>, part_size: Option<u32> },
+    /// Send a file already uploaded, by its reference (as a forward does).
+    SendFile { to: LookupQuery, file: FileRef, caption: Option<String>, reply_to: Option<MessageId> },
+    /// Download the file of a message to `out` (a file or a directory; default: its name in
+    /// the node's working directory), verifying every part.
+    Download { message: MessageId, out: Option<PathBuf> },
+    /// Send a message again to someone else (a file without uploading it again).
+    Forward { message: MessageId, to: LookupQuery },
 }
 
 /// A node's answer to a [`Call`].
@@ -89,6 +103,8 @@ pub enum Reply {
     Done,
     /// `Subscribe`: events follow.
     Subscribed,
+    /// `Download`.
+    Downloaded(Downloaded),
 }
 
 /// Display names of the people a reply mentions, from cached directory cards.
@@ -153,6 +169,8 @@ pub enum Event {
     Connection { connected: bool, detail: Option<String> },
     /// This subscriber was too slow and missed `missed` events (they are in the history).
     Lagged { missed: u64 },
+    /// An upload or download went one part further.
+    Transfer { progress: Progress },
 }
 
 /// A failed call: a stable code (Telegram's RPC error names where one fits), a message for
@@ -212,9 +230,12 @@ impl From<MessagingError> for ApiError {
             MessagingError::Net(_) | MessagingError::NoRelay(_) => "NETWORK",
             MessagingError::History(_) => "PROFILE",
             MessagingError::Seal(_) => "E2E",
-            MessagingError::TextTooLong => "USAGE",
+            MessagingError::TextTooLong | MessagingError::CaptionTooLong => "USAGE",
             MessagingError::NoDevices(_) => "NO_DEVICES",
-            MessagingError::UnknownMessage(_) => "NOT_FOUND",
+            MessagingError::UnknownMessage(_) | MessagingError::NoFile(_) => "NOT_FOUND",
+            MessagingError::File(_) => "FILE",
+            MessagingError::ChunkUnavailable(_) => "NETWORK",
+            MessagingError::BadFile(_) | MessagingError::MediaCrypto(_) => "BAD_FILE",
             MessagingError::NotYours(_) => "FORBIDDEN",
         };
         ApiError::new(code, e.to_string())

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::ids::UserId;
 use crate::proto::envelope::EnvelopeId;
+use crate::proto::media::{FileId, FileRef};
 use crate::proto::payload::{MessageId, Payload, Status};
 use crate::proto::{LookupQuery, UserCard};
 
@@ -35,6 +36,8 @@ const CARD_NAMES: TableDefinition<&str, u64> = TableDefinition::new("card_names"
 /// (`Payload`, whose `chat_with` names the recipient). Sealed afresh when sent.
 const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// Absolute file path → its [`UploadState`].
+const UPLOADS: TableDefinition<&str, &[u8]> = TableDefinition::new("uploads");
 const NEXT_ORDER: &str = "next_order";
 const NEXT_OUTBOX: &str = "next_outbox";
 /// Envelopes dropped as definitively bad (forged, malformed), ever.
@@ -55,6 +58,56 @@ pub struct StoredMessage {
     pub status: Status,
     pub edited: bool,
     pub deleted: bool,
+    /// A file sent with the message (then `text` is its caption).
+    pub file: Option<FileRef>,
+}
+
+/// [`StoredMessage`] as histories written before files existed hold it.
+#[derive(Deserialize)]
+struct StoredMessageV1 {
+    id: MessageId,
+    chat: UserId,
+    from: UserId,
+    outgoing: bool,
+    text: String,
+    reply_to: Option<MessageId>,
+    sent_at_ms: u64,
+    status: Status,
+    edited: bool,
+    deleted: bool,
+}
+
+/// Reads a message record of either layout (postcard has no optional trailing fields).
+fn decode_message(bytes: &[u8]) -> Result<StoredMessage, postcard::Error> {
+    postcard::from_bytes(bytes).or_else(|e| {
+        let v1: StoredMessageV1 = postcard::from_bytes(bytes).map_err(|_| e)?;
+        Ok(StoredMessage {
+            id: v1.id,
+            chat: v1.chat,
+            from: v1.from,
+            outgoing: v1.outgoing,
+            text: v1.text,
+            reply_to: v1.reply_to,
+            sent_at_ms: v1.sent_at_ms,
+            status: v1.status,
+            edited: v1.edited,
+            deleted: v1.deleted,
+            file: None,
+        })
+    })
+}
+
+/// An upload this device started: what it needs to resume it after a crash, and to send the
+/// same file again without uploading it twice.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UploadState {
+    pub file_id: FileId,
+    #[serde(with = "crate::ids::hex_or_bytes")]
+    pub key: [u8; 32],
+    pub part_size: u32,
+    /// The file as it was when the upload started: a changed file is a new upload.
+    pub size: u64,
+    pub modified_ns: u128,
 }
 
 /// History failures.
@@ -112,6 +165,7 @@ impl History {
         tx.open_table(CARD_NAMES)?;
         tx.open_table(META)?;
         tx.open_table(OUTBOX)?;
+        tx.open_table(UPLOADS)?;
         tx.commit()?;
         Ok(History { db: Arc::new(db) })
     }
@@ -159,6 +213,20 @@ impl History {
             let dropped = meta.get(DROPPED_ENVELOPES)?.map(|v| v.value()).unwrap_or(0);
             meta.insert(DROPPED_ENVELOPES, dropped + 1)?;
         }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The upload of `path` this device started, if any.
+    pub fn upload(&self, path: &str) -> Result<Option<UploadState>, HistoryError> {
+        let tx = self.db.begin_read()?;
+        Ok(tx.open_table(UPLOADS)?.get(path)?.and_then(|v| postcard::from_bytes(v.value()).ok()))
+    }
+
+    /// Remembers an upload before its first part leaves (see [`UploadState`]).
+    pub fn put_upload(&self, path: &str, state: &UploadState) -> Result<(), HistoryError> {
+        let tx = self.db.begin_write()?;
+        tx.open_table(UPLOADS)?.insert(path, encode(state).as_slice())?;
         tx.commit()?;
         Ok(())
     }
@@ -251,7 +319,7 @@ impl History {
         let Some(key) = tx.open_table(MESSAGE_INDEX)?.get(&id.0)?.map(|v| v.value()) else {
             return Ok(None);
         };
-        Ok(tx.open_table(MESSAGES)?.get(key)?.and_then(|v| postcard::from_bytes(v.value()).ok()))
+        Ok(tx.open_table(MESSAGES)?.get(key)?.and_then(|v| decode_message(v.value()).ok()))
     }
 
     /// Applies `change` (what envelope `envelope` says) to each listed message that exists, and
@@ -309,7 +377,7 @@ impl History {
         let mut out = Vec::new();
         for entry in range {
             let (_, value) = entry?;
-            match postcard::from_bytes(value.value()) {
+            match decode_message(value.value()) {
                 Ok(message) => out.push(message),
                 Err(e) => tracing::warn!(error = %e, "skipping a corrupt history record"),
             }
@@ -421,8 +489,7 @@ fn change_in(
     let mut table = tx.open_table(MESSAGES)?;
     for id in ids {
         let Some(key) = index.get(&id.0)?.map(|v| v.value()) else { continue };
-        let Some(mut message) = table.get(key)?.and_then(|v| postcard::from_bytes::<StoredMessage>(v.value()).ok())
-        else {
+        let Some(mut message) = table.get(key)?.and_then(|v| decode_message(v.value()).ok()) else {
             continue;
         };
         if change(&mut message) {
@@ -458,5 +525,39 @@ mod tests {
         assert!(history.seen(&bad).expect("seen"), "never opened again");
         drop(history);
         assert_eq!(History::open(dir.path()).expect("reopen").dropped_envelopes().expect("count"), 2, "kept");
+    }
+
+    #[test]
+    fn messages_recorded_before_files_existed_still_read() {
+        #[derive(Serialize)]
+        struct V1 {
+            id: MessageId,
+            chat: UserId,
+            from: UserId,
+            outgoing: bool,
+            text: String,
+            reply_to: Option<MessageId>,
+            sent_at_ms: u64,
+            status: Status,
+            edited: bool,
+            deleted: bool,
+        }
+        let id = MessageId::random();
+        let old = V1 {
+            id,
+            chat: UserId(2),
+            from: UserId(2),
+            outgoing: false,
+            text: "hi".into(),
+            reply_to: None,
+            sent_at_ms: 5,
+            status: Status::Read,
+            edited: false,
+            deleted: false,
+        };
+        let read = decode_message(&encode(&old)).expect("an old record reads");
+        assert_eq!((read.id, read.text.as_str(), read.status, read.file), (id, "hi", Status::Read, None));
+        let new = StoredMessage { text: "again".into(), ..read };
+        assert_eq!(decode_message(&encode(&new)).expect("a new record reads"), new);
     }
 }

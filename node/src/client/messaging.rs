@@ -17,6 +17,7 @@ use crate::defaults::{
 use crate::ids::{UserId, now_ms};
 use crate::net::placement;
 use crate::proto::envelope::{Envelope, EnvelopeId};
+use crate::proto::media::FileRef;
 use crate::proto::payload::{Body, MAX_TEXT_CHARS, MessageId, Payload, Status};
 use crate::proto::{
     ErrorCode, LookupQuery, MAX_ENVELOPES_PER_BATCH, MailboxRequest, MailboxResponse, RelayInfo, UserCard, WireError,
@@ -35,6 +36,8 @@ pub struct Inbox {
 
 /// How long a `Welcome`'s mailbox relays are used before a receiving device asks again.
 const MAILBOX_RELAYS_FRESH_FOR: std::time::Duration = std::time::Duration::from_secs(30);
+/// Longest caption of a file, in characters (Telegram's limit).
+const MAX_CAPTION_CHARS: usize = 1024;
 /// Message ids per receipt: 16 bytes each keeps a receipt far below the envelope limit.
 const MAX_IDS_PER_RECEIPT: usize = 2_000;
 /// A typing notice older than this is stale by the time it is read, and is dropped.
@@ -58,6 +61,21 @@ pub enum MessagingError {
     Refused(WireError),
     #[error("a message must be 1-{MAX_TEXT_CHARS} characters")]
     TextTooLong,
+    /// A local file could not be read or written, or is not one that can be sent.
+    #[error("{0}")]
+    File(String),
+    #[error("message {0} has no file")]
+    NoFile(MessageId),
+    /// No holder had a good copy of a chunk (for now: the holders may come back).
+    #[error("{0}")]
+    ChunkUnavailable(String),
+    /// A file's reference or manifest does not hold together: the sender's mistake or forgery.
+    #[error("the file cannot be read: {0}")]
+    BadFile(String),
+    #[error(transparent)]
+    MediaCrypto(#[from] crate::crypto::media::MediaCryptoError),
+    #[error("a caption must be at most {MAX_CAPTION_CHARS} characters")]
+    CaptionTooLong,
     #[error("{0} has no signed-in devices to send to")]
     NoDevices(UserId),
     #[error("no message {0} on this device")]
@@ -79,13 +97,19 @@ impl MessagingError {
             }
             MessagingError::Client(ClientError::BadCert(_) | ClientError::UnexpectedResponse(_)) => false,
             MessagingError::TextTooLong
+            | MessagingError::CaptionTooLong
+            | MessagingError::File(_)
+            | MessagingError::NoFile(_)
+            | MessagingError::BadFile(_)
+            | MessagingError::MediaCrypto(_)
             | MessagingError::NoDevices(_)
             | MessagingError::UnknownMessage(_)
             | MessagingError::NotYours(_) => false,
             MessagingError::Client(_)
             | MessagingError::Net(_)
             | MessagingError::History(_)
-            | MessagingError::NoRelay(_) => true,
+            | MessagingError::NoRelay(_)
+            | MessagingError::ChunkUnavailable(_) => true,
         }
     }
 }
@@ -346,31 +370,68 @@ impl Messenger {
         texts: Vec<String>,
         reply_to: Option<MessageId>,
     ) -> Result<Vec<StoredMessage>, MessagingError> {
-        self.history()?;
         if texts.iter().any(|t| t.is_empty() || t.chars().count() > MAX_TEXT_CHARS) {
             return Err(MessagingError::TextTooLong);
         }
+        let messages = texts.into_iter().map(|text| (text, None)).collect();
+        self.send_messages(to, messages, reply_to).await
+    }
+
+    /// Sends a file already uploaded (or forwarded: the same reference again), with a caption,
+    /// through the outbox as [`Messenger::send_texts`] does.
+    pub async fn send_file(
+        &mut self,
+        to: LookupQuery,
+        file: FileRef,
+        caption: Option<String>,
+        reply_to: Option<MessageId>,
+    ) -> Result<StoredMessage, MessagingError> {
+        let caption = caption.unwrap_or_default();
+        if caption.chars().count() > MAX_CAPTION_CHARS {
+            return Err(MessagingError::CaptionTooLong);
+        }
+        let mut sent = self.send_messages(to, vec![(caption, Some(file))], reply_to).await?;
+        sent.pop().ok_or_else(|| MessagingError::NoRelay("the message was not recorded".into()))
+    }
+
+    /// Records new messages (text, or a caption with a file) as pending, queues them in the
+    /// outbox and flushes it.
+    async fn send_messages(
+        &mut self,
+        to: LookupQuery,
+        messages: Vec<(String, Option<FileRef>)>,
+        reply_to: Option<MessageId>,
+    ) -> Result<Vec<StoredMessage>, MessagingError> {
+        self.history()?;
         let card = self.card(to, CARD_FRESH_SECS).await?;
         if card.devices.is_empty() {
             return Err(MessagingError::NoDevices(card.user_id));
         }
         let (me, sent_at_ms) = (self.me(), now_ms());
         let (mut records, mut payloads) = (Vec::new(), Vec::new());
-        for text in texts {
+        for (text, file) in messages {
             let message_id = MessageId::random();
+            let body = match &file {
+                Some(file) => {
+                    let caption = (!text.is_empty()).then(|| text.clone());
+                    Body::File { file: file.clone(), caption, reply_to }
+                }
+                None => Body::Text { text: text.clone(), reply_to },
+            };
             records.push(StoredMessage {
                 id: message_id,
                 chat: card.user_id,
                 from: me,
                 outgoing: true,
-                text: text.clone(),
+                text,
                 reply_to,
                 sent_at_ms,
                 status: Status::Pending,
                 edited: false,
                 deleted: false,
+                file,
             });
-            payloads.push(Payload { message_id, chat_with: card.user_id, body: Body::Text { text, reply_to } });
+            payloads.push(Payload { message_id, chat_with: card.user_id, body });
         }
         let ids: Vec<MessageId> = records.iter().map(|m| m.id).collect();
         self.h().queue(records, &payloads)?;
@@ -795,6 +856,7 @@ impl Messenger {
                     status: Status::Sent,
                     edited: false,
                     deleted: false,
+                    file: None,
                 };
                 inbox.messages.extend(self.h().record(vec![(Some(envelope.id), message)])?);
                 return Ok(());
@@ -822,9 +884,21 @@ impl Messenger {
                     }
                 })?)
             }
-            // Files are recorded by the media layer (coming in this change).
-            Body::File { .. } => {
-                self.h().mark_seen(envelope.id)?;
+            Body::File { file, caption, reply_to } => {
+                let message = StoredMessage {
+                    id: payload.message_id,
+                    chat,
+                    from: author,
+                    outgoing,
+                    text: caption.unwrap_or_default(),
+                    reply_to,
+                    sent_at_ms: envelope.sent_at_ms,
+                    status: Status::Sent,
+                    edited: false,
+                    deleted: false,
+                    file: Some(file),
+                };
+                inbox.messages.extend(self.h().record(vec![(Some(envelope.id), message)])?);
             }
             Body::Typing => {
                 let fresh = now_ms().saturating_sub(envelope.sent_at_ms) < TYPING_FRESH_MS;

@@ -5,6 +5,7 @@
 //! - [`net`]: the client's network actor; one task owns the `Swarm`, callers hold a handle.
 //! - [`history`]: the client's redb — messages, seen envelope ids, send counters, cached cards.
 //! - [`messaging`]: cloud chats — seal per device, send via relays, fetch, verify, acknowledge.
+//! - [`media`]: files — resumable uploads in encrypted parts, downloads from any holder.
 //! - [`node`]: the client node — a running device that receives, renews, and answers calls.
 //! - [`api`]: the node's calls, replies, errors and events, shared by every front end.
 //! - [`control`]: the node's local control socket (0600, same user only) and its client.
@@ -12,6 +13,7 @@
 pub mod api;
 pub mod control;
 pub mod history;
+pub mod media;
 pub mod messaging;
 pub mod net;
 pub mod node;

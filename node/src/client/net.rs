@@ -13,11 +13,12 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::crypto::identity::DeviceIdentity;
-use crate::defaults::{CLIENT_IDLE_TIMEOUT, COMMAND_QUEUE, MAILBOX_REQUEST_TIMEOUT};
+use crate::defaults::{CLIENT_IDLE_TIMEOUT, COMMAND_QUEUE, MAILBOX_REQUEST_TIMEOUT, MEDIA_REQUEST_TIMEOUT};
 use crate::net::behaviour::{ClientBehaviour, ClientBehaviourEvent};
 use crate::net::codec::FrameError;
 use crate::net::pipe::PipePool;
 use crate::net::transport::{TransportError, build_swarm};
+use crate::proto::media::{MEDIA_LIMITS, MEDIA_PROTOCOL, MediaRequest, MediaResponse};
 use crate::proto::{AuthRequest, AuthResponse, MAILBOX_LIMITS, MAILBOX_PROTOCOL, MailboxRequest, MailboxResponse};
 
 /// Why a request to a peer got no answer.
@@ -57,6 +58,8 @@ pub struct ClientNet {
     task: JoinHandle<()>,
     /// One pipe per relay.
     relays: PipePool<MailboxRequest, MailboxResponse>,
+    /// One media pipe per relay (or peer): a part in flight never holds up a message.
+    media: PipePool<MediaRequest, MediaResponse>,
 }
 
 impl std::fmt::Debug for ClientNet {
@@ -86,8 +89,9 @@ impl ClientNet {
             connecting: HashMap::new(),
             dial_errors: HashMap::new(),
         };
-        let relays = PipePool::new(MAILBOX_PROTOCOL, MAILBOX_LIMITS, MAILBOX_REQUEST_TIMEOUT, streams);
-        Ok(ClientNet { commands, task: tokio::spawn(event_loop.run()), relays })
+        let relays = PipePool::new(MAILBOX_PROTOCOL, MAILBOX_LIMITS, MAILBOX_REQUEST_TIMEOUT, streams.clone());
+        let media = PipePool::new(MEDIA_PROTOCOL, MEDIA_LIMITS, MEDIA_REQUEST_TIMEOUT, streams);
+        Ok(ClientNet { commands, task: tokio::spawn(event_loop.run()), relays, media })
     }
 
     /// Sends an auth request to the gateway `peer`, dialing `addrs` if not connected.
@@ -109,16 +113,32 @@ impl ClientNet {
         addrs: Vec<Multiaddr>,
         request: MailboxRequest,
     ) -> Result<MailboxResponse, NetError> {
-        let connect = async {
-            let stopped = NetError::Stopped.to_string();
-            let (reply, rx) = oneshot::channel();
-            self.commands.send(Command::Connect { peer, addrs, reply }).await.map_err(|_| stopped.clone())?;
-            rx.await.map_err(|_| stopped)?.map_err(|e| e.to_string())
-        };
         self.relays
-            .call(peer, &request, connect)
+            .call(peer, &request, self.connect(peer, addrs))
             .await
             .map_err(|e| NetError::RequestFailed { peer, reason: e.to_string() })
+    }
+
+    /// Sends a media request to `peer` (a relay, or a client node serving chunks), dialing
+    /// `addrs` if not connected.
+    pub async fn media_request(
+        &self,
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+        request: &MediaRequest,
+    ) -> Result<MediaResponse, NetError> {
+        self.media
+            .call(peer, request, self.connect(peer, addrs))
+            .await
+            .map_err(|e| NetError::RequestFailed { peer, reason: e.to_string() })
+    }
+
+    /// Makes sure there is a connection to `peer`, dialing `addrs` if need be.
+    async fn connect(&self, peer: PeerId, addrs: Vec<Multiaddr>) -> Result<(), String> {
+        let stopped = NetError::Stopped.to_string();
+        let (reply, rx) = oneshot::channel();
+        self.commands.send(Command::Connect { peer, addrs, reply }).await.map_err(|_| stopped.clone())?;
+        rx.await.map_err(|_| stopped)?.map_err(|e| e.to_string())
     }
 }
 

@@ -83,7 +83,14 @@ impl NodeHandle {
             tasks.push(AbortOnDropHandle::new(tokio::spawn(receiver.run())));
             tasks.push(AbortOnDropHandle::new(tokio::spawn(renew_loop(messenger.client.clone(), session.clone()))));
         }
-        let actor = Actor { messenger, events: events.clone(), updates: session.tx.subscribe(), session };
+        let actor = Actor {
+            messenger,
+            events: events.clone(),
+            updates: session.tx.subscribe(),
+            session,
+            calls: calls.downgrade(),
+            transfers: tokio::task::JoinSet::new(),
+        };
         tasks.push(AbortOnDropHandle::new(tokio::spawn(actor.run(jobs))));
         Ok(NodeHandle { calls, events, user_id, device, _tasks: Arc::new(tasks) })
     }
@@ -215,6 +222,12 @@ struct Actor {
     events: broadcast::Sender<Event>,
     session: SharedSession,
     updates: watch::Receiver<SavedSession>,
+    /// The actor's own queue, for a finished upload's message (weak: the node stops when the
+    /// last handle goes, whatever the actor holds).
+    calls: mpsc::WeakSender<Job>,
+    /// Uploads and downloads under way, each on a fork of the messenger so that calls and
+    /// messages are not held up behind a file.
+    transfers: tokio::task::JoinSet<()>,
 }
 
 impl Actor {
@@ -228,10 +241,15 @@ impl Actor {
                 job = jobs.recv() => {
                     let Some((call, reply)) = job else { return };
                     catch_up(&mut self.messenger, &mut self.updates);
+                    if matches!(call, Call::Upload { .. } | Call::Download { .. }) {
+                        self.start_transfer(call, reply);
+                        continue;
+                    }
                     let answer = self.handle(call).await;
                     // A caller that gave up does not need the answer.
                     let _ = reply.send(answer);
                 }
+                Some(_) = self.transfers.join_next() => {}
                 _ = retry.tick() => {
                     if self.messenger.outbox_waiting().unwrap_or(false) {
                         catch_up(&mut self.messenger, &mut self.updates);
@@ -240,6 +258,44 @@ impl Actor {
                 }
             }
         }
+    }
+
+    /// Runs an upload or download on a fork of the messenger, with progress for subscribers.
+    /// A finished upload comes back to this actor as a `SendFile`, so that every message is
+    /// sent (and the outbox flushed) by the actor alone.
+    fn start_transfer(&mut self, call: Call, reply: oneshot::Sender<Result<Reply, ApiError>>) {
+        let mut messenger = match self.messenger.fork() {
+            Ok(messenger) => messenger,
+            Err(e) => {
+                let _ = reply.send(Err(e.into()));
+                return;
+            }
+        };
+        let (events, calls) = (self.events.clone(), self.calls.clone());
+        self.transfers.spawn(async move {
+            let progress = |progress| {
+                let _ = events.send(Event::Transfer { progress });
+            };
+            let answer = match call {
+                Call::Upload { path, to, caption, part_size } => {
+                    match messenger.upload_file(&path, part_size, &progress).await {
+                        Ok(file) => {
+                            let send = Call::SendFile { to, file, caption, reply_to: None };
+                            if let Some(calls) = calls.upgrade() {
+                                let _ = calls.send((send, reply)).await;
+                            }
+                            return;
+                        }
+                        Err(e) => Err(e.into()),
+                    }
+                }
+                Call::Download { message, out } => {
+                    messenger.download_file(message, out, &progress).await.map(Reply::Downloaded).map_err(Into::into)
+                }
+                other => Err(ApiError::new("INTERNAL", format!("{other:?} is not a transfer"))),
+            };
+            let _ = reply.send(answer);
+        });
     }
 
     /// Sends what waits in the outbox and tells subscribers; a failure waits for the next try.
@@ -333,20 +389,35 @@ impl Actor {
             }
             Call::Edit { message, text } => {
                 let message = self.messenger.edit(message, text).await?;
-                self.publish(std::slice::from_ref(&message), false);
-                Reply::Message { message }
+                self.published(message)
             }
             Call::Delete { message } => {
                 let message = self.messenger.delete(message).await?;
-                self.publish(std::slice::from_ref(&message), false);
-                Reply::Message { message }
+                self.published(message)
             }
             Call::Typing { to } => {
                 self.messenger.typing(to).await?;
                 Reply::Done
             }
             Call::Subscribe => return Err(ApiError::usage("subscribe to a node's events on its control socket")),
+            Call::SendFile { to, file, caption, reply_to } => {
+                let message = self.messenger.send_file(to, file, caption, reply_to).await?;
+                self.published(message)
+            }
+            Call::Forward { message, to } => {
+                let message = self.messenger.forward(message, to).await?;
+                self.published(message)
+            }
+            Call::Upload { .. } | Call::Download { .. } => {
+                return Err(ApiError::new("INTERNAL", "transfers run on their own task"));
+            }
         })
+    }
+
+    /// Tells subscribers of a message this node sent, and answers with it.
+    fn published(&mut self, message: StoredMessage) -> Reply {
+        self.publish(std::slice::from_ref(&message), false);
+        Reply::Message { message }
     }
 
     async fn update_account(&mut self, request: AuthRequest) -> Result<Reply, ApiError> {

@@ -15,6 +15,7 @@ use crate::crypto::cert::{CertError, SessionCert, unix_now};
 use crate::crypto::identity::{DeviceIdentity, KeyFileError, write_secret};
 use crate::ids::{Phone, SessionId};
 use crate::net::transport::TransportError;
+use crate::proto::media::{MediaRequest, MediaResponse};
 use crate::proto::{
     Account, AuthRequest, AuthResponse, ErrorCode, LookupQuery, MailboxRequest, MailboxResponse, RelayInfo,
     SessionInfo, UserCard, WireError,
@@ -194,6 +195,11 @@ impl Client {
         request: MailboxRequest,
     ) -> Result<MailboxResponse, NetError> {
         self.net.mailbox_request(relay.peer_id, relay.addrs.clone(), request).await
+    }
+
+    /// One media request with a relay or a serving peer.
+    pub async fn media_request(&self, peer: &RelayInfo, request: &MediaRequest) -> Result<MediaResponse, NetError> {
+        self.net.media_request(peer.peer_id, peer.addrs.clone(), request).await
     }
 
     /// The profile directory.

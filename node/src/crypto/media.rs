@@ -106,6 +106,9 @@ mod tests {
         assert!(matches!(key.open_part(3, &hashes, &corrupt), Err(MediaCryptoError::WrongChunkHash { .. })));
         let other = FileKey::random();
         assert_eq!(other.open_part(3, &hashes, &chunk), Err(MediaCryptoError::Decrypt(3)));
-        assert_eq!(key.open_part(4, &PartHashes { chunk: hashes.chunk, ..hashes }, &chunk), Err(MediaCryptoError::Decrypt(4)));
+        assert_eq!(
+            key.open_part(4, &PartHashes { chunk: hashes.chunk, ..hashes }, &chunk),
+            Err(MediaCryptoError::Decrypt(4))
+        );
     }
 }

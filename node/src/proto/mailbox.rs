@@ -213,12 +213,18 @@ pub enum ReplicaResponse {
     PartRecorded,
     /// Answer to `UploadStatus`: the upload's owner (`None` if unknown here), its total parts
     /// and the parts saved, ascending.
-    UploadStatus { owner: Option<UserId>, total_parts: u32, saved: Vec<u32> },
+    UploadStatus {
+        owner: Option<UserId>,
+        total_parts: u32,
+        saved: Vec<u32>,
+    },
     /// Answer to `GetChunk`.
     Chunk {
         #[serde(with = "serde_bytes")]
         bytes: Vec<u8>,
     },
     /// Answer to `HasChunks`: those not held here.
-    MissingChunks { hashes: Vec<ChunkHash> },
+    MissingChunks {
+        hashes: Vec<ChunkHash>,
+    },
 }

@@ -101,7 +101,14 @@ async fn call_for(command: Command) -> Result<Call, CliError> {
         Command::Edit { message_id, text } => Call::Edit { message: parse_message_id(&message_id)?, text },
         Command::Delete { message_id } => Call::Delete { message: parse_message_id(&message_id)? },
         Command::Typing { to } => Call::Typing { to: parse_query(&to)? },
-        Command::Login { .. } | Command::Node | Command::Up { .. } => {
+        Command::Forward { message_id, to } => {
+            Call::Forward { message: parse_message_id(&message_id)?, to: parse_query(&to)? }
+        }
+        Command::Login { .. }
+        | Command::Node
+        | Command::Up { .. }
+        | Command::Upload { .. }
+        | Command::Download { .. } => {
             return Err(CliError::usage("this command is not a call to the client node"));
         }
     })
@@ -235,6 +242,9 @@ fn print(json: bool, call: &Call, reply: Reply) -> CliResult {
         }
         (Call::Edit { .. }, Reply::Message { message }) => {
             emit(json, to_json(&message), || format!("Edited: {}", message_line(&message, &Default::default())));
+        }
+        (Call::Forward { .. }, Reply::Message { message }) => {
+            emit(json, to_json(&message), || format!("Forwarded as message {}.", message.id));
         }
         (Call::Delete { .. }, Reply::Message { message }) => {
             emit(json, to_json(&message), || format!("Deleted {}.", message.id));

@@ -7,6 +7,7 @@
 //!   when none runs);
 //! - [`login`]: signing in, the one command that works before there is a session;
 //! - [`node`]: `meshgram node`, the client node in the foreground;
+//! - [`transfer`]: `upload` and `download`, with their progress;
 //! - [`output`]: text and JSON output shared by all of them.
 
 mod calls;
@@ -14,6 +15,7 @@ mod follow;
 mod login;
 mod node;
 mod output;
+mod transfer;
 
 use std::path::PathBuf;
 
@@ -109,6 +111,31 @@ pub(crate) enum Command {
     Delete { message_id: String },
     /// Tell someone you are typing.
     Typing { to: String },
+    /// Upload a file and send it, resuming an upload of the same file that was interrupted.
+    Upload {
+        file: PathBuf,
+        /// @username, +phone or user id.
+        #[arg(long)]
+        to: String,
+        #[arg(long)]
+        caption: Option<String>,
+        /// Part size in KiB (4 to 1024).
+        #[arg(long, default_value_t = 512)]
+        part_size_kib: u32,
+    },
+    /// Download the file of a message, checking every part.
+    Download {
+        message_id: String,
+        /// Where to write it: a file, or a directory (default: the current one).
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+    },
+    /// Send a message on to someone else (a file is not uploaded again).
+    Forward {
+        message_id: String,
+        #[arg(long)]
+        to: String,
+    },
     /// Run this profile's client node until Ctrl-C: it receives as messages arrive, renews the
     /// session, and other commands of the profile go through it.
     Node,
@@ -272,6 +299,12 @@ pub(crate) async fn run(cli: Cli) -> CliResult {
         Command::Messages { chat, follow: true } => follow::follow(&profile, json, chat).await,
         Command::Up { data, relays, replication } => {
             crate::up::run(&data, crate::up::UpOptions { relays, replication }, json).await.map_err(CliError::from)
+        }
+        Command::Upload { file, to, caption, part_size_kib } => {
+            transfer::upload(&profile, json, &file, &to, caption, part_size_kib).await
+        }
+        Command::Download { message_id, output } => {
+            transfer::download(&profile, json, &message_id, output.as_deref()).await
         }
         command => calls::run(&profile, json, command).await,
     }

@@ -36,10 +36,28 @@ pub(super) fn name_of(names: &Names, user: UserId) -> String {
 }
 
 /// One message as a line: `[id] who (reply to …): text (edited) [status]`.
+/// Bytes as people read them: 1.5 MiB.
+pub(super) fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["bytes", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 { format!("{n} bytes") } else { format!("{value:.1} {}", UNITS[unit]) }
+}
+
 pub(super) fn message_line(m: &StoredMessage, names: &Names) -> String {
     let who = if m.outgoing { "me".to_string() } else { name_of(names, m.from) };
     let reply = m.reply_to.map(|r| format!(" (reply to {})", r.fmt_short())).unwrap_or_default();
-    let text = if m.deleted { "(deleted)" } else { m.text.as_str() };
+    let file = match (&m.file, m.deleted) {
+        (Some(f), false) => {
+            format!("[file {} ({}, {}) — meshgram download {}] ", f.name, human_bytes(f.size), f.mime, m.id)
+        }
+        _ => String::new(),
+    };
+    let text = if m.deleted { "(deleted)".to_string() } else { format!("{file}{}", m.text) };
     let edited = if m.edited { " (edited)" } else { "" };
     let status = if m.outgoing { format!(" [{:?}]", m.status).to_lowercase() } else { String::new() };
     format!("[{}] {who}{reply}: {text}{edited}{status}", m.id.fmt_short())

@@ -1,0 +1,519 @@
+//! Files from a client's side: upload in parts (resumable), send the reference in a message,
+//! download from any holder, verifying every part before it is written.
+//!
+//! Upload: the file is read part by part, each part sealed with the file's key
+//! (`crypto::media`) and sent with `SaveFilePart` to the relay closest to the file id (the next
+//! one if it fails), [`MEDIA_PARTS_IN_FLIGHT`] at a time; memory stays a few parts whatever the
+//! file's size. The file id and key are saved in the history before the first part leaves, so
+//! an upload killed halfway resumes: the relays say which parts they have, and only the others
+//! are sent. The encrypted manifest goes last; then the reference travels sealed in a message.
+//!
+//! Download: the manifest first, then the parts in parallel, each from the relays closest to its
+//! chunk (then every other relay), the first copy whose hash matches; a corrupt or missing copy
+//! means the next holder, never a byte written. The output appears (renamed from a temporary
+//! file beside it) only once every part is in.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use libp2p::PeerId;
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncReadExt;
+
+use crate::client::history::{StoredMessage, UploadState};
+use crate::client::messaging::{MessagingError, Messenger};
+use crate::client::session::Client;
+use crate::crypto::cert::SessionCert;
+use crate::crypto::media::{FileKey, MANIFEST_INDEX};
+use crate::defaults::{MEDIA_PART_DEADLINE, MEDIA_PARTS_IN_FLIGHT, RELAY_ANSWER_DEADLINE};
+use crate::net::placement;
+use crate::proto::media::{
+    ChunkHash, DEFAULT_PART_SIZE, FileId, FileRef, MAX_PART_SIZE, MAX_PARTS, MIN_PART_SIZE, Manifest, MediaRequest,
+    MediaResponse, PartHashes,
+};
+use crate::proto::payload::MessageId;
+use crate::proto::{ErrorCode, LookupQuery, RelayInfo};
+
+/// Which way a transfer goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    Upload,
+    Download,
+}
+
+/// How far a transfer is, reported after every part.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Progress {
+    pub direction: Direction,
+    pub file_id: FileId,
+    pub name: String,
+    /// Plaintext bytes done (sent, or fetched and written), of `total_bytes`.
+    pub done_bytes: u64,
+    pub total_bytes: u64,
+    /// Parts done of `total_parts` (data parts; the manifest not counted).
+    pub done_parts: u32,
+    pub total_parts: u32,
+    /// Parts a resumed upload found saved already, and did not send again.
+    pub resumed_parts: u32,
+}
+
+/// Where progress reports go.
+pub type OnProgress<'a> = &'a (dyn Fn(Progress) + Send + Sync);
+
+/// A finished download.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Downloaded {
+    pub path: PathBuf,
+    pub size: u64,
+    pub name: String,
+    pub mime: String,
+}
+
+/// Media calls to relays (and serving peers) on behalf of one device: greets each once per
+/// connection, and again when it forgot us. Shared by the parts in flight.
+struct MediaLink<'a> {
+    client: &'a Client,
+    cert: &'a SessionCert,
+    greeted: Mutex<HashSet<PeerId>>,
+}
+
+impl<'a> MediaLink<'a> {
+    fn new(client: &'a Client, cert: &'a SessionCert) -> Self {
+        MediaLink { client, cert, greeted: Mutex::new(HashSet::new()) }
+    }
+
+    fn greeted(&self) -> std::sync::MutexGuard<'_, HashSet<PeerId>> {
+        self.greeted.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// One request, given up after `deadline`; refusals come back as `Err(Refused)`.
+    async fn call(
+        &self,
+        peer: &RelayInfo,
+        request: &MediaRequest,
+        deadline: std::time::Duration,
+    ) -> Result<MediaResponse, MessagingError> {
+        let answer = tokio::time::timeout(deadline, self.call_unbounded(peer, request)).await;
+        let answer = answer.unwrap_or_else(|_| {
+            let reason = format!("no answer within {} s", deadline.as_secs());
+            Err(crate::client::net::NetError::RequestFailed { peer: peer.peer_id, reason }.into())
+        });
+        if answer.is_err() {
+            self.greeted().remove(&peer.peer_id);
+        }
+        answer
+    }
+
+    async fn call_unbounded(&self, peer: &RelayInfo, request: &MediaRequest) -> Result<MediaResponse, MessagingError> {
+        let mut greeted_now = false;
+        loop {
+            if !self.greeted().contains(&peer.peer_id) {
+                let hello = MediaRequest::Hello { cert: self.cert.clone() };
+                match self.client.media_request(peer, &hello).await? {
+                    MediaResponse::Welcome { .. } => {
+                        self.greeted().insert(peer.peer_id);
+                        greeted_now = true;
+                    }
+                    MediaResponse::Error(e) => return Err(MessagingError::Refused(e)),
+                    _ => return Err(crate::client::ClientError::UnexpectedResponse("Hello").into()),
+                }
+            }
+            match self.client.media_request(peer, request).await? {
+                // It forgot us (it restarted, or the connection was replaced): greet again, once.
+                MediaResponse::Error(e) if e.code == ErrorCode::CertInvalid && !greeted_now => {
+                    self.greeted().remove(&peer.peer_id);
+                }
+                MediaResponse::Error(e) => return Err(MessagingError::Refused(e)),
+                answer => return Ok(answer),
+            }
+        }
+    }
+}
+
+/// Whether a refusal from one relay says nothing about the request, so another relay may do.
+fn another_relay_may_do(e: &MessagingError) -> bool {
+    match e {
+        MessagingError::Refused(w) => {
+            matches!(
+                w.code,
+                ErrorCode::Unavailable | ErrorCode::CertInvalid | ErrorCode::Internal | ErrorCode::FloodWait
+            )
+        }
+        MessagingError::Net(_) | MessagingError::Client(_) => true,
+        _ => false,
+    }
+}
+
+/// `relays`, those responsible for `key` first (closest first), then the others.
+fn closest_first<T>(key: &libp2p::kad::KBucketKey<T>, relays: &[RelayInfo]) -> Vec<RelayInfo> {
+    let order = placement::closest_relays(key, relays.iter().map(|r| r.peer_id), relays.len());
+    order.into_iter().filter_map(|id| relays.iter().find(|r| r.peer_id == id).cloned()).collect()
+}
+
+fn file_error(path: &Path, e: impl std::fmt::Display) -> MessagingError {
+    MessagingError::File(format!("{}: {e}", path.display()))
+}
+
+impl Messenger {
+    /// Uploads a file (or resumes its upload) and returns its reference, ready to send.
+    pub async fn upload_file(
+        &mut self,
+        path: &Path,
+        part_size: Option<u32>,
+        progress: OnProgress<'_>,
+    ) -> Result<FileRef, MessagingError> {
+        let history = self.history()?.clone();
+        let part_size = part_size.unwrap_or(DEFAULT_PART_SIZE);
+        if !(MIN_PART_SIZE..=MAX_PART_SIZE).contains(&part_size) {
+            return Err(MessagingError::File(format!(
+                "a part must be {} KiB to {} KiB",
+                MIN_PART_SIZE / 1024,
+                MAX_PART_SIZE / 1024
+            )));
+        }
+        let path = std::fs::canonicalize(path).map_err(|e| file_error(path, e))?;
+        let meta = std::fs::metadata(&path).map_err(|e| file_error(&path, e))?;
+        if !meta.is_file() {
+            return Err(file_error(&path, "not a regular file"));
+        }
+        let size = meta.len();
+        let modified_ns =
+            meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map_or(0, |d| d.as_nanos());
+        let data_parts = size.div_ceil(u64::from(part_size));
+        if data_parts + 1 > u64::from(MAX_PARTS) {
+            let max = u64::from(MAX_PARTS - 1) * u64::from(part_size);
+            return Err(MessagingError::File(format!(
+                "{} is {size} bytes; with {} KiB parts a file may have at most {max} bytes (use larger parts)",
+                path.display(),
+                part_size / 1024
+            )));
+        }
+        let (data_parts, total_parts) = (data_parts as u32, data_parts as u32 + 1);
+        let key_name = path.to_string_lossy().into_owned();
+        let fresh =
+            || UploadState { file_id: FileId::random(), key: FileKey::random().0, part_size, size, modified_ns };
+        let mut state = match history.upload(&key_name)? {
+            Some(s) if s.size == size && s.modified_ns == modified_ns && s.part_size == part_size => s,
+            _ => fresh(),
+        };
+        history.put_upload(&key_name, &state)?;
+        let relays = self.session.relays.clone();
+        let link = MediaLink::new(&self.client, &self.session.cert);
+        let status_from = closest_first(&placement::file_key(&state.file_id), &relays);
+        let saved = match upload_status(&link, &status_from, state.file_id).await? {
+            (total, saved) if total == total_parts => saved,
+            (0, _) => HashSet::new(),
+            // Begun with another layout (another part size): start afresh.
+            _ => {
+                state = fresh();
+                history.put_upload(&key_name, &state)?;
+                HashSet::new()
+            }
+        };
+        let file_id = state.file_id;
+        let key = FileKey(state.key);
+        let targets = closest_first(&placement::file_key(&file_id), &relays);
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "file".into());
+        let resumed_parts = saved.iter().filter(|p| **p < data_parts).count() as u32;
+        let mut report = Progress {
+            direction: Direction::Upload,
+            file_id,
+            name: name.clone(),
+            done_bytes: 0,
+            total_bytes: size,
+            done_parts: 0,
+            total_parts: data_parts,
+            resumed_parts,
+        };
+        let part_len = |i: u32| (size - u64::from(i) * u64::from(part_size)).min(u64::from(part_size));
+        let mut file = tokio::fs::File::open(&path).await.map_err(|e| file_error(&path, e))?;
+        let mut manifest = Vec::with_capacity(data_parts as usize);
+        let mut inflight = FuturesUnordered::new();
+        for part in 0..data_parts {
+            let mut plain = vec![0u8; part_len(part) as usize];
+            file.read_exact(&mut plain).await.map_err(|e| file_error(&path, e))?;
+            let (chunk, hashes) = key.seal_part(part, &plain);
+            manifest.push(hashes);
+            if saved.contains(&part) {
+                report.done_parts += 1;
+                report.done_bytes += part_len(part);
+                progress(report.clone());
+                continue;
+            }
+            if inflight.len() >= MEDIA_PARTS_IN_FLIGHT
+                && let Some(done) = inflight.next().await
+            {
+                report.done_bytes += part_len(done?);
+                report.done_parts += 1;
+                progress(report.clone());
+            }
+            inflight.push(save_part(&link, &targets, file_id, part, total_parts, hashes.chunk, chunk));
+        }
+        while let Some(done) = inflight.next().await {
+            report.done_bytes += part_len(done?);
+            report.done_parts += 1;
+            progress(report.clone());
+        }
+        let listing = Manifest { size, part_size, parts: manifest };
+        let listing = postcard::to_stdvec(&listing).expect("invariant: manifests serialize");
+        let (chunk, manifest) = key.seal_part(MANIFEST_INDEX, &listing);
+        if !saved.contains(&data_parts) {
+            save_part(&link, &targets, file_id, data_parts, total_parts, manifest.chunk, chunk).await?;
+        }
+        Ok(FileRef {
+            file_id,
+            manifest,
+            size,
+            part_size,
+            mime: mime_of(&name).into(),
+            name,
+            key: key.0,
+            thumbnail: Vec::new(),
+        })
+    }
+
+    /// Uploads a file and sends it to `to`, with an optional caption.
+    pub async fn send_new_file(
+        &mut self,
+        to: LookupQuery,
+        path: &Path,
+        caption: Option<String>,
+        part_size: Option<u32>,
+        progress: OnProgress<'_>,
+    ) -> Result<StoredMessage, MessagingError> {
+        let file = self.upload_file(path, part_size, progress).await?;
+        self.send_file(to, file, caption, None).await
+    }
+
+    /// Sends a message again to someone else: a file by its reference (nothing is uploaded
+    /// again), a text as a new message.
+    pub async fn forward(&mut self, message: MessageId, to: LookupQuery) -> Result<StoredMessage, MessagingError> {
+        let original = self.history()?.message(&message)?.ok_or(MessagingError::UnknownMessage(message))?;
+        if original.deleted {
+            return Err(MessagingError::UnknownMessage(message));
+        }
+        match original.file {
+            Some(file) => {
+                let caption = (!original.text.is_empty()).then_some(original.text);
+                self.send_file(to, file, caption, None).await
+            }
+            None => {
+                let mut sent = self.send_texts(to, vec![original.text], None).await?;
+                sent.pop().ok_or(MessagingError::UnknownMessage(message))
+            }
+        }
+    }
+
+    /// Downloads the file of a message to `out` (a file, or a directory to put it in; default:
+    /// the file's own name in the current directory).
+    pub async fn download_file(
+        &mut self,
+        message: MessageId,
+        out: Option<PathBuf>,
+        progress: OnProgress<'_>,
+    ) -> Result<Downloaded, MessagingError> {
+        let found = self.history()?.message(&message)?.ok_or(MessagingError::UnknownMessage(message))?;
+        let file = found.file.filter(|_| !found.deleted).ok_or(MessagingError::NoFile(message))?;
+        let name = safe_name(&file.name);
+        let out = match out {
+            Some(out) if out.is_dir() => out.join(&name),
+            Some(out) => out,
+            None => PathBuf::from(&name),
+        };
+        let relays = self.session.relays.clone();
+        let link = MediaLink::new(&self.client, &self.session.cert);
+        let key = FileKey(file.key);
+        let listing = fetch_chunk(&link, &relays, &file.manifest).await?;
+        let listing = key.open_part(MANIFEST_INDEX, &file.manifest, &listing)?;
+        let manifest: Manifest = postcard::from_bytes(&listing)
+            .map_err(|e| MessagingError::BadFile(format!("the manifest does not parse: {e}")))?;
+        if manifest.size != file.size
+            || manifest.part_size != file.part_size
+            || manifest.parts.len() as u32 != file.data_parts()
+        {
+            return Err(MessagingError::BadFile("the manifest does not match the file reference".into()));
+        }
+        let dir = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let temp = dir.join(format!(".{name}.{}.part", file.file_id.fmt_short()));
+        let written = std::fs::File::create(&temp).and_then(|f| f.set_len(file.size).map(|()| f));
+        let written = Arc::new(written.map_err(|e| file_error(&temp, e))?);
+        let result = self.fetch_parts(&link, &relays, &key, &file, &manifest, &written, progress).await;
+        let result = result.and_then(|()| {
+            written.sync_all().map_err(|e| file_error(&temp, e))?;
+            std::fs::rename(&temp, &out).map_err(|e| file_error(&out, e))
+        });
+        if let Err(e) = result {
+            let _ = std::fs::remove_file(&temp);
+            return Err(e);
+        }
+        Ok(Downloaded { path: out, size: file.size, name: file.name, mime: file.mime })
+    }
+
+    /// Fetches, checks, decrypts and writes every data part, several at a time.
+    #[allow(clippy::too_many_arguments)]
+    async fn fetch_parts(
+        &self,
+        link: &MediaLink<'_>,
+        relays: &[RelayInfo],
+        key: &FileKey,
+        file: &FileRef,
+        manifest: &Manifest,
+        out: &Arc<std::fs::File>,
+        progress: OnProgress<'_>,
+    ) -> Result<(), MessagingError> {
+        let mut report = Progress {
+            direction: Direction::Download,
+            file_id: file.file_id,
+            name: file.name.clone(),
+            done_bytes: 0,
+            total_bytes: file.size,
+            done_parts: 0,
+            total_parts: manifest.parts.len() as u32,
+            resumed_parts: 0,
+        };
+        let fetch = |part: u32, hashes: PartHashes| async move {
+            let chunk = fetch_chunk(link, relays, &hashes).await?;
+            let plain = key.open_part(part, &hashes, &chunk)?;
+            let offset = u64::from(part) * u64::from(file.part_size);
+            let out = Arc::clone(out);
+            let len = plain.len() as u64;
+            tokio::task::spawn_blocking(move || std::os::unix::fs::FileExt::write_all_at(&*out, &plain, offset))
+                .await
+                .map_err(|e| MessagingError::File(e.to_string()))?
+                .map_err(|e| MessagingError::File(format!("writing the download: {e}")))?;
+            Ok::<u64, MessagingError>(len)
+        };
+        let mut parts = manifest.parts.iter().copied().enumerate();
+        let mut inflight = FuturesUnordered::new();
+        loop {
+            while inflight.len() < MEDIA_PARTS_IN_FLIGHT
+                && let Some((part, hashes)) = parts.next()
+            {
+                inflight.push(fetch(part as u32, hashes));
+            }
+            let Some(done) = inflight.next().await else { return Ok(()) };
+            report.done_bytes += done?;
+            report.done_parts += 1;
+            progress(report.clone());
+        }
+    }
+}
+
+/// Which parts of an upload the relays have: the first relay that answers says.
+async fn upload_status(
+    link: &MediaLink<'_>,
+    relays: &[RelayInfo],
+    file_id: FileId,
+) -> Result<(u32, HashSet<u32>), MessagingError> {
+    let mut last = String::from("no relays known; sign in with --network");
+    for relay in relays {
+        match link.call(relay, &MediaRequest::GetUploadStatus { file_id }, RELAY_ANSWER_DEADLINE).await {
+            Ok(MediaResponse::UploadStatus { total_parts, saved }) => {
+                return Ok((total_parts, saved.into_iter().collect()));
+            }
+            Ok(other) => last = format!("unexpected answer {other:?}"),
+            Err(e) if another_relay_may_do(&e) => last = e.to_string(),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(MessagingError::NoRelay(last))
+}
+
+/// Saves one part through the first relay (of `relays`, in order) that takes it; returns the
+/// part's index.
+async fn save_part(
+    link: &MediaLink<'_>,
+    relays: &[RelayInfo],
+    file_id: FileId,
+    part: u32,
+    total_parts: u32,
+    hash: ChunkHash,
+    bytes: Vec<u8>,
+) -> Result<u32, MessagingError> {
+    let request = MediaRequest::SaveFilePart { file_id, part, total_parts, hash, bytes };
+    let mut last = String::from("no relays known; sign in with --network");
+    for relay in relays {
+        match link.call(relay, &request, MEDIA_PART_DEADLINE).await {
+            Ok(MediaResponse::PartSaved { .. }) => return Ok(part),
+            Ok(other) => last = format!("unexpected answer {other:?}"),
+            Err(e) if another_relay_may_do(&e) => {
+                tracing::warn!(relay = %relay.peer_id, part, error = %e, "part not saved there; trying another relay");
+                last = e.to_string();
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(MessagingError::NoRelay(format!("part {part} of {file_id} was not saved: {last}")))
+}
+
+/// One chunk from the first holder that has a copy matching its hash: the relays closest to
+/// it first, then every other relay.
+async fn fetch_chunk(
+    link: &MediaLink<'_>,
+    relays: &[RelayInfo],
+    hashes: &PartHashes,
+) -> Result<Vec<u8>, MessagingError> {
+    let request = MediaRequest::GetChunk { hash: hashes.chunk };
+    let mut tried = Vec::new();
+    for holder in closest_first(&placement::chunk_key(&hashes.chunk), relays) {
+        match link.call(&holder, &request, MEDIA_PART_DEADLINE).await {
+            Ok(MediaResponse::Chunk { bytes }) if ChunkHash::of(&bytes) == hashes.chunk => return Ok(bytes),
+            Ok(MediaResponse::Chunk { .. }) => {
+                tracing::warn!(holder = %holder.peer_id, chunk = %hashes.chunk, "a holder served a corrupt chunk; trying another");
+                tried.push(format!("{}: corrupt copy", holder.peer_id));
+            }
+            Ok(other) => tried.push(format!("{}: unexpected answer {other:?}", holder.peer_id)),
+            Err(e) => tried.push(format!("{}: {e}", holder.peer_id)),
+        }
+    }
+    Err(MessagingError::ChunkUnavailable(format!(
+        "no holder had a good copy of chunk {} ({})",
+        hashes.chunk,
+        if tried.is_empty() { "no relays known".into() } else { tried.join("; ") }
+    )))
+}
+
+/// A file name from a reference, safe to create: its last path component, without leading dots.
+fn safe_name(name: &str) -> String {
+    let last = name.rsplit(['/', '\\']).next().unwrap_or_default().trim_start_matches('.');
+    let cleaned: String = last.chars().filter(|c| !c.is_control()).collect();
+    if cleaned.trim().is_empty() { "download".into() } else { cleaned }
+}
+
+/// A MIME type from a file name's extension, for the common kinds a chat shows.
+fn mime_of(name: &str) -> &'static str {
+    let ext = name.rsplit_once('.').map(|(_, e)| e.to_ascii_lowercase()).unwrap_or_default();
+    match ext.as_str() {
+        "jpg" | "jpeg" => "image/jpeg",
+        "png" => "image/png",
+        "gif" => "image/gif",
+        "webp" => "image/webp",
+        "mp4" => "video/mp4",
+        "webm" => "video/webm",
+        "mp3" => "audio/mpeg",
+        "ogg" | "oga" => "audio/ogg",
+        "pdf" => "application/pdf",
+        "txt" => "text/plain",
+        "zip" => "application/zip",
+        _ => "application/octet-stream",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_from_references_stay_in_their_directory() {
+        assert_eq!(safe_name("../../etc/passwd"), "passwd");
+        assert_eq!(safe_name(".bashrc"), "bashrc");
+        assert_eq!(safe_name("a\\b\\photo.jpg"), "photo.jpg");
+        assert_eq!(safe_name(""), "download");
+        assert_eq!(mime_of("Photo.JPG"), "image/jpeg");
+        assert_eq!(mime_of("noext"), "application/octet-stream");
+    }
+}

@@ -1,0 +1,147 @@
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use meshgram_tests::{
+    Mesh, array, blake3_of_file, files_under, meshgram, random_file, relay_metric, spawn_meshgram, str_field,
+};
+use serde_json::Value;
+
+use super::{ALICE, BOB, CAROL};
+
+const MIB: u64 = 1024 * 1024;
+/// Generous: a debug build moves a few tens of MiB/s through three relays on two cores.
+const TRANSFER_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Parts the relays acknowledged, over all relays (each acknowledged part counts once, on the
+/// relay the client sent it to).
+fn parts_saved(mesh: &Mesh) -> u64 {
+    mesh.relays.iter().filter_map(|r| relay_metric(r, "meshgram_relay_media_parts_saved")).sum()
+}
+
+/// The message in `messages --json` output that carries a file.
+fn file_message(messages: &Value) -> Value {
+    array(messages, "messages").iter().find(|m| !m["file"].is_null()).cloned().expect("a message with a file")
+}
+
+fn path_str(p: &Path) -> &str {
+    p.to_str().expect("temp paths are UTF-8")
+}
+
+#[test]
+fn a_256_mib_file_survives_a_killed_upload_a_killed_relay_and_a_corrupt_chunk() {
+    let mesh = Mesh::start(3, 2);
+    let (alice, bob, carol) = (mesh.new_profile("alice"), mesh.new_profile("bob"), mesh.new_profile("carol"));
+    mesh.login(&alice, ALICE);
+    mesh.login(&bob, BOB);
+    mesh.login(&carol, CAROL);
+    let files = mesh.gateway.tmp().join("files");
+    std::fs::create_dir_all(&files).unwrap();
+    let original = files.join("big.bin");
+    let size = 256 * MIB;
+    random_file(&original, size, "a 256 MiB test file");
+    let data_parts = size / (512 * 1024);
+
+    // The upload is SIGKILLed once about half its parts are saved...
+    let upload = ["upload", path_str(&original), "--to", BOB, "--caption", "the big one"];
+    let first = spawn_meshgram(&alice, &upload).with_timeout(TRANSFER_TIMEOUT);
+    let deadline = Instant::now() + TRANSFER_TIMEOUT;
+    while parts_saved(&mesh) < data_parts / 2 {
+        assert!(Instant::now() < deadline, "half the upload was not saved in {TRANSFER_TIMEOUT:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let killed = first.kill();
+    assert!(!killed.status.success(), "the upload was killed before it finished:\n{killed}");
+    // Parts in flight when it died are finished (or not) by the relays; then nothing moves.
+    std::thread::sleep(Duration::from_secs(2));
+    let saved_before = parts_saved(&mesh);
+    assert!(saved_before < data_parts, "the upload was killed halfway, not after {saved_before} parts");
+
+    // ...and resumes: the relays say which parts they have, and only the others are sent.
+    let resumed = spawn_meshgram(&alice, &upload).with_timeout(TRANSFER_TIMEOUT).finish().ok_json_lines();
+    let sent = resumed.last().cloned().expect("upload prints the message it sent");
+    let first_event = resumed.iter().find(|e| e["event"] == "transfer").expect("upload --json prints progress");
+    assert_eq!(first_event["progress"]["resumed_parts"].as_u64(), Some(saved_before), "{first_event}");
+    assert_eq!(parts_saved(&mesh), data_parts + 1, "every part (and the manifest) was sent once, none twice");
+    assert_eq!(sent["file"]["size"].as_u64(), Some(size));
+    assert_eq!(str_field(&sent, "text"), "the big one");
+
+    // Bob gets the message with its file reference, and the file, byte for byte.
+    let inbox = meshgram(&bob, &["messages"]).ok_json();
+    let message = file_message(&inbox);
+    assert_eq!(str_field(&message["file"], "name"), "big.bin");
+    let message_id = str_field(&message, "id").to_string();
+    let copy = files.join("bob.bin");
+    let done = spawn_meshgram(&bob, &["download", &message_id, "-o", path_str(&copy)])
+        .with_timeout(TRANSFER_TIMEOUT)
+        .finish()
+        .ok_json_lines();
+    assert_eq!(done.last().unwrap()["size"].as_u64(), Some(size));
+    let original_hash = blake3_of_file(&original);
+    assert_eq!(blake3_of_file(&copy), original_hash, "downloaded bytes differ");
+
+    // No relay's files hold plaintext: a 64-byte window from the middle of the file.
+    let bytes = std::fs::read(&original).unwrap();
+    let middle = (size / 2) as usize + 12_345;
+    let found = mesh.relay_files_containing(&bytes[middle..middle + 64]);
+    assert!(found.is_empty(), "plaintext on a relay's disk: {found:?}");
+    drop(bytes);
+
+    // A chunk corrupted on one relay's disk, and another relay SIGKILLed: a forward to Carol
+    // reuses the stored chunks, and her download still gets every part right.
+    let chunks: Vec<_> = files_under(&mesh.relays[1].data_dir.join("chunks"))
+        .into_iter()
+        .filter(|f| f.file_name().is_some_and(|n| n.len() == 64))
+        .collect();
+    assert!(!chunks.is_empty(), "relay 1 holds chunks");
+    let mut corrupt = std::fs::read(&chunks[0]).unwrap();
+    corrupt[100] ^= 0xff;
+    std::fs::write(&chunks[0], corrupt).unwrap();
+    let mut mesh = mesh;
+    mesh.relays[0].kill9();
+    let saved = parts_saved(&mesh);
+    let forwarded = meshgram(&alice, &["forward", &message_id, "--to", CAROL]).ok_json();
+    assert_eq!(forwarded["file"]["file_id"], message["file"]["file_id"], "the same file, not a new upload");
+    assert_eq!(parts_saved(&mesh), saved, "a forward uploads nothing");
+    let carol_inbox = meshgram(&carol, &["messages"]).ok_json();
+    let carol_message = file_message(&carol_inbox);
+    let carol_copy = files.join("carol.bin");
+    let carol_id = str_field(&carol_message, "id");
+    spawn_meshgram(&carol, &["download", carol_id, "-o", path_str(&carol_copy)])
+        .with_timeout(TRANSFER_TIMEOUT)
+        .finish()
+        .ok_json_lines();
+    assert_eq!(blake3_of_file(&carol_copy), original_hash, "downloaded bytes differ with a relay down");
+}
+
+#[test]
+fn bad_transfers_fail_clearly_and_write_nothing() {
+    let mesh = Mesh::start(2, 2);
+    let (alice, bob) = (mesh.new_profile("alice"), mesh.new_profile("bob"));
+    mesh.login(&alice, ALICE);
+    mesh.login(&bob, BOB);
+    let files = mesh.gateway.tmp().join("files");
+    std::fs::create_dir_all(&files).unwrap();
+
+    meshgram(&alice, &["upload", path_str(&files.join("missing")), "--to", BOB]).expect_err(&["USAGE"]);
+    meshgram(&alice, &["upload", path_str(&files), "--to", BOB]).expect_err(&["FILE"]);
+    let small = files.join("small.txt");
+    random_file(&small, 10_000, "small");
+    meshgram(&alice, &["upload", path_str(&small), "--to", BOB, "--part-size-kib", "2"]).expect_err(&["FILE"]);
+    meshgram(&alice, &["upload", path_str(&small), "--to", "@nobody_here"]).expect_err(&["NOT_FOUND"]);
+
+    // A text message has no file to download; an unknown message is not found.
+    let sent = meshgram(&alice, &["send", BOB, "just text"]).ok_json();
+    let text_id = array(&sent["ids"], "ids")[0].as_str().unwrap().to_string();
+    meshgram(&bob, &["messages"]).ok_json();
+    meshgram(&bob, &["download", &text_id]).expect_err(&["NOT_FOUND"]);
+    meshgram(&bob, &["download", "00000000000000000000000000000000"]).expect_err(&["NOT_FOUND"]);
+
+    // A small file round-trips (one part and the manifest) into a directory, by its name.
+    let out = meshgram(&alice, &["upload", path_str(&small), "--to", BOB]).ok_json_lines();
+    assert_eq!(out.last().unwrap()["file"]["mime"], "text/plain");
+    let message = file_message(&meshgram(&bob, &["messages"]).ok_json());
+    let into = files.join("into");
+    std::fs::create_dir_all(&into).unwrap();
+    meshgram(&bob, &["download", str_field(&message, "id"), "-o", path_str(&into)]).ok_json_lines();
+    assert_eq!(blake3_of_file(&into.join("small.txt")), blake3_of_file(&small));
+}
