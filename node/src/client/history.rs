@@ -8,9 +8,10 @@ use libp2p::PeerId;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
 
+use crate::crypto::media::MANIFEST_INDEX;
 use crate::ids::UserId;
 use crate::proto::envelope::EnvelopeId;
-use crate::proto::media::{FileId, FileRef};
+use crate::proto::media::{ChunkHash, FileId, FileRef, PartHashes};
 use crate::proto::payload::{MessageId, Payload, Status};
 use crate::proto::{LookupQuery, UserCard};
 
@@ -38,6 +39,10 @@ const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// Absolute file path → its [`UploadState`].
 const UPLOADS: TableDefinition<&str, &[u8]> = TableDefinition::new("uploads");
+/// Files this device serves to peers: manifest chunk → [`ServedFile`].
+const SERVED_FILES: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("served_files");
+/// Chunk → (its file's manifest chunk, part index; `MANIFEST_INDEX` for the manifest itself).
+const SERVED_CHUNKS: TableDefinition<&[u8; 32], (&[u8; 32], u32)> = TableDefinition::new("served_chunks");
 const NEXT_ORDER: &str = "next_order";
 const NEXT_OUTBOX: &str = "next_outbox";
 /// Envelopes dropped as definitively bad (forged, malformed), ever.
@@ -110,6 +115,19 @@ pub struct UploadState {
     pub modified_ns: u128,
 }
 
+/// A complete file on this device's disk whose chunks it can hand to peers: each part is
+/// sealed again from the file when asked for (sealing is deterministic, see `crypto::media`),
+/// so serving costs no second copy on disk. A file changed since is noticed (the chunk's hash
+/// no longer matches) and not served.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServedFile {
+    pub path: String,
+    pub file: FileRef,
+    /// The encrypted manifest, as stored.
+    #[serde(with = "serde_bytes")]
+    pub manifest_chunk: Vec<u8>,
+}
+
 /// History failures.
 #[derive(Debug, thiserror::Error)]
 pub enum HistoryError {
@@ -166,6 +184,8 @@ impl History {
         tx.open_table(META)?;
         tx.open_table(OUTBOX)?;
         tx.open_table(UPLOADS)?;
+        tx.open_table(SERVED_FILES)?;
+        tx.open_table(SERVED_CHUNKS)?;
         tx.commit()?;
         Ok(History { db: Arc::new(db) })
     }
@@ -229,6 +249,45 @@ impl History {
         tx.open_table(UPLOADS)?.insert(path, encode(state).as_slice())?;
         tx.commit()?;
         Ok(())
+    }
+
+    /// Records a complete file this device can serve, with its parts' chunks.
+    pub fn put_served(&self, served: &ServedFile, parts: &[PartHashes]) -> Result<(), HistoryError> {
+        let manifest = served.file.manifest.chunk.0;
+        let tx = self.db.begin_write()?;
+        {
+            tx.open_table(SERVED_FILES)?.insert(&manifest, encode(served).as_slice())?;
+            let mut chunks = tx.open_table(SERVED_CHUNKS)?;
+            chunks.insert(&manifest, (&manifest, MANIFEST_INDEX))?;
+            for (part, hashes) in parts.iter().enumerate() {
+                chunks.insert(&hashes.chunk.0, (&manifest, part as u32))?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The served file a chunk belongs to, and its part index there.
+    pub fn served_chunk(&self, chunk: &ChunkHash) -> Result<Option<(ServedFile, u32)>, HistoryError> {
+        let tx = self.db.begin_read()?;
+        let Some((manifest, part)) = tx.open_table(SERVED_CHUNKS)?.get(&chunk.0)?.map(|v| {
+            let (manifest, part) = v.value();
+            (*manifest, part)
+        }) else {
+            return Ok(None);
+        };
+        let file = tx.open_table(SERVED_FILES)?.get(&manifest)?.and_then(|v| postcard::from_bytes(v.value()).ok());
+        Ok(file.map(|f| (f, part)))
+    }
+
+    /// The manifests of every file this device serves, to announce.
+    pub fn served_files(&self) -> Result<Vec<ChunkHash>, HistoryError> {
+        let tx = self.db.begin_read()?;
+        let mut out = Vec::new();
+        for entry in tx.open_table(SERVED_FILES)?.iter()? {
+            out.push(ChunkHash(*entry?.0.value()));
+        }
+        Ok(out)
     }
 
     /// How many envelopes were dropped as definitively bad, ever.

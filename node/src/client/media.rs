@@ -23,19 +23,20 @@ use libp2p::PeerId;
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncReadExt;
 
-use crate::client::history::{StoredMessage, UploadState};
+use crate::client::history::History;
+use crate::client::history::{ServedFile, StoredMessage, UploadState};
 use crate::client::messaging::{MessagingError, Messenger};
-use crate::client::session::Client;
+use crate::client::session::{Client, SavedSession};
 use crate::crypto::cert::SessionCert;
 use crate::crypto::media::{FileKey, MANIFEST_INDEX};
 use crate::defaults::{MEDIA_PART_DEADLINE, MEDIA_PARTS_IN_FLIGHT, RELAY_ANSWER_DEADLINE};
 use crate::net::placement;
 use crate::proto::media::{
-    ChunkHash, DEFAULT_PART_SIZE, FileId, FileRef, MAX_PART_SIZE, MAX_PARTS, MIN_PART_SIZE, Manifest, MediaRequest,
-    MediaResponse, PartHashes,
+    ChunkHash, DEFAULT_PART_SIZE, FileId, FileRef, MAX_PART_SIZE, MAX_PARTS, MAX_PROVIDED_PER_REQUEST, MEDIA_LIMITS,
+    MIN_PART_SIZE, Manifest, MediaRequest, MediaResponse, PROVIDER_RELAYS, PROVIDER_TTL_SECS, PartHashes,
 };
 use crate::proto::payload::MessageId;
-use crate::proto::{ErrorCode, LookupQuery, RelayInfo};
+use crate::proto::{ErrorCode, LookupQuery, RelayInfo, WireError};
 
 /// Which way a transfer goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -260,11 +261,12 @@ impl Messenger {
         }
         let listing = Manifest { size, part_size, parts: manifest };
         let listing = postcard::to_stdvec(&listing).expect("invariant: manifests serialize");
-        let (chunk, manifest) = key.seal_part(MANIFEST_INDEX, &listing);
+        let (manifest_chunk, manifest) = key.seal_part(MANIFEST_INDEX, &listing);
         if !saved.contains(&data_parts) {
-            save_part(&link, &targets, file_id, data_parts, total_parts, manifest.chunk, chunk).await?;
+            save_part(&link, &targets, file_id, data_parts, total_parts, manifest.chunk, manifest_chunk.clone())
+                .await?;
         }
-        Ok(FileRef {
+        let file = FileRef {
             file_id,
             manifest,
             size,
@@ -273,7 +275,11 @@ impl Messenger {
             name,
             key: key.0,
             thumbnail: Vec::new(),
-        })
+        };
+        let parts: Manifest = postcard::from_bytes(&listing).expect("invariant: the manifest just made parses");
+        let served = ServedFile { path: key_name, file: file.clone(), manifest_chunk };
+        history.put_served(&served, &parts.parts)?;
+        Ok(file)
     }
 
     /// Uploads a file and sends it to `to`, with an optional caption.
@@ -324,10 +330,12 @@ impl Messenger {
             Some(out) => out,
             None => PathBuf::from(&name),
         };
-        let relays = self.session.relays.clone();
+        let history = self.history()?.clone();
+        let holders = Holders::new(self.session.relays.clone(), file.manifest.chunk);
         let link = MediaLink::new(&self.client, &self.session.cert);
         let key = FileKey(file.key);
-        let listing = fetch_chunk(&link, &relays, &file.manifest).await?;
+        let manifest_chunk = fetch_chunk(&link, &holders, &file.manifest).await?;
+        let listing = manifest_chunk.clone();
         let listing = key.open_part(MANIFEST_INDEX, &file.manifest, &listing)?;
         let manifest: Manifest = postcard::from_bytes(&listing)
             .map_err(|e| MessagingError::BadFile(format!("the manifest does not parse: {e}")))?;
@@ -341,7 +349,7 @@ impl Messenger {
         let temp = dir.join(format!(".{name}.{}.part", file.file_id.fmt_short()));
         let written = std::fs::File::create(&temp).and_then(|f| f.set_len(file.size).map(|()| f));
         let written = Arc::new(written.map_err(|e| file_error(&temp, e))?);
-        let result = self.fetch_parts(&link, &relays, &key, &file, &manifest, &written, progress).await;
+        let result = self.fetch_parts(&link, &holders, &key, &file, &manifest, &written, progress).await;
         let result = result.and_then(|()| {
             written.sync_all().map_err(|e| file_error(&temp, e))?;
             std::fs::rename(&temp, &out).map_err(|e| file_error(&out, e))
@@ -350,7 +358,12 @@ impl Messenger {
             let _ = std::fs::remove_file(&temp);
             return Err(e);
         }
-        Ok(Downloaded { path: out, size: file.size, name: file.name, mime: file.mime })
+        let path = std::fs::canonicalize(&out).unwrap_or_else(|_| out.clone());
+        let done = Downloaded { path, size: file.size, name: file.name.clone(), mime: file.mime.clone() };
+        // From now on this device can hand the file's chunks to peers.
+        let served = ServedFile { path: done.path.to_string_lossy().into_owned(), file, manifest_chunk };
+        history.put_served(&served, &manifest.parts)?;
+        Ok(done)
     }
 
     /// Fetches, checks, decrypts and writes every data part, several at a time.
@@ -358,7 +371,7 @@ impl Messenger {
     async fn fetch_parts(
         &self,
         link: &MediaLink<'_>,
-        relays: &[RelayInfo],
+        holders: &Holders,
         key: &FileKey,
         file: &FileRef,
         manifest: &Manifest,
@@ -376,7 +389,7 @@ impl Messenger {
             resumed_parts: 0,
         };
         let fetch = |part: u32, hashes: PartHashes| async move {
-            let chunk = fetch_chunk(link, relays, &hashes).await?;
+            let chunk = fetch_chunk(link, holders, &hashes).await?;
             let plain = key.open_part(part, &hashes, &chunk)?;
             let offset = u64::from(part) * u64::from(file.part_size);
             let out = Arc::clone(out);
@@ -450,24 +463,64 @@ async fn save_part(
     Err(MessagingError::NoRelay(format!("part {part} of {file_id} was not saved: {last}")))
 }
 
+/// Where a file's chunks may be: the relays, then the client nodes that announced they serve
+/// the file (asked for once, when a chunk is on no relay that answers).
+struct Holders {
+    relays: Vec<RelayInfo>,
+    /// The file, by its manifest chunk.
+    file: ChunkHash,
+    providers: tokio::sync::OnceCell<Vec<RelayInfo>>,
+}
+
+impl Holders {
+    fn new(relays: Vec<RelayInfo>, file: ChunkHash) -> Self {
+        Holders { relays, file, providers: tokio::sync::OnceCell::new() }
+    }
+
+    /// The client nodes serving the file, from the relays its provider records live on.
+    async fn providers(&self, link: &MediaLink<'_>) -> &[RelayInfo] {
+        self.providers
+            .get_or_init(|| async {
+                let mut found: Vec<RelayInfo> = Vec::new();
+                let request = MediaRequest::FindProviders { file: self.file };
+                let asked = closest_first(&placement::chunk_key(&self.file), &self.relays);
+                for relay in asked.iter().take(PROVIDER_RELAYS) {
+                    match link.call(relay, &request, RELAY_ANSWER_DEADLINE).await {
+                        Ok(MediaResponse::Providers { peers }) => {
+                            for peer in peers {
+                                if !found.iter().any(|p| p.peer_id == peer.peer_id) {
+                                    found.push(peer);
+                                }
+                            }
+                        }
+                        Ok(other) => tracing::debug!(relay = %relay.peer_id, answer = ?other, "no providers"),
+                        Err(e) => tracing::debug!(relay = %relay.peer_id, error = %e, "could not ask for providers"),
+                    }
+                }
+                found
+            })
+            .await
+    }
+}
+
 /// One chunk from the first holder that has a copy matching its hash: the relays closest to
-/// it first, then every other relay.
-async fn fetch_chunk(
-    link: &MediaLink<'_>,
-    relays: &[RelayInfo],
-    hashes: &PartHashes,
-) -> Result<Vec<u8>, MessagingError> {
+/// it first, then every other relay, then the client nodes serving its file.
+async fn fetch_chunk(link: &MediaLink<'_>, holders: &Holders, hashes: &PartHashes) -> Result<Vec<u8>, MessagingError> {
     let request = MediaRequest::GetChunk { hash: hashes.chunk };
     let mut tried = Vec::new();
-    for holder in closest_first(&placement::chunk_key(&hashes.chunk), relays) {
-        match link.call(&holder, &request, MEDIA_PART_DEADLINE).await {
-            Ok(MediaResponse::Chunk { bytes }) if ChunkHash::of(&bytes) == hashes.chunk => return Ok(bytes),
-            Ok(MediaResponse::Chunk { .. }) => {
-                tracing::warn!(holder = %holder.peer_id, chunk = %hashes.chunk, "a holder served a corrupt chunk; trying another");
-                tried.push(format!("{}: corrupt copy", holder.peer_id));
+    let relays = closest_first(&placement::chunk_key(&hashes.chunk), &holders.relays);
+    for peers_asked in 0..2 {
+        let candidates = if peers_asked == 0 { relays.as_slice() } else { holders.providers(link).await };
+        for holder in candidates {
+            match link.call(holder, &request, MEDIA_PART_DEADLINE).await {
+                Ok(MediaResponse::Chunk { bytes }) if ChunkHash::of(&bytes) == hashes.chunk => return Ok(bytes),
+                Ok(MediaResponse::Chunk { .. }) => {
+                    tracing::warn!(holder = %holder.peer_id, chunk = %hashes.chunk, "a holder served a corrupt chunk; trying another");
+                    tried.push(format!("{}: corrupt copy", holder.peer_id));
+                }
+                Ok(other) => tried.push(format!("{}: unexpected answer {other:?}", holder.peer_id)),
+                Err(e) => tried.push(format!("{}: {e}", holder.peer_id)),
             }
-            Ok(other) => tried.push(format!("{}: unexpected answer {other:?}", holder.peer_id)),
-            Err(e) => tried.push(format!("{}: {e}", holder.peer_id)),
         }
     }
     Err(MessagingError::ChunkUnavailable(format!(
@@ -475,6 +528,157 @@ async fn fetch_chunk(
         hashes.chunk,
         if tried.is_empty() { "no relays known".into() } else { tried.join("; ") }
     )))
+}
+
+// ---- serving peers ----
+
+/// How often a serving node looks for files it has newly completed, to announce them.
+const ANNOUNCE_CHECK: std::time::Duration = std::time::Duration::from_secs(2);
+/// How often it announces everything again: well inside a provider record's life on a relay.
+const ANNOUNCE_EVERY: std::time::Duration = std::time::Duration::from_secs(PROVIDER_TTL_SECS / 3);
+/// Peers' pipes served at once; more wait until one ends.
+const MAX_SERVED_PIPES: usize = 256;
+/// Peers remembered as greeted; past this the oldest are forgotten (they greet again).
+const MAX_GREETED_PEERS: usize = 10_000;
+
+/// What a serving node needs: its device, and its session as it changes (renewals, relays).
+pub struct ChunkServer {
+    pub client: Client,
+    pub history: History,
+    pub session: tokio::sync::watch::Receiver<SavedSession>,
+    /// Where to listen for peers.
+    pub listen: libp2p::Multiaddr,
+}
+
+impl std::fmt::Debug for ChunkServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChunkServer").field("listen", &self.listen).finish_non_exhaustive()
+    }
+}
+
+impl ChunkServer {
+    /// Serves the chunks of this device's complete files (downloaded or uploaded here) to
+    /// signed-in peers of the same network, and announces them to the relays, until dropped.
+    pub async fn run(mut self) {
+        let addr = match self.client.listen(self.listen.clone()).await {
+            Ok(addr) => addr,
+            Err(e) => return tracing::warn!(error = %e, "not serving chunks to peers: cannot listen"),
+        };
+        let mut incoming = match self.client.accept_media() {
+            Ok(incoming) => incoming,
+            Err(e) => return tracing::warn!(error = %e, "not serving chunks to peers"),
+        };
+        tracing::info!(%addr, "serving chunks of this device's files to peers");
+        let (tx, mut requests) = tokio::sync::mpsc::channel(64);
+        let mut pipes: Vec<crate::net::pipe::PipeTasks> = Vec::new();
+        let mut greeted: std::collections::VecDeque<PeerId> = std::collections::VecDeque::new();
+        let mut check = tokio::time::interval(ANNOUNCE_CHECK);
+        let mut announced: (Vec<ChunkHash>, Option<std::time::Instant>) = (Vec::new(), None);
+        loop {
+            tokio::select! {
+                Some((peer, stream)) = incoming.next() => {
+                    pipes.retain(|p| !p.is_finished());
+                    if pipes.len() < MAX_SERVED_PIPES {
+                        pipes.push(crate::net::pipe::serve(peer, stream, MEDIA_LIMITS, tx.clone()));
+                    }
+                }
+                Some(inbound) = requests.recv() => self.answer(inbound, &mut greeted),
+                _ = check.tick() => {
+                    let files = self.history.served_files().unwrap_or_default();
+                    let due = announced.1.is_none_or(|at| at.elapsed() >= ANNOUNCE_EVERY);
+                    if !files.is_empty() && (files != announced.0 || due) {
+                        let session = self.session.borrow_and_update().clone();
+                        announce(&self.client, &session, &files, &addr).await;
+                        announced = (files, Some(std::time::Instant::now()));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Answers one peer's request: `Hello` (a session certificate of this network), then
+    /// `GetChunk`; nothing else is served by a client node.
+    fn answer(
+        &mut self,
+        inbound: crate::net::pipe::Inbound<MediaRequest, MediaResponse>,
+        greeted: &mut std::collections::VecDeque<PeerId>,
+    ) {
+        let crate::net::pipe::Inbound { peer, request, responder } = inbound;
+        let refuse = |code, message: String| MediaResponse::Error(WireError::new(code, message));
+        match request {
+            Err(e) => responder.respond(refuse(ErrorCode::BadRequest, e.to_string())),
+            Ok(MediaRequest::Hello { cert }) => {
+                let gateway = self.session.borrow().gateway.public_key();
+                let checked = gateway.map_err(|e| e.to_string()).and_then(|key| {
+                    cert.verify_for(&key, &peer, crate::crypto::cert::unix_now()).map(drop).map_err(|e| e.to_string())
+                });
+                match checked {
+                    Ok(()) => {
+                        if greeted.len() >= MAX_GREETED_PEERS {
+                            greeted.pop_front();
+                        }
+                        greeted.push_back(peer);
+                        responder.respond(MediaResponse::Welcome { relay: self.client.identity.peer_id() });
+                    }
+                    Err(e) => responder.respond(refuse(ErrorCode::CertInvalid, e)),
+                }
+            }
+            Ok(_) if !greeted.contains(&peer) => responder
+                .respond(refuse(ErrorCode::CertInvalid, "say Hello with your session certificate first".into())),
+            Ok(MediaRequest::GetChunk { hash }) => {
+                let history = self.history.clone();
+                tokio::task::spawn_blocking(move || {
+                    let answer = match served_chunk(&history, &hash) {
+                        Some(bytes) => MediaResponse::Chunk { bytes },
+                        None => refuse(ErrorCode::NotFound, format!("this device does not have chunk {hash}")),
+                    };
+                    responder.respond(answer);
+                });
+            }
+            Ok(other) => responder.respond(refuse(
+                ErrorCode::BadRequest,
+                format!("a client node serves chunks only (GetChunk), not {}", other.kind()),
+            )),
+        }
+    }
+}
+
+/// A chunk of a file this device serves, sealed again from the file; `None` if it has none, or
+/// the file changed since (its chunk would not match).
+fn served_chunk(history: &History, hash: &ChunkHash) -> Option<Vec<u8>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let (served, part) = history.served_chunk(hash).ok()??;
+    if part == MANIFEST_INDEX {
+        return Some(served.manifest_chunk);
+    }
+    let file = &served.file;
+    let offset = u64::from(part) * u64::from(file.part_size);
+    let len = file.size.checked_sub(offset)?.min(u64::from(file.part_size));
+    let mut plain = vec![0u8; len as usize];
+    let mut on_disk = std::fs::File::open(&served.path).ok()?;
+    on_disk.seek(SeekFrom::Start(offset)).ok()?;
+    on_disk.read_exact(&mut plain).ok()?;
+    let (chunk, hashes) = FileKey(file.key).seal_part(part, &plain);
+    (hashes.chunk == *hash).then_some(chunk)
+}
+
+/// Tells the relays that hold each file's provider records that this device serves it.
+async fn announce(client: &Client, session: &SavedSession, files: &[ChunkHash], addr: &libp2p::Multiaddr) {
+    let mut by_relay: std::collections::HashMap<PeerId, (RelayInfo, Vec<ChunkHash>)> = Default::default();
+    for file in files {
+        for relay in closest_first(&placement::chunk_key(file), &session.relays).into_iter().take(PROVIDER_RELAYS) {
+            by_relay.entry(relay.peer_id).or_insert_with(|| (relay, Vec::new())).1.push(*file);
+        }
+    }
+    let link = MediaLink::new(client, &session.cert);
+    for (relay, files) in by_relay.into_values() {
+        for batch in files.chunks(MAX_PROVIDED_PER_REQUEST) {
+            let request = MediaRequest::Provide { files: batch.to_vec(), addrs: vec![addr.clone()] };
+            if let Err(e) = link.call(&relay, &request, RELAY_ANSWER_DEADLINE).await {
+                tracing::debug!(relay = %relay.peer_id, error = %e, "could not announce files to a relay");
+            }
+        }
+    }
 }
 
 /// A file name from a reference, safe to create: its last path component, without leading dots.

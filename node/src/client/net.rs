@@ -50,6 +50,11 @@ enum Command {
         addrs: Vec<Multiaddr>,
         reply: Reply<()>,
     },
+    /// Listen on `addr`; answer with the address once bound.
+    Listen {
+        addr: Multiaddr,
+        reply: Reply<Multiaddr>,
+    },
 }
 
 /// Handle to the client's network task. Dropping it stops the task.
@@ -60,6 +65,8 @@ pub struct ClientNet {
     relays: PipePool<MailboxRequest, MailboxResponse>,
     /// One media pipe per relay (or peer): a part in flight never holds up a message.
     media: PipePool<MediaRequest, MediaResponse>,
+    /// For accepting peers' media pipes, when this device serves chunks.
+    streams: libp2p_stream::Control,
 }
 
 impl std::fmt::Debug for ClientNet {
@@ -86,12 +93,13 @@ impl ClientNet {
             swarm,
             commands: rx,
             auth: HashMap::new(),
+            listening: HashMap::new(),
             connecting: HashMap::new(),
             dial_errors: HashMap::new(),
         };
         let relays = PipePool::new(MAILBOX_PROTOCOL, MAILBOX_LIMITS, MAILBOX_REQUEST_TIMEOUT, streams.clone());
-        let media = PipePool::new(MEDIA_PROTOCOL, MEDIA_LIMITS, MEDIA_REQUEST_TIMEOUT, streams);
-        Ok(ClientNet { commands, task: tokio::spawn(event_loop.run()), relays, media })
+        let media = PipePool::new(MEDIA_PROTOCOL, MEDIA_LIMITS, MEDIA_REQUEST_TIMEOUT, streams.clone());
+        Ok(ClientNet { commands, task: tokio::spawn(event_loop.run()), relays, media, streams })
     }
 
     /// Sends an auth request to the gateway `peer`, dialing `addrs` if not connected.
@@ -133,6 +141,21 @@ impl ClientNet {
             .map_err(|e| NetError::RequestFailed { peer, reason: e.to_string() })
     }
 
+    /// Listens on `addr` (so that peers can reach this device); returns the bound address.
+    pub async fn listen(&self, addr: Multiaddr) -> Result<Multiaddr, NetError> {
+        let (reply, rx) = oneshot::channel();
+        self.commands.send(Command::Listen { addr, reply }).await.map_err(|_| NetError::Stopped)?;
+        rx.await.map_err(|_| NetError::Stopped)?
+    }
+
+    /// Peers' media pipes to this device, from now on (once per network task).
+    pub fn accept_media(&self) -> Result<libp2p_stream::IncomingStreams, NetError> {
+        self.streams
+            .clone()
+            .accept(libp2p::StreamProtocol::new(MEDIA_PROTOCOL))
+            .map_err(|_| NetError::RequestFailed { peer: PeerId::random(), reason: "already accepting".into() })
+    }
+
     /// Makes sure there is a connection to `peer`, dialing `addrs` if need be.
     async fn connect(&self, peer: PeerId, addrs: Vec<Multiaddr>) -> Result<(), String> {
         let stopped = NetError::Stopped.to_string();
@@ -155,6 +178,8 @@ struct EventLoop {
     swarm: Swarm<ClientBehaviour>,
     commands: mpsc::Receiver<Command>,
     auth: HashMap<OutboundRequestId, Pending<AuthResponse>>,
+    /// Callers waiting for a listener to bind.
+    listening: HashMap<libp2p::core::transport::ListenerId, Reply<Multiaddr>>,
     /// Callers waiting for a connection to a peer, with the addresses dialed.
     connecting: HashMap<PeerId, Vec<Dialing>>,
     /// The last dial error per peer, so a dial failure is reported with its cause.
@@ -180,6 +205,18 @@ impl EventLoop {
                 let id = self.swarm.behaviour_mut().auth.send_request_with_addresses(&peer, Ok(request), addrs.clone());
                 self.auth.insert(id, Pending { peer, addrs, reply });
             }
+            Command::Listen { addr, reply } => match self.swarm.listen_on(addr.clone()) {
+                Ok(id) => {
+                    self.listening.insert(id, reply);
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(NetError::Unreachable {
+                        peer: *self.swarm.local_peer_id(),
+                        addrs: addr.to_string(),
+                        reason: e.to_string(),
+                    }));
+                }
+            },
             Command::Connect { peer, addrs, reply } => {
                 if self.swarm.is_connected(&peer) {
                     let _ = reply.send(Ok(()));
@@ -202,6 +239,18 @@ impl EventLoop {
         match event {
             SwarmEvent::Behaviour(ClientBehaviourEvent::Auth(event)) => {
                 settle(&mut self.auth, &mut self.dial_errors, event);
+            }
+            SwarmEvent::NewListenAddr { listener_id, address } => {
+                if let Some(reply) = self.listening.remove(&listener_id) {
+                    let _ = reply.send(Ok(address));
+                }
+            }
+            SwarmEvent::ListenerClosed { listener_id, reason, .. } => {
+                if let Some(reply) = self.listening.remove(&listener_id) {
+                    let peer = *self.swarm.local_peer_id();
+                    let reason = reason.err().map_or("closed".into(), |e| e.to_string());
+                    let _ = reply.send(Err(NetError::Unreachable { peer, addrs: "listener".into(), reason }));
+                }
             }
             SwarmEvent::ConnectionEstablished { peer_id, .. } => {
                 for (_, reply) in self.connecting.remove(&peer_id).unwrap_or_default() {

@@ -2,13 +2,17 @@
 //! history), long-polls its mailbox relays and records what arrives, renews its certificate
 //! ahead of expiry, and answers [`Call`]s from its front ends, telling subscribers what changed.
 //!
-//! Three tasks, owned by the handles (the last [`NodeHandle`] dropped stops them):
+//! Four tasks, owned by the handles (the last [`NodeHandle`] dropped stops them):
 //! - the **actor** owns the [`Messenger`] that sends and answers calls, one call at a time, and
 //!   retries the outbox while messages wait in it;
 //! - the **receiver** owns a fork of it (same network task, same history, its own relay state)
 //!   and long-polls, so a message arrives while a send is in flight and a call never waits for
 //!   a poll;
-//! - the **renewer** renews the certificate at half-life, so no call waits on the gateway.
+//! - the **renewer** renews the certificate at half-life, so no call waits on the gateway;
+//! - the **chunk server** hands the chunks of this device's files to signed-in peers and
+//!   announces them to the relays (peer-assisted downloads, `client::media`).
+//!
+//! Uploads and downloads run on tasks of their own, on forks of the actor's messenger.
 //!
 //! The session is shared through a `watch` channel ([`SharedSession`]): whoever changes it saves
 //! it, and each messenger takes the change before its next request. Actor and receiver record
@@ -24,6 +28,7 @@ use tokio_util::task::AbortOnDropHandle;
 
 use crate::client::api::{ApiError, Call, ChatSummary, Event, Me, Names, Reply};
 use crate::client::history::{History, StoredMessage};
+use crate::client::media::ChunkServer;
 use crate::client::messaging::{Inbox, MessagingError, Messenger};
 use crate::client::session::{Client, ClientError, SavedSession};
 use crate::crypto::cert::unix_now;
@@ -45,6 +50,14 @@ pub enum NodeMode {
 }
 
 type Job = (Call, oneshot::Sender<Result<Reply, ApiError>>);
+
+/// Where a running node listens for peers fetching chunks of its files: `MESHGRAM_LISTEN`, by
+/// default loopback only. Serving peers beyond this machine shows them this device's address,
+/// so it is the user's choice (`MESHGRAM_LISTEN=/ip4/0.0.0.0/tcp/0`), not a default.
+fn peer_listen_addr() -> Result<libp2p::Multiaddr, ApiError> {
+    let addr = std::env::var("MESHGRAM_LISTEN").unwrap_or_else(|_| "/ip4/127.0.0.1/tcp/0".into());
+    addr.parse().map_err(|e| ApiError::usage(format!("MESHGRAM_LISTEN={addr}: {e}")))
+}
 
 /// A cheap, cloneable handle to a running client node.
 #[derive(Debug, Clone)]
@@ -82,6 +95,13 @@ impl NodeHandle {
             };
             tasks.push(AbortOnDropHandle::new(tokio::spawn(receiver.run())));
             tasks.push(AbortOnDropHandle::new(tokio::spawn(renew_loop(messenger.client.clone(), session.clone()))));
+            let server = ChunkServer {
+                client: messenger.client.clone(),
+                history: messenger.history()?.clone(),
+                session: session.tx.subscribe(),
+                listen: peer_listen_addr()?,
+            };
+            tasks.push(AbortOnDropHandle::new(tokio::spawn(server.run())));
         }
         let actor = Actor {
             messenger,

@@ -202,6 +202,16 @@ impl Client {
         self.net.media_request(peer.peer_id, peer.addrs.clone(), request).await
     }
 
+    /// Listens on `addr` for peers (a node serving chunks); returns the bound address.
+    pub async fn listen(&self, addr: Multiaddr) -> Result<Multiaddr, NetError> {
+        self.net.listen(addr).await
+    }
+
+    /// Peers' media pipes to this device.
+    pub fn accept_media(&self) -> Result<libp2p_stream::IncomingStreams, NetError> {
+        self.net.accept_media()
+    }
+
     /// The profile directory.
     pub fn profile(&self) -> &Path {
         &self.profile

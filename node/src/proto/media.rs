@@ -14,6 +14,9 @@
 //!
 //! downloader ── GetChunk{hash} ──▶ any holder (the chunk's closest relays first) ◀── Chunk
 //!               verifies blake3 before a byte is written, then decrypts (`crypto::media`)
+//!
+//! client node that has a file ── Provide{files, addrs} ──▶ relays closest to each manifest
+//! downloader ── FindProviders{file} ──▶ those relays ◀── Providers ── GetChunk ──▶ that node
 //! ```
 //! Relays see chunk hashes, sizes, owners and times; never a key or a plaintext byte.
 
@@ -103,6 +106,12 @@ pub enum MediaRequest {
     GetUploadStatus { file_id: FileId },
     /// One chunk by its hash.
     GetChunk { hash: ChunkHash },
+    /// The caller's client node serves the chunks of these files (each named by its manifest
+    /// chunk) at `addrs`: keep a provider record for [`PROVIDER_TTL_SECS`]. At most
+    /// [`MAX_PROVIDED_PER_REQUEST`] files.
+    Provide { files: Vec<ChunkHash>, addrs: Vec<libp2p::Multiaddr> },
+    /// Client nodes that serve the chunks of this file (named by its manifest chunk).
+    FindProviders { file: ChunkHash },
 }
 
 impl MediaRequest {
@@ -113,6 +122,8 @@ impl MediaRequest {
             MediaRequest::SaveFilePart { .. } => "save_file_part",
             MediaRequest::GetUploadStatus { .. } => "get_upload_status",
             MediaRequest::GetChunk { .. } => "get_chunk",
+            MediaRequest::Provide { .. } => "provide",
+            MediaRequest::FindProviders { .. } => "find_providers",
         }
     }
 }
@@ -133,6 +144,10 @@ pub enum MediaResponse {
     },
     /// Refused (`NOT_FOUND` for a chunk this holder does not have).
     Error(WireError),
+    /// `Provide`: recorded.
+    Provided,
+    /// `FindProviders`: client nodes serving the file's chunks, most recently announced first.
+    Providers { peers: Vec<crate::proto::RelayInfo> },
 }
 
 /// What the relays closest to a file id record of one saved part (replicated with
@@ -202,6 +217,14 @@ pub struct Manifest {
     pub part_size: u32,
     pub parts: Vec<PartHashes>,
 }
+
+/// How long a relay keeps a provider record: client nodes announce again well before.
+pub const PROVIDER_TTL_SECS: u64 = 3600;
+/// Files per `Provide`.
+pub const MAX_PROVIDED_PER_REQUEST: usize = 4096;
+/// Relays a client node announces a file to, and a downloader asks for its providers: the
+/// closest to its manifest chunk, like Kademlia's provider records (all relays of a small mesh).
+pub const PROVIDER_RELAYS: usize = 8;
 
 /// Chunk hashes per `ReplicaRequest::HasChunks` (repair): 128 KiB of hashes.
 pub const MAX_HASHES_PER_REQUEST: usize = 4096;

@@ -145,3 +145,51 @@ fn bad_transfers_fail_clearly_and_write_nothing() {
     meshgram(&bob, &["download", str_field(&message, "id"), "-o", path_str(&into)]).ok_json_lines();
     assert_eq!(blake3_of_file(&into.join("small.txt")), blake3_of_file(&small));
 }
+
+#[test]
+fn a_peer_that_downloaded_a_file_serves_it_while_every_relay_holding_it_is_down() {
+    let mut mesh = Mesh::start(5, 2);
+    let (alice, bob, carol) = (mesh.new_profile("alice"), mesh.new_profile("bob"), mesh.new_profile("carol"));
+    mesh.login(&alice, ALICE);
+    mesh.login(&bob, BOB);
+    mesh.login(&carol, CAROL);
+    let files = mesh.gateway.tmp().join("files");
+    std::fs::create_dir_all(&files).unwrap();
+    // One part and the manifest: two chunks on at most four of the five relays.
+    let original = files.join("photo.jpg");
+    random_file(&original, 300 * 1024, "a photo");
+    let sent = meshgram(&alice, &["upload", path_str(&original), "--to", BOB]).ok_json_lines();
+    let message_id = str_field(sent.last().unwrap(), "id").to_string();
+    assert_eq!(sent.last().unwrap()["file"]["mime"], "image/jpeg");
+    meshgram(&alice, &["forward", &message_id, "--to", CAROL]).ok_json();
+
+    // Bob downloads it, and his node then serves it to peers.
+    let bob_message = file_message(&meshgram(&bob, &["messages"]).ok_json());
+    let bob_copy = files.join("bob.jpg");
+    meshgram(&bob, &["download", str_field(&bob_message, "id"), "-o", path_str(&bob_copy)]).ok_json_lines();
+    let _bob_node = meshgram_tests::start_node(&bob);
+    let carol_message = file_message(&meshgram(&carol, &["messages"]).ok_json());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while mesh.relays.iter().filter_map(|r| relay_metric(r, "meshgram_relay_media_provider_records")).sum::<u64>() == 0
+    {
+        assert!(Instant::now() < deadline, "Bob's node announced nothing within 30 s");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // Every relay holding a chunk of the file goes down.
+    let holds_chunks =
+        |dir: &Path| files_under(&dir.join("chunks")).iter().any(|f| f.file_name().is_some_and(|n| n.len() == 64));
+    let mut stopped = 0;
+    for relay in &mut mesh.relays {
+        if holds_chunks(&relay.data_dir) {
+            relay.kill9();
+            stopped += 1;
+        }
+    }
+    assert!((1..5).contains(&stopped), "{stopped} relays held chunks");
+
+    // Carol gets the file from Bob's node, byte for byte.
+    let carol_copy = files.join("carol.jpg");
+    meshgram(&carol, &["download", str_field(&carol_message, "id"), "-o", path_str(&carol_copy)]).ok_json_lines();
+    assert_eq!(blake3_of_file(&carol_copy), blake3_of_file(&original));
+}
