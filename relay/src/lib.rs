@@ -48,6 +48,7 @@ mod repair;
 mod replica;
 mod replicate;
 mod revocations;
+mod sessions;
 pub mod store;
 mod wal;
 
