@@ -1,0 +1,192 @@
+//! Media uploads through real relays in this process: three relays (replication 2) and a bare
+//! client speaking `/meshgram/media/1` on a pipe. The test holds the gateway key, so it signs
+//! the relays' and the client's certificates itself.
+
+// A test's helpers panic on what the test did not expect, like the test itself.
+#![allow(clippy::unwrap_used)]
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use libp2p::identity::{Keypair, ed25519};
+use libp2p::{Multiaddr, PeerId};
+use meshgram_node::crypto::cert::{AccountKind, CertBody, RelayCert, SessionCert, unix_now};
+use meshgram_node::ids::{NoiseKey, SessionId, UserId};
+use meshgram_node::net::pipe::PipePool;
+use meshgram_node::net::transport::build_swarm;
+use meshgram_node::proto::ErrorCode;
+use meshgram_node::proto::media::{ChunkHash, FileId, MEDIA_LIMITS, MEDIA_PROTOCOL, MediaRequest, MediaResponse};
+use meshgram_relay::{Relay, RelayConfig, held_chunks};
+
+struct Mesh {
+    _dir: tempfile::TempDir,
+    gateway: ed25519::Keypair,
+    relays: Vec<(Relay, PathBuf)>,
+}
+
+impl Mesh {
+    async fn start(n: usize) -> Mesh {
+        let dir = tempfile::tempdir().unwrap();
+        let gateway = ed25519::Keypair::generate();
+        let mut relays: Vec<(Relay, PathBuf)> = Vec::new();
+        for i in 0..n {
+            let data = dir.path().join(format!("relay-{i}"));
+            RelayCert::admit(&gateway, &data, 1, unix_now()).unwrap();
+            let mut config = RelayConfig::new(data.clone(), gateway.public());
+            config.listen = vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()];
+            if let Some((first, _)) = relays.first() {
+                config.bootstrap = first.ready.listen.clone();
+            }
+            relays.push((Relay::start(config).await.unwrap(), data));
+        }
+        Mesh { _dir: dir, gateway, relays }
+    }
+
+    fn peer(&self, i: usize) -> PeerId {
+        self.relays[i].0.ready.peer_id
+    }
+
+    fn addrs(&self) -> Vec<Multiaddr> {
+        self.relays.iter().flat_map(|(r, _)| r.ready.listen.clone()).collect()
+    }
+
+    /// Which relays hold chunk `hash` on disk.
+    fn holders(&self, hash: &ChunkHash) -> Vec<usize> {
+        (0..self.relays.len()).filter(|i| held_chunks(&self.relays[*i].1).unwrap().contains(hash)).collect()
+    }
+}
+
+/// A device: a swarm that only opens streams, its pipes on the media protocol, a certificate.
+struct Client {
+    pipes: PipePool<MediaRequest, MediaResponse>,
+    cert: SessionCert,
+    _driver: tokio::task::JoinHandle<()>,
+}
+
+impl Client {
+    fn new(mesh: &Mesh, user: u64) -> Client {
+        let keypair = Keypair::generate_ed25519();
+        let device = keypair.public().to_peer_id();
+        let mut swarm = build_swarm(keypair, Duration::from_secs(60), |_| libp2p_stream::Behaviour::new()).unwrap();
+        for addr in mesh.addrs() {
+            swarm.dial(addr).unwrap();
+        }
+        let control = swarm.behaviour().new_control();
+        let driver = tokio::spawn(async move {
+            loop {
+                swarm.select_next_some().await;
+            }
+        });
+        let now = unix_now();
+        let body = CertBody {
+            user_id: UserId(user),
+            device,
+            noise_key: NoiseKey([7; 32]),
+            session_id: SessionId(user),
+            kind: AccountKind::User,
+            not_before: now - 60,
+            not_after: now + 3600,
+        };
+        let cert = SessionCert::sign(body, &mesh.gateway);
+        let pipes = PipePool::new(MEDIA_PROTOCOL, MEDIA_LIMITS, Duration::from_secs(30), control);
+        Client { pipes, cert, _driver: driver }
+    }
+
+    async fn call(&self, relay: PeerId, request: MediaRequest) -> MediaResponse {
+        self.pipes.call(relay, &request, async { Ok(()) }).await.unwrap()
+    }
+
+    async fn hello(&self, relay: PeerId) {
+        match self.call(relay, MediaRequest::Hello { cert: self.cert.clone() }).await {
+            MediaResponse::Welcome { relay: welcomed } => assert_eq!(welcomed, relay),
+            other => panic!("Hello answered {other:?}"),
+        }
+    }
+
+    /// Saves a part, again while the relays are still finding each other (`UNAVAILABLE`).
+    async fn save(&self, relay: PeerId, file_id: FileId, part: u32, total_parts: u32, bytes: &[u8]) -> MediaResponse {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let hash = ChunkHash::of(bytes);
+            let request = MediaRequest::SaveFilePart { file_id, part, total_parts, hash, bytes: bytes.to_vec() };
+            match self.call(relay, request).await {
+                MediaResponse::Error(e) if e.code == ErrorCode::Unavailable && Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                answer => return answer,
+            }
+        }
+    }
+}
+
+fn code(response: MediaResponse) -> ErrorCode {
+    match response {
+        MediaResponse::Error(e) => e.code,
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parts_are_stored_on_two_relays_recorded_and_repaired() {
+    let mesh = Mesh::start(3).await;
+    let alice = Client::new(&mesh, 1);
+    let entry = mesh.peer(0);
+
+    let early = alice.call(entry, MediaRequest::GetChunk { hash: ChunkHash::of(b"x") }).await;
+    assert_eq!(code(early), ErrorCode::CertInvalid, "nothing before Hello");
+    alice.hello(entry).await;
+
+    let file_id = FileId::random();
+    let bytes: Vec<u8> = (0..600 * 1024).map(|i| (i % 251) as u8).collect();
+    let hash = ChunkHash::of(&bytes);
+    match alice.save(entry, file_id, 0, 2, &bytes).await {
+        MediaResponse::PartSaved { part: 0, copies: 2 } => {}
+        other => panic!("SaveFilePart answered {other:?}"),
+    }
+    let holders = mesh.holders(&hash);
+    assert_eq!(holders.len(), 2, "the chunk is on R = 2 relays: {holders:?}");
+
+    // Saving it again is a no-op; a wrong checksum or another total is refused.
+    assert!(matches!(alice.save(entry, file_id, 0, 2, &bytes).await, MediaResponse::PartSaved { .. }));
+    let bad = MediaRequest::SaveFilePart { file_id, part: 1, total_parts: 2, hash, bytes: b"other".to_vec() };
+    let refusal = alice.call(entry, bad).await;
+    assert!(matches!(&refusal, MediaResponse::Error(e) if e.message.starts_with("checksum mismatch")), "{refusal:?}");
+    assert_eq!(code(alice.save(entry, file_id, 1, 3, b"part one").await), ErrorCode::BadRequest);
+
+    // Any relay answers the status (from its index or the file's closest relays).
+    for i in 0..3 {
+        alice.hello(mesh.peer(i)).await;
+        match alice.call(mesh.peer(i), MediaRequest::GetUploadStatus { file_id }).await {
+            MediaResponse::UploadStatus { total_parts: 2, saved } => assert_eq!(saved, vec![0], "relay {i}"),
+            other => panic!("relay {i} answered GetUploadStatus with {other:?}"),
+        }
+        let chunk = alice.call(mesh.peer(i), MediaRequest::GetChunk { hash }).await;
+        match chunk {
+            MediaResponse::Chunk { bytes: got } => assert!(holders.contains(&i) && got == bytes),
+            other => assert!(!holders.contains(&i) && code(other) == ErrorCode::NotFound),
+        }
+    }
+    let unknown = alice.call(entry, MediaRequest::GetUploadStatus { file_id: FileId::random() }).await;
+    assert!(matches!(unknown, MediaResponse::UploadStatus { total_parts: 0, ref saved } if saved.is_empty()));
+
+    // Another user may neither see nor extend the upload.
+    let mallory = Client::new(&mesh, 2);
+    mallory.hello(entry).await;
+    let status = mallory.call(entry, MediaRequest::GetUploadStatus { file_id }).await;
+    assert_eq!(code(status), ErrorCode::Forbidden);
+    assert_eq!(code(mallory.save(entry, file_id, 1, 2, b"not yours").await), ErrorCode::Forbidden);
+
+    // A holder that loses the chunk gets it back from the other one at the next repair round.
+    let lost = holders[0];
+    let hex = hash.to_string();
+    std::fs::remove_file(mesh.relays[lost].1.join("chunks").join(&hex[..2]).join(&hex)).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while mesh.holders(&hash) != holders {
+        assert!(Instant::now() < deadline, "repair did not bring the chunk back to relay {lost}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    for (relay, _) in mesh.relays {
+        relay.shutdown().await;
+    }
+}
