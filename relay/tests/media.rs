@@ -186,7 +186,36 @@ async fn parts_are_stored_on_two_relays_recorded_and_repaired() {
         assert!(Instant::now() < deadline, "repair did not bring the chunk back to relay {lost}");
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+    let dirs: Vec<PathBuf> = mesh.relays.iter().map(|(_, dir)| dir.clone()).collect();
+    let relays: Vec<PeerId> = (0..3).map(|i| mesh.peer(i)).collect();
     for (relay, _) in mesh.relays {
         relay.shutdown().await;
+    }
+
+    // The part is recorded on the R = 2 relays closest to the file id, as `inspect` shows.
+    let closest = meshgram_relay::placement::closest_relays(
+        &meshgram_relay::placement::file_key(&file_id),
+        relays.iter().copied(),
+        2,
+    );
+    for (i, dir) in dirs.iter().enumerate() {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_meshgram-relay"))
+            .args(["--data", &dir.display().to_string(), "inspect"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "inspect failed: {}", String::from_utf8_lossy(&out.stderr));
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let chunks = json["chunks"].as_array().unwrap();
+        assert_eq!(chunks.contains(&serde_json::json!(hash.to_string())), holders.contains(&i), "relay {i}: {json}");
+        let uploads = json["uploads"].as_array().unwrap();
+        if closest.contains(&relays[i]) {
+            assert_eq!(uploads.len(), 1, "relay {i}: {json}");
+            assert_eq!(uploads[0]["file_id"], serde_json::json!(file_id.to_string()));
+            assert_eq!(uploads[0]["owner"], serde_json::json!(1));
+            assert_eq!(uploads[0]["total_parts"], serde_json::json!(2));
+            assert_eq!(uploads[0]["saved"], serde_json::json!([0]));
+        } else {
+            assert!(uploads.is_empty(), "relay {i} is not among the file's closest: {json}");
+        }
     }
 }
