@@ -17,7 +17,9 @@ use meshgram_node::net::pipe::PipePool;
 use meshgram_node::net::transport::build_swarm;
 use meshgram_node::proto::ErrorCode;
 use meshgram_node::proto::media::{ChunkHash, FileId, MEDIA_LIMITS, MEDIA_PROTOCOL, MediaRequest, MediaResponse};
-use meshgram_relay::{Relay, RelayConfig, held_chunks};
+use meshgram_relay::placement::{chunk_key, closest_relays, file_key};
+use meshgram_relay::{Relay, RelayConfig, held_chunks, held_uploads};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 struct Mesh {
     _dir: tempfile::TempDir,
@@ -27,20 +29,55 @@ struct Mesh {
 
 impl Mesh {
     async fn start(n: usize) -> Mesh {
-        let dir = tempfile::tempdir().unwrap();
-        let gateway = ed25519::Keypair::generate();
-        let mut relays: Vec<(Relay, PathBuf)> = Vec::new();
+        let mut mesh =
+            Mesh { _dir: tempfile::tempdir().unwrap(), gateway: ed25519::Keypair::generate(), relays: Vec::new() };
         for i in 0..n {
-            let data = dir.path().join(format!("relay-{i}"));
-            RelayCert::admit(&gateway, &data, 1, unix_now()).unwrap();
-            let mut config = RelayConfig::new(data.clone(), gateway.public());
-            config.listen = vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()];
-            if let Some((first, _)) = relays.first() {
-                config.bootstrap = first.ready.listen.clone();
-            }
-            relays.push((Relay::start(config).await.unwrap(), data));
+            let (_, data) = mesh.admit(i);
+            mesh.start_relay(data).await;
         }
-        Mesh { _dir: dir, gateway, relays }
+        mesh
+    }
+
+    /// Creates relay `i`'s data dir with its key and certificate.
+    fn admit(&self, i: usize) -> (PeerId, PathBuf) {
+        let data = self._dir.path().join(format!("relay-{i}"));
+        (RelayCert::admit(&self.gateway, &data, 1, unix_now()).unwrap(), data)
+    }
+
+    /// Starts a relay on `data`, joining through the first one.
+    async fn start_relay(&mut self, data: PathBuf) {
+        let mut config = RelayConfig::new(data.clone(), self.gateway.public());
+        config.listen = vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()];
+        config.http = Some("127.0.0.1:0".parse().unwrap());
+        if let Some((first, _)) = self.relays.first() {
+            config.bootstrap = first.ready.listen.clone();
+        }
+        self.relays.push((Relay::start(config).await.unwrap(), data));
+    }
+
+    /// A counter summed over the relays' `/metrics`.
+    async fn metric(&self, name: &str) -> u64 {
+        let mut sum = 0;
+        for (relay, _) in &self.relays {
+            let addr = relay.ready.http.as_ref().unwrap().trim_start_matches("http://").to_string();
+            let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+            stream.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await.unwrap();
+            let mut text = String::new();
+            stream.read_to_string(&mut text).await.unwrap();
+            let line = text.lines().find(|l| l.starts_with(&format!("meshgram_relay_{name}_total ")));
+            sum += line.and_then(|l| l.split(' ').nth(1)).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        }
+        sum
+    }
+
+    /// Stops the relays; their data dirs stay until the mesh is dropped.
+    async fn shutdown(&mut self) -> Vec<PathBuf> {
+        let mut dirs = Vec::new();
+        for (relay, dir) in self.relays.drain(..) {
+            relay.shutdown().await;
+            dirs.push(dir);
+        }
+        dirs
     }
 
     fn peer(&self, i: usize) -> PeerId {
@@ -129,7 +166,7 @@ fn code(response: MediaResponse) -> ErrorCode {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn parts_are_stored_on_two_relays_recorded_and_repaired() {
-    let mesh = Mesh::start(3).await;
+    let mut mesh = Mesh::start(3).await;
     let alice = Client::new(&mesh, 1);
     let entry = mesh.peer(0);
 
@@ -186,18 +223,11 @@ async fn parts_are_stored_on_two_relays_recorded_and_repaired() {
         assert!(Instant::now() < deadline, "repair did not bring the chunk back to relay {lost}");
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    let dirs: Vec<PathBuf> = mesh.relays.iter().map(|(_, dir)| dir.clone()).collect();
     let relays: Vec<PeerId> = (0..3).map(|i| mesh.peer(i)).collect();
-    for (relay, _) in mesh.relays {
-        relay.shutdown().await;
-    }
+    let dirs = mesh.shutdown().await;
 
     // The part is recorded on the R = 2 relays closest to the file id, as `inspect` shows.
-    let closest = meshgram_relay::placement::closest_relays(
-        &meshgram_relay::placement::file_key(&file_id),
-        relays.iter().copied(),
-        2,
-    );
+    let closest = closest_relays(&file_key(&file_id), relays.iter().copied(), 2);
     for (i, dir) in dirs.iter().enumerate() {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_meshgram-relay"))
             .args(["--data", &dir.display().to_string(), "inspect"])
@@ -218,4 +248,38 @@ async fn parts_are_stored_on_two_relays_recorded_and_repaired() {
             assert!(uploads.is_empty(), "relay {i} is not among the file's closest: {json}");
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closer_relay_that_joins_gets_the_chunks_and_records() {
+    let mut mesh = Mesh::start(3).await;
+    let (late, late_dir) = mesh.admit(3);
+    let all: Vec<PeerId> = (0..3).map(|i| mesh.peer(i)).chain([late]).collect();
+    // An upload and a chunk the relay that joins later is among the two closest to.
+    let file_id = std::iter::repeat_with(FileId::random)
+        .find(|f| closest_relays(&file_key(f), all.iter().copied(), 2).contains(&late))
+        .unwrap();
+    let bytes = (0u32..)
+        .map(|n| n.to_be_bytes().repeat(1000))
+        .find(|b| closest_relays(&chunk_key(&ChunkHash::of(b)), all.iter().copied(), 2).contains(&late))
+        .unwrap();
+    let alice = Client::new(&mesh, 1);
+    alice.hello(mesh.peer(0)).await;
+    assert!(matches!(
+        alice.save(mesh.peer(0), file_id, 0, 1, &bytes).await,
+        MediaResponse::PartSaved { copies: 2, .. }
+    ));
+
+    mesh.start_relay(late_dir.clone()).await;
+    let hash = ChunkHash::of(&bytes);
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while !mesh.holders(&hash).contains(&3) || mesh.metric("part_record_repair_copies").await == 0 {
+        assert!(Instant::now() < deadline, "repair did not copy the chunk and the record to the relay that joined");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(mesh.metric("chunk_repair_copies").await >= 1);
+    mesh.shutdown().await;
+    let uploads = held_uploads(&late_dir).unwrap();
+    assert_eq!(uploads.len(), 1);
+    assert_eq!((uploads[0].total_parts, uploads[0].saved.clone()), (1, vec![0]));
 }
