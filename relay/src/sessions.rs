@@ -140,17 +140,61 @@ pub(crate) fn session_revoked() -> WireError {
 
 #[cfg(test)]
 mod tests {
+    use meshgram_node::crypto::cert::AccountKind;
+    use meshgram_node::ids::{NoiseKey, UserId};
+
     use super::*;
 
+    fn cert(gateway: &ed25519::Keypair, device: PeerId, session: u64) -> SessionCert {
+        let body = CertBody {
+            user_id: UserId(1),
+            device,
+            noise_key: NoiseKey([0; 32]),
+            session_id: SessionId(session),
+            kind: AccountKind::User,
+            not_before: 0,
+            not_after: 1000,
+        };
+        SessionCert::sign(body, gateway)
+    }
+
     #[test]
-    fn a_request_before_hello_is_refused() {
-        let key = libp2p::identity::Keypair::generate_ed25519().try_into_ed25519().unwrap().public();
-        let mut sessions: Sessions<()> = Sessions::new(key);
+    fn a_request_before_hello_is_refused_and_one_after_it_is_not() {
+        let gateway = ed25519::Keypair::generate();
+        let mut sessions: Sessions<()> = Sessions::new(gateway.public());
+        let (peer, other) = (PeerId::random(), PeerId::random());
+        assert_eq!(sessions.check(&peer, 10).unwrap_err().code, ErrorCode::CertInvalid);
+        let refused = sessions.hello(peer, &cert(&gateway, other, 1), 10, ()).unwrap_err();
+        assert_eq!(refused.code, ErrorCode::CertInvalid, "another device's certificate");
+        sessions.hello(peer, &cert(&gateway, peer, 1), 10, ()).unwrap();
+        assert_eq!(sessions.check(&peer, 10).unwrap().cert.user_id, UserId(1));
+        assert_eq!(sessions.check(&peer, 2000).unwrap_err().code, ErrorCode::CertInvalid, "expired");
+    }
+
+    #[test]
+    fn a_revoked_session_loses_access_and_may_not_greet_again() {
+        let gateway = ed25519::Keypair::generate();
+        let mut sessions: Sessions<()> = Sessions::new(gateway.public());
         let peer = PeerId::random();
-        assert_eq!(sessions.check(&peer, 0).unwrap_err().code, ErrorCode::CertInvalid);
-        assert_eq!(sessions.revoke(peer, SessionId(1), 10), Some(false));
-        assert_eq!(sessions.revoke(peer, SessionId(1), 10), None, "known already");
+        sessions.hello(peer, &cert(&gateway, peer, 1), 10, ()).unwrap();
+        assert_eq!(sessions.revoke(peer, SessionId(2), 500), Some(false), "another session");
+        assert_eq!(sessions.revoke(peer, SessionId(1), 500), Some(true));
+        assert_eq!(sessions.revoke(peer, SessionId(1), 500), None, "known already");
+        assert_eq!(sessions.check(&peer, 10).unwrap_err().code, ErrorCode::SessionRevoked);
+        let again = sessions.hello(peer, &cert(&gateway, peer, 1), 10, ()).unwrap_err();
+        assert_eq!(again.code, ErrorCode::SessionRevoked);
+        sessions.hello(peer, &cert(&gateway, peer, 3), 10, ()).unwrap();
+        sessions.forget_expired_revocations(501);
+        sessions.hello(peer, &cert(&gateway, peer, 1), 10, ()).unwrap();
+    }
+
+    #[test]
+    fn a_relay_the_gateway_no_longer_admits_greets_nobody() {
+        let gateway = ed25519::Keypair::generate();
+        let mut sessions: Sessions<()> = Sessions::new(gateway.public());
+        let peer = PeerId::random();
         assert!(sessions.no_longer_admitted("revoked".into()));
         assert!(!sessions.no_longer_admitted("revoked".into()));
+        assert_eq!(sessions.hello(peer, &cert(&gateway, peer, 1), 10, ()).unwrap_err().code, ErrorCode::Unavailable);
     }
 }
