@@ -195,7 +195,7 @@ impl MediaServer {
                 Err(refusal) => return self.respond(channel, MediaResponse::Error(refusal)),
             },
         };
-        let live: Vec<PeerId> = known.live_relays().into_iter().map(|r| r.peer_id).collect();
+        let mut live = || -> Vec<PeerId> { known.live_relays().into_iter().map(|r| r.peer_id).collect() };
         let (store, replicas) = (self.store.clone(), self.replicas.clone());
         match request {
             MediaRequest::Hello { .. } => unreachable!("answered above"),
@@ -204,6 +204,7 @@ impl MediaServer {
                     return self.respond(channel, MediaResponse::Error(refusal));
                 }
                 let record = PartRecord { file_id, owner, part, total_parts, hash, size: bytes.len() as u32 };
+                let live = live();
                 let chunk_targets = closest_relays(&chunk_key(&hash), live.iter().copied(), live.len());
                 let record_targets = closest_relays(&file_key(&file_id), live.iter().copied(), live.len());
                 self.tasks.spawn(async move {
@@ -213,7 +214,7 @@ impl MediaServer {
                 });
             }
             MediaRequest::GetUploadStatus { file_id } => {
-                let mut holders = closest_relays(&file_key(&file_id), live, replicas.replication);
+                let mut holders = closest_relays(&file_key(&file_id), live(), replicas.replication);
                 holders.retain(|relay| *relay != replicas.local);
                 self.tasks.spawn(async move {
                     let response = upload_status(&replicas, &store, file_id, owner, &holders).await;
