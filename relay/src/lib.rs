@@ -4,20 +4,27 @@
 //! # Layout, in the order a message flows through it
 //!
 //! - [`net`]: the event loop that owns the libp2p `Swarm` and dispatches: requests read from
-//!   pipes to [`mailbox`] or [`replica`], swarm events and reports on other relays to
-//!   [`relays`], finished tasks back to whoever started them.
-//! - [`mailbox`]: serves clients. Checks each client's session certificate once per connection
-//!   (`Hello`), checks `Send`s (sender = connection, sizes, rate) and hands them to
-//!   [`replicate`], parks long-poll `Fetch`es until something arrives, applies `Ack`s.
-//! - [`replicate`]: stores a `Send` on the `R` closest relays (in parallel, replacing failed ones)
-//!   before the sender hears "stored"; talks to other relays only after checking their
-//!   certificate (`ReplicaClient`); forwards deletes of acknowledged envelopes to the other
-//!   copies.
+//!   pipes to [`mailbox`], [`media`] or [`replica`], swarm events and reports on other relays
+//!   to [`relays`], finished tasks back to whoever started them.
+//! - [`sessions`]: clients' session certificates, checked once per connection (`Hello`), and
+//!   the sessions the gateway revoked; [`mailbox`] and [`media`] each keep one.
+//! - [`mailbox`]: serves clients. Checks `Send`s (sender = connection, sizes, rate) and hands
+//!   them to [`replicate`], parks long-poll `Fetch`es until something arrives, applies `Ack`s.
+//! - [`media`]: serves clients' uploads and downloads (`/meshgram/media/1`): `SaveFilePart`
+//!   stores the part's chunk on the `R` relays closest to its hash, then its record on the `R`
+//!   closest to the file id, before `PartSaved`; `GetUploadStatus`, `GetChunk`. Chunks are
+//!   files (`media::chunks`), records a redb index with per-user quotas (`media::uploads`);
+//!   `media::repair` runs with each [`repair`] round.
+//! - [`replicate`]: stores a `Send` on the `R` closest relays (in parallel, replacing failed ones,
+//!   `copy_to_closest`, which media uses too) before the sender hears "stored"; talks to other
+//!   relays only after checking their certificate (`ReplicaClient`); forwards deletes of
+//!   acknowledged envelopes to the other copies.
 //! - [`replica`]: the other side of [`replicate`]: serves other relays' `Store`s and `Delete`s,
-//!   only from relays that showed a gateway-signed relay certificate.
-//! - [`repair`]: brings what this relay holds back to `R` responsible relays after relays die,
-//!   return or join, and deletes copies a replica has delivered (rounds on a timer and on
-//!   membership change).
+//!   repair's requests and media's (`StoreChunk`, `RecordPart`, ...), only from relays that
+//!   showed a gateway-signed relay certificate.
+//! - [`repair`]: brings what this relay holds (envelopes, chunks, part records) back to `R`
+//!   responsible relays after relays die, return or join, and deletes copies a replica has
+//!   delivered (rounds on a timer and on membership change).
 //! - [`relays`]: owns every other relay's standing (certificate checked, down lately, not a
 //!   relay, certified on its connection, revoked) and the words tasks report on relays with
 //!   (`RelayReport`); lists the live relays placement chooses from.
@@ -39,15 +46,18 @@ mod accept;
 mod behaviour;
 mod disk;
 mod mailbox;
+mod media;
 pub mod metrics;
 mod net;
 pub use meshgram_node::net::placement;
 mod relays;
+pub use media::MediaOpenError;
 pub use relays::PlacementLookups;
 mod repair;
 mod replica;
 mod replicate;
 mod revocations;
+mod sessions;
 pub mod store;
 mod wal;
 
@@ -72,6 +82,10 @@ use crate::store::{StoreError, StoreHandle, StoreLimits};
 
 /// The mailbox database inside its data dir.
 pub const DATABASE_FILE: &str = "relay.redb";
+/// Each user's media quota on a relay, by default: 10 GiB of chunks recorded there, room for a
+/// lot of photos and a few films, and small beside a relay's disk, since a user's uploads
+/// spread over the relays closest to each file id.
+pub const DEFAULT_MEDIA_QUOTA_MIB: u64 = 10_240;
 /// How often a relay whose store failed checks whether its disk takes writes again: a disk
 /// given room is back in service within seconds, and a probe of a still-full disk (1 MiB
 /// written and removed) every few seconds costs nothing.
@@ -93,6 +107,9 @@ pub struct RelaySettings {
     /// Envelopes per second a user may send, in a burst of `send_burst`.
     pub send_rate: u32,
     pub send_burst: u32,
+    /// Bytes of file chunks one user may have recorded on this relay (parts of uploads whose
+    /// file id this relay is among the closest to).
+    pub media_quota: u64,
 }
 
 /// Everything a relay needs to start.
@@ -129,6 +146,7 @@ impl RelayConfig {
                 placement_lookups: PlacementLookups::default(),
                 send_rate: 5_000,
                 send_burst: 50_000,
+                media_quota: DEFAULT_MEDIA_QUOTA_MIB << 20,
             },
             store: StoreLimits { ttl: Duration::from_secs(30 * 24 * 3600), max_per_mailbox: 100_000 },
         }
@@ -144,6 +162,8 @@ pub enum StartError {
     Key(#[from] KeyFileError),
     #[error("mailbox database: {0}")]
     Store(#[from] StoreError),
+    #[error("media store: {0}")]
+    Media(#[from] media::MediaOpenError),
     #[error(transparent)]
     Transport(#[from] TransportError),
     #[error("bootstrap address {0} does not end in /p2p/<peer id>")]
@@ -216,10 +236,11 @@ impl Relay {
         let peer_id = *swarm.local_peer_id();
         let listen = listen_on_all(&mut swarm, &config.listen).await?;
         let metrics = Arc::new(metrics::Metrics::new());
+        let media = media::MediaStore::open(data, config.settings.media_quota, Arc::clone(&metrics))?;
         let mut event_loop = net::EventLoop::new(
             swarm,
             inbound,
-            store.clone(),
+            net::Stores { mailboxes: store.clone(), media },
             config.settings.clone(),
             cert.clone(),
             Arc::clone(&metrics),
@@ -294,6 +315,38 @@ async fn wait_for_store_recovery(store: StoreHandle, data_dir: PathBuf, shutdown
             Err(e) => tracing::warn!(error = %e, "the disk probe did not finish"),
         }
     }
+}
+
+/// An upload as a relay's index records it (see [`held_uploads`]).
+#[derive(Debug, Clone, Serialize)]
+pub struct HeldUpload {
+    pub file_id: String,
+    pub owner: meshgram_node::ids::UserId,
+    pub total_parts: u32,
+    pub saved: Vec<u32>,
+}
+
+/// The media chunks in a relay's data dir (`DATA/chunks`), sorted; what `inspect` lists.
+pub fn held_chunks(data_dir: &Path) -> Result<Vec<meshgram_node::proto::media::ChunkHash>, String> {
+    let root = data_dir.join(media::chunks::CHUNKS_DIR);
+    media::chunks::list_chunks(&root).map(|(hashes, _)| hashes).map_err(|e| e.to_string())
+}
+
+/// The uploads a stopped relay's index (`DATA/media.redb`) records; none if it has none.
+pub fn held_uploads(data_dir: &Path) -> Result<Vec<HeldUpload>, String> {
+    let path = data_dir.join(media::uploads::MEDIA_DATABASE_FILE);
+    if !path.exists() {
+        return Ok(Vec::new());
+    }
+    let index = media::uploads::UploadIndex::open(&path, u64::MAX).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut held = Vec::new();
+    for file_id in index.uploads_blocking().map_err(|e| e.to_string())? {
+        if let Some(status) = index.status_blocking(&file_id).map_err(|e| e.to_string())? {
+            let (owner, total_parts, saved) = (status.owner, status.total_parts, status.saved);
+            held.push(HeldUpload { file_id: file_id.to_string(), owner, total_parts, saved });
+        }
+    }
+    Ok(held)
 }
 
 /// Reads this relay's certificate and checks that it is the gateway's, for this relay, and valid

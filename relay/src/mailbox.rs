@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
-use meshgram_node::crypto::cert::{CERT_CLOCK_SKEW_SECS, CertBody, unix_now};
+use meshgram_node::crypto::cert::{CertBody, unix_now};
 use meshgram_node::ids::SessionId;
 use meshgram_node::net::codec::FrameError;
 use meshgram_node::net::pipe::Responder;
@@ -28,6 +28,7 @@ use crate::RelaySettings;
 use crate::metrics::Metrics;
 use crate::relays::KnownRelays;
 use crate::replicate::{DeleteForwarder, Group, ReplicaDelete, Replicas, store_replicated};
+use crate::sessions::Sessions;
 use crate::store::{QueuedPut, StoreError, StoreHandle};
 
 /// What a finished mailbox task hands back, through [`Mailboxes::finish`].
@@ -57,10 +58,9 @@ struct Parked {
     deadline: Instant,
 }
 
-/// A client that said Hello on a live connection.
-#[derive(Debug)]
-struct Session {
-    cert: CertBody,
+/// What the mailbox protocol keeps per session.
+#[derive(Debug, Default)]
+struct FetchState {
     /// Counts commits into this client's mailbox here, so a fetch that read an empty mailbox
     /// just before an arrival is not parked past it.
     arrivals: u64,
@@ -75,23 +75,14 @@ pub(crate) struct Mailboxes {
     store: StoreHandle,
     settings: RelaySettings,
     metrics: Arc<Metrics>,
-    /// Clients that said Hello, with their certificate.
-    sessions: HashMap<PeerId, Session>,
-    /// Sessions the gateway revoked, until their certificates have expired anyway (unix s):
-    /// a `Hello` with one of their certificates is refused.
-    revoked_sessions: HashMap<SessionId, u64>,
-    /// Connected devices whose session was revoked under them: told so (`SESSION_REVOKED`)
-    /// until they say Hello with a valid certificate or disconnect.
-    signed_out: HashSet<PeerId>,
+    /// Clients that said Hello, revoked sessions, whether the gateway admits this relay.
+    sessions: Sessions<FetchState>,
     parked: HashMap<PeerId, Parked>,
     send_limiter: RateLimiter,
     /// Where a `Send`'s copies go.
     replicas: Replicas,
     /// Deletes of acknowledged envelopes on the other replicas.
     replica_deletes: DeleteForwarder,
-    /// Why the gateway no longer admits this relay, once it said so: new greetings are then
-    /// refused, so clients go to other relays (those already here may still fetch).
-    not_admitted: Option<String>,
     tasks: JoinSet<Done>,
 }
 
@@ -100,15 +91,12 @@ impl Mailboxes {
         let send_limiter = RateLimiter::per_second(settings.send_burst, settings.send_rate);
         Mailboxes {
             store: replicas.store.clone(),
+            sessions: Sessions::new(settings.gateway_key.clone()),
             settings,
             metrics,
-            sessions: HashMap::new(),
-            revoked_sessions: HashMap::new(),
-            signed_out: HashSet::new(),
             parked: HashMap::new(),
             send_limiter,
             replica_deletes: DeleteForwarder::start(Arc::clone(&replicas.pipes)),
-            not_admitted: None,
             replicas,
             tasks: JoinSet::new(),
         }
@@ -138,39 +126,20 @@ impl Mailboxes {
         };
         self.metrics.count_request(request.kind());
         let now = unix_now();
-        if let (MailboxRequest::Hello { .. }, Some(why)) = (&request, &self.not_admitted) {
-            let message = format!("the gateway no longer admits this relay ({why}); use another relay");
-            return self.respond(channel, refuse(ErrorCode::Unavailable, message));
-        }
         if let MailboxRequest::Hello { cert } = request {
-            let response = match cert.verify_for(&self.settings.gateway_key, &peer, now) {
-                Ok(body) if self.revoked_sessions.contains_key(&body.session_id) => session_revoked(),
-                Ok(body) => {
-                    self.signed_out.remove(&peer);
-                    let session = Session { cert: body.clone(), arrivals: 0, acks_in_flight: HashSet::new() };
-                    self.sessions.insert(peer, session);
+            let response = match self.sessions.hello(peer, &cert, now, FetchState::default()) {
+                Ok(_) => {
                     let mut mailbox_relays = known.mailbox_relays(&peer);
                     mailbox_relays.truncate(self.settings.replication);
                     MailboxResponse::Welcome { relay: known.local(), mailbox_relays, relays: known.live_relays() }
                 }
-                Err(e) => refuse(ErrorCode::CertInvalid, e.to_string()),
+                Err(refusal) => MailboxResponse::Error(refusal),
             };
             return self.respond(channel, response);
         }
-        let cert = match self.sessions.get(&peer) {
-            None if self.signed_out.contains(&peer) => return self.respond(channel, session_revoked()),
-            None => {
-                return self
-                    .respond(channel, refuse(ErrorCode::CertInvalid, "say Hello with your session certificate first"));
-            }
-            Some(session) if now > session.cert.not_after + CERT_CLOCK_SKEW_SECS => {
-                self.sessions.remove(&peer);
-                return self.respond(
-                    channel,
-                    refuse(ErrorCode::CertInvalid, "your certificate expired; renew it and say Hello again"),
-                );
-            }
-            Some(session) => session.cert.clone(),
+        let cert = match self.sessions.check(&peer, now) {
+            Ok(session) => session.cert.clone(),
+            Err(refusal) => return self.respond(channel, MailboxResponse::Error(refusal)),
         };
         match request {
             MailboxRequest::Hello { .. } => unreachable!("handled above"),
@@ -202,12 +171,12 @@ impl Mailboxes {
             Done::Park { peer, channel, max, deadline, arrivals } => {
                 match self.sessions.get(&peer) {
                     // Something arrived while the fetch was reading: read again.
-                    Some(session) if session.arrivals != arrivals => {
+                    Some(session) if session.state.arrivals != arrivals => {
                         return self.spawn_fetch(peer, channel, max, deadline);
                     }
                     Some(_) => {}
                     // Its session was revoked while the fetch was reading.
-                    None if self.signed_out.contains(&peer) => return self.respond(channel, session_revoked()),
+                    None if self.sessions.is_signed_out(&peer) => return self.respond(channel, session_revoked()),
                     // The client is gone; nobody to answer.
                     None => return,
                 }
@@ -219,7 +188,7 @@ impl Mailboxes {
             Done::AcksApplied { peer, ids } => {
                 if let Some(session) = self.sessions.get_mut(&peer) {
                     for id in &ids {
-                        session.acks_in_flight.remove(id);
+                        session.state.acks_in_flight.remove(id);
                     }
                 }
             }
@@ -229,17 +198,15 @@ impl Mailboxes {
 
     /// The gateway refused this relay's certificate: greet no more clients.
     pub(crate) fn no_longer_admitted(&mut self, why: String) {
-        if self.not_admitted.is_none() {
+        if self.sessions.no_longer_admitted(why.clone()) {
             tracing::error!(reason = %why, "the gateway no longer admits this relay; refusing new clients");
         }
-        self.not_admitted = Some(why);
     }
 
     /// `peer`'s last connection closed: its session and parked fetch go.
     pub(crate) fn disconnected(&mut self, peer: &PeerId) {
-        self.sessions.remove(peer);
+        self.sessions.disconnected(peer);
         self.parked.remove(peer);
-        self.signed_out.remove(peer);
     }
 
     /// The gateway revoked `device`'s session `session`: if that is the session it said Hello
@@ -247,16 +214,12 @@ impl Mailboxes {
     /// request until a valid Hello), and certificates of that session are refused until
     /// `until`, when they have expired anyway.
     pub(crate) fn revoke_session(&mut self, device: PeerId, session: SessionId, until: u64) {
-        if self.revoked_sessions.insert(session, until).is_some() {
-            return;
-        }
+        let Some(ended) = self.sessions.revoke(device, session, until) else { return };
         self.metrics.sessions_revoked.inc();
-        if self.sessions.get(&device).is_none_or(|s| s.cert.session_id != session) {
+        if !ended {
             return;
         }
         tracing::info!(%device, %session, "session revoked by the gateway; its access here ends");
-        self.sessions.remove(&device);
-        self.signed_out.insert(device);
         if let Some(parked) = self.parked.remove(&device) {
             self.respond(parked.channel, session_revoked());
         }
@@ -265,7 +228,7 @@ impl Mailboxes {
     /// Drops envelopes past their TTL (on a task), and revocations that no longer matter.
     pub(crate) fn expire_envelopes(&mut self) {
         let now = unix_now();
-        self.revoked_sessions.retain(|_, until| *until >= now);
+        self.sessions.forget_expired_revocations(now);
         let store = self.store.clone();
         self.tasks.spawn(async move {
             match store.expire(now).await {
@@ -292,7 +255,7 @@ impl Mailboxes {
     pub(crate) fn wake(&mut self, mailboxes: Vec<PeerId>) {
         for mailbox in mailboxes {
             if let Some(session) = self.sessions.get_mut(&mailbox) {
-                session.arrivals += 1;
+                session.state.arrivals += 1;
             }
             if let Some(parked) = self.parked.remove(&mailbox) {
                 self.spawn_fetch(mailbox, parked.channel, parked.max, parked.deadline);
@@ -380,7 +343,7 @@ impl Mailboxes {
         let deadline = Instant::now() + Duration::from_millis(u64::from(wait_ms.min(MAX_FETCH_WAIT_MS)));
         if !ack.is_empty() {
             if let Some(session) = self.sessions.get_mut(&peer) {
-                session.acks_in_flight.extend(ack.iter().copied());
+                session.state.acks_in_flight.extend(ack.iter().copied());
             }
             let deleted = self.delete_delivered(peer, ack.clone(), known);
             self.tasks.spawn(async move {
@@ -425,7 +388,7 @@ impl Mailboxes {
     fn spawn_fetch(&mut self, peer: PeerId, channel: Responder<MailboxResponse>, max: u32, deadline: Instant) {
         // The client is gone: nobody to answer.
         let Some(session) = self.sessions.get(&peer) else { return };
-        let (arrivals, skip) = (session.arrivals, session.acks_in_flight.clone());
+        let (arrivals, skip) = (session.state.arrivals, session.state.acks_in_flight.clone());
         let store = self.store.clone();
         self.tasks.spawn(async move {
             let read = store.fetch(peer, max as usize + skip.len()).map(|(mut envelopes, more)| {
@@ -511,7 +474,7 @@ pub(crate) fn store_failed(why: &str) -> String {
 
 /// The answer to a device whose session the gateway revoked.
 fn session_revoked() -> MailboxResponse {
-    refuse(ErrorCode::SessionRevoked, "this session was revoked (signed out); sign in again")
+    MailboxResponse::Error(crate::sessions::session_revoked())
 }
 
 fn too_many_acks() -> MailboxResponse {

@@ -64,6 +64,10 @@ struct Cli {
     /// Envelopes a mailbox may hold.
     #[arg(long, default_value_t = 100_000)]
     mailbox_quota: u64,
+    /// Bytes of file chunks (MiB) one user may have recorded on this relay: the parts of their
+    /// uploads whose file id this relay is among the closest relays to.
+    #[arg(long, default_value_t = meshgram_relay::DEFAULT_MEDIA_QUOTA_MIB)]
+    media_quota_mib: u64,
     /// Envelopes per second one user may send (sustained).
     #[arg(long, default_value_t = 5_000)]
     send_rate: u32,
@@ -79,7 +83,9 @@ struct Cli {
 #[derive(clap::Subcommand, Debug)]
 enum Command {
     /// Print what the (stopped) relay's store holds, as JSON: per mailbox, the ids of the
-    /// envelopes waiting there. Envelopes are sealed; this shows only what routing shows.
+    /// envelopes waiting there; the hashes of the media chunks held; the uploads recorded
+    /// (file id, owner, total parts, parts saved). Envelopes and chunks are sealed; this shows
+    /// only what routing shows.
     Inspect,
 }
 
@@ -123,6 +129,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     config.settings.send_rate = cli.send_rate;
     config.store.ttl = Duration::from_secs(cli.ttl_days * 24 * 3600);
     config.store.max_per_mailbox = cli.mailbox_quota;
+    config.settings.media_quota = cli.media_quota_mib.saturating_mul(1 << 20);
 
     let mut relay = Relay::start(config).await.context("starting the relay")?;
     service::print_ready("relay", &relay.ready)?;
@@ -157,6 +164,9 @@ fn inspect(data: &std::path::Path) -> anyhow::Result<()> {
         .into_iter()
         .map(|(mailbox, held)| serde_json::json!({ "mailbox": mailbox.to_string(), "held": held }))
         .collect();
-    println!("{}", serde_json::json!({ "mailboxes": mailboxes }));
+    let chunks: Vec<String> =
+        meshgram_relay::held_chunks(data).map_err(anyhow::Error::msg)?.iter().map(ToString::to_string).collect();
+    let uploads = meshgram_relay::held_uploads(data).map_err(anyhow::Error::msg)?;
+    println!("{}", serde_json::json!({ "mailboxes": mailboxes, "chunks": chunks, "uploads": uploads }));
     Ok(())
 }

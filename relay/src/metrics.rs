@@ -44,6 +44,19 @@ pub struct Metrics {
     pub repair_copied: Counter,
     /// Stale copies repair deleted here because a replica had delivered them.
     pub repair_stale_deleted: Counter,
+    media_requests: Family<KindLabel, Counter>,
+    media_refusals: Family<CodeLabel, Counter>,
+    /// Parts acknowledged to clients (`PartSaved`) by this relay.
+    pub media_parts_saved: Counter,
+    /// Chunks written to this relay's disk (duplicates not counted), and their bytes.
+    pub chunks_stored: Counter,
+    pub chunk_bytes_stored: Counter,
+    /// Bytes of the chunks held here, as of the last repair round.
+    pub chunk_bytes_held: Gauge,
+    /// Chunks repair copied to responsible relays that lacked them.
+    pub chunk_repair_copies: Counter,
+    /// Part records repair copied to responsible relays that lacked them.
+    pub part_record_repair_copies: Counter,
 }
 
 impl Metrics {
@@ -104,6 +117,30 @@ impl Metrics {
             "Stale copies deleted because a replica had delivered them",
             repair_stale_deleted.clone(),
         );
+        let media_requests = Family::<KindLabel, Counter>::default();
+        registry.register("media_requests", "Media requests by kind", media_requests.clone());
+        let media_refusals = Family::<CodeLabel, Counter>::default();
+        registry.register("media_refusals", "Media requests refused, by error code", media_refusals.clone());
+        let media_parts_saved = Counter::default();
+        registry.register("media_parts_saved", "File parts acknowledged to clients", media_parts_saved.clone());
+        let chunks_stored = Counter::default();
+        registry.register("chunks_stored", "Media chunks written to this relay's disk", chunks_stored.clone());
+        let chunk_bytes_stored = Counter::default();
+        registry.register("chunk_bytes_stored", "Bytes of media chunks written to disk", chunk_bytes_stored.clone());
+        let chunk_bytes_held = Gauge::default();
+        registry.register("chunk_bytes_held", "Bytes of media chunks held here", chunk_bytes_held.clone());
+        let chunk_repair_copies = Counter::default();
+        registry.register(
+            "chunk_repair_copies",
+            "Media chunks repair copied to responsible relays that lacked them",
+            chunk_repair_copies.clone(),
+        );
+        let part_record_repair_copies = Counter::default();
+        registry.register(
+            "part_record_repair_copies",
+            "Part records repair copied to responsible relays that lacked them",
+            part_record_repair_copies.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -119,6 +156,14 @@ impl Metrics {
             repair_rounds,
             repair_copied,
             repair_stale_deleted,
+            media_requests,
+            media_refusals,
+            media_parts_saved,
+            chunks_stored,
+            chunk_bytes_stored,
+            chunk_bytes_held,
+            chunk_repair_copies,
+            part_record_repair_copies,
         }
     }
 
@@ -128,6 +173,15 @@ impl Metrics {
 
     pub(crate) fn count_error(&self, code: &str) {
         self.errors.get_or_create(&CodeLabel { code: code.into() }).inc();
+    }
+
+    pub(crate) fn count_media_request(&self, kind: &str) {
+        self.media_requests.get_or_create(&KindLabel { kind: kind.into() }).inc();
+    }
+
+    /// A media request refused (the same labels as the mailbox's `errors`).
+    pub(crate) fn count_media_refusal(&self, code: &str) {
+        self.media_refusals.get_or_create(&CodeLabel { code: code.into() }).inc();
     }
 
     /// The Prometheus text exposition.

@@ -3,8 +3,9 @@
 //!
 //! Request flow: clients' and relays' requests arrive on pipes (`meshgram_node::net::pipe`), one
 //! long-lived stream per connection, whose tasks hand them to this loop. Mailbox requests go to
-//! [`Mailboxes`] (sessions, sends, parked fetches), replica requests to [`ReplicaServer`]; both
-//! run their work on tasks they own and hand the results back through this loop. Reports on
+//! [`Mailboxes`] (sessions, sends, parked fetches), media requests to [`MediaServer`] (uploads,
+//! chunks), replica requests to [`ReplicaServer`]; each runs its work on tasks it owns and hands
+//! the results back through this loop. Reports on
 //! other relays ([`crate::relays::RelayReport`]) come back from replication tasks and from
 //! greetings, and go to [`Relays`], which owns every relay's standing. Repair rounds
 //! ([`crate::repair`]) run on a task, one at a time, on a timer and soon after the live relays
@@ -22,6 +23,7 @@ use libp2p::swarm::{ConnectionError, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm};
 use meshgram_node::crypto::cert::{RelayCert, Revoked};
 use meshgram_node::net::pipe::{self, Inbound, PipePool};
+use meshgram_node::proto::media::{MEDIA_LIMITS, MEDIA_PROTOCOL, MediaRequest, MediaResponse};
 use meshgram_node::proto::{
     MAILBOX_LIMITS, MAILBOX_PROTOCOL, MailboxRequest, MailboxResponse, REPLICA_LIMITS, REPLICA_PROTOCOL,
     ReplicaRequest, ReplicaResponse,
@@ -34,6 +36,7 @@ use crate::RelaySettings;
 use crate::accept::{Acceptor, Serve};
 use crate::behaviour::{RelayBehaviour, RelayBehaviourEvent};
 use crate::mailbox::Mailboxes;
+use crate::media::{MediaServer, MediaStore};
 use crate::metrics::Metrics;
 use crate::relays::{RelayReport, Relays, Reports, reports};
 use crate::repair::{AFTER_MEMBERSHIP_CHANGE, REPAIR_EVERY, RoundReport, repair_round};
@@ -54,6 +57,7 @@ const REPLICA_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
 type MailboxInbound = Inbound<MailboxRequest, MailboxResponse>;
 type ReplicaInbound = Inbound<ReplicaRequest, ReplicaResponse>;
+type MediaInbound = Inbound<MediaRequest, MediaResponse>;
 
 /// This relay greeted `peer` on the replica protocol: did it show a relay certificate?
 type Greeted = (PeerId, Result<(), ReplicaCallError>);
@@ -68,6 +72,10 @@ pub(crate) struct EventLoop {
     reports: Reports,
     /// Clients' mailboxes here.
     mailboxes: Mailboxes,
+    /// Clients' uploads and chunk downloads here.
+    media: MediaServer,
+    /// What this relay keeps of media (repair reads it).
+    media_store: MediaStore,
     /// Other relays' replicas here.
     replica_server: ReplicaServer,
     /// This relay's calls to other relays (here: greetings).
@@ -89,6 +97,7 @@ pub(crate) struct EventLoop {
 pub(crate) fn inbound_pipes() -> (Acceptor, InboundPipes) {
     let (mailbox_tx, mailbox) = mpsc::channel(INBOUND_QUEUE);
     let (replica_tx, replica) = mpsc::channel(INBOUND_QUEUE);
+    let (media_tx, media) = mpsc::channel(INBOUND_QUEUE);
     let routes: Vec<(StreamProtocol, Serve)> = vec![
         (
             StreamProtocol::new(MAILBOX_PROTOCOL),
@@ -98,21 +107,32 @@ pub(crate) fn inbound_pipes() -> (Acceptor, InboundPipes) {
             StreamProtocol::new(REPLICA_PROTOCOL),
             Box::new(move |peer, stream| pipe::serve(peer, stream, REPLICA_LIMITS, replica_tx.clone())),
         ),
+        (
+            StreamProtocol::new(MEDIA_PROTOCOL),
+            Box::new(move |peer, stream| pipe::serve(peer, stream, MEDIA_LIMITS, media_tx.clone())),
+        ),
     ];
-    (Acceptor::new(routes), InboundPipes { mailbox, replica })
+    (Acceptor::new(routes), InboundPipes { mailbox, replica, media })
+}
+
+/// What the relay keeps on disk.
+pub(crate) struct Stores {
+    pub(crate) mailboxes: StoreHandle,
+    pub(crate) media: MediaStore,
 }
 
 /// The loop's side of [`inbound_pipes`].
 pub(crate) struct InboundPipes {
     mailbox: mpsc::Receiver<MailboxInbound>,
     replica: mpsc::Receiver<ReplicaInbound>,
+    media: mpsc::Receiver<MediaInbound>,
 }
 
 impl EventLoop {
     pub(crate) fn new(
         swarm: Swarm<RelayBehaviour>,
         inbound: InboundPipes,
-        store: StoreHandle,
+        Stores { mailboxes: store, media: media_store }: Stores,
         settings: RelaySettings,
         cert: RelayCert,
         metrics: Arc<Metrics>,
@@ -136,7 +156,9 @@ impl EventLoop {
             inbound,
             relays: Relays::new(local, listen, settings.placement_lookups),
             reports,
-            replica_server: ReplicaServer::new(settings.gateway_key.clone(), cert, store),
+            replica_server: ReplicaServer::new(settings.gateway_key.clone(), cert, store, media_store.clone()),
+            media: MediaServer::new(settings.gateway_key.clone(), media_store.clone(), replicas.clone()),
+            media_store,
             mailboxes: Mailboxes::new(settings, Arc::clone(&metrics), replicas.clone()),
             metrics,
             replica_client,
@@ -166,6 +188,10 @@ impl EventLoop {
                     let known = &mut self.relays.known(&mut self.swarm.behaviour_mut().kad);
                     self.mailboxes.handle(inbound.peer, inbound.request, inbound.responder, known);
                 }
+                Some(inbound) = self.inbound.media.recv() => {
+                    let known = &mut self.relays.known(&mut self.swarm.behaviour_mut().kad);
+                    self.media.handle(inbound.peer, inbound.request, inbound.responder, known);
+                }
                 Some(inbound) = self.inbound.replica.recv() => {
                     let (relays, mailboxes) = (&mut self.relays, &mut self.mailboxes);
                     self.replica_server.handle(inbound.peer, inbound.request, inbound.responder, relays, mailboxes);
@@ -180,6 +206,10 @@ impl EventLoop {
                 Some(done) = self.mailboxes.next_done() => match done {
                     Ok(done) => self.mailboxes.finish(done),
                     Err(e) => tracing::error!(error = %e, "relay task failed"),
+                },
+                Some(done) = self.media.next_done() => match done {
+                    Ok(done) => self.media.finish(done),
+                    Err(e) => tracing::error!(error = %e, "relay media task failed"),
                 },
                 Some(done) = self.replica_server.next_done() => match done {
                     Ok(replica::Done { channel, response, arrived }) => {
@@ -203,11 +233,15 @@ impl EventLoop {
                     Err(e) => tracing::error!(error = %e, "relay repair task failed"),
                 },
                 _ = park_tick.tick() => self.mailboxes.expire_parked(),
-                _ = expire_tick.tick() => self.mailboxes.expire_envelopes(),
+                _ = expire_tick.tick() => {
+                    self.mailboxes.expire_envelopes();
+                    self.media.forget_expired_revocations();
+                }
                 _ = revocation_tick.tick(), if self.revocations.is_some() => self.poll_gateway(),
             }
         }
         self.mailboxes.shutdown().await;
+        self.media.shutdown().await;
         self.replica_server.shutdown().await;
         self.greetings.shutdown().await;
         self.repairs.shutdown().await;
@@ -261,6 +295,7 @@ impl EventLoop {
             }
             SwarmEvent::ConnectionClosed { peer_id, num_established: 0, cause, .. } => {
                 self.mailboxes.disconnected(&peer_id);
+                self.media.disconnected(&peer_id);
                 self.relays.disconnected(&peer_id);
                 // A relay's connection failing usually means it died or restarts: dial it
                 // back, and if that fails, take it out of placement now (below) rather than
@@ -307,11 +342,15 @@ impl EventLoop {
         let Some(poller) = &mut self.revocations else { return };
         let Polled { revocations, again, refused } = poller.on_event(event);
         if let Some(why) = refused {
+            self.media.no_longer_admitted(why.clone());
             self.mailboxes.no_longer_admitted(why);
         }
         for revocation in revocations {
             match revocation.revoked {
-                Revoked::Session(session) => self.mailboxes.revoke_session(revocation.peer, session, revocation.until),
+                Revoked::Session(session) => {
+                    self.media.revoke_session(revocation.peer, session, revocation.until);
+                    self.mailboxes.revoke_session(revocation.peer, session, revocation.until);
+                }
                 // Its mailboxes have other responsible relays now: repair copies them there.
                 Revoked::Relay => {
                     if self.relays.revoke(revocation.peer) {
@@ -364,7 +403,8 @@ impl EventLoop {
         let live = live.into_iter().map(|relay| relay.peer_id).collect();
         // Placing forgets relays down for long: the gauge follows.
         self.count_verified();
-        self.repairs.spawn(repair_round(self.replicas.clone(), live, Arc::clone(&self.metrics)));
+        let media = self.media_store.clone();
+        self.repairs.spawn(repair_round(self.replicas.clone(), media, live, Arc::clone(&self.metrics)));
     }
 
     /// The live relays changed: repair soon (after the round under way, if one is).

@@ -30,6 +30,8 @@
 //! relay's digest table); mailboxes whose owner is online are usually empty and cost nothing.
 //! What a peer answers is checked against what it was asked: a relay that names mailboxes or
 //! ids it was not asked about gets nothing for them.
+//!
+//! Each round also repairs media chunks and part records, alongside ([`crate::media::repair`]).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -45,6 +47,8 @@ use meshgram_node::proto::{
     ReplicaResponse, WireError,
 };
 
+use crate::media::MediaStore;
+use crate::media::repair::repair_media;
 use crate::metrics::Metrics;
 use crate::placement::{closest_relay_keys, mailbox_key};
 use crate::replica::store_error;
@@ -79,7 +83,20 @@ pub(crate) struct RoundReport {
 
 /// One round: see the module's description. `live` are the relays placement may choose from,
 /// this one included.
-pub(crate) async fn repair_round(replicas: Replicas, live: Vec<PeerId>, metrics: Arc<Metrics>) -> RoundReport {
+pub(crate) async fn repair_round(
+    replicas: Replicas,
+    media: MediaStore,
+    live: Vec<PeerId>,
+    metrics: Arc<Metrics>,
+) -> RoundReport {
+    let (report, _) =
+        tokio::join!(repair_mailboxes(&replicas, live.clone(), &metrics), repair_media(&replicas, &media, &live));
+    report
+}
+
+/// The mailboxes' part of a round.
+async fn repair_mailboxes(replicas: &Replicas, live: Vec<PeerId>, metrics: &Metrics) -> RoundReport {
+    let replicas = replicas.clone();
     let digests = match read(&replicas, StoreHandle::digests).await {
         Ok(digests) => digests,
         Err(e) => {
@@ -88,32 +105,21 @@ pub(crate) async fn repair_round(replicas: Replicas, live: Vec<PeerId>, metrics:
         }
     };
     let keys: Vec<KBucketKey<PeerId>> = live.into_iter().map(KBucketKey::from).collect();
-    let mut plan: HashMap<PeerId, Vec<MailboxDigest>> = HashMap::new();
-    for (mailbox, digest) in &digests {
-        for relay in closest_relay_keys(&mailbox_key(mailbox), &keys, replicas.replication) {
-            if relay != replicas.local {
-                plan.entry(relay).or_default().push(MailboxDigest { mailbox: *mailbox, digest: *digest });
-            }
-        }
-    }
-    let held = digests.iter().map(|(mailbox, _)| *mailbox).collect();
+    let digests: Vec<MailboxDigest> =
+        digests.into_iter().map(|(mailbox, digest)| MailboxDigest { mailbox, digest }).collect();
+    let plan = plan(&replicas, &keys, &digests, |d| mailbox_key(&d.mailbox));
+    let held = digests.iter().map(|d| d.mailbox).collect();
     let mut report = RoundReport { mailboxes: digests.len(), held, ..RoundReport::default() };
-    let mut pending = plan.into_iter();
-    let mut running = FuturesUnordered::new();
-    loop {
-        while running.len() < RELAYS_AT_ONCE
-            && let Some((relay, mailboxes)) = pending.next()
-        {
-            running.push(repair_relay(&replicas, relay, mailboxes));
-        }
-        let Some((relay, done)) = running.next().await else { break };
+    let repair = |relay, mailboxes| repair_relay(&replicas, relay, mailboxes);
+    per_relay(plan, repair, |relay, done: RelayRepair| {
         report.copied += done.copied;
         report.stale_deleted += done.stale_deleted;
         if let Some(error) = done.error {
             report.unfinished += 1;
             tracing::warn!(%relay, %error, "repair could not finish with a relay; the next round tries again");
         }
-    }
+    })
+    .await;
     metrics.repair_rounds.inc();
     metrics.repair_copied.inc_by(report.copied);
     metrics.repair_stale_deleted.inc_by(report.stale_deleted);
@@ -128,6 +134,48 @@ pub(crate) async fn repair_round(replicas: Replicas, live: Vec<PeerId>, metrics:
     report
 }
 
+/// For each of `items`, the other relays among the `R` of `live` closest to its key: which
+/// items each other relay is responsible for with this one.
+pub(crate) fn plan<T: Clone, K>(
+    replicas: &Replicas,
+    live: &[KBucketKey<PeerId>],
+    items: &[T],
+    key_of: impl Fn(&T) -> KBucketKey<K>,
+) -> HashMap<PeerId, Vec<T>> {
+    let mut plan: HashMap<PeerId, Vec<T>> = HashMap::new();
+    for item in items {
+        for relay in closest_relay_keys(&key_of(item), live, replicas.replication) {
+            if relay != replicas.local {
+                plan.entry(relay).or_default().push(item.clone());
+            }
+        }
+    }
+    plan
+}
+
+/// Runs `repair` for each relay of `plan`, [`RELAYS_AT_ONCE`] at a time, handing each one's
+/// outcome to `take` as it ends.
+pub(crate) async fn per_relay<K, R, Fut>(
+    plan: HashMap<PeerId, K>,
+    repair: impl Fn(PeerId, K) -> Fut,
+    mut take: impl FnMut(PeerId, R),
+) where
+    Fut: Future<Output = R>,
+{
+    let mut pending = plan.into_iter();
+    let mut running = FuturesUnordered::new();
+    loop {
+        while running.len() < RELAYS_AT_ONCE
+            && let Some((relay, keys)) = pending.next()
+        {
+            let repaired = repair(relay, keys);
+            running.push(async move { (relay, repaired.await) });
+        }
+        let Some((relay, outcome)) = running.next().await else { break };
+        take(relay, outcome);
+    }
+}
+
 /// What repairing with one relay did; `error` if it had to stop early.
 #[derive(Debug, Default)]
 struct RelayRepair {
@@ -137,14 +185,14 @@ struct RelayRepair {
 }
 
 /// Brings `relay` up to date with what this relay holds of `mailboxes`.
-async fn repair_relay(replicas: &Replicas, relay: PeerId, mailboxes: Vec<MailboxDigest>) -> (PeerId, RelayRepair) {
+async fn repair_relay(replicas: &Replicas, relay: PeerId, mailboxes: Vec<MailboxDigest>) -> RelayRepair {
     let mut done = RelayRepair::default();
     for batch in mailboxes.chunks(MAX_DIGESTS_PER_REQUEST) {
         let asked: HashSet<PeerId> = batch.iter().map(|d| d.mailbox).collect();
         let differ = match call(replicas, relay, ReplicaRequest::Digests { mailboxes: batch.to_vec() }).await {
             Ok(ReplicaResponse::Differ { mailboxes }) => mailboxes,
-            Ok(other) => return (relay, RelayRepair { error: Some(unexpected(&other)), ..done }),
-            Err(e) => return (relay, RelayRepair { error: Some(e), ..done }),
+            Ok(other) => return RelayRepair { error: Some(unexpected(&other)), ..done },
+            Err(e) => return RelayRepair { error: Some(e), ..done },
         };
         // Only mailboxes it was asked about, each once: a relay that names others gets nothing.
         let differ: HashSet<PeerId> = differ.into_iter().filter(|m| asked.contains(m)).collect();
@@ -152,14 +200,14 @@ async fn repair_relay(replicas: &Replicas, relay: PeerId, mailboxes: Vec<Mailbox
             match repair_mailbox(replicas, relay, mailbox, &mut done).await {
                 Ok(()) => {}
                 // It is down or its store failed: nothing more to do with it this round.
-                Err(e) if e.code == ErrorCode::Unavailable => return (relay, RelayRepair { error: Some(e), ..done }),
+                Err(e) if e.code == ErrorCode::Unavailable => return RelayRepair { error: Some(e), ..done },
                 Err(e) => {
                     tracing::warn!(%relay, %mailbox, error = %e, "repair of a mailbox failed; the next round tries again")
                 }
             }
         }
     }
-    (relay, done)
+    done
 }
 
 /// Reconciles one mailbox with `relay`: sends what it lacks, deletes here what it delivered.

@@ -1,6 +1,9 @@
 //! Serving other relays' replica requests: `Hello` (exchange relay certificates), then `Store`
-//! and `Delete`, and repair's `Digests` and `Reconcile` ([`crate::repair`]), only from relays that showed a gateway-signed relay certificate on their
-//! connection ([`crate::relays`] keeps who did). The calling side is [`crate::replicate`].
+//! and `Delete`, repair's `Digests` and `Reconcile` ([`crate::repair`]), and media's
+//! `StoreChunk`, `RecordPart`, `UploadStatus`, `GetChunk` and `HasChunks` ([`crate::media`]),
+//! only from relays that showed a gateway-signed relay certificate on their connection
+//! ([`crate::relays`] keeps who did). The calling side is [`crate::replicate`]. Nothing a
+//! caller says is taken on trust: a chunk's hash and a record's fields are checked again here.
 
 use std::collections::HashSet;
 
@@ -10,12 +13,14 @@ use meshgram_node::crypto::cert::{CERT_CLOCK_SKEW_SECS, RelayCert, unix_now};
 use meshgram_node::net::codec::FrameError;
 use meshgram_node::net::pipe::Responder;
 use meshgram_node::proto::envelope::Envelope;
+use meshgram_node::proto::media::{MAX_CHUNK_SIZE, MAX_HASHES_PER_REQUEST};
 use meshgram_node::proto::{
     ErrorCode, MAX_DIGESTS_PER_REQUEST, MAX_ENVELOPE_SIZE, ReplicaRequest, ReplicaResponse, WireError,
 };
 use tokio::task::{JoinError, JoinSet};
 
 use crate::mailbox::{Mailboxes, store_failed};
+use crate::media::MediaStore;
 use crate::relays::Relays;
 use crate::store::{IdState, StoreError, StoreHandle};
 
@@ -41,12 +46,13 @@ pub(crate) struct ReplicaServer {
     /// This relay's certificate, shown in answer to a `Hello`.
     cert: RelayCert,
     store: StoreHandle,
+    media: MediaStore,
     tasks: JoinSet<Done>,
 }
 
 impl ReplicaServer {
-    pub(crate) fn new(gateway_key: ed25519::PublicKey, cert: RelayCert, store: StoreHandle) -> Self {
-        ReplicaServer { gateway_key, cert, store, tasks: JoinSet::new() }
+    pub(crate) fn new(gateway_key: ed25519::PublicKey, cert: RelayCert, store: StoreHandle, media: MediaStore) -> Self {
+        ReplicaServer { gateway_key, cert, store, media, tasks: JoinSet::new() }
     }
 
     /// The next request to finish; `None` when none is under way.
@@ -141,6 +147,13 @@ impl ReplicaServer {
                     Done::answer(channel, response)
                 });
             }
+            Ok(
+                request @ (ReplicaRequest::StoreChunk { .. }
+                | ReplicaRequest::RecordPart { .. }
+                | ReplicaRequest::UploadStatus { .. }
+                | ReplicaRequest::GetChunk { .. }
+                | ReplicaRequest::HasChunks { .. }),
+            ) => self.media(channel, request),
             Ok(ReplicaRequest::Delete { mailbox, ids }) => {
                 let store = self.store.clone();
                 self.tasks.spawn(async move {
@@ -152,6 +165,15 @@ impl ReplicaServer {
                 });
             }
         }
+    }
+
+    /// A media request from another relay, on a task.
+    fn media(&mut self, channel: Responder<ReplicaResponse>, request: ReplicaRequest) {
+        let media = self.media.clone();
+        self.tasks.spawn(async move {
+            let response = serve_media(&media, request).await.unwrap_or_else(ReplicaResponse::Error);
+            Done::answer(channel, response)
+        });
     }
 
     /// A `Store` (or repair's `StoreUntil`, kept no longer than `until`): queued through
@@ -205,5 +227,40 @@ pub(crate) fn store_error_code(e: &StoreError) -> ErrorCode {
         // (The second only comes from opening a store, never from a write.)
         StoreError::Failed(_) | StoreError::DiskTakesNoWrites { .. } => ErrorCode::Unavailable,
         StoreError::Db(_) | StoreError::Log(_) | StoreError::Stopped => ErrorCode::Internal,
+    }
+}
+
+/// Answers a media request from another relay.
+async fn serve_media(media: &MediaStore, request: ReplicaRequest) -> Result<ReplicaResponse, WireError> {
+    match request {
+        ReplicaRequest::StoreChunk { hash, bytes } => {
+            if bytes.is_empty() || bytes.len() > MAX_CHUNK_SIZE {
+                let message = format!("a chunk of {} bytes: chunks hold 1 to {MAX_CHUNK_SIZE} bytes", bytes.len());
+                return Err(WireError::new(ErrorCode::BadRequest, message));
+            }
+            media.store_chunk(hash, bytes).await.map(|_| ReplicaResponse::ChunkStored)
+        }
+        ReplicaRequest::RecordPart { record } => media.record_part(record).await.map(|_| ReplicaResponse::PartRecorded),
+        ReplicaRequest::UploadStatus { file_id } => Ok(match media.uploads.status(file_id).await? {
+            Some(status) => ReplicaResponse::UploadStatus {
+                owner: Some(status.owner),
+                total_parts: status.total_parts,
+                saved: status.saved,
+            },
+            None => ReplicaResponse::UploadStatus { owner: None, total_parts: 0, saved: Vec::new() },
+        }),
+        ReplicaRequest::GetChunk { hash } => match media.chunk(hash).await? {
+            Some(bytes) => Ok(ReplicaResponse::Chunk { bytes }),
+            None => Err(WireError::new(ErrorCode::NotFound, format!("chunk {hash} is not held here"))),
+        },
+        ReplicaRequest::HasChunks { hashes } => {
+            if hashes.len() > MAX_HASHES_PER_REQUEST {
+                let message = format!("at most {MAX_HASHES_PER_REQUEST} hashes per request");
+                return Err(WireError::new(ErrorCode::BadRequest, message));
+            }
+            let missing = media.chunks.missing(hashes).await.map_err(|e| e.wire())?;
+            Ok(ReplicaResponse::MissingChunks { hashes: missing })
+        }
+        _ => Err(WireError::new(ErrorCode::Internal, "not a media request")),
     }
 }

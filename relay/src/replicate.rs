@@ -68,9 +68,9 @@ impl Replicas {
         }
     }
 
-    /// Durable copies a `Send` needs before `Stored`, with `live` relays (this one included)
-    /// to choose from: always `R`, unless the operator allowed fewer.
-    fn copies_needed(&self, live: usize) -> usize {
+    /// Durable copies a `Send` (or a media part) needs before it is acknowledged, with `live`
+    /// relays (this one included) to choose from: always `R`, unless the operator allowed fewer.
+    pub(crate) fn copies_needed(&self, live: usize) -> usize {
         if self.allow_fewer_replicas { self.replication.min(live).max(1) } else { self.replication }
     }
 }
@@ -119,59 +119,78 @@ async fn store_group(
     now: u64,
 ) -> Result<(HashSet<EnvelopeId>, bool), WireError> {
     let need = replicas.copies_needed(targets.len());
+    let copy_to = |target: PeerId| {
+        let queued = if target == replicas.local { local_put.take() } else { None };
+        store_on(replicas, target, batch.to_vec(), queued, now)
+    };
+    let copies = copy_to_closest("an envelope", targets, need, &[ErrorCode::QuotaExceeded], copy_to).await?;
+    let on_local = copies.iter().any(|(target, _)| *target == replicas.local);
+    let mut duplicates: Option<HashSet<EnvelopeId>> = None;
+    for (_, dups) in copies {
+        let dups: HashSet<EnvelopeId> = dups.into_iter().collect();
+        duplicates = Some(match duplicates {
+            None => dups,
+            Some(seen) => seen.intersection(&dups).copied().collect(),
+        });
+    }
+    Ok((duplicates.unwrap_or_default(), on_local))
+}
+
+/// Makes `need` copies of something on `targets` (live relays, closest to its key first):
+/// the first `need` in parallel, each one that fails replaced by the next closest. `copy`
+/// makes one copy and says where. A refusal whose code is in `final_codes` (one every relay
+/// would give, such as a full quota) ends it at once and is returned as it is; otherwise,
+/// fewer than `need` copies is `UNAVAILABLE` (nothing is acknowledged). Returns each copy's
+/// relay and answer. `what` names the thing in refusals ("an envelope").
+pub(crate) async fn copy_to_closest<T, Fut>(
+    what: &str,
+    targets: &[PeerId],
+    need: usize,
+    final_codes: &[ErrorCode],
+    mut copy: impl FnMut(PeerId) -> Fut,
+) -> Result<Vec<(PeerId, T)>, WireError>
+where
+    Fut: Future<Output = (PeerId, Result<T, WireError>)>,
+{
     if targets.len() < need {
         return Err(WireError::new(
             ErrorCode::Unavailable,
             format!(
-                "this relay knows {} live relays (itself included) and an envelope needs {need} durable copies; \
+                "this relay knows {} live relays (itself included) and {what} needs {need} durable copies; \
                  nothing is acknowledged, send again",
                 targets.len()
             ),
         ));
     }
-    let mut copy_to = |target: PeerId| {
-        let queued = if target == replicas.local { local_put.take() } else { None };
-        store_on(replicas, target, batch.to_vec(), queued, now)
-    };
     let mut next = 0;
     let mut inflight = FuturesUnordered::new();
     while inflight.len() < need && next < targets.len() {
-        inflight.push(copy_to(targets[next]));
+        inflight.push(copy(targets[next]));
         next += 1;
     }
-    let mut copies = 0;
-    let mut on_local = false;
-    let mut duplicates: Option<HashSet<EnvelopeId>> = None;
+    let mut copies = Vec::with_capacity(need);
     let mut last_error = String::from("no relay is known");
     while let Some((target, result)) = inflight.next().await {
         match result {
-            Ok(dups) => {
-                copies += 1;
-                on_local |= target == replicas.local;
-                let dups: HashSet<EnvelopeId> = dups.into_iter().collect();
-                duplicates = Some(match duplicates {
-                    None => dups,
-                    Some(seen) => seen.intersection(&dups).copied().collect(),
-                });
-            }
-            Err(e) if e.code == ErrorCode::QuotaExceeded => return Err(e),
+            Ok(answer) => copies.push((target, answer)),
+            Err(e) if final_codes.contains(&e.code) => return Err(e),
             Err(e) => {
                 tracing::warn!(relay = %target, error = %e, "replica failed; trying the next closest relay");
                 last_error = e.message;
                 if next < targets.len() {
-                    inflight.push(copy_to(targets[next]));
+                    inflight.push(copy(targets[next]));
                     next += 1;
                 }
             }
         }
     }
-    if copies < need {
+    if copies.len() < need {
         return Err(WireError::new(
             ErrorCode::Unavailable,
-            format!("stored on {copies} of {need} relays ({last_error}); nothing is acknowledged, send again"),
+            format!("stored on {} of {need} relays ({last_error}); nothing is acknowledged, send again", copies.len()),
         ));
     }
-    Ok((duplicates.unwrap_or_default(), on_local))
+    Ok(copies)
 }
 
 /// One copy, on this relay (`queued` if already in the store's queue) or another; returns the
@@ -217,7 +236,7 @@ pub(crate) fn unexpected(answer: &ReplicaResponse) -> WireError {
 /// stopped or cut off while the sender waits. Without this deadline one such relay held every
 /// send that picked it for the replica pipe's 60 s timeout, as long as the client's own. A
 /// relay taken for slow by mistake costs only placement: the next closest relay keeps the copy.
-const REPLICA_STORE_DEADLINE: Duration = Duration::from_secs(3);
+pub(crate) const REPLICA_STORE_DEADLINE: Duration = Duration::from_secs(3);
 
 /// How long deletes for other replicas gather before going out. A recipient acknowledges every
 /// batch it gets, at a steady trickle often a single envelope, and each would otherwise cost
