@@ -53,6 +53,7 @@ pub struct Metrics {
     pub chunk_bytes_stored: Counter,
     /// Bytes of the chunks held here, as of the last repair round.
     pub chunk_bytes_held: Gauge,
+    pub media_provider_records: Gauge,
     /// Chunks repair copied to responsible relays that lacked them.
     pub chunk_repair_copies: Counter,
     /// Part records repair copied to responsible relays that lacked them.
@@ -129,6 +130,12 @@ impl Metrics {
         registry.register("chunk_bytes_stored", "Bytes of media chunks written to disk", chunk_bytes_stored.clone());
         let chunk_bytes_held = Gauge::default();
         registry.register("chunk_bytes_held", "Bytes of media chunks held here", chunk_bytes_held.clone());
+        let media_provider_records = Gauge::default();
+        registry.register(
+            "media_provider_records",
+            "Client nodes serving files, as they announced (file, node) here",
+            media_provider_records.clone(),
+        );
         let chunk_repair_copies = Counter::default();
         registry.register(
             "chunk_repair_copies",
@@ -162,6 +169,7 @@ impl Metrics {
             chunks_stored,
             chunk_bytes_stored,
             chunk_bytes_held,
+            media_provider_records,
             chunk_repair_copies,
             part_record_repair_copies,
         }

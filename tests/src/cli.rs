@@ -40,12 +40,13 @@ impl CliOutput {
         json_lines(&self.stdout)
     }
 
-    /// Asserts exit status 1 with a `{"error":{"code":..,"message":..}}` document on stdout, and
-    /// returns the `error` object.
+    /// Asserts exit status 1 with a `{"error":{"code":..,"message":..}}` document on stdout (its
+    /// last line: a transfer prints progress events before it), and returns the `error` object.
     pub fn err_json(&self) -> Value {
         assert_eq!(self.status.code(), Some(1), "expected exit status 1 (an error):\n{self}");
-        let doc: Value = serde_json::from_str(self.stdout.trim())
-            .unwrap_or_else(|e| panic!("error output is not JSON ({e}):\n{self}"));
+        let last = self.stdout.trim().lines().last().unwrap_or_default();
+        let doc: Value =
+            serde_json::from_str(last).unwrap_or_else(|e| panic!("error output is not JSON ({e}):\n{self}"));
         let error = doc.get("error").cloned().unwrap_or_else(|| panic!("stdout has no `error` object:\n{self}"));
         assert!(error["code"].is_string(), "error has no string `code`:\n{self}");
         assert!(

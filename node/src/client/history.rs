@@ -615,7 +615,7 @@ mod tests {
             deleted: false,
         };
         let read = decode_message(&encode(&old)).expect("an old record reads");
-        assert_eq!((read.id, read.text.as_str(), read.status, read.file), (id, "hi", Status::Read, None));
+        assert_eq!((read.id, read.text.as_str(), read.status, &read.file), (id, "hi", Status::Read, &None));
         let new = StoredMessage { text: "again".into(), ..read };
         assert_eq!(decode_message(&encode(&new)).expect("a new record reads"), new);
     }

@@ -282,19 +282,6 @@ impl Messenger {
         Ok(file)
     }
 
-    /// Uploads a file and sends it to `to`, with an optional caption.
-    pub async fn send_new_file(
-        &mut self,
-        to: LookupQuery,
-        path: &Path,
-        caption: Option<String>,
-        part_size: Option<u32>,
-        progress: OnProgress<'_>,
-    ) -> Result<StoredMessage, MessagingError> {
-        let file = self.upload_file(path, part_size, progress).await?;
-        self.send_file(to, file, caption, None).await
-    }
-
     /// Sends a message again to someone else: a file by its reference (nothing is uploaded
     /// again), a text as a new message.
     pub async fn forward(&mut self, message: MessageId, to: LookupQuery) -> Result<StoredMessage, MessagingError> {

@@ -394,6 +394,16 @@ impl Messenger {
         sent.pop().ok_or_else(|| MessagingError::NoRelay("the message was not recorded".into()))
     }
 
+    /// Checks that `to` names a user with devices to send to (before a long upload for them).
+    pub async fn check_recipient(&mut self, to: &LookupQuery) -> Result<(), MessagingError> {
+        self.history()?;
+        let card = self.card(to.clone(), CARD_FRESH_SECS).await?;
+        if card.devices.is_empty() {
+            return Err(MessagingError::NoDevices(card.user_id));
+        }
+        Ok(())
+    }
+
     /// Records new messages (text, or a caption with a file) as pending, queues them in the
     /// outbox and flushes it.
     async fn send_messages(

@@ -298,7 +298,11 @@ impl Actor {
             };
             let answer = match call {
                 Call::Upload { path, to, caption, part_size } => {
-                    match messenger.upload_file(&path, part_size, &progress).await {
+                    let uploaded = match messenger.check_recipient(&to).await {
+                        Ok(()) => messenger.upload_file(&path, part_size, &progress).await,
+                        Err(e) => Err(e),
+                    };
+                    match uploaded {
                         Ok(file) => {
                             let send = Call::SendFile { to, file, caption, reply_to: None };
                             if let Some(calls) = calls.upgrade() {

@@ -8,18 +8,21 @@
 //!   [`MediaStore`] is what this relay keeps, shared with [`crate::replica`] (other relays'
 //!   `StoreChunk`, `RecordPart`, ...) and repair.
 //! - [`chunks`]: chunk files, synced before they count, checked on every read.
+//! - [`providers`]: which client nodes serve which files (`Provide`, `FindProviders`), soft
+//!   state in memory.
 //! - [`uploads`]: the redb index of uploads, parts and per-owner usage (the quota).
 //! - [`repair`]: brings held chunks and part records back to `R` responsible relays, run with
 //!   each mailbox repair round.
 
 pub(crate) mod chunks;
+pub(crate) mod providers;
 pub(crate) mod repair;
 pub(crate) mod uploads;
 
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
 use meshgram_node::crypto::cert::unix_now;
@@ -27,12 +30,13 @@ use meshgram_node::ids::UserId;
 use meshgram_node::net::codec::FrameError;
 use meshgram_node::net::pipe::Responder;
 use meshgram_node::proto::media::{
-    ChunkHash, FileId, MAX_CHUNK_SIZE, MAX_PARTS, MediaRequest, MediaResponse, PartRecord,
+    ChunkHash, FileId, MAX_CHUNK_SIZE, MAX_PARTS, MAX_PROVIDED_PER_REQUEST, MediaRequest, MediaResponse, PartRecord,
 };
 use meshgram_node::proto::{ErrorCode, ReplicaRequest, ReplicaResponse, WireError};
 use tokio::task::{JoinError, JoinSet};
 
 use self::chunks::{ChunkError, ChunkStore, Put};
+use self::providers::{MAX_PROVIDER_ADDR_LEN, MAX_PROVIDER_ADDRS, Providers};
 use self::uploads::{MEDIA_DATABASE_FILE, Recorded, UploadIndex};
 use crate::metrics::Metrics;
 use crate::placement::{chunk_key, closest_relays, file_key};
@@ -116,6 +120,8 @@ pub(crate) struct Done {
 #[derive(Debug)]
 pub(crate) struct MediaServer {
     sessions: Sessions<()>,
+    /// Client nodes serving files, as they announced.
+    providers: Providers,
     store: MediaStore,
     /// Where copies go (and the replication factor).
     replicas: Replicas,
@@ -128,7 +134,8 @@ impl MediaServer {
         store: MediaStore,
         replicas: Replicas,
     ) -> Self {
-        MediaServer { sessions: Sessions::new(gateway_key), store, replicas, tasks: JoinSet::new() }
+        let providers = Providers::default();
+        MediaServer { sessions: Sessions::new(gateway_key), providers, store, replicas, tasks: JoinSet::new() }
     }
 
     /// The next task to finish, for [`MediaServer::finish`]; `None` when none runs.
@@ -163,9 +170,12 @@ impl MediaServer {
         self.sessions.no_longer_admitted(why);
     }
 
-    /// Forgets revocations whose certificates have all expired.
+    /// Forgets revocations whose certificates have all expired, and provider records past
+    /// their time.
     pub(crate) fn forget_expired_revocations(&mut self) {
         self.sessions.forget_expired_revocations(unix_now());
+        self.providers.expire(Instant::now());
+        self.store.metrics.media_provider_records.set(self.providers.len() as i64);
     }
 
     /// Serves one media request from `peer`.
@@ -220,6 +230,30 @@ impl MediaServer {
                     let response = upload_status(&replicas, &store, file_id, owner, &holders).await;
                     Done { channel, response }
                 });
+            }
+            MediaRequest::Provide { files, addrs } => {
+                let response = if files.len() > MAX_PROVIDED_PER_REQUEST
+                    || addrs.len() > MAX_PROVIDER_ADDRS
+                    || addrs.iter().any(|a| a.len() > MAX_PROVIDER_ADDR_LEN)
+                {
+                    refuse(
+                        ErrorCode::BadRequest,
+                        format!(
+                            "announce at most {MAX_PROVIDED_PER_REQUEST} files at {MAX_PROVIDER_ADDRS} addresses of at \
+                             most {MAX_PROVIDER_ADDR_LEN} bytes each"
+                        ),
+                    )
+                } else {
+                    // Only for itself: the provider is the connection's device.
+                    self.providers.provide(peer, &files, &addrs, Instant::now());
+                    self.store.metrics.media_provider_records.set(self.providers.len() as i64);
+                    MediaResponse::Provided
+                };
+                self.respond(channel, response);
+            }
+            MediaRequest::FindProviders { file } => {
+                let peers = self.providers.find(&file, &peer, Instant::now());
+                self.respond(channel, MediaResponse::Providers { peers });
             }
             MediaRequest::GetChunk { hash } => {
                 self.tasks.spawn(async move {
