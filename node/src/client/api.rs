@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
 use crate::client::history::StoredMessage;
-use crate::client::media::{Downloaded, Progress};
+use crate::client::media::{ByteRange, Downloaded, Progress};
 use crate::client::messaging::MessagingError;
 use crate::client::session::ClientError;
 use crate::ids::{SessionId, UserId};
@@ -66,7 +66,13 @@ pub enum Call {
     SendFile { to: LookupQuery, file: FileRef, caption: Option<String>, reply_to: Option<MessageId> },
     /// Download the file of a message to `out` (a file or a directory; default: its name in
     /// the node's working directory), verifying every part.
-    Download { message: MessageId, out: Option<PathBuf> },
+    Download {
+        message: MessageId,
+        out: Option<PathBuf>,
+        /// Only these bytes (both ends included), from the parts that cover them.
+        #[serde(default)]
+        range: Option<ByteRange>,
+    },
     /// Send a message again to someone else (a file without uploading it again).
     Forward { message: MessageId, to: LookupQuery },
 }

@@ -64,7 +64,7 @@ pub struct StoredMessage {
     pub edited: bool,
     pub deleted: bool,
     /// A file sent with the message (then `text` is its caption).
-    pub file: Option<FileRef>,
+    pub file: Option<Box<FileRef>>,
 }
 
 /// [`StoredMessage`] as histories written before files existed hold it.

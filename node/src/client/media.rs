@@ -292,7 +292,7 @@ impl Messenger {
         match original.file {
             Some(file) => {
                 let caption = (!original.text.is_empty()).then_some(original.text);
-                self.send_file(to, file, caption, None).await
+                self.send_file(to, *file, caption, None).await
             }
             None => {
                 let mut sent = self.send_texts(to, vec![original.text], None).await?;
@@ -302,15 +302,29 @@ impl Messenger {
     }
 
     /// Downloads the file of a message to `out` (a file, or a directory to put it in; default:
-    /// the file's own name in the current directory).
+    /// the file's own name in the current directory). With `range`, only those bytes
+    /// (`start..=end`, as HTTP ranges count), fetching only the parts that cover them: for
+    /// playing audio and video from the middle.
     pub async fn download_file(
         &mut self,
         message: MessageId,
         out: Option<PathBuf>,
+        range: Option<ByteRange>,
         progress: OnProgress<'_>,
     ) -> Result<Downloaded, MessagingError> {
         let found = self.history()?.message(&message)?.ok_or(MessagingError::UnknownMessage(message))?;
         let file = found.file.filter(|_| !found.deleted).ok_or(MessagingError::NoFile(message))?;
+        let range = match range {
+            Some(r) if r.start > r.end || r.end >= file.size => {
+                return Err(MessagingError::File(format!(
+                    "bytes {}-{} are not within the file's {} bytes",
+                    r.start, r.end, file.size
+                )));
+            }
+            Some(r) => r,
+            None if file.size == 0 => ByteRange { start: 0, end: 0 },
+            None => ByteRange { start: 0, end: file.size - 1 },
+        };
         let name = safe_name(&file.name);
         let out = match out {
             Some(out) if out.is_dir() => out.join(&name),
@@ -322,8 +336,7 @@ impl Messenger {
         let link = MediaLink::new(&self.client, &self.session.cert);
         let key = FileKey(file.key);
         let manifest_chunk = fetch_chunk(&link, &holders, &file.manifest).await?;
-        let listing = manifest_chunk.clone();
-        let listing = key.open_part(MANIFEST_INDEX, &file.manifest, &listing)?;
+        let listing = key.open_part(MANIFEST_INDEX, &file.manifest, &manifest_chunk)?;
         let manifest: Manifest = postcard::from_bytes(&listing)
             .map_err(|e| MessagingError::BadFile(format!("the manifest does not parse: {e}")))?;
         if manifest.size != file.size
@@ -332,12 +345,14 @@ impl Messenger {
         {
             return Err(MessagingError::BadFile("the manifest does not match the file reference".into()));
         }
+        let whole = range.start == 0 && range.end + 1 >= file.size;
+        let len = if file.size == 0 { 0 } else { range.end - range.start + 1 };
         let dir = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
         let temp = dir.join(format!(".{name}.{}.part", file.file_id.fmt_short()));
-        let written = std::fs::File::create(&temp).and_then(|f| f.set_len(file.size).map(|()| f));
+        let written = std::fs::File::create(&temp).and_then(|f| f.set_len(len).map(|()| f));
         let written = Arc::new(written.map_err(|e| file_error(&temp, e))?);
-        let result = self.fetch_parts(&link, &holders, &key, &file, &manifest, &written, progress).await;
-        let result = result.and_then(|()| {
+        let fetch = Fetch { link: &link, holders: &holders, key: &key, file: &file, range, out: &written };
+        let result = fetch.parts(&manifest, progress).await.and_then(|()| {
             written.sync_all().map_err(|e| file_error(&temp, e))?;
             std::fs::rename(&temp, &out).map_err(|e| file_error(&out, e))
         });
@@ -346,60 +361,97 @@ impl Messenger {
             return Err(e);
         }
         let path = std::fs::canonicalize(&out).unwrap_or_else(|_| out.clone());
-        let done = Downloaded { path, size: file.size, name: file.name.clone(), mime: file.mime.clone() };
-        // From now on this device can hand the file's chunks to peers.
-        let served = ServedFile { path: done.path.to_string_lossy().into_owned(), file, manifest_chunk };
-        history.put_served(&served, &manifest.parts)?;
+        let done = Downloaded { path, size: len, name: file.name.clone(), mime: file.mime.clone() };
+        if whole {
+            // From now on this device can hand the file's chunks to peers.
+            let served = ServedFile { path: done.path.to_string_lossy().into_owned(), file: *file, manifest_chunk };
+            history.put_served(&served, &manifest.parts)?;
+        }
         Ok(done)
     }
+}
 
-    /// Fetches, checks, decrypts and writes every data part, several at a time.
-    #[allow(clippy::too_many_arguments)]
-    async fn fetch_parts(
-        &self,
-        link: &MediaLink<'_>,
-        holders: &Holders,
-        key: &FileKey,
-        file: &FileRef,
-        manifest: &Manifest,
-        out: &Arc<std::fs::File>,
-        progress: OnProgress<'_>,
-    ) -> Result<(), MessagingError> {
+/// A byte range of a file, both ends included.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ByteRange {
+    pub start: u64,
+    pub end: u64,
+}
+
+impl std::str::FromStr for ByteRange {
+    type Err = String;
+    /// `START-END`, both included, as in HTTP's `Range: bytes=START-END`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || format!("'{s}' is not a byte range START-END (both included, e.g. 0-1048575)");
+        let (start, end) = s.split_once('-').ok_or_else(bad)?;
+        let range = ByteRange { start: start.trim().parse().map_err(|_| bad())?, end: end.trim().parse().map_err(|_| bad())? };
+        if range.start > range.end {
+            return Err(bad());
+        }
+        Ok(range)
+    }
+}
+
+/// One download's parts: where they come from and where their bytes go.
+struct Fetch<'a> {
+    link: &'a MediaLink<'a>,
+    holders: &'a Holders,
+    key: &'a FileKey,
+    file: &'a FileRef,
+    /// The bytes wanted; the output file holds exactly these.
+    range: ByteRange,
+    out: &'a Arc<std::fs::File>,
+}
+
+impl Fetch<'_> {
+    /// Fetches, checks, decrypts and writes the data parts covering the range, several at a
+    /// time.
+    async fn parts(&self, manifest: &Manifest, progress: OnProgress<'_>) -> Result<(), MessagingError> {
+        let part_size = u64::from(self.file.part_size.max(1));
+        let (first, last) = ((self.range.start / part_size) as usize, (self.range.end / part_size) as usize);
+        let wanted: Vec<(usize, PartHashes)> =
+            manifest.parts.iter().copied().enumerate().skip(first).take(last + 1 - first).collect();
         let mut report = Progress {
             direction: Direction::Download,
-            file_id: file.file_id,
-            name: file.name.clone(),
+            file_id: self.file.file_id,
+            name: self.file.name.clone(),
             done_bytes: 0,
-            total_bytes: file.size,
+            total_bytes: if self.file.size == 0 { 0 } else { self.range.end - self.range.start + 1 },
             done_parts: 0,
-            total_parts: manifest.parts.len() as u32,
+            total_parts: wanted.len() as u32,
             resumed_parts: 0,
         };
-        let fetch = |part: u32, hashes: PartHashes| async move {
-            let chunk = fetch_chunk(link, holders, &hashes).await?;
-            let plain = key.open_part(part, &hashes, &chunk)?;
-            let offset = u64::from(part) * u64::from(file.part_size);
-            let out = Arc::clone(out);
-            let len = plain.len() as u64;
-            tokio::task::spawn_blocking(move || std::os::unix::fs::FileExt::write_all_at(&*out, &plain, offset))
-                .await
-                .map_err(|e| MessagingError::File(e.to_string()))?
-                .map_err(|e| MessagingError::File(format!("writing the download: {e}")))?;
-            Ok::<u64, MessagingError>(len)
-        };
-        let mut parts = manifest.parts.iter().copied().enumerate();
+        let mut parts = wanted.into_iter();
         let mut inflight = FuturesUnordered::new();
         loop {
             while inflight.len() < MEDIA_PARTS_IN_FLIGHT
                 && let Some((part, hashes)) = parts.next()
             {
-                inflight.push(fetch(part as u32, hashes));
+                inflight.push(self.part(part as u32, hashes));
             }
             let Some(done) = inflight.next().await else { return Ok(()) };
             report.done_bytes += done?;
             report.done_parts += 1;
             progress(report.clone());
         }
+    }
+
+    /// One part: fetched from a holder, checked, decrypted, and the bytes of it inside the
+    /// range written at their place. Returns how many bytes were written.
+    async fn part(&self, part: u32, hashes: PartHashes) -> Result<u64, MessagingError> {
+        let chunk = fetch_chunk(self.link, self.holders, &hashes).await?;
+        let plain = self.key.open_part(part, &hashes, &chunk)?;
+        let part_start = u64::from(part) * u64::from(self.file.part_size);
+        let from = self.range.start.saturating_sub(part_start) as usize;
+        let to = ((self.range.end + 1).saturating_sub(part_start) as usize).min(plain.len());
+        let bytes = plain.get(from..to).unwrap_or_default().to_vec();
+        let offset = (part_start + from as u64) - self.range.start;
+        let (out, len) = (Arc::clone(self.out), bytes.len() as u64);
+        tokio::task::spawn_blocking(move || std::os::unix::fs::FileExt::write_all_at(&*out, &bytes, offset))
+            .await
+            .map_err(|e| MessagingError::File(e.to_string()))?
+            .map_err(|e| MessagingError::File(format!("writing the download: {e}")))?;
+        Ok(len)
     }
 }
 

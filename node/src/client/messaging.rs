@@ -439,7 +439,7 @@ impl Messenger {
                 status: Status::Pending,
                 edited: false,
                 deleted: false,
-                file,
+                file: file.map(Box::new),
             });
             payloads.push(Payload { message_id, chat_with: card.user_id, body });
         }
@@ -906,7 +906,7 @@ impl Messenger {
                     status: Status::Sent,
                     edited: false,
                     deleted: false,
-                    file: Some(file),
+                    file: Some(Box::new(file)),
                 };
                 inbox.messages.extend(self.h().record(vec![(Some(envelope.id), message)])?);
             }

@@ -313,9 +313,11 @@ impl Actor {
                         Err(e) => Err(e.into()),
                     }
                 }
-                Call::Download { message, out } => {
-                    messenger.download_file(message, out, &progress).await.map(Reply::Downloaded).map_err(Into::into)
-                }
+                Call::Download { message, out, range } => messenger
+                    .download_file(message, out, range, &progress)
+                    .await
+                    .map(Reply::Downloaded)
+                    .map_err(Into::into),
                 other => Err(ApiError::new("INTERNAL", format!("{other:?} is not a transfer"))),
             };
             let _ = reply.send(answer);

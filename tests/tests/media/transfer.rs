@@ -144,6 +144,40 @@ fn bad_transfers_fail_clearly_and_write_nothing() {
     std::fs::create_dir_all(&into).unwrap();
     meshgram(&bob, &["download", str_field(&message, "id"), "-o", path_str(&into)]).ok_json_lines();
     assert_eq!(blake3_of_file(&into.join("small.txt")), blake3_of_file(&small));
+
+    // A range, as a player asks for: exactly those bytes; one past the end is refused.
+    let part = files.join("range.bin");
+    let id = str_field(&message, "id");
+    meshgram(&bob, &["download", id, "-o", path_str(&part), "--range", "100-9099"]).ok_json_lines();
+    assert_eq!(std::fs::read(&part).unwrap(), std::fs::read(&small).unwrap()[100..9100]);
+    let past = files.join("past.bin");
+    meshgram(&bob, &["download", id, "-o", path_str(&past), "--range", "0-10000"]).expect_err(&["FILE"]);
+    meshgram(&bob, &["download", id, "--range", "9-1"]).expect_err(&["USAGE"]);
+    assert!(!past.exists(), "nothing written for a refused download");
+}
+
+#[test]
+fn a_ranged_download_fetches_only_the_parts_that_cover_it() {
+    let mesh = Mesh::start(2, 2);
+    let (alice, bob) = (mesh.new_profile("alice"), mesh.new_profile("bob"));
+    mesh.login(&alice, ALICE);
+    mesh.login(&bob, BOB);
+    let files = mesh.gateway.tmp().join("files");
+    std::fs::create_dir_all(&files).unwrap();
+    let original = files.join("song.mp3");
+    random_file(&original, 4 * MIB, "a song");
+    meshgram(&alice, &["upload", path_str(&original), "--to", BOB, "--part-size-kib", "64"]).ok_json_lines();
+    let message = file_message(&meshgram(&bob, &["messages"]).ok_json());
+    // Bytes 1 MiB + 10 .. 1 MiB + 200 KiB: parts 16 to 19 of 64.
+    let (start, end) = (MIB + 10, MIB + 200 * 1024);
+    let out = files.join("middle.bin");
+    let range = format!("{start}-{end}");
+    let events = meshgram(&bob, &["download", str_field(&message, "id"), "-o", path_str(&out), "--range", &range])
+        .ok_json_lines();
+    let last_progress = events.iter().rev().find(|e| e["event"] == "transfer").unwrap();
+    assert_eq!(last_progress["progress"]["total_parts"].as_u64(), Some(4), "{last_progress}");
+    let bytes = std::fs::read(&original).unwrap();
+    assert_eq!(std::fs::read(&out).unwrap(), bytes[start as usize..=end as usize]);
 }
 
 #[test]

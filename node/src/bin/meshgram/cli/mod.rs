@@ -129,6 +129,9 @@ pub(crate) enum Command {
         /// Where to write it: a file, or a directory (default: the current one).
         #[arg(short, long)]
         output: Option<PathBuf>,
+        /// Only bytes START-END (both included), fetching only the parts that cover them.
+        #[arg(long)]
+        range: Option<String>,
     },
     /// Send a message on to someone else (a file is not uploaded again).
     Forward {
@@ -303,8 +306,8 @@ pub(crate) async fn run(cli: Cli) -> CliResult {
         Command::Upload { file, to, caption, part_size_kib } => {
             transfer::upload(&profile, json, &file, &to, caption, part_size_kib).await
         }
-        Command::Download { message_id, output } => {
-            transfer::download(&profile, json, &message_id, output.as_deref()).await
+        Command::Download { message_id, output, range } => {
+            transfer::download(&profile, json, &message_id, output.as_deref(), range.as_deref()).await
         }
         command => calls::run(&profile, json, command).await,
     }

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use indicatif::{ProgressBar, ProgressStyle};
 use meshgram_node::client::api::{Call, Event, Reply};
 use meshgram_node::client::control::{ControlClient, ControlError, Holder, NodeLock};
-use meshgram_node::client::media::Direction;
+use meshgram_node::client::media::{ByteRange, Direction};
 use meshgram_node::client::node::{NodeHandle, NodeMode};
 use meshgram_node::defaults::{PROFILE_BUSY_POLL, PROFILE_BUSY_WAIT};
 use tokio::sync::broadcast;
@@ -150,13 +150,20 @@ pub(super) async fn upload(
 }
 
 /// `meshgram download MESSAGE_ID [-o PATH]`.
-pub(super) async fn download(profile: &Path, json: bool, message_id: &str, output: Option<&Path>) -> CliResult {
+pub(super) async fn download(
+    profile: &Path,
+    json: bool,
+    message_id: &str,
+    output: Option<&Path>,
+    range: Option<&str>,
+) -> CliResult {
     let message = message_id
         .parse()
         .map_err(|e: meshgram_node::ids::InvalidValue| CliError::usage(format!("message id: {}", e.0)))?;
+    let range = range.map(|r| r.parse::<ByteRange>().map_err(CliError::usage)).transpose()?;
     // Without -o, the file goes into this command's directory (not the node's).
     let out = absolute(output.unwrap_or(Path::new(".")))?;
-    match watched_call(profile, json, Direction::Download, Call::Download { message, out: Some(out) }).await? {
+    match watched_call(profile, json, Direction::Download, Call::Download { message, out: Some(out), range }).await? {
         Reply::Downloaded(done) => {
             super::output::emit(json, to_json(&done), || {
                 format!("Saved {} ({}) to {}.", done.name, human_bytes(done.size), done.path.display())
