@@ -152,7 +152,8 @@ impl ReplicaServer {
                 | ReplicaRequest::RecordPart { .. }
                 | ReplicaRequest::UploadStatus { .. }
                 | ReplicaRequest::GetChunk { .. }
-                | ReplicaRequest::HasChunks { .. }),
+                | ReplicaRequest::HasChunks { .. }
+                | ReplicaRequest::CheckPart { .. }),
             ) => self.media(channel, request),
             Ok(ReplicaRequest::Delete { mailbox, ids }) => {
                 let store = self.store.clone();
@@ -241,13 +242,17 @@ async fn serve_media(media: &MediaStore, request: ReplicaRequest) -> Result<Repl
             media.store_chunk(hash, bytes).await.map(|_| ReplicaResponse::ChunkStored)
         }
         ReplicaRequest::RecordPart { record } => media.record_part(record).await.map(|_| ReplicaResponse::PartRecorded),
+        ReplicaRequest::CheckPart { record } => media.uploads.check(record).await.map(|_| ReplicaResponse::PartChecked),
         ReplicaRequest::UploadStatus { file_id } => Ok(match media.uploads.status(file_id).await? {
             Some(status) => ReplicaResponse::UploadStatus {
                 owner: Some(status.owner),
                 total_parts: status.total_parts,
                 saved: status.saved,
+                hashes: status.hashes,
             },
-            None => ReplicaResponse::UploadStatus { owner: None, total_parts: 0, saved: Vec::new() },
+            None => {
+                ReplicaResponse::UploadStatus { owner: None, total_parts: 0, saved: Vec::new(), hashes: Vec::new() }
+            }
         }),
         ReplicaRequest::GetChunk { hash } => match media.chunk(hash).await? {
             Some(bytes) => Ok(ReplicaResponse::Chunk { bytes }),

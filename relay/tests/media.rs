@@ -195,7 +195,7 @@ async fn parts_are_stored_on_two_relays_recorded_and_repaired() {
     for i in 0..3 {
         alice.hello(mesh.peer(i)).await;
         match alice.call(mesh.peer(i), MediaRequest::GetUploadStatus { file_id }).await {
-            MediaResponse::UploadStatus { total_parts: 2, saved } => assert_eq!(saved, vec![0], "relay {i}"),
+            MediaResponse::UploadStatus { total_parts: 2, saved, .. } => assert_eq!(saved, vec![0], "relay {i}"),
             other => panic!("relay {i} answered GetUploadStatus with {other:?}"),
         }
         let chunk = alice.call(mesh.peer(i), MediaRequest::GetChunk { hash }).await;
@@ -205,7 +205,7 @@ async fn parts_are_stored_on_two_relays_recorded_and_repaired() {
         }
     }
     let unknown = alice.call(entry, MediaRequest::GetUploadStatus { file_id: FileId::random() }).await;
-    assert!(matches!(unknown, MediaResponse::UploadStatus { total_parts: 0, ref saved } if saved.is_empty()));
+    assert!(matches!(unknown, MediaResponse::UploadStatus { total_parts: 0, ref saved, .. } if saved.is_empty()));
 
     // Another user may neither see nor extend the upload.
     let mallory = Client::new(&mesh, 2);

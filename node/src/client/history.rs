@@ -280,13 +280,17 @@ impl History {
         Ok(file.map(|f| (f, part)))
     }
 
-    /// The manifests of every file this device serves, to announce.
+    /// The provider keys of every file this device serves, to announce
+    /// ([`FileRef::provider_key`]).
     pub fn served_files(&self) -> Result<Vec<ChunkHash>, HistoryError> {
         let tx = self.db.begin_read()?;
         let mut out = Vec::new();
         for entry in tx.open_table(SERVED_FILES)?.iter()? {
-            out.push(ChunkHash(*entry?.0.value()));
+            if let Ok(served) = postcard::from_bytes::<ServedFile>(entry?.1.value()) {
+                out.push(served.file.provider_key());
+            }
         }
+        out.sort_unstable();
         Ok(out)
     }
 

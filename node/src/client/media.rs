@@ -13,7 +13,7 @@
 //! means the next holder, never a byte written. The output appears (renamed from a temporary
 //! file beside it) only once every part is in.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -204,65 +204,85 @@ impl Messenger {
         history.put_upload(&key_name, &state)?;
         let relays = self.session.relays.clone();
         let link = MediaLink::new(&self.client, &self.session.cert);
-        let status_from = closest_first(&placement::file_key(&state.file_id), &relays);
-        let saved = match upload_status(&link, &status_from, state.file_id).await? {
-            (total, saved) if total == total_parts => saved,
-            (0, _) => HashSet::new(),
-            // Begun with another layout (another part size): start afresh.
-            _ => {
-                state = fresh();
-                history.put_upload(&key_name, &state)?;
-                HashSet::new()
-            }
-        };
-        let file_id = state.file_id;
-        let key = FileKey(state.key);
-        let targets = closest_first(&placement::file_key(&file_id), &relays);
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "file".into());
-        let resumed_parts = saved.iter().filter(|p| **p < data_parts).count() as u32;
-        let mut report = Progress {
-            direction: Direction::Upload,
-            file_id,
-            name: name.clone(),
-            done_bytes: 0,
-            total_bytes: size,
-            done_parts: 0,
-            total_parts: data_parts,
-            resumed_parts,
-        };
         let part_len = |i: u32| (size - u64::from(i) * u64::from(part_size)).min(u64::from(part_size));
-        let mut file = tokio::fs::File::open(&path).await.map_err(|e| file_error(&path, e))?;
-        let mut manifest = Vec::with_capacity(data_parts as usize);
-        let mut inflight = FuturesUnordered::new();
-        for part in 0..data_parts {
-            let mut plain = vec![0u8; part_len(part) as usize];
-            file.read_exact(&mut plain).await.map_err(|e| file_error(&path, e))?;
-            let (chunk, hashes) = key.seal_part(part, &plain);
-            manifest.push(hashes);
-            if saved.contains(&part) {
-                report.done_parts += 1;
-                report.done_bytes += part_len(part);
-                progress(report.clone());
-                continue;
+        let mut attempt = 0;
+        let (state, saved, manifest) = 'upload: loop {
+            attempt += 1;
+            let targets = closest_first(&placement::file_key(&state.file_id), &relays);
+            let saved = match upload_status(&link, &targets, state.file_id).await? {
+                (total, saved) if total == total_parts => saved,
+                (0, _) => HashMap::new(),
+                // Begun with another layout (another part size): start afresh.
+                _ => {
+                    state = fresh();
+                    history.put_upload(&key_name, &state)?;
+                    continue 'upload;
+                }
+            };
+            let (file_id, key) = (state.file_id, FileKey(state.key));
+            let resumed_parts = saved.keys().filter(|p| **p < data_parts).count() as u32;
+            let mut report = Progress {
+                direction: Direction::Upload,
+                file_id,
+                name: name.clone(),
+                done_bytes: 0,
+                total_bytes: size,
+                done_parts: 0,
+                total_parts: data_parts,
+                resumed_parts,
+            };
+            let mut file = tokio::fs::File::open(&path).await.map_err(|e| file_error(&path, e))?;
+            let mut manifest = Vec::with_capacity(data_parts as usize);
+            let mut inflight = FuturesUnordered::new();
+            for part in 0..data_parts {
+                let mut plain = vec![0u8; part_len(part) as usize];
+                file.read_exact(&mut plain).await.map_err(|e| file_error(&path, e))?;
+                let sealing = key.clone();
+                let (chunk, hashes) = tokio::task::spawn_blocking(move || sealing.seal_part(part, &plain))
+                    .await
+                    .map_err(|e| MessagingError::File(format!("sealing part {part}: {e}")))?;
+                manifest.push(hashes);
+                match saved.get(&part) {
+                    Some(saved) if *saved == hashes.chunk => {
+                        report.done_parts += 1;
+                        report.done_bytes += part_len(part);
+                        progress(report.clone());
+                        continue;
+                    }
+                    // The file changed in a way its size and time do not show (copied with its
+                    // times kept, say): the parts saved are another file's. Start afresh, once.
+                    Some(_) if attempt == 1 => {
+                        tracing::warn!(file = %path.display(), "the file changed since its upload began; uploading it afresh");
+                        state = fresh();
+                        history.put_upload(&key_name, &state)?;
+                        continue 'upload;
+                    }
+                    Some(_) => return Err(file_error(&path, "changes while it is being uploaded")),
+                    None => {}
+                }
+                if inflight.len() >= MEDIA_PARTS_IN_FLIGHT
+                    && let Some(done) = inflight.next().await
+                {
+                    report.done_bytes += part_len(done?);
+                    report.done_parts += 1;
+                    progress(report.clone());
+                }
+                inflight.push(save_part(&link, &targets, file_id, part, total_parts, hashes.chunk, chunk));
             }
-            if inflight.len() >= MEDIA_PARTS_IN_FLIGHT
-                && let Some(done) = inflight.next().await
-            {
+            while let Some(done) = inflight.next().await {
                 report.done_bytes += part_len(done?);
                 report.done_parts += 1;
                 progress(report.clone());
             }
-            inflight.push(save_part(&link, &targets, file_id, part, total_parts, hashes.chunk, chunk));
-        }
-        while let Some(done) = inflight.next().await {
-            report.done_bytes += part_len(done?);
-            report.done_parts += 1;
-            progress(report.clone());
-        }
+            break (state, saved, manifest);
+        };
+        let (file_id, key) = (state.file_id, FileKey(state.key));
+        let targets = closest_first(&placement::file_key(&file_id), &relays);
         let listing = Manifest { size, part_size, parts: manifest };
         let listing = postcard::to_stdvec(&listing).expect("invariant: manifests serialize");
         let (manifest_chunk, manifest) = key.seal_part(MANIFEST_INDEX, &listing);
-        if !saved.contains(&data_parts) {
+        if saved.get(&data_parts) != Some(&manifest.chunk) {
             save_part(&link, &targets, file_id, data_parts, total_parts, manifest.chunk, manifest_chunk.clone())
                 .await?;
         }
@@ -314,6 +334,7 @@ impl Messenger {
     ) -> Result<Downloaded, MessagingError> {
         let found = self.history()?.message(&message)?.ok_or(MessagingError::UnknownMessage(message))?;
         let file = found.file.filter(|_| !found.deleted).ok_or(MessagingError::NoFile(message))?;
+        file.check().map_err(MessagingError::BadFile)?;
         let range = match range {
             Some(r) if r.start > r.end || r.end >= file.size => {
                 return Err(MessagingError::File(format!(
@@ -332,7 +353,7 @@ impl Messenger {
             None => PathBuf::from(&name),
         };
         let history = self.history()?.clone();
-        let holders = Holders::new(self.session.relays.clone(), file.manifest.chunk);
+        let holders = Holders::new(self.session.relays.clone(), file.provider_key());
         let link = MediaLink::new(&self.client, &self.session.cert);
         let key = FileKey(file.key);
         let manifest_chunk = fetch_chunk(&link, &holders, &file.manifest).await?;
@@ -348,8 +369,13 @@ impl Messenger {
         let whole = range.start == 0 && range.end + 1 >= file.size;
         let len = if file.size == 0 { 0 } else { range.end - range.start + 1 };
         let dir = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        let temp = dir.join(format!(".{name}.{}.part", file.file_id.fmt_short()));
-        let written = std::fs::File::create(&temp).and_then(|f| f.set_len(len).map(|()| f));
+        // A fresh name, created new (never through a link someone left there).
+        let temp = dir.join(format!(".{name}.{}.part", crate::ids::hex(&rand::random::<[u8; 8]>())));
+        let written = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&temp)
+            .and_then(|f| f.set_len(len).map(|()| f));
         let written = Arc::new(written.map_err(|e| file_error(&temp, e))?);
         let fetch = Fetch { link: &link, holders: &holders, key: &key, file: &file, range, out: &written };
         let result = fetch.parts(&manifest, progress).await.and_then(|()| {
@@ -384,7 +410,8 @@ impl std::str::FromStr for ByteRange {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let bad = || format!("'{s}' is not a byte range START-END (both included, e.g. 0-1048575)");
         let (start, end) = s.split_once('-').ok_or_else(bad)?;
-        let range = ByteRange { start: start.trim().parse().map_err(|_| bad())?, end: end.trim().parse().map_err(|_| bad())? };
+        let range =
+            ByteRange { start: start.trim().parse().map_err(|_| bad())?, end: end.trim().parse().map_err(|_| bad())? };
         if range.start > range.end {
             return Err(bad());
         }
@@ -440,7 +467,17 @@ impl Fetch<'_> {
     /// range written at their place. Returns how many bytes were written.
     async fn part(&self, part: u32, hashes: PartHashes) -> Result<u64, MessagingError> {
         let chunk = fetch_chunk(self.link, self.holders, &hashes).await?;
-        let plain = self.key.open_part(part, &hashes, &chunk)?;
+        let key = self.key.clone();
+        let plain = tokio::task::spawn_blocking(move || key.open_part(part, &hashes, &chunk))
+            .await
+            .map_err(|e| MessagingError::File(format!("opening part {part}: {e}")))??;
+        if plain.len() as u64 != self.file.part_len(part) {
+            return Err(MessagingError::BadFile(format!(
+                "part {part} holds {} bytes, not the {} its file reference says",
+                plain.len(),
+                self.file.part_len(part)
+            )));
+        }
         let part_start = u64::from(part) * u64::from(self.file.part_size);
         let from = self.range.start.saturating_sub(part_start) as usize;
         let to = ((self.range.end + 1).saturating_sub(part_start) as usize).min(plain.len());
@@ -460,14 +497,14 @@ async fn upload_status(
     link: &MediaLink<'_>,
     relays: &[RelayInfo],
     file_id: FileId,
-) -> Result<(u32, HashSet<u32>), MessagingError> {
+) -> Result<(u32, HashMap<u32, ChunkHash>), MessagingError> {
     let mut last = String::from("no relays known; sign in with --network");
     for relay in relays {
         match link.call(relay, &MediaRequest::GetUploadStatus { file_id }, RELAY_ANSWER_DEADLINE).await {
-            Ok(MediaResponse::UploadStatus { total_parts, saved }) => {
-                return Ok((total_parts, saved.into_iter().collect()));
+            Ok(MediaResponse::UploadStatus { total_parts, saved, hashes }) => {
+                return Ok((total_parts, saved.into_iter().zip(hashes).collect()));
             }
-            Ok(other) => last = format!("unexpected answer {other:?}"),
+            Ok(other) => last = format!("unexpected answer {}", other.kind()),
             Err(e) if another_relay_may_do(&e) => last = e.to_string(),
             Err(e) => return Err(e),
         }
@@ -491,7 +528,7 @@ async fn save_part(
     for relay in relays {
         match link.call(relay, &request, MEDIA_PART_DEADLINE).await {
             Ok(MediaResponse::PartSaved { .. }) => return Ok(part),
-            Ok(other) => last = format!("unexpected answer {other:?}"),
+            Ok(other) => last = format!("unexpected answer {}", other.kind()),
             Err(e) if another_relay_may_do(&e) => {
                 tracing::warn!(relay = %relay.peer_id, part, error = %e, "part not saved there; trying another relay");
                 last = e.to_string();
@@ -506,7 +543,7 @@ async fn save_part(
 /// the file (asked for once, when a chunk is on no relay that answers).
 struct Holders {
     relays: Vec<RelayInfo>,
-    /// The file, by its manifest chunk.
+    /// The file, by its provider key (`FileRef::provider_key`).
     file: ChunkHash,
     providers: tokio::sync::OnceCell<Vec<RelayInfo>>,
 }
@@ -557,7 +594,7 @@ async fn fetch_chunk(link: &MediaLink<'_>, holders: &Holders, hashes: &PartHashe
                     tracing::warn!(holder = %holder.peer_id, chunk = %hashes.chunk, "a holder served a corrupt chunk; trying another");
                     tried.push(format!("{}: corrupt copy", holder.peer_id));
                 }
-                Ok(other) => tried.push(format!("{}: unexpected answer {other:?}", holder.peer_id)),
+                Ok(other) => tried.push(format!("{}: unexpected answer {}", holder.peer_id, other.kind())),
                 Err(e) => tried.push(format!("{}: {e}", holder.peer_id)),
             }
         }
@@ -577,8 +614,11 @@ const ANNOUNCE_CHECK: std::time::Duration = std::time::Duration::from_secs(2);
 const ANNOUNCE_EVERY: std::time::Duration = std::time::Duration::from_secs(PROVIDER_TTL_SECS / 3);
 /// Peers' pipes served at once; more wait until one ends.
 const MAX_SERVED_PIPES: usize = 256;
-/// Peers remembered as greeted; past this the oldest are forgotten (they greet again).
+/// Peers remembered as greeted (until their certificate expires); past this, new ones are
+/// refused until some expire.
 const MAX_GREETED_PEERS: usize = 10_000;
+/// Chunks read and sealed again at once for peers: each is a part in memory.
+const CHUNK_READS: usize = 8;
 
 /// What a serving node needs: its device, and its session as it changes (renewals, relays).
 pub struct ChunkServer {
@@ -608,11 +648,12 @@ impl ChunkServer {
             Err(e) => return tracing::warn!(error = %e, "not serving chunks to peers"),
         };
         tracing::info!(%addr, "serving chunks of this device's files to peers");
+        let announcer = Announcer { client: self.client.clone(), history: self.history.clone(), addr };
+        let _announcing = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(announcer.run(self.session.clone())));
         let (tx, mut requests) = tokio::sync::mpsc::channel(64);
         let mut pipes: Vec<crate::net::pipe::PipeTasks> = Vec::new();
-        let mut greeted: std::collections::VecDeque<PeerId> = std::collections::VecDeque::new();
-        let mut check = tokio::time::interval(ANNOUNCE_CHECK);
-        let mut announced: (Vec<ChunkHash>, Option<std::time::Instant>) = (Vec::new(), None);
+        let mut greeted = HashMap::new();
+        let reads = Arc::new(tokio::sync::Semaphore::new(CHUNK_READS));
         loop {
             tokio::select! {
                 Some((peer, stream)) = incoming.next() => {
@@ -621,16 +662,7 @@ impl ChunkServer {
                         pipes.push(crate::net::pipe::serve(peer, stream, MEDIA_LIMITS, tx.clone()));
                     }
                 }
-                Some(inbound) = requests.recv() => self.answer(inbound, &mut greeted),
-                _ = check.tick() => {
-                    let files = self.history.served_files().unwrap_or_default();
-                    let due = announced.1.is_none_or(|at| at.elapsed() >= ANNOUNCE_EVERY);
-                    if !files.is_empty() && (files != announced.0 || due) {
-                        let session = self.session.borrow_and_update().clone();
-                        announce(&self.client, &session, &files, &addr).await;
-                        announced = (files, Some(std::time::Instant::now()));
-                    }
-                }
+                Some(inbound) = requests.recv() => self.answer(inbound, &mut greeted, &reads),
             }
         }
     }
@@ -640,7 +672,8 @@ impl ChunkServer {
     fn answer(
         &mut self,
         inbound: crate::net::pipe::Inbound<MediaRequest, MediaResponse>,
-        greeted: &mut std::collections::VecDeque<PeerId>,
+        greeted: &mut HashMap<PeerId, u64>,
+        reads: &Arc<tokio::sync::Semaphore>,
     ) {
         let crate::net::pipe::Inbound { peer, request, responder } = inbound;
         let refuse = |code, message: String| MediaResponse::Error(WireError::new(code, message));
@@ -649,29 +682,35 @@ impl ChunkServer {
             Ok(MediaRequest::Hello { cert }) => {
                 let gateway = self.session.borrow().gateway.public_key();
                 let checked = gateway.map_err(|e| e.to_string()).and_then(|key| {
-                    cert.verify_for(&key, &peer, crate::crypto::cert::unix_now()).map(drop).map_err(|e| e.to_string())
+                    let body = cert.verify_for(&key, &peer, crate::crypto::cert::unix_now());
+                    body.map(|b| b.not_after).map_err(|e| e.to_string())
                 });
                 match checked {
-                    Ok(()) => {
+                    Ok(not_after) => {
                         if greeted.len() >= MAX_GREETED_PEERS {
-                            greeted.pop_front();
+                            let now = crate::crypto::cert::unix_now();
+                            greeted.retain(|_, until| *until >= now);
                         }
-                        greeted.push_back(peer);
+                        if greeted.len() < MAX_GREETED_PEERS {
+                            greeted.insert(peer, not_after);
+                        }
                         responder.respond(MediaResponse::Welcome { relay: self.client.identity.peer_id() });
                     }
                     Err(e) => responder.respond(refuse(ErrorCode::CertInvalid, e)),
                 }
             }
-            Ok(_) if !greeted.contains(&peer) => responder
-                .respond(refuse(ErrorCode::CertInvalid, "say Hello with your session certificate first".into())),
+            Ok(_) if greeted.get(&peer).is_none_or(|until| *until < crate::crypto::cert::unix_now()) => responder
+                .respond(refuse(ErrorCode::CertInvalid, "say Hello with a valid session certificate first".into())),
             Ok(MediaRequest::GetChunk { hash }) => {
-                let history = self.history.clone();
-                tokio::task::spawn_blocking(move || {
-                    let answer = match served_chunk(&history, &hash) {
-                        Some(bytes) => MediaResponse::Chunk { bytes },
-                        None => refuse(ErrorCode::NotFound, format!("this device does not have chunk {hash}")),
-                    };
-                    responder.respond(answer);
+                let (history, reads) = (self.history.clone(), Arc::clone(reads));
+                tokio::spawn(async move {
+                    // A few reads at a time: each is a part in memory, read and sealed again.
+                    let Ok(_reading) = reads.acquire_owned().await else { return };
+                    let answer = tokio::task::spawn_blocking(move || served_chunk(&history, &hash)).await;
+                    responder.respond(match answer {
+                        Ok(Some(bytes)) => MediaResponse::Chunk { bytes },
+                        _ => refuse(ErrorCode::NotFound, format!("this device does not have chunk {hash}")),
+                    });
                 });
             }
             Ok(other) => responder.respond(refuse(
@@ -691,8 +730,9 @@ fn served_chunk(history: &History, hash: &ChunkHash) -> Option<Vec<u8>> {
         return Some(served.manifest_chunk);
     }
     let file = &served.file;
+    file.check().ok()?;
     let offset = u64::from(part) * u64::from(file.part_size);
-    let len = file.size.checked_sub(offset)?.min(u64::from(file.part_size));
+    let len = file.part_len(part);
     let mut plain = vec![0u8; len as usize];
     let mut on_disk = std::fs::File::open(&served.path).ok()?;
     on_disk.seek(SeekFrom::Start(offset)).ok()?;
@@ -701,20 +741,48 @@ fn served_chunk(history: &History, hash: &ChunkHash) -> Option<Vec<u8>> {
     (hashes.chunk == *hash).then_some(chunk)
 }
 
-/// Tells the relays that hold each file's provider records that this device serves it.
-async fn announce(client: &Client, session: &SavedSession, files: &[ChunkHash], addr: &libp2p::Multiaddr) {
-    let mut by_relay: std::collections::HashMap<PeerId, (RelayInfo, Vec<ChunkHash>)> = Default::default();
-    for file in files {
-        for relay in closest_first(&placement::chunk_key(file), &session.relays).into_iter().take(PROVIDER_RELAYS) {
-            by_relay.entry(relay.peer_id).or_insert_with(|| (relay, Vec::new())).1.push(*file);
+/// Announces this device's files to the relays now and then, on a task of its own so that
+/// serving never waits for a relay.
+struct Announcer {
+    client: Client,
+    history: History,
+    /// Where this device serves.
+    addr: libp2p::Multiaddr,
+}
+
+impl Announcer {
+    async fn run(self, mut session: tokio::sync::watch::Receiver<SavedSession>) {
+        let mut check = tokio::time::interval(ANNOUNCE_CHECK);
+        let mut announced: (Vec<ChunkHash>, Option<std::time::Instant>) = (Vec::new(), None);
+        loop {
+            check.tick().await;
+            let history = self.history.clone();
+            let files = tokio::task::spawn_blocking(move || history.served_files()).await;
+            let files = files.ok().and_then(Result::ok).unwrap_or_default();
+            let due = announced.1.is_none_or(|at| at.elapsed() >= ANNOUNCE_EVERY);
+            if !files.is_empty() && (files != announced.0 || due) {
+                let session = session.borrow_and_update().clone();
+                self.announce(&session, &files).await;
+                announced = (files, Some(std::time::Instant::now()));
+            }
         }
     }
-    let link = MediaLink::new(client, &session.cert);
-    for (relay, files) in by_relay.into_values() {
-        for batch in files.chunks(MAX_PROVIDED_PER_REQUEST) {
-            let request = MediaRequest::Provide { files: batch.to_vec(), addrs: vec![addr.clone()] };
-            if let Err(e) = link.call(&relay, &request, RELAY_ANSWER_DEADLINE).await {
-                tracing::debug!(relay = %relay.peer_id, error = %e, "could not announce files to a relay");
+
+    /// Tells the relays that keep each file's provider records that this device serves it.
+    async fn announce(&self, session: &SavedSession, files: &[ChunkHash]) {
+        let mut by_relay: HashMap<PeerId, (RelayInfo, Vec<ChunkHash>)> = HashMap::new();
+        for file in files {
+            for relay in closest_first(&placement::chunk_key(file), &session.relays).into_iter().take(PROVIDER_RELAYS) {
+                by_relay.entry(relay.peer_id).or_insert_with(|| (relay, Vec::new())).1.push(*file);
+            }
+        }
+        let link = MediaLink::new(&self.client, &session.cert);
+        for (relay, files) in by_relay.into_values() {
+            for batch in files.chunks(MAX_PROVIDED_PER_REQUEST) {
+                let request = MediaRequest::Provide { files: batch.to_vec(), addrs: vec![self.addr.clone()] };
+                if let Err(e) = link.call(&relay, &request, RELAY_ANSWER_DEADLINE).await {
+                    tracing::debug!(relay = %relay.peer_id, error = %e, "could not announce files to a relay");
+                }
             }
         }
     }
@@ -723,8 +791,14 @@ async fn announce(client: &Client, session: &SavedSession, files: &[ChunkHash], 
 /// A file name from a reference, safe to create: its last path component, without leading dots.
 fn safe_name(name: &str) -> String {
     let last = name.rsplit(['/', '\\']).next().unwrap_or_default().trim_start_matches('.');
-    let cleaned: String = last.chars().filter(|c| !c.is_control()).collect();
+    let cleaned: String = last.chars().filter(|c| !c.is_control() && !is_bidi_control(*c)).collect();
     if cleaned.trim().is_empty() { "download".into() } else { cleaned }
+}
+
+/// Unicode's bidirectional controls, which make a name read otherwise than it is
+/// ("photo\u{202e}gpj.exe" shows as "photoexe.jpg").
+pub fn is_bidi_control(c: char) -> bool {
+    matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
 }
 
 /// A MIME type from a file name's extension, for the common kinds a chat shows.
@@ -756,6 +830,7 @@ mod tests {
         assert_eq!(safe_name(".bashrc"), "bashrc");
         assert_eq!(safe_name("a\\b\\photo.jpg"), "photo.jpg");
         assert_eq!(safe_name(""), "download");
+        assert_eq!(safe_name("photo\u{202e}gpj.exe"), "photogpj.exe");
         assert_eq!(mime_of("Photo.JPG"), "image/jpeg");
         assert_eq!(mime_of("noext"), "application/octet-stream");
     }

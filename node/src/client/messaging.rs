@@ -895,6 +895,10 @@ impl Messenger {
                 })?)
             }
             Body::File { file, caption, reply_to } => {
+                if let Err(why) = file.check() {
+                    tracing::warn!(envelope = %envelope.id, %why, "dropping a file reference that does not hold together");
+                    return Ok(self.h().drop_envelope(envelope.id)?);
+                }
                 let message = StoredMessage {
                     id: payload.message_id,
                     chat,

@@ -143,6 +143,10 @@ pub enum ReplicaRequest {
     /// Media repair: which of these chunks (at most [`crate::proto::media::MAX_HASHES_PER_REQUEST`]) this relay
     /// lacks. Answered `MissingChunks`; the caller sends those with `StoreChunk`.
     HasChunks { hashes: Vec<ChunkHash> },
+    /// Would `RecordPart` with this record be accepted here (owner, total, hash, quota)?
+    /// Asked of every relay recording the upload before the chunk is stored anywhere, so that a
+    /// part refused by them leaves no chunk behind. Answered `PartChecked`; commits nothing.
+    CheckPart { record: PartRecord },
 }
 
 /// Ids per [`ReplicaRequest::Reconcile`]: 1 MiB of ids, far below the frame limit.
@@ -217,6 +221,8 @@ pub enum ReplicaResponse {
         owner: Option<UserId>,
         total_parts: u32,
         saved: Vec<u32>,
+        /// The chunk each saved part was saved with, in the order of `saved`.
+        hashes: Vec<ChunkHash>,
     },
     /// Answer to `GetChunk`.
     Chunk {
@@ -227,4 +233,6 @@ pub enum ReplicaResponse {
     MissingChunks {
         hashes: Vec<ChunkHash>,
     },
+    /// Answer to `CheckPart`: it would be recorded.
+    PartChecked,
 }

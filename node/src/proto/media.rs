@@ -15,7 +15,8 @@
 //! downloader ── GetChunk{hash} ──▶ any holder (the chunk's closest relays first) ◀── Chunk
 //!               verifies blake3 before a byte is written, then decrypts (`crypto::media`)
 //!
-//! client node that has a file ── Provide{files, addrs} ──▶ relays closest to each manifest
+//! client node that has a file ── Provide{files, addrs} ──▶ relays closest to each file's
+//!                                                          provider key (from the file key)
 //! downloader ── FindProviders{file} ──▶ those relays ◀── Providers ── GetChunk ──▶ that node
 //! ```
 //! Relays see chunk hashes, sizes, owners and times; never a key or a plaintext byte.
@@ -38,9 +39,9 @@ pub const MAX_PART_SIZE: u32 = 1024 * 1024;
 pub const MIN_PART_SIZE: u32 = 4 * 1024;
 /// The largest stored chunk: a maximal part, its AEAD tag and room to spare.
 pub const MAX_CHUNK_SIZE: usize = MAX_PART_SIZE as usize + 1024;
-/// Parts per file, the manifest included: 8 GiB at the default part size, and a manifest of
-/// 64 bytes per part still fits one maximal chunk.
-pub const MAX_PARTS: u32 = 16_384;
+/// Parts per file, the manifest included: 7.3 GiB at the default part size (Telegram stops at
+/// 4 GiB), and the manifest (66 bytes per part) still fits one maximal chunk.
+pub const MAX_PARTS: u32 = 15_000;
 /// Requests carry one chunk at most; answers one chunk or an upload's status.
 pub const MEDIA_LIMITS: PipeLimits =
     PipeLimits { max_request: MAX_CHUNK_SIZE + 4096, max_response: MAX_CHUNK_SIZE + 64 * 1024 };
@@ -106,11 +107,11 @@ pub enum MediaRequest {
     GetUploadStatus { file_id: FileId },
     /// One chunk by its hash.
     GetChunk { hash: ChunkHash },
-    /// The caller's client node serves the chunks of these files (each named by its manifest
-    /// chunk) at `addrs`: keep a provider record for [`PROVIDER_TTL_SECS`]. At most
+    /// The caller's client node serves the chunks of these files (each named by its provider
+    /// key, `FileRef::provider_key`) at `addrs`: keep a provider record for [`PROVIDER_TTL_SECS`]. At most
     /// [`MAX_PROVIDED_PER_REQUEST`] files.
     Provide { files: Vec<ChunkHash>, addrs: Vec<libp2p::Multiaddr> },
-    /// Client nodes that serve the chunks of this file (named by its manifest chunk).
+    /// Client nodes that serve the chunks of this file (named by its provider key).
     FindProviders { file: ChunkHash },
 }
 
@@ -135,8 +136,9 @@ pub enum MediaResponse {
     Welcome { relay: PeerId },
     /// The part is durable; `copies` relays hold its chunk.
     PartSaved { part: u32, copies: u32 },
-    /// An upload's saved parts, ascending; `total_parts` is 0 for an upload nobody has started.
-    UploadStatus { total_parts: u32, saved: Vec<u32> },
+    /// An upload's saved parts, ascending, and the chunk each was saved with (same order);
+    /// `total_parts` is 0 for an upload nobody has started.
+    UploadStatus { total_parts: u32, saved: Vec<u32>, hashes: Vec<ChunkHash> },
     /// The chunk asked for. The caller checks its hash before using a byte of it.
     Chunk {
         #[serde(with = "serde_bytes")]
@@ -148,6 +150,21 @@ pub enum MediaResponse {
     Provided,
     /// `FindProviders`: client nodes serving the file's chunks, most recently announced first.
     Providers { peers: Vec<crate::proto::RelayInfo> },
+}
+
+impl MediaResponse {
+    /// A short stable name, for logs and errors (never a chunk's bytes).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            MediaResponse::Welcome { .. } => "Welcome",
+            MediaResponse::PartSaved { .. } => "PartSaved",
+            MediaResponse::UploadStatus { .. } => "UploadStatus",
+            MediaResponse::Chunk { .. } => "Chunk",
+            MediaResponse::Error(_) => "Error",
+            MediaResponse::Provided => "Provided",
+            MediaResponse::Providers { .. } => "Providers",
+        }
+    }
 }
 
 /// What the relays closest to a file id record of one saved part (replicated with
@@ -196,9 +213,39 @@ impl std::fmt::Debug for FileRef {
 }
 
 impl FileRef {
-    /// Data parts (the manifest not counted).
+    /// Checks what a sender could get wrong or forge before anything is fetched or allocated
+    /// for it: the part size within limits, and a size that fits [`MAX_PARTS`] of them.
+    pub fn check(&self) -> Result<(), String> {
+        if !(MIN_PART_SIZE..=MAX_PART_SIZE).contains(&self.part_size) {
+            return Err(format!(
+                "a part size of {} bytes is outside {MIN_PART_SIZE}..={MAX_PART_SIZE}",
+                self.part_size
+            ));
+        }
+        let parts = self.size.div_ceil(u64::from(self.part_size));
+        if parts >= u64::from(MAX_PARTS) {
+            return Err(format!("{} bytes in parts of {} is over {MAX_PARTS} parts", self.size, self.part_size));
+        }
+        Ok(())
+    }
+
+    /// Data parts (the manifest not counted); meaningful once [`FileRef::check`] passed.
     pub fn data_parts(&self) -> u32 {
-        if self.size == 0 { 0 } else { self.size.div_ceil(u64::from(self.part_size.max(1))) as u32 }
+        let parts = self.size.div_ceil(u64::from(self.part_size.max(1)));
+        u32::try_from(parts).unwrap_or(u32::MAX)
+    }
+
+    /// Plaintext bytes of data part `part`.
+    pub fn part_len(&self, part: u32) -> u64 {
+        let start = u64::from(part) * u64::from(self.part_size);
+        self.size.saturating_sub(start).min(u64::from(self.part_size))
+    }
+
+    /// The key a file's provider records go under: derived from the file key, so that only
+    /// someone who has the file's reference can look its providers up, and relays cannot tie
+    /// the providers to the stored manifest chunk (and through it to the uploader).
+    pub fn provider_key(&self) -> ChunkHash {
+        ChunkHash(blake3::derive_key("meshgram 2026-12 media provider key v1", &self.key))
     }
 }
 
@@ -228,3 +275,17 @@ pub const PROVIDER_RELAYS: usize = 8;
 
 /// Chunk hashes per `ReplicaRequest::HasChunks` (repair): 128 KiB of hashes.
 pub const MAX_HASHES_PER_REQUEST: usize = 4096;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_largest_manifest_fits_one_chunk() {
+        let part = PartHashes { chunk: ChunkHash([0xff; 32]), plain: [0xff; 32] };
+        let manifest = Manifest { size: u64::MAX, part_size: MAX_PART_SIZE, parts: vec![part; MAX_PARTS as usize - 1] };
+        let sealed = postcard::to_stdvec(&manifest).unwrap().len() + 16;
+        assert!(sealed <= MAX_CHUNK_SIZE, "{sealed} bytes");
+    }
+}
+

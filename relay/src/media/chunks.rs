@@ -93,12 +93,16 @@ impl ChunkStore {
         if actual != *hash {
             return Err(ChunkError::HashMismatch { claimed: *hash, actual });
         }
-        // A copy that fails its hash is removed by the read, and written again here.
-        if self.get_blocking(hash)?.is_some() {
-            return Ok(Put::Duplicate);
-        }
         let path = self.path(hash);
         let dir = path.parent().expect("a chunk path has a parent directory");
+        // A copy that fails its hash is removed by the read, and written again here.
+        if self.get_blocking(hash)?.is_some() {
+            // Its writer may have failed to sync the directories (and so not acknowledged it),
+            // or may still be syncing them: this acknowledgement must not rest on that.
+            sync_dir(dir)?;
+            sync_dir(&self.root)?;
+            return Ok(Put::Duplicate);
+        }
         if !dir.exists() {
             fs::create_dir_all(dir).map_err(ChunkError::io("creating", dir))?;
             sync_dir(&self.root)?;

@@ -314,7 +314,12 @@ pub(crate) async fn save_file_part(
     if actual != hash {
         return refuse(ErrorCode::BadRequest, format!("checksum mismatch: the bytes hash to {actual}, not {hash}"));
     }
-    if let Err(refusal) = store.uploads.check(record.clone()).await {
+    // Every relay recording the upload checks the part first (owner, total, hash, quota), so
+    // that a part they refuse leaves no chunk behind.
+    let need = replicas.copies_needed(record_targets.len());
+    let refusals = [ErrorCode::Forbidden, ErrorCode::BadRequest, ErrorCode::QuotaExceeded];
+    let check = |target| record_part_on(replicas, store, &record, target, false);
+    if let Err(refusal) = copy_to_closest("a part check", record_targets, need, &refusals, check).await {
         return MediaResponse::Error(refusal);
     }
     let request = ReplicaRequest::StoreChunk { hash, bytes };
@@ -324,10 +329,8 @@ pub(crate) async fn save_file_part(
         Ok(copies) => copies.len() as u32,
         Err(refusal) => return MediaResponse::Error(refusal),
     };
-    let need = replicas.copies_needed(record_targets.len());
-    let refusals = [ErrorCode::Forbidden, ErrorCode::BadRequest, ErrorCode::QuotaExceeded];
     let part = record.part;
-    let copy = |target| record_part_on(replicas, store, &record, target);
+    let copy = |target| record_part_on(replicas, store, &record, target, true);
     if let Err(refusal) = copy_to_closest("a part record", record_targets, need, &refusals, copy).await {
         return MediaResponse::Error(refusal);
     }
@@ -355,19 +358,26 @@ async fn store_chunk_on(
     (target, result)
 }
 
-/// One copy of a part record, here or on `target`.
+/// One copy of a part record, here or on `target`; or, unless `commit`, only its check there.
 async fn record_part_on(
     replicas: &Replicas,
     store: &MediaStore,
     record: &PartRecord,
     target: PeerId,
+    commit: bool,
 ) -> (PeerId, Result<(), WireError>) {
     let result = if target == replicas.local {
-        store.record_part(record.clone()).await.map(|_| ())
+        match commit {
+            true => store.record_part(record.clone()).await.map(|_| ()),
+            false => store.uploads.check(record.clone()).await.map(|_| ()),
+        }
     } else {
-        let request = ReplicaRequest::RecordPart { record: record.clone() };
+        let request = match commit {
+            true => ReplicaRequest::RecordPart { record: record.clone() },
+            false => ReplicaRequest::CheckPart { record: record.clone() },
+        };
         match replicas.call_within(target, &request, REPLICA_STORE_DEADLINE).await {
-            Ok(ReplicaResponse::PartRecorded) => Ok(()),
+            Ok(ReplicaResponse::PartRecorded | ReplicaResponse::PartChecked) => Ok(()),
             Ok(other) => Err(unexpected(&other)),
             Err(e) => Err(e),
         }
@@ -385,30 +395,30 @@ async fn upload_status(
     caller: UserId,
     holders: &[PeerId],
 ) -> MediaResponse {
-    let answer = |owner: UserId, total_parts, saved| {
+    let answer = |owner: UserId, total_parts, saved, hashes| {
         if owner == caller {
-            MediaResponse::UploadStatus { total_parts, saved }
+            MediaResponse::UploadStatus { total_parts, saved, hashes }
         } else {
             refuse(ErrorCode::Forbidden, format!("file_id {file_id} belongs to another user"))
         }
     };
     match store.uploads.status(file_id).await {
-        Ok(Some(status)) => return answer(status.owner, status.total_parts, status.saved),
+        Ok(Some(status)) => return answer(status.owner, status.total_parts, status.saved, status.hashes),
         Ok(None) => {}
         Err(e) => return MediaResponse::Error(e),
     }
     for holder in holders {
         let request = ReplicaRequest::UploadStatus { file_id };
         match replicas.call_within(*holder, &request, REPLICA_STORE_DEADLINE).await {
-            Ok(ReplicaResponse::UploadStatus { owner: Some(owner), total_parts, saved }) => {
-                return answer(owner, total_parts, saved);
+            Ok(ReplicaResponse::UploadStatus { owner: Some(owner), total_parts, saved, hashes }) => {
+                return answer(owner, total_parts, saved, hashes);
             }
             Ok(ReplicaResponse::UploadStatus { owner: None, .. }) => {}
             Ok(other) => tracing::warn!(relay = %holder, answer = ?other, "unexpected answer to UploadStatus"),
             Err(e) => tracing::debug!(relay = %holder, error = %e, "asking a relay for an upload's status failed"),
         }
     }
-    MediaResponse::UploadStatus { total_parts: 0, saved: Vec::new() }
+    MediaResponse::UploadStatus { total_parts: 0, saved: Vec::new(), hashes: Vec::new() }
 }
 
 fn refuse(code: ErrorCode, message: impl Into<String>) -> MediaResponse {

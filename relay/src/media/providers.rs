@@ -1,5 +1,5 @@
-//! Provider records: which client nodes serve the chunks of which file (named by its manifest
-//! chunk), announced by the nodes themselves (`Provide`) and handed to downloaders
+//! Provider records: which client nodes serve the chunks of which file (named by a key derived
+//! from the file key, which relays never see: they cannot tie providers to stored chunks), announced by the nodes themselves (`Provide`) and handed to downloaders
 //! (`FindProviders`) when no relay has a chunk. Soft state in memory, like Kademlia's provider
 //! records: each lasts `PROVIDER_TTL_SECS` unless announced again, and a restarted relay
 //! learns them again within one announcement period.

@@ -182,7 +182,7 @@ async fn repair_records(
         let Some(first) = records.first() else { continue };
         let request = ReplicaRequest::UploadStatus { file_id };
         let saved: HashSet<u32> = match replicas.call_within(relay, &request, CALL_DEADLINE).await {
-            Ok(ReplicaResponse::UploadStatus { owner, total_parts, saved }) => {
+            Ok(ReplicaResponse::UploadStatus { owner, total_parts, saved, .. }) => {
                 if owner.is_some_and(|owner| owner != first.owner)
                     || (owner.is_some() && total_parts != first.total_parts)
                 {

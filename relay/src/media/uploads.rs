@@ -39,6 +39,8 @@ pub(crate) struct UploadStatus {
     pub(crate) total_parts: u32,
     /// Saved parts, ascending.
     pub(crate) saved: Vec<u32>,
+    /// The chunk each saved part was saved with, in the same order.
+    pub(crate) hashes: Vec<ChunkHash>,
 }
 
 /// What recording a part did.
@@ -115,11 +117,13 @@ impl UploadIndex {
         };
         let (owner, total_parts, _) = upload.value();
         let parts = tx.open_table(PARTS).map_err(db_error)?;
-        let mut saved = Vec::new();
+        let (mut saved, mut hashes) = (Vec::new(), Vec::new());
         for entry in parts.range((&file_id.0, 0)..=(&file_id.0, u32::MAX)).map_err(db_error)? {
-            saved.push(entry.map_err(db_error)?.0.value().1);
+            let (key, value) = entry.map_err(db_error)?;
+            saved.push(key.value().1);
+            hashes.push(ChunkHash(value.value().0));
         }
-        Ok(Some(UploadStatus { owner: UserId(owner), total_parts, saved }))
+        Ok(Some(UploadStatus { owner: UserId(owner), total_parts, saved, hashes }))
     }
 
     /// Every part record of `file_id` held here, by part.
@@ -265,7 +269,7 @@ mod tests {
         assert_eq!(index.check_blocking(&record(file, 7, 0, 3, 100)).unwrap(), Recorded::Duplicate);
         assert_eq!(index.record_blocking(&record(file, 7, 0, 3, 100)).unwrap(), Recorded::Duplicate);
         let status = index.status_blocking(&file).unwrap().unwrap();
-        assert_eq!(status, UploadStatus { owner: UserId(7), total_parts: 3, saved: vec![0, 2] });
+        assert_eq!((status.owner, status.total_parts, status.saved), (UserId(7), 3, vec![0, 2]));
         assert_eq!(index.used_blocking(UserId(7)), 200, "a duplicate counts once");
         assert_eq!(index.records_blocking(&file).unwrap().len(), 2);
         assert_eq!(index.uploads_blocking().unwrap(), vec![file]);

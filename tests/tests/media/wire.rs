@@ -111,7 +111,9 @@ async fn a_relay_refuses_bad_parts_with_clear_errors_and_stores_nothing_of_them(
     assert_eq!(code, ErrorCode::BadRequest);
     assert!(message.contains('2') && message.contains('3'), "says both totals: {message}");
     match alice.call(MediaRequest::GetUploadStatus { file_id: file }).await {
-        MediaResponse::UploadStatus { total_parts, saved } => assert_eq!((total_parts, saved), (2, vec![0])),
+        MediaResponse::UploadStatus { total_parts, saved, hashes } => {
+            assert_eq!((total_parts, saved, hashes), (2, vec![0], vec![ChunkHash::of(&part)]));
+        }
         other => panic!("expected UploadStatus, got {other:?}"),
     }
 
