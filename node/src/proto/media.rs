@@ -288,4 +288,3 @@ mod tests {
         assert!(sealed <= MAX_CHUNK_SIZE, "{sealed} bytes");
     }
 }
-
