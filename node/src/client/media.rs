@@ -292,9 +292,9 @@ impl Messenger {
             size,
             part_size,
             mime: mime_of(&name).into(),
+            thumbnail: thumbnail_of(&path, mime_of(&name), size).await,
             name,
             key: key.0,
-            thumbnail: Vec::new(),
         };
         let parts: Manifest = postcard::from_bytes(&listing).expect("invariant: the manifest just made parses");
         let served = ServedFile { path: key_name, file: file.clone(), manifest_chunk };
@@ -793,6 +793,44 @@ fn safe_name(name: &str) -> String {
     let last = name.rsplit(['/', '\\']).next().unwrap_or_default().trim_start_matches('.');
     let cleaned: String = last.chars().filter(|c| !c.is_control() && !is_bidi_control(*c)).collect();
     if cleaned.trim().is_empty() { "download".into() } else { cleaned }
+}
+
+/// The largest image a thumbnail is made of: decoding costs memory and time in proportion.
+const MAX_THUMBNAIL_SOURCE: u64 = 32 * 1024 * 1024;
+/// A thumbnail's longest side, in pixels: enough for a preview in a chat, as Telegram's.
+const THUMBNAIL_SIDE: u32 = 90;
+
+/// A small JPEG preview of an image file, made here so that chats can show it before the
+/// download; empty for other files, or when the image cannot be read (it is only a preview).
+async fn thumbnail_of(path: &Path, mime: &str, size: u64) -> Vec<u8> {
+    if !matches!(mime, "image/jpeg" | "image/png") || size > MAX_THUMBNAIL_SOURCE {
+        return Vec::new();
+    }
+    let path = path.to_path_buf();
+    let made = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, String> {
+        let mut reader = image::ImageReader::open(&path).map_err(|e| e.to_string())?;
+        let mut limits = image::Limits::default();
+        limits.max_image_width = Some(16_384);
+        limits.max_image_height = Some(16_384);
+        limits.max_alloc = Some(512 * 1024 * 1024);
+        reader.limits(limits);
+        let small = reader.with_guessed_format().map_err(|e| e.to_string())?.decode().map_err(|e| e.to_string())?;
+        let small = small.thumbnail(THUMBNAIL_SIDE, THUMBNAIL_SIDE).to_rgb8();
+        let mut jpeg = Vec::new();
+        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 60)
+            .encode_image(&small)
+            .map_err(|e| e.to_string())?;
+        Ok(jpeg)
+    })
+    .await;
+    match made {
+        Ok(Ok(jpeg)) if jpeg.len() <= crate::proto::media::MAX_THUMBNAIL_BYTES => jpeg,
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "no thumbnail: the image could not be read");
+            Vec::new()
+        }
+        _ => Vec::new(),
+    }
 }
 
 /// Unicode's bidirectional controls, which make a name read otherwise than it is

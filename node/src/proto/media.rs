@@ -42,6 +42,8 @@ pub const MAX_CHUNK_SIZE: usize = MAX_PART_SIZE as usize + 1024;
 /// Parts per file, the manifest included: 7.3 GiB at the default part size (Telegram stops at
 /// 4 GiB), and the manifest (66 bytes per part) still fits one maximal chunk.
 pub const MAX_PARTS: u32 = 15_000;
+/// The largest thumbnail a file reference carries (a 90-pixel JPEG is 2–5 KiB).
+pub const MAX_THUMBNAIL_BYTES: usize = 16 * 1024;
 /// Requests carry one chunk at most; answers one chunk or an upload's status.
 pub const MEDIA_LIMITS: PipeLimits =
     PipeLimits { max_request: MAX_CHUNK_SIZE + 4096, max_response: MAX_CHUNK_SIZE + 64 * 1024 };
@@ -225,6 +227,9 @@ impl FileRef {
         let parts = self.size.div_ceil(u64::from(self.part_size));
         if parts >= u64::from(MAX_PARTS) {
             return Err(format!("{} bytes in parts of {} is over {MAX_PARTS} parts", self.size, self.part_size));
+        }
+        if self.thumbnail.len() > MAX_THUMBNAIL_BYTES {
+            return Err(format!("a thumbnail of {} bytes is over {MAX_THUMBNAIL_BYTES}", self.thumbnail.len()));
         }
         Ok(())
     }

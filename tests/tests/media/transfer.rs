@@ -157,6 +157,27 @@ fn bad_transfers_fail_clearly_and_write_nothing() {
 }
 
 #[test]
+fn an_image_travels_with_a_thumbnail_made_by_its_sender() {
+    let mesh = Mesh::start(2, 2);
+    let (alice, bob) = (mesh.new_profile("alice"), mesh.new_profile("bob"));
+    mesh.login(&alice, ALICE);
+    mesh.login(&bob, BOB);
+    let files = mesh.gateway.tmp().join("files");
+    std::fs::create_dir_all(&files).unwrap();
+    let photo = files.join("sunset.png");
+    image::RgbImage::from_fn(640, 480, |x, y| image::Rgb([(x % 256) as u8, (y % 256) as u8, 128]))
+        .save(&photo)
+        .unwrap();
+    meshgram(&alice, &["upload", path_str(&photo), "--to", BOB, "--caption", "look"]).ok_json_lines();
+    let message = file_message(&meshgram(&bob, &["messages"]).ok_json());
+    assert_eq!(message["file"]["mime"], "image/png");
+    let thumbnail: Vec<u8> =
+        array(&message["file"]["thumbnail"], "thumbnail").iter().map(|b| b.as_u64().unwrap() as u8).collect();
+    let preview = image::load_from_memory(&thumbnail).expect("the thumbnail is an image");
+    assert_eq!((preview.width(), preview.height()), (90, 68), "the longest side is 90 pixels");
+}
+
+#[test]
 fn a_ranged_download_fetches_only_the_parts_that_cover_it() {
     let mesh = Mesh::start(2, 2);
     let (alice, bob) = (mesh.new_profile("alice"), mesh.new_profile("bob"));
