@@ -413,6 +413,7 @@ fn print_welcome(data: &Path, network_path: &Path, network: &NetworkFile) {
     outln!("  {exe} --profile {data}/bob node                  # bob's client node: receives as messages arrive");
     outln!("  {exe} --profile {data}/alice send +15550000002 'hi bob'");
     outln!("  {exe} --profile {data}/bob messages --follow");
+    outln!("  {exe} --profile {data}/alice upload FILE --to +15550000002   # then: bob download MESSAGE_ID");
     outln!();
     outln!("Press Ctrl-C to stop.");
 }
