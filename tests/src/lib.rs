@@ -20,6 +20,7 @@
 //!   server standing in for an SMS provider.
 //! - [`http`]: [`http_get`], a minimal blocking HTTP/1 GET for the health and metrics endpoints.
 //! - [`files`]: [`random_file`] and [`blake3_of_file`], for files that round-trip.
+//! - [`raw`]: [`RawClient`], a device speaking the relay protocols with certificates the test signs.
 //! - [`output`]: reading what commands printed ([`array`], [`str_field`], [`texts`], ...).
 //!
 //! Every wait is bounded, so a hung binary fails its test instead of hanging the suite.
@@ -32,6 +33,7 @@ mod gateway;
 mod http;
 mod mesh;
 mod output;
+mod raw;
 mod server;
 mod up;
 
@@ -45,6 +47,7 @@ pub use gateway::{Gateway, GatewayBuilder};
 pub use http::http_get;
 pub use mesh::{Mesh, files_under, inspect_relay, relay_metric, start_relay, wait_repair_settled};
 pub use output::{array, is_bot_token, str_field, texts, u64_field};
+pub use raw::RawClient;
 pub use server::{READY_TIMEOUT, Server, start_node, start_node_as};
 pub use up::{RESTART_TIMEOUT, Roles, Up};
 

@@ -69,6 +69,7 @@ pub struct StoredMessage {
 
 /// [`StoredMessage`] as histories written before files existed hold it.
 #[derive(Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
 struct StoredMessageV1 {
     id: MessageId,
     chat: UserId,
@@ -592,21 +593,8 @@ mod tests {
 
     #[test]
     fn messages_recorded_before_files_existed_still_read() {
-        #[derive(Serialize)]
-        struct V1 {
-            id: MessageId,
-            chat: UserId,
-            from: UserId,
-            outgoing: bool,
-            text: String,
-            reply_to: Option<MessageId>,
-            sent_at_ms: u64,
-            status: Status,
-            edited: bool,
-            deleted: bool,
-        }
         let id = MessageId::random();
-        let old = V1 {
+        let old = StoredMessageV1 {
             id,
             chat: UserId(2),
             from: UserId(2),

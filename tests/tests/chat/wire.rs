@@ -3,67 +3,11 @@
 
 use libp2p::PeerId;
 use libp2p::identity::ed25519;
-use meshgram_node::client::net::ClientNet;
-use meshgram_node::crypto::cert::{AccountKind, CertBody, SessionCert, unix_now};
-use meshgram_node::crypto::identity::DeviceIdentity;
-use meshgram_node::ids::{SessionId, UserId};
-use meshgram_node::proto::envelope::{Envelope, EnvelopeId};
-use meshgram_node::proto::{ErrorCode, MAX_ENVELOPE_SIZE, MailboxRequest, MailboxResponse, RelayInfo};
+use meshgram_node::crypto::cert::unix_now;
+use meshgram_node::proto::envelope::Envelope;
+use meshgram_node::proto::{ErrorCode, MAX_ENVELOPE_SIZE, MailboxRequest, MailboxResponse};
+pub(super) use meshgram_tests::RawClient;
 use meshgram_tests::{Gateway, Mesh};
-
-/// A client that speaks the mailbox protocol with certificates the test signs.
-pub(super) struct RawClient {
-    identity: DeviceIdentity,
-    net: ClientNet,
-    relay: RelayInfo,
-    _dir: tempfile::TempDir,
-}
-
-impl RawClient {
-    pub(super) fn new(relay: &str) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let identity = DeviceIdentity::load_or_create(dir.path()).unwrap();
-        let net = ClientNet::spawn(&identity).unwrap();
-        let mut addr: libp2p::Multiaddr = relay.parse().unwrap();
-        let Some(libp2p::multiaddr::Protocol::P2p(peer_id)) = addr.pop() else { panic!("no /p2p in {relay}") };
-        RawClient { identity, net, relay: RelayInfo { peer_id, addrs: vec![addr] }, _dir: dir }
-    }
-
-    /// Its device: the mailbox its fetches read.
-    pub(super) fn device(&self) -> PeerId {
-        self.identity.peer_id()
-    }
-
-    pub(super) async fn call(&self, request: MailboxRequest) -> MailboxResponse {
-        self.net.mailbox_request(self.relay.peer_id, self.relay.addrs.clone(), request).await.unwrap()
-    }
-
-    pub(super) fn cert(&self, signer: &ed25519::Keypair, user: u64, not_before: u64, not_after: u64) -> SessionCert {
-        let body = CertBody {
-            user_id: UserId(user),
-            device: self.identity.peer_id(),
-            noise_key: self.identity.noise_public,
-            session_id: SessionId(user),
-            kind: AccountKind::User,
-            not_before,
-            not_after,
-        };
-        SessionCert::sign(body, signer)
-    }
-
-    pub(super) fn envelope(&self, user: u64, to: PeerId, len: usize) -> Envelope {
-        Envelope {
-            id: EnvelopeId::random(),
-            from_user: UserId(user),
-            from_device: self.identity.peer_id(),
-            to_user: UserId(2),
-            to_device: to,
-            sent_at_ms: 0,
-            seq: 0,
-            sealed: vec![0xab; len],
-        }
-    }
-}
 
 fn refused(response: &MailboxResponse) -> ErrorCode {
     match response {
@@ -135,7 +79,7 @@ async fn relays_refuse_bad_certificates_spoofed_senders_oversized_and_replayed_e
     let honest = RawClient::new(&relay);
     let cert = honest.cert(&gateway_key, 2, now, now + 3600);
     assert!(matches!(honest.call(MailboxRequest::Hello { cert }).await, MailboxResponse::Welcome { .. }));
-    let to_mallory = honest.envelope(2, mallory.identity.peer_id(), 50);
+    let to_mallory = honest.envelope(2, mallory.device(), 50);
     assert!(matches!(honest.call(send(&honest, to_mallory.clone())).await, MailboxResponse::Stored { .. }));
     // And the long-poll hands it over.
     match mallory.call(MailboxRequest::Fetch { max: 10, wait_ms: 5_000, ack: vec![] }).await {

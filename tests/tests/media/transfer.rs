@@ -1,4 +1,4 @@
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use meshgram_tests::{
@@ -23,6 +23,19 @@ fn file_message(messages: &Value) -> Value {
     array(messages, "messages").iter().find(|m| !m["file"].is_null()).cloned().expect("a message with a file")
 }
 
+/// Signs each (name, phone) in on a profile of its own; returns a directory for the test's
+/// files and the profiles.
+fn sign_in<const N: usize>(mesh: &Mesh, users: [(&str, &str); N]) -> (PathBuf, [PathBuf; N]) {
+    let files = mesh.gateway.tmp().join("files");
+    std::fs::create_dir_all(&files).unwrap();
+    let profiles = users.map(|(name, phone)| {
+        let profile = mesh.new_profile(name);
+        mesh.login(&profile, phone);
+        profile
+    });
+    (files, profiles)
+}
+
 fn path_str(p: &Path) -> &str {
     p.to_str().expect("temp paths are UTF-8")
 }
@@ -30,12 +43,7 @@ fn path_str(p: &Path) -> &str {
 #[test]
 fn a_256_mib_file_survives_a_killed_upload_a_killed_relay_and_a_corrupt_chunk() {
     let mesh = Mesh::start(3, 2);
-    let (alice, bob, carol) = (mesh.new_profile("alice"), mesh.new_profile("bob"), mesh.new_profile("carol"));
-    mesh.login(&alice, ALICE);
-    mesh.login(&bob, BOB);
-    mesh.login(&carol, CAROL);
-    let files = mesh.gateway.tmp().join("files");
-    std::fs::create_dir_all(&files).unwrap();
+    let (files, [alice, bob, carol]) = sign_in(&mesh, [("alice", ALICE), ("bob", BOB), ("carol", CAROL)]);
     let original = files.join("big.bin");
     let size = 256 * MIB;
     random_file(&original, size, "a 256 MiB test file");
@@ -116,11 +124,7 @@ fn a_256_mib_file_survives_a_killed_upload_a_killed_relay_and_a_corrupt_chunk() 
 #[test]
 fn bad_transfers_fail_clearly_and_write_nothing() {
     let mesh = Mesh::start(2, 2);
-    let (alice, bob) = (mesh.new_profile("alice"), mesh.new_profile("bob"));
-    mesh.login(&alice, ALICE);
-    mesh.login(&bob, BOB);
-    let files = mesh.gateway.tmp().join("files");
-    std::fs::create_dir_all(&files).unwrap();
+    let (files, [alice, bob]) = sign_in(&mesh, [("alice", ALICE), ("bob", BOB)]);
 
     meshgram(&alice, &["upload", path_str(&files.join("missing")), "--to", BOB]).expect_err(&["USAGE"]);
     meshgram(&alice, &["upload", path_str(&files), "--to", BOB]).expect_err(&["FILE"]);
@@ -159,11 +163,7 @@ fn bad_transfers_fail_clearly_and_write_nothing() {
 #[test]
 fn an_image_travels_with_a_thumbnail_made_by_its_sender() {
     let mesh = Mesh::start(2, 2);
-    let (alice, bob) = (mesh.new_profile("alice"), mesh.new_profile("bob"));
-    mesh.login(&alice, ALICE);
-    mesh.login(&bob, BOB);
-    let files = mesh.gateway.tmp().join("files");
-    std::fs::create_dir_all(&files).unwrap();
+    let (files, [alice, bob]) = sign_in(&mesh, [("alice", ALICE), ("bob", BOB)]);
     let photo = files.join("sunset.png");
     image::RgbImage::from_fn(640, 480, |x, y| image::Rgb([(x % 256) as u8, (y % 256) as u8, 128]))
         .save(&photo)
@@ -180,11 +180,7 @@ fn an_image_travels_with_a_thumbnail_made_by_its_sender() {
 #[test]
 fn a_ranged_download_fetches_only_the_parts_that_cover_it() {
     let mesh = Mesh::start(2, 2);
-    let (alice, bob) = (mesh.new_profile("alice"), mesh.new_profile("bob"));
-    mesh.login(&alice, ALICE);
-    mesh.login(&bob, BOB);
-    let files = mesh.gateway.tmp().join("files");
-    std::fs::create_dir_all(&files).unwrap();
+    let (files, [alice, bob]) = sign_in(&mesh, [("alice", ALICE), ("bob", BOB)]);
     let original = files.join("song.mp3");
     random_file(&original, 4 * MIB, "a song");
     meshgram(&alice, &["upload", path_str(&original), "--to", BOB, "--part-size-kib", "64"]).ok_json_lines();
@@ -204,12 +200,7 @@ fn a_ranged_download_fetches_only_the_parts_that_cover_it() {
 #[test]
 fn a_peer_that_downloaded_a_file_serves_it_while_every_relay_holding_it_is_down() {
     let mut mesh = Mesh::start(5, 2);
-    let (alice, bob, carol) = (mesh.new_profile("alice"), mesh.new_profile("bob"), mesh.new_profile("carol"));
-    mesh.login(&alice, ALICE);
-    mesh.login(&bob, BOB);
-    mesh.login(&carol, CAROL);
-    let files = mesh.gateway.tmp().join("files");
-    std::fs::create_dir_all(&files).unwrap();
+    let (files, [alice, bob, carol]) = sign_in(&mesh, [("alice", ALICE), ("bob", BOB), ("carol", CAROL)]);
     // One part and the manifest: two chunks on at most four of the five relays.
     let original = files.join("photo.jpg");
     random_file(&original, 300 * 1024, "a photo");

@@ -2,52 +2,16 @@
 //! signs (the relay trusts a gateway key the test holds).
 
 use libp2p::identity::ed25519;
-use meshgram_node::client::net::ClientNet;
-use meshgram_node::crypto::cert::{AccountKind, CertBody, SessionCert, unix_now};
-use meshgram_node::crypto::identity::DeviceIdentity;
-use meshgram_node::ids::{SessionId, UserId};
+use meshgram_node::crypto::cert::unix_now;
 use meshgram_node::proto::ErrorCode;
 use meshgram_node::proto::media::{ChunkHash, FileId, MAX_CHUNK_SIZE, MAX_PARTS, MediaRequest, MediaResponse};
-use meshgram_tests::{Gateway, Mesh, files_under};
+use meshgram_tests::{Gateway, Mesh, RawClient, files_under};
 
-/// A device that speaks the media protocol to one relay.
-struct RawClient {
-    identity: DeviceIdentity,
-    net: ClientNet,
-    relay: libp2p::PeerId,
-    addrs: Vec<libp2p::Multiaddr>,
-    _dir: tempfile::TempDir,
-}
-
-impl RawClient {
-    fn new(relay: &str) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let identity = DeviceIdentity::load_or_create(dir.path()).unwrap();
-        let net = ClientNet::spawn(&identity).unwrap();
-        let mut addr: libp2p::Multiaddr = relay.parse().unwrap();
-        let Some(libp2p::multiaddr::Protocol::P2p(relay)) = addr.pop() else { panic!("no /p2p in {relay}") };
-        RawClient { identity, net, relay, addrs: vec![addr], _dir: dir }
-    }
-
-    async fn call(&self, request: MediaRequest) -> MediaResponse {
-        self.net.media_request(self.relay, self.addrs.clone(), &request).await.unwrap()
-    }
-
-    /// Says Hello as `user` with a certificate `signer` signed.
-    async fn hello(&self, signer: &ed25519::Keypair, user: u64) {
-        let now = unix_now();
-        let body = CertBody {
-            user_id: UserId(user),
-            device: self.identity.peer_id(),
-            noise_key: self.identity.noise_public,
-            session_id: SessionId(user),
-            kind: AccountKind::User,
-            not_before: now,
-            not_after: now + 3600,
-        };
-        let hello = MediaRequest::Hello { cert: SessionCert::sign(body, signer) };
-        assert!(matches!(self.call(hello).await, MediaResponse::Welcome { .. }));
-    }
+/// Says Hello on the media protocol as `user`, with a certificate `signer` signed.
+async fn hello(client: &RawClient, signer: &ed25519::Keypair, user: u64) {
+    let now = unix_now();
+    let hello = MediaRequest::Hello { cert: client.cert(signer, user, now, now + 3600) };
+    assert!(matches!(client.media_call(hello).await, MediaResponse::Welcome { .. }));
 }
 
 fn save(file_id: FileId, part: u32, total_parts: u32, bytes: &[u8]) -> MediaRequest {
@@ -82,35 +46,35 @@ async fn a_relay_refuses_bad_parts_with_clear_errors_and_stores_nothing_of_them(
     let part = vec![7u8; 1000];
 
     // Nothing before Hello.
-    assert_eq!(refused(alice.call(save(file, 0, 2, &part)).await).0, ErrorCode::CertInvalid);
-    alice.hello(&gateway_key, 1).await;
+    assert_eq!(refused(alice.media_call(save(file, 0, 2, &part)).await).0, ErrorCode::CertInvalid);
+    hello(&alice, &gateway_key, 1).await;
 
     // A hash that is not the bytes', parts out of range, empty and oversized parts.
     let mut wrong = save(file, 0, 2, &part);
     if let MediaRequest::SaveFilePart { hash, .. } = &mut wrong {
         *hash = ChunkHash::of(b"something else");
     }
-    let (code, message) = refused(alice.call(wrong).await);
+    let (code, message) = refused(alice.media_call(wrong).await);
     assert_eq!(code, ErrorCode::BadRequest);
     assert!(message.contains("checksum"), "{message}");
     for bad in [save(file, 2, 2, &part), save(file, 0, 0, &part), save(file, 0, MAX_PARTS + 1, &part)] {
-        assert_eq!(refused(alice.call(bad).await).0, ErrorCode::BadRequest);
+        assert_eq!(refused(alice.media_call(bad).await).0, ErrorCode::BadRequest);
     }
-    assert_eq!(refused(alice.call(save(file, 0, 2, &[])).await).0, ErrorCode::BadRequest);
+    assert_eq!(refused(alice.media_call(save(file, 0, 2, &[])).await).0, ErrorCode::BadRequest);
     let huge = vec![1u8; MAX_CHUNK_SIZE + 1];
-    assert_eq!(refused(alice.call(save(file, 0, 2, &huge)).await).0, ErrorCode::BadRequest);
+    assert_eq!(refused(alice.media_call(save(file, 0, 2, &huge)).await).0, ErrorCode::BadRequest);
     assert_eq!(chunk_files(), 0, "nothing refused was stored");
 
     // A good part is saved, and saving it again is no error.
-    saved(alice.call(save(file, 0, 2, &part)).await);
-    saved(alice.call(save(file, 0, 2, &part)).await);
+    saved(alice.media_call(save(file, 0, 2, &part)).await);
+    saved(alice.media_call(save(file, 0, 2, &part)).await);
     assert_eq!(chunk_files(), 1);
     // The same part with other bytes, and the upload's size changing: refused.
-    assert_eq!(refused(alice.call(save(file, 0, 2, &[8u8; 1000])).await).0, ErrorCode::BadRequest);
-    let (code, message) = refused(alice.call(save(file, 1, 3, &[9u8; 1000])).await);
+    assert_eq!(refused(alice.media_call(save(file, 0, 2, &[8u8; 1000])).await).0, ErrorCode::BadRequest);
+    let (code, message) = refused(alice.media_call(save(file, 1, 3, &[9u8; 1000])).await);
     assert_eq!(code, ErrorCode::BadRequest);
     assert!(message.contains('2') && message.contains('3'), "says both totals: {message}");
-    match alice.call(MediaRequest::GetUploadStatus { file_id: file }).await {
+    match alice.media_call(MediaRequest::GetUploadStatus { file_id: file }).await {
         MediaResponse::UploadStatus { total_parts, saved, hashes } => {
             assert_eq!((total_parts, saved, hashes), (2, vec![0], vec![ChunkHash::of(&part)]));
         }
@@ -118,23 +82,23 @@ async fn a_relay_refuses_bad_parts_with_clear_errors_and_stores_nothing_of_them(
     }
 
     // Someone else's upload: neither added to nor read.
-    bob.hello(&gateway_key, 2).await;
-    assert_eq!(refused(bob.call(save(file, 1, 2, &[9u8; 1000])).await).0, ErrorCode::Forbidden);
-    assert_eq!(refused(bob.call(MediaRequest::GetUploadStatus { file_id: file }).await).0, ErrorCode::Forbidden);
+    hello(&bob, &gateway_key, 2).await;
+    assert_eq!(refused(bob.media_call(save(file, 1, 2, &[9u8; 1000])).await).0, ErrorCode::Forbidden);
+    assert_eq!(refused(bob.media_call(MediaRequest::GetUploadStatus { file_id: file }).await).0, ErrorCode::Forbidden);
 
     // Over quota (1 MiB per user here), with the figures in the message.
     let big = FileId::random();
-    saved(alice.call(save(big, 0, 3, &vec![1u8; 600 * 1024])).await);
-    let (code, message) = refused(alice.call(save(big, 1, 3, &vec![2u8; 600 * 1024])).await);
+    saved(alice.media_call(save(big, 0, 3, &vec![1u8; 600 * 1024])).await);
+    let (code, message) = refused(alice.media_call(save(big, 1, 3, &vec![2u8; 600 * 1024])).await);
     assert_eq!(code, ErrorCode::QuotaExceeded);
     assert!(message.contains("MiB"), "the quota's figure is in the message: {message}");
     assert_eq!(chunk_files(), 2, "the part over quota was not stored");
 
     // Chunks by hash: the saved one, byte for byte; an unknown one is not found.
-    match bob.call(MediaRequest::GetChunk { hash: ChunkHash::of(&part) }).await {
+    match bob.media_call(MediaRequest::GetChunk { hash: ChunkHash::of(&part) }).await {
         MediaResponse::Chunk { bytes } => assert_eq!(bytes, part),
         other => panic!("expected the chunk, got {other:?}"),
     }
     let unknown = MediaRequest::GetChunk { hash: ChunkHash::of(b"never stored") };
-    assert_eq!(refused(bob.call(unknown).await).0, ErrorCode::NotFound);
+    assert_eq!(refused(bob.media_call(unknown).await).0, ErrorCode::NotFound);
 }
