@@ -37,7 +37,10 @@ impl RawClient {
     }
 
     pub async fn call(&self, request: MailboxRequest) -> MailboxResponse {
-        self.net.mailbox_request(self.relay.peer_id, self.relay.addrs.clone(), request).await.expect("the relay answers")
+        self.net
+            .mailbox_request(self.relay.peer_id, self.relay.addrs.clone(), request)
+            .await
+            .expect("the relay answers")
     }
 
     pub async fn media_call(&self, request: MediaRequest) -> MediaResponse {

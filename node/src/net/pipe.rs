@@ -30,9 +30,13 @@ use tokio::task::JoinHandle;
 
 use crate::net::codec::FrameError;
 
-/// Requests one pipe may have unanswered at a relay; further requests wait in the stream
-/// (back-pressure), which bounds the memory a single client can tie up.
+/// Requests one pipe may have unanswered at a relay, by default; further requests wait in the
+/// stream (back-pressure), which bounds the memory a single client can tie up. A request counts
+/// until its answer is written, so a caller that does not read its answers stops being read.
 pub const MAX_IN_FLIGHT: usize = 256;
+/// How long a write may make no progress before the pipe is closed: a peer that stops reading
+/// must not hold its answers (and their slots) in memory for good.
+const WRITE_STALL: Duration = Duration::from_secs(30);
 /// Queued frames are folded into one write up to this many bytes.
 const WRITE_BATCH_BYTES: usize = 256 * 1024;
 /// Frame header: length (4) and tag (8).
@@ -47,6 +51,8 @@ const RETRY_PAUSE: Duration = Duration::from_millis(25);
 pub struct PipeLimits {
     pub max_request: usize,
     pub max_response: usize,
+    /// Requests a caller may have unanswered (or answered but not yet written) at once.
+    pub max_in_flight: usize,
 }
 
 /// Why a call on a pipe got no answer.
@@ -113,27 +119,35 @@ async fn read_frame<M: DeserializeOwned, R: AsyncRead + Unpin>(
     Ok((tag, postcard::from_bytes(&body).map_err(|e| FrameError::Malformed(e.to_string()))))
 }
 
-/// Writes whatever is queued, in as few writes as it can; ends when the queue closes or the
-/// stream fails. `next` turns a queued item into frame bytes (or skips it).
-async fn write_loop<T>(
+/// Writes whatever is queued, in as few writes as it can; ends when the queue closes, the
+/// stream fails, or a write makes no progress for [`WRITE_STALL`]. `next` turns a queued item
+/// into frame bytes (or skips it), and may hand back something to keep until they are written.
+async fn write_loop<T, Keep>(
     mut io: WriteHalf<Stream>,
     mut queue: mpsc::UnboundedReceiver<T>,
-    mut next: impl FnMut(T, &mut Vec<u8>),
+    mut next: impl FnMut(T, &mut Vec<u8>) -> Option<Keep>,
 ) -> io::Result<()> {
     let mut buf = Vec::new();
+    let mut kept = Vec::new();
     while let Some(item) = queue.recv().await {
-        next(item, &mut buf);
+        kept.extend(next(item, &mut buf));
         while buf.len() < WRITE_BATCH_BYTES {
             match queue.try_recv() {
-                Ok(item) => next(item, &mut buf),
+                Ok(item) => kept.extend(next(item, &mut buf)),
                 Err(_) => break,
             }
         }
         if !buf.is_empty() {
-            io.write_all(&buf).await?;
-            io.flush().await?;
+            let write = async {
+                io.write_all(&buf).await?;
+                io.flush().await
+            };
+            tokio::time::timeout(WRITE_STALL, write)
+                .await
+                .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "the peer reads nothing"))??;
             buf.clear();
         }
+        kept.clear();
     }
     io.close().await
 }
@@ -216,6 +230,7 @@ where
                         let _ = reply.send(Err(PipeError::Closed("the stream ended".into())));
                     }
                 }
+                None::<()>
             })
             .await;
             close_all(&pending, &format!("write failed: {}", result.err().map_or("closed".into(), |e| e.to_string())));
@@ -378,14 +393,18 @@ pub struct Inbound<Req, Resp> {
 #[derive(Debug)]
 pub struct Responder<Resp> {
     tag: u64,
-    out: mpsc::UnboundedSender<(u64, Resp)>,
-    _slot: tokio::sync::OwnedSemaphorePermit,
+    out: mpsc::UnboundedSender<Answer<Resp>>,
+    slot: tokio::sync::OwnedSemaphorePermit,
 }
 
+/// An answer on its way to the writer, with its request's slot: freed once it is written.
+type Answer<Resp> = (u64, Resp, tokio::sync::OwnedSemaphorePermit);
+
 impl<Resp> Responder<Resp> {
-    /// Sends the answer (a no-op if the caller has gone).
+    /// Sends the answer (a no-op if the caller has gone). Its slot stays taken until the answer
+    /// is written.
     pub fn respond(self, response: Resp) {
-        let _ = self.out.send((self.tag, response));
+        let _ = self.out.send((self.tag, response, self.slot));
     }
 }
 
@@ -403,17 +422,18 @@ where
     Resp: Serialize + Send + 'static,
 {
     let (mut read, write) = stream.split();
-    let (out, rx) = mpsc::unbounded_channel::<(u64, Resp)>();
+    let (out, rx) = mpsc::unbounded_channel::<Answer<Resp>>();
     let writer = tokio::spawn(async move {
-        let _ = write_loop(write, rx, |(tag, response), buf| {
+        let _ = write_loop(write, rx, |(tag, response, slot), buf| {
             if let Err(e) = encode(tag, &response, limits.max_response, buf) {
                 tracing::error!(%peer, error = %e, "an answer could not be encoded; the caller will time out");
             }
+            Some(slot)
         })
         .await;
     });
     let reader = tokio::spawn(async move {
-        let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+        let slots = Arc::new(Semaphore::new(limits.max_in_flight));
         loop {
             let Ok(slot) = slots.clone().acquire_owned().await else { return };
             let (tag, request) = match read_frame::<Req, _>(&mut read, limits.max_request).await {
@@ -424,7 +444,7 @@ where
                 }
             };
             let fatal = matches!(request, Err(FrameError::TooLarge { .. }));
-            let responder = Responder { tag, out: out.clone(), _slot: slot };
+            let responder = Responder { tag, out: out.clone(), slot };
             if inbound.send(Inbound { peer, request, responder }).await.is_err() || fatal {
                 // Dropping `out` lets the writer send what is queued (this refusal included)
                 // and close.

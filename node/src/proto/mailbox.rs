@@ -48,8 +48,11 @@ pub const MAX_FETCH_WAIT_MS: u32 = 25_000;
 
 /// Both protocols run as pipes (`crate::net::pipe`): one long-lived stream per connection carrying
 /// tagged requests and answers; these are their message size limits.
-pub const MAILBOX_LIMITS: PipeLimits =
-    PipeLimits { max_request: MAX_MAILBOX_MESSAGE_SIZE, max_response: MAX_MAILBOX_MESSAGE_SIZE };
+pub const MAILBOX_LIMITS: PipeLimits = PipeLimits {
+    max_request: MAX_MAILBOX_MESSAGE_SIZE,
+    max_response: MAX_MAILBOX_MESSAGE_SIZE,
+    max_in_flight: crate::net::pipe::MAX_IN_FLIGHT,
+};
 /// See [`MAILBOX_LIMITS`].
 pub const REPLICA_LIMITS: PipeLimits = MAILBOX_LIMITS;
 
