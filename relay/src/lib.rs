@@ -110,6 +110,9 @@ pub struct RelaySettings {
     /// Bytes of file chunks one user may have recorded on this relay (parts of uploads whose
     /// file id this relay is among the closest to).
     pub media_quota: u64,
+    /// How long an upload may take from its first part to its last before it is expired (its
+    /// records dropped, its chunks deleted, its bytes given back to the owner's quota).
+    pub media_upload_grace: Duration,
 }
 
 /// Everything a relay needs to start.
@@ -147,6 +150,7 @@ impl RelayConfig {
                 send_rate: 5_000,
                 send_burst: 50_000,
                 media_quota: DEFAULT_MEDIA_QUOTA_MIB << 20,
+                media_upload_grace: Duration::from_secs(24 * 3600),
             },
             store: StoreLimits { ttl: Duration::from_secs(30 * 24 * 3600), max_per_mailbox: 100_000 },
         }

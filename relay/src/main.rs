@@ -68,6 +68,11 @@ struct Cli {
     /// uploads whose file id this relay is among the closest relays to.
     #[arg(long, default_value_t = meshgram_relay::DEFAULT_MEDIA_QUOTA_MIB)]
     media_quota_mib: u64,
+    /// Seconds an upload may take from its first part to its last; one not finished by then is
+    /// expired (its chunks deleted, its bytes given back to its owner's quota). A client
+    /// resuming later starts it afresh.
+    #[arg(long, default_value_t = 24 * 3600)]
+    media_upload_grace_secs: u64,
     /// Envelopes per second one user may send (sustained).
     #[arg(long, default_value_t = 5_000)]
     send_rate: u32,
@@ -130,6 +135,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     config.store.ttl = Duration::from_secs(cli.ttl_days * 24 * 3600);
     config.store.max_per_mailbox = cli.mailbox_quota;
     config.settings.media_quota = cli.media_quota_mib.saturating_mul(1 << 20);
+    if cli.media_upload_grace_secs == 0 {
+        bail!("--media-upload-grace-secs must be at least 1");
+    }
+    config.settings.media_upload_grace = Duration::from_secs(cli.media_upload_grace_secs);
 
     let mut relay = Relay::start(config).await.context("starting the relay")?;
     service::print_ready("relay", &relay.ready)?;

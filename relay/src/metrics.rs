@@ -54,6 +54,8 @@ pub struct Metrics {
     /// Bytes of the chunks held here, as of the last repair round.
     pub chunk_bytes_held: Gauge,
     pub media_provider_records: Gauge,
+    pub media_uploads_expired: Counter,
+    pub chunks_deleted: Counter,
     /// Chunks repair copied to responsible relays that lacked them.
     pub chunk_repair_copies: Counter,
     /// Part records repair copied to responsible relays that lacked them.
@@ -130,6 +132,14 @@ impl Metrics {
         registry.register("chunk_bytes_stored", "Bytes of media chunks written to disk", chunk_bytes_stored.clone());
         let chunk_bytes_held = Gauge::default();
         registry.register("chunk_bytes_held", "Bytes of media chunks held here", chunk_bytes_held.clone());
+        let media_uploads_expired = Counter::default();
+        registry.register(
+            "media_uploads_expired",
+            "Uploads not finished within the grace period, expired here",
+            media_uploads_expired.clone(),
+        );
+        let chunks_deleted = Counter::default();
+        registry.register("chunks_deleted", "Chunks of expired uploads deleted here", chunks_deleted.clone());
         let media_provider_records = Gauge::default();
         registry.register(
             "media_provider_records",
@@ -170,6 +180,8 @@ impl Metrics {
             chunk_bytes_stored,
             chunk_bytes_held,
             media_provider_records,
+            media_uploads_expired,
+            chunks_deleted,
             chunk_repair_copies,
             part_record_repair_copies,
         }

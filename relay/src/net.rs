@@ -76,6 +76,8 @@ pub(crate) struct EventLoop {
     media: MediaServer,
     /// What this relay keeps of media (repair reads it).
     media_store: MediaStore,
+    /// How long an upload may take before it is expired.
+    media_upload_grace: Duration,
     /// Other relays' replicas here.
     replica_server: ReplicaServer,
     /// This relay's calls to other relays (here: greetings).
@@ -158,6 +160,7 @@ impl EventLoop {
             reports,
             replica_server: ReplicaServer::new(settings.gateway_key.clone(), cert, store, media_store.clone()),
             media: MediaServer::new(settings.gateway_key.clone(), media_store.clone(), replicas.clone()),
+            media_upload_grace: settings.media_upload_grace,
             media_store,
             mailboxes: Mailboxes::new(settings, Arc::clone(&metrics), replicas.clone()),
             metrics,
@@ -180,6 +183,10 @@ impl EventLoop {
         let mut park_tick = tokio::time::interval(PARK_TICK);
         let mut expire_tick = tokio::time::interval(EXPIRE_EVERY);
         let mut revocation_tick = tokio::time::interval(revocations::POLL_EVERY);
+        // Often enough that an upload is expired soon after its grace, never more than a
+        // scan of the upload index per second.
+        let grace = self.media_upload_grace;
+        let mut media_expire_tick = tokio::time::interval((grace / 2).clamp(Duration::from_secs(1), EXPIRE_EVERY));
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => break,
@@ -238,6 +245,10 @@ impl EventLoop {
                     self.media.forget_expired_revocations();
                 }
                 _ = revocation_tick.tick(), if self.revocations.is_some() => self.poll_gateway(),
+                _ = media_expire_tick.tick() => {
+                    let known = &mut self.relays.known(&mut self.swarm.behaviour_mut().kad);
+                    self.media.expire_uploads(grace, known);
+                }
             }
         }
         self.mailboxes.shutdown().await;

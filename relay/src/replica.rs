@@ -153,7 +153,8 @@ impl ReplicaServer {
                 | ReplicaRequest::UploadStatus { .. }
                 | ReplicaRequest::GetChunk { .. }
                 | ReplicaRequest::HasChunks { .. }
-                | ReplicaRequest::CheckPart { .. }),
+                | ReplicaRequest::CheckPart { .. }
+                | ReplicaRequest::DeleteChunks { .. }),
             ) => self.media(channel, request),
             Ok(ReplicaRequest::Delete { mailbox, ids }) => {
                 let store = self.store.clone();
@@ -265,6 +266,14 @@ async fn serve_media(media: &MediaStore, request: ReplicaRequest) -> Result<Repl
             }
             let missing = media.chunks.missing(hashes).await.map_err(|e| e.wire())?;
             Ok(ReplicaResponse::MissingChunks { hashes: missing })
+        }
+        ReplicaRequest::DeleteChunks { hashes } => {
+            if hashes.len() > MAX_HASHES_PER_REQUEST {
+                let message = format!("at most {MAX_HASHES_PER_REQUEST} hashes per request");
+                return Err(WireError::new(ErrorCode::BadRequest, message));
+            }
+            let count = media.delete_unnamed(hashes).await?;
+            Ok(ReplicaResponse::ChunksDeleted { count })
         }
         _ => Err(WireError::new(ErrorCode::Internal, "not a media request")),
     }

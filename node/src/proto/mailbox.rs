@@ -150,6 +150,10 @@ pub enum ReplicaRequest {
     /// Asked of every relay recording the upload before the chunk is stored anywhere, so that a
     /// part refused by them leaves no chunk behind. Answered `PartChecked`; commits nothing.
     CheckPart { record: PartRecord },
+    /// These chunks belonged to an upload the caller expired (never finished within the grace
+    /// period): delete those no upload recorded here still names. At most
+    /// [`crate::proto::media::MAX_HASHES_PER_REQUEST`]. Answered `ChunksDeleted`.
+    DeleteChunks { hashes: Vec<ChunkHash> },
 }
 
 /// Ids per [`ReplicaRequest::Reconcile`]: 1 MiB of ids, far below the frame limit.
@@ -238,4 +242,8 @@ pub enum ReplicaResponse {
     },
     /// Answer to `CheckPart`: it would be recorded.
     PartChecked,
+    /// Answer to `DeleteChunks`: how many were deleted here.
+    ChunksDeleted {
+        count: u32,
+    },
 }

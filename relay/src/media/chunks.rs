@@ -142,6 +142,25 @@ impl ChunkStore {
         hashes.iter().filter(|hash| !self.path(hash).exists()).copied().collect()
     }
 
+    /// Deletes these chunks; returns the bytes freed.
+    pub(crate) fn remove_blocking(&self, hashes: &[ChunkHash]) -> Result<u64, ChunkError> {
+        let mut freed = 0;
+        for hash in hashes {
+            let path = self.path(hash);
+            let len = match fs::metadata(&path) {
+                Ok(meta) => meta.len(),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(ChunkError::io("reading", &path)(e)),
+            };
+            match fs::remove_file(&path) {
+                Ok(()) => freed += len,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(ChunkError::io("removing", &path)(e)),
+            }
+        }
+        Ok(freed)
+    }
+
     /// Every chunk held here, and the bytes they take.
     pub(crate) fn list_blocking(&self) -> Result<(Vec<ChunkHash>, u64), ChunkError> {
         list_chunks(&self.root)
@@ -163,6 +182,12 @@ impl ChunkStore {
     pub(crate) async fn missing(&self, hashes: Vec<ChunkHash>) -> Result<Vec<ChunkHash>, ChunkError> {
         let store = self.clone();
         blocking(move || Ok(store.missing_blocking(&hashes))).await
+    }
+
+    /// See [`ChunkStore::remove_blocking`].
+    pub(crate) async fn remove(&self, hashes: Vec<ChunkHash>) -> Result<u64, ChunkError> {
+        let store = self.clone();
+        blocking(move || store.remove_blocking(&hashes)).await
     }
 
     /// See [`ChunkStore::list_blocking`].

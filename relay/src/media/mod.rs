@@ -19,6 +19,7 @@ pub(crate) mod providers;
 pub(crate) mod repair;
 pub(crate) mod uploads;
 
+use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
@@ -30,7 +31,8 @@ use meshgram_node::ids::UserId;
 use meshgram_node::net::codec::FrameError;
 use meshgram_node::net::pipe::Responder;
 use meshgram_node::proto::media::{
-    ChunkHash, FileId, MAX_CHUNK_SIZE, MAX_PARTS, MAX_PROVIDED_PER_REQUEST, MediaRequest, MediaResponse, PartRecord,
+    ChunkHash, FileId, MAX_CHUNK_SIZE, MAX_HASHES_PER_REQUEST, MAX_PARTS, MAX_PROVIDED_PER_REQUEST, MediaRequest,
+    MediaResponse, PartRecord,
 };
 use meshgram_node::proto::{ErrorCode, ReplicaRequest, ReplicaResponse, WireError};
 use tokio::task::{JoinError, JoinSet};
@@ -98,6 +100,17 @@ impl MediaStore {
     /// Records a saved part here, durably (see [`UploadIndex::record_blocking`]).
     pub(crate) async fn record_part(&self, record: PartRecord) -> Result<Recorded, WireError> {
         self.uploads.record(record).await
+    }
+
+    /// Deletes those of `hashes` that no upload recorded here names; returns how many.
+    pub(crate) async fn delete_unnamed(&self, hashes: Vec<ChunkHash>) -> Result<u32, WireError> {
+        let named: HashSet<ChunkHash> = self.uploads.named(hashes.clone()).await?.into_iter().collect();
+        let unnamed: Vec<ChunkHash> = hashes.into_iter().filter(|h| !named.contains(h)).collect();
+        let count = unnamed.len() as u32;
+        let freed = self.chunks.remove(unnamed).await.map_err(|e| e.wire())?;
+        self.metrics.chunks_deleted.inc_by(u64::from(count));
+        self.metrics.chunk_bytes_held.dec_by(i64::try_from(freed).unwrap_or(i64::MAX));
+        Ok(count)
     }
 
     /// A chunk held here: `Ok(None)` if not (or it failed its hash and was removed).
@@ -168,6 +181,53 @@ impl MediaServer {
     /// The gateway refused this relay's certificate: greet no more clients.
     pub(crate) fn no_longer_admitted(&mut self, why: String) {
         self.sessions.no_longer_admitted(why);
+    }
+
+    /// Expires the uploads not finished within `grace` of their start (on a task): their
+    /// records go here, and their chunks on the live relays responsible for them (this one
+    /// included), unless another upload recorded there names them.
+    pub(crate) fn expire_uploads(&mut self, grace: Duration, known: &mut KnownRelays<'_>) {
+        let live: Vec<PeerId> = known.live_relays().into_iter().map(|r| r.peer_id).collect();
+        let (store, replicas) = (self.store.clone(), self.replicas.clone());
+        let begun_before = unix_now().saturating_sub(grace.as_secs());
+        tokio::spawn(async move {
+            let expired = match store.uploads.expire_incomplete(begun_before).await {
+                Ok(expired) => expired,
+                Err(e) => return tracing::error!(error = %e, "expiring unfinished uploads failed"),
+            };
+            if expired.uploads == 0 {
+                return;
+            }
+            store.metrics.media_uploads_expired.inc_by(expired.uploads);
+            let mut by_relay: std::collections::HashMap<PeerId, Vec<ChunkHash>> = Default::default();
+            for hash in expired.chunks {
+                // Repair may have put copies a little further out: ask one relay beyond R.
+                for holder in closest_relays(&chunk_key(&hash), live.iter().copied(), replicas.replication + 1) {
+                    by_relay.entry(holder).or_default().push(hash);
+                }
+            }
+            let mut deleted = 0;
+            for (relay, hashes) in by_relay {
+                for batch in hashes.chunks(MAX_HASHES_PER_REQUEST) {
+                    let answer = if relay == replicas.local {
+                        store.delete_unnamed(batch.to_vec()).await
+                    } else {
+                        let request = ReplicaRequest::DeleteChunks { hashes: batch.to_vec() };
+                        match replicas.call_within(relay, &request, REPLICA_STORE_DEADLINE).await {
+                            Ok(ReplicaResponse::ChunksDeleted { count }) => Ok(count),
+                            Ok(other) => Err(unexpected(&other)),
+                            Err(e) => Err(e),
+                        }
+                    };
+                    match answer {
+                        Ok(count) => deleted += count,
+                        // Left for the copy's own expiry (or a later round here): nothing is lost.
+                        Err(e) => tracing::debug!(%relay, error = %e, "deleting an expired upload's chunks failed"),
+                    }
+                }
+            }
+            tracing::info!(uploads = expired.uploads, chunks_deleted = deleted, "expired unfinished uploads");
+        });
     }
 
     /// Forgets revocations whose certificates have all expired, and provider records past

@@ -7,6 +7,12 @@
 //! - `uploads`: file id → (owner, total parts, created at unix s).
 //! - `parts`: (file id, part) → (chunk hash, stored size).
 //! - `usage`: owner → bytes of the chunks recorded for them here (the quota's figure).
+//! - `chunk_refs`: chunk hash → how many recorded parts here name it (so a chunk is deleted
+//!   only when no upload recorded here still names it).
+//!
+//! An upload not complete (every part recorded) within the grace period after it began is
+//! expired: its records go, its bytes are given back to its owner's quota, and its chunks are
+//! deleted on their holders ([`super::MediaServer::expire_uploads`]).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -29,6 +35,7 @@ type PartKey = (&'static [u8; 16], u32);
 type PartValue = ([u8; 32], u32);
 const PARTS: TableDefinition<PartKey, PartValue> = TableDefinition::new("parts");
 const USAGE: TableDefinition<u64, u64> = TableDefinition::new("usage");
+const CHUNK_REFS: TableDefinition<&[u8; 32], u32> = TableDefinition::new("chunk_refs");
 
 const MIB: u64 = 1 << 20;
 
@@ -41,6 +48,14 @@ pub(crate) struct UploadStatus {
     pub(crate) saved: Vec<u32>,
     /// The chunk each saved part was saved with, in the same order.
     pub(crate) hashes: Vec<ChunkHash>,
+}
+
+/// What expiring unfinished uploads did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Expired {
+    pub(crate) uploads: u64,
+    /// Chunks no upload recorded here names any more.
+    pub(crate) chunks: Vec<ChunkHash>,
 }
 
 /// What recording a part did.
@@ -67,6 +82,7 @@ impl UploadIndex {
         tx.open_table(UPLOADS)?;
         tx.open_table(PARTS)?;
         tx.open_table(USAGE)?;
+        tx.open_table(CHUNK_REFS)?;
         tx.commit()?;
         Ok(UploadIndex { db: Arc::new(db), quota })
     }
@@ -98,6 +114,9 @@ impl UploadIndex {
                     uploads.insert(file, (record.owner.0, record.total_parts, unix_now())).map_err(db_error)?;
                 }
                 parts.insert((file, record.part), (record.hash.0, record.size)).map_err(db_error)?;
+                let mut refs = tx.open_table(CHUNK_REFS).map_err(db_error)?;
+                let named = refs.get(&record.hash.0).map_err(db_error)?.map_or(0, |v| v.value());
+                refs.insert(&record.hash.0, named + 1).map_err(db_error)?;
                 let used = usage.get(record.owner.0).map_err(db_error)?.map_or(0, |v| v.value());
                 usage.insert(record.owner.0, used + u64::from(record.size)).map_err(db_error)?;
             }
@@ -177,6 +196,82 @@ impl UploadIndex {
     pub(crate) async fn record(&self, record: PartRecord) -> Result<Recorded, WireError> {
         let index = self.clone();
         blocking(move || index.record_blocking(&record)).await
+    }
+
+    /// Expires the uploads begun before `begun_before` (unix s) that are not complete: their
+    /// records go and their bytes go back to their owners. Returns the chunks no upload here
+    /// names any more, to delete on their holders.
+    pub(crate) fn expire_incomplete_blocking(&self, begun_before: u64) -> Result<Expired, WireError> {
+        let mut tx = self.db.begin_write().map_err(db_error)?;
+        tx.set_durability(Durability::Immediate).map_err(db_error)?;
+        let mut expired = Expired::default();
+        {
+            let mut uploads = tx.open_table(UPLOADS).map_err(db_error)?;
+            let mut parts = tx.open_table(PARTS).map_err(db_error)?;
+            let mut usage = tx.open_table(USAGE).map_err(db_error)?;
+            let mut refs = tx.open_table(CHUNK_REFS).map_err(db_error)?;
+            let mut stale = Vec::new();
+            for entry in uploads.iter().map_err(db_error)? {
+                let (file, upload) = entry.map_err(db_error)?;
+                let (owner, total_parts, created) = upload.value();
+                if created < begun_before {
+                    stale.push((*file.value(), owner, total_parts));
+                }
+            }
+            for (file, owner, total_parts) in stale {
+                let mut recorded = Vec::new();
+                for entry in parts.range((&file, 0)..=(&file, u32::MAX)).map_err(db_error)? {
+                    let (key, value) = entry.map_err(db_error)?;
+                    recorded.push((key.value().1, value.value()));
+                }
+                if recorded.len() as u32 >= total_parts {
+                    continue;
+                }
+                let mut freed = 0u64;
+                for (part, (hash, size)) in recorded {
+                    parts.remove((&file, part)).map_err(db_error)?;
+                    freed += u64::from(size);
+                    let named = refs.get(&hash).map_err(db_error)?.map_or(0, |v| v.value());
+                    if named <= 1 {
+                        refs.remove(&hash).map_err(db_error)?;
+                        expired.chunks.push(ChunkHash(hash));
+                    } else {
+                        refs.insert(&hash, named - 1).map_err(db_error)?;
+                    }
+                }
+                uploads.remove(&file).map_err(db_error)?;
+                let used = usage.get(owner).map_err(db_error)?.map_or(0, |v| v.value());
+                usage.insert(owner, used.saturating_sub(freed)).map_err(db_error)?;
+                expired.uploads += 1;
+            }
+        }
+        tx.commit().map_err(db_error)?;
+        Ok(expired)
+    }
+
+    /// Those of `hashes` that some upload recorded here names.
+    pub(crate) fn named_blocking(&self, hashes: &[ChunkHash]) -> Result<Vec<ChunkHash>, WireError> {
+        let tx = self.db.begin_read().map_err(db_error)?;
+        let refs = tx.open_table(CHUNK_REFS).map_err(db_error)?;
+        let mut named = Vec::new();
+        for hash in hashes {
+            if refs.get(&hash.0).map_err(db_error)?.is_some() {
+                named.push(*hash);
+            }
+        }
+        Ok(named)
+    }
+
+    /// See [`UploadIndex::expire_incomplete_blocking`].
+    pub(crate) async fn expire_incomplete(&self, begun_before: u64) -> Result<Expired, WireError> {
+        let index = self.clone();
+        blocking(move || index.expire_incomplete_blocking(begun_before)).await
+    }
+
+    /// See [`UploadIndex::named_blocking`].
+    pub(crate) async fn named(&self, hashes: Vec<ChunkHash>) -> Result<Vec<ChunkHash>, WireError> {
+        let index = self.clone();
+        blocking(move || index.named_blocking(&hashes)).await
     }
 
     /// See [`UploadIndex::status_blocking`].
@@ -285,6 +380,22 @@ mod tests {
         assert_eq!(err.message, format!("file_id {file} belongs to another user"));
         assert_eq!(index.check_blocking(&record(file, 8, 1, 3, 100)).unwrap_err().code, ErrorCode::Forbidden);
         assert_eq!(index.used_blocking(UserId(8)), 0);
+    }
+
+    #[test]
+    fn unfinished_uploads_expire_and_give_their_bytes_back() {
+        let (_dir, index) = index(1000);
+        let (done, unfinished) = (record(FileId::random(), 7, 0, 1, 300), record(FileId::random(), 7, 0, 2, 200));
+        index.record_blocking(&done).unwrap();
+        index.record_blocking(&unfinished).unwrap();
+        assert!(index.expire_incomplete_blocking(unix_now() - 60).unwrap().uploads == 0, "not past its grace yet");
+        let expired = index.expire_incomplete_blocking(unix_now() + 1).unwrap();
+        assert_eq!(expired, Expired { uploads: 1, chunks: vec![unfinished.hash] });
+        assert!(index.status_blocking(&unfinished.file_id).unwrap().is_none());
+        assert!(index.status_blocking(&done.file_id).unwrap().is_some(), "a finished upload stays");
+        assert_eq!(index.named_blocking(&[done.hash, unfinished.hash]).unwrap(), vec![done.hash]);
+        // Its 200 bytes are back: 300 used of 1000, so 700 more fit.
+        index.record_blocking(&record(FileId::random(), 7, 0, 1, 700)).unwrap();
     }
 
     #[test]

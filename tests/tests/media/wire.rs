@@ -1,4 +1,4 @@
-//! Bad input straight at a relay's media protocol, from raw clients whose certificates the test
+//! Bad input straight at a relay's media protocol, and the expiry of unfinished uploads, from raw clients whose certificates the test
 //! signs (the relay trusts a gateway key the test holds).
 
 use libp2p::identity::ed25519;
@@ -101,4 +101,38 @@ async fn a_relay_refuses_bad_parts_with_clear_errors_and_stores_nothing_of_them(
     }
     let unknown = MediaRequest::GetChunk { hash: ChunkHash::of(b"never stored") };
     assert_eq!(refused(bob.media_call(unknown).await).0, ErrorCode::NotFound);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_not_finished_within_its_grace_is_expired_and_its_chunks_deleted() {
+    let gateway_key = ed25519::Keypair::generate();
+    let extra = ["--media-upload-grace-secs", "2"];
+    let mesh = Mesh::start_with_key_and_args(Gateway::start(), &gateway_key, 2, 2, &extra);
+    let chunk_files = |relay: &meshgram_tests::Server| {
+        files_under(&relay.data_dir.join("chunks"))
+            .iter()
+            .filter(|f| f.file_name().is_some_and(|n| n.len() == 64))
+            .count()
+    };
+    let alice = RawClient::new(&mesh.relays[0].tcp_addr());
+    hello(&alice, &gateway_key, 1).await;
+    let (finished, unfinished) = (FileId::random(), FileId::random());
+    let kept = vec![1u8; 5000];
+    saved(alice.media_call(save(finished, 0, 1, &kept)).await);
+    saved(alice.media_call(save(unfinished, 0, 2, &[2u8; 5000])).await);
+    assert!(mesh.relays.iter().all(|r| chunk_files(r) == 2), "both chunks on both relays");
+
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while mesh.relays.iter().any(|r| chunk_files(r) != 1) {
+        assert!(std::time::Instant::now() < deadline, "the unfinished upload's chunk is still there after 30 s");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    match alice.media_call(MediaRequest::GetUploadStatus { file_id: unfinished }).await {
+        MediaResponse::UploadStatus { total_parts, saved, .. } => assert_eq!((total_parts, saved), (0, vec![])),
+        other => panic!("expected UploadStatus, got {other:?}"),
+    }
+    match alice.media_call(MediaRequest::GetChunk { hash: ChunkHash::of(&kept) }).await {
+        MediaResponse::Chunk { bytes } => assert_eq!(bytes, kept, "a finished upload stays"),
+        other => panic!("expected the chunk, got {other:?}"),
+    }
 }
