@@ -1,5 +1,15 @@
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use meshgram_node::client::net::ClientNet;
+use meshgram_node::client::session::SavedSession;
+use meshgram_node::crypto::identity::DeviceIdentity;
+use meshgram_node::net::pipe;
+use meshgram_node::proto::RelayInfo;
+use meshgram_node::proto::media::{ChunkHash, FileRef, MEDIA_LIMITS, MediaRequest, MediaResponse};
 
 use meshgram_tests::{
     Mesh, array, blake3_of_file, files_under, meshgram, random_file, relay_metric, spawn_meshgram, str_field,
@@ -96,11 +106,18 @@ fn a_256_mib_file_survives_a_killed_upload_a_killed_relay_and_a_corrupt_chunk() 
 
     // A chunk corrupted on one relay's disk, and another relay SIGKILLed: a forward to Carol
     // reuses the stored chunks, and her download still gets every part right.
-    let chunks: Vec<_> = files_under(&mesh.relays[1].data_dir.join("chunks"))
-        .into_iter()
-        .filter(|f| f.file_name().is_some_and(|n| n.len() == 64))
-        .collect();
-    assert!(!chunks.is_empty(), "relay 1 holds chunks");
+    // One that relay 2 holds too: with relay 0 down, relay 2's copy is the good one left.
+    let chunk_files = |relay: usize| {
+        files_under(&mesh.relays[relay].data_dir.join("chunks"))
+            .into_iter()
+            .filter(|f| f.file_name().is_some_and(|n| n.len() == 64))
+            .collect::<Vec<_>>()
+    };
+    let on_relay_2: std::collections::HashSet<_> =
+        chunk_files(2).iter().filter_map(|f| f.file_name().map(|n| n.to_owned())).collect();
+    let chunks: Vec<_> =
+        chunk_files(1).into_iter().filter(|f| f.file_name().is_some_and(|n| on_relay_2.contains(n))).collect();
+    assert!(!chunks.is_empty(), "relays 1 and 2 share chunks");
     let mut corrupt = std::fs::read(&chunks[0]).unwrap();
     corrupt[100] ^= 0xff;
     std::fs::write(&chunks[0], corrupt).unwrap();
@@ -237,5 +254,108 @@ fn a_peer_that_downloaded_a_file_serves_it_while_every_relay_holding_it_is_down(
     // Carol gets the file from Bob's node, byte for byte.
     let carol_copy = files.join("carol.jpg");
     meshgram(&carol, &["download", str_field(&carol_message, "id"), "-o", path_str(&carol_copy)]).ok_json_lines();
+    assert_eq!(blake3_of_file(&carol_copy), blake3_of_file(&original));
+}
+
+/// A signed-in profile's device turned liar: it announces to `relays` that it serves the file
+/// with provider key `file`, and answers every chunk asked of it with garbage. Returns how many
+/// chunks it was asked for so far.
+fn start_lying_provider(
+    runtime: &tokio::runtime::Runtime,
+    profile: &Path,
+    relays: &[RelayInfo],
+    file: ChunkHash,
+) -> Arc<AtomicUsize> {
+    let asked = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&asked);
+    let identity = DeviceIdentity::load_or_create(profile).unwrap();
+    let cert = SavedSession::load(profile).unwrap().expect("mallory signed in").cert;
+    runtime.block_on(async move {
+        let net = ClientNet::spawn(&identity).unwrap();
+        let addr = net.listen("/ip4/127.0.0.1/tcp/0".parse().unwrap()).await.unwrap();
+        for relay in relays {
+            let hello = MediaRequest::Hello { cert: cert.clone() };
+            let welcome = net.media_request(relay.peer_id, relay.addrs.clone(), &hello).await.unwrap();
+            assert!(matches!(welcome, MediaResponse::Welcome { .. }), "{}", welcome.kind());
+            let provide = MediaRequest::Provide { files: vec![file], addrs: vec![addr.clone()] };
+            let provided = net.media_request(relay.peer_id, relay.addrs.clone(), &provide).await.unwrap();
+            assert!(matches!(provided, MediaResponse::Provided), "{}", provided.kind());
+        }
+        let mut incoming = net.accept_media().unwrap();
+        let me = identity.peer_id();
+        tokio::spawn(async move {
+            let _net = net;
+            let (tx, mut requests) = tokio::sync::mpsc::channel(64);
+            let mut pipes = Vec::new();
+            loop {
+                tokio::select! {
+                    Some((peer, stream)) = incoming.next() => pipes.push(pipe::serve(peer, stream, MEDIA_LIMITS, tx.clone())),
+                    Some(inbound) = requests.recv() => {
+                        let pipe::Inbound { request, responder, .. } = inbound;
+                        responder.respond(match request {
+                            Ok(MediaRequest::GetChunk { .. }) => {
+                                counter.fetch_add(1, Ordering::SeqCst);
+                                MediaResponse::Chunk { bytes: vec![0xee; 4096] }
+                            }
+                            _ => MediaResponse::Welcome { relay: me },
+                        });
+                    }
+                }
+            }
+        });
+    });
+    asked
+}
+
+#[test]
+fn a_peer_serving_corrupt_chunks_is_caught_and_an_honest_one_serves_instead() {
+    let mut mesh = Mesh::start(5, 2);
+    let (files, [alice, bob, carol, mallory]) =
+        sign_in(&mesh, [("alice", ALICE), ("bob", BOB), ("carol", CAROL), ("mallory", "+15550004444")]);
+    let original = files.join("photo.jpg");
+    random_file(&original, 300 * 1024, "another photo");
+    let sent = meshgram(&alice, &["upload", path_str(&original), "--to", BOB]).ok_json_lines();
+    let message_id = str_field(sent.last().unwrap(), "id").to_string();
+    meshgram(&alice, &["forward", &message_id, "--to", CAROL]).ok_json();
+    let bob_message = file_message(&meshgram(&bob, &["messages"]).ok_json());
+    meshgram(&bob, &["download", str_field(&bob_message, "id"), "-o", path_str(&files.join("bob.jpg"))])
+        .ok_json_lines();
+    let carol_message = file_message(&meshgram(&carol, &["messages"]).ok_json());
+    let file: FileRef = serde_json::from_value(carol_message["file"].clone()).unwrap();
+
+    // Every relay holding a chunk of the file goes down; Mallory claims to serve it.
+    let holds_chunks =
+        |dir: &Path| files_under(&dir.join("chunks")).iter().any(|f| f.file_name().is_some_and(|n| n.len() == 64));
+    let mut left = Vec::new();
+    for relay in &mut mesh.relays {
+        if holds_chunks(&relay.data_dir) {
+            relay.kill9();
+        } else {
+            let mut addr: libp2p::Multiaddr = relay.tcp_addr().parse().unwrap();
+            addr.pop();
+            left.push(RelayInfo { peer_id: relay.peer_id().parse().unwrap(), addrs: vec![addr] });
+        }
+    }
+    assert!(!left.is_empty(), "a relay without chunks of the file is left");
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let asked = start_lying_provider(&runtime, &mallory, &left, file.provider_key());
+
+    // With only Mallory to ask, the download fails clearly and writes nothing.
+    let carol_copy = files.join("carol.jpg");
+    let carol_id = str_field(&carol_message, "id").to_string();
+    meshgram(&carol, &["download", &carol_id, "-o", path_str(&carol_copy)]).expect_err(&["NETWORK"]);
+    assert!(asked.load(Ordering::SeqCst) > 0, "Mallory was asked");
+    assert!(!carol_copy.exists(), "nothing written from a corrupt chunk");
+
+    // Bob's node serves it too: Carol gets every part right, whatever Mallory says.
+    let _bob_node = meshgram_tests::start_node(&bob);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while mesh.relays.iter().filter_map(|r| relay_metric(r, "meshgram_relay_media_provider_records")).sum::<u64>()
+        < 2 * left.len() as u64
+    {
+        assert!(Instant::now() < deadline, "Bob's node announced nothing within 30 s");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    meshgram(&carol, &["download", &carol_id, "-o", path_str(&carol_copy)]).ok_json_lines();
     assert_eq!(blake3_of_file(&carol_copy), blake3_of_file(&original));
 }
