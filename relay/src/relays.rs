@@ -27,7 +27,7 @@ use libp2p::{Multiaddr, PeerId};
 use meshgram_node::proto::RelayInfo;
 use tokio::sync::mpsc;
 
-use crate::placement::{closest_relays, mailbox_key};
+use crate::placement::{by_closeness, mailbox_key};
 
 /// A relay whose replica request failed is skipped in placement for this long.
 const DOWN_FOR: Duration = Duration::from_secs(30);
@@ -339,10 +339,7 @@ impl KnownRelays<'_> {
     /// relays when the routing table may not hold them (see the module).
     pub(crate) fn mailbox_relays(&mut self, device: &PeerId) -> Vec<RelayInfo> {
         self.look_up_if_needed(device);
-        let relays = self.live_relays();
-        let order = closest_relays(&mailbox_key(device), relays.iter().map(|r| r.peer_id), relays.len());
-        let mut by_id: HashMap<PeerId, RelayInfo> = relays.into_iter().map(|r| (r.peer_id, r)).collect();
-        order.into_iter().filter_map(|id| by_id.remove(&id)).collect()
+        by_closeness(&mailbox_key(device), self.live_relays())
     }
 
     /// Starts a lookup of `device`'s closest relays if the routing table may not hold them and

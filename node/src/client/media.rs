@@ -149,12 +149,6 @@ fn another_relay_may_do(e: &MessagingError) -> bool {
     }
 }
 
-/// `relays`, those responsible for `key` first (closest first), then the others.
-fn closest_first<T>(key: &libp2p::kad::KBucketKey<T>, relays: &[RelayInfo]) -> Vec<RelayInfo> {
-    let order = placement::closest_relays(key, relays.iter().map(|r| r.peer_id), relays.len());
-    order.into_iter().filter_map(|id| relays.iter().find(|r| r.peer_id == id).cloned()).collect()
-}
-
 fn file_error(path: &Path, e: impl std::fmt::Display) -> MessagingError {
     MessagingError::File(format!("{}: {e}", path.display()))
 }
@@ -209,7 +203,7 @@ impl Messenger {
         let mut attempt = 0;
         let (state, saved, manifest) = 'upload: loop {
             attempt += 1;
-            let targets = closest_first(&placement::file_key(&state.file_id), &relays);
+            let targets = placement::by_closeness(&placement::file_key(&state.file_id), relays.clone());
             let saved = match upload_status(&link, &targets, state.file_id).await? {
                 (total, saved) if total == total_parts => saved,
                 (0, _) => HashMap::new(),
@@ -278,7 +272,7 @@ impl Messenger {
             break (state, saved, manifest);
         };
         let (file_id, key) = (state.file_id, FileKey(state.key));
-        let targets = closest_first(&placement::file_key(&file_id), &relays);
+        let targets = placement::by_closeness(&placement::file_key(&file_id), relays.clone());
         let listing = Manifest { size, part_size, parts: manifest };
         let listing = postcard::to_stdvec(&listing).expect("invariant: manifests serialize");
         let (manifest_chunk, manifest) = key.seal_part(MANIFEST_INDEX, &listing);
@@ -559,7 +553,7 @@ impl Holders {
             .get_or_init(|| async {
                 let mut found: Vec<RelayInfo> = Vec::new();
                 let request = MediaRequest::FindProviders { file: self.file };
-                let asked = closest_first(&placement::chunk_key(&self.file), &self.relays);
+                let asked = placement::by_closeness(&placement::chunk_key(&self.file), self.relays.clone());
                 for relay in asked.iter().take(PROVIDER_RELAYS) {
                     match link.call(relay, &request, RELAY_ANSWER_DEADLINE).await {
                         Ok(MediaResponse::Providers { peers }) => {
@@ -584,7 +578,7 @@ impl Holders {
 async fn fetch_chunk(link: &MediaLink<'_>, holders: &Holders, hashes: &PartHashes) -> Result<Vec<u8>, MessagingError> {
     let request = MediaRequest::GetChunk { hash: hashes.chunk };
     let mut tried = Vec::new();
-    let relays = closest_first(&placement::chunk_key(&hashes.chunk), &holders.relays);
+    let relays = placement::by_closeness(&placement::chunk_key(&hashes.chunk), holders.relays.clone());
     for peers_asked in 0..2 {
         let candidates = if peers_asked == 0 { relays.as_slice() } else { holders.providers(link).await };
         for holder in candidates {
@@ -772,7 +766,10 @@ impl Announcer {
     async fn announce(&self, session: &SavedSession, files: &[ChunkHash]) {
         let mut by_relay: HashMap<PeerId, (RelayInfo, Vec<ChunkHash>)> = HashMap::new();
         for file in files {
-            for relay in closest_first(&placement::chunk_key(file), &session.relays).into_iter().take(PROVIDER_RELAYS) {
+            for relay in placement::by_closeness(&placement::chunk_key(file), session.relays.clone())
+                .into_iter()
+                .take(PROVIDER_RELAYS)
+            {
                 by_relay.entry(relay.peer_id).or_insert_with(|| (relay, Vec::new())).1.push(*file);
             }
         }

@@ -645,12 +645,7 @@ impl Messenger {
         let mut last = String::from("no relays known; sign in with --network");
         let mut relays = self.known_relays();
         if let Some(first) = envelopes.first() {
-            let order = placement::closest_relays(
-                &placement::mailbox_key(&first.to_device),
-                relays.iter().map(|r| r.peer_id),
-                relays.len(),
-            );
-            relays.sort_by_key(|r| order.iter().position(|id| *id == r.peer_id));
+            relays = placement::by_closeness(&placement::mailbox_key(&first.to_device), relays);
         }
         for relay in self.answering_first(relays) {
             match self.relay_call(&relay, MailboxRequest::Send { envelopes: envelopes.clone() }, SEND_DEADLINE).await {

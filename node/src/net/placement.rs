@@ -20,6 +20,7 @@ use libp2p::{
     kad::{KBucketDistance, KBucketKey},
 };
 
+use crate::proto::RelayInfo;
 use crate::proto::media::{ChunkHash, FileId};
 
 /// The key of a device's mailbox: the device's `PeerId` in Kademlia's key space.
@@ -76,6 +77,13 @@ where
         }
     }
     best.into_iter().map(|(_, relay)| relay).collect()
+}
+
+/// Every relay of `relays`, closest to `key` first (a relay listed twice, once).
+pub fn by_closeness<T>(key: &KBucketKey<T>, relays: Vec<RelayInfo>) -> Vec<RelayInfo> {
+    let order = closest_relays(key, relays.iter().map(|r| r.peer_id), relays.len());
+    let mut by_id: std::collections::HashMap<PeerId, RelayInfo> = relays.into_iter().map(|r| (r.peer_id, r)).collect();
+    order.into_iter().filter_map(|id| by_id.remove(&id)).collect()
 }
 
 #[cfg(test)]
