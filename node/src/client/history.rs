@@ -39,9 +39,10 @@ const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// Absolute file path → its [`UploadState`].
 const UPLOADS: TableDefinition<&str, &[u8]> = TableDefinition::new("uploads");
-/// Files this device serves to peers: manifest chunk → [`ServedFile`].
+/// Files this device serves to peers: provider key ([`FileRef::provider_key`]) →
+/// [`ServedFile`]. Keyed so, the keys alone are what the node announces.
 const SERVED_FILES: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("served_files");
-/// Chunk → (its file's manifest chunk, part index; `MANIFEST_INDEX` for the manifest itself).
+/// Chunk → (its file's provider key, part index; `MANIFEST_INDEX` for the manifest itself).
 const SERVED_CHUNKS: TableDefinition<&[u8; 32], (&[u8; 32], u32)> = TableDefinition::new("served_chunks");
 const NEXT_ORDER: &str = "next_order";
 const NEXT_OUTBOX: &str = "next_outbox";
@@ -254,14 +255,14 @@ impl History {
 
     /// Records a complete file this device can serve, with its parts' chunks.
     pub fn put_served(&self, served: &ServedFile, parts: &[PartHashes]) -> Result<(), HistoryError> {
-        let manifest = served.file.manifest.chunk.0;
+        let (file, manifest) = (served.file.provider_key().0, served.file.manifest.chunk.0);
         let tx = self.db.begin_write()?;
         {
-            tx.open_table(SERVED_FILES)?.insert(&manifest, encode(served).as_slice())?;
+            tx.open_table(SERVED_FILES)?.insert(&file, encode(served).as_slice())?;
             let mut chunks = tx.open_table(SERVED_CHUNKS)?;
-            chunks.insert(&manifest, (&manifest, MANIFEST_INDEX))?;
+            chunks.insert(&manifest, (&file, MANIFEST_INDEX))?;
             for (part, hashes) in parts.iter().enumerate() {
-                chunks.insert(&hashes.chunk.0, (&manifest, part as u32))?;
+                chunks.insert(&hashes.chunk.0, (&file, part as u32))?;
             }
         }
         tx.commit()?;
@@ -271,13 +272,13 @@ impl History {
     /// The served file a chunk belongs to, and its part index there.
     pub fn served_chunk(&self, chunk: &ChunkHash) -> Result<Option<(ServedFile, u32)>, HistoryError> {
         let tx = self.db.begin_read()?;
-        let Some((manifest, part)) = tx.open_table(SERVED_CHUNKS)?.get(&chunk.0)?.map(|v| {
-            let (manifest, part) = v.value();
-            (*manifest, part)
+        let Some((file, part)) = tx.open_table(SERVED_CHUNKS)?.get(&chunk.0)?.map(|v| {
+            let (file, part) = v.value();
+            (*file, part)
         }) else {
             return Ok(None);
         };
-        let file = tx.open_table(SERVED_FILES)?.get(&manifest)?.and_then(|v| postcard::from_bytes(v.value()).ok());
+        let file = tx.open_table(SERVED_FILES)?.get(&file)?.and_then(|v| postcard::from_bytes(v.value()).ok());
         Ok(file.map(|f| (f, part)))
     }
 
@@ -287,11 +288,8 @@ impl History {
         let tx = self.db.begin_read()?;
         let mut out = Vec::new();
         for entry in tx.open_table(SERVED_FILES)?.iter()? {
-            if let Ok(served) = postcard::from_bytes::<ServedFile>(entry?.1.value()) {
-                out.push(served.file.provider_key());
-            }
+            out.push(ChunkHash(*entry?.0.value()));
         }
-        out.sort_unstable();
         Ok(out)
     }
 
