@@ -15,8 +15,9 @@ use meshgram_node::crypto::identity::DeviceKeys;
 use meshgram_node::ids::{BOT_TOKEN_SECRET_LEN, BotToken, Phone, SessionId, UserId, Username};
 use meshgram_node::net::codec::FrameError;
 use meshgram_node::proto::{
-    Account, AuthRequest, AuthResponse, DeviceCard, ErrorCode as Code, LookupQuery, MAX_DEVICE_NAME_CHARS,
-    MAX_NAME_CHARS, MAX_PASSWORD_BYTES, MAX_REVOCATIONS_PER_ANSWER, UserCard, WireError,
+    Account, AuthRequest, AuthResponse, BackupRecord, DeviceCard, ErrorCode as Code, LookupQuery,
+    MAX_BACKUP_POINTER_BYTES, MAX_BACKUPS_KEPT, MAX_DEVICE_NAME_CHARS, MAX_NAME_CHARS, MAX_PASSWORD_BYTES,
+    MAX_REVOCATIONS_PER_ANSWER, UserCard, WireError,
 };
 use rand::Rng;
 
@@ -151,6 +152,14 @@ impl AuthService {
                 Ok(AuthResponse::BotToken { bot: issued.bot, token: issued.token })
             }
             AuthRequest::Revocations { since, relay_cert } => self.revocations(peer, since, &relay_cert, now),
+            AuthRequest::PutBackup { backup, keep } => self.put_backup(peer, backup, keep, now),
+            AuthRequest::ListBackups => {
+                let backups = self.store.read(|t| {
+                    let me = self.authed_user(t, &peer, now)?;
+                    Ok::<_, WireError>(t.backups(me.user_id)?)
+                })?;
+                Ok(AuthResponse::Backups(backups))
+            }
         }
     }
 
@@ -421,6 +430,25 @@ impl AuthService {
         })?;
         sessions.sort_by_key(|s| (s.created_at, s.session_id));
         Ok(AuthResponse::Sessions(sessions))
+    }
+
+    fn put_backup(&self, peer: PeerId, mut backup: BackupRecord, keep: u8, now: u64) -> AuthResult<AuthResponse> {
+        if backup.sealed.len() > MAX_BACKUP_POINTER_BYTES {
+            return Err(WireError::new(
+                Code::BadRequest,
+                format!("a backup pointer may have at most {MAX_BACKUP_POINTER_BYTES} bytes"),
+            ));
+        }
+        if !(1..=MAX_BACKUPS_KEPT).contains(&keep) {
+            return Err(WireError::new(Code::BadRequest, format!("keep 1 to {MAX_BACKUPS_KEPT} backups")));
+        }
+        backup.created_at = now;
+        self.store.write(|t| {
+            let me = self.authed_user(t, &peer, now)?;
+            t.put_backup(me.user_id, &backup, usize::from(keep))?;
+            Ok::<_, WireError>(())
+        })?;
+        Ok(AuthResponse::Done)
     }
 
     fn revoke_session(&self, peer: PeerId, session_id: SessionId, now: u64) -> AuthResult<AuthResponse> {
@@ -772,6 +800,7 @@ mod tests {
     use meshgram_node::crypto::identity::DeviceIdentity;
 
     use super::*;
+    use meshgram_node::proto::KdfParams;
 
     const T0: u64 = 1_800_000_000;
 
@@ -975,6 +1004,32 @@ mod tests {
         assert_eq!(e.code, Code::BadRequest);
         assert!(e.message.contains("exceeds"), "{}", e.message);
         assert_eq!(error_code(f.call(&d, AuthRequest::GetMe, T0)), Code::AuthKeyUnregistered);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn backup_pointers_are_the_accounts_own_bounded_and_only_the_newest_kept() {
+        let f = fixture(Limits::default());
+        let (alice, bob) = (device(), device());
+        f.login(&alice, &phone("+15550000021"), T0);
+        f.login(&bob, &phone("+15550000022"), T0);
+        let kdf = KdfParams { salt: [1; 16], m_kib: 8, t: 1, p: 1 };
+        let put = |d, n: u8, keep| {
+            let backup = BackupRecord { created_at: 0, kdf, sealed: vec![n; 64] };
+            f.call(d, AuthRequest::PutBackup { backup, keep }, T0 + u64::from(n))
+        };
+        for n in 1..=4 {
+            assert!(matches!(put(&alice, n, 3), AuthResponse::Done));
+        }
+        let AuthResponse::Backups(list) = f.call(&alice, AuthRequest::ListBackups, T0 + 10) else { panic!() };
+        let kept: Vec<u8> = list.iter().map(|b| b.sealed[0]).collect();
+        assert_eq!(kept, [4, 3, 2], "newest first, the oldest dropped");
+        assert_eq!(list[0].created_at, T0 + 4, "the gateway stamps the time");
+        let AuthResponse::Backups(none) = f.call(&bob, AuthRequest::ListBackups, T0) else { panic!() };
+        assert!(none.is_empty(), "another account sees none of them");
+        let huge = BackupRecord { created_at: 0, kdf, sealed: vec![0; MAX_BACKUP_POINTER_BYTES + 1] };
+        assert_eq!(error_code(f.call(&alice, AuthRequest::PutBackup { backup: huge, keep: 3 }, T0)), Code::BadRequest);
+        assert_eq!(error_code(put(&alice, 5, 0)), Code::BadRequest);
+        assert_eq!(error_code(f.call(&device(), AuthRequest::ListBackups, T0)), Code::AuthKeyUnregistered);
     }
 
     #[tokio::test(flavor = "multi_thread")]

@@ -13,7 +13,7 @@ use libp2p::PeerId;
 use meshgram_node::crypto::cert::{AccountKind, Revocation};
 use meshgram_node::crypto::identity::DeviceKeys;
 use meshgram_node::ids::{Phone, SessionId, UserId, Username};
-use meshgram_node::proto::{Account, SessionInfo};
+use meshgram_node::proto::{Account, BackupRecord, SessionInfo};
 use redb::{
     Database, MultimapTable, MultimapTableDefinition, ReadableMultimapTable, ReadableTable, Table, TableDefinition,
     WriteTransaction,
@@ -39,6 +39,8 @@ const REVOCATIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("revocatio
 /// Relay peer id bytes → when its admission was revoked (kept for good).
 const REVOKED_RELAYS: TableDefinition<&[u8], u64> = TableDefinition::new("revoked_relays");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// (user id, sequence number) → a sealed backup pointer ([`BackupRecord`]), oldest first.
+const BACKUPS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("backups");
 const NEXT_USER_ID: &str = "next_user_id";
 const NEXT_REVOCATION: &str = "next_revocation";
 /// User ids start here so they look like account numbers, not row counters.
@@ -186,6 +188,7 @@ pub struct Tables<'t> {
     revocations: Table<'t, u64, &'static [u8]>,
     revoked_relays: Table<'t, &'static [u8], u64>,
     meta: Table<'t, &'static str, u64>,
+    backups: Table<'t, (u64, u64), &'static [u8]>,
 }
 
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
@@ -211,6 +214,7 @@ impl<'t> Tables<'t> {
             revocations: tx.open_table(REVOCATIONS)?,
             revoked_relays: tx.open_table(REVOKED_RELAYS)?,
             meta: tx.open_table(META)?,
+            backups: tx.open_table(BACKUPS)?,
         })
     }
 
@@ -323,6 +327,32 @@ impl<'t> Tables<'t> {
     pub fn remove_code(&mut self, phone: &Phone) -> Result<(), StoreError> {
         self.codes.remove(phone.as_str())?;
         Ok(())
+    }
+
+    // ---- backups ----
+
+    /// Adds a backup pointer for `user` and drops all but the newest `keep`.
+    pub fn put_backup(&mut self, user: UserId, record: &BackupRecord, keep: usize) -> Result<(), StoreError> {
+        let last = self.backups.range((user.0, 0)..=(user.0, u64::MAX))?.next_back().transpose()?;
+        let next = last.map_or(0, |(k, _)| k.value().1 + 1);
+        self.backups.insert((user.0, next), encode(record).as_slice())?;
+        let mut old = Vec::new();
+        for entry in self.backups.range((user.0, 0)..=(user.0, u64::MAX))?.rev().skip(keep) {
+            old.push(entry?.0.value());
+        }
+        for key in old {
+            self.backups.remove(key)?;
+        }
+        Ok(())
+    }
+
+    /// A user's backup pointers, newest first.
+    pub fn backups(&self, user: UserId) -> Result<Vec<BackupRecord>, StoreError> {
+        let mut out = Vec::new();
+        for entry in self.backups.range((user.0, 0)..=(user.0, u64::MAX))?.rev() {
+            out.push(decode("backup", entry?.1.value())?);
+        }
+        Ok(out)
     }
 
     // ---- bots ----

@@ -12,7 +12,9 @@ use serde::{Deserialize, Serialize};
 
 use std::path::PathBuf;
 
-use crate::client::history::StoredMessage;
+use crate::client::backup::BackupMade;
+use crate::client::devices::{DeviceInfo, HistorySent};
+use crate::client::history::{Imported, StoredMessage};
 use crate::client::media::{ByteRange, Downloaded, Progress};
 use crate::client::messaging::MessagingError;
 use crate::client::session::ClientError;
@@ -75,6 +77,34 @@ pub enum Call {
     },
     /// Send a message again to someone else (a file without uploading it again).
     Forward { message: MessageId, to: LookupQuery },
+    /// The account's devices, with their keys' fingerprints and which ask for the history.
+    Devices,
+    /// Send the history to another device of the account (by its id, session id, or a part of
+    /// its id only it has); progress comes as [`Event::Transfer`]s.
+    ApproveDevice { device: String },
+    /// Sign another device of the account out.
+    RemoveDevice { device: String },
+    /// Back the history up: to the relays, or (`out`) to a file. `new_code`: make a new
+    /// recovery code (the first backup always does). `keep`: backups kept on the relays.
+    BackupCreate { out: Option<PathBuf>, new_code: bool, keep: Option<u8> },
+    /// Restore a backup into this profile's history with its recovery code: the newest on the
+    /// relays the code opens, or the file `from`.
+    BackupRestore { code: String, from: Option<PathBuf> },
+}
+
+impl Call {
+    /// Whether the call moves files, so runs on a task of its own (calls and messages are not
+    /// held up behind it) and reports progress.
+    pub fn is_transfer(&self) -> bool {
+        matches!(
+            self,
+            Call::Upload { .. }
+                | Call::Download { .. }
+                | Call::ApproveDevice { .. }
+                | Call::BackupCreate { .. }
+                | Call::BackupRestore { .. }
+        )
+    }
 }
 
 /// A node's answer to a [`Call`].
@@ -111,6 +141,16 @@ pub enum Reply {
     Subscribed,
     /// `Download`.
     Downloaded(Downloaded),
+    /// `Devices`.
+    Devices { devices: Vec<DeviceInfo> },
+    /// `ApproveDevice`.
+    HistorySent(HistorySent),
+    /// `RemoveDevice`: the device signed out.
+    DeviceRemoved { device: DeviceInfo },
+    /// `BackupCreate`.
+    BackupMade(BackupMade),
+    /// `BackupRestore`: what the history gained.
+    Restored(Imported),
 }
 
 /// Display names of the people a reply mentions, from cached directory cards.
@@ -177,6 +217,10 @@ pub enum Event {
     Lagged { missed: u64 },
     /// An upload or download went one part further.
     Transfer { progress: Progress },
+    /// Another device of the account asks for the history (`devices approve` sends it).
+    DeviceRequest { device: PeerId, device_name: String },
+    /// A history sent by another device of the account was merged in.
+    HistoryImported { imported: Imported },
 }
 
 /// A failed call: a stable code (Telegram's RPC error names where one fits), a message for
@@ -243,6 +287,12 @@ impl From<MessagingError> for ApiError {
             MessagingError::ChunkUnavailable(_) => "NETWORK",
             MessagingError::BadFile(_) | MessagingError::MediaCrypto(_) => "BAD_FILE",
             MessagingError::NotYours(_) => "FORBIDDEN",
+            MessagingError::UnknownDevice(_) => "NOT_FOUND",
+            MessagingError::BackupKey(crate::crypto::backup::BackupKeyError::WrongCode) => "WRONG_CODE",
+            MessagingError::BackupKey(crate::crypto::backup::BackupKeyError::BadCode) => "USAGE",
+            MessagingError::BackupKey(_) => "PROFILE",
+            MessagingError::BadBackup(_) => "BAD_BACKUP",
+            MessagingError::NoBackup(_) => "NOT_FOUND",
         };
         ApiError::new(code, e.to_string())
     }

@@ -44,6 +44,10 @@ const UPLOADS: TableDefinition<&str, &[u8]> = TableDefinition::new("uploads");
 const SERVED_FILES: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("served_files");
 /// Chunk → (its file's provider key, part index; `MANIFEST_INDEX` for the manifest itself).
 const SERVED_CHUNKS: TableDefinition<&[u8; 32], (&[u8; 32], u32)> = TableDefinition::new("served_chunks");
+/// Own devices that asked for the history: device id → [`DeviceRequest`].
+const DEVICE_REQUESTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("device_requests");
+/// Histories sent to this device and not imported yet: envelope id → [`PendingImport`].
+const PENDING_IMPORTS: TableDefinition<&[u8; 16], &[u8]> = TableDefinition::new("pending_imports");
 const NEXT_ORDER: &str = "next_order";
 const NEXT_OUTBOX: &str = "next_outbox";
 /// Envelopes dropped as definitively bad (forged, malformed), ever.
@@ -66,6 +70,26 @@ pub struct StoredMessage {
     pub deleted: bool,
     /// A file sent with the message (then `text` is its caption).
     pub file: Option<Box<FileRef>>,
+    /// Written by this device, not sent by anyone: a contact's devices changed, say.
+    #[serde(default)]
+    pub notice: bool,
+}
+
+/// [`StoredMessage`] as histories written before notices existed hold it.
+#[derive(Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
+struct StoredMessageV2 {
+    id: MessageId,
+    chat: UserId,
+    from: UserId,
+    outgoing: bool,
+    text: String,
+    reply_to: Option<MessageId>,
+    sent_at_ms: u64,
+    status: Status,
+    edited: bool,
+    deleted: bool,
+    file: Option<Box<FileRef>>,
 }
 
 /// [`StoredMessage`] as histories written before files existed hold it.
@@ -84,24 +108,89 @@ struct StoredMessageV1 {
     deleted: bool,
 }
 
-/// Reads a message record of either layout (postcard has no optional trailing fields).
+/// Reads a message record of any layout (postcard has no optional trailing fields).
 fn decode_message(bytes: &[u8]) -> Result<StoredMessage, postcard::Error> {
     postcard::from_bytes(bytes).or_else(|e| {
-        let v1: StoredMessageV1 = postcard::from_bytes(bytes).map_err(|_| e)?;
+        let v2 = match postcard::from_bytes::<StoredMessageV2>(bytes) {
+            Ok(v2) => v2,
+            Err(_) => {
+                let v1: StoredMessageV1 = postcard::from_bytes(bytes).map_err(|_| e)?;
+                StoredMessageV2 {
+                    id: v1.id,
+                    chat: v1.chat,
+                    from: v1.from,
+                    outgoing: v1.outgoing,
+                    text: v1.text,
+                    reply_to: v1.reply_to,
+                    sent_at_ms: v1.sent_at_ms,
+                    status: v1.status,
+                    edited: v1.edited,
+                    deleted: v1.deleted,
+                    file: None,
+                }
+            }
+        };
         Ok(StoredMessage {
-            id: v1.id,
-            chat: v1.chat,
-            from: v1.from,
-            outgoing: v1.outgoing,
-            text: v1.text,
-            reply_to: v1.reply_to,
-            sent_at_ms: v1.sent_at_ms,
-            status: v1.status,
-            edited: v1.edited,
-            deleted: v1.deleted,
-            file: None,
+            id: v2.id,
+            chat: v2.chat,
+            from: v2.from,
+            outgoing: v2.outgoing,
+            text: v2.text,
+            reply_to: v2.reply_to,
+            sent_at_ms: v2.sent_at_ms,
+            status: v2.status,
+            edited: v2.edited,
+            deleted: v2.deleted,
+            file: v2.file,
+            notice: false,
         })
     })
+}
+
+/// An own device that asked for the history, as this device has it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceRequest {
+    pub device: PeerId,
+    pub device_name: String,
+    /// Unix seconds.
+    pub requested_at: u64,
+    /// When this device sent it the history (unix seconds).
+    pub sent_at: Option<u64>,
+}
+
+/// A history sent to this device, waiting to be fetched and merged in.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingImport {
+    pub from_device: PeerId,
+    pub file: FileRef,
+    pub messages: u64,
+}
+
+/// Everything a device's history holds that another device of the account should have:
+/// messages (with their files' references and read state) and contacts. Nothing that is this
+/// device's alone (keys, send counters, seen envelopes, uploads, served files). Secret chats,
+/// once they exist, live elsewhere and are never in an export.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryExport {
+    pub user_id: UserId,
+    /// Unix seconds.
+    pub exported_at: u64,
+    /// In history order: by chat, then in the order they reached the exporting device.
+    pub messages: Vec<StoredMessage>,
+    /// Contacts' cards with when they were fetched (unix seconds).
+    pub cards: Vec<(UserCard, u64)>,
+    /// `@username` / `+phone` → user id, so contacts are found by name without the gateway.
+    pub names: Vec<(String, UserId)>,
+}
+
+/// What an import changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Imported {
+    /// Messages this device did not have.
+    pub new_messages: u64,
+    /// Messages it had, brought up to date (read state, edits, deletes).
+    pub merged_messages: u64,
+    pub chats: u64,
 }
 
 /// An upload this device started: what it needs to resume it after a crash, and to send the
@@ -188,6 +277,8 @@ impl History {
         tx.open_table(UPLOADS)?;
         tx.open_table(SERVED_FILES)?;
         tx.open_table(SERVED_CHUNKS)?;
+        tx.open_table(DEVICE_REQUESTS)?;
+        tx.open_table(PENDING_IMPORTS)?;
         tx.commit()?;
         Ok(History { db: Arc::new(db) })
     }
@@ -510,6 +601,225 @@ impl History {
     }
 }
 
+impl History {
+    /// The users this history has chats with, in history order.
+    pub fn chats(&self) -> Result<Vec<UserId>, HistoryError> {
+        let tx = self.db.begin_read()?;
+        let mut chats: Vec<UserId> = Vec::new();
+        for entry in tx.open_table(MESSAGES)?.range::<(u64, u64)>(..)? {
+            let (chat, _) = entry?.0.value();
+            if chats.last() != Some(&UserId(chat)) {
+                chats.push(UserId(chat));
+            }
+        }
+        Ok(chats)
+    }
+
+    /// Whether there is a chat with `user` (any message, either way).
+    pub fn has_chat(&self, user: UserId) -> Result<bool, HistoryError> {
+        let tx = self.db.begin_read()?;
+        Ok(tx.open_table(MESSAGES)?.range((user.0, 0)..=(user.0, u64::MAX))?.next().is_some())
+    }
+
+    /// Records an own device's request for the history, and marks its envelope seen, in one
+    /// transaction; returns it if it is news (a device that was sent the history already, or
+    /// asked before, is not).
+    pub fn put_device_request(
+        &self,
+        envelope: EnvelopeId,
+        request: DeviceRequest,
+    ) -> Result<Option<DeviceRequest>, HistoryError> {
+        let tx = self.db.begin_write()?;
+        let fresh = {
+            if tx.open_table(SEEN)?.insert(&envelope.0, ())?.is_some() {
+                return Ok(None);
+            }
+            let mut table = tx.open_table(DEVICE_REQUESTS)?;
+            let key = request.device.to_bytes();
+            let known = table.get(key.as_slice())?.is_some();
+            if !known {
+                table.insert(key.as_slice(), encode(&request).as_slice())?;
+            }
+            (!known).then_some(request)
+        };
+        tx.commit()?;
+        Ok(fresh)
+    }
+
+    /// Own devices that asked for the history.
+    pub fn device_requests(&self) -> Result<Vec<DeviceRequest>, HistoryError> {
+        let tx = self.db.begin_read()?;
+        let mut out = Vec::new();
+        for entry in tx.open_table(DEVICE_REQUESTS)?.iter()? {
+            if let Ok(request) = postcard::from_bytes(entry?.1.value()) {
+                out.push(request);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Remembers that `device` was sent the history now (whether or not it asked).
+    pub fn history_sent(&self, device: PeerId, device_name: &str, now: u64) -> Result<(), HistoryError> {
+        let tx = self.db.begin_write()?;
+        {
+            let mut table = tx.open_table(DEVICE_REQUESTS)?;
+            let key = device.to_bytes();
+            let mut request = table
+                .get(key.as_slice())?
+                .and_then(|v| postcard::from_bytes::<DeviceRequest>(v.value()).ok())
+                .unwrap_or(DeviceRequest { device, device_name: device_name.into(), requested_at: now, sent_at: None });
+            request.sent_at = Some(now);
+            table.insert(key.as_slice(), encode(&request).as_slice())?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Queues a history sent to this device for import, and marks its envelope seen.
+    pub fn put_pending_import(&self, envelope: EnvelopeId, import: &PendingImport) -> Result<bool, HistoryError> {
+        let tx = self.db.begin_write()?;
+        if tx.open_table(SEEN)?.insert(&envelope.0, ())?.is_some() {
+            return Ok(false);
+        }
+        tx.open_table(PENDING_IMPORTS)?.insert(&envelope.0, encode(import).as_slice())?;
+        tx.commit()?;
+        Ok(true)
+    }
+
+    /// Histories waiting to be imported, with the key each is queued under.
+    pub fn pending_imports(&self) -> Result<Vec<([u8; 16], PendingImport)>, HistoryError> {
+        let tx = self.db.begin_read()?;
+        let mut out = Vec::new();
+        for entry in tx.open_table(PENDING_IMPORTS)?.iter()? {
+            let (key, value) = entry?;
+            match postcard::from_bytes(value.value()) {
+                Ok(import) => out.push((*key.value(), import)),
+                Err(e) => tracing::warn!(error = %e, "skipping a corrupt pending import"),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Forgets a pending import (done, or definitively bad).
+    pub fn remove_pending_import(&self, key: &[u8; 16]) -> Result<(), HistoryError> {
+        let tx = self.db.begin_write()?;
+        tx.open_table(PENDING_IMPORTS)?.remove(key)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Everything another device of `user` should have, as of now (one read transaction).
+    pub fn export(&self, user: UserId, now: u64) -> Result<HistoryExport, HistoryError> {
+        let tx = self.db.begin_read()?;
+        let mut messages = Vec::new();
+        for entry in tx.open_table(MESSAGES)?.range::<(u64, u64)>(..)? {
+            match decode_message(entry?.1.value()) {
+                Ok(message) => messages.push(message),
+                Err(e) => tracing::warn!(error = %e, "leaving a corrupt history record out of the export"),
+            }
+        }
+        let fetched = tx.open_table(CARD_FETCHED)?;
+        let mut cards = Vec::new();
+        for entry in tx.open_table(CARDS)?.iter()? {
+            let (user, card) = entry?;
+            if let Ok(card) = postcard::from_bytes::<UserCard>(card.value()) {
+                cards.push((card, fetched.get(user.value())?.map(|v| v.value()).unwrap_or(0)));
+            }
+        }
+        let mut names = Vec::new();
+        for entry in tx.open_table(CARD_NAMES)?.iter()? {
+            let (name, id) = entry?;
+            names.push((name.value().to_string(), UserId(id.value())));
+        }
+        Ok(HistoryExport { user_id: user, exported_at: now, messages, cards, names })
+    }
+
+    /// Merges an export into this history, in one transaction. A message already here (a copy
+    /// that reached both devices) is kept once and brought up to date: the furthest status,
+    /// and a delete or edit either side saw. Each chat keeps the exporter's order for what it
+    /// had, followed by what only this device had (which came later: it arrived after this
+    /// device signed in). Cards fill in contacts this device had not looked up.
+    pub fn import(&self, export: &HistoryExport) -> Result<Imported, HistoryError> {
+        let mut by_chat: std::collections::BTreeMap<u64, Vec<&StoredMessage>> = Default::default();
+        for m in &export.messages {
+            by_chat.entry(m.chat.0).or_default().push(m);
+        }
+        let mut imported = Imported { chats: by_chat.len() as u64, ..Imported::default() };
+        let tx = self.db.begin_write()?;
+        {
+            let mut table = tx.open_table(MESSAGES)?;
+            let mut index = tx.open_table(MESSAGE_INDEX)?;
+            let mut meta = tx.open_table(META)?;
+            let mut order = meta.get(NEXT_ORDER)?.map(|v| v.value()).unwrap_or(0);
+            for (chat, incoming) in by_chat {
+                let (mut local, mut keys) = (Vec::new(), Vec::new());
+                for entry in table.range((chat, 0)..=(chat, u64::MAX))? {
+                    let (key, value) = entry?;
+                    keys.push(key.value());
+                    if let Ok(m) = decode_message(value.value()) {
+                        local.push(m);
+                    }
+                }
+                for key in keys {
+                    table.remove(key)?;
+                }
+                let mut local_by_id: std::collections::HashMap<MessageId, StoredMessage> =
+                    local.iter().map(|m| (m.id, m.clone())).collect();
+                let mut merged = Vec::with_capacity(incoming.len() + local.len());
+                for theirs in incoming {
+                    match local_by_id.remove(&theirs.id) {
+                        Some(mine) => {
+                            imported.merged_messages += 1;
+                            merged.push(merge(mine, theirs));
+                        }
+                        None => {
+                            imported.new_messages += 1;
+                            merged.push(theirs.clone());
+                        }
+                    }
+                }
+                merged.extend(local.into_iter().filter(|m| local_by_id.contains_key(&m.id)));
+                for message in merged {
+                    table.insert((chat, order), encode(&message).as_slice())?;
+                    index.insert(&message.id.0, (chat, order))?;
+                    order += 1;
+                }
+            }
+            meta.insert(NEXT_ORDER, order)?;
+            let mut cards = tx.open_table(CARDS)?;
+            let mut fetched = tx.open_table(CARD_FETCHED)?;
+            for (card, at) in &export.cards {
+                if cards.get(card.user_id.0)?.is_none() {
+                    cards.insert(card.user_id.0, encode(card).as_slice())?;
+                    fetched.insert(card.user_id.0, *at)?;
+                }
+            }
+            let mut names = tx.open_table(CARD_NAMES)?;
+            for (name, user) in &export.names {
+                if names.get(name.as_str())?.is_none() {
+                    names.insert(name.as_str(), user.0)?;
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(imported)
+    }
+}
+
+/// One message as two devices had it: the furthest status, and whatever edit or delete
+/// either saw (a delete wins over everything).
+fn merge(mut mine: StoredMessage, theirs: &StoredMessage) -> StoredMessage {
+    mine.status = mine.status.max(theirs.status);
+    if theirs.deleted {
+        mine.deleted = true;
+        mine.text.clear();
+    } else if theirs.edited && !mine.edited && !mine.deleted {
+        mine.edited = true;
+        mine.text.clone_from(&theirs.text);
+    }
+    mine
+}
+
 /// Records messages within `tx`; see [`History::record`].
 fn record_in(
     tx: &WriteTransaction,
@@ -589,6 +899,53 @@ mod tests {
         assert_eq!(History::open(dir.path()).expect("reopen").dropped_envelopes().expect("count"), 2, "kept");
     }
 
+    fn message(chat: u64, text: &str, status: Status) -> StoredMessage {
+        StoredMessage {
+            id: MessageId::random(),
+            chat: UserId(chat),
+            from: UserId(1),
+            outgoing: true,
+            text: text.into(),
+            reply_to: None,
+            sent_at_ms: 5,
+            status,
+            edited: false,
+            deleted: false,
+            file: None,
+            notice: false,
+        }
+    }
+
+    #[test]
+    fn an_import_merges_copies_keeps_each_chats_order_and_adds_nothing_twice() {
+        let (old_dir, new_dir) = (tempfile::tempdir().expect("temp dir"), tempfile::tempdir().expect("temp dir"));
+        let (old, new) = (History::open(old_dir.path()).expect("open"), History::open(new_dir.path()).expect("open"));
+        let (first, second) = (message(2, "first", Status::Read), message(2, "second", Status::Sent));
+        let deleted = StoredMessage { deleted: true, text: String::new(), ..message(3, "gone", Status::Sent) };
+        old.record(vec![(None, first.clone()), (None, second.clone()), (None, deleted.clone())]).expect("record");
+        // The new device got `second` itself (less far along), `third` after it signed in, and
+        // `deleted` before its author deleted it.
+        let third = message(2, "third", Status::Sent);
+        let undeleted = StoredMessage { text: "gone".into(), deleted: false, ..deleted.clone() };
+        let second_here = StoredMessage { status: Status::Pending, ..second.clone() };
+        new.record(vec![(None, second_here), (None, third.clone()), (None, undeleted)]).expect("record");
+
+        let export = old.export(UserId(1), 9).expect("export");
+        assert_eq!(export.messages.len(), 3);
+        let imported = new.import(&export).expect("import");
+        assert_eq!(imported, Imported { new_messages: 1, merged_messages: 2, chats: 2 });
+        let chat: Vec<(String, Status)> =
+            new.messages(Some(UserId(2))).expect("read").into_iter().map(|m| (m.text, m.status)).collect();
+        let want = [("first", Status::Read), ("second", Status::Sent), ("third", Status::Sent)];
+        assert_eq!(chat, want.map(|(t, s)| (t.to_string(), s)), "the exporter's order, then what only this device had");
+        let gone = new.message(&deleted.id).expect("read").expect("kept");
+        assert!(gone.deleted && gone.text.is_empty(), "a delete either side saw wins");
+        assert_eq!(new.message(&third.id).expect("read").expect("kept").status, Status::Sent);
+
+        assert_eq!(new.import(&export).expect("again"), Imported { new_messages: 0, merged_messages: 3, chats: 2 });
+        assert_eq!(new.messages(None).expect("read").len(), 4, "nothing twice");
+    }
+
     #[test]
     fn messages_recorded_before_files_existed_still_read() {
         let id = MessageId::random();
@@ -606,6 +963,21 @@ mod tests {
         };
         let read = decode_message(&encode(&old)).expect("an old record reads");
         assert_eq!((read.id, read.text.as_str(), read.status, &read.file), (id, "hi", Status::Read, &None));
+        let v2 = StoredMessageV2 {
+            id,
+            chat: UserId(2),
+            from: UserId(2),
+            outgoing: false,
+            text: "file".into(),
+            reply_to: None,
+            sent_at_ms: 5,
+            status: Status::Read,
+            edited: false,
+            deleted: false,
+            file: None,
+        };
+        let read = decode_message(&encode(&v2)).expect("a record from before notices reads");
+        assert_eq!((read.text.as_str(), read.notice), ("file", false));
         let new = StoredMessage { text: "again".into(), ..read };
         assert_eq!(decode_message(&encode(&new)).expect("a new record reads"), new);
     }

@@ -154,12 +154,25 @@ fn file_error(path: &Path, e: impl std::fmt::Display) -> MessagingError {
 }
 
 impl Messenger {
-    /// Uploads a file (or resumes its upload) and returns its reference, ready to send.
+    /// Uploads a file (or resumes its upload) and returns its reference, ready to send. From
+    /// then on this device serves its chunks to peers.
     pub async fn upload_file(
         &mut self,
         path: &Path,
         part_size: Option<u32>,
         progress: OnProgress<'_>,
+    ) -> Result<FileRef, MessagingError> {
+        self.upload(path, part_size, progress, Serve::Peers).await
+    }
+
+    /// Uploads a file; `serve`: whether this device hands its chunks to peers afterwards (not
+    /// for a file that is deleted once uploaded, such as a history export).
+    pub(crate) async fn upload(
+        &mut self,
+        path: &Path,
+        part_size: Option<u32>,
+        progress: OnProgress<'_>,
+        serve: Serve,
     ) -> Result<FileRef, MessagingError> {
         let history = self.history()?.clone();
         let part_size = part_size.unwrap_or(DEFAULT_PART_SIZE);
@@ -290,9 +303,11 @@ impl Messenger {
             name,
             key: key.0,
         };
-        let parts: Manifest = postcard::from_bytes(&listing).expect("invariant: the manifest just made parses");
-        let served = ServedFile { path: key_name, file: file.clone(), manifest_chunk };
-        history.put_served(&served, &parts.parts)?;
+        if serve == Serve::Peers {
+            let parts: Manifest = postcard::from_bytes(&listing).expect("invariant: the manifest just made parses");
+            let served = ServedFile { path: key_name, file: file.clone(), manifest_chunk };
+            history.put_served(&served, &parts.parts)?;
+        }
         Ok(file)
     }
 
@@ -328,6 +343,25 @@ impl Messenger {
     ) -> Result<Downloaded, MessagingError> {
         let found = self.history()?.message(&message)?.ok_or(MessagingError::UnknownMessage(message))?;
         let file = found.file.filter(|_| !found.deleted).ok_or(MessagingError::NoFile(message))?;
+        let name = safe_name(&file.name);
+        let out = match out {
+            Some(out) if out.is_dir() => out.join(&name),
+            Some(out) => out,
+            None => PathBuf::from(&name),
+        };
+        self.fetch_file(*file, &out, range, progress, Serve::Peers).await
+    }
+
+    /// Fetches a file by its reference to `out`, verifying every part; the file appears only
+    /// complete. With `Serve::Peers` this device hands its chunks to peers afterwards.
+    pub(crate) async fn fetch_file(
+        &mut self,
+        file: FileRef,
+        out: &Path,
+        range: Option<ByteRange>,
+        progress: OnProgress<'_>,
+        serve: Serve,
+    ) -> Result<Downloaded, MessagingError> {
         file.check().map_err(MessagingError::BadFile)?;
         let range = match range {
             Some(r) if r.start > r.end || r.end >= file.size => {
@@ -341,11 +375,6 @@ impl Messenger {
             None => ByteRange { start: 0, end: file.size - 1 },
         };
         let name = safe_name(&file.name);
-        let out = match out {
-            Some(out) if out.is_dir() => out.join(&name),
-            Some(out) => out,
-            None => PathBuf::from(&name),
-        };
         let history = self.history()?.clone();
         let holders = Holders::new(self.session.relays.clone(), file.provider_key());
         let link = MediaLink::new(&self.client, &self.session.cert);
@@ -374,21 +403,29 @@ impl Messenger {
         let fetch = Fetch { link: &link, holders: &holders, key: &key, file: &file, range, out: &written };
         let result = fetch.parts(&manifest, progress).await.and_then(|()| {
             written.sync_all().map_err(|e| file_error(&temp, e))?;
-            std::fs::rename(&temp, &out).map_err(|e| file_error(&out, e))
+            std::fs::rename(&temp, out).map_err(|e| file_error(out, e))
         });
         if let Err(e) = result {
             let _ = std::fs::remove_file(&temp);
             return Err(e);
         }
-        let path = std::fs::canonicalize(&out).unwrap_or_else(|_| out.clone());
+        let path = std::fs::canonicalize(out).unwrap_or_else(|_| out.to_path_buf());
         let done = Downloaded { path, size: len, name: file.name.clone(), mime: file.mime.clone() };
-        if whole {
+        if whole && serve == Serve::Peers {
             // From now on this device can hand the file's chunks to peers.
-            let served = ServedFile { path: done.path.to_string_lossy().into_owned(), file: *file, manifest_chunk };
+            let served = ServedFile { path: done.path.to_string_lossy().into_owned(), file, manifest_chunk };
             history.put_served(&served, &manifest.parts)?;
         }
         Ok(done)
     }
+}
+
+/// Whether a device hands a file's chunks to peers once it has the whole file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Serve {
+    Peers,
+    /// Not: the file is deleted soon (a history export on its way to another device).
+    No,
 }
 
 /// A byte range of a file, both ends included.

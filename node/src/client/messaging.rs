@@ -6,7 +6,7 @@ use std::collections::{HashMap, HashSet};
 
 use libp2p::PeerId;
 
-use crate::client::history::{History, HistoryError, StoredMessage};
+use crate::client::history::{DeviceRequest, History, HistoryError, PendingImport, StoredMessage};
 use crate::client::session::{Client, ClientError, SavedSession};
 use crate::crypto::cert::unix_now;
 use crate::crypto::seal::{self, E2eError};
@@ -32,6 +32,43 @@ pub struct Inbox {
     /// unacknowledged, to be tried again. A receiving loop backs off while there are some, since
     /// the relays hand them straight back.
     pub deferred: usize,
+    /// Own devices that asked for the history since the last fetch (approve them to send it).
+    pub device_requests: Vec<crate::client::history::DeviceRequest>,
+    /// Histories sent to this device that wait to be imported.
+    pub imports: usize,
+}
+
+impl Inbox {
+    fn absorb(&mut self, other: Inbox) {
+        self.messages.extend(other.messages);
+        self.typing.extend(other.typing);
+        self.deferred += other.deferred;
+        self.device_requests.extend(other.device_requests);
+        self.imports += other.imports;
+    }
+}
+
+/// What a contact's chat says when their devices changed, if they did.
+fn devices_changed_notice(before: &UserCard, now: &UserCard) -> Option<String> {
+    let fingerprints = |card: &UserCard, other: &UserCard| -> Vec<String> {
+        card.devices.iter().filter(|d| !other.devices.contains(d)).map(|d| d.keys.fingerprint()).collect()
+    };
+    let (added, removed) = (fingerprints(now, before), fingerprints(before, now));
+    if added.is_empty() && removed.is_empty() {
+        return None;
+    }
+    let name = if now.name.is_empty() { now.user_id.to_string() } else { now.name.clone() };
+    let mut parts = Vec::new();
+    if !added.is_empty() {
+        parts.push(format!("added {}", added.join(", ")));
+    }
+    if !removed.is_empty() {
+        parts.push(format!("removed {}", removed.join(", ")));
+    }
+    Some(format!(
+        "{name}'s devices changed: {}. If you did not expect this, check with them another way.",
+        parts.join("; ")
+    ))
 }
 
 /// How long a `Welcome`'s mailbox relays are used before a receiving device asks again.
@@ -82,6 +119,15 @@ pub enum MessagingError {
     UnknownMessage(MessageId),
     #[error("message {0} is not yours to change")]
     NotYours(MessageId),
+    #[error("{0}")]
+    UnknownDevice(String),
+    #[error(transparent)]
+    BackupKey(#[from] crate::crypto::backup::BackupKeyError),
+    /// A backup or history export that does not read: damaged, or not this account's.
+    #[error("{0}")]
+    BadBackup(String),
+    #[error("{0}")]
+    NoBackup(String),
 }
 
 impl MessagingError {
@@ -104,7 +150,11 @@ impl MessagingError {
             | MessagingError::MediaCrypto(_)
             | MessagingError::NoDevices(_)
             | MessagingError::UnknownMessage(_)
-            | MessagingError::NotYours(_) => false,
+            | MessagingError::NotYours(_)
+            | MessagingError::UnknownDevice(_)
+            | MessagingError::BackupKey(_)
+            | MessagingError::BadBackup(_)
+            | MessagingError::NoBackup(_) => false,
             MessagingError::Client(_)
             | MessagingError::Net(_)
             | MessagingError::History(_)
@@ -228,11 +278,11 @@ impl Messenger {
 
     /// The open history. Every public operation opens it (`history()`) before work that
     /// needs it, so internal code can rely on it.
-    fn h(&self) -> &History {
+    pub(crate) fn h(&self) -> &History {
         self.history.as_ref().expect("invariant: public operations open the history before using it")
     }
 
-    fn me(&self) -> UserId {
+    pub(crate) fn me(&self) -> UserId {
         self.session.cert.body.user_id
     }
 
@@ -245,7 +295,7 @@ impl Messenger {
     /// A card from the cache if it is at most `max_age_secs` old, else from the gateway (and
     /// cached). When the gateway cannot be reached, a cached card of any age does: messaging
     /// known contacts needs only the relays.
-    async fn card(&self, query: LookupQuery, max_age_secs: u64) -> Result<UserCard, MessagingError> {
+    pub(crate) async fn card(&self, query: LookupQuery, max_age_secs: u64) -> Result<UserCard, MessagingError> {
         let cached = self.h().cached_card(&query)?;
         if let Some((card, fetched)) = &cached
             && unix_now().saturating_sub(*fetched) <= max_age_secs
@@ -264,10 +314,34 @@ impl Messenger {
         }
     }
 
-    /// A card from the gateway, cached.
-    async fn lookup(&self, query: LookupQuery) -> Result<UserCard, MessagingError> {
+    /// A card from the gateway, cached. When a contact's devices changed since the cached
+    /// card, their chat gets a notice (as Signal's "safety number changed"): a device the user
+    /// did not expect is someone else reading along.
+    pub(crate) async fn lookup(&self, query: LookupQuery) -> Result<UserCard, MessagingError> {
         let card = self.client.lookup(query.clone()).await?;
+        let before = self.h().card(card.user_id)?;
         self.h().put_card(&card, &query, unix_now())?;
+        if let Some(before) = before
+            && card.user_id != self.me()
+            && self.h().has_chat(card.user_id)?
+            && let Some(text) = devices_changed_notice(&before, &card)
+        {
+            let notice = StoredMessage {
+                id: MessageId::random(),
+                chat: card.user_id,
+                from: card.user_id,
+                outgoing: false,
+                text,
+                reply_to: None,
+                sent_at_ms: now_ms(),
+                status: Status::Read,
+                edited: false,
+                deleted: false,
+                file: None,
+                notice: true,
+            };
+            self.h().record(vec![(None, notice)])?;
+        }
         Ok(card)
     }
 
@@ -440,6 +514,7 @@ impl Messenger {
                 edited: false,
                 deleted: false,
                 file: file.map(Box::new),
+                notice: false,
             });
             payloads.push(Payload { message_id, chat_with: card.user_id, body });
         }
@@ -582,7 +657,7 @@ impl Messenger {
 
     /// Seals each payload once per device of `card` (and per own other device when `sync`),
     /// and sends them in order; returns each payload with its send time.
-    async fn send_sealed(
+    pub(crate) async fn send_sealed(
         &mut self,
         card: &UserCard,
         payloads: Vec<Payload>,
@@ -700,9 +775,7 @@ impl Messenger {
             match self.drain(&relay, wait).await {
                 Ok(inbox) => {
                     reached += 1;
-                    fresh.messages.extend(inbox.messages);
-                    fresh.typing.extend(inbox.typing);
-                    fresh.deferred += inbox.deferred;
+                    fresh.absorb(inbox);
                 }
                 Err(e) => {
                     tracing::warn!(relay = %relay.peer_id, error = %e, "mailbox relay unavailable");
@@ -716,6 +789,10 @@ impl Messenger {
             return Err(MessagingError::NoRelay(last));
         }
         self.acknowledge_delivery(&fresh.messages).await;
+        if !fresh.device_requests.is_empty() {
+            // A device joined the account: its contacts should know (see `lookup`).
+            self.announce_devices_changed().await;
+        }
         Ok(fresh)
     }
 
@@ -776,8 +853,7 @@ impl Messenger {
             self.history()?;
             let fetched: Vec<EnvelopeId> = envelopes.iter().map(|e| e.id).collect();
             let (inbox, deferred) = self.accept(envelopes).await?;
-            fresh.messages.extend(inbox.messages);
-            fresh.typing.extend(inbox.typing);
+            fresh.absorb(inbox);
             fresh.deferred += deferred.len();
             // Acknowledged only after the history commit: a crash before it means a redelivery,
             // which the seen-set absorbs; never a loss. Deferred envelopes stay on the relays.
@@ -822,7 +898,15 @@ impl Messenger {
                 continue;
             }
             match self.open_envelope(&envelope).await {
-                Ok(payload) => self.apply(&envelope, payload, &mut inbox)?,
+                Ok(payload) => {
+                    if payload.body == Body::DevicesChanged
+                        && let Err(e) = self.lookup(LookupQuery::UserId(envelope.from_user)).await
+                    {
+                        // The card is looked up again before the next send anyway.
+                        tracing::info!(user = %envelope.from_user, error = %e, "could not refresh a changed card now");
+                    }
+                    self.apply(&envelope, payload, &mut inbox)?
+                }
                 Err(e) if e.is_transient() => {
                     tracing::warn!(envelope = %envelope.id, error = %e, "cannot verify an envelope yet; keeping it for later");
                     waiting_devices.insert(envelope.from_device);
@@ -862,6 +946,7 @@ impl Messenger {
                     edited: false,
                     deleted: false,
                     file: None,
+                    notice: false,
                 };
                 inbox.messages.extend(self.h().record(vec![(Some(envelope.id), message)])?);
                 return Ok(());
@@ -906,6 +991,7 @@ impl Messenger {
                     edited: false,
                     deleted: false,
                     file: Some(Box::new(file)),
+                    notice: false,
                 };
                 inbox.messages.extend(self.h().record(vec![(Some(envelope.id), message)])?);
             }
@@ -914,6 +1000,34 @@ impl Messenger {
                 if self.h().mark_seen(envelope.id)? && !outgoing && fresh {
                     inbox.typing.push(author);
                 }
+            }
+            // The history moves between the account's own devices only.
+            Body::HistoryRequest { .. } | Body::History { .. } if !outgoing => {
+                tracing::warn!(envelope = %envelope.id, from = %author, "dropping another account's history message");
+                self.h().drop_envelope(envelope.id)?;
+            }
+            Body::HistoryRequest { device_name } => {
+                let name: String = device_name.chars().filter(|c| !c.is_control()).take(64).collect();
+                let request = DeviceRequest {
+                    device: envelope.from_device,
+                    device_name: name,
+                    requested_at: envelope.sent_at_ms / 1000,
+                    sent_at: None,
+                };
+                inbox.device_requests.extend(self.h().put_device_request(envelope.id, request)?);
+            }
+            Body::History { file, messages } => {
+                if let Err(why) = file.check() {
+                    tracing::warn!(envelope = %envelope.id, %why, "dropping a history whose reference does not hold together");
+                    return Ok(self.h().drop_envelope(envelope.id)?);
+                }
+                let import = PendingImport { from_device: envelope.from_device, file, messages };
+                if self.h().put_pending_import(envelope.id, &import)? {
+                    inbox.imports += 1;
+                }
+            }
+            Body::DevicesChanged => {
+                self.h().mark_seen(envelope.id)?;
             }
         }
         Ok(())

@@ -5,13 +5,17 @@
 //! - [`net`]: the client's network actor; one task owns the `Swarm`, callers hold a handle.
 //! - [`history`]: the client's redb — messages, seen envelope ids, send counters, cached cards.
 //! - [`messaging`]: cloud chats — seal per device, send via relays, fetch, verify, acknowledge.
+//! - [`devices`]: the account's devices, and the history moving to a new one on approval.
+//! - [`backup`]: encrypted backups of the history, opened with a recovery code.
 //! - [`media`]: files — resumable uploads in encrypted parts, downloads from any holder.
 //! - [`node`]: the client node — a running device that receives, renews, and answers calls.
 //! - [`api`]: the node's calls, replies, errors and events, shared by every front end.
 //! - [`control`]: the node's local control socket (0600, same user only) and its client.
 
 pub mod api;
+pub mod backup;
 pub mod control;
+pub mod devices;
 pub mod history;
 pub mod media;
 pub mod messaging;

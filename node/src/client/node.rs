@@ -27,6 +27,7 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio_util::task::AbortOnDropHandle;
 
 use crate::client::api::{ApiError, Call, ChatSummary, Event, Me, Names, Reply};
+use crate::client::backup::DEFAULT_BACKUPS_KEPT;
 use crate::client::history::{History, StoredMessage};
 use crate::client::media::ChunkServer;
 use crate::client::messaging::{Inbox, MessagingError, Messenger};
@@ -105,6 +106,7 @@ impl NodeHandle {
         }
         let actor = Actor {
             messenger,
+            imports_histories: !running,
             events: events.clone(),
             updates: session.tx.subscribe(),
             session,
@@ -239,6 +241,9 @@ async fn renew_loop(client: Client, session: SharedSession) {
 /// Sends, and answers calls.
 struct Actor {
     messenger: Messenger,
+    /// Whether this actor fetches the histories other devices sent (a one-shot node's does;
+    /// a running node's receiver does it instead).
+    imports_histories: bool,
     events: broadcast::Sender<Event>,
     session: SharedSession,
     updates: watch::Receiver<SavedSession>,
@@ -261,7 +266,7 @@ impl Actor {
                 job = jobs.recv() => {
                     let Some((call, reply)) = job else { return };
                     catch_up(&mut self.messenger, &mut self.updates);
-                    if matches!(call, Call::Upload { .. } | Call::Download { .. }) {
+                    if call.is_transfer() {
                         self.start_transfer(call, reply);
                         continue;
                     }
@@ -318,6 +323,17 @@ impl Actor {
                     .await
                     .map(Reply::Downloaded)
                     .map_err(Into::into),
+                Call::ApproveDevice { device } => {
+                    messenger.approve_device(&device, &progress).await.map(Reply::HistorySent).map_err(Into::into)
+                }
+                Call::BackupCreate { out, new_code, keep } => messenger
+                    .create_backup(out, new_code, keep.unwrap_or(DEFAULT_BACKUPS_KEPT), &progress)
+                    .await
+                    .map(Reply::BackupMade)
+                    .map_err(Into::into),
+                Call::BackupRestore { code, from } => {
+                    messenger.restore_backup(&code, from, &progress).await.map(Reply::Restored).map_err(Into::into)
+                }
                 other => Err(ApiError::new("INTERNAL", format!("{other:?} is not a transfer"))),
             };
             let _ = reply.send(answer);
@@ -434,7 +450,19 @@ impl Actor {
                 let message = self.messenger.forward(message, to).await?;
                 self.published(message)
             }
-            Call::Upload { .. } | Call::Download { .. } => {
+            Call::Devices => {
+                // Requests from new devices are what the list is looked at for: fetch them.
+                self.receive_waiting().await?;
+                Reply::Devices { devices: self.messenger.devices().await? }
+            }
+            Call::RemoveDevice { device } => {
+                Reply::DeviceRemoved { device: self.messenger.remove_device(&device).await? }
+            }
+            Call::Upload { .. }
+            | Call::Download { .. }
+            | Call::ApproveDevice { .. }
+            | Call::BackupCreate { .. }
+            | Call::BackupRestore { .. } => {
                 return Err(ApiError::new("INTERNAL", "transfers run on their own task"));
             }
         })
@@ -460,10 +488,13 @@ impl Actor {
             Ok(inbox) => {
                 self.messenger.flush_acks().await;
                 self.publish(&inbox.messages, true);
-                publish_typing(&self.events, &inbox);
+                publish_inbox(&self.events, &inbox);
             }
             Err(e) if e.may_pass() => tracing::warn!(error = %e, "showing the history without fetching"),
             Err(e) => return Err(e.into()),
+        }
+        if self.imports_histories {
+            import_histories(&mut self.messenger, &self.events).await;
         }
         Ok(())
     }
@@ -482,6 +513,8 @@ impl Receiver {
     async fn run(mut self) {
         let mut connected = None;
         let mut deferred_backoff = NODE_RETRY_AFTER;
+        // A history left half-imported by a stopped node is looked for at once.
+        let mut imports_due = true;
         loop {
             catch_up(&mut self.messenger, &mut self.session);
             let (now_connected, detail) = match self.messenger.receive(FETCH_WAIT_MS).await {
@@ -490,7 +523,8 @@ impl Receiver {
                     if let Ok(history) = self.messenger.history() {
                         publish(&self.events, history, &inbox.messages, true);
                     }
-                    publish_typing(&self.events, &inbox);
+                    publish_inbox(&self.events, &inbox);
+                    imports_due |= inbox.imports > 0;
                     (true, None)
                 }
                 Err(e) => {
@@ -498,6 +532,9 @@ impl Receiver {
                     (false, Some(e.to_string()))
                 }
             };
+            if imports_due && now_connected {
+                imports_due = !import_histories(&mut self.messenger, &self.events).await;
+            }
             if connected != Some(now_connected) || !now_connected {
                 let _ = self.events.send(Event::Connection { connected: now_connected, detail });
                 connected = Some(now_connected);
@@ -530,9 +567,33 @@ fn publish(events: &broadcast::Sender<Event>, history: &History, messages: &[Sto
     }
 }
 
-fn publish_typing(events: &broadcast::Sender<Event>, inbox: &Inbox) {
+/// Tells subscribers who is typing and which own devices ask for the history.
+fn publish_inbox(events: &broadcast::Sender<Event>, inbox: &Inbox) {
     for user in &inbox.typing {
         let _ = events.send(Event::Typing { user: *user });
+    }
+    for r in &inbox.device_requests {
+        let _ = events.send(Event::DeviceRequest { device: r.device, device_name: r.device_name.clone() });
+    }
+}
+
+/// Fetches and merges the histories other devices sent, with progress for subscribers;
+/// returns whether none is left waiting (false: try again later).
+async fn import_histories(messenger: &mut Messenger, events: &broadcast::Sender<Event>) -> bool {
+    let progress = |progress| {
+        let _ = events.send(Event::Transfer { progress });
+    };
+    match messenger.import_pending(&progress).await {
+        Ok(done) => {
+            for imported in done {
+                let _ = events.send(Event::HistoryImported { imported });
+            }
+            true
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "a history from another device cannot be fetched yet; retrying");
+            false
+        }
     }
 }
 

@@ -17,8 +17,8 @@ use crate::ids::{Phone, SessionId};
 use crate::net::transport::TransportError;
 use crate::proto::media::{MediaRequest, MediaResponse};
 use crate::proto::{
-    Account, AuthRequest, AuthResponse, ErrorCode, LookupQuery, MailboxRequest, MailboxResponse, RelayInfo,
-    SessionInfo, UserCard, WireError,
+    Account, AuthRequest, AuthResponse, BackupRecord, ErrorCode, LookupQuery, MailboxRequest, MailboxResponse,
+    RelayInfo, SessionInfo, UserCard, WireError,
 };
 
 /// File in a profile dir holding the signed-in session.
@@ -303,6 +303,16 @@ impl Client {
     /// The bots the caller owns.
     pub async fn bots(&self) -> Result<Vec<Account>, ClientError> {
         expect_reply!(self.call(AuthRequest::ListBots).await?, "ListBots", AuthResponse::Bots(b) => b)
+    }
+
+    /// Has the gateway keep a backup pointer, and only the newest `keep`.
+    pub async fn put_backup(&self, backup: BackupRecord, keep: u8) -> Result<(), ClientError> {
+        expect_reply!(self.call(AuthRequest::PutBackup { backup, keep }).await?, "PutBackup", AuthResponse::Done => ())
+    }
+
+    /// The account's backup pointers, newest first.
+    pub async fn backups(&self) -> Result<Vec<BackupRecord>, ClientError> {
+        expect_reply!(self.call(AuthRequest::ListBackups).await?, "ListBackups", AuthResponse::Backups(b) => b)
     }
 }
 

@@ -59,6 +59,14 @@ pub enum DeviceKeysError {
 }
 
 impl DeviceKeys {
+    /// What users compare to tell devices apart and spot a stranger's: the first 80 bits of
+    /// blake3 over both public keys, as five groups of four hex digits.
+    pub fn fingerprint(&self) -> String {
+        let hash = blake3::Hasher::new().update(&self.ed25519).update(&self.noise_key.0).finalize();
+        let hex = crate::ids::hex(&hash.as_bytes()[..10]);
+        hex.as_bytes().chunks(4).map(|c| String::from_utf8_lossy(c).into_owned()).collect::<Vec<_>>().join(" ")
+    }
+
     /// Checks the signature and returns the device's `PeerId`.
     pub fn verify(&self) -> Result<PeerId, DeviceKeysError> {
         let public = ed25519::PublicKey::try_from_bytes(&self.ed25519).map_err(|_| DeviceKeysError::BadPublicKey)?;
@@ -165,7 +173,7 @@ fn generate_noise_pair() -> [u8; 64] {
 }
 
 /// Reads a secret file; `None` when it does not exist yet. Refuses files others can read.
-fn read_secret(path: &Path) -> Result<Option<Vec<u8>>, KeyFileError> {
+pub fn read_secret(path: &Path) -> Result<Option<Vec<u8>>, KeyFileError> {
     let io = |source| KeyFileError::Io { path: path.to_path_buf(), source };
     match fs::metadata(path) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),

@@ -85,6 +85,11 @@ pub enum AuthRequest {
     /// A relay asks for the revocations from sequence number `since` on (0: all that still
     /// matter). Only relays of this network may: the caller shows its relay certificate.
     Revocations { since: u64, relay_cert: RelayCert },
+    /// Keep a pointer to an encrypted backup of the caller's history (sealed under a key only
+    /// its owner's recovery code opens), and only the newest `keep` of the account's.
+    PutBackup { backup: BackupRecord, keep: u8 },
+    /// The account's backup pointers, newest first.
+    ListBackups,
 }
 
 impl AuthRequest {
@@ -106,6 +111,8 @@ impl AuthRequest {
             AuthRequest::ListBots => "list_bots",
             AuthRequest::RevokeBotToken { .. } => "revoke_bot_token",
             AuthRequest::Revocations { .. } => "revocations",
+            AuthRequest::PutBackup { .. } => "put_backup",
+            AuthRequest::ListBackups => "list_backups",
         }
     }
 }
@@ -164,6 +171,35 @@ pub enum AuthResponse {
     /// Revocations from the asked sequence number on, each signed by the gateway. Ask again
     /// from `next`; `more`: there are more right now (the answer is bounded).
     Revocations { revocations: Vec<Revocation>, next: u64, more: bool },
+    /// The account's backup pointers, newest first.
+    Backups(Vec<BackupRecord>),
+}
+
+/// Longest sealed backup pointer the gateway keeps: a file reference with no thumbnail, sealed.
+pub const MAX_BACKUP_POINTER_BYTES: usize = 4 * 1024;
+/// Most backup pointers kept per account.
+pub const MAX_BACKUPS_KEPT: u8 = 20;
+
+/// Where an encrypted backup of an account's history is, as the gateway keeps it: opaque to
+/// the gateway (sealed under a key derived from the owner's recovery code with `salt`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupRecord {
+    /// Unix seconds, set by the gateway when it takes the record.
+    pub created_at: u64,
+    /// The key derivation's salt and cost, so that a recovery code alone finds the key.
+    pub kdf: KdfParams,
+    #[serde(with = "serde_bytes")]
+    pub sealed: Vec<u8>,
+}
+
+/// How a key is derived from a recovery code (argon2id).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KdfParams {
+    pub salt: [u8; 16],
+    /// Memory in KiB, passes, lanes.
+    pub m_kib: u32,
+    pub t: u32,
+    pub p: u32,
 }
 
 /// An account as its owner sees it.

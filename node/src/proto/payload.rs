@@ -42,6 +42,15 @@ pub enum Body {
     /// A file: its reference (keys included) and an optional caption. A forward sends the
     /// same reference again, so nothing is uploaded twice.
     File { file: FileRef, caption: Option<String>, reply_to: Option<MessageId> },
+    /// A device that just signed in asks the account's other devices for the history; a user
+    /// approves it on one of them. Only from the account's own devices.
+    HistoryRequest { device_name: String },
+    /// The history, for the one device it is sealed to: an export in the chunk store (its
+    /// reference carries the key). Only from the account's own devices.
+    History { file: FileRef, messages: u64 },
+    /// The sender's devices changed: look its card up again (the gateway's card is what is
+    /// trusted; this only says when to look).
+    DevicesChanged,
 }
 
 /// How far an outgoing message got; for incoming ones, whether we have read it. Ordered by how

@@ -15,7 +15,9 @@ use meshgram_node::proto::payload::{MessageId, Status};
 use serde_json::{Value, json};
 
 use super::output::{describe, emit, message_line, to_json};
-use super::{BotCommand, CliError, CliResult, Command, PasswordCommand, ProfileCommand, SessionsCommand};
+use super::{
+    BotCommand, CliError, CliResult, Command, DevicesCommand, PasswordCommand, ProfileCommand, SessionsCommand,
+};
 
 /// Makes `call` on the profile's node: the running one if there is one, else one opened for
 /// this call, holding the profile's lock meanwhile (so no node starts under it). A node that is
@@ -41,6 +43,22 @@ pub(super) async fn call_node(profile: &Path, call: Call) -> Result<Reply, CliEr
             }
         }
     }
+}
+
+/// One device in `meshgram devices`.
+fn device_line(d: &meshgram_node::client::devices::DeviceInfo) -> String {
+    let mut line =
+        format!("{}\t{}\tkey {}\tlast seen {}", d.device, d.name, d.fingerprint, super::output::ago(d.last_seen));
+    if d.current {
+        line.push_str("\t(this device)");
+    }
+    if d.asked_for_history {
+        line.push_str("\tasks for the history: meshgram devices approve ID");
+    }
+    if d.history_sent_at.is_some() {
+        line.push_str("\thistory sent");
+    }
+    line
 }
 
 fn unexpected(reply: &Reply) -> CliError {
@@ -104,7 +122,11 @@ async fn call_for(command: Command) -> Result<Call, CliError> {
         Command::Forward { message_id, to } => {
             Call::Forward { message: parse_message_id(&message_id)?, to: parse_query(&to)? }
         }
+        Command::Devices { command: None | Some(DevicesCommand::List) } => Call::Devices,
+        Command::Devices { command: Some(DevicesCommand::Remove { device }) } => Call::RemoveDevice { device },
         Command::Login { .. }
+        | Command::Devices { command: Some(DevicesCommand::Approve { .. }) }
+        | Command::Backup(_)
         | Command::Node
         | Command::Up { .. }
         | Command::Upload { .. }
@@ -249,6 +271,12 @@ fn print(json: bool, call: &Call, reply: Reply) -> CliResult {
         (Call::Delete { .. }, Reply::Message { message }) => {
             emit(json, to_json(&message), || format!("Deleted {}.", message.id));
         }
+        (_, Reply::Devices { devices }) => {
+            emit(json, to_json(&devices), || devices.iter().map(device_line).collect::<Vec<_>>().join("\n"))
+        }
+        (_, Reply::DeviceRemoved { device }) => emit(json, to_json(&device), || {
+            format!("Signed out {} ({}); your contacts are told your devices changed.", device.name, device.device)
+        }),
         (Call::Typing { .. }, Reply::Done) => emit(json, json!({ "typing": true }), || "Sent a typing notice.".into()),
         (_, other) => return Err(unexpected(&other)),
     }

@@ -149,6 +149,29 @@ impl Follower {
             Event::Connection { connected: false, detail } => {
                 eprintln!("warning: {}; retrying", detail.as_deref().unwrap_or("the relays cannot be reached"));
             }
+            Event::DeviceRequest { device, device_name } if self.chat.is_none() => {
+                if self.json {
+                    outln!(
+                        "{}",
+                        json!({ "device_request": { "device": device.to_string(), "device_name": device_name } })
+                    );
+                } else {
+                    outln!(
+                        "— your device \"{device_name}\" ({device}) asks for your history: meshgram devices approve {device}"
+                    );
+                }
+            }
+            Event::HistoryImported { imported } if self.chat.is_none() => {
+                if self.json {
+                    outln!("{}", json!({ "history_imported": imported }));
+                } else {
+                    outln!(
+                        "— your history arrived from another device: {} messages in {} chats",
+                        imported.new_messages,
+                        imported.chats
+                    );
+                }
+            }
             Event::Lagged { missed } => {
                 eprintln!(
                     "warning: this terminal fell behind and missed {missed} events; `meshgram messages` has them"

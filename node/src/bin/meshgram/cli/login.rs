@@ -7,7 +7,9 @@ use std::path::Path;
 use libp2p::Multiaddr;
 use meshgram_node::client::api::ApiError;
 use meshgram_node::client::control::{ControlError, Holder, NodeLock};
+use meshgram_node::client::messaging::Messenger;
 use meshgram_node::client::{Client, ClientError, GatewayAddr};
+use meshgram_node::crypto::cert::AccountKind;
 use meshgram_node::ids::Phone;
 use meshgram_node::network_file::NetworkFile;
 use meshgram_node::proto::{AuthRequest, ErrorCode, RelayInfo};
@@ -44,7 +46,7 @@ fn default_device_name() -> String {
 }
 
 /// Reads one line: prompts on a terminal, otherwise takes the next line of stdin.
-async fn read_line(prompt: &'static str) -> Result<String, CliError> {
+pub(super) async fn read_line(prompt: &'static str) -> Result<String, CliError> {
     tokio::task::spawn_blocking(move || {
         let stdin = std::io::stdin();
         if stdin.is_terminal() {
@@ -94,6 +96,7 @@ pub(super) async fn login(
     let (gateway, relays) = resolve_gateway(gateway, relays)?;
     let LoginWith { phone, code, password, bot_token, device_name } = how;
     let device_name = device_name.unwrap_or_else(default_device_name);
+    let asking_name = device_name.clone();
     let client = Client::open(profile, gateway)?;
     let device = client.identity.device_keys();
     let signed_in = if let Some(token) = bot_token {
@@ -128,15 +131,35 @@ pub(super) async fn login(
     let new_account = signed_in.new_account;
     let session = client.accept_session(signed_in.account, signed_in.cert, relays)?;
     let b = &session.cert.body;
+    // An account's other devices hold its history: ask them for it (approved by a user there).
+    let asks_for_history = !new_account && session.account.kind == AccountKind::User;
+    if asks_for_history {
+        let asked = match Messenger::open(profile, false).await {
+            Ok(mut messenger) => messenger.request_history(asking_name).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = asked {
+            tracing::warn!(error = %e, "could not ask the other devices for the history");
+        }
+    }
     emit(
         json,
         json!({
             "user_id": b.user_id, "new_account": new_account, "session_id": b.session_id,
             "device": b.device.to_string(), "cert_not_after": b.not_after, "account": session.account,
+            "history_requested": asks_for_history,
         }),
         || {
             let verb = if new_account { "Welcome! Account created" } else { "Signed in" };
-            format!("{verb}: {} (user id {}, session {}).", describe(&session.account), b.user_id, b.session_id)
+            let mut text =
+                format!("{verb}: {} (user id {}, session {}).", describe(&session.account), b.user_id, b.session_id);
+            if asks_for_history {
+                text.push_str(&format!(
+                    "\nYour other devices were asked for your history: approve this one there with\n  meshgram devices approve {}",
+                    b.device
+                ));
+            }
+            text
         },
     );
     Ok(())

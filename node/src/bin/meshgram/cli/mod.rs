@@ -8,10 +8,12 @@
 //! - [`login`]: signing in, the one command that works before there is a session;
 //! - [`node`]: `meshgram node`, the client node in the foreground;
 //! - [`transfer`]: `upload` and `download`, with their progress;
+//! - [`history`]: `devices approve` and `backup`, which move the history, with their progress;
 //! - [`output`]: text and JSON output shared by all of them.
 
 mod calls;
 mod follow;
+mod history;
 mod login;
 mod node;
 mod output;
@@ -139,6 +141,14 @@ pub(crate) enum Command {
         #[arg(long)]
         to: String,
     },
+    /// List this account's devices, send one of them the history, or sign one out.
+    Devices {
+        #[command(subcommand)]
+        command: Option<DevicesCommand>,
+    },
+    /// Encrypted backups of the history, opened with a recovery code.
+    #[command(subcommand)]
+    Backup(BackupCommand),
     /// Run this profile's client node until Ctrl-C: it receives as messages arrive, renews the
     /// session, and other commands of the profile go through it.
     Node,
@@ -204,6 +214,42 @@ pub(crate) enum SessionsCommand {
         session_id: Option<String>,
         #[arg(long)]
         others: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum DevicesCommand {
+    /// List devices with their keys' fingerprints (the default).
+    List,
+    /// Send the history to a device of yours (by its id, session id, or a part of its id).
+    Approve { device: String },
+    /// Sign a device of yours out.
+    Remove { device: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum BackupCommand {
+    /// Back the history up to the relays (or to a file with -o). The first backup shows a
+    /// recovery code, once: keep it, it is the only way to restore.
+    Create {
+        /// Write the backup to this file instead.
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+        /// Make a new recovery code (later backups open only with it).
+        #[arg(long)]
+        new_code: bool,
+        /// How many backups the relays keep (1 to 20; default 3).
+        #[arg(long)]
+        keep: Option<u8>,
+    },
+    /// Restore a backup into this profile (signed in to the same account).
+    Restore {
+        /// The recovery code (asked for when left out).
+        #[arg(long)]
+        code: Option<String>,
+        /// Restore from this file instead of the relays.
+        #[arg(long)]
+        from: Option<PathBuf>,
     },
 }
 
@@ -309,6 +355,10 @@ pub(crate) async fn run(cli: Cli) -> CliResult {
         Command::Download { message_id, output, range } => {
             transfer::download(&profile, json, &message_id, output.as_deref(), range.as_deref()).await
         }
+        Command::Devices { command: Some(DevicesCommand::Approve { device }) } => {
+            history::approve(&profile, json, device).await
+        }
+        Command::Backup(command) => history::backup(&profile, json, command).await,
         command => calls::run(&profile, json, command).await,
     }
 }

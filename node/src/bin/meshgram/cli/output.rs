@@ -35,7 +35,6 @@ pub(super) fn name_of(names: &Names, user: UserId) -> String {
     names.get(&user).cloned().unwrap_or_else(|| user.to_string())
 }
 
-/// One message as a line: `[id] who (reply to …): text (edited) [status]`.
 /// Bytes as people read them: 1.5 MiB.
 pub(super) fn human_bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["bytes", "KiB", "MiB", "GiB", "TiB"];
@@ -48,7 +47,23 @@ pub(super) fn human_bytes(n: u64) -> String {
     if unit == 0 { format!("{n} bytes") } else { format!("{value:.1} {}", UNITS[unit]) }
 }
 
+/// How long ago a unix time was, as people say it: "3 min ago".
+pub(super) fn ago(unix_secs: u64) -> String {
+    let secs = meshgram_node::crypto::cert::unix_now().saturating_sub(unix_secs);
+    match secs {
+        0..60 => "just now".into(),
+        60..3600 => format!("{} min ago", secs / 60),
+        3600..86_400 => format!("{} h ago", secs / 3600),
+        _ => format!("{} days ago", secs / 86_400),
+    }
+}
+
+/// One message as a line: `[id] who (reply to …): text (edited) [status]`; a notice of this
+/// device's own as `[id] — text`.
 pub(super) fn message_line(m: &StoredMessage, names: &Names) -> String {
+    if m.notice {
+        return format!("[{}] — {}", m.id.fmt_short(), m.text);
+    }
     let who = if m.outgoing { "me".to_string() } else { name_of(names, m.from) };
     let reply = m.reply_to.map(|r| format!(" (reply to {})", r.fmt_short())).unwrap_or_default();
     let file = match (&m.file, m.deleted) {

@@ -71,7 +71,12 @@ impl Show {
 
 /// Makes a transfer call on the profile's node (the running one, or one opened for it), showing
 /// its progress meanwhile.
-async fn watched_call(profile: &Path, json: bool, direction: Direction, call: Call) -> Result<Reply, CliError> {
+pub(super) async fn watched_call(
+    profile: &Path,
+    json: bool,
+    direction: Direction,
+    call: Call,
+) -> Result<Reply, CliError> {
     let show = Show::new(json, direction);
     let deadline = tokio::time::Instant::now() + PROFILE_BUSY_WAIT;
     let answer = loop {
@@ -120,7 +125,7 @@ async fn watched_call(profile: &Path, json: bool, direction: Direction, call: Ca
 }
 
 /// An absolute path, so that a node running elsewhere reads or writes the same file.
-fn absolute(path: &Path) -> Result<PathBuf, CliError> {
+pub(super) fn absolute(path: &Path) -> Result<PathBuf, CliError> {
     std::path::absolute(path).map_err(|e| CliError::usage(format!("{}: {e}", path.display())))
 }
 

@@ -1,0 +1,318 @@
+//! The account's devices, and the history moving to a new one.
+//!
+//! ```text
+//! new device                      relays / chunk store                old device
+//! login ── HistoryRequest{name} ─▶ (sealed to each own device) ─────▶ recorded, "asks for history"
+//!                                                                     user: devices approve ID
+//!                                  ◀── export uploaded as a file ──── (random file key)
+//!        ◀── History{file ref} ──── (sealed to the new device only) ─
+//! fetch, verify, merge ◀─────────── chunks
+//! ```
+//!
+//! Nothing moves without a user's approval on a device that has the history: a stolen SIM
+//! signs in, but reads nothing old. What does move is sealed to the new device's Noise key
+//! alone (the file reference carries the export's key), so relays hold ciphertext only.
+
+use std::path::{Path, PathBuf};
+
+use libp2p::PeerId;
+use serde::{Deserialize, Serialize};
+
+use crate::client::history::{HistoryExport, Imported, PendingImport};
+use crate::client::media::{OnProgress, Serve};
+use crate::client::messaging::{MessagingError, Messenger};
+use crate::crypto::cert::{AccountKind, unix_now};
+use crate::defaults::CARD_FRESH_SECS;
+use crate::ids::SessionId;
+use crate::proto::LookupQuery;
+use crate::proto::UserCard;
+use crate::proto::payload::{Body, MessageId, Payload};
+
+/// Largest history export a device fetches (it is read whole into memory to merge).
+const MAX_EXPORT_BYTES: u64 = 1 << 30;
+/// Where exports and imports are written while they move (inside the profile, 0700 like it).
+const TRANSFER_DIR: &str = "transfers";
+/// The shortest part of a device id that may name it.
+const MIN_DEVICE_ID_PART: usize = 6;
+
+/// One device of the account, as `meshgram devices` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceInfo {
+    pub device: PeerId,
+    pub name: String,
+    /// Of its public keys ([`crate::crypto::identity::DeviceKeys::fingerprint`]).
+    pub fingerprint: String,
+    pub session_id: SessionId,
+    /// Unix seconds.
+    pub created_at: u64,
+    pub last_seen: u64,
+    /// This device.
+    pub current: bool,
+    /// It asked this device for the history.
+    pub asked_for_history: bool,
+    /// When this device sent it the history (unix seconds).
+    pub history_sent_at: Option<u64>,
+}
+
+/// What `devices approve` sent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistorySent {
+    pub device: PeerId,
+    pub messages: u64,
+    /// Size of the export, before encryption.
+    pub bytes: u64,
+}
+
+/// A directory for files on their way in or out, created if need be.
+pub(crate) fn transfer_dir(profile: &Path) -> Result<PathBuf, MessagingError> {
+    let dir = profile.join(TRANSFER_DIR);
+    std::fs::create_dir_all(&dir).map_err(|e| MessagingError::File(format!("{}: {e}", dir.display())))?;
+    Ok(dir)
+}
+
+/// A fresh file name in the transfer directory.
+pub(crate) fn transfer_file(profile: &Path, what: &str) -> Result<PathBuf, MessagingError> {
+    Ok(transfer_dir(profile)?.join(format!("{what}-{}", crate::ids::hex(&rand::random::<[u8; 8]>()))))
+}
+
+/// The device `id` names: its whole id or session id, or a part of its id that only it has.
+fn find_device<'a>(devices: &'a [DeviceInfo], id: &str) -> Result<&'a DeviceInfo, MessagingError> {
+    let id = id.trim();
+    if let Some(d) = devices.iter().find(|d| d.device.to_string() == id || d.session_id.to_string() == id) {
+        return Ok(d);
+    }
+    let matching: Vec<&DeviceInfo> = if id.len() >= MIN_DEVICE_ID_PART {
+        devices.iter().filter(|d| d.device.to_string().contains(id)).collect()
+    } else {
+        Vec::new()
+    };
+    match matching.as_slice() {
+        [one] => Ok(one),
+        [] => Err(MessagingError::UnknownDevice(format!(
+            "no device of this account matches '{id}'; `meshgram devices` lists them"
+        ))),
+        _ => Err(MessagingError::UnknownDevice(format!(
+            "'{id}' matches {} devices; give more of its id",
+            matching.len()
+        ))),
+    }
+}
+
+impl Messenger {
+    /// Asks the account's other devices for the history (a device that just signed in). Goes
+    /// through the outbox, so it is sent later if no relay can take it now.
+    pub async fn request_history(&mut self, device_name: String) -> Result<(), MessagingError> {
+        self.history()?;
+        let payload = Payload {
+            message_id: MessageId::random(),
+            chat_with: self.me(),
+            body: Body::HistoryRequest { device_name },
+        };
+        self.h().queue(Vec::new(), &[payload])?;
+        match self.flush_outbox().await {
+            Err(e) if !e.may_pass() => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// The account's signed-in devices (not its bots'), oldest first.
+    pub async fn devices(&mut self) -> Result<Vec<DeviceInfo>, MessagingError> {
+        self.history()?;
+        let sessions = self.client.sessions().await?;
+        let card = self.lookup(LookupQuery::UserId(self.me())).await?;
+        let requests = self.h().device_requests()?;
+        Ok(sessions
+            .into_iter()
+            .filter(|s| s.kind == AccountKind::User)
+            .map(|s| {
+                let request = requests.iter().find(|r| r.device == s.device);
+                DeviceInfo {
+                    device: s.device,
+                    name: s.device_name,
+                    fingerprint: card
+                        .devices
+                        .iter()
+                        .find(|d| d.peer_id == s.device)
+                        .map(|d| d.keys.fingerprint())
+                        .unwrap_or_default(),
+                    session_id: s.session_id,
+                    created_at: s.created_at,
+                    last_seen: s.last_seen,
+                    current: s.current,
+                    asked_for_history: request.is_some_and(|r| r.sent_at.is_none()),
+                    history_sent_at: request.and_then(|r| r.sent_at),
+                }
+            })
+            .collect())
+    }
+
+    /// Sends the history to one of the account's other devices: exported, uploaded to the chunk
+    /// store as an encrypted file, and its reference sealed to that device alone.
+    pub async fn approve_device(&mut self, id: &str, progress: OnProgress<'_>) -> Result<HistorySent, MessagingError> {
+        let devices = self.devices().await?;
+        let target = find_device(&devices, id)?.clone();
+        if target.current {
+            return Err(MessagingError::UnknownDevice("that is this device; approve a new one".into()));
+        }
+        let me = self.me();
+        let card =
+            self.h().card(me)?.ok_or_else(|| MessagingError::UnknownDevice("no card for this account".into()))?;
+        let Some(keys) = card.devices.iter().find(|d| d.peer_id == target.device).cloned() else {
+            return Err(MessagingError::UnknownDevice(format!("device {} is not signed in", target.device)));
+        };
+        let export = self.h().export(me, unix_now())?;
+        let messages = export.messages.len() as u64;
+        let (file, bytes) = self.upload_export(&export, "history", progress).await?;
+        let to_that_device_only = UserCard { devices: vec![keys], ..card };
+        let payload =
+            Payload { message_id: MessageId::random(), chat_with: me, body: Body::History { file, messages } };
+        self.send_sealed(&to_that_device_only, vec![payload], false).await?;
+        self.h().history_sent(target.device, &target.name, unix_now())?;
+        tracing::info!(device = %target.device, messages, bytes, "sent the history to a new device");
+        Ok(HistorySent { device: target.device, messages, bytes })
+    }
+
+    /// Writes an export to a file, uploads it (not served to peers: it is deleted at once) and
+    /// returns its reference and plaintext size.
+    pub(crate) async fn upload_export(
+        &mut self,
+        export: &HistoryExport,
+        what: &str,
+        progress: OnProgress<'_>,
+    ) -> Result<(crate::proto::media::FileRef, u64), MessagingError> {
+        let bytes = postcard::to_stdvec(export).expect("invariant: exports serialize");
+        let path = transfer_file(self.client.profile(), what)?;
+        crate::crypto::identity::write_secret(&path, &bytes)
+            .map_err(|e| MessagingError::File(format!("writing the export: {e}")))?;
+        let uploaded = self.upload(&path, None, progress, Serve::No).await;
+        let _ = std::fs::remove_file(&path);
+        Ok((uploaded?, bytes.len() as u64))
+    }
+
+    /// Ends another device's session; its contacts are told to look the card up again.
+    pub async fn remove_device(&mut self, id: &str) -> Result<DeviceInfo, MessagingError> {
+        let devices = self.devices().await?;
+        let target = find_device(&devices, id)?.clone();
+        if target.current {
+            return Err(MessagingError::UnknownDevice(
+                "that is this device; sign it out with `meshgram sessions revoke` from another".into(),
+            ));
+        }
+        self.client.revoke_sessions(Some(target.session_id)).await?;
+        self.lookup(LookupQuery::UserId(self.me())).await?;
+        self.announce_devices_changed().await;
+        Ok(target)
+    }
+
+    /// Tells every contact this account's devices changed (best effort: each looks the card up
+    /// again before its next send anyway).
+    pub(crate) async fn announce_devices_changed(&mut self) {
+        let contacts = match self.h().chats() {
+            Ok(chats) => chats,
+            Err(e) => return tracing::warn!(error = %e, "cannot list contacts to tell of the device change"),
+        };
+        let me = self.me();
+        for contact in contacts.into_iter().filter(|c| *c != me) {
+            let sent = match self.card(LookupQuery::UserId(contact), CARD_FRESH_SECS).await {
+                Ok(card) => {
+                    let payload =
+                        Payload { message_id: MessageId::random(), chat_with: contact, body: Body::DevicesChanged };
+                    self.send_sealed(&card, vec![payload], false).await.map(drop)
+                }
+                Err(e) => Err(e),
+            };
+            if let Err(e) = sent {
+                tracing::info!(%contact, error = %e, "could not tell a contact of the device change");
+            }
+        }
+    }
+
+    /// Fetches and merges each history sent to this device. One that cannot be fetched now
+    /// waits for the next call; one that is bad (not this account's, does not parse) is dropped.
+    pub async fn import_pending(&mut self, progress: OnProgress<'_>) -> Result<Vec<Imported>, MessagingError> {
+        let mut done = Vec::new();
+        for (key, job) in self.history()?.pending_imports()? {
+            match self.import_from(&job, progress).await {
+                Ok(imported) => {
+                    tracing::info!(from = %job.from_device, ?imported, "imported the history from another device");
+                    self.h().remove_pending_import(&key)?;
+                    done.push(imported);
+                }
+                Err(e) if e.is_transient() => return Err(e),
+                Err(e) => {
+                    tracing::warn!(from = %job.from_device, error = %e, "dropping a history that cannot be imported");
+                    self.h().remove_pending_import(&key)?;
+                }
+            }
+        }
+        Ok(done)
+    }
+
+    async fn import_from(&mut self, job: &PendingImport, progress: OnProgress<'_>) -> Result<Imported, MessagingError> {
+        let export = self.fetch_export(job.file.clone(), progress).await?;
+        self.import_export(&export)
+    }
+
+    /// Fetches an uploaded export by its reference and parses it.
+    pub(crate) async fn fetch_export(
+        &mut self,
+        file: crate::proto::media::FileRef,
+        progress: OnProgress<'_>,
+    ) -> Result<HistoryExport, MessagingError> {
+        if file.size > MAX_EXPORT_BYTES {
+            return Err(MessagingError::BadBackup(format!(
+                "an export of {} bytes is more than this device takes",
+                file.size
+            )));
+        }
+        let path = transfer_file(self.client.profile(), "import")?;
+        let fetched = self.fetch_file(file, &path, None, progress, Serve::No).await;
+        let bytes = fetched.and_then(|_| std::fs::read(&path).map_err(|e| MessagingError::File(e.to_string())));
+        let _ = std::fs::remove_file(&path);
+        postcard::from_bytes(&bytes?).map_err(|e| MessagingError::BadBackup(format!("the export does not parse: {e}")))
+    }
+
+    /// Merges an export of this account's history into this device's.
+    pub(crate) fn import_export(&mut self, export: &HistoryExport) -> Result<Imported, MessagingError> {
+        if export.user_id != self.me() {
+            return Err(MessagingError::BadBackup(format!(
+                "this history is account {}'s, not {}'s",
+                export.user_id,
+                self.me()
+            )));
+        }
+        Ok(self.history()?.import(export)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn device(current: bool) -> DeviceInfo {
+        DeviceInfo {
+            device: PeerId::random(),
+            name: "laptop".into(),
+            fingerprint: String::new(),
+            session_id: SessionId(rand::random()),
+            created_at: 0,
+            last_seen: 0,
+            current,
+            asked_for_history: false,
+            history_sent_at: None,
+        }
+    }
+
+    #[test]
+    fn a_device_is_named_by_its_id_its_session_or_a_part_only_it_has() {
+        let devices = vec![device(true), device(false)];
+        let id = devices[1].device.to_string();
+        assert_eq!(find_device(&devices, &id).expect("whole id").device, devices[1].device);
+        let session = devices[1].session_id.to_string();
+        assert_eq!(find_device(&devices, &session).expect("session id").device, devices[1].device);
+        assert_eq!(find_device(&devices, &id[id.len() - 8..]).expect("its tail").device, devices[1].device);
+        assert!(find_device(&devices, "12D3KooW").is_err(), "every id starts so: ambiguous");
+        assert!(find_device(&devices, "abc").is_err(), "too short to name anything");
+        assert!(find_device(&devices, "zzzzzzzzzz").is_err());
+    }
+}
