@@ -77,6 +77,9 @@ pub const NODE_EVENT_QUEUE: usize = 1024;
 /// two numbers until it is): far inside the renewal margin, so a renewal that fails is retried
 /// many times before the certificate expires.
 pub const NODE_RENEW_CHECK: Duration = Duration::from_secs(5);
+/// How often a running client node looks whether a scheduled backup is due: a few seconds late
+/// costs nothing, and looking costs one read of the history.
+pub const NODE_BACKUP_CHECK: Duration = Duration::from_secs(2);
 /// How long a client node waits after a failed poll of its relays before polling again.
 pub const NODE_RETRY_AFTER: Duration = Duration::from_secs(1);
 /// The longest a client node waits between polls while envelopes wait to be verified (the

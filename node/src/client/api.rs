@@ -12,9 +12,9 @@ use serde::{Deserialize, Serialize};
 
 use std::path::PathBuf;
 
-use crate::client::backup::BackupMade;
+use crate::client::backup::{BackupListed, BackupMade};
 use crate::client::devices::{DeviceInfo, HistorySent};
-use crate::client::history::{Imported, StoredMessage};
+use crate::client::history::{BackupSchedule, Imported, StoredMessage};
 use crate::client::media::{ByteRange, Downloaded, Progress};
 use crate::client::messaging::MessagingError;
 use crate::client::session::ClientError;
@@ -90,6 +90,11 @@ pub enum Call {
     /// Restore a backup into this profile's history with its recovery code: the newest on the
     /// relays the code opens, or the file `from`.
     BackupRestore { code: String, from: Option<PathBuf> },
+    /// The account's backups on the relays.
+    BackupList,
+    /// Show the client node's periodic backups, set them (`every_secs`, `keep`), or end them
+    /// (`off`).
+    BackupSchedule { every_secs: Option<u64>, keep: Option<u8>, off: bool },
 }
 
 impl Call {
@@ -151,6 +156,10 @@ pub enum Reply {
     BackupMade(BackupMade),
     /// `BackupRestore`: what the history gained.
     Restored(Imported),
+    /// `BackupList`.
+    Backups { backups: Vec<BackupListed> },
+    /// `BackupSchedule`: the schedule now (none: off).
+    BackupSchedule { schedule: Option<BackupSchedule> },
 }
 
 /// Display names of the people a reply mentions, from cached directory cards.

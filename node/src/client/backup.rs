@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::client::history::{HistoryExport, Imported};
+use crate::client::history::{BackupSchedule, HistoryExport, Imported};
 use crate::client::media::OnProgress;
 use crate::client::messaging::{MessagingError, Messenger};
 use crate::crypto::backup::{BackupKey, BackupKeyError, RecoveryCode};
@@ -28,6 +28,8 @@ pub const BACKUP_KEY_FILE: &str = "backup.key";
 const MAGIC: &[u8; 9] = b"MGBACKUP1";
 /// Backups kept on the relays unless the user says otherwise.
 pub const DEFAULT_BACKUPS_KEPT: u8 = 3;
+/// The shortest interval between scheduled backups.
+pub const MIN_BACKUP_EVERY_SECS: u64 = 5;
 
 /// A backup made.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -99,6 +101,7 @@ impl Messenger {
                 let pointer = BackupPointer { file, messages, exported_at: export.exported_at };
                 let sealed = key.seal(&postcard::to_stdvec(&pointer).expect("invariant: pointers serialize"));
                 self.client.put_backup(BackupRecord { created_at: 0, kdf: key.kdf, sealed }, keep).await?;
+                self.h().backup_made(export.exported_at)?;
                 (bytes, None)
             }
         };
@@ -144,6 +147,66 @@ impl Messenger {
         }
         Ok(imported)
     }
+}
+
+impl Messenger {
+    /// The account's backups on the relays, newest first, and whether this profile's key
+    /// opens each (one made with another recovery code does not).
+    pub async fn list_backups(&mut self) -> Result<Vec<BackupListed>, MessagingError> {
+        let key = BackupKey::load(&self.backup_key_path())?;
+        let records = self.client.backups().await?;
+        Ok(records
+            .iter()
+            .map(|r| BackupListed {
+                created_at: r.created_at,
+                opens_with_this_profile: key.as_ref().is_some_and(|k| k.kdf == r.kdf && k.open(&r.sealed).is_ok()),
+            })
+            .collect())
+    }
+
+    /// Sets the client node's periodic backups to the relays (`every_secs: None` ends them).
+    /// They use the profile's backup key, so a first backup (which shows the code) must exist.
+    pub fn schedule_backups(
+        &mut self,
+        every_secs: Option<u64>,
+        keep: u8,
+    ) -> Result<Option<BackupSchedule>, MessagingError> {
+        if every_secs.is_some() && BackupKey::load(&self.backup_key_path())?.is_none() {
+            return Err(MessagingError::NoBackup(
+                "make a first backup with `meshgram backup create` (it shows your recovery code), then schedule more"
+                    .into(),
+            ));
+        }
+        let history = self.history()?;
+        history.set_backup_schedule(every_secs.map(|every| (every, keep)))?;
+        Ok(history.backup_schedule()?)
+    }
+
+    /// Makes the scheduled backup if one is due; returns whether it made one.
+    pub async fn backup_if_due(&mut self) -> Result<bool, MessagingError> {
+        let Some(schedule) = self.history()?.backup_schedule()? else { return Ok(false) };
+        if BackupKey::load(&self.backup_key_path())?.is_none() {
+            // A key made now would come with a code nobody sees.
+            tracing::warn!("backups are scheduled but this profile has no backup key; run `meshgram backup create`");
+            return Ok(false);
+        }
+        if schedule.last_at.is_some_and(|last| unix_now() < last + schedule.every_secs) {
+            return Ok(false);
+        }
+        // The pointer goes to the gateway last: while it is away, upload nothing in vain.
+        self.client.backups().await?;
+        let made = self.create_backup(None, false, schedule.keep, &|_| {}).await?;
+        tracing::info!(messages = made.messages, bytes = made.bytes, "made the scheduled backup");
+        Ok(true)
+    }
+}
+
+/// One backup in `backup list`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupListed {
+    /// Unix seconds.
+    pub created_at: u64,
+    pub opens_with_this_profile: bool,
 }
 
 /// The newest pointer the code opens (records of an older code may come first).

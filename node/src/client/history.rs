@@ -52,6 +52,11 @@ const NEXT_ORDER: &str = "next_order";
 const NEXT_OUTBOX: &str = "next_outbox";
 /// Envelopes dropped as definitively bad (forged, malformed), ever.
 const DROPPED_ENVELOPES: &str = "dropped_envelopes";
+/// Periodic backups by the client node: how often (seconds; absent: off), how many the relays
+/// keep, and when the last one was made (unix seconds).
+const BACKUP_EVERY: &str = "backup_every_secs";
+const BACKUP_KEEP: &str = "backup_keep";
+const BACKUP_LAST: &str = "backup_last_at";
 
 /// A message as this device keeps it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -181,6 +186,16 @@ pub struct HistoryExport {
     pub cards: Vec<(UserCard, u64)>,
     /// `@username` / `+phone` → user id, so contacts are found by name without the gateway.
     pub names: Vec<(String, UserId)>,
+}
+
+/// When the client node backs the history up on its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupSchedule {
+    pub every_secs: u64,
+    /// Backups the relays keep.
+    pub keep: u8,
+    /// The last backup to the relays (unix seconds).
+    pub last_at: Option<u64>,
 }
 
 /// What an import changed.
@@ -382,6 +397,44 @@ impl History {
             out.push(ChunkHash(*entry?.0.value()));
         }
         Ok(out)
+    }
+
+    /// The periodic backup schedule, if one is set.
+    pub fn backup_schedule(&self) -> Result<Option<BackupSchedule>, HistoryError> {
+        let tx = self.db.begin_read()?;
+        let meta = tx.open_table(META)?;
+        let Some(every_secs) = meta.get(BACKUP_EVERY)?.map(|v| v.value()) else { return Ok(None) };
+        let keep = meta.get(BACKUP_KEEP)?.map_or(1, |v| v.value()) as u8;
+        let last_at = meta.get(BACKUP_LAST)?.map(|v| v.value());
+        Ok(Some(BackupSchedule { every_secs, keep, last_at }))
+    }
+
+    /// Sets (or with `None` ends) the periodic backup schedule.
+    pub fn set_backup_schedule(&self, schedule: Option<(u64, u8)>) -> Result<(), HistoryError> {
+        let tx = self.db.begin_write()?;
+        {
+            let mut meta = tx.open_table(META)?;
+            match schedule {
+                Some((every, keep)) => {
+                    meta.insert(BACKUP_EVERY, every)?;
+                    meta.insert(BACKUP_KEEP, u64::from(keep))?;
+                }
+                None => {
+                    meta.remove(BACKUP_EVERY)?;
+                    meta.remove(BACKUP_KEEP)?;
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Remembers when the last backup to the relays was made.
+    pub fn backup_made(&self, at: u64) -> Result<(), HistoryError> {
+        let tx = self.db.begin_write()?;
+        tx.open_table(META)?.insert(BACKUP_LAST, at)?;
+        tx.commit()?;
+        Ok(())
     }
 
     /// How many envelopes were dropped as definitively bad, ever.

@@ -27,15 +27,15 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio_util::task::AbortOnDropHandle;
 
 use crate::client::api::{ApiError, Call, ChatSummary, Event, Me, Names, Reply};
-use crate::client::backup::DEFAULT_BACKUPS_KEPT;
+use crate::client::backup::{DEFAULT_BACKUPS_KEPT, MIN_BACKUP_EVERY_SECS};
 use crate::client::history::{History, StoredMessage};
 use crate::client::media::ChunkServer;
 use crate::client::messaging::{Inbox, MessagingError, Messenger};
 use crate::client::session::{Client, ClientError, SavedSession};
 use crate::crypto::cert::unix_now;
 use crate::defaults::{
-    FETCH_WAIT_MS, NODE_CALL_QUEUE, NODE_DEFERRED_BACKOFF_MAX, NODE_EVENT_QUEUE, NODE_OUTBOX_RETRY, NODE_RENEW_CHECK,
-    NODE_RETRY_AFTER,
+    FETCH_WAIT_MS, NODE_BACKUP_CHECK, NODE_CALL_QUEUE, NODE_DEFERRED_BACKOFF_MAX, NODE_EVENT_QUEUE, NODE_OUTBOX_RETRY,
+    NODE_RENEW_CHECK, NODE_RETRY_AFTER,
 };
 use crate::ids::UserId;
 use crate::proto::payload::MessageId;
@@ -103,6 +103,8 @@ impl NodeHandle {
                 listen: peer_listen_addr()?,
             };
             tasks.push(AbortOnDropHandle::new(tokio::spawn(server.run())));
+            let backups = backup_loop(messenger.fork()?, session.tx.subscribe());
+            tasks.push(AbortOnDropHandle::new(tokio::spawn(backups)));
         }
         let actor = Actor {
             messenger,
@@ -235,6 +237,24 @@ async fn renew_loop(client: Client, session: SharedSession) {
                 tracing::warn!(error = %e, left_secs = left, "could not renew the session certificate; retrying");
             }
         }
+    }
+}
+
+/// Makes the scheduled backups (`meshgram backup schedule`), on a fork of the messenger; one
+/// that fails (relays or gateway away) is tried again at the next check.
+async fn backup_loop(mut messenger: Messenger, mut session: watch::Receiver<SavedSession>) {
+    let mut wait = NODE_BACKUP_CHECK;
+    loop {
+        tokio::time::sleep(wait).await;
+        catch_up(&mut messenger, &mut session);
+        wait = match messenger.backup_if_due().await {
+            Ok(_) => NODE_BACKUP_CHECK,
+            Err(e) => {
+                let again = (wait * 2).min(NODE_DEFERRED_BACKOFF_MAX);
+                tracing::warn!(error = %e, retry_in_secs = again.as_secs(), "the scheduled backup failed");
+                again
+            }
+        };
     }
 }
 
@@ -454,6 +474,18 @@ impl Actor {
                 // Requests from new devices are what the list is looked at for: fetch them.
                 self.receive_waiting().await?;
                 Reply::Devices { devices: self.messenger.devices().await? }
+            }
+            Call::BackupList => Reply::Backups { backups: self.messenger.list_backups().await? },
+            Call::BackupSchedule { every_secs, keep, off } => {
+                let schedule = match (every_secs, off) {
+                    (Some(_), true) => return Err(ApiError::usage("give a schedule or turn it off, not both")),
+                    (Some(every), _) if every < MIN_BACKUP_EVERY_SECS => {
+                        return Err(ApiError::usage(format!("the shortest interval is {MIN_BACKUP_EVERY_SECS} s")));
+                    }
+                    (None, false) => self.messenger.history()?.backup_schedule().map_err(MessagingError::from)?,
+                    (every, _) => self.messenger.schedule_backups(every, keep.unwrap_or(DEFAULT_BACKUPS_KEPT))?,
+                };
+                Reply::BackupSchedule { schedule }
             }
             Call::RemoveDevice { device } => {
                 Reply::DeviceRemoved { device: self.messenger.remove_device(&device).await? }

@@ -1,6 +1,6 @@
 use std::time::{Duration, Instant};
 
-use meshgram_tests::{Mesh, files_under, meshgram, spawn_meshgram, str_field};
+use meshgram_tests::{Mesh, files_under, meshgram, spawn_meshgram, start_node, str_field};
 
 use super::{ALICE, comparable, fill_history, text_of};
 
@@ -89,4 +89,58 @@ fn a_backup_restores_on_a_new_profile_with_its_code_and_only_with_it() {
         );
         assert!(!finder(&needle), "in the gateway's files: {:?}", String::from_utf8_lossy(&needle));
     }
+}
+
+#[test]
+fn a_running_node_backs_up_on_schedule_keeps_the_newest_and_waits_out_a_stopped_gateway() {
+    let mut mesh = Mesh::start(3, 2);
+    let alice = mesh.new_profile("alice");
+    mesh.login(&alice, ALICE);
+    fill_history(&mesh, &alice, 1, 5);
+    // Scheduling needs a key, made (with its code shown) by a first backup.
+    meshgram(&alice, &["backup", "schedule", "--every", "5s"]).expect_err(&["NOT_FOUND"]);
+    let made = spawn_meshgram(&alice, &["backup", "create"]).with_timeout(BACKUP_TIMEOUT).finish().ok_json_lines();
+    let code = str_field(made.last().unwrap(), "recovery_code").to_string();
+    meshgram(&alice, &["backup", "schedule", "--every", "1s"]).expect_err(&["USAGE"]);
+    meshgram(&alice, &["backup", "schedule", "--every", "soon"]).expect_err(&["USAGE"]);
+    let set = meshgram(&alice, &["backup", "schedule", "--every", "5s", "--keep", "2"]).ok_json();
+    assert_eq!(set["schedule"]["every_secs"].as_u64(), Some(5), "{set}");
+
+    let last_at = |profile: &std::path::Path| {
+        meshgram(profile, &["backup", "schedule"]).ok_json()["schedule"]["last_at"].as_u64().unwrap_or(0)
+    };
+    let wait_for_backup_after = |at: u64, why: &str| {
+        let deadline = Instant::now() + BACKUP_TIMEOUT;
+        while last_at(&alice) <= at {
+            assert!(Instant::now() < deadline, "no scheduled backup {why}");
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    };
+    let _node = start_node(&alice);
+    let first = last_at(&alice);
+    wait_for_backup_after(first, "while the node runs");
+    wait_for_backup_after(last_at(&alice), "a second time");
+    let listed = meshgram(&alice, &["backup", "list"]).ok_json();
+    let listed = listed.as_array().unwrap();
+    assert_eq!(listed.len(), 2, "the relays keep the newest two: {listed:?}");
+    assert!(listed.iter().all(|b| b["opens_with_this_profile"] == true), "{listed:?}");
+
+    // With the gateway down the scheduled backup fails and is tried again; a message sent
+    // meanwhile (through the relays alone) is in the first backup after the gateway is back.
+    mesh.gateway.kill9();
+    let down_at = last_at(&alice);
+    meshgram(&alice, &["send", &super::contact_phone(0), "sent while the gateway was down"]).ok_json();
+    std::thread::sleep(Duration::from_secs(7));
+    assert_eq!(last_at(&alice), down_at, "no backup can be made without the gateway");
+    mesh.gateway.restart_same_port();
+    wait_for_backup_after(down_at, "once the gateway was back");
+
+    let fresh = mesh.new_profile("alice-new");
+    mesh.login(&fresh, ALICE);
+    spawn_meshgram(&fresh, &["backup", "restore", "--code", &code])
+        .with_timeout(BACKUP_TIMEOUT)
+        .finish()
+        .ok_json_lines();
+    let restored = meshgram(&fresh, &["messages"]).ok_json();
+    assert_eq!(super::count_text(&restored, "sent while the gateway was down"), 1);
 }

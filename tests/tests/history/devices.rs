@@ -1,6 +1,6 @@
 use std::time::{Duration, Instant};
 
-use meshgram_tests::{Mesh, array, blake3_of_file, meshgram, random_file, spawn_meshgram, str_field};
+use meshgram_tests::{Mesh, array, blake3_of_file, meshgram, random_file, spawn_meshgram, start_node, str_field};
 use serde_json::Value;
 
 use super::{ALICE, comparable, contact_phone, count_text, fill_history, text_of};
@@ -125,4 +125,45 @@ fn a_new_device_gets_the_whole_history_once_approved_and_an_unapproved_one_gets_
         let found = mesh.relay_files_containing(needle.as_bytes());
         assert!(found.is_empty(), "plaintext '{needle}' on a relay's disk: {found:?}");
     }
+}
+
+#[test]
+fn a_node_that_was_off_approves_later_and_the_new_device_gets_it_with_the_gateway_down() {
+    let mut mesh = Mesh::start(3, 2);
+    let d1 = mesh.new_profile("alice-laptop");
+    mesh.login(&d1, ALICE);
+    fill_history(&mesh, &d1, 2, 50);
+    // Device 2 signs in while device 1 is off; its node starts, and is stopped again.
+    let d2 = mesh.new_profile("alice-phone");
+    let d2_id = str_field(&mesh.login(&d2, ALICE), "device").to_string();
+    let mut node2 = start_node(&d2);
+    node2.terminate();
+
+    // Device 1's node runs: the request waits for it, and the CLI approves through it.
+    let node1 = start_node(&d1);
+    let devices = meshgram(&d1, &["devices"]).ok_json();
+    assert_eq!(device_entry(&devices, &d2_id)["asked_for_history"], true, "{devices}");
+    let sent = spawn_meshgram(&d1, &["devices", "approve", &d2_id]).with_timeout(TRANSFER_TIMEOUT).finish();
+    let sent = sent.ok_json_lines();
+    assert_eq!(sent.last().unwrap()["messages"].as_u64(), Some(2 * 50 + 4));
+    drop(node1);
+
+    // The gateway is down when device 2's node starts again: the envelope verifies against the
+    // card it cached, and the history comes from the relays alone.
+    mesh.gateway.kill9();
+    let _node2 = start_node(&d2);
+    let deadline = Instant::now() + TRANSFER_TIMEOUT;
+    loop {
+        let on_d2 = meshgram(&d2, &["messages"]).ok_json();
+        if array(&on_d2, "messages").len() == 2 * 50 + 4 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no history on the new device: {on_d2}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    mesh.gateway.restart_same_port();
+    assert_eq!(
+        comparable(&meshgram(&d2, &["messages"]).ok_json()),
+        comparable(&meshgram(&d1, &["messages"]).ok_json())
+    );
 }

@@ -16,7 +16,8 @@ use serde_json::{Value, json};
 
 use super::output::{describe, emit, message_line, to_json};
 use super::{
-    BotCommand, CliError, CliResult, Command, DevicesCommand, PasswordCommand, ProfileCommand, SessionsCommand,
+    BackupCommand, BotCommand, CliError, CliResult, Command, DevicesCommand, PasswordCommand, ProfileCommand,
+    SessionsCommand,
 };
 
 /// Makes `call` on the profile's node: the running one if there is one, else one opened for
@@ -124,9 +125,15 @@ async fn call_for(command: Command) -> Result<Call, CliError> {
         }
         Command::Devices { command: None | Some(DevicesCommand::List) } => Call::Devices,
         Command::Devices { command: Some(DevicesCommand::Remove { device }) } => Call::RemoveDevice { device },
+        Command::Backup(BackupCommand::List) => Call::BackupList,
+        Command::Backup(BackupCommand::Schedule { every, keep, off }) => Call::BackupSchedule {
+            every_secs: every.as_deref().map(super::history::parse_every).transpose()?,
+            keep,
+            off,
+        },
         Command::Login { .. }
         | Command::Devices { command: Some(DevicesCommand::Approve { .. }) }
-        | Command::Backup(_)
+        | Command::Backup(BackupCommand::Create { .. } | BackupCommand::Restore { .. })
         | Command::Node
         | Command::Up { .. }
         | Command::Upload { .. }
@@ -276,6 +283,28 @@ fn print(json: bool, call: &Call, reply: Reply) -> CliResult {
         }
         (_, Reply::DeviceRemoved { device }) => emit(json, to_json(&device), || {
             format!("Signed out {} ({}); your contacts are told your devices changed.", device.name, device.device)
+        }),
+        (_, Reply::Backups { backups }) => emit(json, to_json(&backups), || {
+            if backups.is_empty() {
+                return "No backups on the relays yet: meshgram backup create".into();
+            }
+            backups
+                .iter()
+                .map(|b| {
+                    let opens = if b.opens_with_this_profile { "" } else { "\t(another recovery code)" };
+                    format!("backup of {}{opens}", super::output::ago(b.created_at))
+                })
+                .collect::<Vec<_>>()
+                .join("\n")
+        }),
+        (_, Reply::BackupSchedule { schedule }) => emit(json, json!({ "schedule": schedule }), || match schedule {
+            None => "No periodic backups: meshgram backup schedule --every 1d".into(),
+            Some(s) => format!(
+                "The client node backs up every {} s, keeping {}; last backup: {}.",
+                s.every_secs,
+                s.keep,
+                s.last_at.map_or("none yet".into(), super::output::ago)
+            ),
         }),
         (Call::Typing { .. }, Reply::Done) => emit(json, json!({ "typing": true }), || "Sent a typing notice.".into()),
         (_, other) => return Err(unexpected(&other)),

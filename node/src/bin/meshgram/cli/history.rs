@@ -74,5 +74,24 @@ pub(super) async fn backup(profile: &Path, json: bool, command: BackupCommand) -
                 other => Err(CliError(ApiError::unexpected("backup restore", &other))),
             }
         }
+        BackupCommand::List | BackupCommand::Schedule { .. } => {
+            Err(CliError::usage("this backup command is a plain call to the client node"))
+        }
     }
+}
+
+/// `--every 6h`: seconds from a number and a unit (s, m, h, d).
+pub(super) fn parse_every(every: &str) -> Result<u64, CliError> {
+    let bad = || CliError::usage(format!("--every {every}: give a number and a unit, like 90s, 30m, 6h or 1d"));
+    let every = every.trim();
+    let (number, unit) = every.split_at(every.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?);
+    let n: u64 = number.parse().map_err(|_| bad())?;
+    let scale = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(scale).ok_or_else(bad)
 }

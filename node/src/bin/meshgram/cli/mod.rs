@@ -251,6 +251,20 @@ pub(crate) enum BackupCommand {
         #[arg(long)]
         from: Option<PathBuf>,
     },
+    /// The account's backups on the relays.
+    List,
+    /// Have the client node (`meshgram node`) back up on its own; without flags, show when.
+    Schedule {
+        /// How often: 90s, 30m, 6h, 1d.
+        #[arg(long, conflicts_with = "off")]
+        every: Option<String>,
+        /// How many backups the relays keep (1 to 20; default 3).
+        #[arg(long)]
+        keep: Option<u8>,
+        /// Stop the periodic backups.
+        #[arg(long)]
+        off: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -358,7 +372,9 @@ pub(crate) async fn run(cli: Cli) -> CliResult {
         Command::Devices { command: Some(DevicesCommand::Approve { device }) } => {
             history::approve(&profile, json, device).await
         }
-        Command::Backup(command) => history::backup(&profile, json, command).await,
+        Command::Backup(command @ (BackupCommand::Create { .. } | BackupCommand::Restore { .. })) => {
+            history::backup(&profile, json, command).await
+        }
         command => calls::run(&profile, json, command).await,
     }
 }
