@@ -257,6 +257,11 @@ pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// `s` in groups of four characters joined by `separator`, as people read codes out.
+pub fn grouped(s: &str, separator: &str) -> String {
+    s.as_bytes().chunks(4).map(|c| String::from_utf8_lossy(c).into_owned()).collect::<Vec<_>>().join(separator)
+}
+
 /// Parses lower- or upper-case hex into exactly `N` bytes.
 pub fn parse_hex<const N: usize>(s: &str) -> Result<[u8; N], InvalidValue> {
     let s = s.trim();

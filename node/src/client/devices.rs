@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use libp2p::PeerId;
 use serde::{Deserialize, Serialize};
 
-use crate::client::history::{HistoryExport, Imported, PendingImport};
+use crate::client::history::{EXPORT_FORMAT, HistoryExport, Imported, PendingImport};
 use crate::client::media::{OnProgress, Serve};
 use crate::client::messaging::{MessagingError, Messenger};
 use crate::crypto::cert::{AccountKind, unix_now};
@@ -28,9 +28,11 @@ use crate::proto::LookupQuery;
 use crate::proto::UserCard;
 use crate::proto::payload::{Body, MessageId, Payload};
 
-/// Largest history export a device fetches (it is read whole into memory to merge).
-const MAX_EXPORT_BYTES: u64 = 1 << 30;
-/// Where exports and imports are written while they move (inside the profile, 0700 like it).
+/// Largest history export a device sends or takes: it is read whole into memory to merge
+/// (10,000 messages make about 1 MB).
+pub(crate) const MAX_EXPORT_BYTES: u64 = 256 << 20;
+/// Where exports and imports are written while they move (inside the profile, which only its
+/// owner may enter: `session::keep_private`).
 const TRANSFER_DIR: &str = "transfers";
 /// The shortest part of a device id that may name it.
 const MIN_DEVICE_ID_PART: usize = 6;
@@ -70,9 +72,45 @@ pub(crate) fn transfer_dir(profile: &Path) -> Result<PathBuf, MessagingError> {
     Ok(dir)
 }
 
+/// Removes what a stopped process left in the transfer directory (plaintext exports among
+/// them). Only the profile's one node uses it, so whatever is there when it starts is stale.
+pub fn clear_transfers(profile: &Path) {
+    let Ok(entries) = std::fs::read_dir(profile.join(TRANSFER_DIR)) else { return };
+    for entry in entries.flatten() {
+        if let Err(e) = std::fs::remove_file(entry.path()) {
+            tracing::warn!(file = %entry.path().display(), error = %e, "cannot remove a stale transfer file");
+        }
+    }
+}
+
 /// A fresh file name in the transfer directory.
 pub(crate) fn transfer_file(profile: &Path, what: &str) -> Result<PathBuf, MessagingError> {
     Ok(transfer_dir(profile)?.join(format!("{what}-{}", crate::ids::hex(&rand::random::<[u8; 8]>()))))
+}
+
+/// An export as it travels, refused when larger than a device takes.
+pub(crate) fn encode_export(export: &HistoryExport) -> Result<Vec<u8>, MessagingError> {
+    let bytes = postcard::to_stdvec(export).expect("invariant: exports serialize");
+    if bytes.len() as u64 > MAX_EXPORT_BYTES {
+        return Err(MessagingError::BadBackup(format!(
+            "the history is {} bytes, more than the {MAX_EXPORT_BYTES} a device takes in one piece",
+            bytes.len()
+        )));
+    }
+    Ok(bytes)
+}
+
+/// An export as written by [`encode_export`], of this build's layout.
+pub(crate) fn decode_export(bytes: &[u8]) -> Result<HistoryExport, MessagingError> {
+    let export: HistoryExport = postcard::from_bytes(bytes)
+        .map_err(|e| MessagingError::BadBackup(format!("the history does not parse: {e}")))?;
+    if export.format != EXPORT_FORMAT {
+        return Err(MessagingError::BadBackup(format!(
+            "the history is in format {}; this build reads {EXPORT_FORMAT}",
+            export.format
+        )));
+    }
+    Ok(export)
 }
 
 /// The device `id` names: its whole id or session id, or a part of its id that only it has.
@@ -108,6 +146,7 @@ impl Messenger {
             chat_with: self.me(),
             body: Body::HistoryRequest { device_name },
         };
+        self.h().want_history(unix_now())?;
         self.h().queue(Vec::new(), &[payload])?;
         match self.flush_outbox().await {
             Err(e) if !e.may_pass() => Err(e),
@@ -160,7 +199,7 @@ impl Messenger {
         let Some(keys) = card.devices.iter().find(|d| d.peer_id == target.device).cloned() else {
             return Err(MessagingError::UnknownDevice(format!("device {} is not signed in", target.device)));
         };
-        let export = self.h().export(me, unix_now())?;
+        let export = self.export_now().await?;
         let messages = export.messages.len() as u64;
         let (file, bytes) = self.upload_export(&export, "history", progress).await?;
         let to_that_device_only = UserCard { devices: vec![keys], ..card };
@@ -180,12 +219,13 @@ impl Messenger {
         what: &str,
         progress: OnProgress<'_>,
     ) -> Result<(crate::proto::media::FileRef, u64), MessagingError> {
-        let bytes = postcard::to_stdvec(export).expect("invariant: exports serialize");
+        let bytes = encode_export(export)?;
         let path = transfer_file(self.client.profile(), what)?;
         crate::crypto::identity::write_secret(&path, &bytes)
             .map_err(|e| MessagingError::File(format!("writing the export: {e}")))?;
         let uploaded = self.upload(&path, None, progress, Serve::No).await;
         let _ = std::fs::remove_file(&path);
+        self.h().forget_upload(&path.to_string_lossy())?;
         Ok((uploaded?, bytes.len() as u64))
     }
 
@@ -227,30 +267,37 @@ impl Messenger {
         }
     }
 
-    /// Fetches and merges each history sent to this device. One that cannot be fetched now
-    /// waits for the next call; one that is bad (not this account's, does not parse) is dropped.
+    /// Fetches and merges each history sent to this device. One that is bad (does not parse,
+    /// does not decrypt, another account's) is dropped; any other failure (relays away, the
+    /// disk full) leaves it waiting for the next call, and is returned once the rest are done.
     pub async fn import_pending(&mut self, progress: OnProgress<'_>) -> Result<Vec<Imported>, MessagingError> {
-        let mut done = Vec::new();
+        let (mut done, mut failed) = (Vec::new(), None);
         for (key, job) in self.history()?.pending_imports()? {
             match self.import_from(&job, progress).await {
                 Ok(imported) => {
-                    tracing::info!(from = %job.from_device, ?imported, "imported the history from another device");
+                    tracing::info!(from = %job.from_device, sent = job.messages, ?imported, "imported the history from another device");
                     self.h().remove_pending_import(&key)?;
+                    self.h().history_received()?;
                     done.push(imported);
                 }
-                Err(e) if e.is_transient() => return Err(e),
-                Err(e) => {
+                Err(
+                    e @ (MessagingError::BadBackup(_) | MessagingError::BadFile(_) | MessagingError::MediaCrypto(_)),
+                ) => {
                     tracing::warn!(from = %job.from_device, error = %e, "dropping a history that cannot be imported");
                     self.h().remove_pending_import(&key)?;
                 }
+                Err(e) => failed = Some(e),
             }
         }
-        Ok(done)
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(done),
+        }
     }
 
     async fn import_from(&mut self, job: &PendingImport, progress: OnProgress<'_>) -> Result<Imported, MessagingError> {
         let export = self.fetch_export(job.file.clone(), progress).await?;
-        self.import_export(&export)
+        self.import_export(export).await
     }
 
     /// Fetches an uploaded export by its reference and parses it.
@@ -269,11 +316,13 @@ impl Messenger {
         let fetched = self.fetch_file(file, &path, None, progress, Serve::No).await;
         let bytes = fetched.and_then(|_| std::fs::read(&path).map_err(|e| MessagingError::File(e.to_string())));
         let _ = std::fs::remove_file(&path);
-        postcard::from_bytes(&bytes?).map_err(|e| MessagingError::BadBackup(format!("the export does not parse: {e}")))
+        decode_export(&bytes?)
     }
 
-    /// Merges an export of this account's history into this device's.
-    pub(crate) fn import_export(&mut self, export: &HistoryExport) -> Result<Imported, MessagingError> {
+    /// Merges an export of this account's history into this device's (off the async
+    /// workers: one transaction over the whole history), then applies the changes that
+    /// arrived before their messages.
+    pub(crate) async fn import_export(&mut self, export: HistoryExport) -> Result<Imported, MessagingError> {
         if export.user_id != self.me() {
             return Err(MessagingError::BadBackup(format!(
                 "this history is account {}'s, not {}'s",
@@ -281,7 +330,24 @@ impl Messenger {
                 self.me()
             )));
         }
-        Ok(self.history()?.import(export)?)
+        let history = self.history()?.clone();
+        let imported = tokio::task::spawn_blocking(move || {
+            let imported = history.import(&export)?;
+            history.replay_parked(unix_now())?;
+            Ok::<_, MessagingError>(imported)
+        })
+        .await
+        .map_err(|e| MessagingError::BadBackup(format!("importing: {e}")))??;
+        Ok(imported)
+    }
+
+    /// The history as of now, exported off the async workers.
+    pub(crate) async fn export_now(&mut self) -> Result<HistoryExport, MessagingError> {
+        let (history, me) = (self.history()?.clone(), self.me());
+        tokio::task::spawn_blocking(move || history.export(me, unix_now()))
+            .await
+            .map_err(|e| MessagingError::BadBackup(format!("exporting: {e}")))?
+            .map_err(Into::into)
     }
 }
 

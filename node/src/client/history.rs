@@ -5,14 +5,14 @@ use std::path::Path;
 use std::sync::Arc;
 
 use libp2p::PeerId;
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
 
 use crate::crypto::media::MANIFEST_INDEX;
 use crate::ids::UserId;
 use crate::proto::envelope::EnvelopeId;
 use crate::proto::media::{ChunkHash, FileId, FileRef, PartHashes};
-use crate::proto::payload::{MessageId, Payload, Status};
+use crate::proto::payload::{Body, MessageId, Payload, Status};
 use crate::proto::{LookupQuery, UserCard};
 
 /// File in a profile dir.
@@ -48,7 +48,19 @@ const SERVED_CHUNKS: TableDefinition<&[u8; 32], (&[u8; 32], u32)> = TableDefinit
 const DEVICE_REQUESTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("device_requests");
 /// Histories sent to this device and not imported yet: envelope id → [`PendingImport`].
 const PENDING_IMPORTS: TableDefinition<&[u8; 16], &[u8]> = TableDefinition::new("pending_imports");
+/// Changes (edits, deletes, receipts) to messages this device does not have yet, kept until a
+/// history import brings them: (message id, envelope id) → [`ParkedChange`].
+const PARKED: TableDefinition<(&[u8; 16], &[u8; 16]), &[u8]> = TableDefinition::new("parked_changes");
+/// Most changes parked at once, and how long one waits for its message.
+const MAX_PARKED: u64 = 100_000;
+const PARKED_FOR_SECS: u64 = 30 * 86_400;
 const NEXT_ORDER: &str = "next_order";
+/// Set (to when it asked) while this device waits for its history from another device: only
+/// then is a `History` taken.
+const HISTORY_WANTED: &str = "history_wanted_since";
+/// The blake3 (first 8 bytes) of the last backup's export: an unchanged history is not backed
+/// up again.
+const BACKUP_HASH: &str = "backup_export_hash";
 const NEXT_OUTBOX: &str = "next_outbox";
 /// Envelopes dropped as definitively bad (forged, malformed), ever.
 const DROPPED_ENVELOPES: &str = "dropped_envelopes";
@@ -177,6 +189,8 @@ pub struct PendingImport {
 /// once they exist, live elsewhere and are never in an export.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HistoryExport {
+    /// [`EXPORT_FORMAT`]: an export of another layout is refused, not misread.
+    pub format: u32,
     pub user_id: UserId,
     /// Unix seconds.
     pub exported_at: u64,
@@ -196,6 +210,66 @@ pub struct BackupSchedule {
     pub keep: u8,
     /// The last backup to the relays (unix seconds).
     pub last_at: Option<u64>,
+}
+
+/// The layout of [`HistoryExport`] this build writes and reads.
+pub const EXPORT_FORMAT: u32 = 1;
+
+/// A change to earlier messages that arrived before them (see `PARKED`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ParkedChange {
+    pub author: UserId,
+    pub body: Body,
+    /// Unix seconds.
+    pub parked_at: u64,
+}
+
+/// The messages a change (an edit, a delete, a receipt) names, and what it does to one of them:
+/// only a message's author may edit or delete it; receipts come from the other side of the
+/// chat, about our messages. `None` for a body that is no change.
+#[allow(clippy::type_complexity)]
+pub fn change_of(
+    body: &Body,
+    author: UserId,
+) -> Option<(&[MessageId], Box<dyn FnMut(&mut StoredMessage) -> bool + Send + '_>)> {
+    match body {
+        Body::Edit { message, text } => Some((
+            std::slice::from_ref(message),
+            Box::new(move |m: &mut StoredMessage| {
+                m.from == author && !m.deleted && {
+                    m.text.clone_from(text);
+                    m.edited = true;
+                    true
+                }
+            }),
+        )),
+        Body::Delete { messages } => {
+            Some((messages, Box::new(move |m: &mut StoredMessage| m.from == author && mark_deleted(m))))
+        }
+        Body::Receipt { status, messages } => {
+            let status = *status;
+            Some((
+                messages,
+                Box::new(move |m: &mut StoredMessage| {
+                    m.outgoing && m.chat == author && m.status < status && {
+                        m.status = status;
+                        true
+                    }
+                }),
+            ))
+        }
+        _ => None,
+    }
+}
+
+/// Marks a message deleted (its text gone); false if it was already.
+pub fn mark_deleted(m: &mut StoredMessage) -> bool {
+    if m.deleted {
+        return false;
+    }
+    m.text.clear();
+    m.deleted = true;
+    true
 }
 
 /// What an import changed.
@@ -294,6 +368,7 @@ impl History {
         tx.open_table(SERVED_CHUNKS)?;
         tx.open_table(DEVICE_REQUESTS)?;
         tx.open_table(PENDING_IMPORTS)?;
+        tx.open_table(PARKED)?;
         tx.commit()?;
         Ok(History { db: Arc::new(db) })
     }
@@ -767,6 +842,8 @@ impl History {
         let mut messages = Vec::new();
         for entry in tx.open_table(MESSAGES)?.range::<(u64, u64)>(..)? {
             match decode_message(entry?.1.value()) {
+                // Still in this device's outbox: it reaches the others as a sync copy once sent.
+                Ok(message) if message.status == Status::Pending => {}
                 Ok(message) => messages.push(message),
                 Err(e) => tracing::warn!(error = %e, "leaving a corrupt history record out of the export"),
             }
@@ -784,17 +861,19 @@ impl History {
             let (name, id) = entry?;
             names.push((name.value().to_string(), UserId(id.value())));
         }
-        Ok(HistoryExport { user_id: user, exported_at: now, messages, cards, names })
+        Ok(HistoryExport { format: EXPORT_FORMAT, user_id: user, exported_at: now, messages, cards, names })
     }
 
     /// Merges an export into this history, in one transaction. A message already here (a copy
-    /// that reached both devices) is kept once and brought up to date: the furthest status,
-    /// and a delete or edit either side saw. Each chat keeps the exporter's order for what it
-    /// had, followed by what only this device had (which came later: it arrived after this
-    /// device signed in). Cards fill in contacts this device had not looked up.
+    /// that reached both devices) is kept once, where it is, and brought up to date: the
+    /// furthest status, and a delete or edit either side saw. Each chat's messages from both
+    /// sides are interleaved by send time, each side keeping its own order. Cards fill in
+    /// contacts this device had not looked up, as if fetched long ago (so the gateway is asked
+    /// before they are relied on). Importing again adds nothing.
     pub fn import(&self, export: &HistoryExport) -> Result<Imported, HistoryError> {
         let mut by_chat: std::collections::BTreeMap<u64, Vec<&StoredMessage>> = Default::default();
-        for m in &export.messages {
+        let mut ids = std::collections::HashSet::new();
+        for m in export.messages.iter().filter(|m| ids.insert(m.id)) {
             by_chat.entry(m.chat.0).or_default().push(m);
         }
         let mut imported = Imported { chats: by_chat.len() as u64, ..Imported::default() };
@@ -805,34 +884,37 @@ impl History {
             let mut meta = tx.open_table(META)?;
             let mut order = meta.get(NEXT_ORDER)?.map(|v| v.value()).unwrap_or(0);
             for (chat, incoming) in by_chat {
-                let (mut local, mut keys) = (Vec::new(), Vec::new());
+                // Records that do not decode stay where they are, untouched.
+                let mut local = Vec::new();
                 for entry in table.range((chat, 0)..=(chat, u64::MAX))? {
                     let (key, value) = entry?;
-                    keys.push(key.value());
                     if let Ok(m) = decode_message(value.value()) {
-                        local.push(m);
+                        local.push((key.value(), m));
                     }
                 }
-                for key in keys {
-                    table.remove(key)?;
-                }
-                let mut local_by_id: std::collections::HashMap<MessageId, StoredMessage> =
-                    local.iter().map(|m| (m.id, m.clone())).collect();
-                let mut merged = Vec::with_capacity(incoming.len() + local.len());
-                for theirs in incoming {
-                    match local_by_id.remove(&theirs.id) {
-                        Some(mine) => {
+                let mut mine: std::collections::HashMap<MessageId, StoredMessage> =
+                    local.iter().map(|(_, m)| (m.id, m.clone())).collect();
+                let mut theirs = Vec::with_capacity(incoming.len());
+                for m in incoming {
+                    match mine.remove(&m.id) {
+                        Some(here) => {
                             imported.merged_messages += 1;
-                            merged.push(merge(mine, theirs));
+                            theirs.push(merge(here, m));
                         }
+                        // Here already, in another chat: it stays there.
+                        None if index.get(&m.id.0)?.is_some() => imported.merged_messages += 1,
                         None => {
                             imported.new_messages += 1;
-                            merged.push(theirs.clone());
+                            theirs.push(m.clone());
                         }
                     }
                 }
-                merged.extend(local.into_iter().filter(|m| local_by_id.contains_key(&m.id)));
-                for message in merged {
+                let only_here: Vec<StoredMessage> =
+                    local.iter().filter(|(_, m)| mine.contains_key(&m.id)).map(|(_, m)| m.clone()).collect();
+                for (key, _) in &local {
+                    table.remove(key)?;
+                }
+                for message in interleave_by_time(theirs, only_here) {
                     table.insert((chat, order), encode(&message).as_slice())?;
                     index.insert(&message.id.0, (chat, order))?;
                     order += 1;
@@ -841,10 +923,10 @@ impl History {
             meta.insert(NEXT_ORDER, order)?;
             let mut cards = tx.open_table(CARDS)?;
             let mut fetched = tx.open_table(CARD_FETCHED)?;
-            for (card, at) in &export.cards {
+            for (card, _) in &export.cards {
                 if cards.get(card.user_id.0)?.is_none() {
                     cards.insert(card.user_id.0, encode(card).as_slice())?;
-                    fetched.insert(card.user_id.0, *at)?;
+                    fetched.insert(card.user_id.0, 0)?;
                 }
             }
             let mut names = tx.open_table(CARD_NAMES)?;
@@ -856,6 +938,134 @@ impl History {
         }
         tx.commit()?;
         Ok(imported)
+    }
+
+    /// Applies `change` (what envelope `envelope` says) like [`History::update`], and parks it
+    /// for each named message this device does not have yet, so that an import bringing the
+    /// message brings the change too.
+    pub fn update_or_park(
+        &self,
+        envelope: EnvelopeId,
+        ids: &[MessageId],
+        change: impl FnMut(&mut StoredMessage) -> bool,
+        parked: &ParkedChange,
+    ) -> Result<Vec<StoredMessage>, HistoryError> {
+        let tx = self.db.begin_write()?;
+        if tx.open_table(SEEN)?.insert(&envelope.0, ())?.is_some() {
+            return Ok(Vec::new());
+        }
+        let changed = change_in(&tx, ids, change)?;
+        {
+            let index = tx.open_table(MESSAGE_INDEX)?;
+            let mut table = tx.open_table(PARKED)?;
+            for id in ids {
+                if index.get(&id.0)?.is_none() && table.len()? < MAX_PARKED {
+                    table.insert((&id.0, &envelope.0), encode(parked).as_slice())?;
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(changed)
+    }
+
+    /// Applies the parked changes whose messages are here now (after an import), in one
+    /// transaction, and forgets those that waited too long; returns the changed messages.
+    pub fn replay_parked(&self, now: u64) -> Result<Vec<StoredMessage>, HistoryError> {
+        let tx = self.db.begin_write()?;
+        let mut changed = Vec::new();
+        {
+            let mut due = Vec::new();
+            {
+                let index = tx.open_table(MESSAGE_INDEX)?;
+                for entry in tx.open_table(PARKED)?.iter()? {
+                    let (key, value) = entry?;
+                    let (message, envelope) = key.value();
+                    let parked = postcard::from_bytes::<ParkedChange>(value.value()).ok();
+                    let here = index.get(message)?.is_some();
+                    let stale = parked.as_ref().is_none_or(|p| now > p.parked_at + PARKED_FOR_SECS);
+                    if here || stale {
+                        due.push((*message, *envelope, parked.filter(|_| here)));
+                    }
+                }
+            }
+            for (message, envelope, parked) in due {
+                if let Some(parked) = parked
+                    && let Some((_, change)) = change_of(&parked.body, parked.author)
+                {
+                    changed.extend(change_in(&tx, &[MessageId(message)], change)?);
+                }
+                tx.open_table(PARKED)?.remove((&message, &envelope))?;
+            }
+        }
+        tx.commit()?;
+        Ok(changed)
+    }
+
+    /// Notes that this device asked its other devices for the history (and takes one now).
+    pub fn want_history(&self, since: u64) -> Result<(), HistoryError> {
+        self.set_meta(HISTORY_WANTED, Some(since))
+    }
+
+    /// Whether this device waits for a history from another device.
+    pub fn wants_history(&self) -> Result<bool, HistoryError> {
+        Ok(self.meta(HISTORY_WANTED)?.is_some())
+    }
+
+    /// A history arrived and was merged: another is not taken unless asked for again.
+    pub fn history_received(&self) -> Result<(), HistoryError> {
+        self.set_meta(HISTORY_WANTED, None)
+    }
+
+    /// The hash of the last backup's export (first 8 bytes), if one was made.
+    pub fn backup_hash(&self) -> Result<Option<u64>, HistoryError> {
+        self.meta(BACKUP_HASH)
+    }
+
+    /// Remembers the last backup's export hash.
+    pub fn set_backup_hash(&self, hash: u64) -> Result<(), HistoryError> {
+        self.set_meta(BACKUP_HASH, Some(hash))
+    }
+
+    fn meta(&self, key: &str) -> Result<Option<u64>, HistoryError> {
+        let tx = self.db.begin_read()?;
+        Ok(tx.open_table(META)?.get(key)?.map(|v| v.value()))
+    }
+
+    fn set_meta(&self, key: &str, value: Option<u64>) -> Result<(), HistoryError> {
+        let tx = self.db.begin_write()?;
+        {
+            let mut meta = tx.open_table(META)?;
+            match value {
+                Some(v) => meta.insert(key, v)?,
+                None => meta.remove(key)?,
+            };
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Forgets an upload's resume record (a file deleted once uploaded, such as an export).
+    pub fn forget_upload(&self, path: &str) -> Result<(), HistoryError> {
+        let tx = self.db.begin_write()?;
+        tx.open_table(UPLOADS)?.remove(path)?;
+        tx.commit()?;
+        Ok(())
+    }
+}
+
+/// Two runs of one chat's messages as one, by send time; each run keeps its own order (a
+/// sender's clock may step back), and on a tie the first run's message goes first.
+fn interleave_by_time(first: Vec<StoredMessage>, second: Vec<StoredMessage>) -> Vec<StoredMessage> {
+    let mut out = Vec::with_capacity(first.len() + second.len());
+    let (mut a, mut b) = (first.into_iter().peekable(), second.into_iter().peekable());
+    loop {
+        let take_first = match (a.peek(), b.peek()) {
+            (Some(x), Some(y)) => x.sent_at_ms <= y.sent_at_ms,
+            (Some(_), None) => true,
+            (None, Some(_)) => false,
+            (None, None) => return out,
+        };
+        out.extend(if take_first { a.next() } else { b.next() });
     }
 }
 
@@ -983,13 +1193,23 @@ mod tests {
         let second_here = StoredMessage { status: Status::Pending, ..second.clone() };
         new.record(vec![(None, second_here), (None, third.clone()), (None, undeleted)]).expect("record");
 
+        // An edit of `first` reached the new device before `first` did: it waits for it.
+        let edit = Body::Edit { message: first.id, text: "first, edited".into() };
+        let parked = ParkedChange { author: UserId(1), body: edit, parked_at: 9 };
+        let (ids, change) = change_of(&parked.body, UserId(1)).expect("a change");
+        assert!(new.update_or_park(EnvelopeId::random(), ids, change, &parked).expect("park").is_empty());
+        let pending = StoredMessage { status: Status::Pending, ..message(2, "in the outbox", Status::Pending) };
+        old.record(vec![(None, pending)]).expect("record");
+
         let export = old.export(UserId(1), 9).expect("export");
-        assert_eq!(export.messages.len(), 3);
+        assert_eq!(export.messages.len(), 3, "not what waits in the exporter's outbox");
         let imported = new.import(&export).expect("import");
         assert_eq!(imported, Imported { new_messages: 1, merged_messages: 2, chats: 2 });
+        assert_eq!(new.replay_parked(10).expect("replay").len(), 1);
+        assert_eq!(new.replay_parked(10).expect("replay again").len(), 0, "applied once");
         let chat: Vec<(String, Status)> =
             new.messages(Some(UserId(2))).expect("read").into_iter().map(|m| (m.text, m.status)).collect();
-        let want = [("first", Status::Read), ("second", Status::Sent), ("third", Status::Sent)];
+        let want = [("first, edited", Status::Read), ("second", Status::Sent), ("third", Status::Sent)];
         assert_eq!(chat, want.map(|(t, s)| (t.to_string(), s)), "the exporter's order, then what only this device had");
         let gone = new.message(&deleted.id).expect("read").expect("kept");
         assert!(gone.deleted && gone.text.is_empty(), "a delete either side saw wins");

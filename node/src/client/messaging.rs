@@ -6,7 +6,9 @@ use std::collections::{HashMap, HashSet};
 
 use libp2p::PeerId;
 
-use crate::client::history::{DeviceRequest, History, HistoryError, PendingImport, StoredMessage};
+use crate::client::history::{
+    DeviceRequest, History, HistoryError, ParkedChange, PendingImport, StoredMessage, change_of, mark_deleted,
+};
 use crate::client::session::{Client, ClientError, SavedSession};
 use crate::crypto::cert::unix_now;
 use crate::crypto::seal::{self, E2eError};
@@ -46,6 +48,19 @@ impl Inbox {
         self.device_requests.extend(other.device_requests);
         self.imports += other.imports;
     }
+}
+
+/// A notice's id, the same on every device of ours for the same change (so a history merge
+/// keeps one): a hash of the user and the device set it announces.
+fn notice_id(card: &UserCard) -> MessageId {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(&card.user_id.0.to_le_bytes());
+    for device in &card.devices {
+        hasher.update(&device.peer_id.to_bytes()).update(&device.keys.noise_key.0);
+    }
+    let mut id = [0u8; 16];
+    id.copy_from_slice(&hasher.finalize().as_bytes()[..16]);
+    MessageId(id)
 }
 
 /// What a contact's chat says when their devices changed, if they did.
@@ -327,7 +342,7 @@ impl Messenger {
             && let Some(text) = devices_changed_notice(&before, &card)
         {
             let notice = StoredMessage {
-                id: MessageId::random(),
+                id: notice_id(&card),
                 chat: card.user_id,
                 from: card.user_id,
                 outgoing: false,
@@ -951,28 +966,14 @@ impl Messenger {
                 inbox.messages.extend(self.h().record(vec![(Some(envelope.id), message)])?);
                 return Ok(());
             }
-            // Only a message's author may edit or delete it. Each change is applied in the same
-            // transaction that marks its envelope seen, so two fetchers never apply it twice.
-            Body::Edit { message, text } => inbox.messages.extend(self.h().update(envelope.id, &[message], |m| {
-                m.from == author && !m.deleted && {
-                    m.text.clone_from(&text);
-                    m.edited = true;
-                    true
+            // Each change is applied in the same transaction that marks its envelope seen, so
+            // two fetchers never apply it twice; one for a message not here yet is parked for a
+            // history import to bring it.
+            body @ (Body::Edit { .. } | Body::Delete { .. } | Body::Receipt { .. }) => {
+                let parked = ParkedChange { author, body, parked_at: unix_now() };
+                if let Some((ids, change)) = change_of(&parked.body, author) {
+                    inbox.messages.extend(self.h().update_or_park(envelope.id, ids, change, &parked)?);
                 }
-            })?),
-            Body::Delete { messages } => {
-                inbox
-                    .messages
-                    .extend(self.h().update(envelope.id, &messages, |m| m.from == author && mark_deleted(m))?);
-            }
-            // Receipts come from the other side of the chat, about our messages.
-            Body::Receipt { status, messages } => {
-                inbox.messages.extend(self.h().update(envelope.id, &messages, |m| {
-                    m.outgoing && m.chat == author && m.status < status && {
-                        m.status = status;
-                        true
-                    }
-                })?)
             }
             Body::File { file, caption, reply_to } => {
                 if let Err(why) = file.check() {
@@ -1015,6 +1016,10 @@ impl Messenger {
                     sent_at: None,
                 };
                 inbox.device_requests.extend(self.h().put_device_request(envelope.id, request)?);
+            }
+            Body::History { .. } if !self.h().wants_history()? => {
+                tracing::warn!(envelope = %envelope.id, from = %envelope.from_device, "dropping a history this device did not ask for");
+                self.h().drop_envelope(envelope.id)?;
             }
             Body::History { file, messages } => {
                 if let Err(why) = file.check() {
@@ -1077,15 +1082,6 @@ fn delivery_order(mut envelopes: Vec<Envelope>) -> Vec<Envelope> {
         }
     }
     ordered.into_iter().flatten().collect()
-}
-
-fn mark_deleted(m: &mut StoredMessage) -> bool {
-    if m.deleted {
-        return false;
-    }
-    m.text.clear();
-    m.deleted = true;
-    true
 }
 
 /// Relays a client remembers at most.

@@ -39,7 +39,7 @@ use crate::defaults::{
 };
 use crate::ids::UserId;
 use crate::proto::payload::MessageId;
-use crate::proto::{AuthRequest, LookupQuery, UserCard};
+use crate::proto::{AuthRequest, LookupQuery, MAX_BACKUPS_KEPT, UserCard};
 
 /// What a node does besides answering calls.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,6 +77,7 @@ impl NodeHandle {
     pub async fn start(profile: &Path, mode: NodeMode) -> Result<NodeHandle, ApiError> {
         let running = mode == NodeMode::Running;
         let mut messenger = Messenger::open(profile, !running).await?;
+        crate::client::devices::clear_transfers(profile);
         if running {
             // The node's renewal task writes the session too: one writer at a time, through it.
             messenger.leave_session_saving_to_caller();
@@ -347,7 +348,7 @@ impl Actor {
                     messenger.approve_device(&device, &progress).await.map(Reply::HistorySent).map_err(Into::into)
                 }
                 Call::BackupCreate { out, new_code, keep } => messenger
-                    .create_backup(out, new_code, keep.unwrap_or(DEFAULT_BACKUPS_KEPT), &progress)
+                    .create_backup(out, new_code, keep, &progress)
                     .await
                     .map(Reply::BackupMade)
                     .map_err(Into::into),
@@ -481,6 +482,9 @@ impl Actor {
                     (Some(_), true) => return Err(ApiError::usage("give a schedule or turn it off, not both")),
                     (Some(every), _) if every < MIN_BACKUP_EVERY_SECS => {
                         return Err(ApiError::usage(format!("the shortest interval is {MIN_BACKUP_EVERY_SECS} s")));
+                    }
+                    _ if keep.is_some_and(|k| !(1..=MAX_BACKUPS_KEPT).contains(&k)) => {
+                        return Err(ApiError::usage(format!("keep 1 to {MAX_BACKUPS_KEPT} backups")));
                     }
                     (None, false) => self.messenger.history()?.backup_schedule().map_err(MessagingError::from)?,
                     (every, _) => self.messenger.schedule_backups(every, keep.unwrap_or(DEFAULT_BACKUPS_KEPT))?,

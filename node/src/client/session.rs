@@ -168,6 +168,7 @@ macro_rules! expect_reply {
 impl Client {
     /// Opens the profile (creating its keys on first use) and starts the network task.
     pub fn open(profile: &Path, gateway: GatewayAddr) -> Result<Self, ClientError> {
+        keep_private(profile)?;
         let identity = Arc::new(DeviceIdentity::load_or_create(profile)?);
         let net = Arc::new(ClientNet::spawn(&identity)?);
         Ok(Client { identity, gateway, profile: profile.to_path_buf(), net })
@@ -314,6 +315,19 @@ impl Client {
     pub async fn backups(&self) -> Result<Vec<BackupRecord>, ClientError> {
         expect_reply!(self.call(AuthRequest::ListBackups).await?, "ListBackups", AuthResponse::Backups(b) => b)
     }
+}
+
+/// Makes the profile directory (creating it if need be) readable by its owner only: it holds
+/// the plaintext history, keys and exports on their way, so nobody else may even list it.
+pub fn keep_private(profile: &Path) -> Result<(), ClientError> {
+    use std::os::unix::fs::PermissionsExt;
+    let err = |e: std::io::Error| ClientError::Profile { path: profile.to_path_buf(), reason: e.to_string() };
+    fs::create_dir_all(profile).map_err(err)?;
+    let mode = fs::metadata(profile).map_err(err)?.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        fs::set_permissions(profile, fs::Permissions::from_mode(0o700)).map_err(err)?;
+    }
+    Ok(())
 }
 
 /// A successful sign-in.

@@ -10,7 +10,7 @@
 
 use std::path::Path;
 
-use chacha20poly1305::aead::{Aead, KeyInit};
+use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce};
 use serde::{Deserialize, Serialize};
 
@@ -26,9 +26,10 @@ const ALPHABET: &[u8; 32] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
 /// argon2id cost for new keys: OWASP's first recommendation.
 const M_KIB: u32 = 64 * 1024;
 const PASSES: u32 = 3;
-/// The costliest derivation accepted from a record (what an attacker-chosen record could ask).
-const MAX_M_KIB: u32 = 1024 * 1024;
-const MAX_PASSES: u32 = 16;
+/// The costliest derivation accepted from a record (what an attacker-chosen record could ask):
+/// four times our own memory, a few more passes.
+const MAX_M_KIB: u32 = 256 * 1024;
+const MAX_PASSES: u32 = 4;
 /// A sealed blob: the subkey id, then ciphertext with its 16-byte tag.
 const ID_LEN: usize = 16;
 const TAG_LEN: usize = 16;
@@ -66,7 +67,7 @@ impl RecoveryCode {
 
     /// The code as shown to the user: `XXXX-XXXX-XXXX-XXXX-XXXX`.
     pub fn shown(&self) -> String {
-        self.0.as_bytes().chunks(4).map(|c| String::from_utf8_lossy(c).into_owned()).collect::<Vec<_>>().join("-")
+        crate::ids::grouped(&self.0, "-")
     }
 }
 
@@ -137,25 +138,26 @@ impl BackupKey {
         ChaCha20Poly1305::new(Key::from_slice(&blake3::derive_key(CONTEXT, &material)))
     }
 
-    /// Seals `plain` under a fresh subkey.
-    pub fn seal(&self, plain: &[u8]) -> Vec<u8> {
+    /// Seals `plain` under a fresh subkey, bound to `aad` (what it is, whose it is).
+    pub fn seal(&self, plain: &[u8], aad: &[u8]) -> Vec<u8> {
         let id: [u8; ID_LEN] = rand::random();
-        let sealed = self.cipher(&id).encrypt(Nonce::from_slice(&[0u8; 12]), plain).expect("invariant: sealing works");
+        let sealed = self
+            .cipher(&id)
+            .encrypt(Nonce::from_slice(&[0u8; 12]), Payload { msg: plain, aad })
+            .expect("invariant: sealing works");
         [id.as_slice(), &sealed].concat()
     }
 
-    /// Opens what [`BackupKey::seal`] sealed; any other key (a wrong code) is refused.
-    pub fn open(&self, sealed: &[u8]) -> Result<Vec<u8>, BackupKeyError> {
+    /// Opens what [`BackupKey::seal`] sealed with the same `aad`; any other key (a wrong
+    /// code), or another `aad`, is refused.
+    pub fn open(&self, sealed: &[u8], aad: &[u8]) -> Result<Vec<u8>, BackupKeyError> {
         if sealed.len() < ID_LEN + TAG_LEN {
             return Err(BackupKeyError::WrongCode);
         }
         let (id, body) = sealed.split_at(ID_LEN);
-        self.cipher(id).decrypt(Nonce::from_slice(&[0u8; 12]), body).map_err(|_| BackupKeyError::WrongCode)
-    }
-
-    /// The raw key, for tests that look for it where it must not be.
-    pub fn secret_bytes(&self) -> &[u8; 32] {
-        &self.key
+        self.cipher(id)
+            .decrypt(Nonce::from_slice(&[0u8; 12]), Payload { msg: body, aad })
+            .map_err(|_| BackupKeyError::WrongCode)
     }
 
     /// The profile's backup key, if one was made (the code itself is never kept).
@@ -196,14 +198,15 @@ mod tests {
     #[test]
     fn only_the_right_code_opens_a_sealed_backup() {
         let code = RecoveryCode::random();
-        let sealed = cheap(&code).seal(b"history");
-        assert_eq!(cheap(&code).open(&sealed).expect("opens"), b"history");
+        let sealed = cheap(&code).seal(b"history", b"user 7");
+        assert_eq!(cheap(&code).open(&sealed, b"user 7").expect("opens"), b"history");
         let other = RecoveryCode::random();
-        assert!(matches!(cheap(&other).open(&sealed), Err(BackupKeyError::WrongCode)));
-        assert!(matches!(cheap(&code).open(&sealed[..20]), Err(BackupKeyError::WrongCode)));
+        assert!(matches!(cheap(&other).open(&sealed, b"user 7"), Err(BackupKeyError::WrongCode)));
+        assert!(matches!(cheap(&code).open(&sealed, b"user 8"), Err(BackupKeyError::WrongCode)), "another account's");
+        assert!(matches!(cheap(&code).open(&sealed[..20], b"user 7"), Err(BackupKeyError::WrongCode)));
         let mut flipped = sealed.clone();
         flipped[30] ^= 1;
-        assert!(matches!(cheap(&code).open(&flipped), Err(BackupKeyError::WrongCode)));
+        assert!(matches!(cheap(&code).open(&flipped, b"user 7"), Err(BackupKeyError::WrongCode)));
     }
 
     #[test]

@@ -63,8 +63,7 @@ impl DeviceKeys {
     /// blake3 over both public keys, as five groups of four hex digits.
     pub fn fingerprint(&self) -> String {
         let hash = blake3::Hasher::new().update(&self.ed25519).update(&self.noise_key.0).finalize();
-        let hex = crate::ids::hex(&hash.as_bytes()[..10]);
-        hex.as_bytes().chunks(4).map(|c| String::from_utf8_lossy(c).into_owned()).collect::<Vec<_>>().join(" ")
+        crate::ids::grouped(&crate::ids::hex(&hash.as_bytes()[..10]), " ")
     }
 
     /// Checks the signature and returns the device's `PeerId`.
@@ -195,11 +194,15 @@ pub fn write_secret(path: &Path, bytes: &[u8]) -> Result<(), KeyFileError> {
     if let Some(parent) = path.parent() {
         fs::create_dir_all(parent).map_err(io)?;
     }
-    let tmp = path.with_extension("tmp");
-    let mut file = fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp).map_err(io)?;
-    file.write_all(bytes).map_err(io)?;
-    file.sync_all().map_err(io)?;
-    fs::rename(&tmp, path).map_err(io)
+    // A fresh name, created new: never through a link someone left beside the target.
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.{}.tmp", crate::ids::hex(&rand::random::<[u8; 8]>())));
+    let mut file = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp).map_err(io)?;
+    let written = file.write_all(bytes).and_then(|()| file.sync_all()).and_then(|()| fs::rename(&tmp, path));
+    if written.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    written.map_err(io)
 }
 
 #[cfg(test)]

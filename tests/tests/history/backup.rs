@@ -117,8 +117,11 @@ fn a_running_node_backs_up_on_schedule_keeps_the_newest_and_waits_out_a_stopped_
         }
     };
     let _node = start_node(&alice);
-    let first = last_at(&alice);
-    wait_for_backup_after(first, "while the node runs");
+    // Each scheduled backup finds something new (an unchanged history is not backed up again).
+    let contact = super::contact_phone(0);
+    meshgram(&alice, &["send", &contact, "news for the first scheduled backup"]).ok_json();
+    wait_for_backup_after(last_at(&alice), "while the node runs");
+    meshgram(&alice, &["send", &contact, "news for the second"]).ok_json();
     wait_for_backup_after(last_at(&alice), "a second time");
     let listed = meshgram(&alice, &["backup", "list"]).ok_json();
     let listed = listed.as_array().unwrap();
@@ -129,7 +132,7 @@ fn a_running_node_backs_up_on_schedule_keeps_the_newest_and_waits_out_a_stopped_
     // meanwhile (through the relays alone) is in the first backup after the gateway is back.
     mesh.gateway.kill9();
     let down_at = last_at(&alice);
-    meshgram(&alice, &["send", &super::contact_phone(0), "sent while the gateway was down"]).ok_json();
+    meshgram(&alice, &["send", &contact, "sent while the gateway was down"]).ok_json();
     std::thread::sleep(Duration::from_secs(7));
     assert_eq!(last_at(&alice), down_at, "no backup can be made without the gateway");
     mesh.gateway.restart_same_port();

@@ -34,6 +34,9 @@ fn a_new_device_gets_the_whole_history_once_approved_and_an_unapproved_one_gets_
     let login = mesh.login(&d2, ALICE);
     assert_eq!(login["history_requested"], true, "{login}");
     let d2_id = str_field(&login, "device").to_string();
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&d2).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700, "the profile (plaintext history, exports on their way) is its owner's alone");
     let devices = meshgram(&d1, &["devices"]).ok_json();
     assert_eq!(array(&devices, "devices").len(), 2, "{devices}");
     let entry = device_entry(&devices, &d2_id);
@@ -102,6 +105,10 @@ fn a_new_device_gets_the_whole_history_once_approved_and_an_unapproved_one_gets_
     assert_eq!(blake3_of_file(&copy), blake3_of_file(&photo));
     let devices = meshgram(&d1, &["devices"]).ok_json();
     assert!(device_entry(&devices, &d2_id)["history_sent_at"].is_u64(), "{devices}");
+    // A history the new device no longer asks for (it has one) is dropped, not merged.
+    spawn_meshgram(&d1, &["devices", "approve", &d2_id]).with_timeout(TRANSFER_TIMEOUT).finish().ok_json_lines();
+    assert_eq!(array(&meshgram(&d2, &["messages"]).ok_json(), "messages").len(), CONTACTS * PER_CHAT + 6 + 1 + 2);
+    assert_eq!(meshgram(&d2, &["whoami"]).ok_json()["dropped_envelopes"], 1, "the unasked-for history");
 
     // Device 3 signs in and asks, but nobody approves it: it has nothing old.
     let d3 = mesh.new_profile("alice-stolen-sim");

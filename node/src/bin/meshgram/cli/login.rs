@@ -83,8 +83,7 @@ pub(super) async fn login(
     relays: &[Multiaddr],
     how: LoginWith,
 ) -> CliResult {
-    std::fs::create_dir_all(profile)
-        .map_err(|e| CliError::usage(format!("creating the profile {}: {e}", profile.display())))?;
+    meshgram_node::client::session::keep_private(profile)?;
     // Held for the whole sign-in, so that no node starts on a half-written session.
     let _lock = match NodeLock::acquire_when_free(profile, Holder::OneShot).await {
         Ok(lock) => lock,
