@@ -170,9 +170,13 @@ async fn a_revoked_session_loses_relay_access_within_seconds() {
     let (mesh, laptop, alice, bob, relays) = alice_on_two_devices_and_bob();
 
     // The phone is live on both relays, with a long-poll parked on the first, as a running
-    // client is.
+    // client is. (First it takes what waits: the laptop's request for the history.)
     for relay in &relays {
         assert!(welcomed(&alice.hello(relay).await));
+        if let MailboxResponse::Envelopes { envelopes, .. } = alice.fetch(relay, 0).await {
+            let ids = envelopes.iter().map(|e| e.id).collect();
+            alice.call(relay, MailboxRequest::Ack { ids }).await;
+        }
     }
     let parked = {
         let (net, relay) = (Arc::clone(&alice.net), relays[0].clone());
