@@ -5,19 +5,17 @@ import argparse
 import hashlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from meshnet import Network, log, random_file  # noqa: E402
+
 ALICE, BOB = "+15550001111", "+15550002222"
 MB = 1_000_000
-
-
-def log(*args):
-    print(*args, flush=True)
 
 
 def sha256_of(path):
@@ -26,15 +24,6 @@ def sha256_of(path):
         while block := f.read(1 << 20):
             h.update(block)
     return h.hexdigest()
-
-
-def random_file(path, size):
-    with open(path, "wb") as f:
-        left = size
-        while left:
-            n = min(left, 1 << 20)
-            f.write(os.urandom(n))
-            left -= n
 
 
 def run_measured(args, timeout, stdin=None):
@@ -79,54 +68,6 @@ def relay_peak_rss_kib(work):
         except OSError:
             continue
     return peaks
-
-
-class Network:
-    """`meshgram up` in a temp dir, and signed-in profiles on it."""
-
-    def __init__(self, bins, work):
-        self.bins, self.work = bins, work
-        self.data = work / "net"
-        self.proc = subprocess.Popen(
-            [bins / "meshgram", "up", "--data", self.data, "--relays", "3", "--replication", "2"],
-            stdout=subprocess.DEVNULL, stderr=open(work / "up.log", "wb"), stdin=subprocess.PIPE,
-            start_new_session=True)
-        deadline = time.monotonic() + 120
-        while not (self.data / "network.json").exists():
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                raise SystemExit(f"meshgram up did not start; see {work / 'up.log'}")
-            time.sleep(0.2)
-        time.sleep(2)
-
-    def meshgram(self, profile, *args):
-        return [self.bins / "meshgram", "--profile", self.work / profile, "--json", *map(str, args)]
-
-    def codes(self, phone):
-        path = self.data / "gateway" / "codes.log"
-        if not path.exists():
-            return []
-        return [j["code"] for j in map(json.loads, path.read_text().splitlines()) if j.get("phone") == phone]
-
-    def login(self, profile, phone):
-        before = len(self.codes(phone))
-        login = subprocess.Popen(
-            self.meshgram(profile, "login", "--network", self.data / "network.json", "--phone", phone),
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 60
-        while len(self.codes(phone)) <= before:
-            if time.monotonic() > deadline:
-                raise SystemExit("no login code arrived")
-            time.sleep(0.1)
-        out, err = login.communicate(self.codes(phone)[-1].encode() + b"\n", timeout=60)
-        if login.returncode != 0:
-            raise SystemExit(f"login failed: {out.decode()} {err.decode()}")
-
-    def stop(self):
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
 
 
 def mesh_transfer(net, path, size):
