@@ -64,7 +64,7 @@ fn notice_id(card: &UserCard) -> MessageId {
 }
 
 /// What a contact's chat says when their devices changed, if they did.
-fn devices_changed_notice(before: &UserCard, now: &UserCard) -> Option<String> {
+fn devices_changed_notice(before: &UserCard, now: &UserCard, name: String) -> Option<String> {
     let fingerprints = |card: &UserCard, other: &UserCard| -> Vec<String> {
         card.devices.iter().filter(|d| !other.devices.contains(d)).map(|d| d.keys.fingerprint()).collect()
     };
@@ -72,7 +72,6 @@ fn devices_changed_notice(before: &UserCard, now: &UserCard) -> Option<String> {
     if added.is_empty() && removed.is_empty() {
         return None;
     }
-    let name = if now.name.is_empty() { now.user_id.to_string() } else { now.name.clone() };
     let mut parts = Vec::new();
     if !added.is_empty() {
         parts.push(format!("added {}", added.join(", ")));
@@ -339,7 +338,11 @@ impl Messenger {
         if let Some(before) = before
             && card.user_id != self.me()
             && self.h().has_chat(card.user_id)?
-            && let Some(text) = devices_changed_notice(&before, &card)
+            && let Some(text) = devices_changed_notice(
+                &before,
+                &card,
+                crate::client::node::display_name(&card, self.h().known_phone(card.user_id)?),
+            )
         {
             let notice = StoredMessage {
                 id: notice_id(&card),

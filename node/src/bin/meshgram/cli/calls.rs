@@ -54,7 +54,12 @@ fn device_line(d: &meshgram_node::client::devices::DeviceInfo) -> String {
         line.push_str("\t(this device)");
     }
     if d.asked_for_history {
-        line.push_str("\tasks for the history: meshgram devices approve ID");
+        // The id's tail names it (a part of the id only it has will do).
+        let id = d.device.to_string();
+        line.push_str(&format!(
+            "\tasks for the history: meshgram devices approve {}",
+            &id[id.len().saturating_sub(10)..]
+        ));
     }
     if d.history_sent_at.is_some() {
         line.push_str("\thistory sent");
