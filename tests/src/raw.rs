@@ -17,7 +17,7 @@ pub struct RawClient {
     identity: DeviceIdentity,
     net: ClientNet,
     relay: RelayInfo,
-    _dir: tempfile::TempDir,
+    _dir: Option<tempfile::TempDir>,
 }
 
 impl RawClient {
@@ -25,6 +25,17 @@ impl RawClient {
     pub fn new(relay: &str) -> Self {
         let dir = tempfile::tempdir().expect("a temp dir");
         let identity = DeviceIdentity::load_or_create(dir.path()).expect("device keys");
+        Self::with_identity(relay, identity, Some(dir))
+    }
+
+    /// A profile's own device (its keys read from the profile), e.g. to capture or replay
+    /// what that device's client would send or fetch.
+    pub fn of_profile(relay: &str, profile: &std::path::Path) -> Self {
+        let identity = DeviceIdentity::load_or_create(profile).expect("the profile's device keys");
+        Self::with_identity(relay, identity, None)
+    }
+
+    fn with_identity(relay: &str, identity: DeviceIdentity, dir: Option<tempfile::TempDir>) -> Self {
         let net = ClientNet::spawn(&identity).expect("the network task");
         let mut addr: libp2p::Multiaddr = relay.parse().expect("a relay multiaddr");
         let Some(libp2p::multiaddr::Protocol::P2p(peer_id)) = addr.pop() else { panic!("no /p2p in {relay}") };

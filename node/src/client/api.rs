@@ -17,6 +17,7 @@ use crate::client::devices::{DeviceInfo, HistorySent};
 use crate::client::history::{BackupSchedule, Imported, StoredMessage};
 use crate::client::media::{ByteRange, Downloaded, Progress};
 use crate::client::messaging::MessagingError;
+use crate::client::secret::{SecretChatInfo, SecretError, SecretMessage};
 use crate::client::session::ClientError;
 use crate::ids::{SessionId, UserId};
 use crate::proto::media::FileRef;
@@ -32,40 +33,78 @@ pub enum Call {
     /// A fresh session certificate now.
     Renew,
     /// Change username (`Some("")` removes it) and/or display name.
-    SetProfile { username: Option<String>, name: Option<String> },
+    SetProfile {
+        username: Option<String>,
+        name: Option<String>,
+    },
     /// Set, change (`new: Some`) or remove (`new: None`) the 2FA password.
-    SetPassword { current: Option<String>, new: Option<String> },
+    SetPassword {
+        current: Option<String>,
+        new: Option<String>,
+    },
     /// A user's card from the directory.
-    Lookup { query: LookupQuery },
+    Lookup {
+        query: LookupQuery,
+    },
     /// The account's sessions.
     Sessions,
     /// End one session, or (`None`) every other one.
-    RevokeSessions { session_id: Option<SessionId> },
+    RevokeSessions {
+        session_id: Option<SessionId>,
+    },
     /// Create a bot owned by this account.
-    CreateBot { username: String, name: String },
+    CreateBot {
+        username: String,
+        name: String,
+    },
     /// The bots this account owns.
     ListBots,
     /// Replace a bot's token.
-    RevokeBotToken { bot: UserId },
+    RevokeBotToken {
+        bot: UserId,
+    },
     /// Send text messages, in order.
-    Send { to: LookupQuery, texts: Vec<String>, reply_to: Option<MessageId> },
+    Send {
+        to: LookupQuery,
+        texts: Vec<String>,
+        reply_to: Option<MessageId>,
+    },
     /// Fetch what is waiting, then a chat's history (reading it), or every chat's.
-    Messages { chat: Option<LookupQuery> },
+    Messages {
+        chat: Option<LookupQuery>,
+    },
     /// Fetch what is waiting, then every chat with its last message.
     Chats,
     /// Change the text of one of our messages.
-    Edit { message: MessageId, text: String },
+    Edit {
+        message: MessageId,
+        text: String,
+    },
     /// Delete one of our messages for everyone.
-    Delete { message: MessageId },
+    Delete {
+        message: MessageId,
+    },
     /// Tell someone we are typing.
-    Typing { to: LookupQuery },
+    Typing {
+        to: LookupQuery,
+    },
     /// Answered with `Subscribed`, then [`Event`]s until the caller hangs up (control socket only).
     Subscribe,
     /// Upload a file (resuming an interrupted upload of it) and send it; progress comes as
     /// [`Event::Transfer`]s. The path is read by the node, which runs as the same user.
-    Upload { path: PathBuf, to: LookupQuery, caption: Option<String>, part_size: Option<u32> },
+    Upload {
+        path: PathBuf,
+        to: LookupQuery,
+        caption: Option<String>,
+        part_size: Option<u32>,
+    },
     /// Send a file already uploaded, by its reference (as a forward does).
-    SendFile { to: LookupQuery, file: FileRef, caption: Option<String>, reply_to: Option<MessageId> },
+    SendFile {
+        to: LookupQuery,
+        file: FileRef,
+        caption: Option<String>,
+        reply_to: Option<MessageId>,
+    },
     /// Download the file of a message to `out` (a file or a directory; default: its name in
     /// the node's working directory), verifying every part.
     Download {
@@ -76,25 +115,83 @@ pub enum Call {
         range: Option<ByteRange>,
     },
     /// Send a message again to someone else (a file without uploading it again).
-    Forward { message: MessageId, to: LookupQuery },
+    Forward {
+        message: MessageId,
+        to: LookupQuery,
+    },
     /// The account's devices, with their keys' fingerprints and which ask for the history.
     Devices,
     /// Send the history to another device of the account (by its id, session id, or a part of
     /// its id only it has); progress comes as [`Event::Transfer`]s.
-    ApproveDevice { device: String },
+    ApproveDevice {
+        device: String,
+    },
     /// Sign another device of the account out.
-    RemoveDevice { device: String },
+    RemoveDevice {
+        device: String,
+    },
     /// Back the history up: to the relays, or (`out`) to a file. `new_code`: make a new
     /// recovery code (the first backup always does). `keep`: backups kept on the relays.
-    BackupCreate { out: Option<PathBuf>, new_code: bool, keep: Option<u8> },
+    BackupCreate {
+        out: Option<PathBuf>,
+        new_code: bool,
+        keep: Option<u8>,
+    },
     /// Restore a backup into this profile's history with its recovery code: the newest on the
     /// relays the code opens, or the file `from`.
-    BackupRestore { code: String, from: Option<PathBuf> },
+    BackupRestore {
+        code: String,
+        from: Option<PathBuf>,
+    },
     /// The account's backups on the relays.
     BackupList,
     /// Show the client node's periodic backups, set them (`every_secs`, `keep`), or end them
     /// (`off`).
-    BackupSchedule { every_secs: Option<u64>, keep: Option<u8>, off: bool },
+    BackupSchedule {
+        every_secs: Option<u64>,
+        keep: Option<u8>,
+        off: bool,
+    },
+    /// Starts a secret chat with one of `to`'s devices (by default the one that signed in last).
+    SecretStart {
+        to: LookupQuery,
+        device: Option<String>,
+    },
+    /// `chat` in the secret calls: its id, a unique part of it, or `@name` / `+phone` for the
+    /// open secret chat with that user.
+    SecretAccept {
+        chat: String,
+    },
+    SecretDecline {
+        chat: String,
+    },
+    SecretClose {
+        chat: String,
+    },
+    /// Sets the self-destruct timer (`None`: off).
+    SecretTtl {
+        chat: String,
+        secs: Option<u32>,
+    },
+    /// Texts, or (with `file`) one caption for the file.
+    SecretSend {
+        chat: String,
+        texts: Vec<String>,
+        #[serde(default)]
+        file: Option<FileRef>,
+        reply_to: Option<MessageId>,
+    },
+    /// Uploads a file and sends it in a secret chat.
+    SecretUpload {
+        chat: String,
+        path: PathBuf,
+        caption: Option<String>,
+    },
+    SecretList,
+    /// One secret chat, with its fingerprint once active.
+    SecretInfo {
+        chat: String,
+    },
 }
 
 impl Call {
@@ -108,6 +205,7 @@ impl Call {
                 | Call::ApproveDevice { .. }
                 | Call::BackupCreate { .. }
                 | Call::BackupRestore { .. }
+                | Call::SecretUpload { .. }
         )
     }
 }
@@ -119,27 +217,47 @@ pub enum Reply {
     /// `Whoami`, `Renew`.
     Me(Me),
     /// `SetProfile`, `SetPassword`: the account as it now is.
-    Account { account: Account },
+    Account {
+        account: Account,
+    },
     /// `Lookup`.
-    Card { card: UserCard },
+    Card {
+        card: UserCard,
+    },
     /// `Sessions`.
-    Sessions { sessions: Vec<SessionInfo> },
+    Sessions {
+        sessions: Vec<SessionInfo>,
+    },
     /// `RevokeSessions`: how many ended.
-    Revoked { count: u32 },
+    Revoked {
+        count: u32,
+    },
     /// `CreateBot`, `RevokeBotToken`.
-    BotToken { bot: Account, token: String },
+    BotToken {
+        bot: Account,
+        token: String,
+    },
     /// `ListBots`.
-    Bots { bots: Vec<Account> },
+    Bots {
+        bots: Vec<Account>,
+    },
     /// `Send`, `Messages`: messages, and how to call the people in them.
     Messages {
         messages: Vec<StoredMessage>,
         #[serde(with = "names_as_pairs")]
         names: Names,
+        /// The secret chats' messages with the same people (never in `messages`).
+        #[serde(default)]
+        secret: Vec<SecretMessage>,
     },
     /// `Chats`.
-    Chats { chats: Vec<ChatSummary> },
+    Chats {
+        chats: Vec<ChatSummary>,
+    },
     /// `Edit`, `Delete`: the message as it now is.
-    Message { message: StoredMessage },
+    Message {
+        message: StoredMessage,
+    },
     /// `Typing`.
     Done,
     /// `Subscribe`: events follow.
@@ -147,19 +265,36 @@ pub enum Reply {
     /// `Download`.
     Downloaded(Downloaded),
     /// `Devices`.
-    Devices { devices: Vec<DeviceInfo> },
+    Devices {
+        devices: Vec<DeviceInfo>,
+    },
     /// `ApproveDevice`.
     HistorySent(HistorySent),
     /// `RemoveDevice`: the device signed out.
-    DeviceRemoved { device: DeviceInfo },
+    DeviceRemoved {
+        device: DeviceInfo,
+    },
     /// `BackupCreate`.
     BackupMade(BackupMade),
     /// `BackupRestore`: what the history gained.
     Restored(Imported),
     /// `BackupList`.
-    Backups { backups: Vec<BackupListed> },
+    Backups {
+        backups: Vec<BackupListed>,
+    },
     /// `BackupSchedule`: the schedule now (none: off).
-    BackupSchedule { schedule: Option<BackupSchedule> },
+    BackupSchedule {
+        schedule: Option<BackupSchedule>,
+    },
+    SecretChat {
+        chat: SecretChatInfo,
+    },
+    SecretChats {
+        chats: Vec<SecretChatInfo>,
+    },
+    SecretMessages {
+        messages: Vec<SecretMessage>,
+    },
 }
 
 /// Display names of the people a reply mentions, from cached directory cards.
@@ -230,6 +365,10 @@ pub enum Event {
     DeviceRequest { device: PeerId, device_name: String },
     /// A history sent by another device of the account was merged in.
     HistoryImported { imported: Imported },
+    /// A secret message arrived, or the other side read one of ours.
+    SecretMessage { message: SecretMessage },
+    /// A secret chat was started by someone, accepted, declined, re-keyed or closed.
+    SecretChat { chat: SecretChatInfo },
 }
 
 /// A failed call: a stable code (Telegram's RPC error names where one fits), a message for
@@ -302,6 +441,13 @@ impl From<MessagingError> for ApiError {
             MessagingError::BackupKey(_) => "PROFILE",
             MessagingError::BadBackup(_) => "BAD_BACKUP",
             MessagingError::NoBackup(_) => "NOT_FOUND",
+            MessagingError::Secret(ref e) => match e {
+                SecretError::Unknown(_) => "NOT_FOUND",
+                SecretError::Ambiguous(_) | SecretError::BadTtl | SecretError::WithYourself => "USAGE",
+                SecretError::WrongState { .. } => "SECRET_STATE",
+                SecretError::NoForwarding => "FORBIDDEN",
+                SecretError::Store { .. } => "PROFILE",
+            },
         };
         ApiError::new(code, e.to_string())
     }
@@ -323,7 +469,11 @@ mod tests {
 
     #[test]
     fn replies_with_names_round_trip_through_json() {
-        let reply = Reply::Messages { messages: Vec::new(), names: [(UserId(7), "Alice (@alice)".into())].into() };
+        let reply = Reply::Messages {
+            messages: Vec::new(),
+            names: [(UserId(7), "Alice (@alice)".into())].into(),
+            secret: Vec::new(),
+        };
         let line = serde_json::to_string(&reply).expect("serializes");
         assert_eq!(serde_json::from_str::<Reply>(&line).expect("parses"), reply);
     }

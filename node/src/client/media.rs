@@ -341,15 +341,23 @@ impl Messenger {
         range: Option<ByteRange>,
         progress: OnProgress<'_>,
     ) -> Result<Downloaded, MessagingError> {
-        let found = self.history()?.message(&message)?.ok_or(MessagingError::UnknownMessage(message))?;
-        let file = found.file.filter(|_| !found.deleted).ok_or(MessagingError::NoFile(message))?;
+        // A secret chat's file is not served to peers: nothing of it stays in the history.
+        let (file, serve) = match self.history()?.message(&message)? {
+            Some(found) => {
+                (found.file.filter(|_| !found.deleted).ok_or(MessagingError::NoFile(message))?, Serve::Peers)
+            }
+            None => {
+                let file = self.secret_file(&message)?.ok_or(MessagingError::UnknownMessage(message))?;
+                (Box::new(file), Serve::No)
+            }
+        };
         let name = safe_name(&file.name);
         let out = match out {
             Some(out) if out.is_dir() => out.join(&name),
             Some(out) => out,
             None => PathBuf::from(&name),
         };
-        self.fetch_file(*file, &out, range, progress, Serve::Peers).await
+        self.fetch_file(*file, &out, range, progress, serve).await
     }
 
     /// Fetches a file by its reference to `out`, verifying every part; the file appears only

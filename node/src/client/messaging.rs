@@ -9,6 +9,7 @@ use libp2p::PeerId;
 use crate::client::history::{
     DeviceRequest, History, HistoryError, ParkedChange, PendingImport, StoredMessage, change_of, mark_deleted,
 };
+use crate::client::secret::{Frame, SecretChatInfo, SecretChats, SecretError, SecretMessage};
 use crate::client::session::{Client, ClientError, SavedSession};
 use crate::crypto::cert::unix_now;
 use crate::crypto::seal::{self, E2eError};
@@ -16,7 +17,7 @@ use crate::defaults::{
     CARD_FRESH_SECS, CARD_TRUST_SECS, CERT_RENEW_BEFORE_SECS, RELAY_ANSWER_DEADLINE, SEND_DEADLINE,
     UNRESPONSIVE_RELAY_LAST_FOR,
 };
-use crate::ids::{UserId, now_ms};
+use crate::ids::{NoiseKey, UserId, now_ms};
 use crate::net::placement;
 use crate::proto::envelope::{Envelope, EnvelopeId};
 use crate::proto::media::FileRef;
@@ -38,6 +39,10 @@ pub struct Inbox {
     pub device_requests: Vec<crate::client::history::DeviceRequest>,
     /// Histories sent to this device that wait to be imported.
     pub imports: usize,
+    /// Secret messages new or changed (read by the other side) since the last fetch.
+    pub secret_messages: Vec<SecretMessage>,
+    /// Secret chats that changed: started by someone, accepted, re-keyed, closed.
+    pub secret_chats: Vec<SecretChatInfo>,
 }
 
 impl Inbox {
@@ -47,6 +52,8 @@ impl Inbox {
         self.deferred += other.deferred;
         self.device_requests.extend(other.device_requests);
         self.imports += other.imports;
+        self.secret_messages.extend(other.secret_messages);
+        self.secret_chats.extend(other.secret_chats);
     }
 }
 
@@ -142,6 +149,8 @@ pub enum MessagingError {
     BadBackup(String),
     #[error("{0}")]
     NoBackup(String),
+    #[error(transparent)]
+    Secret(#[from] SecretError),
 }
 
 impl MessagingError {
@@ -169,6 +178,8 @@ impl MessagingError {
             | MessagingError::BackupKey(_)
             | MessagingError::BadBackup(_)
             | MessagingError::NoBackup(_) => false,
+            // The secret chats' file could not be written (disk full): it may pass.
+            MessagingError::Secret(e) => matches!(e, SecretError::Store { .. }),
             MessagingError::Client(_)
             | MessagingError::Net(_)
             | MessagingError::History(_)
@@ -192,6 +203,7 @@ impl MessagingError {
             }
             MessagingError::Client(e) => e.is_transient(),
             MessagingError::Net(_) | MessagingError::NoRelay(_) | MessagingError::History(_) => true,
+            MessagingError::Secret(e) => matches!(e, SecretError::Store { .. }),
             _ => false,
         }
     }
@@ -204,6 +216,8 @@ pub struct Messenger {
     pub session: SavedSession,
     /// Opened on first use.
     history: Option<History>,
+    /// Opened with the history.
+    secrets: Option<SecretChats>,
     /// Relays that accepted our Hello on the current connection.
     greeted: HashSet<PeerId>,
     /// From the last Welcome: the relays holding our mailbox, and when it came.
@@ -245,6 +259,7 @@ impl Messenger {
             client,
             session,
             history: None,
+            secrets: None,
             greeted: HashSet::new(),
             mailbox_relays: Vec::new(),
             mailbox_relays_at: None,
@@ -273,6 +288,7 @@ impl Messenger {
             client: self.client.clone(),
             session: self.session.clone(),
             history: Some(history),
+            secrets: self.secrets.clone(),
             greeted: HashSet::new(),
             mailbox_relays: self.mailbox_relays.clone(),
             mailbox_relays_at: self.mailbox_relays_at,
@@ -287,6 +303,9 @@ impl Messenger {
         if self.history.is_none() {
             self.history = Some(History::open(self.client.profile())?);
         }
+        if self.secrets.is_none() {
+            self.secrets = Some(SecretChats::open(self.client.profile())?);
+        }
         Ok(self.h())
     }
 
@@ -294,6 +313,11 @@ impl Messenger {
     /// needs it, so internal code can rely on it.
     pub(crate) fn h(&self) -> &History {
         self.history.as_ref().expect("invariant: public operations open the history before using it")
+    }
+
+    /// The open secret chats (opened with the history, as `h`).
+    pub(crate) fn s(&self) -> &SecretChats {
+        self.secrets.as_ref().expect("invariant: public operations open the history before using it")
     }
 
     pub(crate) fn me(&self) -> UserId {
@@ -555,6 +579,7 @@ impl Messenger {
     /// messages out (marked deleted) and is returned.
     pub async fn flush_outbox(&mut self) -> Result<Vec<StoredMessage>, MessagingError> {
         self.history()?;
+        self.flush_secret_outbox().await?;
         let mut waiting = self.h().outbox()?;
         let mut sent = Vec::new();
         while !waiting.is_empty() {
@@ -584,7 +609,7 @@ impl Messenger {
 
     /// Whether the outbox has anything waiting.
     pub fn outbox_waiting(&mut self) -> Result<bool, MessagingError> {
-        Ok(!self.history()?.outbox()?.is_empty())
+        Ok(!self.history()?.outbox()?.is_empty() || self.s().outbox_waiting())
     }
 
     /// Changes the text of one of our messages, here and on every device of the chat.
@@ -734,7 +759,7 @@ impl Messenger {
     /// Relays holding the first recipient device's mailbox come first: one copy is then local
     /// to the relay that takes the batch, and a recipient waiting there gets it as it arrives,
     /// one hop sooner than through any other relay (which would do as well, only slower).
-    async fn send_batch(&mut self, envelopes: Vec<Envelope>) -> Result<(), MessagingError> {
+    pub(crate) async fn send_batch(&mut self, envelopes: Vec<Envelope>) -> Result<(), MessagingError> {
         let mut last = String::from("no relays known; sign in with --network");
         let mut relays = self.known_relays();
         if let Some(first) = envelopes.first() {
@@ -807,6 +832,10 @@ impl Messenger {
             return Err(MessagingError::NoRelay(last));
         }
         self.acknowledge_delivery(&fresh.messages).await;
+        if self.s().outbox_waiting() {
+            // Answers to re-keys, say: best effort now, the node's retry sends them otherwise.
+            let _ = self.flush_secret_outbox().await;
+        }
         if !fresh.device_requests.is_empty() {
             // A device joined the account: its contacts should know (see `lookup`).
             self.announce_devices_changed().await;
@@ -915,15 +944,27 @@ impl Messenger {
                 deferred.insert(envelope.id);
                 continue;
             }
+            match self.secret_frame(&envelope, &mut inbox)? {
+                Frame::Applied | Frame::Duplicate => {
+                    self.h().mark_seen(envelope.id)?;
+                    continue;
+                }
+                Frame::Bad(why) => {
+                    tracing::warn!(envelope = %envelope.id, %why, "dropping a secret-chat frame");
+                    self.h().drop_envelope(envelope.id)?;
+                    continue;
+                }
+                Frame::NotSecret => {}
+            }
             match self.open_envelope(&envelope).await {
-                Ok(payload) => {
+                Ok((payload, sender_key)) => {
                     if payload.body == Body::DevicesChanged
                         && let Err(e) = self.lookup(LookupQuery::UserId(envelope.from_user)).await
                     {
                         // The card is looked up again before the next send anyway.
                         tracing::info!(user = %envelope.from_user, error = %e, "could not refresh a changed card now");
                     }
-                    self.apply(&envelope, payload, &mut inbox)?
+                    self.apply(&envelope, &sender_key, payload, &mut inbox)?
                 }
                 Err(e) if e.is_transient() => {
                     tracing::warn!(envelope = %envelope.id, error = %e, "cannot verify an envelope yet; keeping it for later");
@@ -945,7 +986,13 @@ impl Messenger {
     }
 
     /// What one verified payload changes here.
-    fn apply(&self, envelope: &Envelope, payload: Payload, inbox: &mut Inbox) -> Result<(), MessagingError> {
+    fn apply(
+        &self,
+        envelope: &Envelope,
+        sender_key: &NoiseKey,
+        payload: Payload,
+        inbox: &mut Inbox,
+    ) -> Result<(), MessagingError> {
         let me = self.me();
         let outgoing = envelope.from_user == me;
         let chat = if outgoing { payload.chat_with } else { envelope.from_user };
@@ -1037,12 +1084,29 @@ impl Messenger {
             Body::DevicesChanged => {
                 self.h().mark_seen(envelope.id)?;
             }
+            // Secret chats are with other people's devices, never synced to our own.
+            Body::SecretHandshake { .. } | Body::SecretReply { .. } | Body::SecretDecline { .. } if outgoing => {
+                tracing::warn!(envelope = %envelope.id, "dropping a secret-chat handshake from our own account");
+                self.h().drop_envelope(envelope.id)?;
+            }
+            body @ (Body::SecretHandshake { .. } | Body::SecretReply { .. } | Body::SecretDecline { .. }) => {
+                match self.apply_secret_handshake(envelope, sender_key, body, inbox) {
+                    Ok(()) => {
+                        self.h().mark_seen(envelope.id)?;
+                    }
+                    Err(e) if e.is_transient() => return Err(e),
+                    Err(e) => {
+                        tracing::warn!(envelope = %envelope.id, error = %e, "dropping a secret-chat handshake that does not verify");
+                        self.h().drop_envelope(envelope.id)?;
+                    }
+                }
+            }
         }
         Ok(())
     }
 
     /// Opens an envelope and checks that the key that sealed it belongs to the device it names.
-    async fn open_envelope(&self, envelope: &Envelope) -> Result<Payload, MessagingError> {
+    async fn open_envelope(&self, envelope: &Envelope) -> Result<(Payload, NoiseKey), MessagingError> {
         if envelope.to_device != self.client.identity.peer_id() {
             return Err(E2eError::Open("addressed to another device".into()).into());
         }
@@ -1061,7 +1125,8 @@ impl Messenger {
             ))
             .into());
         }
-        postcard::from_bytes(&opened.payload).map_err(|e| E2eError::Open(format!("payload: {e}")).into())
+        let payload = postcard::from_bytes(&opened.payload).map_err(|e| E2eError::Open(format!("payload: {e}")))?;
+        Ok((payload, opened.sender_key))
     }
 }
 

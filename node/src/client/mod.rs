@@ -7,6 +7,7 @@
 //! - [`messaging`]: cloud chats — seal per device, send via relays, fetch, verify, acknowledge.
 //! - [`devices`]: the account's devices, and the history moving to a new one on approval.
 //! - [`backup`]: encrypted backups of the history, opened with a recovery code.
+//! - [`secret`]: secret chats — one device each side, Noise IK sessions, self-destructing messages.
 //! - [`media`]: files — resumable uploads in encrypted parts, downloads from any holder.
 //! - [`node`]: the client node — a running device that receives, renews, and answers calls.
 //! - [`api`]: the node's calls, replies, errors and events, shared by every front end.
@@ -21,6 +22,7 @@ pub mod media;
 pub mod messaging;
 pub mod net;
 pub mod node;
+pub mod secret;
 pub mod session;
 
 pub use session::{Client, ClientError, GatewayAddr, SESSION_FILE, SavedSession, public_key_of};

@@ -31,6 +31,7 @@ use crate::client::backup::{DEFAULT_BACKUPS_KEPT, MIN_BACKUP_EVERY_SECS};
 use crate::client::history::{History, StoredMessage};
 use crate::client::media::ChunkServer;
 use crate::client::messaging::{Inbox, MessagingError, Messenger};
+use crate::client::secret::{SecretChatInfo, SecretError};
 use crate::client::session::{Client, ClientError, SavedSession};
 use crate::crypto::cert::unix_now;
 use crate::defaults::{
@@ -166,7 +167,7 @@ impl NodeHandle {
     /// A chat's history (reading it), or every chat's, after fetching what is waiting.
     pub async fn messages(&self, chat: Option<LookupQuery>) -> Result<(Vec<StoredMessage>, Names), ApiError> {
         match self.call(Call::Messages { chat }).await? {
-            Reply::Messages { messages, names } => Ok((messages, names)),
+            Reply::Messages { messages, names, .. } => Ok((messages, names)),
             other => Err(ApiError::unexpected("messages", &other)),
         }
     }
@@ -297,6 +298,12 @@ impl Actor {
                 }
                 Some(_) = self.transfers.join_next() => {}
                 _ = retry.tick() => {
+                    // Self-destruct timers: checked as often as the outbox.
+                    match self.messenger.secret_sweep() {
+                        Ok(0) => {}
+                        Ok(destroyed) => tracing::info!(destroyed, "secret messages destroyed on their timers"),
+                        Err(e) => tracing::warn!(error = %e, "could not destroy expired secret messages; retrying"),
+                    }
                     if self.messenger.outbox_waiting().unwrap_or(false) {
                         catch_up(&mut self.messenger, &mut self.updates);
                         self.flush_outbox().await;
@@ -354,6 +361,19 @@ impl Actor {
                     .map_err(Into::into),
                 Call::BackupRestore { code, from } => {
                     messenger.restore_backup(&code, from, &progress).await.map(Reply::Restored).map_err(Into::into)
+                }
+                Call::SecretUpload { chat, path, caption } => {
+                    match messenger.upload_secret_file(&path, &progress).await {
+                        Ok(file) => {
+                            let texts = caption.into_iter().collect();
+                            let send = Call::SecretSend { chat, texts, file: Some(file), reply_to: None };
+                            if let Some(calls) = calls.upgrade() {
+                                let _ = calls.send((send, reply)).await;
+                            }
+                            return;
+                        }
+                        Err(e) => Err(e.into()),
+                    }
                 }
                 other => Err(ApiError::new("INTERNAL", format!("{other:?} is not a transfer"))),
             };
@@ -429,7 +449,7 @@ impl Actor {
                 let sent = self.messenger.send_texts(to, texts, reply_to).await?;
                 self.publish(&sent, false);
                 let names = names(self.messenger.history()?, &sent);
-                Reply::Messages { messages: sent, names }
+                Reply::Messages { messages: sent, names, secret: Vec::new() }
             }
             Call::Messages { chat } => {
                 let chat = match chat {
@@ -440,11 +460,14 @@ impl Actor {
                 // Opening a chat reads it, as in any messenger.
                 if let Some(chat) = chat {
                     self.messenger.mark_read(chat).await?;
+                    self.messenger.secret_read(chat).await?;
                 }
+                let secret = self.messenger.secret_messages(chat)?;
                 let history = self.messenger.history()?;
                 let messages = history.messages(chat).map_err(MessagingError::from)?;
-                let names = names(history, &messages);
-                Reply::Messages { messages, names }
+                let mut names = names(history, &messages);
+                add_names(history, &mut names, secret.iter().map(|m| m.peer));
+                Reply::Messages { messages, names, secret }
             }
             Call::Chats => {
                 self.receive_waiting().await?;
@@ -468,6 +491,9 @@ impl Actor {
                 self.published(message)
             }
             Call::Forward { message, to } => {
+                if self.messenger.is_secret_message(&message)? {
+                    return Err(MessagingError::from(SecretError::NoForwarding).into());
+                }
                 let message = self.messenger.forward(message, to).await?;
                 self.published(message)
             }
@@ -494,11 +520,44 @@ impl Actor {
             Call::RemoveDevice { device } => {
                 Reply::DeviceRemoved { device: self.messenger.remove_device(&device).await? }
             }
+            Call::SecretStart { to, device } => {
+                let chat = self.messenger.secret_start(to, device).await?;
+                secret_changed(&self.events, chat)
+            }
+            Call::SecretAccept { chat } => {
+                let chat = self.messenger.secret_accept(&chat).await?;
+                secret_changed(&self.events, chat)
+            }
+            Call::SecretDecline { chat } => {
+                let chat = self.messenger.secret_decline(&chat).await?;
+                secret_changed(&self.events, chat)
+            }
+            Call::SecretClose { chat } => {
+                let chat = self.messenger.secret_close(&chat).await?;
+                secret_changed(&self.events, chat)
+            }
+            Call::SecretTtl { chat, secs } => {
+                let chat = self.messenger.secret_ttl(&chat, secs).await?;
+                secret_changed(&self.events, chat)
+            }
+            Call::SecretSend { chat, texts, file, reply_to } => {
+                let messages = self.messenger.secret_send(&chat, texts, file, reply_to).await?;
+                for message in &messages {
+                    let _ = self.events.send(Event::SecretMessage { message: message.clone() });
+                }
+                Reply::SecretMessages { messages }
+            }
+            Call::SecretInfo { chat } => Reply::SecretChat { chat: self.messenger.secret_get(&chat).await? },
+            Call::SecretList => {
+                self.receive_waiting().await?;
+                Reply::SecretChats { chats: self.messenger.secret_list()? }
+            }
             Call::Upload { .. }
             | Call::Download { .. }
             | Call::ApproveDevice { .. }
             | Call::BackupCreate { .. }
-            | Call::BackupRestore { .. } => {
+            | Call::BackupRestore { .. }
+            | Call::SecretUpload { .. } => {
                 return Err(ApiError::new("INTERNAL", "transfers run on their own task"));
             }
         })
@@ -603,6 +662,12 @@ fn publish(events: &broadcast::Sender<Event>, history: &History, messages: &[Sto
     }
 }
 
+/// Tells subscribers of a secret chat that changed here, and answers with it.
+fn secret_changed(events: &broadcast::Sender<Event>, chat: SecretChatInfo) -> Reply {
+    let _ = events.send(Event::SecretChat { chat: chat.clone() });
+    Reply::SecretChat { chat }
+}
+
 /// Tells subscribers who is typing and which own devices ask for the history.
 fn publish_inbox(events: &broadcast::Sender<Event>, inbox: &Inbox) {
     for user in &inbox.typing {
@@ -610,6 +675,12 @@ fn publish_inbox(events: &broadcast::Sender<Event>, inbox: &Inbox) {
     }
     for r in &inbox.device_requests {
         let _ = events.send(Event::DeviceRequest { device: r.device, device_name: r.device_name.clone() });
+    }
+    for chat in &inbox.secret_chats {
+        let _ = events.send(Event::SecretChat { chat: chat.clone() });
+    }
+    for message in &inbox.secret_messages {
+        let _ = events.send(Event::SecretMessage { message: message.clone() });
     }
 }
 
@@ -653,14 +724,18 @@ fn name_from(history: &History, user: UserId) -> Option<String> {
 /// Names of everyone these messages involve, from the cards the history has cached.
 fn names(history: &History, messages: &[StoredMessage]) -> Names {
     let mut names = Names::new();
-    for user in messages.iter().flat_map(|m| [m.chat, m.from]) {
+    add_names(history, &mut names, messages.iter().flat_map(|m| [m.chat, m.from]));
+    names
+}
+
+fn add_names(history: &History, names: &mut Names, users: impl Iterator<Item = UserId>) {
+    for user in users {
         if !names.contains_key(&user)
             && let Some(name) = name_from(history, user)
         {
             names.insert(user, name);
         }
     }
-    names
 }
 
 /// Every chat with its message count and last message, in history order.

@@ -5,6 +5,7 @@
 //! - [`identity`]: the device's ed25519 key (its `PeerId`) and its signed X25519 Noise key.
 //! - [`cert`]: gateway-signed session and relay certificates, verified offline.
 //! - [`media`]: sealing file parts with a per-file key, so relays only hold ciphertext chunks.
+//! - [`secret`]: secret chats' Noise IK handshake, padded transport frames and fingerprints.
 //! - [`seal`]: one-way end-to-end sealing with Noise X (`snow`), so relays only hold ciphertext.
 
 pub mod backup;
@@ -12,3 +13,4 @@ pub mod cert;
 pub mod identity;
 pub mod media;
 pub mod seal;
+pub mod secret;

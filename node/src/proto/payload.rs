@@ -16,6 +16,11 @@ crate::ids::time_ordered_id! {
     MessageId
 }
 
+crate::ids::time_ordered_id! {
+    /// One secret chat: between one device of each side (see `client::secret`).
+    SecretChatId
+}
+
 /// What travels sealed inside an envelope. Append-only, like every wire enum.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Payload {
@@ -51,6 +56,13 @@ pub enum Body {
     /// The sender's devices changed: look its card up again (the gateway's card is what is
     /// trusted; this only says when to look).
     DevicesChanged,
+    /// The first message of a secret chat's Noise `IK` handshake (generation 0 starts the
+    /// chat, later ones re-key it), for the one device it is sealed to.
+    SecretHandshake { chat: SecretChatId, generation: u32, message: Vec<u8> },
+    /// The responder's answer to that handshake: it completes it.
+    SecretReply { chat: SecretChatId, generation: u32, message: Vec<u8> },
+    /// The responder declined the secret chat.
+    SecretDecline { chat: SecretChatId },
 }
 
 /// How far an outgoing message got; for incoming ones, whether we have read it. Ordered by how

@@ -131,6 +131,7 @@ async fn call_for(command: Command) -> Result<Call, CliError> {
         Command::Devices { command: None | Some(DevicesCommand::List) } => Call::Devices,
         Command::Devices { command: Some(DevicesCommand::Remove { device }) } => Call::RemoveDevice { device },
         Command::Backup(BackupCommand::List) => Call::BackupList,
+        Command::Secret(command) => super::secret::call_for(command).await?,
         Command::Backup(BackupCommand::Schedule { every, keep, off }) => Call::BackupSchedule {
             every_secs: every.as_deref().map(super::history::parse_every).transpose()?,
             keep,
@@ -149,7 +150,7 @@ async fn call_for(command: Command) -> Result<Call, CliError> {
 }
 
 /// The non-blank lines of stdin, for `send --lines`.
-async fn stdin_lines() -> Result<Vec<String>, CliError> {
+pub(super) async fn stdin_lines() -> Result<Vec<String>, CliError> {
     let lines = tokio::task::spawn_blocking(|| std::io::stdin().lock().lines().collect::<Result<Vec<String>, _>>())
         .await
         .map_err(|e| CliError::usage(format!("reading stdin: {e}")))?
@@ -165,6 +166,7 @@ pub(super) async fn run(profile: &Path, json: bool, command: Command) -> CliResu
 }
 
 fn print(json: bool, call: &Call, reply: Reply) -> CliResult {
+    let Some(reply) = super::secret::print(json, call, reply)? else { return Ok(()) };
     match (call, reply) {
         (Call::Whoami, Reply::Me(me)) => {
             let a = &me.account;
@@ -255,9 +257,21 @@ fn print(json: bool, call: &Call, reply: Reply) -> CliResult {
                 }
             });
         }
-        (_, Reply::Messages { messages, names }) => emit(json, to_json(&messages), || {
-            messages.iter().map(|m| message_line(m, &names)).collect::<Vec<_>>().join("\n")
-        }),
+        (_, Reply::Messages { messages, names, secret }) => {
+            // Ordinary and secret messages together, by the time they were sent.
+            let mut shown: Vec<(u64, Value, String)> =
+                messages.iter().map(|m| (m.sent_at_ms, to_json(m), message_line(m, &names))).collect();
+            shown.extend(
+                secret
+                    .iter()
+                    .map(|m| (m.sent_at_ms, super::secret::message_json(m), super::secret::message_line(m, &names))),
+            );
+            if !secret.is_empty() {
+                shown.sort_by_key(|(at, _, _)| *at);
+            }
+            let (values, lines): (Vec<Value>, Vec<String>) = shown.into_iter().map(|(_, v, l)| (v, l)).unzip();
+            emit(json, Value::Array(values), || lines.join("\n"))
+        }
         (_, Reply::Chats { chats }) => {
             let value: Vec<Value> = chats
                 .iter()

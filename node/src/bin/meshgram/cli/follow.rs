@@ -13,6 +13,7 @@ use meshgram_node::client::api::{ApiError, Call, Event, Names, Reply};
 use meshgram_node::client::control::{ControlClient, ControlError, ControlServer, Holder, NodeLock};
 use meshgram_node::client::history::StoredMessage;
 use meshgram_node::client::node::{NodeHandle, NodeMode};
+use meshgram_node::client::secret::SecretMessage;
 use meshgram_node::ids::UserId;
 use meshgram_node::proto::LookupQuery;
 use meshgram_node::proto::payload::MessageId;
@@ -121,11 +122,14 @@ impl Follower {
             });
         }
         match node.call(Call::Messages { chat: self.chat.map(LookupQuery::UserId) }).await? {
-            Reply::Messages { messages, names } => {
+            Reply::Messages { messages, names, secret } => {
                 self.names.extend(names);
                 for message in messages {
                     self.print(&message);
                     self.shown.insert(message.id, message);
+                }
+                for message in &secret {
+                    self.print_secret(message);
                 }
                 Ok(())
             }
@@ -172,6 +176,14 @@ impl Follower {
                     );
                 }
             }
+            Event::SecretMessage { message } if self.in_chat(message.peer) => self.print_secret(&message),
+            Event::SecretChat { chat } if self.in_chat(chat.peer) => {
+                if self.json {
+                    outln!("{}", json!({ "secret_chat": chat }));
+                } else {
+                    outln!("— secret chat: {}", super::secret::chat_line(&chat));
+                }
+            }
             Event::Lagged { missed } => {
                 eprintln!(
                     "warning: this terminal fell behind and missed {missed} events; `meshgram messages` has them"
@@ -191,6 +203,14 @@ impl Follower {
             return;
         }
         self.print(&message);
+    }
+
+    fn print_secret(&self, message: &SecretMessage) {
+        if self.json {
+            outln!("{}", super::secret::message_json(message));
+        } else {
+            outln!("{}", super::secret::message_line(message, &self.names));
+        }
     }
 
     fn print(&self, message: &StoredMessage) {

@@ -17,6 +17,7 @@ mod history;
 mod login;
 mod node;
 mod output;
+mod secret;
 mod transfer;
 
 use std::path::PathBuf;
@@ -149,6 +150,10 @@ pub(crate) enum Command {
     /// Encrypted backups of the history, opened with a recovery code.
     #[command(subcommand)]
     Backup(BackupCommand),
+    /// Secret chats: end to end between one device on each side, forward secret, never on
+    /// your other devices, with self-destruct timers.
+    #[command(subcommand)]
+    Secret(SecretCommand),
     /// Run this profile's client node until Ctrl-C: it receives as messages arrive, renews the
     /// session, and other commands of the profile go through it.
     Node,
@@ -265,6 +270,44 @@ pub(crate) enum BackupCommand {
         #[arg(long)]
         off: bool,
     },
+}
+
+/// `CHAT` below: a secret chat's id (or a unique part of it, as `secret list` shows), or
+/// `@username` / `+phone` for your open secret chat with that person.
+#[derive(Subcommand, Debug)]
+pub(crate) enum SecretCommand {
+    /// Start a secret chat with @username, +phone or user id; it opens when they accept.
+    Start {
+        to: String,
+        /// Which of their devices (its id or a part of it; default: the one that signed in last).
+        #[arg(long)]
+        device: Option<String>,
+    },
+    /// Accept a secret chat someone started.
+    Accept { chat: String },
+    /// Decline a secret chat someone started.
+    Decline { chat: String },
+    /// Send a message, each line of stdin (--lines), or a file (--file) in a secret chat.
+    Send {
+        chat: String,
+        #[arg(required_unless_present_any = ["lines", "file"])]
+        text: Option<String>,
+        #[arg(long, conflicts_with_all = ["text", "file"])]
+        lines: bool,
+        /// A file to send (the text, if any, is its caption).
+        #[arg(long)]
+        file: Option<PathBuf>,
+        #[arg(long)]
+        reply_to: Option<String>,
+    },
+    /// Your secret chats: state, timer, session (generation, messages), fingerprint.
+    List,
+    /// Close a secret chat: keys and messages are wiped on both devices.
+    Close { chat: String },
+    /// The key fingerprint to compare with the other person (hex and emoji).
+    Fingerprint { chat: String },
+    /// Set the self-destruct timer for new messages: 30s, 5m, 1h, 1d, or off.
+    Ttl { chat: String, timer: String },
 }
 
 #[derive(Subcommand, Debug)]
