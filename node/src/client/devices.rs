@@ -19,7 +19,7 @@ use libp2p::PeerId;
 use serde::{Deserialize, Serialize};
 
 use crate::client::history::{EXPORT_FORMAT, HistoryExport, Imported, PendingImport};
-use crate::client::media::{OnProgress, Serve};
+use crate::client::media::{OnProgress, Resume, Serve};
 use crate::client::messaging::{MessagingError, Messenger};
 use crate::crypto::cert::{AccountKind, unix_now};
 use crate::defaults::CARD_FRESH_SECS;
@@ -223,9 +223,8 @@ impl Messenger {
         let path = transfer_file(self.client.profile(), what)?;
         crate::crypto::identity::write_secret(&path, &bytes)
             .map_err(|e| MessagingError::File(format!("writing the export: {e}")))?;
-        let uploaded = self.upload(&path, None, progress, Serve::No).await;
+        let uploaded = self.upload(&path, None, progress, Serve::No, Resume::No).await;
         let _ = std::fs::remove_file(&path);
-        self.h().forget_upload(&path.to_string_lossy())?;
         Ok((uploaded?, bytes.len() as u64))
     }
 

@@ -1043,14 +1043,6 @@ impl History {
         tx.commit()?;
         Ok(())
     }
-
-    /// Forgets an upload's resume record (a file deleted once uploaded, such as an export).
-    pub fn forget_upload(&self, path: &str) -> Result<(), HistoryError> {
-        let tx = self.db.begin_write()?;
-        tx.open_table(UPLOADS)?.remove(path)?;
-        tx.commit()?;
-        Ok(())
-    }
 }
 
 /// Two runs of one chat's messages as one, by send time; each run keeps its own order (a

@@ -162,7 +162,7 @@ impl Messenger {
         part_size: Option<u32>,
         progress: OnProgress<'_>,
     ) -> Result<FileRef, MessagingError> {
-        self.upload(path, part_size, progress, Serve::Peers).await
+        self.upload(path, part_size, progress, Serve::Peers, Resume::Yes).await
     }
 
     /// Uploads a file; `serve`: whether this device hands its chunks to peers afterwards (not
@@ -173,8 +173,13 @@ impl Messenger {
         part_size: Option<u32>,
         progress: OnProgress<'_>,
         serve: Serve,
+        resume: Resume,
     ) -> Result<FileRef, MessagingError> {
         let history = self.history()?.clone();
+        let put_upload = |key: &str, state: &UploadState| match resume {
+            Resume::Yes => history.put_upload(key, state),
+            Resume::No => Ok(()),
+        };
         let part_size = part_size.unwrap_or(DEFAULT_PART_SIZE);
         if !(MIN_PART_SIZE..=MAX_PART_SIZE).contains(&part_size) {
             return Err(MessagingError::File(format!(
@@ -204,11 +209,12 @@ impl Messenger {
         let key_name = path.to_string_lossy().into_owned();
         let fresh =
             || UploadState { file_id: FileId::random(), key: FileKey::random().0, part_size, size, modified_ns };
-        let mut state = match history.upload(&key_name)? {
+        let earlier = if resume == Resume::Yes { history.upload(&key_name)? } else { None };
+        let mut state = match earlier {
             Some(s) if s.size == size && s.modified_ns == modified_ns && s.part_size == part_size => s,
             _ => fresh(),
         };
-        history.put_upload(&key_name, &state)?;
+        put_upload(&key_name, &state)?;
         let relays = self.session.relays.clone();
         let link = MediaLink::new(&self.client, &self.session.cert);
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "file".into());
@@ -223,7 +229,7 @@ impl Messenger {
                 // Begun with another layout (another part size): start afresh.
                 _ => {
                     state = fresh();
-                    history.put_upload(&key_name, &state)?;
+                    put_upload(&key_name, &state)?;
                     continue 'upload;
                 }
             };
@@ -262,7 +268,7 @@ impl Messenger {
                     Some(_) if attempt == 1 => {
                         tracing::warn!(file = %path.display(), "the file changed since its upload began; uploading it afresh");
                         state = fresh();
-                        history.put_upload(&key_name, &state)?;
+                        put_upload(&key_name, &state)?;
                         continue 'upload;
                     }
                     Some(_) => return Err(file_error(&path, "changes while it is being uploaded")),
@@ -426,6 +432,15 @@ impl Messenger {
         }
         Ok(done)
     }
+}
+
+/// Whether an upload keeps a resume record (with the file key) in the history, and picks up
+/// an earlier upload of the same file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Resume {
+    Yes,
+    /// A secret chat's file or a history export: a fresh key every time, nothing recorded.
+    No,
 }
 
 /// Whether a device hands a file's chunks to peers once it has the whole file.

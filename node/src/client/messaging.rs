@@ -832,7 +832,7 @@ impl Messenger {
             return Err(MessagingError::NoRelay(last));
         }
         self.acknowledge_delivery(&fresh.messages).await;
-        if self.s().outbox_waiting() {
+        if self.secrets.as_ref().is_some_and(SecretChats::outbox_waiting) {
             // Answers to re-keys, say: best effort now, the node's retry sends them otherwise.
             let _ = self.flush_secret_outbox().await;
         }

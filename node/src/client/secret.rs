@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use libp2p::PeerId;
 use serde::{Deserialize, Serialize};
 
-use crate::client::media::{OnProgress, Serve};
+use crate::client::media::{OnProgress, Resume, Serve};
 use crate::client::messaging::{Inbox, MessagingError, Messenger};
 use crate::crypto::seal;
 use crate::crypto::secret::{
@@ -173,16 +173,22 @@ struct Session {
     established_at: u64,
     next_nonce: u64,
     received: ReplayWindow,
+    /// Whether the other side has this session too: the initiator's always; the responder's of
+    /// a re-key once a frame in it arrives. Until then the responder keeps sending in the
+    /// session before, so no frame of the new one can reach the initiator ahead of the reply
+    /// that completes it there.
+    confirmed: bool,
 }
 
 impl Session {
-    fn new(generation: u32, keys: SessionKeys) -> Self {
+    fn new(generation: u32, keys: SessionKeys, confirmed: bool) -> Self {
         Session {
             generation,
             keys,
             established_at: crate::crypto::cert::unix_now(),
             next_nonce: 0,
             received: ReplayWindow::default(),
+            confirmed,
         }
     }
 
@@ -461,8 +467,9 @@ impl Messenger {
             state: chat.state,
             wanted: "active",
         })?;
-        if chat.pending.is_none() && session.is_due_for_rekey(now) {
-            let generation = session.generation + 1;
+        let rekey =
+            chat.pending.is_none() && session.confirmed && session.is_due_for_rekey(now) && *body != SecretBody::Close;
+        if let Some(generation) = session.generation.checked_add(1).filter(|_| rekey) {
             let (me, peer) = (self.device_bytes(), chat.peer_device.to_bytes());
             let started =
                 noise::initiate(&self.client.identity, &chat.peer_key, &chat.context(generation, &me, &peer))?;
@@ -470,7 +477,11 @@ impl Messenger {
             out.push(self.sealed_body(chat, handshake)?);
             chat.pending = Some(Pending { generation, started });
         }
-        let session = chat.current.as_mut().expect("invariant: checked above");
+        let session = match (chat.current.as_mut(), chat.previous.as_mut()) {
+            (Some(current), Some(previous)) if !current.confirmed => previous,
+            (Some(current), _) => current,
+            (None, _) => unreachable!("checked above"),
+        };
         let nonce = session.next_nonce;
         session.next_nonce += 1;
         let cipher = SessionCipher::new(&session.keys)?;
@@ -570,7 +581,7 @@ impl Messenger {
             }
             let out = self.sealed_body(chat, Body::SecretReply { chat: id, generation: 0, message: reply })?;
             chat.first_hash = Some(keys.handshake_hash);
-            chat.current = Some(Session::new(0, keys));
+            chat.current = Some(Session::new(0, keys, true));
             chat.incoming = None;
             chat.state = SecretState::Active;
             s.outbox.push(out);
@@ -603,9 +614,11 @@ impl Messenger {
             let chat = s.chat(&id)?;
             let out = match chat.state {
                 SecretState::Active => self.framed(chat, &SecretBody::Close, None)?,
-                SecretState::Incoming => vec![self.sealed_body(chat, Body::SecretDecline { chat: id })?],
-                // Nothing agreed yet: a late answer finds the chat closed and is ignored.
-                SecretState::Requested | SecretState::Declined | SecretState::Closed => Vec::new(),
+                // Not agreed yet: the other side learns it was withdrawn (or declined).
+                SecretState::Incoming | SecretState::Requested => {
+                    vec![self.sealed_body(chat, Body::SecretDecline { chat: id })?]
+                }
+                SecretState::Declined | SecretState::Closed => Vec::new(),
             };
             chat.wipe(SecretState::Closed);
             s.outbox.extend(out);
@@ -741,17 +754,15 @@ impl Messenger {
         }))
     }
 
-    /// Uploads a file for a secret chat: not served to peers afterwards, and its resume record
-    /// (which holds the file key) forgotten once done.
+    /// Uploads a file for a secret chat: under a fresh key (never one a cloud upload of the same
+    /// file used), with no resume record (it would hold the key in the history's database),
+    /// and not served to peers afterwards.
     pub async fn upload_secret_file(
         &mut self,
         path: &Path,
         progress: OnProgress<'_>,
     ) -> Result<FileRef, MessagingError> {
-        let file = self.upload(path, None, progress, Serve::No).await?;
-        let path = std::fs::canonicalize(path).map_err(|e| MessagingError::File(e.to_string()))?;
-        self.h().forget_upload(&path.to_string_lossy())?;
-        Ok(file)
+        self.upload(path, None, progress, Serve::No, Resume::No).await
     }
 
     /// Whether `message` is a secret one (which is never forwarded).
@@ -804,16 +815,28 @@ impl Messenger {
     pub async fn flush_secret_outbox(&mut self) -> Result<bool, MessagingError> {
         self.history()?;
         let waiting = self.s().read(|s| s.outbox.clone());
-        for batch in waiting.chunks(MAX_ENVELOPES_PER_BATCH) {
+        // In order, one device's run at a time (a batch goes to relays chosen by its recipient).
+        let mut runs: Vec<&[Outgoing]> = Vec::new();
+        let mut rest = &waiting[..];
+        while let Some(first) = rest.first() {
+            let run = rest.iter().take_while(|o| o.envelope.to_device == first.envelope.to_device).count();
+            let (head, tail) = rest.split_at(run.min(MAX_ENVELOPES_PER_BATCH));
+            runs.push(head);
+            rest = tail;
+        }
+        for batch in runs {
             let outcome = self.send_batch(batch.iter().map(|o| o.envelope.clone()).collect()).await;
-            match outcome {
-                Ok(()) => {}
+            let sent = match outcome {
+                Ok(()) => true,
                 Err(e) if e.may_pass() => return Err(e),
-                Err(e) => tracing::warn!(error = %e, "a relay refused secret-chat envelopes for good; dropping them"),
-            }
+                Err(e) => {
+                    tracing::warn!(error = %e, "a relay refused secret-chat envelopes for good; dropping them");
+                    false
+                }
+            };
             let done: Vec<EnvelopeId> = batch.iter().map(|o| o.envelope.id).collect();
             self.s().update(|s| {
-                for o in s.outbox.iter().filter(|o| done.contains(&o.envelope.id)) {
+                for o in s.outbox.iter().filter(|o| sent && done.contains(&o.envelope.id)) {
                     let Some(id) = o.message else { continue };
                     for m in s.chats.values_mut().flat_map(|c| c.messages.iter_mut()).filter(|m| m.id == id) {
                         m.status = m.status.max(Status::Sent);
@@ -853,26 +876,29 @@ impl Messenger {
                 else {
                     continue;
                 };
-                if !session.received.is_fresh(nonce) {
-                    return Ok(Frame::Duplicate);
-                }
                 let generation = session.generation;
                 let body: Result<SecretBody, _> = postcard::from_bytes(&plain);
-                let applied = self.s().update(|s| {
+                // Checked again under the lock: another fetcher, or a close, may have come first.
+                return self.s().update(|s| {
                     let chat = s.chat(&id)?;
-                    for session in [chat.current.as_mut(), chat.previous.as_mut()].into_iter().flatten() {
-                        if session.generation == generation {
-                            session.received.mark(nonce);
-                        }
+                    let closed = chat.state != SecretState::Active;
+                    let session = [chat.current.as_mut(), chat.previous.as_mut()]
+                        .into_iter()
+                        .flatten()
+                        .find(|s| s.generation == generation);
+                    let Some(session) = session else {
+                        return Ok(Frame::Duplicate); // wiped or long re-keyed meanwhile
+                    };
+                    if closed || !session.received.is_fresh(nonce) {
+                        return Ok(Frame::Duplicate);
                     }
-                    let Ok(body) = body else { return Ok(false) };
+                    session.received.mark(nonce);
+                    session.confirmed = true;
+                    let Ok(body) = body else {
+                        return Ok(Frame::Bad(format!("a frame of secret chat {id} that does not read")));
+                    };
                     apply_secret_body(chat, body, envelope, inbox);
-                    Ok(true)
-                })?;
-                return Ok(if applied {
-                    Frame::Applied
-                } else {
-                    Frame::Bad(format!("a frame of secret chat {id} that does not read"))
+                    Ok(Frame::Applied)
                 });
             }
         }
@@ -986,7 +1012,8 @@ impl Messenger {
                             Some(p) if p.generation == generation => peer < me,
                             _ => true,
                         };
-                        if generation <= current || !theirs_wins {
+                        // One re-key at a time, each the next generation: a peer cannot skip ahead.
+                        if current.checked_add(1) != Some(generation) || !theirs_wins {
                             return Ok(());
                         }
                         let ctx = chat.context(generation, &peer, &me);
@@ -996,13 +1023,17 @@ impl Messenger {
                         }
                         let out = self.sealed_body(chat, Body::SecretReply { chat: id, generation, message: reply })?;
                         chat.pending = None;
-                        chat.previous = chat.current.replace(Session::new(generation, keys));
+                        chat.previous = chat.current.replace(Session::new(generation, keys, false));
                         chat.rekeys += 1;
                         inbox.secret_chats.push(chat.info());
                         s.outbox.push(out);
                     }
                     // Started again before we answered: the newer handshake is the one to answer.
                     Some(chat) if ours(chat) && chat.state == SecretState::Incoming && generation == 0 => {
+                        let ctx = HandshakeContext { chat: &id.0, generation, initiator: &peer, responder: &me };
+                        if noise::read_initiation(&self.client.identity, &ctx, &message)? != *sender_key {
+                            return Err(seal::E2eError::Open("the handshake's key is not its sender's".into()).into());
+                        }
                         chat.incoming = Some(message);
                     }
                     _ => tracing::info!(envelope = %envelope.id, chat = %id, "ignoring a handshake for no chat of ours in that state"),
@@ -1016,19 +1047,25 @@ impl Messenger {
                     if generation == 0 {
                         chat.first_hash = Some(keys.handshake_hash);
                         chat.state = SecretState::Active;
-                        chat.current = Some(Session::new(0, keys));
+                        chat.current = Some(Session::new(0, keys, true));
                     } else {
-                        chat.previous = chat.current.replace(Session::new(generation, keys));
+                        chat.previous = chat.current.replace(Session::new(generation, keys, true));
                         chat.rekeys += 1;
                     }
                     inbox.secret_chats.push(chat.info());
                 }
-                Body::SecretDecline { chat: id } => {
-                    if let Some(chat) = s.chats.get_mut(&id).filter(|c| ours(c) && c.state == SecretState::Requested) {
+                // Declined, or closed before it was accepted (then it may be open here).
+                Body::SecretDecline { chat: id } => match s.chats.get_mut(&id).filter(|c| ours(c)) {
+                    Some(chat) if chat.state == SecretState::Requested => {
                         chat.wipe(SecretState::Declined);
                         inbox.secret_chats.push(chat.info());
                     }
-                }
+                    Some(chat) if matches!(chat.state, SecretState::Incoming | SecretState::Active) => {
+                        chat.wipe(SecretState::Closed);
+                        inbox.secret_chats.push(chat.info());
+                    }
+                    _ => {}
+                },
                 _ => {}
             }
             Ok(())

@@ -202,7 +202,12 @@ pub fn write_secret(path: &Path, bytes: &[u8]) -> Result<(), KeyFileError> {
     if written.is_err() {
         let _ = fs::remove_file(&tmp);
     }
-    written.map_err(io)
+    written.map_err(io)?;
+    // The rename itself is durable only once the directory is synced.
+    match path.parent() {
+        Some(dir) => fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io),
+        None => Ok(()),
+    }
 }
 
 #[cfg(test)]

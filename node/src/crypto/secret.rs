@@ -9,17 +9,16 @@
 //!   `HandshakeState` in memory until the reply comes: it keeps its ephemeral private key
 //!   instead (random, for this handshake alone, wiped when the reply is read) and rebuilds the
 //!   same state with it when the reply arrives.
-//! - **Transport.** The split keys drive snow's own ChaCha20-Poly1305 ciphers (ring-backed) with
-//!   an explicit 64-bit nonce in each frame, as snow's stateless transport does; unlike that
-//!   state the keys can be stored, so a session outlives the process. The envelope id is the
-//!   associated data. Replays are refused by a sliding window of nonces; gaps are fine.
+//! - **Transport.** The split keys seal frames with an explicit 64-bit nonce each, as snow's
+//!   stateless transport does and byte for byte what it would make ([`SessionCipher`]); unlike
+//!   that state the keys can be stored, so a session outlives the process. The envelope id is
+//!   the associated data. Replays are refused by a sliding window of nonces; gaps are fine.
 //! - **Padding.** Every frame is padded (Padmé: at most 12 % larger, leaking only the order of
 //!   magnitude of the length) with a 256-byte floor, so relays see size buckets, not lengths.
 
+use ring::aead::{Aad, CHACHA20_POLY1305, LessSafeKey, Nonce, UnboundKey};
 use serde::{Deserialize, Serialize};
-use snow::params::CipherChoice;
 use snow::resolvers::{BoxedCryptoResolver, DefaultResolver, FallbackResolver, RingResolver};
-use snow::types::Cipher;
 use snow::{Builder, HandshakeState};
 
 use crate::crypto::identity::DeviceIdentity;
@@ -227,10 +226,13 @@ pub fn frame_len(plaintext_len: usize) -> usize {
     (unpadded + mask) & !mask
 }
 
-/// Ciphers for one session, built from its keys.
+/// Ciphers for one session, built from its keys: ChaCha20-Poly1305 with Noise's nonce layout
+/// (4 zero bytes, the 64-bit counter little-endian), so a frame is exactly what snow's own
+/// ring-backed cipher makes of the same key, nonce and data (a test checks it). It runs on
+/// ring in place: snow's `Cipher` trait copies every message into a separate output first.
 pub struct SessionCipher {
-    send: Box<dyn Cipher>,
-    recv: Box<dyn Cipher>,
+    send: LessSafeKey,
+    recv: LessSafeKey,
 }
 
 impl std::fmt::Debug for SessionCipher {
@@ -239,16 +241,18 @@ impl std::fmt::Debug for SessionCipher {
     }
 }
 
+fn noise_nonce(n: u64) -> Nonce {
+    let mut nonce = [0u8; 12];
+    nonce[4..].copy_from_slice(&n.to_le_bytes());
+    Nonce::assume_unique_for_key(nonce)
+}
+
 impl SessionCipher {
     pub fn new(keys: &SessionKeys) -> Result<Self, E2eError> {
-        let cipher = |key: &[u8; 32]| {
-            let mut cipher = resolver()
-                .resolve_cipher(&CipherChoice::ChaChaPoly)
-                .ok_or_else(|| E2eError::Noise("no ChaCha20-Poly1305".into()))?;
-            cipher.set(key);
-            Ok::<_, E2eError>(cipher)
+        let key = |k: &[u8; 32]| {
+            UnboundKey::new(&CHACHA20_POLY1305, k).map(LessSafeKey::new).map_err(|_| E2eError::Noise("key".into()))
         };
-        Ok(SessionCipher { send: cipher(&keys.send)?, recv: cipher(&keys.recv)? })
+        Ok(SessionCipher { send: key(&keys.send)?, recv: key(&keys.recv)? })
     }
 
     /// A frame: the nonce, then `plaintext` padded and sealed under it with `ad`.
@@ -258,14 +262,16 @@ impl SessionCipher {
             return Err(E2eError::Noise("nonces exhausted".into()));
         }
         let len = frame_len(plaintext.len());
-        let mut padded = Vec::with_capacity(len - NONCE_LEN - TAG_LEN);
-        padded.extend_from_slice(plaintext);
-        padded.push(0x80);
-        padded.resize(len - NONCE_LEN - TAG_LEN, 0);
-        let mut frame = vec![0u8; len];
-        frame[..NONCE_LEN].copy_from_slice(&nonce.to_le_bytes());
-        let written = self.send.encrypt(nonce, ad, &padded, &mut frame[NONCE_LEN..]);
-        debug_assert_eq!(written, len - NONCE_LEN);
+        let mut frame = Vec::with_capacity(len);
+        frame.extend_from_slice(&nonce.to_le_bytes());
+        frame.extend_from_slice(plaintext);
+        frame.push(0x80);
+        frame.resize(len - TAG_LEN, 0);
+        let tag = self
+            .send
+            .seal_in_place_separate_tag(noise_nonce(nonce), Aad::from(ad), &mut frame[NONCE_LEN..])
+            .map_err(|_| E2eError::Noise("seal".into()))?;
+        frame.extend_from_slice(tag.as_ref());
         Ok(frame)
     }
 
@@ -277,9 +283,12 @@ impl SessionCipher {
         }
         let (nonce, sealed) = frame.split_at(NONCE_LEN);
         let nonce = u64::from_le_bytes(nonce.try_into().map_err(|_| E2eError::Open("no nonce".into()))?);
-        // As long as the ciphertext: snow's ring cipher then opens in place, without a copy.
-        let mut padded = vec![0u8; sealed.len()];
-        let len = self.recv.decrypt(nonce, ad, sealed, &mut padded).map_err(does_not_open)?;
+        let mut padded = sealed.to_vec();
+        let len = self
+            .recv
+            .open_in_place(noise_nonce(nonce), Aad::from(ad), &mut padded)
+            .map_err(|_| E2eError::Open("decryption failed".into()))?
+            .len();
         padded.truncate(len);
         let end = padded.iter().rposition(|b| *b != 0).filter(|i| padded[*i] == 0x80);
         let end = end.ok_or_else(|| E2eError::Open("padding".into()))?;
@@ -309,7 +318,9 @@ impl ReplayWindow {
         self.highest = Some(highest);
         self.seen.insert(nonce);
         let floor = highest.saturating_sub(REPLAY_WINDOW - 1);
-        self.seen = self.seen.split_off(&floor);
+        while self.seen.first().is_some_and(|n| *n < floor) {
+            self.seen.pop_first();
+        }
     }
 
     pub fn received(&self) -> usize {
@@ -431,6 +442,24 @@ mod tests {
         assert!(!window.is_fresh(10_000 - REPLAY_WINDOW), "too old to tell from a replay");
         assert!(window.is_fresh(10_000 - REPLAY_WINDOW + 1));
         assert!(window.received() <= REPLAY_WINDOW as usize);
+    }
+
+    #[test]
+    fn frames_are_what_snows_own_cipher_makes() {
+        use snow::params::CipherChoice;
+        use snow::resolvers::CryptoResolver;
+        let ((alice, _a), (bob, _b)) = (device(), device());
+        let (a, b) = handshake(&alice, &bob);
+        let frame = SessionCipher::new(&a).unwrap().seal(41, b"envelope", b"hello").unwrap();
+        let mut snow_cipher = RingResolver.resolve_cipher(&CipherChoice::ChaChaPoly).unwrap();
+        snow_cipher.set(&b.recv);
+        let mut out = vec![0u8; frame.len()];
+        let len = snow_cipher.decrypt(41, b"envelope", &frame[NONCE_LEN..], &mut out).unwrap();
+        assert_eq!(&out[..6], b"hello\x80");
+        assert_eq!(len, frame.len() - NONCE_LEN - TAG_LEN);
+        let mut default = DefaultResolver.resolve_cipher(&CipherChoice::ChaChaPoly).unwrap();
+        default.set(&b.recv);
+        assert!(default.decrypt(41, b"envelope", &frame[NONCE_LEN..], &mut out).is_ok(), "and snow's pure-Rust one");
     }
 
     #[test]
