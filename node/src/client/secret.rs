@@ -241,7 +241,7 @@ impl Chat {
             rekeys: self.rekeys,
             rekey_pending: self.pending.is_some() && current.is_some(),
             session_sent: current.map_or(0, |s| s.next_nonce),
-            session_received: current.map_or(0, |s| s.received.received() as u64),
+            session_received: current.map_or(0, |s| s.received.received()),
             session_started_at: current.map(|s| s.established_at),
             fingerprint: self.first_hash.as_ref().map(noise::fingerprint),
             messages: self.messages.len(),

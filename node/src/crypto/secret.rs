@@ -297,34 +297,60 @@ impl SessionCipher {
     }
 }
 
-/// The nonces a session has received: the highest, and which of the [`REPLAY_WINDOW`] below it.
+/// The nonces a session has received: the highest, and a bitmap of the [`REPLAY_WINDOW`] below
+/// it (bit `n % REPLAY_WINDOW` for nonce `n`), so each check and mark is O(1).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReplayWindow {
     highest: Option<u64>,
-    seen: std::collections::BTreeSet<u64>,
+    bits: Vec<u64>,
+    received: u64,
 }
 
 impl ReplayWindow {
+    fn bit(n: u64) -> (usize, u64) {
+        let slot = n % REPLAY_WINDOW;
+        ((slot / 64) as usize, 1 << (slot % 64))
+    }
+
+    fn seen(&self, n: u64) -> bool {
+        let (word, mask) = Self::bit(n);
+        self.bits.get(word).is_some_and(|w| w & mask != 0)
+    }
+
     /// Whether `nonce` is new: not seen, and not too far below the highest.
     pub fn is_fresh(&self, nonce: u64) -> bool {
         match self.highest {
             None => true,
-            Some(h) => nonce > h || (h - nonce < REPLAY_WINDOW && !self.seen.contains(&nonce)),
+            Some(h) => nonce > h || (h - nonce < REPLAY_WINDOW && !self.seen(nonce)),
         }
     }
 
     pub fn mark(&mut self, nonce: u64) {
-        let highest = self.highest.map_or(nonce, |h| h.max(nonce));
-        self.highest = Some(highest);
-        self.seen.insert(nonce);
-        let floor = highest.saturating_sub(REPLAY_WINDOW - 1);
-        while self.seen.first().is_some_and(|n| *n < floor) {
-            self.seen.pop_first();
+        if self.bits.len() != (REPLAY_WINDOW / 64) as usize {
+            self.bits = vec![0; (REPLAY_WINDOW / 64) as usize];
         }
+        match self.highest {
+            // The window moves up: the slots it takes over held nonces now too old.
+            Some(h) if nonce > h && nonce - h >= REPLAY_WINDOW => self.bits.fill(0),
+            Some(h) if nonce > h => {
+                for n in h + 1..nonce {
+                    let (word, mask) = Self::bit(n);
+                    self.bits[word] &= !mask;
+                }
+            }
+            _ => {}
+        }
+        if self.highest.is_none_or(|h| nonce > h) {
+            self.highest = Some(nonce);
+        }
+        let (word, mask) = Self::bit(nonce);
+        self.bits[word] |= mask;
+        self.received += 1;
     }
 
-    pub fn received(&self) -> usize {
-        self.seen.len()
+    /// How many frames the session has received.
+    pub fn received(&self) -> u64 {
+        self.received
     }
 }
 
@@ -441,7 +467,10 @@ mod tests {
         window.mark(10_000);
         assert!(!window.is_fresh(10_000 - REPLAY_WINDOW), "too old to tell from a replay");
         assert!(window.is_fresh(10_000 - REPLAY_WINDOW + 1));
-        assert!(window.received() <= REPLAY_WINDOW as usize);
+        assert!(window.is_fresh(10_000 - 5) && !window.is_fresh(3), "older nonces are cleared as the window moves");
+        window.mark(10_000 - 5);
+        assert!(!window.is_fresh(10_000 - 5));
+        assert_eq!(window.received(), 6);
     }
 
     #[test]
