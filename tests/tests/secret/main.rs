@@ -7,12 +7,15 @@
 //!   nothing; a message of a secret chat cannot be forwarded; close wipes both sides.
 //! - `forgery`: a captured frame replayed, moved to another envelope id or altered is
 //!   refused, and the message shows once.
+//! - `media`: a file sent in a secret chat downloads byte for byte, cannot be forwarded, and its
+//!   key never reaches either history database; a declined chat opens nothing.
 
 // A failed unwrap here is a failed test, which is what it should be.
 #![allow(clippy::unwrap_used)]
 
 mod chat;
 mod forgery;
+mod media;
 
 use std::path::Path;
 
