@@ -416,6 +416,20 @@ impl Actor {
 
     async fn handle(&mut self, call: Call) -> Result<Reply, ApiError> {
         let client = self.messenger.client.clone();
+        if matches!(
+            call,
+            Call::SecretAccept { .. }
+                | Call::SecretDecline { .. }
+                | Call::SecretClose { .. }
+                | Call::SecretTtl { .. }
+                | Call::SecretSend { .. }
+                | Call::SecretInfo { .. }
+                | Call::SecretList
+        ) {
+            // A secret chat's state moves with what the other side sent (an accept, a re-key,
+            // a close): act on what is known now.
+            self.receive_waiting().await?;
+        }
         Ok(match call {
             Call::Whoami => {
                 let account = client.get_me().await?;
@@ -548,10 +562,7 @@ impl Actor {
                 Reply::SecretMessages { messages }
             }
             Call::SecretInfo { chat } => Reply::SecretChat { chat: self.messenger.secret_get(&chat).await? },
-            Call::SecretList => {
-                self.receive_waiting().await?;
-                Reply::SecretChats { chats: self.messenger.secret_list()? }
-            }
+            Call::SecretList => Reply::SecretChats { chats: self.messenger.secret_list()? },
             Call::Upload { .. }
             | Call::Download { .. }
             | Call::ApproveDevice { .. }
