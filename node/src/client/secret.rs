@@ -564,68 +564,72 @@ impl Messenger {
         self.secret_info(&id)
     }
 
-    /// Accepts a secret chat the other side started: answers its handshake.
-    pub async fn secret_accept(&mut self, name: &str) -> Result<SecretChatInfo, MessagingError> {
+    /// Changes one chat (found by name) with `change`, queues what it returns to send, sends it.
+    async fn change_chat(
+        &mut self,
+        name: &str,
+        change: impl FnOnce(&Self, &mut Chat) -> Result<Vec<Outgoing>, MessagingError>,
+    ) -> Result<SecretChatInfo, MessagingError> {
         let id = self.secret_chat_id(name).await?;
         self.s().update(|s| {
-            let chat = s.chat(&id)?;
-            chat.require(SecretState::Incoming, "waiting for you to accept")?;
-            let message = chat.incoming.clone().unwrap_or_default();
-            let (me, peer) = (self.device_bytes(), chat.peer_device.to_bytes());
-            let (initiator, reply, keys) =
-                noise::respond(&self.client.identity, &chat.context(0, &peer, &me), &message)?;
-            if initiator != chat.peer_key {
-                return Err(
-                    seal::E2eError::Open("the handshake is not from the device that started the chat".into()).into()
-                );
-            }
-            let out = self.sealed_body(chat, Body::SecretReply { chat: id, generation: 0, message: reply })?;
-            chat.first_hash = Some(keys.handshake_hash);
-            chat.current = Some(Session::new(0, keys, true));
-            chat.incoming = None;
-            chat.state = SecretState::Active;
-            s.outbox.push(out);
-            Ok(())
-        })?;
-        self.flush_secret_outbox_logged().await;
-        self.secret_info(&id)
-    }
-
-    /// Declines a secret chat the other side started.
-    pub async fn secret_decline(&mut self, name: &str) -> Result<SecretChatInfo, MessagingError> {
-        let id = self.secret_chat_id(name).await?;
-        self.s().update(|s| {
-            let chat = s.chat(&id)?;
-            chat.require(SecretState::Incoming, "waiting for you to accept")?;
-            let out = self.sealed_body(chat, Body::SecretDecline { chat: id })?;
-            chat.wipe(SecretState::Declined);
-            s.outbox.push(out);
-            Ok(())
-        })?;
-        self.flush_secret_outbox_logged().await;
-        self.secret_info(&id)
-    }
-
-    /// Closes a secret chat: tells the other side, then wipes keys and messages here (the other
-    /// side wipes its own when the close arrives).
-    pub async fn secret_close(&mut self, name: &str) -> Result<SecretChatInfo, MessagingError> {
-        let id = self.secret_chat_id(name).await?;
-        self.s().update(|s| {
-            let chat = s.chat(&id)?;
-            let out = match chat.state {
-                SecretState::Active => self.framed(chat, &SecretBody::Close, None)?,
-                // Not agreed yet: the other side learns it was withdrawn (or declined).
-                SecretState::Incoming | SecretState::Requested => {
-                    vec![self.sealed_body(chat, Body::SecretDecline { chat: id })?]
-                }
-                SecretState::Declined | SecretState::Closed => Vec::new(),
-            };
-            chat.wipe(SecretState::Closed);
+            let out = change(self, s.chat(&id)?)?;
             s.outbox.extend(out);
             Ok(())
         })?;
         self.flush_secret_outbox_logged().await;
         self.secret_info(&id)
+    }
+
+    /// Accepts a secret chat the other side started: answers its handshake.
+    pub async fn secret_accept(&mut self, name: &str) -> Result<SecretChatInfo, MessagingError> {
+        self.change_chat(name, |me, chat| {
+            chat.require(SecretState::Incoming, "waiting for you to accept")?;
+            let message = chat.incoming.clone().unwrap_or_default();
+            let (mine, peer) = (me.device_bytes(), chat.peer_device.to_bytes());
+            let (initiator, reply, keys) =
+                noise::respond(&me.client.identity, &chat.context(0, &peer, &mine), &message)?;
+            if initiator != chat.peer_key {
+                return Err(
+                    seal::E2eError::Open("the handshake is not from the device that started the chat".into()).into()
+                );
+            }
+            let out = me.sealed_body(chat, Body::SecretReply { chat: chat.id, generation: 0, message: reply })?;
+            chat.first_hash = Some(keys.handshake_hash);
+            chat.current = Some(Session::new(0, keys, true));
+            chat.incoming = None;
+            chat.state = SecretState::Active;
+            Ok(vec![out])
+        })
+        .await
+    }
+
+    /// Declines a secret chat the other side started.
+    pub async fn secret_decline(&mut self, name: &str) -> Result<SecretChatInfo, MessagingError> {
+        self.change_chat(name, |me, chat| {
+            chat.require(SecretState::Incoming, "waiting for you to accept")?;
+            let out = me.sealed_body(chat, Body::SecretDecline { chat: chat.id })?;
+            chat.wipe(SecretState::Declined);
+            Ok(vec![out])
+        })
+        .await
+    }
+
+    /// Closes a secret chat: tells the other side, then wipes keys and messages here (the other
+    /// side wipes its own when the close arrives).
+    pub async fn secret_close(&mut self, name: &str) -> Result<SecretChatInfo, MessagingError> {
+        self.change_chat(name, |me, chat| {
+            let out = match chat.state {
+                SecretState::Active => me.framed(chat, &SecretBody::Close, None)?,
+                // Not agreed yet: the other side learns it was withdrawn (or declined).
+                SecretState::Incoming | SecretState::Requested => {
+                    vec![me.sealed_body(chat, Body::SecretDecline { chat: chat.id })?]
+                }
+                SecretState::Declined | SecretState::Closed => Vec::new(),
+            };
+            chat.wipe(SecretState::Closed);
+            Ok(out)
+        })
+        .await
     }
 
     /// Sets the chat's self-destruct timer (`None`: off) for messages sent from now on, on
@@ -634,17 +638,13 @@ impl Messenger {
         if secs.is_some_and(|s| s == 0 || s > MAX_TTL_SECS) {
             return Err(SecretError::BadTtl.into());
         }
-        let id = self.secret_chat_id(name).await?;
-        self.s().update(|s| {
-            let chat = s.chat(&id)?;
+        self.change_chat(name, |me, chat| {
             chat.require(SecretState::Active, "active")?;
-            let out = self.framed(chat, &SecretBody::Ttl { secs }, None)?;
+            let out = me.framed(chat, &SecretBody::Ttl { secs }, None)?;
             chat.ttl_secs = secs;
-            s.outbox.extend(out);
-            Ok(())
-        })?;
-        self.flush_secret_outbox_logged().await;
-        self.secret_info(&id)
+            Ok(out)
+        })
+        .await
     }
 
     /// Sends texts (or one file with its caption) in a secret chat, in order.
