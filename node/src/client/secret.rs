@@ -227,6 +227,27 @@ struct Chat {
 }
 
 impl Chat {
+    /// A chat just started here (`Requested`) or by the other side (`Incoming`).
+    fn new(id: SecretChatId, peer: UserId, peer_device: PeerId, peer_key: NoiseKey, state: SecretState) -> Self {
+        Chat {
+            id,
+            peer,
+            peer_device,
+            peer_key,
+            started_here: state == SecretState::Requested,
+            state,
+            created_at: crate::crypto::cert::unix_now(),
+            ttl_secs: None,
+            first_hash: None,
+            incoming: None,
+            pending: None,
+            current: None,
+            previous: None,
+            rekeys: 0,
+            messages: Vec::new(),
+        }
+    }
+
     fn info(&self) -> SecretChatInfo {
         let current = self.current.as_ref();
         SecretChatInfo {
@@ -533,23 +554,7 @@ impl Messenger {
         };
         let target = target.ok_or(MessagingError::NoDevices(card.user_id))?.clone();
         let id = SecretChatId::random();
-        let mut chat = Chat {
-            id,
-            peer: card.user_id,
-            peer_device: target.peer_id,
-            peer_key: target.noise_key(),
-            started_here: true,
-            state: SecretState::Requested,
-            created_at: crate::crypto::cert::unix_now(),
-            ttl_secs: None,
-            first_hash: None,
-            incoming: None,
-            pending: None,
-            current: None,
-            previous: None,
-            rekeys: 0,
-            messages: Vec::new(),
-        };
+        let mut chat = Chat::new(id, card.user_id, target.peer_id, target.noise_key(), SecretState::Requested);
         let (me, peer) = (self.device_bytes(), chat.peer_device.to_bytes());
         let started = noise::initiate(&self.client.identity, &chat.peer_key, &chat.context(0, &me, &peer))?;
         let out = self
@@ -985,23 +990,14 @@ impl Messenger {
                         if noise::read_initiation(&self.client.identity, &ctx, &message)? != *sender_key {
                             return Err(seal::E2eError::Open("the handshake's key is not its sender's".into()).into());
                         }
-                        let chat = Chat {
+                        let mut chat = Chat::new(
                             id,
-                            peer: envelope.from_user,
-                            peer_device: envelope.from_device,
-                            peer_key: *sender_key,
-                            started_here: false,
-                            state: SecretState::Incoming,
-                            created_at: crate::crypto::cert::unix_now(),
-                            ttl_secs: None,
-                            first_hash: None,
-                            incoming: Some(message),
-                            pending: None,
-                            current: None,
-                            previous: None,
-                            rekeys: 0,
-                            messages: Vec::new(),
-                        };
+                            envelope.from_user,
+                            envelope.from_device,
+                            *sender_key,
+                            SecretState::Incoming,
+                        );
+                        chat.incoming = Some(message);
                         inbox.secret_chats.push(chat.info());
                         s.chats.insert(id, chat);
                     }
