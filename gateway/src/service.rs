@@ -404,6 +404,7 @@ impl AuthService {
                 LookupQuery::Username(name) => t.account_by_username(name)?,
                 LookupQuery::Phone(phone) => t.account_by_phone(phone)?,
                 LookupQuery::UserId(id) => t.account(*id)?,
+                LookupQuery::Group(_) => None,
             }
             .ok_or_else(|| WireError::new(Code::NotFound, "no such user"))?;
             let devices = t

@@ -17,6 +17,9 @@ use meshgram_node::ids::SessionId;
 use meshgram_node::net::codec::FrameError;
 use meshgram_node::net::pipe::Responder;
 use meshgram_node::proto::envelope::{Envelope, EnvelopeId};
+use meshgram_node::proto::group::{
+    GroupBatch, GroupCursor, GroupId, GroupSeal, GroupWireError, MAX_GROUPS_PER_FETCH, is_group_mailbox,
+};
 use meshgram_node::proto::{
     ErrorCode, MAX_ENVELOPE_SIZE, MAX_ENVELOPES_PER_BATCH, MAX_FETCH_WAIT_MS, MailboxRequest, MailboxResponse,
     WireError,
@@ -41,6 +44,9 @@ pub(crate) enum Done {
     Park { peer: PeerId, channel: Responder<MailboxResponse>, max: u32, deadline: Instant, arrivals: u64 },
     /// These acknowledged envelopes are deleted here (or failed to be, and will come again).
     AcksApplied { peer: PeerId, ids: Vec<EnvelopeId> },
+    /// A group fetch found nothing new: park it, unless a group message arrived since it
+    /// looked (`arrivals` then differs from [`Mailboxes::group_arrivals`]).
+    ParkGroups { peer: PeerId, fetch: GroupRead, arrivals: u64 },
     /// Background work that answers nobody.
     Nothing,
 }
@@ -54,6 +60,15 @@ impl Done {
 #[derive(Debug)]
 struct Parked {
     channel: Responder<MailboxResponse>,
+    max: u32,
+    deadline: Instant,
+}
+
+/// A `GroupFetch` being served (or parked until something arrives in one of its groups).
+#[derive(Debug)]
+pub(crate) struct GroupRead {
+    channel: Responder<MailboxResponse>,
+    cursors: Vec<GroupCursor>,
     max: u32,
     deadline: Instant,
 }
@@ -78,6 +93,17 @@ pub(crate) struct Mailboxes {
     /// Clients that said Hello, revoked sessions, whether the gateway admits this relay.
     sessions: Sessions<FetchState>,
     parked: HashMap<PeerId, Parked>,
+    /// Group fetches waiting for a message, per device, and the devices waiting on each group
+    /// mailbox: who reads which group is what this relay learns of a group's members.
+    parked_groups: HashMap<PeerId, GroupRead>,
+    group_readers: HashMap<PeerId, HashSet<PeerId>>,
+    /// Counts group messages committed here, so a group fetch that read just before one is not
+    /// parked past it.
+    group_arrivals: u64,
+    /// The newest epoch seen per group: posts of older epochs (by members removed since) are
+    /// refused. Filled from posts here and, for a group not seen since start, from the newest
+    /// message the store holds.
+    group_epochs: HashMap<GroupId, u64>,
     send_limiter: RateLimiter,
     /// Where a `Send`'s copies go.
     replicas: Replicas,
@@ -95,6 +121,10 @@ impl Mailboxes {
             settings,
             metrics,
             parked: HashMap::new(),
+            parked_groups: HashMap::new(),
+            group_readers: HashMap::new(),
+            group_arrivals: 0,
+            group_epochs: HashMap::new(),
             send_limiter,
             replica_deletes: DeleteForwarder::start(Arc::clone(&replicas.pipes)),
             replicas,
@@ -144,6 +174,10 @@ impl Mailboxes {
         match request {
             MailboxRequest::Hello { .. } => unreachable!("handled above"),
             MailboxRequest::Send { envelopes } => self.handle_send(peer, &cert, envelopes, channel, now, known),
+            MailboxRequest::Post { envelopes } => self.handle_post(peer, &cert, envelopes, channel, now, known),
+            MailboxRequest::GroupFetch { groups, max, wait_ms } => {
+                self.handle_group_fetch(peer, groups, max, wait_ms, channel)
+            }
             MailboxRequest::Fetch { max, wait_ms, ack } => self.handle_fetch(peer, max, wait_ms, ack, channel, known),
             MailboxRequest::Ack { ids } => {
                 if ids.len() > MAX_ENVELOPES_PER_BATCH {
@@ -185,6 +219,18 @@ impl Mailboxes {
                     self.respond(old.channel, MailboxResponse::Envelopes { envelopes: Vec::new(), more: false });
                 }
             }
+            Done::ParkGroups { peer, fetch, arrivals } => {
+                if arrivals != self.group_arrivals {
+                    return self.spawn_group_fetch(peer, fetch);
+                }
+                if self.sessions.get(&peer).is_none() {
+                    if self.sessions.is_signed_out(&peer) {
+                        self.respond(fetch.channel, session_revoked());
+                    }
+                    return;
+                }
+                self.park_groups(peer, fetch);
+            }
             Done::AcksApplied { peer, ids } => {
                 if let Some(session) = self.sessions.get_mut(&peer) {
                     for id in &ids {
@@ -207,6 +253,7 @@ impl Mailboxes {
     pub(crate) fn disconnected(&mut self, peer: &PeerId) {
         self.sessions.disconnected(peer);
         self.parked.remove(peer);
+        self.unpark_groups(peer);
     }
 
     /// The gateway revoked `device`'s session `session`: if that is the session it said Hello
@@ -222,6 +269,9 @@ impl Mailboxes {
         tracing::info!(%device, %session, "session revoked by the gateway; its access here ends");
         if let Some(parked) = self.parked.remove(&device) {
             self.respond(parked.channel, session_revoked());
+        }
+        if let Some(read) = self.unpark_groups(&device) {
+            self.respond(read.channel, session_revoked());
         }
     }
 
@@ -249,11 +299,27 @@ impl Mailboxes {
                 self.respond(parked.channel, MailboxResponse::Envelopes { envelopes: Vec::new(), more: false });
             }
         }
+        let expired: Vec<PeerId> =
+            self.parked_groups.iter().filter(|(_, p)| p.deadline <= now).map(|(id, _)| *id).collect();
+        for peer in expired {
+            if let Some(read) = self.unpark_groups(&peer) {
+                self.respond(read.channel, MailboxResponse::GroupEnvelopes { groups: Vec::new() });
+            }
+        }
     }
 
     /// Answers the fetches parked on these mailboxes with what has just arrived.
     pub(crate) fn wake(&mut self, mailboxes: Vec<PeerId>) {
         for mailbox in mailboxes {
+            if is_group_mailbox(&mailbox) {
+                self.group_arrivals += 1;
+                for reader in self.group_readers.get(&mailbox).cloned().unwrap_or_default() {
+                    if let Some(read) = self.unpark_groups(&reader) {
+                        self.spawn_group_fetch(reader, read);
+                    }
+                }
+                continue;
+            }
             if let Some(session) = self.sessions.get_mut(&mailbox) {
                 session.state.arrivals += 1;
             }
@@ -294,6 +360,83 @@ impl Mailboxes {
         if let Err(refusal) = check_envelopes(&peer, cert, &envelopes) {
             return self.respond(channel, MailboxResponse::Error(refusal));
         }
+        if let Some(e) = envelopes.iter().find(|e| is_group_mailbox(&e.to_device)) {
+            let why = format!("envelope {} is addressed to a group's mailbox: post it with Post", e.id);
+            return self.respond(channel, refuse(ErrorCode::BadRequest, why));
+        }
+        self.replicate(cert, envelopes, channel, now, known);
+    }
+
+    /// Checks a `Post` (see [`GroupSeal::verify`] and the epoch) and starts its replication to
+    /// each group's relays, as a `Send`'s is. Refused as a whole if one message is bad: a
+    /// client that is a member sends none.
+    fn handle_post(
+        &mut self,
+        peer: PeerId,
+        cert: &CertBody,
+        envelopes: Vec<Envelope>,
+        channel: Responder<MailboxResponse>,
+        now: u64,
+        known: &mut KnownRelays<'_>,
+    ) {
+        if let Err(refusal) = check_envelopes(&peer, cert, &envelopes) {
+            return self.respond(channel, MailboxResponse::Error(refusal));
+        }
+        let mut newest: HashMap<GroupId, u64> = HashMap::new();
+        for envelope in &envelopes {
+            let checked = GroupSeal::verify(envelope).and_then(|seal| {
+                let current = self.group_epoch(&seal.group);
+                if seal.cert.epoch < current {
+                    return Err(GroupWireError::OldEpoch { group: seal.group, epoch: seal.cert.epoch, current });
+                }
+                Ok(seal)
+            });
+            match checked {
+                Ok(seal) => {
+                    let epoch = newest.entry(seal.group).or_default();
+                    *epoch = (*epoch).max(seal.cert.epoch);
+                }
+                Err(e) => {
+                    let code = match e {
+                        GroupWireError::Malformed(_) => ErrorCode::BadRequest,
+                        _ => ErrorCode::Forbidden,
+                    };
+                    return self.respond(channel, refuse(code, format!("envelope {}: {e}", envelope.id)));
+                }
+            }
+        }
+        for (group, epoch) in newest {
+            let known_epoch = self.group_epochs.entry(group).or_default();
+            *known_epoch = (*known_epoch).max(epoch);
+        }
+        self.replicate(cert, envelopes, channel, now, known);
+    }
+
+    /// The newest epoch of `group` this relay knows of.
+    fn group_epoch(&mut self, group: &GroupId) -> u64 {
+        if let Some(epoch) = self.group_epochs.get(group) {
+            return *epoch;
+        }
+        let stored = match self.store.last_in(group.mailbox()) {
+            Ok(last) => last.and_then(|e| GroupSeal::epoch_of(&e)).map(|(_, epoch)| epoch).unwrap_or(0),
+            Err(e) => {
+                tracing::warn!(%group, error = %e, "could not read a group's newest message");
+                0
+            }
+        };
+        self.group_epochs.insert(*group, stored);
+        stored
+    }
+
+    /// Starts replicating checked envelopes to their mailboxes' relays; answers once durable.
+    fn replicate(
+        &mut self,
+        cert: &CertBody,
+        envelopes: Vec<Envelope>,
+        channel: Responder<MailboxResponse>,
+        now: u64,
+        known: &mut KnownRelays<'_>,
+    ) {
         // Not even through other relays: a relay whose disk failed acknowledges nothing.
         if let Some(why) = self.store.failure() {
             return self.respond(channel, refuse(ErrorCode::Unavailable, store_failed(why)));
@@ -405,6 +548,81 @@ impl Mailboxes {
                 Err(e) => Done::answer(channel, internal(e)),
             }
         });
+    }
+
+    /// Serves a `GroupFetch`: reads (or parks) it.
+    fn handle_group_fetch(
+        &mut self,
+        peer: PeerId,
+        cursors: Vec<GroupCursor>,
+        max: u32,
+        wait_ms: u32,
+        channel: Responder<MailboxResponse>,
+    ) {
+        if cursors.is_empty() || cursors.len() > MAX_GROUPS_PER_FETCH {
+            let why = format!("read 1 to {MAX_GROUPS_PER_FETCH} groups at a time");
+            return self.respond(channel, refuse(ErrorCode::BadRequest, why));
+        }
+        let max = max.clamp(1, MAX_ENVELOPES_PER_BATCH as u32);
+        let deadline = Instant::now() + Duration::from_millis(u64::from(wait_ms.min(MAX_FETCH_WAIT_MS)));
+        // A newer read from the same device replaces an older one, which answers empty.
+        if let Some(old) = self.unpark_groups(&peer) {
+            self.respond(old.channel, MailboxResponse::GroupEnvelopes { groups: Vec::new() });
+        }
+        self.spawn_group_fetch(peer, GroupRead { channel, cursors, max, deadline });
+    }
+
+    /// Reads a group fetch's cursors on a task; answers, or parks until its deadline if
+    /// nothing is new.
+    fn spawn_group_fetch(&mut self, peer: PeerId, read: GroupRead) {
+        let (store, arrivals) = (self.store.clone(), self.group_arrivals);
+        self.tasks.spawn(async move {
+            let mut left = read.max as usize;
+            let mut groups = Vec::new();
+            for cursor in &read.cursors {
+                if left == 0 {
+                    break;
+                }
+                match store.fetch_from(cursor.group.mailbox(), cursor.from, left) {
+                    Ok((found, more)) if !found.is_empty() => {
+                        left -= found.len();
+                        let next = found.last().map_or(cursor.from, |(arrival, _)| arrival + 1);
+                        let envelopes = found.into_iter().map(|(_, e)| e).collect();
+                        groups.push(GroupBatch { group: cursor.group, envelopes, next, more });
+                    }
+                    Ok(_) => {}
+                    Err(e) => return Done::answer(read.channel, internal(e)),
+                }
+            }
+            if groups.is_empty() && Instant::now() < read.deadline {
+                return Done::ParkGroups { peer, fetch: read, arrivals };
+            }
+            Done::answer(read.channel, MailboxResponse::GroupEnvelopes { groups })
+        });
+    }
+
+    fn park_groups(&mut self, peer: PeerId, read: GroupRead) {
+        for cursor in &read.cursors {
+            self.group_readers.entry(cursor.group.mailbox()).or_default().insert(peer);
+        }
+        if let Some(old) = self.parked_groups.insert(peer, read) {
+            self.respond(old.channel, MailboxResponse::GroupEnvelopes { groups: Vec::new() });
+        }
+    }
+
+    /// Takes `peer`'s parked group fetch out, if it has one, and forgets it as a reader.
+    fn unpark_groups(&mut self, peer: &PeerId) -> Option<GroupRead> {
+        let read = self.parked_groups.remove(peer)?;
+        for cursor in &read.cursors {
+            let mailbox = cursor.group.mailbox();
+            if let Some(readers) = self.group_readers.get_mut(&mailbox) {
+                readers.remove(peer);
+                if readers.is_empty() {
+                    self.group_readers.remove(&mailbox);
+                }
+            }
+        }
+        Some(read)
     }
 
     /// Answers the fetches parked on the mailboxes of these envelopes with them.

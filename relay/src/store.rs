@@ -349,6 +349,46 @@ impl StoreHandle {
         Ok((envelopes, more))
     }
 
+    /// A group mailbox's envelopes from arrival number `from` on, oldest first, with their
+    /// arrival numbers, and whether more are held. Only what is committed: members read a
+    /// group from cursors, and a cursor must never pass a put that is still queued.
+    pub fn fetch_from(
+        &self,
+        mailbox: PeerId,
+        from: u64,
+        max: usize,
+    ) -> Result<(Vec<(u64, Envelope)>, bool), StoreError> {
+        use redb::ReadableDatabase;
+        let tx = self.db.begin_read()?;
+        let table = tx.open_table(MAILBOX)?;
+        let key = mailbox.to_bytes();
+        let mut out = Vec::new();
+        for entry in table.range((key.as_slice(), from)..=(key.as_slice(), u64::MAX))? {
+            if out.len() == max {
+                return Ok((out, true));
+            }
+            let (k, value) = entry?;
+            match postcard::from_bytes::<Envelope>(value.value()) {
+                Ok(envelope) => out.push((k.value().1, envelope)),
+                Err(e) => tracing::error!(error = %e, "skipping a corrupt stored envelope"),
+            }
+        }
+        Ok((out, false))
+    }
+
+    /// The envelope that arrived last in a mailbox, if it holds any.
+    pub fn last_in(&self, mailbox: PeerId) -> Result<Option<Envelope>, StoreError> {
+        use redb::ReadableDatabase;
+        let tx = self.db.begin_read()?;
+        let table = tx.open_table(MAILBOX)?;
+        let key = mailbox.to_bytes();
+        let last = table.range((key.as_slice(), 0)..=(key.as_slice(), u64::MAX))?.next_back();
+        Ok(match last {
+            Some(entry) => postcard::from_bytes::<Envelope>(entry?.1.value()).ok(),
+            None => None,
+        })
+    }
+
     /// Every mailbox with envelopes waiting here, and their ids (`meshgram-relay inspect`).
     /// Reads the whole mailbox table.
     pub fn held(&self) -> Result<Vec<(PeerId, Vec<EnvelopeId>)>, StoreError> {

@@ -14,12 +14,14 @@ use std::path::PathBuf;
 
 use crate::client::backup::{BackupListed, BackupMade};
 use crate::client::devices::{DeviceInfo, HistorySent};
+use crate::client::groups::{GroupChange, GroupError, GroupInfo};
 use crate::client::history::{BackupSchedule, Imported, StoredMessage};
 use crate::client::media::{ByteRange, Downloaded, Progress};
 use crate::client::messaging::MessagingError;
 use crate::client::secret::{SecretChatInfo, SecretError, SecretMessage};
 use crate::client::session::ClientError;
 use crate::ids::{SessionId, UserId};
+use crate::proto::group::GroupId;
 use crate::proto::media::FileRef;
 use crate::proto::payload::MessageId;
 use crate::proto::{Account, LookupQuery, SessionInfo, UserCard};
@@ -192,6 +194,31 @@ pub enum Call {
     SecretInfo {
         chat: String,
     },
+    /// Create a group with this account as admin; answered with its id (in `Group`).
+    GroupCreate {
+        title: String,
+        members: Vec<LookupQuery>,
+    },
+    /// An admin's change to a group.
+    GroupChange {
+        group: GroupId,
+        change: GroupChange,
+    },
+    /// A new invite link (admins).
+    GroupLink {
+        group: GroupId,
+    },
+    /// Ask to be let into a group with an invite link.
+    Join {
+        link: String,
+    },
+    GroupLeave {
+        group: GroupId,
+    },
+    GroupInfo {
+        group: GroupId,
+    },
+    GroupList,
 }
 
 impl Call {
@@ -250,9 +277,11 @@ pub enum Reply {
         #[serde(default)]
         secret: Vec<SecretMessage>,
     },
-    /// `Chats`.
+    /// `Chats`, and how to call the people in them (the authors of groups' last messages).
     Chats {
         chats: Vec<ChatSummary>,
+        #[serde(default, with = "names_as_pairs")]
+        names: Names,
     },
     /// `Edit`, `Delete`: the message as it now is.
     Message {
@@ -295,6 +324,22 @@ pub enum Reply {
     SecretMessages {
         messages: Vec<SecretMessage>,
     },
+    /// `GroupCreate`, `GroupChange`, `GroupLeave`, `GroupInfo`.
+    Group {
+        group: GroupInfo,
+    },
+    Groups {
+        groups: Vec<GroupInfo>,
+    },
+    /// `GroupLink`.
+    GroupLink {
+        link: String,
+    },
+    /// `Join`: asked; the group shows up once an admin's device lets this account in.
+    JoinRequested {
+        group: GroupId,
+        admin: UserId,
+    },
 }
 
 /// Display names of the people a reply mentions, from cached directory cards.
@@ -333,12 +378,25 @@ pub struct Me {
 /// One chat in a chat list.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChatSummary {
-    /// The other person.
+    /// The other person, or the group's chat number (see `GroupId::chat_number`).
     pub chat: UserId,
-    /// How to call them: name and @username, or the user id when nothing else is known.
+    /// How to call them: name and @username, or the user id when nothing else is known; a
+    /// group's title.
     pub name: String,
     pub messages: usize,
     pub last: StoredMessage,
+    /// "private" or "group".
+    #[serde(default)]
+    pub kind: String,
+    /// What a command takes for this chat: the user id, or the group id.
+    #[serde(default)]
+    pub id: String,
+    /// Incoming messages not read yet.
+    #[serde(default)]
+    pub unread: usize,
+    /// Of those, the ones that mention this account's @username.
+    #[serde(default)]
+    pub mentions: usize,
 }
 
 /// Something that happened on the node, pushed to every subscriber.
@@ -369,6 +427,8 @@ pub enum Event {
     SecretMessage { message: SecretMessage },
     /// A secret chat was started by someone, accepted, declined, re-keyed or closed.
     SecretChat { chat: SecretChatInfo },
+    /// A group is new here or changed (members, title, admins, pin), or this account left it.
+    Group { group: GroupInfo },
 }
 
 /// A failed call: a stable code (Telegram's RPC error names where one fits), a message for
@@ -441,6 +501,11 @@ impl From<MessagingError> for ApiError {
             MessagingError::BackupKey(_) => "PROFILE",
             MessagingError::BadBackup(_) => "BAD_BACKUP",
             MessagingError::NoBackup(_) => "NOT_FOUND",
+            MessagingError::Group(ref e) => match e {
+                GroupError::Unknown(_) => "NOT_FOUND",
+                GroupError::NotMember(_) | GroupError::NotAdmin { .. } | GroupError::LinkNotOpen(_) => "FORBIDDEN",
+                GroupError::Invalid(_) | GroupError::BadLink(_) => "USAGE",
+            },
             MessagingError::Secret(ref e) => match e {
                 SecretError::Unknown(_) => "NOT_FOUND",
                 SecretError::Ambiguous(_) | SecretError::BadTtl | SecretError::WithYourself => "USAGE",

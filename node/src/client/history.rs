@@ -340,6 +340,11 @@ pub struct History {
 }
 
 impl History {
+    /// The database, for the tables of other parts of the client kept in it (`groups`).
+    pub(crate) fn db(&self) -> &Database {
+        &self.db
+    }
+
     /// Opens (or creates) the profile's history. Another process of the same profile may
     /// hold it for a moment (e.g. `messages --follow` applying a batch): wait a little for it.
     pub fn open(profile: &Path) -> Result<Self, HistoryError> {
@@ -1133,6 +1138,7 @@ fn name_key(query: &LookupQuery) -> String {
         LookupQuery::Username(u) => format!("@{}", u.canonical()),
         LookupQuery::Phone(p) => p.as_str().to_string(),
         LookupQuery::UserId(id) => id.to_string(),
+        LookupQuery::Group(group) => group.to_string(),
     }
 }
 

@@ -6,6 +6,7 @@ use std::collections::{HashMap, HashSet};
 
 use libp2p::PeerId;
 
+use crate::client::groups::{GroupError, GroupInfo, Groups};
 use crate::client::history::{
     DeviceRequest, History, HistoryError, ParkedChange, PendingImport, StoredMessage, change_of, mark_deleted,
 };
@@ -43,10 +44,12 @@ pub struct Inbox {
     pub secret_messages: Vec<SecretMessage>,
     /// Secret chats that changed: started by someone, accepted, re-keyed, closed.
     pub secret_chats: Vec<SecretChatInfo>,
+    /// Groups whose state changed (or that are new here).
+    pub groups: Vec<GroupInfo>,
 }
 
 impl Inbox {
-    fn absorb(&mut self, other: Inbox) {
+    pub(crate) fn absorb(&mut self, other: Inbox) {
         self.messages.extend(other.messages);
         self.typing.extend(other.typing);
         self.deferred += other.deferred;
@@ -54,6 +57,7 @@ impl Inbox {
         self.imports += other.imports;
         self.secret_messages.extend(other.secret_messages);
         self.secret_chats.extend(other.secret_chats);
+        self.groups.extend(other.groups);
     }
 }
 
@@ -151,6 +155,8 @@ pub enum MessagingError {
     NoBackup(String),
     #[error(transparent)]
     Secret(#[from] SecretError),
+    #[error(transparent)]
+    Group(#[from] GroupError),
 }
 
 impl MessagingError {
@@ -177,7 +183,8 @@ impl MessagingError {
             | MessagingError::UnknownDevice(_)
             | MessagingError::BackupKey(_)
             | MessagingError::BadBackup(_)
-            | MessagingError::NoBackup(_) => false,
+            | MessagingError::NoBackup(_)
+            | MessagingError::Group(_) => false,
             // The secret chats' file could not be written (disk full): it may pass.
             MessagingError::Secret(e) => matches!(e, SecretError::Store { .. }),
             MessagingError::Client(_)
@@ -218,6 +225,11 @@ pub struct Messenger {
     history: Option<History>,
     /// Opened with the history.
     secrets: Option<SecretChats>,
+    /// Opened with the history (its tables are in it).
+    groups: Option<Groups>,
+    /// Told when this account's set of groups (or their keys) changes, so that a client
+    /// node's group reader reads the new set at once, not after its long-poll.
+    pub(crate) groups_changed: std::sync::Arc<tokio::sync::Notify>,
     /// Relays that accepted our Hello on the current connection.
     greeted: HashSet<PeerId>,
     /// From the last Welcome: the relays holding our mailbox, and when it came.
@@ -260,6 +272,8 @@ impl Messenger {
             session,
             history: None,
             secrets: None,
+            groups: None,
+            groups_changed: Default::default(),
             greeted: HashSet::new(),
             mailbox_relays: Vec::new(),
             mailbox_relays_at: None,
@@ -289,6 +303,8 @@ impl Messenger {
             session: self.session.clone(),
             history: Some(history),
             secrets: self.secrets.clone(),
+            groups: self.groups.clone(),
+            groups_changed: std::sync::Arc::clone(&self.groups_changed),
             greeted: HashSet::new(),
             mailbox_relays: self.mailbox_relays.clone(),
             mailbox_relays_at: self.mailbox_relays_at,
@@ -306,6 +322,9 @@ impl Messenger {
         if self.secrets.is_none() {
             self.secrets = Some(SecretChats::open(self.client.profile())?);
         }
+        if self.groups.is_none() {
+            self.groups = Some(Groups::open(self.h())?);
+        }
         Ok(self.h())
     }
 
@@ -313,6 +332,11 @@ impl Messenger {
     /// needs it, so internal code can rely on it.
     pub(crate) fn h(&self) -> &History {
         self.history.as_ref().expect("invariant: public operations open the history before using it")
+    }
+
+    /// The open groups (opened with the history, as `h`).
+    pub(crate) fn g(&self) -> &Groups {
+        self.groups.as_ref().expect("invariant: public operations open the history before using it")
     }
 
     /// The open secret chats (opened with the history, as `h`).
@@ -417,12 +441,12 @@ impl Messenger {
         answer
     }
 
-    fn is_unresponsive(&self, relay: &PeerId) -> bool {
+    pub(crate) fn is_unresponsive(&self, relay: &PeerId) -> bool {
         self.unresponsive.get(relay).is_some_and(|until| *until > std::time::Instant::now())
     }
 
     /// `relays` in their order, those that failed to answer lately moved to the end.
-    fn answering_first(&self, mut relays: Vec<RelayInfo>) -> Vec<RelayInfo> {
+    pub(crate) fn answering_first(&self, mut relays: Vec<RelayInfo>) -> Vec<RelayInfo> {
         relays.sort_by_key(|r| self.is_unresponsive(&r.peer_id));
         relays
     }
@@ -432,6 +456,34 @@ impl Messenger {
         relay: &RelayInfo,
         request: MailboxRequest,
     ) -> Result<MailboxResponse, MessagingError> {
+        self.greet(relay).await?;
+        match self.client.mailbox_request(relay, request).await {
+            Ok(MailboxResponse::Error(e)) if e.code == ErrorCode::CertInvalid => {
+                // The relay forgot us (restart, expiry): greet again once.
+                self.greeted.remove(&relay.peer_id);
+                Err(MessagingError::Refused(e))
+            }
+            Ok(response) => Ok(response),
+            Err(e) => {
+                self.greeted.remove(&relay.peer_id);
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Whatever state the connection to `relay` is in, greet it afresh next time.
+    pub(crate) fn forget_greeting(&mut self, relay: &PeerId) {
+        self.greeted.remove(relay);
+    }
+
+    /// `relay` failed to answer: asked last for a while.
+    pub(crate) fn note_unresponsive(&mut self, relay: &PeerId) {
+        self.greeted.remove(relay);
+        self.unresponsive.insert(*relay, std::time::Instant::now() + UNRESPONSIVE_RELAY_LAST_FOR);
+    }
+
+    /// Says Hello to `relay` on this connection unless done already.
+    pub(crate) async fn greet(&mut self, relay: &RelayInfo) -> Result<(), MessagingError> {
         if !self.greeted.contains(&relay.peer_id) {
             let hello = MailboxRequest::Hello { cert: self.session.cert.clone() };
             // A greeting waits for nothing: a relay that does not answer it soon is not there.
@@ -457,18 +509,7 @@ impl Messenger {
                 _ => return Err(ClientError::UnexpectedResponse("Hello").into()),
             }
         }
-        match self.client.mailbox_request(relay, request).await {
-            Ok(MailboxResponse::Error(e)) if e.code == ErrorCode::CertInvalid => {
-                // The relay forgot us (restart, expiry): greet again once.
-                self.greeted.remove(&relay.peer_id);
-                Err(MessagingError::Refused(e))
-            }
-            Ok(response) => Ok(response),
-            Err(e) => {
-                self.greeted.remove(&relay.peer_id);
-                Err(e.into())
-            }
-        }
+        Ok(())
     }
 
     fn known_relays(&self) -> Vec<RelayInfo> {
@@ -513,6 +554,9 @@ impl Messenger {
     /// Checks that `to` names a user with devices to send to (before a long upload for them).
     pub async fn check_recipient(&mut self, to: &LookupQuery) -> Result<(), MessagingError> {
         self.history()?;
+        if let LookupQuery::Group(group) = to {
+            return self.check_group_member(group);
+        }
         let card = self.card(to.clone(), CARD_FRESH_SECS).await?;
         if card.devices.is_empty() {
             return Err(MessagingError::NoDevices(card.user_id));
@@ -529,6 +573,10 @@ impl Messenger {
         reply_to: Option<MessageId>,
     ) -> Result<Vec<StoredMessage>, MessagingError> {
         self.history()?;
+        if let LookupQuery::Group(group) = &to {
+            let (_, records, payloads) = self.group_payloads(group, &messages, reply_to)?;
+            return self.queue_and_flush(records, payloads).await;
+        }
         let card = self.card(to, CARD_FRESH_SECS).await?;
         if card.devices.is_empty() {
             return Err(MessagingError::NoDevices(card.user_id));
@@ -560,6 +608,15 @@ impl Messenger {
             });
             payloads.push(Payload { message_id, chat_with: card.user_id, body });
         }
+        self.queue_and_flush(records, payloads).await
+    }
+
+    /// Queues new messages in the outbox, flushes it, and returns them as they now are.
+    async fn queue_and_flush(
+        &mut self,
+        records: Vec<StoredMessage>,
+        payloads: Vec<Payload>,
+    ) -> Result<Vec<StoredMessage>, MessagingError> {
         let ids: Vec<MessageId> = records.iter().map(|m| m.id).collect();
         self.h().queue(records, &payloads)?;
         match self.flush_outbox().await {
@@ -589,10 +646,14 @@ impl Messenger {
             let batch: Vec<(u64, Payload)> = waiting.drain(..run).collect();
             let keys: Vec<u64> = batch.iter().map(|(k, _)| *k).collect();
             let ids: Vec<MessageId> = batch.iter().map(|(_, p)| p.message_id).collect();
-            let payloads = batch.into_iter().map(|(_, p)| p).collect();
-            let outcome = match self.card(LookupQuery::UserId(chat), CARD_FRESH_SECS).await {
-                Ok(card) => self.send_sealed(&card, payloads, true).await.map(drop),
-                Err(e) => Err(e),
+            let payloads: Vec<Payload> = batch.into_iter().map(|(_, p)| p).collect();
+            let outcome = if crate::proto::group::is_group_chat(chat) {
+                self.post_bodies(chat, payloads.into_iter().map(|p| (p.message_id, p.body)).collect()).await
+            } else {
+                match self.card(LookupQuery::UserId(chat), CARD_FRESH_SECS).await {
+                    Ok(card) => self.send_sealed(&card, payloads, true).await.map(drop),
+                    Err(e) => Err(e),
+                }
             };
             match outcome {
                 Ok(()) => sent.extend(self.h().sent_from_outbox(&keys, &ids)?),
@@ -619,8 +680,7 @@ impl Messenger {
             return Err(MessagingError::TextTooLong);
         }
         let original = self.own_message(&id)?;
-        let card = self.card(LookupQuery::UserId(original.chat), CARD_FRESH_SECS).await?;
-        self.send_payloads(&card, vec![Body::Edit { message: id, text: text.clone() }], true).await?;
+        self.send_to_chat(original.chat, vec![Body::Edit { message: id, text: text.clone() }], true).await?;
         let changed = self.h().update_own(&[id], |m| {
             m.text.clone_from(&text);
             m.edited = true;
@@ -633,8 +693,7 @@ impl Messenger {
     pub async fn delete(&mut self, id: MessageId) -> Result<StoredMessage, MessagingError> {
         self.history()?;
         let original = self.own_message(&id)?;
-        let card = self.card(LookupQuery::UserId(original.chat), CARD_FRESH_SECS).await?;
-        self.send_payloads(&card, vec![Body::Delete { messages: vec![id] }], true).await?;
+        self.send_to_chat(original.chat, vec![Body::Delete { messages: vec![id] }], true).await?;
         let changed = self.h().update_own(&[id], mark_deleted)?;
         Ok(changed.into_iter().next().unwrap_or(original))
     }
@@ -642,6 +701,10 @@ impl Messenger {
     /// Tells `to` that we are typing.
     pub async fn typing(&mut self, to: LookupQuery) -> Result<(), MessagingError> {
         self.history()?;
+        if let LookupQuery::Group(group) = to {
+            self.check_group_member(&group)?;
+            return self.post_bodies(group.chat_number(), vec![(MessageId::random(), Body::Typing)]).await;
+        }
         let card = self.card(to, CARD_FRESH_SECS).await?;
         self.send_payloads(&card, vec![Body::Typing], false).await?;
         Ok(())
@@ -677,9 +740,18 @@ impl Messenger {
     }
 
     async fn send_receipts(&mut self, to: UserId, status: Status, ids: &[MessageId]) -> Result<(), MessagingError> {
-        let card = self.card(LookupQuery::UserId(to), CARD_FRESH_SECS).await?;
         let bodies = ids.chunks(MAX_IDS_PER_RECEIPT).map(|c| Body::Receipt { status, messages: c.to_vec() }).collect();
-        self.send_payloads(&card, bodies, false).await?;
+        self.send_to_chat(to, bodies, false).await
+    }
+
+    /// Sends bodies that change a chat (edits, deletes, receipts): to the group, for a group;
+    /// else sealed for the person's devices (and our other ones when `sync`).
+    async fn send_to_chat(&mut self, chat: UserId, bodies: Vec<Body>, sync: bool) -> Result<(), MessagingError> {
+        if crate::proto::group::is_group_chat(chat) {
+            return self.post_bodies(chat, bodies.into_iter().map(|b| (MessageId::random(), b)).collect()).await;
+        }
+        let card = self.card(LookupQuery::UserId(chat), CARD_FRESH_SECS).await?;
+        self.send_payloads(&card, bodies, sync).await?;
         Ok(())
     }
 
@@ -710,12 +782,33 @@ impl Messenger {
             return Err(MessagingError::NoDevices(card.user_id));
         }
         let me = self.me();
-        let my_device = self.client.identity.peer_id();
         let mine = if sync && card.user_id != me {
             Some(self.card(LookupQuery::UserId(me), CARD_FRESH_SECS).await?)
         } else {
             None
         };
+        let (sent, envelopes) = self.seal_to(card, mine.as_ref(), payloads)?;
+        for batch in envelopes.chunks(MAX_ENVELOPES_PER_BATCH) {
+            self.send_batch(batch.to_vec()).await?;
+        }
+        Ok(sent)
+    }
+
+    /// Seals each payload once per device of `card` (other than this one), to be sent.
+    pub(crate) fn seal_for(&self, card: &UserCard, payloads: Vec<Payload>) -> Result<Vec<Envelope>, MessagingError> {
+        Ok(self.seal_to(card, None, payloads)?.1)
+    }
+
+    /// Seals each payload once per device of `card` and of `mine` (other than this one).
+    #[allow(clippy::type_complexity)]
+    fn seal_to(
+        &self,
+        card: &UserCard,
+        mine: Option<&UserCard>,
+        payloads: Vec<Payload>,
+    ) -> Result<(Vec<(Payload, u64)>, Vec<Envelope>), MessagingError> {
+        let me = self.me();
+        let my_device = self.client.identity.peer_id();
         let targets: Vec<(UserId, crate::proto::DeviceCard)> = card
             .devices
             .iter()
@@ -747,10 +840,7 @@ impl Messenger {
             }
             sent.push((payload, sent_at_ms));
         }
-        for batch in envelopes.chunks(MAX_ENVELOPES_PER_BATCH) {
-            self.send_batch(batch.to_vec()).await?;
-        }
-        Ok(sent)
+        Ok((sent, envelopes))
     }
 
     /// One batch through the first relay that stores it; a relay that fails or cannot reach
@@ -760,13 +850,27 @@ impl Messenger {
     /// to the relay that takes the batch, and a recipient waiting there gets it as it arrives,
     /// one hop sooner than through any other relay (which would do as well, only slower).
     pub(crate) async fn send_batch(&mut self, envelopes: Vec<Envelope>) -> Result<(), MessagingError> {
+        self.store_batch(envelopes, |envelopes| MailboxRequest::Send { envelopes }).await
+    }
+
+    /// A batch of group messages, as [`Messenger::send_batch`] sends one-to-one ones: the
+    /// group's relays first.
+    pub(crate) async fn post_batch(&mut self, envelopes: Vec<Envelope>) -> Result<(), MessagingError> {
+        self.store_batch(envelopes, |envelopes| MailboxRequest::Post { envelopes }).await
+    }
+
+    async fn store_batch(
+        &mut self,
+        envelopes: Vec<Envelope>,
+        request: impl Fn(Vec<Envelope>) -> MailboxRequest,
+    ) -> Result<(), MessagingError> {
         let mut last = String::from("no relays known; sign in with --network");
         let mut relays = self.known_relays();
         if let Some(first) = envelopes.first() {
             relays = placement::by_closeness(&placement::mailbox_key(&first.to_device), relays);
         }
         for relay in self.answering_first(relays) {
-            match self.relay_call(&relay, MailboxRequest::Send { envelopes: envelopes.clone() }, SEND_DEADLINE).await {
+            match self.relay_call(&relay, request(envelopes.clone()), SEND_DEADLINE).await {
                 Ok(MailboxResponse::Stored { .. }) => return Ok(()),
                 Ok(MailboxResponse::Error(e))
                     if matches!(e.code, ErrorCode::Unavailable | ErrorCode::CertInvalid | ErrorCode::Internal) =>
@@ -964,7 +1068,17 @@ impl Messenger {
                         // The card is looked up again before the next send anyway.
                         tracing::info!(user = %envelope.from_user, error = %e, "could not refresh a changed card now");
                     }
-                    self.apply(&envelope, &sender_key, payload, &mut inbox)?
+                    if matches!(
+                        payload.body,
+                        Body::GroupState { .. }
+                            | Body::GroupRemoved { .. }
+                            | Body::GroupJoin { .. }
+                            | Body::GroupLeave { .. }
+                    ) {
+                        self.apply_group_control(&envelope, payload.body, &mut inbox)?;
+                    } else {
+                        self.apply(&envelope, &sender_key, payload, &mut inbox)?
+                    }
                 }
                 Err(e) if e.is_transient() => {
                     tracing::warn!(envelope = %envelope.id, error = %e, "cannot verify an envelope yet; keeping it for later");
@@ -1101,6 +1215,15 @@ impl Messenger {
                     }
                 }
             }
+            // Group control is applied by `accept`; group posts never come pairwise.
+            Body::GroupState { .. }
+            | Body::GroupRemoved { .. }
+            | Body::GroupJoin { .. }
+            | Body::GroupLeave { .. }
+            | Body::GroupChanged { .. } => {
+                tracing::warn!(envelope = %envelope.id, "dropping a group message that came pairwise");
+                self.h().drop_envelope(envelope.id)?;
+            }
         }
         Ok(())
     }
@@ -1132,7 +1255,7 @@ impl Messenger {
 
 /// Interleaves senders by their send time, while each sender's own envelopes keep their `seq`
 /// order (a sender's clock may step back; its counter does not).
-fn delivery_order(mut envelopes: Vec<Envelope>) -> Vec<Envelope> {
+pub(crate) fn delivery_order(mut envelopes: Vec<Envelope>) -> Vec<Envelope> {
     envelopes.sort_by_key(|e| (e.sent_at_ms, e.from_device.to_bytes(), e.seq));
     let mut slots: HashMap<PeerId, Vec<usize>> = HashMap::new();
     for (i, e) in envelopes.iter().enumerate() {

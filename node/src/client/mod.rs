@@ -8,6 +8,7 @@
 //! - [`devices`]: the account's devices, and the history moving to a new one on approval.
 //! - [`backup`]: encrypted backups of the history, opened with a recovery code.
 //! - [`secret`]: secret chats — one device each side, Noise IK sessions, self-destructing messages.
+//! - [`groups`]: groups — state by admins, an epoch key per membership, messages stored once.
 //! - [`media`]: files — resumable uploads in encrypted parts, downloads from any holder.
 //! - [`node`]: the client node — a running device that receives, renews, and answers calls.
 //! - [`api`]: the node's calls, replies, errors and events, shared by every front end.
@@ -17,6 +18,7 @@ pub mod api;
 pub mod backup;
 pub mod control;
 pub mod devices;
+pub mod groups;
 pub mod history;
 pub mod media;
 pub mod messaging;

@@ -28,6 +28,7 @@ use tokio_util::task::AbortOnDropHandle;
 
 use crate::client::api::{ApiError, Call, ChatSummary, Event, Me, Names, Reply};
 use crate::client::backup::{DEFAULT_BACKUPS_KEPT, MIN_BACKUP_EVERY_SECS};
+use crate::client::groups::GroupInfo;
 use crate::client::history::{History, StoredMessage};
 use crate::client::media::ChunkServer;
 use crate::client::messaging::{Inbox, MessagingError, Messenger};
@@ -38,8 +39,8 @@ use crate::defaults::{
     FETCH_WAIT_MS, NODE_BACKUP_CHECK, NODE_CALL_QUEUE, NODE_DEFERRED_BACKOFF_MAX, NODE_EVENT_QUEUE, NODE_OUTBOX_RETRY,
     NODE_RENEW_CHECK, NODE_RETRY_AFTER,
 };
-use crate::ids::UserId;
-use crate::proto::payload::MessageId;
+use crate::ids::{UserId, Username};
+use crate::proto::payload::{MessageId, Status};
 use crate::proto::{AuthRequest, LookupQuery, MAX_BACKUPS_KEPT, UserCard};
 
 /// What a node does besides answering calls.
@@ -97,6 +98,9 @@ impl NodeHandle {
                 events: events.clone(),
             };
             tasks.push(AbortOnDropHandle::new(tokio::spawn(receiver.run())));
+            let groups =
+                GroupReceiver { messenger: messenger.fork()?, session: session.tx.subscribe(), events: events.clone() };
+            tasks.push(AbortOnDropHandle::new(tokio::spawn(groups.run())));
             tasks.push(AbortOnDropHandle::new(tokio::spawn(renew_loop(messenger.client.clone(), session.clone()))));
             let server = ChunkServer {
                 client: messenger.client.clone(),
@@ -175,7 +179,7 @@ impl NodeHandle {
     /// Every chat with its last message.
     pub async fn chats(&self) -> Result<Vec<ChatSummary>, ApiError> {
         match self.call(Call::Chats).await? {
-            Reply::Chats { chats } => Ok(chats),
+            Reply::Chats { chats, .. } => Ok(chats),
             other => Err(ApiError::unexpected("chats", &other)),
         }
     }
@@ -308,6 +312,10 @@ impl Actor {
                         catch_up(&mut self.messenger, &mut self.updates);
                         self.flush_outbox().await;
                     }
+                    if self.messenger.group_work_waiting().unwrap_or(false) {
+                        catch_up(&mut self.messenger, &mut self.updates);
+                        self.maintain_groups().await;
+                    }
                 }
             }
         }
@@ -379,6 +387,19 @@ impl Actor {
             };
             let _ = reply.send(answer);
         });
+    }
+
+    /// Applies members' join and leave requests and delivers states not yet delivered (an
+    /// admin's device); a failure waits for the next try.
+    async fn maintain_groups(&mut self) {
+        match self.messenger.group_maintain().await {
+            Ok(changed) => {
+                for group in changed {
+                    let _ = self.events.send(Event::Group { group });
+                }
+            }
+            Err(e) => tracing::info!(error = %e, "group changes wait for the relays or the gateway"),
+        }
     }
 
     /// Sends what waits in the outbox and tells subscribers; a failure waits for the next try.
@@ -467,6 +488,11 @@ impl Actor {
             }
             Call::Messages { chat } => {
                 let chat = match chat {
+                    Some(LookupQuery::Group(group)) => {
+                        // A group this account was just added to is known once fetched.
+                        self.receive_waiting().await?;
+                        Some(self.messenger.group_info(&group)?.id.chat_number())
+                    }
                     Some(query) => Some(self.messenger.user_card(query).await?.user_id),
                     None => None,
                 };
@@ -485,7 +511,41 @@ impl Actor {
             }
             Call::Chats => {
                 self.receive_waiting().await?;
-                Reply::Chats { chats: chats(self.messenger.history()?)? }
+                let groups = self.messenger.group_list()?;
+                let me = self.messenger.session.account.username.clone();
+                let history = self.messenger.history()?;
+                let chats = chats(history, &groups, me.as_ref())?;
+                let last: Vec<StoredMessage> = chats.iter().map(|c| c.last.clone()).collect();
+                Reply::Chats { chats, names: names(history, &last) }
+            }
+            Call::GroupCreate { title, members } => {
+                let group = self.messenger.group_create(title, members).await?;
+                self.group_changed(group)
+            }
+            Call::GroupChange { group, change } => {
+                self.receive_waiting().await?;
+                let group = self.messenger.group_change(&group, change).await?;
+                self.group_changed(group)
+            }
+            Call::GroupLink { group } => {
+                self.receive_waiting().await?;
+                Reply::GroupLink { link: self.messenger.group_link(&group).await? }
+            }
+            Call::Join { link } => {
+                let link = self.messenger.group_join(&link).await?;
+                Reply::JoinRequested { group: link.group, admin: link.admin }
+            }
+            Call::GroupLeave { group } => {
+                let group = self.messenger.group_leave(&group).await?;
+                self.group_changed(group)
+            }
+            Call::GroupInfo { group } => {
+                self.receive_waiting().await?;
+                Reply::Group { group: self.messenger.group_info(&group)? }
+            }
+            Call::GroupList => {
+                self.receive_waiting().await?;
+                Reply::Groups { groups: self.messenger.group_list()? }
             }
             Call::Edit { message, text } => {
                 let message = self.messenger.edit(message, text).await?;
@@ -574,6 +634,12 @@ impl Actor {
         })
     }
 
+    /// Tells subscribers of a group this node changed, and answers with it.
+    fn group_changed(&mut self, group: GroupInfo) -> Reply {
+        let _ = self.events.send(Event::Group { group: group.clone() });
+        Reply::Group { group }
+    }
+
     /// Tells subscribers of a message this node sent, and answers with it.
     fn published(&mut self, message: StoredMessage) -> Reply {
         self.publish(std::slice::from_ref(&message), false);
@@ -597,6 +663,16 @@ impl Actor {
                 publish_inbox(&self.events, &inbox);
             }
             Err(e) if e.may_pass() => tracing::warn!(error = %e, "showing the history without fetching"),
+            Err(e) => return Err(e.into()),
+        }
+        // Join and leave requests just fetched, then the groups' own messages.
+        self.maintain_groups().await;
+        match self.messenger.receive_groups(0).await {
+            Ok(inbox) => {
+                self.publish(&inbox.messages, true);
+                publish_inbox(&self.events, &inbox);
+            }
+            Err(e) if e.may_pass() => tracing::warn!(error = %e, "showing the groups without fetching"),
             Err(e) => return Err(e.into()),
         }
         if self.imports_histories {
@@ -661,6 +737,45 @@ impl Receiver {
     }
 }
 
+/// Long-polls the relays of this account's groups for as long as the node runs; starts over
+/// at once when the set of groups (or their keys) changes.
+struct GroupReceiver {
+    messenger: Messenger,
+    session: watch::Receiver<SavedSession>,
+    events: broadcast::Sender<Event>,
+}
+
+impl GroupReceiver {
+    async fn run(mut self) {
+        let changed = Arc::clone(&self.messenger.groups_changed);
+        loop {
+            catch_up(&mut self.messenger, &mut self.session);
+            let read = tokio::select! {
+                read = self.messenger.receive_groups(FETCH_WAIT_MS) => read,
+                () = changed.notified() => continue,
+            };
+            match read {
+                Ok(inbox) => {
+                    if let Ok(history) = self.messenger.history() {
+                        publish(&self.events, history, &inbox.messages, true);
+                    }
+                    publish_inbox(&self.events, &inbox);
+                    if inbox.messages.is_empty()
+                        && self.messenger.group_list().is_ok_and(|g| g.iter().all(|g| !g.active))
+                    {
+                        // No group to read: wait to be told of one.
+                        let _ = tokio::time::timeout(NODE_RETRY_AFTER * 5, changed.notified()).await;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading the groups failed; retrying");
+                    tokio::time::sleep(NODE_RETRY_AFTER).await;
+                }
+            }
+        }
+    }
+}
+
 /// Tells subscribers about new or changed messages, with the names of the people in them.
 fn publish(events: &broadcast::Sender<Event>, history: &History, messages: &[StoredMessage], received: bool) {
     // No subscribers is fine: nobody is watching.
@@ -693,6 +808,9 @@ fn publish_inbox(events: &broadcast::Sender<Event>, inbox: &Inbox) {
     for message in &inbox.secret_messages {
         let _ = events.send(Event::SecretMessage { message: message.clone() });
     }
+    for group in &inbox.groups {
+        let _ = events.send(Event::Group { group: group.clone() });
+    }
 }
 
 /// Fetches and merges the histories other devices sent, with progress for subscribers;
@@ -718,11 +836,16 @@ async fn import_histories(messenger: &mut Messenger, events: &broadcast::Sender<
 /// How to call a person: name and @username, either alone, else the phone number they were
 /// found by, else the user id.
 pub fn display_name(card: &UserCard, phone: Option<String>) -> String {
-    match (card.name.is_empty(), &card.username) {
-        (false, Some(u)) => format!("{} ({u})", card.name),
-        (false, None) => card.name.clone(),
+    name_or(&card.name, card.username.as_ref(), || phone.unwrap_or_else(|| card.user_id.to_string()))
+}
+
+/// Name and @username, either alone, else `otherwise`.
+pub fn name_or(name: &str, username: Option<&Username>, otherwise: impl FnOnce() -> String) -> String {
+    match (name.is_empty(), username) {
+        (false, Some(u)) => format!("{name} ({u})"),
+        (false, None) => name.to_string(),
         (true, Some(u)) => u.to_string(),
-        (true, None) => phone.unwrap_or_else(|| card.user_id.to_string()),
+        (true, None) => otherwise(),
     }
 }
 
@@ -749,20 +872,46 @@ fn add_names(history: &History, names: &mut Names, users: impl Iterator<Item = U
     }
 }
 
-/// Every chat with its message count and last message, in history order.
-fn chats(history: &History) -> Result<Vec<ChatSummary>, ApiError> {
+/// Every chat with its message count, unread count and last message, in history order;
+/// groups by their title and id.
+fn chats(history: &History, groups: &[GroupInfo], me: Option<&Username>) -> Result<Vec<ChatSummary>, ApiError> {
+    let mention = me.map(|u| format!("@{}", u.canonical()));
     let mut chats: Vec<ChatSummary> = Vec::new();
     for m in history.messages(None).map_err(MessagingError::from)? {
+        let unread = !m.outgoing && !m.notice && m.status < Status::Read;
+        let mentions = unread && mention.as_ref().is_some_and(|at| m.text.to_lowercase().contains(at.as_str()));
         match chats.last_mut() {
             Some(summary) if summary.chat == m.chat => {
                 summary.messages += 1;
+                summary.unread += usize::from(unread);
+                summary.mentions += usize::from(mentions);
                 summary.last = m;
             }
-            _ => chats.push(ChatSummary { chat: m.chat, name: String::new(), messages: 1, last: m }),
+            _ => chats.push(ChatSummary {
+                chat: m.chat,
+                name: String::new(),
+                messages: 1,
+                kind: String::new(),
+                id: String::new(),
+                unread: usize::from(unread),
+                mentions: usize::from(mentions),
+                last: m,
+            }),
         }
     }
     for summary in &mut chats {
-        summary.name = name_from(history, summary.chat).unwrap_or_else(|| summary.chat.to_string());
+        match groups.iter().find(|g| g.id.chat_number() == summary.chat) {
+            Some(group) => {
+                summary.name.clone_from(&group.title);
+                summary.kind.clone_from(&group.kind);
+                summary.id = group.id.to_string();
+            }
+            None => {
+                summary.name = name_from(history, summary.chat).unwrap_or_else(|| summary.chat.to_string());
+                summary.kind = "private".into();
+                summary.id = summary.chat.to_string();
+            }
+        }
     }
     Ok(chats)
 }

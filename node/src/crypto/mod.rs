@@ -10,6 +10,7 @@
 
 pub mod backup;
 pub mod cert;
+pub mod group;
 pub mod identity;
 pub mod media;
 pub mod seal;

@@ -126,14 +126,19 @@ pub enum LookupQuery {
     Phone(Phone),
     /// By account number.
     UserId(UserId),
+    /// Not a person: a group or channel. Chat arguments take one wherever they take a person;
+    /// the gateway knows no groups and answers `NOT_FOUND`.
+    Group(crate::proto::group::GroupId),
 }
 
 impl std::str::FromStr for LookupQuery {
     type Err = crate::ids::InvalidValue;
-    /// `@name`, `+15550001111`, or a number.
+    /// `@name`, `+15550001111`, a number, or a group id (`g` and 32 hex digits).
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let s = s.trim();
-        if s.starts_with('+') {
+        if s.starts_with('g') && s.len() == 33 && s[1..].chars().all(|c| c.is_ascii_hexdigit()) {
+            s.parse().map(LookupQuery::Group)
+        } else if s.starts_with('+') {
             s.parse().map(LookupQuery::Phone)
         } else if s.chars().all(|c| c.is_ascii_digit()) && !s.is_empty() {
             s.parse().map(LookupQuery::UserId)

@@ -22,12 +22,13 @@ crate::ids::time_ordered_id! {
     EnvelopeId
 }
 
-/// Which conversation an envelope belongs to. Only one-to-one chats exist today; groups and
-/// channels will be appended as variants (the enum only grows).
+/// Which conversation something belongs to, and of which kind (the enum only grows).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum ChatId {
     /// A one-to-one chat with this user (from the reader's side: the other person).
     User(UserId),
+    /// A group: members post, everyone reads.
+    Group(crate::proto::group::GroupId),
 }
 
 /// One sealed message for one device's mailbox.

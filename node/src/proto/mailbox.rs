@@ -29,6 +29,7 @@ use crate::ids::UserId;
 use crate::net::pipe::PipeLimits;
 use crate::proto::WireError;
 use crate::proto::envelope::{Envelope, EnvelopeId};
+use crate::proto::group::{GroupBatch, GroupCursor};
 use crate::proto::media::{ChunkHash, FileId, PartRecord};
 
 /// Client ↔ relay: hello, send, fetch, ack.
@@ -70,6 +71,16 @@ pub enum MailboxRequest {
     Fetch { max: u32, wait_ms: u32, ack: Vec<EnvelopeId> },
     /// The caller has these envelopes; delete them on every replica.
     Ack { ids: Vec<EnvelopeId> },
+    /// Store group messages (envelopes to a group's mailbox, sealed as
+    /// [`crate::proto::group::GroupSeal`]) once per group on its `R` relays; answered `Stored`
+    /// once durable there, as `Send` is. Refused unless each is signed by its epoch's post key,
+    /// certified by the group's admin key, in the newest epoch this relay knows.
+    Post { envelopes: Vec<Envelope> },
+    /// Group messages held here from each cursor on, at most `max` in all. With `wait_ms > 0`
+    /// and nothing new, answered as soon as something arrives in one of the groups (long-poll;
+    /// a newer `GroupFetch` from the same device answers an older one empty). Nothing is
+    /// deleted: every member reads from a cursor of its own, until the messages expire.
+    GroupFetch { groups: Vec<GroupCursor>, max: u32, wait_ms: u32 },
 }
 
 impl MailboxRequest {
@@ -80,6 +91,8 @@ impl MailboxRequest {
             MailboxRequest::Send { .. } => "send",
             MailboxRequest::Fetch { .. } => "fetch",
             MailboxRequest::Ack { .. } => "ack",
+            MailboxRequest::Post { .. } => "post",
+            MailboxRequest::GroupFetch { .. } => "group_fetch",
         }
     }
 }
@@ -98,6 +111,9 @@ pub enum MailboxResponse {
     Acked { count: u32 },
     /// Refused.
     Error(WireError),
+    /// Answer to `GroupFetch`: the groups with messages from their cursors on (a group with
+    /// none is left out).
+    GroupEnvelopes { groups: Vec<GroupBatch> },
 }
 
 /// A relay and where to reach it.

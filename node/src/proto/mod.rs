@@ -8,12 +8,14 @@
 //! - [`mailbox`]: `/meshgram/mailbox/1`, client ↔ relay, and `/meshgram/replica/1`, relay ↔ relay.
 //! - [`media`]: `/meshgram/media/1`, client ↔ relay: uploads in parts, chunks by hash.
 //! - [`envelope`]: what relays store and forward (routing fields + sealed bytes).
+//! - [`group`]: group messages as relays store and check them (one copy per group).
 //! - [`payload`]: what is sealed inside an envelope; only the two ends ever read it.
 //! - [`error`]: refusals, shared by every protocol.
 
 pub mod auth;
 pub mod envelope;
 pub mod error;
+pub mod group;
 pub mod mailbox;
 pub mod media;
 pub mod payload;

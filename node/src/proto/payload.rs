@@ -5,6 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::ids::UserId;
+use crate::proto::group::{GroupId, GroupState};
 use crate::proto::media::FileRef;
 
 /// Longest message text, in characters (Telegram's limit).
@@ -63,6 +64,39 @@ pub enum Body {
     SecretReply { chat: SecretChatId, generation: u32, message: Vec<u8> },
     /// The responder declined the secret chat.
     SecretDecline { chat: SecretChatId },
+    /// A group's state and its current epoch key, from one of its admins, for one member
+    /// device; admins' devices also get the admin key's seed.
+    GroupState {
+        state: Box<GroupState>,
+        #[serde(with = "crate::ids::hex_or_bytes")]
+        epoch_key: [u8; 32],
+        admin_seed: Option<Seed>,
+        /// The admins' certificate of the epoch's post key, which members post under.
+        cert: crate::proto::group::PostCert,
+    },
+    /// An admin removed the recipient from the group (in the state of this version).
+    GroupRemoved { group: GroupId, version: u64 },
+    /// The sender asks the recipient, an admin, to let them in with an invite link's secret.
+    GroupJoin {
+        group: GroupId,
+        #[serde(with = "crate::ids::hex_or_bytes")]
+        secret: [u8; 16],
+    },
+    /// The sender, a member, leaves the group; the recipient, an admin, re-keys it without them.
+    GroupLeave { group: GroupId },
+    /// Posted in a group after its state changed, under the new epoch (so that relays learn
+    /// it, and refuse the old one); members show the change from the state itself.
+    GroupChanged { version: u64 },
+}
+
+/// A 32-byte secret key seed.
+#[derive(Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Seed(#[serde(with = "crate::ids::hex_or_bytes")] pub [u8; 32]);
+
+impl std::fmt::Debug for Seed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Seed(..)")
+    }
 }
 
 /// How far an outgoing message got; for incoming ones, whether we have read it. Ordered by how

@@ -132,6 +132,8 @@ async fn call_for(command: Command) -> Result<Call, CliError> {
         Command::Devices { command: Some(DevicesCommand::Remove { device }) } => Call::RemoveDevice { device },
         Command::Backup(BackupCommand::List) => Call::BackupList,
         Command::Secret(command) => super::secret::call_for(command).await?,
+        Command::Group(command) => super::group::call_for(command)?,
+        Command::Join { link } => Call::Join { link },
         Command::Backup(BackupCommand::Schedule { every, keep, off }) => Call::BackupSchedule {
             every_secs: every.as_deref().map(super::history::parse_every).transpose()?,
             keep,
@@ -167,6 +169,7 @@ pub(super) async fn run(profile: &Path, json: bool, command: Command) -> CliResu
 
 fn print(json: bool, call: &Call, reply: Reply) -> CliResult {
     let Some(reply) = super::secret::print(json, call, reply)? else { return Ok(()) };
+    let Some(reply) = super::group::print(json, call, reply) else { return Ok(()) };
     match (call, reply) {
         (Call::Whoami, Reply::Me(me)) => {
             let a = &me.account;
@@ -258,9 +261,21 @@ fn print(json: bool, call: &Call, reply: Reply) -> CliResult {
             });
         }
         (_, Reply::Messages { messages, names, secret }) => {
+            // A group's messages name it by its id (its chat number is the history's own).
+            let group = match call {
+                Call::Messages { chat: Some(LookupQuery::Group(group)) } => Some(group.to_string()),
+                _ => None,
+            };
+            let message_json = |m| {
+                let mut value = to_json(m);
+                if let Some(group) = &group {
+                    value["group"] = json!(group);
+                }
+                value
+            };
             // Ordinary and secret messages together, by the time they were sent.
             let mut shown: Vec<(u64, Value, String)> =
-                messages.iter().map(|m| (m.sent_at_ms, to_json(m), message_line(m, &names))).collect();
+                messages.iter().map(|m| (m.sent_at_ms, message_json(m), message_line(m, &names))).collect();
             shown.extend(
                 secret
                     .iter()
@@ -272,17 +287,29 @@ fn print(json: bool, call: &Call, reply: Reply) -> CliResult {
             let (values, lines): (Vec<Value>, Vec<String>) = shown.into_iter().map(|(_, v, l)| (v, l)).unzip();
             emit(json, Value::Array(values), || lines.join("\n"))
         }
-        (_, Reply::Chats { chats }) => {
+        (_, Reply::Chats { chats, names }) => {
             let value: Vec<Value> = chats
                 .iter()
-                .map(|c| json!({ "chat": c.chat, "name": c.name, "messages": c.messages, "last": c.last }))
+                .map(|c| {
+                    json!({
+                        "chat": c.chat, "id": c.id, "kind": c.kind, "name": c.name, "messages": c.messages,
+                        "unread": c.unread, "mentions": c.mentions, "last": c.last,
+                    })
+                })
                 .collect();
             emit(json, Value::Array(value), || {
                 chats
                     .iter()
                     .map(|c| {
-                        let names = [(c.chat, c.name.clone())].into_iter().collect();
-                        format!("{}\t{} messages\t{}", c.name, c.messages, message_line(&c.last, &names))
+                        let mut names = names.clone();
+                        names.insert(c.chat, c.name.clone());
+                        let unread = match (c.unread, c.mentions) {
+                            (0, _) => String::new(),
+                            (n, 0) => format!("\t{n} unread"),
+                            (n, m) => format!("\t{n} unread, {m} mention you"),
+                        };
+                        let id = if c.kind == "group" { format!("\t{}", c.id) } else { String::new() };
+                        format!("{}{id}\t{} messages{unread}\t{}", c.name, c.messages, message_line(&c.last, &names))
                     })
                     .collect::<Vec<_>>()
                     .join("\n")

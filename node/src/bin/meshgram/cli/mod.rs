@@ -13,6 +13,7 @@
 
 mod calls;
 mod follow;
+mod group;
 mod history;
 mod login;
 mod node;
@@ -154,6 +155,11 @@ pub(crate) enum Command {
     /// your other devices, with self-destruct timers.
     #[command(subcommand)]
     Secret(SecretCommand),
+    /// Groups: end-to-end encrypted for their members, each message stored once on the relays.
+    #[command(subcommand)]
+    Group(GroupCommand),
+    /// Join a group with an invite link (an admin's device lets you in).
+    Join { link: String },
     /// Run this profile's client node until Ctrl-C: it receives as messages arrive, renews the
     /// session, and other commands of the profile go through it.
     Node,
@@ -308,6 +314,48 @@ pub(crate) enum SecretCommand {
     Fingerprint { chat: String },
     /// Set the self-destruct timer for new messages: 30s, 5m, 1h, 1d, or off.
     Ttl { chat: String, timer: String },
+}
+
+/// `CHAT` below: a group's id, `g` and 32 hex digits (as `group create` and `chats` print).
+#[derive(Subcommand, Debug)]
+pub(crate) enum GroupCommand {
+    /// Create a group with the given members (@username, +phone or user id); prints its id.
+    Create { title: String, members: Vec<String> },
+    /// Add members (admins).
+    Add {
+        chat: String,
+        #[arg(required = true)]
+        users: Vec<String>,
+    },
+    /// Remove members (admins); they cannot read what is sent after.
+    Remove {
+        chat: String,
+        #[arg(required = true)]
+        users: Vec<String>,
+    },
+    /// Leave the group.
+    Leave { chat: String },
+    /// The group's title, description, members, admins, pin and your invite links.
+    Info { chat: String },
+    /// Your groups.
+    List,
+    /// Change the title (admins).
+    Title { chat: String, title: String },
+    /// Change the description (admins).
+    Description { chat: String, description: String },
+    /// Make a member an admin, or (--off) no longer one (admins).
+    Admin {
+        chat: String,
+        user: String,
+        #[arg(long)]
+        off: bool,
+    },
+    /// Pin a message, or unpin with no message id (admins).
+    Pin { chat: String, message_id: Option<String> },
+    /// Make an invite link (admins).
+    Link { chat: String },
+    /// Revoke an invite link (admins).
+    RevokeLink { chat: String, link: String },
 }
 
 #[derive(Subcommand, Debug)]
