@@ -222,6 +222,27 @@ pub enum Call {
 }
 
 impl Call {
+    /// The group the call acts on, if it names one.
+    pub fn group(&self) -> Option<GroupId> {
+        let query = match self {
+            Call::Send { to, .. }
+            | Call::Typing { to }
+            | Call::Upload { to, .. }
+            | Call::SendFile { to, .. }
+            | Call::Forward { to, .. } => to,
+            Call::Messages { chat: Some(chat) } => chat,
+            Call::GroupChange { group, .. }
+            | Call::GroupLink { group }
+            | Call::GroupLeave { group }
+            | Call::GroupInfo { group } => return Some(*group),
+            _ => return None,
+        };
+        match query {
+            LookupQuery::Group(group) => Some(*group),
+            _ => None,
+        }
+    }
+
     /// Whether the call moves files, so runs on a task of its own (calls and messages are not
     /// held up behind it) and reports progress.
     pub fn is_transfer(&self) -> bool {

@@ -41,7 +41,7 @@ use crate::net::placement;
 use crate::proto::envelope::{Envelope, EnvelopeId};
 use crate::proto::group::{
     GroupBatch, GroupCursor, GroupId, GroupSeal, GroupState, Invite, MAX_GROUP_DESCRIPTION_CHARS, MAX_GROUP_INVITES,
-    MAX_GROUP_MEMBERS, MAX_GROUP_TITLE_CHARS, MAX_GROUPS_PER_FETCH, Member, PostCert, is_group_chat,
+    MAX_GROUP_MEMBERS, MAX_GROUP_TITLE_CHARS, MAX_GROUPS_PER_FETCH, Member, PostCert,
 };
 use crate::proto::payload::{Body, MessageId, Payload, Seed, Status};
 use crate::proto::{LookupQuery, MAX_ENVELOPES_PER_BATCH, MailboxRequest, MailboxResponse, RelayInfo};
@@ -110,7 +110,7 @@ pub enum GroupRequest {
 }
 
 impl GroupRecord {
-    fn current_key(&self) -> Option<&EpochKey> {
+    pub fn current_key(&self) -> Option<&EpochKey> {
         self.keys.iter().find(|(epoch, _)| *epoch == self.state.epoch).map(|(_, key)| key)
     }
 
@@ -226,14 +226,14 @@ impl std::str::FromStr for Link {
     }
 }
 
-/// The profile's groups, in its history's database.
+/// The profile's groups, in its history's database (open for tests and tools to read).
 #[derive(Debug, Clone)]
-pub(crate) struct Groups {
+pub struct Groups {
     history: History,
 }
 
 impl Groups {
-    pub(crate) fn open(history: &History) -> Result<Self, HistoryError> {
+    pub fn open(history: &History) -> Result<Self, HistoryError> {
         let tx = history.db().begin_write()?;
         tx.open_table(GROUPS)?;
         tx.open_table(GROUP_CURSORS)?;
@@ -242,12 +242,12 @@ impl Groups {
         Ok(Groups { history: history.clone() })
     }
 
-    pub(crate) fn get(&self, chat: UserId) -> Result<Option<GroupRecord>, HistoryError> {
+    pub fn get(&self, chat: UserId) -> Result<Option<GroupRecord>, HistoryError> {
         let tx = self.history.db().begin_read()?;
         Ok(tx.open_table(GROUPS)?.get(chat.0)?.and_then(|v| postcard::from_bytes(v.value()).ok()))
     }
 
-    pub(crate) fn all(&self) -> Result<Vec<GroupRecord>, HistoryError> {
+    pub fn all(&self) -> Result<Vec<GroupRecord>, HistoryError> {
         let tx = self.history.db().begin_read()?;
         let mut out = Vec::new();
         for entry in tx.open_table(GROUPS)?.iter()? {
@@ -879,7 +879,8 @@ impl Messenger {
     // ---- receiving ----
 
     /// Reads every group this account is in from its relays (long-polling up to `wait_ms` for
-    /// something new), and applies what is new. Messages waiting for a key are tried first.
+    /// something new), and applies what is new. Messages waiting for a key are tried first. A
+    /// relay that fails is asked last from then on, and the read is tried again on the next.
     pub async fn receive_groups(&mut self, wait_ms: u32) -> Result<Inbox, MessagingError> {
         let mut inbox = Inbox::default();
         let records: Vec<GroupRecord> = self.groups()?.all()?.into_iter().filter(|r| r.active).collect();
@@ -892,45 +893,58 @@ impl Messenger {
         if records.is_empty() {
             return Ok(inbox);
         }
-        // Each group from the closest of its relays that answers; those that failed lately last.
+        let (mut wait, mut failures) = (wait_ms, 0);
+        loop {
+            match self.read_groups_once(&records, wait, &mut inbox).await {
+                // Cut short: read on at once.
+                Ok(true) => wait = 0,
+                Ok(false) => return Ok(inbox),
+                Err(e) if e.may_pass() && failures + 1 < GROUP_RELAYS_TRIED => {
+                    tracing::info!(error = %e, "a group relay failed; reading from the next");
+                    failures += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// One read of every group, each from the closest of its relays that answered lately;
+    /// returns whether a batch was cut short.
+    async fn read_groups_once(
+        &mut self,
+        records: &[GroupRecord],
+        wait_ms: u32,
+        inbox: &mut Inbox,
+    ) -> Result<bool, MessagingError> {
         let mut plan: HashMap<PeerId, (RelayInfo, Vec<GroupCursor>)> = HashMap::new();
-        let mut unplaced = 0;
         for record in records.iter().take(MAX_GROUPS_PER_FETCH) {
             let group = record.state.group;
             let key = placement::mailbox_key(&group.mailbox());
-            let closest = placement::by_closeness(&key, self.session.relays.clone());
-            let Some(relay) =
-                self.answering_first(closest.into_iter().take(GROUP_RELAYS_TRIED).collect()).into_iter().next()
-            else {
-                unplaced += 1;
-                continue;
+            let closest: Vec<RelayInfo> = placement::by_closeness(&key, self.session.relays.clone())
+                .into_iter()
+                .take(GROUP_RELAYS_TRIED)
+                .collect();
+            let Some(relay) = self.answering_first(closest).into_iter().next() else {
+                return Err(MessagingError::NoRelay("no relays known; sign in with --network".into()));
             };
             let from = self.g().cursor(group.chat_number(), &relay.peer_id)?;
             plan.entry(relay.peer_id).or_insert_with(|| (relay, Vec::new())).1.push(GroupCursor { group, from });
         }
-        if plan.is_empty() {
-            return Err(MessagingError::NoRelay(format!("no relay known for {unplaced} groups")));
-        }
-        let mut failures = Vec::new();
         for (relay, _) in plan.values() {
             if let Err(e) = self.greet(relay).await {
-                failures.push(e.to_string());
+                self.note_unresponsive(&relay.peer_id);
+                return Err(e);
             }
         }
         // One long-poll per relay, all at once; the first answer is applied, the others are
         // dropped (the relay answers a dropped one when the next read comes).
-        let wait = wait_ms;
         let reads: Vec<_> = plan
-            .values()
+            .into_values()
             .map(|(relay, cursors)| {
-                let request = MailboxRequest::GroupFetch {
-                    groups: cursors.clone(),
-                    max: MAX_ENVELOPES_PER_BATCH as u32,
-                    wait_ms: wait,
-                };
+                let request =
+                    MailboxRequest::GroupFetch { groups: cursors, max: MAX_ENVELOPES_PER_BATCH as u32, wait_ms };
                 let client = self.client.clone();
-                let relay = relay.clone();
-                let deadline = std::time::Duration::from_millis(u64::from(wait)) + RELAY_ANSWER_DEADLINE;
+                let deadline = std::time::Duration::from_millis(u64::from(wait_ms)) + RELAY_ANSWER_DEADLINE;
                 Box::pin(async move {
                     let answer = tokio::time::timeout(deadline, client.mailbox_request(&relay, request)).await;
                     (relay, answer)
@@ -959,16 +973,12 @@ impl Messenger {
             if !records.iter().any(|r| r.state.group == group) {
                 continue;
             }
-            self.apply_group_batch(group, envelopes, &mut inbox).await?;
+            self.apply_group_batch(group, envelopes, inbox).await?;
             // After the history commit: a crash before it reads the batch again (deduplicated).
             self.g().set_cursor(group.chat_number(), &relay.peer_id, next)?;
             more |= cut;
         }
-        if more {
-            let rest = Box::pin(self.receive_groups(0)).await?;
-            inbox.absorb(rest);
-        }
-        Ok(inbox)
+        Ok(more)
     }
 
     /// Opens, checks and applies one group's messages, each sender's in order.
@@ -1303,7 +1313,8 @@ impl Messenger {
         let names = |users: Vec<UserId>| users.into_iter().map(|u| self.name(u)).collect::<Vec<_>>().join(", ");
         let mut lines = Vec::new();
         match before {
-            None => lines.push(format!("{by} created the group «{}».", after.title)),
+            None if after.version == 1 => lines.push(format!("{by} created the group «{}».", after.title)),
+            None => lines.push(format!("{by} added you to the group «{}».", after.title)),
             Some(before) => {
                 let added: Vec<UserId> =
                     after.members.iter().filter(|m| before.member(m.user).is_none()).map(|m| m.user).collect();
@@ -1371,9 +1382,4 @@ fn check_title(title: &str) -> Result<(), GroupError> {
         )));
     }
     Ok(())
-}
-
-/// Whether a chat number names a group this history may have (re-exported for callers).
-pub fn is_group(chat: UserId) -> bool {
-    is_group_chat(chat)
 }

@@ -450,6 +450,11 @@ impl Actor {
             // A secret chat's state moves with what the other side sent (an accept, a re-key,
             // a close): act on what is known now.
             self.receive_waiting().await?;
+        } else if let Some(group) = call.group()
+            && self.messenger.group_info(&group).is_err()
+        {
+            // A group this account was just added to is known once fetched.
+            self.receive_waiting().await?;
         }
         Ok(match call {
             Call::Whoami => {
@@ -488,11 +493,7 @@ impl Actor {
             }
             Call::Messages { chat } => {
                 let chat = match chat {
-                    Some(LookupQuery::Group(group)) => {
-                        // A group this account was just added to is known once fetched.
-                        self.receive_waiting().await?;
-                        Some(self.messenger.group_info(&group)?.id.chat_number())
-                    }
+                    Some(LookupQuery::Group(group)) => Some(self.messenger.group_info(&group)?.id.chat_number()),
                     Some(query) => Some(self.messenger.user_card(query).await?.user_id),
                     None => None,
                 };
