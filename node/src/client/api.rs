@@ -219,6 +219,21 @@ pub enum Call {
         group: GroupId,
     },
     GroupList,
+    /// Create a channel with this account as admin: public (its link lets anyone read) or not.
+    ChannelCreate {
+        title: String,
+        public: bool,
+    },
+    /// A channel's link (a public one's carries its key; a private one's is an invite).
+    ChannelLink {
+        channel: GroupId,
+    },
+    /// Subscribe with a channel's link; `announce: false` reads a public channel without
+    /// being counted as a subscriber.
+    ChannelSubscribe {
+        link: String,
+        announce: bool,
+    },
 }
 
 impl Call {
@@ -234,7 +249,8 @@ impl Call {
             Call::GroupChange { group, .. }
             | Call::GroupLink { group }
             | Call::GroupLeave { group }
-            | Call::GroupInfo { group } => return Some(*group),
+            | Call::GroupInfo { group }
+            | Call::ChannelLink { channel: group } => return Some(*group),
             _ => return None,
         };
         match query {

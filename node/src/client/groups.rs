@@ -40,8 +40,8 @@ use crate::ids::{UserId, now_ms};
 use crate::net::placement;
 use crate::proto::envelope::{Envelope, EnvelopeId};
 use crate::proto::group::{
-    GroupBatch, GroupCursor, GroupId, GroupSeal, GroupState, Invite, MAX_GROUP_DESCRIPTION_CHARS, MAX_GROUP_INVITES,
-    MAX_GROUP_MEMBERS, MAX_GROUP_TITLE_CHARS, MAX_GROUPS_PER_FETCH, Member, PostCert,
+    GroupBatch, GroupCursor, GroupId, GroupKind, GroupSeal, GroupState, Invite, MAX_GROUP_DESCRIPTION_CHARS,
+    MAX_GROUP_INVITES, MAX_GROUP_MEMBERS, MAX_GROUP_TITLE_CHARS, MAX_GROUPS_PER_FETCH, Member, PostCert,
 };
 use crate::proto::payload::{Body, MessageId, Payload, Seed, Status};
 use crate::proto::{LookupQuery, MAX_ENVELOPES_PER_BATCH, MailboxRequest, MailboxResponse, RelayInfo};
@@ -100,6 +100,8 @@ pub struct GroupRecord {
     pub requests: Vec<GroupRequest>,
     /// The admin-signed post certificate of the current epoch (see `proto::group`).
     pub cert: Option<PostCert>,
+    /// A public channel's subscriber: the admin whose device counts this subscription.
+    pub counted_by: Option<UserId>,
 }
 
 /// A member's request an admin's device applies.
@@ -138,7 +140,12 @@ impl GroupRecord {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GroupInfo {
     pub id: GroupId,
+    /// "group" or "channel".
     pub kind: String,
+    /// A channel anyone with its link reads.
+    pub public: bool,
+    /// A channel's subscribers, as its admin's device counts them.
+    pub subscribers: u64,
     pub title: String,
     pub description: String,
     pub members: Vec<MemberInfo>,
@@ -238,6 +245,7 @@ impl Groups {
         tx.open_table(GROUPS)?;
         tx.open_table(GROUP_CURSORS)?;
         tx.open_table(GROUP_WAITING)?;
+        tx.open_table(CHANNEL_SUBSCRIBERS)?;
         tx.commit()?;
         Ok(Groups { history: history.clone() })
     }
@@ -370,6 +378,11 @@ impl Messenger {
         Ok(record)
     }
 
+    /// Whether a chat number is a channel's.
+    pub(crate) fn is_channel(&mut self, chat: UserId) -> Result<bool, MessagingError> {
+        Ok(crate::proto::group::is_group_chat(chat) && self.groups()?.get(chat)?.is_some_and(|r| r.state.is_channel()))
+    }
+
     /// Checks that this account may post to `group` (before a long upload for it, say).
     pub(crate) fn check_group_member(&mut self, group: &GroupId) -> Result<(), MessagingError> {
         self.active_group(group).map(drop)
@@ -380,6 +393,21 @@ impl Messenger {
         &mut self,
         title: String,
         members: Vec<LookupQuery>,
+    ) -> Result<GroupInfo, MessagingError> {
+        self.create(title, members, GroupKind::Group).await
+    }
+
+    /// Creates a channel with this account as its admin: public (its link lets anyone read) or
+    /// private (an admin's device lets each subscriber in).
+    pub async fn channel_create(&mut self, title: String, public: bool) -> Result<GroupInfo, MessagingError> {
+        self.create(title, Vec::new(), GroupKind::Channel { public }).await
+    }
+
+    async fn create(
+        &mut self,
+        title: String,
+        members: Vec<LookupQuery>,
+        kind: GroupKind,
     ) -> Result<GroupInfo, MessagingError> {
         check_title(&title)?;
         let me = self.me();
@@ -407,6 +435,8 @@ impl Messenger {
             invites: Vec::new(),
             pinned: None,
             changed_by: me,
+            kind,
+            subscribers: 0,
         };
         let record = GroupRecord {
             state,
@@ -418,6 +448,7 @@ impl Messenger {
             links: Vec::new(),
             requests: Vec::new(),
             cert: None,
+            counted_by: None,
         };
         self.groups()?.update(group.chat_number(), |_| Some((record.clone(), ())))?;
         self.record_state_notice(None, &record.state)?;
@@ -437,6 +468,10 @@ impl Messenger {
         let mut state = record.state.clone();
         let mut removed = Vec::new();
         let mut rekey = false;
+        if state.is_channel() && matches!(change, GroupChange::Add { .. } | GroupChange::Remove { .. }) {
+            let why = "a channel's subscribers come and go by its link, and its admins stay as created";
+            return Err(GroupError::Invalid(why.into()).into());
+        }
         match change {
             GroupChange::Add { users } => {
                 for query in users {
@@ -543,7 +578,7 @@ impl Messenger {
         let card = self.card(LookupQuery::UserId(link.admin), CARD_FRESH_SECS).await?;
         let body = Body::GroupJoin { group: link.group, secret: link.secret };
         let payload = Payload { message_id: MessageId::random(), chat_with: link.group.chat_number(), body };
-        self.send_sealed(&card, vec![payload], false).await?;
+        self.send_sealed(&one_device(card), vec![payload], false).await?;
         Ok(link)
     }
 
@@ -558,14 +593,20 @@ impl Messenger {
             let why = "you are the group's only admin: make someone else an admin first";
             return Err(GroupError::Invalid(why.into()).into());
         }
-        for admin in admins {
+        let public_subscriber = record.counted_by.filter(|_| !record.state.is_admin(me));
+        let tell = match public_subscriber {
+            Some(admin) => vec![admin],
+            None => admins,
+        };
+        for admin in tell {
             let card = self.card(LookupQuery::UserId(admin), CARD_FRESH_SECS).await?;
-            let payload = Payload {
-                message_id: MessageId::random(),
-                chat_with: group.chat_number(),
-                body: Body::GroupLeave { group: *group },
+            let body = match public_subscriber {
+                Some(_) => Body::ChannelSubscribe { channel: *group, on: false },
+                None => Body::GroupLeave { group: *group },
             };
-            self.send_sealed(&card, vec![payload], true).await?;
+            let payload = Payload { message_id: MessageId::random(), chat_with: group.chat_number(), body };
+            // Our other devices learn it from the admin's removal, like everyone.
+            self.send_sealed(&one_device(card), vec![payload], false).await?;
         }
         self.groups()?.update(group.chat_number(), |r| {
             let mut r = r?;
@@ -601,7 +642,9 @@ impl Messenger {
         let s = &record.state;
         GroupInfo {
             id: s.group,
-            kind: "group".into(),
+            kind: if s.is_channel() { "channel" } else { "group" }.into(),
+            public: matches!(s.kind, GroupKind::Channel { public: true }),
+            subscribers: s.subscribers,
             title: s.title.clone(),
             description: s.description.clone(),
             members: s
@@ -687,7 +730,8 @@ impl Messenger {
         let (Some(key), Some(admin)) = (record.current_key().copied(), record.admin_keypair()) else {
             return Err(GroupError::Invalid(format!("no keys for the current epoch of {group}")).into());
         };
-        let cert = PostCert::sign(&admin, record.state.epoch, key.post_keypair().public().to_bytes());
+        let post_key = post_key_of(record.state.kind, &record.state.admin_key, &key);
+        let cert = PostCert::sign(&admin, record.state.epoch, post_key);
         let chat = group.chat_number();
         self.groups()?.update(chat, |r| {
             let mut r = r?;
@@ -720,7 +764,12 @@ impl Messenger {
             self.send_batch(batch.to_vec()).await?;
         }
         let version = record.state.version;
-        self.post_bodies(chat, vec![(MessageId::random(), Body::GroupChanged { version })]).await?;
+        // A channel's subscribers learn its state from the channel itself.
+        let change = match record.state.kind {
+            GroupKind::Channel { .. } => Body::ChannelState { state: Box::new(record.state.clone()) },
+            GroupKind::Group => Body::GroupChanged { version },
+        };
+        self.post_bodies(chat, vec![(MessageId::random(), change)]).await?;
         self.groups()?.update(chat, |r| {
             let mut r = r?;
             (r.state.version == version).then(|| {
@@ -745,6 +794,10 @@ impl Messenger {
                 self.publish_group(&group).await?;
             }
             if record.requests.is_empty() || !record.state.is_admin(me) {
+                continue;
+            }
+            if record.state.is_channel() {
+                changed.extend(self.apply_subscriptions(&record).await?);
                 continue;
             }
             let mut state = record.state.clone();
@@ -809,7 +862,13 @@ impl Messenger {
         if cert.epoch != record.state.epoch {
             return Err(GroupError::Invalid(format!("no post certificate for the current epoch of {group}")).into());
         }
-        let post = key.post_keypair();
+        let post = match (record.state.kind, record.admin_keypair()) {
+            (GroupKind::Group, _) => key.post_keypair(),
+            (GroupKind::Channel { .. }, Some(admin)) => admin,
+            (GroupKind::Channel { .. }, None) => {
+                return Err(GroupError::NotAdmin { group, what: "post in a channel" }.into());
+            }
+        };
         let (me, device, mailbox) = (self.me(), self.client.identity.peer_id(), group.mailbox());
         let first_seq = self.h().reserve_seq(&mailbox, bodies.len() as u64)?;
         let mut envelopes = Vec::new();
@@ -846,7 +905,10 @@ impl Messenger {
         messages: &[(String, Option<crate::proto::media::FileRef>)],
         reply_to: Option<MessageId>,
     ) -> Result<(UserId, Vec<StoredMessage>, Vec<Payload>), MessagingError> {
-        self.active_group(group)?;
+        let record = self.active_group(group)?;
+        if record.state.is_channel() && record.admin_seed.is_none() {
+            return Err(GroupError::NotAdmin { group: *group, what: "post in a channel" }.into());
+        }
         let (me, chat, sent_at_ms) = (self.me(), group.chat_number(), now_ms());
         let (mut records, mut payloads) = (Vec::new(), Vec::new());
         for (text, file) in messages {
@@ -1026,7 +1088,8 @@ impl Messenger {
         let Some(key) = record.key_of(epoch) else {
             return if epoch > state.epoch { Opened::Later } else { Opened::NotForUs };
         };
-        if key.post_keypair().public().to_bytes() != seal.cert.post_key {
+        // The certificate's admin key is the group's: `verify` checked it against the id.
+        if post_key_of(state.kind, &seal.cert.admin_key, key) != seal.cert.post_key {
             return Opened::Bad(format!("posted under a post key that is not epoch {epoch}'s"));
         }
         let plain = match key.open(&envelope.from_device, &envelope.id, &state.group, epoch, &seal.ciphertext) {
@@ -1051,8 +1114,9 @@ impl Messenger {
         if !listed(&card) {
             return Opened::Bad(format!("device {} is not user {user}'s", envelope.from_device));
         }
-        // Someone removed since may have posted before; nobody else.
-        if state.member(user).is_none() && epoch >= state.epoch {
+        // Someone removed since may have posted before; nobody else. (In a channel the post
+        // key, the admin key, is what makes an author.)
+        if !state.is_channel() && state.member(user).is_none() && epoch >= state.epoch {
             return Opened::Bad(format!("{user} is not a member"));
         }
         Opened::Message { plain: Box::new(plain) }
@@ -1116,6 +1180,10 @@ impl Messenger {
                     inbox.typing.push(author);
                 }
             }
+            Body::ChannelState { state } if record.state.is_channel() => {
+                self.apply_channel_state(record, *state, inbox)?;
+                self.h().mark_seen(envelope.id)?;
+            }
             _ => {
                 self.h().mark_seen(envelope.id)?;
             }
@@ -1174,14 +1242,26 @@ impl Messenger {
                 })?;
                 asked.ok_or_else(|| format!("{sender} asked to join {group} with a link that is not open"))
             }
+            Body::ChannelSubscribe { channel, on } => {
+                let request = if on { GroupRequest::Join(sender) } else { GroupRequest::Leave(sender) };
+                let asked = self.groups()?.update(channel.chat_number(), |r| {
+                    let mut r = r?;
+                    let public = matches!(r.state.kind, GroupKind::Channel { public: true });
+                    (r.active && public && r.state.is_admin(me) && !r.requests.contains(&request)).then(|| {
+                        r.requests.push(request);
+                        (r, ())
+                    })
+                })?;
+                asked.ok_or_else(|| format!("{sender} (un)subscribed to {channel}, not a public channel of ours"))
+            }
             Body::GroupLeave { group } => {
                 let asked = self.groups()?.update(group.chat_number(), |r| {
                     let mut r = r?;
-                    (r.active && r.state.member(sender).is_some() && !r.requests.contains(&GroupRequest::Leave(sender)))
-                        .then(|| {
-                            r.requests.push(GroupRequest::Leave(sender));
-                            (r, ())
-                        })
+                    let theirs = r.state.member(sender).is_some() || r.state.is_channel();
+                    (r.active && theirs && !r.requests.contains(&GroupRequest::Leave(sender))).then(|| {
+                        r.requests.push(GroupRequest::Leave(sender));
+                        (r, ())
+                    })
                 })?;
                 asked.ok_or_else(|| format!("{sender} left {group}, which is not theirs to leave here"))
             }
@@ -1224,13 +1304,12 @@ impl Messenger {
                 return Err("an admin seed that is not the group's admin key".into());
             }
         }
-        if state.member(me).is_none() {
+        // A channel's subscribers are not in its state; a group's members are.
+        if state.member(me).is_none() && !state.is_channel() {
             return Err("a state that does not name us".into());
         }
-        if cert.verify(&group).is_err()
-            || cert.epoch != state.epoch
-            || cert.post_key != key.post_keypair().public().to_bytes()
-        {
+        let post_key = post_key_of(state.kind, &state.admin_key, &key);
+        if cert.verify(&group).is_err() || cert.epoch != state.epoch || cert.post_key != post_key {
             return Err("a state whose post certificate is not its epoch's".into());
         }
         if state.members.len() > MAX_GROUP_MEMBERS {
@@ -1268,12 +1347,14 @@ impl Messenger {
                         let record = GroupRecord {
                             keys: vec![(state.epoch, key)],
                             admin_seed: if state.is_admin(me) { admin_seed } else { None },
-                            joined_epoch: state.epoch,
+                            // A channel's subscribers read what came before them.
+                            joined_epoch: if state.is_channel() { 0 } else { state.epoch },
                             active: true,
                             unpublished: None,
                             links: Vec::new(),
                             requests: Vec::new(),
                             cert: Some(cert),
+                            counted_by: None,
                             state,
                         };
                         Some((record, None))
@@ -1292,6 +1373,150 @@ impl Messenger {
         }
         self.groups_changed.notify_one();
         Ok(())
+    }
+
+    // ---- channels ----
+
+    /// A channel's link: for a public one, with its key (anyone with it reads); for a private
+    /// one, an invite link (an admin's device lets each subscriber in).
+    pub async fn channel_link(&mut self, channel: &GroupId) -> Result<String, MessagingError> {
+        let record = self.active_group(channel)?;
+        let me = self.me();
+        match record.state.kind {
+            GroupKind::Channel { public: true } => {
+                let key = record.current_key().copied().ok_or(GroupError::NotMember(*channel))?;
+                let admin =
+                    if record.state.is_admin(me) { me } else { record.counted_by.unwrap_or(record.state.changed_by) };
+                Ok(ChannelLink { channel: *channel, admin, epoch: record.state.epoch, key }.to_string())
+            }
+            GroupKind::Channel { public: false } => self.group_link(channel).await,
+            GroupKind::Group => Err(GroupError::Invalid(format!("{channel} is a group: group link")).into()),
+        }
+    }
+
+    /// Subscribes with a channel's link: a public one's opens here at once (and, if `announce`,
+    /// the admin's device counts the subscription); a private one's asks its admin's device.
+    pub async fn channel_subscribe(&mut self, link: &str, announce: bool) -> Result<GroupInfo, MessagingError> {
+        self.history()?;
+        if link.trim().starts_with(LINK_PREFIX) {
+            if !announce {
+                let why =
+                    "that is an invite link: a private channel is read only by its subscribers (channel subscribe)";
+                return Err(GroupError::Invalid(why.into()).into());
+            }
+            let link = self.group_join(link).await?;
+            return Ok(self.group_info(&link.group).unwrap_or_else(|_| placeholder_info(link.group)));
+        }
+        let link: ChannelLink = link.parse()?;
+        let chat = link.channel.chat_number();
+        let me = self.me();
+        self.groups()?.update(chat, |before| {
+            if before.as_ref().is_some_and(|r| r.active) {
+                return None;
+            }
+            let state = GroupState {
+                group: link.channel,
+                // Learned from the channel's posts, which carry it (checked against the id).
+                admin_key: [0; 32],
+                version: 0,
+                epoch: link.epoch,
+                title: String::new(),
+                description: String::new(),
+                members: Vec::new(),
+                invites: Vec::new(),
+                pinned: None,
+                changed_by: link.admin,
+                kind: GroupKind::Channel { public: true },
+                subscribers: 0,
+            };
+            let record = GroupRecord {
+                state,
+                keys: vec![(link.epoch, link.key)],
+                admin_seed: None,
+                joined_epoch: 0,
+                active: true,
+                unpublished: None,
+                links: Vec::new(),
+                requests: Vec::new(),
+                cert: None,
+                counted_by: announce.then_some(link.admin),
+            };
+            Some((record, ()))
+        })?;
+        if announce && link.admin != me {
+            let card = self.card(LookupQuery::UserId(link.admin), CARD_FRESH_SECS).await?;
+            let body = Body::ChannelSubscribe { channel: link.channel, on: true };
+            let payload = Payload { message_id: MessageId::random(), chat_with: chat, body };
+            self.send_sealed(&one_device(card), vec![payload], false).await?;
+        }
+        self.groups_changed.notify_one();
+        self.receive_groups(0).await?;
+        self.group_info(&link.channel)
+    }
+
+    /// A channel state posted by its admins: taken if newer than ours and bound to the id.
+    fn apply_channel_state(
+        &self,
+        record: &GroupRecord,
+        state: GroupState,
+        inbox: &mut Inbox,
+    ) -> Result<(), MessagingError> {
+        let group = record.state.group;
+        if state.group != group || GroupId::of_admin_key(&state.admin_key) != group || !state.is_channel() {
+            tracing::warn!(%group, "ignoring a channel state that is not this channel's");
+            return Ok(());
+        }
+        let applied = self.g().update(group.chat_number(), |r| {
+            let mut r = r?;
+            (state.version > r.state.version).then(|| {
+                r.state = state.clone();
+                (r.clone(), r)
+            })
+        })?;
+        if let Some(now) = applied {
+            let before = record.state.clone();
+            self.record_state_notice((before.version > 0).then_some(&before), &state)?;
+            inbox.groups.push(self.info_of(&now));
+        }
+        Ok(())
+    }
+
+    /// An admin's device applies a channel's subscriptions: lets private subscribers in (sends
+    /// them the state and key), counts everyone, and posts the new count.
+    async fn apply_subscriptions(&mut self, record: &GroupRecord) -> Result<Vec<GroupInfo>, MessagingError> {
+        let group = record.state.group;
+        let chat = group.chat_number();
+        let private = matches!(record.state.kind, GroupKind::Channel { public: false });
+        for request in &record.requests {
+            match *request {
+                GroupRequest::Join(user) => {
+                    if let (true, Some(key), Some(cert)) = (private, record.current_key().copied(), record.cert.clone())
+                    {
+                        let card = self.card(LookupQuery::UserId(user), CARD_FRESH_SECS).await?;
+                        let state = Box::new(record.state.clone());
+                        let body = Body::GroupState { state, epoch_key: key.0, admin_seed: None, cert };
+                        let payload = Payload { message_id: MessageId::random(), chat_with: chat, body };
+                        self.send_sealed(&card, vec![payload], false).await?;
+                    }
+                    self.g().set_subscriber(chat, user, true)?;
+                }
+                GroupRequest::Leave(user) => self.g().set_subscriber(chat, user, false)?,
+            }
+        }
+        let requests = record.requests.clone();
+        self.groups()?.update(chat, |r| {
+            let mut r = r?;
+            r.requests.retain(|q| !requests.contains(q));
+            Some((r, ()))
+        })?;
+        let count = self.g().subscribers(chat)?;
+        if count == record.state.subscribers {
+            return Ok(Vec::new());
+        }
+        let record = self.group_record(&group)?;
+        let mut state = record.state.clone();
+        state.subscribers = count;
+        Ok(vec![self.change_state(record, state, false, Vec::new()).await?])
     }
 
     // ---- notices ----
@@ -1374,6 +1599,14 @@ impl Messenger {
     }
 }
 
+/// The card with only the one device of it (the least id) that applies requests to an
+/// admin: two devices of one admin applying the same join would make two states of one version.
+fn one_device(mut card: crate::proto::UserCard) -> crate::proto::UserCard {
+    card.devices.sort_by_key(|d| d.peer_id.to_bytes());
+    card.devices.truncate(1);
+    card
+}
+
 fn check_title(title: &str) -> Result<(), GroupError> {
     let n = title.trim().chars().count();
     if n == 0 || n > MAX_GROUP_TITLE_CHARS || title.chars().any(char::is_control) {
@@ -1382,4 +1615,93 @@ fn check_title(title: &str) -> Result<(), GroupError> {
         )));
     }
     Ok(())
+}
+
+/// A channel's subscribers as an admin's device counts them: (chat number, user) → ().
+const CHANNEL_SUBSCRIBERS: TableDefinition<(u64, u64), ()> = TableDefinition::new("channel_subscribers");
+
+impl Groups {
+    fn set_subscriber(&self, chat: UserId, user: UserId, on: bool) -> Result<(), HistoryError> {
+        let tx = self.history.db().begin_write()?;
+        {
+            let mut table = tx.open_table(CHANNEL_SUBSCRIBERS)?;
+            if on {
+                table.insert((chat.0, user.0), ())?;
+            } else {
+                table.remove((chat.0, user.0))?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn subscribers(&self, chat: UserId) -> Result<u64, HistoryError> {
+        let tx = self.history.db().begin_read()?;
+        Ok(tx.open_table(CHANNEL_SUBSCRIBERS)?.range((chat.0, 0)..=(chat.0, u64::MAX))?.count() as u64)
+    }
+}
+
+/// What public channel links start with.
+pub const CHANNEL_LINK_PREFIX: &str = "meshgram:channel/";
+
+/// A public channel's link: its id, the admin whose device counts subscribers, the epoch and
+/// its key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChannelLink {
+    pub channel: GroupId,
+    pub admin: UserId,
+    pub epoch: u64,
+    pub key: EpochKey,
+}
+
+impl std::fmt::Display for ChannelLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let key = crate::ids::hex(&self.key.0);
+        write!(f, "{CHANNEL_LINK_PREFIX}{}/{}/{}/{key}", self.channel, self.admin, self.epoch)
+    }
+}
+
+impl std::str::FromStr for ChannelLink {
+    type Err = GroupError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || GroupError::BadLink(s.to_string());
+        let rest = s.trim().strip_prefix(CHANNEL_LINK_PREFIX).ok_or_else(bad)?;
+        let parts: Vec<&str> = rest.split('/').collect();
+        let [channel, admin, epoch, key] = parts.as_slice() else { return Err(bad()) };
+        Ok(ChannelLink {
+            channel: channel.parse().map_err(|_| bad())?,
+            admin: admin.parse().map_err(|_| bad())?,
+            epoch: epoch.parse().map_err(|_| bad())?,
+            key: EpochKey(crate::ids::parse_hex::<32>(key).map_err(|_| bad())?),
+        })
+    }
+}
+
+/// The public key an epoch's posts are signed with: the members' (from the epoch key) in a
+/// group, the admin key itself in a channel (so only admins post).
+fn post_key_of(kind: GroupKind, admin_key: &[u8; 32], key: &EpochKey) -> [u8; 32] {
+    match kind {
+        GroupKind::Group => key.post_keypair().public().to_bytes(),
+        GroupKind::Channel { .. } => *admin_key,
+    }
+}
+
+/// What `channel subscribe` shows for a private channel whose admin has not let us in yet.
+fn placeholder_info(id: GroupId) -> GroupInfo {
+    GroupInfo {
+        id,
+        kind: "channel".into(),
+        public: false,
+        subscribers: 0,
+        title: String::new(),
+        description: String::new(),
+        members: Vec::new(),
+        version: 0,
+        epoch: 0,
+        pinned: None,
+        active: false,
+        admin: false,
+        links: Vec::new(),
+        unpublished: false,
+    }
 }

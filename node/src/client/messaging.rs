@@ -727,6 +727,10 @@ impl Messenger {
             m.status = Status::Read;
             true
         })?;
+        // A channel's readers are not told apart: no receipts there.
+        if self.is_channel(chat)? {
+            return Ok(unread.len());
+        }
         self.send_receipts(chat, Status::Read, &unread).await?;
         Ok(unread.len())
     }
@@ -1074,6 +1078,7 @@ impl Messenger {
                             | Body::GroupRemoved { .. }
                             | Body::GroupJoin { .. }
                             | Body::GroupLeave { .. }
+                            | Body::ChannelSubscribe { .. }
                     ) {
                         self.apply_group_control(&envelope, payload.body, &mut inbox)?;
                     } else {
@@ -1220,7 +1225,9 @@ impl Messenger {
             | Body::GroupRemoved { .. }
             | Body::GroupJoin { .. }
             | Body::GroupLeave { .. }
-            | Body::GroupChanged { .. } => {
+            | Body::GroupChanged { .. }
+            | Body::ChannelState { .. }
+            | Body::ChannelSubscribe { .. } => {
                 tracing::warn!(envelope = %envelope.id, "dropping a group message that came pairwise");
                 self.h().drop_envelope(envelope.id)?;
             }

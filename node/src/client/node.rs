@@ -544,6 +544,15 @@ impl Actor {
                 self.receive_waiting().await?;
                 Reply::Group { group: self.messenger.group_info(&group)? }
             }
+            Call::ChannelCreate { title, public } => {
+                let channel = self.messenger.channel_create(title, public).await?;
+                self.group_changed(channel)
+            }
+            Call::ChannelLink { channel } => Reply::GroupLink { link: self.messenger.channel_link(&channel).await? },
+            Call::ChannelSubscribe { link, announce } => {
+                let channel = self.messenger.channel_subscribe(&link, announce).await?;
+                self.group_changed(channel)
+            }
             Call::GroupList => {
                 self.receive_waiting().await?;
                 Reply::Groups { groups: self.messenger.group_list()? }

@@ -307,6 +307,22 @@ pub struct GroupState {
     pub pinned: Option<crate::proto::payload::MessageId>,
     /// Who made this version.
     pub changed_by: UserId,
+    pub kind: GroupKind,
+    /// Channels: subscribers as the admins' device counts them (members are the admins).
+    pub subscribers: u64,
+}
+
+/// A group, or a channel: one-to-many, where only admins post (their post key is the admin
+/// key itself, so relays refuse anyone else's posts) and subscribers are not in the state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GroupKind {
+    Group,
+    /// `public`: the epoch key is in the channel's link, so anyone with the link reads (and
+    /// checks each post against the channel id, offline); otherwise it is handed to each
+    /// subscriber an admin's device lets in.
+    Channel {
+        public: bool,
+    },
 }
 
 impl GroupState {
@@ -316,6 +332,10 @@ impl GroupState {
 
     pub fn is_admin(&self, user: UserId) -> bool {
         self.member(user).is_some_and(|m| m.admin)
+    }
+
+    pub fn is_channel(&self) -> bool {
+        matches!(self.kind, GroupKind::Channel { .. })
     }
 }
 

@@ -87,6 +87,11 @@ pub enum Body {
     /// Posted in a group after its state changed, under the new epoch (so that relays learn
     /// it, and refuse the old one); members show the change from the state itself.
     GroupChanged { version: u64 },
+    /// Posted in a channel (by an admin, as every channel post): its state, for subscribers,
+    /// who are not sent it pairwise.
+    ChannelState { state: Box<GroupState> },
+    /// The sender subscribes to (or leaves) a public channel; to the admin's device that counts.
+    ChannelSubscribe { channel: GroupId, on: bool },
 }
 
 /// A 32-byte secret key seed.

@@ -17,6 +17,7 @@
 //!
 //! Every phase is bounded in count and time; every server is stopped when the benchmark ends.
 
+mod groups;
 mod mesh;
 mod mqtt;
 mod servers;
@@ -98,6 +99,12 @@ struct Args {
     skip_memory: bool,
     #[arg(long)]
     skip_mosquitto: bool,
+    /// Run only the groups comparison: one message to a group of `--group-members` members
+    /// against the same as one-to-one envelopes.
+    #[arg(long)]
+    groups: bool,
+    #[arg(long, default_value_t = 1_000)]
+    group_members: usize,
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -205,6 +212,18 @@ fn main() -> anyhow::Result<()> {
         entry_holds_no_copy: args.entry_holds_no_copy,
     };
 
+    if args.groups {
+        let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+        println!(
+            "groups: one message to {} members, as a group post and as one-to-one envelopes ...",
+            args.group_members
+        );
+        let figures =
+            runtime.block_on(groups::group_vs_direct(&options, args.group_members, args.connect_concurrency))?;
+        drop(runtime);
+        report_groups(&figures);
+        return Ok(());
+    }
     let mut results = Results::default();
     println!("e2e sealing (Noise X, 256-byte sealed message, 1 thread, {SEAL_SECS} s each) ...");
     (results.seal_per_sec, results.open_per_sec) = mesh::seal_open_rates(temp.path(), SEAL_SECS)?;
@@ -455,6 +474,27 @@ async fn mqtt_memory(args: &Args, options: &MeshOptions, idle: Duration) -> anyh
 
 // ---------------------------------------------------------------------------------------------
 // Report
+
+fn report_groups(f: &groups::GroupFigures) {
+    println!("\nOne message to {} members, 3 relays (replication 2), same run:", f.members);
+    println!("| | delivered | p50 | p99 | all | relays store |");
+    println!("|---|---|---|---|---|---|");
+    for (name, d) in [("group post (stored once)", &f.group), ("one-to-one envelopes", &f.direct)] {
+        let (p50, p99) = d.latency.map_or(("-".into(), "-".into()), |p| (fmt_duration(p.p50), fmt_duration(p.p99)));
+        println!(
+            "| {name} | {}/{} | {p50} | {p99} | {} | {} bytes |",
+            d.delivered,
+            f.members,
+            fmt_duration(d.all),
+            fmt_count(d.stored_bytes as f64)
+        );
+    }
+    println!(
+        "relay storage: one-to-one / group = {}; time until all have it: one-to-one / group = {}",
+        ratio(f.direct.stored_bytes as f64, f.group.stored_bytes as f64),
+        ratio(f.direct.all.as_secs_f64(), f.group.all.as_secs_f64())
+    );
+}
 
 fn ratio(mesh: f64, baseline: f64) -> String {
     if baseline > 0.0 { format!("{:.2}x", mesh / baseline) } else { "-".into() }

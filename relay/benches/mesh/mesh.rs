@@ -47,27 +47,32 @@ pub(crate) const MAX_INFLIGHT: usize = 96;
 
 /// A device the benchmark drives: keys, network task, certificate.
 #[derive(Debug)]
-struct Device {
-    identity: DeviceIdentity,
-    net: Arc<ClientNet>,
-    user: UserId,
+pub(crate) struct Device {
+    pub(crate) identity: DeviceIdentity,
+    pub(crate) net: Arc<ClientNet>,
+    pub(crate) user: UserId,
     cert: SessionCert,
 }
 
 impl Device {
-    fn create(dir: &Path, user: u64, gateway: &ed25519::Keypair) -> anyhow::Result<Self> {
+    pub(crate) fn create(dir: &Path, user: u64, gateway: &ed25519::Keypair) -> anyhow::Result<Self> {
         let identity = DeviceIdentity::load_or_create(dir).with_context(|| format!("identity in {}", dir.display()))?;
+        Self::of(identity, user, gateway)
+    }
+
+    /// A device with its network task for keys made already.
+    pub(crate) fn of(identity: DeviceIdentity, user: u64, gateway: &ed25519::Keypair) -> anyhow::Result<Self> {
         let net = Arc::new(ClientNet::spawn(&identity)?);
         let cert = certify(&identity, user, gateway);
         Ok(Device { identity, net, user: UserId(user), cert })
     }
 
-    async fn call(&self, relay: &RelayInfo, request: MailboxRequest) -> anyhow::Result<MailboxResponse> {
+    pub(crate) async fn call(&self, relay: &RelayInfo, request: MailboxRequest) -> anyhow::Result<MailboxResponse> {
         Ok(self.net.mailbox_request(relay.peer_id, relay.addrs.clone(), request).await?)
     }
 
     /// Presents the certificate; returns `(mailbox_relays, relays)` from the Welcome.
-    async fn hello(&self, relay: &RelayInfo) -> anyhow::Result<(Vec<RelayInfo>, Vec<RelayInfo>)> {
+    pub(crate) async fn hello(&self, relay: &RelayInfo) -> anyhow::Result<(Vec<RelayInfo>, Vec<RelayInfo>)> {
         match self.call(relay, MailboxRequest::Hello { cert: self.cert.clone() }).await? {
             MailboxResponse::Welcome { mailbox_relays, relays, .. } => Ok((mailbox_relays, relays)),
             other => bail!("Hello to {} answered {other:?}", relay.peer_id),
@@ -75,8 +80,46 @@ impl Device {
     }
 }
 
+/// Starts relay 1, then relays 2 and 3 bootstrapping through it (replication 2), and waits
+/// until `device` hears from each that it knows all three (placement is stable then).
+pub(crate) async fn start_three_relays(
+    options: &MeshOptions,
+    gateway: &ed25519::Keypair,
+    device: &Device,
+) -> anyhow::Result<Vec<RelayProcess>> {
+    let mut relays: Vec<RelayProcess> = Vec::new();
+    for i in 1..=3 {
+        let relay = RelayProcess::start(
+            &format!("relay-{i}"),
+            RelayOptions {
+                bin: &options.relay_bin,
+                dir: options.dir.join(format!("relay-{i}")),
+                gateway,
+                replication: 2,
+                bootstrap: relays.first().map(|r| r.bootstrap_addr.clone()).into_iter().collect(),
+                limit: options.server_limit,
+            },
+        )?;
+        relays.push(relay);
+    }
+    let deadline = Instant::now() + MESH_FORM_TIMEOUT;
+    for relay in &relays {
+        loop {
+            let (_, known) = device.hello(&relay.info).await?;
+            if known.len() == relays.len() {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("relay {} knows {} of 3 relays after {MESH_FORM_TIMEOUT:?}", relay.peer_id(), known.len());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    Ok(relays)
+}
+
 /// A one-hour certificate for `identity`, signed with the benchmark's gateway key.
-fn certify(identity: &DeviceIdentity, user: u64, gateway: &ed25519::Keypair) -> SessionCert {
+pub(crate) fn certify(identity: &DeviceIdentity, user: u64, gateway: &ed25519::Keypair) -> SessionCert {
     let now = unix_now();
     let body = CertBody {
         user_id: UserId(user),
@@ -122,43 +165,9 @@ impl MeshRig {
     /// `messages` envelopes (on every core, before anything is timed).
     pub(crate) async fn start(options: &MeshOptions, messages: usize) -> anyhow::Result<Self> {
         let gateway = ed25519::Keypair::generate();
-        let mut relays: Vec<RelayProcess> = Vec::new();
-        for i in 1..=3 {
-            let relay = RelayProcess::start(
-                &format!("relay-{i}"),
-                RelayOptions {
-                    bin: &options.relay_bin,
-                    dir: options.dir.join(format!("relay-{i}")),
-                    gateway: &gateway,
-                    replication: 2,
-                    bootstrap: relays.first().map(|r| r.bootstrap_addr.clone()).into_iter().collect(),
-                    limit: options.server_limit,
-                },
-            )?;
-            relays.push(relay);
-        }
         let sender = Device::create(&options.dir.join("sender"), 1, &gateway)?;
+        let relays = start_three_relays(options, &gateway, &sender).await?;
         let recipient = Device::create(&options.dir.join("recipient"), 2, &gateway)?;
-
-        // Every relay must know all three before placement is stable.
-        let deadline = Instant::now() + MESH_FORM_TIMEOUT;
-        for relay in &relays {
-            loop {
-                let (_, known) = sender.hello(&relay.info).await?;
-                if known.len() == relays.len() {
-                    break;
-                }
-                if Instant::now() > deadline {
-                    bail!(
-                        "relay {} knows {} of {} relays after {MESH_FORM_TIMEOUT:?}",
-                        relay.peer_id(),
-                        known.len(),
-                        3
-                    );
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
         let (mailbox_relays, _) = recipient.hello(&relays[0].info).await?;
         let fetch_from = mailbox_relays.first().context("the recipient has no mailbox relays")?.clone();
         recipient.hello(&fetch_from).await?;
@@ -378,7 +387,7 @@ fn plaintext(number: u64) -> Vec<u8> {
     text
 }
 
-fn unix_ms() -> u64 {
+pub(crate) fn unix_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
@@ -529,7 +538,7 @@ pub(crate) async fn idle_clients(
 }
 
 /// `n` device identities in `dir/<i>`, written by every core (each key file is fsynced).
-fn make_identities(dir: &Path, n: usize) -> anyhow::Result<Vec<DeviceIdentity>> {
+pub(crate) fn make_identities(dir: &Path, n: usize) -> anyhow::Result<Vec<DeviceIdentity>> {
     let threads = std::thread::available_parallelism().map_or(1, |t| t.get()) * 2;
     let per_thread = n.div_ceil(threads).max(1);
     let parts: Vec<anyhow::Result<Vec<DeviceIdentity>>> = std::thread::scope(|scope| {

@@ -8,10 +8,14 @@
 //! - `forgery`: posts to a group by a non-member (a certificate not by the group's admin key,
 //!   garbage, a one-to-one `Send` to a group mailbox) are refused and nothing is stored; a
 //!   state forged by a member who is no admin is refused by the others.
+//! - `channels`: a public channel read from its link by someone not subscribed, posts only by
+//!   its admin (a subscriber's refused by its client and by the relays), subscribers counted; a
+//!   private channel lets subscribers in by invite, shows them its history, and no link reads it.
 
 // A failed unwrap here is a failed test, which is what it should be.
 #![allow(clippy::unwrap_used)]
 
+mod channels;
 mod forgery;
 mod members;
 

@@ -1,7 +1,9 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use meshgram_tests::{Mesh, files_under, meshgram, meshgram_stdin, start_node, str_field};
+use meshgram_tests::{
+    Mesh, blake3_of_file, files_under, meshgram, meshgram_stdin, random_file, spawn_meshgram, start_node, str_field,
+};
 
 use super::{create_group, group_texts, held_by_relays, relays_by_group_distance, wait_for_texts};
 
@@ -155,6 +157,19 @@ fn a_member_who_joins_by_link_reads_from_the_join_on_and_others_cannot_act_as_ad
     meshgram(&dave, &["send", &group, "thanks"]).ok_json();
     assert_eq!(wait_for_texts(&dave, &group, 2), ["welcome dave", "thanks"], "nothing from before the join");
     assert_eq!(wait_for_texts(&bob, &group, 3), ["old news", "welcome dave", "thanks"]);
+
+    // A file in the group: uploaded once, downloaded by a member byte for byte.
+    let original = alice.with_file_name("photo.bin");
+    random_file(&original, 700 * 1024, "group photo");
+    let path = original.display().to_string();
+    let sent =
+        spawn_meshgram(&dave, &["upload", &path, "--to", &group, "--caption", "for all"]).finish().ok_json_lines();
+    let message = sent.last().cloned().unwrap();
+    assert_eq!(wait_for_texts(&bob, &group, 4)[3], "for all");
+    let copy = alice.with_file_name("photo-bob.bin");
+    let id = str_field(&message, "id").to_string();
+    meshgram(&bob, &["download", &id, "-o", &copy.display().to_string()]).ok_json_lines();
+    assert_eq!(blake3_of_file(&copy), blake3_of_file(&original));
 
     // A revoked link lets nobody in.
     meshgram(&alice, &["group", "revoke-link", &group, &link]).ok_json();

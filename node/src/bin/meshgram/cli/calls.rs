@@ -134,6 +134,7 @@ async fn call_for(command: Command) -> Result<Call, CliError> {
         Command::Secret(command) => super::secret::call_for(command).await?,
         Command::Group(command) => super::group::call_for(command)?,
         Command::Join { link } => Call::Join { link },
+        Command::Channel(command) => super::group::channel_call_for(command)?,
         Command::Backup(BackupCommand::Schedule { every, keep, off }) => Call::BackupSchedule {
             every_secs: every.as_deref().map(super::history::parse_every).transpose()?,
             keep,
@@ -167,7 +168,7 @@ pub(super) async fn run(profile: &Path, json: bool, command: Command) -> CliResu
     print(json, &call, reply)
 }
 
-fn print(json: bool, call: &Call, reply: Reply) -> CliResult {
+pub(super) fn print(json: bool, call: &Call, reply: Reply) -> CliResult {
     let Some(reply) = super::secret::print(json, call, reply)? else { return Ok(()) };
     let Some(reply) = super::group::print(json, call, reply) else { return Ok(()) };
     match (call, reply) {

@@ -8,7 +8,7 @@ use serde_json::json;
 
 use super::calls::parse_query;
 use super::output::{emit, to_json};
-use super::{CliError, GroupCommand};
+use super::{ChannelCommand, CliError, CliResult, GroupCommand};
 
 fn parse_group(s: &str) -> Result<GroupId, CliError> {
     s.parse().map_err(|e: InvalidValue| CliError::usage(e.0))
@@ -44,8 +44,39 @@ pub(super) fn call_for(command: GroupCommand) -> Result<Call, CliError> {
     })
 }
 
+/// The call a `channel` command makes (`read` is two: see [`read_channel`]).
+pub(super) fn channel_call_for(command: ChannelCommand) -> Result<Call, CliError> {
+    Ok(match command {
+        ChannelCommand::Create { title, private } => Call::ChannelCreate { title, public: !private },
+        ChannelCommand::Post { chat, text } => Call::Send {
+            to: meshgram_node::proto::LookupQuery::Group(parse_group(&chat)?),
+            texts: vec![text],
+            reply_to: None,
+        },
+        ChannelCommand::Subscribe { link } => Call::ChannelSubscribe { link, announce: true },
+        ChannelCommand::Unsubscribe { chat } => Call::GroupLeave { group: parse_group(&chat)? },
+        ChannelCommand::Link { chat } => Call::ChannelLink { channel: parse_group(&chat)? },
+        ChannelCommand::Info { chat } => Call::GroupInfo { group: parse_group(&chat)? },
+        ChannelCommand::Read { .. } => return Err(CliError::usage("channel read is two calls")),
+    })
+}
+
+/// `channel read LINK`: opens a public channel from its link without subscribing, then shows
+/// its posts.
+pub(super) async fn read_channel(profile: &std::path::Path, json: bool, link: String) -> CliResult {
+    let opened = super::calls::call_node(profile, Call::ChannelSubscribe { link, announce: false }).await?;
+    let Reply::Group { group } = opened else { return Err(CliError::usage("not a public channel's link")) };
+    let call = Call::Messages { chat: Some(meshgram_node::proto::LookupQuery::Group(group.id)) };
+    let reply = super::calls::call_node(profile, call.clone()).await?;
+    super::calls::print(json, &call, reply)
+}
+
 fn info_lines(g: &GroupInfo) -> String {
     let mut out = format!("{} «{}»", g.id, g.title);
+    if g.kind == "channel" {
+        let public = if g.public { "public" } else { "private" };
+        out.push_str(&format!(" — {public} channel, {} subscribers", g.subscribers));
+    }
     if !g.active {
         out.push_str(" (you are no longer a member)");
     }
@@ -71,8 +102,8 @@ fn info_lines(g: &GroupInfo) -> String {
 /// Prints a group reply; hands back any other.
 pub(super) fn print(json: bool, call: &Call, reply: Reply) -> Option<Reply> {
     match (call, reply) {
-        (Call::GroupCreate { .. }, Reply::Group { group }) => {
-            emit(json, to_json(&group), || format!("Created group «{}»: {}", group.title, group.id));
+        (Call::GroupCreate { .. } | Call::ChannelCreate { .. }, Reply::Group { group }) => {
+            emit(json, to_json(&group), || format!("Created {} «{}»: {}", group.kind, group.title, group.id));
         }
         (_, Reply::Group { group }) => {
             emit(json, to_json(&group), || info_lines(&group));

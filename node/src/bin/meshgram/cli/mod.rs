@@ -160,6 +160,9 @@ pub(crate) enum Command {
     Group(GroupCommand),
     /// Join a group with an invite link (an admin's device lets you in).
     Join { link: String },
+    /// Channels: one-to-many, only admins post; public ones are read by anyone with the link.
+    #[command(subcommand)]
+    Channel(ChannelCommand),
     /// Run this profile's client node until Ctrl-C: it receives as messages arrive, renews the
     /// session, and other commands of the profile go through it.
     Node,
@@ -358,6 +361,29 @@ pub(crate) enum GroupCommand {
     RevokeLink { chat: String, link: String },
 }
 
+/// `CHAT` below: a channel's id (`g` and 32 hex digits).
+#[derive(Subcommand, Debug)]
+pub(crate) enum ChannelCommand {
+    /// Create a channel (public unless --private); prints its id.
+    Create {
+        title: String,
+        #[arg(long)]
+        private: bool,
+    },
+    /// Post to a channel (admins).
+    Post { chat: String, text: String },
+    /// Subscribe with a channel's link (a private one's: its admin's device lets you in).
+    Subscribe { link: String },
+    /// Read a public channel from its link without subscribing.
+    Read { link: String },
+    /// Leave a channel.
+    Unsubscribe { chat: String },
+    /// The channel's link: a public one's lets anyone read; a private one's is an invite.
+    Link { chat: String },
+    /// The channel's title, description, admins and subscriber count.
+    Info { chat: String },
+}
+
 #[derive(Subcommand, Debug)]
 pub(crate) enum BotCommand {
     /// Create a bot; prints its token.
@@ -466,6 +492,7 @@ pub(crate) async fn run(cli: Cli) -> CliResult {
         Command::Backup(command @ (BackupCommand::Create { .. } | BackupCommand::Restore { .. })) => {
             history::backup(&profile, json, command).await
         }
+        Command::Channel(ChannelCommand::Read { link }) => group::read_channel(&profile, json, link).await,
         command => calls::run(&profile, json, command).await,
     }
 }

@@ -1,0 +1,198 @@
+//! Groups: one message to an N-member group, stored once on the group's relays and pushed to
+//! every member's parked `GroupFetch`, against the same message sent as N one-to-one envelopes
+//! (sealed per member device, as a client without groups would), in the same run, on the same
+//! three relays (replication 2). Members are simulated devices: their own keys, certificates
+//! and connections, one long-poll each, opening what they get.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use futures::StreamExt;
+use libp2p::identity::ed25519;
+use meshgram_node::crypto::group::EpochKey;
+use meshgram_node::crypto::seal;
+use meshgram_node::ids::UserId;
+use meshgram_node::net::placement;
+use meshgram_node::proto::envelope::{Envelope, EnvelopeId};
+use meshgram_node::proto::group::{GroupCursor, GroupId, GroupSeal, PostCert};
+use meshgram_node::proto::payload::{Body, MessageId};
+use meshgram_node::proto::{MAX_ENVELOPES_PER_BATCH, MailboxRequest, MailboxResponse, RelayInfo};
+
+use crate::mesh::{Device, MeshOptions, make_identities, start_three_relays, unix_ms};
+use crate::stats::{Percentiles, now_ns};
+
+/// How long a member's read waits for the message.
+const READ_WAIT_MS: u32 = 25_000;
+const TEXT: &str = "one message for the whole group: 0123456789 abcdefghij 0123456789 abcdefghij";
+
+/// What one delivery to every member cost.
+#[derive(Debug)]
+pub(crate) struct Delivery {
+    /// From the send to each member's answer, ns.
+    pub(crate) latency: Option<Percentiles>,
+    /// From the send to the last member's answer.
+    pub(crate) all: Duration,
+    /// Members that got it (and opened it).
+    pub(crate) delivered: usize,
+    /// Encoded envelope bytes the relays keep for it: copies × sizes.
+    pub(crate) stored_bytes: usize,
+}
+
+#[derive(Debug)]
+pub(crate) struct GroupFigures {
+    pub(crate) members: usize,
+    pub(crate) group: Delivery,
+    pub(crate) direct: Delivery,
+}
+
+pub(crate) async fn group_vs_direct(
+    options: &MeshOptions,
+    members: usize,
+    concurrency: usize,
+) -> anyhow::Result<GroupFigures> {
+    let gateway = ed25519::Keypair::generate();
+    let sender = Device::create(&options.dir.join("group-sender"), 1, &gateway)?;
+    let relays = start_three_relays(options, &gateway, &sender).await?;
+    let relay_ids: Vec<_> = relays.iter().map(|r| r.info.peer_id).collect();
+
+    let admin = ed25519::Keypair::generate();
+    let group = GroupId::of_admin_key(&admin.public().to_bytes());
+    let epoch_key = EpochKey::random();
+    let cert = PostCert::sign(&admin, 0, epoch_key.post_keypair().public().to_bytes());
+    let closest = placement::closest_relays(&placement::mailbox_key(&group.mailbox()), relay_ids.clone(), 1);
+    let group_relay = relays.iter().find(|r| Some(&r.info.peer_id) == closest.first()).context("no group relay")?;
+    let group_relay = group_relay.info.clone();
+
+    // The members: keys, connections, a Hello to the group's relay and to their mailbox's.
+    let identities = tokio::task::block_in_place(|| make_identities(&options.dir.join("members"), members))?;
+    let gateway = &gateway;
+    let connected: Vec<anyhow::Result<(Device, RelayInfo)>> = futures::stream::iter(identities.into_iter().enumerate())
+        .map(|(i, identity)| {
+            let group_relay = group_relay.clone();
+            async move {
+                let device = Device::of(identity, 100_000 + i as u64, gateway)?;
+                let (mailbox_relays, _) = device.hello(&group_relay).await?;
+                let mailbox = mailbox_relays.first().context("no mailbox relay")?.clone();
+                device.hello(&mailbox).await?;
+                Ok((device, mailbox))
+            }
+        })
+        .buffer_unordered(concurrency)
+        .collect()
+        .await;
+    let members: Vec<Arc<(Device, RelayInfo)>> =
+        connected.into_iter().collect::<anyhow::Result<Vec<_>>>()?.into_iter().map(Arc::new).collect();
+    let count = members.len();
+
+    // One group post.
+    let parked = members
+        .iter()
+        .map(|m| {
+            let (m, group_relay) = (Arc::clone(m), group_relay.clone());
+            async move {
+                let read = MailboxRequest::GroupFetch {
+                    groups: vec![GroupCursor { group, from: 0 }],
+                    max: 16,
+                    wait_ms: READ_WAIT_MS,
+                };
+                let answer = m.0.call(&group_relay, read).await?;
+                let at = now_ns();
+                let MailboxResponse::GroupEnvelopes { groups } = answer else {
+                    bail!("GroupFetch answered {answer:?}")
+                };
+                let envelope = groups.first().and_then(|g| g.envelopes.first()).context("an empty answer")?;
+                let seal = GroupSeal::verify(envelope)?;
+                epoch_key.open(&envelope.from_device, &envelope.id, &group, 0, &seal.ciphertext)?;
+                Ok(at)
+            }
+        })
+        .collect::<Vec<_>>();
+    let reads = tokio::spawn(futures::future::join_all(parked.into_iter().map(tokio::spawn)));
+    settle(count).await;
+    let start = now_ns();
+    let mut post = Envelope {
+        id: EnvelopeId::random(),
+        from_user: sender.user,
+        from_device: sender.identity.peer_id(),
+        to_user: UserId(0),
+        to_device: group.mailbox(),
+        sent_at_ms: unix_ms(),
+        seq: 0,
+        sealed: Vec::new(),
+    };
+    let body = Body::Text { text: TEXT.into(), reply_to: None };
+    let ciphertext = epoch_key.seal(&sender.identity.keypair, &post.id, &group, 0, MessageId::random(), body);
+    GroupSeal::seal(&mut post, group, cert, &epoch_key.post_keypair(), ciphertext);
+    let stored_bytes = 2 * post.encoded_len();
+    match sender.call(&group_relay, MailboxRequest::Post { envelopes: vec![post] }).await? {
+        MailboxResponse::Stored { .. } => {}
+        other => bail!("Post answered {other:?}"),
+    }
+    let group_delivery = collect(start, reads.await?, stored_bytes);
+
+    // The same message as one envelope per member, each to its own mailbox.
+    let parked = members
+        .iter()
+        .map(|m| {
+            let m = Arc::clone(m);
+            async move {
+                let fetch = MailboxRequest::Fetch { max: 16, wait_ms: READ_WAIT_MS, ack: Vec::new() };
+                let answer = m.0.call(&m.1, fetch).await?;
+                let at = now_ns();
+                let MailboxResponse::Envelopes { envelopes, .. } = answer else { bail!("Fetch answered {answer:?}") };
+                let envelope = envelopes.first().context("an empty answer")?;
+                seal::open(&m.0.identity, &envelope.id, &envelope.sealed)?;
+                Ok(at)
+            }
+        })
+        .collect::<Vec<_>>();
+    let reads = tokio::spawn(futures::future::join_all(parked.into_iter().map(tokio::spawn)));
+    settle(count).await;
+    let start = now_ns();
+    let mut envelopes = Vec::with_capacity(count);
+    for m in &members {
+        let id = EnvelopeId::random();
+        envelopes.push(Envelope {
+            id,
+            from_user: sender.user,
+            from_device: sender.identity.peer_id(),
+            to_user: m.0.user,
+            to_device: m.0.identity.peer_id(),
+            sent_at_ms: unix_ms(),
+            seq: 0,
+            sealed: seal::seal(&sender.identity, &m.0.identity.noise_public, &id, TEXT.as_bytes())?,
+        });
+    }
+    let stored_bytes = 2 * envelopes.iter().map(Envelope::encoded_len).sum::<usize>();
+    for batch in envelopes.chunks(MAX_ENVELOPES_PER_BATCH) {
+        match sender.call(&relays[0].info, MailboxRequest::Send { envelopes: batch.to_vec() }).await? {
+            MailboxResponse::Stored { .. } => {}
+            other => bail!("Send answered {other:?}"),
+        }
+    }
+    let direct_delivery = collect(start, reads.await?, stored_bytes);
+    drop(relays);
+    Ok(GroupFigures { members: count, group: group_delivery, direct: direct_delivery })
+}
+
+/// Gives the members' reads time to reach the relays and park (a read that has not will find
+/// the message when it comes; it only counts as later).
+async fn settle(members: usize) {
+    tokio::time::sleep(Duration::from_millis(1_000 + members as u64)).await;
+}
+
+type Reads = Vec<Result<anyhow::Result<u64>, tokio::task::JoinError>>;
+
+fn collect(start: u64, reads: Reads, stored_bytes: usize) -> Delivery {
+    let mut latencies = Vec::new();
+    for read in reads {
+        match read {
+            Ok(Ok(at)) => latencies.push(at.saturating_sub(start)),
+            Ok(Err(e)) => eprintln!("  a member's read failed: {e:#}"),
+            Err(e) => eprintln!("  a member's read task failed: {e}"),
+        }
+    }
+    let all = Duration::from_nanos(latencies.iter().copied().max().unwrap_or(0));
+    Delivery { delivered: latencies.len(), latency: Percentiles::of(latencies), all, stored_bytes }
+}

@@ -1,0 +1,140 @@
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use libp2p::identity::ed25519;
+use meshgram_node::crypto::group::EpochKey;
+use meshgram_node::ids::{UserId, now_ms};
+use meshgram_node::proto::envelope::{Envelope, EnvelopeId};
+use meshgram_node::proto::group::{GroupCursor, GroupId, GroupSeal, PostCert};
+use meshgram_node::proto::{ErrorCode, MailboxRequest, MailboxResponse};
+use meshgram_tests::{Mesh, RawClient, meshgram, start_node, str_field, u64_field, unix_now};
+
+use super::{gateway_key, group_texts, held_by_relays_now, relays_by_group_distance, wait_for_texts};
+
+const ADMIN: &str = "+15550005001";
+const SUB1: &str = "+15550005002";
+const SUB2: &str = "+15550005003";
+const READER: &str = "+15550005004";
+
+/// Waits (bounded) until `profile`'s `channel info` says `want` subscribers.
+fn wait_for_subscribers(profile: &Path, channel: &str, want: u64) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let info = meshgram(profile, &["channel", "info", channel]).ok_json();
+        if info["subscribers"] == want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "never {want} subscribers: {info}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_public_channel_is_read_from_its_link_only_its_admin_posts_and_subscribers_are_counted() {
+    let mesh = Mesh::start(3, 2);
+    let [admin, sub1, sub2, reader] = ["admin", "sub1", "sub2", "reader"].map(|n| mesh.new_profile(n));
+    for (profile, phone) in [(&admin, ADMIN), (&sub1, SUB1), (&sub2, SUB2), (&reader, READER)] {
+        mesh.login(profile, phone);
+    }
+    let created = meshgram(&admin, &["channel", "create", "News"]).ok_json();
+    assert_eq!((created["kind"].as_str(), created["public"].as_bool()), (Some("channel"), Some(true)), "{created}");
+    let channel = str_field(&created, "id").to_string();
+    for text in ["first post", "second post"] {
+        meshgram(&admin, &["channel", "post", &channel, text]).ok_json();
+    }
+    let link = str_field(&meshgram(&admin, &["channel", "link", &channel]).ok_json(), "link").to_string();
+
+    // Read by someone who is not subscribed, from the link alone.
+    let read = meshgram(&reader, &["channel", "read", &link]).ok_json();
+    let shown: Vec<&str> =
+        read.as_array().unwrap().iter().filter(|m| m["notice"] != true).map(|m| str_field(m, "text")).collect();
+    assert_eq!(shown, ["first post", "second post"], "{read}");
+    assert_eq!(meshgram(&reader, &["channel", "info", &channel]).ok_json()["title"], "News");
+
+    // Subscribers are counted by the admin's device, and see the count.
+    let _node = start_node(&admin);
+    meshgram(&sub1, &["channel", "subscribe", &link]).ok_json();
+    meshgram(&sub2, &["channel", "subscribe", &link]).ok_json();
+    wait_for_subscribers(&admin, &channel, 2);
+    wait_for_subscribers(&sub1, &channel, 2);
+    meshgram(&admin, &["channel", "post", &channel, "third post"]).ok_json();
+    assert_eq!(wait_for_texts(&sub2, &channel, 3), ["first post", "second post", "third post"]);
+
+    // Only its admin posts: refused by a subscriber's client, and by the relays to a
+    // subscriber's device that signs with what it has (the channel's key) under the admin's
+    // certificate, or under a certificate of its own.
+    let refused = meshgram(&sub1, &["channel", "post", &channel, "mine now"]).expect_err(&["FORBIDDEN"]);
+    assert!(str_field(&refused, "message").contains("only admins"), "{refused}");
+    let group: GroupId = channel.parse().unwrap();
+    let holder = relays_by_group_distance(&mesh, &channel)[0];
+    let raw = RawClient::of_profile(&mesh.relays[holder].tcp_addr(), &sub1);
+    let sub1_user = u64_field(&meshgram(&sub1, &["whoami"]).ok_json()["account"], "user_id");
+    let cert = raw.cert(&gateway_key(&mesh), sub1_user, unix_now() - 60, unix_now() + 3600);
+    assert!(matches!(raw.call(MailboxRequest::Hello { cert }).await, MailboxResponse::Welcome { .. }));
+    let fetched = match raw
+        .call(MailboxRequest::GroupFetch { groups: vec![GroupCursor { group, from: 0 }], max: 1, wait_ms: 0 })
+        .await
+    {
+        MailboxResponse::GroupEnvelopes { groups } => groups[0].envelopes[0].clone(),
+        other => panic!("{other:?}"),
+    };
+    let admin_cert = GroupSeal::verify(&fetched).unwrap().cert;
+    let key_hex = link.rsplit('/').next().unwrap();
+    let channel_key = EpochKey(meshgram_node::ids::parse_hex::<32>(key_hex).unwrap());
+    let own = ed25519::Keypair::generate();
+    let held = held_by_relays_now(&mesh, &channel).await;
+    for (cert, signer) in [
+        (admin_cert.clone(), channel_key.post_keypair()),
+        (PostCert::sign(&own, 0, channel_key.post_keypair().public().to_bytes()), channel_key.post_keypair()),
+    ] {
+        let mut post = Envelope {
+            id: EnvelopeId::random(),
+            from_user: UserId(sub1_user),
+            from_device: raw.device(),
+            to_user: UserId(0),
+            to_device: group.mailbox(),
+            sent_at_ms: now_ms(),
+            seq: 0,
+            sealed: Vec::new(),
+        };
+        GroupSeal::seal(&mut post, group, cert, &signer, b"a subscriber's post".to_vec());
+        match raw.call(MailboxRequest::Post { envelopes: vec![post] }).await {
+            MailboxResponse::Error(e) => assert_eq!(e.code, ErrorCode::Forbidden, "{e}"),
+            other => panic!("a subscriber's post was taken: {other:?}"),
+        }
+    }
+    assert_eq!(held_by_relays_now(&mesh, &channel).await, held, "nothing stored");
+
+    meshgram(&sub2, &["channel", "unsubscribe", &channel]).ok_json();
+    wait_for_subscribers(&admin, &channel, 1);
+    assert!(mesh.relay_files_containing(b"second post").is_empty());
+}
+
+#[test]
+fn a_private_channel_lets_subscribers_in_by_invite_and_nobody_reads_it_from_the_link() {
+    let mesh = Mesh::start(3, 2);
+    let [admin, sub1, reader] = ["admin", "sub1", "reader"].map(|n| mesh.new_profile(n));
+    for (profile, phone) in [(&admin, ADMIN), (&sub1, SUB1), (&reader, READER)] {
+        mesh.login(profile, phone);
+    }
+    let created = meshgram(&admin, &["channel", "create", "Insiders", "--private"]).ok_json();
+    assert_eq!(created["public"], false, "{created}");
+    let channel = str_field(&created, "id").to_string();
+    meshgram(&admin, &["channel", "post", &channel, "for subscribers 5e1d"]).ok_json();
+    let link = str_field(&meshgram(&admin, &["channel", "link", &channel]).ok_json(), "link").to_string();
+    assert!(link.starts_with("meshgram:join/"), "{link}");
+
+    assert_eq!(meshgram(&reader, &["channel", "read", &link]).expect_err(&["USAGE"])["code"], "USAGE");
+    let _node = start_node(&admin);
+    meshgram(&sub1, &["channel", "subscribe", &link]).ok_json();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while meshgram(&sub1, &["channel", "info", &channel]).status.code() != Some(0) {
+        assert!(Instant::now() < deadline, "the subscriber was never let in");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    // A channel shows its history to new subscribers.
+    assert_eq!(wait_for_texts(&sub1, &channel, 1), ["for subscribers 5e1d"]);
+    wait_for_subscribers(&admin, &channel, 1);
+    assert_eq!(group_texts(&admin, &channel), ["for subscribers 5e1d"]);
+    assert!(mesh.relay_files_containing(b"5e1d").is_empty());
+}
