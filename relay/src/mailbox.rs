@@ -49,6 +49,8 @@ pub(crate) enum Done {
     ParkGroups { peer: PeerId, fetch: GroupRead, arrivals: u64 },
     /// Background work that answers nobody.
     Nothing,
+    /// What one task did for several readers (a group message pushed to all its readers).
+    Many(Vec<Done>),
 }
 
 impl Done {
@@ -97,9 +99,9 @@ pub(crate) struct Mailboxes {
     /// mailbox: who reads which group is what this relay learns of a group's members.
     parked_groups: HashMap<PeerId, GroupRead>,
     group_readers: HashMap<PeerId, HashSet<PeerId>>,
-    /// Counts group messages committed here, so a group fetch that read just before one is not
-    /// parked past it.
-    group_arrivals: u64,
+    /// Counts the messages committed here per group mailbox, so a group fetch that read just
+    /// before one is not parked past it (only its own groups' counts matter).
+    group_arrivals: HashMap<PeerId, u64>,
     /// The newest epoch seen per group: posts of older epochs (by members removed since) are
     /// refused. Filled from posts here and, for a group not seen since start, from the newest
     /// message the store holds.
@@ -123,7 +125,7 @@ impl Mailboxes {
             parked: HashMap::new(),
             parked_groups: HashMap::new(),
             group_readers: HashMap::new(),
-            group_arrivals: 0,
+            group_arrivals: HashMap::new(),
             group_epochs: HashMap::new(),
             send_limiter,
             replica_deletes: DeleteForwarder::start(Arc::clone(&replicas.pipes)),
@@ -220,14 +222,14 @@ impl Mailboxes {
                 }
             }
             Done::ParkGroups { peer, fetch, arrivals } => {
-                if arrivals != self.group_arrivals {
-                    return self.spawn_group_fetch(peer, fetch);
-                }
                 if self.sessions.get(&peer).is_none() {
                     if self.sessions.is_signed_out(&peer) {
                         self.respond(fetch.channel, session_revoked());
                     }
                     return;
+                }
+                if arrivals != self.arrivals_in(&fetch.cursors) {
+                    return self.spawn_group_fetch(peer, fetch);
                 }
                 self.park_groups(peer, fetch);
             }
@@ -239,6 +241,11 @@ impl Mailboxes {
                 }
             }
             Done::Nothing => {}
+            Done::Many(done) => {
+                for one in done {
+                    self.finish(one);
+                }
+            }
         }
     }
 
@@ -312,11 +319,21 @@ impl Mailboxes {
     pub(crate) fn wake(&mut self, mailboxes: Vec<PeerId>) {
         for mailbox in mailboxes {
             if is_group_mailbox(&mailbox) {
-                self.group_arrivals += 1;
-                for reader in self.group_readers.get(&mailbox).cloned().unwrap_or_default() {
-                    if let Some(read) = self.unpark_groups(&reader) {
-                        self.spawn_group_fetch(reader, read);
-                    }
+                if self.group_arrivals.len() >= MAX_GROUP_EPOCHS_KEPT && !self.group_arrivals.contains_key(&mailbox) {
+                    // Only parked reads compare counts; they re-read once at worst.
+                    self.group_arrivals.clear();
+                }
+                *self.group_arrivals.entry(mailbox).or_default() += 1;
+                let readers: Vec<(PeerId, GroupRead)> = self
+                    .group_readers
+                    .get(&mailbox)
+                    .cloned()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter_map(|reader| self.unpark_groups(&reader).map(|read| (reader, read)))
+                    .collect();
+                if !readers.is_empty() {
+                    self.spawn_group_push(mailbox, readers);
                 }
                 continue;
             }
@@ -382,8 +399,23 @@ impl Mailboxes {
         if let Err(refusal) = check_envelopes(&peer, cert, &envelopes) {
             return self.respond(channel, MailboxResponse::Error(refusal));
         }
+        if let Some(e) = envelopes.iter().find(|e| !is_group_mailbox(&e.to_device)) {
+            let why = format!("envelope {} is addressed to a device: send it with Send", e.id);
+            return self.respond(channel, refuse(ErrorCode::BadRequest, why));
+        }
+        if let Err(refusal) = self.check_group_posts(&envelopes) {
+            return self.respond(channel, MailboxResponse::Error(refusal));
+        }
+        self.replicate(cert, envelopes, channel, now, known);
+    }
+
+    /// Checks the group messages among `envelopes` as a relay can (see [`GroupSeal::verify`]),
+    /// and that each is of the newest epoch this relay knows for its group, which it then
+    /// remembers. Each copy's relay checks again (`replica::store`), so a removed member cannot
+    /// post through a relay that holds no copy and so knows no newer epoch.
+    pub(crate) fn check_group_posts(&mut self, envelopes: &[Envelope]) -> Result<(), WireError> {
         let mut newest: HashMap<GroupId, u64> = HashMap::new();
-        for envelope in &envelopes {
+        for envelope in envelopes.iter().filter(|e| is_group_mailbox(&e.to_device)) {
             let checked = GroupSeal::verify(envelope).and_then(|seal| {
                 let current = self.group_epoch(&seal.group);
                 if seal.cert.epoch < current {
@@ -401,15 +433,19 @@ impl Mailboxes {
                         GroupWireError::Malformed(_) => ErrorCode::BadRequest,
                         _ => ErrorCode::Forbidden,
                     };
-                    return self.respond(channel, refuse(code, format!("envelope {}: {e}", envelope.id)));
+                    return Err(WireError::new(code, format!("envelope {}: {e}", envelope.id)));
                 }
             }
+        }
+        // Relearned from the store when dropped: a bound on what group ids cost in memory.
+        if self.group_epochs.len() > MAX_GROUP_EPOCHS_KEPT {
+            self.group_epochs.clear();
         }
         for (group, epoch) in newest {
             let known_epoch = self.group_epochs.entry(group).or_default();
             *known_epoch = (*known_epoch).max(epoch);
         }
-        self.replicate(cert, envelopes, channel, now, known);
+        Ok(())
     }
 
     /// The newest epoch of `group` this relay knows of.
@@ -575,7 +611,7 @@ impl Mailboxes {
     /// Reads a group fetch's cursors on a task; answers, or parks until its deadline if
     /// nothing is new.
     fn spawn_group_fetch(&mut self, peer: PeerId, read: GroupRead) {
-        let (store, arrivals) = (self.store.clone(), self.group_arrivals);
+        let (store, arrivals) = (self.store.clone(), self.arrivals_in(&read.cursors));
         self.tasks.spawn(async move {
             let mut left = read.max as usize;
             let mut groups = Vec::new();
@@ -601,13 +637,59 @@ impl Mailboxes {
         });
     }
 
+    /// What has arrived in these groups here, summed: changes when any of them gets a message.
+    fn arrivals_in(&self, cursors: &[GroupCursor]) -> u64 {
+        cursors
+            .iter()
+            .map(|c| self.group_arrivals.get(&c.group.mailbox()).copied().unwrap_or(0))
+            .fold(0, u64::wrapping_add)
+    }
+
+    /// Answers the reads parked on one group mailbox with what just arrived there, from one
+    /// store read for all of them (a channel's thousands of readers cost one read, not one each).
+    /// Their other groups had nothing: they were parked.
+    fn spawn_group_push(&mut self, mailbox: PeerId, readers: Vec<(PeerId, GroupRead)>) {
+        let store = self.store.clone();
+        let arrivals: Vec<u64> = readers.iter().map(|(_, read)| self.arrivals_in(&read.cursors)).collect();
+        self.tasks.spawn(async move {
+            let cursor_of = |read: &GroupRead| read.cursors.iter().find(|c| c.group.mailbox() == mailbox).copied();
+            let from = readers.iter().filter_map(|(_, read)| cursor_of(read)).map(|c| c.from).min().unwrap_or(0);
+            let (found, more) = match store.fetch_from(mailbox, from, MAX_ENVELOPES_PER_BATCH) {
+                Ok(found) => found,
+                Err(e) => {
+                    tracing::error!(error = %e, "reading a group mailbox failed");
+                    return Done::Many(
+                        readers.into_iter().map(|(_, read)| Done::answer(read.channel, internal(&e))).collect(),
+                    );
+                }
+            };
+            let mut done = Vec::with_capacity(readers.len());
+            for ((peer, read), arrivals) in readers.into_iter().zip(arrivals) {
+                let Some(cursor) = cursor_of(&read) else { continue };
+                let mine: Vec<&(u64, Envelope)> = found.iter().filter(|(arrival, _)| *arrival >= cursor.from).collect();
+                if mine.is_empty() {
+                    done.push(Done::ParkGroups { peer, fetch: read, arrivals });
+                    continue;
+                }
+                let take = mine.len().min(read.max as usize);
+                let next = mine[take - 1].0 + 1;
+                let envelopes = mine[..take].iter().map(|(_, e)| e.clone()).collect();
+                let batch = GroupBatch { group: cursor.group, envelopes, next, more: more || take < mine.len() };
+                done.push(Done::answer(read.channel, MailboxResponse::GroupEnvelopes { groups: vec![batch] }));
+            }
+            Done::Many(done)
+        });
+    }
+
     fn park_groups(&mut self, peer: PeerId, read: GroupRead) {
+        // A newer read from the same device replaces an older one, which answers empty.
+        if let Some(old) = self.unpark_groups(&peer) {
+            self.respond(old.channel, MailboxResponse::GroupEnvelopes { groups: Vec::new() });
+        }
         for cursor in &read.cursors {
             self.group_readers.entry(cursor.group.mailbox()).or_default().insert(peer);
         }
-        if let Some(old) = self.parked_groups.insert(peer, read) {
-            self.respond(old.channel, MailboxResponse::GroupEnvelopes { groups: Vec::new() });
-        }
+        self.parked_groups.insert(peer, read);
     }
 
     /// Takes `peer`'s parked group fetch out, if it has one, and forgets it as a reader.
@@ -648,6 +730,9 @@ impl Mailboxes {
         }
     }
 }
+
+/// Groups whose newest epoch a relay keeps in memory at most (more are read from the store again).
+const MAX_GROUP_EPOCHS_KEPT: usize = 100_000;
 
 /// Each envelope must come from the connection's device and account, fit the size limit, and
 /// the batch must fit the batch limit.

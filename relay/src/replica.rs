@@ -195,6 +195,13 @@ impl ReplicaServer {
         if let Some(why) = self.store.failure() {
             return channel.respond(refuse(ErrorCode::Unavailable, store_failed(why)));
         }
+        // A new group message is checked by each relay that keeps it, against the newest epoch
+        // it knows; a repaired one (`until`) was checked when first stored.
+        if until.is_none()
+            && let Err(refusal) = mailboxes.check_group_posts(&envelopes)
+        {
+            return channel.respond(ReplicaResponse::Error(refusal));
+        }
         let (store, put) = (self.store.clone(), mailboxes.put_and_push(&envelopes, now, until));
         self.tasks.spawn(async move {
             let mailboxes: HashSet<PeerId> = envelopes.iter().map(|e| e.to_device).collect();

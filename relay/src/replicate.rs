@@ -123,7 +123,9 @@ async fn store_group(
         let queued = if target == replicas.local { local_put.take() } else { None };
         store_on(replicas, target, batch.to_vec(), queued, now)
     };
-    let copies = copy_to_closest("an envelope", targets, need, &[ErrorCode::QuotaExceeded], copy_to).await?;
+    // A full mailbox, or a group message a copy's relay refuses (an epoch over): every relay would.
+    let final_codes = [ErrorCode::QuotaExceeded, ErrorCode::Forbidden];
+    let copies = copy_to_closest("an envelope", targets, need, &final_codes, copy_to).await?;
     let on_local = copies.iter().any(|(target, _)| *target == replicas.local);
     let mut duplicates: Option<HashSet<EnvelopeId>> = None;
     for (_, dups) in copies {

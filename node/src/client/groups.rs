@@ -324,27 +324,25 @@ impl Groups {
         Ok(())
     }
 
-    fn take_waiting(&self, chat: UserId) -> Result<Vec<Envelope>, HistoryError> {
-        let tx = self.history.db().begin_write()?;
+    /// The group's messages waiting to be opened; each stays until [`Groups::unwait`].
+    fn waiting(&self, chat: UserId) -> Result<Vec<Envelope>, HistoryError> {
+        let tx = self.history.db().begin_read()?;
+        let table = tx.open_table(GROUP_WAITING)?;
         let mut out = Vec::new();
-        {
-            let mut table = tx.open_table(GROUP_WAITING)?;
-            let keys: Vec<[u8; 16]> = table
-                .range((chat.0, &[0u8; 16])..=(chat.0, &[0xffu8; 16]))?
-                .filter_map(|e| e.ok())
-                .map(|(k, v)| {
-                    if let Ok(envelope) = postcard::from_bytes::<Envelope>(v.value()) {
-                        out.push(envelope);
-                    }
-                    *k.value().1
-                })
-                .collect();
-            for id in &keys {
-                table.remove((chat.0, id))?;
+        for entry in table.range((chat.0, &[0u8; 16])..=(chat.0, &[0xffu8; 16]))? {
+            if let Ok(envelope) = postcard::from_bytes::<Envelope>(entry?.1.value()) {
+                out.push(envelope);
             }
         }
-        tx.commit()?;
         Ok(out)
+    }
+
+    /// A waiting message was opened (or dropped) at last.
+    fn unwait(&self, chat: UserId, id: &EnvelopeId) -> Result<(), HistoryError> {
+        let tx = self.history.db().begin_write()?;
+        tx.open_table(GROUP_WAITING)?.remove((chat.0, &id.0))?;
+        tx.commit()?;
+        Ok(())
     }
 }
 
@@ -562,7 +560,7 @@ impl Messenger {
             r.links.push(secret);
             Some((r, ()))
         })?;
-        let record = self.group_record(group)?;
+        // `record`, which `state` comes from: a version that came in meanwhile refuses it.
         self.change_state(record, state, false, Vec::new()).await?;
         Ok(Link { group: *group, admin: me, secret }.to_string())
     }
@@ -688,10 +686,11 @@ impl Messenger {
     ) -> Result<GroupInfo, MessagingError> {
         let group = state.group;
         let before = record.state.clone();
-        state.version = before.version + 1;
+        let exhausted = || GroupError::Invalid("the group's versions are used up".into());
+        state.version = before.version.checked_add(1).ok_or_else(exhausted)?;
         state.changed_by = self.me();
         if rekey {
-            state.epoch = before.epoch + 1;
+            state.epoch = before.epoch.checked_add(1).ok_or_else(exhausted)?;
         }
         let new_key = EpochKey::random();
         let saved = self.groups()?.update(group.chat_number(), |r| {
@@ -742,7 +741,15 @@ impl Messenger {
         })?;
         let mut envelopes = Vec::new();
         for member in &record.state.members {
-            let card = self.card(LookupQuery::UserId(member.user), CARD_FRESH_SECS).await?;
+            let card = match self.card(LookupQuery::UserId(member.user), CARD_FRESH_SECS).await {
+                Ok(card) => card,
+                // An account that is gone is no one to tell; the others still are.
+                Err(e) if !e.is_transient() => {
+                    tracing::warn!(%group, user = %member.user, error = %e, "a member's card is gone; not telling them");
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             let body = Body::GroupState {
                 state: Box::new(record.state.clone()),
                 epoch_key: key.0,
@@ -783,51 +790,61 @@ impl Messenger {
     /// What an admin's device does on its own: delivers states not yet delivered, and applies
     /// members' join and leave requests. Returns the groups it changed.
     pub async fn group_maintain(&mut self) -> Result<Vec<GroupInfo>, MessagingError> {
-        let me = self.me();
         let mut changed = Vec::new();
         for record in self.groups()?.all()? {
             let group = record.state.group;
-            if !record.active {
-                continue;
-            }
-            if record.unpublished.is_some() {
-                self.publish_group(&group).await?;
-            }
-            if record.requests.is_empty() || !record.state.is_admin(me) {
-                continue;
-            }
-            if record.state.is_channel() {
-                changed.extend(self.apply_subscriptions(&record).await?);
-                continue;
-            }
-            let mut state = record.state.clone();
-            let mut removed = Vec::new();
-            for request in &record.requests {
-                match *request {
-                    GroupRequest::Join(user)
-                        if state.member(user).is_none() && state.members.len() < MAX_GROUP_MEMBERS =>
-                    {
-                        state.members.push(Member { user, admin: false });
-                    }
-                    GroupRequest::Leave(user) if state.member(user).is_some() && user != me => {
-                        state.members.retain(|m| m.user != user);
-                        state.invites.retain(|i| i.admin != user);
-                        removed.push(user);
-                    }
-                    _ => {}
-                }
-            }
-            let requests = record.requests.clone();
-            self.groups()?.update(group.chat_number(), |r| {
-                let mut r = r?;
-                r.requests.retain(|q| !requests.contains(q));
-                Some((r, ()))
-            })?;
-            if state.members != record.state.members {
-                let record = self.group_record(&group)?;
-                changed.push(self.change_state(record, state, true, removed).await?);
+            // One group that cannot be served now holds up no other.
+            match self.maintain(record).await {
+                Ok(Some(info)) => changed.push(info),
+                Ok(None) => {}
+                Err(e) => tracing::info!(%group, error = %e, "the group's pending changes wait"),
             }
         }
+        Ok(changed)
+    }
+
+    async fn maintain(&mut self, record: GroupRecord) -> Result<Option<GroupInfo>, MessagingError> {
+        let me = self.me();
+        let group = record.state.group;
+        if !record.active {
+            return Ok(None);
+        }
+        if record.unpublished.is_some() {
+            self.publish_group(&group).await?;
+        }
+        if record.requests.is_empty() || !record.state.is_admin(me) {
+            return Ok(None);
+        }
+        if record.state.is_channel() {
+            return Ok(self.apply_subscriptions(&record).await?.pop());
+        }
+        let mut state = record.state.clone();
+        let mut removed = Vec::new();
+        for request in &record.requests {
+            match *request {
+                GroupRequest::Join(user) if state.member(user).is_none() && state.members.len() < MAX_GROUP_MEMBERS => {
+                    state.members.push(Member { user, admin: false });
+                }
+                GroupRequest::Leave(user) if state.member(user).is_some() && user != me => {
+                    state.members.retain(|m| m.user != user);
+                    state.invites.retain(|i| i.admin != user);
+                    removed.push(user);
+                }
+                _ => {}
+            }
+        }
+        let requests = record.requests.clone();
+        let changed = match state.members != record.state.members {
+            // `record`, which `state` comes from: a version that came in meanwhile refuses it,
+            // and the requests wait for the next round.
+            true => Some(self.change_state(record, state, true, removed).await?),
+            false => None,
+        };
+        self.groups()?.update(group.chat_number(), |r| {
+            let mut r = r?;
+            r.requests.retain(|q| !requests.contains(q));
+            Some((r, ()))
+        })?;
         Ok(changed)
     }
 
@@ -947,9 +964,9 @@ impl Messenger {
         let mut inbox = Inbox::default();
         let records: Vec<GroupRecord> = self.groups()?.all()?.into_iter().filter(|r| r.active).collect();
         for record in &records {
-            let waiting = self.g().take_waiting(record.state.group.chat_number())?;
+            let waiting = self.g().waiting(record.state.group.chat_number())?;
             if !waiting.is_empty() {
-                self.apply_group_batch(record.state.group, waiting, &mut inbox).await?;
+                self.apply_group_batch(record.state.group, waiting, true, &mut inbox).await?;
             }
         }
         if records.is_empty() {
@@ -1035,7 +1052,7 @@ impl Messenger {
             if !records.iter().any(|r| r.state.group == group) {
                 continue;
             }
-            self.apply_group_batch(group, envelopes, inbox).await?;
+            self.apply_group_batch(group, envelopes, false, inbox).await?;
             // After the history commit: a crash before it reads the batch again (deduplicated).
             self.g().set_cursor(group.chat_number(), &relay.peer_id, next)?;
             more |= cut;
@@ -1048,11 +1065,15 @@ impl Messenger {
         &mut self,
         group: GroupId,
         envelopes: Vec<Envelope>,
+        waited: bool,
         inbox: &mut Inbox,
     ) -> Result<(), MessagingError> {
         let chat = group.chat_number();
         for envelope in crate::client::messaging::delivery_order(envelopes) {
             if self.h().seen(&envelope.id)? {
+                if waited {
+                    self.g().unwait(chat, &envelope.id)?;
+                }
                 continue;
             }
             // Read again each time: a state change earlier in the batch may bring the key.
@@ -1062,11 +1083,17 @@ impl Messenger {
                 Opened::NotForUs => {
                     self.h().mark_seen(envelope.id)?;
                 }
-                Opened::Later => self.g().wait(chat, &envelope)?,
-                Opened::Bad(why) => {
-                    tracing::warn!(%group, envelope = %envelope.id, %why, "dropping a group message");
-                    self.h().drop_envelope(envelope.id)?;
+                Opened::Later => {
+                    if !waited {
+                        self.g().wait(chat, &envelope)?;
+                    }
+                    continue;
                 }
+                // Not marked seen: a good copy of the same id may come from another relay.
+                Opened::Bad(why) => tracing::warn!(%group, envelope = %envelope.id, %why, "skipping a group message"),
+            }
+            if waited {
+                self.g().unwait(chat, &envelope.id)?;
             }
         }
         Ok(())
@@ -1116,6 +1143,10 @@ impl Messenger {
         }
         // Someone removed since may have posted before; nobody else. (In a channel the post
         // key, the admin key, is what makes an author.)
+        let known_admins = state.is_channel() && !state.members.is_empty();
+        if known_admins && !state.is_admin(user) {
+            return Opened::Bad(format!("{user} is not an admin of the channel"));
+        }
         if !state.is_channel() && state.member(user).is_none() && epoch >= state.epoch {
             return Opened::Bad(format!("{user} is not a member"));
         }
@@ -1258,7 +1289,8 @@ impl Messenger {
                 let asked = self.groups()?.update(group.chat_number(), |r| {
                     let mut r = r?;
                     let theirs = r.state.member(sender).is_some() || r.state.is_channel();
-                    (r.active && theirs && !r.requests.contains(&GroupRequest::Leave(sender))).then(|| {
+                    let ours = r.active && r.state.is_admin(me);
+                    (ours && theirs && !r.requests.contains(&GroupRequest::Leave(sender))).then(|| {
                         r.requests.push(GroupRequest::Leave(sender));
                         (r, ())
                     })
@@ -1323,15 +1355,15 @@ impl Messenger {
                 let state = state_for_update;
                 match before {
                     Some(mut r) if r.active => {
-                        if state.version <= r.state.version || !r.state.is_admin(sender) {
-                            return None;
-                        }
-                        if state.epoch < r.state.epoch
-                            || (state.epoch == r.state.epoch && r.current_key().is_some_and(|k| *k != key))
-                        {
+                        // Two admins' changes of the same version: every device keeps the one
+                        // with the lower hash, so all end up with the same state and key.
+                        let newer = state.version > r.state.version
+                            || (state.version == r.state.version && tie_break(&state) < tie_break(&r.state));
+                        if !newer || !r.state.is_admin(sender) || state.epoch < r.state.epoch {
                             return None;
                         }
                         let old = r.state.clone();
+                        r.keys.retain(|(epoch, _)| *epoch != state.epoch);
                         r.add_key(state.epoch, key);
                         r.admin_seed = if state.is_admin(me) { admin_seed.or(r.admin_seed) } else { None };
                         r.state = state;
@@ -1340,8 +1372,11 @@ impl Messenger {
                         r.unpublished = None;
                         Some((r, Some(old)))
                     }
-                    _ => {
-                        if !state.is_admin(sender) {
+                    before => {
+                        // A group we were removed from (or left): its last state says who may
+                        // let us back in; a group new here, the state itself.
+                        let authority = before.as_ref().map_or(&state, |r| &r.state);
+                        if !authority.is_admin(sender) {
                             return None;
                         }
                         let record = GroupRecord {
@@ -1677,6 +1712,11 @@ impl std::str::FromStr for ChannelLink {
     }
 }
 
+/// Orders two states of the same version (made by two admins at once): the lower one wins.
+fn tie_break(state: &GroupState) -> [u8; 32] {
+    *blake3::hash(&postcard::to_stdvec(state).expect("invariant: states serialize")).as_bytes()
+}
+
 /// The public key an epoch's posts are signed with: the members' (from the epoch key) in a
 /// group, the admin key itself in a channel (so only admins post).
 fn post_key_of(kind: GroupKind, admin_key: &[u8; 32], key: &EpochKey) -> [u8; 32] {
@@ -1703,5 +1743,53 @@ fn placeholder_info(id: GroupId) -> GroupInfo {
         admin: false,
         links: Vec::new(),
         unpublished: false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::seal::MAX_SEALED_PAYLOAD;
+    use crate::proto::MAX_ENVELOPE_SIZE;
+
+    #[test]
+    fn the_largest_state_fits_one_sealed_envelope() {
+        let admin = ed25519::Keypair::generate();
+        let admin_key = admin.public().to_bytes();
+        let state = GroupState {
+            group: GroupId::of_admin_key(&admin_key),
+            admin_key,
+            version: u64::MAX,
+            epoch: u64::MAX,
+            title: "ж".repeat(MAX_GROUP_TITLE_CHARS),
+            description: "ж".repeat(MAX_GROUP_DESCRIPTION_CHARS),
+            // The largest account numbers, so each takes the most bytes.
+            members: (0..MAX_GROUP_MEMBERS as u64)
+                .map(|i| Member { user: UserId((1 << 62) + i), admin: true })
+                .collect(),
+            invites: (0..MAX_GROUP_INVITES).map(|_| Invite { hash: [7; 32], admin: UserId(1 << 62) }).collect(),
+            pinned: Some(MessageId::random()),
+            changed_by: UserId(1 << 62),
+            kind: GroupKind::Group,
+            subscribers: u64::MAX,
+        };
+        let cert = PostCert::sign(&admin, u64::MAX, [1; 32]);
+        let body =
+            Body::GroupState { state: Box::new(state), epoch_key: [2; 32], admin_seed: Some(Seed([3; 32])), cert };
+        let payload = Payload { message_id: MessageId::random(), chat_with: UserId(u64::MAX), body };
+        let bytes = postcard::to_stdvec(&payload).unwrap();
+        assert!(bytes.len() <= MAX_SEALED_PAYLOAD, "{} bytes", bytes.len());
+        assert!(bytes.len() + crate::crypto::seal::SEAL_OVERHEAD + 200 < MAX_ENVELOPE_SIZE);
+    }
+
+    #[test]
+    fn links_read_back_and_garbage_is_refused() {
+        let link = Link { group: GroupId([5; 16]), admin: UserId(42), secret: [9; 16] };
+        assert_eq!(link.to_string().parse::<Link>().unwrap(), link);
+        let channel = ChannelLink { channel: GroupId([6; 16]), admin: UserId(7), epoch: 3, key: EpochKey([8; 32]) };
+        assert_eq!(channel.to_string().parse::<ChannelLink>().unwrap(), channel);
+        for bad in ["", "meshgram:join/", "meshgram:join/g00/1/2", "https://x", "meshgram:channel/a/b/c/d/e"] {
+            assert!(bad.parse::<Link>().is_err() && bad.parse::<ChannelLink>().is_err(), "{bad}");
+        }
     }
 }

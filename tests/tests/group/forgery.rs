@@ -139,3 +139,45 @@ async fn posts_by_non_members_and_states_by_non_admins_are_refused_and_nothing_i
     assert_eq!(admins.len(), 1, "{info}");
     assert_eq!(info["members"][0]["admin"], true, "Alice is still the one admin: {info}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_member_posting_with_its_old_key_through_a_relay_that_holds_no_copy_is_refused() {
+    let mesh = Mesh::start(3, 2);
+    let [alice, bob, carol] = ["alice", "bob", "carol"].map(|n| mesh.new_profile(n));
+    for (profile, phone) in [(&alice, ALICE), (&bob, BOB), (&carol, CAROL)] {
+        mesh.login(profile, phone);
+    }
+    let group = create_group(&alice, "Moving on", &[BOB, CAROL]);
+    let group_id: GroupId = group.parse().unwrap();
+    meshgram(&carol, &["group", "info", &group]).ok_json();
+    let kept = {
+        let history = History::open(&carol).unwrap();
+        Groups::open(&history).unwrap().all().unwrap().pop().unwrap()
+    };
+    meshgram(&alice, &["group", "remove", &group, CAROL]).ok_json();
+    meshgram(&alice, &["send", &group, "after carol"]).ok_json();
+    assert_eq!(wait_for_texts(&bob, &group, 1), ["after carol"]);
+
+    // Carol's device, with the key and certificate it had, posts through the one relay that
+    // holds no copy of the group (and so has never seen its new epoch).
+    let order = relays_by_group_distance(&mesh, &group);
+    let raw = raw_device(&mesh, order[2], &carol, &gateway_key(&mesh)).await;
+    let key = *kept.current_key().unwrap();
+    let mut post = Envelope {
+        id: EnvelopeId::random(),
+        from_user: UserId(user_id(&carol)),
+        from_device: raw.device(),
+        to_user: UserId(0),
+        to_device: group_id.mailbox(),
+        sent_at_ms: now_ms(),
+        seq: 0,
+        sealed: Vec::new(),
+    };
+    let body = Body::Text { text: "still here".into(), reply_to: None };
+    let identity = DeviceIdentity::load_or_create(&carol).unwrap();
+    let ciphertext = key.seal(&identity.keypair, &post.id, &group_id, 0, MessageId::random(), body);
+    GroupSeal::seal(&mut post, group_id, kept.cert.clone().unwrap(), &key.post_keypair(), ciphertext);
+    let held = held_by_relays_now(&mesh, &group).await;
+    assert_eq!(refusal(raw.call(MailboxRequest::Post { envelopes: vec![post] }).await), ErrorCode::Forbidden);
+    assert_eq!(held_by_relays_now(&mesh, &group).await, held, "nothing stored");
+}
