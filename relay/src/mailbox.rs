@@ -175,8 +175,8 @@ impl Mailboxes {
         };
         match request {
             MailboxRequest::Hello { .. } => unreachable!("handled above"),
-            MailboxRequest::Send { envelopes } => self.handle_send(peer, &cert, envelopes, channel, now, known),
-            MailboxRequest::Post { envelopes } => self.handle_post(peer, &cert, envelopes, channel, now, known),
+            MailboxRequest::Send { envelopes } => self.handle_send(peer, &cert, envelopes, false, channel, now, known),
+            MailboxRequest::Post { envelopes } => self.handle_send(peer, &cert, envelopes, true, channel, now, known),
             MailboxRequest::GroupFetch { groups, max, wait_ms } => {
                 self.handle_group_fetch(peer, groups, max, wait_ms, channel)
             }
@@ -364,12 +364,16 @@ impl Mailboxes {
         channel.respond(response);
     }
 
-    /// Checks a `Send` and starts its replication.
+    /// Checks a `Send` (`post: false`, to devices' mailboxes) or a `Post` (to groups', each
+    /// checked as [`Mailboxes::check_group_posts`] says; refused as a whole if one is bad: a
+    /// member's client sends none) and starts its replication.
+    #[allow(clippy::too_many_arguments)]
     fn handle_send(
         &mut self,
         peer: PeerId,
         cert: &CertBody,
         envelopes: Vec<Envelope>,
+        post: bool,
         channel: Responder<MailboxResponse>,
         now: u64,
         known: &mut KnownRelays<'_>,
@@ -377,30 +381,11 @@ impl Mailboxes {
         if let Err(refusal) = check_envelopes(&peer, cert, &envelopes) {
             return self.respond(channel, MailboxResponse::Error(refusal));
         }
-        if let Some(e) = envelopes.iter().find(|e| is_group_mailbox(&e.to_device)) {
-            let why = format!("envelope {} is addressed to a group's mailbox: post it with Post", e.id);
-            return self.respond(channel, refuse(ErrorCode::BadRequest, why));
-        }
-        self.replicate(cert, envelopes, channel, now, known);
-    }
-
-    /// Checks a `Post` (see [`GroupSeal::verify`] and the epoch) and starts its replication to
-    /// each group's relays, as a `Send`'s is. Refused as a whole if one message is bad: a
-    /// client that is a member sends none.
-    fn handle_post(
-        &mut self,
-        peer: PeerId,
-        cert: &CertBody,
-        envelopes: Vec<Envelope>,
-        channel: Responder<MailboxResponse>,
-        now: u64,
-        known: &mut KnownRelays<'_>,
-    ) {
-        if let Err(refusal) = check_envelopes(&peer, cert, &envelopes) {
-            return self.respond(channel, MailboxResponse::Error(refusal));
-        }
-        if let Some(e) = envelopes.iter().find(|e| !is_group_mailbox(&e.to_device)) {
-            let why = format!("envelope {} is addressed to a device: send it with Send", e.id);
+        if let Some(e) = envelopes.iter().find(|e| is_group_mailbox(&e.to_device) != post) {
+            let why = match post {
+                true => format!("envelope {} is addressed to a device: send it with Send", e.id),
+                false => format!("envelope {} is addressed to a group's mailbox: post it with Post", e.id),
+            };
             return self.respond(channel, refuse(ErrorCode::BadRequest, why));
         }
         if let Err(refusal) = self.check_group_posts(&envelopes) {

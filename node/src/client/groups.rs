@@ -1615,20 +1615,7 @@ impl Messenger {
     fn record_notice(&self, group: &GroupId, what: &str, text: String) -> Result<(), MessagingError> {
         let mut id = [0u8; 16];
         id.copy_from_slice(&blake3::hash([group.0.as_slice(), what.as_bytes()].concat().as_slice()).as_bytes()[..16]);
-        let notice = StoredMessage {
-            id: MessageId(id),
-            chat: group.chat_number(),
-            from: self.me(),
-            outgoing: false,
-            text,
-            reply_to: None,
-            sent_at_ms: now_ms(),
-            status: Status::Read,
-            edited: false,
-            deleted: false,
-            file: None,
-            notice: true,
-        };
+        let notice = StoredMessage::notice(MessageId(id), group.chat_number(), self.me(), text);
         self.h().record(vec![(None, notice)])?;
         Ok(())
     }

@@ -92,6 +92,27 @@ pub struct StoredMessage {
     pub notice: bool,
 }
 
+impl StoredMessage {
+    /// A notice this device writes into a chat (a contact's devices changed, a group changed):
+    /// read, from nobody's device.
+    pub fn notice(id: MessageId, chat: UserId, from: UserId, text: String) -> Self {
+        StoredMessage {
+            id,
+            chat,
+            from,
+            outgoing: false,
+            text,
+            reply_to: None,
+            sent_at_ms: crate::ids::now_ms(),
+            status: Status::Read,
+            edited: false,
+            deleted: false,
+            file: None,
+            notice: true,
+        }
+    }
+}
+
 /// [`StoredMessage`] as histories written before notices existed hold it.
 #[derive(Deserialize)]
 #[cfg_attr(test, derive(Serialize))]

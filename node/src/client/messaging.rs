@@ -392,20 +392,7 @@ impl Messenger {
                 crate::client::node::display_name(&card, self.h().known_phone(card.user_id)?),
             )
         {
-            let notice = StoredMessage {
-                id: notice_id(&card),
-                chat: card.user_id,
-                from: card.user_id,
-                outgoing: false,
-                text,
-                reply_to: None,
-                sent_at_ms: now_ms(),
-                status: Status::Read,
-                edited: false,
-                deleted: false,
-                file: None,
-                notice: true,
-            };
+            let notice = StoredMessage::notice(notice_id(&card), card.user_id, card.user_id, text);
             self.h().record(vec![(None, notice)])?;
         }
         Ok(card)

@@ -3,13 +3,11 @@ use std::time::{Duration, Instant};
 
 use libp2p::identity::ed25519;
 use meshgram_node::crypto::group::EpochKey;
-use meshgram_node::ids::{UserId, now_ms};
-use meshgram_node::proto::envelope::{Envelope, EnvelopeId};
 use meshgram_node::proto::group::{GroupCursor, GroupId, GroupSeal, PostCert};
 use meshgram_node::proto::{ErrorCode, MailboxRequest, MailboxResponse};
 use meshgram_tests::{Mesh, RawClient, meshgram, start_node, str_field, u64_field, unix_now};
 
-use super::{gateway_key, group_texts, held_by_relays_now, relays_by_group_distance, wait_for_texts};
+use super::{gateway_key, group_texts, held_by_relays_now, relays_by_group_distance, unsealed_post, wait_for_texts};
 
 const ADMIN: &str = "+15550005001";
 const SUB1: &str = "+15550005002";
@@ -87,16 +85,7 @@ async fn a_public_channel_is_read_from_its_link_only_its_admin_posts_and_subscri
         (admin_cert.clone(), channel_key.post_keypair()),
         (PostCert::sign(&own, 0, channel_key.post_keypair().public().to_bytes()), channel_key.post_keypair()),
     ] {
-        let mut post = Envelope {
-            id: EnvelopeId::random(),
-            from_user: UserId(sub1_user),
-            from_device: raw.device(),
-            to_user: UserId(0),
-            to_device: group.mailbox(),
-            sent_at_ms: now_ms(),
-            seq: 0,
-            sealed: Vec::new(),
-        };
+        let mut post = unsealed_post(sub1_user, raw.device(), group);
         GroupSeal::seal(&mut post, group, cert, &signer, b"a subscriber's post".to_vec());
         match raw.call(MailboxRequest::Post { envelopes: vec![post] }).await {
             MailboxResponse::Error(e) => assert_eq!(e.code, ErrorCode::Forbidden, "{e}"),

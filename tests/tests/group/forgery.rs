@@ -10,7 +10,7 @@ use meshgram_node::proto::payload::{Body, MessageId, Payload};
 use meshgram_node::proto::{ErrorCode, MailboxRequest, MailboxResponse};
 use meshgram_tests::{Mesh, RawClient, meshgram, str_field, u64_field, unix_now};
 
-use super::{create_group, gateway_key, held_by_relays_now, relays_by_group_distance, wait_for_texts};
+use super::{create_group, gateway_key, held_by_relays_now, relays_by_group_distance, unsealed_post, wait_for_texts};
 
 const ALICE: &str = "+15550004001";
 const BOB: &str = "+15550004002";
@@ -55,16 +55,7 @@ async fn posts_by_non_members_and_states_by_non_admins_are_refused_and_nothing_i
     // one-to-one Send addressed to the group's mailbox.
     let raw = raw_device(&mesh, holder, &mallory, &gateway_key).await;
     let post = |sealer: &dyn Fn(&mut Envelope)| {
-        let mut envelope = Envelope {
-            id: EnvelopeId::random(),
-            from_user: UserId(user_id(&mallory)),
-            from_device: raw.device(),
-            to_user: UserId(0),
-            to_device: group_id.mailbox(),
-            sent_at_ms: now_ms(),
-            seq: 0,
-            sealed: Vec::new(),
-        };
+        let mut envelope = unsealed_post(user_id(&mallory), raw.device(), group_id);
         sealer(&mut envelope);
         envelope
     };
@@ -163,16 +154,7 @@ async fn a_removed_member_posting_with_its_old_key_through_a_relay_that_holds_no
     let order = relays_by_group_distance(&mesh, &group);
     let raw = raw_device(&mesh, order[2], &carol, &gateway_key(&mesh)).await;
     let key = *kept.current_key().unwrap();
-    let mut post = Envelope {
-        id: EnvelopeId::random(),
-        from_user: UserId(user_id(&carol)),
-        from_device: raw.device(),
-        to_user: UserId(0),
-        to_device: group_id.mailbox(),
-        sent_at_ms: now_ms(),
-        seq: 0,
-        sealed: Vec::new(),
-    };
+    let mut post = unsealed_post(user_id(&carol), raw.device(), group_id);
     let body = Body::Text { text: "still here".into(), reply_to: None };
     let identity = DeviceIdentity::load_or_create(&carol).unwrap();
     let ciphertext = key.seal(&identity.keypair, &post.id, &group_id, 0, MessageId::random(), body);

@@ -113,3 +113,17 @@ fn gateway_key(mesh: &Mesh) -> ed25519::Keypair {
     let key_file = mesh.gateway.data_dir().join(meshgram_node::defaults::GATEWAY_KEY_FILE);
     load_or_create_ed25519(&key_file).unwrap().try_into_ed25519().unwrap()
 }
+
+/// A group message from `user`'s `device` to `group`'s mailbox, not yet sealed.
+fn unsealed_post(user: u64, device: PeerId, group: GroupId) -> meshgram_node::proto::envelope::Envelope {
+    meshgram_node::proto::envelope::Envelope {
+        id: meshgram_node::proto::envelope::EnvelopeId::random(),
+        from_user: meshgram_node::ids::UserId(user),
+        from_device: device,
+        to_user: meshgram_node::ids::UserId(0),
+        to_device: group.mailbox(),
+        sent_at_ms: meshgram_node::ids::now_ms(),
+        seq: 0,
+        sealed: Vec::new(),
+    }
+}
