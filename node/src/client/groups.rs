@@ -21,6 +21,10 @@
 //!   client node, or its next command) checks the secret against the state and adds the user
 //!   as any add does. Revoking the link takes its hash out of the state. Leaving asks the admins
 //!   the same way; an admin's device then removes the leaver with a re-key.
+//! - **Channels** are groups whose post key is the admin key (only admins post) and whose
+//!   subscribers are not in the state: the state is posted to the channel itself, a public
+//!   channel's link carries its key, a private one's subscribers are let in by an admin's
+//!   device, which also counts subscribers (docs/DECISIONS.md, "Channels").
 //! - **Concurrency.** The client node's receivers and its call handler share the history; each
 //!   change to a group's record is one redb write transaction (read, change, write), and
 //!   cursors live in a table of their own, so a cursor moving never undoes a state change.
@@ -1485,7 +1489,12 @@ impl Messenger {
             self.send_sealed(&one_device(card), vec![payload], false).await?;
         }
         self.groups_changed.notify_one();
-        self.receive_groups(0).await?;
+        // Subscribed either way; the posts come when the relays can be reached.
+        match self.receive_groups(0).await {
+            Err(e) if !e.may_pass() => return Err(e),
+            Err(e) => tracing::info!(error = %e, "subscribed; the channel's posts are fetched later"),
+            Ok(_) => {}
+        }
         self.group_info(&link.channel)
     }
 
