@@ -109,7 +109,7 @@ fn a_private_channel_lets_subscribers_in_by_invite_and_nobody_reads_it_from_the_
     let created = meshgram(&admin, &["channel", "create", "Insiders", "--private"]).ok_json();
     assert_eq!(created["public"], false, "{created}");
     let channel = str_field(&created, "id").to_string();
-    meshgram(&admin, &["channel", "post", &channel, "for subscribers 5e1d"]).ok_json();
+    meshgram(&admin, &["channel", "post", &channel, "for subscribers: quokka zebra"]).ok_json();
     let link = str_field(&meshgram(&admin, &["channel", "link", &channel]).ok_json(), "link").to_string();
     assert!(link.starts_with("meshgram:join/"), "{link}");
 
@@ -122,8 +122,8 @@ fn a_private_channel_lets_subscribers_in_by_invite_and_nobody_reads_it_from_the_
         std::thread::sleep(Duration::from_millis(300));
     }
     // A channel shows its history to new subscribers.
-    assert_eq!(wait_for_texts(&sub1, &channel, 1), ["for subscribers 5e1d"]);
+    assert_eq!(wait_for_texts(&sub1, &channel, 1), ["for subscribers: quokka zebra"]);
     wait_for_subscribers(&admin, &channel, 1);
-    assert_eq!(group_texts(&admin, &channel), ["for subscribers 5e1d"]);
-    assert!(mesh.relay_files_containing(b"5e1d").is_empty());
+    assert_eq!(group_texts(&admin, &channel), ["for subscribers: quokka zebra"]);
+    assert!(mesh.relay_files_containing(b"quokka zebra").is_empty());
 }
