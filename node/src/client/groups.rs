@@ -1166,32 +1166,9 @@ impl Messenger {
     ) -> Result<(), MessagingError> {
         let (chat, author) = (record.state.group.chat_number(), envelope.from_user);
         let outgoing = author == self.me();
-        let new_message = |text: String, reply_to, file| StoredMessage {
-            id: plain.message_id,
-            chat,
-            from: author,
-            outgoing,
-            text,
-            reply_to,
-            sent_at_ms: envelope.sent_at_ms,
-            status: Status::Sent,
-            edited: false,
-            deleted: false,
-            file,
-            notice: false,
-        };
         match plain.body {
-            Body::Text { text, reply_to } => {
-                let message = new_message(text, reply_to, None);
-                inbox.messages.extend(self.h().record(vec![(Some(envelope.id), message)])?);
-            }
-            Body::File { file, caption, reply_to } => {
-                if let Err(why) = file.check() {
-                    tracing::warn!(envelope = %envelope.id, %why, "dropping a file reference that does not hold together");
-                    return Ok(self.h().drop_envelope(envelope.id)?);
-                }
-                let message = new_message(caption.unwrap_or_default(), reply_to, Some(Box::new(file)));
-                inbox.messages.extend(self.h().record(vec![(Some(envelope.id), message)])?);
+            body @ (Body::Text { .. } | Body::File { .. }) => {
+                self.record_new(envelope, plain.message_id, chat, body, inbox)?;
             }
             body @ (Body::Edit { .. } | Body::Delete { .. }) => {
                 if let Some((ids, mut change)) = change_of(&body, author) {
@@ -1209,12 +1186,7 @@ impl Messenger {
                 };
                 inbox.messages.extend(self.h().update(envelope.id, &messages, read)?);
             }
-            Body::Typing => {
-                let fresh = now_ms().saturating_sub(envelope.sent_at_ms) < 10_000;
-                if self.h().mark_seen(envelope.id)? && !outgoing && fresh {
-                    inbox.typing.push(author);
-                }
-            }
+            Body::Typing => self.note_typing(envelope, inbox)?,
             Body::ChannelState { state } if record.state.is_channel() => {
                 self.apply_channel_state(record, *state, inbox)?;
                 self.h().mark_seen(envelope.id)?;

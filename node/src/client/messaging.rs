@@ -1104,23 +1104,8 @@ impl Messenger {
         let chat = if outgoing { payload.chat_with } else { envelope.from_user };
         let author = envelope.from_user;
         match payload.body {
-            Body::Text { text, reply_to } => {
-                let message = StoredMessage {
-                    id: payload.message_id,
-                    chat,
-                    from: author,
-                    outgoing,
-                    text,
-                    reply_to,
-                    sent_at_ms: envelope.sent_at_ms,
-                    status: Status::Sent,
-                    edited: false,
-                    deleted: false,
-                    file: None,
-                    notice: false,
-                };
-                inbox.messages.extend(self.h().record(vec![(Some(envelope.id), message)])?);
-                return Ok(());
+            body @ (Body::Text { .. } | Body::File { .. }) => {
+                return self.record_new(envelope, payload.message_id, chat, body, inbox);
             }
             // Each change is applied in the same transaction that marks its envelope seen, so
             // two fetchers never apply it twice; one for a message not here yet is parked for a
@@ -1131,33 +1116,7 @@ impl Messenger {
                     inbox.messages.extend(self.h().update_or_park(envelope.id, ids, change, &parked)?);
                 }
             }
-            Body::File { file, caption, reply_to } => {
-                if let Err(why) = file.check() {
-                    tracing::warn!(envelope = %envelope.id, %why, "dropping a file reference that does not hold together");
-                    return Ok(self.h().drop_envelope(envelope.id)?);
-                }
-                let message = StoredMessage {
-                    id: payload.message_id,
-                    chat,
-                    from: author,
-                    outgoing,
-                    text: caption.unwrap_or_default(),
-                    reply_to,
-                    sent_at_ms: envelope.sent_at_ms,
-                    status: Status::Sent,
-                    edited: false,
-                    deleted: false,
-                    file: Some(Box::new(file)),
-                    notice: false,
-                };
-                inbox.messages.extend(self.h().record(vec![(Some(envelope.id), message)])?);
-            }
-            Body::Typing => {
-                let fresh = now_ms().saturating_sub(envelope.sent_at_ms) < TYPING_FRESH_MS;
-                if self.h().mark_seen(envelope.id)? && !outgoing && fresh {
-                    inbox.typing.push(author);
-                }
-            }
+            Body::Typing => self.note_typing(envelope, inbox)?,
             // The history moves between the account's own devices only.
             Body::HistoryRequest { .. } | Body::History { .. } if !outgoing => {
                 tracing::warn!(envelope = %envelope.id, from = %author, "dropping another account's history message");
@@ -1218,6 +1177,55 @@ impl Messenger {
                 tracing::warn!(envelope = %envelope.id, "dropping a group message that came pairwise");
                 self.h().drop_envelope(envelope.id)?;
             }
+        }
+        Ok(())
+    }
+
+    /// A new message from `envelope` (a text, or a file with its caption), recorded in `chat`
+    /// once; a file reference that does not hold together is dropped. Other bodies are no
+    /// new message and change nothing here.
+    pub(crate) fn record_new(
+        &self,
+        envelope: &Envelope,
+        id: MessageId,
+        chat: UserId,
+        body: Body,
+        inbox: &mut Inbox,
+    ) -> Result<(), MessagingError> {
+        let (text, reply_to, file) = match body {
+            Body::Text { text, reply_to } => (text, reply_to, None),
+            Body::File { file, caption, reply_to } => {
+                if let Err(why) = file.check() {
+                    tracing::warn!(envelope = %envelope.id, %why, "dropping a file reference that does not hold together");
+                    return Ok(self.h().drop_envelope(envelope.id)?);
+                }
+                (caption.unwrap_or_default(), reply_to, Some(Box::new(file)))
+            }
+            _ => return Ok(()),
+        };
+        let message = StoredMessage {
+            id,
+            chat,
+            from: envelope.from_user,
+            outgoing: envelope.from_user == self.me(),
+            text,
+            reply_to,
+            sent_at_ms: envelope.sent_at_ms,
+            status: Status::Sent,
+            edited: false,
+            deleted: false,
+            file,
+            notice: false,
+        };
+        inbox.messages.extend(self.h().record(vec![(Some(envelope.id), message)])?);
+        Ok(())
+    }
+
+    /// Someone typing, if the notice is fresh and not our own; never stored.
+    pub(crate) fn note_typing(&self, envelope: &Envelope, inbox: &mut Inbox) -> Result<(), MessagingError> {
+        let fresh = now_ms().saturating_sub(envelope.sent_at_ms) < TYPING_FRESH_MS;
+        if self.h().mark_seen(envelope.id)? && envelope.from_user != self.me() && fresh {
+            inbox.typing.push(envelope.from_user);
         }
         Ok(())
     }
