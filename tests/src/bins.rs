@@ -8,6 +8,8 @@ pub const GATEWAY_BIN: &str = "meshgram-gateway";
 pub const CLI_BIN: &str = "meshgram";
 /// The relay binary's name.
 pub const RELAY_BIN: &str = "meshgram-relay";
+/// The bot bridge's name.
+pub const BRIDGE_BIN: &str = "meshgram-bot-bridge";
 
 /// The cargo target directory: `$CARGO_TARGET_DIR` (relative to the workspace root when
 /// relative) or `<workspace>/target`.

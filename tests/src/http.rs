@@ -1,4 +1,4 @@
-//! A minimal blocking HTTP/1 GET for the health and metrics endpoints.
+//! A minimal blocking HTTP/1 client for health and metrics endpoints and the Bot API.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
@@ -9,6 +9,15 @@ use anyhow::Context;
 /// `GET base+path` over a fresh connection; returns status and body. `base` is
 /// `http://host:port` as in a ready line.
 pub fn http_get(base: &str, path: &str) -> anyhow::Result<(u16, String)> {
+    http_request(base, "GET", path, None)
+}
+
+/// `POST base+path` with a body of the given content type; returns status and body.
+pub fn http_post(base: &str, path: &str, content_type: &str, body: &[u8]) -> anyhow::Result<(u16, String)> {
+    http_request(base, "POST", path, Some((content_type, body)))
+}
+
+fn http_request(base: &str, method: &str, path: &str, body: Option<(&str, &[u8])>) -> anyhow::Result<(u16, String)> {
     let authority = base.strip_prefix("http://").with_context(|| format!("{base} is not an http:// URL"))?;
     let authority = authority.trim_end_matches('/');
     let addr: SocketAddr =
@@ -17,9 +26,16 @@ pub fn http_get(base: &str, path: &str) -> anyhow::Result<(u16, String)> {
         TcpStream::connect_timeout(&addr, Duration::from_secs(5)).with_context(|| format!("connect {addr}"))?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     stream.set_write_timeout(Some(Duration::from_secs(10)))?;
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n")?;
+    write!(stream, "{method} {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n")?;
+    match body {
+        Some((content_type, body)) => {
+            write!(stream, "Content-Type: {content_type}\r\nContent-Length: {}\r\n\r\n", body.len())?;
+            stream.write_all(body)?;
+        }
+        None => write!(stream, "\r\n")?,
+    }
     let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).with_context(|| format!("read the answer to GET {path}"))?;
+    stream.read_to_end(&mut raw).with_context(|| format!("read the answer to {method} {path}"))?;
     let split = raw.windows(4).position(|w| w == b"\r\n\r\n").context("answer has no end of headers")?;
     let head = String::from_utf8_lossy(&raw[..split]).into_owned();
     let body = &raw[split + 4..];

@@ -39,12 +39,12 @@ mod up;
 
 use std::time::Duration;
 
-pub use bins::{CLI_BIN, GATEWAY_BIN, RELAY_BIN, bin_path, target_dir};
+pub use bins::{BRIDGE_BIN, CLI_BIN, GATEWAY_BIN, RELAY_BIN, bin_path, target_dir};
 pub use cli::{CLI_TIMEOUT, CliChild, CliOutput, json_lines, meshgram, meshgram_stdin, run, spawn_meshgram};
 pub use codes::{CODE_TIMEOUT, WebhookSink, read_codes, wait_code, wrong_code};
 pub use files::{blake3_of_file, random_file};
 pub use gateway::{Gateway, GatewayBuilder};
-pub use http::http_get;
+pub use http::{http_get, http_post};
 pub use mesh::{Mesh, files_under, inspect_relay, relay_metric, start_relay, wait_repair_settled};
 pub use output::{array, is_bot_token, str_field, texts, u64_field};
 pub use raw::RawClient;

@@ -51,6 +51,16 @@ fn up_runs_a_network_that_resumes_with_its_data() {
     meshgram(&alice, &["whoami"]).ok_json();
     assert_eq!(texts(&meshgram(&bob, &["messages"]).ok_json()), ["before the restart"]);
 
+    // The bot bridge is up at the same Bot API URL, and a bot created now runs there.
+    assert_eq!(resumed["bot_api"], network["bot_api"], "{resumed}");
+    let bot_api = resumed["bot_api"].as_str().unwrap();
+    let (http, bot_path) = bot_api.split_at(bot_api.rfind('/').unwrap());
+    let created = meshgram(&alice, &["bot", "create", "--username", "up_bot", "--name", "Up", "--json"]).ok_json();
+    let token = created["token"].as_str().unwrap();
+    let (status, me) = meshgram_tests::http_get(http, &format!("{bot_path}{token}/getMe")).unwrap();
+    assert_eq!(status, 200, "{me}");
+    assert!(me.contains("\"username\":\"up_bot\""), "{me}");
+
     // Ctrl-C / SIGTERM stops it cleanly.
     let status = up.server.terminate().expect("`meshgram up` stops within 20 s of SIGTERM");
     assert!(status.success(), "{status}");

@@ -1,6 +1,6 @@
 //! `meshgram up`: a whole local network on loopback, each role its own process running the same
-//! binary an operator would run: the gateway and N relays (the bot bridge and the desktop app
-//! join as they land). Ports are remembered in `network.json`, so a second `up` on the same
+//! binary an operator would run: the gateway, N relays and the bot bridge (the desktop app joins
+//! when it lands). Ports are remembered in `network.json`, so a second `up` on the same
 //! directory resumes the same network at the same addresses, with its data. `up` supervises its
 //! roles: one that exits (a SIGKILLed relay, say) is restarted on the same data and ports while
 //! the others keep running; only Ctrl-C or SIGTERM stops the network.
@@ -371,7 +371,14 @@ pub(crate) async fn run(data: &Path, options: UpOptions, json: bool) -> anyhow::
         }
     }
     wait_for_relays(roles.iter().map(|(process, _)| process), options.relays).await;
-    let network = NetworkFile { gateway, relays, bot_api: None, app: None };
+    let mut network = NetworkFile { gateway, relays, bot_api: None, app: None };
+    network.save(&network_path)?;
+    // The bridge signs bots in through the network file, so it starts once that is written.
+    let bridge_args = vec!["--network".into(), network_path.display().to_string()];
+    let old = previous.as_ref().and_then(|p| p.bot_api.as_deref()).and_then(bridge_listen);
+    let (process, spec) = start_role("bot-bridge", "bot-bridge", &data, bridge_args, old.as_deref()).await?;
+    network.bot_api = process.ready["bot_api"].as_str().map(str::to_string);
+    roles.push((process, spec));
     network.save(&network_path)?;
 
     if json {
@@ -393,6 +400,13 @@ pub(crate) async fn run(data: &Path, options: UpOptions, json: bool) -> anyhow::
     Ok(())
 }
 
+/// The bot bridge's address in its Bot API URL (`http://HOST:PORT/bot`), to bind again, so that
+/// the URL bots were given stays right.
+fn bridge_listen(bot_api: &str) -> Option<Vec<Multiaddr>> {
+    let addr: std::net::SocketAddr = bot_api.strip_prefix("http://")?.strip_suffix("/bot")?.parse().ok()?;
+    Some(vec![format!("/ip4/{}/tcp/{}", addr.ip(), addr.port()).parse().ok()?])
+}
+
 fn print_welcome(data: &Path, network_path: &Path, network: &NetworkFile) {
     let first = |addrs: &[Multiaddr]| addrs.first().map(|a| a.to_string()).unwrap_or_default();
     // Printed as they must be typed from any directory: this binary's real path (a new user has
@@ -404,6 +418,9 @@ fn print_welcome(data: &Path, network_path: &Path, network: &NetworkFile) {
     outln!("  gateway   {}/p2p/{}", first(&network.gateway.addrs), network.gateway.peer_id);
     for (i, relay) in network.relays.iter().enumerate() {
         outln!("  relay {i}   {}/p2p/{}", first(&relay.addrs), relay.peer_id);
+    }
+    if let Some(bot_api) = &network.bot_api {
+        outln!("  bot API   {bot_api}<token>/<method>");
     }
     outln!("  network   {network_path}");
     outln!();

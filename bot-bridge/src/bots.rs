@@ -1,0 +1,299 @@
+//! The bots this bridge runs: each is a client node of its own (its own device keys, session
+//! and history, in `DATA/bots/<token hash>/`), signed in with its token on first use and
+//! started again at every start of the bridge, and a task that turns what its node receives
+//! into Bot API updates.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use meshgram_node::client::api::{ApiError, Call, Event, Reply};
+use meshgram_node::client::history::StoredMessage;
+use meshgram_node::client::node::{NodeHandle, NodeMode};
+use meshgram_node::client::session::{Client, ClientError, GatewayAddr};
+use meshgram_node::ids::UserId;
+use meshgram_node::proto::error::ErrorCode;
+use meshgram_node::proto::group::is_group_chat;
+use meshgram_node::proto::{Account, AuthRequest, LookupQuery, RelayInfo, UserCard};
+use serde_json::{Value, json};
+use tokio::sync::Notify;
+use tokio_util::task::AbortOnDropHandle;
+
+use crate::api::TgError;
+use crate::convert;
+use crate::store::{BotStore, Offer};
+
+/// How long a looked-up user's card serves for `from` fields before it is looked up again.
+const CARD_CACHE: Duration = Duration::from_secs(300);
+
+/// Where the network is, for signing bots in.
+#[derive(Debug, Clone)]
+pub(crate) struct Network {
+    pub(crate) gateway: GatewayAddr,
+    pub(crate) relays: Vec<RelayInfo>,
+}
+
+/// Every bot of this bridge, by the hash of its token.
+#[derive(Debug)]
+pub(crate) struct Bots {
+    dir: PathBuf,
+    network: Network,
+    running: Mutex<HashMap<[u8; 32], Running>>,
+    /// One sign-in or start at a time: two requests with a new token make one session.
+    starting: tokio::sync::Mutex<()>,
+}
+
+impl Bots {
+    pub(crate) fn new(data: &Path, network: Network) -> std::io::Result<Self> {
+        let dir = data.join("bots");
+        std::fs::create_dir_all(&dir)?;
+        Ok(Bots { dir, network, running: Mutex::default(), starting: tokio::sync::Mutex::new(()) })
+    }
+
+    /// Starts every bot that signed in before (so that their updates keep coming in); a bot
+    /// that cannot start is logged and tried again at its next request.
+    pub(crate) async fn start_known(&self) {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else { return };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(hash) = parse_hash(&name) else { continue };
+            if let Err(e) = self.start(hash, None).await {
+                tracing::warn!(bot = %name, error = %e.description, "a bot of this bridge did not start");
+            }
+        }
+    }
+
+    /// The bot a token names: running, started from its profile, or signed in now.
+    pub(crate) async fn get(&self, token: &str) -> Result<Arc<Bot>, TgError> {
+        if token.parse::<meshgram_node::ids::BotToken>().is_err() {
+            return Err(TgError::new(401, "Unauthorized: invalid token specified"));
+        }
+        let hash = *blake3::hash(token.as_bytes()).as_bytes();
+        if let Some(running) = self.running().get(&hash) {
+            return Ok(running.bot.clone());
+        }
+        self.start(hash, Some(token)).await
+    }
+
+    fn running(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], Running>> {
+        self.running.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    async fn start(&self, hash: [u8; 32], token: Option<&str>) -> Result<Arc<Bot>, TgError> {
+        let _one = self.starting.lock().await;
+        if let Some(running) = self.running().get(&hash) {
+            return Ok(running.bot.clone());
+        }
+        let dir = self.dir.join(meshgram_node::ids::hex(&hash));
+        let profile = dir.join("profile");
+        let signed_in = profile.join("session.json").exists();
+        if !signed_in {
+            let Some(token) = token else { return Err(TgError::new(401, "Unauthorized")) };
+            self.sign_in(&profile, token).await?;
+        }
+        let node = NodeHandle::start(&profile, NodeMode::Running).await.map_err(|e| node_error(&e))?;
+        let store = BotStore::open(&dir.join("bot-api.redb")).map_err(TgError::internal)?;
+        let me = match node.call(Call::Whoami).await.map_err(|e| node_error(&e))? {
+            Reply::Me(me) => me,
+            other => return Err(TgError::internal(ApiError::unexpected("whoami", &other))),
+        };
+        let events = node.subscribe();
+        let bot = Arc::new(Bot { account: me.account, node, store, arrived: Notify::new(), users: Mutex::default() });
+        let feeder = AbortOnDropHandle::new(tokio::spawn(feed(Arc::downgrade(&bot), events)));
+        tracing::info!(bot = %bot.account.user_id, "bot started");
+        self.running().insert(hash, Running { bot: bot.clone(), _feeder: feeder });
+        Ok(bot)
+    }
+
+    async fn sign_in(&self, profile: &Path, token: &str) -> Result<(), TgError> {
+        std::fs::create_dir_all(profile).map_err(TgError::internal)?;
+        meshgram_node::client::session::keep_private(profile).map_err(|e| TgError::internal(ApiError::from(e)))?;
+        let client = Client::open(profile, self.network.gateway.clone()).map_err(client_error)?;
+        let request = AuthRequest::BotSignIn {
+            token: token.to_string(),
+            device: client.identity.device_keys(),
+            device_name: "Meshgram bot bridge".into(),
+        };
+        let signed_in = client.sign_in(request).await.map_err(client_error)?;
+        client.accept_session(signed_in.account, signed_in.cert, self.network.relays.clone()).map_err(client_error)?;
+        Ok(())
+    }
+}
+
+fn parse_hash(name: &str) -> Option<[u8; 32]> {
+    meshgram_node::ids::parse_hex::<32>(name).ok()
+}
+
+/// A gateway refusal of a sign-in is the token's fault; anything else may pass.
+fn client_error(e: ClientError) -> TgError {
+    match &e {
+        ClientError::Gateway(g) if g.code == ErrorCode::AccessTokenInvalid => TgError::new(401, "Unauthorized"),
+        ClientError::Gateway(g) if g.code == ErrorCode::FloodWait => TgError::flood(g.retry_after_secs.unwrap_or(5)),
+        _ if e.is_transient() => TgError::new(500, "Internal Server Error: the gateway is unreachable; retry"),
+        _ => TgError::internal(e),
+    }
+}
+
+/// A node's error as the Bot API says it.
+pub(crate) fn node_error(e: &ApiError) -> TgError {
+    match e.code.as_str() {
+        "FLOOD_WAIT" => TgError::flood(e.retry_after.unwrap_or(5)),
+        "NOT_FOUND" | "NO_DEVICES" => TgError::new(400, "Bad Request: chat not found"),
+        "ACCESS_TOKEN_INVALID" | "SESSION_REVOKED" | "AUTH_KEY_UNREGISTERED" => TgError::new(401, "Unauthorized"),
+        "FORBIDDEN" => TgError::new(403, format!("Forbidden: {}", e.message)),
+        "USAGE" => TgError::bad_request(&e.message),
+        "NETWORK" | "UNAVAILABLE" => TgError::new(500, "Internal Server Error: the network is unreachable; retry"),
+        _ => TgError::internal(e),
+    }
+}
+
+/// One running bot.
+#[derive(Debug)]
+pub(crate) struct Bot {
+    pub(crate) account: Account,
+    pub(crate) node: NodeHandle,
+    pub(crate) store: BotStore,
+    /// Woken when updates were queued.
+    pub(crate) arrived: Notify,
+    users: Mutex<HashMap<UserId, (Value, std::time::Instant)>>,
+}
+
+/// A started bot and the task feeding its updates (which holds it only weakly).
+#[derive(Debug)]
+struct Running {
+    bot: Arc<Bot>,
+    _feeder: AbortOnDropHandle<()>,
+}
+
+impl Bot {
+    /// The bot itself as a Bot API `User`.
+    pub(crate) fn me(&self) -> Value {
+        json!({
+            "id": self.account.user_id.0,
+            "is_bot": true,
+            "first_name": self.account.name,
+            "username": self.account.username.as_ref().map(|u| u.as_str().to_string()),
+            "can_join_groups": true,
+            "can_read_all_group_messages": false,
+            "supports_inline_queries": false,
+            "can_connect_to_business": false,
+            "has_main_web_app": false,
+        })
+    }
+
+    /// A user as a Bot API `User`, from the directory (cached); only the id when the gateway
+    /// cannot be asked now.
+    pub(crate) async fn user(&self, user: UserId) -> Value {
+        if user == self.account.user_id {
+            let mut me = json!({ "id": user.0, "is_bot": true, "first_name": self.account.name });
+            if let Some(username) = &self.account.username {
+                me["username"] = username.as_str().into();
+            }
+            return me;
+        }
+        if let Some((found, at)) = self.users_cache().get(&user)
+            && at.elapsed() < CARD_CACHE
+        {
+            return found.clone();
+        }
+        match self.node.call(Call::Lookup { query: LookupQuery::UserId(user) }).await {
+            Ok(Reply::Card { card }) => {
+                let found = convert::user(&card);
+                self.users_cache().insert(user, (found.clone(), std::time::Instant::now()));
+                found
+            }
+            _ => json!({ "id": user.0, "is_bot": false, "first_name": format!("User {}", user.0) }),
+        }
+    }
+
+    /// A user's card by @username, user id or phone (for a `chat_id`).
+    pub(crate) async fn card(&self, query: LookupQuery) -> Result<UserCard, TgError> {
+        match self.node.call(Call::Lookup { query }).await {
+            Ok(Reply::Card { card }) => Ok(card),
+            Ok(other) => Err(TgError::internal(ApiError::unexpected("lookup", &other))),
+            Err(e) => Err(node_error(&e)),
+        }
+    }
+
+    fn users_cache(&self) -> std::sync::MutexGuard<'_, HashMap<UserId, (Value, std::time::Instant)>> {
+        self.users.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A message of the bot's history as a Bot API `Message`.
+    pub(crate) async fn message_json(&self, m: &StoredMessage) -> Result<Value, TgError> {
+        let chat = m.chat.0 as i64;
+        let number = self.store.number(chat, m.id).map_err(TgError::internal)?;
+        let reply_to = match m.reply_to {
+            Some(id) => Some(self.store.number(chat, id).map_err(TgError::internal)?),
+            None => None,
+        };
+        let (from, peer) = (self.user(m.from).await, self.user(m.chat).await);
+        Ok(convert::message(m, number, reply_to, from, convert::private_chat(&peer)))
+    }
+
+    /// Turns a received message into an update unless it was already. Group messages wait for
+    /// the bridge's group support.
+    async fn offer(&self, m: &StoredMessage) -> Result<bool, TgError> {
+        if m.outgoing || m.notice || m.deleted || is_group_chat(m.chat) {
+            return Ok(false);
+        }
+        let message = self.message_json(m).await?;
+        let queued = self
+            .store
+            .offer(m.chat.0 as i64, m.id, convert::version(m), |offer, _| {
+                let kind = if offer == Offer::Edited { "edited_message" } else { "message" };
+                Some(json!({ kind: message }))
+            })
+            .map_err(TgError::internal)?;
+        Ok(queued)
+    }
+}
+
+/// Turns what the bot's node receives into updates: first what its history holds and was not
+/// offered yet (the bridge may have died after the node stored it), then each event.
+async fn feed(bot: std::sync::Weak<Bot>, mut events: tokio::sync::broadcast::Receiver<Event>) {
+    let mut look_again = true;
+    loop {
+        let Some(this) = bot.upgrade() else { return };
+        if look_again {
+            match this.node.messages(None).await {
+                Ok((messages, _)) => {
+                    let mut queued = false;
+                    for m in &messages {
+                        match this.offer(m).await {
+                            Ok(q) => queued |= q,
+                            Err(e) => tracing::warn!(error = %e.description, "an update was not queued; retrying"),
+                        }
+                    }
+                    look_again = false;
+                    if queued {
+                        this.arrived.notify_waiters();
+                    }
+                }
+                Err(e) => {
+                    tracing::info!(error = %e, "the bot's history could not be read yet; retrying");
+                    drop(this);
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            }
+        }
+        drop(this);
+        let event = events.recv().await;
+        let Some(this) = bot.upgrade() else { return };
+        match event {
+            Ok(Event::Message { message, received: true, .. }) => match this.offer(&message).await {
+                Ok(true) => this.arrived.notify_waiters(),
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e.description, "an update was not queued; looking again");
+                    look_again = true;
+                }
+            },
+            Ok(_) => {}
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => look_again = true,
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}

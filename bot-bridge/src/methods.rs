@@ -1,0 +1,332 @@
+//! The Bot API methods, each turned into calls on the bot's client node.
+
+use std::time::Duration;
+
+use meshgram_node::client::api::{Call, Reply};
+use meshgram_node::client::history::StoredMessage;
+use meshgram_node::ids::{UserId, Username};
+use meshgram_node::proto::LookupQuery;
+use meshgram_node::proto::payload::MessageId;
+use serde_json::{Value, json};
+
+use crate::api::{Params, TgError, invalid, missing};
+use crate::bots::{Bot, node_error};
+use crate::convert;
+
+/// Every method of the Bot API spec (10.1), lower-cased names: those not served here answer
+/// as a method that exists but is not available, never as an unknown one.
+const SPEC_METHODS: &str = include_str!("spec_methods.txt");
+
+/// `getUpdates` waits at most this long (Telegram's cap).
+const MAX_POLL: Duration = Duration::from_secs(50);
+const ALLOWED_UPDATES: &str = "allowed_updates";
+const WEBHOOK_URL: &str = "webhook_url";
+
+pub(crate) async fn call(bot: &Bot, method: &str, p: &Params) -> Result<Value, TgError> {
+    match method {
+        "getme" => Ok(bot.me()),
+        "logout" | "close" => Ok(true.into()),
+        "getupdates" => get_updates(bot, p).await,
+        "deletewebhook" => {
+            if p.bool("drop_pending_updates")? {
+                bot.store.drop_pending().map_err(TgError::internal)?;
+            }
+            bot.store.set_setting(WEBHOOK_URL, None).map_err(TgError::internal)?;
+            Ok(true.into())
+        }
+        "getwebhookinfo" => Ok(json!({
+            "url": "",
+            "has_custom_certificate": false,
+            "pending_update_count": bot.store.pending_count().map_err(TgError::internal)?,
+        })),
+        "setwebhook" => {
+            let url = p.str("url").unwrap_or_default();
+            if url.is_empty() {
+                bot.store.set_setting(WEBHOOK_URL, None).map_err(TgError::internal)?;
+                return Ok(true.into());
+            }
+            Err(TgError::bad_request("webhooks are not supported by this bridge yet; use getUpdates"))
+        }
+        "sendmessage" => send_message(bot, p).await,
+        "editmessagetext" => edit_message_text(bot, p).await,
+        "deletemessage" => {
+            let (_, chat, _) = chat_of(bot, p, "chat_id").await?;
+            let id = message_of(bot, chat, p.required_int("message_id")?, "message to delete not found")?;
+            match bot.node.call(Call::Delete { message: id }).await {
+                Ok(_) => Ok(true.into()),
+                Err(e) if e.code == "NOT_FOUND" || e.code == "FORBIDDEN" => {
+                    Err(TgError::bad_request("message can't be deleted"))
+                }
+                Err(e) => Err(node_error(&e)),
+            }
+        }
+        "forwardmessage" => forward(bot, p).await,
+        "copymessage" => copy(bot, p).await,
+        "sendchataction" => {
+            let (to, ..) = chat_of(bot, p, "chat_id").await?;
+            let action = p.required_str("action")?;
+            const ACTIONS: &[&str] = &[
+                "typing",
+                "upload_photo",
+                "record_video",
+                "upload_video",
+                "record_voice",
+                "upload_voice",
+                "upload_document",
+                "choose_sticker",
+                "find_location",
+                "record_video_note",
+                "upload_video_note",
+            ];
+            if !ACTIONS.contains(&action.as_str()) {
+                return Err(TgError::bad_request("wrong parameter action in request"));
+            }
+            bot.node.call(Call::Typing { to }).await.map_err(|e| node_error(&e))?;
+            Ok(true.into())
+        }
+        "getchat" => {
+            let (_, _, chat) = chat_of(bot, p, "chat_id").await?;
+            let mut chat = convert::private_chat(&chat);
+            chat["accent_color_id"] = 0.into();
+            chat["max_reaction_count"] = 11.into();
+            chat["accepted_gift_types"] = json!({"unlimited_gifts": false, "limited_gifts": false, "unique_gifts": false, "premium_subscription": false});
+            Ok(chat)
+        }
+        "setmycommands" => {
+            let commands = p.json("commands")?.ok_or_else(|| missing("commands"))?;
+            let valid = commands.as_array().is_some_and(|list| {
+                list.len() <= 100
+                    && list.iter().all(|c| {
+                        let name = c["command"].as_str().unwrap_or("");
+                        let description = c["description"].as_str().unwrap_or("");
+                        (1..=32).contains(&name.len())
+                            && name.chars().all(|ch| ch.is_ascii_lowercase() || ch.is_ascii_digit() || ch == '_')
+                            && (1..=256).contains(&description.chars().count())
+                    })
+            });
+            if !valid {
+                return Err(TgError::bad_request("BOT_COMMAND_INVALID"));
+            }
+            let commands: Vec<Value> = commands
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|c| json!({"command": c["command"], "description": c["description"]}))
+                .collect();
+            bot.store.set_setting(&commands_key(p)?, Some(&commands.into())).map_err(TgError::internal)?;
+            Ok(true.into())
+        }
+        "getmycommands" => Ok(bot.store.setting(&commands_key(p)?).map_err(TgError::internal)?.unwrap_or(json!([]))),
+        "deletemycommands" => {
+            bot.store.set_setting(&commands_key(p)?, None).map_err(TgError::internal)?;
+            Ok(true.into())
+        }
+        "getuserprofilephotos" => {
+            p.required_int("user_id")?;
+            Ok(json!({"total_count": 0, "photos": []}))
+        }
+        other if SPEC_METHODS.lines().any(|m| m.eq_ignore_ascii_case(other)) => {
+            Err(TgError::bad_request("method is not available on this server"))
+        }
+        _ => Err(TgError::new(404, "Not Found: method not found")),
+    }
+}
+
+/// Commands are kept per scope and language, as Telegram keeps them.
+fn commands_key(p: &Params) -> Result<String, TgError> {
+    let scope = p.json("scope")?.unwrap_or(json!({"type": "default"}));
+    let language = p.str("language_code").unwrap_or_default();
+    Ok(format!("commands/{scope}/{language}"))
+}
+
+async fn get_updates(bot: &Bot, p: &Params) -> Result<Value, TgError> {
+    let offset = p.int("offset")?;
+    let limit = p.int("limit")?.unwrap_or(100).clamp(1, 100) as usize;
+    let timeout = Duration::from_secs(p.int("timeout")?.unwrap_or(0).max(0) as u64).min(MAX_POLL);
+    if p.has("allowed_updates") {
+        let allowed = p.json("allowed_updates")?.unwrap_or(json!([]));
+        let list: Vec<Value> = allowed.as_array().cloned().ok_or_else(|| invalid("allowed_updates"))?;
+        let setting = (!list.is_empty()).then_some(Value::Array(list));
+        bot.store.set_setting(ALLOWED_UPDATES, setting.as_ref()).map_err(TgError::internal)?;
+    }
+    let allowed: Option<Vec<String>> =
+        bot.store.setting(ALLOWED_UPDATES).map_err(TgError::internal)?.and_then(|v| serde_json::from_value(v).ok());
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut offset = offset;
+    loop {
+        let arrived = bot.arrived.notified();
+        tokio::pin!(arrived);
+        arrived.as_mut().enable();
+        let updates = bot.store.updates(offset, limit, allowed.as_deref()).map_err(TgError::internal)?;
+        if !updates.is_empty() || tokio::time::Instant::now() >= deadline {
+            return Ok(updates.into());
+        }
+        // Confirmed already: the next look only reads.
+        offset = offset.filter(|o| *o >= 0);
+        if tokio::time::timeout_at(deadline, arrived).await.is_err() {
+            return Ok(json!([]));
+        }
+    }
+}
+
+/// The chat a `chat_id` names: what the node takes, the Bot API chat id, and the peer as a
+/// Bot API `User`. Groups and channels are not served yet: "chat not found".
+async fn chat_of(bot: &Bot, p: &Params, name: &str) -> Result<(LookupQuery, i64, Value), TgError> {
+    let raw = p.required_str(name)?;
+    let query = if let Some(username) = raw.strip_prefix('@') {
+        let username: Username = username.parse().map_err(|_| TgError::bad_request("chat not found"))?;
+        LookupQuery::Username(username)
+    } else {
+        let id: i64 = raw.trim().parse().map_err(|_| TgError::bad_request("chat not found"))?;
+        if id <= 0 {
+            return Err(TgError::bad_request("chat not found"));
+        }
+        LookupQuery::UserId(UserId(id as u64))
+    };
+    let card = bot.card(query).await?;
+    let user = convert::user(&card);
+    Ok((LookupQuery::UserId(card.user_id), card.user_id.0 as i64, user))
+}
+
+fn message_of(bot: &Bot, chat: i64, number: i64, not_found: &str) -> Result<MessageId, TgError> {
+    let number = i32::try_from(number).map_err(|_| TgError::bad_request(not_found))?;
+    bot.store.message_id(chat, number).map_err(TgError::internal)?.ok_or_else(|| TgError::bad_request(not_found))
+}
+
+/// `reply_parameters` (or the older `reply_to_message_id`): the message replied to, if it is
+/// known in this chat; an unknown one is an error unless the bot allows sending without it.
+fn reply_of(bot: &Bot, chat: i64, p: &Params) -> Result<Option<MessageId>, TgError> {
+    let (number, allow_without) = match p.json("reply_parameters")? {
+        Some(reply) => {
+            let number = reply["message_id"].as_i64().ok_or_else(|| invalid("reply_parameters"))?;
+            (number, reply["allow_sending_without_reply"].as_bool().unwrap_or(false))
+        }
+        None => match p.int("reply_to_message_id")? {
+            Some(number) => (number, p.bool("allow_sending_without_reply")?),
+            None => return Ok(None),
+        },
+    };
+    match message_of(bot, chat, number, "message to be replied not found") {
+        Ok(id) => Ok(Some(id)),
+        Err(_) if allow_without => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Text and entities of a `text` (or caption) with its `parse_mode` or explicit entities.
+fn formatted(p: &Params, field: &str, mode_field: &str, entities_field: &str) -> Result<convert::Formatted, TgError> {
+    let text = p.str(field).unwrap_or_default();
+    let mode = p.str(mode_field);
+    let mut formatted = convert::parse(&text, mode.as_deref())
+        .map_err(|why| TgError::bad_request(&format!("can't parse entities: {why}")))?;
+    if let Some(entities) = p.json(entities_field)? {
+        formatted.entities = entities.as_array().cloned().ok_or_else(|| invalid(entities_field))?;
+    }
+    Ok(formatted)
+}
+
+fn check_text(text: &str) -> Result<(), TgError> {
+    if text.trim().is_empty() {
+        return Err(TgError::bad_request("message text is empty"));
+    }
+    if text.chars().count() > meshgram_node::proto::payload::MAX_TEXT_CHARS {
+        return Err(TgError::bad_request("message is too long"));
+    }
+    Ok(())
+}
+
+/// The sent message as the Bot API returns it, with what only the bot's request said.
+async fn sent(bot: &Bot, m: &StoredMessage, entities: Vec<Value>, p: &Params) -> Result<Value, TgError> {
+    let mut message = bot.message_json(m).await?;
+    message.as_object_mut().map(|o| o.remove("entities"));
+    if !entities.is_empty() {
+        message["entities"] = entities.into();
+    }
+    if let Some(markup) = p.json("reply_markup")?
+        && markup.get("inline_keyboard").is_some()
+    {
+        message["reply_markup"] = markup;
+    }
+    Ok(message)
+}
+
+async fn send_message(bot: &Bot, p: &Params) -> Result<Value, TgError> {
+    let (to, chat, _) = chat_of(bot, p, "chat_id").await?;
+    let text = formatted(p, "text", "parse_mode", "entities")?;
+    check_text(&text.text)?;
+    let reply_to = reply_of(bot, chat, p)?;
+    let mut sent_now = bot.node.send_texts(to, vec![text.text], reply_to).await.map_err(|e| node_error(&e))?;
+    let m = sent_now.pop().ok_or_else(|| TgError::internal("the node recorded no message"))?;
+    sent(bot, &m, text.entities, p).await
+}
+
+async fn edit_message_text(bot: &Bot, p: &Params) -> Result<Value, TgError> {
+    if p.has("inline_message_id") {
+        return Err(TgError::bad_request("inline messages are not supported"));
+    }
+    let (_, chat, _) = chat_of(bot, p, "chat_id").await?;
+    let id = message_of(bot, chat, p.required_int("message_id")?, "message to edit not found")?;
+    let text = formatted(p, "text", "parse_mode", "entities")?;
+    check_text(&text.text)?;
+    match bot.node.call(Call::Edit { message: id, text: text.text.clone() }).await {
+        Ok(Reply::Message { message }) => sent(bot, &message, text.entities, p).await,
+        Ok(other) => Err(TgError::internal(meshgram_node::client::api::ApiError::unexpected("edit", &other))),
+        Err(e) if e.code == "FORBIDDEN" => Err(TgError::bad_request("message can't be edited")),
+        Err(e) if e.code == "NOT_FOUND" => Err(TgError::bad_request("message to edit not found")),
+        Err(e) => Err(node_error(&e)),
+    }
+}
+
+/// The message `message_id` of `from_chat_id`, as the bot's history has it.
+async fn source_message(bot: &Bot, p: &Params) -> Result<(LookupQuery, i64, StoredMessage), TgError> {
+    let (to, to_chat, _) = chat_of(bot, p, "chat_id").await?;
+    let (from, from_chat, _) = chat_of(bot, p, "from_chat_id").await?;
+    let id = message_of(bot, from_chat, p.required_int("message_id")?, "message to forward not found")?;
+    let (messages, _) = bot.node.messages(Some(from)).await.map_err(|e| node_error(&e))?;
+    let found = messages.into_iter().find(|m| m.id == id && !m.deleted);
+    let found = found.ok_or_else(|| TgError::bad_request("message to forward not found"))?;
+    Ok((to, to_chat, found))
+}
+
+async fn forward(bot: &Bot, p: &Params) -> Result<Value, TgError> {
+    let (to, _, original) = source_message(bot, p).await?;
+    match bot.node.call(Call::Forward { message: original.id, to }).await {
+        Ok(Reply::Message { message }) => {
+            let mut json = bot.message_json(&message).await?;
+            json["forward_origin"] = json!({"type": "user", "sender_user": bot.user(original.from).await, "date": original.sent_at_ms / 1000});
+            Ok(json)
+        }
+        Ok(other) => Err(TgError::internal(meshgram_node::client::api::ApiError::unexpected("forward", &other))),
+        Err(e) => Err(node_error(&e)),
+    }
+}
+
+async fn copy(bot: &Bot, p: &Params) -> Result<Value, TgError> {
+    let (to, to_chat, original) = source_message(bot, p).await?;
+    let reply_to = reply_of(bot, to_chat, p)?;
+    let caption =
+        if p.has("caption") { Some(formatted(p, "caption", "parse_mode", "caption_entities")?.text) } else { None };
+    let sent_now = match &original.file {
+        Some(file) => {
+            let caption = caption.or_else(|| (!original.text.is_empty()).then(|| original.text.clone()));
+            let call = Call::SendFile { to, file: (**file).clone(), caption, reply_to };
+            match bot.node.call(call).await.map_err(|e| node_error(&e))? {
+                Reply::Message { message } => message,
+                other => {
+                    return Err(TgError::internal(meshgram_node::client::api::ApiError::unexpected(
+                        "send_file",
+                        &other,
+                    )));
+                }
+            }
+        }
+        None => {
+            let text = caption.unwrap_or(original.text);
+            check_text(&text)?;
+            let mut sent_now = bot.node.send_texts(to, vec![text], reply_to).await.map_err(|e| node_error(&e))?;
+            sent_now.pop().ok_or_else(|| TgError::internal("the node recorded no message"))?
+        }
+    };
+    let number = bot.store.number(to_chat, sent_now.id).map_err(TgError::internal)?;
+    Ok(json!({ "message_id": number }))
+}

@@ -1,0 +1,34 @@
+"""An ordinary python-telegram-bot echo bot; only its base URL points at the Meshgram bridge.
+
+Usage: ptb_echo.py BASE_URL TOKEN  (BASE_URL is network.json's bot_api, e.g. http://127.0.0.1:PORT/bot)
+"""
+import sys
+
+from telegram import Update
+from telegram.ext import Application, CommandHandler, ContextTypes, MessageHandler, filters
+
+
+async def start(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    await update.message.reply_text(f"Hello {update.effective_user.first_name}, I am {context.bot.username}")
+
+
+async def echo(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    text = update.message.text
+    if text == "edit me":
+        draft = await update.message.reply_text("draft")
+        await draft.edit_text("final")
+    else:
+        await update.message.reply_html(f"<b>echo</b>: {text}")
+
+
+def main() -> None:
+    base_url, token = sys.argv[1], sys.argv[2]
+    app = Application.builder().token(token).base_url(base_url).build()
+    app.add_handler(CommandHandler("start", start))
+    app.add_handler(MessageHandler(filters.TEXT & ~filters.COMMAND, echo))
+    print("ptb bot polling", flush=True)
+    app.run_polling(poll_interval=0.0, timeout=10)
+
+
+if __name__ == "__main__":
+    main()

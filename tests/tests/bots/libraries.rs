@@ -1,0 +1,68 @@
+//! Real bot libraries against the bridge.
+
+use std::process::{Child, Command, Stdio};
+
+use meshgram_tests::{Mesh, meshgram};
+use serde_json::Value;
+
+use crate::{ALICE, create_bot, start_bridge, wait_chat};
+
+/// A bot process, killed with the test.
+struct BotProcess(Child);
+
+impl Drop for BotProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn texts_from(messages: &[Value], from_bot: bool) -> Vec<String> {
+    messages
+        .iter()
+        .filter(|m| m["outgoing"] == !from_bot)
+        .map(|m| m["text"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+#[test]
+fn an_unmodified_python_telegram_bot_answers_edits_and_formats() {
+    let mesh = Mesh::start(3, 2);
+    let alice_p = mesh.new_profile("alice");
+    let alice_id = mesh.login(&alice_p, ALICE)["user_id"].as_u64().unwrap();
+    let token = create_bot(&alice_p, "ptb_echo_bot");
+    let bridge = start_bridge(&mesh, &mesh.gateway.tmp().join("bridge"));
+    let base = bridge.ready["bot_api"].as_str().unwrap().to_string();
+
+    // The bridge signs a bot in on its first request: from then on it has a device to write to.
+    let (status, me) = meshgram_tests::http_get(&bridge.http().unwrap(), &format!("/bot{token}/getMe")).unwrap();
+    assert_eq!(status, 200, "{me}");
+
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/bots/ptb_echo.py");
+    let bot = Command::new("python3")
+        .args([script, &base, &token])
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("python3 runs (./tests/run installs python-telegram-bot)");
+    let _bot = BotProcess(bot);
+
+    meshgram(&alice_p, &["send", "@ptb_echo_bot", "/start", "--json"]).ok_json();
+    meshgram(&alice_p, &["send", "@ptb_echo_bot", "hello there", "--json"]).ok_json();
+    meshgram(&alice_p, &["send", "@ptb_echo_bot", "edit me", "--json"]).ok_json();
+    let messages = wait_chat(&alice_p, "@ptb_echo_bot", "three answers from the PTB bot", |m| {
+        let answers = texts_from(m, true);
+        answers.len() >= 3 && answers.iter().any(|t| t == "final")
+    });
+    let answers = texts_from(&messages, true);
+    assert_eq!(
+        answers,
+        vec![format!("Hello User {alice_id}, I am ptb_echo_bot"), "echo: hello there".into(), "final".into()],
+        "each message answered once, in order; HTML parsed to plain text; the draft edited: {messages:#?}"
+    );
+    let edited = messages.iter().find(|m| m["text"] == "final").unwrap();
+    assert_eq!(edited["edited"], true, "{edited}");
+    assert_eq!(texts_from(&messages, false).len(), 3);
+    // Nothing more comes: each update went to the bot once.
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    assert_eq!(texts_from(&crate::chat(&alice_p, "@ptb_echo_bot"), true).len(), 3);
+}

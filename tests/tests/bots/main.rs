@@ -1,0 +1,60 @@
+//! Cross-process tests of the bot bridge: real gateway, relays, bridge, CLI, and real bots.
+//!
+//! - `libraries`: an unmodified python-telegram-bot echo bot, only its base URL changed, answers
+//!   `/start`, echoes text with HTML formatting and edits its own message, each exactly once.
+//! - `wire`: bad input (tokens, methods, parameters, JSON) gets Telegram's errors; updates are
+//!   confirmed by offset and survive a SIGKILL of the bridge, none lost and none twice.
+
+// A failed unwrap here is a failed test, which is what it should be.
+#![allow(clippy::unwrap_used)]
+
+mod libraries;
+mod wire;
+
+use std::path::Path;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use meshgram_tests::{BRIDGE_BIN, Mesh, Server, bin_path, meshgram};
+use serde_json::Value;
+
+const ALICE: &str = "+15550001001";
+
+/// How long a reply may take to travel user → bot → user.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Starts a bridge on `data` for `mesh`'s gateway and relays, HTTP on a free port.
+fn start_bridge(mesh: &Mesh, data: &Path) -> Server {
+    let data = data.display().to_string();
+    let gateway = mesh.gateway.addr();
+    let mut args = vec!["--data".to_string(), data, "--http".into(), "127.0.0.1:0".into(), "--gateway".into(), gateway];
+    for relay in &mesh.relays {
+        args.extend(["--relay".into(), relay.tcp_addr()]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    Server::start(&bin_path(BRIDGE_BIN), &args).expect("the bot bridge starts")
+}
+
+/// Creates a bot owned by the user of `owner`; returns its token.
+fn create_bot(owner: &Path, username: &str) -> String {
+    let created = meshgram(owner, &["bot", "create", "--username", username, "--name", "Echo", "--json"]).ok_json();
+    created["token"].as_str().unwrap().to_string()
+}
+
+/// The chat of `profile` with `chat`, as `messages --json` shows it.
+fn chat(profile: &Path, with: &str) -> Vec<Value> {
+    meshgram(profile, &["messages", with, "--json"]).ok_json().as_array().cloned().unwrap_or_default()
+}
+
+/// Waits until `done` holds for the chat, and returns it.
+fn wait_chat(profile: &Path, with: &str, what: &str, done: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+    let deadline = Instant::now() + REPLY_TIMEOUT;
+    loop {
+        let messages = chat(profile, with);
+        if done(&messages) {
+            return messages;
+        }
+        assert!(Instant::now() < deadline, "{what} within {REPLY_TIMEOUT:?}; the chat is {messages:#?}");
+        thread::sleep(Duration::from_millis(300));
+    }
+}
