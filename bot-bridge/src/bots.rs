@@ -238,6 +238,10 @@ impl Bot {
         if m.outgoing || m.notice || m.deleted || is_group_chat(m.chat) {
             return Ok(false);
         }
+        // Checked first: looking the whole history over at start costs a read per message.
+        if self.store.offered(m.id, convert::version(m)).map_err(TgError::internal)? {
+            return Ok(false);
+        }
         let message = self.message_json(m).await?;
         let queued = self
             .store
@@ -258,17 +262,27 @@ async fn feed(bot: std::sync::Weak<Bot>, mut events: tokio::sync::broadcast::Rec
         let Some(this) = bot.upgrade() else { return };
         if look_again {
             match this.node.messages(None).await {
-                Ok((messages, _)) => {
-                    let mut queued = false;
+                Ok((mut messages, _)) => {
+                    // In the order they were sent, across chats, as updates would have come.
+                    messages.sort_by_key(|m| (m.sent_at_ms, m.id));
+                    let (mut queued, mut failed) = (false, false);
                     for m in &messages {
                         match this.offer(m).await {
                             Ok(q) => queued |= q,
-                            Err(e) => tracing::warn!(error = %e.description, "an update was not queued; retrying"),
+                            Err(e) => {
+                                tracing::warn!(error = %e.description, "an update was not queued; retrying");
+                                failed = true;
+                            }
                         }
                     }
-                    look_again = false;
                     if queued {
                         this.arrived.notify_waiters();
+                    }
+                    look_again = failed;
+                    if failed {
+                        drop(this);
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue;
                     }
                 }
                 Err(e) => {

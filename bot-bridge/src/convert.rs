@@ -139,7 +139,12 @@ fn parse_html(text: &str) -> Result<Formatted, String> {
                 "amp" => '&',
                 "quot" => '"',
                 other => {
-                    let code = other.strip_prefix('#').and_then(|n| n.parse::<u32>().ok()).and_then(char::from_u32);
+                    let code = match other.strip_prefix('#') {
+                        Some(hex) if hex.starts_with(['x', 'X']) => u32::from_str_radix(&hex[1..], 16).ok(),
+                        Some(decimal) => decimal.parse::<u32>().ok(),
+                        None => None,
+                    };
+                    let code = code.and_then(char::from_u32);
                     code.ok_or_else(|| format!("unsupported entity &{other};"))?
                 }
             };
@@ -285,8 +290,8 @@ mod tests {
 
     #[test]
     fn html_entities_count_utf16_units() {
-        let f = parse("😀 <b>bold</b> &amp; <a href=\"https://x.org\">link</a>", Some("HTML")).unwrap();
-        assert_eq!(f.text, "😀 bold & link");
+        let f = parse("😀 <b>bold</b> &amp; <a href=\"https://x.org\">link</a>&#x27;", Some("HTML")).unwrap();
+        assert_eq!(f.text, "😀 bold & link'");
         assert_eq!(f.entities[0], json!({"type": "bold", "offset": 3, "length": 4}));
         assert_eq!(f.entities[1], json!({"type": "text_link", "offset": 10, "length": 4, "url": "https://x.org"}));
         assert!(parse("<b>open", Some("HTML")).unwrap_err().contains("end tag"));

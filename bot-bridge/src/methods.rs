@@ -19,6 +19,8 @@ const SPEC_METHODS: &str = include_str!("spec_methods.txt");
 
 /// `getUpdates` waits at most this long (Telegram's cap).
 const MAX_POLL: Duration = Duration::from_secs(50);
+/// Longest text (or caption) with its markup, in bytes, that is parsed at all.
+const MAX_MARKED_UP_BYTES: usize = 64 * 1024;
 const ALLOWED_UPDATES: &str = "allowed_updates";
 const WEBHOOK_URL: &str = "webhook_url";
 
@@ -216,6 +218,11 @@ fn reply_of(bot: &Bot, chat: i64, p: &Params) -> Result<Option<MessageId>, TgErr
 /// Text and entities of a `text` (or caption) with its `parse_mode` or explicit entities.
 fn formatted(p: &Params, field: &str, mode_field: &str, entities_field: &str) -> Result<convert::Formatted, TgError> {
     let text = p.str(field).unwrap_or_default();
+    // Markup may make the text longer than the message, but not by this much: the parsers'
+    // work stays small.
+    if text.len() > MAX_MARKED_UP_BYTES {
+        return Err(TgError::bad_request("message is too long"));
+    }
     let mode = p.str(mode_field);
     let mut formatted = convert::parse(&text, mode.as_deref())
         .map_err(|why| TgError::bad_request(&format!("can't parse entities: {why}")))?;
@@ -251,6 +258,8 @@ async fn sent(bot: &Bot, m: &StoredMessage, entities: Vec<Value>, p: &Params) ->
 }
 
 async fn send_message(bot: &Bot, p: &Params) -> Result<Value, TgError> {
+    // Read before sending, so that a bad one fails the call and a retry sends nothing twice.
+    p.json("reply_markup")?;
     let (to, chat, _) = chat_of(bot, p, "chat_id").await?;
     let text = formatted(p, "text", "parse_mode", "entities")?;
     check_text(&text.text)?;
@@ -264,6 +273,7 @@ async fn edit_message_text(bot: &Bot, p: &Params) -> Result<Value, TgError> {
     if p.has("inline_message_id") {
         return Err(TgError::bad_request("inline messages are not supported"));
     }
+    p.json("reply_markup")?;
     let (_, chat, _) = chat_of(bot, p, "chat_id").await?;
     let id = message_of(bot, chat, p.required_int("message_id")?, "message to edit not found")?;
     let text = formatted(p, "text", "parse_mode", "entities")?;
@@ -320,8 +330,9 @@ async fn copy(bot: &Bot, p: &Params) -> Result<Value, TgError> {
                 }
             }
         }
+        // A text has no caption to replace.
         None => {
-            let text = caption.unwrap_or(original.text);
+            let text = original.text;
             check_text(&text)?;
             let mut sent_now = bot.node.send_texts(to, vec![text], reply_to).await.map_err(|e| node_error(&e))?;
             sent_now.pop().ok_or_else(|| TgError::internal("the node recorded no message"))?

@@ -83,6 +83,13 @@ impl BotStore {
         Ok(table.get((chat, number)).map_err(err)?.map(|v| MessageId(*v.value())))
     }
 
+    /// Whether this version of a received message became an update already.
+    pub(crate) fn offered(&self, id: MessageId, version: u64) -> Result<bool, StoreError> {
+        let tx = self.db.begin_read().map_err(err)?;
+        let offered = tx.open_table(OFFERED).map_err(err)?;
+        Ok(offered.get(&id.0).map_err(err)?.is_some_and(|v| v.value() == version))
+    }
+
     /// Turns a received message version into an update unless it was already: `build` makes
     /// the update's body from the offer and the message number. Returns whether one was queued.
     pub(crate) fn offer(
