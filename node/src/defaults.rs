@@ -110,3 +110,7 @@ pub const CARD_TRUST_SECS: u64 = 600;
 /// How often a client node tries its outbox again while messages wait there: soon enough that
 /// a message goes out within seconds of a relay coming back, rare enough to cost nothing.
 pub const NODE_OUTBOX_RETRY: Duration = Duration::from_secs(2);
+
+/// How long pressing a bot's inline button waits for the bot's answer before it returns
+/// without one (the answer is still shown when it comes): Telegram's clients wait as long.
+pub const PRESS_ANSWER_WAIT: Duration = Duration::from_secs(10);

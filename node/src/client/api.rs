@@ -13,9 +13,10 @@ use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
 use crate::client::backup::{BackupListed, BackupMade};
+use crate::client::buttons::Pressed;
 use crate::client::devices::{DeviceInfo, HistorySent};
 use crate::client::groups::{GroupChange, GroupError, GroupInfo};
-use crate::client::history::{BackupSchedule, Imported, StoredMessage};
+use crate::client::history::{BackupSchedule, Imported, Press, StoredMessage};
 use crate::client::media::{ByteRange, Downloaded, Progress};
 use crate::client::messaging::MessagingError;
 use crate::client::secret::{SecretChatInfo, SecretError, SecretMessage};
@@ -24,6 +25,7 @@ use crate::ids::{SessionId, UserId};
 use crate::proto::group::GroupId;
 use crate::proto::media::FileRef;
 use crate::proto::payload::MessageId;
+use crate::proto::rich::{CallbackId, Extras};
 use crate::proto::{Account, LookupQuery, SessionInfo, UserCard};
 
 /// What a front end asks of its client node.
@@ -234,6 +236,36 @@ pub enum Call {
         link: String,
         announce: bool,
     },
+    /// Send one message with formatting or a keyboard (as bots do): a text, or a file
+    /// already uploaded with its caption.
+    SendRich {
+        to: LookupQuery,
+        text: String,
+        file: Option<FileRef>,
+        extras: Extras,
+        reply_to: Option<MessageId>,
+    },
+    /// Change one of our messages as bots do: its text and formatting (when `text` is
+    /// given) and its keyboard (always; none takes it away).
+    EditRich {
+        message: MessageId,
+        text: Option<String>,
+        extras: Extras,
+    },
+    /// Press a button of a bot's message (by its text): an inline button's press waits a
+    /// little for the bot's answer; a reply keyboard's sends its text.
+    Press {
+        message: MessageId,
+        button: String,
+    },
+    /// The presses of this account's buttons (a bot's) not answered yet.
+    Presses,
+    /// Answer a press of one of this account's buttons, once.
+    AnswerPress {
+        query: CallbackId,
+        text: Option<String>,
+        alert: bool,
+    },
 }
 
 impl Call {
@@ -241,6 +273,7 @@ impl Call {
     pub fn group(&self) -> Option<GroupId> {
         let query = match self {
             Call::Send { to, .. }
+            | Call::SendRich { to, .. }
             | Call::Typing { to }
             | Call::Upload { to, .. }
             | Call::SendFile { to, .. }
@@ -377,6 +410,14 @@ pub enum Reply {
         group: GroupId,
         admin: UserId,
     },
+    /// `Press`.
+    Pressed {
+        pressed: Pressed,
+    },
+    /// `Presses`.
+    Presses {
+        presses: Vec<Press>,
+    },
 }
 
 /// Display names of the people a reply mentions, from cached directory cards.
@@ -466,6 +507,10 @@ pub enum Event {
     SecretChat { chat: SecretChatInfo },
     /// A group is new here or changed (members, title, admins, pin), or this account left it.
     Group { group: GroupInfo },
+    /// Someone pressed a button of one of this account's messages (a bot's).
+    Press { press: Press },
+    /// A bot answered one of this device's presses.
+    PressAnswer { press: Press },
 }
 
 /// A failed call: a stable code (Telegram's RPC error names where one fits), a message for
@@ -538,6 +583,9 @@ impl From<MessagingError> for ApiError {
             MessagingError::BackupKey(_) => "PROFILE",
             MessagingError::BadBackup(_) => "BAD_BACKUP",
             MessagingError::NoBackup(_) => "NOT_FOUND",
+            MessagingError::BadExtras(_) => "USAGE",
+            MessagingError::NoButton { .. } => "NO_BUTTON",
+            MessagingError::NoCallback(_) => "QUERY_TOO_OLD",
             MessagingError::Group(ref e) => match e {
                 GroupError::Unknown(_) => "NOT_FOUND",
                 GroupError::NotMember(_) | GroupError::NotAdmin { .. } | GroupError::LinkNotOpen(_) => "FORBIDDEN",

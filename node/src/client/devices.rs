@@ -100,17 +100,13 @@ pub(crate) fn encode_export(export: &HistoryExport) -> Result<Vec<u8>, Messaging
     Ok(bytes)
 }
 
-/// An export as written by [`encode_export`], of this build's layout.
+/// An export as written by [`encode_export`], of this build's layout or an earlier one.
 pub(crate) fn decode_export(bytes: &[u8]) -> Result<HistoryExport, MessagingError> {
-    let export: HistoryExport = postcard::from_bytes(bytes)
-        .map_err(|e| MessagingError::BadBackup(format!("the history does not parse: {e}")))?;
-    if export.format != EXPORT_FORMAT {
-        return Err(MessagingError::BadBackup(format!(
-            "the history is in format {}; this build reads {EXPORT_FORMAT}",
-            export.format
-        )));
-    }
-    Ok(export)
+    HistoryExport::decode(bytes)
+        .map_err(|e| MessagingError::BadBackup(format!("the history does not parse: {e}")))?
+        .map_err(|format| {
+            MessagingError::BadBackup(format!("the history is in format {format}; this build reads {EXPORT_FORMAT}"))
+        })
 }
 
 /// The device `id` names: its whole id or session id, or a part of its id that only it has.

@@ -37,7 +37,7 @@ use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use crate::client::history::{History, HistoryError, StoredMessage, change_of};
-use crate::client::messaging::{Inbox, MessagingError, Messenger};
+use crate::client::messaging::{Draft, Inbox, MessagingError, Messenger};
 use crate::crypto::group::{EpochKey, GroupCryptoError};
 use crate::defaults::{CARD_FRESH_SECS, CARD_TRUST_SECS, RELAY_ANSWER_DEADLINE};
 use crate::ids::{UserId, now_ms};
@@ -923,7 +923,7 @@ impl Messenger {
     pub(crate) fn group_payloads(
         &mut self,
         group: &GroupId,
-        messages: &[(String, Option<crate::proto::media::FileRef>)],
+        drafts: Vec<Draft>,
         reply_to: Option<MessageId>,
     ) -> Result<(UserId, Vec<StoredMessage>, Vec<Payload>), MessagingError> {
         let record = self.active_group(group)?;
@@ -931,31 +931,7 @@ impl Messenger {
             return Err(GroupError::NotAdmin { group: *group, what: "post in a channel" }.into());
         }
         let (me, chat, sent_at_ms) = (self.me(), group.chat_number(), now_ms());
-        let (mut records, mut payloads) = (Vec::new(), Vec::new());
-        for (text, file) in messages {
-            let message_id = MessageId::random();
-            let body = match file {
-                Some(file) => {
-                    Body::File { file: file.clone(), caption: (!text.is_empty()).then(|| text.clone()), reply_to }
-                }
-                None => Body::Text { text: text.clone(), reply_to },
-            };
-            records.push(StoredMessage {
-                id: message_id,
-                chat,
-                from: me,
-                outgoing: true,
-                text: text.clone(),
-                reply_to,
-                sent_at_ms,
-                status: Status::Pending,
-                edited: false,
-                deleted: false,
-                file: file.clone().map(Box::new),
-                notice: false,
-            });
-            payloads.push(Payload { message_id, chat_with: chat, body });
-        }
+        let (records, payloads) = drafts.into_iter().map(|d| d.into_message(chat, me, sent_at_ms, reply_to)).unzip();
         Ok((chat, records, payloads))
     }
 
@@ -1167,10 +1143,10 @@ impl Messenger {
         let (chat, author) = (record.state.group.chat_number(), envelope.from_user);
         let outgoing = author == self.me();
         match plain.body {
-            body @ (Body::Text { .. } | Body::File { .. }) => {
+            body @ (Body::Text { .. } | Body::File { .. } | Body::Rich { .. }) => {
                 self.record_new(envelope, plain.message_id, chat, body, inbox)?;
             }
-            body @ (Body::Edit { .. } | Body::Delete { .. }) => {
+            body @ (Body::Edit { .. } | Body::EditRich { .. } | Body::Delete { .. }) => {
                 if let Some((ids, mut change)) = change_of(&body, author) {
                     let in_group = |m: &mut StoredMessage| m.chat == chat && change(m);
                     inbox.messages.extend(self.h().update(envelope.id, ids, in_group)?);

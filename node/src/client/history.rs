@@ -9,10 +9,11 @@ use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Tab
 use serde::{Deserialize, Serialize};
 
 use crate::crypto::media::MANIFEST_INDEX;
-use crate::ids::UserId;
+use crate::ids::{UserId, now_ms};
 use crate::proto::envelope::EnvelopeId;
 use crate::proto::media::{ChunkHash, FileId, FileRef, PartHashes};
 use crate::proto::payload::{Body, MessageId, Payload, Status};
+use crate::proto::rich::{CallbackId, Extras};
 use crate::proto::{LookupQuery, UserCard};
 
 /// File in a profile dir.
@@ -54,6 +55,13 @@ const PARKED: TableDefinition<(&[u8; 16], &[u8; 16]), &[u8]> = TableDefinition::
 /// Most changes parked at once, and how long one waits for its message.
 const MAX_PARKED: u64 = 100_000;
 const PARKED_FOR_SECS: u64 = 30 * 86_400;
+/// Button presses this device (a bot's) received and has not answered: press id → [`Press`].
+const PRESSES_IN: TableDefinition<&[u8; 16], &[u8]> = TableDefinition::new("presses_in");
+/// Button presses this device made, and their answers once they come: press id → [`Press`].
+const PRESSES_OUT: TableDefinition<&[u8; 16], &[u8]> = TableDefinition::new("presses_out");
+/// How long a press is kept, and most kept at once (the oldest go first).
+const PRESS_KEPT_MS: u64 = 3_600_000;
+const MAX_PRESSES: u64 = 10_000;
 const NEXT_ORDER: &str = "next_order";
 /// Set (to when it asked) while this device waits for its history from another device: only
 /// then is a `History` taken.
@@ -90,6 +98,9 @@ pub struct StoredMessage {
     /// Written by this device, not sent by anyone: a contact's devices changed, say.
     #[serde(default)]
     pub notice: bool,
+    /// Formatting and keyboard, as bots send them.
+    #[serde(default)]
+    pub extras: Option<Box<Extras>>,
 }
 
 impl StoredMessage {
@@ -109,6 +120,45 @@ impl StoredMessage {
             deleted: false,
             file: None,
             notice: true,
+            extras: None,
+        }
+    }
+}
+
+/// [`StoredMessage`] as histories written before extras existed hold it.
+#[derive(Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
+struct StoredMessageV3 {
+    id: MessageId,
+    chat: UserId,
+    from: UserId,
+    outgoing: bool,
+    text: String,
+    reply_to: Option<MessageId>,
+    sent_at_ms: u64,
+    status: Status,
+    edited: bool,
+    deleted: bool,
+    file: Option<Box<FileRef>>,
+    notice: bool,
+}
+
+impl From<StoredMessageV3> for StoredMessage {
+    fn from(v3: StoredMessageV3) -> Self {
+        StoredMessage {
+            id: v3.id,
+            chat: v3.chat,
+            from: v3.from,
+            outgoing: v3.outgoing,
+            text: v3.text,
+            reply_to: v3.reply_to,
+            sent_at_ms: v3.sent_at_ms,
+            status: v3.status,
+            edited: v3.edited,
+            deleted: v3.deleted,
+            file: v3.file,
+            notice: v3.notice,
+            extras: None,
         }
     }
 }
@@ -148,11 +198,19 @@ struct StoredMessageV1 {
 
 /// Reads a message record of any layout (postcard has no optional trailing fields).
 fn decode_message(bytes: &[u8]) -> Result<StoredMessage, postcard::Error> {
+    // An older layout must take up the whole record: postcard reads a prefix happily, and a
+    // newer record read as an older one would silently lose its last fields.
+    fn whole<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Option<T> {
+        postcard::take_from_bytes(bytes).ok().filter(|(_, rest): &(T, &[u8])| rest.is_empty()).map(|(v, _)| v)
+    }
     postcard::from_bytes(bytes).or_else(|e| {
-        let v2 = match postcard::from_bytes::<StoredMessageV2>(bytes) {
-            Ok(v2) => v2,
-            Err(_) => {
-                let v1: StoredMessageV1 = postcard::from_bytes(bytes).map_err(|_| e)?;
+        if let Some(v3) = whole::<StoredMessageV3>(bytes) {
+            return Ok(v3.into());
+        }
+        let v2 = match whole::<StoredMessageV2>(bytes) {
+            Some(v2) => v2,
+            None => {
+                let v1: StoredMessageV1 = whole(bytes).ok_or(e)?;
                 StoredMessageV2 {
                     id: v1.id,
                     chat: v1.chat,
@@ -181,8 +239,30 @@ fn decode_message(bytes: &[u8]) -> Result<StoredMessage, postcard::Error> {
             deleted: v2.deleted,
             file: v2.file,
             notice: false,
+            extras: None,
         })
     })
+}
+
+/// A press of an inline button: as the bot received it (`PRESSES_IN`), or as the presser made
+/// it, with the bot's answer once it comes (`PRESSES_OUT`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Press {
+    pub id: CallbackId,
+    /// The other side: who pressed (for the bot), or the bot (for the presser).
+    pub with: UserId,
+    pub message: MessageId,
+    pub data: String,
+    /// When this device recorded it (unix ms).
+    pub at_ms: u64,
+    pub answer: Option<PressAnswer>,
+}
+
+/// A bot's answer to a press.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PressAnswer {
+    pub text: Option<String>,
+    pub alert: bool,
 }
 
 /// An own device that asked for the history, as this device has it.
@@ -233,8 +313,42 @@ pub struct BackupSchedule {
     pub last_at: Option<u64>,
 }
 
-/// The layout of [`HistoryExport`] this build writes and reads.
-pub const EXPORT_FORMAT: u32 = 1;
+/// The layout of [`HistoryExport`] this build writes and reads (it reads format 1 too).
+pub const EXPORT_FORMAT: u32 = 2;
+
+/// [`HistoryExport`] in format 1, from before messages had extras.
+#[derive(Deserialize)]
+struct HistoryExportV1 {
+    format: u32,
+    user_id: UserId,
+    exported_at: u64,
+    messages: Vec<StoredMessageV3>,
+    cards: Vec<(UserCard, u64)>,
+    names: Vec<(String, UserId)>,
+}
+
+impl HistoryExport {
+    /// Reads an export of this build's format or an earlier one; `Ok(Err(format))` for a format
+    /// this build does not know.
+    pub fn decode(bytes: &[u8]) -> Result<Result<HistoryExport, u32>, postcard::Error> {
+        let (format, _) = postcard::take_from_bytes::<u32>(bytes)?;
+        match format {
+            EXPORT_FORMAT => postcard::from_bytes(bytes).map(Ok),
+            1 => {
+                let v1: HistoryExportV1 = postcard::from_bytes(bytes)?;
+                Ok(Ok(HistoryExport {
+                    format: v1.format,
+                    user_id: v1.user_id,
+                    exported_at: v1.exported_at,
+                    messages: v1.messages.into_iter().map(StoredMessage::from).collect(),
+                    cards: v1.cards,
+                    names: v1.names,
+                }))
+            }
+            other => Ok(Err(other)),
+        }
+    }
+}
 
 /// A change to earlier messages that arrived before them (see `PARKED`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -259,6 +373,22 @@ pub fn change_of(
             Box::new(move |m: &mut StoredMessage| {
                 m.from == author && !m.deleted && {
                     m.text.clone_from(text);
+                    m.edited = true;
+                    true
+                }
+            }),
+        )),
+        Body::EditRich { message, text, extras } => Some((
+            std::slice::from_ref(message),
+            Box::new(move |m: &mut StoredMessage| {
+                m.from == author && !m.deleted && {
+                    let mut now = m.extras.as_deref().cloned().unwrap_or_default();
+                    if let Some(text) = text {
+                        m.text.clone_from(text);
+                        now.entities.clone_from(&extras.entities);
+                    }
+                    now.markup.clone_from(&extras.markup);
+                    m.extras = (!now.is_empty()).then(|| Box::new(now));
                     m.edited = true;
                     true
                 }
@@ -800,6 +930,88 @@ impl History {
         Ok(fresh)
     }
 
+    /// Records a press a bot received, and marks its envelope seen, in one transaction; false
+    /// if it was seen before.
+    pub fn put_press_in(&self, envelope: EnvelopeId, press: &Press) -> Result<bool, HistoryError> {
+        let tx = self.db.begin_write()?;
+        if tx.open_table(SEEN)?.insert(&envelope.0, ())?.is_some() {
+            return Ok(false);
+        }
+        put_press(&tx, PRESSES_IN, press)?;
+        tx.commit()?;
+        Ok(true)
+    }
+
+    /// Records a press this device makes (before it is sent).
+    pub fn put_press_out(&self, press: &Press) -> Result<(), HistoryError> {
+        let tx = self.db.begin_write()?;
+        put_press(&tx, PRESSES_OUT, press)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The presses received and not answered, oldest first.
+    pub fn presses_in(&self) -> Result<Vec<Press>, HistoryError> {
+        let tx = self.db.begin_read()?;
+        let cutoff = now_ms().saturating_sub(PRESS_KEPT_MS);
+        let mut out: Vec<Press> = Vec::new();
+        for entry in tx.open_table(PRESSES_IN)?.iter()? {
+            out.extend(postcard::from_bytes::<Press>(entry?.1.value()).ok().filter(|p| p.at_ms >= cutoff));
+        }
+        out.sort_by_key(|p| p.at_ms);
+        Ok(out)
+    }
+
+    /// A received press not answered yet.
+    pub fn press_in(&self, id: &CallbackId) -> Result<Option<Press>, HistoryError> {
+        let tx = self.db.begin_read()?;
+        Ok(tx.open_table(PRESSES_IN)?.get(&id.0)?.and_then(|v| postcard::from_bytes(v.value()).ok()))
+    }
+
+    /// Forgets a received press once it is answered (it is answered once).
+    pub fn answered_press_in(&self, id: &CallbackId) -> Result<(), HistoryError> {
+        let tx = self.db.begin_write()?;
+        tx.open_table(PRESSES_IN)?.remove(&id.0)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Records a bot's answer to one of our presses, and marks its envelope seen, in one
+    /// transaction: only for a press this device made to that bot, answered once. Returns the
+    /// press as answered, if it is news.
+    pub fn answer_press_out(
+        &self,
+        envelope: EnvelopeId,
+        id: &CallbackId,
+        from: UserId,
+        answer: PressAnswer,
+    ) -> Result<Option<Press>, HistoryError> {
+        let tx = self.db.begin_write()?;
+        let answered = {
+            if tx.open_table(SEEN)?.insert(&envelope.0, ())?.is_some() {
+                return Ok(None);
+            }
+            let mut table = tx.open_table(PRESSES_OUT)?;
+            let press: Option<Press> = table.get(&id.0)?.and_then(|v| postcard::from_bytes(v.value()).ok());
+            match press {
+                Some(mut press) if press.with == from && press.answer.is_none() => {
+                    press.answer = Some(answer);
+                    table.insert(&id.0, encode(&press).as_slice())?;
+                    Some(press)
+                }
+                _ => None,
+            }
+        };
+        tx.commit()?;
+        Ok(answered)
+    }
+
+    /// One of our presses, with its answer once it came.
+    pub fn press_out(&self, id: &CallbackId) -> Result<Option<Press>, HistoryError> {
+        let tx = self.db.begin_read()?;
+        Ok(tx.open_table(PRESSES_OUT)?.get(&id.0)?.and_then(|v| postcard::from_bytes(v.value()).ok()))
+    }
+
     /// Own devices that asked for the history.
     pub fn device_requests(&self) -> Result<Vec<DeviceRequest>, HistoryError> {
         let tx = self.db.begin_read()?;
@@ -1097,8 +1309,25 @@ fn merge(mut mine: StoredMessage, theirs: &StoredMessage) -> StoredMessage {
     } else if theirs.edited && !mine.edited && !mine.deleted {
         mine.edited = true;
         mine.text.clone_from(&theirs.text);
+        mine.extras.clone_from(&theirs.extras);
     }
     mine
+}
+
+/// Keeps a press in `table`, dropping those older than [`PRESS_KEPT_MS`] and, past
+/// [`MAX_PRESSES`], the first.
+fn put_press(
+    tx: &WriteTransaction,
+    table: TableDefinition<&[u8; 16], &[u8]>,
+    press: &Press,
+) -> Result<(), HistoryError> {
+    let mut table = tx.open_table(table)?;
+    let cutoff = now_ms().saturating_sub(PRESS_KEPT_MS);
+    table.retain(|_, v| postcard::from_bytes::<Press>(v).is_ok_and(|p| p.at_ms >= cutoff))?;
+    // Ids begin with their sender's clock: the first is about the oldest.
+    while table.len()? >= MAX_PRESSES && table.pop_first()?.is_some() {}
+    table.insert(&press.id.0, encode(press).as_slice())?;
+    Ok(())
 }
 
 /// Records messages within `tx`; see [`History::record`].
@@ -1195,6 +1424,7 @@ mod tests {
             deleted: false,
             file: None,
             notice: false,
+            extras: None,
         }
     }
 
@@ -1270,7 +1500,24 @@ mod tests {
         };
         let read = decode_message(&encode(&v2)).expect("a record from before notices reads");
         assert_eq!((read.text.as_str(), read.notice), ("file", false));
-        let new = StoredMessage { text: "again".into(), ..read };
+        let v3 = StoredMessageV3 {
+            id,
+            chat: UserId(2),
+            from: UserId(2),
+            outgoing: false,
+            text: "notice".into(),
+            reply_to: None,
+            sent_at_ms: 5,
+            status: Status::Read,
+            edited: false,
+            deleted: false,
+            file: None,
+            notice: true,
+        };
+        let read = decode_message(&encode(&v3)).expect("a record from before extras reads");
+        assert_eq!((read.text.as_str(), read.notice, &read.extras), ("notice", true, &None));
+        let extras = Extras { entities: vec![], markup: Some(crate::proto::rich::Markup::RemoveKeyboard) };
+        let new = StoredMessage { text: "again".into(), extras: Some(Box::new(extras)), ..read };
         assert_eq!(decode_message(&encode(&new)).expect("a new record reads"), new);
     }
 }

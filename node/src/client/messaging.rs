@@ -8,7 +8,7 @@ use libp2p::PeerId;
 
 use crate::client::groups::{GroupError, GroupInfo, Groups};
 use crate::client::history::{
-    DeviceRequest, History, HistoryError, ParkedChange, PendingImport, StoredMessage, change_of, mark_deleted,
+    DeviceRequest, History, HistoryError, ParkedChange, PendingImport, Press, StoredMessage, change_of, mark_deleted,
 };
 use crate::client::secret::{Frame, SecretChatInfo, SecretChats, SecretError, SecretMessage};
 use crate::client::session::{Client, ClientError, SavedSession};
@@ -23,6 +23,7 @@ use crate::net::placement;
 use crate::proto::envelope::{Envelope, EnvelopeId};
 use crate::proto::media::FileRef;
 use crate::proto::payload::{Body, MAX_TEXT_CHARS, MessageId, Payload, Status};
+use crate::proto::rich::{CallbackId, Extras};
 use crate::proto::{
     ErrorCode, LookupQuery, MAX_ENVELOPES_PER_BATCH, MailboxRequest, MailboxResponse, RelayInfo, UserCard, WireError,
 };
@@ -46,6 +47,74 @@ pub struct Inbox {
     pub secret_chats: Vec<SecretChatInfo>,
     /// Groups whose state changed (or that are new here).
     pub groups: Vec<GroupInfo>,
+    /// Presses of our buttons (a bot's), and answers to our presses.
+    pub presses: Vec<Press>,
+    pub press_answers: Vec<Press>,
+}
+
+/// A new message as its author writes it: a text, or a file with its caption (then `text`
+/// may be empty); with formatting or a keyboard (`extras`), as bots send them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Draft {
+    pub text: String,
+    pub file: Option<FileRef>,
+    pub extras: Option<Extras>,
+}
+
+impl Draft {
+    fn check(&self) -> Result<(), MessagingError> {
+        let chars = self.text.chars().count();
+        match &self.file {
+            Some(_) if chars > MAX_CAPTION_CHARS => return Err(MessagingError::CaptionTooLong),
+            None if self.text.is_empty() || chars > MAX_TEXT_CHARS => return Err(MessagingError::TextTooLong),
+            _ => {}
+        }
+        match &self.extras {
+            Some(extras) => extras.check().map_err(MessagingError::BadExtras),
+            None => Ok(()),
+        }
+    }
+
+    /// The message as this device records it (pending), and the payload that carries it.
+    pub(crate) fn into_message(
+        self,
+        chat: UserId,
+        me: UserId,
+        sent_at_ms: u64,
+        reply_to: Option<MessageId>,
+    ) -> (StoredMessage, Payload) {
+        let message_id = MessageId::random();
+        let Draft { text, file, extras } = self;
+        let extras = extras.filter(|e| !e.is_empty());
+        let body = match (&file, &extras) {
+            (file, Some(extras)) => Body::Rich {
+                text: text.clone(),
+                reply_to,
+                file: file.clone().map(Box::new),
+                extras: Box::new(extras.clone()),
+            },
+            (Some(file), None) => {
+                Body::File { file: file.clone(), caption: (!text.is_empty()).then(|| text.clone()), reply_to }
+            }
+            (None, None) => Body::Text { text: text.clone(), reply_to },
+        };
+        let record = StoredMessage {
+            id: message_id,
+            chat,
+            from: me,
+            outgoing: true,
+            text,
+            reply_to,
+            sent_at_ms,
+            status: Status::Pending,
+            edited: false,
+            deleted: false,
+            file: file.map(Box::new),
+            notice: false,
+            extras: extras.map(Box::new),
+        };
+        (record, Payload { message_id, chat_with: chat, body })
+    }
 }
 
 impl Inbox {
@@ -58,6 +127,8 @@ impl Inbox {
         self.secret_messages.extend(other.secret_messages);
         self.secret_chats.extend(other.secret_chats);
         self.groups.extend(other.groups);
+        self.presses.extend(other.presses);
+        self.press_answers.extend(other.press_answers);
     }
 }
 
@@ -157,6 +228,14 @@ pub enum MessagingError {
     Secret(#[from] SecretError),
     #[error(transparent)]
     Group(#[from] GroupError),
+    /// A message's formatting or keyboard is out of bounds.
+    #[error("{0}")]
+    BadExtras(String),
+    #[error("message {message} has no button {button:?}")]
+    NoButton { message: MessageId, button: String },
+    /// A button press this device does not have (answered already, or too old).
+    #[error("query {0} is too old, or was answered already")]
+    NoCallback(CallbackId),
 }
 
 impl MessagingError {
@@ -184,7 +263,10 @@ impl MessagingError {
             | MessagingError::BackupKey(_)
             | MessagingError::BadBackup(_)
             | MessagingError::NoBackup(_)
-            | MessagingError::Group(_) => false,
+            | MessagingError::Group(_)
+            | MessagingError::BadExtras(_)
+            | MessagingError::NoButton { .. }
+            | MessagingError::NoCallback(_) => false,
             // The secret chats' file could not be written (disk full): it may pass.
             MessagingError::Secret(e) => matches!(e, SecretError::Store { .. }),
             MessagingError::Client(_)
@@ -517,8 +599,8 @@ impl Messenger {
         if texts.iter().any(|t| t.is_empty() || t.chars().count() > MAX_TEXT_CHARS) {
             return Err(MessagingError::TextTooLong);
         }
-        let messages = texts.into_iter().map(|text| (text, None)).collect();
-        self.send_messages(to, messages, reply_to).await
+        let drafts = texts.into_iter().map(|text| Draft { text, file: None, extras: None }).collect();
+        self.send_messages(to, drafts, reply_to).await
     }
 
     /// Sends a file already uploaded (or forwarded: the same reference again), with a caption,
@@ -534,7 +616,28 @@ impl Messenger {
         if caption.chars().count() > MAX_CAPTION_CHARS {
             return Err(MessagingError::CaptionTooLong);
         }
-        let mut sent = self.send_messages(to, vec![(caption, Some(file))], reply_to).await?;
+        self.send_one(to, Draft { text: caption, file: Some(file), extras: None }, reply_to).await
+    }
+
+    /// Sends one message with formatting or a keyboard (as bots do): a text, or a file with
+    /// its caption, through the outbox as [`Messenger::send_texts`] does.
+    pub async fn send_rich(
+        &mut self,
+        to: LookupQuery,
+        draft: Draft,
+        reply_to: Option<MessageId>,
+    ) -> Result<StoredMessage, MessagingError> {
+        draft.check()?;
+        self.send_one(to, draft, reply_to).await
+    }
+
+    async fn send_one(
+        &mut self,
+        to: LookupQuery,
+        draft: Draft,
+        reply_to: Option<MessageId>,
+    ) -> Result<StoredMessage, MessagingError> {
+        let mut sent = self.send_messages(to, vec![draft], reply_to).await?;
         sent.pop().ok_or_else(|| MessagingError::NoRelay("the message was not recorded".into()))
     }
 
@@ -556,12 +659,12 @@ impl Messenger {
     async fn send_messages(
         &mut self,
         to: LookupQuery,
-        messages: Vec<(String, Option<FileRef>)>,
+        drafts: Vec<Draft>,
         reply_to: Option<MessageId>,
     ) -> Result<Vec<StoredMessage>, MessagingError> {
         self.history()?;
         if let LookupQuery::Group(group) = &to {
-            let (_, records, payloads) = self.group_payloads(group, &messages, reply_to)?;
+            let (_, records, payloads) = self.group_payloads(group, drafts, reply_to)?;
             return self.queue_and_flush(records, payloads).await;
         }
         let card = self.card(to, CARD_FRESH_SECS).await?;
@@ -569,32 +672,8 @@ impl Messenger {
             return Err(MessagingError::NoDevices(card.user_id));
         }
         let (me, sent_at_ms) = (self.me(), now_ms());
-        let (mut records, mut payloads) = (Vec::new(), Vec::new());
-        for (text, file) in messages {
-            let message_id = MessageId::random();
-            let body = match &file {
-                Some(file) => {
-                    let caption = (!text.is_empty()).then(|| text.clone());
-                    Body::File { file: file.clone(), caption, reply_to }
-                }
-                None => Body::Text { text: text.clone(), reply_to },
-            };
-            records.push(StoredMessage {
-                id: message_id,
-                chat: card.user_id,
-                from: me,
-                outgoing: true,
-                text,
-                reply_to,
-                sent_at_ms,
-                status: Status::Pending,
-                edited: false,
-                deleted: false,
-                file: file.map(Box::new),
-                notice: false,
-            });
-            payloads.push(Payload { message_id, chat_with: card.user_id, body });
-        }
+        let (records, payloads) =
+            drafts.into_iter().map(|d| d.into_message(card.user_id, me, sent_at_ms, reply_to)).unzip();
         self.queue_and_flush(records, payloads).await
     }
 
@@ -722,7 +801,7 @@ impl Messenger {
         Ok(unread.len())
     }
 
-    fn own_message(&self, id: &MessageId) -> Result<StoredMessage, MessagingError> {
+    pub(crate) fn own_message(&self, id: &MessageId) -> Result<StoredMessage, MessagingError> {
         match self.h().message(id)? {
             Some(m) if m.outgoing && !m.deleted => Ok(m),
             Some(_) => Err(MessagingError::NotYours(*id)),
@@ -737,7 +816,12 @@ impl Messenger {
 
     /// Sends bodies that change a chat (edits, deletes, receipts): to the group, for a group;
     /// else sealed for the person's devices (and our other ones when `sync`).
-    async fn send_to_chat(&mut self, chat: UserId, bodies: Vec<Body>, sync: bool) -> Result<(), MessagingError> {
+    pub(crate) async fn send_to_chat(
+        &mut self,
+        chat: UserId,
+        bodies: Vec<Body>,
+        sync: bool,
+    ) -> Result<(), MessagingError> {
         if crate::proto::group::is_group_chat(chat) {
             return self.post_bodies(chat, bodies.into_iter().map(|b| (MessageId::random(), b)).collect()).await;
         }
@@ -748,7 +832,7 @@ impl Messenger {
 
     /// Seals each body once per device of `card` (and per own other device when `sync`), and
     /// sends them in order; returns each payload with its send time.
-    async fn send_payloads(
+    pub(crate) async fn send_payloads(
         &mut self,
         card: &UserCard,
         bodies: Vec<Body>,
@@ -1104,13 +1188,13 @@ impl Messenger {
         let chat = if outgoing { payload.chat_with } else { envelope.from_user };
         let author = envelope.from_user;
         match payload.body {
-            body @ (Body::Text { .. } | Body::File { .. }) => {
+            body @ (Body::Text { .. } | Body::File { .. } | Body::Rich { .. }) => {
                 return self.record_new(envelope, payload.message_id, chat, body, inbox);
             }
             // Each change is applied in the same transaction that marks its envelope seen, so
             // two fetchers never apply it twice; one for a message not here yet is parked for a
             // history import to bring it.
-            body @ (Body::Edit { .. } | Body::Delete { .. } | Body::Receipt { .. }) => {
+            body @ (Body::Edit { .. } | Body::EditRich { .. } | Body::Delete { .. } | Body::Receipt { .. }) => {
                 let parked = ParkedChange { author, body, parked_at: unix_now() };
                 if let Some((ids, change)) = change_of(&parked.body, author) {
                     inbox.messages.extend(self.h().update_or_park(envelope.id, ids, change, &parked)?);
@@ -1166,6 +1250,12 @@ impl Messenger {
                     }
                 }
             }
+            // Presses are between other people and bots, never synced to our own devices.
+            Body::Callback { .. } | Body::CallbackAnswer { .. } if outgoing => {
+                tracing::warn!(envelope = %envelope.id, "dropping a button press from our own account");
+                self.h().drop_envelope(envelope.id)?;
+            }
+            body @ (Body::Callback { .. } | Body::CallbackAnswer { .. }) => self.apply_press(envelope, body, inbox)?,
             // Group control is applied by `accept`; group posts never come pairwise.
             Body::GroupState { .. }
             | Body::GroupRemoved { .. }
@@ -1192,17 +1282,23 @@ impl Messenger {
         body: Body,
         inbox: &mut Inbox,
     ) -> Result<(), MessagingError> {
-        let (text, reply_to, file) = match body {
-            Body::Text { text, reply_to } => (text, reply_to, None),
+        let (text, reply_to, file, extras) = match body {
+            Body::Text { text, reply_to } => (text, reply_to, None, None),
             Body::File { file, caption, reply_to } => {
-                if let Err(why) = file.check() {
-                    tracing::warn!(envelope = %envelope.id, %why, "dropping a file reference that does not hold together");
-                    return Ok(self.h().drop_envelope(envelope.id)?);
-                }
-                (caption.unwrap_or_default(), reply_to, Some(Box::new(file)))
+                (caption.unwrap_or_default(), reply_to, Some(Box::new(file)), None)
             }
+            Body::Rich { text, reply_to, file, extras } => (text, reply_to, file, Some(extras)),
             _ => return Ok(()),
         };
+        let holds = match (&file, &extras) {
+            (Some(file), _) if let Err(why) = file.check() => Err(why.to_string()),
+            (_, Some(extras)) => extras.check(),
+            _ => Ok(()),
+        };
+        if let Err(why) = holds {
+            tracing::warn!(envelope = %envelope.id, %why, "dropping a message that does not hold together");
+            return Ok(self.h().drop_envelope(envelope.id)?);
+        }
         let message = StoredMessage {
             id,
             chat,
@@ -1216,6 +1312,7 @@ impl Messenger {
             deleted: false,
             file,
             notice: false,
+            extras,
         };
         inbox.messages.extend(self.h().record(vec![(Some(envelope.id), message)])?);
         Ok(())

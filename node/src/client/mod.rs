@@ -5,6 +5,7 @@
 //! - [`net`]: the client's network actor; one task owns the `Swarm`, callers hold a handle.
 //! - [`history`]: the client's redb — messages, seen envelope ids, send counters, cached cards.
 //! - [`messaging`]: cloud chats — seal per device, send via relays, fetch, verify, acknowledge.
+//! - [`buttons`]: bots' keyboards — presses of inline buttons and the bots' answers.
 //! - [`devices`]: the account's devices, and the history moving to a new one on approval.
 //! - [`backup`]: encrypted backups of the history, opened with a recovery code.
 //! - [`secret`]: secret chats — one device each side, Noise IK sessions, self-destructing messages.
@@ -16,6 +17,7 @@
 
 pub mod api;
 pub mod backup;
+pub mod buttons;
 pub mod control;
 pub mod devices;
 pub mod groups;

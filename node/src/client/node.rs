@@ -28,16 +28,17 @@ use tokio_util::task::AbortOnDropHandle;
 
 use crate::client::api::{ApiError, Call, ChatSummary, Event, Me, Names, Reply};
 use crate::client::backup::{DEFAULT_BACKUPS_KEPT, MIN_BACKUP_EVERY_SECS};
+use crate::client::buttons::Pressed;
 use crate::client::groups::GroupInfo;
 use crate::client::history::{History, StoredMessage};
 use crate::client::media::ChunkServer;
-use crate::client::messaging::{Inbox, MessagingError, Messenger};
+use crate::client::messaging::{Draft, Inbox, MessagingError, Messenger};
 use crate::client::secret::{SecretChatInfo, SecretError};
 use crate::client::session::{Client, ClientError, SavedSession};
 use crate::crypto::cert::unix_now;
 use crate::defaults::{
     FETCH_WAIT_MS, NODE_BACKUP_CHECK, NODE_CALL_QUEUE, NODE_DEFERRED_BACKOFF_MAX, NODE_EVENT_QUEUE, NODE_OUTBOX_RETRY,
-    NODE_RENEW_CHECK, NODE_RETRY_AFTER,
+    NODE_RENEW_CHECK, NODE_RETRY_AFTER, PRESS_ANSWER_WAIT,
 };
 use crate::ids::{UserId, Username};
 use crate::proto::payload::{MessageId, Status};
@@ -296,6 +297,10 @@ impl Actor {
                         self.start_transfer(call, reply);
                         continue;
                     }
+                    if let Call::Press { message, button } = call {
+                        self.press(message, button, reply).await;
+                        continue;
+                    }
                     let answer = self.handle(call).await;
                     // A caller that gave up does not need the answer.
                     let _ = reply.send(answer);
@@ -386,6 +391,50 @@ impl Actor {
                 other => Err(ApiError::new("INTERNAL", format!("{other:?} is not a transfer"))),
             };
             let _ = reply.send(answer);
+        });
+    }
+
+    /// Presses a button; an inline button's answer is waited for on a task of its own (which
+    /// fetches, so that a node answering one command sees it too), not holding calls up.
+    async fn press(&mut self, message: MessageId, button: String, reply: oneshot::Sender<Result<Reply, ApiError>>) {
+        let pressed = match self.messenger.press(message, &button).await {
+            Ok(pressed) => pressed,
+            Err(e) => {
+                let _ = reply.send(Err(e.into()));
+                return;
+            }
+        };
+        if let Pressed::Sent { message } = &pressed {
+            self.publish(std::slice::from_ref(message), false);
+        }
+        let (Pressed::Callback { query, .. }, Ok(mut messenger)) = (&pressed, self.messenger.fork()) else {
+            let _ = reply.send(Ok(Reply::Pressed { pressed }));
+            return;
+        };
+        let (query, events) = (*query, self.events.clone());
+        self.transfers.spawn(async move {
+            let deadline = tokio::time::Instant::now() + PRESS_ANSWER_WAIT;
+            let answer = loop {
+                match messenger.press_answer(&query) {
+                    Ok(None) if tokio::time::Instant::now() < deadline => {}
+                    Ok(answer) => break answer,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "could not read the answer to a press");
+                        break None;
+                    }
+                }
+                match messenger.receive(PRESS_POLL_MS).await {
+                    Ok(inbox) => {
+                        messenger.flush_acks().await;
+                        if let Ok(history) = messenger.history() {
+                            publish(&events, history, &inbox.messages, true);
+                        }
+                        publish_inbox(&events, &inbox);
+                    }
+                    Err(_) => tokio::time::sleep(std::time::Duration::from_millis(u64::from(PRESS_POLL_MS))).await,
+                }
+            };
+            let _ = reply.send(Ok(Reply::Pressed { pressed: Pressed::Callback { query, answer } }));
         });
     }
 
@@ -569,6 +618,24 @@ impl Actor {
                 self.messenger.typing(to).await?;
                 Reply::Done
             }
+            Call::SendRich { to, text, file, extras, reply_to } => {
+                let draft = Draft { text, file, extras: Some(extras) };
+                let message = self.messenger.send_rich(to, draft, reply_to).await?;
+                self.published(message)
+            }
+            Call::EditRich { message, text, extras } => {
+                let message = self.messenger.edit_rich(message, text, extras).await?;
+                self.published(message)
+            }
+            Call::Presses => {
+                self.receive_waiting().await?;
+                Reply::Presses { presses: self.messenger.presses()? }
+            }
+            Call::AnswerPress { query, text, alert } => {
+                self.messenger.answer_press(query, text, alert).await?;
+                Reply::Done
+            }
+            Call::Press { .. } => return Err(ApiError::new("INTERNAL", "a press is answered by the node's loop")),
             Call::Subscribe => return Err(ApiError::usage("subscribe to a node's events on its control socket")),
             Call::SendFile { to, file, caption, reply_to } => {
                 let message = self.messenger.send_file(to, file, caption, reply_to).await?;
@@ -691,6 +758,9 @@ impl Actor {
         Ok(())
     }
 }
+
+/// How long one fetch of a press's waiting task long-polls (ms).
+const PRESS_POLL_MS: u32 = 500;
 
 /// Long-polls the mailbox relays for as long as the node runs.
 struct Receiver {
@@ -820,6 +890,12 @@ fn publish_inbox(events: &broadcast::Sender<Event>, inbox: &Inbox) {
     }
     for group in &inbox.groups {
         let _ = events.send(Event::Group { group: group.clone() });
+    }
+    for press in &inbox.presses {
+        let _ = events.send(Event::Press { press: press.clone() });
+    }
+    for press in &inbox.press_answers {
+        let _ = events.send(Event::PressAnswer { press: press.clone() });
     }
 }
 

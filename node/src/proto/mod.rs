@@ -10,6 +10,7 @@
 //! - [`envelope`]: what relays store and forward (routing fields + sealed bytes).
 //! - [`group`]: group messages as relays store and check them (one copy per group).
 //! - [`payload`]: what is sealed inside an envelope; only the two ends ever read it.
+//! - [`rich`]: formatting and keyboards of messages, as bots send them.
 //! - [`error`]: refusals, shared by every protocol.
 
 pub mod auth;
@@ -19,6 +20,7 @@ pub mod group;
 pub mod mailbox;
 pub mod media;
 pub mod payload;
+pub mod rich;
 
 pub use auth::*;
 pub use error::*;

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use crate::ids::UserId;
 use crate::proto::group::{GroupId, GroupState};
 use crate::proto::media::FileRef;
+use crate::proto::rich::{CallbackId, Extras};
 
 /// Longest message text, in characters (Telegram's limit).
 pub const MAX_TEXT_CHARS: usize = 4096;
@@ -92,6 +93,16 @@ pub enum Body {
     ChannelState { state: Box<GroupState> },
     /// The sender subscribes to (or leaves) a public channel; to the admin's device that counts.
     ChannelSubscribe { channel: GroupId, on: bool },
+    /// A new message with formatting or a keyboard (as bots send): a text, or a file with
+    /// its caption.
+    Rich { text: String, reply_to: Option<MessageId>, file: Option<Box<FileRef>>, extras: Box<Extras> },
+    /// The author changed an earlier message: its text and formatting (when `text` is given)
+    /// and its keyboard (always; none takes it away).
+    EditRich { message: MessageId, text: Option<String>, extras: Box<Extras> },
+    /// The sender pressed an inline button of the recipient's message, which carried `data`.
+    Callback { query: CallbackId, message: MessageId, data: String },
+    /// The recipient of a [`Body::Callback`] answers it: a notice or (`alert`) an alert.
+    CallbackAnswer { query: CallbackId, text: Option<String>, alert: bool },
 }
 
 /// A 32-byte secret key seed.

@@ -6,7 +6,9 @@ use std::io::BufRead;
 use std::path::Path;
 
 use meshgram_node::client::api::{ApiError, Call, Reply};
+use meshgram_node::client::buttons::Pressed;
 use meshgram_node::client::control::{ControlClient, ControlError, Holder, NodeLock};
+use meshgram_node::client::history::PressAnswer;
 use meshgram_node::client::node::{NodeHandle, NodeMode};
 use meshgram_node::defaults::{PROFILE_BUSY_POLL, PROFILE_BUSY_WAIT};
 use meshgram_node::ids::InvalidValue;
@@ -123,6 +125,7 @@ async fn call_for(command: Command) -> Result<Call, CliError> {
         Command::Messages { chat, .. } => Call::Messages { chat: chat.as_deref().map(parse_query).transpose()? },
         Command::Chats => Call::Chats,
         Command::Edit { message_id, text } => Call::Edit { message: parse_message_id(&message_id)?, text },
+        Command::Press { message_id, button } => Call::Press { message: parse_message_id(&message_id)?, button },
         Command::Delete { message_id } => Call::Delete { message: parse_message_id(&message_id)? },
         Command::Typing { to } => Call::Typing { to: parse_query(&to)? },
         Command::Forward { message_id, to } => {
@@ -319,6 +322,20 @@ pub(super) fn print(json: bool, call: &Call, reply: Reply) -> CliResult {
         (Call::Edit { .. }, Reply::Message { message }) => {
             emit(json, to_json(&message), || format!("Edited: {}", message_line(&message, &Default::default())));
         }
+        (_, Reply::Pressed { pressed }) => emit(json, to_json(&pressed), || match &pressed {
+            Pressed::Callback { answer: Some(PressAnswer { text: Some(text), alert: true }), .. } => {
+                format!("The bot answers (alert): {text}")
+            }
+            Pressed::Callback { answer: Some(PressAnswer { text: Some(text), .. }), .. } => {
+                format!("The bot answers: {text}")
+            }
+            Pressed::Callback { answer: Some(_), .. } => "Pressed; the bot acknowledged it.".into(),
+            Pressed::Callback { answer: None, .. } => {
+                "Pressed; no answer from the bot yet (`meshgram messages --follow` shows it if one comes).".into()
+            }
+            Pressed::Url { url } => format!("This button is a link: {url}"),
+            Pressed::Sent { message } => format!("Sent: {}", message_line(message, &Default::default())),
+        }),
         (Call::Forward { .. }, Reply::Message { message }) => {
             emit(json, to_json(&message), || format!("Forwarded as message {}.", message.id));
         }

@@ -184,6 +184,17 @@ impl Follower {
                     outln!("— secret chat: {}", super::secret::chat_line(&chat));
                 }
             }
+            Event::PressAnswer { press } if self.in_chat(press.with) => {
+                if self.json {
+                    outln!("{}", json!({ "press_answer": press }));
+                } else if let Some(text) = press.answer.as_ref().and_then(|a| a.text.as_deref()) {
+                    outln!(
+                        "— {} answers your press on [{}]: {text}",
+                        name_of(&self.names, press.with),
+                        press.message.fmt_short()
+                    );
+                }
+            }
             Event::Lagged { missed } => {
                 eprintln!(
                     "warning: this terminal fell behind and missed {missed} events; `meshgram messages` has them"

@@ -111,6 +111,9 @@ pub(crate) enum Command {
     Chats,
     /// Change the text of a message you sent.
     Edit { message_id: String, text: String },
+    /// Press a button (by its text) under a bot's message; an inline button waits briefly
+    /// for the bot's answer.
+    Press { message_id: String, button: String },
     /// Delete a message you sent, for everyone.
     Delete { message_id: String },
     /// Tell someone you are typing.

@@ -4,6 +4,7 @@ use meshgram_node::client::api::Names;
 use meshgram_node::client::history::StoredMessage;
 use meshgram_node::ids::UserId;
 use meshgram_node::proto::Account;
+use meshgram_node::proto::rich::{ButtonAction, Markup};
 use serde_json::Value;
 
 /// Prints `value` as JSON, or `text` for people.
@@ -75,5 +76,40 @@ pub(super) fn message_line(m: &StoredMessage, names: &Names) -> String {
     let text = if m.deleted { "(deleted)".to_string() } else { format!("{file}{}", m.text) };
     let edited = if m.edited { " (edited)" } else { "" };
     let status = if m.outgoing { format!(" [{:?}]", m.status).to_lowercase() } else { String::new() };
-    format!("[{}] {who}{reply}: {text}{edited}{status}", m.id.fmt_short())
+    let keyboard = match m.extras.as_ref().and_then(|e| e.markup.as_ref()).filter(|_| !m.deleted) {
+        Some(markup) => keyboard_lines(markup),
+        None => String::new(),
+    };
+    format!("[{}] {who}{reply}: {text}{edited}{status}{keyboard}", m.id.fmt_short())
+}
+
+/// A message's keyboard under its line: one line per row of buttons, `meshgram press` presses one.
+fn keyboard_lines(markup: &Markup) -> String {
+    let row = |buttons: Vec<String>| format!("\n    {}", buttons.join(" "));
+    match markup {
+        Markup::Inline { rows } => rows
+            .iter()
+            .map(|r| {
+                row(r
+                    .iter()
+                    .map(|b| match &b.action {
+                        ButtonAction::Callback { .. } => format!("[ {} ]", b.text),
+                        ButtonAction::Url { url } => format!("[ {} ↗ {url} ]", b.text),
+                    })
+                    .collect())
+            })
+            .collect(),
+        Markup::Keyboard { rows, placeholder, .. } => {
+            let hint = placeholder.as_ref().map(|p| format!(" ({p})")).unwrap_or_default();
+            format!("\n    keyboard{hint}:")
+                + &rows.iter().map(|r| row(r.iter().map(|b| format!("< {b} >")).collect())).collect::<String>()
+        }
+        Markup::RemoveKeyboard => "\n    (keyboard removed)".into(),
+        Markup::ForceReply { placeholder } => {
+            format!(
+                "\n    (reply to this message{})",
+                placeholder.as_ref().map(|p| format!(": {p}")).unwrap_or_default()
+            )
+        }
+    }
 }
