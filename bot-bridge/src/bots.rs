@@ -9,12 +9,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use meshgram_node::client::api::{ApiError, Call, Event, Reply};
-use meshgram_node::client::history::StoredMessage;
+use meshgram_node::client::history::{Press, StoredMessage};
 use meshgram_node::client::node::{NodeHandle, NodeMode};
 use meshgram_node::client::session::{Client, ClientError, GatewayAddr};
 use meshgram_node::ids::UserId;
 use meshgram_node::proto::error::ErrorCode;
 use meshgram_node::proto::group::is_group_chat;
+use meshgram_node::proto::payload::MessageId;
 use meshgram_node::proto::{Account, AuthRequest, LookupQuery, RelayInfo, UserCard};
 use serde_json::{Value, json};
 use tokio::sync::Notify;
@@ -252,6 +253,28 @@ impl Bot {
             .map_err(TgError::internal)?;
         Ok(queued)
     }
+
+    /// Turns a press of one of the bot's inline buttons into a `callback_query` update unless
+    /// it was already (or the bot answered it: then it had it).
+    async fn offer_press(&self, press: &Press) -> Result<bool, TgError> {
+        let key = MessageId(press.id.0);
+        if press.answer.is_some() || self.store.offered(key, 0).map_err(TgError::internal)? {
+            return Ok(false);
+        }
+        let (messages, _) =
+            self.node.messages(Some(LookupQuery::UserId(press.with))).await.map_err(|e| node_error(&e))?;
+        let mut query = json!({
+            "id": press.id.to_string(),
+            "from": self.user(press.with).await,
+            // The same for every press in this chat, and nothing else: what Telegram promises.
+            "chat_instance": press.with.0.to_string(),
+            "data": press.data,
+        });
+        if let Some(message) = messages.iter().find(|m| m.id == press.message) {
+            query["message"] = self.message_json(message).await?;
+        }
+        self.store.offer_once(press.id.0, json!({ "callback_query": query })).map_err(TgError::internal)
+    }
 }
 
 /// Turns what the bot's node receives into updates: first what its history holds and was not
@@ -273,6 +296,24 @@ async fn feed(bot: std::sync::Weak<Bot>, mut events: tokio::sync::broadcast::Rec
                                 tracing::warn!(error = %e.description, "an update was not queued; retrying");
                                 failed = true;
                             }
+                        }
+                    }
+                    match this.node.call(Call::Presses).await {
+                        Ok(Reply::Presses { presses }) => {
+                            for press in &presses {
+                                match this.offer_press(press).await {
+                                    Ok(q) => queued |= q,
+                                    Err(e) => {
+                                        tracing::warn!(error = %e.description, "a press was not queued; retrying");
+                                        failed = true;
+                                    }
+                                }
+                            }
+                        }
+                        Ok(other) => tracing::error!(reply = ?other, "the node answered presses with something else"),
+                        Err(e) => {
+                            tracing::info!(error = %e, "the bot's presses could not be read yet; retrying");
+                            failed = true;
                         }
                     }
                     if queued {
@@ -302,6 +343,14 @@ async fn feed(bot: std::sync::Weak<Bot>, mut events: tokio::sync::broadcast::Rec
                 Ok(false) => {}
                 Err(e) => {
                     tracing::warn!(error = %e.description, "an update was not queued; looking again");
+                    look_again = true;
+                }
+            },
+            Ok(Event::Press { press }) => match this.offer_press(&press).await {
+                Ok(true) => this.arrived.notify_waiters(),
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e.description, "a press was not queued; looking again");
                     look_again = true;
                 }
             },

@@ -48,7 +48,10 @@ pub(crate) fn message(m: &StoredMessage, number: i32, reply_to: Option<i32>, fro
     let text_field = if m.file.is_some() { "caption" } else { "text" };
     if !m.text.is_empty() || m.file.is_none() {
         message[text_field] = m.text.clone().into();
-        let entities = commands(&m.text);
+        let entities = match m.extras.as_deref().filter(|e| !e.entities.is_empty()) {
+            Some(extras) => extras.entities.iter().map(crate::rich::entity_json).collect(),
+            None => commands(&m.text),
+        };
         if !entities.is_empty() {
             message[if m.file.is_some() { "caption_entities" } else { "entities" }] = entities.into();
         }
@@ -61,6 +64,11 @@ pub(crate) fn message(m: &StoredMessage, number: i32, reply_to: Option<i32>, fro
             "mime_type": file.mime,
             "file_size": file.size,
         });
+    }
+    if let Some(keyboard) =
+        m.extras.as_ref().and_then(|e| e.markup.as_ref()).and_then(crate::rich::inline_keyboard_json)
+    {
+        message["reply_markup"] = keyboard;
     }
     if m.edited {
         message["edit_date"] = (m.sent_at_ms / 1000).into();

@@ -7,6 +7,7 @@ mod api;
 mod bots;
 mod convert;
 mod methods;
+mod rich;
 mod store;
 
 use std::path::PathBuf;

@@ -2,16 +2,18 @@
 
 use std::time::Duration;
 
-use meshgram_node::client::api::{Call, Reply};
+use meshgram_node::client::api::{ApiError, Call, Reply};
 use meshgram_node::client::history::StoredMessage;
 use meshgram_node::ids::{UserId, Username};
 use meshgram_node::proto::LookupQuery;
+use meshgram_node::proto::media::FileRef;
 use meshgram_node::proto::payload::MessageId;
+use meshgram_node::proto::rich::{CallbackId, Extras, MAX_ANSWER_CHARS, Markup};
 use serde_json::{Value, json};
 
 use crate::api::{Params, TgError, invalid, missing};
 use crate::bots::{Bot, node_error};
-use crate::convert;
+use crate::{convert, rich};
 
 /// Every method of the Bot API spec (10.1), lower-cased names: those not served here answer
 /// as a method that exists but is not available, never as an unknown one.
@@ -50,7 +52,9 @@ pub(crate) async fn call(bot: &Bot, method: &str, p: &Params) -> Result<Value, T
             Err(TgError::bad_request("webhooks are not supported by this bridge yet; use getUpdates"))
         }
         "sendmessage" => send_message(bot, p).await,
-        "editmessagetext" => edit_message_text(bot, p).await,
+        "editmessagetext" => edit_message(bot, p, true).await,
+        "editmessagereplymarkup" => edit_message(bot, p, false).await,
+        "answercallbackquery" => answer_callback_query(bot, p).await,
         "deletemessage" => {
             let (_, chat, _) = chat_of(bot, p, "chat_id").await?;
             let id = message_of(bot, chat, p.required_int("message_id")?, "message to delete not found")?;
@@ -242,47 +246,82 @@ fn check_text(text: &str) -> Result<(), TgError> {
     Ok(())
 }
 
-/// The sent message as the Bot API returns it, with what only the bot's request said.
-async fn sent(bot: &Bot, m: &StoredMessage, entities: Vec<Value>, p: &Params) -> Result<Value, TgError> {
-    let mut message = bot.message_json(m).await?;
-    message.as_object_mut().map(|o| o.remove("entities"));
-    if !entities.is_empty() {
-        message["entities"] = entities.into();
+/// A request's formatting and `reply_markup` as message extras: read before anything is
+/// sent, so that a bad one fails the call and a retry sends nothing twice.
+fn extras_of(p: &Params, entities: &[Value]) -> Result<Extras, TgError> {
+    let markup = p.json("reply_markup")?;
+    rich::extras(entities, markup.as_ref()).map_err(|why| TgError::bad_request(&why))
+}
+
+/// Sends one message (a text, or a file with its caption) with its extras.
+async fn send_rich(
+    bot: &Bot,
+    to: LookupQuery,
+    text: String,
+    file: Option<FileRef>,
+    extras: Extras,
+    reply_to: Option<MessageId>,
+) -> Result<StoredMessage, TgError> {
+    match bot.node.call(Call::SendRich { to, text, file, extras, reply_to }).await {
+        Ok(Reply::Message { message }) => Ok(message),
+        Ok(other) => Err(TgError::internal(ApiError::unexpected("send_rich", &other))),
+        Err(e) => Err(node_error(&e)),
     }
-    if let Some(markup) = p.json("reply_markup")?
-        && markup.get("inline_keyboard").is_some()
-    {
-        message["reply_markup"] = markup;
-    }
-    Ok(message)
 }
 
 async fn send_message(bot: &Bot, p: &Params) -> Result<Value, TgError> {
-    // Read before sending, so that a bad one fails the call and a retry sends nothing twice.
-    p.json("reply_markup")?;
     let (to, chat, _) = chat_of(bot, p, "chat_id").await?;
     let text = formatted(p, "text", "parse_mode", "entities")?;
     check_text(&text.text)?;
+    let extras = extras_of(p, &text.entities)?;
     let reply_to = reply_of(bot, chat, p)?;
-    let mut sent_now = bot.node.send_texts(to, vec![text.text], reply_to).await.map_err(|e| node_error(&e))?;
-    let m = sent_now.pop().ok_or_else(|| TgError::internal("the node recorded no message"))?;
-    sent(bot, &m, text.entities, p).await
+    let m = send_rich(bot, to, text.text, None, extras, reply_to).await?;
+    bot.message_json(&m).await
 }
 
-async fn edit_message_text(bot: &Bot, p: &Params) -> Result<Value, TgError> {
+/// Changes a message of the bot: its text and entities (`text` given) and always its inline
+/// keyboard, which an edit without `reply_markup` takes away, as Telegram's does.
+async fn edit_message(bot: &Bot, p: &Params, with_text: bool) -> Result<Value, TgError> {
     if p.has("inline_message_id") {
         return Err(TgError::bad_request("inline messages are not supported"));
     }
-    p.json("reply_markup")?;
     let (_, chat, _) = chat_of(bot, p, "chat_id").await?;
     let id = message_of(bot, chat, p.required_int("message_id")?, "message to edit not found")?;
-    let text = formatted(p, "text", "parse_mode", "entities")?;
-    check_text(&text.text)?;
-    match bot.node.call(Call::Edit { message: id, text: text.text.clone() }).await {
-        Ok(Reply::Message { message }) => sent(bot, &message, text.entities, p).await,
-        Ok(other) => Err(TgError::internal(meshgram_node::client::api::ApiError::unexpected("edit", &other))),
+    let (text, extras) = if with_text {
+        let text = formatted(p, "text", "parse_mode", "entities")?;
+        check_text(&text.text)?;
+        let extras = extras_of(p, &text.entities)?;
+        (Some(text.text), extras)
+    } else {
+        (None, extras_of(p, &[])?)
+    };
+    if extras.markup.as_ref().is_some_and(|m| !matches!(m, Markup::Inline { .. })) {
+        return Err(TgError::bad_request("REPLY_MARKUP_INVALID"));
+    }
+    match bot.node.call(Call::EditRich { message: id, text, extras }).await {
+        Ok(Reply::Message { message }) => bot.message_json(&message).await,
+        Ok(other) => Err(TgError::internal(ApiError::unexpected("edit", &other))),
         Err(e) if e.code == "FORBIDDEN" => Err(TgError::bad_request("message can't be edited")),
         Err(e) if e.code == "NOT_FOUND" => Err(TgError::bad_request("message to edit not found")),
+        Err(e) => Err(node_error(&e)),
+    }
+}
+
+/// Answers a user's press of one of the bot's inline buttons; the answer shows at the user's
+/// side once, as a notice or an alert.
+async fn answer_callback_query(bot: &Bot, p: &Params) -> Result<Value, TgError> {
+    let too_old = || TgError::bad_request("query is too old and response timeout expired or query ID is invalid");
+    let query: CallbackId = p.required_str("callback_query_id")?.parse().map_err(|_| too_old())?;
+    let text = p.str("text").filter(|t| !t.is_empty());
+    if text.as_ref().is_some_and(|t| t.chars().count() > MAX_ANSWER_CHARS) {
+        return Err(TgError::bad_request("MESSAGE_TOO_LONG"));
+    }
+    if p.has("url") {
+        return Err(TgError::bad_request("URL_INVALID"));
+    }
+    match bot.node.call(Call::AnswerPress { query, text, alert: p.bool("show_alert")? }).await {
+        Ok(_) => Ok(true.into()),
+        Err(e) if e.code == "QUERY_TOO_OLD" => Err(too_old()),
         Err(e) => Err(node_error(&e)),
     }
 }
@@ -306,7 +345,7 @@ async fn forward(bot: &Bot, p: &Params) -> Result<Value, TgError> {
             json["forward_origin"] = json!({"type": "user", "sender_user": bot.user(original.from).await, "date": original.sent_at_ms / 1000});
             Ok(json)
         }
-        Ok(other) => Err(TgError::internal(meshgram_node::client::api::ApiError::unexpected("forward", &other))),
+        Ok(other) => Err(TgError::internal(ApiError::unexpected("forward", &other))),
         Err(e) => Err(node_error(&e)),
     }
 }
@@ -314,30 +353,22 @@ async fn forward(bot: &Bot, p: &Params) -> Result<Value, TgError> {
 async fn copy(bot: &Bot, p: &Params) -> Result<Value, TgError> {
     let (to, to_chat, original) = source_message(bot, p).await?;
     let reply_to = reply_of(bot, to_chat, p)?;
-    let caption =
-        if p.has("caption") { Some(formatted(p, "caption", "parse_mode", "caption_entities")?.text) } else { None };
-    let sent_now = match &original.file {
-        Some(file) => {
-            let caption = caption.or_else(|| (!original.text.is_empty()).then(|| original.text.clone()));
-            let call = Call::SendFile { to, file: (**file).clone(), caption, reply_to };
-            match bot.node.call(call).await.map_err(|e| node_error(&e))? {
-                Reply::Message { message } => message,
-                other => {
-                    return Err(TgError::internal(meshgram_node::client::api::ApiError::unexpected(
-                        "send_file",
-                        &other,
-                    )));
-                }
-            }
+    // The copy keeps the original's formatting unless a file's caption is replaced (a text
+    // has no caption to replace), never its keyboard: `reply_markup` gives it one.
+    let original_entities = || original.extras.iter().flat_map(|e| &e.entities).map(rich::entity_json).collect();
+    let (text, entities) = match &original.file {
+        Some(_) if p.has("caption") => {
+            let caption = formatted(p, "caption", "parse_mode", "caption_entities")?;
+            (caption.text, caption.entities)
         }
-        // A text has no caption to replace.
-        None => {
-            let text = original.text;
-            check_text(&text)?;
-            let mut sent_now = bot.node.send_texts(to, vec![text], reply_to).await.map_err(|e| node_error(&e))?;
-            sent_now.pop().ok_or_else(|| TgError::internal("the node recorded no message"))?
-        }
+        _ => (original.text.clone(), original_entities()),
     };
+    if original.file.is_none() {
+        check_text(&text)?;
+    }
+    let extras = extras_of(p, &entities)?;
+    let file = original.file.map(|f| *f);
+    let sent_now = send_rich(bot, to, text, file, extras, reply_to).await?;
     let number = bot.store.number(to_chat, sent_now.id).map_err(TgError::internal)?;
     Ok(json!({ "message_id": number }))
 }

@@ -114,17 +114,27 @@ impl BotStore {
         let number = number_in(&tx, chat, id)?;
         tx.open_table(OFFERED).map_err(err)?.insert(&id.0, version).map_err(err)?;
         let queued = match build(offer, number) {
-            Some(mut update) => {
-                let update_id = next_update_id(&tx)?;
-                update["update_id"] = update_id.into();
-                let json = serde_json::to_vec(&update).map_err(err)?;
-                tx.open_table(UPDATES).map_err(err)?.insert(update_id, json.as_slice()).map_err(err)?;
+            Some(update) => {
+                queue(&tx, update)?;
                 true
             }
             None => false,
         };
         tx.commit().map_err(err)?;
         Ok(queued)
+    }
+
+    /// Queues the update of an event that happens once (a button press, by its id) unless it
+    /// was queued already. Returns whether it was queued now.
+    pub(crate) fn offer_once(&self, id: [u8; 16], update: Value) -> Result<bool, StoreError> {
+        let tx = self.db.begin_write().map_err(err)?;
+        // Press ids and message ids are random 128-bit ids: they share the table.
+        if tx.open_table(OFFERED).map_err(err)?.insert(&id, 0).map_err(err)?.is_some() {
+            return Ok(false);
+        }
+        queue(&tx, update)?;
+        tx.commit().map_err(err)?;
+        Ok(true)
     }
 
     /// Confirms (deletes) every update below `offset`; a negative offset keeps only the last
@@ -229,6 +239,14 @@ fn number_in(tx: &redb::WriteTransaction, chat: i64, id: MessageId) -> Result<i3
     Ok(number)
 }
 
+fn queue(tx: &redb::WriteTransaction, mut update: Value) -> Result<(), StoreError> {
+    let update_id = next_update_id(tx)?;
+    update["update_id"] = update_id.into();
+    let json = serde_json::to_vec(&update).map_err(err)?;
+    tx.open_table(UPDATES).map_err(err)?.insert(update_id, json.as_slice()).map_err(err)?;
+    Ok(())
+}
+
 fn next_update_id(tx: &redb::WriteTransaction) -> Result<u64, StoreError> {
     let mut meta = tx.open_table(META).map_err(err)?;
     let next = match meta.get(NEXT_UPDATE).map_err(err)? {
@@ -269,5 +287,8 @@ mod tests {
         assert!(store.offer(7, MessageId::random(), 0, update).unwrap());
         let newest = store.updates(None, 100, None).unwrap().pop().unwrap();
         assert!(newest["update_id"].as_u64().unwrap() > first + 2, "update ids keep growing across restarts");
+        let press = [9; 16];
+        assert!(store.offer_once(press, serde_json::json!({"callback_query": {}})).unwrap());
+        assert!(!store.offer_once(press, serde_json::json!({"callback_query": {}})).unwrap(), "once");
     }
 }

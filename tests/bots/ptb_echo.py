@@ -4,12 +4,33 @@ Usage: ptb_echo.py BASE_URL TOKEN  (BASE_URL is network.json's bot_api, e.g. htt
 """
 import sys
 
-from telegram import Update
-from telegram.ext import Application, CommandHandler, ContextTypes, MessageHandler, filters
+from telegram import InlineKeyboardButton, InlineKeyboardMarkup, ReplyKeyboardMarkup, Update
+from telegram.ext import Application, CallbackQueryHandler, CommandHandler, ContextTypes, MessageHandler, filters
 
 
 async def start(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
     await update.message.reply_text(f"Hello {update.effective_user.first_name}, I am {context.bot.username}")
+
+
+async def menu(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    keyboard = InlineKeyboardMarkup(
+        [
+            [InlineKeyboardButton("Yes", callback_data="yes"), InlineKeyboardButton("No", callback_data="no")],
+            [InlineKeyboardButton("Docs", url="https://example.org/docs")],
+        ]
+    )
+    await update.message.reply_text("Pick one", reply_markup=keyboard)
+
+
+async def colors(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    keyboard = ReplyKeyboardMarkup([["Red", "Blue"]], one_time_keyboard=True, input_field_placeholder="a color")
+    await update.message.reply_text("Pick a color", reply_markup=keyboard)
+
+
+async def pressed(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    query = update.callback_query
+    await query.answer(f"You chose {query.data}")
+    await query.edit_message_text(f"Chosen: {query.data} by {query.from_user.first_name}")
 
 
 async def echo(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
@@ -25,6 +46,9 @@ def main() -> None:
     base_url, token = sys.argv[1], sys.argv[2]
     app = Application.builder().token(token).base_url(base_url).build()
     app.add_handler(CommandHandler("start", start))
+    app.add_handler(CommandHandler("menu", menu))
+    app.add_handler(CommandHandler("colors", colors))
+    app.add_handler(CallbackQueryHandler(pressed))
     app.add_handler(MessageHandler(filters.TEXT & ~filters.COMMAND, echo))
     print("ptb bot polling", flush=True)
     app.run_polling(poll_interval=0.0, timeout=10)

@@ -525,6 +525,8 @@ impl History {
         tx.open_table(DEVICE_REQUESTS)?;
         tx.open_table(PENDING_IMPORTS)?;
         tx.open_table(PARKED)?;
+        tx.open_table(PRESSES_IN)?;
+        tx.open_table(PRESSES_OUT)?;
         tx.commit()?;
         Ok(History { db: Arc::new(db) })
     }
@@ -1466,6 +1468,36 @@ mod tests {
 
         assert_eq!(new.import(&export).expect("again"), Imported { new_messages: 0, merged_messages: 3, chats: 2 });
         assert_eq!(new.messages(None).expect("read").len(), 4, "nothing twice");
+    }
+
+    #[test]
+    fn presses_are_kept_once_and_answered_once_by_their_bot() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let history = History::open(dir.path()).expect("open");
+        let press = Press {
+            id: CallbackId::random(),
+            with: UserId(7),
+            message: MessageId::random(),
+            data: "yes".into(),
+            at_ms: now_ms(),
+            answer: None,
+        };
+        assert!(history.presses_in().expect("a new history reads").is_empty());
+        let envelope = EnvelopeId::random();
+        assert!(history.put_press_in(envelope, &press).expect("put"));
+        assert!(!history.put_press_in(envelope, &press).expect("put again"), "an envelope counts once");
+        assert_eq!(history.presses_in().expect("read"), vec![press.clone()]);
+        history.answered_press_in(&press.id).expect("answer");
+        assert!(history.press_in(&press.id).expect("read").is_none(), "answered once");
+
+        history.put_press_out(&press).expect("put");
+        let answer = PressAnswer { text: Some("ok".into()), alert: false };
+        let other_bot = history.answer_press_out(EnvelopeId::random(), &press.id, UserId(8), answer.clone());
+        assert!(other_bot.expect("answer").is_none(), "only the bot pressed answers");
+        let answered = history.answer_press_out(EnvelopeId::random(), &press.id, UserId(7), answer.clone());
+        assert_eq!(answered.expect("answer").and_then(|p| p.answer), Some(answer.clone()));
+        let twice = history.answer_press_out(EnvelopeId::random(), &press.id, UserId(7), answer);
+        assert!(twice.expect("answer").is_none(), "answered once");
     }
 
     #[test]

@@ -26,7 +26,7 @@ fn texts_from(messages: &[Value], from_bot: bool) -> Vec<String> {
 }
 
 #[test]
-fn an_unmodified_python_telegram_bot_answers_edits_and_formats() {
+fn an_unmodified_python_telegram_bot_answers_edits_formats_and_has_keyboards() {
     let mesh = Mesh::start(3, 2);
     let alice_p = mesh.new_profile("alice");
     let alice_id = mesh.login(&alice_p, ALICE)["user_id"].as_u64().unwrap();
@@ -65,4 +65,36 @@ fn an_unmodified_python_telegram_bot_answers_edits_and_formats() {
     // Nothing more comes: each update went to the bot once.
     std::thread::sleep(std::time::Duration::from_secs(2));
     assert_eq!(texts_from(&crate::chat(&alice_p, "@ptb_echo_bot"), true).len(), 3);
+
+    // An inline keyboard: a link button is only opened, an unknown one refused, a callback
+    // button's press answered by the bot and its message edited, the keyboard gone with it.
+    meshgram(&alice_p, &["send", "@ptb_echo_bot", "/menu", "--json"]).ok_json();
+    let messages =
+        wait_chat(&alice_p, "@ptb_echo_bot", "the menu", |m| texts_from(m, true).contains(&"Pick one".into()));
+    let menu = messages.iter().find(|m| m["text"] == "Pick one").unwrap();
+    let rows = &menu["extras"]["markup"]["inline"]["rows"];
+    assert_eq!(rows[0][1]["text"], "No", "the keyboard came with the message: {menu}");
+    let menu_id = menu["id"].as_str().unwrap();
+    let link = meshgram(&alice_p, &["press", menu_id, "Docs", "--json"]).ok_json();
+    assert_eq!(link["url"], "https://example.org/docs", "{link}");
+    meshgram(&alice_p, &["press", menu_id, "Maybe", "--json"]).expect_err(&["NO_BUTTON"]);
+    let pressed = meshgram(&alice_p, &["press", menu_id, "Yes", "--json"]).ok_json();
+    assert_eq!(pressed["answer"]["text"], "You chose yes", "the bot's answer came back: {pressed}");
+    let messages = wait_chat(&alice_p, "@ptb_echo_bot", "the menu edited", |m| {
+        m.iter().any(|m| m["id"] == menu["id"] && m["text"] == format!("Chosen: yes by User {alice_id}"))
+    });
+    let edited = messages.iter().find(|m| m["id"] == menu["id"]).unwrap();
+    assert!(edited["extras"]["markup"].is_null(), "an edit without a keyboard takes it away: {edited}");
+    meshgram(&alice_p, &["press", menu_id, "No", "--json"]).expect_err(&["NO_BUTTON"]);
+
+    // A reply keyboard: pressing a button sends its text, which the bot echoes.
+    meshgram(&alice_p, &["send", "@ptb_echo_bot", "/colors", "--json"]).ok_json();
+    let messages =
+        wait_chat(&alice_p, "@ptb_echo_bot", "the colors", |m| texts_from(m, true).contains(&"Pick a color".into()));
+    let colors = messages.iter().find(|m| m["text"] == "Pick a color").unwrap();
+    let sent = meshgram(&alice_p, &["press", colors["id"].as_str().unwrap(), "Red", "--json"]).ok_json();
+    assert_eq!(sent["message"]["text"], "Red", "{sent}");
+    wait_chat(&alice_p, "@ptb_echo_bot", "the echo of the pressed color", |m| {
+        texts_from(m, true).contains(&"echo: Red".into())
+    });
 }

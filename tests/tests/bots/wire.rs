@@ -127,3 +127,90 @@ fn bad_input_gets_telegrams_errors_and_updates_survive_sigkill() {
     let last_only = updates(get(&http, &format!("{updates_path}?offset=-1")));
     assert_eq!(last_only, with_four[2..], "a negative offset keeps the last updates");
 }
+
+/// Long-polls until a `callback_query` update is pending; returns it.
+fn wait_callback_query(http: &str, token: &str) -> Value {
+    for _ in 0..6 {
+        let (status, body) =
+            get(http, &format!("/bot{token}/getUpdates?timeout=10&allowed_updates=%5B%22callback_query%22%5D"));
+        assert_eq!(status, 200, "{body}");
+        if let Some(update) = body["result"].as_array().and_then(|u| u.first()) {
+            return update.clone();
+        }
+    }
+    panic!("no callback query arrived within a minute");
+}
+
+#[test]
+fn keyboards_are_checked_and_presses_reach_the_bot_once_across_sigkill() {
+    let mesh = Mesh::start(3, 2);
+    let alice_p = mesh.new_profile("alice");
+    let alice_id = mesh.login(&alice_p, ALICE)["user_id"].as_u64().unwrap();
+    let token = create_bot(&alice_p, "keys_bot");
+    let data = mesh.gateway.tmp().join("bridge");
+    let mut bridge = start_bridge(&mesh, &data);
+    let http = bridge.http().unwrap();
+    let send = format!("/bot{token}/sendMessage");
+
+    // A button nobody here could press is refused, and nothing is sent.
+    let login = format!(
+        "{{\"chat_id\": {alice_id}, \"text\": \"log in\", \"reply_markup\": {{\"inline_keyboard\": [[{{\"text\": \"Log in\", \"login_url\": {{\"url\": \"https://x.org\"}}}}]]}}}}"
+    );
+    assert_error(post(&http, &send, "application/json", &login), 400, "Bad Request: BUTTON_TYPE_INVALID");
+    let keyboard = serde_json::json!({"inline_keyboard": [[{"text": "Yes", "callback_data": "y"}, {"text": "No", "callback_data": "n"}]]});
+    let body = serde_json::json!({"chat_id": alice_id, "text": "Sure?", "reply_markup": keyboard}).to_string();
+    let (status, sent) = post(&http, &send, "application/json", &body);
+    assert_eq!(status, 200, "{sent}");
+    assert_eq!(sent["result"]["reply_markup"], keyboard, "{sent}");
+    let number = sent["result"]["message_id"].as_i64().unwrap();
+    let messages = crate::wait_chat(&alice_p, "@keys_bot", "the question", |m| m.iter().any(|m| m["text"] == "Sure?"));
+    assert_eq!(messages.len(), 1, "the refused message was not sent: {messages:#?}");
+    let question = messages[0]["id"].as_str().unwrap().to_string();
+
+    // A press comes as a callback query; the bot's answer goes back to the one who pressed.
+    let press = |button: &'static str| {
+        let (profile, question) = (alice_p.clone(), question.clone());
+        std::thread::spawn(move || meshgram(&profile, &["press", &question, button, "--json"]).ok_json())
+    };
+    let pressing = press("Yes");
+    let update = wait_callback_query(&http, &token);
+    let query = &update["callback_query"];
+    assert_eq!((query["data"].as_str(), query["from"]["id"].as_u64()), (Some("y"), Some(alice_id)), "{update}");
+    assert_eq!(query["message"]["message_id"], number, "the pressed message comes with it: {update}");
+    let answer = format!("/bot{token}/answerCallbackQuery");
+    let body = serde_json::json!({"callback_query_id": query["id"], "text": "Noted", "show_alert": true}).to_string();
+    let (status, answered) = post(&http, &answer, "application/json", &body);
+    assert_eq!((status, &answered["result"]), (200, &Value::Bool(true)), "{answered}");
+    let pressed = pressing.join().unwrap();
+    assert_eq!((pressed["answer"]["text"].as_str(), pressed["answer"]["alert"].as_bool()), (Some("Noted"), Some(true)));
+    let too_old = "Bad Request: query is too old and response timeout expired or query ID is invalid";
+    assert_error(post(&http, &answer, "application/json", &body), 400, too_old);
+    assert_error(get(&http, &format!("{answer}?callback_query_id=nonsense")), 400, too_old);
+
+    // A press the bridge queued survives its SIGKILL, once, with the same update id.
+    let confirm = update["update_id"].as_u64().unwrap() + 1;
+    get(&http, &format!("/bot{token}/getUpdates?offset={confirm}"));
+    let pressing = press("No");
+    let update = wait_callback_query(&http, &token);
+    bridge.kill9();
+    let bridge = start_bridge(&mesh, &data);
+    let http = bridge.http().unwrap();
+    let again = wait_callback_query(&http, &token);
+    assert_eq!(again, update, "the same update after the SIGKILL");
+    let (status, body) = get(&http, &format!("/bot{token}/getUpdates?offset={}&timeout=2", confirm));
+    assert_eq!((status, body["result"].as_array().map(Vec::len)), (200, Some(1)), "and only once: {body}");
+    pressing.join().unwrap();
+
+    // The keyboard is taken away by an edit without one; only inline keyboards edit in.
+    let edit = format!("/bot{token}/editMessageReplyMarkup?chat_id={alice_id}&message_id={number}");
+    assert_error(
+        get(&http, &format!("{edit}&reply_markup=%7B%22remove_keyboard%22%3Atrue%7D")),
+        400,
+        "Bad Request: REPLY_MARKUP_INVALID",
+    );
+    let (status, edited) = get(&http, &edit);
+    assert_eq!(status, 200, "{edited}");
+    assert!(edited["result"]["reply_markup"].is_null(), "{edited}");
+    crate::wait_chat(&alice_p, "@keys_bot", "the keyboard gone", |m| m[0]["extras"]["markup"].is_null());
+    meshgram(&alice_p, &["press", &question, "Yes", "--json"]).expect_err(&["NO_BUTTON"]);
+}
