@@ -3,6 +3,7 @@
 //! (`../shared/botapi/RULES.md`): the HTTP status is the `error_code`.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use axum::extract::{Request, State};
@@ -15,6 +16,10 @@ use crate::methods;
 
 /// Largest request body read (JSON and forms; uploads come with multipart).
 const MAX_BODY: usize = 1 << 20;
+/// Largest file uploaded in one request, as a local Bot API server takes.
+pub(crate) const MAX_UPLOAD: u64 = 2000 * 1024 * 1024;
+/// Most files and fields in one multipart request (an album has ten).
+const MAX_PARTS: usize = 64;
 
 /// A Bot API failure: its `error_code` (= HTTP status), description and, for 429, how long to
 /// wait.
@@ -70,7 +75,37 @@ impl IntoResponse for TgError {
 /// A method's parameters, whichever way they came: JSON values, or strings from a query or a
 /// form (where objects and arrays are JSON text, as bot libraries send them).
 #[derive(Debug, Default)]
-pub(crate) struct Params(HashMap<String, Value>);
+pub(crate) struct Params(HashMap<String, Value>, Files);
+
+/// The files of a request: those uploaded with it (multipart, by field name) and the
+/// directories this request wrote files into (uploads, files fetched by URL), which are
+/// removed unless the request succeeds (then the node serves their chunks to peers).
+#[derive(Debug, Default)]
+pub(crate) struct Files {
+    pub(crate) uploaded: HashMap<String, PathBuf>,
+    written: std::sync::Mutex<Vec<PathBuf>>,
+    root: PathBuf,
+}
+
+impl Files {
+    /// A new directory for one file of this request.
+    pub(crate) fn new_dir(&self) -> std::io::Result<PathBuf> {
+        let dir = self.root.join(meshgram_node::ids::hex(&rand_id()));
+        std::fs::create_dir_all(&dir)?;
+        self.written.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(dir.clone());
+        Ok(dir)
+    }
+
+    fn discard(&self) {
+        for dir in self.written.lock().unwrap_or_else(std::sync::PoisonError::into_inner).drain(..) {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+fn rand_id() -> [u8; 16] {
+    meshgram_node::proto::payload::MessageId::random().0
+}
 
 impl Params {
     fn raw(&self, name: &str) -> Option<&Value> {
@@ -78,7 +113,11 @@ impl Params {
     }
 
     pub(crate) fn has(&self, name: &str) -> bool {
-        self.raw(name).is_some()
+        self.raw(name).is_some() || self.1.uploaded.contains_key(name)
+    }
+
+    pub(crate) fn files(&self) -> &Files {
+        &self.1
     }
 
     /// A string parameter (numbers are taken as their text).
@@ -147,11 +186,21 @@ pub(crate) fn invalid(name: &str) -> TgError {
 /// The router: everything goes through one handler, which reads the path the way Telegram's
 /// server does (so a bad path is Telegram's 404, not the framework's).
 pub(crate) fn router(bots: Arc<Bots>) -> axum::Router {
-    axum::Router::new().fallback(handle).with_state(bots)
+    // Bodies are bounded here, by kind: forms and JSON in `read_params`, files in
+    // `read_multipart`.
+    axum::Router::new().fallback(handle).with_state(bots).layer(axum::extract::DefaultBodyLimit::disable())
 }
 
 async fn handle(State(bots): State<Arc<Bots>>, request: Request) -> Response {
-    let path = request.uri().path().to_string();
+    // Clients may percent-encode the path (the token's ':' as %3A, say).
+    let path = percent_encoding::percent_decode_str(request.uri().path()).decode_utf8_lossy().into_owned();
+    if let Some(rest) = path.strip_prefix("/file/bot") {
+        let Some((token, file_path)) = rest.split_once('/') else { return not_found("Not Found") };
+        return match bots.get(token).await {
+            Ok(bot) => crate::files::serve(&bot, file_path).await,
+            Err(e) => e.into_response(),
+        };
+    }
     let Some(rest) = path.strip_prefix("/bot") else {
         return not_found("Not Found");
     };
@@ -166,13 +215,19 @@ async fn handle(State(bots): State<Arc<Bots>>, request: Request) -> Response {
         Ok(bot) => bot,
         Err(e) => return e.into_response(),
     };
-    let params = match read_params(request).await {
+    let params = match read_params(request, bot.sent_files_dir()).await {
         Ok(params) => params,
-        Err(e) => return e.into_response(),
+        Err((e, files)) => {
+            files.discard();
+            return e.into_response();
+        }
     };
     match methods::call(&bot, &method, &params).await {
         Ok(result) => axum::Json(json!({ "ok": true, "result": result })).into_response(),
-        Err(e) => e.into_response(),
+        Err(e) => {
+            params.1.discard();
+            e.into_response()
+        }
     }
 }
 
@@ -180,9 +235,18 @@ fn not_found(description: &str) -> Response {
     TgError::new(404, description).into_response()
 }
 
-/// Reads the parameters from the query string and the body (JSON or an urlencoded form).
-async fn read_params(request: Request) -> Result<Params, TgError> {
-    let mut params = Params::default();
+/// Reads the parameters from the query string and the body (JSON, an urlencoded form, or
+/// multipart with files, which are written under `files_root`). On failure, the files
+/// written so far come back to be removed.
+async fn read_params(request: Request, files_root: PathBuf) -> Result<Params, (TgError, Files)> {
+    let mut params = Params(HashMap::new(), Files { root: files_root, ..Files::default() });
+    match read_params_into(request, &mut params).await {
+        Ok(()) => Ok(params),
+        Err(e) => Err((e, params.1)),
+    }
+}
+
+async fn read_params_into(request: Request, params: &mut Params) -> Result<(), TgError> {
     if let Some(query) = request.uri().query() {
         for (key, value) in form_urlencoded::parse(query.as_bytes()) {
             params.0.insert(key.into_owned(), Value::String(value.into_owned()));
@@ -190,11 +254,14 @@ async fn read_params(request: Request) -> Result<Params, TgError> {
     }
     let content_type =
         request.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_ascii_lowercase();
+    if content_type.starts_with("multipart/form-data") {
+        return read_multipart(request, params).await;
+    }
     let body = axum::body::to_bytes(request.into_body(), MAX_BODY)
         .await
         .map_err(|_| TgError::new(413, "Request Entity Too Large"))?;
     if body.is_empty() {
-        return Ok(params);
+        return Ok(());
     }
     if content_type.starts_with("application/json") {
         let value: Value =
@@ -207,10 +274,72 @@ async fn read_params(request: Request) -> Result<Params, TgError> {
         for (key, value) in form_urlencoded::parse(&body) {
             params.0.insert(key.into_owned(), Value::String(value.into_owned()));
         }
-    } else if content_type.starts_with("multipart/form-data") {
-        return Err(TgError::bad_request("file uploads are not supported by this bridge yet"));
     } else {
         return Err(TgError::bad_request(&format!("unsupported Content-Type {content_type}")));
     }
-    Ok(params)
+    Ok(())
+}
+
+/// A multipart body: fields with a file name are files, streamed to disk (each in a
+/// directory of its own, under the name the client gave, made safe), the others parameters.
+async fn read_multipart(request: Request, params: &mut Params) -> Result<(), TgError> {
+    use axum::extract::FromRequest;
+    let malformed = |_| TgError::bad_request("can't parse multipart/form-data body");
+    let mut multipart = axum::extract::Multipart::from_request(request, &())
+        .await
+        .map_err(|_| TgError::bad_request("can't parse multipart/form-data body: no boundary"))?;
+    let mut parts = 0;
+    while let Some(mut field) = multipart.next_field().await.map_err(malformed)? {
+        parts += 1;
+        if parts > MAX_PARTS {
+            return Err(TgError::bad_request("too many parts in the request"));
+        }
+        let name = field.name().unwrap_or_default().to_string();
+        let Some(file_name) = field.file_name().map(safe_file_name) else {
+            let mut text = Vec::new();
+            while let Some(chunk) = field.chunk().await.map_err(malformed)? {
+                if text.len() + chunk.len() > MAX_BODY {
+                    return Err(TgError::new(413, "Request Entity Too Large"));
+                }
+                text.extend_from_slice(&chunk);
+            }
+            let text = String::from_utf8(text).map_err(|_| TgError::bad_request(&format!("{name} is not UTF-8")))?;
+            params.0.insert(name, Value::String(text));
+            continue;
+        };
+        let dir = params.1.new_dir().map_err(TgError::internal)?;
+        let path = dir.join(&file_name);
+        let mut out = tokio::fs::File::create(&path).await.map_err(TgError::internal)?;
+        let mut written = 0u64;
+        while let Some(chunk) = field.chunk().await.map_err(malformed)? {
+            written += chunk.len() as u64;
+            if written > MAX_UPLOAD {
+                return Err(TgError::new(413, "Request Entity Too Large"));
+            }
+            tokio::io::AsyncWriteExt::write_all(&mut out, &chunk).await.map_err(disk_error)?;
+        }
+        tokio::io::AsyncWriteExt::flush(&mut out).await.map_err(disk_error)?;
+        params.1.uploaded.insert(name, path);
+    }
+    Ok(())
+}
+
+/// A full disk is the server's trouble, not the bot's: 500, and the bot retries.
+pub(crate) fn disk_error(e: std::io::Error) -> TgError {
+    tracing::warn!(error = %e, "an uploaded file could not be written");
+    TgError::new(500, "Internal Server Error: the bridge could not store the file; retry")
+}
+
+/// A client's file name as a name in one directory: no path, no controls, not empty.
+pub(crate) fn safe_file_name(name: &str) -> String {
+    let base = name.rsplit(['/', '\\']).next().unwrap_or_default();
+    let clean: String = base
+        .chars()
+        .filter(|c| !c.is_control() && !meshgram_node::client::media::is_bidi_control(*c))
+        .take(128)
+        .collect();
+    match clean.trim() {
+        "" | "." | ".." => "file".into(),
+        name => name.to_string(),
+    }
 }

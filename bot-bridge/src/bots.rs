@@ -100,7 +100,8 @@ impl Bots {
             other => return Err(TgError::internal(ApiError::unexpected("whoami", &other))),
         };
         let events = node.subscribe();
-        let bot = Arc::new(Bot { account: me.account, node, store, arrived: Notify::new(), users: Mutex::default() });
+        let bot =
+            Arc::new(Bot { account: me.account, node, store, dir, arrived: Notify::new(), users: Mutex::default() });
         let feeder = AbortOnDropHandle::new(tokio::spawn(feed(Arc::downgrade(&bot), events)));
         tracing::info!(bot = %bot.account.user_id, "bot started");
         self.running().insert(hash, Running { bot: bot.clone(), _feeder: feeder });
@@ -155,6 +156,8 @@ pub(crate) struct Bot {
     pub(crate) account: Account,
     pub(crate) node: NodeHandle,
     pub(crate) store: BotStore,
+    /// Its data directory: profile, store, and the files it sent and fetched.
+    pub(crate) dir: PathBuf,
     /// Woken when updates were queued.
     pub(crate) arrived: Notify,
     users: Mutex<HashMap<UserId, (Value, std::time::Instant)>>,
@@ -168,6 +171,12 @@ struct Running {
 }
 
 impl Bot {
+    /// Where the files of the bot's requests are written (kept once sent: the node serves
+    /// their chunks to peers from there).
+    pub(crate) fn sent_files_dir(&self) -> PathBuf {
+        self.dir.join("sent")
+    }
+
     /// The bot itself as a Bot API `User`.
     pub(crate) fn me(&self) -> Value {
         json!({

@@ -4,6 +4,7 @@
 use meshgram_node::client::history::StoredMessage;
 use meshgram_node::crypto::cert::AccountKind;
 use meshgram_node::proto::UserCard;
+use meshgram_node::proto::media::FileRef;
 use serde_json::{Value, json};
 
 /// A directory card as a Bot API `User`. Meshgram has one display name: it is `first_name`.
@@ -57,13 +58,8 @@ pub(crate) fn message(m: &StoredMessage, number: i32, reply_to: Option<i32>, fro
         }
     }
     if let Some(file) = &m.file {
-        message["document"] = json!({
-            "file_id": m.id.to_string(),
-            "file_unique_id": file.file_id.to_string(),
-            "file_name": file.name,
-            "mime_type": file.mime,
-            "file_size": file.size,
-        });
+        let kind = media_kind(&file.mime);
+        message[kind] = media(m, file, kind);
     }
     if let Some(keyboard) =
         m.extras.as_ref().and_then(|e| e.markup.as_ref()).and_then(crate::rich::inline_keyboard_json)
@@ -77,6 +73,61 @@ pub(crate) fn message(m: &StoredMessage, number: i32, reply_to: Option<i32>, fro
         message["reply_to_message"] = json!({ "message_id": reply_to, "chat": chat, "date": m.sent_at_ms / 1000 });
     }
     message
+}
+
+/// The Bot API fields a message's file may show under.
+pub(crate) const MEDIA_KINDS: [&str; 6] = ["photo", "video", "animation", "audio", "voice", "document"];
+
+/// The field a file shows under. How it was sent is not recorded with it, so its type says.
+pub(crate) fn media_kind(mime: &str) -> &'static str {
+    match mime {
+        "image/jpeg" | "image/png" | "image/webp" => "photo",
+        "image/gif" => "animation",
+        "audio/ogg" => "voice",
+        m if m.starts_with("video/") => "video",
+        m if m.starts_with("audio/") => "audio",
+        _ => "document",
+    }
+}
+
+/// A message's file as the Bot API object of `kind` (for `photo`, a list of sizes). The
+/// `file_id` is the message's id: sent again, it sends the same file reference. Dimensions
+/// and durations are not recorded with a file: they are 0.
+pub(crate) fn media(m: &StoredMessage, file: &FileRef, kind: &str) -> Value {
+    let mut object = json!({
+        "file_id": m.id.to_string(),
+        "file_unique_id": file.file_id.to_string(),
+        "file_size": file.size,
+    });
+    let (name, mime) = (json!(file.name), json!(file.mime));
+    match kind {
+        "photo" => {
+            object["width"] = 0.into();
+            object["height"] = 0.into();
+            return json!([object]);
+        }
+        "video" | "animation" => {
+            for field in ["width", "height", "duration"] {
+                object[field] = 0.into();
+            }
+            object["file_name"] = name;
+            object["mime_type"] = mime;
+        }
+        "voice" => {
+            object["duration"] = 0.into();
+            object["mime_type"] = mime;
+        }
+        "audio" => {
+            object["duration"] = 0.into();
+            object["file_name"] = name;
+            object["mime_type"] = mime;
+        }
+        _ => {
+            object["file_name"] = name;
+            object["mime_type"] = mime;
+        }
+    }
+    object
 }
 
 /// UTF-16 length, as the Bot API counts offsets.

@@ -6,6 +6,7 @@
 mod api;
 mod bots;
 mod convert;
+mod files;
 mod methods;
 mod rich;
 mod store;

@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use meshgram_node::client::api::{ApiError, Call, Reply};
 use meshgram_node::client::history::StoredMessage;
+use meshgram_node::client::messaging::MAX_CAPTION_CHARS;
 use meshgram_node::ids::{UserId, Username};
 use meshgram_node::proto::LookupQuery;
 use meshgram_node::proto::media::FileRef;
@@ -13,7 +14,7 @@ use serde_json::{Value, json};
 
 use crate::api::{Params, TgError, invalid, missing};
 use crate::bots::{Bot, node_error};
-use crate::{convert, rich};
+use crate::{convert, files, rich};
 
 /// Every method of the Bot API spec (10.1), lower-cased names: those not served here answer
 /// as a method that exists but is not available, never as an unknown one.
@@ -52,6 +53,14 @@ pub(crate) async fn call(bot: &Bot, method: &str, p: &Params) -> Result<Value, T
             Err(TgError::bad_request("webhooks are not supported by this bridge yet; use getUpdates"))
         }
         "sendmessage" => send_message(bot, p).await,
+        "sendphoto" => send_media(bot, p, "photo").await,
+        "senddocument" => send_media(bot, p, "document").await,
+        "sendvideo" => send_media(bot, p, "video").await,
+        "sendanimation" => send_media(bot, p, "animation").await,
+        "sendaudio" => send_media(bot, p, "audio").await,
+        "sendvoice" => send_media(bot, p, "voice").await,
+        "sendmediagroup" => send_media_group(bot, p).await,
+        "getfile" => files::get_file(bot, p).await,
         "editmessagetext" => edit_message(bot, p, true).await,
         "editmessagereplymarkup" => edit_message(bot, p, false).await,
         "answercallbackquery" => answer_callback_query(bot, p).await,
@@ -277,6 +286,81 @@ async fn send_message(bot: &Bot, p: &Params) -> Result<Value, TgError> {
     let reply_to = reply_of(bot, chat, p)?;
     let m = send_rich(bot, to, text.text, None, extras, reply_to).await?;
     bot.message_json(&m).await
+}
+
+/// A caption and its extras, checked before any upload.
+fn caption_of(caption: convert::Formatted, p: &Params) -> Result<(String, Extras), TgError> {
+    if caption.text.chars().count() > MAX_CAPTION_CHARS {
+        return Err(TgError::bad_request("message caption is too long"));
+    }
+    let extras = extras_of(p, &caption.entities)?;
+    Ok((caption.text, extras))
+}
+
+/// The sent message shown as the method sent it (`sendDocument` of a picture answers with a
+/// `document`, as Telegram's does).
+async fn sent_as(bot: &Bot, m: &StoredMessage, kind: &str) -> Result<Value, TgError> {
+    let mut json = bot.message_json(m).await?;
+    if let (Some(file), Some(object)) = (&m.file, json.as_object_mut()) {
+        for field in convert::MEDIA_KINDS {
+            object.remove(field);
+        }
+        object.insert(kind.to_string(), convert::media(m, file, kind));
+    }
+    Ok(json)
+}
+
+/// `sendPhoto`, `sendDocument`, …: the file in the parameter named after its kind.
+async fn send_media(bot: &Bot, p: &Params, kind: &str) -> Result<Value, TgError> {
+    let (to, chat, _) = chat_of(bot, p, "chat_id").await?;
+    let (caption, extras) = caption_of(formatted(p, "caption", "parse_mode", "caption_entities")?, p)?;
+    let reply_to = reply_of(bot, chat, p)?;
+    let file = files::input_file(bot, p, kind)
+        .await?
+        .ok_or_else(|| TgError::bad_request(&format!("there is no {kind} in the request")))?;
+    let m = send_rich(bot, to, caption, Some(file), extras, reply_to).await?;
+    sent_as(bot, &m, kind).await
+}
+
+/// `sendMediaGroup`: 2 to 10 files, each with its caption, sent in order as one album.
+async fn send_media_group(bot: &Bot, p: &Params) -> Result<Value, TgError> {
+    let (to, chat, _) = chat_of(bot, p, "chat_id").await?;
+    let media = p.json("media")?.ok_or_else(|| missing("media"))?;
+    let items = media.as_array().filter(|m| (2..=10).contains(&m.len()));
+    let items = items.ok_or_else(|| TgError::bad_request("wrong number of media specified"))?;
+    let reply_to = reply_of(bot, chat, p)?;
+    // Everything is read and checked before the first upload.
+    let mut album = Vec::with_capacity(items.len());
+    for item in items {
+        let kind = item["type"].as_str().filter(|k| ["photo", "video", "audio", "document"].contains(k));
+        let kind = kind.ok_or_else(|| TgError::bad_request("unsupported media type"))?;
+        let source = item["media"].as_str().ok_or_else(|| TgError::bad_request("media is empty"))?;
+        let text = item["caption"].as_str().unwrap_or_default();
+        let mut caption = convert::parse(text, item["parse_mode"].as_str())
+            .map_err(|why| TgError::bad_request(&format!("can't parse entities: {why}")))?;
+        if let Some(entities) = item["caption_entities"].as_array() {
+            caption.entities = entities.clone();
+        }
+        if caption.text.chars().count() > MAX_CAPTION_CHARS {
+            return Err(TgError::bad_request("message caption is too long"));
+        }
+        let extras = rich::extras(&caption.entities, None).map_err(|why| TgError::bad_request(&why))?;
+        album.push((kind, source, caption.text, extras));
+    }
+    let mut files = Vec::with_capacity(album.len());
+    for (_, source, ..) in &album {
+        files.push(files::named_file(bot, p, source).await?);
+    }
+    let group_id = MessageId::random().to_string();
+    let mut sent = Vec::with_capacity(album.len());
+    for ((kind, _, caption, extras), file) in album.into_iter().zip(files) {
+        let reply_to = if sent.is_empty() { reply_to } else { None };
+        let m = send_rich(bot, to.clone(), caption, Some(file), extras, reply_to).await?;
+        let mut json = sent_as(bot, &m, kind).await?;
+        json["media_group_id"] = group_id.clone().into();
+        sent.push(json);
+    }
+    Ok(sent.into())
 }
 
 /// Changes a message of the bot: its text and entities (`text` given) and always its inline

@@ -33,6 +33,18 @@ async def pressed(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
     await query.edit_message_text(f"Chosen: {query.data} by {query.from_user.first_name}")
 
 
+async def photo(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    # Sent again by file_id: nothing is uploaded twice.
+    await update.message.reply_photo(update.message.photo[-1].file_id, caption="your photo")
+
+
+async def document(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    # Downloaded through getFile and the file route, then uploaded again.
+    doc = update.message.document
+    data = await (await doc.get_file()).download_as_bytearray()
+    await update.message.reply_document(bytes(data), filename=f"copy-{doc.file_name}", caption=f"{len(data)} bytes")
+
+
 async def echo(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
     text = update.message.text
     if text == "edit me":
@@ -44,11 +56,15 @@ async def echo(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
 
 def main() -> None:
     base_url, token = sys.argv[1], sys.argv[2]
-    app = Application.builder().token(token).base_url(base_url).build()
+    # The file base URL is the API's with /file before /bot, as Telegram's.
+    file_url = base_url.removesuffix("/bot") + "/file/bot"
+    app = Application.builder().token(token).base_url(base_url).base_file_url(file_url).build()
     app.add_handler(CommandHandler("start", start))
     app.add_handler(CommandHandler("menu", menu))
     app.add_handler(CommandHandler("colors", colors))
     app.add_handler(CallbackQueryHandler(pressed))
+    app.add_handler(MessageHandler(filters.PHOTO, photo))
+    app.add_handler(MessageHandler(filters.Document.ALL, document))
     app.add_handler(MessageHandler(filters.TEXT & ~filters.COMMAND, echo))
     print("ptb bot polling", flush=True)
     app.run_polling(poll_interval=0.0, timeout=10)

@@ -102,6 +102,16 @@ pub enum Call {
         caption: Option<String>,
         part_size: Option<u32>,
     },
+    /// Upload a file without sending it: its reference comes back, to send with
+    /// `SendRich` (as the bot bridge does, with a caption's formatting and a keyboard).
+    UploadFile {
+        path: PathBuf,
+        part_size: Option<u32>,
+    },
+    /// One message of the history, by id.
+    GetMessage {
+        message: MessageId,
+    },
     /// Send a file already uploaded, by its reference (as a forward does).
     SendFile {
         to: LookupQuery,
@@ -298,6 +308,7 @@ impl Call {
         matches!(
             self,
             Call::Upload { .. }
+                | Call::UploadFile { .. }
                 | Call::Download { .. }
                 | Call::ApproveDevice { .. }
                 | Call::BackupCreate { .. }
@@ -363,6 +374,10 @@ pub enum Reply {
     Subscribed,
     /// `Download`.
     Downloaded(Downloaded),
+    /// `UploadFile`.
+    Uploaded {
+        file: FileRef,
+    },
     /// `Devices`.
     Devices {
         devices: Vec<DeviceInfo>,

@@ -170,7 +170,7 @@ fn devices_changed_notice(before: &UserCard, now: &UserCard, name: String) -> Op
 /// How long a `Welcome`'s mailbox relays are used before a receiving device asks again.
 const MAILBOX_RELAYS_FRESH_FOR: std::time::Duration = std::time::Duration::from_secs(30);
 /// Longest caption of a file, in characters (Telegram's limit).
-const MAX_CAPTION_CHARS: usize = 1024;
+pub const MAX_CAPTION_CHARS: usize = 1024;
 /// Message ids per receipt: 16 bytes each keeps a receipt far below the envelope limit.
 const MAX_IDS_PER_RECEIPT: usize = 2_000;
 /// A typing notice older than this is stale by the time it is read, and is dropped.
@@ -799,6 +799,12 @@ impl Messenger {
         }
         self.send_receipts(chat, Status::Read, &unread).await?;
         Ok(unread.len())
+    }
+
+    /// A message of the history, by id.
+    pub fn stored_message(&mut self, id: MessageId) -> Result<StoredMessage, MessagingError> {
+        self.history()?;
+        self.h().message(&id)?.ok_or(MessagingError::UnknownMessage(id))
     }
 
     pub(crate) fn own_message(&self, id: &MessageId) -> Result<StoredMessage, MessagingError> {

@@ -359,6 +359,11 @@ impl Actor {
                         Err(e) => Err(e.into()),
                     }
                 }
+                Call::UploadFile { path, part_size } => messenger
+                    .upload_file(&path, part_size, &progress)
+                    .await
+                    .map(|file| Reply::Uploaded { file })
+                    .map_err(Into::into),
                 Call::Download { message, out, range } => messenger
                     .download_file(message, out, range, &progress)
                     .await
@@ -627,6 +632,7 @@ impl Actor {
                 let message = self.messenger.edit_rich(message, text, extras).await?;
                 self.published(message)
             }
+            Call::GetMessage { message } => Reply::Message { message: self.messenger.stored_message(message)? },
             Call::Presses => {
                 self.receive_waiting().await?;
                 Reply::Presses { presses: self.messenger.presses()? }
@@ -701,6 +707,7 @@ impl Actor {
             Call::SecretInfo { chat } => Reply::SecretChat { chat: self.messenger.secret_get(&chat).await? },
             Call::SecretList => Reply::SecretChats { chats: self.messenger.secret_list()? },
             Call::Upload { .. }
+            | Call::UploadFile { .. }
             | Call::Download { .. }
             | Call::ApproveDevice { .. }
             | Call::BackupCreate { .. }

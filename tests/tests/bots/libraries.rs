@@ -2,7 +2,7 @@
 
 use std::process::{Child, Command, Stdio};
 
-use meshgram_tests::{Mesh, meshgram};
+use meshgram_tests::{Mesh, meshgram, random_file};
 use serde_json::Value;
 
 use crate::{ALICE, create_bot, start_bridge, wait_chat};
@@ -97,4 +97,33 @@ fn an_unmodified_python_telegram_bot_answers_edits_formats_and_has_keyboards() {
     wait_chat(&alice_p, "@ptb_echo_bot", "the echo of the pressed color", |m| {
         texts_from(m, true).contains(&"echo: Red".into())
     });
+
+    // Files: a photo comes back by its file_id (the same file, not uploaded again); a document
+    // is fetched through getFile and the file route and comes back uploaded anew, byte for byte.
+    let dir = mesh.gateway.tmp().join("files");
+    std::fs::create_dir_all(&dir).unwrap();
+    let photo = dir.join("sunset.png");
+    image::RgbImage::from_fn(64, 48, |x, y| image::Rgb([x as u8, y as u8, 128])).save(&photo).unwrap();
+    let upload = |path: &std::path::Path| {
+        let lines =
+            meshgram(&alice_p, &["upload", path.to_str().unwrap(), "--to", "@ptb_echo_bot", "--json"]).ok_json_lines();
+        lines.last().unwrap()["file"]["file_id"].clone()
+    };
+    let photo_file = upload(&photo);
+    let document = dir.join("report.bin");
+    let size = 300 * 1024 + 7;
+    random_file(&document, size, "a document for the bot");
+    upload(&document);
+    let messages = wait_chat(&alice_p, "@ptb_echo_bot", "the photo and the document back", |m| {
+        let texts = texts_from(m, true);
+        texts.contains(&"your photo".into()) && texts.contains(&format!("{size} bytes"))
+    });
+    let photo_back = messages.iter().find(|m| m["text"] == "your photo").unwrap();
+    assert_eq!(photo_back["file"]["file_id"], photo_file, "sent again by file_id: {photo_back}");
+    let copy = messages.iter().find(|m| m["text"] == format!("{size} bytes")).unwrap();
+    assert_eq!(copy["file"]["name"], "copy-report.bin", "{copy}");
+    let out = dir.join("copy.bin");
+    let download = ["download", copy["id"].as_str().unwrap(), "-o", out.to_str().unwrap(), "--json"];
+    meshgram(&alice_p, &download).ok_json_lines();
+    assert!(std::fs::read(&out).unwrap() == std::fs::read(&document).unwrap(), "the bot's copy is the same bytes");
 }

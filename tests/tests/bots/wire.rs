@@ -214,3 +214,90 @@ fn keyboards_are_checked_and_presses_reach_the_bot_once_across_sigkill() {
     crate::wait_chat(&alice_p, "@keys_bot", "the keyboard gone", |m| m[0]["extras"]["markup"].is_null());
     meshgram(&alice_p, &["press", &question, "Yes", "--json"]).expect_err(&["NO_BUTTON"]);
 }
+
+/// A multipart body with text fields and one file; returns (content type, body).
+fn multipart(fields: &[(&str, &str)], file: (&str, &str, &[u8])) -> (String, Vec<u8>) {
+    let boundary = "meshgram-test-boundary";
+    let mut body = Vec::new();
+    for (name, value) in fields {
+        body.extend(
+            format!("--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n").bytes(),
+        );
+    }
+    let (field, file_name, bytes) = file;
+    body.extend(
+        format!("--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"{file_name}\"\r\nContent-Type: application/octet-stream\r\n\r\n").bytes(),
+    );
+    body.extend_from_slice(bytes);
+    body.extend(format!("\r\n--{boundary}--\r\n").bytes());
+    (format!("multipart/form-data; boundary={boundary}"), body)
+}
+
+#[test]
+fn files_go_by_upload_file_id_and_url_and_bad_ones_get_telegrams_errors() {
+    let mesh = Mesh::start(3, 2);
+    let alice_p = mesh.new_profile("alice");
+    let alice_id = mesh.login(&alice_p, ALICE)["user_id"].as_u64().unwrap();
+    let token = create_bot(&alice_p, "files_bot");
+    let bridge = start_bridge(&mesh, &mesh.gateway.tmp().join("bridge"));
+    let http = bridge.http().unwrap();
+    let method = |name: &str| format!("/bot{token}/{name}");
+
+    // An upload, its bytes back through getFile and the file route.
+    let notes: String = (0..5000).map(|i| format!("line {i}\n")).collect();
+    let chat = alice_id.to_string();
+    let (content_type, body) =
+        multipart(&[("chat_id", &chat), ("caption", "the notes")], ("document", "../notes.txt", notes.as_bytes()));
+    let (status, sent) = post(&http, &method("sendDocument"), &content_type, std::str::from_utf8(&body).unwrap());
+    assert_eq!(status, 200, "{sent}");
+    let document = &sent["result"]["document"];
+    assert_eq!(
+        (document["file_name"].as_str(), document["file_size"].as_u64()),
+        (Some("notes.txt"), Some(notes.len() as u64))
+    );
+    let file_id = document["file_id"].as_str().unwrap();
+    let (status, file) = get(&http, &format!("{}?file_id={file_id}", method("getFile")));
+    assert_eq!(status, 200, "{file}");
+    let file_path = file["result"]["file_path"].as_str().unwrap();
+    let (status, bytes) = http_get(&http, &format!("/file/bot{token}/{file_path}")).unwrap();
+    assert_eq!((status, bytes == notes), (200, true), "the file route serves the uploaded bytes");
+
+    // By file_id: the same file again; by URL: fetched and uploaded as a new one.
+    let (status, photo) = get(&http, &format!("{}?chat_id={alice_id}&photo={file_id}", method("sendPhoto")));
+    assert_eq!(status, 200, "{photo}");
+    assert_eq!(photo["result"]["photo"][0]["file_unique_id"], document["file_unique_id"], "{photo}");
+    let url = format!("{http}/file/bot{token}/{file_path}");
+    let by_url = serde_json::json!({"chat_id": alice_id, "document": url}).to_string();
+    let (status, fetched) = post(&http, &method("sendDocument"), "application/json", &by_url);
+    assert_eq!(status, 200, "{fetched}");
+    assert_eq!(fetched["result"]["document"]["file_size"], notes.len(), "{fetched}");
+    assert_ne!(fetched["result"]["document"]["file_unique_id"], document["file_unique_id"]);
+
+    // Bad files: each refused with Telegram's words, nothing sent.
+    let send_document = method("sendDocument");
+    assert_error(
+        get(&http, &format!("{send_document}?chat_id={alice_id}")),
+        400,
+        "Bad Request: there is no document in the request",
+    );
+    let wrong = "Bad Request: wrong file identifier/HTTP URL specified";
+    assert_error(get(&http, &format!("{send_document}?chat_id={alice_id}&document=nonsense")), 400, wrong);
+    assert_error(get(&http, &format!("{}?file_id=nonsense", method("getFile"))), 400, wrong);
+    let refused = serde_json::json!({"chat_id": alice_id, "document": "http://127.0.0.1:9/x.bin"}).to_string();
+    assert_error(
+        post(&http, &send_document, "application/json", &refused),
+        400,
+        "Bad Request: failed to get HTTP URL content",
+    );
+    let garbage = "--meshgram-test-boundary\r\nno headers here";
+    assert_error(
+        post(&http, &send_document, "multipart/form-data; boundary=meshgram-test-boundary", garbage),
+        400,
+        "Bad Request: can't parse multipart/form-data body",
+    );
+    let (status, _) = http_get(&http, &format!("/file/bot{token}/nonsense/x")).unwrap();
+    assert_eq!(status, 404);
+    let messages = crate::wait_chat(&alice_p, "@files_bot", "three files", |m| m.len() >= 3);
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    assert_eq!(crate::chat(&alice_p, "@files_bot").len(), 3, "only the good ones were sent: {messages:#?}");
+}
