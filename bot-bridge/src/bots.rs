@@ -101,10 +101,11 @@ impl Bots {
         };
         let events = node.subscribe();
         let bot =
-            Arc::new(Bot { account: me.account, node, store, dir, arrived: Notify::new(), users: Mutex::default() });
+            Arc::new(Bot { account: me.account, node, store, dir, arrived: Arc::default(), users: Mutex::default() });
         let feeder = AbortOnDropHandle::new(tokio::spawn(feed(Arc::downgrade(&bot), events)));
+        let webhook = AbortOnDropHandle::new(tokio::spawn(crate::webhook::deliver(Arc::downgrade(&bot))));
         tracing::info!(bot = %bot.account.user_id, "bot started");
-        self.running().insert(hash, Running { bot: bot.clone(), _feeder: feeder });
+        self.running().insert(hash, Running { bot: bot.clone(), _tasks: [feeder, webhook] });
         Ok(bot)
     }
 
@@ -159,15 +160,16 @@ pub(crate) struct Bot {
     /// Its data directory: profile, store, and the files it sent and fetched.
     pub(crate) dir: PathBuf,
     /// Woken when updates were queued.
-    pub(crate) arrived: Notify,
+    pub(crate) arrived: Arc<Notify>,
     users: Mutex<HashMap<UserId, (Value, std::time::Instant)>>,
 }
 
-/// A started bot and the task feeding its updates (which holds it only weakly).
+/// A started bot and its tasks, which hold it only weakly: the one feeding its updates and
+/// the one delivering them to its webhook.
 #[derive(Debug)]
 struct Running {
     bot: Arc<Bot>,
-    _feeder: AbortOnDropHandle<()>,
+    _tasks: [AbortOnDropHandle<()>; 2],
 }
 
 impl Bot {

@@ -10,6 +10,7 @@ mod files;
 mod methods;
 mod rich;
 mod store;
+mod webhook;
 
 use std::path::PathBuf;
 use std::sync::Arc;

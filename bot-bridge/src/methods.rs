@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 
 use crate::api::{Params, TgError, invalid, missing};
 use crate::bots::{Bot, node_error};
-use crate::{convert, files, rich};
+use crate::{convert, files, rich, webhook};
 
 /// Every method of the Bot API spec (10.1), lower-cased names: those not served here answer
 /// as a method that exists but is not available, never as an unknown one.
@@ -24,34 +24,16 @@ const SPEC_METHODS: &str = include_str!("spec_methods.txt");
 const MAX_POLL: Duration = Duration::from_secs(50);
 /// Longest text (or caption) with its markup, in bytes, that is parsed at all.
 const MAX_MARKED_UP_BYTES: usize = 64 * 1024;
-const ALLOWED_UPDATES: &str = "allowed_updates";
-const WEBHOOK_URL: &str = "webhook_url";
+pub(crate) const ALLOWED_UPDATES: &str = "allowed_updates";
 
 pub(crate) async fn call(bot: &Bot, method: &str, p: &Params) -> Result<Value, TgError> {
     match method {
         "getme" => Ok(bot.me()),
         "logout" | "close" => Ok(true.into()),
         "getupdates" => get_updates(bot, p).await,
-        "deletewebhook" => {
-            if p.bool("drop_pending_updates")? {
-                bot.store.drop_pending().map_err(TgError::internal)?;
-            }
-            bot.store.set_setting(WEBHOOK_URL, None).map_err(TgError::internal)?;
-            Ok(true.into())
-        }
-        "getwebhookinfo" => Ok(json!({
-            "url": "",
-            "has_custom_certificate": false,
-            "pending_update_count": bot.store.pending_count().map_err(TgError::internal)?,
-        })),
-        "setwebhook" => {
-            let url = p.str("url").unwrap_or_default();
-            if url.is_empty() {
-                bot.store.set_setting(WEBHOOK_URL, None).map_err(TgError::internal)?;
-                return Ok(true.into());
-            }
-            Err(TgError::bad_request("webhooks are not supported by this bridge yet; use getUpdates"))
-        }
+        "deletewebhook" => webhook::delete(bot, p),
+        "getwebhookinfo" => webhook::info(bot),
+        "setwebhook" => webhook::set(bot, p),
         "sendmessage" => send_message(bot, p).await,
         "sendphoto" => send_media(bot, p, "photo").await,
         "senddocument" => send_media(bot, p, "document").await,
@@ -158,14 +140,16 @@ async fn get_updates(bot: &Bot, p: &Params) -> Result<Value, TgError> {
     let offset = p.int("offset")?;
     let limit = p.int("limit")?.unwrap_or(100).clamp(1, 100) as usize;
     let timeout = Duration::from_secs(p.int("timeout")?.unwrap_or(0).max(0) as u64).min(MAX_POLL);
-    if p.has("allowed_updates") {
-        let allowed = p.json("allowed_updates")?.unwrap_or(json!([]));
-        let list: Vec<Value> = allowed.as_array().cloned().ok_or_else(|| invalid("allowed_updates"))?;
-        let setting = (!list.is_empty()).then_some(Value::Array(list));
-        bot.store.set_setting(ALLOWED_UPDATES, setting.as_ref()).map_err(TgError::internal)?;
+    if webhook::is_set(bot)? {
+        return Err(TgError::new(
+            409,
+            "Conflict: can't use getUpdates method while webhook is active; use deleteWebhook to delete the webhook first",
+        ));
     }
-    let allowed: Option<Vec<String>> =
-        bot.store.setting(ALLOWED_UPDATES).map_err(TgError::internal)?.and_then(|v| serde_json::from_value(v).ok());
+    if p.has("allowed_updates") {
+        set_allowed_updates(bot, p)?;
+    }
+    let allowed = allowed_updates(bot)?;
     let deadline = tokio::time::Instant::now() + timeout;
     let mut offset = offset;
     loop {
@@ -182,6 +166,20 @@ async fn get_updates(bot: &Bot, p: &Params) -> Result<Value, TgError> {
             return Ok(json!([]));
         }
     }
+}
+
+/// Keeps a request's `allowed_updates` for the next ones (an empty list: all kinds again).
+pub(crate) fn set_allowed_updates(bot: &Bot, p: &Params) -> Result<(), TgError> {
+    let allowed = p.json(ALLOWED_UPDATES)?.unwrap_or(json!([]));
+    let list: Vec<Value> = allowed.as_array().cloned().ok_or_else(|| invalid(ALLOWED_UPDATES))?;
+    let setting = (!list.is_empty()).then_some(Value::Array(list));
+    bot.store.set_setting(ALLOWED_UPDATES, setting.as_ref()).map_err(TgError::internal)
+}
+
+/// The update kinds the bot asked for (`None`: all).
+pub(crate) fn allowed_updates(bot: &Bot) -> Result<Option<Vec<String>>, TgError> {
+    let setting = bot.store.setting(ALLOWED_UPDATES).map_err(TgError::internal)?;
+    Ok(setting.and_then(|v| serde_json::from_value(v).ok()))
 }
 
 /// The chat a `chat_id` names: what the node takes, the Bot API chat id, and the peer as a

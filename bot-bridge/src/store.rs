@@ -185,6 +185,14 @@ impl BotStore {
         Ok(found)
     }
 
+    /// Confirms (deletes) the update `update_id` and every one before it, as a `getUpdates`
+    /// with the next offset would.
+    pub(crate) fn confirm(&self, update_id: u64) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().map_err(err)?;
+        tx.open_table(UPDATES).map_err(err)?.retain_in(..=update_id, |_, _| false).map_err(err)?;
+        tx.commit().map_err(err)
+    }
+
     /// Drops every pending update (`deleteWebhook` with `drop_pending_updates`).
     pub(crate) fn drop_pending(&self) -> Result<(), StoreError> {
         let tx = self.db.begin_write().map_err(err)?;

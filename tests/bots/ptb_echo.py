@@ -1,6 +1,8 @@
 """An ordinary python-telegram-bot echo bot; only its base URL points at the Meshgram bridge.
 
-Usage: ptb_echo.py BASE_URL TOKEN  (BASE_URL is network.json's bot_api, e.g. http://127.0.0.1:PORT/bot)
+Usage: ptb_echo.py BASE_URL TOKEN [WEBHOOK_PORT]
+(BASE_URL is network.json's bot_api, e.g. http://127.0.0.1:PORT/bot). With a port, the bot runs
+in webhook mode: it sets its webhook to a server of its own on that port, with a secret token.
 """
 import sys
 
@@ -66,8 +68,19 @@ def main() -> None:
     app.add_handler(MessageHandler(filters.PHOTO, photo))
     app.add_handler(MessageHandler(filters.Document.ALL, document))
     app.add_handler(MessageHandler(filters.TEXT & ~filters.COMMAND, echo))
-    print("ptb bot polling", flush=True)
-    app.run_polling(poll_interval=0.0, timeout=10)
+    if len(sys.argv) > 3:
+        port = int(sys.argv[3])
+        print("ptb bot serving its webhook", flush=True)
+        app.run_webhook(
+            listen="127.0.0.1",
+            port=port,
+            url_path="hook",
+            webhook_url=f"http://127.0.0.1:{port}/hook",
+            secret_token="meshgram-test-secret",
+        )
+    else:
+        print("ptb bot polling", flush=True)
+        app.run_polling(poll_interval=0.0, timeout=10)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,19 @@ impl Drop for BotProcess {
     }
 }
 
+/// Starts the python-telegram-bot bot: polling, or in webhook mode on `webhook_port`.
+fn start_ptb(base: &str, token: &str, webhook_port: Option<u16>) -> BotProcess {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/bots/ptb_echo.py");
+    let mut args = vec![script.to_string(), base.to_string(), token.to_string()];
+    args.extend(webhook_port.map(|p| p.to_string()));
+    let bot = Command::new("python3")
+        .args(&args)
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("python3 runs (./tests/run installs python-telegram-bot)");
+    BotProcess(bot)
+}
+
 fn texts_from(messages: &[Value], from_bot: bool) -> Vec<String> {
     messages
         .iter()
@@ -38,13 +51,7 @@ fn an_unmodified_python_telegram_bot_answers_edits_formats_and_has_keyboards() {
     let (status, me) = meshgram_tests::http_get(&bridge.http().unwrap(), &format!("/bot{token}/getMe")).unwrap();
     assert_eq!(status, 200, "{me}");
 
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/bots/ptb_echo.py");
-    let bot = Command::new("python3")
-        .args([script, &base, &token])
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("python3 runs (./tests/run installs python-telegram-bot)");
-    let _bot = BotProcess(bot);
+    let _bot = start_ptb(&base, &token, None);
 
     meshgram(&alice_p, &["send", "@ptb_echo_bot", "/start", "--json"]).ok_json();
     meshgram(&alice_p, &["send", "@ptb_echo_bot", "hello there", "--json"]).ok_json();
@@ -126,4 +133,53 @@ fn an_unmodified_python_telegram_bot_answers_edits_formats_and_has_keyboards() {
     let download = ["download", copy["id"].as_str().unwrap(), "-o", out.to_str().unwrap(), "--json"];
     meshgram(&alice_p, &download).ok_json_lines();
     assert!(std::fs::read(&out).unwrap() == std::fs::read(&document).unwrap(), "the bot's copy is the same bytes");
+}
+
+#[test]
+fn a_python_telegram_bot_in_webhook_mode_gets_every_update_pushed_even_after_it_was_away() {
+    let mesh = Mesh::start(3, 2);
+    let alice_p = mesh.new_profile("alice");
+    mesh.login(&alice_p, ALICE);
+    let token = create_bot(&alice_p, "ptb_hook_bot");
+    let bridge = start_bridge(&mesh, &mesh.gateway.tmp().join("bridge"));
+    let (http, base) = (bridge.http().unwrap(), bridge.ready["bot_api"].as_str().unwrap().to_string());
+    let info = || {
+        let (status, body) = meshgram_tests::http_get(&http, &format!("/bot{token}/getWebhookInfo")).unwrap();
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str::<Value>(&body).unwrap()["result"].clone()
+    };
+    // A free port for the bot's own server (it binds it itself).
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let bot = start_ptb(&base, &token, Some(port));
+    let hook = format!("http://127.0.0.1:{port}/hook");
+    wait_for("the bot to set its webhook", || info()["url"] == hook.as_str());
+    let (status, body) = meshgram_tests::http_get(&http, &format!("/bot{token}/getUpdates")).unwrap();
+    assert_eq!(status, 409, "no getUpdates while a webhook is set: {body}");
+
+    meshgram(&alice_p, &["send", "@ptb_hook_bot", "hello hook", "--json"]).ok_json();
+    wait_chat(&alice_p, "@ptb_hook_bot", "the echo through the webhook", |m| {
+        texts_from(m, true) == ["echo: hello hook"]
+    });
+
+    // The bot's server goes away: the update waits, the failure shows, and it comes when the
+    // server is back.
+    drop(bot);
+    meshgram(&alice_p, &["send", "@ptb_hook_bot", "while you were away", "--json"]).ok_json();
+    wait_for("the failed delivery in getWebhookInfo", || {
+        let info = info();
+        info["pending_update_count"] == 1 && info["last_error_message"].is_string()
+    });
+    let _bot = start_ptb(&base, &token, Some(port));
+    let messages = wait_chat(&alice_p, "@ptb_hook_bot", "the update that waited", |m| texts_from(m, true).len() == 2);
+    assert_eq!(texts_from(&messages, true), ["echo: hello hook", "echo: while you were away"], "once each, in order");
+    wait_for("an empty queue", || info()["pending_update_count"] == 0);
+}
+
+/// Waits (bounded) until `done` holds.
+fn wait_for(what: &str, done: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + crate::REPLY_TIMEOUT;
+    while !done() {
+        assert!(std::time::Instant::now() < deadline, "{what} within {:?}", crate::REPLY_TIMEOUT);
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
 }
