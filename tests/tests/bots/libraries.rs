@@ -1,5 +1,6 @@
 //! Real bot libraries against the bridge.
 
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
 use meshgram_tests::{Mesh, meshgram, random_file};
@@ -73,26 +74,7 @@ fn an_unmodified_python_telegram_bot_answers_edits_formats_and_has_keyboards() {
     std::thread::sleep(std::time::Duration::from_secs(2));
     assert_eq!(texts_from(&crate::chat(&alice_p, "@ptb_echo_bot"), true).len(), 3);
 
-    // An inline keyboard: a link button is only opened, an unknown one refused, a callback
-    // button's press answered by the bot and its message edited, the keyboard gone with it.
-    meshgram(&alice_p, &["send", "@ptb_echo_bot", "/menu", "--json"]).ok_json();
-    let messages =
-        wait_chat(&alice_p, "@ptb_echo_bot", "the menu", |m| texts_from(m, true).contains(&"Pick one".into()));
-    let menu = messages.iter().find(|m| m["text"] == "Pick one").unwrap();
-    let rows = &menu["extras"]["markup"]["inline"]["rows"];
-    assert_eq!(rows[0][1]["text"], "No", "the keyboard came with the message: {menu}");
-    let menu_id = menu["id"].as_str().unwrap();
-    let link = meshgram(&alice_p, &["press", menu_id, "Docs", "--json"]).ok_json();
-    assert_eq!(link["url"], "https://example.org/docs", "{link}");
-    meshgram(&alice_p, &["press", menu_id, "Maybe", "--json"]).expect_err(&["NO_BUTTON"]);
-    let pressed = meshgram(&alice_p, &["press", menu_id, "Yes", "--json"]).ok_json();
-    assert_eq!(pressed["answer"]["text"], "You chose yes", "the bot's answer came back: {pressed}");
-    let messages = wait_chat(&alice_p, "@ptb_echo_bot", "the menu edited", |m| {
-        m.iter().any(|m| m["id"] == menu["id"] && m["text"] == format!("Chosen: yes by User {alice_id}"))
-    });
-    let edited = messages.iter().find(|m| m["id"] == menu["id"]).unwrap();
-    assert!(edited["extras"]["markup"].is_null(), "an edit without a keyboard takes it away: {edited}");
-    meshgram(&alice_p, &["press", menu_id, "No", "--json"]).expect_err(&["NO_BUTTON"]);
+    press_inline_button(&alice_p, "@ptb_echo_bot", "You chose yes", &format!("Chosen: yes by User {alice_id}"));
 
     // A reply keyboard: pressing a button sends its text, which the bot echoes.
     meshgram(&alice_p, &["send", "@ptb_echo_bot", "/colors", "--json"]).ok_json();
@@ -105,34 +87,7 @@ fn an_unmodified_python_telegram_bot_answers_edits_formats_and_has_keyboards() {
         texts_from(m, true).contains(&"echo: Red".into())
     });
 
-    // Files: a photo comes back by its file_id (the same file, not uploaded again); a document
-    // is fetched through getFile and the file route and comes back uploaded anew, byte for byte.
-    let dir = mesh.gateway.tmp().join("files");
-    std::fs::create_dir_all(&dir).unwrap();
-    let photo = dir.join("sunset.png");
-    image::RgbImage::from_fn(64, 48, |x, y| image::Rgb([x as u8, y as u8, 128])).save(&photo).unwrap();
-    let upload = |path: &std::path::Path| {
-        let lines =
-            meshgram(&alice_p, &["upload", path.to_str().unwrap(), "--to", "@ptb_echo_bot", "--json"]).ok_json_lines();
-        lines.last().unwrap()["file"]["file_id"].clone()
-    };
-    let photo_file = upload(&photo);
-    let document = dir.join("report.bin");
-    let size = 300 * 1024 + 7;
-    random_file(&document, size, "a document for the bot");
-    upload(&document);
-    let messages = wait_chat(&alice_p, "@ptb_echo_bot", "the photo and the document back", |m| {
-        let texts = texts_from(m, true);
-        texts.contains(&"your photo".into()) && texts.contains(&format!("{size} bytes"))
-    });
-    let photo_back = messages.iter().find(|m| m["text"] == "your photo").unwrap();
-    assert_eq!(photo_back["file"]["file_id"], photo_file, "sent again by file_id: {photo_back}");
-    let copy = messages.iter().find(|m| m["text"] == format!("{size} bytes")).unwrap();
-    assert_eq!(copy["file"]["name"], "copy-report.bin", "{copy}");
-    let out = dir.join("copy.bin");
-    let download = ["download", copy["id"].as_str().unwrap(), "-o", out.to_str().unwrap(), "--json"];
-    meshgram(&alice_p, &download).ok_json_lines();
-    assert!(std::fs::read(&out).unwrap() == std::fs::read(&document).unwrap(), "the bot's copy is the same bytes");
+    files_come_back(&mesh, &alice_p, "@ptb_echo_bot");
 }
 
 #[test]
@@ -182,4 +137,92 @@ fn wait_for(what: &str, done: impl Fn() -> bool) {
         assert!(std::time::Instant::now() < deadline, "{what} within {:?}", crate::REPLY_TIMEOUT);
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
+}
+
+/// Sends `/menu` to `bot`, checks its inline keyboard (a link button is only opened, an unknown
+/// button refused), presses "Yes", and checks the bot's answer and its edit, which takes the
+/// keyboard away.
+fn press_inline_button(alice: &Path, bot: &str, answer: &str, edited_text: &str) {
+    meshgram(alice, &["send", bot, "/menu", "--json"]).ok_json();
+    let messages = wait_chat(alice, bot, "the menu", |m| texts_from(m, true).contains(&"Pick one".into()));
+    let menu = messages.iter().find(|m| m["text"] == "Pick one").unwrap();
+    let rows = menu["extras"]["markup"]["inline"]["rows"].as_array().cloned().unwrap_or_default();
+    assert_eq!(rows[0][1]["text"], "No", "the keyboard came with the message: {menu}");
+    let menu_id = menu["id"].as_str().unwrap();
+    for button in rows.iter().flat_map(|r| r.as_array().cloned().unwrap_or_default()) {
+        if let Some(url) = button["action"]["url"]["url"].as_str() {
+            let link = meshgram(alice, &["press", menu_id, button["text"].as_str().unwrap(), "--json"]).ok_json();
+            assert_eq!((link["kind"].as_str(), link["url"].as_str()), (Some("url"), Some(url)), "{link}");
+        }
+    }
+    meshgram(alice, &["press", menu_id, "Maybe", "--json"]).expect_err(&["NO_BUTTON"]);
+    let pressed = meshgram(alice, &["press", menu_id, "Yes", "--json"]).ok_json();
+    assert_eq!(pressed["answer"]["text"], answer, "the bot's answer came back: {pressed}");
+    let messages = wait_chat(alice, bot, "the menu edited", |m| {
+        m.iter().any(|m| m["id"] == menu["id"] && m["text"] == edited_text)
+    });
+    let edited = messages.iter().find(|m| m["id"] == menu["id"]).unwrap();
+    assert!(edited["extras"]["markup"].is_null(), "an edit without a keyboard takes it away: {edited}");
+    meshgram(alice, &["press", menu_id, "No", "--json"]).expect_err(&["NO_BUTTON"]);
+}
+
+/// Sends `bot` a photo and a document: the photo must come back by its file_id (the same file,
+/// not uploaded again), the document fetched through getFile and the file route and uploaded
+/// anew as `copy-<name>` with the caption "<size> bytes", byte for byte.
+fn files_come_back(mesh: &Mesh, alice: &Path, bot: &str) {
+    let dir = mesh.gateway.tmp().join("files");
+    std::fs::create_dir_all(&dir).unwrap();
+    let photo = dir.join("sunset.png");
+    image::RgbImage::from_fn(64, 48, |x, y| image::Rgb([x as u8, y as u8, 128])).save(&photo).unwrap();
+    let upload = |path: &Path| {
+        let lines = meshgram(alice, &["upload", path.to_str().unwrap(), "--to", bot, "--json"]).ok_json_lines();
+        lines.last().unwrap()["file"]["file_id"].clone()
+    };
+    let photo_file = upload(&photo);
+    let document = dir.join("report.bin");
+    let size = 300 * 1024 + 7;
+    random_file(&document, size, "a document for the bot");
+    upload(&document);
+    let messages = wait_chat(alice, bot, "the photo and the document back", |m| {
+        let texts = texts_from(m, true);
+        texts.contains(&"your photo".into()) && texts.contains(&format!("{size} bytes"))
+    });
+    let photo_back = messages.iter().find(|m| m["text"] == "your photo").unwrap();
+    assert_eq!(photo_back["file"]["file_id"], photo_file, "sent again by file_id: {photo_back}");
+    let copy = messages.iter().find(|m| m["text"] == format!("{size} bytes")).unwrap();
+    assert_eq!(copy["file"]["name"], "copy-report.bin", "{copy}");
+    let out = dir.join("copy.bin");
+    let download = ["download", copy["id"].as_str().unwrap(), "-o", out.to_str().unwrap(), "--json"];
+    meshgram(alice, &download).ok_json_lines();
+    assert!(std::fs::read(&out).unwrap() == std::fs::read(&document).unwrap(), "the bot's copy is the same bytes");
+}
+
+#[test]
+fn an_unmodified_grammy_bot_answers_formats_keeps_files_and_keyboards() {
+    let mesh = Mesh::start(3, 2);
+    let alice_p = mesh.new_profile("alice");
+    let alice_id = mesh.login(&alice_p, ALICE)["user_id"].as_u64().unwrap();
+    let token = create_bot(&alice_p, "grammy_echo_bot");
+    let bridge = start_bridge(&mesh, &mesh.gateway.tmp().join("bridge"));
+    let api_root = bridge.ready["bot_api"].as_str().unwrap().trim_end_matches("/bot").to_string();
+    // The bridge signs the bot in on its first request; the bot's own start may come later.
+    let (status, me) = meshgram_tests::http_get(&bridge.http().unwrap(), &format!("/bot{token}/getMe")).unwrap();
+    assert_eq!(status, 200, "{me}");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/bots/grammy/bot.js");
+    let bot = Command::new("node")
+        .args([script, &api_root, &token])
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("node runs (./tests/run installs nodejs and grammY)");
+    let _bot = BotProcess(bot);
+
+    meshgram(&alice_p, &["send", "@grammy_echo_bot", "/start", "--json"]).ok_json();
+    meshgram(&alice_p, &["send", "@grammy_echo_bot", "hello grammY", "--json"]).ok_json();
+    let messages = wait_chat(&alice_p, "@grammy_echo_bot", "two answers", |m| texts_from(m, true).len() >= 2);
+    assert_eq!(texts_from(&messages, true), [format!("Hi User {alice_id}, grammY here"), "echo: hello grammY".into()]);
+    let echo = messages.iter().find(|m| m["text"] == "echo: hello grammY").unwrap();
+    assert_eq!(echo["extras"]["entities"][0]["kind"], "italic", "HTML became an entity: {echo}");
+
+    press_inline_button(&alice_p, "@grammy_echo_bot", "grammY got yes", "Chosen: yes");
+    files_come_back(&mesh, &alice_p, "@grammy_echo_bot");
 }

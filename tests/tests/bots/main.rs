@@ -1,9 +1,12 @@
 //! Cross-process tests of the bot bridge: real gateway, relays, bridge, CLI, and real bots.
 //!
-//! - `libraries`: an unmodified python-telegram-bot echo bot, only its base URL changed, answers
-//!   `/start`, echoes text with HTML formatting and edits its own message, each exactly once.
-//! - `wire`: bad input (tokens, methods, parameters, JSON) gets Telegram's errors; updates are
-//!   confirmed by offset and survive a SIGKILL of the bridge, none lost and none twice.
+//! - `libraries`: unmodified python-telegram-bot and grammY bots, only their base URLs changed,
+//!   answer `/start`, echo text with HTML formatting, edit their own messages, send inline and
+//!   reply keyboards and answer presses, echo a photo by file_id and a document through getFile,
+//!   each exactly once; PTB in webhook mode gets every update pushed, even after it was away.
+//! - `wire`: bad input (tokens, methods, parameters, JSON, buttons, files) gets Telegram's
+//!   errors; updates and button presses are confirmed by offset and survive a SIGKILL of the
+//!   bridge, none lost and none twice; files go by upload, file_id and URL.
 
 // A failed unwrap here is a failed test, which is what it should be.
 #![allow(clippy::unwrap_used)]
