@@ -6,10 +6,10 @@ use meshgram_node::client::api::{ApiError, Call, Reply};
 use meshgram_node::client::history::StoredMessage;
 use meshgram_node::client::messaging::MAX_CAPTION_CHARS;
 use meshgram_node::ids::{UserId, Username};
-use meshgram_node::proto::LookupQuery;
 use meshgram_node::proto::media::FileRef;
 use meshgram_node::proto::payload::MessageId;
 use meshgram_node::proto::rich::{CallbackId, Extras, MAX_ANSWER_CHARS, Markup};
+use meshgram_node::proto::{BotCommandInfo, LookupQuery};
 use serde_json::{Value, json};
 
 use crate::api::{Params, TgError, invalid, missing};
@@ -91,33 +91,23 @@ pub(crate) async fn call(bot: &Bot, method: &str, p: &Params) -> Result<Value, T
         }
         "setmycommands" => {
             let commands = p.json("commands")?.ok_or_else(|| missing("commands"))?;
-            let valid = commands.as_array().is_some_and(|list| {
-                list.len() <= 100
-                    && list.iter().all(|c| {
-                        let name = c["command"].as_str().unwrap_or("");
-                        let description = c["description"].as_str().unwrap_or("");
-                        (1..=32).contains(&name.len())
-                            && name.chars().all(|ch| ch.is_ascii_lowercase() || ch.is_ascii_digit() || ch == '_')
-                            && (1..=256).contains(&description.chars().count())
-                    })
-            });
-            if !valid {
-                return Err(TgError::bad_request("BOT_COMMAND_INVALID"));
-            }
-            let commands: Vec<Value> = commands
+            let invalid = || TgError::bad_request("BOT_COMMAND_INVALID");
+            let commands: Vec<BotCommandInfo> = commands
                 .as_array()
-                .into_iter()
-                .flatten()
-                .map(|c| json!({"command": c["command"], "description": c["description"]}))
-                .collect();
-            bot.store.set_setting(&commands_key(p)?, Some(&commands.into())).map_err(TgError::internal)?;
-            Ok(true.into())
+                .ok_or_else(invalid)?
+                .iter()
+                .map(|c| match (c["command"].as_str(), c["description"].as_str()) {
+                    (Some(command), Some(description)) => {
+                        Ok(BotCommandInfo { command: command.to_string(), description: description.to_string() })
+                    }
+                    _ => Err(invalid()),
+                })
+                .collect::<Result<_, _>>()?;
+            BotCommandInfo::check_all(&commands).map_err(|_| invalid())?;
+            set_commands(bot, p, commands).await
         }
         "getmycommands" => Ok(bot.store.setting(&commands_key(p)?).map_err(TgError::internal)?.unwrap_or(json!([]))),
-        "deletemycommands" => {
-            bot.store.set_setting(&commands_key(p)?, None).map_err(TgError::internal)?;
-            Ok(true.into())
-        }
+        "deletemycommands" => set_commands(bot, p, Vec::new()).await,
         "getuserprofilephotos" => {
             p.required_int("user_id")?;
             Ok(json!({"total_count": 0, "photos": []}))
@@ -127,6 +117,20 @@ pub(crate) async fn call(bot: &Bot, method: &str, p: &Params) -> Result<Value, T
         }
         _ => Err(TgError::new(404, "Not Found: method not found")),
     }
+}
+
+/// Keeps a scope's commands; the default ones (every chat, any language) are what users see
+/// with `meshgram bot commands`, so the gateway keeps them too (first: if it cannot be told
+/// now, the call fails and the bot retries).
+async fn set_commands(bot: &Bot, p: &Params, commands: Vec<BotCommandInfo>) -> Result<Value, TgError> {
+    let key = commands_key(p)?;
+    if key == commands_key(&Params::default())? {
+        bot.node.call(Call::SetBotCommands { commands: commands.clone() }).await.map_err(|e| node_error(&e))?;
+    }
+    let value =
+        (!commands.is_empty()).then(|| serde_json::to_value(&commands)).transpose().map_err(TgError::internal)?;
+    bot.store.set_setting(&key, value.as_ref()).map_err(TgError::internal)?;
+    Ok(true.into())
 }
 
 /// Commands are kept per scope and language, as Telegram keeps them.

@@ -15,7 +15,7 @@ use meshgram_node::crypto::identity::DeviceKeys;
 use meshgram_node::ids::{BOT_TOKEN_SECRET_LEN, BotToken, Phone, SessionId, UserId, Username};
 use meshgram_node::net::codec::FrameError;
 use meshgram_node::proto::{
-    Account, AuthRequest, AuthResponse, BackupRecord, DeviceCard, ErrorCode as Code, LookupQuery,
+    Account, AuthRequest, AuthResponse, BackupRecord, BotCommandInfo, DeviceCard, ErrorCode as Code, LookupQuery,
     MAX_BACKUP_POINTER_BYTES, MAX_BACKUPS_KEPT, MAX_DEVICE_NAME_CHARS, MAX_NAME_CHARS, MAX_PASSWORD_BYTES,
     MAX_REVOCATIONS_PER_ANSWER, UserCard, WireError,
 };
@@ -153,6 +153,28 @@ impl AuthService {
             }
             AuthRequest::Revocations { since, relay_cert } => self.revocations(peer, since, &relay_cert, now),
             AuthRequest::PutBackup { backup, keep } => self.put_backup(peer, backup, keep, now),
+            AuthRequest::SetBotCommands { commands } => {
+                BotCommandInfo::check_all(&commands).map_err(|why| WireError::new(Code::BadRequest, why))?;
+                self.store.write(|t| {
+                    let me = self.authed_account(t, &peer, now)?;
+                    if me.kind != AccountKind::Bot {
+                        return Err(WireError::new(Code::Forbidden, "only a bot lists commands"));
+                    }
+                    t.put_bot_commands(me.user_id, &commands)?;
+                    Ok::<_, WireError>(())
+                })?;
+                Ok(AuthResponse::Done)
+            }
+            AuthRequest::BotCommands { bot } => {
+                let commands = self.store.read(|t| {
+                    self.authed(t, &peer, now)?;
+                    t.account(bot)?
+                        .filter(|a| a.kind == AccountKind::Bot)
+                        .ok_or_else(|| WireError::new(Code::NotFound, "no such bot"))?;
+                    Ok::<_, WireError>(t.bot_commands(bot)?)
+                })?;
+                Ok(AuthResponse::BotCommands(commands))
+            }
             AuthRequest::ListBackups => {
                 let backups = self.store.read(|t| {
                     let me = self.authed_user(t, &peer, now)?;
@@ -1065,6 +1087,31 @@ mod tests {
         let AuthResponse::Sessions(list) = f.call(&d, AuthRequest::ListSessions, T0 + 2) else { panic!() };
         assert_eq!(list.len(), 1);
         assert!(list[0].current);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_bot_lists_commands_that_users_read_and_only_a_bot_sets_them() {
+        let f = fixture(Limits::default());
+        let (owner, bot_device) = (device(), device());
+        let me = f.login(&owner, &phone("+15550000009"), T0);
+        let issued = f.service.create_bot(Some(me.user_id), "cmd_bot", "Cmd", T0).unwrap();
+        let sign_in = AuthRequest::BotSignIn {
+            token: issued.token.clone(),
+            device: bot_device.identity.device_keys(),
+            device_name: "bridge".into(),
+        };
+        assert!(matches!(f.call(&bot_device, sign_in, T0), AuthResponse::SignedIn { .. }));
+        let start = BotCommandInfo { command: "start".into(), description: "Say hello".into() };
+        let set = |commands: Vec<BotCommandInfo>| AuthRequest::SetBotCommands { commands };
+        assert!(matches!(f.call(&bot_device, set(vec![start.clone()]), T0), AuthResponse::Done));
+        let read = AuthRequest::BotCommands { bot: issued.bot.user_id };
+        assert!(matches!(f.call(&owner, read.clone(), T0), AuthResponse::BotCommands(c) if c == vec![start.clone()]));
+        assert_eq!(error_code(f.call(&owner, set(vec![start.clone()]), T0)), Code::Forbidden, "a person lists none");
+        let bad = BotCommandInfo { command: "Start!".into(), description: "x".into() };
+        assert_eq!(error_code(f.call(&bot_device, set(vec![bad]), T0)), Code::BadRequest);
+        assert_eq!(error_code(f.call(&owner, AuthRequest::BotCommands { bot: me.user_id }, T0)), Code::NotFound);
+        assert!(matches!(f.call(&bot_device, set(vec![]), T0), AuthResponse::Done));
+        assert!(matches!(f.call(&owner, read, T0), AuthResponse::BotCommands(c) if c.is_empty()));
     }
 
     #[tokio::test(flavor = "multi_thread")]

@@ -13,7 +13,7 @@ use libp2p::PeerId;
 use meshgram_node::crypto::cert::{AccountKind, Revocation};
 use meshgram_node::crypto::identity::DeviceKeys;
 use meshgram_node::ids::{Phone, SessionId, UserId, Username};
-use meshgram_node::proto::{Account, BackupRecord, SessionInfo};
+use meshgram_node::proto::{Account, BackupRecord, BotCommandInfo, SessionInfo};
 use redb::{
     Database, MultimapTable, MultimapTableDefinition, ReadableMultimapTable, ReadableTable, Table, TableDefinition,
     WriteTransaction,
@@ -41,6 +41,8 @@ const REVOKED_RELAYS: TableDefinition<&[u8], u64> = TableDefinition::new("revoke
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// (user id, sequence number) → a sealed backup pointer ([`BackupRecord`]), oldest first.
 const BACKUPS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("backups");
+/// Bot id → the commands it lists (postcard `Vec<BotCommandInfo>`).
+const BOT_COMMANDS: TableDefinition<u64, &[u8]> = TableDefinition::new("bot_commands");
 const NEXT_USER_ID: &str = "next_user_id";
 const NEXT_REVOCATION: &str = "next_revocation";
 /// User ids start here so they look like account numbers, not row counters.
@@ -189,6 +191,7 @@ pub struct Tables<'t> {
     revoked_relays: Table<'t, &'static [u8], u64>,
     meta: Table<'t, &'static str, u64>,
     backups: Table<'t, (u64, u64), &'static [u8]>,
+    bot_commands: Table<'t, u64, &'static [u8]>,
 }
 
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
@@ -215,6 +218,7 @@ impl<'t> Tables<'t> {
             revoked_relays: tx.open_table(REVOKED_RELAYS)?,
             meta: tx.open_table(META)?,
             backups: tx.open_table(BACKUPS)?,
+            bot_commands: tx.open_table(BOT_COMMANDS)?,
         })
     }
 
@@ -356,6 +360,21 @@ impl<'t> Tables<'t> {
     }
 
     // ---- bots ----
+
+    /// Replaces the commands a bot lists (none: removed).
+    pub fn put_bot_commands(&mut self, bot: UserId, commands: &[BotCommandInfo]) -> Result<(), StoreError> {
+        if commands.is_empty() {
+            self.bot_commands.remove(bot.0)?;
+        } else {
+            self.bot_commands.insert(bot.0, encode(&commands).as_slice())?;
+        }
+        Ok(())
+    }
+
+    /// The commands a bot lists.
+    pub fn bot_commands(&self, bot: UserId) -> Result<Vec<BotCommandInfo>, StoreError> {
+        self.bot_commands.get(bot.0)?.map_or(Ok(Vec::new()), |v| decode("bot commands", v.value()))
+    }
 
     /// The keyed hash of a bot's token secret.
     pub fn bot_secret(&self, bot: UserId) -> Result<Option<[u8; 32]>, StoreError> {

@@ -56,11 +56,15 @@ async def echo(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         await update.message.reply_html(f"<b>echo</b>: {text}")
 
 
+async def list_commands(app: Application) -> None:
+    await app.bot.set_my_commands([("start", "Say hello"), ("menu", "Pick one"), ("colors", "Pick a color")])
+
+
 def main() -> None:
     base_url, token = sys.argv[1], sys.argv[2]
     # The file base URL is the API's with /file before /bot, as Telegram's.
     file_url = base_url.removesuffix("/bot") + "/file/bot"
-    app = Application.builder().token(token).base_url(base_url).base_file_url(file_url).build()
+    app = Application.builder().token(token).base_url(base_url).base_file_url(file_url).post_init(list_commands).build()
     app.add_handler(CommandHandler("start", start))
     app.add_handler(CommandHandler("menu", menu))
     app.add_handler(CommandHandler("colors", colors))

@@ -26,7 +26,7 @@ use crate::proto::group::GroupId;
 use crate::proto::media::FileRef;
 use crate::proto::payload::MessageId;
 use crate::proto::rich::{CallbackId, Extras};
-use crate::proto::{Account, LookupQuery, SessionInfo, UserCard};
+use crate::proto::{Account, BotCommandInfo, LookupQuery, SessionInfo, UserCard};
 
 /// What a front end asks of its client node.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -63,6 +63,14 @@ pub enum Call {
     },
     /// The bots this account owns.
     ListBots,
+    /// The commands a bot lists for its users.
+    BotCommands {
+        bot: LookupQuery,
+    },
+    /// This bot's commands for its users (as `setMyCommands` sets them; empty: none).
+    SetBotCommands {
+        commands: Vec<BotCommandInfo>,
+    },
     /// Replace a bot's token.
     RevokeBotToken {
         bot: UserId,
@@ -374,6 +382,10 @@ pub enum Reply {
     Subscribed,
     /// `Download`.
     Downloaded(Downloaded),
+    /// `BotCommands`.
+    BotCommands {
+        commands: Vec<BotCommandInfo>,
+    },
     /// `UploadFile`.
     Uploaded {
         file: FileRef,

@@ -539,6 +539,14 @@ impl Actor {
                 Reply::BotToken { bot, token }
             }
             Call::ListBots => Reply::Bots { bots: client.bots().await? },
+            Call::BotCommands { bot } => {
+                let bot = client.lookup(bot).await?.user_id;
+                Reply::BotCommands { commands: client.bot_commands(bot).await? }
+            }
+            Call::SetBotCommands { commands } => {
+                client.set_bot_commands(commands).await?;
+                Reply::Done
+            }
             Call::Send { to, texts, reply_to } => {
                 let sent = self.messenger.send_texts(to, texts, reply_to).await?;
                 self.publish(&sent, false);

@@ -17,8 +17,8 @@ use crate::ids::{Phone, SessionId};
 use crate::net::transport::TransportError;
 use crate::proto::media::{MediaRequest, MediaResponse};
 use crate::proto::{
-    Account, AuthRequest, AuthResponse, BackupRecord, ErrorCode, LookupQuery, MailboxRequest, MailboxResponse,
-    RelayInfo, SessionInfo, UserCard, WireError,
+    Account, AuthRequest, AuthResponse, BackupRecord, BotCommandInfo, ErrorCode, LookupQuery, MailboxRequest,
+    MailboxResponse, RelayInfo, SessionInfo, UserCard, WireError,
 };
 
 /// File in a profile dir holding the signed-in session.
@@ -304,6 +304,16 @@ impl Client {
     /// The bots the caller owns.
     pub async fn bots(&self) -> Result<Vec<Account>, ClientError> {
         expect_reply!(self.call(AuthRequest::ListBots).await?, "ListBots", AuthResponse::Bots(b) => b)
+    }
+
+    /// Lists this bot's commands for its users (`setMyCommands`).
+    pub async fn set_bot_commands(&self, commands: Vec<BotCommandInfo>) -> Result<(), ClientError> {
+        expect_reply!(self.call(AuthRequest::SetBotCommands { commands }).await?, "SetBotCommands", AuthResponse::Done => ())
+    }
+
+    /// The commands a bot lists.
+    pub async fn bot_commands(&self, bot: crate::ids::UserId) -> Result<Vec<BotCommandInfo>, ClientError> {
+        expect_reply!(self.call(AuthRequest::BotCommands { bot }).await?, "BotCommands", AuthResponse::BotCommands(c) => c)
     }
 
     /// Has the gateway keep a backup pointer, and only the newest `keep`.

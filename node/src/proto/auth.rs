@@ -90,6 +90,10 @@ pub enum AuthRequest {
     PutBackup { backup: BackupRecord, keep: u8 },
     /// The account's backup pointers, newest first.
     ListBackups,
+    /// The caller, a bot, lists these commands for its users (empty: none).
+    SetBotCommands { commands: Vec<BotCommandInfo> },
+    /// The commands a bot lists.
+    BotCommands { bot: UserId },
 }
 
 impl AuthRequest {
@@ -113,6 +117,8 @@ impl AuthRequest {
             AuthRequest::Revocations { .. } => "revocations",
             AuthRequest::PutBackup { .. } => "put_backup",
             AuthRequest::ListBackups => "list_backups",
+            AuthRequest::SetBotCommands { .. } => "set_bot_commands",
+            AuthRequest::BotCommands { .. } => "bot_commands",
         }
     }
 }
@@ -178,6 +184,39 @@ pub enum AuthResponse {
     Revocations { revocations: Vec<Revocation>, next: u64, more: bool },
     /// The account's backup pointers, newest first.
     Backups(Vec<BackupRecord>),
+    /// A bot's commands.
+    BotCommands(Vec<BotCommandInfo>),
+}
+
+/// Most commands a bot lists (Telegram's limit).
+pub const MAX_BOT_COMMANDS: usize = 100;
+
+/// A command a bot lists for its users, as `setMyCommands` sets it: `/command` and what it does.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BotCommandInfo {
+    pub command: String,
+    pub description: String,
+}
+
+impl BotCommandInfo {
+    /// Telegram's rules: at most 100 commands, each 1–32 of `a-z`, `0-9`, `_`, described in
+    /// 1–256 characters.
+    pub fn check_all(commands: &[BotCommandInfo]) -> Result<(), String> {
+        if commands.len() > MAX_BOT_COMMANDS {
+            return Err(format!("at most {MAX_BOT_COMMANDS} commands"));
+        }
+        for c in commands {
+            let name_ok = (1..=32).contains(&c.command.len())
+                && c.command.chars().all(|ch| ch.is_ascii_lowercase() || ch.is_ascii_digit() || ch == '_');
+            if !name_ok {
+                return Err(format!("command {:?}: 1 to 32 of a-z, 0-9 and _", c.command));
+            }
+            if !(1..=256).contains(&c.description.chars().count()) {
+                return Err(format!("command {:?}: a description of 1 to 256 characters", c.command));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Longest sealed backup pointer the gateway keeps: a file reference with no thumbnail, sealed.

@@ -53,6 +53,17 @@ fn an_unmodified_python_telegram_bot_answers_edits_formats_and_has_keyboards() {
     assert_eq!(status, 200, "{me}");
 
     let _bot = start_ptb(&base, &token, None);
+    // What the bot lists with setMyCommands, users see.
+    let mut commands = Value::Null;
+    for _ in 0..100 {
+        commands = meshgram(&alice_p, &["bot", "commands", "@ptb_echo_bot", "--json"]).ok_json();
+        if commands.as_array().is_some_and(|c| !c.is_empty()) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert_eq!(commands[0], serde_json::json!({"command": "start", "description": "Say hello"}), "{commands}");
+    assert_eq!(commands.as_array().map(Vec::len), Some(3), "{commands}");
 
     meshgram(&alice_p, &["send", "@ptb_echo_bot", "/start", "--json"]).ok_json();
     meshgram(&alice_p, &["send", "@ptb_echo_bot", "hello there", "--json"]).ok_json();

@@ -108,6 +108,7 @@ async fn call_for(command: Command) -> Result<Call, CliError> {
         }
         Command::Bot(BotCommand::Create { username, name }) => Call::CreateBot { username, name },
         Command::Bot(BotCommand::List) => Call::ListBots,
+        Command::Bot(BotCommand::Commands { bot }) => Call::BotCommands { bot: parse_query(&bot)? },
         Command::Bot(BotCommand::RevokeToken { bot_id }) => {
             Call::RevokeBotToken { bot: bot_id.parse().map_err(|e: InvalidValue| CliError::usage(e.0))? }
         }
@@ -322,6 +323,12 @@ pub(super) fn print(json: bool, call: &Call, reply: Reply) -> CliResult {
         (Call::Edit { .. }, Reply::Message { message }) => {
             emit(json, to_json(&message), || format!("Edited: {}", message_line(&message, &Default::default())));
         }
+        (_, Reply::BotCommands { commands }) => emit(json, to_json(&commands), || {
+            if commands.is_empty() {
+                return "This bot lists no commands.".into();
+            }
+            commands.iter().map(|c| format!("/{} — {}", c.command, c.description)).collect::<Vec<_>>().join("\n")
+        }),
         (_, Reply::Pressed { pressed }) => emit(json, to_json(&pressed), || match &pressed {
             Pressed::Callback { answer: Some(PressAnswer { text: Some(text), alert: true }), .. } => {
                 format!("The bot answers (alert): {text}")

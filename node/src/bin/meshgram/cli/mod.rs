@@ -398,6 +398,11 @@ pub(crate) enum BotCommand {
     },
     /// Your bots.
     List,
+    /// The commands a bot lists (its /commands menu).
+    Commands {
+        /// @username or user id of the bot.
+        bot: String,
+    },
     /// Replace a bot's token (the old one stops working).
     RevokeToken { bot_id: String },
 }
