@@ -11,6 +11,8 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
+use meshgram_node::client::media::safe_name;
+
 use crate::bots::Bots;
 use crate::methods;
 
@@ -77,28 +79,47 @@ impl IntoResponse for TgError {
 #[derive(Debug, Default)]
 pub(crate) struct Params(HashMap<String, Value>, Files);
 
-/// The files of a request: those uploaded with it (multipart, by field name) and the
-/// directories this request wrote files into (uploads, files fetched by URL), which are
-/// removed unless the request succeeds (then the node serves their chunks to peers).
+/// The files of a request: those uploaded with it (multipart, by field name), each in a
+/// directory of its own (as are files fetched by URL). A file the node uploaded is kept (the
+/// node serves its chunks to peers from there); every other one is removed with the request,
+/// whether it failed, was cancelled or did not use it.
 #[derive(Debug, Default)]
 pub(crate) struct Files {
     pub(crate) uploaded: HashMap<String, PathBuf>,
-    written: std::sync::Mutex<Vec<PathBuf>>,
+    /// Directories written, and whether each is kept.
+    written: std::sync::Mutex<Vec<(PathBuf, bool)>>,
     root: PathBuf,
 }
 
 impl Files {
+    fn written(&self) -> std::sync::MutexGuard<'_, Vec<(PathBuf, bool)>> {
+        self.written.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// A new directory for one file of this request.
     pub(crate) fn new_dir(&self) -> std::io::Result<PathBuf> {
         let dir = self.root.join(meshgram_node::ids::hex(&rand_id()));
         std::fs::create_dir_all(&dir)?;
-        self.written.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(dir.clone());
+        self.written().push((dir.clone(), false));
         Ok(dir)
     }
 
-    fn discard(&self) {
-        for dir in self.written.lock().unwrap_or_else(std::sync::PoisonError::into_inner).drain(..) {
-            let _ = std::fs::remove_dir_all(dir);
+    /// Keeps the file at `path` (in a directory of this request) after the request.
+    pub(crate) fn keep(&self, path: &std::path::Path) {
+        for (dir, keep) in self.written().iter_mut() {
+            if path.starts_with(dir) {
+                *keep = true;
+            }
+        }
+    }
+}
+
+impl Drop for Files {
+    fn drop(&mut self) {
+        for (dir, keep) in self.written().drain(..) {
+            if !keep {
+                let _ = std::fs::remove_dir_all(dir);
+            }
         }
     }
 }
@@ -217,17 +238,11 @@ async fn handle(State(bots): State<Arc<Bots>>, request: Request) -> Response {
     };
     let params = match read_params(request, bot.sent_files_dir()).await {
         Ok(params) => params,
-        Err((e, files)) => {
-            files.discard();
-            return e.into_response();
-        }
+        Err(e) => return e.into_response(),
     };
     match methods::call(&bot, &method, &params).await {
         Ok(result) => axum::Json(json!({ "ok": true, "result": result })).into_response(),
-        Err(e) => {
-            params.1.discard();
-            e.into_response()
-        }
+        Err(e) => e.into_response(),
     }
 }
 
@@ -236,14 +251,12 @@ fn not_found(description: &str) -> Response {
 }
 
 /// Reads the parameters from the query string and the body (JSON, an urlencoded form, or
-/// multipart with files, which are written under `files_root`). On failure, the files
-/// written so far come back to be removed.
-async fn read_params(request: Request, files_root: PathBuf) -> Result<Params, (TgError, Files)> {
-    let mut params = Params(HashMap::new(), Files { root: files_root, ..Files::default() });
-    match read_params_into(request, &mut params).await {
-        Ok(()) => Ok(params),
-        Err(e) => Err((e, params.1)),
-    }
+/// multipart with files, which are written under `files_root`).
+async fn read_params(request: Request, files_root: PathBuf) -> Result<Params, TgError> {
+    let files = Files { uploaded: HashMap::new(), written: std::sync::Mutex::default(), root: files_root };
+    let mut params = Params(HashMap::new(), files);
+    read_params_into(request, &mut params).await?;
+    Ok(params)
 }
 
 async fn read_params_into(request: Request, params: &mut Params) -> Result<(), TgError> {
@@ -288,17 +301,20 @@ async fn read_multipart(request: Request, params: &mut Params) -> Result<(), TgE
     let mut multipart = axum::extract::Multipart::from_request(request, &())
         .await
         .map_err(|_| TgError::bad_request("can't parse multipart/form-data body: no boundary"))?;
-    let mut parts = 0;
+    // Bounded per request, not only per part: texts together as one form, files together as
+    // one upload.
+    let (mut parts, mut text_bytes, mut file_bytes) = (0, 0usize, 0u64);
     while let Some(mut field) = multipart.next_field().await.map_err(malformed)? {
         parts += 1;
         if parts > MAX_PARTS {
             return Err(TgError::bad_request("too many parts in the request"));
         }
         let name = field.name().unwrap_or_default().to_string();
-        let Some(file_name) = field.file_name().map(safe_file_name) else {
+        let Some(file_name) = field.file_name().map(safe_name) else {
             let mut text = Vec::new();
             while let Some(chunk) = field.chunk().await.map_err(malformed)? {
-                if text.len() + chunk.len() > MAX_BODY {
+                text_bytes += chunk.len();
+                if text_bytes > MAX_BODY {
                     return Err(TgError::new(413, "Request Entity Too Large"));
                 }
                 text.extend_from_slice(&chunk);
@@ -310,10 +326,9 @@ async fn read_multipart(request: Request, params: &mut Params) -> Result<(), TgE
         let dir = params.1.new_dir().map_err(TgError::internal)?;
         let path = dir.join(&file_name);
         let mut out = tokio::fs::File::create(&path).await.map_err(TgError::internal)?;
-        let mut written = 0u64;
         while let Some(chunk) = field.chunk().await.map_err(malformed)? {
-            written += chunk.len() as u64;
-            if written > MAX_UPLOAD {
+            file_bytes += chunk.len() as u64;
+            if file_bytes > MAX_UPLOAD {
                 return Err(TgError::new(413, "Request Entity Too Large"));
             }
             tokio::io::AsyncWriteExt::write_all(&mut out, &chunk).await.map_err(disk_error)?;
@@ -328,18 +343,4 @@ async fn read_multipart(request: Request, params: &mut Params) -> Result<(), TgE
 pub(crate) fn disk_error(e: std::io::Error) -> TgError {
     tracing::warn!(error = %e, "an uploaded file could not be written");
     TgError::new(500, "Internal Server Error: the bridge could not store the file; retry")
-}
-
-/// A client's file name as a name in one directory: no path, no controls, not empty.
-pub(crate) fn safe_file_name(name: &str) -> String {
-    let base = name.rsplit(['/', '\\']).next().unwrap_or_default();
-    let clean: String = base
-        .chars()
-        .filter(|c| !c.is_control() && !meshgram_node::client::media::is_bidi_control(*c))
-        .take(128)
-        .collect();
-    match clean.trim() {
-        "" | "." | ".." => "file".into(),
-        name => name.to_string(),
-    }
 }

@@ -40,16 +40,18 @@ pub(crate) struct Network {
 pub(crate) struct Bots {
     dir: PathBuf,
     network: Network,
+    fetch_private_urls: bool,
     running: Mutex<HashMap<[u8; 32], Running>>,
     /// One sign-in or start at a time: two requests with a new token make one session.
     starting: tokio::sync::Mutex<()>,
 }
 
 impl Bots {
-    pub(crate) fn new(data: &Path, network: Network) -> std::io::Result<Self> {
+    pub(crate) fn new(data: &Path, network: Network, fetch_private_urls: bool) -> std::io::Result<Self> {
         let dir = data.join("bots");
         std::fs::create_dir_all(&dir)?;
-        Ok(Bots { dir, network, running: Mutex::default(), starting: tokio::sync::Mutex::new(()) })
+        let starting = tokio::sync::Mutex::new(());
+        Ok(Bots { dir, network, fetch_private_urls, running: Mutex::default(), starting })
     }
 
     /// Starts every bot that signed in before (so that their updates keep coming in); a bot
@@ -100,8 +102,15 @@ impl Bots {
             other => return Err(TgError::internal(ApiError::unexpected("whoami", &other))),
         };
         let events = node.subscribe();
-        let bot =
-            Arc::new(Bot { account: me.account, node, store, dir, arrived: Arc::default(), users: Mutex::default() });
+        let bot = Arc::new(Bot {
+            account: me.account,
+            node,
+            store,
+            dir,
+            fetch_private_urls: self.fetch_private_urls,
+            arrived: Arc::default(),
+            users: Mutex::default(),
+        });
         let feeder = AbortOnDropHandle::new(tokio::spawn(feed(Arc::downgrade(&bot), events)));
         let webhook = AbortOnDropHandle::new(tokio::spawn(crate::webhook::deliver(Arc::downgrade(&bot))));
         tracing::info!(bot = %bot.account.user_id, "bot started");
@@ -122,6 +131,14 @@ impl Bots {
         client.accept_session(signed_in.account, signed_in.cert, self.network.relays.clone()).map_err(client_error)?;
         Ok(())
     }
+}
+
+/// A press's key among the offered message ids.
+fn press_key(press: &Press) -> [u8; 16] {
+    let hash = blake3::Hasher::new_derive_key("meshgram bot bridge press key").update(&press.id.0).finalize();
+    let mut key = [0; 16];
+    key.copy_from_slice(&hash.as_bytes()[..16]);
+    key
 }
 
 fn parse_hash(name: &str) -> Option<[u8; 32]> {
@@ -159,6 +176,8 @@ pub(crate) struct Bot {
     pub(crate) store: BotStore,
     /// Its data directory: profile, store, and the files it sent and fetched.
     pub(crate) dir: PathBuf,
+    /// Whether files sent by URL may come from loopback and private addresses.
+    pub(crate) fetch_private_urls: bool,
     /// Woken when updates were queued.
     pub(crate) arrived: Arc<Notify>,
     users: Mutex<HashMap<UserId, (Value, std::time::Instant)>>,
@@ -268,12 +287,11 @@ impl Bot {
     /// Turns a press of one of the bot's inline buttons into a `callback_query` update unless
     /// it was already (or the bot answered it: then it had it).
     async fn offer_press(&self, press: &Press) -> Result<bool, TgError> {
-        let key = MessageId(press.id.0);
-        if press.answer.is_some() || self.store.offered(key, 0).map_err(TgError::internal)? {
+        // Press ids are the presser's choice: keyed apart from message ids, which share the table.
+        let key = press_key(press);
+        if press.answer.is_some() || self.store.offered(MessageId(key), 0).map_err(TgError::internal)? {
             return Ok(false);
         }
-        let (messages, _) =
-            self.node.messages(Some(LookupQuery::UserId(press.with))).await.map_err(|e| node_error(&e))?;
         let mut query = json!({
             "id": press.id.to_string(),
             "from": self.user(press.with).await,
@@ -281,10 +299,14 @@ impl Bot {
             "chat_instance": press.with.0.to_string(),
             "data": press.data,
         });
-        if let Some(message) = messages.iter().find(|m| m.id == press.message) {
-            query["message"] = self.message_json(message).await?;
+        match self.node.call(Call::GetMessage { message: press.message }).await {
+            Ok(Reply::Message { message }) => query["message"] = self.message_json(&message).await?,
+            // Deleted since: the query comes without it, as Telegram's for a message too old.
+            Err(e) if e.code == "NOT_FOUND" => {}
+            Ok(other) => return Err(TgError::internal(ApiError::unexpected("get_message", &other))),
+            Err(e) => return Err(node_error(&e)),
         }
-        self.store.offer_once(press.id.0, json!({ "callback_query": query })).map_err(TgError::internal)
+        self.store.offer_once(key, json!({ "callback_query": query })).map_err(TgError::internal)
     }
 }
 

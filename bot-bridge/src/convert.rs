@@ -49,10 +49,11 @@ pub(crate) fn message(m: &StoredMessage, number: i32, reply_to: Option<i32>, fro
     let text_field = if m.file.is_some() { "caption" } else { "text" };
     if !m.text.is_empty() || m.file.is_none() {
         message[text_field] = m.text.clone().into();
-        let entities = match m.extras.as_deref().filter(|e| !e.entities.is_empty()) {
-            Some(extras) => extras.entities.iter().map(crate::rich::entity_json).collect(),
-            None => commands(&m.text),
-        };
+        // Commands are marked in every text, formatted or not: bot libraries route on them.
+        let mut entities = commands(&m.text);
+        entities.extend(m.extras.iter().flat_map(|e| &e.entities).map(crate::rich::entity_json));
+        entities.sort_by_key(|e| (e["offset"].as_u64(), e["type"].as_str().map(str::to_string)));
+        entities.dedup();
         if !entities.is_empty() {
             message[if m.file.is_some() { "caption_entities" } else { "entities" }] = entities.into();
         }

@@ -7,6 +7,7 @@
 //! `file_unique_id`). Files a bot asks for are downloaded into its `files/<file_id>/` and
 //! served from there; files it uploads stay in `sent/`, whose chunks its node serves to peers.
 
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -15,11 +16,12 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use meshgram_node::client::api::{ApiError, Call, Reply};
 use meshgram_node::client::history::StoredMessage;
+use meshgram_node::client::media::safe_name;
 use meshgram_node::proto::media::FileRef;
 use meshgram_node::proto::payload::MessageId;
 use serde_json::{Value, json};
 
-use crate::api::{Params, TgError, disk_error, safe_file_name};
+use crate::api::{Params, TgError, disk_error};
 use crate::bots::{Bot, node_error};
 
 /// Largest file fetched from a URL (Telegram's limit for files sent by URL).
@@ -35,7 +37,7 @@ fn wrong_file() -> TgError {
 /// parameter is absent.
 pub(crate) async fn input_file(bot: &Bot, p: &Params, field: &str) -> Result<Option<FileRef>, TgError> {
     if let Some(path) = p.files().uploaded.get(field) {
-        return upload(bot, path).await.map(Some);
+        return upload(bot, p, path).await.map(Some);
     }
     let Some(value) = p.str(field).filter(|v| !v.is_empty()) else { return Ok(None) };
     named_file(bot, p, &value).await.map(Some)
@@ -45,31 +47,54 @@ pub(crate) async fn input_file(bot: &Bot, p: &Params, field: &str) -> Result<Opt
 pub(crate) async fn named_file(bot: &Bot, p: &Params, value: &str) -> Result<FileRef, TgError> {
     if let Some(part) = value.strip_prefix("attach://") {
         let path = p.files().uploaded.get(part).ok_or_else(wrong_file)?;
-        return upload(bot, path).await;
+        return upload(bot, p, path).await;
     }
     if value.starts_with("http://") || value.starts_with("https://") {
-        let path = fetch_url(p, value).await?;
-        return upload(bot, &path).await;
+        let path = fetch_url(bot, p, value).await?;
+        return upload(bot, p, &path).await;
     }
     let message = file_message(bot, value).await?;
     message.file.map(|f| *f).ok_or_else(wrong_file)
 }
 
-async fn upload(bot: &Bot, path: &Path) -> Result<FileRef, TgError> {
+/// Uploads a file of this request; it is kept from then on (the node serves its chunks).
+async fn upload(bot: &Bot, p: &Params, path: &Path) -> Result<FileRef, TgError> {
     if std::fs::metadata(path).map_err(TgError::internal)?.len() == 0 {
         return Err(TgError::bad_request("file must be non-empty"));
     }
     match bot.node.call(Call::UploadFile { path: path.to_path_buf(), part_size: None }).await {
-        Ok(Reply::Uploaded { file }) => Ok(file),
+        Ok(Reply::Uploaded { file }) => {
+            p.files().keep(path);
+            Ok(file)
+        }
         Ok(other) => Err(TgError::internal(ApiError::unexpected("upload_file", &other))),
         Err(e) => Err(node_error(&e)),
     }
 }
 
 /// Downloads an http(s) URL into a directory of this request, bounded in size and time.
-async fn fetch_url(p: &Params, url: &str) -> Result<PathBuf, TgError> {
+/// Unless the bridge runs with `--fetch-private-urls`, only public addresses are fetched: a
+/// bot must not reach the bridge's own network (loopback, private, link-local) by a URL, nor
+/// by a redirect, nor by a name that resolves there.
+async fn fetch_url(bot: &Bot, p: &Params, url: &str) -> Result<PathBuf, TgError> {
     let failed = || TgError::bad_request("failed to get HTTP URL content");
-    let client = reqwest::Client::builder().timeout(URL_TIMEOUT).build().map_err(TgError::internal)?;
+    let mut client = reqwest::Client::builder().timeout(URL_TIMEOUT);
+    if !bot.fetch_private_urls {
+        let parsed = reqwest::Url::parse(url).map_err(|_| wrong_file())?;
+        if !host_may_be_public(&parsed) {
+            return Err(failed());
+        }
+        client = client.dns_resolver(std::sync::Arc::new(PublicOnly)).redirect(reqwest::redirect::Policy::custom(
+            |attempt| {
+                if attempt.previous().len() >= MAX_REDIRECTS || !host_may_be_public(attempt.url()) {
+                    attempt.stop()
+                } else {
+                    attempt.follow()
+                }
+            },
+        ));
+    }
+    let client = client.build().map_err(TgError::internal)?;
     let mut response = client.get(url).send().await.map_err(|_| failed())?;
     if !response.status().is_success() {
         return Err(failed());
@@ -78,7 +103,7 @@ async fn fetch_url(p: &Params, url: &str) -> Result<PathBuf, TgError> {
         return Err(TgError::bad_request("file is too big"));
     }
     let name = url.split(['?', '#']).next().unwrap_or_default();
-    let name = safe_file_name(name.rsplit('/').next().unwrap_or_default());
+    let name = safe_name(name);
     let path = p.files().new_dir().map_err(disk_error)?.join(name);
     let mut out = tokio::fs::File::create(&path).await.map_err(disk_error)?;
     let mut written = 0u64;
@@ -91,6 +116,61 @@ async fn fetch_url(p: &Params, url: &str) -> Result<PathBuf, TgError> {
     }
     tokio::io::AsyncWriteExt::flush(&mut out).await.map_err(disk_error)?;
     Ok(path)
+}
+
+/// Redirects followed when fetching a URL.
+const MAX_REDIRECTS: usize = 5;
+
+/// False for a URL whose host is an address that is not public (names are checked when
+/// they resolve, by [`PublicOnly`]).
+fn host_may_be_public(url: &reqwest::Url) -> bool {
+    match url.host() {
+        Some(url::Host::Ipv4(ip)) => is_public(IpAddr::V4(ip)),
+        Some(url::Host::Ipv6(ip)) => is_public(IpAddr::V6(ip)),
+        Some(url::Host::Domain(name)) => !name.eq_ignore_ascii_case("localhost"),
+        None => false,
+    }
+}
+
+fn is_public(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => {
+            let [a, b, ..] = v4.octets();
+            let shared = a == 100 && (b & 0xc0) == 64;
+            !(v4.is_private()
+                || v4.is_loopback()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_broadcast()
+                || v4.is_documentation()
+                || shared
+                || a == 0)
+        }
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return is_public(IpAddr::V4(v4));
+            }
+            let first = v6.segments()[0];
+            !(v6.is_loopback() || v6.is_unspecified() || (first & 0xfe00) == 0xfc00 || (first & 0xffc0) == 0xfe80)
+        }
+    }
+}
+
+/// Resolves names to their public addresses only.
+struct PublicOnly;
+
+impl reqwest::dns::Resolve for PublicOnly {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let host = name.as_str().to_string();
+        Box::pin(async move {
+            let found: Vec<SocketAddr> =
+                tokio::net::lookup_host((host.as_str(), 0)).await?.filter(|a| is_public(a.ip())).collect();
+            if found.is_empty() {
+                return Err("the host has no public address".into());
+            }
+            Ok(Box::new(found.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
 }
 
 /// The message of the bot's history a `file_id` names, with its file.
@@ -164,4 +244,32 @@ pub(crate) async fn serve(bot: &Bot, file_path: &str) -> Response {
     let body = Body::from_stream(tokio_util::io::ReaderStream::new(file));
     let mime = message.file.as_ref().map(|f| f.mime.clone()).unwrap_or_default();
     (StatusCode::OK, [(header::CONTENT_TYPE, mime), (header::CONTENT_LENGTH, size.to_string())], body).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_public_addresses_are_fetched_by_default() {
+        for private in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "192.168.0.1",
+            "169.254.169.254",
+            "100.64.0.1",
+            "0.0.0.0",
+            "::1",
+            "fd00::1",
+            "fe80::1",
+            "::ffff:127.0.0.1",
+        ] {
+            assert!(!is_public(private.parse().unwrap_or(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST))), "{private}");
+        }
+        assert!(is_public("8.8.8.8".parse().unwrap_or(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST))));
+        let url = |u: &str| reqwest::Url::parse(u).ok();
+        assert_eq!(url("http://localhost:8080/x").map(|u| host_may_be_public(&u)), Some(false));
+        assert_eq!(url("http://[::1]/x").map(|u| host_may_be_public(&u)), Some(false));
+        assert_eq!(url("https://example.org/x").map(|u| host_may_be_public(&u)), Some(true));
+    }
 }

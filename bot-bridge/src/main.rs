@@ -45,6 +45,10 @@ struct Cli {
     /// A relay to use, ending in /p2p/<peer id> (repeatable; with --gateway).
     #[arg(long)]
     relay: Vec<Multiaddr>,
+    /// Fetch files that bots send by URL from loopback and private addresses too (only for
+    /// a network of your own: otherwise a bot could read what the bridge's host can reach).
+    #[arg(long)]
+    fetch_private_urls: bool,
     /// Exit when standard input closes (for a supervising parent such as `meshgram up`).
     #[arg(long)]
     exit_on_stdin_close: bool,
@@ -99,7 +103,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     service::init_tracing("info");
     let network = network_of(&cli)?;
     std::fs::create_dir_all(&cli.data).with_context(|| format!("creating {}", cli.data.display()))?;
-    let bots = Arc::new(bots::Bots::new(&cli.data, network).context("opening the bots' data")?);
+    let bots = Arc::new(bots::Bots::new(&cli.data, network, cli.fetch_private_urls).context("opening the bots' data")?);
     let addr = cli.listen.iter().find_map(tcp_socket).unwrap_or(cli.http);
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listening on {addr}"))?;
     let bound = listener.local_addr()?;

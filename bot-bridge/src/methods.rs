@@ -292,11 +292,16 @@ async fn send_message(bot: &Bot, p: &Params) -> Result<Value, TgError> {
 
 /// A caption and its extras, checked before any upload.
 fn caption_of(caption: convert::Formatted, p: &Params) -> Result<(String, Extras), TgError> {
-    if caption.text.chars().count() > MAX_CAPTION_CHARS {
-        return Err(TgError::bad_request("message caption is too long"));
-    }
+    check_caption(&caption.text)?;
     let extras = extras_of(p, &caption.entities)?;
     Ok((caption.text, extras))
+}
+
+fn check_caption(caption: &str) -> Result<(), TgError> {
+    if caption.chars().count() > MAX_CAPTION_CHARS {
+        return Err(TgError::bad_request("message caption is too long"));
+    }
+    Ok(())
 }
 
 /// The sent message shown as the method sent it (`sendDocument` of a picture answers with a
@@ -343,9 +348,7 @@ async fn send_media_group(bot: &Bot, p: &Params) -> Result<Value, TgError> {
         if let Some(entities) = item["caption_entities"].as_array() {
             caption.entities = entities.clone();
         }
-        if caption.text.chars().count() > MAX_CAPTION_CHARS {
-            return Err(TgError::bad_request("message caption is too long"));
-        }
+        check_caption(&caption.text)?;
         let extras = rich::extras(&caption.entities, None).map_err(|why| TgError::bad_request(&why))?;
         album.push((kind, source, caption.text, extras));
     }

@@ -82,7 +82,8 @@ fn inline_button(b: &Value) -> Result<InlineButton, String> {
 fn keyboard_button(b: &Value) -> Result<String, String> {
     match b {
         Value::String(text) => Ok(text.clone()),
-        Value::Object(fields) if fields.keys().all(|k| k == "text") => {
+        // Requests for a contact, a location, a poll, …, unless they are all explicitly off.
+        Value::Object(fields) if fields.iter().all(|(k, v)| k == "text" || *v == Value::Bool(false)) => {
             b["text"].as_str().map(str::to_string).ok_or_else(|| "can't parse keyboard button".to_string())
         }
         // request_contact, request_location, web_app, …: nothing here could answer them.

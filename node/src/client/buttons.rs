@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::client::history::{Press, PressAnswer, StoredMessage, change_of};
 use crate::client::messaging::{Inbox, MessagingError, Messenger};
+use crate::crypto::cert::AccountKind;
 use crate::defaults::CARD_FRESH_SECS;
 use crate::ids::now_ms;
 use crate::proto::LookupQuery;
@@ -50,6 +51,10 @@ impl Messenger {
             Press { id: query, with: message.from, message: id, data: data.clone(), at_ms: now_ms(), answer: None };
         self.h().put_press_out(&press)?;
         let card = self.card(LookupQuery::UserId(message.from), CARD_FRESH_SECS).await?;
+        // Buttons that tell their sender are bots' (as in Telegram): a person's are not pressed.
+        if card.kind != AccountKind::Bot {
+            return Err(no_button());
+        }
         if card.devices.is_empty() {
             return Err(MessagingError::NoDevices(card.user_id));
         }
@@ -121,7 +126,7 @@ impl Messenger {
                         && m.chat == author
                         && m.extras.as_deref().is_some_and(|e| e.has_callback(&data))
                 });
-                if !ours || author == self.me() {
+                if !ours {
                     tracing::warn!(envelope = %envelope.id, from = %author, "dropping a press of no button of ours");
                     return Ok(self.h().drop_envelope(envelope.id)?);
                 }

@@ -8,11 +8,12 @@ use libp2p::PeerId;
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
 
+use crate::client::messaging::MAX_CAPTION_CHARS;
 use crate::crypto::media::MANIFEST_INDEX;
 use crate::ids::{UserId, now_ms};
 use crate::proto::envelope::EnvelopeId;
 use crate::proto::media::{ChunkHash, FileId, FileRef, PartHashes};
-use crate::proto::payload::{Body, MessageId, Payload, Status};
+use crate::proto::payload::{Body, MAX_TEXT_CHARS, MessageId, Payload, Status};
 use crate::proto::rich::{CallbackId, Extras};
 use crate::proto::{LookupQuery, UserCard};
 
@@ -62,6 +63,8 @@ const PRESSES_OUT: TableDefinition<&[u8; 16], &[u8]> = TableDefinition::new("pre
 /// How long a press is kept, and most kept at once (the oldest go first).
 const PRESS_KEPT_MS: u64 = 3_600_000;
 const MAX_PRESSES: u64 = 10_000;
+/// Most unanswered presses kept from one user: one pressing fast cannot crowd others out.
+const MAX_PRESSES_PER_USER: usize = 100;
 const NEXT_ORDER: &str = "next_order";
 /// Set (to when it asked) while this device waits for its history from another device: only
 /// then is a `History` taken.
@@ -381,7 +384,10 @@ pub fn change_of(
         Body::EditRich { message, text, extras } => Some((
             std::slice::from_ref(message),
             Box::new(move |m: &mut StoredMessage| {
-                m.from == author && !m.deleted && {
+                // The bounds a new message is held to: an edit is no way around them.
+                let longest = if m.file.is_some() { MAX_CAPTION_CHARS } else { MAX_TEXT_CHARS };
+                let fits = extras.check().is_ok() && text.as_ref().is_none_or(|t| t.chars().count() <= longest);
+                m.from == author && !m.deleted && fits && {
                     let mut now = m.extras.as_deref().cloned().unwrap_or_default();
                     if let Some(text) = text {
                         m.text.clone_from(text);
@@ -939,15 +945,16 @@ impl History {
         if tx.open_table(SEEN)?.insert(&envelope.0, ())?.is_some() {
             return Ok(false);
         }
-        put_press(&tx, PRESSES_IN, press)?;
+        // Committed either way: the envelope was seen, kept or not.
+        let kept = put_press(&tx, PRESSES_IN, press, Some(MAX_PRESSES_PER_USER))?;
         tx.commit()?;
-        Ok(true)
+        Ok(kept)
     }
 
     /// Records a press this device makes (before it is sent).
     pub fn put_press_out(&self, press: &Press) -> Result<(), HistoryError> {
         let tx = self.db.begin_write()?;
-        put_press(&tx, PRESSES_OUT, press)?;
+        put_press(&tx, PRESSES_OUT, press, None)?;
         tx.commit()?;
         Ok(())
     }
@@ -1318,18 +1325,41 @@ fn merge(mut mine: StoredMessage, theirs: &StoredMessage) -> StoredMessage {
 
 /// Keeps a press in `table`, dropping those older than [`PRESS_KEPT_MS`] and, past
 /// [`MAX_PRESSES`], the first.
+/// Keeps a press unless its id is taken (an id is the presser's choice: a second press with
+/// it must not change who the answer goes to) or its user has `per_user` presses waiting.
+/// Expired presses go first; when full, the one this device recorded first.
 fn put_press(
     tx: &WriteTransaction,
     table: TableDefinition<&[u8; 16], &[u8]>,
     press: &Press,
-) -> Result<(), HistoryError> {
+    per_user: Option<usize>,
+) -> Result<bool, HistoryError> {
     let mut table = tx.open_table(table)?;
+    if table.get(&press.id.0)?.is_some() {
+        return Ok(false);
+    }
     let cutoff = now_ms().saturating_sub(PRESS_KEPT_MS);
-    table.retain(|_, v| postcard::from_bytes::<Press>(v).is_ok_and(|p| p.at_ms >= cutoff))?;
-    // Ids begin with their sender's clock: the first is about the oldest.
-    while table.len()? >= MAX_PRESSES && table.pop_first()?.is_some() {}
+    let (mut oldest, mut from_user): (Option<([u8; 16], u64)>, usize) = (None, 0);
+    table.retain(|id, v| match postcard::from_bytes::<Press>(v) {
+        Ok(p) if p.at_ms >= cutoff => {
+            from_user += usize::from(p.with == press.with);
+            if oldest.is_none_or(|(_, at)| p.at_ms < at) {
+                oldest = Some((*id, p.at_ms));
+            }
+            true
+        }
+        _ => false,
+    })?;
+    if per_user.is_some_and(|cap| from_user >= cap) {
+        return Ok(false);
+    }
+    if table.len()? >= MAX_PRESSES
+        && let Some((id, _)) = oldest
+    {
+        table.remove(&id)?;
+    }
     table.insert(&press.id.0, encode(press).as_slice())?;
-    Ok(())
+    Ok(true)
 }
 
 /// Records messages within `tx`; see [`History::record`].
@@ -1486,6 +1516,8 @@ mod tests {
         let envelope = EnvelopeId::random();
         assert!(history.put_press_in(envelope, &press).expect("put"));
         assert!(!history.put_press_in(envelope, &press).expect("put again"), "an envelope counts once");
+        let hijack = Press { with: UserId(666), ..press.clone() };
+        assert!(!history.put_press_in(EnvelopeId::random(), &hijack).expect("put"), "an id is taken once");
         assert_eq!(history.presses_in().expect("read"), vec![press.clone()]);
         history.answered_press_in(&press.id).expect("answer");
         assert!(history.press_in(&press.id).expect("read").is_none(), "answered once");

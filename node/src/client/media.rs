@@ -846,9 +846,10 @@ impl Announcer {
 }
 
 /// A file name from a reference, safe to create: its last path component, without leading dots.
-fn safe_name(name: &str) -> String {
+pub fn safe_name(name: &str) -> String {
     let last = name.rsplit(['/', '\\']).next().unwrap_or_default().trim_start_matches('.');
-    let cleaned: String = last.chars().filter(|c| !c.is_control() && !is_bidi_control(*c)).collect();
+    // Short enough for any file system's name limit, in bytes, whatever the characters.
+    let cleaned: String = last.chars().filter(|c| !c.is_control() && !is_bidi_control(*c)).take(60).collect();
     if cleaned.trim().is_empty() { "download".into() } else { cleaned }
 }
 

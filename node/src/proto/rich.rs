@@ -12,6 +12,10 @@ pub const MAX_CALLBACK_DATA_BYTES: usize = 64;
 /// Most entities in one message, and longest URL or language in one.
 pub const MAX_ENTITIES: usize = 100;
 pub const MAX_ENTITY_EXTRA_CHARS: usize = 2048;
+/// Longest entity type name (Telegram's are at most 21 bytes).
+const MAX_ENTITY_KIND_BYTES: usize = 32;
+/// Longest input field placeholder (Telegram's).
+const MAX_PLACEHOLDER_CHARS: usize = 64;
 /// Longest answer to a button press shown to the user (Telegram's).
 pub const MAX_ANSWER_CHARS: usize = 200;
 
@@ -36,6 +40,9 @@ impl Extras {
         }
         if self.entities.iter().any(|e| e.extra.as_ref().is_some_and(|x| x.chars().count() > MAX_ENTITY_EXTRA_CHARS)) {
             return Err("an entity's URL or language is too long".into());
+        }
+        if self.entities.iter().any(|e| e.kind.is_empty() || e.kind.len() > MAX_ENTITY_KIND_BYTES) {
+            return Err("an entity's type must be 1 to 32 bytes".into());
         }
         match &self.markup {
             Some(m) => m.check(),
@@ -115,6 +122,21 @@ impl Markup {
             Markup::Keyboard { rows, .. } => rows.iter().flatten().map(String::as_str).collect(),
             Markup::RemoveKeyboard | Markup::ForceReply { .. } => Vec::new(),
         };
+        let rows = match self {
+            Markup::Inline { rows } => rows.len(),
+            Markup::Keyboard { rows, .. } => rows.len(),
+            Markup::RemoveKeyboard | Markup::ForceReply { .. } => 0,
+        };
+        if rows > MAX_BUTTONS {
+            return Err(format!("{rows} rows of buttons, more than {MAX_BUTTONS}"));
+        }
+        let placeholder = match self {
+            Markup::Keyboard { placeholder, .. } | Markup::ForceReply { placeholder } => placeholder.as_deref(),
+            Markup::Inline { .. } | Markup::RemoveKeyboard => None,
+        };
+        if placeholder.is_some_and(|p| p.chars().count() > MAX_PLACEHOLDER_CHARS) {
+            return Err(format!("a placeholder must be at most {MAX_PLACEHOLDER_CHARS} characters"));
+        }
         if texts.len() > MAX_BUTTONS {
             return Err(format!("{} buttons, more than {MAX_BUTTONS}", texts.len()));
         }

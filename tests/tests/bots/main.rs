@@ -26,11 +26,13 @@ const ALICE: &str = "+15550001001";
 /// How long a reply may take to travel user → bot → user.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Starts a bridge on `data` for `mesh`'s gateway and relays, HTTP on a free port.
+/// Starts a bridge on `data` for `mesh`'s gateway and relays, HTTP on a free port; it may
+/// fetch files by URL from loopback (all the tests have).
 fn start_bridge(mesh: &Mesh, data: &Path) -> Server {
     let data = data.display().to_string();
     let gateway = mesh.gateway.addr();
     let mut args = vec!["--data".to_string(), data, "--http".into(), "127.0.0.1:0".into(), "--gateway".into(), gateway];
+    args.push("--fetch-private-urls".into());
     for relay in &mesh.relays {
         args.extend(["--relay".into(), relay.tcp_addr()]);
     }
