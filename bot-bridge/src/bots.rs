@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use meshgram_node::client::api::{ApiError, Call, Event, Reply};
+use meshgram_node::client::groups::GroupInfo;
 use meshgram_node::client::history::{Press, StoredMessage};
 use meshgram_node::client::node::{NodeHandle, NodeMode};
 use meshgram_node::client::session::{Client, ClientError, GatewayAddr};
@@ -253,30 +254,82 @@ impl Bot {
 
     /// A message of the bot's history as a Bot API `Message`.
     pub(crate) async fn message_json(&self, m: &StoredMessage) -> Result<Value, TgError> {
-        let chat = m.chat.0 as i64;
+        let chat = convert::chat_id(m.chat);
         let number = self.store.number(chat, m.id).map_err(TgError::internal)?;
         let reply_to = match m.reply_to {
             Some(id) => Some(self.store.number(chat, id).map_err(TgError::internal)?),
             None => None,
         };
-        let (from, peer) = (self.user(m.from).await, self.user(m.chat).await);
-        Ok(convert::message(m, number, reply_to, from, convert::private_chat(&peer)))
+        let chat_json = if is_group_chat(m.chat) {
+            let title = self.group_of_chat(m.chat).await?.map(|g| g.title).unwrap_or_default();
+            convert::group_chat(chat, &title)
+        } else {
+            convert::private_chat(&self.user(m.chat).await)
+        };
+        Ok(convert::message(m, number, reply_to, self.user(m.from).await, chat_json))
     }
 
-    /// Turns a received message into an update unless it was already. Group messages wait for
-    /// the bridge's group support.
+    /// The groups (not channels) the bot is in.
+    pub(crate) async fn groups(&self) -> Result<Vec<GroupInfo>, TgError> {
+        match self.node.call(Call::GroupList).await {
+            Ok(Reply::Groups { groups }) => Ok(groups.into_iter().filter(|g| g.kind == "group" && g.active).collect()),
+            Ok(other) => Err(TgError::internal(ApiError::unexpected("group_list", &other))),
+            Err(e) => Err(node_error(&e)),
+        }
+    }
+
+    /// The group whose chat this is in the bot's history.
+    async fn group_of_chat(&self, chat: UserId) -> Result<Option<GroupInfo>, TgError> {
+        Ok(self.groups().await?.into_iter().find(|g| g.id.chat_number() == chat))
+    }
+
+    /// Whether the bot sees a group message, in privacy mode as Telegram's: commands for every
+    /// bot or for this one, mentions of it, replies to its messages; everything when it is an
+    /// admin of the group.
+    async fn sees_in_group(&self, m: &StoredMessage) -> Result<bool, TgError> {
+        let Some(group) = self.group_of_chat(m.chat).await? else { return Ok(false) };
+        if group.admin {
+            return Ok(true);
+        }
+        let me = self.account.username.as_ref().map(|u| u.as_str().to_ascii_lowercase());
+        if let Some(command) = m.text.split_whitespace().next().filter(|w| w.starts_with('/')) {
+            match command.split_once('@') {
+                None => return Ok(true),
+                Some((_, to)) if Some(to.to_ascii_lowercase()) == me => return Ok(true),
+                Some(_) => {}
+            }
+        }
+        if let Some(me) = &me
+            && m.text.to_ascii_lowercase().contains(&format!("@{me}"))
+        {
+            return Ok(true);
+        }
+        let Some(replied) = m.reply_to else { return Ok(false) };
+        match self.node.call(Call::GetMessage { message: replied }).await {
+            Ok(Reply::Message { message }) => Ok(message.outgoing),
+            Err(e) if e.code == "NOT_FOUND" => Ok(false),
+            Ok(other) => Err(TgError::internal(ApiError::unexpected("get_message", &other))),
+            Err(e) => Err(node_error(&e)),
+        }
+    }
+
+    /// Turns a received message into an update unless it was already (or, in a group, the bot
+    /// does not see it).
     async fn offer(&self, m: &StoredMessage) -> Result<bool, TgError> {
-        if m.outgoing || m.notice || m.deleted || is_group_chat(m.chat) {
+        if m.outgoing || m.notice || m.deleted {
             return Ok(false);
         }
         // Checked first: looking the whole history over at start costs a read per message.
         if self.store.offered(m.id, convert::version(m)).map_err(TgError::internal)? {
             return Ok(false);
         }
+        if is_group_chat(m.chat) && !self.sees_in_group(m).await? {
+            return Ok(false);
+        }
         let message = self.message_json(m).await?;
         let queued = self
             .store
-            .offer(m.chat.0 as i64, m.id, convert::version(m), |offer, _| {
+            .offer(convert::chat_id(m.chat), m.id, convert::version(m), |offer, _| {
                 let kind = if offer == Offer::Edited { "edited_message" } else { "message" };
                 Some(json!({ kind: message }))
             })

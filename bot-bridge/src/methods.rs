@@ -82,8 +82,7 @@ pub(crate) async fn call(bot: &Bot, method: &str, p: &Params) -> Result<Value, T
             Ok(true.into())
         }
         "getchat" => {
-            let (_, _, chat) = chat_of(bot, p, "chat_id").await?;
-            let mut chat = convert::private_chat(&chat);
+            let (_, _, mut chat) = chat_of(bot, p, "chat_id").await?;
             chat["accent_color_id"] = 0.into();
             chat["max_reaction_count"] = 11.into();
             chat["accepted_gift_types"] = json!({"unlimited_gifts": false, "limited_gifts": false, "unique_gifts": false, "premium_subscription": false});
@@ -108,6 +107,12 @@ pub(crate) async fn call(bot: &Bot, method: &str, p: &Params) -> Result<Value, T
         }
         "getmycommands" => Ok(bot.store.setting(&commands_key(p)?).map_err(TgError::internal)?.unwrap_or(json!([]))),
         "deletemycommands" => set_commands(bot, p, Vec::new()).await,
+        "getchatmember" => get_chat_member(bot, p).await,
+        "getchatadministrators" => get_chat_administrators(bot, p).await,
+        "getchatmembercount" => {
+            let (to, chat, _) = chat_of(bot, p, "chat_id").await?;
+            Ok(members_of(bot, &to, chat).await?.len().into())
+        }
         "getuserprofilephotos" => {
             p.required_int("user_id")?;
             Ok(json!({"total_count": 0, "photos": []}))
@@ -186,23 +191,88 @@ pub(crate) fn allowed_updates(bot: &Bot) -> Result<Option<Vec<String>>, TgError>
     Ok(setting.and_then(|v| serde_json::from_value(v).ok()))
 }
 
-/// The chat a `chat_id` names: what the node takes, the Bot API chat id, and the peer as a
-/// Bot API `User`. Groups and channels are not served yet: "chat not found".
+/// The chat a `chat_id` names: what the node takes, the Bot API chat id, and the Bot API
+/// `Chat`. A group is one the bot is in (negative ids); channels are not served yet.
 async fn chat_of(bot: &Bot, p: &Params, name: &str) -> Result<(LookupQuery, i64, Value), TgError> {
+    let not_found = || TgError::bad_request("chat not found");
     let raw = p.required_str(name)?;
     let query = if let Some(username) = raw.strip_prefix('@') {
-        let username: Username = username.parse().map_err(|_| TgError::bad_request("chat not found"))?;
+        let username: Username = username.parse().map_err(|_| not_found())?;
         LookupQuery::Username(username)
     } else {
-        let id: i64 = raw.trim().parse().map_err(|_| TgError::bad_request("chat not found"))?;
-        if id <= 0 {
-            return Err(TgError::bad_request("chat not found"));
+        let id: i64 = raw.trim().parse().map_err(|_| not_found())?;
+        if id < 0 {
+            let groups = bot.groups().await?;
+            let group =
+                groups.into_iter().find(|g| convert::chat_id(g.id.chat_number()) == id).ok_or_else(not_found)?;
+            return Ok((LookupQuery::Group(group.id), id, convert::group_chat(id, &group.title)));
+        }
+        if id == 0 {
+            return Err(not_found());
         }
         LookupQuery::UserId(UserId(id as u64))
     };
     let card = bot.card(query).await?;
-    let user = convert::user(&card);
-    Ok((LookupQuery::UserId(card.user_id), card.user_id.0 as i64, user))
+    let chat = convert::private_chat(&convert::user(&card));
+    Ok((LookupQuery::UserId(card.user_id), card.user_id.0 as i64, chat))
+}
+
+/// A chat's members as the Bot API's `ChatMember`s: a group's from its state; a private
+/// chat's are its two ends.
+async fn members_of(bot: &Bot, to: &LookupQuery, chat: i64) -> Result<Vec<(UserId, &'static str)>, TgError> {
+    let LookupQuery::Group(group) = to else {
+        return Ok(vec![(UserId(chat as u64), "member"), (bot.account.user_id, "member")]);
+    };
+    let groups = bot.groups().await?;
+    let group = groups.into_iter().find(|g| g.id == *group).ok_or_else(|| TgError::bad_request("chat not found"))?;
+    Ok(group.members.iter().map(|m| (m.user, if m.admin { "administrator" } else { "member" })).collect())
+}
+
+async fn chat_member_json(bot: &Bot, user: UserId, status: &str) -> Value {
+    let mut member = json!({ "status": status, "user": bot.user(user).await });
+    if status == "administrator" {
+        member["can_be_edited"] = false.into();
+        member["is_anonymous"] = false.into();
+        for right in [
+            "can_manage_chat",
+            "can_delete_messages",
+            "can_manage_video_chats",
+            "can_restrict_members",
+            "can_promote_members",
+            "can_change_info",
+            "can_invite_users",
+            "can_post_stories",
+            "can_edit_stories",
+            "can_delete_stories",
+        ] {
+            member[right] = true.into();
+        }
+    }
+    member
+}
+
+/// `getChatMember`: a user who is not in the chat has left it.
+async fn get_chat_member(bot: &Bot, p: &Params) -> Result<Value, TgError> {
+    let (to, chat, _) = chat_of(bot, p, "chat_id").await?;
+    let user = p.required_int("user_id")?;
+    let user = u64::try_from(user).ok().filter(|u| *u > 0).map(UserId).ok_or_else(|| invalid("user_id"))?;
+    let members = members_of(bot, &to, chat).await?;
+    let status = members.iter().find(|(u, _)| *u == user).map_or("left", |(_, status)| status);
+    Ok(chat_member_json(bot, user, status).await)
+}
+
+async fn get_chat_administrators(bot: &Bot, p: &Params) -> Result<Value, TgError> {
+    let (to, chat, _) = chat_of(bot, p, "chat_id").await?;
+    if !matches!(to, LookupQuery::Group(_)) {
+        return Err(TgError::bad_request("there are no administrators in the private chat"));
+    }
+    let mut admins = Vec::new();
+    for (user, status) in members_of(bot, &to, chat).await? {
+        if status == "administrator" {
+            admins.push(chat_member_json(bot, user, status).await);
+        }
+    }
+    Ok(admins.into())
 }
 
 fn message_of(bot: &Bot, chat: i64, number: i64, not_found: &str) -> Result<MessageId, TgError> {

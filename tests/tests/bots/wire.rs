@@ -304,3 +304,65 @@ fn files_go_by_upload_file_id_and_url_and_bad_ones_get_telegrams_errors() {
     std::thread::sleep(std::time::Duration::from_secs(1));
     assert_eq!(crate::chat(&alice_p, "@files_bot").len(), 3, "only the good ones were sent: {messages:#?}");
 }
+
+#[test]
+fn a_bot_in_a_group_sees_what_privacy_mode_allows_and_answers_there() {
+    let mesh = Mesh::start(3, 2);
+    let alice_p = mesh.new_profile("alice");
+    let alice_id = mesh.login(&alice_p, ALICE)["user_id"].as_u64().unwrap();
+    let token = create_bot(&alice_p, "team_bot");
+    let bridge = start_bridge(&mesh, &mesh.gateway.tmp().join("bridge"));
+    let http = bridge.http().unwrap();
+    let method = |name: &str| format!("/bot{token}/{name}");
+    let (status, me) = get(&http, &method("getMe"));
+    assert_eq!(status, 200, "{me}");
+
+    let group = meshgram(&alice_p, &["group", "create", "Team", "@team_bot", "--json"]).ok_json();
+    let group = group["id"].as_str().unwrap().to_string();
+    for text in ["hello everyone", "/start", "/help@other_bot", "hi @team_bot, a question"] {
+        meshgram(&alice_p, &["send", &group, text, "--json"]).ok_json();
+    }
+    let seen = wait_updates(&http, &token, 2);
+    let texts: Vec<&str> = seen.iter().map(|(_, t)| t.as_str()).collect();
+    assert_eq!(texts, ["/start", "hi @team_bot, a question"], "privacy mode: commands for it and mentions");
+    let (_, body) = get(&http, &method("getUpdates"));
+    let message = &body["result"][0]["message"];
+    assert_eq!((message["chat"]["type"].as_str(), message["chat"]["title"].as_str()), (Some("group"), Some("Team")));
+    assert_eq!(message["from"]["id"], alice_id, "{message}");
+    let chat = message["chat"]["id"].as_i64().unwrap();
+    assert!(chat < 0 && chat > -(1 << 52), "a group's id is negative and fits a double: {chat}");
+
+    // The bot answers in the group; a reply to it is seen, other talk is not.
+    let (status, sent) = get(&http, &format!("{}?chat_id={chat}&text=hello%20team", method("sendMessage")));
+    assert_eq!(status, 200, "{sent}");
+    assert_eq!(sent["result"]["chat"]["id"], chat, "{sent}");
+    let confirm = seen[1].0 + 1;
+    get(&http, &format!("{}?offset={confirm}", method("getUpdates")));
+    let messages =
+        crate::wait_chat(&alice_p, &group, "the bot's answer", |m| m.iter().any(|m| m["text"] == "hello team"));
+    let answer = messages.iter().find(|m| m["text"] == "hello team").unwrap();
+    let answer_id = answer["id"].as_str().unwrap();
+    meshgram(&alice_p, &["send", &group, "thanks", "--reply-to", answer_id, "--json"]).ok_json();
+    meshgram(&alice_p, &["send", &group, "bye all", "--json"]).ok_json();
+    let reply = wait_updates(&http, &token, 1);
+    assert_eq!(reply[0].1, "thanks", "{reply:?}");
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let (_, body) = get(&http, &method("getUpdates"));
+    assert_eq!(body["result"].as_array().map(Vec::len), Some(1), "not the talk that is not for it: {body}");
+    assert_eq!(body["result"][0]["message"]["reply_to_message"]["message_id"], sent["result"]["message_id"]);
+
+    // The group's fields and members.
+    let (status, info) = get(&http, &format!("{}?chat_id={chat}", method("getChat")));
+    assert_eq!((status, info["result"]["title"].as_str()), (200, Some("Team")), "{info}");
+    let (_, member) = get(&http, &format!("{}?chat_id={chat}&user_id={alice_id}", method("getChatMember")));
+    assert_eq!(member["result"]["status"], "administrator", "the group's creator: {member}");
+    let (_, admins) = get(&http, &format!("{}?chat_id={chat}", method("getChatAdministrators")));
+    assert_eq!(admins["result"][0]["user"]["id"], alice_id, "{admins}");
+    let (_, stranger) = get(&http, &format!("{}?chat_id={chat}&user_id=424242", method("getChatMember")));
+    assert_eq!(stranger["result"]["status"], "left", "{stranger}");
+    assert_error(
+        get(&http, &format!("{}?chat_id=-5&text=x", method("sendMessage"))),
+        400,
+        "Bad Request: chat not found",
+    );
+}
