@@ -62,6 +62,11 @@ pub struct Draft {
 }
 
 impl Draft {
+    /// A plain text message.
+    pub fn text(text: String) -> Self {
+        Draft { text, file: None, extras: None }
+    }
+
     fn check(&self) -> Result<(), MessagingError> {
         let chars = self.text.chars().count();
         match &self.file {
@@ -596,10 +601,7 @@ impl Messenger {
         texts: Vec<String>,
         reply_to: Option<MessageId>,
     ) -> Result<Vec<StoredMessage>, MessagingError> {
-        if texts.iter().any(|t| t.is_empty() || t.chars().count() > MAX_TEXT_CHARS) {
-            return Err(MessagingError::TextTooLong);
-        }
-        let drafts = texts.into_iter().map(|text| Draft { text, file: None, extras: None }).collect();
+        let drafts = texts.into_iter().map(Draft::text).collect();
         self.send_messages(to, drafts, reply_to).await
     }
 
@@ -612,23 +614,7 @@ impl Messenger {
         caption: Option<String>,
         reply_to: Option<MessageId>,
     ) -> Result<StoredMessage, MessagingError> {
-        let caption = caption.unwrap_or_default();
-        if caption.chars().count() > MAX_CAPTION_CHARS {
-            return Err(MessagingError::CaptionTooLong);
-        }
-        self.send_one(to, Draft { text: caption, file: Some(file), extras: None }, reply_to).await
-    }
-
-    /// Sends one message with formatting or a keyboard (as bots do): a text, or a file with
-    /// its caption, through the outbox as [`Messenger::send_texts`] does.
-    pub async fn send_rich(
-        &mut self,
-        to: LookupQuery,
-        draft: Draft,
-        reply_to: Option<MessageId>,
-    ) -> Result<StoredMessage, MessagingError> {
-        draft.check()?;
-        self.send_one(to, draft, reply_to).await
+        self.send_one(to, Draft { text: caption.unwrap_or_default(), file: Some(file), extras: None }, reply_to).await
     }
 
     async fn send_one(
@@ -662,37 +648,56 @@ impl Messenger {
         drafts: Vec<Draft>,
         reply_to: Option<MessageId>,
     ) -> Result<Vec<StoredMessage>, MessagingError> {
-        self.history()?;
-        if let LookupQuery::Group(group) = &to {
-            let (_, records, payloads) = self.group_payloads(group, drafts, reply_to)?;
-            return self.queue_and_flush(records, payloads).await;
-        }
-        let card = self.card(to, CARD_FRESH_SECS).await?;
-        if card.devices.is_empty() {
-            return Err(MessagingError::NoDevices(card.user_id));
-        }
-        let (me, sent_at_ms) = (self.me(), now_ms());
-        let (records, payloads) =
-            drafts.into_iter().map(|d| d.into_message(card.user_id, me, sent_at_ms, reply_to)).unzip();
-        self.queue_and_flush(records, payloads).await
+        let ids = self.queue_drafts(to, drafts, reply_to).await?;
+        self.flush_queued().await?;
+        self.messages_now(&ids)
     }
 
-    /// Queues new messages in the outbox, flushes it, and returns them as they now are.
-    async fn queue_and_flush(
+    /// Checks new messages and queues them in the outbox, on disk: from here on they are sent,
+    /// now or when a relay can take them. Returns their ids, in order.
+    pub async fn queue_drafts(
         &mut self,
-        records: Vec<StoredMessage>,
-        payloads: Vec<Payload>,
-    ) -> Result<Vec<StoredMessage>, MessagingError> {
-        let ids: Vec<MessageId> = records.iter().map(|m| m.id).collect();
+        to: LookupQuery,
+        drafts: Vec<Draft>,
+        reply_to: Option<MessageId>,
+    ) -> Result<Vec<MessageId>, MessagingError> {
+        drafts.iter().try_for_each(Draft::check)?;
+        self.history()?;
+        let (records, payloads): (Vec<StoredMessage>, Vec<Payload>) = if let LookupQuery::Group(group) = &to {
+            let (_, records, payloads) = self.group_payloads(group, drafts, reply_to)?;
+            (records, payloads)
+        } else {
+            let card = self.card(to, CARD_FRESH_SECS).await?;
+            if card.devices.is_empty() {
+                return Err(MessagingError::NoDevices(card.user_id));
+            }
+            let (me, sent_at_ms) = (self.me(), now_ms());
+            drafts.into_iter().map(|d| d.into_message(card.user_id, me, sent_at_ms, reply_to)).unzip()
+        };
+        let ids = records.iter().map(|m| m.id).collect();
         self.h().queue(records, &payloads)?;
+        Ok(ids)
+    }
+
+    /// Sends what was queued: a failure that may pass leaves it in the outbox (and is no
+    /// error: it goes when a relay can take it); a refusal is returned. Returns what was sent.
+    pub async fn flush_queued(&mut self) -> Result<Vec<StoredMessage>, MessagingError> {
         match self.flush_outbox().await {
-            Ok(_) => {}
-            Err(e) if e.may_pass() => tracing::info!(error = %e, "queued in the outbox; sent when a relay can take it"),
-            Err(e) => return Err(e),
+            Ok(sent) => Ok(sent),
+            Err(e) if e.may_pass() => {
+                tracing::info!(error = %e, "queued in the outbox; sent when a relay can take it");
+                Ok(Vec::new())
+            }
+            Err(e) => Err(e),
         }
+    }
+
+    /// These messages as the history has them now.
+    pub fn messages_now(&mut self, ids: &[MessageId]) -> Result<Vec<StoredMessage>, MessagingError> {
+        let history = self.history()?;
         let mut now = Vec::new();
-        for id in &ids {
-            now.extend(self.h().message(id)?);
+        for id in ids {
+            now.extend(history.message(id)?);
         }
         Ok(now)
     }

@@ -301,6 +301,28 @@ impl Actor {
                         self.press(message, button, reply).await;
                         continue;
                     }
+                    let (call, reply) = if is_send(&call) {
+                        let mut batch = vec![(call, reply)];
+                        let mut after = None;
+                        while batch.len() < MAX_SEND_BATCH {
+                            match jobs.try_recv() {
+                                Ok(job) if is_send(&job.0) => batch.push(job),
+                                // Not a send: its turn comes after the sends before it.
+                                Ok(job) => {
+                                    after = Some(job);
+                                    break;
+                                }
+                                Err(_) => break,
+                            }
+                        }
+                        self.send_batch(batch).await;
+                        match after {
+                            Some(job) => job,
+                            None => continue,
+                        }
+                    } else {
+                        (call, reply)
+                    };
                     let answer = self.handle(call).await;
                     // A caller that gave up does not need the answer.
                     let _ = reply.send(answer);
@@ -457,6 +479,61 @@ impl Actor {
     }
 
     /// Sends what waits in the outbox and tells subscribers; a failure waits for the next try.
+    /// Sends the messages of calls that waited together: each call's are queued (on disk),
+    /// then one flush sends them all, each recipient's in one batch, and each caller is
+    /// answered. A busy sender (a bot) sends many messages per relay round trip this way,
+    /// not one.
+    async fn send_batch(&mut self, batch: Vec<Job>) {
+        let mut queued = Vec::new();
+        for (call, reply) in batch {
+            let (to, drafts, reply_to, one) = match call {
+                Call::Send { to, texts, reply_to } => {
+                    (to, texts.into_iter().map(Draft::text).collect(), reply_to, false)
+                }
+                Call::SendRich { to, text, file, extras, reply_to } => {
+                    (to, vec![Draft { text, file, extras: Some(extras) }], reply_to, true)
+                }
+                // Only sends are batched (`is_send`).
+                _ => {
+                    let _ = reply.send(Err(ApiError::new("INTERNAL", "not a send")));
+                    continue;
+                }
+            };
+            match self.messenger.queue_drafts(to, drafts, reply_to).await {
+                Ok(ids) => queued.push((ids, one, reply)),
+                Err(e) => {
+                    let _ = reply.send(Err(e.into()));
+                }
+            }
+        }
+        if queued.is_empty() {
+            return;
+        }
+        let refused: Option<ApiError> = self.messenger.flush_queued().await.err().map(Into::into);
+        for (ids, one, reply) in queued {
+            let _ = reply.send(self.sent_reply(&ids, one, refused.as_ref()));
+        }
+    }
+
+    /// The answer to a send whose messages were queued and flushed: them as they are now, or
+    /// the refusal if the relays refused them (they are taken out, marked deleted).
+    fn sent_reply(&mut self, ids: &[MessageId], one: bool, refused: Option<&ApiError>) -> Result<Reply, ApiError> {
+        let sent = self.messenger.messages_now(ids)?;
+        if let Some(refused) = refused
+            && sent.iter().any(|m| m.deleted)
+        {
+            return Err(refused.clone());
+        }
+        self.publish(&sent, false);
+        if one {
+            let message =
+                sent.into_iter().next().ok_or_else(|| ApiError::new("INTERNAL", "a queued message is gone"))?;
+            return Ok(Reply::Message { message });
+        }
+        let names = names(self.messenger.history()?, &sent);
+        Ok(Reply::Messages { messages: sent, names, secret: Vec::new() })
+    }
+
     async fn flush_outbox(&mut self) {
         match self.messenger.flush_outbox().await {
             Ok(sent) => self.publish(&sent, false),
@@ -547,12 +624,6 @@ impl Actor {
                 client.set_bot_commands(commands).await?;
                 Reply::Done
             }
-            Call::Send { to, texts, reply_to } => {
-                let sent = self.messenger.send_texts(to, texts, reply_to).await?;
-                self.publish(&sent, false);
-                let names = names(self.messenger.history()?, &sent);
-                Reply::Messages { messages: sent, names, secret: Vec::new() }
-            }
             Call::Messages { chat } => {
                 let chat = match chat {
                     Some(LookupQuery::Group(group)) => Some(self.messenger.group_info(&group)?.id.chat_number()),
@@ -631,11 +702,6 @@ impl Actor {
                 self.messenger.typing(to).await?;
                 Reply::Done
             }
-            Call::SendRich { to, text, file, extras, reply_to } => {
-                let draft = Draft { text, file, extras: Some(extras) };
-                let message = self.messenger.send_rich(to, draft, reply_to).await?;
-                self.published(message)
-            }
             Call::EditRich { message, text, extras } => {
                 let message = self.messenger.edit_rich(message, text, extras).await?;
                 self.published(message)
@@ -650,6 +716,9 @@ impl Actor {
                 Reply::Done
             }
             Call::Press { .. } => return Err(ApiError::new("INTERNAL", "a press is answered by the node's loop")),
+            Call::Send { .. } | Call::SendRich { .. } => {
+                return Err(ApiError::new("INTERNAL", "sends are batched by the node's loop"));
+            }
             Call::Subscribe => return Err(ApiError::usage("subscribe to a node's events on its control socket")),
             Call::SendFile { to, file, caption, reply_to } => {
                 let message = self.messenger.send_file(to, file, caption, reply_to).await?;
@@ -776,6 +845,13 @@ impl Actor {
 
 /// How long one fetch of a press's waiting task long-polls (ms).
 const PRESS_POLL_MS: u32 = 500;
+/// Most send calls that go out in one flush.
+const MAX_SEND_BATCH: usize = 256;
+
+/// Calls that send messages, which wait for one another in the queue and go out together.
+fn is_send(call: &Call) -> bool {
+    matches!(call, Call::Send { .. } | Call::SendRich { .. })
+}
 
 /// Long-polls the mailbox relays for as long as the node runs.
 struct Receiver {
