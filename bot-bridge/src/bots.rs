@@ -103,7 +103,9 @@ impl Bots {
             other => return Err(TgError::internal(ApiError::unexpected("whoami", &other))),
         };
         let events = node.subscribe();
+        let (numbering, numbering_jobs) = tokio::sync::mpsc::channel(MAX_NUMBERING_BATCH);
         let bot = Arc::new(Bot {
+            numbering,
             account: me.account,
             node,
             store,
@@ -114,8 +116,9 @@ impl Bots {
         });
         let feeder = AbortOnDropHandle::new(tokio::spawn(feed(Arc::downgrade(&bot), events)));
         let webhook = AbortOnDropHandle::new(tokio::spawn(crate::webhook::deliver(Arc::downgrade(&bot))));
+        let numberer = AbortOnDropHandle::new(tokio::spawn(number_messages(Arc::downgrade(&bot), numbering_jobs)));
         tracing::info!(bot = %bot.account.user_id, "bot started");
-        self.running().insert(hash, Running { bot: bot.clone(), _tasks: [feeder, webhook] });
+        self.running().insert(hash, Running { bot: bot.clone(), _tasks: [feeder, webhook, numberer] });
         Ok(bot)
     }
 
@@ -179,17 +182,51 @@ pub(crate) struct Bot {
     pub(crate) dir: PathBuf,
     /// Whether files sent by URL may come from loopback and private addresses.
     pub(crate) fetch_private_urls: bool,
+    /// Where messages are numbered (see [`number_messages`]).
+    numbering: tokio::sync::mpsc::Sender<NumberJob>,
     /// Woken when updates were queued.
     pub(crate) arrived: Arc<Notify>,
     users: Mutex<HashMap<UserId, (Value, std::time::Instant)>>,
 }
 
-/// A started bot and its tasks, which hold it only weakly: the one feeding its updates and
-/// the one delivering them to its webhook.
+/// A started bot and its tasks, which hold it only weakly: the one feeding its updates, the
+/// one delivering them to its webhook, and the one numbering its messages.
 #[derive(Debug)]
 struct Running {
     bot: Arc<Bot>,
-    _tasks: [AbortOnDropHandle<()>; 2],
+    _tasks: [AbortOnDropHandle<()>; 3],
+}
+
+/// A message to number (chat, id), and where its number goes.
+type NumberJob = ((i64, MessageId), tokio::sync::oneshot::Sender<Result<i32, String>>);
+/// Most messages numbered in one transaction.
+const MAX_NUMBERING_BATCH: usize = 512;
+
+/// Numbers messages for many requests in one transaction: concurrent sends each need a
+/// number before they answer, and a transaction each would cost each a sync to disk.
+async fn number_messages(bot: std::sync::Weak<Bot>, mut jobs: tokio::sync::mpsc::Receiver<NumberJob>) {
+    while let Some(first) = jobs.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < MAX_NUMBERING_BATCH
+            && let Ok(job) = jobs.try_recv()
+        {
+            batch.push(job);
+        }
+        let Some(this) = bot.upgrade() else { return };
+        let wanted: Vec<(i64, MessageId)> = batch.iter().map(|(w, _)| *w).collect();
+        match this.store.numbers(&wanted) {
+            Ok(numbers) => {
+                for ((_, reply), number) in batch.into_iter().zip(numbers) {
+                    let _ = reply.send(Ok(number));
+                }
+            }
+            Err(e) => {
+                for (_, reply) in batch {
+                    let _ = reply.send(Err(e.to_string()));
+                }
+            }
+        }
+    }
 }
 
 impl Bot {
@@ -255,9 +292,9 @@ impl Bot {
     /// A message of the bot's history as a Bot API `Message`.
     pub(crate) async fn message_json(&self, m: &StoredMessage) -> Result<Value, TgError> {
         let chat = convert::chat_id(m.chat);
-        let number = self.store.number(chat, m.id).map_err(TgError::internal)?;
+        let number = self.number(chat, m.id).await?;
         let reply_to = match m.reply_to {
-            Some(id) => Some(self.store.number(chat, id).map_err(TgError::internal)?),
+            Some(id) => Some(self.number(chat, id).await?),
             None => None,
         };
         let chat_json = if is_group_chat(m.chat) {
@@ -267,6 +304,14 @@ impl Bot {
             convert::private_chat(&self.user(m.chat).await)
         };
         Ok(convert::message(m, number, reply_to, self.user(m.from).await, chat_json))
+    }
+
+    /// The Bot API number of message `id` in `chat`, given now if it has none.
+    pub(crate) async fn number(&self, chat: i64, id: MessageId) -> Result<i32, TgError> {
+        let stopped = |_| TgError::internal("the numbering task stopped");
+        let (reply, number) = tokio::sync::oneshot::channel();
+        self.numbering.send(((chat, id), reply)).await.map_err(|_| TgError::internal("the numbering task stopped"))?;
+        number.await.map_err(stopped)?.map_err(TgError::internal)
     }
 
     /// The groups (not channels) the bot is in.

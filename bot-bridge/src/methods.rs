@@ -528,6 +528,6 @@ async fn copy(bot: &Bot, p: &Params) -> Result<Value, TgError> {
     let extras = extras_of(p, &entities)?;
     let file = original.file.map(|f| *f);
     let sent_now = send_rich(bot, to, text, file, extras, reply_to).await?;
-    let number = bot.store.number(to_chat, sent_now.id).map_err(TgError::internal)?;
+    let number = bot.number(to_chat, sent_now.id).await?;
     Ok(json!({ "message_id": number }))
 }

@@ -68,12 +68,28 @@ impl BotStore {
         Ok(BotStore { db })
     }
 
-    /// The message number of `id` in `chat`, given now if it has none.
-    pub(crate) fn number(&self, chat: i64, id: MessageId) -> Result<i32, StoreError> {
+    /// The message numbers of these messages, each in its chat, given now (in one
+    /// transaction) to those that have none.
+    pub(crate) fn numbers(&self, wanted: &[(i64, MessageId)]) -> Result<Vec<i32>, StoreError> {
+        {
+            // Most are numbered already (a reply's message, a message shown again): no write.
+            let tx = self.db.begin_read().map_err(err)?;
+            let numbers = tx.open_table(NUMBERS).map_err(err)?;
+            let mut found = Vec::with_capacity(wanted.len());
+            for (_, id) in wanted {
+                match numbers.get(&id.0).map_err(err)? {
+                    Some(v) => found.push(v.value().1),
+                    None => break,
+                }
+            }
+            if found.len() == wanted.len() {
+                return Ok(found);
+            }
+        }
         let tx = self.db.begin_write().map_err(err)?;
-        let number = number_in(&tx, chat, id)?;
+        let numbers = wanted.iter().map(|(chat, id)| number_in(&tx, *chat, *id)).collect::<Result<Vec<_>, _>>()?;
         tx.commit().map_err(err)?;
-        Ok(number)
+        Ok(numbers)
     }
 
     /// The message numbered `number` in `chat`.
@@ -291,6 +307,8 @@ mod tests {
         drop(store);
         let store = BotStore::open(&dir.path().join("bot.redb")).unwrap();
         assert_eq!(store.pending_count().unwrap(), 1);
+        let c = MessageId::random();
+        assert_eq!(store.numbers(&[(7, b), (7, c), (8, c)]).unwrap(), [2, 3, 3], "given once, in its first chat");
         assert_eq!(store.message_id(7, 2).unwrap(), Some(b));
         assert!(store.offer(7, MessageId::random(), 0, update).unwrap());
         let newest = store.updates(None, 100, None).unwrap().pop().unwrap();

@@ -648,19 +648,28 @@ impl Messenger {
         drafts: Vec<Draft>,
         reply_to: Option<MessageId>,
     ) -> Result<Vec<StoredMessage>, MessagingError> {
-        let ids = self.queue_drafts(to, drafts, reply_to).await?;
+        let (records, payloads) = self.prepare_drafts(to, drafts, reply_to).await?;
+        let ids: Vec<MessageId> = records.iter().map(|m| m.id).collect();
+        self.queue(records, &payloads)?;
         self.flush_queued().await?;
         self.messages_now(&ids)
     }
 
-    /// Checks new messages and queues them in the outbox, on disk: from here on they are sent,
-    /// now or when a relay can take them. Returns their ids, in order.
-    pub async fn queue_drafts(
+    /// Queues new messages in the outbox, on disk, in one transaction: from here on they are
+    /// sent, now or when a relay can take them.
+    pub fn queue(&mut self, records: Vec<StoredMessage>, payloads: &[Payload]) -> Result<(), MessagingError> {
+        self.history()?.queue(records, payloads)?;
+        Ok(())
+    }
+
+    /// Checks new messages and makes them: the records this device keeps and the payloads to
+    /// queue (see [`Messenger::queue`]).
+    pub async fn prepare_drafts(
         &mut self,
         to: LookupQuery,
         drafts: Vec<Draft>,
         reply_to: Option<MessageId>,
-    ) -> Result<Vec<MessageId>, MessagingError> {
+    ) -> Result<(Vec<StoredMessage>, Vec<Payload>), MessagingError> {
         drafts.iter().try_for_each(Draft::check)?;
         self.history()?;
         let (records, payloads): (Vec<StoredMessage>, Vec<Payload>) = if let LookupQuery::Group(group) = &to {
@@ -674,9 +683,7 @@ impl Messenger {
             let (me, sent_at_ms) = (self.me(), now_ms());
             drafts.into_iter().map(|d| d.into_message(card.user_id, me, sent_at_ms, reply_to)).unzip()
         };
-        let ids = records.iter().map(|m| m.id).collect();
-        self.h().queue(records, &payloads)?;
-        Ok(ids)
+        Ok((records, payloads))
     }
 
     /// Sends what was queued: a failure that may pass leaves it in the outbox (and is no

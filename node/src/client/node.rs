@@ -484,7 +484,7 @@ impl Actor {
     /// answered. A busy sender (a bot) sends many messages per relay round trip this way,
     /// not one.
     async fn send_batch(&mut self, batch: Vec<Job>) {
-        let mut queued = Vec::new();
+        let (mut queued, mut records, mut payloads) = (Vec::new(), Vec::new(), Vec::new());
         for (call, reply) in batch {
             let (to, drafts, reply_to, one) = match call {
                 Call::Send { to, texts, reply_to } => {
@@ -499,14 +499,26 @@ impl Actor {
                     continue;
                 }
             };
-            match self.messenger.queue_drafts(to, drafts, reply_to).await {
-                Ok(ids) => queued.push((ids, one, reply)),
+            match self.messenger.prepare_drafts(to, drafts, reply_to).await {
+                Ok((made, carrying)) => {
+                    queued.push((made.iter().map(|m| m.id).collect::<Vec<_>>(), one, reply));
+                    records.extend(made);
+                    payloads.extend(carrying);
+                }
                 Err(e) => {
                     let _ = reply.send(Err(e.into()));
                 }
             }
         }
         if queued.is_empty() {
+            return;
+        }
+        // One transaction (one sync to disk) for the whole batch.
+        if let Err(e) = self.messenger.queue(records, &payloads) {
+            let e = ApiError::from(e);
+            for (_, _, reply) in queued {
+                let _ = reply.send(Err(e.clone()));
+            }
             return;
         }
         let refused: Option<ApiError> = self.messenger.flush_queued().await.err().map(Into::into);
