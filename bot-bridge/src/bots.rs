@@ -254,32 +254,38 @@ impl Bot {
     /// A user as a Bot API `User`, from the directory (cached); only the id when the gateway
     /// cannot be asked now.
     pub(crate) async fn user(&self, user: UserId) -> Value {
+        match self.known_user(user).await {
+            Ok(found) => found,
+            Err(_) => json!({ "id": user.0, "is_bot": false, "first_name": format!("User {}", user.0) }),
+        }
+    }
+
+    /// A user as a Bot API `User`, from the directory, cached: every request names its chat,
+    /// and asking the gateway each time would put a round trip to it in every request. An
+    /// error if the directory has no such user (`chat not found`) or cannot be asked now.
+    pub(crate) async fn known_user(&self, user: UserId) -> Result<Value, TgError> {
         if user == self.account.user_id {
             let mut me = json!({ "id": user.0, "is_bot": true, "first_name": self.account.name });
             if let Some(username) = &self.account.username {
                 me["username"] = username.as_str().into();
             }
-            return me;
+            return Ok(me);
         }
         if let Some((found, at)) = self.users_cache().get(&user)
             && at.elapsed() < CARD_CACHE
         {
-            return found.clone();
+            return Ok(found.clone());
         }
-        match self.node.call(Call::Lookup { query: LookupQuery::UserId(user) }).await {
-            Ok(Reply::Card { card }) => {
-                let found = convert::user(&card);
-                self.users_cache().insert(user, (found.clone(), std::time::Instant::now()));
-                found
-            }
-            _ => json!({ "id": user.0, "is_bot": false, "first_name": format!("User {}", user.0) }),
-        }
+        Ok(convert::user(&self.card(LookupQuery::UserId(user)).await?))
     }
 
-    /// A user's card by @username, user id or phone (for a `chat_id`).
+    /// A user's card by @username, user id or phone, from the directory (and kept in the cache).
     pub(crate) async fn card(&self, query: LookupQuery) -> Result<UserCard, TgError> {
         match self.node.call(Call::Lookup { query }).await {
-            Ok(Reply::Card { card }) => Ok(card),
+            Ok(Reply::Card { card }) => {
+                self.users_cache().insert(card.user_id, (convert::user(&card), std::time::Instant::now()));
+                Ok(card)
+            }
             Ok(other) => Err(TgError::internal(ApiError::unexpected("lookup", &other))),
             Err(e) => Err(node_error(&e)),
         }

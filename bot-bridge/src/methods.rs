@@ -210,7 +210,8 @@ async fn chat_of(bot: &Bot, p: &Params, name: &str) -> Result<(LookupQuery, i64,
         if id == 0 {
             return Err(not_found());
         }
-        LookupQuery::UserId(UserId(id as u64))
+        let user = bot.known_user(UserId(id as u64)).await?;
+        return Ok((LookupQuery::UserId(UserId(id as u64)), id, convert::private_chat(&user)));
     };
     let card = bot.card(query).await?;
     let chat = convert::private_chat(&convert::user(&card));
