@@ -6,7 +6,7 @@ use std::process::{Child, Command, Stdio};
 use meshgram_tests::{Mesh, meshgram, random_file};
 use serde_json::Value;
 
-use crate::{ALICE, create_bot, start_bridge, wait_chat};
+use crate::{BotNet, bot_net, wait_chat};
 
 /// A bot process, killed with the test.
 struct BotProcess(Child);
@@ -41,16 +41,8 @@ fn texts_from(messages: &[Value], from_bot: bool) -> Vec<String> {
 
 #[test]
 fn an_unmodified_python_telegram_bot_answers_edits_formats_and_has_keyboards() {
-    let mesh = Mesh::start(3, 2);
-    let alice_p = mesh.new_profile("alice");
-    let alice_id = mesh.login(&alice_p, ALICE)["user_id"].as_u64().unwrap();
-    let token = create_bot(&alice_p, "ptb_echo_bot");
-    let bridge = start_bridge(&mesh, &mesh.gateway.tmp().join("bridge"));
+    let BotNet { mesh, alice: alice_p, alice_id, token, bridge, .. } = bot_net("ptb_echo_bot");
     let base = bridge.ready["bot_api"].as_str().unwrap().to_string();
-
-    // The bridge signs a bot in on its first request: from then on it has a device to write to.
-    let (status, me) = meshgram_tests::http_get(&bridge.http().unwrap(), &format!("/bot{token}/getMe")).unwrap();
-    assert_eq!(status, 200, "{me}");
 
     let _bot = start_ptb(&base, &token, None);
     // What the bot lists with setMyCommands, users see.
@@ -103,12 +95,8 @@ fn an_unmodified_python_telegram_bot_answers_edits_formats_and_has_keyboards() {
 
 #[test]
 fn a_python_telegram_bot_in_webhook_mode_gets_every_update_pushed_even_after_it_was_away() {
-    let mesh = Mesh::start(3, 2);
-    let alice_p = mesh.new_profile("alice");
-    mesh.login(&alice_p, ALICE);
-    let token = create_bot(&alice_p, "ptb_hook_bot");
-    let bridge = start_bridge(&mesh, &mesh.gateway.tmp().join("bridge"));
-    let (http, base) = (bridge.http().unwrap(), bridge.ready["bot_api"].as_str().unwrap().to_string());
+    let BotNet { mesh: _mesh, alice: alice_p, token, bridge, http, .. } = bot_net("ptb_hook_bot");
+    let base = bridge.ready["bot_api"].as_str().unwrap().to_string();
     let info = || {
         let (status, body) = meshgram_tests::http_get(&http, &format!("/bot{token}/getWebhookInfo")).unwrap();
         assert_eq!(status, 200, "{body}");
@@ -210,15 +198,8 @@ fn files_come_back(mesh: &Mesh, alice: &Path, bot: &str) {
 
 #[test]
 fn an_unmodified_grammy_bot_answers_formats_keeps_files_and_keyboards() {
-    let mesh = Mesh::start(3, 2);
-    let alice_p = mesh.new_profile("alice");
-    let alice_id = mesh.login(&alice_p, ALICE)["user_id"].as_u64().unwrap();
-    let token = create_bot(&alice_p, "grammy_echo_bot");
-    let bridge = start_bridge(&mesh, &mesh.gateway.tmp().join("bridge"));
+    let BotNet { mesh, alice: alice_p, alice_id, token, bridge, .. } = bot_net("grammy_echo_bot");
     let api_root = bridge.ready["bot_api"].as_str().unwrap().trim_end_matches("/bot").to_string();
-    // The bridge signs the bot in on its first request; the bot's own start may come later.
-    let (status, me) = meshgram_tests::http_get(&bridge.http().unwrap(), &format!("/bot{token}/getMe")).unwrap();
-    assert_eq!(status, 200, "{me}");
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/bots/grammy/bot.js");
     let bot = Command::new("node")
         .args([script, &api_root, &token])

@@ -14,7 +14,7 @@
 mod libraries;
 mod wire;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -38,6 +38,32 @@ fn start_bridge(mesh: &Mesh, data: &Path) -> Server {
     }
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     Server::start(&bin_path(BRIDGE_BIN), &args).expect("the bot bridge starts")
+}
+
+/// A network for one bot test: alice signed in, her bot, and a bridge (data in `data`) that
+/// has signed the bot in with its first request, so that the bot has a device to receive on.
+/// Fields drop in order: the bridge before the network.
+struct BotNet {
+    bridge: Server,
+    http: String,
+    data: PathBuf,
+    token: String,
+    alice: PathBuf,
+    alice_id: u64,
+    mesh: Mesh,
+}
+
+fn bot_net(username: &str) -> BotNet {
+    let mesh = Mesh::start(3, 2);
+    let alice = mesh.new_profile("alice");
+    let alice_id = mesh.login(&alice, ALICE)["user_id"].as_u64().unwrap();
+    let token = create_bot(&alice, username);
+    let data = mesh.gateway.tmp().join("bridge");
+    let bridge = start_bridge(&mesh, &data);
+    let http = bridge.http().unwrap();
+    let (status, me) = meshgram_tests::http_get(&http, &format!("/bot{token}/getMe")).unwrap();
+    assert_eq!(status, 200, "{me}");
+    BotNet { bridge, http, data, token, alice, alice_id, mesh }
 }
 
 /// Creates a bot owned by the user of `owner`; returns its token.

@@ -1,9 +1,9 @@
 //! The Bot API's errors for bad input, and the update queue across a SIGKILL.
 
-use meshgram_tests::{Mesh, http_get, http_post, meshgram};
+use meshgram_tests::{http_get, http_post, meshgram};
 use serde_json::Value;
 
-use crate::{ALICE, create_bot, start_bridge};
+use crate::{BotNet, bot_net, start_bridge};
 
 /// `(status, body as JSON)` of a GET.
 fn get(http: &str, path: &str) -> (u16, Value) {
@@ -53,13 +53,7 @@ fn wait_updates(http: &str, token: &str, n: usize) -> Vec<(u64, String)> {
 
 #[test]
 fn bad_input_gets_telegrams_errors_and_updates_survive_sigkill() {
-    let mesh = Mesh::start(3, 2);
-    let alice_p = mesh.new_profile("alice");
-    let alice_id = mesh.login(&alice_p, ALICE)["user_id"].as_u64().unwrap();
-    let token = create_bot(&alice_p, "wire_bot");
-    let data = mesh.gateway.tmp().join("bridge");
-    let mut bridge = start_bridge(&mesh, &data);
-    let http = bridge.http().unwrap();
+    let BotNet { mesh, alice: alice_p, alice_id, token, data, mut bridge, http } = bot_net("wire_bot");
 
     // Tokens, paths and methods.
     assert_error(get(&http, "/botnonsense/getMe"), 401, "Unauthorized: invalid token specified");
@@ -146,13 +140,7 @@ fn wait_callback_query(http: &str, token: &str) -> Value {
 
 #[test]
 fn keyboards_are_checked_and_presses_reach_the_bot_once_across_sigkill() {
-    let mesh = Mesh::start(3, 2);
-    let alice_p = mesh.new_profile("alice");
-    let alice_id = mesh.login(&alice_p, ALICE)["user_id"].as_u64().unwrap();
-    let token = create_bot(&alice_p, "keys_bot");
-    let data = mesh.gateway.tmp().join("bridge");
-    let mut bridge = start_bridge(&mesh, &data);
-    let http = bridge.http().unwrap();
+    let BotNet { mesh, alice: alice_p, alice_id, token, data, mut bridge, http } = bot_net("keys_bot");
     let send = format!("/bot{token}/sendMessage");
 
     // A button nobody here could press is refused, and nothing is sent.
@@ -238,12 +226,7 @@ fn multipart(fields: &[(&str, &str)], file: (&str, &str, &[u8])) -> (String, Vec
 
 #[test]
 fn files_go_by_upload_file_id_and_url_and_bad_ones_get_telegrams_errors() {
-    let mesh = Mesh::start(3, 2);
-    let alice_p = mesh.new_profile("alice");
-    let alice_id = mesh.login(&alice_p, ALICE)["user_id"].as_u64().unwrap();
-    let token = create_bot(&alice_p, "files_bot");
-    let bridge = start_bridge(&mesh, &mesh.gateway.tmp().join("bridge"));
-    let http = bridge.http().unwrap();
+    let BotNet { mesh: _mesh, alice: alice_p, alice_id, token, bridge: _bridge, http, .. } = bot_net("files_bot");
     let method = |name: &str| format!("/bot{token}/{name}");
 
     // An upload, its bytes back through getFile and the file route.
@@ -307,15 +290,8 @@ fn files_go_by_upload_file_id_and_url_and_bad_ones_get_telegrams_errors() {
 
 #[test]
 fn a_bot_in_a_group_sees_what_privacy_mode_allows_and_answers_there() {
-    let mesh = Mesh::start(3, 2);
-    let alice_p = mesh.new_profile("alice");
-    let alice_id = mesh.login(&alice_p, ALICE)["user_id"].as_u64().unwrap();
-    let token = create_bot(&alice_p, "team_bot");
-    let bridge = start_bridge(&mesh, &mesh.gateway.tmp().join("bridge"));
-    let http = bridge.http().unwrap();
+    let BotNet { mesh: _mesh, alice: alice_p, alice_id, token, bridge: _bridge, http, .. } = bot_net("team_bot");
     let method = |name: &str| format!("/bot{token}/{name}");
-    let (status, me) = get(&http, &method("getMe"));
-    assert_eq!(status, 200, "{me}");
 
     let group = meshgram(&alice_p, &["group", "create", "Team", "@team_bot", "--json"]).ok_json();
     let group = group["id"].as_str().unwrap().to_string();
