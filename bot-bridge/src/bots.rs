@@ -113,6 +113,7 @@ impl Bots {
             fetch_private_urls: self.fetch_private_urls,
             arrived: Arc::default(),
             users: Mutex::default(),
+            groups: Mutex::default(),
         });
         let feeder = AbortOnDropHandle::new(tokio::spawn(feed(Arc::downgrade(&bot), events)));
         let webhook = AbortOnDropHandle::new(tokio::spawn(crate::webhook::deliver(Arc::downgrade(&bot))));
@@ -136,6 +137,19 @@ impl Bots {
         Ok(())
     }
 }
+
+/// Whether `text` mentions `@name` (lower case), as a whole username: `@name_two` is not it.
+fn mentions(text: &str, name: &str) -> bool {
+    let text = text.to_ascii_lowercase();
+    let wanted = format!("@{name}");
+    text.match_indices(&wanted).any(|(at, _)| {
+        let after = text[at + wanted.len()..].chars().next();
+        !after.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_')
+    })
+}
+
+/// How long the list of the bot's groups serves before it is asked for again.
+const GROUPS_CACHE: Duration = Duration::from_secs(5);
 
 /// A press's key among the offered message ids.
 fn press_key(press: &Press) -> [u8; 16] {
@@ -187,6 +201,7 @@ pub(crate) struct Bot {
     /// Woken when updates were queued.
     pub(crate) arrived: Arc<Notify>,
     users: Mutex<HashMap<UserId, (Value, std::time::Instant)>>,
+    groups: Mutex<Option<(Vec<GroupInfo>, std::time::Instant)>>,
 }
 
 /// A started bot and its tasks, which hold it only weakly: the one feeding its updates, the
@@ -320,25 +335,42 @@ impl Bot {
         number.await.map_err(stopped)?.map_err(TgError::internal)
     }
 
-    /// The groups (not channels) the bot is in.
-    pub(crate) async fn groups(&self) -> Result<Vec<GroupInfo>, TgError> {
-        match self.node.call(Call::GroupList).await {
-            Ok(Reply::Groups { groups }) => Ok(groups.into_iter().filter(|g| g.kind == "group" && g.active).collect()),
-            Ok(other) => Err(TgError::internal(ApiError::unexpected("group_list", &other))),
-            Err(e) => Err(node_error(&e)),
+    /// The group (not channel) the bot is in that `which` picks. The list is cached for a
+    /// few seconds (asking the node for it also fetches from the relays); one not in the cache
+    /// is looked for again in a fresh list, so a group the bot was just added to is found.
+    pub(crate) async fn group(&self, which: impl Fn(&GroupInfo) -> bool) -> Result<Option<GroupInfo>, TgError> {
+        let cached = self.groups_cache().as_ref().filter(|(_, at)| at.elapsed() < GROUPS_CACHE).map(|(g, _)| g.clone());
+        if let Some(found) = cached.into_iter().flatten().find(&which) {
+            return Ok(Some(found));
         }
+        let groups: Vec<GroupInfo> = match self.node.call(Call::GroupList).await {
+            Ok(Reply::Groups { groups }) => groups.into_iter().filter(|g| g.kind == "group" && g.active).collect(),
+            Ok(other) => return Err(TgError::internal(ApiError::unexpected("group_list", &other))),
+            Err(e) => return Err(node_error(&e)),
+        };
+        let found = groups.iter().find(|g| which(g)).cloned();
+        *self.groups_cache() = Some((groups, std::time::Instant::now()));
+        Ok(found)
+    }
+
+    fn groups_cache(&self) -> std::sync::MutexGuard<'_, Option<(Vec<GroupInfo>, std::time::Instant)>> {
+        self.groups.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The group whose chat this is in the bot's history.
     async fn group_of_chat(&self, chat: UserId) -> Result<Option<GroupInfo>, TgError> {
-        Ok(self.groups().await?.into_iter().find(|g| g.id.chat_number() == chat))
+        self.group(|g| g.id.chat_number() == chat).await
     }
 
     /// Whether the bot sees a group message, in privacy mode as Telegram's: commands for every
     /// bot or for this one, mentions of it, replies to its messages; everything when it is an
     /// admin of the group.
+    /// Other bots' messages are never seen, so that two bots cannot answer each other forever.
     async fn sees_in_group(&self, m: &StoredMessage) -> Result<bool, TgError> {
         let Some(group) = self.group_of_chat(m.chat).await? else { return Ok(false) };
+        if self.user(m.from).await["is_bot"] == true {
+            return Ok(false);
+        }
         if group.admin {
             return Ok(true);
         }
@@ -351,13 +383,13 @@ impl Bot {
             }
         }
         if let Some(me) = &me
-            && m.text.to_ascii_lowercase().contains(&format!("@{me}"))
+            && mentions(&m.text, me)
         {
             return Ok(true);
         }
         let Some(replied) = m.reply_to else { return Ok(false) };
         match self.node.call(Call::GetMessage { message: replied }).await {
-            Ok(Reply::Message { message }) => Ok(message.outgoing),
+            Ok(Reply::Message { message }) => Ok(message.outgoing && message.chat == m.chat),
             Err(e) if e.code == "NOT_FOUND" => Ok(false),
             Ok(other) => Err(TgError::internal(ApiError::unexpected("get_message", &other))),
             Err(e) => Err(node_error(&e)),
@@ -495,5 +527,16 @@ async fn feed(bot: std::sync::Weak<Bot>, mut events: tokio::sync::broadcast::Rec
             Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => look_again = true,
             Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_mention_is_of_the_whole_username() {
+        assert!(super::mentions("hi @Team_Bot, a question", "team_bot"));
+        assert!(super::mentions("@team_bot", "team_bot"));
+        assert!(!super::mentions("ask @team_bot_two", "team_bot"));
+        assert!(!super::mentions("no mention", "team_bot"));
     }
 }

@@ -78,7 +78,8 @@ async fn upload(bot: &Bot, p: &Params, path: &Path) -> Result<FileRef, TgError> 
 /// by a redirect, nor by a name that resolves there.
 async fn fetch_url(bot: &Bot, p: &Params, url: &str) -> Result<PathBuf, TgError> {
     let failed = || TgError::bad_request("failed to get HTTP URL content");
-    let mut client = reqwest::Client::builder().timeout(URL_TIMEOUT);
+    // No proxy: it would resolve names itself, past the check below.
+    let mut client = reqwest::Client::builder().timeout(URL_TIMEOUT).no_proxy();
     if !bot.fetch_private_urls {
         let parsed = reqwest::Url::parse(url).map_err(|_| wrong_file())?;
         if !host_may_be_public(&parsed) {
@@ -137,21 +138,37 @@ fn is_public(ip: IpAddr) -> bool {
         IpAddr::V4(v4) => {
             let [a, b, ..] = v4.octets();
             let shared = a == 100 && (b & 0xc0) == 64;
+            let benchmarking = a == 198 && (b & 0xfe) == 18;
             !(v4.is_private()
                 || v4.is_loopback()
                 || v4.is_link_local()
                 || v4.is_unspecified()
                 || v4.is_broadcast()
                 || v4.is_documentation()
+                || v4.is_multicast()
                 || shared
-                || a == 0)
+                || benchmarking
+                || a == 0
+                || a >= 240)
         }
         IpAddr::V6(v6) => {
-            if let Some(v4) = v6.to_ipv4_mapped() {
+            let s = v6.segments();
+            let embedded =
+                |hi: u16, lo: u16| IpAddr::V4(std::net::Ipv4Addr::from((u32::from(hi) << 16) | u32::from(lo)));
+            if v6.is_loopback() || v6.is_unspecified() {
+                return false;
+            }
+            // Addresses that carry an IPv4 one: mapped, compatible (`::a.b.c.d`), NAT64, 6to4.
+            if let Some(v4) = v6.to_ipv4() {
                 return is_public(IpAddr::V4(v4));
             }
-            let first = v6.segments()[0];
-            !(v6.is_loopback() || v6.is_unspecified() || (first & 0xfe00) == 0xfc00 || (first & 0xffc0) == 0xfe80)
+            if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+                return is_public(embedded(s[6], s[7]));
+            }
+            if s[0] == 0x2002 {
+                return is_public(embedded(s[1], s[2]));
+            }
+            !(v6.is_multicast() || (s[0] & 0xfe00) == 0xfc00 || (s[0] & 0xffc0) == 0xfe80)
         }
     }
 }
@@ -247,6 +264,7 @@ pub(crate) async fn serve(bot: &Bot, file_path: &str) -> Response {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -259,14 +277,22 @@ mod tests {
             "169.254.169.254",
             "100.64.0.1",
             "0.0.0.0",
+            "198.18.0.1",
+            "240.0.0.1",
+            "224.0.0.1",
             "::1",
+            "::127.0.0.1",
+            "64:ff9b::7f00:1",
+            "2002:7f00:1::",
+            "ff02::1",
             "fd00::1",
             "fe80::1",
             "::ffff:127.0.0.1",
         ] {
-            assert!(!is_public(private.parse().unwrap_or(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST))), "{private}");
+            assert!(!is_public(private.parse().unwrap()), "{private}");
         }
-        assert!(is_public("8.8.8.8".parse().unwrap_or(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST))));
+        assert!(is_public("8.8.8.8".parse().unwrap()));
+        assert!(is_public("2606:4700::1111".parse().unwrap()));
         let url = |u: &str| reqwest::Url::parse(u).ok();
         assert_eq!(url("http://localhost:8080/x").map(|u| host_may_be_public(&u)), Some(false));
         assert_eq!(url("http://[::1]/x").map(|u| host_may_be_public(&u)), Some(false));

@@ -202,9 +202,7 @@ async fn chat_of(bot: &Bot, p: &Params, name: &str) -> Result<(LookupQuery, i64,
     } else {
         let id: i64 = raw.trim().parse().map_err(|_| not_found())?;
         if id < 0 {
-            let groups = bot.groups().await?;
-            let group =
-                groups.into_iter().find(|g| convert::chat_id(g.id.chat_number()) == id).ok_or_else(not_found)?;
+            let group = bot.group(|g| convert::chat_id(g.id.chat_number()) == id).await?.ok_or_else(not_found)?;
             return Ok((LookupQuery::Group(group.id), id, convert::group_chat(id, &group.title)));
         }
         if id == 0 {
@@ -224,8 +222,7 @@ async fn members_of(bot: &Bot, to: &LookupQuery, chat: i64) -> Result<Vec<(UserI
     let LookupQuery::Group(group) = to else {
         return Ok(vec![(UserId(chat as u64), "member"), (bot.account.user_id, "member")]);
     };
-    let groups = bot.groups().await?;
-    let group = groups.into_iter().find(|g| g.id == *group).ok_or_else(|| TgError::bad_request("chat not found"))?;
+    let group = bot.group(|g| g.id == *group).await?.ok_or_else(|| TgError::bad_request("chat not found"))?;
     Ok(group.members.iter().map(|m| (m.user, if m.admin { "administrator" } else { "member" })).collect())
 }
 

@@ -116,7 +116,9 @@ pub(crate) fn info(bot: &Bot) -> Result<Value, TgError> {
 
 /// Delivers a bot's updates to its webhook while the bot runs (it holds the bot weakly).
 pub(crate) async fn deliver(bot: Weak<Bot>) {
-    let client = match reqwest::Client::builder().timeout(DELIVERY_TIMEOUT).build() {
+    // A redirect would turn the POST into a GET without the update: it is a failed delivery.
+    let client = reqwest::Client::builder().timeout(DELIVERY_TIMEOUT).redirect(reqwest::redirect::Policy::none());
+    let client = match client.build() {
         Ok(client) => client,
         Err(e) => {
             tracing::error!(error = %e, "no HTTP client for webhooks");
@@ -160,7 +162,10 @@ pub(crate) async fn deliver(bot: Weak<Bot>) {
             Ok(()) => {
                 retry = FIRST_RETRY;
                 if let Err(e) = this.store.confirm(update_id) {
-                    tracing::warn!(error = %e, "a delivered update was not confirmed; it will come again");
+                    // It will come again: not at once, or the bot gets it over and over.
+                    tracing::warn!(error = %e, "a delivered update was not confirmed; retrying");
+                    drop(this);
+                    tokio::time::sleep(LAST_RETRY).await;
                 }
             }
             Err(message) => {

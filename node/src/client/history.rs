@@ -1323,8 +1323,6 @@ fn merge(mut mine: StoredMessage, theirs: &StoredMessage) -> StoredMessage {
     mine
 }
 
-/// Keeps a press in `table`, dropping those older than [`PRESS_KEPT_MS`] and, past
-/// [`MAX_PRESSES`], the first.
 /// Keeps a press unless its id is taken (an id is the presser's choice: a second press with
 /// it must not change who the answer goes to) or its user has `per_user` presses waiting.
 /// Expired presses go first; when full, the one this device recorded first.

@@ -291,41 +291,35 @@ impl Actor {
         loop {
             tokio::select! {
                 job = jobs.recv() => {
-                    let Some((call, reply)) = job else { return };
-                    catch_up(&mut self.messenger, &mut self.updates);
-                    if call.is_transfer() {
-                        self.start_transfer(call, reply);
-                        continue;
-                    }
-                    if let Call::Press { message, button } = call {
-                        self.press(message, button, reply).await;
-                        continue;
-                    }
-                    let (call, reply) = if is_send(&call) {
-                        let mut batch = vec![(call, reply)];
-                        let mut after = None;
-                        while batch.len() < MAX_SEND_BATCH {
-                            match jobs.try_recv() {
-                                Ok(job) if is_send(&job.0) => batch.push(job),
-                                // Not a send: its turn comes after the sends before it.
-                                Ok(job) => {
-                                    after = Some(job);
-                                    break;
+                    let Some(job) = job else { return };
+                    // A job that came behind a batch of sends is routed like any other, after it.
+                    let mut next = Some(job);
+                    while let Some((call, reply)) = next.take() {
+                        catch_up(&mut self.messenger, &mut self.updates);
+                        if call.is_transfer() {
+                            self.start_transfer(call, reply);
+                        } else if let Call::Press { message, button } = call {
+                            self.press(message, button, reply).await;
+                        } else if is_send(&call) {
+                            let mut batch = vec![(call, reply)];
+                            while batch.len() < MAX_SEND_BATCH {
+                                match jobs.try_recv() {
+                                    Ok(job) if is_send(&job.0) => batch.push(job),
+                                    // Not a send: its turn comes after the sends before it.
+                                    Ok(job) => {
+                                        next = Some(job);
+                                        break;
+                                    }
+                                    Err(_) => break,
                                 }
-                                Err(_) => break,
                             }
+                            self.send_batch(batch).await;
+                        } else {
+                            let answer = self.handle(call).await;
+                            // A caller that gave up does not need the answer.
+                            let _ = reply.send(answer);
                         }
-                        self.send_batch(batch).await;
-                        match after {
-                            Some(job) => job,
-                            None => continue,
-                        }
-                    } else {
-                        (call, reply)
-                    };
-                    let answer = self.handle(call).await;
-                    // A caller that gave up does not need the answer.
-                    let _ = reply.send(answer);
+                    }
                 }
                 Some(_) = self.transfers.join_next() => {}
                 _ = retry.tick() => {
@@ -478,7 +472,6 @@ impl Actor {
         }
     }
 
-    /// Sends what waits in the outbox and tells subscribers; a failure waits for the next try.
     /// Sends the messages of calls that waited together: each call's are queued (on disk),
     /// then one flush sends them all, each recipient's in one batch, and each caller is
     /// answered. A busy sender (a bot) sends many messages per relay round trip this way,
@@ -546,6 +539,7 @@ impl Actor {
         Ok(Reply::Messages { messages: sent, names, secret: Vec::new() })
     }
 
+    /// Sends what waits in the outbox and tells subscribers; a failure waits for the next try.
     async fn flush_outbox(&mut self) {
         match self.messenger.flush_outbox().await {
             Ok(sent) => self.publish(&sent, false),
