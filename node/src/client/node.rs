@@ -479,6 +479,10 @@ impl Actor {
     async fn send_batch(&mut self, batch: Vec<Job>) {
         let (mut queued, mut records, mut payloads) = (Vec::new(), Vec::new(), Vec::new());
         for (call, reply) in batch {
+            if let Err(e) = self.learn_group(&call).await {
+                let _ = reply.send(Err(e));
+                continue;
+            }
             let (to, drafts, reply_to, one) = match call {
                 Call::Send { to, texts, reply_to } => {
                     (to, texts.into_iter().map(Draft::text).collect(), reply_to, false)
@@ -572,6 +576,17 @@ impl Actor {
         }
     }
 
+    /// A group this account was just added to is known once fetched: fetches if `call` names
+    /// a group this device does not know yet.
+    async fn learn_group(&mut self, call: &Call) -> Result<(), ApiError> {
+        if let Some(group) = call.group()
+            && self.messenger.group_info(&group).is_err()
+        {
+            self.receive_waiting().await?;
+        }
+        Ok(())
+    }
+
     async fn handle(&mut self, call: Call) -> Result<Reply, ApiError> {
         let client = self.messenger.client.clone();
         if matches!(
@@ -587,11 +602,8 @@ impl Actor {
             // A secret chat's state moves with what the other side sent (an accept, a re-key,
             // a close): act on what is known now.
             self.receive_waiting().await?;
-        } else if let Some(group) = call.group()
-            && self.messenger.group_info(&group).is_err()
-        {
-            // A group this account was just added to is known once fetched.
-            self.receive_waiting().await?;
+        } else {
+            self.learn_group(&call).await?;
         }
         Ok(match call {
             Call::Whoami => {
