@@ -78,7 +78,15 @@ pub(super) fn parse_query(s: &str) -> Result<LookupQuery, CliError> {
 }
 
 fn parse_message_id(s: &str) -> Result<MessageId, CliError> {
-    s.parse().map_err(|e: InvalidValue| CliError::usage(format!("message id: {}", e.0)))
+    s.parse().map_err(|e: InvalidValue| {
+        // `messages` shows the last 8 digits; a command needs all 32.
+        let hint = if s.len() < 32 && s.chars().all(|c| c.is_ascii_hexdigit()) {
+            " (the short id `messages` shows is its end: `messages CHAT --json` shows whole ids)"
+        } else {
+            ""
+        };
+        CliError::usage(format!("message id: {}{hint}", e.0))
+    })
 }
 
 /// The call a command makes.
