@@ -77,6 +77,10 @@ pub(super) fn message_line(m: &StoredMessage, names: &Names) -> String {
     let edited = if m.edited { " (edited)" } else { "" };
     let status = if m.outgoing { format!(" [{:?}]", m.status).to_lowercase() } else { String::new() };
     let keyboard = match m.extras.as_ref().and_then(|e| e.markup.as_ref()).filter(|_| !m.deleted) {
+        // The whole id, which a press needs (the line shows only its end).
+        Some(markup @ (Markup::Inline { .. } | Markup::Keyboard { .. })) if !m.outgoing => {
+            format!("{}\n    meshgram press {} BUTTON", keyboard_lines(markup), m.id)
+        }
         Some(markup) => keyboard_lines(markup),
         None => String::new(),
     };
