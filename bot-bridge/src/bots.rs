@@ -312,7 +312,7 @@ impl Bot {
 
     /// A message of the bot's history as a Bot API `Message`.
     pub(crate) async fn message_json(&self, m: &StoredMessage) -> Result<Value, TgError> {
-        let chat = convert::chat_id(m.chat);
+        let chat = self.chat_id(m.chat)?;
         let number = self.number(chat, m.id).await?;
         let reply_to = match m.reply_to {
             Some(id) => Some(self.number(chat, id).await?),
@@ -325,6 +325,15 @@ impl Bot {
             convert::private_chat(&self.user(m.chat).await)
         };
         Ok(convert::message(m, number, reply_to, self.user(m.from).await, chat_json))
+    }
+
+    /// The Bot API chat id of a chat of the bot's history: a user's id, or a group's negative
+    /// id, given in order as the bridge first meets the group (see `BotStore::group_chat_id`).
+    pub(crate) fn chat_id(&self, chat: UserId) -> Result<i64, TgError> {
+        if is_group_chat(chat) {
+            return self.store.group_chat_id(chat.0).map_err(TgError::internal);
+        }
+        Ok(chat.0 as i64)
     }
 
     /// The Bot API number of message `id` in `chat`, given now if it has none.
@@ -412,7 +421,7 @@ impl Bot {
         let message = self.message_json(m).await?;
         let queued = self
             .store
-            .offer(convert::chat_id(m.chat), m.id, convert::version(m), |offer, _| {
+            .offer(self.chat_id(m.chat)?, m.id, convert::version(m), |offer, _| {
                 let kind = if offer == Offer::Edited { "edited_message" } else { "message" };
                 Some(json!({ kind: message }))
             })

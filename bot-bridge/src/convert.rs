@@ -3,9 +3,7 @@
 
 use meshgram_node::client::history::StoredMessage;
 use meshgram_node::crypto::cert::AccountKind;
-use meshgram_node::ids::UserId;
 use meshgram_node::proto::UserCard;
-use meshgram_node::proto::group::is_group_chat;
 use meshgram_node::proto::media::FileRef;
 use serde_json::{Value, json};
 
@@ -29,13 +27,6 @@ pub(crate) fn private_chat(user: &Value) -> Value {
         chat["username"] = username.clone();
     }
     chat
-}
-
-/// The Bot API chat id of a history's chat: a user's id, or for a group a negative number of
-/// 40 bits (from its chat number): Bot API ids must fit 52 bits, as JavaScript bots read them
-/// as doubles.
-pub(crate) fn chat_id(chat: UserId) -> i64 {
-    if is_group_chat(chat) { -(((chat.0 << 1) >> 24) as i64) - 1 } else { chat.0 as i64 }
 }
 
 /// A group as a Bot API `Chat`.

@@ -202,7 +202,8 @@ async fn chat_of(bot: &Bot, p: &Params, name: &str) -> Result<(LookupQuery, i64,
     } else {
         let id: i64 = raw.trim().parse().map_err(|_| not_found())?;
         if id < 0 {
-            let group = bot.group(|g| convert::chat_id(g.id.chat_number()) == id).await?.ok_or_else(not_found)?;
+            let chat = bot.store.group_chat_number(id).map_err(TgError::internal)?.ok_or_else(not_found)?;
+            let group = bot.group(|g| g.id.chat_number().0 == chat).await?.ok_or_else(not_found)?;
             return Ok((LookupQuery::Group(group.id), id, convert::group_chat(id, &group.title)));
         }
         if id == 0 {

@@ -25,7 +25,15 @@ const OFFERED: TableDefinition<&[u8; 16], u64> = TableDefinition::new("offered_m
 /// Small settings: the next update id (8 bytes), and JSON ones (see [`BotStore::setting`]).
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 
+/// A group's chat number (in the bot's history) → its Bot API chat id, and back.
+const GROUP_CHAT_IDS: TableDefinition<u64, i64> = TableDefinition::new("group_chat_ids");
+const GROUP_CHATS: TableDefinition<i64, u64> = TableDefinition::new("group_chats");
+
 const NEXT_UPDATE: &str = "next_update_id";
+const NEXT_GROUP: &str = "next_group";
+/// Groups' Bot API ids count down from here, shaped like Telegram's supergroup ids and far
+/// inside the 52 bits a JavaScript bot reads exactly.
+const FIRST_GROUP_CHAT_ID: i64 = -1_000_000_000_001;
 
 /// The store failed (disk, corruption): the request is answered with a server error and
 /// nothing is confirmed.
@@ -64,6 +72,8 @@ impl BotStore {
         tx.open_table(LAST_NUMBER).map_err(err)?;
         tx.open_table(OFFERED).map_err(err)?;
         tx.open_table(META).map_err(err)?;
+        tx.open_table(GROUP_CHAT_IDS).map_err(err)?;
+        tx.open_table(GROUP_CHATS).map_err(err)?;
         tx.commit().map_err(err)?;
         Ok(BotStore { db })
     }
@@ -201,6 +211,45 @@ impl BotStore {
         Ok(found)
     }
 
+    /// The Bot API chat id of a group, by its chat number, given now (the next one down) if it
+    /// has none: sequential, so two groups never share one.
+    pub(crate) fn group_chat_id(&self, chat_number: u64) -> Result<i64, StoreError> {
+        {
+            let tx = self.db.begin_read().map_err(err)?;
+            if let Some(id) = tx.open_table(GROUP_CHAT_IDS).map_err(err)?.get(chat_number).map_err(err)? {
+                return Ok(id.value());
+            }
+        }
+        let tx = self.db.begin_write().map_err(err)?;
+        let id = {
+            let mut ids = tx.open_table(GROUP_CHAT_IDS).map_err(err)?;
+            if let Some(id) = ids.get(chat_number).map_err(err)?.map(|v| v.value()) {
+                id
+            } else {
+                let mut meta = tx.open_table(META).map_err(err)?;
+                let given = match meta.get(NEXT_GROUP).map_err(err)? {
+                    Some(v) => {
+                        u64::from_le_bytes(v.value().try_into().map_err(|_| StoreError("bad next group".into()))?)
+                    }
+                    None => 0,
+                };
+                meta.insert(NEXT_GROUP, given.saturating_add(1).to_le_bytes().as_slice()).map_err(err)?;
+                let id = FIRST_GROUP_CHAT_ID.saturating_sub(i64::try_from(given).unwrap_or(i64::MAX));
+                ids.insert(chat_number, id).map_err(err)?;
+                tx.open_table(GROUP_CHATS).map_err(err)?.insert(id, chat_number).map_err(err)?;
+                id
+            }
+        };
+        tx.commit().map_err(err)?;
+        Ok(id)
+    }
+
+    /// The chat number of the group with this Bot API chat id, if it has been given.
+    pub(crate) fn group_chat_number(&self, chat_id: i64) -> Result<Option<u64>, StoreError> {
+        let tx = self.db.begin_read().map_err(err)?;
+        Ok(tx.open_table(GROUP_CHATS).map_err(err)?.get(chat_id).map_err(err)?.map(|v| v.value()))
+    }
+
     /// Confirms (deletes) the update `update_id` and every one before it, as a `getUpdates`
     /// with the next offset would.
     pub(crate) fn confirm(&self, update_id: u64) -> Result<(), StoreError> {
@@ -313,6 +362,10 @@ mod tests {
         assert!(store.offer(7, MessageId::random(), 0, update).unwrap());
         let newest = store.updates(None, 100, None).unwrap().pop().unwrap();
         assert!(newest["update_id"].as_u64().unwrap() > first + 2, "update ids keep growing across restarts");
+        let (g1, g2) = (store.group_chat_id(1 << 63 | 5).unwrap(), store.group_chat_id(1 << 63 | 6).unwrap());
+        assert_eq!((g1, g2), (FIRST_GROUP_CHAT_ID, FIRST_GROUP_CHAT_ID - 1), "one id each, in order");
+        assert_eq!(store.group_chat_id(1 << 63 | 5).unwrap(), g1);
+        assert_eq!(store.group_chat_number(g2).unwrap(), Some(1 << 63 | 6));
         let press = [9; 16];
         assert!(store.offer_once(press, serde_json::json!({"callback_query": {}})).unwrap());
         assert!(!store.offer_once(press, serde_json::json!({"callback_query": {}})).unwrap(), "once");
