@@ -49,7 +49,6 @@ impl Messenger {
         let query = CallbackId::random();
         let press =
             Press { id: query, with: message.from, message: id, data: data.clone(), at_ms: now_ms(), answer: None };
-        self.h().put_press_out(&press)?;
         let card = self.card(LookupQuery::UserId(message.from), CARD_FRESH_SECS).await?;
         // Buttons that tell their sender are bots' (as in Telegram): a person's are not pressed.
         if card.kind != AccountKind::Bot {
@@ -58,6 +57,8 @@ impl Messenger {
         if card.devices.is_empty() {
             return Err(MessagingError::NoDevices(card.user_id));
         }
+        // Kept before it goes, so that an answer coming at once finds it.
+        self.h().put_press_out(&press)?;
         self.send_payloads(&card, vec![Body::Callback { query, message: id, data }], false).await?;
         Ok(Pressed::Callback { query, answer: None })
     }
