@@ -338,10 +338,10 @@ impl Bot {
 
     /// The Bot API number of message `id` in `chat`, given now if it has none.
     pub(crate) async fn number(&self, chat: i64, id: MessageId) -> Result<i32, TgError> {
-        let stopped = |_| TgError::internal("the numbering task stopped");
+        let stopped = || TgError::internal("the numbering task stopped");
         let (reply, number) = tokio::sync::oneshot::channel();
-        self.numbering.send(((chat, id), reply)).await.map_err(|_| TgError::internal("the numbering task stopped"))?;
-        number.await.map_err(stopped)?.map_err(TgError::internal)
+        self.numbering.send(((chat, id), reply)).await.map_err(|_| stopped())?;
+        number.await.map_err(|_| stopped())?.map_err(TgError::internal)
     }
 
     /// The group (not channel) the bot is in that `which` picks. The list is cached for a
@@ -455,6 +455,36 @@ impl Bot {
     }
 }
 
+/// What the bot's node received that may become an update.
+enum Arrival {
+    Message(StoredMessage),
+    Press(Press),
+}
+
+impl Bot {
+    /// Queues the update of an arrival unless it was queued already; whether it was now.
+    async fn offer_arrival(&self, arrival: &Arrival) -> Result<bool, TgError> {
+        match arrival {
+            Arrival::Message(m) => self.offer(m).await,
+            Arrival::Press(press) => self.offer_press(press).await,
+        }
+    }
+
+    /// Everything the history holds that may become an update: messages in the order they were
+    /// sent, across chats, as updates would have come, then the presses waiting.
+    async fn all_arrivals(&self) -> Result<Vec<Arrival>, TgError> {
+        let (mut messages, _) = self.node.messages(None).await.map_err(|e| node_error(&e))?;
+        messages.sort_by_key(|m| (m.sent_at_ms, m.id));
+        let mut arrivals: Vec<Arrival> = messages.into_iter().map(Arrival::Message).collect();
+        match self.node.call(Call::Presses).await {
+            Ok(Reply::Presses { presses }) => arrivals.extend(presses.into_iter().map(Arrival::Press)),
+            Ok(other) => return Err(TgError::internal(ApiError::unexpected("presses", &other))),
+            Err(e) => return Err(node_error(&e)),
+        }
+        Ok(arrivals)
+    }
+}
+
 /// Turns what the bot's node receives into updates: first what its history holds and was not
 /// offered yet (the bridge may have died after the node stored it), then each event.
 async fn feed(bot: std::sync::Weak<Bot>, mut events: tokio::sync::broadcast::Receiver<Event>) {
@@ -462,79 +492,55 @@ async fn feed(bot: std::sync::Weak<Bot>, mut events: tokio::sync::broadcast::Rec
     loop {
         let Some(this) = bot.upgrade() else { return };
         if look_again {
-            match this.node.messages(None).await {
-                Ok((mut messages, _)) => {
-                    // In the order they were sent, across chats, as updates would have come.
-                    messages.sort_by_key(|m| (m.sent_at_ms, m.id));
-                    let (mut queued, mut failed) = (false, false);
-                    for m in &messages {
-                        match this.offer(m).await {
-                            Ok(q) => queued |= q,
-                            Err(e) => {
-                                tracing::warn!(error = %e.description, "an update was not queued; retrying");
-                                failed = true;
-                            }
-                        }
-                    }
-                    match this.node.call(Call::Presses).await {
-                        Ok(Reply::Presses { presses }) => {
-                            for press in &presses {
-                                match this.offer_press(press).await {
-                                    Ok(q) => queued |= q,
-                                    Err(e) => {
-                                        tracing::warn!(error = %e.description, "a press was not queued; retrying");
-                                        failed = true;
-                                    }
-                                }
-                            }
-                        }
-                        Ok(other) => tracing::error!(reply = ?other, "the node answered presses with something else"),
-                        Err(e) => {
-                            tracing::info!(error = %e, "the bot's presses could not be read yet; retrying");
-                            failed = true;
-                        }
-                    }
-                    if queued {
-                        this.arrived.notify_waiters();
-                    }
-                    look_again = failed;
-                    if failed {
-                        drop(this);
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                        continue;
-                    }
-                }
+            let arrivals = match this.all_arrivals().await {
+                Ok(arrivals) => arrivals,
                 Err(e) => {
-                    tracing::info!(error = %e, "the bot's history could not be read yet; retrying");
+                    tracing::info!(error = %e.description, "the bot's history could not be read yet; retrying");
                     drop(this);
                     tokio::time::sleep(Duration::from_secs(1)).await;
                     continue;
                 }
+            };
+            let (mut queued, mut failed) = (false, false);
+            for arrival in &arrivals {
+                match this.offer_arrival(arrival).await {
+                    Ok(q) => queued |= q,
+                    Err(e) => {
+                        tracing::warn!(error = %e.description, "an update was not queued; retrying");
+                        failed = true;
+                    }
+                }
+            }
+            if queued {
+                this.arrived.notify_waiters();
+            }
+            look_again = failed;
+            if failed {
+                drop(this);
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
             }
         }
         drop(this);
         let event = events.recv().await;
         let Some(this) = bot.upgrade() else { return };
-        match event {
-            Ok(Event::Message { message, received: true, .. }) => match this.offer(&message).await {
-                Ok(true) => this.arrived.notify_waiters(),
-                Ok(false) => {}
-                Err(e) => {
-                    tracing::warn!(error = %e.description, "an update was not queued; looking again");
-                    look_again = true;
-                }
-            },
-            Ok(Event::Press { press }) => match this.offer_press(&press).await {
-                Ok(true) => this.arrived.notify_waiters(),
-                Ok(false) => {}
-                Err(e) => {
-                    tracing::warn!(error = %e.description, "a press was not queued; looking again");
-                    look_again = true;
-                }
-            },
-            Ok(_) => {}
-            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => look_again = true,
+        let arrival = match event {
+            Ok(Event::Message { message, received: true, .. }) => Arrival::Message(message),
+            Ok(Event::Press { press }) => Arrival::Press(press),
+            Ok(_) => continue,
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                look_again = true;
+                continue;
+            }
             Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        };
+        match this.offer_arrival(&arrival).await {
+            Ok(true) => this.arrived.notify_waiters(),
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(error = %e.description, "an update was not queued; looking again");
+                look_again = true;
+            }
         }
     }
 }
