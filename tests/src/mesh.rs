@@ -256,6 +256,25 @@ impl Mesh {
         args
     }
 
+    /// Starts a bot bridge on `data` for this mesh, HTTP on a free port; it may fetch files by
+    /// URL from loopback (all the tests have).
+    pub fn start_bridge(&self, data: &Path) -> Server {
+        let mut args = vec!["--data".to_string(), data.display().to_string(), "--http".into(), "127.0.0.1:0".into()];
+        args.push("--fetch-private-urls".into());
+        args.extend(self.login_args());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Server::start(&bin_path(crate::BRIDGE_BIN), &args).expect("the bot bridge starts")
+    }
+
+    /// Starts `meshgram app` on `profile` (signed in or not) for this mesh, on a free port,
+    /// without a browser; its ready line has the `url` (with the token) and `port`.
+    pub fn start_app(&self, profile: &Path) -> Server {
+        let mut args = vec!["--profile".to_string(), profile.display().to_string(), "app".into(), "--no-open".into()];
+        args.extend(self.login_args());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Server::start(&bin_path(crate::CLI_BIN), &args).expect("the app starts")
+    }
+
     /// Signs `phone` in on `profile`, remembering this mesh's relays; returns the login JSON.
     pub fn login(&self, profile: &Path, phone: &str) -> Value {
         let args = self.login_args();

@@ -61,6 +61,17 @@ fn up_runs_a_network_that_resumes_with_its_data() {
     assert_eq!(status, 200, "{me}");
     assert!(me.contains("\"username\":\"up_bot\""), "{me}");
 
+    // The desktop app is back at the same address: its page is served, its API only with the
+    // token (which network.json does not hold).
+    assert_eq!(resumed["app"], network["app"], "{resumed}");
+    let app = resumed["app"].as_str().unwrap();
+    assert!(!app.contains("token"), "{app}");
+    let (status, page) = meshgram_tests::http_get(app, "/").unwrap();
+    assert_eq!(status, 200, "{page}");
+    assert!(page.contains("<title>Meshgram</title>"), "{page}");
+    let (status, answer) = meshgram_tests::http_get(app, "/api/state").unwrap();
+    assert_eq!(status, 401, "{answer}");
+
     // Ctrl-C / SIGTERM stops it cleanly.
     let status = up.server.terminate().expect("`meshgram up` stops within 20 s of SIGTERM");
     assert!(status.success(), "{status}");

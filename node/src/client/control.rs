@@ -51,6 +51,9 @@ pub enum Holder {
     Node,
     /// One CLI command that found no node and opened the profile itself, for a moment.
     OneShot,
+    /// `meshgram app`: the node with its web UI (whose address is in `PROFILE/app.json`),
+    /// holding the profile even before it is signed in.
+    App,
 }
 
 impl Holder {
@@ -58,6 +61,7 @@ impl Holder {
         match self {
             Holder::Node => "node",
             Holder::OneShot => "command",
+            Holder::App => "app",
         }
     }
 }
@@ -66,7 +70,7 @@ impl Holder {
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
     /// Another process holds the profile.
-    #[error("{} already uses this profile{}", match .holder { Some(Holder::OneShot) => "another meshgram command", _ => "a client node" }, .pid.map(|p| format!(" (pid {p})")).unwrap_or_default())]
+    #[error("{} already uses this profile{}", match .holder { Some(Holder::OneShot) => "another meshgram command", Some(Holder::App) => "the app (meshgram app)", _ => "a client node" }, .pid.map(|p| format!(" (pid {p})")).unwrap_or_default())]
     AlreadyRunning { pid: Option<u32>, holder: Option<Holder> },
     /// The lock file or socket could not be set up.
     #[error("{path}: {source}")]
@@ -110,8 +114,11 @@ impl NodeLock {
                 let _ = file.read_to_string(&mut text);
                 let mut words = text.split_whitespace();
                 let pid = words.next().and_then(|p| p.parse().ok());
-                let holder =
-                    words.next().map(|h| if h == Holder::OneShot.as_str() { Holder::OneShot } else { Holder::Node });
+                let holder = words.next().map(|h| match h {
+                    "command" => Holder::OneShot,
+                    "app" => Holder::App,
+                    _ => Holder::Node,
+                });
                 return Err(ControlError::AlreadyRunning { pid, holder });
             }
             Err(fs::TryLockError::Error(e)) => return Err(io(e)),

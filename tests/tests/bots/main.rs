@@ -18,27 +18,13 @@ use std::path::{Path, PathBuf};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use meshgram_tests::{BRIDGE_BIN, Mesh, Server, bin_path, meshgram};
+use meshgram_tests::{Mesh, Server, meshgram};
 use serde_json::Value;
 
 const ALICE: &str = "+15550001001";
 
 /// How long a reply may take to travel user → bot → user.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// Starts a bridge on `data` for `mesh`'s gateway and relays, HTTP on a free port; it may
-/// fetch files by URL from loopback (all the tests have).
-fn start_bridge(mesh: &Mesh, data: &Path) -> Server {
-    let data = data.display().to_string();
-    let gateway = mesh.gateway.addr();
-    let mut args = vec!["--data".to_string(), data, "--http".into(), "127.0.0.1:0".into(), "--gateway".into(), gateway];
-    args.push("--fetch-private-urls".into());
-    for relay in &mesh.relays {
-        args.extend(["--relay".into(), relay.tcp_addr()]);
-    }
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    Server::start(&bin_path(BRIDGE_BIN), &args).expect("the bot bridge starts")
-}
 
 /// A network for one bot test: alice signed in, her bot, and a bridge (data in `data`) that
 /// has signed the bot in with its first request, so that the bot has a device to receive on.
@@ -59,7 +45,7 @@ fn bot_net(username: &str) -> BotNet {
     let alice_id = mesh.login(&alice, ALICE)["user_id"].as_u64().unwrap();
     let token = create_bot(&alice, username);
     let data = mesh.gateway.tmp().join("bridge");
-    let bridge = start_bridge(&mesh, &data);
+    let bridge = mesh.start_bridge(&data);
     let http = bridge.http().unwrap();
     let (status, me) = meshgram_tests::http_get(&http, &format!("/bot{token}/getMe")).unwrap();
     assert_eq!(status, 200, "{me}");

@@ -3,7 +3,7 @@
 use meshgram_tests::{http_get, http_post, meshgram};
 use serde_json::Value;
 
-use crate::{BotNet, bot_net, start_bridge};
+use crate::{BotNet, bot_net};
 
 /// `(status, body as JSON)` of a GET.
 fn get(http: &str, path: &str) -> (u16, Value) {
@@ -112,7 +112,7 @@ fn bad_input_gets_telegrams_errors_and_updates_survive_sigkill() {
     assert_eq!(left, first[1..], "an offset confirms the updates below it");
     bridge.kill9();
 
-    let bridge = start_bridge(&mesh, &data);
+    let bridge = mesh.start_bridge(&data);
     let http = bridge.http().unwrap();
     let after = updates(get(&http, &format!("{updates_path}?timeout=5")));
     assert_eq!(after, first[1..], "after a SIGKILL: what was not confirmed, with the same ids, nothing twice");
@@ -184,7 +184,7 @@ fn keyboards_are_checked_and_presses_reach_the_bot_once_across_sigkill() {
     let pressing = press("No");
     let update = wait_callback_query(&http, &token);
     bridge.kill9();
-    let bridge = start_bridge(&mesh, &data);
+    let bridge = mesh.start_bridge(&data);
     let http = bridge.http().unwrap();
     let again = wait_callback_query(&http, &token);
     assert_eq!(again, update, "the same update after the SIGKILL");

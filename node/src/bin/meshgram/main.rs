@@ -15,6 +15,7 @@ mod output {
     }
 }
 
+mod app;
 mod cli;
 mod up;
 

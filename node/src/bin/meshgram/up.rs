@@ -1,6 +1,6 @@
 //! `meshgram up`: a whole local network on loopback, each role its own process running the same
-//! binary an operator would run: the gateway, N relays and the bot bridge (the desktop app joins
-//! when it lands). Ports are remembered in `network.json`, so a second `up` on the same
+//! binary an operator would run: the gateway, N relays, the bot bridge, and the desktop app for a
+//! first profile. Ports are remembered in `network.json`, so a second `up` on the same
 //! directory resumes the same network at the same addresses, with its data. `up` supervises its
 //! roles: one that exits (a SIGKILLed relay, say) is restarted on the same data and ports while
 //! the others keep running; only Ctrl-C or SIGTERM stops the network.
@@ -379,12 +379,22 @@ pub(crate) async fn run(data: &Path, options: UpOptions, json: bool) -> anyhow::
     let (process, spec) = start_role("bot-bridge", "bot-bridge", &data, bridge_args, old.as_deref()).await?;
     network.bot_api = process.ready["bot_api"].as_str().map(str::to_string);
     roles.push((process, spec));
+    let old_port = previous.as_ref().and_then(|p| p.app.as_deref()).and_then(app_port);
+    let (process, spec) = start_app(&data, &network_path, old_port).await?;
+    // The address with its token stays in the app's profile (0600) and on this terminal;
+    // network.json, readable by anyone who can read the data dir, names the page only.
+    let app_url = process.ready["url"].as_str().context("app ready line: url")?.to_string();
+    network.app = app_url.split('#').next().map(str::to_string);
+    roles.push((process, spec));
     network.save(&network_path)?;
 
     if json {
-        outln!("{}", serde_json::json!({ "event": "ready", "role": "network", "network": network_path, "data": data }));
+        outln!(
+            "{}",
+            serde_json::json!({ "event": "ready", "role": "network", "network": network_path, "data": data, "app": app_url })
+        );
     } else {
-        print_welcome(&data, &network_path, &network);
+        print_welcome(&data, &network_path, &network, &app_url);
     }
 
     let stop = CancellationToken::new();
@@ -400,6 +410,39 @@ pub(crate) async fn run(data: &Path, options: UpOptions, json: bool) -> anyhow::
     Ok(())
 }
 
+/// Starts the desktop app on the profile `DATA/app` (signed in through its page), on
+/// `previous_port` when it is free, so that an open page finds the app again.
+async fn start_app(
+    data: &Path,
+    network_path: &Path,
+    previous_port: Option<u16>,
+) -> anyhow::Result<(RoleProcess, RoleSpec)> {
+    let bin = std::env::current_exe().context("finding the meshgram binary")?;
+    let profile = data.join("app");
+    let args = |port: u16| -> Vec<String> {
+        let (profile, network) = (profile.display().to_string(), network_path.display().to_string());
+        let port = port.to_string();
+        ["--profile", &profile, "app", "--network", &network, "--no-open", "--port", &port].map(String::from).to_vec()
+    };
+    let log = data.join("app.log");
+    let process = match RoleProcess::start("app", &bin, &args(previous_port.unwrap_or(0)), &log).await {
+        Ok(p) => p,
+        Err(e) if previous_port.is_some() => {
+            tracing::warn!(error = %e, "could not reuse the app's previous port; using a new one");
+            RoleProcess::start("app", &bin, &args(0), &log).await?
+        }
+        Err(e) => return Err(e),
+    };
+    let port = process.ready["port"].as_u64().and_then(|p| u16::try_from(p).ok()).context("app ready line: port")?;
+    let spec = RoleSpec { role: "app", label: "app".into(), bin, args: args(port), log };
+    Ok((process, spec))
+}
+
+/// The port of the app's address in network.json (`http://127.0.0.1:PORT/`).
+fn app_port(url: &str) -> Option<u16> {
+    url.strip_prefix("http://127.0.0.1:")?.trim_end_matches('/').parse().ok()
+}
+
 /// The bot bridge's address in its Bot API URL (`http://HOST:PORT/bot`), to bind again, so that
 /// the URL bots were given stays right.
 fn bridge_listen(bot_api: &str) -> Option<Vec<Multiaddr>> {
@@ -407,7 +450,7 @@ fn bridge_listen(bot_api: &str) -> Option<Vec<Multiaddr>> {
     Some(vec![format!("/ip4/{}/tcp/{}", addr.ip(), addr.port()).parse().ok()?])
 }
 
-fn print_welcome(data: &Path, network_path: &Path, network: &NetworkFile) {
+fn print_welcome(data: &Path, network_path: &Path, network: &NetworkFile, app_url: &str) {
     let first = |addrs: &[Multiaddr]| addrs.first().map(|a| a.to_string()).unwrap_or_default();
     // Printed as they must be typed from any directory: this binary's real path (a new user has
     // no `meshgram` on PATH) and absolute data paths.
@@ -424,7 +467,11 @@ fn print_welcome(data: &Path, network_path: &Path, network: &NetworkFile) {
     }
     outln!("  network   {network_path}");
     outln!();
-    outln!("Sign in and chat from other terminals (login codes appear in {}):", network.gateway.code_sink.display());
+    outln!("Open the desktop app in your browser and sign in with any phone number:");
+    outln!("  {app_url}");
+    outln!("(meshgram --profile {data}/app app opens it again.)");
+    outln!();
+    outln!("Or sign in and chat from other terminals (login codes appear in {}):", network.gateway.code_sink.display());
     outln!("  {exe} --profile {data}/alice login --network {network_path} --phone +15550000001");
     outln!("  {exe} --profile {data}/bob login --network {network_path} --phone +15550000002");
     outln!("  {exe} --profile {data}/bob node                  # bob's client node: receives as messages arrive");

@@ -156,6 +156,7 @@ async fn call_for(command: Command) -> Result<Call, CliError> {
         | Command::Devices { command: Some(DevicesCommand::Approve { .. }) }
         | Command::Backup(BackupCommand::Create { .. } | BackupCommand::Restore { .. })
         | Command::Node
+        | Command::App { .. }
         | Command::Up { .. }
         | Command::Upload { .. }
         | Command::Download { .. } => {

@@ -8,7 +8,8 @@ use libp2p::Multiaddr;
 use meshgram_node::client::api::ApiError;
 use meshgram_node::client::control::{ControlError, Holder, NodeLock};
 use meshgram_node::client::messaging::Messenger;
-use meshgram_node::client::{Client, ClientError, GatewayAddr};
+use meshgram_node::client::session::SignedIn;
+use meshgram_node::client::{Client, ClientError, GatewayAddr, SavedSession};
 use meshgram_node::crypto::cert::AccountKind;
 use meshgram_node::ids::Phone;
 use meshgram_node::network_file::NetworkFile;
@@ -19,7 +20,10 @@ use super::output::{describe, emit};
 use super::{CliError, CliResult, GatewayArgs};
 
 /// The gateway and the relays to remember, from `--network` or `--gateway` + `--relay`s.
-fn resolve_gateway(args: &GatewayArgs, relay_args: &[Multiaddr]) -> Result<(GatewayAddr, Vec<RelayInfo>), CliError> {
+pub(super) fn resolve_gateway(
+    args: &GatewayArgs,
+    relay_args: &[Multiaddr],
+) -> Result<(GatewayAddr, Vec<RelayInfo>), CliError> {
     let mut relays = Vec::new();
     for addr in relay_args {
         let mut addr = addr.clone();
@@ -39,7 +43,7 @@ fn resolve_gateway(args: &GatewayArgs, relay_args: &[Multiaddr]) -> Result<(Gate
     }
 }
 
-fn default_device_name() -> String {
+pub(super) fn default_device_name() -> String {
     let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
     let host = host.trim();
     if host.is_empty() { "meshgram CLI".into() } else { format!("meshgram CLI on {host}") }
@@ -65,6 +69,37 @@ pub(super) async fn read_line(prompt: &'static str) -> Result<String, CliError> 
     })
     .await
     .map_err(|e| CliError::usage(format!("reading stdin: {e}")))?
+}
+
+/// A session saved in the profile, and whether the account's other devices were asked for
+/// the history.
+pub(crate) struct KeptSession {
+    pub(crate) session: SavedSession,
+    pub(crate) asks_for_history: bool,
+}
+
+/// Saves the session the gateway gave; an account's other devices hold its history, so a
+/// user's device that is not the account's first asks them for it (approved by a user there).
+pub(crate) async fn keep_session(
+    profile: &Path,
+    client: &Client,
+    signed_in: SignedIn,
+    relays: Vec<RelayInfo>,
+    device_name: String,
+) -> Result<KeptSession, CliError> {
+    let new_account = signed_in.new_account;
+    let session = client.accept_session(signed_in.account, signed_in.cert, relays)?;
+    let asks_for_history = !new_account && session.account.kind == AccountKind::User;
+    if asks_for_history {
+        let asked = match Messenger::open(profile, false).await {
+            Ok(mut messenger) => messenger.request_history(device_name).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = asked {
+            tracing::warn!(error = %e, "could not ask the other devices for the history");
+        }
+    }
+    Ok(KeptSession { session, asks_for_history })
 }
 
 /// How to sign in: the login command's flags.
@@ -128,19 +163,9 @@ pub(super) async fn login(
         }
     };
     let new_account = signed_in.new_account;
-    let session = client.accept_session(signed_in.account, signed_in.cert, relays)?;
+    let KeptSession { session, asks_for_history } =
+        keep_session(profile, &client, signed_in, relays, asking_name).await?;
     let b = &session.cert.body;
-    // An account's other devices hold its history: ask them for it (approved by a user there).
-    let asks_for_history = !new_account && session.account.kind == AccountKind::User;
-    if asks_for_history {
-        let asked = match Messenger::open(profile, false).await {
-            Ok(mut messenger) => messenger.request_history(asking_name).await,
-            Err(e) => Err(e),
-        };
-        if let Err(e) = asked {
-            tracing::warn!(error = %e, "could not ask the other devices for the history");
-        }
-    }
     emit(
         json,
         json!({

@@ -169,6 +169,28 @@ pub(crate) enum Command {
     /// Run this profile's client node until Ctrl-C: it receives as messages arrive, renews the
     /// session, and other commands of the profile go through it.
     Node,
+    /// Run this profile's client node with the desktop app, a web UI on 127.0.0.1, and open it
+    /// in the browser (a second `app` on the profile opens the running one).
+    App {
+        /// The port to listen on (0: any free one).
+        #[arg(long, default_value_t = 0)]
+        port: u16,
+        /// Print the address without opening a browser.
+        #[arg(long)]
+        no_open: bool,
+        /// Where to sign in, for a profile not signed in yet.
+        #[command(flatten)]
+        gateway: GatewayArgs,
+        /// A relay to use, ending in /p2p/<peer id> (repeatable; adds to --network's relays).
+        #[arg(long)]
+        relay: Vec<Multiaddr>,
+        /// How this device appears in session lists.
+        #[arg(long)]
+        device_name: Option<String>,
+        /// Exit when stdin closes (how `meshgram up` runs its roles).
+        #[arg(long, hide = true)]
+        exit_on_stdin_close: bool,
+    },
     /// Start a whole local network on loopback.
     Up {
         /// Where the network keeps its data; reusing it resumes the same network.
@@ -184,7 +206,7 @@ pub(crate) enum Command {
 }
 
 #[derive(clap::Args, Debug)]
-#[group(required = true, multiple = false)]
+#[group(multiple = false)]
 pub(crate) struct GatewayArgs {
     /// The gateway's multiaddr, ending in /p2p/<peer id>.
     #[arg(long)]
@@ -409,10 +431,10 @@ pub(crate) enum BotCommand {
 
 /// A failed command: the node's error shape, printed as text or JSON.
 #[derive(Debug)]
-pub(crate) struct CliError(ApiError);
+pub(crate) struct CliError(pub(crate) ApiError);
 
 impl CliError {
-    fn usage(message: impl Into<String>) -> Self {
+    pub(crate) fn usage(message: impl Into<String>) -> Self {
         CliError(ApiError::usage(message))
     }
 
@@ -460,7 +482,9 @@ impl From<anyhow::Error> for CliError {
     }
 }
 
-type CliResult = Result<(), CliError>;
+pub(crate) type CliResult = Result<(), CliError>;
+
+pub(crate) use login::keep_session;
 
 /// A clear `NOT_SIGNED_IN` before a command that would otherwise trip over a missing profile.
 fn require_session(profile: &std::path::Path) -> CliResult {
@@ -484,6 +508,13 @@ pub(crate) async fn run(cli: Cli) -> CliResult {
             login::login(&profile, json, &gateway, &relay, how).await
         }
         Command::Node => node::run(&profile, json).await,
+        Command::App { port, no_open, gateway, relay, device_name, exit_on_stdin_close } => {
+            let given = gateway.gateway.is_some() || gateway.network.is_some();
+            let gateway = given.then(|| login::resolve_gateway(&gateway, &relay)).transpose()?;
+            let device_name = device_name.unwrap_or_else(|| login::default_device_name().replace("CLI", "app"));
+            let options = crate::app::AppOptions { port, open: !no_open, gateway, device_name, exit_on_stdin_close };
+            crate::app::run(&profile, json, options).await
+        }
         Command::Messages { chat, follow: true } => follow::follow(&profile, json, chat).await,
         Command::Up { data, relays, replication } => {
             crate::up::run(&data, crate::up::UpOptions { relays, replication }, json).await.map_err(CliError::from)
