@@ -9,6 +9,7 @@ $SHOTS. Exits non-zero (an assertion or a timeout) when something does not work.
 """
 
 import base64
+import http.client
 import json
 import os
 import struct
@@ -25,7 +26,9 @@ ENV = os.environ
 CLI = ENV["MESHGRAM"]
 CODES = ENV["CODES"]
 SHOTS = ENV["SHOTS"]
-BOT_API = ENV["BOT_API"]
+BOT_API = ENV.get("BOT_API", "")
+# The harness does to the network what a scenario asks through files here (offline scenario).
+CONTROL = ENV.get("CONTROL", "")
 A_URL, B_URL = ENV["A_URL"], ENV["B_URL"]
 A_PROFILE, B_PROFILE = ENV["A_PROFILE"], ENV["B_PROFILE"]
 A_PHONE, B_PHONE = ENV.get("A_PHONE", "+15550007001"), ENV.get("B_PHONE", "+15550007002")
@@ -165,7 +168,60 @@ def check_guards():
     assert status == 400 and body["error"]["code"] == "BAD_REQUEST", (status, body)
     status, body = raw(f"{base}/api/call", "POST", auth, b'{"call":"download","message":"00000000000000000000000000000000","out":"/etc"}')
     assert status == 400 and body["error"]["code"] == "USAGE", (status, body)
-    log("guards: no token 401, other origin 403, other host 403, bad token 401, bad calls 400")
+    # A file bigger than any the network takes is refused from its length, before its bytes.
+    host, port = base.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    connection.putrequest("POST", "/api/upload?to=1&name=huge.bin")
+    connection.putheader("Authorization", f"Bearer {token}")
+    connection.putheader("Content-Length", str(1 << 40))
+    connection.endheaders()
+    answer = connection.getresponse()
+    body = json.loads(answer.read())
+    assert answer.status == 413 and body["error"]["code"] == "FILE_TOO_BIG", (answer.status, body)
+    log("guards: no token 401, other origin 403, other host 403, bad token 401, bad calls 400, huge file", answer.status)
+
+
+def ask_harness(what, timeout=90):
+    """Asks the harness to do `what` to the network and waits until it says it is done."""
+    open(os.path.join(CONTROL, what), "w").close()
+    done = os.path.join(CONTROL, f"{what}-done")
+    deadline = time.time() + timeout
+    while not os.path.exists(done):
+        assert time.time() < deadline, f"the harness did not {what}"
+        time.sleep(0.1)
+
+
+def offline():
+    """The only relay dies: the page says so, a message written meanwhile waits, and once the
+    relay is back the banner goes and the message arrives."""
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
+        alice = browser.new_context().new_page()
+        bob = browser.new_context().new_page()
+        alice.goto(A_URL)
+        sign_in(alice, A_PHONE)
+        bob.goto(B_URL)
+        sign_in(bob, B_PHONE)
+        alice.get_by_role("button", name="New chat").click()
+        alice.get_by_label("Username or phone").fill(B_PHONE)
+        alice.get_by_role("button", name="Open chat").click()
+        send(alice, "before the relay died")
+        expect(bob.get_by_role("list", name="Chats").get_by_role("button")).to_have_count(1, timeout=WAIT_MS)
+        ask_harness("kill-relay")
+        banner = alice.get_by_role("status").filter(has_text="reach the relays")
+        expect(banner).to_be_visible(timeout=90_000)
+        shot(alice, "10-relays-unreachable")
+        send(alice, "written while the relay was down")
+        see_message(alice, "written while the relay was down")
+        log("relay down: the page says so:", banner.inner_text())
+        ask_harness("restart-relay")
+        expect(banner).to_be_hidden(timeout=90_000)
+        bob.get_by_role("list", name="Chats").get_by_role("button").first.click()
+        see_message(bob, "before the relay died")
+        see_message(bob, "written while the relay was down")
+        expect(alice.get_by_role("log", name="Messages").get_by_label("not sent yet")).to_have_count(0, timeout=WAIT_MS)
+        log("relay back: banner gone, the waiting message delivered")
+        browser.close()
 
 
 def main():
@@ -390,7 +446,7 @@ def main():
 
 if __name__ == "__main__":
     try:
-        main()
+        offline() if sys.argv[1:] == ["offline"] else main()
     except Exception as e:  # the harness shows this output when the test fails
         log("FAILED:", repr(e))
         raise

@@ -10,35 +10,19 @@ use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use meshgram_tests::{CLI_BIN, Mesh, bin_path, meshgram, target_dir};
+use meshgram_tests::{CLI_BIN, Mesh, Server, bin_path, meshgram, start_relay, target_dir};
 
 /// The whole browser run: sign-ins, chats, a photo, a video, a group, a secret chat, a bot,
 /// two windows' sizes, each screen in two themes. Generous for a debug build on two cores.
 const UI_TIMEOUT: Duration = Duration::from_secs(480);
 
-#[test]
-fn two_users_use_the_app_in_a_browser() {
-    let mesh = Mesh::start(3, 2);
-    let bridge_dir = mesh.gateway.tmp().join("bridge");
-    let bridge = mesh.start_bridge(&bridge_dir);
-    let (alice, bob) = (mesh.new_profile("alice"), mesh.new_profile("bob"));
-    let (alice_app, bob_app) = (mesh.start_app(&alice), mesh.start_app(&bob));
-    let url = |app: &meshgram_tests::Server| app.ready["url"].as_str().unwrap().to_string();
-    let shots = target_dir().join("app-screenshots");
+/// Runs tests/app/ui_test.py (`scenario`: its argument) with `env`, doing what it asks of the
+/// network through files in a control dir: for a request file NAME, `act(NAME)`, then NAME-done.
+fn run_ui_test(scenario: Option<&str>, env: &[(&str, String)], control: &Path, mut act: impl FnMut(&str)) {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("app/ui_test.py");
-    let mut child = Command::new("python3")
-        .arg(&script)
-        .env("MESHGRAM", bin_path(CLI_BIN))
-        .env("CODES", mesh.gateway.code_sink_file().unwrap())
-        .env("SHOTS", &shots)
-        .env("BOT_API", bridge.ready["bot_api"].as_str().unwrap().trim_end_matches("/bot"))
-        .env("A_URL", url(&alice_app))
-        .env("B_URL", url(&bob_app))
-        .env("A_PROFILE", &alice)
-        .env("B_PROFILE", &bob)
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("python3 runs the browser test");
+    let mut command = Command::new("python3");
+    command.arg(&script).args(scenario).envs(env.iter().map(|(k, v)| (k, v))).env("CONTROL", control);
+    let mut child = command.stdin(Stdio::null()).spawn().expect("python3 runs the browser test");
     let deadline = Instant::now() + UI_TIMEOUT;
     let status = loop {
         if let Some(status) = child.try_wait().unwrap() {
@@ -48,16 +32,64 @@ fn two_users_use_the_app_in_a_browser() {
             let _ = child.kill();
             panic!("the browser test did not finish within {UI_TIMEOUT:?}");
         }
-        thread::sleep(Duration::from_millis(200));
+        for entry in std::fs::read_dir(control).unwrap() {
+            let name = entry.unwrap().file_name().to_string_lossy().into_owned();
+            if !name.ends_with("-done") && !control.join(format!("{name}-done")).exists() {
+                act(&name);
+                std::fs::write(control.join(format!("{name}-done")), b"").unwrap();
+            }
+        }
+        thread::sleep(Duration::from_millis(100));
     };
-    assert!(
-        status.success(),
-        "the browser test failed ({status}); its output is above; screenshots in {}",
-        shots.display()
-    );
+    assert!(status.success(), "the browser test failed ({status}); its output is above");
+}
+
+/// What the script needs to know of two apps on `mesh`.
+fn ui_env(mesh: &Mesh, apps: [(&Path, &Server); 2]) -> Vec<(&'static str, String)> {
+    let url = |app: &Server| app.ready["url"].as_str().unwrap().to_string();
+    vec![
+        ("MESHGRAM", bin_path(CLI_BIN).display().to_string()),
+        ("CODES", mesh.gateway.code_sink_file().unwrap().display().to_string()),
+        ("SHOTS", target_dir().join("app-screenshots").display().to_string()),
+        ("A_URL", url(apps[0].1)),
+        ("B_URL", url(apps[1].1)),
+        ("A_PROFILE", apps[0].0.display().to_string()),
+        ("B_PROFILE", apps[1].0.display().to_string()),
+    ]
+}
+
+#[test]
+fn two_users_use_the_app_in_a_browser() {
+    let mesh = Mesh::start(3, 2);
+    let bridge = mesh.start_bridge(&mesh.gateway.tmp().join("bridge"));
+    let (alice, bob) = (mesh.new_profile("alice"), mesh.new_profile("bob"));
+    let (alice_app, bob_app) = (mesh.start_app(&alice), mesh.start_app(&bob));
+    let mut env = ui_env(&mesh, [(&alice, &alice_app), (&bob, &bob_app)]);
+    env.push(("BOT_API", bridge.ready["bot_api"].as_str().unwrap().trim_end_matches("/bot").to_string()));
+    let control = mesh.gateway.tmp().join("control");
+    std::fs::create_dir_all(&control).unwrap();
+    run_ui_test(None, &env, &control, |what| panic!("nothing to {what} in this scenario"));
     // What the page did is in the profiles: the same node the CLI reaches.
     let chats = meshgram(&alice, &["chats"]).ok_json();
     assert!(chats.as_array().unwrap().len() >= 3, "{chats}");
+}
+
+#[test]
+fn the_app_says_when_relays_are_unreachable_and_recovers() {
+    let mut mesh = Mesh::start(1, 1);
+    let (alice, bob) = (mesh.new_profile("alice"), mesh.new_profile("bob"));
+    let (alice_app, bob_app) = (mesh.start_app(&alice), mesh.start_app(&bob));
+    let env = ui_env(&mesh, [(&alice, &alice_app), (&bob, &bob_app)]);
+    let control = mesh.gateway.tmp().join("control");
+    std::fs::create_dir_all(&control).unwrap();
+    let relay = &mesh.relays[0];
+    let (port, data) = (relay.tcp_port(), relay.data_dir.clone());
+    let key = mesh.gateway.server.ready["public_key"].as_str().unwrap().to_string();
+    run_ui_test(Some("offline"), &env, &control, |what| match what {
+        "kill-relay" => mesh.relays[0].kill9(),
+        "restart-relay" => mesh.relays[0] = start_relay(&data, &key, 1, port, &[]).unwrap(),
+        other => panic!("unknown request {other}"),
+    });
 }
 
 #[test]

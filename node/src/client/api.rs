@@ -81,9 +81,19 @@ pub enum Call {
         texts: Vec<String>,
         reply_to: Option<MessageId>,
     },
-    /// Fetch what is waiting, then a chat's history (reading it), or every chat's.
+    /// Fetch what is waiting, then a chat's history (reading it), or every chat's; with
+    /// `limit`, only a chat's newest `limit` messages (`History` pages further back).
     Messages {
         chat: Option<LookupQuery>,
+        #[serde(default)]
+        limit: Option<u32>,
+    },
+    /// One page of a chat's history: up to `limit` messages before `before` (the newest
+    /// without it), oldest first. Reads from this device's history only, and marks nothing read.
+    History {
+        chat: LookupQuery,
+        before: Option<MessageId>,
+        limit: u32,
     },
     /// Fetch what is waiting, then every chat with its last message.
     Chats,
@@ -296,7 +306,7 @@ impl Call {
             | Call::Upload { to, .. }
             | Call::SendFile { to, .. }
             | Call::Forward { to, .. } => to,
-            Call::Messages { chat: Some(chat) } => chat,
+            Call::Messages { chat: Some(chat), .. } | Call::History { chat, .. } => chat,
             Call::GroupChange { group, .. }
             | Call::GroupLink { group }
             | Call::GroupLeave { group }

@@ -830,6 +830,39 @@ impl History {
         Ok(out)
     }
 
+    /// Up to `limit` messages of a chat before message `before` (before its newest without it),
+    /// oldest first: one page of a long history, read from its end.
+    pub fn messages_before(
+        &self,
+        chat: UserId,
+        before: Option<&MessageId>,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>, HistoryError> {
+        let tx = self.db.begin_read()?;
+        let end = match before {
+            Some(id) => match tx.open_table(MESSAGE_INDEX)?.get(&id.0)?.map(|v| v.value()) {
+                Some((c, seq)) if c == chat.0 => seq,
+                // Not a message of this chat: nothing is before it.
+                _ => return Ok(Vec::new()),
+            },
+            None => u64::MAX,
+        };
+        let table = tx.open_table(MESSAGES)?;
+        let mut out = Vec::with_capacity(limit.min(1024));
+        for entry in table.range((chat.0, 0)..(chat.0, end))?.rev() {
+            if out.len() >= limit {
+                break;
+            }
+            let (_, value) = entry?;
+            match decode_message(value.value()) {
+                Ok(message) => out.push(message),
+                Err(e) => tracing::warn!(error = %e, "skipping a corrupt history record"),
+            }
+        }
+        out.reverse();
+        Ok(out)
+    }
+
     /// A cached card.
     pub fn card(&self, user: UserId) -> Result<Option<UserCard>, HistoryError> {
         let tx = self.db.begin_read()?;

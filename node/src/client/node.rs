@@ -171,7 +171,7 @@ impl NodeHandle {
 
     /// A chat's history (reading it), or every chat's, after fetching what is waiting.
     pub async fn messages(&self, chat: Option<LookupQuery>) -> Result<(Vec<StoredMessage>, Names), ApiError> {
-        match self.call(Call::Messages { chat }).await? {
+        match self.call(Call::Messages { chat, limit: None }).await? {
             Reply::Messages { messages, names, .. } => Ok((messages, names)),
             other => Err(ApiError::unexpected("messages", &other)),
         }
@@ -642,10 +642,9 @@ impl Actor {
                 client.set_bot_commands(commands).await?;
                 Reply::Done
             }
-            Call::Messages { chat } => {
+            Call::Messages { chat, limit } => {
                 let chat = match chat {
-                    Some(LookupQuery::Group(group)) => Some(self.messenger.group_info(&group)?.id.chat_number()),
-                    Some(query) => Some(self.messenger.user_card(query).await?.user_id),
+                    Some(query) => Some(self.chat_of(query).await?),
                     None => None,
                 };
                 self.receive_waiting().await?;
@@ -656,10 +655,22 @@ impl Actor {
                 }
                 let secret = self.messenger.secret_messages(chat)?;
                 let history = self.messenger.history()?;
-                let messages = history.messages(chat).map_err(MessagingError::from)?;
+                let messages = match (chat, limit) {
+                    (Some(chat), Some(limit)) => history.messages_before(chat, None, limit as usize),
+                    _ => history.messages(chat),
+                }
+                .map_err(MessagingError::from)?;
                 let mut names = names(history, &messages);
                 add_names(history, &mut names, secret.iter().map(|m| m.peer));
                 Reply::Messages { messages, names, secret }
+            }
+            Call::History { chat, before, limit } => {
+                let chat = self.chat_of(chat).await?;
+                let history = self.messenger.history()?;
+                let messages =
+                    history.messages_before(chat, before.as_ref(), limit as usize).map_err(MessagingError::from)?;
+                let names = names(history, &messages);
+                Reply::Messages { messages, names, secret: Vec::new() }
             }
             Call::Chats => {
                 self.receive_waiting().await?;
@@ -810,6 +821,14 @@ impl Actor {
             | Call::SecretUpload { .. } => {
                 return Err(ApiError::new("INTERNAL", "transfers run on their own task"));
             }
+        })
+    }
+
+    /// The history's chat for a query: a person's user id, or a group's chat number.
+    async fn chat_of(&mut self, query: LookupQuery) -> Result<UserId, ApiError> {
+        Ok(match query {
+            LookupQuery::Group(group) => self.messenger.group_info(&group)?.id.chat_number(),
+            query => self.messenger.user_card(query).await?.user_id,
         })
     }
 

@@ -313,13 +313,13 @@ async fn upload(
     headers: HeaderMap,
     body: Body,
 ) -> Answer {
-    let node = app.node().await?;
     let too_big = || ApiError::new("FILE_TOO_BIG", format!("a file may have at most {MAX_UPLOAD_BYTES} bytes"));
     let declared =
         headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|len| len > MAX_UPLOAD_BYTES) {
         return Err(too_big().into());
     }
+    let node = app.node().await?;
     let to = match (&query.to, &query.secret) {
         (Some(to), None) => Some(to.parse::<LookupQuery>().map_err(|e| ApiError::usage(e.0))?),
         (None, Some(_)) => None,

@@ -131,7 +131,9 @@ async fn call_for(command: Command) -> Result<Call, CliError> {
             }
             Call::Send { to, texts, reply_to }
         }
-        Command::Messages { chat, .. } => Call::Messages { chat: chat.as_deref().map(parse_query).transpose()? },
+        Command::Messages { chat, .. } => {
+            Call::Messages { chat: chat.as_deref().map(parse_query).transpose()?, limit: None }
+        }
         Command::Chats => Call::Chats,
         Command::Edit { message_id, text } => Call::Edit { message: parse_message_id(&message_id)?, text },
         Command::Press { message_id, button } => Call::Press { message: parse_message_id(&message_id)?, button },
@@ -277,7 +279,7 @@ pub(super) fn print(json: bool, call: &Call, reply: Reply) -> CliResult {
         (_, Reply::Messages { messages, names, secret }) => {
             // A group's messages name it by its id (its chat number is the history's own).
             let group = match call {
-                Call::Messages { chat: Some(LookupQuery::Group(group)) } => Some(group.to_string()),
+                Call::Messages { chat: Some(LookupQuery::Group(group)), .. } => Some(group.to_string()),
                 _ => None,
             };
             let message_json = |m| {

@@ -121,7 +121,7 @@ impl Follower {
                 },
             });
         }
-        match node.call(Call::Messages { chat: self.chat.map(LookupQuery::UserId) }).await? {
+        match node.call(Call::Messages { chat: self.chat.map(LookupQuery::UserId), limit: None }).await? {
             Reply::Messages { messages, names, secret } => {
                 self.names.extend(names);
                 for message in messages {

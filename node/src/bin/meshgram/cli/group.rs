@@ -66,7 +66,7 @@ pub(super) fn channel_call_for(command: ChannelCommand) -> Result<Call, CliError
 pub(super) async fn read_channel(profile: &std::path::Path, json: bool, link: String) -> CliResult {
     let opened = super::calls::call_node(profile, Call::ChannelSubscribe { link, announce: false }).await?;
     let Reply::Group { group } = opened else { return Err(CliError::usage("not a public channel's link")) };
-    let call = Call::Messages { chat: Some(meshgram_node::proto::LookupQuery::Group(group.id)) };
+    let call = Call::Messages { chat: Some(meshgram_node::proto::LookupQuery::Group(group.id)), limit: None };
     let reply = super::calls::call_node(profile, call.clone()).await?;
     super::calls::print(json, &call, reply)
 }

@@ -99,7 +99,9 @@ const S = {
   current: null,
   messages: [],
   secretMessages: [],
-  shown: 200,
+  /** No earlier messages to page in (the whole chat is loaded). */
+  complete: false,
+  loadingEarlier: false,
   replyTo: null,
   editing: null,
   typing: new Map(),
@@ -108,6 +110,11 @@ const S = {
   connected: true,
   groups: new Map(),
 };
+
+/** Messages fetched at a time: a chat opens with its newest page, older ones come as you scroll. */
+const PAGE = 100;
+/** The most messages in the page at once. */
+const WINDOW = 300;
 
 const nameOf = (user) => (S.me && user === S.me.account.user_id ? 'You' : S.names.get(user) || `user ${user}`);
 
@@ -131,11 +138,15 @@ function failed(e) {
   toast(`${e.message || e}${wait}`);
 }
 
-function banner(text) {
+/** The line across the top while something is wrong; `detail` (the node's words) as its tooltip. */
+function banner(text, detail) {
   const el = $('#banner');
   el.textContent = text || '';
+  el.title = detail || '';
   el.hidden = !text;
 }
+
+const OFFLINE = 'Can’t reach the relays: messages wait here and go out once they are back. Retrying…';
 
 // --- sign in ----------------------------------------------------------------------------------
 
@@ -292,7 +303,9 @@ async function openChat(entry) {
   S.current = entry;
   S.messages = [];
   S.secretMessages = [];
-  S.shown = 200;
+  S.complete = false;
+  S.winStart = 0;
+  S.winEnd = undefined;
   S.replyTo = null;
   S.editing = null;
   document.body.classList.add('chat-open');
@@ -306,7 +319,8 @@ async function loadMessages() {
   const current = S.current;
   if (!current) return;
   try {
-    const reply = await call('messages', { chat: current.query });
+    const limit = Math.max(PAGE, S.messages.length);
+    const reply = await call('messages', { chat: current.query, limit });
     if (S.current !== current) return;
     learnNames(reply.names);
     if (current.kind === 'secret') {
@@ -316,12 +330,35 @@ async function loadMessages() {
       renderPaneHeader();
     } else {
       S.messages = reply.messages;
+      S.complete = reply.messages.length < limit;
     }
     renderMessages();
     const entry = S.chats.find((c) => c.id === current.id);
     if (entry && entry.unread) { entry.unread = 0; renderChatList(); }
   } catch (e) {
     failed(e);
+  }
+}
+
+/** Pages in the messages before the first one loaded; true when some came. */
+async function loadEarlier() {
+  const current = S.current;
+  if (!current || S.complete || S.loadingEarlier || !S.messages.length) return false;
+  S.loadingEarlier = true;
+  try {
+    const reply = await call('history', { chat: current.query, before: S.messages[0].id, limit: PAGE });
+    if (S.current !== current) return false;
+    learnNames(reply.names);
+    S.messages = reply.messages.concat(S.messages);
+    S.winStart += reply.messages.length;
+    S.winEnd += reply.messages.length;
+    S.complete = reply.messages.length < PAGE;
+    return reply.messages.length > 0;
+  } catch (e) {
+    failed(e);
+    return false;
+  } finally {
+    S.loadingEarlier = false;
   }
 }
 
@@ -350,7 +387,10 @@ function renderPane() {
   const pane = $('#pane');
   pane.replaceChildren(
     h('header', { class: 'chat-header', id: 'chat-header' }),
-    h('ol', { id: 'messages', role: 'log', 'aria-label': 'Messages', 'aria-live': 'polite' }),
+    h('ol', {
+      id: 'messages', role: 'log', 'aria-label': 'Messages', 'aria-live': 'polite',
+      onscroll: onMessagesScroll,
+    }),
     h('div', { id: 'reply-keyboard', role: 'group', 'aria-label': 'Bot keyboard', hidden: true }),
     h('div', { id: 'context', hidden: true }),
     h('div', { id: 'progress-row', hidden: true },
@@ -420,27 +460,104 @@ function timeOf(ms) {
   return new Date(ms).toLocaleTimeString([], { hour: '2-digit', minute: '2-digit' });
 }
 
+/** The messages of the open chat, oldest first (loaded so far). */
+const chatMessages = () => (S.current.kind === 'secret' ? S.secretMessages : S.messages);
+
+/**
+ * The message list is a window of at most WINDOW messages of those loaded: scrolling near
+ * its top moves it back a page (paging older ones in from the node when needed), near its
+ * bottom forward a page, so a chat of any length keeps a few hundred messages in the page.
+ * A full render follows the newest messages when the reader is at the bottom, and otherwise
+ * keeps the first message on screen where it was.
+ */
 function renderMessages() {
   const list = $('#messages');
   if (!list) return;
-  const secret = S.current.kind === 'secret';
-  const all = secret ? S.secretMessages : S.messages;
-  const nearBottom = list.scrollHeight - list.scrollTop - list.clientHeight < 80;
-  const shown = all.slice(-S.shown);
-  const items = [];
-  if (all.length > shown.length) {
-    items.push(h('li', { class: 'more' }, h('button', { onclick: () => { S.shown += 200; renderMessages(); } },
-      `Show earlier messages (${all.length - shown.length})`)));
+  const all = chatMessages();
+  S.byId = new Map(all.map((m) => [m.id, m]));
+  const following = S.winEnd === undefined || S.winEnd >= S.shownLength && list.scrollHeight - list.scrollTop - list.clientHeight < 80;
+  let anchor = null;
+  if (!following) {
+    anchor = [...list.querySelectorAll('li.message')].find((li) => li.offsetTop + li.offsetHeight > list.scrollTop);
   }
-  const byId = new Map(all.map((m) => [m.id, m]));
-  for (const m of shown) items.push(renderMessage(m, byId, secret));
-  if (!all.length) items.push(h('li', { class: 'center muted' }, secret && S.current.secret.state !== 'active' ? `Secret chat ${S.current.secret.state}.` : 'No messages yet.'));
-  list.replaceChildren(...items);
-  if (nearBottom || !list.dataset.scrolled) {
+  const anchorOffset = anchor ? anchor.offsetTop - list.scrollTop : 0;
+  if (following) {
+    S.winEnd = all.length;
+    S.winStart = Math.max(0, all.length - WINDOW);
+  } else {
+    const at = anchor ? all.findIndex((m) => m.id === anchor.dataset.id) : -1;
+    if (at >= 0) { S.winStart = Math.max(0, at - PAGE); S.winEnd = Math.min(all.length, S.winStart + WINDOW); }
+  }
+  S.shownLength = all.length;
+  const items = all.slice(S.winStart, S.winEnd).map((m) => renderMessage(m, S.byId, S.current.kind === 'secret'));
+  if (!all.length) {
+    const secret = S.current.kind === 'secret' && S.current.secret.state !== 'active';
+    items.push(h('li', { class: 'center muted' }, secret ? `Secret chat ${S.current.secret.state}.` : 'No messages yet.'));
+  }
+  list.replaceChildren(earlierButton(), ...items);
+  if (following) {
     list.scrollTop = list.scrollHeight;
-    list.dataset.scrolled = '1';
+  } else if (anchor) {
+    const again = list.querySelector(`li[data-id="${anchor.dataset.id}"]`);
+    if (again) list.scrollTop = again.offsetTop - anchorOffset;
   }
   renderReplyKeyboard();
+}
+
+function earlierButton() {
+  const more = S.winStart > 0 || (S.current.kind !== 'secret' && !S.complete && S.messages.length > 0);
+  return h('li', { class: 'more', hidden: !more }, h('button', { onclick: () => windowBack() }, 'Show earlier messages'));
+}
+
+let windowMoving = false;
+
+/** Moves the window a page back: older messages in at the top, the newest of it out. */
+async function windowBack() {
+  const list = $('#messages');
+  if (windowMoving || !list) return;
+  windowMoving = true;
+  try {
+    if (S.winStart === 0 && !(await loadEarlier())) return;
+    const all = chatMessages();
+    const from = Math.max(0, S.winStart - PAGE);
+    for (const m of all.slice(from, S.winStart)) S.byId.set(m.id, m);
+    const added = all.slice(from, S.winStart).map((m) => renderMessage(m, S.byId, S.current.kind === 'secret'));
+    const before = list.scrollHeight;
+    list.firstElementChild.after(...added);
+    list.scrollTop += list.scrollHeight - before;
+    S.winStart = from;
+    while (S.winEnd - S.winStart > WINDOW) {
+      list.lastElementChild.remove();
+      S.winEnd -= 1;
+    }
+    list.firstElementChild.hidden = !(S.winStart > 0 || !S.complete);
+  } finally {
+    windowMoving = false;
+  }
+}
+
+/** Moves the window a page forward, toward the newest messages. */
+function windowForward() {
+  const list = $('#messages');
+  const all = chatMessages();
+  if (!list || S.winEnd >= all.length) return;
+  const to = Math.min(all.length, S.winEnd + PAGE);
+  list.append(...all.slice(S.winEnd, to).map((m) => renderMessage(m, S.byId, S.current.kind === 'secret')));
+  S.winEnd = to;
+  while (S.winEnd - S.winStart > WINDOW) {
+    const first = list.firstElementChild.nextElementSibling;
+    const height = first.offsetHeight;
+    first.remove();
+    list.scrollTop -= height;
+    S.winStart += 1;
+  }
+  list.firstElementChild.hidden = !(S.winStart > 0 || !S.complete);
+}
+
+function onMessagesScroll(event) {
+  const list = event.target;
+  if (list.scrollTop < 400) windowBack();
+  else if (list.scrollHeight - list.scrollTop - list.clientHeight < 400) windowForward();
 }
 
 function renderMessage(m, byId, secret) {
@@ -896,7 +1013,7 @@ function inCurrentChat(chat) {
 function onEvent(event) {
   switch (event.event) {
     case 'hello':
-      banner(S.connected ? '' : 'Relays unreachable: retrying…');
+      banner(S.connected ? '' : OFFLINE);
       loadChats().catch(failed);
       if (S.current) reloadMessagesSoon();
       break;
@@ -913,7 +1030,7 @@ function onEvent(event) {
       break;
     case 'connection':
       S.connected = event.connected;
-      banner(event.connected ? '' : `Relays unreachable${event.detail ? ` (${event.detail})` : ''}: retrying…`);
+      banner(event.connected ? '' : OFFLINE, event.detail);
       break;
     case 'transfer': {
       const p = event.progress;
