@@ -243,8 +243,14 @@ def main():
         bob.goto(B_URL)
         sign_in(bob, B_PHONE)
         assert "token" not in alice.url, "the token is taken out of the address bar"
-        cli(B_PROFILE, "profile", "set", "--name", "Bob", "--username", BOB_NAME)
         cli(A_PROFILE, "profile", "set", "--name", "Alice", "--username", ALICE_NAME)
+        # bob names himself in the app's settings.
+        bob.get_by_role("button", name="Settings").click()
+        bob.get_by_label("Name", exact=True).fill("Bob")
+        bob.get_by_label("Username").fill(BOB_NAME)
+        bob.get_by_role("button", name="Save").click()
+        expect(bob.get_by_role("dialog")).to_be_hidden(timeout=WAIT_MS)
+        assert cli(B_PROFILE, "whoami")["account"]["username"] == BOB_NAME
         log("both signed in through the UI")
 
         # alice starts a chat with bob and they talk both ways.
@@ -362,6 +368,15 @@ def main():
         alice.keyboard.press("Escape")
         log("group created, messages both ways, invite link made")
 
+        # A channel: only its admin posts.
+        alice.get_by_role("button", name="New channel").click()
+        alice.get_by_label("Channel name").fill("App news")
+        alice.get_by_role("button", name="Create channel").click()
+        expect(alice.get_by_role("heading", name="App news")).to_be_visible(timeout=WAIT_MS)
+        send(alice, "first post")
+        see_message(alice, "first post")
+        log("channel created and posted to")
+
         # A secret chat: alice starts it, bob accepts, both see the same key.
         open_chat(alice, "Bob")
         alice.get_by_role("button", name="Start secret chat").click()
@@ -371,6 +386,8 @@ def main():
         expect(alice.get_by_role("button", name="Encryption key")).to_be_visible(timeout=WAIT_MS)
         send(alice, "a secret hello")
         see_message(bob, "a secret hello")
+        alice.get_by_label("Self-destruct timer").select_option("30")
+        expect(alice.locator("#chat-status")).to_contain_text("self-destruct 30 s", timeout=WAIT_MS)
         keys = []
         for page in (alice, bob):
             page.get_by_role("button", name="Encryption key").click()
@@ -413,8 +430,17 @@ def main():
                     answered = True
         assert answered, "the bot got the press"
         expect(alice.locator("#toast")).to_have_text("Pressed!", timeout=WAIT_MS)
+        bot("sendMessage", chat_id=chat_id, text="Yes or no?",
+            reply_markup={"keyboard": [[{"text": "Yes"}, {"text": "No"}]], "resize_keyboard": True})
+        alice.get_by_role("group", name="Bot keyboard").get_by_role("button", name="Yes").click()
+        said, deadline = None, time.time() + 60
+        while said is None and time.time() < deadline:
+            for update in bot("getUpdates", offset=offset, timeout=5):
+                offset = update["update_id"] + 1
+                said = update.get("message", {}).get("text", said)
+        assert said == "Yes", said
         shot(alice, "06-bot")
-        log("bot: inline button pressed, answer shown")
+        log("bot: inline button pressed and answered; a reply keyboard's button sent its text")
 
         # Settings: profile and sessions.
         alice.get_by_role("button", name="Settings").click()

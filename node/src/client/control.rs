@@ -266,16 +266,25 @@ async fn stream_events(
     let mut byte = [0u8; 1];
     loop {
         let event = tokio::select! {
-            event = events.recv() => match event {
-                Ok(event) => event,
-                Err(broadcast::error::RecvError::Lagged(missed)) => Event::Lagged { missed },
-                Err(broadcast::error::RecvError::Closed) => return,
+            event = next_event(&mut events) => match event {
+                Some(event) => event,
+                None => return,
             },
             _ = reader.read(&mut byte) => return,
         };
         if write_line(&mut write, &event).await.is_err() {
             return;
         }
+    }
+}
+
+/// A subscriber's next event: the ones it was too slow for become one `Lagged`; `None` once
+/// the node has stopped.
+pub async fn next_event(events: &mut broadcast::Receiver<Event>) -> Option<Event> {
+    match events.recv().await {
+        Ok(event) => Some(event),
+        Err(broadcast::error::RecvError::Lagged(missed)) => Some(Event::Lagged { missed }),
+        Err(broadcast::error::RecvError::Closed) => None,
     }
 }
 

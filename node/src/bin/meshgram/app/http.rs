@@ -19,7 +19,8 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use futures::StreamExt;
-use meshgram_node::client::api::{ApiError, Call, Event, Reply};
+use meshgram_node::client::api::{ApiError, Call, Reply};
+use meshgram_node::client::control::next_event;
 use meshgram_node::client::media::{ByteRange, safe_name};
 use meshgram_node::ids::Phone;
 use meshgram_node::proto::media::{DEFAULT_PART_SIZE, FileRef, MAX_PART_SIZE, MAX_PARTS};
@@ -28,7 +29,6 @@ use meshgram_node::proto::{AuthRequest, ErrorCode, LookupQuery};
 use serde::Deserialize;
 use serde_json::json;
 use tokio::io::AsyncWriteExt;
-use tokio::sync::broadcast;
 
 use super::{App, DOWNLOADS_DIR, UPLOADS_DIR, assets};
 
@@ -261,7 +261,9 @@ async fn login_sign_in(State(app): State<Arc<App>>, body: Bytes) -> Answer {
     let kept = super::super::cli::keep_session(&app.profile, &client, signed_in, relays, app.device_name.clone())
         .await
         .map_err(|e| e.0)?;
+    // The node runs the device's network from here on: one swarm per device.
     *app.signing_in.lock().await = None;
+    drop(client);
     let node = app.start_node().await?;
     ok(json!({
         "user_id": node.user_id(),
@@ -512,10 +514,9 @@ async fn forward_events(app: Arc<App>, mut socket: WebSocket) {
     }
     loop {
         let event = tokio::select! {
-            event = events.recv() => match event {
-                Ok(event) => event,
-                Err(broadcast::error::RecvError::Lagged(missed)) => Event::Lagged { missed },
-                Err(broadcast::error::RecvError::Closed) => return,
+            event = next_event(&mut events) => match event {
+                Some(event) => event,
+                None => return,
             },
             incoming = socket.recv() => match incoming {
                 Some(Ok(_)) => continue,
