@@ -12,6 +12,7 @@ import base64
 import http.client
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -117,7 +118,7 @@ def raw(url, method="GET", headers=None, body=None):
         return e.code, json.loads(e.read() or b"null")
 
 
-def sign_in(page, phone, wrong_first=False):
+def sign_in(page, phone, wrong_first=False, password=None):
     sent_before = len(codes_for(phone))
     page.get_by_label("Phone number").fill(phone)
     page.get_by_role("button", name="Send code").click()
@@ -130,11 +131,16 @@ def sign_in(page, phone, wrong_first=False):
         log("a wrong code is refused:", page.get_by_role("alert").first.inner_text())
     page.get_by_label("Code").fill(code)
     page.get_by_role("button", name="Sign in").click()
+    if password:
+        expect(page.get_by_role("alert").first).to_contain_text("password", timeout=WAIT_MS)
+        page.get_by_label("Password").fill(password)
+        page.get_by_role("button", name="Sign in").click()
     expect(page.get_by_role("list", name="Chats")).to_be_visible(timeout=WAIT_MS)
 
 
 def open_chat(page, name):
-    page.get_by_role("list", name="Chats").get_by_role("button", name=name).first.click()
+    """Opens the chat whose name starts with `name` ("Alice" is not "Secret chat with Alice")."""
+    page.get_by_role("list", name="Chats").get_by_role("button", name=re.compile("^" + re.escape(name))).first.click()
     expect(page.get_by_role("textbox", name="Message")).to_be_enabled(timeout=WAIT_MS)
 
 
@@ -399,6 +405,11 @@ def main():
         for page in (alice, bob):
             page.keyboard.press("Escape")
         log("secret chat: same fingerprint on both sides:", keys[0][0])
+        alice.locator("#attach-file").set_input_files(files=[{"name": "secret.png", "mimeType": "image/png", "buffer": png(120, 80)}])
+        secret_photo = bob.get_by_role("log", name="Messages").get_by_role("img", name="secret.png")
+        expect(secret_photo).to_be_visible(timeout=WAIT_MS)
+        bob.wait_for_function("() => [...document.querySelectorAll('img.photo')].some((i) => i.alt === 'secret.png' && i.complete && i.naturalWidth === 120)", timeout=WAIT_MS)
+        log("a photo in the secret chat shows on the other device")
 
         # A bot with an inline keyboard: press its button, see its answer.
         made = cli(A_PROFILE, "bot", "create", "--username", BOT_NAME, "--name", "UI bot")
@@ -409,6 +420,9 @@ def main():
         alice.get_by_label("Username or phone").fill("@" + BOT_NAME)
         alice.get_by_role("button", name="Open chat").click()
         send(alice, "/start")
+        # ✓✓: the bot's device has it (a refusal would be a toast on the page).
+        start_line = alice.get_by_role("log", name="Messages").get_by_role("listitem").filter(has_text="/start")
+        expect(start_line.get_by_label(re.compile("^(delivered|read)$"))).to_be_visible(timeout=WAIT_MS)
         deadline = time.time() + 60
         offset, chat_id = 0, None
         while chat_id is None and time.time() < deadline:
@@ -447,6 +461,57 @@ def main():
         expect(alice.get_by_role("list", name="Sessions")).to_contain_text("this device")
         shot(alice, "07-settings")
         alice.keyboard.press("Escape")
+
+        # 2FA: alice sets a password in her settings; her new device must give it, asks her
+        # first device for the history, gets it, and is then signed out from the first.
+        alice.get_by_role("button", name="Settings").click()
+        alice.get_by_label("New password").fill("correct horse")
+        alice.get_by_role("button", name="Save").click()
+        expect(alice.get_by_role("dialog")).to_be_hidden(timeout=WAIT_MS)
+        third_profile = os.path.join(os.path.dirname(A_PROFILE), "alice-laptop")
+        third = subprocess.Popen([CLI, "--profile", third_profile, "app", "--no-open", *ENV["LOGIN_ARGS"].split()],
+                                 stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+        try:
+            laptop = browser.new_context().new_page()
+            laptop.goto(json.loads(third.stdout.readline())["url"])
+            sign_in(laptop, A_PHONE, password="correct horse")
+            asked = alice.get_by_role("dialog", name="A new device asks for your history")
+            expect(asked).to_be_visible(timeout=WAIT_MS)
+            shot(alice, "11-device-asks")
+            asked.get_by_role("button", name="Send history").click()
+            expect(laptop.get_by_role("list", name="Chats").get_by_role("button", name="Bob")).to_be_visible(timeout=WAIT_MS)
+            log("2FA sign-in on a new device; the history came from the first")
+            alice.get_by_role("button", name="Settings").click()
+            sessions = alice.get_by_role("list", name="Sessions")
+            expect(sessions.get_by_role("listitem")).to_have_count(2)
+            sessions.get_by_role("button", name="Revoke").first.click()
+            expect(sessions.get_by_role("listitem")).to_have_count(1, timeout=WAIT_MS)
+            alice.keyboard.press("Escape")
+            assert len(cli(A_PROFILE, "sessions")) == 1
+            log("the new device's session revoked from the first")
+        finally:
+            third.terminate()
+            third.wait(30)
+
+        # A new message while bob's tab is hidden becomes a desktop notification.
+        watcher_context = bob.context
+        watcher_context.grant_permissions(["notifications"])
+        watcher = watcher_context.new_page()
+        watcher.add_init_script("""(() => {
+            const Real = window.Notification; window.__notes = [];
+            class Counted extends Real { constructor(title, options) { super(title, options); window.__notes.push([title, options && options.body]); } }
+            Object.defineProperty(Counted, 'permission', { get: () => Real.permission });
+            Counted.requestPermission = () => Real.requestPermission();
+            window.Notification = Counted;
+            Object.defineProperty(document, 'hidden', { get: () => window.__hidden === true });
+        })()""")
+        watcher.goto(B_URL.split("#")[0])
+        expect(watcher.get_by_role("list", name="Chats")).to_be_visible(timeout=WAIT_MS)
+        watcher.evaluate("window.__hidden = true")
+        open_chat(alice, "Bob")
+        send(alice, "are you there?")
+        watcher.wait_for_function("() => window.__notes.some(([t, b]) => b === 'are you there?')", timeout=WAIT_MS)
+        log("a hidden tab shows a desktop notification:", watcher.evaluate("window.__notes"))
 
         # Ctrl+K searches the chat list.
         alice.keyboard.press("Control+k")

@@ -55,6 +55,7 @@ fn ui_env(mesh: &Mesh, apps: [(&Path, &Server); 2]) -> Vec<(&'static str, String
         ("B_URL", url(apps[1].1)),
         ("A_PROFILE", apps[0].0.display().to_string()),
         ("B_PROFILE", apps[1].0.display().to_string()),
+        ("LOGIN_ARGS", mesh.login_args().join(" ")),
     ]
 }
 

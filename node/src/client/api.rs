@@ -130,6 +130,11 @@ pub enum Call {
     GetMessage {
         message: MessageId,
     },
+    /// The file of a message, cloud or secret, by the message's id (to show it before or
+    /// without downloading it: its name, type, size and preview).
+    FileOf {
+        message: MessageId,
+    },
     /// Send a file already uploaded, by its reference (as a forward does).
     SendFile {
         to: LookupQuery,
@@ -399,6 +404,11 @@ pub enum Reply {
     /// `UploadFile`.
     Uploaded {
         file: FileRef,
+    },
+    /// `FileOf`: the file, and whether it is a secret chat's (never kept nor cached).
+    FileOf {
+        file: FileRef,
+        secret: bool,
     },
     /// `Devices`.
     Devices {

@@ -347,16 +347,7 @@ impl Messenger {
         range: Option<ByteRange>,
         progress: OnProgress<'_>,
     ) -> Result<Downloaded, MessagingError> {
-        // A secret chat's file is not served to peers: nothing of it stays in the history.
-        let (file, serve) = match self.history()?.message(&message)? {
-            Some(found) => {
-                (found.file.filter(|_| !found.deleted).ok_or(MessagingError::NoFile(message))?, Serve::Peers)
-            }
-            None => {
-                let file = self.secret_file(&message)?.ok_or(MessagingError::UnknownMessage(message))?;
-                (Box::new(file), Serve::No)
-            }
-        };
+        let (file, serve) = self.message_file(message)?;
         let name = safe_name(&file.name);
         let out = match out {
             Some(out) if out.is_dir() => out.join(&name),
@@ -364,6 +355,20 @@ impl Messenger {
             None => PathBuf::from(&name),
         };
         self.fetch_file(*file, &out, range, progress, serve).await
+    }
+
+    /// The file of a message, cloud or secret, and whether this device serves its chunks to
+    /// peers (a secret chat's file is not: nothing of it stays in the history).
+    pub(crate) fn message_file(&mut self, message: MessageId) -> Result<(Box<FileRef>, Serve), MessagingError> {
+        match self.history()?.message(&message)? {
+            Some(found) => {
+                Ok((found.file.filter(|_| !found.deleted).ok_or(MessagingError::NoFile(message))?, Serve::Peers))
+            }
+            None => {
+                let file = self.secret_file(&message)?.ok_or(MessagingError::UnknownMessage(message))?;
+                Ok((Box::new(file), Serve::No))
+            }
+        }
     }
 
     /// Fetches a file by its reference to `out`, verifying every part; the file appears only

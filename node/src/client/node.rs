@@ -736,6 +736,10 @@ impl Actor {
                 self.published(message)
             }
             Call::GetMessage { message } => Reply::Message { message: self.messenger.stored_message(message)? },
+            Call::FileOf { message } => {
+                let (file, serve) = self.messenger.message_file(message)?;
+                Reply::FileOf { file: *file, secret: serve == crate::client::media::Serve::No }
+            }
             Call::Presses => {
                 self.receive_waiting().await?;
                 Reply::Presses { presses: self.messenger.presses()? }

@@ -66,9 +66,11 @@ struct RoleSpec {
 impl RoleProcess {
     /// Starts `bin` with `args`, logging stderr to `log`, and waits for its ready line.
     async fn start(role: &'static str, bin: &Path, args: &[String], log: &Path) -> anyhow::Result<Self> {
+        use std::os::unix::fs::OpenOptionsExt as _;
         let log_file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(0o600)
             .open(log)
             .with_context(|| format!("opening {}", log.display()))?;
         // The role exits when this pipe closes, i.e. when `up` is gone however it died.
@@ -422,7 +424,10 @@ async fn start_app(
     let args = |port: u16| -> Vec<String> {
         let (profile, network) = (profile.display().to_string(), network_path.display().to_string());
         let port = port.to_string();
-        ["--profile", &profile, "app", "--network", &network, "--no-open", "--port", &port].map(String::from).to_vec()
+        // --json: the app's address (with its token) goes only to the ready line, not the log.
+        ["--profile", &profile, "--json", "app", "--network", &network, "--no-open", "--port", &port]
+            .map(String::from)
+            .to_vec()
     };
     let log = data.join("app.log");
     let process = match RoleProcess::start("app", &bin, &args(previous_port.unwrap_or(0)), &log).await {

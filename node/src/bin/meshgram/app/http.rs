@@ -3,9 +3,9 @@
 //! Every request first passes [`check_origin`]: the Host must be this app's own address (a
 //! DNS-rebinding page reaches us under its own name) and an Origin, when the browser sends
 //! one, must be too (another site's page may send requests, never with our origin). Then
-//! every `/api/` route but `/api/auth` needs the token, from the cookie `/api/auth` sets
-//! (HttpOnly, SameSite=Strict: another site's requests never carry it) or an
-//! `Authorization: Bearer` header. Answers are JSON: `{"ok": …}` or `{"error": {code,
+//! every `/api/` route but `/api/auth` needs the run's session from the cookie `/api/auth`
+//! sets (HttpOnly, SameSite=Strict: another site's requests never carry it), or the token in
+//! an `Authorization: Bearer` header. Answers are JSON: `{"ok": …}` or `{"error": {code,
 //! message, retry_after}}` with an HTTP status that fits the code.
 
 use std::sync::Arc;
@@ -30,7 +30,7 @@ use serde::Deserialize;
 use serde_json::json;
 use tokio::io::AsyncWriteExt;
 
-use super::{App, DOWNLOADS_DIR, UPLOADS_DIR, assets};
+use super::{App, DOWNLOADS_DIR, FILES_DIR, UPLOADS_DIR, assets};
 
 /// The largest request body but uploads': calls are small.
 const MAX_CALL_BYTES: usize = 1024 * 1024;
@@ -151,8 +151,9 @@ async fn require_token(State(app): State<Arc<App>>, request: Request, next: Next
         .filter_map(|pair| pair.trim().split_once('='))
         .find(|(key, _)| *key == name)
         .map(|(_, value)| value.to_string());
-    let given = bearer.or(cookie).unwrap_or_default();
-    if !same_secret(&given, &app.token) {
+    let allowed =
+        bearer.is_some_and(|b| same_secret(&b, &app.token)) || cookie.is_some_and(|c| same_secret(&c, &app.session));
+    if !allowed {
         let message = "open the app with the address `meshgram app` printed (it carries the token)";
         return Failure(ApiError::new("UNAUTHORIZED", message)).into_response();
     }
@@ -165,16 +166,23 @@ fn same_secret(a: &str, b: &str) -> bool {
 
 #[derive(Deserialize)]
 struct AuthBody {
-    token: String,
+    #[serde(default)]
+    token: Option<String>,
+    /// The one-time code of the address the app opened in the browser itself.
+    #[serde(default)]
+    launch: Option<String>,
 }
 
-/// Trades the token from the URL's fragment for the cookie.
+/// Trades the token (or a launch code) from the URL's fragment for the cookie. The cookie
+/// holds this run's session, not the token: cookies go to every port of 127.0.0.1, so a
+/// cookie another local server was sent opens nothing once the app restarts.
 async fn auth(State(app): State<Arc<App>>, body: Bytes) -> Answer {
     let body: AuthBody = parse(&body)?;
-    if !same_secret(&body.token, &app.token) {
-        return Err(ApiError::new("UNAUTHORIZED", "wrong token").into());
+    let by_token = body.token.is_some_and(|t| same_secret(&t, &app.token));
+    if !by_token && !body.launch.is_some_and(|code| app.take_launch_code(&code)) {
+        return Err(ApiError::new("UNAUTHORIZED", "wrong or used token").into());
     }
-    let cookie = format!("{}={}; HttpOnly; SameSite=Strict; Path=/", cookie_name(&app), app.token);
+    let cookie = format!("{}={}; HttpOnly; SameSite=Strict; Path=/", cookie_name(&app), app.session);
     let cookie = HeaderValue::from_str(&cookie).map_err(|e| ApiError::new("INTERNAL", e.to_string()))?;
     let mut response = axum::Json(json!({ "ok": true })).into_response();
     response.headers_mut().insert(header::SET_COOKIE, cookie);
@@ -210,8 +218,12 @@ struct SignInBody {
     password: Option<String>,
 }
 
-/// The device's client for signing in, made once (its keys become the session's).
-async fn sign_in_client(app: &App) -> Result<meshgram_node::client::Client, Failure> {
+/// The device's client for signing in, made once (its keys become the session's), in the
+/// sign-in slot the caller holds.
+async fn sign_in_client(
+    app: &App,
+    slot: &mut Option<meshgram_node::client::Client>,
+) -> Result<meshgram_node::client::Client, Failure> {
     if app.node().await.is_ok() {
         return Err(ApiError::new("ALREADY_SIGNED_IN", "this profile is signed in").into());
     }
@@ -219,7 +231,6 @@ async fn sign_in_client(app: &App) -> Result<meshgram_node::client::Client, Fail
         let message = "this app does not know the network: start it with --network FILE (or --gateway)";
         return Err(ApiError::new("USAGE", message).into());
     };
-    let mut slot = app.signing_in.lock().await;
     if slot.is_none() {
         *slot = Some(meshgram_node::client::Client::open(&app.profile, gateway.clone()).map_err(ApiError::from)?);
     }
@@ -233,7 +244,7 @@ fn phone_of(text: &str) -> Result<Phone, Failure> {
 async fn login_code(State(app): State<Arc<App>>, body: Bytes) -> Answer {
     let body: CodeBody = parse(&body)?;
     let phone = phone_of(&body.phone)?;
-    let client = sign_in_client(&app).await?;
+    let client = sign_in_client(&app, &mut *app.signing_in.lock().await).await?;
     let expires_in_secs = client.send_code(phone).await.map_err(ApiError::from)?;
     ok(json!({ "expires_in_secs": expires_in_secs }))
 }
@@ -241,7 +252,9 @@ async fn login_code(State(app): State<Arc<App>>, body: Bytes) -> Answer {
 async fn login_sign_in(State(app): State<Arc<App>>, body: Bytes) -> Answer {
     let body: SignInBody = parse(&body)?;
     let phone = phone_of(&body.phone)?;
-    let client = sign_in_client(&app).await?;
+    // One sign-in at a time, to its end: another waits, then finds the profile signed in.
+    let mut slot = app.signing_in.lock().await;
+    let client = sign_in_client(&app, &mut slot).await?;
     let device = client.identity.device_keys();
     let request = AuthRequest::SignIn {
         phone,
@@ -262,9 +275,10 @@ async fn login_sign_in(State(app): State<Arc<App>>, body: Bytes) -> Answer {
         .await
         .map_err(|e| e.0)?;
     // The node runs the device's network from here on: one swarm per device.
-    *app.signing_in.lock().await = None;
+    *slot = None;
     drop(client);
     let node = app.start_node().await?;
+    drop(slot);
     ok(json!({
         "user_id": node.user_id(),
         "new_account": new_account,
@@ -327,28 +341,48 @@ async fn upload(
         (None, Some(_)) => None,
         _ => return Err(ApiError::usage("give one of to= (a chat) and secret= (a secret chat)").into()),
     };
-    let dir = app.profile.join(UPLOADS_DIR).join(meshgram_node::ids::hex(&rand::random::<[u8; 8]>()));
-    let path = dir.join(safe_name(&query.name));
-    let written = receive_file(body, &dir, &path).await;
+    let name = meshgram_node::ids::hex(&rand::random::<[u8; 8]>());
+    let receiving = RemoveOnDrop(app.profile.join(UPLOADS_DIR).join(&name));
+    let written = receive_file(body, &receiving.0, &receiving.0.join(safe_name(&query.name))).await;
+    let kept = app.profile.join(FILES_DIR).join(format!("sent-{name}"));
     let result = match written {
         Ok(size) if size > MAX_UPLOAD_BYTES => Err(too_big()),
         Ok(size) => {
+            let moved = tokio::fs::create_dir_all(app.profile.join(FILES_DIR)).await;
+            moved
+                .and(tokio::fs::rename(&receiving.0, &kept).await)
+                .map_err(|e| ApiError::new("PROFILE", e.to_string()))?;
+            let path = kept.join(safe_name(&query.name));
             // Big files need bigger parts: a file has at most MAX_PARTS of them.
             let part_size = (size > MAX_PARTS as u64 * DEFAULT_PART_SIZE as u64).then_some(MAX_PART_SIZE);
             let call = match to {
                 Some(to) => Call::Upload { path: path.clone(), to, caption: query.caption, part_size },
                 None => Call::SecretUpload {
-                    chat: query.secret.unwrap_or_default(),
+                    chat: query.secret.clone().unwrap_or_default(),
                     path: path.clone(),
                     caption: query.caption,
                 },
             };
-            node.call(call).await
+            let sent = node.call(call).await;
+            if sent.is_err() || query.secret.is_some() {
+                // Nothing to serve from it: a failed upload, or a secret chat's file.
+                let _ = tokio::fs::remove_dir_all(&kept).await;
+            }
+            sent
         }
         Err(e) => Err(e),
     };
-    let _ = tokio::fs::remove_dir_all(&dir).await;
     ok(result?)
+}
+
+/// A path removed when dropped: what a request leaves half written goes with it, even when
+/// the browser goes away in the middle.
+struct RemoveOnDrop(std::path::PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0).or_else(|_| std::fs::remove_file(&self.0));
+    }
 }
 
 /// Writes the body to `path`, stopping past the largest file; the bytes written.
@@ -372,25 +406,27 @@ async fn receive_file(body: Body, dir: &std::path::Path, path: &std::path::Path)
 
 // --- media -----------------------------------------------------------------------------------
 
-async fn message_file(app: &App, message: &str) -> Result<(MessageId, FileRef), Failure> {
+/// A message's file, and whether it is a secret chat's.
+async fn message_file(app: &App, message: &str) -> Result<(MessageId, FileRef, bool), Failure> {
     let id: MessageId = message.parse().map_err(|e: meshgram_node::ids::InvalidValue| ApiError::usage(e.0))?;
-    let reply = app.node().await?.call(Call::GetMessage { message: id }).await?;
-    match reply {
-        Reply::Message { message } if !message.deleted => match message.file {
-            Some(file) => Ok((id, *file)),
-            None => Err(ApiError::new("NOT_FOUND", "this message has no file").into()),
-        },
-        Reply::Message { .. } => Err(ApiError::new("NOT_FOUND", "this message was deleted").into()),
-        other => Err(ApiError::unexpected("get_message", &other).into()),
+    match app.node().await?.call(Call::FileOf { message: id }).await? {
+        Reply::FileOf { file, secret } => Ok((id, file, secret)),
+        other => Err(ApiError::unexpected("file_of", &other).into()),
     }
 }
 
+/// How long the browser may keep an answer: a secret chat's never (its messages destroy
+/// themselves), a cloud file's for a day (a message's file never changes).
+fn cache_control(secret: bool) -> &'static str {
+    if secret { "no-store" } else { "private, max-age=86400" }
+}
+
 async fn thumbnail(State(app): State<Arc<App>>, UrlPath(message): UrlPath<String>) -> Answer {
-    let (_, file) = message_file(&app, &message).await?;
+    let (_, file, secret) = message_file(&app, &message).await?;
     if file.thumbnail.is_empty() {
         return Err(ApiError::new("NOT_FOUND", "this file has no preview").into());
     }
-    let headers = [(header::CONTENT_TYPE, "image/jpeg"), (header::CACHE_CONTROL, "private, max-age=86400")];
+    let headers = [(header::CONTENT_TYPE, "image/jpeg"), (header::CACHE_CONTROL, cache_control(secret))];
     Ok((headers, file.thumbnail).into_response())
 }
 
@@ -401,63 +437,122 @@ struct MediaQuery {
     download: bool,
 }
 
-/// A message's file, whole or (with `Range`) one window of it, fetched from the network for
-/// this answer: a player streams a video by asking for it window by window.
+/// A message's file, whole or (with `Range`) one window of it. A cloud file asked for whole
+/// (or small enough for one window) is fetched once into the profile and served from there
+/// after; a window of a bigger one not fetched yet is fetched for this answer alone, so a
+/// player streams a video window by window; a secret chat's file is fetched for each answer
+/// and never kept.
 async fn media(
     State(app): State<Arc<App>>,
     UrlPath(message): UrlPath<String>,
     Query(query): Query<MediaQuery>,
     headers: HeaderMap,
 ) -> Answer {
-    let (id, file) = message_file(&app, &message).await?;
-    let requested = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
+    let (id, file, secret) = message_file(&app, &message).await?;
+    let requested = headers.get(header::RANGE).and_then(|v| v.to_str().ok()).filter(|r| r.trim().starts_with("bytes="));
     let range = match requested {
-        Some(text) if file.size > 0 => Some(parse_range(text, file.size).ok_or_else(|| {
-            ApiError::new("RANGE_NOT_SATISFIABLE", format!("{text} is not within the file's {} bytes", file.size))
-        })?),
+        Some(text) if file.size > 0 => match parse_range(text, file.size) {
+            Some(r) => Some(ByteRange { start: r.start, end: r.end.min(r.start + MEDIA_WINDOW - 1) }),
+            None => {
+                let mut refused = Failure(ApiError::new(
+                    "RANGE_NOT_SATISFIABLE",
+                    format!("{text} is not within the file's {} bytes", file.size),
+                ))
+                .into_response();
+                let whole = HeaderValue::from_str(&format!("bytes */{}", file.size));
+                refused
+                    .headers_mut()
+                    .insert(header::CONTENT_RANGE, whole.map_err(|e| ApiError::new("INTERNAL", e.to_string()))?);
+                return Ok(refused);
+            }
+        },
         _ => None,
     };
-    let range = range.map(|r| ByteRange { start: r.start, end: r.end.min(r.start + MEDIA_WINDOW - 1) });
-    let dir = app.profile.join(DOWNLOADS_DIR);
-    tokio::fs::create_dir_all(&dir).await.map_err(|e| ApiError::new("PROFILE", e.to_string()))?;
-    let out = dir.join(meshgram_node::ids::hex(&rand::random::<[u8; 8]>()));
     let node = app.node().await?;
-    let fetched = node.call(Call::Download { message: id, out: Some(out.clone()), range }).await;
-    let opened = match fetched {
-        Ok(_) => tokio::fs::File::open(&out).await.map_err(|e| ApiError::new("PROFILE", e.to_string())),
-        Err(e) => Err(e),
+    let kept = app.profile.join(FILES_DIR).join(id.to_string());
+    let keep = !secret && (range.is_none() || file.size <= MEDIA_WINDOW);
+    if keep && !tokio::fs::try_exists(&kept).await.unwrap_or(false) {
+        tokio::fs::create_dir_all(app.profile.join(FILES_DIR))
+            .await
+            .map_err(|e| ApiError::new("PROFILE", e.to_string()))?;
+        // Run to the end even if the browser goes: the file is written whole or not at all.
+        let call = Call::Download { message: id, out: Some(kept.clone()), range: None };
+        let node = node.clone();
+        let fetch = tokio::spawn(async move { node.call(call).await });
+        fetch.await.map_err(|e| ApiError::new("INTERNAL", e.to_string()))??;
+    }
+    let (mut opened, offset) = if tokio::fs::try_exists(&kept).await.unwrap_or(false) {
+        let opened = tokio::fs::File::open(&kept).await.map_err(|e| ApiError::new("PROFILE", e.to_string()))?;
+        (opened, range.map_or(0, |r| r.start))
+    } else {
+        let dir = app.profile.join(DOWNLOADS_DIR);
+        tokio::fs::create_dir_all(&dir).await.map_err(|e| ApiError::new("PROFILE", e.to_string()))?;
+        let out = dir.join(meshgram_node::ids::hex(&rand::random::<[u8; 8]>()));
+        // Fetched, opened and unlinked on a task of its own: if the browser goes away in the
+        // middle (players drop ranges all the time), nothing stays behind.
+        let window = tokio::spawn(async move {
+            let fetched = node.call(Call::Download { message: id, out: Some(out.clone()), range }).await;
+            let opened = match fetched {
+                Ok(_) => tokio::fs::File::open(&out).await.map_err(|e| ApiError::new("PROFILE", e.to_string())),
+                Err(e) => Err(e),
+            };
+            let _ = tokio::fs::remove_file(&out).await;
+            opened
+        });
+        (window.await.map_err(|e| ApiError::new("INTERNAL", e.to_string()))??, 0)
     };
-    // The open file is read after its name is gone: nothing stays behind, whatever happens.
-    let _ = tokio::fs::remove_file(&out).await;
-    let body = Body::from_stream(tokio_util::io::ReaderStream::new(opened?));
-    let inline = !query.download && shows_inline(&file.mime);
-    let mime = if inline { file.mime.as_str() } else { "application/octet-stream" };
+    let length = match range {
+        Some(r) => r.end - r.start + 1,
+        None => opened.metadata().await.map_err(|e| ApiError::new("PROFILE", e.to_string()))?.len(),
+    };
+    use tokio::io::{AsyncReadExt, AsyncSeekExt};
+    opened.seek(std::io::SeekFrom::Start(offset)).await.map_err(|e| ApiError::new("PROFILE", e.to_string()))?;
+    let body = Body::from_stream(tokio_util::io::ReaderStream::new(opened.take(length)));
+    let shown = inline_type(&file.mime).filter(|_| !query.download);
     let disposition = format!(
         "{}; filename*=UTF-8''{}",
-        if inline { "inline" } else { "attachment" },
+        if shown.is_some() { "inline" } else { "attachment" },
         percent_encode(&safe_name(&file.name))
     );
     let mut response = Response::builder()
-        .header(header::CONTENT_TYPE, mime)
+        .header(header::CONTENT_TYPE, shown.unwrap_or("application/octet-stream"))
         .header(header::ACCEPT_RANGES, "bytes")
         .header(header::CONTENT_DISPOSITION, disposition)
-        .header(header::CACHE_CONTROL, "private, max-age=86400")
+        .header(header::CACHE_CONTROL, cache_control(secret))
+        .header(header::CONTENT_LENGTH, length)
         // A file is the sender's: never a page that could run in the app's origin.
         .header(header::CONTENT_SECURITY_POLICY, "sandbox; default-src 'none'; media-src 'self'; img-src 'self'");
-    response = match range {
-        Some(r) => response
+    if let Some(r) = range {
+        response = response
             .status(StatusCode::PARTIAL_CONTENT)
-            .header(header::CONTENT_RANGE, format!("bytes {}-{}/{}", r.start, r.end, file.size))
-            .header(header::CONTENT_LENGTH, r.end - r.start + 1),
-        None => response.header(header::CONTENT_LENGTH, file.size),
-    };
+            .header(header::CONTENT_RANGE, format!("bytes {}-{}/{}", r.start, r.end, file.size));
+    }
     response.body(body).map_err(|e| ApiError::new("INTERNAL", e.to_string()).into())
 }
 
-/// Pictures, sound and video show in the page; anything else (a page, a script, an SVG that
-/// could carry one) is only saved.
-fn shows_inline(mime: &str) -> bool {
-    (mime.starts_with("image/") && mime != "image/svg+xml") || mime.starts_with("video/") || mime.starts_with("audio/")
+/// The types shown in the page (pictures, sound, video), by the sender's type: anything else
+/// (a page, a script, an SVG that could carry one) is only saved.
+const INLINE_TYPES: &[&str] = &[
+    "image/jpeg",
+    "image/png",
+    "image/gif",
+    "image/webp",
+    "video/mp4",
+    "video/webm",
+    "video/quicktime",
+    "audio/mpeg",
+    "audio/ogg",
+    "audio/mp4",
+    "audio/webm",
+    "audio/wav",
+    "audio/flac",
+];
+
+/// The type to show a file as in the page, if it is one of [`INLINE_TYPES`] (whatever the
+/// sender's case and parameters).
+fn inline_type(mime: &str) -> Option<&'static str> {
+    let bare = mime.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
+    INLINE_TYPES.iter().copied().find(|t| *t == bare)
 }
 
 /// One `bytes=` range of a file of `size` (> 0) bytes, as RFC 9110 reads it; several ranges
@@ -551,10 +646,12 @@ mod tests {
 
     #[test]
     fn only_media_shows_inline() {
-        assert!(shows_inline("image/jpeg"));
-        assert!(shows_inline("video/mp4"));
-        assert!(!shows_inline("image/svg+xml"));
-        assert!(!shows_inline("text/html"));
-        assert!(!shows_inline("application/pdf"));
+        assert_eq!(inline_type("image/jpeg"), Some("image/jpeg"));
+        assert_eq!(inline_type("Video/MP4; codecs=avc1"), Some("video/mp4"));
+        assert_eq!(inline_type("image/svg+xml"), None);
+        assert_eq!(inline_type("IMAGE/SVG+XML"), None);
+        assert_eq!(inline_type("video/x,text/html"), None);
+        assert_eq!(inline_type("text/html"), None);
+        assert_eq!(inline_type("application/pdf"), None);
     }
 }

@@ -28,14 +28,20 @@ use tokio::sync::RwLock;
 
 use super::cli::{CliError, CliResult};
 
+/// How long the address the app opens in the browser works (once).
+const LAUNCH_VALID: std::time::Duration = std::time::Duration::from_secs(120);
 /// Where a running app says where it is (with its token: the profile dir is the user's only).
 const APP_FILE: &str = "app.json";
 /// The profile's app token, made once: the app's URL stays the same across restarts.
 const TOKEN_FILE: &str = "app.token";
-/// Files being uploaded from the browser, before the node reads them.
+/// Files being received from the browser, until they are whole.
 const UPLOADS_DIR: &str = "app-uploads";
-/// Ranges of files being served to the browser, each deleted once sent.
+/// Windows of files fetched for one answer to the browser, each unlinked once open.
 const DOWNLOADS_DIR: &str = "app-downloads";
+/// Files kept: those sent from the browser (the node serves their chunks to peers from here,
+/// as it does from the path a CLI upload names) and cloud files fetched whole, served from
+/// here again without the network. Secret chats' files are never kept.
+const FILES_DIR: &str = "app-files";
 
 /// How `meshgram app` was asked to run.
 #[derive(Debug)]
@@ -60,7 +66,13 @@ struct AppFile {
 #[derive(Debug)]
 pub(crate) struct App {
     profile: PathBuf,
+    /// The profile's token: in the printed address, and for `Authorization: Bearer`.
     token: String,
+    /// This run's session, the cookie's value.
+    session: String,
+    /// The one-time code in the address the app opens in the browser itself (a process's
+    /// arguments are visible to other local users; the token must not be among them).
+    launch: std::sync::Mutex<Option<(String, std::time::Instant)>>,
     port: u16,
     gateway: Option<(GatewayAddr, Vec<RelayInfo>)>,
     device_name: String,
@@ -99,6 +111,25 @@ impl App {
         Ok(node)
     }
 
+    /// Whether `code` is the launch code, used now (once, and within [`LAUNCH_VALID`]).
+    fn take_launch_code(&self, code: &str) -> bool {
+        let mut slot = self.launch.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let valid = slot.as_ref().is_some_and(|(c, made)| c == code && made.elapsed() < LAUNCH_VALID);
+        if valid {
+            *slot = None;
+        }
+        valid
+    }
+
+    /// A new launch code, for an address to open in the browser.
+    fn launch_url(&self) -> String {
+        let code = meshgram_node::ids::hex(&rand::random::<[u8; 16]>());
+        let url = format!("{}/#launch={code}", self.origin());
+        *self.launch.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+            Some((code, std::time::Instant::now()));
+        url
+    }
+
     fn origin(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
     }
@@ -131,6 +162,8 @@ pub(crate) async fn run(profile: &Path, json: bool, options: AppOptions) -> CliR
     let app = Arc::new(App {
         profile: profile.to_path_buf(),
         token,
+        session: meshgram_node::ids::hex(&rand::random::<[u8; 32]>()),
+        launch: std::sync::Mutex::new(None),
         port,
         gateway: options.gateway,
         device_name: options.device_name,
@@ -154,7 +187,7 @@ pub(crate) async fn run(profile: &Path, json: bool, options: AppOptions) -> CliR
         eprintln!("The Meshgram app runs at\n  {url}\nCtrl-C stops it.");
     }
     if options.open {
-        open_browser(&url);
+        open_browser(&app.launch_url());
     }
     let stopped = async {
         loop {

@@ -68,10 +68,27 @@ async function request(path, options = {}) {
   } catch (e) {
     throw new ApiError({ code: 'APP_GONE', message: 'The app is not answering (was `meshgram app` stopped?)' }, 0);
   }
-  const body = await response.json().catch(() => ({ error: { code: 'BAD_ANSWER', message: `HTTP ${response.status}` } }));
+  const text = await response.text();
+  let body;
+  try {
+    body = JSON.parse(text, exactIds);
+  } catch {
+    body = { error: { code: 'BAD_ANSWER', message: `HTTP ${response.status}` } };
+  }
   if (body.error) throw new ApiError(body.error, response.status);
   return body.ok;
 }
+
+/**
+ * Ids past 2^53 (session ids, groups' chat numbers) stay exact: read as their digits (a
+ * string), where a number would round. Sent back with `rawNumber`.
+ */
+function exactIds(key, value, context) {
+  return typeof value === 'number' && !Number.isSafeInteger(value) && context?.source ? context.source : value;
+}
+
+/** A number given as its digits, written into a request as a JSON number. */
+const rawNumber = (digits) => ({ toJSON: () => JSON.rawJSON(String(digits)) });
 
 const post = (path, value) =>
   request(path, { method: 'POST', headers: { 'Content-Type': 'application/json' }, body: JSON.stringify(value) });
@@ -319,8 +336,10 @@ async function loadMessages() {
   const current = S.current;
   if (!current) return;
   try {
-    const limit = Math.max(PAGE, S.messages.length);
-    const reply = await call('messages', { chat: current.query, limit });
+    // The newest page again (with what changed in it); what was paged in before it stays. A
+    // hidden tab reads without marking read: receipts go out when the reader looks.
+    const limit = PAGE;
+    const reply = await call(document.hidden ? 'history' : 'messages', { chat: current.query, limit, before: null });
     if (S.current !== current) return;
     learnNames(reply.names);
     if (current.kind === 'secret') {
@@ -329,12 +348,18 @@ async function loadMessages() {
       S.secretMessages = reply.secret.filter((m) => m.chat === current.id);
       renderPaneHeader();
     } else {
-      S.messages = reply.messages;
-      S.complete = reply.messages.length < limit;
+      const first = reply.messages.length ? reply.messages[0].id : null;
+      const overlap = first ? S.messages.findIndex((m) => m.id === first) : -1;
+      if (overlap >= 0) {
+        S.messages = S.messages.slice(0, overlap).concat(reply.messages);
+      } else {
+        S.messages = reply.messages;
+        S.complete = reply.messages.length < limit;
+      }
     }
     renderMessages();
     const entry = S.chats.find((c) => c.id === current.id);
-    if (entry && entry.unread) { entry.unread = 0; renderChatList(); }
+    if (entry && entry.unread && !document.hidden) { entry.unread = 0; renderChatList(); }
   } catch (e) {
     failed(e);
   }
@@ -505,8 +530,7 @@ function renderMessages() {
 }
 
 function earlierButton() {
-  const more = S.winStart > 0 || (S.current.kind !== 'secret' && !S.complete && S.messages.length > 0);
-  return h('li', { class: 'more', hidden: !more }, h('button', { onclick: () => windowBack() }, 'Show earlier messages'));
+  return h('li', { class: 'more', hidden: !hasEarlier() }, h('button', { onclick: () => windowBack() }, 'Show earlier messages'));
 }
 
 let windowMoving = false;
@@ -530,7 +554,7 @@ async function windowBack() {
       list.lastElementChild.remove();
       S.winEnd -= 1;
     }
-    list.firstElementChild.hidden = !(S.winStart > 0 || !S.complete);
+    list.firstElementChild.hidden = !hasEarlier();
   } finally {
     windowMoving = false;
   }
@@ -544,15 +568,17 @@ function windowForward() {
   const to = Math.min(all.length, S.winEnd + PAGE);
   list.append(...all.slice(S.winEnd, to).map((m) => renderMessage(m, S.byId, S.current.kind === 'secret')));
   S.winEnd = to;
+  const before = list.scrollHeight;
   while (S.winEnd - S.winStart > WINDOW) {
-    const first = list.firstElementChild.nextElementSibling;
-    const height = first.offsetHeight;
-    first.remove();
-    list.scrollTop -= height;
+    list.firstElementChild.nextElementSibling.remove();
     S.winStart += 1;
   }
-  list.firstElementChild.hidden = !(S.winStart > 0 || !S.complete);
+  list.scrollTop -= before - list.scrollHeight;
+  list.firstElementChild.hidden = !hasEarlier();
 }
+
+/** Whether there are messages before the window: in the page's list, or still at the node. */
+const hasEarlier = () => S.winStart > 0 || (S.current.kind !== 'secret' && !S.complete && S.messages.length > 0);
 
 function onMessagesScroll(event) {
   const list = event.target;
@@ -628,6 +654,9 @@ function sizeOf(bytes) {
   return `${n.toFixed(i ? 1 : 0)} ${units[i]}`;
 }
 
+/** The message whose reply keyboard is shown, and whether it is one-time. */
+let keyboardOwner = null;
+
 /** The reply keyboard of the chat's last bot message that set one, above the composer. */
 function renderReplyKeyboard() {
   const row = $('#reply-keyboard');
@@ -638,8 +667,11 @@ function renderReplyKeyboard() {
     const markup = m.extras?.markup;
     if (!markup || m.outgoing) continue;
     if (markup.keyboard) { keyboard = markup.keyboard; owner = m; }
-    if (markup === 'remove_keyboard' || markup.remove_keyboard !== undefined) { keyboard = null; }
+    if (markup === 'remove_keyboard') { keyboard = null; }
   }
+  // A one-time keyboard goes once one of its buttons was pressed.
+  if (keyboard && keyboard.one_time && S.keyboardUsed === owner.id) keyboard = null;
+  keyboardOwner = keyboard ? { id: owner.id, one_time: keyboard.one_time } : null;
   row.hidden = !keyboard;
   if (!keyboard) { row.replaceChildren(); return; }
   row.replaceChildren(...keyboard.rows.map((r) => h('div', { class: 'row' },
@@ -729,7 +761,11 @@ async function press(m, button) {
     if (pressed.kind === 'callback' && pressed.answer?.text) {
       if (pressed.answer.alert) alert(pressed.answer.text); else toast(pressed.answer.text);
     } else if (pressed.kind === 'url') {
-      window.open(pressed.url, '_blank', 'noopener');
+      // Only web links: a bot's javascript: or file: link is not opened.
+      if (/^https?:\/\//i.test(pressed.url)) window.open(pressed.url, '_blank', 'noopener');
+      else toast(`Not opened: ${pressed.url}`);
+    } else if (pressed.kind === 'sent' && keyboardOwner?.one_time) {
+      S.keyboardUsed = keyboardOwner.id;
     }
     reloadMessagesSoon();
   } catch (e) {
@@ -955,7 +991,7 @@ async function settingsDialog() {
   const sessionList = h('ul', { role: 'list', 'aria-label': 'Sessions' }, ...sessions.map((s) => h('li', {},
     `${s.device_name}${s.current ? ' (this device)' : ''} · since ${new Date(s.created_at * 1000).toLocaleDateString()}`,
     s.current ? null : h('button', { type: 'button', 'aria-label': `Revoke ${s.device_name}`, onclick: async (event) => {
-      try { await call('revoke_sessions', { session_id: s.session_id }); event.target.closest('li').remove(); } catch (e) { failed(e); }
+      try { await call('revoke_sessions', { session_id: rawNumber(s.session_id) }); event.target.closest('li').remove(); } catch (e) { failed(e); }
     } }, 'Revoke'))));
   dialog('Settings', [
     h('p', {}, `${me.account.phone || ''} · user ${me.account.user_id}`),
@@ -973,6 +1009,17 @@ async function settingsDialog() {
       await call('set_password', { current: current.value || null, new: fresh.value || null });
     }
   }, 'Save');
+}
+
+/** Another device of the account signed in and asks for the history: send it, or not. */
+function deviceRequestDialog(device, name) {
+  dialog('A new device asks for your history', [
+    h('p', {}, `“${name}” signed in to your account and asks for your chats. Send them only if this device is yours.`),
+    h('p', { class: 'hex' }, device),
+  ], async () => {
+    const sent = await call('approve_device', { device });
+    toast(`History sent to ${name} (${sent.messages ?? 'all'} messages).`);
+  }, 'Send history');
 }
 
 // --- notifications ------------------------------------------------------------------------------
@@ -995,11 +1042,19 @@ function connectEvents() {
   socket.onopen = () => { socketRetry = 500; };
   socket.onmessage = (frame) => {
     let event;
-    try { event = JSON.parse(frame.data); } catch { return; }
+    try { event = JSON.parse(frame.data, exactIds); } catch { return; }
     onEvent(event);
   };
-  socket.onclose = () => {
+  socket.onclose = async () => {
     banner('The app is not answering: reconnecting…');
+    // An app started again has a new session: this page's cookie opens nothing any more.
+    const gone = await request('/api/state').then(() => false, (e) => e.status === 401);
+    if (gone) {
+      banner('');
+      $('#root').replaceChildren(h('p', { class: 'center error', role: 'alert' },
+        'The app was restarted: open it again with the address `meshgram app` prints.'));
+      return;
+    }
     setTimeout(connectEvents, socketRetry);
     socketRetry = Math.min(socketRetry * 2, 10000);
   };
@@ -1055,6 +1110,13 @@ function onEvent(event) {
     case 'press_answer':
       if (event.press.answer?.text) toast(event.press.answer.text);
       break;
+    case 'device_request':
+      deviceRequestDialog(event.device, event.device_name);
+      break;
+    case 'history_imported':
+      toast('Your history from another device is here.');
+      loadChats().catch(failed);
+      break;
     case 'lagged':
       loadChats().catch(failed);
       if (S.current) reloadMessagesSoon();
@@ -1063,6 +1125,9 @@ function onEvent(event) {
       break;
   }
 }
+
+// A tab shown again reads what came while it was hidden (and sends the read receipts).
+document.addEventListener('visibilitychange', () => { if (!document.hidden && S.current) reloadMessagesSoon(); });
 
 // --- keyboard -----------------------------------------------------------------------------------
 
@@ -1093,10 +1158,12 @@ async function start() {
 async function boot() {
   // The token comes in the address's fragment (never sent to a server, never in logs); trade it
   // for the app's cookie and take it out of the address bar.
-  const token = new URLSearchParams(location.hash.slice(1)).get('token');
-  if (token) {
+  const fragment = new URLSearchParams(location.hash.slice(1));
+  const token = fragment.get('token');
+  const launch = fragment.get('launch');
+  if (token || launch) {
     try {
-      await post('/api/auth', { token });
+      await post('/api/auth', token ? { token } : { launch });
     } catch (e) {
       $('#root').replaceChildren(h('p', { class: 'center error', role: 'alert' }, `This address's token is wrong: ${e.message}`));
       return;
