@@ -513,6 +513,35 @@ def main():
         watcher.wait_for_function("() => window.__notes.some(([t, b]) => b === 'are you there?')", timeout=WAIT_MS)
         log("a hidden tab shows a desktop notification:", watcher.evaluate("window.__notes"))
 
+        # Every control has an accessible name (what assistive technology reads out).
+        unnamed = alice.evaluate("""() => [...document.querySelectorAll('button, input, textarea, select, [role=button]')]
+            .filter((el) => el.type !== 'file' && !el.closest('[hidden]'))
+            .filter((el) => !(el.getAttribute('aria-label') || (el.labels && el.labels.length) || el.textContent.trim() || el.title))
+            .map((el) => el.outerHTML.slice(0, 120))""")
+        assert not unnamed, f"controls without a name: {unnamed}"
+
+        # The keyboard alone: Ctrl+K, Tab to the chats, Enter opens one, type, Enter sends.
+        alice.keyboard.press("Control+k")
+        alice.keyboard.press("Tab")
+        expect(alice.get_by_role("list", name="Chats").get_by_role("button").first).to_be_focused()
+        alice.keyboard.press("Enter")
+        expect(alice.get_by_role("textbox", name="Message")).to_be_focused(timeout=WAIT_MS)
+        alice.keyboard.type("typed with the keyboard alone")
+        alice.keyboard.press("Shift+Enter")
+        alice.keyboard.type("on two lines")
+        alice.keyboard.press("Enter")
+        see_message(alice, "typed with the keyboard alone\non two lines")
+        log("keyboard alone: search, chat list, open, Shift+Enter, Enter")
+
+        # A file dropped on the chat is sent.
+        alice.evaluate("""() => {
+            const data = new DataTransfer();
+            data.items.add(new File(['dropped bytes'], 'dropped.txt', { type: 'text/plain' }));
+            document.querySelector('#pane').dispatchEvent(new DragEvent('drop', { dataTransfer: data, bubbles: true, cancelable: true }));
+        }""")
+        expect(alice.get_by_role("log", name="Messages").get_by_role("link", name="Download dropped.txt")).to_be_visible(timeout=WAIT_MS)
+        log("drag and drop sends the file")
+
         # Ctrl+K searches the chat list.
         alice.keyboard.press("Control+k")
         expect(alice.get_by_role("searchbox", name="Search")).to_be_focused()

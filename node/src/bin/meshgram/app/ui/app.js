@@ -271,15 +271,31 @@ function preview(message) {
   return message.text;
 }
 
+/** Re-renders `list` with `render()`, keeping the keyboard's focus on the same item (its data-key). */
+function keepingFocus(list, render) {
+  const focused = list.contains(document.activeElement) ? document.activeElement : null;
+  const item = focused?.closest('[data-key]')?.dataset.key;
+  const label = focused?.getAttribute('aria-label');
+  render();
+  if (!item) return;
+  const again = list.querySelector(`[data-key="${CSS.escape(item)}"]`);
+  const target = again && ([...again.querySelectorAll('button')].find((b) => b.getAttribute('aria-label') === label) || again.querySelector('button'));
+  target?.focus();
+}
+
 function renderChatList() {
   const list = $('#chats');
   if (!list) return;
+  keepingFocus(list, () => renderChatItems(list));
+}
+
+function renderChatItems(list) {
   const entries = chatEntries();
   list.replaceChildren(...entries.map((e) => {
     const selected = S.current && S.current.kind === e.kind && S.current.id === e.id;
     const badge = e.unread ? h('span', { class: 'badge', 'aria-label': `${e.unread} unread` }, e.unread) :
       e.state === 'incoming' ? h('span', { class: 'badge' }, 'new') : null;
-    return h('li', {},
+    return h('li', { 'data-key': `${e.kind}:${e.id}` },
       h('button', {
         class: selected ? 'chat selected' : 'chat', 'aria-current': selected ? 'true' : null,
         'aria-label': `${e.kind === 'secret' ? 'Secret chat with ' : ''}${e.title}${e.unread ? `, ${e.unread} unread` : ''}`,
@@ -519,7 +535,7 @@ function renderMessages() {
     const secret = S.current.kind === 'secret' && S.current.secret.state !== 'active';
     items.push(h('li', { class: 'center muted' }, secret ? `Secret chat ${S.current.secret.state}.` : 'No messages yet.'));
   }
-  list.replaceChildren(earlierButton(), ...items);
+  keepingFocus(list, () => list.replaceChildren(earlierButton(), ...items));
   if (following) {
     list.scrollTop = list.scrollHeight;
   } else if (anchor) {
@@ -616,7 +632,7 @@ function renderMessage(m, byId, secret) {
     !secret && m.outgoing && !m.file ? h('button', { 'aria-label': 'Edit', title: 'Edit', onclick: () => startEdit(m) }, icon('compose')) : null,
     !secret && m.outgoing ? h('button', { 'aria-label': 'Delete', title: 'Delete for everyone', onclick: () => remove(m) }, icon('trash')) : null,
   ];
-  return h('li', { class: classes.join(' '), 'data-id': m.id },
+  return h('li', { class: classes.join(' '), 'data-id': m.id, 'data-key': m.id },
     h('div', { class: 'bubble' }, ...parts,
       h('span', { class: 'meta' }, meta.join(' · '),
         mark ? h('span', { class: `status ${String(m.status).toLowerCase()}`, 'aria-label': mark[1], title: mark[1] }, ` ${mark[0]}`) : null)),
