@@ -789,10 +789,17 @@ async function press(m, button) {
   }
 }
 
+/** The largest file the network takes (15,000 parts of 1 MiB), as the app checks it too. */
+const MAX_FILE_BYTES = 15000 * 1024 * 1024;
+
 /** Sends a file: the browser hands it to the app (first half of the bar), the node uploads it. */
 function upload(file) {
   const c = S.current;
   if (!c) return;
+  if (file.size > MAX_FILE_BYTES) {
+    toast(`${file.name} is too big to send: at most ${sizeOf(MAX_FILE_BYTES)}.`);
+    return;
+  }
   const params = new URLSearchParams({ name: file.name });
   if (c.kind === 'secret') params.set('secret', c.id); else params.set('to', c.kind === 'private' ? String(c.chat) : c.id);
   const caption = $('#composer-text').value.trim();
