@@ -16,8 +16,8 @@ use meshgram_node::ids::{BOT_TOKEN_SECRET_LEN, BotToken, Phone, SessionId, UserI
 use meshgram_node::net::codec::FrameError;
 use meshgram_node::proto::{
     Account, AuthRequest, AuthResponse, BackupRecord, BotCommandInfo, DeviceCard, ErrorCode as Code, LookupQuery,
-    MAX_BACKUP_POINTER_BYTES, MAX_BACKUPS_KEPT, MAX_DEVICE_NAME_CHARS, MAX_NAME_CHARS, MAX_PASSWORD_BYTES,
-    MAX_REVOCATIONS_PER_ANSWER, UserCard, WireError,
+    MAX_BACKUP_POINTER_BYTES, MAX_BACKUPS_KEPT, MAX_CHANNEL_LINK_CHARS, MAX_DEVICE_NAME_CHARS, MAX_NAME_CHARS,
+    MAX_PASSWORD_BYTES, MAX_REVOCATIONS_PER_ANSWER, UserCard, WireError,
 };
 use rand::Rng;
 
@@ -25,7 +25,7 @@ use crate::code_sender::CodeSender;
 use crate::config::Limits;
 use crate::defaults::{LAST_SEEN_RESOLUTION_SECS, MAX_BOTS_PER_OWNER};
 use crate::metrics::Metrics;
-use crate::store::{CodeRecord, Store, StoreError, StoredAccount, StoredSession, Tables};
+use crate::store::{ChannelName, CodeRecord, Store, StoreError, StoredAccount, StoredSession, Tables};
 use meshgram_node::server::limits::RateLimiter;
 
 impl From<StoreError> for WireError {
@@ -174,6 +174,34 @@ impl AuthService {
                     Ok::<_, WireError>(t.bot_commands(bot)?)
                 })?;
                 Ok(AuthResponse::BotCommands(commands))
+            }
+            AuthRequest::SetChannelName { name, link } => {
+                let trimmed = name.trim().trim_start_matches('@');
+                if link.is_empty() || link.chars().count() > MAX_CHANNEL_LINK_CHARS {
+                    let why = format!("a channel link has 1 to {MAX_CHANNEL_LINK_CHARS} characters");
+                    return Err(WireError::new(Code::BadRequest, why));
+                }
+                self.store.write(|t| {
+                    let me = self.authed_user(t, &peer, now)?;
+                    // A channel's name is a username no account may take, and no other user's.
+                    let name = valid_username(trimmed, AccountKind::User)?;
+                    let held_by_other = t.channel_name(&name)?.is_some_and(|held| held.owner != me.user_id);
+                    if t.username_holder(&name)?.is_some() || held_by_other {
+                        return Err(WireError::new(Code::UsernameOccupied, format!("{name} is already taken")));
+                    }
+                    t.put_channel_name(&name, &ChannelName { owner: me.user_id, link })?;
+                    Ok::<_, WireError>(())
+                })?;
+                Ok(AuthResponse::Done)
+            }
+            AuthRequest::ChannelByName { name } => {
+                let link = self.store.read(|t| {
+                    self.authed(t, &peer, now)?;
+                    let unknown = || WireError::new(Code::NotFound, format!("no channel is called @{name}"));
+                    let name: Username = name.trim().trim_start_matches('@').parse().map_err(|_| unknown())?;
+                    Ok::<_, WireError>(t.channel_name(&name)?.ok_or_else(unknown)?.link)
+                })?;
+                Ok(AuthResponse::ChannelLink(link))
             }
             AuthRequest::ListBackups => {
                 let backups = self.store.read(|t| {
@@ -708,22 +736,15 @@ impl AuthService {
 
     /// Validates a username for an account kind and checks nobody else holds it.
     fn free_username(&self, t: &Tables<'_>, raw: &str, kind: AccountKind, me: Option<UserId>) -> AuthResult<Username> {
-        let username: Username =
-            raw.parse().map_err(|e: meshgram_node::ids::InvalidValue| WireError::new(Code::UsernameInvalid, e.0))?;
-        match (kind, username.is_bot_name()) {
-            (AccountKind::User, true) => {
-                return Err(WireError::new(Code::UsernameInvalid, "usernames ending in 'bot' are reserved for bots"));
-            }
-            (AccountKind::Bot, false) => {
-                return Err(WireError::new(Code::UsernameInvalid, "a bot's username must end in 'bot'"));
-            }
-            _ => {}
-        }
-        match t.username_holder(&username)? {
-            Some(holder) if Some(holder) != me => {
-                Err(WireError::new(Code::UsernameOccupied, format!("{username} is already taken")))
-            }
-            _ => Ok(username),
+        let username = valid_username(raw, kind)?;
+        let taken = match t.username_holder(&username)? {
+            Some(holder) => Some(holder) != me,
+            // A public channel's name is not free for accounts either.
+            None => t.channel_name(&username)?.is_some(),
+        };
+        match taken {
+            true => Err(WireError::new(Code::UsernameOccupied, format!("{username} is already taken"))),
+            false => Ok(username),
         }
     }
 
@@ -816,6 +837,22 @@ fn verify_password(password: &str, hash: &str) -> AuthResult<()> {
         WireError::new(Code::Internal, "internal error")
     })?;
     Argon2::default().verify_password(password.as_bytes(), &parsed).map_err(|_| invalid())
+}
+
+/// A username as written, checked for the account kind (bots' end in "bot", no one else's do).
+fn valid_username(raw: &str, kind: AccountKind) -> AuthResult<Username> {
+    let username: Username =
+        raw.parse().map_err(|e: meshgram_node::ids::InvalidValue| WireError::new(Code::UsernameInvalid, e.0))?;
+    match (kind, username.is_bot_name()) {
+        (AccountKind::User, true) => {
+            return Err(WireError::new(Code::UsernameInvalid, "usernames ending in 'bot' are reserved for bots"));
+        }
+        (AccountKind::Bot, false) => {
+            return Err(WireError::new(Code::UsernameInvalid, "a bot's username must end in 'bot'"));
+        }
+        _ => {}
+    }
+    Ok(username)
 }
 
 #[cfg(test)]
@@ -1112,6 +1149,33 @@ mod tests {
         assert_eq!(error_code(f.call(&owner, AuthRequest::BotCommands { bot: me.user_id }, T0)), Code::NotFound);
         assert!(matches!(f.call(&bot_device, set(vec![]), T0), AuthResponse::Done));
         assert!(matches!(f.call(&owner, read, T0), AuthResponse::BotCommands(c) if c.is_empty()));
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_public_channel_name_is_first_come_shared_with_usernames_and_read_by_anyone() {
+        let f = fixture(Limits::default());
+        let (alice, bob) = (device(), device());
+        f.login(&alice, &phone("+15550000021"), T0);
+        f.login(&bob, &phone("+15550000022"), T0);
+        let name = |name: &str, link: &str| AuthRequest::SetChannelName { name: name.into(), link: link.into() };
+        assert!(matches!(f.call(&alice, name("@News_X", "meshgram:channel/one"), T0), AuthResponse::Done));
+        let read = AuthRequest::ChannelByName { name: "news_x".into() };
+        assert!(matches!(f.call(&bob, read.clone(), T0), AuthResponse::ChannelLink(l) if l == "meshgram:channel/one"));
+        // Taken: by another user's channel, and for usernames too; its owner may point it anew.
+        assert_eq!(error_code(f.call(&bob, name("news_x", "meshgram:channel/two"), T0)), Code::UsernameOccupied);
+        let profile = AuthRequest::SetProfile { username: Some("news_x".into()), name: None };
+        assert_eq!(error_code(f.call(&bob, profile, T0)), Code::UsernameOccupied);
+        assert!(matches!(f.call(&alice, name("news_x", "meshgram:channel/three"), T0), AuthResponse::Done));
+        assert!(matches!(f.call(&bob, read, T0), AuthResponse::ChannelLink(l) if l == "meshgram:channel/three"));
+        // A user's username is not a channel's; bad names and links are refused.
+        let taken = AuthRequest::SetProfile { username: Some("bob_x".into()), name: None };
+        assert!(matches!(f.call(&bob, taken, T0), AuthResponse::Me(_)));
+        assert_eq!(error_code(f.call(&alice, name("bob_x", "meshgram:channel/four"), T0)), Code::UsernameOccupied);
+        assert_eq!(error_code(f.call(&alice, name("no", "meshgram:channel/five"), T0)), Code::UsernameInvalid);
+        assert_eq!(error_code(f.call(&alice, name("news_bot", "l"), T0)), Code::UsernameInvalid);
+        assert_eq!(error_code(f.call(&alice, name("long_link", &"x".repeat(1025)), T0)), Code::BadRequest);
+        let unknown = AuthRequest::ChannelByName { name: "nobody_here".into() };
+        assert_eq!(error_code(f.call(&bob, unknown, T0)), Code::NotFound);
     }
 
     #[tokio::test(flavor = "multi_thread")]

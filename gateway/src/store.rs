@@ -43,6 +43,8 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const BACKUPS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("backups");
 /// Bot id → the commands it lists (postcard `Vec<BotCommandInfo>`).
 const BOT_COMMANDS: TableDefinition<u64, &[u8]> = TableDefinition::new("bot_commands");
+/// Public channels' `@name`s (canonical, as usernames) → [`ChannelName`].
+const CHANNEL_NAMES: TableDefinition<&str, &[u8]> = TableDefinition::new("channel_names");
 const NEXT_USER_ID: &str = "next_user_id";
 const NEXT_REVOCATION: &str = "next_revocation";
 /// User ids start here so they look like account numbers, not row counters.
@@ -192,6 +194,14 @@ pub struct Tables<'t> {
     meta: Table<'t, &'static str, u64>,
     backups: Table<'t, (u64, u64), &'static [u8]>,
     bot_commands: Table<'t, u64, &'static [u8]>,
+    channel_names: Table<'t, &'static str, &'static [u8]>,
+}
+
+/// A public channel's name: who claimed it, and the channel's link it stands for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChannelName {
+    pub owner: UserId,
+    pub link: String,
 }
 
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
@@ -219,6 +229,7 @@ impl<'t> Tables<'t> {
             meta: tx.open_table(META)?,
             backups: tx.open_table(BACKUPS)?,
             bot_commands: tx.open_table(BOT_COMMANDS)?,
+            channel_names: tx.open_table(CHANNEL_NAMES)?,
         })
     }
 
@@ -368,6 +379,17 @@ impl<'t> Tables<'t> {
         } else {
             self.bot_commands.insert(bot.0, encode(&commands).as_slice())?;
         }
+        Ok(())
+    }
+
+    /// The public channel named `name`, if one is.
+    pub fn channel_name(&self, name: &Username) -> Result<Option<ChannelName>, StoreError> {
+        self.channel_names.get(name.canonical().as_str())?.map(|v| decode("channel name", v.value())).transpose()
+    }
+
+    /// Names a public channel. The caller has checked that the name is free or already theirs.
+    pub fn put_channel_name(&mut self, name: &Username, channel: &ChannelName) -> Result<(), StoreError> {
+        self.channel_names.insert(name.canonical().as_str(), encode(channel).as_slice())?;
         Ok(())
     }
 

@@ -263,8 +263,8 @@ pub enum Call {
     ChannelLink {
         channel: GroupId,
     },
-    /// Subscribe with a channel's link; `announce: false` reads a public channel without
-    /// being counted as a subscriber.
+    /// Subscribe with a channel's link or `@name`; `announce: false` reads a public channel
+    /// without being counted as a subscriber.
     ChannelSubscribe {
         link: String,
         announce: bool,
@@ -284,6 +284,11 @@ pub enum Call {
         message: MessageId,
         text: Option<String>,
         extras: Extras,
+    },
+    /// Name a public channel `@name` (its admin), so that anyone reads it by name.
+    ChannelName {
+        channel: GroupId,
+        name: String,
     },
     /// Press a button of a bot's message (by its text): an inline button's press waits a
     /// little for the bot's answer; a reply keyboard's sends its text.
@@ -316,7 +321,8 @@ impl Call {
             | Call::GroupLink { group }
             | Call::GroupLeave { group }
             | Call::GroupInfo { group }
-            | Call::ChannelLink { channel: group } => return Some(*group),
+            | Call::ChannelLink { channel: group }
+            | Call::ChannelName { channel: group, .. } => return Some(*group),
             _ => return None,
         };
         match query {

@@ -1381,10 +1381,33 @@ impl Messenger {
         }
     }
 
-    /// Subscribes with a channel's link: a public one's opens here at once (and, if `announce`,
+    /// Names a public channel of this account's `@name` in the directory (admins only), so
+    /// that anyone reads it by name as by its link.
+    pub async fn channel_name(&mut self, channel: &GroupId, name: &str) -> Result<(), MessagingError> {
+        let record = self.active_group(channel)?;
+        if !matches!(record.state.kind, GroupKind::Channel { public: true }) {
+            return Err(GroupError::Invalid(format!("{channel} is not a public channel: only those have names")).into());
+        }
+        if !record.state.is_admin(self.me()) {
+            return Err(GroupError::NotAdmin { group: *channel, what: "name the channel" }.into());
+        }
+        let link = self.channel_link(channel).await?;
+        self.client.set_channel_name(name.trim().trim_start_matches('@').to_string(), link).await?;
+        Ok(())
+    }
+
+    /// Subscribes with a channel's link or `@name`: a public one's opens here at once (and, if `announce`,
     /// the admin's device counts the subscription); a private one's asks its admin's device.
     pub async fn channel_subscribe(&mut self, link: &str, announce: bool) -> Result<GroupInfo, MessagingError> {
         self.history()?;
+        let named;
+        let link = match link.trim().strip_prefix('@') {
+            Some(name) => {
+                named = self.client.channel_by_name(name.to_string()).await?;
+                named.as_str()
+            }
+            None => link,
+        };
         if link.trim().starts_with(LINK_PREFIX) {
             if !announce {
                 let why =

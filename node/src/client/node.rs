@@ -711,6 +711,10 @@ impl Actor {
                 self.group_changed(channel)
             }
             Call::ChannelLink { channel } => Reply::GroupLink { link: self.messenger.channel_link(&channel).await? },
+            Call::ChannelName { channel, name } => {
+                self.messenger.channel_name(&channel, &name).await?;
+                Reply::Done
+            }
             Call::ChannelSubscribe { link, announce } => {
                 let channel = self.messenger.channel_subscribe(&link, announce).await?;
                 self.group_changed(channel)

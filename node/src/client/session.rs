@@ -316,6 +316,18 @@ impl Client {
         expect_reply!(self.call(AuthRequest::BotCommands { bot }).await?, "BotCommands", AuthResponse::BotCommands(c) => c)
     }
 
+    /// Names a public channel (by its link) `@name` in the directory.
+    pub async fn set_channel_name(&self, name: String, link: String) -> Result<(), ClientError> {
+        let request = AuthRequest::SetChannelName { name, link };
+        expect_reply!(self.call(request).await?, "SetChannelName", AuthResponse::Done => ())
+    }
+
+    /// The link of the public channel named `@name`.
+    pub async fn channel_by_name(&self, name: String) -> Result<String, ClientError> {
+        let request = AuthRequest::ChannelByName { name };
+        expect_reply!(self.call(request).await?, "ChannelByName", AuthResponse::ChannelLink(link) => link)
+    }
+
     /// Has the gateway keep a backup pointer, and only the newest `keep`.
     pub async fn put_backup(&self, backup: BackupRecord, keep: u8) -> Result<(), ClientError> {
         expect_reply!(self.call(AuthRequest::PutBackup { backup, keep }).await?, "PutBackup", AuthResponse::Done => ())

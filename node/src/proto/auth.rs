@@ -94,6 +94,11 @@ pub enum AuthRequest {
     SetBotCommands { commands: Vec<BotCommandInfo> },
     /// The commands a bot lists.
     BotCommands { bot: UserId },
+    /// The caller (a user, the channel's admin) names a public channel `@name`, by its link:
+    /// names share the namespace of usernames, first come first served.
+    SetChannelName { name: String, link: String },
+    /// A public channel's link by its `@name`.
+    ChannelByName { name: String },
 }
 
 impl AuthRequest {
@@ -119,6 +124,8 @@ impl AuthRequest {
             AuthRequest::ListBackups => "list_backups",
             AuthRequest::SetBotCommands { .. } => "set_bot_commands",
             AuthRequest::BotCommands { .. } => "bot_commands",
+            AuthRequest::SetChannelName { .. } => "set_channel_name",
+            AuthRequest::ChannelByName { .. } => "channel_by_name",
         }
     }
 }
@@ -186,7 +193,12 @@ pub enum AuthResponse {
     Backups(Vec<BackupRecord>),
     /// A bot's commands.
     BotCommands(Vec<BotCommandInfo>),
+    /// A public channel's link.
+    ChannelLink(String),
 }
+
+/// The longest public channel link a name may stand for.
+pub const MAX_CHANNEL_LINK_CHARS: usize = 1024;
 
 /// Most commands a bot lists (Telegram's limit).
 pub const MAX_BOT_COMMANDS: usize = 100;

@@ -13,6 +13,7 @@ const ADMIN: &str = "+15550005001";
 const SUB1: &str = "+15550005002";
 const SUB2: &str = "+15550005003";
 const READER: &str = "+15550005004";
+const STRANGER: &str = "+15550005005";
 
 /// Waits (bounded) until `profile`'s `channel info` says `want` subscribers.
 fn wait_for_subscribers(profile: &Path, channel: &str, want: u64) {
@@ -48,6 +49,18 @@ async fn a_public_channel_is_read_from_its_link_only_its_admin_posts_and_subscri
         read.as_array().unwrap().iter().filter(|m| m["notice"] != true).map(|m| str_field(m, "text")).collect();
     assert_eq!(shown, ["first post", "second post"], "{read}");
     assert_eq!(meshgram(&reader, &["channel", "info", &channel]).ok_json()["title"], "News");
+
+    // By its @name too, as a username is found: named by its admin, a name no account can take.
+    meshgram(&admin, &["channel", "name", &channel, "@news_chan"]).ok_json();
+    let stranger = mesh.new_profile("stranger");
+    mesh.login(&stranger, STRANGER);
+    let by_name = meshgram(&stranger, &["channel", "read", "@News_Chan"]).ok_json();
+    let shown: Vec<&str> =
+        by_name.as_array().unwrap().iter().filter(|m| m["notice"] != true).map(|m| str_field(m, "text")).collect();
+    assert_eq!(shown, ["first post", "second post"], "{by_name}");
+    meshgram(&reader, &["profile", "set", "--username", "news_chan"]).expect_err(&["USERNAME_OCCUPIED"]);
+    meshgram(&reader, &["channel", "name", &channel, "@mine_now"]).expect_err(&["FORBIDDEN"]);
+    meshgram(&reader, &["channel", "read", "@no_such_chan"]).expect_err(&["NOT_FOUND"]);
 
     // Subscribers are counted by the admin's device, and see the count.
     let _node = start_node(&admin);

@@ -397,14 +397,16 @@ pub(crate) enum ChannelCommand {
     },
     /// Post to a channel (admins).
     Post { chat: String, text: String },
-    /// Subscribe with a channel's link (a private one's: its admin's device lets you in).
+    /// Subscribe with a channel's link or @name (a private one's: its admin's device lets you in).
     Subscribe { link: String },
-    /// Read a public channel from its link without subscribing.
+    /// Read a public channel from its link or @name without subscribing.
     Read { link: String },
     /// Leave a channel.
     Unsubscribe { chat: String },
     /// The channel's link: a public one's lets anyone read; a private one's is an invite.
     Link { chat: String },
+    /// Name a public channel @name (admins): anyone reads and subscribes by it, as by its link.
+    Name { chat: String, name: String },
     /// The channel's title, description, admins and subscriber count.
     Info { chat: String },
 }
