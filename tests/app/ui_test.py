@@ -381,7 +381,18 @@ def main():
         expect(alice.get_by_role("heading", name="App news")).to_be_visible(timeout=WAIT_MS)
         send(alice, "first post")
         see_message(alice, "first post")
-        log("channel created and posted to")
+        channel_name = f"news_{A_PHONE[-4:]}"
+        alice.get_by_role("button", name="Channel info").click()
+        alice.get_by_label("Public name").fill("@" + channel_name)
+        alice.get_by_role("button", name="Set name").click()
+        expect(alice.locator("#toast")).to_contain_text("@" + channel_name, timeout=WAIT_MS)
+        alice.keyboard.press("Escape")
+        bob.get_by_role("button", name="Join with a link").click()
+        bob.get_by_label("Invite link, channel link or @name").fill("@" + channel_name)
+        bob.get_by_role("dialog").get_by_role("button", name="Join", exact=True).click()
+        expect(bob.get_by_role("heading", name="App news")).to_be_visible(timeout=WAIT_MS)
+        see_message(bob, "first post")
+        log("channel created, posted to, named, and subscribed to by its @name")
 
         # A secret chat: alice starts it, bob accepts, both see the same key.
         open_chat(alice, "Bob")

@@ -946,7 +946,7 @@ function openGroup(group) {
 
 function joinDialog() {
   const link = h('input', { id: 'join-link', required: true });
-  dialog('Join with a link', [field('Invite or channel link', link)], async () => {
+  dialog('Join with a link', [field('Invite link, channel link or @name', link)], async () => {
     try {
       const joined = await call('join', { link: link.value.trim() });
       toast(`Asked to join; you are in once an admin's device lets you in (group ${joined.group}).`);
@@ -976,21 +976,32 @@ async function groupDialog(id) {
     h('h3', {}, group.kind === 'channel' ? 'Admins' : 'Members'),
     h('ul', { role: 'list', 'aria-label': 'Members' }, ...group.members.map((m) => h('li', {}, `${m.name}${m.admin ? ' (admin)' : ''}`))),
   ];
-  if (group.admin) {
-    body.push(field('Add member', add),
-      h('p', {}, h('button', { type: 'button', onclick: async () => {
-        try {
-          const { link } = await call(group.kind === 'channel' ? 'channel_link' : 'group_link', group.kind === 'channel' ? { channel: group.id } : { group: group.id });
-          linkOut.textContent = link;
-          navigator.clipboard?.writeText(link).catch(() => {});
-        } catch (e) { failed(e); }
-      } }, 'Make invite link')), linkOut);
+  if (group.admin && group.kind === 'channel' && group.public) {
+    const name = h('input', { id: 'channel-name', placeholder: '@news' });
+    body.push(field('Public name', name), h('p', {}, h('button', { type: 'button', onclick: async () => {
+      try {
+        await call('channel_name', { channel: group.id, name: name.value });
+        toast(`Anyone now reads ${group.title} as @${name.value.replace(/^@/, '')}.`);
+      } catch (e) { failed(e); }
+    } }, 'Set name')));
+  }
+  const isGroup = group.kind === 'group';
+  if (group.admin && isGroup) body.push(field('Add member', add));
+  // A public channel's link is for anyone to read (any reader has it); others' are invites.
+  if (group.admin || (group.kind === 'channel' && group.public)) {
+    body.push(h('p', {}, h('button', { type: 'button', onclick: async () => {
+      try {
+        const { link } = await call(isGroup ? 'group_link' : 'channel_link', isGroup ? { group: group.id } : { channel: group.id });
+        linkOut.textContent = link;
+        navigator.clipboard?.writeText(link).catch(() => {});
+      } catch (e) { failed(e); }
+    } }, isGroup || !group.public ? 'Make invite link' : 'Channel link')), linkOut);
   }
   body.push(h('p', {}, h('button', { type: 'button', class: 'danger', onclick: async () => {
     if (!confirm(`Leave ${group.title}?`)) return;
     try { await call('group_leave', { group: group.id }); await loadChats(); } catch (e) { failed(e); }
   } }, group.kind === 'channel' ? 'Leave channel' : 'Leave group')));
-  dialog(group.title, body, group.admin ? async () => {
+  dialog(group.title, body, group.admin && isGroup ? async () => {
     if (!add.value.trim()) return;
     await call('group_change', { group: group.id, change: { change: 'add', users: add.value.split(/[\s,]+/).filter(Boolean).map(queryOf) } });
     reloadMessagesSoon();
