@@ -144,6 +144,15 @@ def open_chat(page, name):
     expect(page.get_by_role("textbox", name="Message")).to_be_enabled(timeout=WAIT_MS)
 
 
+def new_chat(page, who):
+    """Opens a chat with `who` (@name or +phone) from the New chat dialog, once it is open."""
+    page.get_by_role("button", name="New chat").click()
+    page.get_by_label("Username or phone").fill(who)
+    page.get_by_role("button", name="Open chat").click()
+    expect(page.get_by_role("dialog")).to_be_hidden(timeout=WAIT_MS)
+    expect(page.get_by_role("log", name="Messages").get_by_text("Loading…")).to_have_count(0, timeout=WAIT_MS)
+
+
 def send(page, text):
     box = page.get_by_role("textbox", name="Message")
     box.fill(text)
@@ -208,9 +217,7 @@ def offline():
         sign_in(alice, A_PHONE)
         bob.goto(B_URL)
         sign_in(bob, B_PHONE)
-        alice.get_by_role("button", name="New chat").click()
-        alice.get_by_label("Username or phone").fill(B_PHONE)
-        alice.get_by_role("button", name="Open chat").click()
+        new_chat(alice, B_PHONE)
         send(alice, "before the relay died")
         expect(bob.get_by_role("list", name="Chats").get_by_role("button")).to_have_count(1, timeout=WAIT_MS)
         ask_harness("kill-relay")
@@ -260,9 +267,7 @@ def main():
         log("both signed in through the UI")
 
         # alice starts a chat with bob and they talk both ways.
-        alice.get_by_role("button", name="New chat").click()
-        alice.get_by_label("Username or phone").fill("@" + BOB_NAME)
-        alice.get_by_role("button", name="Open chat").click()
+        new_chat(alice, "@" + BOB_NAME)
         send(alice, "hello bob, from the app")
         expect(bob.get_by_role("list", name="Chats").get_by_role("button", name="Alice")).to_be_visible(timeout=WAIT_MS)
         shot(bob, "02-chat-list")
@@ -427,9 +432,7 @@ def main():
         global BOT_API
         BOT_API = f"{BOT_API}/bot{made['token']}"
         bot("getMe")
-        alice.get_by_role("button", name="New chat").click()
-        alice.get_by_label("Username or phone").fill("@" + BOT_NAME)
-        alice.get_by_role("button", name="Open chat").click()
+        new_chat(alice, "@" + BOT_NAME)
         send(alice, "/start")
         # ✓✓: the bot's device has it (a refusal would be a toast on the page).
         start_line = alice.get_by_role("log", name="Messages").get_by_role("listitem").filter(has_text="/start")
@@ -567,6 +570,7 @@ def main():
         shot(narrow, "08-narrow-list")
         open_chat(narrow, "Alice")
         expect(narrow.get_by_role("list", name="Chats")).to_be_hidden()
+        see_message(narrow, "are you there?")
         shot(narrow, "09-narrow-chat")
         narrow.get_by_role("button", name="Back to chats").click()
         expect(narrow.get_by_role("list", name="Chats")).to_be_visible()

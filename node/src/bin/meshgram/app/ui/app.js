@@ -321,6 +321,11 @@ async function loadChats() {
   S.chats = chats.chats;
   S.secretChats = secret.chats;
   for (const g of groups.groups) S.groups.set(g.id, g);
+  const open = S.current && S.groups.get(S.current.id);
+  if (open?.title && open.title !== S.current.title) {
+    S.current.title = open.title;
+    renderPaneHeader();
+  }
   renderChatList();
 }
 
@@ -431,7 +436,7 @@ function renderPane() {
     h('ol', {
       id: 'messages', role: 'log', 'aria-label': 'Messages', 'aria-live': 'polite',
       onscroll: onMessagesScroll,
-    }),
+    }, h('li', { class: 'center muted' }, 'Loading…')),
     h('div', { id: 'reply-keyboard', role: 'group', 'aria-label': 'Bot keyboard', hidden: true }),
     h('div', { id: 'context', hidden: true }),
     h('div', { id: 'progress-row', hidden: true },
@@ -941,7 +946,9 @@ function newChannelDialog() {
 
 function openGroup(group) {
   const entry = S.chats.find((c) => c.id === group.id);
-  openChat({ kind: group.kind === 'channel' ? 'channel' : 'group', chat: entry?.chat, id: group.id, title: group.title, query: { Group: group.id } });
+  // A public channel read for the first time has no title until its state comes in.
+  const title = group.title || entry?.name || (group.kind === 'channel' ? 'Channel' : 'Group');
+  openChat({ kind: group.kind === 'channel' ? 'channel' : 'group', chat: entry?.chat, id: group.id, title, query: { Group: group.id } });
 }
 
 function joinDialog() {
@@ -1139,6 +1146,10 @@ function onEvent(event) {
       break;
     case 'group':
       S.groups.set(event.group.id, event.group);
+      if (S.current?.id === event.group.id && event.group.title) {
+        S.current.title = event.group.title;
+        renderPaneHeader();
+      }
       reloadChatsSoon();
       break;
     case 'press_answer':
