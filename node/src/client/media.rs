@@ -850,13 +850,26 @@ impl Announcer {
     }
 }
 
-/// A file name from a reference, safe to create: its last path component, without leading dots.
+/// A file name from a reference, safe to create: its last path component, without leading dots,
+/// at most [`SAFE_NAME_CHARS`] characters. A long name keeps its extension (what the file's type
+/// is told by) and loses the end of its stem.
 pub fn safe_name(name: &str) -> String {
     let last = name.rsplit(['/', '\\']).next().unwrap_or_default().trim_start_matches('.');
-    // Short enough for any file system's name limit, in bytes, whatever the characters.
-    let cleaned: String = last.chars().filter(|c| !c.is_control() && !is_bidi_control(*c)).take(60).collect();
-    if cleaned.trim().is_empty() { "download".into() } else { cleaned }
+    let cleaned: Vec<char> = last.chars().filter(|c| !c.is_control() && !is_bidi_control(*c)).collect();
+    if cleaned.iter().collect::<String>().trim().is_empty() {
+        return "download".into();
+    }
+    if cleaned.len() <= SAFE_NAME_CHARS {
+        return cleaned.into_iter().collect();
+    }
+    let ext_at = cleaned.iter().rposition(|c| *c == '.').filter(|at| cleaned.len() - at <= 11 && *at > 0);
+    let ext: String = ext_at.map(|at| cleaned[at..].iter().collect()).unwrap_or_default();
+    let stem: String = cleaned.iter().take(SAFE_NAME_CHARS - ext.chars().count()).collect();
+    stem + &ext
 }
+
+/// Short enough for any file system's name limit, in bytes, whatever the characters.
+const SAFE_NAME_CHARS: usize = 60;
 
 /// The largest image a thumbnail is made of: decoding costs memory and time in proportion.
 const MAX_THUMBNAIL_SOURCE: u64 = 32 * 1024 * 1024;
@@ -932,6 +945,10 @@ mod tests {
         assert_eq!(safe_name("a\\b\\photo.jpg"), "photo.jpg");
         assert_eq!(safe_name(""), "download");
         assert_eq!(safe_name("photo\u{202e}gpj.exe"), "photogpj.exe");
+        let long = format!("{}.jpeg", "a".repeat(100));
+        assert_eq!(safe_name(&long), format!("{}.jpeg", "a".repeat(55)));
+        assert_eq!(safe_name(&"b".repeat(100)), "b".repeat(60));
+        assert_eq!(safe_name(&format!("{}.not-an-extension-at-all", "c".repeat(80))).chars().count(), 60);
         assert_eq!(mime_of("Photo.JPG"), "image/jpeg");
         assert_eq!(mime_of("noext"), "application/octet-stream");
     }
