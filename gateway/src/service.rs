@@ -176,7 +176,6 @@ impl AuthService {
                 Ok(AuthResponse::BotCommands(commands))
             }
             AuthRequest::SetChannelName { name, link } => {
-                let trimmed = name.trim().trim_start_matches('@');
                 if link.is_empty() || link.chars().count() > MAX_CHANNEL_LINK_CHARS {
                     let why = format!("a channel link has 1 to {MAX_CHANNEL_LINK_CHARS} characters");
                     return Err(WireError::new(Code::BadRequest, why));
@@ -184,7 +183,7 @@ impl AuthService {
                 self.store.write(|t| {
                     let me = self.authed_user(t, &peer, now)?;
                     // A channel's name is a username no account may take, and no other user's.
-                    let name = valid_username(trimmed, AccountKind::User)?;
+                    let name = valid_username(&name, AccountKind::User)?;
                     let held_by_other = t.channel_name(&name)?.is_some_and(|held| held.owner != me.user_id);
                     if t.username_holder(&name)?.is_some() || held_by_other {
                         return Err(WireError::new(Code::UsernameOccupied, format!("{name} is already taken")));
@@ -198,7 +197,7 @@ impl AuthService {
                 let link = self.store.read(|t| {
                     self.authed(t, &peer, now)?;
                     let unknown = || WireError::new(Code::NotFound, format!("no channel is called @{name}"));
-                    let name: Username = name.trim().trim_start_matches('@').parse().map_err(|_| unknown())?;
+                    let name: Username = name.parse().map_err(|_| unknown())?;
                     Ok::<_, WireError>(t.channel_name(&name)?.ok_or_else(unknown)?.link)
                 })?;
                 Ok(AuthResponse::ChannelLink(link))

@@ -1392,7 +1392,8 @@ impl Messenger {
             return Err(GroupError::NotAdmin { group: *channel, what: "name the channel" }.into());
         }
         let link = self.channel_link(channel).await?;
-        self.client.set_channel_name(name.trim().trim_start_matches('@').to_string(), link).await?;
+        // The gateway reads the name as a username (`@` or not).
+        self.client.set_channel_name(name.to_string(), link).await?;
         Ok(())
     }
 

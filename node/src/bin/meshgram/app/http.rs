@@ -349,9 +349,7 @@ async fn upload(
         Ok(size) if size > MAX_UPLOAD_BYTES => Err(too_big()),
         Ok(size) => {
             let moved = tokio::fs::create_dir_all(app.profile.join(FILES_DIR)).await;
-            moved
-                .and(tokio::fs::rename(&receiving.0, &kept).await)
-                .map_err(|e| ApiError::new("PROFILE", e.to_string()))?;
+            moved.and(tokio::fs::rename(&receiving.0, &kept).await).map_err(profile_io)?;
             let path = kept.join(safe_name(&query.name));
             // Big files need bigger parts: a file has at most MAX_PARTS of them.
             let part_size = (size > MAX_PARTS as u64 * DEFAULT_PART_SIZE as u64).then_some(MAX_PART_SIZE);
@@ -373,6 +371,11 @@ async fn upload(
         Err(e) => Err(e),
     };
     ok(result?)
+}
+
+/// A file of the profile that could not be read or written.
+fn profile_io(e: std::io::Error) -> ApiError {
+    ApiError::new("PROFILE", e.to_string())
 }
 
 /// A path removed when dropped: what a request leaves half written goes with it, even when
@@ -472,9 +475,7 @@ async fn media(
     let kept = app.profile.join(FILES_DIR).join(id.to_string());
     let keep = !secret && (range.is_none() || file.size <= MEDIA_WINDOW);
     if keep && !tokio::fs::try_exists(&kept).await.unwrap_or(false) {
-        tokio::fs::create_dir_all(app.profile.join(FILES_DIR))
-            .await
-            .map_err(|e| ApiError::new("PROFILE", e.to_string()))?;
+        tokio::fs::create_dir_all(app.profile.join(FILES_DIR)).await.map_err(profile_io)?;
         // Run to the end even if the browser goes: the file is written whole or not at all.
         let call = Call::Download { message: id, out: Some(kept.clone()), range: None };
         let node = node.clone();
@@ -482,18 +483,18 @@ async fn media(
         fetch.await.map_err(|e| ApiError::new("INTERNAL", e.to_string()))??;
     }
     let (mut opened, offset) = if tokio::fs::try_exists(&kept).await.unwrap_or(false) {
-        let opened = tokio::fs::File::open(&kept).await.map_err(|e| ApiError::new("PROFILE", e.to_string()))?;
+        let opened = tokio::fs::File::open(&kept).await.map_err(profile_io)?;
         (opened, range.map_or(0, |r| r.start))
     } else {
         let dir = app.profile.join(DOWNLOADS_DIR);
-        tokio::fs::create_dir_all(&dir).await.map_err(|e| ApiError::new("PROFILE", e.to_string()))?;
+        tokio::fs::create_dir_all(&dir).await.map_err(profile_io)?;
         let out = dir.join(meshgram_node::ids::hex(&rand::random::<[u8; 8]>()));
         // Fetched, opened and unlinked on a task of its own: if the browser goes away in the
         // middle (players drop ranges all the time), nothing stays behind.
         let window = tokio::spawn(async move {
             let fetched = node.call(Call::Download { message: id, out: Some(out.clone()), range }).await;
             let opened = match fetched {
-                Ok(_) => tokio::fs::File::open(&out).await.map_err(|e| ApiError::new("PROFILE", e.to_string())),
+                Ok(_) => tokio::fs::File::open(&out).await.map_err(profile_io),
                 Err(e) => Err(e),
             };
             let _ = tokio::fs::remove_file(&out).await;
@@ -503,10 +504,10 @@ async fn media(
     };
     let length = match range {
         Some(r) => r.end - r.start + 1,
-        None => opened.metadata().await.map_err(|e| ApiError::new("PROFILE", e.to_string()))?.len(),
+        None => opened.metadata().await.map_err(profile_io)?.len(),
     };
     use tokio::io::{AsyncReadExt, AsyncSeekExt};
-    opened.seek(std::io::SeekFrom::Start(offset)).await.map_err(|e| ApiError::new("PROFILE", e.to_string()))?;
+    opened.seek(std::io::SeekFrom::Start(offset)).await.map_err(profile_io)?;
     let body = Body::from_stream(tokio_util::io::ReaderStream::new(opened.take(length)));
     let shown = inline_type(&file.mime).filter(|_| !query.download);
     let disposition = format!(
