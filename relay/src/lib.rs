@@ -48,6 +48,7 @@ mod disk;
 mod mailbox;
 mod media;
 pub mod metrics;
+mod mirror;
 mod net;
 pub use meshgram_node::net::placement;
 mod relays;

@@ -22,15 +22,18 @@ use meshgram_node::proto::group::{
 };
 use meshgram_node::proto::{
     ErrorCode, MAX_ENVELOPE_SIZE, MAX_ENVELOPES_PER_BATCH, MAX_FETCH_WAIT_MS, MailboxRequest, MailboxResponse,
-    WireError,
+    ReplicaRequest, ReplicaResponse, WireError,
 };
 use meshgram_node::server::limits::RateLimiter;
 use tokio::task::{JoinError, JoinSet};
 
 use crate::RelaySettings;
 use crate::metrics::Metrics;
+use crate::mirror::{self, Kept, Mirrors, PlannedRead, ReadId, Want};
 use crate::relays::KnownRelays;
-use crate::replicate::{DeleteForwarder, Group, ReplicaDelete, Replicas, store_replicated};
+use crate::replicate::{
+    DeleteForwarder, Group, REPLICA_STORE_DEADLINE, ReplicaDelete, Replicas, store_replicated, unexpected,
+};
 use crate::sessions::Sessions;
 use crate::store::{QueuedPut, StoreError, StoreHandle};
 
@@ -47,6 +50,11 @@ pub(crate) enum Done {
     /// A group fetch found nothing new: park it, unless a group message arrived since it
     /// looked (`arrivals` then differs from [`Mailboxes::group_arrivals`]).
     ParkGroups { peer: PeerId, fetch: GroupRead, arrivals: u64 },
+    /// Answer a group read (a member's or a mirroring relay's).
+    Groups { channel: GroupReader, answer: Result<Vec<GroupBatch>, WireError> },
+    /// A mirror's read of an origin relay finished: what it answered (envelopes kept here) and
+    /// the group mailboxes that got something, or why it failed.
+    Mirrored { read: ReadId, cursors: Vec<GroupCursor>, outcome: Result<(Vec<GroupBatch>, Kept), String> },
     /// Background work that answers nobody.
     Nothing,
     /// What one task did for several readers (a group message pushed to all its readers).
@@ -69,10 +77,21 @@ struct Parked {
 /// A `GroupFetch` being served (or parked until something arrives in one of its groups).
 #[derive(Debug)]
 pub(crate) struct GroupRead {
-    channel: Responder<MailboxResponse>,
+    channel: GroupReader,
     cursors: Vec<GroupCursor>,
     max: u32,
+    /// When it asked to be answered by, at the latest.
     deadline: Instant,
+    /// When it is answered empty: its deadline, or later while a group it reads is being
+    /// caught up by this relay's mirror (see [`crate::mirror`]).
+    hold_until: Instant,
+}
+
+/// Who a group read answers: a member's device, or a relay mirroring the groups.
+#[derive(Debug)]
+pub(crate) enum GroupReader {
+    Device(Responder<MailboxResponse>),
+    Mirror(Responder<ReplicaResponse>),
 }
 
 /// What the mailbox protocol keeps per session.
@@ -106,6 +125,8 @@ pub(crate) struct Mailboxes {
     /// refused. Filled from posts here and, for a group not seen since start, from the newest
     /// message the store holds.
     group_epochs: HashMap<GroupId, u64>,
+    /// Groups this relay reads from their own relays for the readers it serves.
+    mirrors: Mirrors,
     send_limiter: RateLimiter,
     /// Where a `Send`'s copies go.
     replicas: Replicas,
@@ -127,6 +148,7 @@ impl Mailboxes {
             group_readers: HashMap::new(),
             group_arrivals: HashMap::new(),
             group_epochs: HashMap::new(),
+            mirrors: Mirrors::default(),
             send_limiter,
             replica_deletes: DeleteForwarder::start(Arc::clone(&replicas.pipes)),
             replicas,
@@ -178,7 +200,7 @@ impl Mailboxes {
             MailboxRequest::Send { envelopes } => self.handle_send(peer, &cert, envelopes, false, channel, now, known),
             MailboxRequest::Post { envelopes } => self.handle_send(peer, &cert, envelopes, true, channel, now, known),
             MailboxRequest::GroupFetch { groups, max, wait_ms } => {
-                self.handle_group_fetch(peer, groups, max, wait_ms, channel)
+                self.handle_group_fetch(peer, groups, max, wait_ms, GroupReader::Device(channel), Some(known))
             }
             MailboxRequest::Fetch { max, wait_ms, ack } => self.handle_fetch(peer, max, wait_ms, ack, channel, known),
             MailboxRequest::Ack { ids } => {
@@ -197,8 +219,23 @@ impl Mailboxes {
         }
     }
 
+    /// Serves a mirroring relay's `GroupFetch` (`relay` showed its relay certificate) as a
+    /// member's, except that it starts no mirroring of its own: the caller took this relay for
+    /// one of the groups' own.
+    pub(crate) fn handle_mirror_read(
+        &mut self,
+        relay: PeerId,
+        groups: Vec<GroupCursor>,
+        max: u32,
+        wait_ms: u32,
+        channel: Responder<ReplicaResponse>,
+    ) {
+        self.metrics.count_request("mirror_group_fetch");
+        self.handle_group_fetch(relay, groups, max, wait_ms, GroupReader::Mirror(channel), None);
+    }
+
     /// Takes a finished task's result.
-    pub(crate) fn finish(&mut self, done: Done) {
+    pub(crate) fn finish(&mut self, done: Done, known: &mut KnownRelays<'_>) {
         match done {
             Done::Answer { channel, response, arrived } => {
                 self.wake(arrived);
@@ -222,9 +259,9 @@ impl Mailboxes {
                 }
             }
             Done::ParkGroups { peer, fetch, arrivals } => {
-                if self.sessions.get(&peer).is_none() {
+                if matches!(fetch.channel, GroupReader::Device(_)) && self.sessions.get(&peer).is_none() {
                     if self.sessions.is_signed_out(&peer) {
-                        self.respond(fetch.channel, session_revoked());
+                        self.respond_groups(fetch.channel, Err(crate::sessions::session_revoked()));
                     }
                     return;
                 }
@@ -240,10 +277,39 @@ impl Mailboxes {
                     }
                 }
             }
+            Done::Groups { channel, answer } => self.respond_groups(channel, answer),
+            Done::Mirrored { read, cursors, outcome } => {
+                let (answered, Kept { mut arrived, not_channels }) = match outcome {
+                    Ok((groups, kept)) => (Some(groups), kept),
+                    Err(_) => {
+                        self.metrics.mirror_reads_failed.inc();
+                        (None, Kept::default())
+                    }
+                };
+                let now = Instant::now();
+                for group in &not_channels {
+                    self.mirrors.not_a_channel(*group, now);
+                }
+                let caught_up = self.mirrors.read_done(read, &cursors, answered.as_deref());
+                for group in caught_up.into_iter().chain(not_channels) {
+                    // Its readers held for the catch-up wait no longer than they asked to.
+                    let mailbox = group.mailbox();
+                    for reader in self.group_readers.get(&mailbox).into_iter().flatten() {
+                        if let Some(read) = self.parked_groups.get_mut(reader) {
+                            read.hold_until = read.deadline;
+                        }
+                    }
+                    arrived.push(mailbox);
+                }
+                arrived.sort();
+                arrived.dedup();
+                self.wake(arrived);
+                self.start_mirror_reads(known);
+            }
             Done::Nothing => {}
             Done::Many(done) => {
                 for one in done {
-                    self.finish(one);
+                    self.finish(one, known);
                 }
             }
         }
@@ -278,7 +344,7 @@ impl Mailboxes {
             self.respond(parked.channel, session_revoked());
         }
         if let Some(read) = self.unpark_groups(&device) {
-            self.respond(read.channel, session_revoked());
+            self.respond_groups(read.channel, Err(crate::sessions::session_revoked()));
         }
     }
 
@@ -307,10 +373,10 @@ impl Mailboxes {
             }
         }
         let expired: Vec<PeerId> =
-            self.parked_groups.iter().filter(|(_, p)| p.deadline <= now).map(|(id, _)| *id).collect();
+            self.parked_groups.iter().filter(|(_, p)| p.hold_until <= now).map(|(id, _)| *id).collect();
         for peer in expired {
             if let Some(read) = self.unpark_groups(&peer) {
-                self.respond(read.channel, MailboxResponse::GroupEnvelopes { groups: Vec::new() });
+                self.respond_groups(read.channel, Ok(Vec::new()));
             }
         }
     }
@@ -362,6 +428,24 @@ impl Mailboxes {
             self.metrics.count_error(&e.code.to_string());
         }
         channel.respond(response);
+    }
+
+    fn respond_groups(&mut self, channel: GroupReader, answer: Result<Vec<GroupBatch>, WireError>) {
+        match channel {
+            GroupReader::Device(channel) => {
+                let response =
+                    answer.map_or_else(MailboxResponse::Error, |groups| MailboxResponse::GroupEnvelopes { groups });
+                self.respond(channel, response);
+            }
+            GroupReader::Mirror(channel) => {
+                if let Err(e) = &answer {
+                    self.metrics.count_error(&e.code.to_string());
+                }
+                channel.respond(
+                    answer.map_or_else(ReplicaResponse::Error, |groups| ReplicaResponse::GroupEnvelopes { groups }),
+                );
+            }
+        }
     }
 
     /// Checks a `Send` (`post: false`, to devices' mailboxes) or a `Post` (to groups', each
@@ -571,26 +655,116 @@ impl Mailboxes {
         });
     }
 
-    /// Serves a `GroupFetch`: reads (or parks) it.
+    /// Serves a `GroupFetch`: reads (or parks) it. A member's (`known` given) of a group this
+    /// relay is not one of the `R` relays of is served from this relay's mirror of it, which
+    /// the read starts (or keeps) following.
     fn handle_group_fetch(
         &mut self,
         peer: PeerId,
         cursors: Vec<GroupCursor>,
         max: u32,
         wait_ms: u32,
-        channel: Responder<MailboxResponse>,
+        channel: GroupReader,
+        known: Option<&mut KnownRelays<'_>>,
     ) {
         if cursors.is_empty() || cursors.len() > MAX_GROUPS_PER_FETCH {
             let why = format!("read 1 to {MAX_GROUPS_PER_FETCH} groups at a time");
-            return self.respond(channel, refuse(ErrorCode::BadRequest, why));
+            return self.respond_groups(channel, Err(WireError::new(ErrorCode::BadRequest, why)));
         }
         let max = max.clamp(1, MAX_ENVELOPES_PER_BATCH as u32);
-        let deadline = Instant::now() + Duration::from_millis(u64::from(wait_ms.min(MAX_FETCH_WAIT_MS)));
+        let now = Instant::now();
+        let deadline = now + Duration::from_millis(u64::from(wait_ms.min(MAX_FETCH_WAIT_MS)));
+        let mut hold_until = deadline;
+        if let Some(known) = known {
+            match self.mirror_for_reader(&cursors, now, known) {
+                Ok(true) => hold_until = hold_until.max(now + mirror::CATCH_UP_WAIT),
+                Ok(false) => {}
+                Err(refusal) => return self.respond_groups(channel, Err(refusal)),
+            }
+        }
         // A newer read from the same device replaces an older one, which answers empty.
         if let Some(old) = self.unpark_groups(&peer) {
-            self.respond(old.channel, MailboxResponse::GroupEnvelopes { groups: Vec::new() });
+            self.respond_groups(old.channel, Ok(Vec::new()));
         }
-        self.spawn_group_fetch(peer, GroupRead { channel, cursors, max, deadline });
+        self.spawn_group_fetch(peer, GroupRead { channel, cursors, max, deadline, hold_until });
+    }
+
+    /// Follows the groups of a member's read that this relay is not one of the `R` relays of;
+    /// gives whether one of them is still being caught up (the read then waits for it).
+    fn mirror_for_reader(
+        &mut self,
+        cursors: &[GroupCursor],
+        now: Instant,
+        known: &mut KnownRelays<'_>,
+    ) -> Result<bool, WireError> {
+        let (local, mut new, mut catching_up) = (known.local(), false, false);
+        for cursor in cursors {
+            let mut relays = known.mailbox_relays(&cursor.group.mailbox());
+            relays.truncate(self.settings.replication);
+            if relays.iter().any(|r| r.peer_id == local) {
+                continue;
+            }
+            match self.mirrors.want(cursor.group, now) {
+                Want::Followed | Want::NotAChannel => {}
+                Want::New => new = true,
+                Want::Full => {
+                    let why = format!(
+                        "this relay mirrors as many groups as it may; read {} from its own relays",
+                        cursor.group
+                    );
+                    return Err(WireError::new(ErrorCode::Unavailable, why));
+                }
+            }
+            catching_up |= self.mirrors.catching_up(&cursor.group);
+        }
+        if new {
+            self.start_mirror_reads(known);
+        }
+        Ok(catching_up)
+    }
+
+    /// Starts the mirror's reads of origin relays that need one (see [`Mirrors::plan`]).
+    fn start_mirror_reads(&mut self, known: &mut KnownRelays<'_>) {
+        let (local, replication) = (known.local(), self.settings.replication);
+        let reads = self.mirrors.plan(Instant::now(), |group| {
+            let mut relays = known.mailbox_relays(&group.mailbox());
+            relays.truncate(replication);
+            if relays.iter().any(|r| r.peer_id == local) { None } else { relays.first().map(|r| r.peer_id) }
+        });
+        for read in reads {
+            self.spawn_mirror_read(read);
+        }
+        self.metrics.groups_mirrored.set(self.mirrors.followed() as i64);
+    }
+
+    /// Reads an origin relay for the mirror and keeps what it answers, on a task.
+    fn spawn_mirror_read(&mut self, read: PlannedRead) {
+        let (replicas, store) = (self.replicas.clone(), self.store.clone());
+        self.tasks.spawn(async move {
+            let PlannedRead { id, cursors, wait_ms } = read;
+            let request =
+                ReplicaRequest::GroupFetch { groups: cursors.clone(), max: MAX_ENVELOPES_PER_BATCH as u32, wait_ms };
+            let deadline = Duration::from_millis(u64::from(wait_ms)) + REPLICA_STORE_DEADLINE;
+            let outcome = match replicas.call_within(id.origin, &request, deadline).await {
+                Ok(ReplicaResponse::GroupEnvelopes { mut groups }) => {
+                    match mirror::keep(&store, &groups, unix_now()).await {
+                        Ok(kept) => {
+                            // Only the cursors are needed from here on.
+                            groups.iter_mut().for_each(|g| g.envelopes = Vec::new());
+                            Ok((groups, kept))
+                        }
+                        Err(e) => Err(format!("keeping them failed: {e}")),
+                    }
+                }
+                Ok(other) => Err(unexpected(&other).to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            if let Err(why) = &outcome {
+                tracing::info!(origin = %id.origin, %why, "reading mirrored groups failed; reading again soon");
+                tokio::time::sleep(mirror::RETRY_PAUSE).await;
+            }
+            Done::Mirrored { read: id, cursors, outcome }
+        });
     }
 
     /// Reads a group fetch's cursors on a task; answers, or parks until its deadline if
@@ -612,13 +786,13 @@ impl Mailboxes {
                         groups.push(GroupBatch { group: cursor.group, envelopes, next, more });
                     }
                     Ok(_) => {}
-                    Err(e) => return Done::answer(read.channel, internal(e)),
+                    Err(e) => return Done::Groups { channel: read.channel, answer: Err(internal_error(e)) },
                 }
             }
-            if groups.is_empty() && Instant::now() < read.deadline {
+            if groups.is_empty() && Instant::now() < read.hold_until {
                 return Done::ParkGroups { peer, fetch: read, arrivals };
             }
-            Done::answer(read.channel, MailboxResponse::GroupEnvelopes { groups })
+            Done::Groups { channel: read.channel, answer: Ok(groups) }
         });
     }
 
@@ -642,9 +816,12 @@ impl Mailboxes {
             let (found, more) = match store.fetch_from(mailbox, from, MAX_ENVELOPES_PER_BATCH) {
                 Ok(found) => found,
                 Err(e) => {
-                    tracing::error!(error = %e, "reading a group mailbox failed");
+                    let refusal = internal_error(&e);
                     return Done::Many(
-                        readers.into_iter().map(|(_, read)| Done::answer(read.channel, internal(&e))).collect(),
+                        readers
+                            .into_iter()
+                            .map(|(_, read)| Done::Groups { channel: read.channel, answer: Err(refusal.clone()) })
+                            .collect(),
                     );
                 }
             };
@@ -660,7 +837,7 @@ impl Mailboxes {
                 let next = mine[take - 1].0 + 1;
                 let envelopes = mine[..take].iter().map(|(_, e)| e.clone()).collect();
                 let batch = GroupBatch { group: cursor.group, envelopes, next, more: more || take < mine.len() };
-                done.push(Done::answer(read.channel, MailboxResponse::GroupEnvelopes { groups: vec![batch] }));
+                done.push(Done::Groups { channel: read.channel, answer: Ok(vec![batch]) });
             }
             Done::Many(done)
         });
@@ -669,7 +846,7 @@ impl Mailboxes {
     fn park_groups(&mut self, peer: PeerId, read: GroupRead) {
         // A newer read from the same device replaces an older one, which answers empty.
         if let Some(old) = self.unpark_groups(&peer) {
-            self.respond(old.channel, MailboxResponse::GroupEnvelopes { groups: Vec::new() });
+            self.respond_groups(old.channel, Ok(Vec::new()));
         }
         for cursor in &read.cursors {
             self.group_readers.entry(cursor.group.mailbox()).or_default().insert(peer);
@@ -774,6 +951,10 @@ fn refuse(code: ErrorCode, message: impl Into<String>) -> MailboxResponse {
 }
 
 fn internal(e: impl std::fmt::Display) -> MailboxResponse {
+    MailboxResponse::Error(internal_error(e))
+}
+
+fn internal_error(e: impl std::fmt::Display) -> WireError {
     tracing::error!(error = %e, "relay store failure");
-    refuse(ErrorCode::Internal, "internal error; try again later")
+    WireError::new(ErrorCode::Internal, "internal error; try again later")
 }

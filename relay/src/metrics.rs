@@ -60,6 +60,10 @@ pub struct Metrics {
     pub chunk_repair_copies: Counter,
     /// Part records repair copied to responsible relays that lacked them.
     pub part_record_repair_copies: Counter,
+    /// Groups this relay mirrors for its readers (`mirror`), and its reads of their relays
+    /// that failed (tried again).
+    pub groups_mirrored: Gauge,
+    pub mirror_reads_failed: Counter,
 }
 
 impl Metrics {
@@ -158,6 +162,14 @@ impl Metrics {
             "Part records repair copied to responsible relays that lacked them",
             part_record_repair_copies.clone(),
         );
+        let groups_mirrored = Gauge::default();
+        registry.register("groups_mirrored", "Groups this relay mirrors for its readers", groups_mirrored.clone());
+        let mirror_reads_failed = Counter::default();
+        registry.register(
+            "mirror_reads_failed",
+            "Reads of mirrored groups from their relays that failed (tried again)",
+            mirror_reads_failed.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -184,6 +196,8 @@ impl Metrics {
             chunks_deleted,
             chunk_repair_copies,
             part_record_repair_copies,
+            groups_mirrored,
+            mirror_reads_failed,
         }
     }
 

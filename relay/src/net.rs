@@ -211,7 +211,7 @@ impl EventLoop {
                     }
                 }
                 Some(done) = self.mailboxes.next_done() => match done {
-                    Ok(done) => self.mailboxes.finish(done),
+                    Ok(done) => self.mailboxes.finish(done, &mut self.relays.known(&mut self.swarm.behaviour_mut().kad)),
                     Err(e) => tracing::error!(error = %e, "relay task failed"),
                 },
                 Some(done) = self.media.next_done() => match done {

@@ -156,6 +156,9 @@ impl ReplicaServer {
                 | ReplicaRequest::CheckPart { .. }
                 | ReplicaRequest::DeleteChunks { .. }),
             ) => self.media(channel, request),
+            Ok(ReplicaRequest::GroupFetch { groups, max, wait_ms }) => {
+                mailboxes.handle_mirror_read(peer, groups, max, wait_ms, channel);
+            }
             Ok(ReplicaRequest::Delete { mailbox, ids }) => {
                 let store = self.store.clone();
                 self.tasks.spawn(async move {

@@ -160,6 +160,8 @@ pub struct StoreHandle {
     db: Arc<Database>,
     queued: Queued,
     failure: Failure,
+    /// How long envelopes are kept.
+    ttl: Duration,
 }
 
 /// The first write failure, once there is one: from then on the store refuses every write
@@ -276,12 +278,17 @@ impl StoreHandle {
         let (commands, rx) = mpsc::channel(STORE_QUEUE);
         let db = Arc::new(db);
         let (queued, failure) = (Queued::default(), Failure::default());
-        let (writer, applied, failed) = (Arc::clone(&db), queued.clone(), failure.clone());
+        let (writer, applied, failed, ttl) = (Arc::clone(&db), queued.clone(), failure.clone(), limits.ttl);
         std::thread::Builder::new()
             .name("relay-store".into())
             .spawn(move || run(&writer, wal, limits, rx, &applied, &failed))
             .map_err(|e| StoreError::Db(e.to_string()))?;
-        Ok(StoreHandle { commands, db, queued, failure })
+        Ok(StoreHandle { commands, db, queued, failure, ttl })
+    }
+
+    /// How long envelopes are kept.
+    pub fn ttl(&self) -> Duration {
+        self.ttl
     }
 
     /// Why the store refuses writes, if a write failed (see [`StoreError::Failed`]).

@@ -979,10 +979,18 @@ impl Messenger {
         for record in records.iter().take(MAX_GROUPS_PER_FETCH) {
             let group = record.state.group;
             let key = placement::mailbox_key(&group.mailbox());
-            let closest: Vec<RelayInfo> = placement::by_closeness(&key, self.session.relays.clone())
+            let mut closest: Vec<RelayInfo> = placement::by_closeness(&key, self.session.relays.clone())
                 .into_iter()
                 .take(GROUP_RELAYS_TRIED)
                 .collect();
+            if record.state.is_channel() {
+                // A channel is read through this device's own mailbox relay, which mirrors it
+                // (a channel's readers spread over every relay rather than crowd its own).
+                if let Some(home) = self.mailbox_relays.first() {
+                    closest.retain(|relay| relay.peer_id != home.peer_id);
+                    closest.insert(0, home.clone());
+                }
+            }
             let Some(relay) = self.answering_first(closest).into_iter().next() else {
                 return Err(MessagingError::NoRelay("no relays known; sign in with --network".into()));
             };

@@ -320,7 +320,7 @@ pub struct Messenger {
     /// Relays that accepted our Hello on the current connection.
     greeted: HashSet<PeerId>,
     /// From the last Welcome: the relays holding our mailbox, and when it came.
-    mailbox_relays: Vec<RelayInfo>,
+    pub(crate) mailbox_relays: Vec<RelayInfo>,
     mailbox_relays_at: Option<std::time::Instant>,
     /// Envelopes fetched and recorded in the history but not yet acknowledged, per relay: the
     /// next `Fetch` there carries them ([`Messenger::flush_acks`] sends them on their own).

@@ -165,6 +165,11 @@ impl PostCert {
         PostCert { admin_key, epoch, post_key, signature }
     }
 
+    /// A channel's: only its admin key posts (a group's members share an epoch's post key).
+    pub fn is_a_channels(&self) -> bool {
+        self.post_key == self.admin_key
+    }
+
     /// Checks it speaks for `group`.
     pub fn verify(&self, group: &GroupId) -> Result<(), GroupWireError> {
         let admin = ed25519::PublicKey::try_from_bytes(&self.admin_key).map_err(|_| GroupWireError::BadCert(*group))?;

@@ -170,6 +170,11 @@ pub enum ReplicaRequest {
     /// period): delete those no upload recorded here still names. At most
     /// [`crate::proto::media::MAX_HASHES_PER_REQUEST`]. Answered `ChunksDeleted`.
     DeleteChunks { hashes: Vec<ChunkHash> },
+    /// A relay mirroring groups for the readers it serves (it is not among their `R` relays)
+    /// reads them here, as a member's `GroupFetch` does (the same cursors, limits and
+    /// long-poll), so that a channel's readers spread over every relay while its relays answer
+    /// one read per mirroring relay. Answered `GroupEnvelopes`.
+    GroupFetch { groups: Vec<GroupCursor>, max: u32, wait_ms: u32 },
 }
 
 /// Ids per [`ReplicaRequest::Reconcile`]: 1 MiB of ids, far below the frame limit.
@@ -261,5 +266,9 @@ pub enum ReplicaResponse {
     /// Answer to `DeleteChunks`: how many were deleted here.
     ChunksDeleted {
         count: u32,
+    },
+    /// Answer to `GroupFetch`, as a member's is answered.
+    GroupEnvelopes {
+        groups: Vec<GroupBatch>,
     },
 }

@@ -20,6 +20,7 @@ use meshgram_node::proto::payload::{Body, MessageId};
 use meshgram_node::proto::{MAX_ENVELOPES_PER_BATCH, MailboxRequest, MailboxResponse, RelayInfo};
 
 use crate::mesh::{Device, MeshOptions, make_identities, start_three_relays, unix_ms};
+use crate::servers::RelayProcess;
 use crate::stats::{Percentiles, now_ns};
 
 /// How long a member's read waits for the message.
@@ -45,6 +46,10 @@ pub(crate) struct Delivery {
 pub(crate) struct GroupFigures {
     pub(crate) members: usize,
     pub(crate) group: Delivery,
+    /// A channel post, its subscribers reading their own relays (mirrors).
+    pub(crate) channel: Delivery,
+    /// The channel's readers on each relay.
+    pub(crate) channel_readers: Vec<usize>,
     pub(crate) direct: Delivery,
 }
 
@@ -56,15 +61,12 @@ pub(crate) async fn group_vs_direct(
     let gateway = ed25519::Keypair::generate();
     let sender = Device::create(&options.dir.join("group-sender"), 1, &gateway)?;
     let relays = start_three_relays(options, &gateway, &sender).await?;
-    let relay_ids: Vec<_> = relays.iter().map(|r| r.info.peer_id).collect();
 
     let admin = ed25519::Keypair::generate();
     let group = GroupId::of_admin_key(&admin.public().to_bytes());
     let epoch_key = EpochKey::random();
     let cert = PostCert::sign(&admin, 0, epoch_key.post_keypair().public().to_bytes());
-    let closest = placement::closest_relays(&placement::mailbox_key(&group.mailbox()), relay_ids.clone(), 1);
-    let group_relay = relays.iter().find(|r| Some(&r.info.peer_id) == closest.first()).context("no group relay")?;
-    let group_relay = group_relay.info.clone();
+    let group_relay = closest_relay(&relays, group)?;
 
     // The members: keys, connections, a Hello to the group's relay and to their mailbox's.
     let identities = tokio::task::block_in_place(|| make_identities(&options.dir.join("members"), members))?;
@@ -87,54 +89,34 @@ pub(crate) async fn group_vs_direct(
         connected.into_iter().collect::<anyhow::Result<Vec<_>>>()?.into_iter().map(Arc::new).collect();
     let count = members.len();
 
-    // One group post.
-    let parked = members
-        .iter()
-        .map(|m| {
-            let (m, group_relay) = (Arc::clone(m), group_relay.clone());
-            async move {
-                let read = MailboxRequest::GroupFetch {
-                    groups: vec![GroupCursor { group, from: 0 }],
-                    max: 16,
-                    wait_ms: READ_WAIT_MS,
-                };
-                let answer = m.0.call(&group_relay, read).await?;
-                let at = now_ns();
-                let MailboxResponse::GroupEnvelopes { groups } = answer else {
-                    bail!("GroupFetch answered {answer:?}")
-                };
-                let envelope = groups.first().and_then(|g| g.envelopes.first()).context("an empty answer")?;
-                Ok((at, envelope.clone()))
-            }
-        })
-        .collect::<Vec<_>>();
-    let reads = tokio::spawn(futures::future::join_all(parked.into_iter().map(tokio::spawn)));
+    // One group post, every member reading the group's closest relay.
+    let reads = park_group_reads(&members, group, |_| group_relay.clone());
     settle(count).await;
-    let start = now_ns();
-    let mut post = Envelope {
-        id: EnvelopeId::random(),
-        from_user: sender.user,
-        from_device: sender.identity.peer_id(),
-        to_user: UserId(0),
-        to_device: group.mailbox(),
-        sent_at_ms: unix_ms(),
-        seq: 0,
-        sealed: Vec::new(),
-    };
-    let body = Body::Text { text: TEXT.into(), reply_to: None };
-    let ciphertext = epoch_key.seal(&sender.identity.keypair, &post.id, &group, 0, MessageId::random(), body);
-    GroupSeal::seal(&mut post, group, cert, &epoch_key.post_keypair(), ciphertext);
-    let stored_bytes = 2 * post.encoded_len();
-    match sender.call(&group_relay, MailboxRequest::Post { envelopes: vec![post] }).await? {
-        MailboxResponse::Stored { .. } => {}
-        other => bail!("Post answered {other:?}"),
-    }
+    let post = group_post(&sender, group, cert, &epoch_key.post_keypair(), &epoch_key);
+    let (group_delivery, received) = post_and_collect(&sender, &group_relay, post, reads, 2).await?;
     // Opened after the clock stops: on one machine, 10,000 members' signature checks would
     // otherwise queue behind each other on two cores, which separate devices do not.
-    let (group_delivery, received) = collect(start, reads.await?, stored_bytes);
     for envelope in &received {
         let seal = GroupSeal::verify(envelope)?;
         epoch_key.open(&envelope.from_device, &envelope.id, &group, 0, &seal.ciphertext)?;
+    }
+
+    // One channel post, every subscriber reading its own mailbox relay: those that are not the
+    // channel's relays mirror it (`relay::mirror`), so the readers spread over all three.
+    let channel_admin = ed25519::Keypair::generate();
+    let channel = GroupId::of_admin_key(&channel_admin.public().to_bytes());
+    let channel_cert = PostCert::sign(&channel_admin, 0, channel_admin.public().to_bytes());
+    let channel_relay = closest_relay(&relays, channel)?;
+    let reads = park_group_reads(&members, channel, |m| m.1.clone());
+    let channel_readers: Vec<usize> =
+        relays.iter().map(|r| members.iter().filter(|m| m.1.peer_id == r.info.peer_id).count()).collect();
+    settle(count).await;
+    let post = group_post(&sender, channel, channel_cert, &channel_admin, &epoch_key);
+    // Kept on its two relays and by the third, which mirrors it.
+    let (channel_delivery, received) = post_and_collect(&sender, &channel_relay, post, reads, 3).await?;
+    for envelope in &received {
+        let seal = GroupSeal::verify(envelope)?;
+        epoch_key.open(&envelope.from_device, &envelope.id, &channel, 0, &seal.ciphertext)?;
     }
 
     // The same message as one envelope per member, each to its own mailbox.
@@ -190,7 +172,92 @@ pub(crate) async fn group_vs_direct(
         seal::open(&member.0.identity, &envelope.id, &envelope.sealed)?;
     }
     drop(relays);
-    Ok(GroupFigures { members: count, group: group_delivery, direct: direct_delivery })
+    Ok(GroupFigures {
+        members: count,
+        group: group_delivery,
+        channel: channel_delivery,
+        channel_readers,
+        direct: direct_delivery,
+    })
+}
+
+/// The relay closest to `group`'s mailbox (the first of its `R`).
+fn closest_relay(relays: &[RelayProcess], group: GroupId) -> anyhow::Result<RelayInfo> {
+    let ids = relays.iter().map(|r| r.info.peer_id);
+    let closest = placement::closest_relays(&placement::mailbox_key(&group.mailbox()), ids, 1);
+    let relay = relays.iter().find(|r| Some(&r.info.peer_id) == closest.first()).context("no group relay")?;
+    Ok(relay.info.clone())
+}
+
+/// Each member's long-poll of `group` from its start, on the relay `relay_of` names.
+fn park_group_reads(
+    members: &[Arc<(Device, RelayInfo)>],
+    group: GroupId,
+    relay_of: impl Fn(&(Device, RelayInfo)) -> RelayInfo,
+) -> tokio::task::JoinHandle<Reads> {
+    let parked = members
+        .iter()
+        .map(|m| {
+            let (m, relay) = (Arc::clone(m), relay_of(m));
+            async move {
+                let read = MailboxRequest::GroupFetch {
+                    groups: vec![GroupCursor { group, from: 0 }],
+                    max: 16,
+                    wait_ms: READ_WAIT_MS,
+                };
+                let answer = m.0.call(&relay, read).await?;
+                let at = now_ns();
+                let MailboxResponse::GroupEnvelopes { groups } = answer else {
+                    bail!("GroupFetch answered {answer:?}")
+                };
+                let envelope = groups.first().and_then(|g| g.envelopes.first()).context("an empty answer")?;
+                Ok((at, envelope.clone()))
+            }
+        })
+        .collect::<Vec<_>>();
+    tokio::spawn(futures::future::join_all(parked.into_iter().map(tokio::spawn)))
+}
+
+/// The message, sealed for `group` under `cert` and signed with `post_key`.
+fn group_post(
+    sender: &Device,
+    group: GroupId,
+    cert: PostCert,
+    post_key: &ed25519::Keypair,
+    key: &EpochKey,
+) -> Envelope {
+    let mut post = Envelope {
+        id: EnvelopeId::random(),
+        from_user: sender.user,
+        from_device: sender.identity.peer_id(),
+        to_user: UserId(0),
+        to_device: group.mailbox(),
+        sent_at_ms: unix_ms(),
+        seq: 0,
+        sealed: Vec::new(),
+    };
+    let body = Body::Text { text: TEXT.into(), reply_to: None };
+    let ciphertext = key.seal(&sender.identity.keypair, &post.id, &group, 0, MessageId::random(), body);
+    GroupSeal::seal(&mut post, group, cert, post_key, ciphertext);
+    post
+}
+
+/// Posts through `relay` and times the parked reads' answers from the send on; `copies` relays
+/// keep the post.
+async fn post_and_collect(
+    sender: &Device,
+    relay: &RelayInfo,
+    post: Envelope,
+    reads: tokio::task::JoinHandle<Reads>,
+    copies: usize,
+) -> anyhow::Result<(Delivery, Vec<Envelope>)> {
+    let start = now_ns();
+    let stored_bytes = copies * post.encoded_len();
+    match sender.call(relay, MailboxRequest::Post { envelopes: vec![post] }).await? {
+        MailboxResponse::Stored { .. } => {}
+        other => bail!("Post answered {other:?}"),
+    }
+    Ok(collect(start, reads.await?, stored_bytes))
 }
 
 /// Gives the members' reads time to reach the relays and park (a read that has not will find

@@ -479,7 +479,12 @@ fn report_groups(f: &groups::GroupFigures) {
     println!("\nOne message to {} members, 3 relays (replication 2), same run:", f.members);
     println!("| | delivered | p50 | p99 | all | relays store |");
     println!("|---|---|---|---|---|---|");
-    for (name, d) in [("group post (stored once)", &f.group), ("one-to-one envelopes", &f.direct)] {
+    let rows = [
+        ("group post (stored once), all reading its relay", &f.group),
+        ("channel post, each reading its own relay (mirrored)", &f.channel),
+        ("one-to-one envelopes", &f.direct),
+    ];
+    for (name, d) in rows {
         let (p50, p99) = d.latency.map_or(("-".into(), "-".into()), |p| (fmt_duration(p.p50), fmt_duration(p.p99)));
         println!(
             "| {name} | {}/{} | {p50} | {p99} | {} | {} bytes |",
@@ -489,6 +494,12 @@ fn report_groups(f: &groups::GroupFigures) {
             fmt_count(d.stored_bytes as f64)
         );
     }
+    let per_relay: Vec<String> = f.channel_readers.iter().map(|n| fmt_count(*n as f64)).collect();
+    println!(
+        "readers per relay: group post {} on its closest relay; channel post {} (the third mirrors it)",
+        fmt_count(f.members as f64),
+        per_relay.join(" / ")
+    );
     println!(
         "relay storage: one-to-one / group = {}; time until all have it: one-to-one / group = {}",
         ratio(f.direct.stored_bytes as f64, f.group.stored_bytes as f64),

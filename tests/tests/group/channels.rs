@@ -3,6 +3,7 @@ use std::time::{Duration, Instant};
 
 use libp2p::identity::ed25519;
 use meshgram_node::crypto::group::EpochKey;
+use meshgram_node::proto::envelope::EnvelopeId;
 use meshgram_node::proto::group::{GroupCursor, GroupId, GroupSeal, PostCert};
 use meshgram_node::proto::{ErrorCode, MailboxRequest, MailboxResponse};
 use meshgram_tests::{Mesh, RawClient, meshgram, start_node, str_field, u64_field, unix_now};
@@ -139,4 +140,98 @@ fn a_private_channel_lets_subscribers_in_by_invite_and_nobody_reads_it_from_the_
     wait_for_subscribers(&admin, &channel, 1);
     assert_eq!(group_texts(&admin, &channel), ["for subscribers: quokka zebra"]);
     assert!(mesh.relay_files_containing(b"quokka zebra").is_empty());
+}
+
+/// A channel's messages on one relay from `from` on, read by `raw` (long-polling `wait_ms`);
+/// each is checked as a member's client checks a post's signatures.
+async fn read_channel(raw: &RawClient, group: GroupId, from: u64, wait_ms: u32) -> (Vec<EnvelopeId>, u64) {
+    let fetch = MailboxRequest::GroupFetch { groups: vec![GroupCursor { group, from }], max: 256, wait_ms };
+    match raw.call(fetch).await {
+        MailboxResponse::GroupEnvelopes { groups } if groups.is_empty() => (Vec::new(), from),
+        MailboxResponse::GroupEnvelopes { mut groups } => {
+            let batch = groups.remove(0);
+            for envelope in &batch.envelopes {
+                assert_eq!(GroupSeal::verify(envelope).unwrap().group, group);
+            }
+            (batch.envelopes.iter().map(|e| e.id).collect(), batch.next)
+        }
+        other => panic!("group fetch: {other:?}"),
+    }
+}
+
+/// Reads on (bounded) until `want` more messages came; gives their ids and the next cursor.
+async fn read_until(raw: &RawClient, group: GroupId, mut from: u64, want: usize) -> (Vec<EnvelopeId>, u64) {
+    let (deadline, mut got) = (Instant::now() + Duration::from_secs(60), Vec::new());
+    while got.len() < want {
+        assert!(Instant::now() < deadline, "only {} of {want} messages came", got.len());
+        let (ids, next) = read_channel(raw, group, from, 10_000).await;
+        got.extend(ids);
+        from = next;
+    }
+    (got, from)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_that_does_not_hold_a_channel_mirrors_it_for_its_readers_through_an_origin_killed_midway() {
+    let mut mesh = Mesh::start(4, 2);
+    let admin = mesh.new_profile("admin");
+    mesh.login(&admin, ADMIN);
+    let channel = str_field(&meshgram(&admin, &["channel", "create", "Mirrored"]).ok_json(), "id").to_string();
+    let group: GroupId = channel.parse().unwrap();
+    meshgram(&admin, &["channel", "post", &channel, "before the mirror"]).ok_json();
+    let order = relays_by_group_distance(&mesh, &channel);
+    let (origin, mirror) = (order[0], order[3]);
+    let key = gateway_key(&mesh);
+
+    // A subscriber whose own mailbox relay holds none of the channel reads it through that
+    // relay. (Device keys are random: sign in until one's closest relay is such a relay.)
+    let link = str_field(&meshgram(&admin, &["channel", "link", &channel]).ok_json(), "link").to_string();
+    let (subscriber, home) = (0..16)
+        .find_map(|n| {
+            let profile = mesh.new_profile(&format!("sub{n}"));
+            mesh.login(&profile, &format!("+155500061{n:02}"));
+            let home = mesh.relays_by_mailbox_distance(&profile)[0];
+            (home == order[2]).then_some((profile, home))
+        })
+        .expect("one of 16 devices is closest to that relay");
+    meshgram(&subscriber, &["channel", "subscribe", &link]).ok_json();
+    meshgram(&admin, &["channel", "post", &channel, "for the subscriber"]).ok_json();
+    assert_eq!(wait_for_texts(&subscriber, &channel, 2), ["before the mirror", "for the subscriber"]);
+    assert_eq!(meshgram_tests::relay_metric(&mesh.relays[home], "meshgram_relay_groups_mirrored"), Some(1));
+
+    // A reader on a relay that holds none of it: its first read waits for that relay's first
+    // read of the channel's own relays, so it finds what was posted before.
+    let raw = RawClient::new(&mesh.relays[mirror].tcp_addr());
+    let cert = raw.cert(&key, 999_998, unix_now() - 60, unix_now() + 3600);
+    assert!(matches!(raw.call(MailboxRequest::Hello { cert }).await, MailboxResponse::Welcome { .. }));
+    let (first, from) = read_channel(&raw, group, 0, 0).await;
+    let on_origin = RawClient::new(&mesh.relays[order[1]].tcp_addr());
+    let cert = on_origin.cert(&key, 999_997, unix_now() - 60, unix_now() + 3600);
+    assert!(matches!(on_origin.call(MailboxRequest::Hello { cert }).await, MailboxResponse::Welcome { .. }));
+    let (held, _) = read_channel(&on_origin, group, 0, 0).await;
+    assert!(!held.is_empty());
+    assert_eq!(first, held, "what was posted before the mirror started, as the channel's relay holds it");
+    assert_eq!(meshgram_tests::relay_metric(&mesh.relays[mirror], "meshgram_relay_groups_mirrored"), Some(1));
+
+    // A new post reaches the parked reader through the mirror.
+    let parked = read_until(&raw, group, from, 1);
+    let ((live, from), _) = tokio::join!(parked, async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        meshgram(&admin, &["channel", "post", &channel, "live"]).ok_json();
+    });
+    assert_eq!(live.len(), 1);
+
+    // The mirror's origin dies: it reads the next of the channel's relays from its start, and
+    // its reader gets each new post once (the older ones are deduplicated by id).
+    mesh.relays[origin].kill9();
+    meshgram(&admin, &["channel", "post", &channel, "after the kill"]).ok_json();
+    let (after, from) = read_until(&raw, group, from, 1).await;
+    assert_eq!(after.len(), 1, "one new post, not the old ones again");
+    assert!(!first.contains(&after[0]) && !live.contains(&after[0]));
+    let (nothing, _) = read_channel(&raw, group, from, 0).await;
+    assert!(nothing.is_empty(), "nothing more: {nothing:?}");
+    assert!(meshgram_tests::relay_metric(&mesh.relays[mirror], "meshgram_relay_mirror_reads_failed").unwrap() >= 1);
+
+    // The mirror holds ciphertext only, as the channel's relays do.
+    assert!(mesh.relay_files_containing(b"after the kill").is_empty());
 }

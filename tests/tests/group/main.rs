@@ -10,7 +10,9 @@
 //!   state forged by a member who is no admin is refused by the others.
 //! - `channels`: a public channel read from its link by someone not subscribed, posts only by
 //!   its admin (a subscriber's refused by its client and by the relays), subscribers counted; a
-//!   private channel lets subscribers in by invite, shows them its history, and no link reads it.
+//!   private channel lets subscribers in by invite, shows them its history, and no link reads it;
+//!   a relay that holds none of a channel mirrors it for its readers (a subscriber's client reads
+//!   through its own relay), from the history on, through the SIGKILL of the relay it mirrors.
 
 // A failed unwrap here is a failed test, which is what it should be.
 #![allow(clippy::unwrap_used)]
