@@ -325,10 +325,15 @@ impl Messenger {
                 self.me()
             )));
         }
-        let history = self.history()?.clone();
+        let (history, groups) = (self.history()?.clone(), self.groups()?.clone());
+        let changed_groups = std::sync::Arc::clone(&self.groups_changed);
         let imported = tokio::task::spawn_blocking(move || {
             let imported = history.import(&export)?;
             history.replay_parked(unix_now())?;
+            if groups.import(&export.groups)? > 0 {
+                // The node's group reader reads the new set at once.
+                changed_groups.notify_one();
+            }
             Ok::<_, MessagingError>(imported)
         })
         .await
@@ -338,11 +343,15 @@ impl Messenger {
 
     /// The history as of now, exported off the async workers.
     pub(crate) async fn export_now(&mut self) -> Result<HistoryExport, MessagingError> {
-        let (history, me) = (self.history()?.clone(), self.me());
-        tokio::task::spawn_blocking(move || history.export(me, unix_now()))
-            .await
-            .map_err(|e| MessagingError::BadBackup(format!("exporting: {e}")))?
-            .map_err(Into::into)
+        let (history, groups, me) = (self.history()?.clone(), self.groups()?.clone(), self.me());
+        tokio::task::spawn_blocking(move || {
+            let mut export = history.export(me, unix_now())?;
+            export.groups = groups.for_another_device()?;
+            Ok::<_, crate::client::history::HistoryError>(export)
+        })
+        .await
+        .map_err(|e| MessagingError::BadBackup(format!("exporting: {e}")))?
+        .map_err(Into::into)
     }
 }
 

@@ -271,6 +271,65 @@ impl Groups {
         Ok(out)
     }
 
+    /// The account's groups as another of its devices should get them (with a history
+    /// export): everything it needs to read and post, and to admin if the account does, but
+    /// none of this device's own work in hand (a state to deliver, requests to apply), which
+    /// stays with this device.
+    pub fn for_another_device(&self) -> Result<Vec<GroupRecord>, HistoryError> {
+        let mut records = self.all()?;
+        for record in &mut records {
+            record.unpublished = None;
+            record.requests.clear();
+        }
+        Ok(records)
+    }
+
+    /// Takes the groups another device of the account exported, in one transaction: one not
+    /// here is added; for one here, the newer state wins, and the keys, invite links and
+    /// admin key either side has are kept. Returns how many records changed.
+    pub fn import(&self, records: &[GroupRecord]) -> Result<u64, HistoryError> {
+        let tx = self.history.db().begin_write()?;
+        let mut changed = 0;
+        {
+            let mut table = tx.open_table(GROUPS)?;
+            for theirs in records {
+                let chat = theirs.state.group.chat_number();
+                let here: Option<GroupRecord> = table.get(chat.0)?.and_then(|v| postcard::from_bytes(v.value()).ok());
+                let merged = match here.clone() {
+                    None => GroupRecord { unpublished: None, requests: Vec::new(), ..theirs.clone() },
+                    Some(mut mine) => {
+                        if theirs.state.group != mine.state.group {
+                            continue;
+                        }
+                        if theirs.state.version > mine.state.version {
+                            (mine.state, mine.active, mine.cert) =
+                                (theirs.state.clone(), theirs.active, theirs.cert.clone());
+                        }
+                        for (epoch, key) in &theirs.keys {
+                            mine.add_key(*epoch, *key);
+                        }
+                        mine.joined_epoch = mine.joined_epoch.min(theirs.joined_epoch);
+                        mine.admin_seed = mine.admin_seed.or(theirs.admin_seed);
+                        mine.counted_by = mine.counted_by.or(theirs.counted_by);
+                        for link in &theirs.links {
+                            if !mine.links.contains(link) {
+                                mine.links.push(*link);
+                            }
+                        }
+                        mine
+                    }
+                };
+                if here.as_ref() != Some(&merged) {
+                    let bytes = postcard::to_stdvec(&merged).expect("invariant: group records serialize");
+                    table.insert(chat.0, bytes.as_slice())?;
+                    changed += 1;
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(changed)
+    }
+
     /// Reads, changes and writes one group's record in one transaction; `change` returns what
     /// the caller wants back, or `None` to write nothing.
     pub(crate) fn update<T>(
@@ -1756,6 +1815,61 @@ mod tests {
         let bytes = postcard::to_stdvec(&payload).unwrap();
         assert!(bytes.len() <= MAX_SEALED_PAYLOAD, "{} bytes", bytes.len());
         assert!(bytes.len() + crate::crypto::seal::SEAL_OVERHEAD + 200 < MAX_ENVELOPE_SIZE);
+    }
+
+    #[test]
+    fn an_imported_group_takes_the_newer_state_keeps_every_key_and_leaves_this_devices_work() {
+        let dir = tempfile::tempdir().unwrap();
+        let groups = Groups::open(&History::open(dir.path()).unwrap()).unwrap();
+        let admin = ed25519::Keypair::generate();
+        let admin_key = admin.public().to_bytes();
+        let state = GroupState {
+            group: GroupId::of_admin_key(&admin_key),
+            admin_key,
+            version: 1,
+            epoch: 0,
+            title: "old".into(),
+            description: String::new(),
+            members: vec![Member { user: UserId(1), admin: true }],
+            invites: Vec::new(),
+            pinned: None,
+            changed_by: UserId(1),
+            kind: GroupKind::Group,
+            subscribers: 0,
+        };
+        let here = GroupRecord {
+            state: state.clone(),
+            keys: vec![(0, EpochKey([1; 32]))],
+            admin_seed: None,
+            joined_epoch: 0,
+            active: true,
+            unpublished: Some(vec![UserId(9)]),
+            links: vec![[1; 16]],
+            requests: vec![GroupRequest::Join(UserId(5))],
+            cert: None,
+            counted_by: None,
+        };
+        let chat = state.group.chat_number();
+        groups.update(chat, |_| Some((here.clone(), ()))).unwrap();
+        let mut theirs = here.clone();
+        theirs.state.version = 2;
+        theirs.state.title = "new".into();
+        theirs.keys = vec![(1, EpochKey([2; 32]))];
+        theirs.admin_seed = Some(Seed([3; 32]));
+        theirs.links = vec![[2; 16]];
+        theirs.requests = vec![GroupRequest::Leave(UserId(6))];
+        assert_eq!(groups.import(std::slice::from_ref(&theirs)).unwrap(), 1);
+        let merged = groups.get(chat).unwrap().unwrap();
+        assert_eq!(merged.state.title, "new");
+        assert_eq!(merged.keys, vec![(0, EpochKey([1; 32])), (1, EpochKey([2; 32]))]);
+        assert_eq!((merged.admin_seed, merged.links.len()), (Some(Seed([3; 32])), 2));
+        assert_eq!(merged.requests, here.requests, "this device's own work stays as it was");
+        assert_eq!(merged.unpublished, here.unpublished);
+        assert_eq!(groups.import(&[theirs]).unwrap(), 0, "importing again changes nothing");
+
+        // What another device gets carries none of this device's work in hand.
+        let exported = groups.for_another_device().unwrap();
+        assert_eq!((exported[0].unpublished.clone(), exported[0].requests.len()), (None, 0));
     }
 
     #[test]

@@ -8,6 +8,7 @@ use libp2p::PeerId;
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
 
+use crate::client::groups::GroupRecord;
 use crate::client::messaging::MAX_CAPTION_CHARS;
 use crate::crypto::media::MANIFEST_INDEX;
 use crate::ids::{UserId, now_ms};
@@ -304,6 +305,9 @@ pub struct HistoryExport {
     pub cards: Vec<(UserCard, u64)>,
     /// `@username` / `+phone` → user id, so contacts are found by name without the gateway.
     pub names: Vec<(String, UserId)>,
+    /// The groups and channels the account is in, with their keys (as
+    /// [`crate::client::groups::Groups::for_another_device`] gives them).
+    pub groups: Vec<GroupRecord>,
 }
 
 /// When the client node backs the history up on its own.
@@ -316,8 +320,19 @@ pub struct BackupSchedule {
     pub last_at: Option<u64>,
 }
 
-/// The layout of [`HistoryExport`] this build writes and reads (it reads format 1 too).
-pub const EXPORT_FORMAT: u32 = 2;
+/// The layout of [`HistoryExport`] this build writes and reads (it reads formats 1 and 2 too).
+pub const EXPORT_FORMAT: u32 = 3;
+
+/// [`HistoryExport`] in format 2, from before exports carried groups.
+#[derive(Deserialize)]
+struct HistoryExportV2 {
+    format: u32,
+    user_id: UserId,
+    exported_at: u64,
+    messages: Vec<StoredMessage>,
+    cards: Vec<(UserCard, u64)>,
+    names: Vec<(String, UserId)>,
+}
 
 /// [`HistoryExport`] in format 1, from before messages had extras.
 #[derive(Deserialize)]
@@ -337,6 +352,18 @@ impl HistoryExport {
         let (format, _) = postcard::take_from_bytes::<u32>(bytes)?;
         match format {
             EXPORT_FORMAT => postcard::from_bytes(bytes).map(Ok),
+            2 => {
+                let v2: HistoryExportV2 = postcard::from_bytes(bytes)?;
+                Ok(Ok(HistoryExport {
+                    format: v2.format,
+                    user_id: v2.user_id,
+                    exported_at: v2.exported_at,
+                    messages: v2.messages,
+                    cards: v2.cards,
+                    names: v2.names,
+                    groups: Vec::new(),
+                }))
+            }
             1 => {
                 let v1: HistoryExportV1 = postcard::from_bytes(bytes)?;
                 Ok(Ok(HistoryExport {
@@ -346,6 +373,7 @@ impl HistoryExport {
                     messages: v1.messages.into_iter().map(StoredMessage::from).collect(),
                     cards: v1.cards,
                     names: v1.names,
+                    groups: Vec::new(),
                 }))
             }
             other => Ok(Err(other)),
@@ -1141,7 +1169,9 @@ impl History {
             let (name, id) = entry?;
             names.push((name.value().to_string(), UserId(id.value())));
         }
-        Ok(HistoryExport { format: EXPORT_FORMAT, user_id: user, exported_at: now, messages, cards, names })
+        // Groups are the caller's to add: their table is `Groups`'s.
+        let groups = Vec::new();
+        Ok(HistoryExport { format: EXPORT_FORMAT, user_id: user, exported_at: now, messages, cards, names, groups })
     }
 
     /// Merges an export into this history, in one transaction. A message already here (a copy

@@ -174,3 +174,60 @@ fn a_node_that_was_off_approves_later_and_the_new_device_gets_it_with_the_gatewa
         comparable(&meshgram(&d1, &["messages"]).ok_json())
     );
 }
+
+/// The texts of a chat on `profile` (notices left out), waiting (bounded) for `want` of them.
+fn texts_of_chat(profile: &std::path::Path, chat: &str, want: usize) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let shown = meshgram(profile, &["messages", chat]).ok_json();
+        let texts: Vec<String> = array(&shown, "messages")
+            .into_iter()
+            .filter(|m| m["notice"] != true)
+            .filter_map(|m| m["text"].as_str().map(str::to_string))
+            .collect();
+        if texts.len() >= want || Instant::now() > deadline {
+            return texts;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+#[test]
+fn a_new_device_gets_the_accounts_groups_with_the_history_and_reads_and_posts_in_them() {
+    let mesh = Mesh::start(3, 2);
+    let (d1, bob) = (mesh.new_profile("alice-laptop"), mesh.new_profile("bob"));
+    mesh.login(&d1, ALICE);
+    mesh.login(&bob, &contact_phone(0));
+    let created = meshgram(&d1, &["group", "create", "Climbing", &contact_phone(0)]).ok_json();
+    let group = str_field(&created, "id").to_string();
+    meshgram(&d1, &["send", &group, "who is in on saturday?"]).ok_json();
+    assert_eq!(texts_of_chat(&bob, &group, 1), ["who is in on saturday?"]);
+    meshgram(&bob, &["send", &group, "me"]).ok_json();
+    assert_eq!(texts_of_chat(&d1, &group, 2).len(), 2);
+
+    // Device 2 is approved: the group comes with the history, its title, members and keys.
+    let d2 = mesh.new_profile("alice-phone");
+    let d2_id = str_field(&mesh.login(&d2, ALICE), "device").to_string();
+    spawn_meshgram(&d1, &["devices", "approve", &d2_id]).with_timeout(TRANSFER_TIMEOUT).finish().ok_json_lines();
+    assert_eq!(texts_of_chat(&d2, &group, 2), ["who is in on saturday?", "me"]);
+    let info = meshgram(&d2, &["group", "info", &group]).ok_json();
+    assert_eq!((info["title"].as_str(), info["admin"].as_bool()), (Some("Climbing"), Some(true)), "{info}");
+    assert_eq!(array(&info["members"], "members").len(), 2, "{info}");
+    let chats = meshgram(&d2, &["chats"]).ok_json();
+    let listed = chats.as_array().unwrap().iter().find(|c| c["id"] == group.as_str());
+    assert!(listed.is_some_and(|c| c["name"] == "Climbing" && c["kind"] == "group"), "{chats}");
+
+    // What is posted from now on reaches it, and what it posts reaches the others once.
+    meshgram(&bob, &["send", &group, "bring the rope"]).ok_json();
+    assert_eq!(texts_of_chat(&d2, &group, 3).last().map(String::as_str), Some("bring the rope"));
+    meshgram(&d2, &["send", &group, "from my phone"]).ok_json();
+    let on_bob = texts_of_chat(&bob, &group, 4);
+    assert_eq!(on_bob.iter().filter(|t| *t == "from my phone").count(), 1, "{on_bob:?}");
+    // And it admins it: a title change reaches bob.
+    meshgram(&d2, &["group", "title", &group, "Climbing club"]).ok_json();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while meshgram(&bob, &["group", "info", &group]).ok_json()["title"] != "Climbing club" {
+        assert!(Instant::now() < deadline, "bob never saw the new title");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}

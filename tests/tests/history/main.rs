@@ -4,7 +4,8 @@
 //!   another device approves it (the two histories compare equal, a message that arrives during
 //!   the transfer is on both once, a file in the history downloads byte for byte on the new
 //!   device); a device that is not approved gets nothing old; contacts see a notice when the
-//!   account's devices change; a removed device is signed out; relays hold no plaintext.
+//!   account's devices change; a removed device is signed out; relays hold no plaintext; the
+//!   account's groups come with the history, and the new device reads, posts and admins there.
 //! - `backup`: a backup on the relays and one in a file restore on fresh profiles with the
 //!   recovery code, to the same history; a wrong or malformed code is refused; another
 //!   account finds no backup; relays and gateway hold neither plaintext nor the key.
