@@ -29,7 +29,7 @@ use tokio::task::{JoinError, JoinSet};
 
 use crate::RelaySettings;
 use crate::metrics::Metrics;
-use crate::mirror::{self, Kept, Mirrors, PlannedRead, ReadId, Want};
+use crate::mirror::{self, Answered, Kept, Mirrors, PlannedRead, ReadId, Want};
 use crate::relays::KnownRelays;
 use crate::replicate::{
     DeleteForwarder, Group, REPLICA_STORE_DEADLINE, ReplicaDelete, Replicas, store_replicated, unexpected,
@@ -54,7 +54,7 @@ pub(crate) enum Done {
     Groups { channel: GroupReader, answer: Result<Vec<GroupBatch>, WireError> },
     /// A mirror's read of an origin relay finished: what it answered (envelopes kept here) and
     /// the group mailboxes that got something, or why it failed.
-    Mirrored { read: ReadId, cursors: Vec<GroupCursor>, outcome: Result<(Vec<GroupBatch>, Kept), String> },
+    Mirrored { read: ReadId, cursors: Vec<GroupCursor>, outcome: Result<(Answered, Kept), String> },
     /// Background work that answers nobody.
     Nothing,
     /// What one task did for several readers (a group message pushed to all its readers).
@@ -82,6 +82,9 @@ pub(crate) struct GroupRead {
     max: u32,
     /// When it asked to be answered by, at the latest.
     deadline: Instant,
+    /// Its place in the order reads arrived here: of two reads from the same reader, the later
+    /// one is kept parked, however their store reads finished.
+    order: u64,
     /// When it is answered empty: its deadline, or later while a group it reads is being
     /// caught up by this relay's mirror (see [`crate::mirror`]).
     hold_until: Instant,
@@ -127,6 +130,8 @@ pub(crate) struct Mailboxes {
     group_epochs: HashMap<GroupId, u64>,
     /// Groups this relay reads from their own relays for the readers it serves.
     mirrors: Mirrors,
+    /// Numbers the group reads as they arrive ([`GroupRead::order`]).
+    group_reads: u64,
     send_limiter: RateLimiter,
     /// Where a `Send`'s copies go.
     replicas: Replicas,
@@ -149,6 +154,7 @@ impl Mailboxes {
             group_arrivals: HashMap::new(),
             group_epochs: HashMap::new(),
             mirrors: Mirrors::default(),
+            group_reads: 0,
             send_limiter,
             replica_deletes: DeleteForwarder::start(Arc::clone(&replicas.pipes)),
             replicas,
@@ -290,7 +296,7 @@ impl Mailboxes {
                 for group in &not_channels {
                     self.mirrors.not_a_channel(*group, now);
                 }
-                let caught_up = self.mirrors.read_done(read, &cursors, answered.as_deref());
+                let caught_up = self.mirrors.read_done(read, &cursors, answered.as_ref());
                 for group in caught_up.into_iter().chain(not_channels) {
                     // Its readers held for the catch-up wait no longer than they asked to.
                     let mailbox = group.mailbox();
@@ -686,7 +692,9 @@ impl Mailboxes {
         if let Some(old) = self.unpark_groups(&peer) {
             self.respond_groups(old.channel, Ok(Vec::new()));
         }
-        self.spawn_group_fetch(peer, GroupRead { channel, cursors, max, deadline, hold_until });
+        self.group_reads += 1;
+        let order = self.group_reads;
+        self.spawn_group_fetch(peer, GroupRead { channel, cursors, max, deadline, order, hold_until });
     }
 
     /// Follows the groups of a member's read that this relay is not one of the `R` relays of;
@@ -746,16 +754,11 @@ impl Mailboxes {
                 ReplicaRequest::GroupFetch { groups: cursors.clone(), max: MAX_ENVELOPES_PER_BATCH as u32, wait_ms };
             let deadline = Duration::from_millis(u64::from(wait_ms)) + REPLICA_STORE_DEADLINE;
             let outcome = match replicas.call_within(id.origin, &request, deadline).await {
-                Ok(ReplicaResponse::GroupEnvelopes { mut groups }) => {
-                    match mirror::keep(&store, &groups, unix_now()).await {
-                        Ok(kept) => {
-                            // Only the cursors are needed from here on.
-                            groups.iter_mut().for_each(|g| g.envelopes = Vec::new());
-                            Ok((groups, kept))
-                        }
-                        Err(e) => Err(format!("keeping them failed: {e}")),
-                    }
-                }
+                Ok(ReplicaResponse::GroupEnvelopes { groups }) => match mirror::keep(&store, &groups, unix_now()).await
+                {
+                    Ok(kept) => Ok((Answered::of(&groups, MAX_ENVELOPES_PER_BATCH), kept)),
+                    Err(e) => Err(format!("keeping them failed: {e}")),
+                },
                 Ok(other) => Err(unexpected(&other).to_string()),
                 Err(e) => Err(e.to_string()),
             };
@@ -844,7 +847,11 @@ impl Mailboxes {
     }
 
     fn park_groups(&mut self, peer: PeerId, read: GroupRead) {
-        // A newer read from the same device replaces an older one, which answers empty.
+        // A newer read from the same device replaces an older one, which answers empty; an
+        // older one whose store read finished last is that one.
+        if self.parked_groups.get(&peer).is_some_and(|parked| parked.order > read.order) {
+            return self.respond_groups(read.channel, Ok(Vec::new()));
+        }
         if let Some(old) = self.unpark_groups(&peer) {
             self.respond_groups(old.channel, Ok(Vec::new()));
         }

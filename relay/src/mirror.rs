@@ -37,15 +37,17 @@ use crate::store::{StoreError, StoreHandle};
 
 /// A group nobody has asked this relay for in this long is no longer followed.
 pub(crate) const IDLE_AFTER: Duration = Duration::from_secs(180);
-/// How long a reader's read waits for the mirror's first read of a group it starts following.
-pub(crate) const CATCH_UP_WAIT: Duration = Duration::from_secs(5);
+/// How long a reader's read waits for the mirror's first read of a group it starts following:
+/// well inside the few seconds a client gives a relay beyond the wait it asked for.
+pub(crate) const CATCH_UP_WAIT: Duration = Duration::from_secs(3);
 /// How long a mirror's read of an origin long-polls there.
 pub(crate) const FOLLOW_WAIT_MS: u32 = 20_000;
 /// After a failed read of an origin, the next waits this long (the origin is reported down, so
 /// placement may name another by then).
 pub(crate) const RETRY_PAUSE: Duration = Duration::from_secs(1);
-/// Groups followed at most (each origin is read for up to [`MAX_GROUPS_PER_FETCH`] at a time).
-const MAX_FOLLOWED: usize = 4 * MAX_GROUPS_PER_FETCH;
+/// Groups followed at most: as many as one read of an origin carries, so that however they fall
+/// on the origins, every one is in its origin's read.
+const MAX_FOLLOWED: usize = MAX_GROUPS_PER_FETCH;
 /// Copies are kept to the hour before their original expires, never after it.
 const EXPIRY_ROUNDING_SECS: u64 = 3600;
 
@@ -58,6 +60,9 @@ struct Followed {
     from: u64,
     /// The origin has been read up to its newest once.
     caught_up: bool,
+    /// The origin answered posts of it: a channel that exists. Until then (an id nobody posts
+    /// to, say) it is the first to make room for another.
+    posts_seen: bool,
 }
 
 /// A read of one origin under way: which generation of its group set it carries.
@@ -94,9 +99,11 @@ pub(crate) struct Mirrors {
     followed: HashMap<GroupId, Followed>,
     /// Origins with a read under way, and the generation it was started for.
     reading: HashMap<PeerId, u64>,
-    /// Bumped when an origin's set of groups changes, so that a read covering the old set is
-    /// replaced by one covering the new (the origin answers the older one empty).
+    /// Set anew (from `next_generation`, never reused) when an origin's set of groups changes,
+    /// so that a read covering the old set is replaced by one covering the new (the origin
+    /// answers the older one empty).
     generations: HashMap<PeerId, u64>,
+    next_generation: u64,
     /// Groups found not to be channels, and when.
     not_channels: HashMap<GroupId, Instant>,
 }
@@ -115,9 +122,13 @@ impl Mirrors {
             return Want::Followed;
         }
         if self.followed.len() >= MAX_FOLLOWED {
-            return Want::Full;
+            // Ids nobody posts to (made up, say) make room for this one; real channels do not.
+            let unproven = self.followed.iter().filter(|(_, f)| !f.posts_seen).min_by_key(|(_, f)| f.wanted_at);
+            let Some((&evicted, _)) = unproven else { return Want::Full };
+            self.followed.remove(&evicted);
         }
-        self.followed.insert(group, Followed { wanted_at: now, origin: None, from: 0, caught_up: false });
+        let followed = Followed { wanted_at: now, origin: None, from: 0, caught_up: false, posts_seen: false };
+        self.followed.insert(group, followed);
         Want::New
     }
 
@@ -166,7 +177,8 @@ impl Mirrors {
             true
         });
         for origin in changed {
-            *self.generations.entry(origin).or_default() += 1;
+            self.next_generation += 1;
+            self.generations.insert(origin, self.next_generation);
         }
         self.generations.retain(|origin, _| by_origin.contains_key(origin) || self.reading.contains_key(origin));
         let mut reads = Vec::new();
@@ -185,38 +197,70 @@ impl Mirrors {
         reads
     }
 
-    /// A read finished: `answered` the origin's batches (`None`: it failed). Moves the cursors
-    /// on and gives the groups now read up to the origin's newest for the first time, whose
-    /// waiting readers may be answered.
+    /// A read finished: what the origin answered (`None`: it failed). Moves the cursors on and
+    /// gives the groups now read up to the origin's newest for the first time, whose waiting
+    /// readers may be answered.
     pub(crate) fn read_done(
         &mut self,
         id: ReadId,
         cursors: &[GroupCursor],
-        answered: Option<&[GroupBatch]>,
+        answered: Option<&Answered>,
     ) -> Vec<GroupId> {
         // A replaced read was answered empty by the origin: it says nothing of being caught up.
         let current = self.reading.get(&id.origin) == Some(&id.generation);
         if current {
             self.reading.remove(&id.origin);
         }
-        let Some(batches) = answered else { return Vec::new() };
+        let Some(answered) = answered else { return Vec::new() };
         let mut caught_up = Vec::new();
         for cursor in cursors {
             let Some(followed) = self.followed.get_mut(&cursor.group) else { continue };
             if followed.origin != Some(id.origin) {
                 continue;
             }
-            let batch = batches.iter().find(|b| b.group == cursor.group);
+            let batch = answered.batches.iter().find(|b| b.group == cursor.group);
             if let Some(batch) = batch {
                 // An older read's answer may come after a newer one's: cursors only go on.
                 followed.from = followed.from.max(batch.next);
+                followed.posts_seen |= batch.posts > 0;
             }
-            if current && !followed.caught_up && !batch.is_some_and(|b| b.more) {
+            // A group left out of a full answer may have posts the answer had no room for.
+            let read_to_the_end = batch.map_or(answered.complete, |b| !b.more);
+            if current && !followed.caught_up && read_to_the_end {
                 followed.caught_up = true;
                 caught_up.push(cursor.group);
             }
         }
         caught_up
+    }
+}
+
+/// What an origin answered a mirror's read, once its posts are kept: where each group's read
+/// got to.
+#[derive(Debug, Default)]
+pub(crate) struct Answered {
+    batches: Vec<AnsweredGroup>,
+    /// The answer held fewer posts than it could: a group it left out has nothing new.
+    complete: bool,
+}
+
+#[derive(Debug)]
+struct AnsweredGroup {
+    group: GroupId,
+    next: u64,
+    more: bool,
+    posts: usize,
+}
+
+impl Answered {
+    /// Of an answer to a read of at most `max` posts.
+    pub(crate) fn of(batches: &[GroupBatch], max: usize) -> Self {
+        let total: usize = batches.iter().map(|b| b.envelopes.len()).sum();
+        let batches = batches
+            .iter()
+            .map(|b| AnsweredGroup { group: b.group, next: b.next, more: b.more, posts: b.envelopes.len() })
+            .collect();
+        Answered { batches, complete: total < max }
     }
 }
 
@@ -281,6 +325,49 @@ mod tests {
         GroupId([n; 16])
     }
 
+    fn answered(batches: Vec<GroupBatch>) -> Answered {
+        Answered::of(&batches, 256)
+    }
+
+    #[test]
+    fn made_up_ids_make_room_for_real_channels_and_a_full_answer_catches_up_only_what_it_holds() {
+        let (mut mirrors, now) = (Mirrors::default(), Instant::now());
+        let origin = PeerId::random();
+        // A real channel, with posts.
+        let mut real = GroupId([0; 16]);
+        real.0[..8].copy_from_slice(&u64::MAX.to_be_bytes());
+        assert_eq!(mirrors.want(real, now), Want::New);
+        let read = mirrors.plan(now, |_| Some(origin)).remove(0);
+        let post = Envelope {
+            id: meshgram_node::proto::envelope::EnvelopeId::random(),
+            from_user: meshgram_node::ids::UserId(1),
+            from_device: PeerId::random(),
+            to_user: meshgram_node::ids::UserId(0),
+            to_device: real.mailbox(),
+            sent_at_ms: 0,
+            seq: 0,
+            sealed: vec![1],
+        };
+        let with_post = answered(vec![GroupBatch { group: real, envelopes: vec![post.clone()], next: 1, more: false }]);
+        assert_eq!(mirrors.read_done(read.id, &read.cursors, Some(&with_post)), vec![real]);
+        // A reader names made-up ids until the mirror is full, and then more: they replace each
+        // other, never the real channel.
+        for n in 0..(MAX_FOLLOWED as u32 + 50) {
+            let mut fake = GroupId([0; 16]);
+            fake.0[..4].copy_from_slice(&n.to_be_bytes());
+            assert_eq!(mirrors.want(fake, now), Want::New);
+        }
+        assert_eq!(mirrors.followed(), MAX_FOLLOWED);
+        assert_eq!(mirrors.want(real, now), Want::Followed, "the real channel is still followed");
+
+        // An answer cut at its limit leaves the groups it had no room for catching up.
+        let reads = mirrors.plan(now, |_| Some(origin));
+        let mut cut = answered(vec![GroupBatch { group: real, envelopes: vec![post], next: 2, more: false }]);
+        cut.complete = false;
+        mirrors.read_done(reads[0].id, &reads[0].cursors, Some(&cut));
+        assert!(reads[0].cursors.iter().filter(|c| c.group != real).all(|c| mirrors.catching_up(&c.group)));
+    }
+
     #[test]
     fn one_read_per_origin_replaced_when_its_groups_change_and_idle_groups_dropped() {
         let (mut mirrors, start) = (Mirrors::default(), Instant::now());
@@ -295,7 +382,7 @@ mod tests {
         assert!(mirrors.plan(start, origin).is_empty(), "a read of that origin is under way");
 
         // The catch-up answered: cursors move, both groups are caught up, the next read long-polls.
-        let answer = vec![GroupBatch { group: group(1), envelopes: Vec::new(), next: 7, more: false }];
+        let answer = answered(vec![GroupBatch { group: group(1), envelopes: Vec::new(), next: 7, more: false }]);
         let caught = mirrors.read_done(reads[0].id, &reads[0].cursors, Some(&answer));
         assert_eq!(caught.len(), 2);
         let reads = mirrors.plan(start, origin);
@@ -311,7 +398,7 @@ mod tests {
         assert_eq!(replaced.len(), 1);
         assert_eq!(replaced[0].cursors.len(), 3, "a's read now covers groups 1, 2 and 4");
         // The replaced read's late answer moves nothing back.
-        let late = vec![GroupBatch { group: group(1), envelopes: Vec::new(), next: 3, more: false }];
+        let late = answered(vec![GroupBatch { group: group(1), envelopes: Vec::new(), next: 3, more: false }]);
         mirrors.read_done(reads[0].id, &reads[0].cursors, Some(&late));
         assert!(mirrors.plan(start, origin).is_empty(), "the newer read is still under way");
 
@@ -328,7 +415,7 @@ mod tests {
         let (a, b) = (PeerId::random(), PeerId::random());
         mirrors.want(group(1), now);
         let read = mirrors.plan(now, |_| Some(a)).remove(0);
-        let answer = vec![GroupBatch { group: group(1), envelopes: Vec::new(), next: 9, more: false }];
+        let answer = answered(vec![GroupBatch { group: group(1), envelopes: Vec::new(), next: 9, more: false }]);
         mirrors.read_done(read.id, &read.cursors, Some(&answer));
         let moved = mirrors.plan(now, |_| Some(b));
         assert_eq!(moved[0].cursors, vec![GroupCursor { group: group(1), from: 0 }]);

@@ -293,10 +293,16 @@ impl Groups {
         {
             let mut table = tx.open_table(GROUPS)?;
             for theirs in records {
+                if GroupId::of_admin_key(&theirs.state.admin_key) != theirs.state.group {
+                    tracing::warn!(group = %theirs.state.group, "an imported group's id is not its admin key's; skipped");
+                    continue;
+                }
                 let chat = theirs.state.group.chat_number();
                 let here: Option<GroupRecord> = table.get(chat.0)?.and_then(|v| postcard::from_bytes(v.value()).ok());
                 let merged = match here.clone() {
                     None => GroupRecord { unpublished: None, requests: Vec::new(), ..theirs.clone() },
+                    // Left here: another device's older record does not bring it back.
+                    Some(mine) if !mine.active => continue,
                     Some(mut mine) => {
                         if theirs.state.group != mine.state.group {
                             continue;
@@ -1082,6 +1088,10 @@ impl Messenger {
             Ok(Ok(MailboxResponse::GroupEnvelopes { groups })) => groups,
             Ok(Ok(MailboxResponse::Error(e))) => {
                 self.forget_greeting(&relay.peer_id);
+                if e.code == crate::proto::ErrorCode::Unavailable {
+                    // Busy (a mirror that follows all it may, say): the next try reads elsewhere.
+                    self.note_unresponsive(&relay.peer_id);
+                }
                 return Err(MessagingError::Refused(e));
             }
             Ok(Ok(_)) => return Err(crate::client::session::ClientError::UnexpectedResponse("GroupFetch").into()),
@@ -1865,11 +1875,21 @@ mod tests {
         assert_eq!((merged.admin_seed, merged.links.len()), (Some(Seed([3; 32])), 2));
         assert_eq!(merged.requests, here.requests, "this device's own work stays as it was");
         assert_eq!(merged.unpublished, here.unpublished);
-        assert_eq!(groups.import(&[theirs]).unwrap(), 0, "importing again changes nothing");
+        assert_eq!(groups.import(std::slice::from_ref(&theirs)).unwrap(), 0, "importing again changes nothing");
 
         // What another device gets carries none of this device's work in hand.
         let exported = groups.for_another_device().unwrap();
         assert_eq!((exported[0].unpublished.clone(), exported[0].requests.len()), (None, 0));
+
+        // Left here: a newer record from a device that has not heard does not bring it back.
+        groups.update(chat, |r| Some((GroupRecord { active: false, ..r.unwrap() }, ()))).unwrap();
+        theirs.state.version = 3;
+        assert_eq!(groups.import(std::slice::from_ref(&theirs)).unwrap(), 0);
+        assert!(!groups.get(chat).unwrap().unwrap().active);
+        // A record whose id is not its admin key's is no group of this account's.
+        let mut forged = theirs.clone();
+        forged.state.group = GroupId([9; 16]);
+        assert_eq!(groups.import(&[forged]).unwrap(), 0);
     }
 
     #[test]
