@@ -145,7 +145,14 @@ def main():
         # stopped: the relays keep her mail, as for any user who is away).
         url = f"{bot_api}{token}/sendMessage?chat_id={alice['user_id']}&text=load"
         log(f"== sendMessage, wrk -t{args.threads} -c{args.connections} -d{args.duration}s")
+        # MESHGRAM_BENCH_PERF=FILE: a system-wide `perf record -g` of the run, for `perf report`.
+        perf = None
+        if os.environ.get("MESHGRAM_BENCH_PERF"):
+            perf = subprocess.Popen(["perf", "record", "-g", "-a", "-o", os.environ["MESHGRAM_BENCH_PERF"],
+                                     "--", "sleep", str(args.duration)], stderr=subprocess.DEVNULL)
         rate, send_p50, send_p99, bad = wrk(url, args)
+        if perf:
+            perf.wait(timeout=60)
 
         print()
         print("| what | req/s | p50 | p99 | vs hello world |")
