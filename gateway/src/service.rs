@@ -176,15 +176,25 @@ impl AuthService {
                 Ok(AuthResponse::BotCommands(commands))
             }
             AuthRequest::SetChannelName { name, link } => {
-                if link.is_empty() || link.chars().count() > MAX_CHANNEL_LINK_CHARS {
-                    let why = format!("a channel link has 1 to {MAX_CHANNEL_LINK_CHARS} characters");
+                if link.chars().count() > MAX_CHANNEL_LINK_CHARS {
+                    let why = format!("a channel link has at most {MAX_CHANNEL_LINK_CHARS} characters");
                     return Err(WireError::new(Code::BadRequest, why));
                 }
                 self.store.write(|t| {
                     let me = self.authed_user(t, &peer, now)?;
                     // A channel's name is a username no account may take, and no other user's.
                     let name = valid_username(&name, AccountKind::User)?;
-                    let held_by_other = t.channel_name(&name)?.is_some_and(|held| held.owner != me.user_id);
+                    let held = t.channel_name(&name)?;
+                    let held_by_other = held.as_ref().is_some_and(|held| held.owner != me.user_id);
+                    if link.is_empty() {
+                        return match held {
+                            Some(_) if held_by_other => {
+                                Err(WireError::new(Code::Forbidden, format!("{name} is another user's channel")))
+                            }
+                            Some(_) => Ok(t.remove_channel_name(&name)?),
+                            None => Err(WireError::new(Code::NotFound, format!("no channel is called {name}"))),
+                        };
+                    }
                     if t.username_holder(&name)?.is_some() || held_by_other {
                         return Err(WireError::new(Code::UsernameOccupied, format!("{name} is already taken")));
                     }
@@ -1175,6 +1185,14 @@ mod tests {
         assert_eq!(error_code(f.call(&alice, name("long_link", &"x".repeat(1025)), T0)), Code::BadRequest);
         let unknown = AuthRequest::ChannelByName { name: "nobody_here".into() };
         assert_eq!(error_code(f.call(&bob, unknown, T0)), Code::NotFound);
+        // Released by its owner only (an empty link); then free for anyone, as a username too.
+        assert_eq!(error_code(f.call(&bob, name("news_x", ""), T0)), Code::Forbidden);
+        assert!(matches!(f.call(&alice, name("news_x", ""), T0), AuthResponse::Done));
+        let read = AuthRequest::ChannelByName { name: "news_x".into() };
+        assert_eq!(error_code(f.call(&bob, read, T0)), Code::NotFound);
+        assert_eq!(error_code(f.call(&alice, name("news_x", ""), T0)), Code::NotFound, "released already");
+        let profile = AuthRequest::SetProfile { username: Some("news_x".into()), name: None };
+        assert!(matches!(f.call(&bob, profile, T0), AuthResponse::Me(_)));
     }
 
     #[tokio::test(flavor = "multi_thread")]

@@ -393,6 +393,12 @@ impl<'t> Tables<'t> {
         Ok(())
     }
 
+    /// Frees a channel's name (for any account or channel to take).
+    pub fn remove_channel_name(&mut self, name: &Username) -> Result<(), StoreError> {
+        self.channel_names.remove(name.canonical().as_str())?;
+        Ok(())
+    }
+
     /// The commands a bot lists.
     pub fn bot_commands(&self, bot: UserId) -> Result<Vec<BotCommandInfo>, StoreError> {
         self.bot_commands.get(bot.0)?.map_or(Ok(Vec::new()), |v| decode("bot commands", v.value()))

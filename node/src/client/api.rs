@@ -285,10 +285,13 @@ pub enum Call {
         text: Option<String>,
         extras: Extras,
     },
-    /// Name a public channel `@name` (its admin), so that anyone reads it by name.
+    /// Name a public channel `@name` (its admin), so that anyone reads it by name; with `off`,
+    /// give the name up.
     ChannelName {
         channel: GroupId,
         name: String,
+        #[serde(default)]
+        off: bool,
     },
     /// Press a button of a bot's message (by its text): an inline button's press waits a
     /// little for the bot's answer; a reply keyboard's sends its text.

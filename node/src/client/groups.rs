@@ -1460,7 +1460,7 @@ impl Messenger {
 
     /// Names a public channel of this account's `@name` in the directory (admins only), so
     /// that anyone reads it by name as by its link.
-    pub async fn channel_name(&mut self, channel: &GroupId, name: &str) -> Result<(), MessagingError> {
+    pub async fn channel_name(&mut self, channel: &GroupId, name: &str, off: bool) -> Result<(), MessagingError> {
         let record = self.active_group(channel)?;
         if !matches!(record.state.kind, GroupKind::Channel { public: true }) {
             return Err(GroupError::Invalid(format!("{channel} is not a public channel: only those have names")).into());
@@ -1468,8 +1468,8 @@ impl Messenger {
         if !record.state.is_admin(self.me()) {
             return Err(GroupError::NotAdmin { group: *channel, what: "name the channel" }.into());
         }
-        let link = self.channel_link(channel).await?;
-        // The gateway reads the name as a username (`@` or not).
+        // An empty link gives the name up; the gateway reads the name as a username (`@` or not).
+        let link = if off { String::new() } else { self.channel_link(channel).await? };
         self.client.set_channel_name(name.to_string(), link).await?;
         Ok(())
     }

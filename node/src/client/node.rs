@@ -711,8 +711,8 @@ impl Actor {
                 self.group_changed(channel)
             }
             Call::ChannelLink { channel } => Reply::GroupLink { link: self.messenger.channel_link(&channel).await? },
-            Call::ChannelName { channel, name } => {
-                self.messenger.channel_name(&channel, &name).await?;
+            Call::ChannelName { channel, name, off } => {
+                self.messenger.channel_name(&channel, &name, off).await?;
                 Reply::Done
             }
             Call::ChannelSubscribe { link, announce } => {

@@ -95,7 +95,8 @@ pub enum AuthRequest {
     /// The commands a bot lists.
     BotCommands { bot: UserId },
     /// The caller (a user, the channel's admin) names a public channel `@name`, by its link:
-    /// names share the namespace of usernames, first come first served.
+    /// names share the namespace of usernames, first come first served. An empty link releases
+    /// a name the caller holds.
     SetChannelName { name: String, link: String },
     /// A public channel's link by its `@name`.
     ChannelByName { name: String },

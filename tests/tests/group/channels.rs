@@ -62,6 +62,11 @@ async fn a_public_channel_is_read_from_its_link_only_its_admin_posts_and_subscri
     meshgram(&reader, &["profile", "set", "--username", "news_chan"]).expect_err(&["USERNAME_OCCUPIED"]);
     meshgram(&reader, &["channel", "name", &channel, "@mine_now"]).expect_err(&["FORBIDDEN"]);
     meshgram(&reader, &["channel", "read", "@no_such_chan"]).expect_err(&["NOT_FOUND"]);
+    // Given up by its admin, the name reads nothing and is anyone's to take.
+    let freed = meshgram(&admin, &["channel", "name", &channel, "@news_chan", "--off"]).ok_json();
+    assert_eq!(freed["off"], true, "{freed}");
+    meshgram(&stranger, &["channel", "read", "@news_chan"]).expect_err(&["NOT_FOUND"]);
+    meshgram(&reader, &["profile", "set", "--username", "news_chan"]).ok_json();
 
     // Subscribers are counted by the admin's device, and see the count.
     let _node = start_node(&admin);

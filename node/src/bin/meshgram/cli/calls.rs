@@ -389,10 +389,11 @@ pub(super) fn print(json: bool, call: &Call, reply: Reply) -> CliResult {
             ),
         }),
         (Call::Typing { .. }, Reply::Done) => emit(json, json!({ "typing": true }), || "Sent a typing notice.".into()),
-        (Call::ChannelName { channel, name }, Reply::Done) => {
+        (Call::ChannelName { channel, name, off }, Reply::Done) => {
             let name = format!("@{}", name.trim().trim_start_matches('@'));
-            emit(json, json!({ "channel": channel, "name": name }), || {
-                format!("{channel} is now {name}: anyone reads it with `meshgram channel read {name}`.")
+            emit(json, json!({ "channel": channel, "name": name, "off": off }), || match off {
+                true => format!("{name} is free again; {channel} is read by its link only."),
+                false => format!("{channel} is now {name}: anyone reads it with `meshgram channel read {name}`."),
             })
         }
         (_, other) => return Err(unexpected(&other)),

@@ -56,7 +56,7 @@ pub(super) fn channel_call_for(command: ChannelCommand) -> Result<Call, CliError
         ChannelCommand::Subscribe { link } => Call::ChannelSubscribe { link, announce: true },
         ChannelCommand::Unsubscribe { chat } => Call::GroupLeave { group: parse_group(&chat)? },
         ChannelCommand::Link { chat } => Call::ChannelLink { channel: parse_group(&chat)? },
-        ChannelCommand::Name { chat, name } => Call::ChannelName { channel: parse_group(&chat)?, name },
+        ChannelCommand::Name { chat, name, off } => Call::ChannelName { channel: parse_group(&chat)?, name, off },
         ChannelCommand::Info { chat } => Call::GroupInfo { group: parse_group(&chat)? },
         ChannelCommand::Read { .. } => return Err(CliError::usage("channel read is two calls")),
     })

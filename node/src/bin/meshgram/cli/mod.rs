@@ -406,7 +406,13 @@ pub(crate) enum ChannelCommand {
     /// The channel's link: a public one's lets anyone read; a private one's is an invite.
     Link { chat: String },
     /// Name a public channel @name (admins): anyone reads and subscribes by it, as by its link.
-    Name { chat: String, name: String },
+    Name {
+        chat: String,
+        name: String,
+        /// Give the name up: anyone may take it again, as a username or a channel's name.
+        #[arg(long)]
+        off: bool,
+    },
     /// The channel's title, description, admins and subscriber count.
     Info { chat: String },
 }
