@@ -102,7 +102,7 @@ fn tcp_socket(addr: &Multiaddr) -> Option<std::net::SocketAddr> {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     service::init_tracing("info");
     let network = network_of(&cli)?;
-    std::fs::create_dir_all(&cli.data).with_context(|| format!("creating {}", cli.data.display()))?;
+    service::keep_private(&cli.data).with_context(|| format!("creating {}", cli.data.display()))?;
     let bots = Arc::new(bots::Bots::new(&cli.data, network, cli.fetch_private_urls).context("opening the bots' data")?);
     let addr = cli.listen.iter().find_map(tcp_socket).unwrap_or(cli.http);
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listening on {addr}"))?;

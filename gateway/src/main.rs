@@ -108,6 +108,7 @@ async fn main() -> anyhow::Result<()> {
     if let Some(data) = cli.data.clone() {
         config.data_dir = data;
     }
+    service::keep_private(&config.data_dir).with_context(|| format!("creating {}", config.data_dir.display()))?;
     match cli.command {
         Some(Command::Bot(command)) => admin(&config.data_dir, command).await,
         Some(Command::RelayRevoke { relay, json }) => relay_revoke(&config.data_dir, relay, json).await,

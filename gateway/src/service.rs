@@ -253,14 +253,14 @@ impl AuthService {
             Ok(())
         })?;
         if let Err(e) = self.sender.deliver(&self.runtime, phone, &code, now) {
-            tracing::warn!(error = %e, %phone, "login code not delivered");
+            tracing::warn!(error = %e, phone = %phone.masked(), "login code not delivered");
             self.store.write(|t| t.remove_code(phone))?;
             return Err(WireError::new(
                 Code::CodeDeliveryFailed,
                 "the login code could not be delivered; try again later",
             ));
         }
-        tracing::info!(%phone, "login code sent");
+        tracing::info!(phone = %phone.masked(), "login code sent");
         self.metrics.codes_sent.inc();
         Ok(AuthResponse::CodeSent { expires_in_secs: self.limits.code_ttl_secs, code_length: self.limits.code_length })
     }

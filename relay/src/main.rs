@@ -112,6 +112,7 @@ fn main() -> anyhow::Result<()> {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     service::init_tracing("info");
     let exit_on_stdin_close = cli.exit_on_stdin_close;
+    service::keep_private(&cli.data).with_context(|| format!("creating {}", cli.data.display()))?;
     let key = cli.gateway_key.as_deref().context("--gateway-key is required to run a relay")?;
     let key = parse_hex::<32>(key).context("--gateway-key")?;
     let gateway_key = ed25519::PublicKey::try_from_bytes(&key).context("--gateway-key is not an ed25519 public key")?;

@@ -3,6 +3,17 @@
 
 use serde::Serialize;
 
+/// Makes what a server writes its owner's alone: the data directory (created if need be) 0700,
+/// and every file or directory the process creates from now on 0600 / 0700 (the process's
+/// file-creation mask). Its stores hold phone numbers, login codes, sessions and envelopes,
+/// which nobody else on the machine should read.
+pub fn keep_private(data_dir: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    rustix::process::umask(rustix::fs::Mode::from_bits_truncate(0o077));
+    std::fs::create_dir_all(data_dir)?;
+    std::fs::set_permissions(data_dir, std::fs::Permissions::from_mode(0o700))
+}
+
 /// Logs to stderr (stdout carries the ready line), filtered by `RUST_LOG`, colour only on a
 /// terminal.
 pub fn init_tracing(default_filter: &str) {

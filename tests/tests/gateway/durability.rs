@@ -1,5 +1,6 @@
 //! A gateway killed with SIGKILL loses nothing it had answered: accounts, sessions, usernames,
-//! bot tokens and its own identity survive a restart on the same data dir.
+//! bot tokens and its own identity survive a restart on the same data dir. What servers keep is
+//! their owner's alone (directories 0700, files 0600).
 
 use std::path::Path;
 
@@ -91,4 +92,24 @@ fn kill_9_and_restart_keeps_accounts_sessions_and_identity() {
     gw.restart_same_port();
     assert_still_signed_in(&carol_p, &carol);
     assert_eq!(durable_sessions(&alice1_p).len(), 3);
+}
+
+#[test]
+fn servers_keep_their_data_their_owners_alone() {
+    use std::os::unix::fs::PermissionsExt;
+    let mesh = meshgram_tests::Mesh::start(1, 1);
+    let profile = mesh.new_profile("alice");
+    mesh.login(&profile, ALICE);
+    meshgram(&profile, &["send", ALICE, "a note to self"]).ok_json();
+    let dirs = [mesh.gateway.data_dir().to_path_buf(), mesh.relays[0].data_dir.clone()];
+    for dir in &dirs {
+        let mode = std::fs::metadata(dir).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700, "{}", dir.display());
+        let files = meshgram_tests::files_under(dir);
+        assert!(files.iter().any(|f| f.extension().is_some_and(|e| e == "redb")), "{}: {files:?}", dir.display());
+        for file in files {
+            let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode & 0o077, 0, "{} is {mode:o}", file.display());
+        }
+    }
 }

@@ -317,7 +317,9 @@ pub(crate) async fn run(data: &Path, options: UpOptions, json: bool) -> anyhow::
     // Relays acknowledge only with R durable copies, so R cannot exceed the relays there are:
     // a smaller network keeps as many copies as it has relays (`--relays 1`: one).
     let replication = options.replication.min(options.relays);
-    std::fs::create_dir_all(data).with_context(|| format!("creating {}", data.display()))?;
+    // The roles' stores, logs and keys are this user's alone (the roles do the same for their
+    // own directories).
+    meshgram_node::server::service::keep_private(data).with_context(|| format!("creating {}", data.display()))?;
     let data = data.canonicalize().with_context(|| format!("resolving {}", data.display()))?;
     let network_path = data.join(NETWORK_FILE);
     let previous = NetworkFile::load(&network_path).ok();
