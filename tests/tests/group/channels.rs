@@ -2,7 +2,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use libp2p::identity::ed25519;
+use libp2p::kad::KBucketKey;
 use meshgram_node::crypto::group::EpochKey;
+use meshgram_node::crypto::identity::DeviceIdentity;
 use meshgram_node::proto::envelope::EnvelopeId;
 use meshgram_node::proto::group::{GroupCursor, GroupId, GroupSeal, PostCert};
 use meshgram_node::proto::{ErrorCode, MailboxRequest, MailboxResponse};
@@ -189,16 +191,22 @@ async fn a_relay_that_does_not_hold_a_channel_mirrors_it_for_its_readers_through
     let key = gateway_key(&mesh);
 
     // A subscriber whose own mailbox relay holds none of the channel reads it through that
-    // relay. (Device keys are random: sign in until one's closest relay is such a relay.)
+    // relay. (Its device key is made before it signs in, until one is closest to that relay.)
     let link = str_field(&meshgram(&admin, &["channel", "link", &channel]).ok_json(), "link").to_string();
-    let (subscriber, home) = (0..16)
-        .find_map(|n| {
-            let profile = mesh.new_profile(&format!("sub{n}"));
-            mesh.login(&profile, &format!("+155500061{n:02}"));
-            let home = mesh.relays_by_mailbox_distance(&profile)[0];
-            (home == order[2]).then_some((profile, home))
+    let home = order[2];
+    let subscriber = (0..1000)
+        .map(|n| mesh.new_profile(&format!("sub{n}")))
+        .find(|profile| {
+            let device = DeviceIdentity::load_or_create(profile).unwrap().peer_id();
+            let distance = |i: &usize| {
+                let relay: libp2p::PeerId = mesh.relays[*i].peer_id().parse().unwrap();
+                KBucketKey::from(device).distance(&KBucketKey::from(relay))
+            };
+            (0..mesh.relays.len()).min_by_key(distance) == Some(home)
         })
-        .expect("one of 16 devices is closest to that relay");
+        .unwrap();
+    mesh.login(&subscriber, "+15550006100");
+    assert_eq!(mesh.relays_by_mailbox_distance(&subscriber)[0], home, "signed in with the key made for it");
     meshgram(&subscriber, &["channel", "subscribe", &link]).ok_json();
     meshgram(&admin, &["channel", "post", &channel, "for the subscriber"]).ok_json();
     assert_eq!(wait_for_texts(&subscriber, &channel, 2), ["before the mirror", "for the subscriber"]);
