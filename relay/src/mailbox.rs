@@ -705,11 +705,9 @@ impl Mailboxes {
         now: Instant,
         known: &mut KnownRelays<'_>,
     ) -> Result<bool, WireError> {
-        let (local, mut new, mut catching_up) = (known.local(), false, false);
+        let (mut new, mut catching_up) = (false, false);
         for cursor in cursors {
-            let mut relays = known.mailbox_relays(&cursor.group.mailbox());
-            relays.truncate(self.settings.replication);
-            if relays.iter().any(|r| r.peer_id == local) {
+            if mirror_origin(known, self.settings.replication, &cursor.group).is_none() {
                 continue;
             }
             match self.mirrors.want(cursor.group, now) {
@@ -733,12 +731,8 @@ impl Mailboxes {
 
     /// Starts the mirror's reads of origin relays that need one (see [`Mirrors::plan`]).
     fn start_mirror_reads(&mut self, known: &mut KnownRelays<'_>) {
-        let (local, replication) = (known.local(), self.settings.replication);
-        let reads = self.mirrors.plan(Instant::now(), |group| {
-            let mut relays = known.mailbox_relays(&group.mailbox());
-            relays.truncate(replication);
-            if relays.iter().any(|r| r.peer_id == local) { None } else { relays.first().map(|r| r.peer_id) }
-        });
+        let replication = self.settings.replication;
+        let reads = self.mirrors.plan(Instant::now(), |group| mirror_origin(known, replication, group));
         for read in reads {
             self.spawn_mirror_read(read);
         }
@@ -898,6 +892,14 @@ impl Mailboxes {
             self.respond(parked.channel, MailboxResponse::Envelopes { envelopes, more });
         }
     }
+}
+
+/// The relay a mirror of `group` reads it from: the closest of its `R` relays, or `None` when
+/// this relay is one of them (it serves the group from its own copies).
+fn mirror_origin(known: &mut KnownRelays<'_>, replication: usize, group: &GroupId) -> Option<PeerId> {
+    let mut relays = known.mailbox_relays(&group.mailbox());
+    relays.truncate(replication);
+    if relays.iter().any(|r| r.peer_id == known.local()) { None } else { relays.first().map(|r| r.peer_id) }
 }
 
 /// Groups whose newest epoch a relay keeps in memory at most (more are read from the store again).
