@@ -52,6 +52,9 @@ struct Cli {
     /// Exit when standard input closes (for a supervising parent such as `meshgram up`).
     #[arg(long)]
     exit_on_stdin_close: bool,
+    /// Log lines on stderr: text, or one JSON object per line for log shippers.
+    #[arg(long, env = "MESHGRAM_LOG_FORMAT", value_enum, default_value_t)]
+    log_format: service::LogFormat,
 }
 
 #[derive(serde::Serialize)]
@@ -100,7 +103,7 @@ fn tcp_socket(addr: &Multiaddr) -> Option<std::net::SocketAddr> {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    service::init_tracing("info");
+    service::init_tracing("info", cli.log_format);
     let network = network_of(&cli)?;
     service::keep_private(&cli.data).with_context(|| format!("creating {}", cli.data.display()))?;
     let bots = Arc::new(bots::Bots::new(&cli.data, network, cli.fetch_private_urls).context("opening the bots' data")?);

@@ -52,6 +52,14 @@ impl CodeSender {
         }
     }
 
+    /// The sink's kind, for metrics: `file` or `webhook`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            CodeSender::File(_) => "file",
+            CodeSender::Webhook { .. } => "webhook",
+        }
+    }
+
     /// How the sink is described in the ready line and network.json.
     pub fn describe(&self) -> String {
         match self {

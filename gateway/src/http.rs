@@ -75,7 +75,16 @@ impl IntoResponse for ApiError {
 
 /// `GET /metrics`
 async fn get_metrics(State(state): State<HttpState>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.encode())
+    let service = Arc::clone(&state.service);
+    match tokio::task::spawn_blocking(move || service.counts()).await {
+        Ok(Ok((accounts, sessions))) => {
+            state.metrics.accounts.set(i64::try_from(accounts).unwrap_or(i64::MAX));
+            state.metrics.sessions_active.set(i64::try_from(sessions).unwrap_or(i64::MAX));
+        }
+        Ok(Err(e)) => tracing::warn!(error = %e, "could not count accounts and sessions for /metrics"),
+        Err(e) => tracing::warn!(error = %e, "counting accounts and sessions did not finish"),
+    }
+    ([(header::CONTENT_TYPE, meshgram_node::server::service::OPENMETRICS_CONTENT_TYPE)], state.metrics.encode())
 }
 
 fn check_admin(state: &HttpState, headers: &HeaderMap) -> Result<(), ApiError> {

@@ -17,9 +17,10 @@ struct Cli {
     /// libp2p listen address (repeatable). Default: QUIC and TCP on 127.0.0.1, port 0.
     #[arg(long)]
     listen: Vec<libp2p::Multiaddr>,
-    /// HTTP address for /healthz, /metrics and the admin endpoint.
-    #[arg(long, default_value = "127.0.0.1:0")]
-    http: std::net::SocketAddr,
+    /// HTTP address for /healthz, /metrics and the admin endpoint (default: the config's
+    /// `http`, else 127.0.0.1:0).
+    #[arg(long)]
+    http: Option<std::net::SocketAddr>,
     /// Where login codes go: file:PATH or webhook:URL. Default: file:DATA/codes.log.
     #[arg(long)]
     code_sink: Option<String>,
@@ -35,6 +36,9 @@ struct Cli {
     /// Exit when standard input closes (used by `meshgram up`, so that roles never outlive it).
     #[arg(long)]
     exit_on_stdin_close: bool,
+    /// Log lines on stderr: text, or one JSON object per line for log shippers.
+    #[arg(long, env = "MESHGRAM_LOG_FORMAT", value_enum, default_value_t)]
+    log_format: service::LogFormat,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -100,7 +104,7 @@ enum BotCommand {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    service::init_tracing("info");
+    service::init_tracing("info", cli.log_format);
     let mut config = match &cli.config {
         Some(path) => Config::load(path).map_err(anyhow::Error::msg)?,
         None => Config::default(),
@@ -122,7 +126,8 @@ async fn run(cli: Cli, mut config: Config) -> anyhow::Result<()> {
     if !cli.listen.is_empty() {
         config.listen = cli.listen;
     }
-    config.http = Some(cli.http);
+    let any_loopback_port = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+    config.http = Some(cli.http.or(config.http).unwrap_or(any_loopback_port));
     config.code_sink = cli.code_sink.or(config.code_sink);
     if let Some(secs) = cli.cert_ttl_secs {
         config.limits.cert_ttl_secs = secs;

@@ -98,6 +98,11 @@ impl AuthService {
         }
     }
 
+    /// Accounts and active sessions, for `/metrics`.
+    pub fn counts(&self) -> Result<(u64, u64), crate::store::StoreError> {
+        self.store.counts()
+    }
+
     /// The gateway's public signing key.
     pub fn public_key(&self) -> ed25519::PublicKey {
         self.signer.public()
@@ -105,6 +110,7 @@ impl AuthService {
 
     /// Answers one request from `peer` at unix time `now`. Never panics on client input.
     pub fn handle(&self, peer: PeerId, request: Result<AuthRequest, FrameError>, now: u64) -> AuthResponse {
+        let started = std::time::Instant::now();
         let (kind, result) = match request {
             Err(frame) => ("malformed", Err(WireError::new(Code::BadRequest, frame.to_string()))),
             Ok(request) => (request.kind(), self.dispatch(peer, request, now)),
@@ -113,7 +119,7 @@ impl AuthService {
             Ok(_) => "ok".to_string(),
             Err(e) => e.code.to_string(),
         };
-        self.metrics.count_request(kind, &outcome);
+        self.metrics.count_request(kind, &outcome, started.elapsed());
         result.unwrap_or_else(AuthResponse::Error)
     }
 
@@ -252,7 +258,9 @@ impl AuthService {
             t.put_code(phone, &record)?;
             Ok(())
         })?;
-        if let Err(e) = self.sender.deliver(&self.runtime, phone, &code, now) {
+        let delivered = self.sender.deliver(&self.runtime, phone, &code, now);
+        self.metrics.count_code(self.sender.kind(), delivered.is_ok());
+        if let Err(e) = delivered {
             tracing::warn!(error = %e, phone = %phone.masked(), "login code not delivered");
             self.store.write(|t| t.remove_code(phone))?;
             return Err(WireError::new(
@@ -261,7 +269,6 @@ impl AuthService {
             ));
         }
         tracing::info!(phone = %phone.masked(), "login code sent");
-        self.metrics.codes_sent.inc();
         Ok(AuthResponse::CodeSent { expires_in_secs: self.limits.code_ttl_secs, code_length: self.limits.code_length })
     }
 

@@ -154,6 +154,14 @@ impl Store {
         Ok(store)
     }
 
+    /// Accounts (users and bots) and active sessions, for `/metrics`; a read transaction, so it
+    /// never waits for a writer.
+    pub fn counts(&self) -> Result<(u64, u64), StoreError> {
+        use redb::{ReadableDatabase, ReadableTableMetadata};
+        let tx = self.db.begin_read()?;
+        Ok((tx.open_table(ACCOUNTS)?.len()?, tx.open_multimap_table(USER_SESSIONS)?.len()?))
+    }
+
     /// Runs `f` in a write transaction; commits (durably) only if it returns `Ok`.
     pub fn write<T, E: From<StoreError>>(&self, f: impl FnOnce(&mut Tables<'_>) -> Result<T, E>) -> Result<T, E> {
         let tx = self.db.begin_write().map_err(StoreError::from)?;

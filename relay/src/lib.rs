@@ -44,6 +44,7 @@
 
 mod accept;
 mod behaviour;
+pub mod config;
 mod disk;
 mod mailbox;
 mod media;
@@ -233,14 +234,14 @@ impl Relay {
         }
         let gateway =
             config.gateway.as_ref().map(|addr| gateway_addr(addr, &config.settings.gateway_key)).transpose()?;
-        let (acceptor, inbound) = net::inbound_pipes();
+        let metrics = Arc::new(metrics::Metrics::new());
+        let (acceptor, inbound) = net::inbound_pipes(&metrics);
         let asks_gateway = gateway.is_some();
         let mut swarm = build_swarm(keypair, SERVER_IDLE_TIMEOUT, |key| {
             behaviour::RelayBehaviour::new(key, acceptor, asks_gateway)
         })?;
         let peer_id = *swarm.local_peer_id();
         let listen = listen_on_all(&mut swarm, &config.listen).await?;
-        let metrics = Arc::new(metrics::Metrics::new());
         let media = media::MediaStore::open(data, config.settings.media_quota, Arc::clone(&metrics))?;
         let mut event_loop = net::EventLoop::new(
             swarm,
@@ -273,7 +274,7 @@ impl Relay {
         });
         tasks.spawn(wait_for_store_recovery(store.clone(), data.clone(), shutdown.clone()));
         let http = match config.http {
-            Some(addr) => Some(serve_http(addr, metrics, store, shutdown.clone(), &mut tasks).await?),
+            Some(addr) => Some(serve_http(addr, metrics, store, data.clone(), shutdown.clone(), &mut tasks).await?),
             None => None,
         };
         let ready =
@@ -383,6 +384,7 @@ async fn serve_http(
     addr: SocketAddr,
     metrics: Arc<metrics::Metrics>,
     store: StoreHandle,
+    data_dir: PathBuf,
     shutdown: CancellationToken,
     tasks: &mut JoinSet<Ended>,
 ) -> Result<String, StartError> {
@@ -407,9 +409,17 @@ async fn serve_http(
         )
         .route(
             "/metrics",
-            axum::routing::get(move || async move {
-                metrics.store_failed.set(i64::from(store.failure().is_some()));
-                metrics.encode()
+            axum::routing::get(move || {
+                let (metrics, store, data_dir) = (Arc::clone(&metrics), store.clone(), data_dir.clone());
+                async move {
+                    // Off the runtime: a read transaction and a few stats.
+                    let text = tokio::task::spawn_blocking(move || scrape(&metrics, &store, &data_dir)).await;
+                    let text = text.unwrap_or_else(|e| format!("# the scrape failed: {e}\n# EOF\n"));
+                    (
+                        [(axum::http::header::CONTENT_TYPE, meshgram_node::server::service::OPENMETRICS_CONTENT_TYPE)],
+                        text,
+                    )
+                }
             }),
         );
     tasks.spawn(async move {
@@ -420,4 +430,25 @@ async fn serve_http(
         Ended::TaskStopped
     });
     Ok(format!("http://{bound}"))
+}
+
+/// `/metrics`: the gauges read at scrape time (the store's counts, the files' sizes), then
+/// every metric's text.
+fn scrape(metrics: &metrics::Metrics, store: &StoreHandle, data_dir: &Path) -> String {
+    metrics.store_failed.set(i64::from(store.failure().is_some()));
+    match store.counts() {
+        Ok((mailboxes, envelopes)) => {
+            metrics.mailboxes_stored.set(i64::try_from(mailboxes).unwrap_or(i64::MAX));
+            metrics.envelopes_stored.set(i64::try_from(envelopes).unwrap_or(i64::MAX));
+        }
+        Err(e) => tracing::warn!(error = %e, "could not count the store's mailboxes for /metrics"),
+    }
+    let size = |name: &str| std::fs::metadata(data_dir.join(name)).map_or(0, |m| m.len());
+    let database = data_dir.join(DATABASE_FILE);
+    metrics.set_disk_use(metrics::DiskUse {
+        mailbox_store: size(DATABASE_FILE),
+        mailbox_log: std::fs::metadata(database.with_extension("wal")).map_or(0, |m| m.len()),
+        media_index: size(media::uploads::MEDIA_DATABASE_FILE),
+    });
+    metrics.encode()
 }

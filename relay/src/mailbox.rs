@@ -28,7 +28,7 @@ use meshgram_node::server::limits::RateLimiter;
 use tokio::task::{JoinError, JoinSet};
 
 use crate::RelaySettings;
-use crate::metrics::Metrics;
+use crate::metrics::{CertKind, Metrics, gauge_value};
 use crate::mirror::{self, Answered, Kept, Mirrors, PlannedRead, ReadId, Want};
 use crate::relays::KnownRelays;
 use crate::replicate::{
@@ -187,7 +187,9 @@ impl Mailboxes {
         self.metrics.count_request(request.kind());
         let now = unix_now();
         if let MailboxRequest::Hello { cert } = request {
-            let response = match self.sessions.hello(peer, &cert, now, FetchState::default()) {
+            let hello = self.sessions.hello(peer, &cert, now, FetchState::default());
+            self.metrics.count_cert_check(CertKind::Session, hello.is_ok());
+            let response = match hello {
                 Ok(_) => {
                     let mut mailbox_relays = known.mailbox_relays(&peer);
                     mailbox_relays.truncate(self.settings.replication);
@@ -553,6 +555,7 @@ impl Mailboxes {
             return self.respond(channel, refuse(ErrorCode::Unavailable, store_failed(why)));
         }
         if let Err(wait) = self.send_limiter.check_n(&cert.user_id.to_string(), envelopes.len() as u32, now) {
+            self.metrics.rate_limited.inc();
             return self.respond(channel, MailboxResponse::Error(WireError::flood_wait(wait, "messages")));
         }
         let mut groups: HashMap<PeerId, Vec<Envelope>> = HashMap::new();
@@ -736,7 +739,7 @@ impl Mailboxes {
         for read in reads {
             self.spawn_mirror_read(read);
         }
-        self.metrics.groups_mirrored.set(self.mirrors.followed() as i64);
+        self.metrics.groups_mirrored.set(gauge_value(self.mirrors.followed()));
     }
 
     /// Reads an origin relay for the mirror and keeps what it answers, on a task.

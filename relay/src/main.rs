@@ -1,51 +1,55 @@
 //! `meshgram-relay`: a relay node of the Meshgram mesh.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use libp2p::Multiaddr;
-use libp2p::identity::ed25519;
-use meshgram_node::ids::parse_hex;
-use meshgram_node::server::service;
+use meshgram_node::crypto::identity::load_or_create_ed25519;
+use meshgram_node::server::service::{self, LogFormat};
+use meshgram_relay::config::{CONFIG_FILE, InitValues, RelayFile, template};
 use meshgram_relay::store::{StoreHandle, StoreLimits};
-use meshgram_relay::{Ended, Relay, RelayConfig};
+use meshgram_relay::{Ended, Relay};
 
 #[derive(Parser, Debug)]
 #[command(
     name = "meshgram-relay",
     version,
-    about = "Meshgram relay: stores and forwards end-to-end encrypted envelopes"
+    about = "Meshgram relay: stores and forwards end-to-end encrypted envelopes",
+    after_help = "Settings come from --config (TOML; `meshgram-relay init` writes a commented one), then \
+                  MESHGRAM_RELAY_<KEY> environment variables, then flags, each overriding the one before."
 )]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
-    /// Data directory (relay key, mailbox database).
-    #[arg(long, env = "MESHGRAM_RELAY_DATA", default_value = "meshgram-relay-data")]
-    data: PathBuf,
+    /// Config file (TOML). Every key has a default; see `init`.
+    #[arg(long, env = "MESHGRAM_RELAY_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    /// Data directory (relay key, certificate, stores). Default: meshgram-relay-data.
+    #[arg(long, env = "MESHGRAM_RELAY_DATA", global = true)]
+    data: Option<PathBuf>,
     /// libp2p listen address (repeatable). Default: QUIC and TCP on 127.0.0.1, port 0.
-    #[arg(long)]
-    listen: Vec<Multiaddr>,
+    #[arg(long, global = true)]
+    listen: Vec<String>,
     /// A relay to join the mesh through, ending in /p2p/<peer id> (repeatable).
-    #[arg(long)]
-    bootstrap: Vec<Multiaddr>,
+    #[arg(long, global = true)]
+    bootstrap: Vec<String>,
     /// The gateway's public key (hex, from its ready line or network.json): certificates
     /// it signs are the only ones this relay accepts.
-    #[arg(long, env = "MESHGRAM_GATEWAY_KEY")]
+    #[arg(long, env = "MESHGRAM_GATEWAY_KEY", global = true)]
     gateway_key: Option<String>,
     /// The gateway's address (from its ready line or network.json), to ask it for revoked
     /// sessions and relays every 2 s. Without it a revoked session keeps access here until
     /// its certificate expires (up to an hour).
-    #[arg(long)]
-    gateway: Option<Multiaddr>,
+    #[arg(long, env = "MESHGRAM_RELAY_GATEWAY", global = true)]
+    gateway: Option<String>,
     /// The gateway's certificate for this relay (default: DATA/relay.cert); see
     /// `meshgram-gateway relay-cert`.
-    #[arg(long)]
+    #[arg(long, env = "MESHGRAM_RELAY_RELAY_CERT")]
     relay_cert: Option<PathBuf>,
-    /// Relays that must hold a copy of an envelope before it is acknowledged.
-    #[arg(long, default_value_t = 2)]
-    replication: usize,
+    /// Relays that must hold a copy of an envelope before it is acknowledged (default 2).
+    #[arg(long, env = "MESHGRAM_RELAY_REPLICATION")]
+    replication: Option<usize>,
     /// Acknowledge with fewer copies than --replication when fewer relays are live (at least
     /// this relay's own). Without it such a relay answers UNAVAILABLE and the client tries
     /// another; use it only for a network knowingly smaller than --replication.
@@ -55,31 +59,34 @@ struct Cli {
     /// may be incomplete (for tests of that path on a small mesh).
     #[arg(long, hide = true)]
     placement_lookups_always: bool,
-    /// HTTP address for /healthz and /metrics.
-    #[arg(long, default_value = "127.0.0.1:0")]
-    http: std::net::SocketAddr,
-    /// Days an undelivered envelope is kept.
-    #[arg(long, default_value_t = 30)]
-    ttl_days: u64,
-    /// Envelopes a mailbox may hold.
-    #[arg(long, default_value_t = 100_000)]
-    mailbox_quota: u64,
+    /// HTTP address for /healthz and /metrics (default 127.0.0.1:0).
+    #[arg(long, env = "MESHGRAM_RELAY_HTTP", global = true)]
+    http: Option<String>,
+    /// Days an undelivered envelope is kept (default 30).
+    #[arg(long, env = "MESHGRAM_RELAY_TTL_DAYS")]
+    ttl_days: Option<u64>,
+    /// Envelopes a mailbox may hold (default 100000).
+    #[arg(long, env = "MESHGRAM_RELAY_MAILBOX_QUOTA")]
+    mailbox_quota: Option<u64>,
     /// Bytes of file chunks (MiB) one user may have recorded on this relay: the parts of their
-    /// uploads whose file id this relay is among the closest relays to.
-    #[arg(long, default_value_t = meshgram_relay::DEFAULT_MEDIA_QUOTA_MIB)]
-    media_quota_mib: u64,
+    /// uploads whose file id this relay is among the closest relays to (default 10240).
+    #[arg(long, env = "MESHGRAM_RELAY_MEDIA_QUOTA_MIB")]
+    media_quota_mib: Option<u64>,
     /// Seconds an upload may take from its first part to its last; one not finished by then is
     /// expired (its chunks deleted, its bytes given back to its owner's quota). A client
-    /// resuming later starts it afresh.
-    #[arg(long, default_value_t = 24 * 3600)]
-    media_upload_grace_secs: u64,
-    /// Envelopes per second one user may send (sustained).
-    #[arg(long, default_value_t = 5_000)]
-    send_rate: u32,
+    /// resuming later starts it afresh (default 86400).
+    #[arg(long, env = "MESHGRAM_RELAY_MEDIA_UPLOAD_GRACE_SECS")]
+    media_upload_grace_secs: Option<u64>,
+    /// Envelopes per second one user may send, sustained (default 5000).
+    #[arg(long, env = "MESHGRAM_RELAY_SEND_RATE")]
+    send_rate: Option<u32>,
     /// Threads for networking and request handling (default: one per core). Relays that share
     /// a machine (`meshgram up`) do better with 1: no hand-offs between threads per message.
-    #[arg(long)]
+    #[arg(long, env = "MESHGRAM_RELAY_WORKER_THREADS")]
     worker_threads: Option<usize>,
+    /// Log lines on stderr: text, or one JSON object per line for log shippers.
+    #[arg(long, env = "MESHGRAM_LOG_FORMAT", value_enum)]
+    log_format: Option<LogFormat>,
     /// Exit when standard input closes (used by `meshgram up`, so that roles never outlive it).
     #[arg(long)]
     exit_on_stdin_close: bool,
@@ -92,54 +99,75 @@ enum Command {
     /// (file id, owner, total parts, parts saved). Envelopes and chunks are sealed; this shows
     /// only what routing shows.
     Inspect,
+    /// Set up a relay: write a commented config (DATA/relay.toml, with the --gateway-key,
+    /// --gateway, --listen, --bootstrap and --http given) and the relay key, and print the peer
+    /// id and the command that admits this relay to the network.
+    Init {
+        /// Print what was written as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    if let Some(Command::Inspect) = cli.command {
-        return inspect(&cli.data);
+    let file = settings(&cli)?;
+    match &cli.command {
+        Some(Command::Inspect) => return inspect(&file.data_dir),
+        Some(Command::Init { json }) => return init(&cli, &file.data_dir, *json),
+        None => {}
     }
-    let runtime = match cli.worker_threads {
-        Some(0) => bail!("--worker-threads must be at least 1"),
-        Some(1) => tokio::runtime::Builder::new_current_thread().enable_all().build(),
-        Some(n) => tokio::runtime::Builder::new_multi_thread().worker_threads(n).enable_all().build(),
-        None => tokio::runtime::Builder::new_multi_thread().enable_all().build(),
+    let runtime = match file.worker_threads {
+        1 => tokio::runtime::Builder::new_current_thread().enable_all().build(),
+        0 => tokio::runtime::Builder::new_multi_thread().enable_all().build(),
+        n => tokio::runtime::Builder::new_multi_thread().worker_threads(n).enable_all().build(),
     }
     .context("starting the runtime")?;
-    runtime.block_on(run(cli))
+    runtime.block_on(run(cli, file))
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
-    service::init_tracing("info");
-    let exit_on_stdin_close = cli.exit_on_stdin_close;
-    service::keep_private(&cli.data).with_context(|| format!("creating {}", cli.data.display()))?;
-    let key = cli.gateway_key.as_deref().context("--gateway-key is required to run a relay")?;
-    let key = parse_hex::<32>(key).context("--gateway-key")?;
-    let gateway_key = ed25519::PublicKey::try_from_bytes(&key).context("--gateway-key is not an ed25519 public key")?;
-    if cli.replication == 0 {
-        bail!("--replication must be at least 1");
+/// The config file (or the defaults), with the environment and flags laid over it.
+fn settings(cli: &Cli) -> anyhow::Result<RelayFile> {
+    let mut file = match &cli.config {
+        Some(path) => RelayFile::load(path)?,
+        None => RelayFile::default(),
+    };
+    fn set<T: Clone>(into: &mut T, from: &Option<T>) {
+        if let Some(value) = from {
+            into.clone_from(value);
+        }
     }
-    let mut config = RelayConfig::new(cli.data, gateway_key);
+    set(&mut file.data_dir, &cli.data);
     if !cli.listen.is_empty() {
-        config.listen = cli.listen;
+        file.listen.clone_from(&cli.listen);
     }
-    config.bootstrap = cli.bootstrap;
-    config.gateway = cli.gateway;
-    config.cert_file = cli.relay_cert;
-    config.http = Some(cli.http);
-    config.settings.replication = cli.replication;
-    config.settings.allow_fewer_replicas = cli.allow_fewer_replicas;
+    if !cli.bootstrap.is_empty() {
+        file.bootstrap.clone_from(&cli.bootstrap);
+    }
+    file.gateway_key = cli.gateway_key.clone().or(file.gateway_key);
+    file.gateway = cli.gateway.clone().or(file.gateway);
+    file.relay_cert = cli.relay_cert.clone().or(file.relay_cert);
+    set(&mut file.http, &cli.http);
+    set(&mut file.replication, &cli.replication);
+    file.allow_fewer_replicas |= cli.allow_fewer_replicas;
+    set(&mut file.ttl_days, &cli.ttl_days);
+    set(&mut file.mailbox_quota, &cli.mailbox_quota);
+    set(&mut file.media_quota_mib, &cli.media_quota_mib);
+    set(&mut file.media_upload_grace_secs, &cli.media_upload_grace_secs);
+    set(&mut file.send_rate, &cli.send_rate);
+    set(&mut file.worker_threads, &cli.worker_threads);
+    set(&mut file.log_format, &cli.log_format);
+    Ok(file)
+}
+
+async fn run(cli: Cli, file: RelayFile) -> anyhow::Result<()> {
+    service::init_tracing("info", file.log_format);
+    let exit_on_stdin_close = cli.exit_on_stdin_close;
+    let mut config = file.to_config()?;
+    service::keep_private(&config.data_dir).with_context(|| format!("creating {}", config.data_dir.display()))?;
     if cli.placement_lookups_always {
         config.settings.placement_lookups = meshgram_relay::PlacementLookups::Always;
     }
-    config.settings.send_rate = cli.send_rate;
-    config.store.ttl = Duration::from_secs(cli.ttl_days * 24 * 3600);
-    config.store.max_per_mailbox = cli.mailbox_quota;
-    config.settings.media_quota = cli.media_quota_mib.saturating_mul(1 << 20);
-    if cli.media_upload_grace_secs == 0 {
-        bail!("--media-upload-grace-secs must be at least 1");
-    }
-    config.settings.media_upload_grace = Duration::from_secs(cli.media_upload_grace_secs);
 
     let mut relay = Relay::start(config).await.context("starting the relay")?;
     service::print_ready("relay", &relay.ready)?;
@@ -159,8 +187,61 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `init`: the data dir, its relay key and a commented config; refuses to overwrite a config.
+fn init(cli: &Cli, data: &Path, json: bool) -> anyhow::Result<()> {
+    service::keep_private(data).with_context(|| format!("creating {}", data.display()))?;
+    let data = std::path::absolute(data).with_context(|| format!("resolving {}", data.display()))?;
+    let config_path = data.join(CONFIG_FILE);
+    if config_path.exists() {
+        bail!("{} exists; edit it, or remove it to start over", config_path.display());
+    }
+    let values = InitValues {
+        data_dir: data.clone(),
+        gateway_key: cli.gateway_key.clone(),
+        gateway: cli.gateway.clone(),
+        listen: cli.listen.clone(),
+        bootstrap: cli.bootstrap.clone(),
+        http: cli.http.clone(),
+    };
+    let text = template(&values);
+    // What init writes must start: check it as a start would (but for a missing key).
+    let written: RelayFile = toml::from_str(&text).context("the written config does not parse")?;
+    if written.gateway_key.is_some() {
+        written.to_config()?;
+    }
+    let key = load_or_create_ed25519(&data.join(meshgram_relay::RELAY_KEY_FILE)).context("the relay key")?;
+    let peer_id = key.public().to_peer_id();
+    std::fs::write(&config_path, text).with_context(|| format!("writing {}", config_path.display()))?;
+    let cert = data.join(meshgram_relay::RELAY_CERT_FILE);
+    let admit = format!("meshgram-gateway --data GATEWAY_DATA relay-cert --relay {peer_id} --out {}", cert.display());
+    let start = format!("meshgram-relay --config {}", config_path.display());
+    if json {
+        let line = serde_json::json!({
+            "peer_id": peer_id.to_string(), "config": config_path, "key": data.join(meshgram_relay::RELAY_KEY_FILE),
+            "admit": admit, "start": start,
+        });
+        println!("{line}");
+    } else {
+        println!("relay peer id: {peer_id}");
+        println!("config:        {} (every key commented; edit it)", config_path.display());
+        println!(
+            "\nAdmit it to the network on the gateway's machine (copy the certificate here if that is another one):"
+        );
+        println!("  {admit}");
+        if values.gateway_key.is_none() {
+            println!(
+                "\nSet gateway_key in the config (the gateway's ready line or network.json has it), then start it:"
+            );
+        } else {
+            println!("\nThen start it:");
+        }
+        println!("  {start}");
+    }
+    Ok(())
+}
+
 /// `inspect`: opens the store (replaying its log, as a start would) and prints its mailboxes.
-fn inspect(data: &std::path::Path) -> anyhow::Result<()> {
+fn inspect(data: &Path) -> anyhow::Result<()> {
     let path = data.join(meshgram_relay::DATABASE_FILE);
     if !path.exists() {
         bail!("{} holds no relay store", data.display());

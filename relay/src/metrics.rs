@@ -1,10 +1,15 @@
-//! Prometheus metrics served at `/metrics`.
+//! Prometheus metrics served at `/metrics` (OpenMetrics text). Every one is listed, with what it
+//! means to an operator, in docs/relay.md; a test checks that the two agree.
+
+use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::registry::Registry;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::info::Info;
+use prometheus_client::registry::{Metric, Registry};
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabel {
@@ -16,20 +21,81 @@ struct CodeLabel {
     code: String,
 }
 
-/// The relay's counters and their registry.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    protocol: &'static str,
+    kind: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CertLabels {
+    /// `session` (a client's) or `relay` (another relay's).
+    cert: &'static str,
+    outcome: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PartLabel {
+    part: &'static str,
+}
+
+/// A certificate this relay checked.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum CertKind {
+    Session,
+    Relay,
+}
+
+/// What a relay keeps on disk, for `disk_bytes{part}`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DiskUse {
+    pub mailbox_store: u64,
+    pub mailbox_log: u64,
+    pub media_index: u64,
+}
+
+/// Request latency buckets, in seconds: 0.25 ms to about 33 s, doubling. Long-polls (a
+/// `fetch` or `group_fetch` that waits for something to arrive) land in the top buckets.
+fn latency_buckets() -> impl Iterator<Item = f64> {
+    prometheus_client::metrics::histogram::exponential_buckets(0.000_25, 2.0, 18)
+}
+
+/// The relay's metrics and their registry.
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
     requests: Family<KindLabel, Counter>,
     errors: Family<CodeLabel, Counter>,
+    request_duration: Family<RequestLabels, Histogram>,
+    replica_copies: Family<OutcomeLabel, Counter>,
+    certificate_checks: Family<CertLabels, Counter>,
+    disk_bytes: Family<PartLabel, Gauge>,
     /// Envelopes accepted from clients for replication.
     pub envelopes_received: Counter,
     /// Connections opened (clients and relays).
     pub connections: Counter,
+    /// Peers connected now: other relays (their certificate checked) and the rest (clients).
+    pub connected_relays: Gauge,
+    pub connected_clients: Gauge,
+    /// Relays in the Kademlia routing table.
+    pub routing_table_peers: Gauge,
+    /// Mailboxes with envelopes waiting here, and those envelopes (as of the last scrape).
+    pub mailboxes_stored: Gauge,
+    pub envelopes_stored: Gauge,
     /// Other relays whose certificate this relay checked: those it may store copies on.
     pub relays_verified: Gauge,
     /// 1 once a store write failed: the relay then takes no writes (see `/healthz`).
     pub store_failed: Gauge,
+    /// Sends, uploads and posts answered `UNAVAILABLE` because fewer than `R` durable copies
+    /// could be made: nothing was acknowledged, and the client sends again.
+    pub replication_unavailable: Counter,
+    /// Requests refused because their sender went over its rate.
+    pub rate_limited: Counter,
     /// Session revocations from the gateway taken in.
     pub sessions_revoked: Counter,
     /// Relays whose admission the gateway revoked.
@@ -38,8 +104,12 @@ pub struct Metrics {
     pub gateway_polls_failed: Counter,
     /// Kademlia lookups of a mailbox's closest relays finished (`relays`).
     pub placement_lookups: Counter,
-    /// Repair rounds finished (`repair`).
+    /// Repair rounds finished (`repair`), and how long the last one took.
     pub repair_rounds: Counter,
+    pub repair_last_round_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// Mailboxes the round under way (or the last one) has yet to compare with a responsible
+    /// relay; what a round could not finish stays here until the next one.
+    pub repair_backlog: Gauge,
     /// Envelopes repair copied to responsible relays that lacked them.
     pub repair_copied: Counter,
     /// Stale copies repair deleted here because a replica had delivered them.
@@ -66,139 +136,256 @@ pub struct Metrics {
     pub mirror_reads_failed: Counter,
 }
 
+/// Registers `metric` under `name` and hands it back (metrics are shared handles).
+fn register<M: Metric + Clone>(registry: &mut Registry, name: &str, help: &str, metric: M) -> M {
+    registry.register(name, help, metric.clone());
+    metric
+}
+
 impl Metrics {
     /// Registers every metric.
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("meshgram_relay");
-        let requests = Family::<KindLabel, Counter>::default();
-        registry.register("requests", "Mailbox requests by kind", requests.clone());
-        let errors = Family::<CodeLabel, Counter>::default();
-        registry.register("errors", "Mailbox requests refused, by error code", errors.clone());
-        let envelopes_received = Counter::default();
-        registry.register("envelopes_received", "Envelopes accepted from clients", envelopes_received.clone());
-        let connections = Counter::default();
-        registry.register("connections", "Connections opened", connections.clone());
-        let relays_verified = Gauge::default();
-        registry.register(
-            "relays_verified",
-            "Other relays whose certificate this relay checked",
-            relays_verified.clone(),
-        );
-        let store_failed = Gauge::default();
-        registry.register(
-            "store_failed",
-            "1 once a store write failed and the relay takes no writes",
-            store_failed.clone(),
-        );
-        let sessions_revoked = Counter::default();
-        registry.register(
-            "sessions_revoked",
-            "Session revocations from the gateway taken in",
-            sessions_revoked.clone(),
-        );
-        let relays_revoked = Gauge::default();
-        registry.register("relays_revoked", "Relays whose admission the gateway revoked", relays_revoked.clone());
-        let gateway_polls_failed = Counter::default();
-        registry.register(
-            "gateway_polls_failed",
-            "Polls of the gateway for revocations that failed (retried)",
-            gateway_polls_failed.clone(),
-        );
-        let placement_lookups = Counter::default();
-        registry.register(
-            "placement_lookups",
-            "Kademlia lookups of a mailbox's closest relays finished",
-            placement_lookups.clone(),
-        );
-        let repair_rounds = Counter::default();
-        registry.register("repair_rounds", "Repair rounds finished", repair_rounds.clone());
-        let repair_copied = Counter::default();
-        registry.register(
-            "repair_copied",
-            "Envelopes repair copied to responsible relays that lacked them",
-            repair_copied.clone(),
-        );
-        let repair_stale_deleted = Counter::default();
-        registry.register(
-            "repair_stale_deleted",
-            "Stale copies deleted because a replica had delivered them",
-            repair_stale_deleted.clone(),
-        );
-        let media_requests = Family::<KindLabel, Counter>::default();
-        registry.register("media_requests", "Media requests by kind", media_requests.clone());
-        let media_refusals = Family::<CodeLabel, Counter>::default();
-        registry.register("media_refusals", "Media requests refused, by error code", media_refusals.clone());
-        let media_parts_saved = Counter::default();
-        registry.register("media_parts_saved", "File parts acknowledged to clients", media_parts_saved.clone());
-        let chunks_stored = Counter::default();
-        registry.register("chunks_stored", "Media chunks written to this relay's disk", chunks_stored.clone());
-        let chunk_bytes_stored = Counter::default();
-        registry.register("chunk_bytes_stored", "Bytes of media chunks written to disk", chunk_bytes_stored.clone());
-        let chunk_bytes_held = Gauge::default();
-        registry.register("chunk_bytes_held", "Bytes of media chunks held here", chunk_bytes_held.clone());
-        let media_uploads_expired = Counter::default();
-        registry.register(
-            "media_uploads_expired",
-            "Uploads not finished within the grace period, expired here",
-            media_uploads_expired.clone(),
-        );
-        let chunks_deleted = Counter::default();
-        registry.register("chunks_deleted", "Chunks of expired uploads deleted here", chunks_deleted.clone());
-        let media_provider_records = Gauge::default();
-        registry.register(
-            "media_provider_records",
-            "Client nodes serving files, as they announced (file, node) here",
-            media_provider_records.clone(),
-        );
-        let chunk_repair_copies = Counter::default();
-        registry.register(
-            "chunk_repair_copies",
-            "Media chunks repair copied to responsible relays that lacked them",
-            chunk_repair_copies.clone(),
-        );
-        let part_record_repair_copies = Counter::default();
-        registry.register(
-            "part_record_repair_copies",
-            "Part records repair copied to responsible relays that lacked them",
-            part_record_repair_copies.clone(),
-        );
-        let groups_mirrored = Gauge::default();
-        registry.register("groups_mirrored", "Groups this relay mirrors for its readers", groups_mirrored.clone());
-        let mirror_reads_failed = Counter::default();
-        registry.register(
-            "mirror_reads_failed",
-            "Reads of mirrored groups from their relays that failed (tried again)",
-            mirror_reads_failed.clone(),
-        );
-        Metrics {
-            registry,
-            requests,
-            errors,
-            envelopes_received,
-            connections,
-            relays_verified,
-            store_failed,
-            sessions_revoked,
-            relays_revoked,
-            gateway_polls_failed,
-            placement_lookups,
-            repair_rounds,
-            repair_copied,
-            repair_stale_deleted,
-            media_requests,
-            media_refusals,
-            media_parts_saved,
-            chunks_stored,
-            chunk_bytes_stored,
-            chunk_bytes_held,
-            media_provider_records,
-            media_uploads_expired,
-            chunks_deleted,
-            chunk_repair_copies,
-            part_record_repair_copies,
-            groups_mirrored,
-            mirror_reads_failed,
+        let mut r = Registry::with_prefix("meshgram_relay");
+        let info = Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]);
+        r.register("build", "The relay's version", info);
+        let histograms =
+            Family::<RequestLabels, Histogram>::new_with_constructor(|| Histogram::new(latency_buckets()) as Histogram);
+        let metrics = Metrics {
+            requests: register(&mut r, "requests", "Mailbox requests by kind", Family::default()),
+            errors: register(&mut r, "errors", "Mailbox requests refused, by error code", Family::default()),
+            request_duration: register(
+                &mut r,
+                "request_duration_seconds",
+                "Time from a request's arrival to its answer's write, by protocol and kind (long-polls include their wait)",
+                histograms,
+            ),
+            replica_copies: register(
+                &mut r,
+                "replica_copies",
+                "Copies of envelopes, chunks and part records made for a sender, by outcome (written, failed)",
+                Family::default(),
+            ),
+            certificate_checks: register(
+                &mut r,
+                "certificate_checks",
+                "Certificates checked, by kind (session, relay) and outcome (passed, refused)",
+                Family::default(),
+            ),
+            disk_bytes: register(
+                &mut r,
+                "disk_bytes",
+                "Bytes on disk, by part (mailbox_store, mailbox_log, media_index; chunks: chunk_bytes_held)",
+                Family::default(),
+            ),
+            envelopes_received: register(
+                &mut r,
+                "envelopes_received",
+                "Envelopes accepted from clients",
+                Counter::default(),
+            ),
+            connections: register(&mut r, "connections", "Connections opened", Counter::default()),
+            connected_relays: register(&mut r, "connected_relays", "Certified relays connected now", Gauge::default()),
+            connected_clients: register(
+                &mut r,
+                "connected_clients",
+                "Other peers (clients) connected now",
+                Gauge::default(),
+            ),
+            routing_table_peers: register(
+                &mut r,
+                "routing_table_peers",
+                "Relays in the Kademlia routing table",
+                Gauge::default(),
+            ),
+            mailboxes_stored: register(
+                &mut r,
+                "mailboxes_stored",
+                "Mailboxes with envelopes waiting here",
+                Gauge::default(),
+            ),
+            envelopes_stored: register(&mut r, "envelopes_stored", "Envelopes waiting here", Gauge::default()),
+            relays_verified: register(
+                &mut r,
+                "relays_verified",
+                "Other relays whose certificate this relay checked",
+                Gauge::default(),
+            ),
+            store_failed: register(
+                &mut r,
+                "store_failed",
+                "1 once a store write failed and the relay takes no writes",
+                Gauge::default(),
+            ),
+            replication_unavailable: register(
+                &mut r,
+                "replication_unavailable",
+                "Requests answered UNAVAILABLE for want of R durable copies (nothing acknowledged)",
+                Counter::default(),
+            ),
+            rate_limited: register(
+                &mut r,
+                "rate_limited",
+                "Requests refused over their sender's rate",
+                Counter::default(),
+            ),
+            sessions_revoked: register(
+                &mut r,
+                "sessions_revoked",
+                "Session revocations from the gateway taken in",
+                Counter::default(),
+            ),
+            relays_revoked: register(
+                &mut r,
+                "relays_revoked",
+                "Relays whose admission the gateway revoked",
+                Gauge::default(),
+            ),
+            gateway_polls_failed: register(
+                &mut r,
+                "gateway_polls_failed",
+                "Polls of the gateway for revocations that failed (retried)",
+                Counter::default(),
+            ),
+            placement_lookups: register(
+                &mut r,
+                "placement_lookups",
+                "Kademlia lookups of a mailbox's closest relays finished",
+                Counter::default(),
+            ),
+            repair_rounds: register(&mut r, "repair_rounds", "Repair rounds finished", Counter::default()),
+            repair_last_round_seconds: register(
+                &mut r,
+                "repair_last_round_seconds",
+                "How long the last repair round took",
+                Gauge::default(),
+            ),
+            repair_backlog: register(
+                &mut r,
+                "repair_backlog",
+                "Mailboxes repair has yet to compare with a responsible relay",
+                Gauge::default(),
+            ),
+            repair_copied: register(
+                &mut r,
+                "repair_copied",
+                "Envelopes repair copied to responsible relays that lacked them",
+                Counter::default(),
+            ),
+            repair_stale_deleted: register(
+                &mut r,
+                "repair_stale_deleted",
+                "Stale copies deleted because a replica had delivered them",
+                Counter::default(),
+            ),
+            media_requests: register(&mut r, "media_requests", "Media requests by kind", Family::default()),
+            media_refusals: register(
+                &mut r,
+                "media_refusals",
+                "Media requests refused, by error code",
+                Family::default(),
+            ),
+            media_parts_saved: register(
+                &mut r,
+                "media_parts_saved",
+                "File parts acknowledged to clients",
+                Counter::default(),
+            ),
+            chunks_stored: register(
+                &mut r,
+                "chunks_stored",
+                "Media chunks written to this relay's disk",
+                Counter::default(),
+            ),
+            chunk_bytes_stored: register(
+                &mut r,
+                "chunk_bytes_stored",
+                "Bytes of media chunks written to disk",
+                Counter::default(),
+            ),
+            chunk_bytes_held: register(&mut r, "chunk_bytes_held", "Bytes of media chunks held here", Gauge::default()),
+            media_provider_records: register(
+                &mut r,
+                "media_provider_records",
+                "Client nodes serving files, as they announced (file, node) here",
+                Gauge::default(),
+            ),
+            media_uploads_expired: register(
+                &mut r,
+                "media_uploads_expired",
+                "Uploads not finished within the grace period, expired here",
+                Counter::default(),
+            ),
+            chunks_deleted: register(
+                &mut r,
+                "chunks_deleted",
+                "Chunks of expired uploads deleted here",
+                Counter::default(),
+            ),
+            chunk_repair_copies: register(
+                &mut r,
+                "chunk_repair_copies",
+                "Media chunks repair copied to responsible relays that lacked them",
+                Counter::default(),
+            ),
+            part_record_repair_copies: register(
+                &mut r,
+                "part_record_repair_copies",
+                "Part records repair copied to responsible relays that lacked them",
+                Counter::default(),
+            ),
+            groups_mirrored: register(
+                &mut r,
+                "groups_mirrored",
+                "Groups this relay mirrors for its readers",
+                Gauge::default(),
+            ),
+            mirror_reads_failed: register(
+                &mut r,
+                "mirror_reads_failed",
+                "Reads of mirrored groups from their relays that failed (tried again)",
+                Counter::default(),
+            ),
+            registry: r,
+        };
+        metrics.start_at_zero();
+        metrics
+    }
+
+    /// Creates the labelled series a relay is sure to have at 0, so that they are exported
+    /// (and `rate()` works) before the first of each happens.
+    fn start_at_zero(&self) {
+        use meshgram_node::proto::ErrorCode;
+        let codes = [
+            ErrorCode::BadRequest,
+            ErrorCode::CertInvalid,
+            ErrorCode::SessionRevoked,
+            ErrorCode::FloodWait,
+            ErrorCode::QuotaExceeded,
+            ErrorCode::Forbidden,
+            ErrorCode::NotFound,
+            ErrorCode::Unavailable,
+            ErrorCode::Internal,
+        ];
+        for code in codes {
+            let code = CodeLabel { code: code.to_string() };
+            let _ = self.errors.get_or_create(&code);
+            let _ = self.media_refusals.get_or_create(&code);
         }
+        for kind in ["hello", "send", "fetch", "ack", "post", "group_fetch", "mirror_group_fetch"] {
+            let _ = self.requests.get_or_create(&KindLabel { kind: kind.into() });
+        }
+        for kind in ["hello", "save_file_part", "get_upload_status", "get_chunk", "provide", "find_providers"] {
+            let _ = self.media_requests.get_or_create(&KindLabel { kind: kind.into() });
+        }
+        for outcome in ["written", "failed"] {
+            let _ = self.replica_copies.get_or_create(&OutcomeLabel { outcome });
+        }
+        for cert in ["session", "relay"] {
+            for outcome in ["passed", "refused"] {
+                let _ = self.certificate_checks.get_or_create(&CertLabels { cert, outcome });
+            }
+        }
+        self.set_disk_use(DiskUse::default());
     }
 
     pub(crate) fn count_request(&self, kind: &str) {
@@ -218,9 +405,43 @@ impl Metrics {
         self.media_refusals.get_or_create(&CodeLabel { code: code.into() }).inc();
     }
 
-    /// The Prometheus text exposition.
+    /// One request of `protocol` answered after `took` (see `pipe::ObserveLatency`).
+    pub(crate) fn observe_request(&self, protocol: &'static str, kind: &'static str, took: Duration) {
+        self.request_duration.get_or_create(&RequestLabels { protocol, kind }).observe(took.as_secs_f64());
+    }
+
+    /// One copy made (`written`) or not (`failed`, replaced by the next closest relay).
+    pub(crate) fn count_copy(&self, written: bool) {
+        let outcome = if written { "written" } else { "failed" };
+        self.replica_copies.get_or_create(&OutcomeLabel { outcome }).inc();
+    }
+
+    /// A certificate checked.
+    pub(crate) fn count_cert_check(&self, cert: CertKind, passed: bool) {
+        let cert = match cert {
+            CertKind::Session => "session",
+            CertKind::Relay => "relay",
+        };
+        let outcome = if passed { "passed" } else { "refused" };
+        self.certificate_checks.get_or_create(&CertLabels { cert, outcome }).inc();
+    }
+
+    /// The sizes of what the relay keeps on disk, as of now.
+    pub fn set_disk_use(&self, disk: DiskUse) {
+        let parts = [
+            ("mailbox_store", disk.mailbox_store),
+            ("mailbox_log", disk.mailbox_log),
+            ("media_index", disk.media_index),
+        ];
+        for (part, bytes) in parts {
+            self.disk_bytes.get_or_create(&PartLabel { part }).set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        }
+    }
+
+    /// The OpenMetrics text exposition.
     pub fn encode(&self) -> String {
         let mut out = String::new();
+        // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
     }
@@ -230,4 +451,9 @@ impl Default for Metrics {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// A gauge's value from a count (saturating: gauges are `i64`).
+pub(crate) fn gauge_value(count: usize) -> i64 {
+    i64::try_from(count).unwrap_or(i64::MAX)
 }

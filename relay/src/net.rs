@@ -37,7 +37,7 @@ use crate::accept::{Acceptor, Serve};
 use crate::behaviour::{RelayBehaviour, RelayBehaviourEvent};
 use crate::mailbox::Mailboxes;
 use crate::media::{MediaServer, MediaStore};
-use crate::metrics::Metrics;
+use crate::metrics::{CertKind, Metrics, gauge_value};
 use crate::relays::{RelayReport, Relays, Reports, reports};
 use crate::repair::{AFTER_MEMBERSHIP_CHANGE, REPAIR_EVERY, RoundReport, repair_round};
 use crate::replica::{self, ReplicaServer};
@@ -47,6 +47,8 @@ use crate::store::StoreHandle;
 
 /// How often parked fetches are checked for their deadline.
 const PARK_TICK: Duration = Duration::from_millis(250);
+/// How often the connection and routing-table gauges are brought up to date.
+const GAUGES_EVERY: Duration = Duration::from_secs(2);
 /// How often expired envelopes are dropped.
 const EXPIRE_EVERY: Duration = Duration::from_secs(600);
 /// Requests queued from pipes to the loop; a full queue pushes back on every pipe.
@@ -95,23 +97,34 @@ pub(crate) struct EventLoop {
 }
 
 /// Where requests read from inbound pipes go: the acceptor's side (for the swarm's behaviour)
-/// and the loop's side.
-pub(crate) fn inbound_pipes() -> (Acceptor, InboundPipes) {
+/// and the loop's side. Each answer's latency goes to `metrics`.
+pub(crate) fn inbound_pipes(metrics: &Arc<Metrics>) -> (Acceptor, InboundPipes) {
     let (mailbox_tx, mailbox) = mpsc::channel(INBOUND_QUEUE);
     let (replica_tx, replica) = mpsc::channel(INBOUND_QUEUE);
     let (media_tx, media) = mpsc::channel(INBOUND_QUEUE);
+    let observe = |protocol: &'static str| -> pipe::ObserveLatency {
+        let metrics = Arc::clone(metrics);
+        Arc::new(move |kind, took| metrics.observe_request(protocol, kind, took))
+    };
+    let (mailbox_latency, replica_latency, media_latency) = (observe("mailbox"), observe("replica"), observe("media"));
     let routes: Vec<(StreamProtocol, Serve)> = vec![
         (
             StreamProtocol::new(MAILBOX_PROTOCOL),
-            Box::new(move |peer, stream| pipe::serve(peer, stream, MAILBOX_LIMITS, mailbox_tx.clone())),
+            Box::new(move |peer, stream| {
+                pipe::serve_observed(peer, stream, MAILBOX_LIMITS, mailbox_tx.clone(), mailbox_latency.clone())
+            }),
         ),
         (
             StreamProtocol::new(REPLICA_PROTOCOL),
-            Box::new(move |peer, stream| pipe::serve(peer, stream, REPLICA_LIMITS, replica_tx.clone())),
+            Box::new(move |peer, stream| {
+                pipe::serve_observed(peer, stream, REPLICA_LIMITS, replica_tx.clone(), replica_latency.clone())
+            }),
         ),
         (
             StreamProtocol::new(MEDIA_PROTOCOL),
-            Box::new(move |peer, stream| pipe::serve(peer, stream, MEDIA_LIMITS, media_tx.clone())),
+            Box::new(move |peer, stream| {
+                pipe::serve_observed(peer, stream, MEDIA_LIMITS, media_tx.clone(), media_latency.clone())
+            }),
         ),
     ];
     (Acceptor::new(routes), InboundPipes { mailbox, replica, media })
@@ -146,6 +159,7 @@ impl EventLoop {
         let pipes = PipePool::new(REPLICA_PROTOCOL, REPLICA_LIMITS, REPLICA_REQUEST_TIMEOUT, streams);
         let replica_client = Arc::new(ReplicaClient::new(pipes, cert.clone(), settings.gateway_key.clone()));
         let replicas = Replicas {
+            metrics: Arc::clone(&metrics),
             local,
             store: store.clone(),
             pipes: Arc::clone(&replica_client),
@@ -187,6 +201,7 @@ impl EventLoop {
         // scan of the upload index per second.
         let grace = self.media_upload_grace;
         let mut media_expire_tick = tokio::time::interval((grace / 2).clamp(Duration::from_secs(1), EXPIRE_EVERY));
+        let mut gauges_tick = tokio::time::interval(GAUGES_EVERY);
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => break,
@@ -240,6 +255,7 @@ impl EventLoop {
                     Err(e) => tracing::error!(error = %e, "relay repair task failed"),
                 },
                 _ = park_tick.tick() => self.mailboxes.expire_parked(),
+                _ = gauges_tick.tick() => self.set_gauges(),
                 _ = expire_tick.tick() => {
                     self.mailboxes.expire_envelopes();
                     self.media.forget_expired_revocations();
@@ -371,7 +387,7 @@ impl EventLoop {
             }
         }
         self.count_verified();
-        self.metrics.relays_revoked.set(i64::try_from(self.relays.revoked_count()).unwrap_or(i64::MAX));
+        self.metrics.relays_revoked.set(gauge_value(self.relays.revoked_count()));
         if again {
             self.poll_gateway();
         }
@@ -384,6 +400,12 @@ impl EventLoop {
     }
 
     fn greeted(&mut self, peer: PeerId, outcome: Result<(), ReplicaCallError>) {
+        // Its certificate was checked if it answered with one (or with something else).
+        match &outcome {
+            Ok(()) => self.metrics.count_cert_check(CertKind::Relay, true),
+            Err(ReplicaCallError::NotARelay { .. }) => self.metrics.count_cert_check(CertKind::Relay, false),
+            Err(_) => {}
+        }
         let outcome = outcome.map_err(|e| {
             tracing::warn!(%peer, error = %e, "greeting a relay failed");
             e.report()
@@ -395,9 +417,20 @@ impl EventLoop {
         self.count_verified();
     }
 
+    /// Sets the gauges of connected peers (certified relays, and the rest: clients) and of the
+    /// routing table.
+    fn set_gauges(&mut self) {
+        let connected = self.swarm.connected_peers().count();
+        let relays = self.swarm.connected_peers().filter(|peer| self.relays.is_verified(peer)).count();
+        self.metrics.connected_relays.set(gauge_value(relays));
+        self.metrics.connected_clients.set(gauge_value(connected - relays));
+        let routing: usize = self.swarm.behaviour_mut().kad.kbuckets().map(|bucket| bucket.num_entries()).sum();
+        self.metrics.routing_table_peers.set(gauge_value(routing));
+    }
+
     /// Sets the gauge of relays whose certificate this relay checked.
     fn count_verified(&self) {
-        self.metrics.relays_verified.set(i64::try_from(self.relays.verified_count()).unwrap_or(i64::MAX));
+        self.metrics.relays_verified.set(gauge_value(self.relays.verified_count()));
     }
 
     /// Starts a repair round against the relays live now.

@@ -49,7 +49,7 @@ use meshgram_node::proto::{
 
 use crate::media::MediaStore;
 use crate::media::repair::repair_media;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, gauge_value};
 use crate::placement::{closest_relay_keys, mailbox_key};
 use crate::replica::store_error;
 use crate::replicate::{Replicas, unexpected};
@@ -89,8 +89,10 @@ pub(crate) async fn repair_round(
     live: Vec<PeerId>,
     metrics: Arc<Metrics>,
 ) -> RoundReport {
+    let started = std::time::Instant::now();
     let (report, _) =
         tokio::join!(repair_mailboxes(&replicas, live.clone(), &metrics), repair_media(&replicas, &media, &live));
+    metrics.repair_last_round_seconds.set(started.elapsed().as_secs_f64());
     report
 }
 
@@ -110,8 +112,17 @@ async fn repair_mailboxes(replicas: &Replicas, live: Vec<PeerId>, metrics: &Metr
     let plan = plan(&replicas, &keys, &digests, |d| mailbox_key(&d.mailbox));
     let held = digests.iter().map(|d| d.mailbox).collect();
     let mut report = RoundReport { mailboxes: digests.len(), held, ..RoundReport::default() };
-    let repair = |relay, mailboxes| repair_relay(&replicas, relay, mailboxes);
-    per_relay(plan, repair, |relay, done: RelayRepair| {
+    // Each (relay, mailbox) to compare is backlog until its relay is done with.
+    metrics.repair_backlog.set(gauge_value(plan.values().map(Vec::len).sum()));
+    let repair = |relay, mailboxes: Vec<MailboxDigest>| {
+        let planned = mailboxes.len();
+        let repaired = repair_relay(&replicas, relay, mailboxes);
+        async move { (planned, repaired.await) }
+    };
+    per_relay(plan, repair, |relay, (planned, done): (usize, RelayRepair)| {
+        if done.error.is_none() {
+            metrics.repair_backlog.dec_by(gauge_value(planned));
+        }
         report.copied += done.copied;
         report.stale_deleted += done.stale_deleted;
         if let Some(error) = done.error {

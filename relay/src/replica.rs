@@ -21,6 +21,7 @@ use tokio::task::{JoinError, JoinSet};
 
 use crate::mailbox::{Mailboxes, store_failed};
 use crate::media::MediaStore;
+use crate::metrics::CertKind;
 use crate::relays::Relays;
 use crate::store::{IdState, StoreError, StoreHandle};
 
@@ -84,7 +85,9 @@ impl ReplicaServer {
                 "the gateway revoked this relay's admission; it may not store or delete replicas".into(),
             )),
             Ok(ReplicaRequest::Hello { cert }) => {
-                let response = match cert.verify_for(&self.gateway_key, &peer, now) {
+                let verified = cert.verify_for(&self.gateway_key, &peer, now);
+                self.media.metrics.count_cert_check(CertKind::Relay, verified.is_ok());
+                let response = match verified {
                     Ok(body) => {
                         relays.certified(peer, body.not_after.saturating_add(CERT_CLOCK_SKEW_SECS));
                         ReplicaResponse::Welcome { cert: self.cert.clone() }

@@ -7,7 +7,7 @@
 //! [`crate::relays`] as a [`RelayReport`].
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -23,12 +23,15 @@ use meshgram_node::proto::{
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
+use crate::metrics::Metrics;
 use crate::relays::{RelayReport, Reporter};
 use crate::store::{QueuedPut, StoreHandle};
 
 /// Where copies go: this relay's own store, or other relays on their pipes.
 #[derive(Debug, Clone)]
 pub(crate) struct Replicas {
+    /// Copies made and refused for want of copies are counted here.
+    pub(crate) metrics: Arc<Metrics>,
     pub(crate) local: PeerId,
     pub(crate) store: StoreHandle,
     pub(crate) pipes: ReplicaPipes,
@@ -125,7 +128,7 @@ async fn store_group(
     };
     // A full mailbox, or a group message a copy's relay refuses (an epoch over): every relay would.
     let final_codes = [ErrorCode::QuotaExceeded, ErrorCode::Forbidden];
-    let copies = copy_to_closest("an envelope", targets, need, &final_codes, copy_to).await?;
+    let copies = copy_to_closest(&replicas.metrics, "an envelope", targets, need, &final_codes, copy_to).await?;
     let on_local = copies.iter().any(|(target, _)| *target == replicas.local);
     let mut duplicates: Option<HashSet<EnvelopeId>> = None;
     for (_, dups) in copies {
@@ -145,6 +148,7 @@ async fn store_group(
 /// fewer than `need` copies is `UNAVAILABLE` (nothing is acknowledged). Returns each copy's
 /// relay and answer. `what` names the thing in refusals ("an envelope").
 pub(crate) async fn copy_to_closest<T, Fut>(
+    metrics: &Metrics,
     what: &str,
     targets: &[PeerId],
     need: usize,
@@ -155,6 +159,7 @@ where
     Fut: Future<Output = (PeerId, Result<T, WireError>)>,
 {
     if targets.len() < need {
+        metrics.replication_unavailable.inc();
         return Err(WireError::new(
             ErrorCode::Unavailable,
             format!(
@@ -187,6 +192,7 @@ where
         }
     }
     if copies.len() < need {
+        metrics.replication_unavailable.inc();
         return Err(WireError::new(
             ErrorCode::Unavailable,
             format!("stored on {} of {need} relays ({last_error}); nothing is acknowledged, send again", copies.len()),
@@ -223,6 +229,7 @@ async fn store_on(
             Err(e) => Err(e),
         }
     };
+    replicas.metrics.count_copy(result.is_ok());
     (target, result)
 }
 

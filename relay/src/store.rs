@@ -406,6 +406,14 @@ impl StoreHandle {
         Ok(held)
     }
 
+    /// How many mailboxes have envelopes waiting here, and how many envelopes wait (as of the
+    /// last checkpoint: up to a fraction of a second behind). Cheap: redb keeps table lengths.
+    pub fn counts(&self) -> Result<(u64, u64), StoreError> {
+        use redb::{ReadableDatabase, ReadableTableMetadata};
+        let tx = self.db.begin_read()?;
+        Ok((tx.open_table(MAILBOX_DIGESTS)?.len()?, tx.open_table(MAILBOX)?.len()?))
+    }
+
     /// Every mailbox with envelopes waiting here, and the digest of their ids: what repair
     /// compares with the other replicas. Reads one small row per such mailbox.
     pub fn digests(&self) -> Result<Vec<(PeerId, [u8; 32])>, StoreError> {

@@ -19,6 +19,8 @@
 //! - [`codes`]: [`read_codes`], [`wait_code`], the file code sink; [`WebhookSink`], a local HTTP
 //!   server standing in for an SMS provider.
 //! - [`http`]: [`http_get`], a minimal blocking HTTP/1 GET for the health and metrics endpoints.
+//! - [`metrics`]: [`Scrape`], a `/metrics` parsed by a real OpenMetrics parser, and
+//!   [`documented_metrics`], the names an operator doc lists.
 //! - [`files`]: [`random_file`] and [`blake3_of_file`], for files that round-trip.
 //! - [`raw`]: [`RawClient`], a device speaking the relay protocols with certificates the test signs.
 //! - [`output`]: reading what commands printed ([`array`], [`str_field`], [`texts`], ...).
@@ -32,6 +34,7 @@ mod files;
 mod gateway;
 mod http;
 mod mesh;
+mod metrics;
 mod output;
 mod raw;
 mod server;
@@ -46,6 +49,7 @@ pub use files::{blake3_of_file, random_file};
 pub use gateway::{Gateway, GatewayBuilder};
 pub use http::{http_get, http_post};
 pub use mesh::{Mesh, files_under, inspect_relay, relay_metric, start_relay, wait_repair_settled};
+pub use metrics::{Scrape, documented_metrics};
 pub use output::{array, is_bot_token, str_field, texts, u64_field};
 pub use raw::RawClient;
 pub use server::{READY_TIMEOUT, Server, start_node, start_node_as};

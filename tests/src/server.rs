@@ -4,6 +4,7 @@ use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{self, RecvTimeoutError, SyncSender};
+use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -28,7 +29,12 @@ pub struct Server {
     pub data_dir: PathBuf,
     name: String,
     forwarders: Vec<JoinHandle<()>>,
+    /// Its stderr lines so far (the first [`STDERR_KEPT`]).
+    stderr: Arc<Mutex<Vec<String>>>,
 }
+
+/// Stderr lines a [`Server`] keeps for [`Server::stderr`]; the rest are only forwarded.
+const STDERR_KEPT: usize = 10_000;
 
 /// What the stdout scanner reports until the ready line.
 enum StdoutLine {
@@ -53,12 +59,21 @@ impl Server {
         let (ready_tx, ready_rx) = mpsc::sync_channel(64);
         let stderr_label = format!("{name} stderr");
         let stdout_label = format!("{name} stdout");
+        let kept = Arc::new(Mutex::new(Vec::new()));
+        let keep = Arc::clone(&kept);
         let forwarders = vec![
-            thread::spawn(move || forward_lines(stderr, &stderr_label)),
+            thread::spawn(move || forward_lines(stderr, &stderr_label, &keep)),
             thread::spawn(move || scan_stdout(stdout, &stdout_label, ready_tx)),
         ];
         // Built before waiting so that any early return kills the process in `Drop`.
-        let mut server = Server { child, ready: Value::Null, data_dir: data_dir.unwrap_or_default(), name, forwarders };
+        let mut server = Server {
+            child,
+            ready: Value::Null,
+            data_dir: data_dir.unwrap_or_default(),
+            name,
+            forwarders,
+            stderr: kept,
+        };
         server.ready = server.wait_ready(&ready_rx)?;
         Ok(server)
     }
@@ -80,6 +95,11 @@ impl Server {
                 }
             }
         }
+    }
+
+    /// The lines it wrote to stderr so far (its log).
+    pub fn stderr(&self) -> Vec<String> {
+        self.stderr.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
 
     /// SIGTERM, then waits (bounded) for a clean exit; returns its status.
@@ -209,11 +229,16 @@ fn scan_stdout(stdout: impl Read, label: &str, ready_tx: SyncSender<StdoutLine>)
     }
 }
 
-/// Copies lines to the test output, which libtest shows when the test fails.
-fn forward_lines(from: impl Read, label: &str) {
+/// Copies lines to the test output, which libtest shows when the test fails, keeping the first
+/// [`STDERR_KEPT`] in `kept`.
+fn forward_lines(from: impl Read, label: &str, kept: &Mutex<Vec<String>>) {
     for line in BufReader::new(from).lines() {
         let Ok(line) = line else { break };
         eprintln!("[{label}] {line}");
+        let mut kept = kept.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if kept.len() < STDERR_KEPT {
+            kept.push(line);
+        }
     }
 }
 

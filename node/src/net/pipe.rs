@@ -18,7 +18,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::io::{ReadHalf, WriteHalf};
 use futures::{AsyncRead, AsyncReadExt, AsyncWriteExt};
@@ -126,6 +126,7 @@ async fn write_loop<T, Keep>(
     mut io: WriteHalf<Stream>,
     mut queue: mpsc::UnboundedReceiver<T>,
     mut next: impl FnMut(T, &mut Vec<u8>) -> Option<Keep>,
+    mut written: impl FnMut(Keep),
 ) -> io::Result<()> {
     let mut buf = Vec::new();
     let mut kept = Vec::new();
@@ -147,7 +148,7 @@ async fn write_loop<T, Keep>(
                 .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "the peer reads nothing"))??;
             buf.clear();
         }
-        kept.clear();
+        kept.drain(..).for_each(&mut written);
     }
     io.close().await
 }
@@ -218,20 +219,25 @@ where
         let reader = tokio::spawn(client_reader(read, limits.max_response, pending.clone()));
         let writer = tokio::spawn(async move {
             let mut next_tag = 0u64;
-            let result = write_loop(write, rx, |(mut frame, reply): Queued<Resp>, buf| {
-                next_tag += 1;
-                frame[4..HEADER].copy_from_slice(&next_tag.to_be_bytes());
-                buf.extend_from_slice(&frame);
-                match lock(&pending).as_mut() {
-                    Some(waiting) => {
-                        waiting.insert(next_tag, reply);
+            let result = write_loop(
+                write,
+                rx,
+                |(mut frame, reply): Queued<Resp>, buf| {
+                    next_tag += 1;
+                    frame[4..HEADER].copy_from_slice(&next_tag.to_be_bytes());
+                    buf.extend_from_slice(&frame);
+                    match lock(&pending).as_mut() {
+                        Some(waiting) => {
+                            waiting.insert(next_tag, reply);
+                        }
+                        None => {
+                            let _ = reply.send(Err(PipeError::Closed("the stream ended".into())));
+                        }
                     }
-                    None => {
-                        let _ = reply.send(Err(PipeError::Closed("the stream ended".into())));
-                    }
-                }
-                None::<()>
-            })
+                    None::<()>
+                },
+                drop,
+            )
             .await;
             close_all(&pending, &format!("write failed: {}", result.err().map_or("closed".into(), |e| e.to_string())));
         });
@@ -394,11 +400,29 @@ pub struct Inbound<Req, Resp> {
 pub struct Responder<Resp> {
     tag: u64,
     out: mpsc::UnboundedSender<Answer<Resp>>,
-    slot: tokio::sync::OwnedSemaphorePermit,
+    slot: Slot,
 }
 
-/// An answer on its way to the writer, with its request's slot: freed once it is written.
-type Answer<Resp> = (u64, Resp, tokio::sync::OwnedSemaphorePermit);
+/// A request's place in its pipe, freed once its answer is written, and what its answer's write
+/// is timed by.
+#[derive(Debug)]
+struct Slot {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    kind: &'static str,
+    arrived: Instant,
+}
+
+/// An answer on its way to the writer, with its request's slot.
+type Answer<Resp> = (u64, Resp, Slot);
+
+/// Told, for each request answered on a pipe, its kind and the time from its arrival to its
+/// answer's write (what the caller waited, but for the network): the relays' latency histograms.
+pub type ObserveLatency = Arc<dyn Fn(&'static str, Duration) + Send + Sync>;
+
+/// A request's name for [`ObserveLatency`]; `malformed` for a frame that was not one.
+pub trait RequestKind {
+    fn kind(&self) -> &'static str;
+}
 
 impl<Resp> Responder<Resp> {
     /// Sends the answer (a no-op if the caller has gone). Its slot stays taken until the answer
@@ -421,21 +445,56 @@ where
     Req: DeserializeOwned + Send + 'static,
     Resp: Serialize + Send + 'static,
 {
+    serve_with(peer, stream, limits, inbound, |_| "", None)
+}
+
+/// [`serve`], telling `observe` how long each request took to answer.
+pub fn serve_observed<Req, Resp>(
+    peer: PeerId,
+    stream: Stream,
+    limits: PipeLimits,
+    inbound: mpsc::Sender<Inbound<Req, Resp>>,
+    observe: ObserveLatency,
+) -> PipeTasks
+where
+    Req: DeserializeOwned + RequestKind + Send + 'static,
+    Resp: Serialize + Send + 'static,
+{
+    serve_with(peer, stream, limits, inbound, Req::kind, Some(observe))
+}
+
+fn serve_with<Req, Resp>(
+    peer: PeerId,
+    stream: Stream,
+    limits: PipeLimits,
+    inbound: mpsc::Sender<Inbound<Req, Resp>>,
+    kind_of: fn(&Req) -> &'static str,
+    observe: Option<ObserveLatency>,
+) -> PipeTasks
+where
+    Req: DeserializeOwned + Send + 'static,
+    Resp: Serialize + Send + 'static,
+{
     let (mut read, write) = stream.split();
     let (out, rx) = mpsc::unbounded_channel::<Answer<Resp>>();
     let writer = tokio::spawn(async move {
-        let _ = write_loop(write, rx, |(tag, response, slot), buf| {
+        let encode_answer = |(tag, response, slot): Answer<Resp>, buf: &mut Vec<u8>| {
             if let Err(e) = encode(tag, &response, limits.max_response, buf) {
                 tracing::error!(%peer, error = %e, "an answer could not be encoded; the caller will time out");
             }
             Some(slot)
-        })
-        .await;
+        };
+        let written = |slot: Slot| {
+            if let Some(observe) = &observe {
+                observe(slot.kind, slot.arrived.elapsed());
+            }
+        };
+        let _ = write_loop(write, rx, encode_answer, written).await;
     });
     let reader = tokio::spawn(async move {
         let slots = Arc::new(Semaphore::new(limits.max_in_flight));
         loop {
-            let Ok(slot) = slots.clone().acquire_owned().await else { return };
+            let Ok(permit) = slots.clone().acquire_owned().await else { return };
             let (tag, request) = match read_frame::<Req, _>(&mut read, limits.max_request).await {
                 Ok(frame) => frame,
                 Err(e) => {
@@ -444,6 +503,8 @@ where
                 }
             };
             let fatal = matches!(request, Err(FrameError::TooLarge { .. }));
+            let kind = request.as_ref().map_or("malformed", kind_of);
+            let slot = Slot { _permit: permit, kind, arrived: Instant::now() };
             let responder = Responder { tag, out: out.clone(), slot };
             if inbound.send(Inbound { peer, request, responder }).await.is_err() || fatal {
                 // Dropping `out` lets the writer send what is queued (this refusal included)

@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::crypto::cert::{RelayCert, SessionCert};
 use crate::ids::UserId;
-use crate::net::pipe::PipeLimits;
+use crate::net::pipe::{PipeLimits, RequestKind};
 use crate::proto::WireError;
 use crate::proto::envelope::{Envelope, EnvelopeId};
 use crate::proto::group::{GroupBatch, GroupCursor};
@@ -94,6 +94,12 @@ impl MailboxRequest {
             MailboxRequest::Post { .. } => "post",
             MailboxRequest::GroupFetch { .. } => "group_fetch",
         }
+    }
+}
+
+impl RequestKind for MailboxRequest {
+    fn kind(&self) -> &'static str {
+        MailboxRequest::kind(self)
     }
 }
 
@@ -175,6 +181,28 @@ pub enum ReplicaRequest {
     /// long-poll), so that a channel's readers spread over every relay while its relays answer
     /// one read per mirroring relay. Answered `GroupEnvelopes`.
     GroupFetch { groups: Vec<GroupCursor>, max: u32, wait_ms: u32 },
+}
+
+impl RequestKind for ReplicaRequest {
+    /// A short stable name for metrics and logs.
+    fn kind(&self) -> &'static str {
+        match self {
+            ReplicaRequest::Store { .. } => "store",
+            ReplicaRequest::Delete { .. } => "delete",
+            ReplicaRequest::Hello { .. } => "hello",
+            ReplicaRequest::Digests { .. } => "digests",
+            ReplicaRequest::Reconcile { .. } => "reconcile",
+            ReplicaRequest::StoreUntil { .. } => "store_until",
+            ReplicaRequest::StoreChunk { .. } => "store_chunk",
+            ReplicaRequest::RecordPart { .. } => "record_part",
+            ReplicaRequest::UploadStatus { .. } => "upload_status",
+            ReplicaRequest::GetChunk { .. } => "get_chunk",
+            ReplicaRequest::HasChunks { .. } => "has_chunks",
+            ReplicaRequest::CheckPart { .. } => "check_part",
+            ReplicaRequest::DeleteChunks { .. } => "delete_chunks",
+            ReplicaRequest::GroupFetch { .. } => "group_fetch",
+        }
+    }
 }
 
 /// Ids per [`ReplicaRequest::Reconcile`]: 1 MiB of ids, far below the frame limit.

@@ -155,6 +155,12 @@ pub enum MediaResponse {
     Providers { peers: Vec<crate::proto::RelayInfo> },
 }
 
+impl crate::net::pipe::RequestKind for MediaRequest {
+    fn kind(&self) -> &'static str {
+        MediaRequest::kind(self)
+    }
+}
+
 impl MediaResponse {
     /// A short stable name, for logs and errors (never a chunk's bytes).
     pub fn kind(&self) -> &'static str {

@@ -14,17 +14,30 @@ pub fn keep_private(data_dir: &std::path::Path) -> std::io::Result<()> {
     std::fs::set_permissions(data_dir, std::fs::Permissions::from_mode(0o700))
 }
 
-/// Logs to stderr (stdout carries the ready line), filtered by `RUST_LOG`, colour only on a
-/// terminal.
-pub fn init_tracing(default_filter: &str) {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default_filter.into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+/// How a server writes its log to stderr.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Lines for people, coloured on a terminal.
+    #[default]
+    Text,
+    /// One JSON object per line (timestamp, level, target, fields), for log shippers.
+    Json,
 }
+
+/// Logs to stderr (stdout carries the ready line), filtered by `RUST_LOG`, as text (colour only
+/// on a terminal) or JSON lines.
+pub fn init_tracing(default_filter: &str, format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default_filter.into());
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init(),
+        LogFormat::Json => logs.json().flatten_event(true).init(),
+    }
+}
+
+/// The content type of the servers' `/metrics` (prometheus-client writes OpenMetrics text).
+pub const OPENMETRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// Prints the one ready line: `ready`'s fields plus `"event":"ready"` and `"role"`.
 pub fn print_ready(role: &str, ready: &impl Serialize) -> Result<(), serde_json::Error> {

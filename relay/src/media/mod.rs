@@ -40,7 +40,7 @@ use tokio::task::{JoinError, JoinSet};
 use self::chunks::{ChunkError, ChunkStore, Put};
 use self::providers::{MAX_PROVIDER_ADDR_LEN, MAX_PROVIDER_ADDRS, Providers};
 use self::uploads::{MEDIA_DATABASE_FILE, Recorded, UploadIndex};
-use crate::metrics::Metrics;
+use crate::metrics::{CertKind, Metrics};
 use crate::placement::{chunk_key, closest_relays, file_key};
 use crate::relays::KnownRelays;
 use crate::replicate::{REPLICA_STORE_DEADLINE, Replicas, copy_to_closest, unexpected};
@@ -254,7 +254,9 @@ impl MediaServer {
         let now = unix_now();
         let owner = match request {
             MediaRequest::Hello { cert } => {
-                let response = match self.sessions.hello(peer, &cert, now, ()) {
+                let hello = self.sessions.hello(peer, &cert, now, ());
+                self.store.metrics.count_cert_check(CertKind::Session, hello.is_ok());
+                let response = match hello {
                     Ok(_) => MediaResponse::Welcome { relay: known.local() },
                     Err(refusal) => MediaResponse::Error(refusal),
                 };
@@ -379,19 +381,23 @@ pub(crate) async fn save_file_part(
     let need = replicas.copies_needed(record_targets.len());
     let refusals = [ErrorCode::Forbidden, ErrorCode::BadRequest, ErrorCode::QuotaExceeded];
     let check = |target| record_part_on(replicas, store, &record, target, false);
-    if let Err(refusal) = copy_to_closest("a part check", record_targets, need, &refusals, check).await {
+    if let Err(refusal) =
+        copy_to_closest(&replicas.metrics, "a part check", record_targets, need, &refusals, check).await
+    {
         return MediaResponse::Error(refusal);
     }
     let request = ReplicaRequest::StoreChunk { hash, bytes };
     let need = replicas.copies_needed(chunk_targets.len());
     let copy = |target| store_chunk_on(replicas, store, &request, target);
-    let copies = match copy_to_closest("a chunk", chunk_targets, need, &[], copy).await {
+    let copies = match copy_to_closest(&replicas.metrics, "a chunk", chunk_targets, need, &[], copy).await {
         Ok(copies) => copies.len() as u32,
         Err(refusal) => return MediaResponse::Error(refusal),
     };
     let part = record.part;
     let copy = |target| record_part_on(replicas, store, &record, target, true);
-    if let Err(refusal) = copy_to_closest("a part record", record_targets, need, &refusals, copy).await {
+    if let Err(refusal) =
+        copy_to_closest(&replicas.metrics, "a part record", record_targets, need, &refusals, copy).await
+    {
         return MediaResponse::Error(refusal);
     }
     store.metrics.media_parts_saved.inc();
@@ -415,6 +421,7 @@ async fn store_chunk_on(
             Err(e) => Err(e),
         },
     };
+    replicas.metrics.count_copy(result.is_ok());
     (target, result)
 }
 
@@ -442,6 +449,9 @@ async fn record_part_on(
             Err(e) => Err(e),
         }
     };
+    if commit {
+        replicas.metrics.count_copy(result.is_ok());
+    }
     (target, result)
 }
 

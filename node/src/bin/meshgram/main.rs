@@ -24,7 +24,7 @@ use clap::Parser;
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let args = cli::Cli::parse();
-    meshgram_node::server::service::init_tracing("warn");
+    meshgram_node::server::service::init_tracing("warn", meshgram_node::server::service::LogFormat::Text);
     let json = args.json;
     match cli::run(args).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
