@@ -37,6 +37,8 @@ pub struct RelayFile {
     pub send_rate: u32,
     pub worker_threads: usize,
     pub log_format: LogFormat,
+    pub push: bool,
+    pub push_vapid_subject: Option<String>,
 }
 
 impl Default for RelayFile {
@@ -58,6 +60,8 @@ impl Default for RelayFile {
             send_rate: 5_000,
             worker_threads: 0,
             log_format: LogFormat::Text,
+            push: true,
+            push_vapid_subject: None,
         }
     }
 }
@@ -119,6 +123,13 @@ impl RelayFile {
         config.settings.media_quota = self.media_quota_mib.saturating_mul(1 << 20);
         config.settings.media_upload_grace =
             Duration::from_secs(at_least_one("media_upload_grace_secs", self.media_upload_grace_secs)?);
+        if let Some(subject) = &self.push_vapid_subject
+            && !(subject.starts_with("mailto:") || subject.starts_with("https://"))
+        {
+            return Err(invalid("push_vapid_subject", "must be a mailto: or https:// URL (RFC 8292)"));
+        }
+        config.settings.push =
+            crate::push::PushSettings { enabled: self.push, vapid_subject: self.push_vapid_subject.clone() };
         Ok(config)
     }
 }
@@ -232,6 +243,14 @@ worker_threads = {worker_threads}
 
 # Log lines on stderr: "text", or "json" (one object per line) for log shippers.
 log_format = {log_format}
+
+# Wake devices that are not connected through the push endpoint they registered here (Web Push,
+# encrypted so the push service learns nothing). Off: no wake-ups leave this relay.
+push = {push}
+
+# A contact for push services that ask relays to identify themselves (VAPID, RFC 8292):
+# "mailto:…" or "https://…". Without it wake-ups are not signed.
+# push_vapid_subject = "mailto:relay-operator@example.org"
 "#,
         data_dir = quoted(&values.data_dir.display().to_string()),
         gateway_key = optional("gateway_key", &values.gateway_key, "<64 hex digits>"),
@@ -247,6 +266,7 @@ log_format = {log_format}
         send_rate = d.send_rate,
         worker_threads = d.worker_threads,
         log_format = quoted("text"),
+        push = d.push,
     )
 }
 
@@ -288,7 +308,8 @@ mod tests {
             ("ttl_days", RelayFile { ttl_days: u64::MAX, ..good.clone() }),
             ("mailbox_quota", RelayFile { mailbox_quota: 0, ..good.clone() }),
             ("send_rate", RelayFile { send_rate: 0, ..good.clone() }),
-            ("media_upload_grace_secs", RelayFile { media_upload_grace_secs: 0, ..good }),
+            ("media_upload_grace_secs", RelayFile { media_upload_grace_secs: 0, ..good.clone() }),
+            ("push_vapid_subject", RelayFile { push_vapid_subject: Some("ops@example.org".into()), ..good }),
         ];
         for (key, file) in cases {
             match file.to_config() {

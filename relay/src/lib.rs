@@ -51,6 +51,7 @@ mod media;
 pub mod metrics;
 mod mirror;
 mod net;
+pub mod push;
 pub use meshgram_node::net::placement;
 mod relays;
 pub use media::MediaOpenError;
@@ -115,6 +116,8 @@ pub struct RelaySettings {
     /// How long an upload may take from its first part to its last before it is expired (its
     /// records dropped, its chunks deleted, its bytes given back to the owner's quota).
     pub media_upload_grace: Duration,
+    /// Wake-ups of offline devices through their push endpoints.
+    pub push: push::PushSettings,
 }
 
 /// Everything a relay needs to start.
@@ -153,6 +156,7 @@ impl RelayConfig {
                 send_burst: 50_000,
                 media_quota: DEFAULT_MEDIA_QUOTA_MIB << 20,
                 media_upload_grace: Duration::from_secs(24 * 3600),
+                push: push::PushSettings { enabled: true, vapid_subject: None },
             },
             store: StoreLimits { ttl: Duration::from_secs(30 * 24 * 3600), max_per_mailbox: 100_000 },
         }
@@ -170,6 +174,8 @@ pub enum StartError {
     Store(#[from] StoreError),
     #[error("media store: {0}")]
     Media(#[from] media::MediaOpenError),
+    #[error("push registrations: {0}")]
+    Push(#[from] push::PushOpenError),
     #[error(transparent)]
     Transport(#[from] TransportError),
     #[error("bootstrap address {0} does not end in /p2p/<peer id>")]
@@ -243,10 +249,11 @@ impl Relay {
         let peer_id = *swarm.local_peer_id();
         let listen = listen_on_all(&mut swarm, &config.listen).await?;
         let media = media::MediaStore::open(data, config.settings.media_quota, Arc::clone(&metrics))?;
+        let pusher = push::Pusher::start(data, &config.settings.push, Arc::clone(&metrics))?;
         let mut event_loop = net::EventLoop::new(
             swarm,
             inbound,
-            net::Stores { mailboxes: store.clone(), media },
+            net::Stores { mailboxes: store.clone(), media, pusher },
             config.settings.clone(),
             cert.clone(),
             Arc::clone(&metrics),

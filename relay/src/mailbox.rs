@@ -20,6 +20,7 @@ use meshgram_node::proto::envelope::{Envelope, EnvelopeId};
 use meshgram_node::proto::group::{
     GroupBatch, GroupCursor, GroupId, GroupSeal, GroupWireError, MAX_GROUPS_PER_FETCH, is_group_mailbox,
 };
+use meshgram_node::proto::mailbox::PushEndpoint;
 use meshgram_node::proto::{
     ErrorCode, MAX_ENVELOPE_SIZE, MAX_ENVELOPES_PER_BATCH, MAX_FETCH_WAIT_MS, MailboxRequest, MailboxResponse,
     ReplicaRequest, ReplicaResponse, WireError,
@@ -30,6 +31,7 @@ use tokio::task::{JoinError, JoinSet};
 use crate::RelaySettings;
 use crate::metrics::{CertKind, Metrics, gauge_value};
 use crate::mirror::{self, Answered, Kept, Mirrors, PlannedRead, ReadId, Want};
+use crate::push::{Pusher, SetError};
 use crate::relays::KnownRelays;
 use crate::replicate::{
     DeleteForwarder, Group, REPLICA_STORE_DEADLINE, ReplicaDelete, Replicas, store_replicated, unexpected,
@@ -137,11 +139,13 @@ pub(crate) struct Mailboxes {
     replicas: Replicas,
     /// Deletes of acknowledged envelopes on the other replicas.
     replica_deletes: DeleteForwarder,
+    /// Devices' push endpoints, and the wake-ups sent to them.
+    pusher: Pusher,
     tasks: JoinSet<Done>,
 }
 
 impl Mailboxes {
-    pub(crate) fn new(settings: RelaySettings, metrics: Arc<Metrics>, replicas: Replicas) -> Self {
+    pub(crate) fn new(settings: RelaySettings, metrics: Arc<Metrics>, replicas: Replicas, pusher: Pusher) -> Self {
         let send_limiter = RateLimiter::per_second(settings.send_burst, settings.send_rate);
         Mailboxes {
             store: replicas.store.clone(),
@@ -158,6 +162,7 @@ impl Mailboxes {
             send_limiter,
             replica_deletes: DeleteForwarder::start(Arc::clone(&replicas.pipes)),
             replicas,
+            pusher,
             tasks: JoinSet::new(),
         }
     }
@@ -211,6 +216,11 @@ impl Mailboxes {
                 self.handle_group_fetch(peer, groups, max, wait_ms, GroupReader::Device(channel), Some(known))
             }
             MailboxRequest::Fetch { max, wait_ms, ack } => self.handle_fetch(peer, max, wait_ms, ack, channel, known),
+            MailboxRequest::SetPush { push } => self.set_push(peer, push, channel),
+            MailboxRequest::GetPush => {
+                let push = self.pusher.registry.get(&peer);
+                self.respond(channel, MailboxResponse::Push { push });
+            }
             MailboxRequest::Ack { ids } => {
                 if ids.len() > MAX_ENVELOPES_PER_BATCH {
                     return self.respond(channel, too_many_acks());
@@ -225,6 +235,31 @@ impl Mailboxes {
                 });
             }
         }
+    }
+
+    /// `SetPush` from `device` (the session's own: nobody registers for another device): kept
+    /// durably before the answer.
+    fn set_push(&mut self, device: PeerId, push: Option<PushEndpoint>, channel: Responder<MailboxResponse>) {
+        if let Some(Err(why)) = push.as_ref().map(PushEndpoint::validate) {
+            return self.respond(channel, refuse(ErrorCode::BadRequest, why));
+        }
+        let registry = self.pusher.registry.clone();
+        let metrics = Arc::clone(&self.metrics);
+        self.tasks.spawn(async move {
+            let response = match tokio::task::spawn_blocking(move || {
+                registry.set(device, push)?;
+                metrics.push_registrations.set(gauge_value(registry.len()));
+                Ok::<_, SetError>(())
+            })
+            .await
+            {
+                Ok(Ok(())) => MailboxResponse::PushSet,
+                Ok(Err(e @ SetError::Gone)) => refuse(ErrorCode::NotFound, e.to_string()),
+                Ok(Err(e @ SetError::Store(_))) => refuse(ErrorCode::Internal, e.to_string()),
+                Err(e) => refuse(ErrorCode::Internal, format!("the push endpoint could not be kept: {e}")),
+            };
+            Done::answer(channel, response)
+        });
     }
 
     /// Serves a mirroring relay's `GroupFetch` (`relay` showed its relay certificate) as a
@@ -246,7 +281,7 @@ impl Mailboxes {
     pub(crate) fn finish(&mut self, done: Done, known: &mut KnownRelays<'_>) {
         match done {
             Done::Answer { channel, response, arrived } => {
-                self.wake(arrived);
+                self.wake(arrived, known);
                 self.respond(channel, response);
             }
             Done::Park { peer, channel, max, deadline, arrivals } => {
@@ -311,7 +346,7 @@ impl Mailboxes {
                 }
                 arrived.sort();
                 arrived.dedup();
-                self.wake(arrived);
+                self.wake(arrived, known);
                 self.start_mirror_reads(known);
             }
             Done::Nothing => {}
@@ -390,7 +425,10 @@ impl Mailboxes {
     }
 
     /// Answers the fetches parked on these mailboxes with what has just arrived.
-    pub(crate) fn wake(&mut self, mailboxes: Vec<PeerId>) {
+    /// Envelopes were committed here for `mailboxes`: their parked fetches answer, and a device
+    /// that is not connected here is woken through its push endpoint if this relay is the
+    /// closest live one to its mailbox (one of its replicas, and only one, sends).
+    pub(crate) fn wake(&mut self, mailboxes: Vec<PeerId>, known: &mut KnownRelays<'_>) {
         for mailbox in mailboxes {
             if is_group_mailbox(&mailbox) {
                 if self.group_arrivals.len() >= MAX_GROUP_EPOCHS_KEPT && !self.group_arrivals.contains_key(&mailbox) {
@@ -411,8 +449,15 @@ impl Mailboxes {
                 }
                 continue;
             }
-            if let Some(session) = self.sessions.get_mut(&mailbox) {
-                session.state.arrivals += 1;
+            match self.sessions.get_mut(&mailbox) {
+                Some(session) => session.state.arrivals += 1,
+                None if self.pusher.registry.get(&mailbox).is_some() => {
+                    let closest = known.mailbox_relays(&mailbox).first().map(|relay| relay.peer_id);
+                    if closest == Some(known.local()) {
+                        self.pusher.arrived(mailbox);
+                    }
+                }
+                None => {}
             }
             if let Some(parked) = self.parked.remove(&mailbox) {
                 self.spawn_fetch(mailbox, parked.channel, parked.max, parked.deadline);

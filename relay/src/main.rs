@@ -87,6 +87,12 @@ struct Cli {
     /// Log lines on stderr: text, or one JSON object per line for log shippers.
     #[arg(long, env = "MESHGRAM_LOG_FORMAT", value_enum)]
     log_format: Option<LogFormat>,
+    /// Wake devices that are not connected through their push endpoints (default true).
+    #[arg(long, env = "MESHGRAM_RELAY_PUSH")]
+    push: Option<bool>,
+    /// VAPID contact (mailto: or https://) for push services that ask for signed wake-ups.
+    #[arg(long, env = "MESHGRAM_RELAY_PUSH_VAPID_SUBJECT")]
+    push_vapid_subject: Option<String>,
     /// Exit when standard input closes (used by `meshgram up`, so that roles never outlive it).
     #[arg(long)]
     exit_on_stdin_close: bool,
@@ -157,6 +163,8 @@ fn settings(cli: &Cli) -> anyhow::Result<RelayFile> {
     set(&mut file.send_rate, &cli.send_rate);
     set(&mut file.worker_threads, &cli.worker_threads);
     set(&mut file.log_format, &cli.log_format);
+    set(&mut file.push, &cli.push);
+    file.push_vapid_subject = cli.push_vapid_subject.clone().or(file.push_vapid_subject);
     Ok(file)
 }
 

@@ -134,6 +134,14 @@ pub struct Metrics {
     /// that failed (tried again).
     pub groups_mirrored: Gauge,
     pub mirror_reads_failed: Counter,
+    /// Devices with a push endpoint registered here, and the wake-ups sent to them (`push`):
+    /// delivered, given up, folded into one already sent or queued, and endpoints dropped
+    /// because the push service said they are gone.
+    pub push_registrations: Gauge,
+    pub push_wakeups_sent: Counter,
+    pub push_wakeups_failed: Counter,
+    pub push_wakeups_coalesced: Counter,
+    pub push_endpoints_dropped: Counter,
 }
 
 /// Registers `metric` under `name` and hands it back (metrics are shared handles).
@@ -343,6 +351,36 @@ impl Metrics {
                 &mut r,
                 "mirror_reads_failed",
                 "Reads of mirrored groups from their relays that failed (tried again)",
+                Counter::default(),
+            ),
+            push_registrations: register(
+                &mut r,
+                "push_registrations",
+                "Devices with a push endpoint registered here",
+                Gauge::default(),
+            ),
+            push_wakeups_sent: register(
+                &mut r,
+                "push_wakeups_sent",
+                "Wake-ups the push services took",
+                Counter::default(),
+            ),
+            push_wakeups_failed: register(
+                &mut r,
+                "push_wakeups_failed",
+                "Wake-ups given up (after retries, or refused)",
+                Counter::default(),
+            ),
+            push_wakeups_coalesced: register(
+                &mut r,
+                "push_wakeups_coalesced",
+                "Arrivals folded into a wake-up already sent or queued",
+                Counter::default(),
+            ),
+            push_endpoints_dropped: register(
+                &mut r,
+                "push_endpoints_dropped",
+                "Push endpoints dropped because the push service said they are gone (404, 410)",
                 Counter::default(),
             ),
             registry: r,

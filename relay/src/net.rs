@@ -38,6 +38,7 @@ use crate::behaviour::{RelayBehaviour, RelayBehaviourEvent};
 use crate::mailbox::Mailboxes;
 use crate::media::{MediaServer, MediaStore};
 use crate::metrics::{CertKind, Metrics, gauge_value};
+use crate::push::Pusher;
 use crate::relays::{RelayReport, Relays, Reports, reports};
 use crate::repair::{AFTER_MEMBERSHIP_CHANGE, REPAIR_EVERY, RoundReport, repair_round};
 use crate::replica::{self, ReplicaServer};
@@ -134,6 +135,8 @@ pub(crate) fn inbound_pipes(metrics: &Arc<Metrics>) -> (Acceptor, InboundPipes) 
 pub(crate) struct Stores {
     pub(crate) mailboxes: StoreHandle,
     pub(crate) media: MediaStore,
+    /// Push registrations, and the wake-up sender.
+    pub(crate) pusher: Pusher,
 }
 
 /// The loop's side of [`inbound_pipes`].
@@ -147,7 +150,7 @@ impl EventLoop {
     pub(crate) fn new(
         swarm: Swarm<RelayBehaviour>,
         inbound: InboundPipes,
-        Stores { mailboxes: store, media: media_store }: Stores,
+        Stores { mailboxes: store, media: media_store, pusher }: Stores,
         settings: RelaySettings,
         cert: RelayCert,
         metrics: Arc<Metrics>,
@@ -176,7 +179,7 @@ impl EventLoop {
             media: MediaServer::new(settings.gateway_key.clone(), media_store.clone(), replicas.clone()),
             media_upload_grace: settings.media_upload_grace,
             media_store,
-            mailboxes: Mailboxes::new(settings, Arc::clone(&metrics), replicas.clone()),
+            mailboxes: Mailboxes::new(settings, Arc::clone(&metrics), replicas.clone(), pusher),
             metrics,
             replica_client,
             greetings: JoinSet::new(),
@@ -235,7 +238,7 @@ impl EventLoop {
                 },
                 Some(done) = self.replica_server.next_done() => match done {
                     Ok(replica::Done { channel, response, arrived }) => {
-                        self.mailboxes.wake(arrived);
+                        self.mailboxes.wake(arrived, &mut self.relays.known(&mut self.swarm.behaviour_mut().kad));
                         channel.respond(response);
                     }
                     Err(e) => tracing::error!(error = %e, "relay task failed"),

@@ -19,6 +19,7 @@ use crate::client::groups::{GroupChange, GroupError, GroupInfo};
 use crate::client::history::{BackupSchedule, Imported, Press, StoredMessage};
 use crate::client::media::{ByteRange, Downloaded, Progress};
 use crate::client::messaging::MessagingError;
+use crate::client::push::{PushRelay, PushSubscription};
 use crate::client::secret::{SecretChatInfo, SecretError, SecretMessage};
 use crate::client::session::ClientError;
 use crate::ids::{SessionId, UserId};
@@ -307,6 +308,15 @@ pub enum Call {
         text: Option<String>,
         alert: bool,
     },
+    /// Register this device's Web Push subscription with its mailbox relays, which then wake
+    /// it up when something arrives while it is not connected.
+    PushRegister {
+        subscription: PushSubscription,
+    },
+    /// Remove it from the relays and the profile.
+    PushUnregister,
+    /// The subscription, and whether each mailbox relay holds it.
+    PushStatus,
 }
 
 impl Call {
@@ -474,6 +484,12 @@ pub enum Reply {
     Presses {
         presses: Vec<Press>,
     },
+    /// `PushRegister`, `PushUnregister`, `PushStatus`: the profile's subscription (none once
+    /// unregistered) and what each mailbox relay holds.
+    Push {
+        subscription: Option<PushSubscription>,
+        relays: Vec<PushRelay>,
+    },
 }
 
 /// Display names of the people a reply mentions, from cached directory cards.
@@ -639,7 +655,7 @@ impl From<MessagingError> for ApiError {
             MessagingError::BackupKey(_) => "PROFILE",
             MessagingError::BadBackup(_) => "BAD_BACKUP",
             MessagingError::NoBackup(_) => "NOT_FOUND",
-            MessagingError::BadExtras(_) => "USAGE",
+            MessagingError::BadExtras(_) | MessagingError::BadPush(_) => "USAGE",
             MessagingError::NoButton { .. } => "NO_BUTTON",
             MessagingError::NoCallback(_) => "QUERY_TOO_OLD",
             MessagingError::Group(ref e) => match e {

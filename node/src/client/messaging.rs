@@ -241,6 +241,9 @@ pub enum MessagingError {
     /// A button press this device does not have (answered already, or too old).
     #[error("query {0} is too old, or was answered already")]
     NoCallback(CallbackId),
+    /// A push subscription that cannot be used (its URL or keys).
+    #[error("{0}")]
+    BadPush(String),
 }
 
 impl MessagingError {
@@ -270,6 +273,7 @@ impl MessagingError {
             | MessagingError::NoBackup(_)
             | MessagingError::Group(_)
             | MessagingError::BadExtras(_)
+            | MessagingError::BadPush(_)
             | MessagingError::NoButton { .. }
             | MessagingError::NoCallback(_) => false,
             // The secret chats' file could not be written (disk full): it may pass.
@@ -331,6 +335,8 @@ pub struct Messenger {
     /// Whether this messenger writes `session.json` when it learns relays (a client node's
     /// messengers leave that to the node, which owns the session).
     saves_session: bool,
+    /// This device's push endpoint (`push.json`), given to each mailbox relay it greets.
+    pub(crate) push: Option<crate::proto::mailbox::PushEndpoint>,
 }
 
 impl Messenger {
@@ -354,6 +360,15 @@ impl Messenger {
     }
 
     fn new(client: Client, session: SavedSession) -> Self {
+        // A subscription that no longer reads is reported by `push status`; the device is only
+        // not woken meanwhile.
+        let push = match crate::client::push::PushSubscription::load(client.profile()) {
+            Ok(subscription) => subscription.and_then(|s| s.to_endpoint().ok()),
+            Err(e) => {
+                tracing::warn!(error = %e, "the push subscription does not read; not registering it");
+                None
+            }
+        };
         Messenger {
             client,
             session,
@@ -367,6 +382,7 @@ impl Messenger {
             unacked: HashMap::new(),
             unresponsive: HashMap::new(),
             saves_session: true,
+            push,
         }
     }
 
@@ -398,6 +414,7 @@ impl Messenger {
             unacked: HashMap::new(),
             unresponsive: HashMap::new(),
             saves_session: self.saves_session,
+            push: self.push.clone(),
         })
     }
 
@@ -489,7 +506,7 @@ impl Messenger {
 
     /// One request to a relay (greeting it first if need be), given up after `deadline`: a
     /// relay that is stopped or swamped must cost a bounded wait, then the next relay.
-    async fn relay_call(
+    pub(crate) async fn relay_call(
         &mut self,
         relay: &RelayInfo,
         request: MailboxRequest,
@@ -578,6 +595,7 @@ impl Messenger {
                             self.session.save(self.client.profile())?;
                         }
                     }
+                    self.push_after_greeting(relay).await;
                 }
                 MailboxResponse::Error(e) => return Err(MessagingError::Refused(e)),
                 _ => return Err(ClientError::UnexpectedResponse("Hello").into()),
@@ -994,13 +1012,7 @@ impl Messenger {
         if self.mailbox_relays.is_empty() {
             self.greet_any().await?;
         } else if self.mailbox_relays_at.is_none_or(|at| at.elapsed() >= MAILBOX_RELAYS_FRESH_FOR) {
-            // Placement moves when relays join, leave or are revoked, and repair moves the
-            // copies with it: ask again now and then, or a long-running node keeps fetching
-            // from relays that no longer hold its mailbox. The old list serves if none answers.
-            if let Err(e) = self.greet_any().await {
-                tracing::warn!(error = %e, "could not refresh this device's mailbox relays");
-                self.mailbox_relays_at = Some(std::time::Instant::now());
-            }
+            self.refresh_mailbox_relays().await?;
         }
         let mut fresh = Inbox::default();
         let mut reached = 0;
@@ -1052,6 +1064,21 @@ impl Messenger {
                 tracing::warn!(%sender, error = %e, "could not send delivery receipts");
             }
         }
+    }
+
+    /// Asks a relay afresh which relays hold this device's mailbox. Placement moves when relays
+    /// join, leave or are revoked, and repair moves the copies with it: a long-running node asks
+    /// now and then, or it keeps fetching from relays that no longer hold its mailbox. The old
+    /// list serves if none answers; with none known, this fails.
+    pub(crate) async fn refresh_mailbox_relays(&mut self) -> Result<(), MessagingError> {
+        if self.mailbox_relays.is_empty() {
+            return self.greet_any().await;
+        }
+        if let Err(e) = self.greet_any().await {
+            tracing::warn!(error = %e, "could not refresh this device's mailbox relays");
+            self.mailbox_relays_at = Some(std::time::Instant::now());
+        }
+        Ok(())
     }
 
     async fn greet_any(&mut self) -> Result<(), MessagingError> {

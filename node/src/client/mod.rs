@@ -11,6 +11,7 @@
 //! - [`secret`]: secret chats — one device each side, Noise IK sessions, self-destructing messages.
 //! - [`groups`]: groups — state by admins, an epoch key per membership, messages stored once.
 //! - [`media`]: files — resumable uploads in encrypted parts, downloads from any holder.
+//! - [`push`]: this device's Web Push endpoint, registered with its mailbox relays.
 //! - [`node`]: the client node — a running device that receives, renews, and answers calls.
 //! - [`api`]: the node's calls, replies, errors and events, shared by every front end.
 //! - [`control`]: the node's local control socket (0600, same user only) and its client.
@@ -26,6 +27,7 @@ pub mod media;
 pub mod messaging;
 pub mod net;
 pub mod node;
+pub mod push;
 pub mod secret;
 pub mod session;
 

@@ -744,6 +744,15 @@ impl Actor {
                 let (file, serve) = self.messenger.message_file(message)?;
                 Reply::FileOf { file: *file, secret: serve == crate::client::media::Serve::No }
             }
+            Call::PushRegister { subscription } => {
+                let relays = self.messenger.push_register(subscription.clone()).await?;
+                Reply::Push { subscription: Some(subscription), relays }
+            }
+            Call::PushUnregister => Reply::Push { subscription: None, relays: self.messenger.push_unregister().await? },
+            Call::PushStatus => {
+                let (subscription, relays) = self.messenger.push_status().await?;
+                Reply::Push { subscription, relays }
+            }
             Call::Presses => {
                 self.receive_waiting().await?;
                 Reply::Presses { presses: self.messenger.presses()? }

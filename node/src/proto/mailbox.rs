@@ -81,6 +81,50 @@ pub enum MailboxRequest {
     /// a newer `GroupFetch` from the same device answers an older one empty). Nothing is
     /// deleted: every member reads from a cursor of its own, until the messages expire.
     GroupFetch { groups: Vec<GroupCursor>, max: u32, wait_ms: u32 },
+    /// Registers (`Some`, replacing any before) or removes (`None`) this device's push
+    /// endpoint on this relay: when an envelope arrives for the device while it is not
+    /// connected, the closest of its mailbox relays sends a wake-up there. Only for the device
+    /// of the connection's session. Answered `PushSet`.
+    SetPush { push: Option<PushEndpoint> },
+    /// This device's push endpoint as this relay holds it. Answered `Push`.
+    GetPush,
+}
+
+/// A Web Push subscription (RFC 8030, as UnifiedPush and browsers hand them out): where to POST
+/// wake-ups, and the keys they are encrypted to (RFC 8291).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PushEndpoint {
+    /// `https://…` (or `http://…`, for a push service on the local network).
+    pub url: String,
+    /// The device's P-256 public key, uncompressed (65 bytes): `p256dh`.
+    #[serde(with = "serde_bytes")]
+    pub p256dh: Vec<u8>,
+    /// The shared authentication secret (16 bytes): `auth`.
+    #[serde(with = "serde_bytes")]
+    pub auth: Vec<u8>,
+}
+
+/// The longest push endpoint URL a relay keeps.
+pub const MAX_PUSH_URL_LEN: usize = 2048;
+
+impl PushEndpoint {
+    /// Checks what a relay can check without sending: the URL's scheme and length, the keys'
+    /// sizes (the point itself is checked when a wake-up is encrypted to it).
+    pub fn validate(&self) -> Result<(), String> {
+        if !(self.url.starts_with("https://") || self.url.starts_with("http://")) {
+            return Err("the push endpoint must be an http:// or https:// URL".into());
+        }
+        if self.url.len() > MAX_PUSH_URL_LEN || self.url.chars().any(char::is_whitespace) {
+            return Err(format!("the push endpoint URL must be at most {MAX_PUSH_URL_LEN} characters, without spaces"));
+        }
+        if self.p256dh.len() != 65 || self.p256dh[0] != 4 {
+            return Err("p256dh must be an uncompressed P-256 public key (65 bytes, starting 0x04)".into());
+        }
+        if self.auth.len() != 16 {
+            return Err("auth must be 16 bytes".into());
+        }
+        Ok(())
+    }
 }
 
 impl MailboxRequest {
@@ -93,6 +137,8 @@ impl MailboxRequest {
             MailboxRequest::Ack { .. } => "ack",
             MailboxRequest::Post { .. } => "post",
             MailboxRequest::GroupFetch { .. } => "group_fetch",
+            MailboxRequest::SetPush { .. } => "set_push",
+            MailboxRequest::GetPush => "get_push",
         }
     }
 }
@@ -120,6 +166,10 @@ pub enum MailboxResponse {
     /// Answer to `GroupFetch`: the groups with messages from their cursors on (a group with
     /// none is left out).
     GroupEnvelopes { groups: Vec<GroupBatch> },
+    /// The answer to `SetPush`: kept (or removed) durably.
+    PushSet,
+    /// The answer to `GetPush`.
+    Push { push: Option<PushEndpoint> },
 }
 
 /// A relay and where to reach it.

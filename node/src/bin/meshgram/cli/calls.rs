@@ -10,6 +10,7 @@ use meshgram_node::client::buttons::Pressed;
 use meshgram_node::client::control::{ControlClient, ControlError, Holder, NodeLock};
 use meshgram_node::client::history::PressAnswer;
 use meshgram_node::client::node::{NodeHandle, NodeMode};
+use meshgram_node::client::push::{PushRelay, PushSubscription};
 use meshgram_node::defaults::{PROFILE_BUSY_POLL, PROFILE_BUSY_WAIT};
 use meshgram_node::ids::InvalidValue;
 use meshgram_node::proto::LookupQuery;
@@ -19,7 +20,7 @@ use serde_json::{Value, json};
 use super::output::{describe, emit, message_line, to_json};
 use super::{
     BackupCommand, BotCommand, CliError, CliResult, Command, DevicesCommand, PasswordCommand, ProfileCommand,
-    SessionsCommand,
+    PushCommand, SessionsCommand,
 };
 
 /// Makes `call` on the profile's node: the running one if there is one, else one opened for
@@ -148,6 +149,11 @@ async fn call_for(command: Command) -> Result<Call, CliError> {
         Command::Secret(command) => super::secret::call_for(command).await?,
         Command::Group(command) => super::group::call_for(command)?,
         Command::Join { link } => Call::Join { link },
+        Command::Push(PushCommand::Register { url, p256dh, auth }) => {
+            Call::PushRegister { subscription: PushSubscription { url, p256dh, auth } }
+        }
+        Command::Push(PushCommand::Status) => Call::PushStatus,
+        Command::Push(PushCommand::Unregister) => Call::PushUnregister,
         Command::Channel(command) => super::group::channel_call_for(command)?,
         Command::Backup(BackupCommand::Schedule { every, keep, off }) => Call::BackupSchedule {
             every_secs: every.as_deref().map(super::history::parse_every).transpose()?,
@@ -396,7 +402,28 @@ pub(super) fn print(json: bool, call: &Call, reply: Reply) -> CliResult {
                 false => format!("{channel} is now {name}: anyone reads it with `meshgram channel read {name}`."),
             })
         }
+        (_, Reply::Push { subscription, relays }) => {
+            emit(json, json!({ "subscription": subscription, "relays": relays }), || push_text(&subscription, &relays))
+        }
         (_, other) => return Err(unexpected(&other)),
     }
     Ok(())
+}
+
+/// `push` as text: the subscription, then each mailbox relay.
+fn push_text(subscription: &Option<PushSubscription>, relays: &[PushRelay]) -> String {
+    let mut text = match subscription {
+        Some(s) => format!("Push endpoint: {}", s.url),
+        None => "No push endpoint: this device is not woken when closed.".to_string(),
+    };
+    for relay in relays {
+        let state = match (&relay.error, &relay.endpoint) {
+            (Some(e), _) => format!("not reached ({e})"),
+            (None, Some(url)) if subscription.as_ref().is_some_and(|s| &s.url == url) => "holds it".to_string(),
+            (None, Some(url)) => format!("holds another one, {url}"),
+            (None, None) => "holds none".to_string(),
+        };
+        text.push_str(&format!("\n  mailbox relay {}: {state}", relay.relay));
+    }
+    text
 }

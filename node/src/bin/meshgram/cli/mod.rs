@@ -166,6 +166,11 @@ pub(crate) enum Command {
     /// Channels: one-to-many, only admins post; public ones are read by anyone with the link.
     #[command(subcommand)]
     Channel(ChannelCommand),
+    /// Push notifications: relays wake this device through a Web Push / UnifiedPush endpoint
+    /// when something arrives while it is not connected (encrypted; the push service learns
+    /// nothing of who wrote or what).
+    #[command(subcommand)]
+    Push(PushCommand),
     /// Run this profile's client node until Ctrl-C: it receives as messages arrive, renews the
     /// session, and other commands of the profile go through it.
     Node,
@@ -304,6 +309,26 @@ pub(crate) enum BackupCommand {
         #[arg(long)]
         off: bool,
     },
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum PushCommand {
+    /// Register a subscription (as the push service or browser hands it out) with the relays
+    /// holding this device's mailbox.
+    Register {
+        /// The endpoint URL.
+        url: String,
+        /// The subscription's P-256 public key, base64url.
+        #[arg(long)]
+        p256dh: String,
+        /// The subscription's auth secret, base64url.
+        #[arg(long)]
+        auth: String,
+    },
+    /// The subscription, and whether each mailbox relay holds it.
+    Status,
+    /// Remove the subscription from the relays and this profile.
+    Unregister,
 }
 
 /// `CHAT` below: a secret chat's id (or a unique part of it, as `secret list` shows), or

@@ -1,0 +1,181 @@
+//! Push: this device's Web Push endpoint, registered with the relays that hold its mailbox, so
+//! that one of them wakes the app when something arrives while it is not connected (the relay
+//! side is `meshgram_relay::push`).
+//!
+//! The subscription is kept in the profile (`push.json`) and sent again each time this device
+//! greets one of its mailbox relays, so that relays newly responsible for its mailbox (placement
+//! moves as relays come and go) learn it the next time the device is online. A relay whose push
+//! service said the subscription is gone refuses it (`NOT_FOUND`), and the device drops it.
+
+use std::path::Path;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use libp2p::PeerId;
+use serde::{Deserialize, Serialize};
+
+use crate::client::messaging::{MessagingError, Messenger};
+use crate::defaults::RELAY_ANSWER_DEADLINE;
+use crate::proto::mailbox::PushEndpoint;
+use crate::proto::{ErrorCode, MailboxRequest, MailboxResponse, RelayInfo};
+
+/// The subscription's file in the profile.
+pub const PUSH_FILE: &str = "push.json";
+
+/// A Web Push subscription as push services and browsers hand it out: the endpoint URL and the
+/// keys, base64url.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PushSubscription {
+    pub url: String,
+    pub p256dh: String,
+    pub auth: String,
+}
+
+/// What a mailbox relay holds of this device's subscription.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PushRelay {
+    pub relay: PeerId,
+    /// The endpoint URL it holds for this device, if any.
+    pub endpoint: Option<String>,
+    /// Why it could not be asked or told, if so.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl PushSubscription {
+    /// The endpoint the relays are given, every field checked.
+    pub fn to_endpoint(&self) -> Result<PushEndpoint, MessagingError> {
+        let decode = |name: &str, value: &str| {
+            // Subscriptions are base64url; some tools pad them or use the standard alphabet.
+            let value = value.trim_end_matches('=').replace('+', "-").replace('/', "_");
+            URL_SAFE_NO_PAD.decode(value).map_err(|e| MessagingError::BadPush(format!("{name} is not base64url: {e}")))
+        };
+        let endpoint = PushEndpoint {
+            url: self.url.clone(),
+            p256dh: decode("p256dh", &self.p256dh)?,
+            auth: decode("auth", &self.auth)?,
+        };
+        endpoint.validate().map_err(MessagingError::BadPush)?;
+        Ok(endpoint)
+    }
+
+    /// The profile's subscription, if it has one.
+    pub fn load(profile: &Path) -> Result<Option<Self>, MessagingError> {
+        match std::fs::read(profile.join(PUSH_FILE)) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|e| MessagingError::File(format!("{}: {e}", profile.join(PUSH_FILE).display()))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(MessagingError::File(format!("{}: {e}", profile.join(PUSH_FILE).display()))),
+        }
+    }
+
+    fn save(&self, profile: &Path) -> Result<(), MessagingError> {
+        let path = profile.join(PUSH_FILE);
+        let json = serde_json::to_vec_pretty(self).map_err(|e| MessagingError::File(e.to_string()))?;
+        let tmp = path.with_extension("json.tmp");
+        std::fs::write(&tmp, json)
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .map_err(|e| MessagingError::File(format!("{}: {e}", path.display())))
+    }
+
+    fn remove(profile: &Path) -> Result<(), MessagingError> {
+        match std::fs::remove_file(profile.join(PUSH_FILE)) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(MessagingError::File(e.to_string())),
+        }
+    }
+}
+
+impl Messenger {
+    /// Registers `subscription` with every relay holding this device's mailbox and keeps it in
+    /// the profile (so it is sent again as those relays change). Fails only if no relay took it.
+    pub async fn push_register(&mut self, subscription: PushSubscription) -> Result<Vec<PushRelay>, MessagingError> {
+        let endpoint = subscription.to_endpoint()?;
+        subscription.save(self.client.profile())?;
+        self.push = Some(endpoint.clone());
+        self.tell_mailbox_relays(Some(endpoint)).await
+    }
+
+    /// Removes this device's subscription from its mailbox relays and the profile.
+    pub async fn push_unregister(&mut self) -> Result<Vec<PushRelay>, MessagingError> {
+        PushSubscription::remove(self.client.profile())?;
+        self.push = None;
+        self.tell_mailbox_relays(None).await
+    }
+
+    /// The profile's subscription, and whether each mailbox relay holds it.
+    pub async fn push_status(&mut self) -> Result<(Option<PushSubscription>, Vec<PushRelay>), MessagingError> {
+        let subscription = PushSubscription::load(self.client.profile())?;
+        let mut relays = Vec::new();
+        for relay in self.current_mailbox_relays().await? {
+            let status = match self.relay_call(&relay, MailboxRequest::GetPush, RELAY_ANSWER_DEADLINE).await {
+                Ok(MailboxResponse::Push { push }) => {
+                    PushRelay { relay: relay.peer_id, endpoint: push.map(|p| p.url), error: None }
+                }
+                Ok(_) => unexpected(relay.peer_id),
+                Err(e) => PushRelay { relay: relay.peer_id, endpoint: None, error: Some(e.to_string()) },
+            };
+            relays.push(status);
+        }
+        Ok((subscription, relays))
+    }
+
+    /// Sends `SetPush` to each mailbox relay; an error if none took it.
+    async fn tell_mailbox_relays(&mut self, push: Option<PushEndpoint>) -> Result<Vec<PushRelay>, MessagingError> {
+        let mut relays = Vec::new();
+        for relay in self.current_mailbox_relays().await? {
+            let request = MailboxRequest::SetPush { push: push.clone() };
+            let status = match self.relay_call(&relay, request, RELAY_ANSWER_DEADLINE).await {
+                Ok(MailboxResponse::PushSet) => {
+                    PushRelay { relay: relay.peer_id, endpoint: push.as_ref().map(|p| p.url.clone()), error: None }
+                }
+                Ok(_) => unexpected(relay.peer_id),
+                Err(e) => PushRelay { relay: relay.peer_id, endpoint: None, error: Some(e.to_string()) },
+            };
+            relays.push(status);
+        }
+        if relays.iter().all(|r| r.error.is_some()) {
+            let why = relays.iter().filter_map(|r| r.error.clone()).collect::<Vec<_>>().join("; ");
+            return Err(MessagingError::NoRelay(why));
+        }
+        Ok(relays)
+    }
+
+    /// The relays holding this device's mailbox, asked afresh.
+    async fn current_mailbox_relays(&mut self) -> Result<Vec<RelayInfo>, MessagingError> {
+        self.refresh_mailbox_relays().await?;
+        Ok(self.mailbox_relays.clone())
+    }
+
+    /// Just greeted `relay`: if it holds this device's mailbox and the device has a push
+    /// subscription, gives it the subscription (best effort: the next greeting tries again).
+    pub(crate) async fn push_after_greeting(&mut self, relay: &RelayInfo) {
+        let Some(push) = self.push.clone() else { return };
+        if !self.mailbox_relays.iter().any(|r| r.peer_id == relay.peer_id) {
+            return;
+        }
+        let request = MailboxRequest::SetPush { push: Some(push) };
+        match tokio::time::timeout(RELAY_ANSWER_DEADLINE, self.client.mailbox_request(relay, request)).await {
+            Ok(Ok(MailboxResponse::PushSet)) => {}
+            // Its push service said the subscription is gone: it would never wake us again.
+            Ok(Ok(MailboxResponse::Error(e))) if e.code == ErrorCode::NotFound => {
+                tracing::warn!(relay = %relay.peer_id, error = %e, "the push subscription is gone; dropping it");
+                self.push = None;
+                if let Err(e) = PushSubscription::remove(self.client.profile()) {
+                    tracing::warn!(error = %e, "could not remove the gone push subscription");
+                }
+            }
+            Ok(Ok(other)) => tracing::warn!(relay = %relay.peer_id, ?other, "the relay did not take the push endpoint"),
+            Ok(Err(e)) => {
+                tracing::warn!(relay = %relay.peer_id, error = %e, "could not give the relay the push endpoint")
+            }
+            Err(_) => tracing::warn!(relay = %relay.peer_id, "the relay did not answer the push endpoint in time"),
+        }
+    }
+}
+
+fn unexpected(relay: PeerId) -> PushRelay {
+    PushRelay { relay, endpoint: None, error: Some("unexpected answer".into()) }
+}
