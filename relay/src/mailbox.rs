@@ -216,7 +216,14 @@ impl Mailboxes {
                 self.handle_group_fetch(peer, groups, max, wait_ms, GroupReader::Device(channel), Some(known))
             }
             MailboxRequest::Fetch { max, wait_ms, ack } => self.handle_fetch(peer, max, wait_ms, ack, channel, known),
-            MailboxRequest::SetPush { push } => self.set_push(peer, push, channel),
+            MailboxRequest::SetPush { push } => self.set_push(peer, push, None, channel),
+            MailboxRequest::PushGroups { push, groups } => {
+                if groups.len() > MAX_GROUPS_PER_FETCH {
+                    let message = format!("at most {MAX_GROUPS_PER_FETCH} groups per PushGroups");
+                    return self.respond(channel, refuse(ErrorCode::BadRequest, message));
+                }
+                self.set_push(peer, Some(push), Some(groups), channel);
+            }
             MailboxRequest::GetPush => {
                 let push = self.pusher.registry.get(&peer);
                 self.respond(channel, MailboxResponse::Push { push });
@@ -237,9 +244,15 @@ impl Mailboxes {
         }
     }
 
-    /// `SetPush` from `device` (the session's own: nobody registers for another device): kept
-    /// durably before the answer.
-    fn set_push(&mut self, device: PeerId, push: Option<PushEndpoint>, channel: Responder<MailboxResponse>) {
+    /// `SetPush` (`groups: None`) or `PushGroups` from `device` (the session's own: nobody
+    /// registers for another device): kept durably before the answer.
+    fn set_push(
+        &mut self,
+        device: PeerId,
+        push: Option<PushEndpoint>,
+        groups: Option<Vec<GroupId>>,
+        channel: Responder<MailboxResponse>,
+    ) {
         if let Some(Err(why)) = push.as_ref().map(PushEndpoint::validate) {
             return self.respond(channel, refuse(ErrorCode::BadRequest, why));
         }
@@ -247,7 +260,10 @@ impl Mailboxes {
         let metrics = Arc::clone(&self.metrics);
         self.tasks.spawn(async move {
             let response = match tokio::task::spawn_blocking(move || {
-                registry.set(device, push)?;
+                match (push, groups) {
+                    (Some(push), Some(groups)) => registry.set_groups(device, push, groups)?,
+                    (push, _) => registry.set(device, push)?,
+                }
                 metrics.push_registrations.set(gauge_value(registry.len()));
                 Ok::<_, SetError>(())
             })
@@ -446,6 +462,12 @@ impl Mailboxes {
                     .collect();
                 if !readers.is_empty() {
                     self.spawn_group_push(mailbox, readers);
+                }
+                // Members who read the group here and are not connected: woken by push.
+                for device in self.pusher.registry.watchers(&mailbox) {
+                    if self.sessions.get(&device).is_none() {
+                        self.pusher.arrived(device);
+                    }
                 }
                 continue;
             }
@@ -780,7 +802,12 @@ impl Mailboxes {
     /// Starts the mirror's reads of origin relays that need one (see [`Mirrors::plan`]).
     fn start_mirror_reads(&mut self, known: &mut KnownRelays<'_>) {
         let replication = self.settings.replication;
-        let reads = self.mirrors.plan(Instant::now(), |group| mirror_origin(known, replication, group));
+        let now = Instant::now();
+        // A channel whose subscribers' apps are closed has no readers here, but devices to wake
+        // for its posts: it stays followed.
+        let registry = &self.pusher.registry;
+        self.mirrors.keep_wanted(now, |group| !registry.watchers(&group.mailbox()).is_empty());
+        let reads = self.mirrors.plan(now, |group| mirror_origin(known, replication, group));
         for read in reads {
             self.spawn_mirror_read(read);
         }

@@ -132,6 +132,17 @@ impl Mirrors {
         Want::New
     }
 
+    /// Keeps following the groups `wanted` says are still wanted without a read (devices to wake
+    /// for their posts), as if a reader had asked now. Only groups followed already: this never
+    /// starts following one.
+    pub(crate) fn keep_wanted(&mut self, now: Instant, wanted: impl Fn(&GroupId) -> bool) {
+        for (group, followed) in &mut self.followed {
+            if wanted(group) {
+                followed.wanted_at = now;
+            }
+        }
+    }
+
     /// `group`'s posts show it is a group, not a channel: it is no longer followed.
     pub(crate) fn not_a_channel(&mut self, group: GroupId, now: Instant) {
         self.followed.remove(&group);
@@ -402,11 +413,13 @@ mod tests {
         mirrors.read_done(reads[0].id, &reads[0].cursors, Some(&late));
         assert!(mirrors.plan(start, origin).is_empty(), "the newer read is still under way");
 
-        // Nobody asks for a while: the groups go.
+        // Nobody asks for a while: the groups go, but for one read and one with devices to
+        // wake for its posts.
         let later = start + IDLE_AFTER + Duration::from_secs(1);
         mirrors.want(group(1), later);
+        mirrors.keep_wanted(later, |g| *g == group(2) || *g == group(9));
         mirrors.plan(later, origin);
-        assert_eq!(mirrors.followed(), 1);
+        assert_eq!(mirrors.followed(), 2, "groups 1 and 2; 9 was never followed, and is not now");
     }
 
     #[test]

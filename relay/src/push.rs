@@ -2,9 +2,10 @@
 //! device registered here (`SetPush`).
 //!
 //! When envelopes land here for a device with no session on this relay, and this relay is the
-//! closest live one to its mailbox (so that exactly one of the replicas sends), [`Pusher::arrived`]
-//! hands the device to the dispatcher task and returns at once: the message path never waits on
-//! a push service. The dispatcher coalesces (at most one wake-up per device per
+//! closest live one to its mailbox (so that exactly one of the replicas sends), or a post lands
+//! in a group the device reads from this relay and asked to be woken for (`PushGroups`: it reads
+//! each group from one relay), [`Pusher::arrived`] hands the device to the dispatcher task and
+//! returns at once: the message path never waits on a push service. The dispatcher coalesces (at most one wake-up per device per
 //! [`COALESCE_FOR`]) and sends each on a task of its own:
 //! - the body is a fixed, content-free text encrypted to the device's keys as RFC 8291 says
 //!   (aes128gcm, RFC 8188), so the push service learns nothing, not even who wrote;
@@ -12,10 +13,10 @@
 //! - retried with backoff on 429, 5xx and network errors; the registration is dropped on
 //!   404 or 410 (the endpoint is gone); any other answer fails it.
 //!
-//! Registrations are kept in `DATA/push.redb` (device → endpoint), and in memory for the event
-//! loop's look-ups.
+//! Registrations are kept in `DATA/push.redb` (device → endpoint and watched groups), and in
+//! memory for the event loop's look-ups.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -24,10 +25,12 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use libp2p::PeerId;
 use meshgram_node::crypto::cert::unix_now;
+use meshgram_node::proto::group::GroupId;
 use meshgram_node::proto::mailbox::PushEndpoint;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use ring::rand::{SecureRandom, SystemRandom};
 use ring::signature::KeyPair;
+use serde::{Deserialize, Serialize};
 use tokio::sync::{Semaphore, mpsc};
 
 use crate::metrics::Metrics;
@@ -36,7 +39,8 @@ use crate::metrics::Metrics;
 pub const PUSH_DATABASE_FILE: &str = "push.redb";
 /// The relay's VAPID key (PKCS#8), made on first use when a VAPID subject is configured.
 pub const VAPID_KEY_FILE: &str = "push-vapid.key";
-const ENDPOINTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("push_endpoints");
+/// Device peer id → its [`Registration`] (postcard).
+const REGISTRATIONS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("push_registrations");
 /// At most one wake-up per device this often: a burst of messages wakes the app once, and it
 /// fetches them all.
 pub(crate) const COALESCE_FOR: Duration = Duration::from_secs(5);
@@ -79,13 +83,51 @@ pub enum PushOpenError {
     VapidKey { path: String, reason: String },
 }
 
-/// Device → endpoint, durable, with an in-memory copy; and the endpoints push services said
-/// are gone, so that a device re-registering one on its next greeting is told instead.
+/// What a device registered here: its endpoint, and the groups whose posts it wants to be woken
+/// for (those it reads from this relay).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Registration {
+    endpoint: PushEndpoint,
+    groups: Vec<GroupId>,
+}
+
+/// The registrations in memory, with the index from a group's mailbox to its watchers, and the
+/// endpoints push services said are gone (a device offering one again on its next greeting is
+/// told instead).
+#[derive(Debug, Default)]
+struct Held {
+    registrations: HashMap<PeerId, Registration>,
+    watchers: HashMap<PeerId, HashSet<PeerId>>,
+    gone: HashMap<PeerId, String>,
+}
+
+impl Held {
+    fn put(&mut self, device: PeerId, registration: Option<Registration>) {
+        if let Some(old) = self.registrations.remove(&device) {
+            for group in old.groups {
+                let mailbox = group.mailbox();
+                if let Some(watchers) = self.watchers.get_mut(&mailbox) {
+                    watchers.remove(&device);
+                    if watchers.is_empty() {
+                        self.watchers.remove(&mailbox);
+                    }
+                }
+            }
+        }
+        if let Some(registration) = registration {
+            for group in &registration.groups {
+                self.watchers.entry(group.mailbox()).or_default().insert(device);
+            }
+            self.registrations.insert(device, registration);
+        }
+    }
+}
+
+/// Device → registration, durable (`push.redb`), with the in-memory copy the event loop reads.
 #[derive(Debug, Clone)]
 pub(crate) struct Registry {
     db: Arc<Database>,
-    endpoints: Arc<Mutex<HashMap<PeerId, PushEndpoint>>>,
-    gone: Arc<Mutex<HashMap<PeerId, String>>>,
+    held: Arc<Mutex<Held>>,
 }
 
 /// Why a registration was not kept.
@@ -105,55 +147,76 @@ impl Registry {
         };
         let db = Database::create(path).map_err(|e| err(&e))?;
         let tx = db.begin_write().map_err(|e| err(&e))?;
-        tx.open_table(ENDPOINTS).map_err(|e| err(&e))?;
+        tx.open_table(REGISTRATIONS).map_err(|e| err(&e))?;
         tx.commit().map_err(|e| err(&e))?;
-        let mut endpoints = HashMap::new();
+        let mut held = Held::default();
         let tx = db.begin_read().map_err(|e| err(&e))?;
-        for entry in tx.open_table(ENDPOINTS).map_err(|e| err(&e))?.iter().map_err(|e| err(&e))? {
-            let (device, endpoint) = entry.map_err(|e| err(&e))?;
-            match (PeerId::from_bytes(device.value()), postcard::from_bytes::<PushEndpoint>(endpoint.value())) {
-                (Ok(device), Ok(endpoint)) => {
-                    endpoints.insert(device, endpoint);
-                }
+        for entry in tx.open_table(REGISTRATIONS).map_err(|e| err(&e))?.iter().map_err(|e| err(&e))? {
+            let (device, registration) = entry.map_err(|e| err(&e))?;
+            match (PeerId::from_bytes(device.value()), postcard::from_bytes::<Registration>(registration.value())) {
+                (Ok(device), Ok(registration)) => held.put(device, Some(registration)),
                 _ => tracing::error!("skipping a corrupt push registration"),
             }
         }
-        Ok(Registry { db: Arc::new(db), endpoints: Arc::new(Mutex::new(endpoints)), gone: Arc::default() })
+        Ok(Registry { db: Arc::new(db), held: Arc::new(Mutex::new(held)) })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Held> {
+        self.held.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     pub(crate) fn get(&self, device: &PeerId) -> Option<PushEndpoint> {
-        self.lock().get(device).cloned()
+        self.lock().registrations.get(device).map(|r| r.endpoint.clone())
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PeerId, PushEndpoint>> {
-        self.endpoints.lock().unwrap_or_else(PoisonError::into_inner)
+    /// The devices to wake for a post in the group whose mailbox this is.
+    pub(crate) fn watchers(&self, group_mailbox: &PeerId) -> Vec<PeerId> {
+        self.lock().watchers.get(group_mailbox).map(|w| w.iter().copied().collect()).unwrap_or_default()
     }
 
     pub(crate) fn len(&self) -> usize {
-        self.lock().len()
+        self.lock().registrations.len()
     }
 
-    /// Keeps (`Some`) or drops `device`'s endpoint, durably, then in memory; refuses one its
-    /// push service said is gone. Blocking.
+    /// Keeps (`Some`, with the groups it watched) or drops `device`'s endpoint, durably, then in
+    /// memory; refuses one its push service said is gone. Blocking.
     pub(crate) fn set(&self, device: PeerId, endpoint: Option<PushEndpoint>) -> Result<(), SetError> {
+        let registration = endpoint.map(|endpoint| {
+            let groups = self.lock().registrations.get(&device).map(|r| r.groups.clone()).unwrap_or_default();
+            Registration { endpoint, groups }
+        });
+        self.keep(device, registration)
+    }
+
+    /// Keeps `device`'s endpoint and the groups it reads here, durably, then in memory. Blocking.
+    pub(crate) fn set_groups(
+        &self,
+        device: PeerId,
+        endpoint: PushEndpoint,
+        groups: Vec<GroupId>,
+    ) -> Result<(), SetError> {
+        self.keep(device, Some(Registration { endpoint, groups }))
+    }
+
+    fn keep(&self, device: PeerId, registration: Option<Registration>) -> Result<(), SetError> {
         {
-            let mut gone = self.gone.lock().unwrap_or_else(PoisonError::into_inner);
-            match &endpoint {
-                Some(endpoint) if gone.get(&device) == Some(&endpoint.url) => return Err(SetError::Gone),
-                _ => gone.remove(&device),
+            let mut held = self.lock();
+            match &registration {
+                Some(r) if held.gone.get(&device) == Some(&r.endpoint.url) => return Err(SetError::Gone),
+                _ => held.gone.remove(&device),
             };
         }
-        self.write(device, endpoint).map_err(SetError::Store)
+        self.write(device, registration).map_err(SetError::Store)
     }
 
-    fn write(&self, device: PeerId, endpoint: Option<PushEndpoint>) -> Result<(), String> {
+    fn write(&self, device: PeerId, registration: Option<Registration>) -> Result<(), String> {
         let key = device.to_bytes();
         let tx = self.db.begin_write().map_err(|e| e.to_string())?;
         {
-            let mut table = tx.open_table(ENDPOINTS).map_err(|e| e.to_string())?;
-            match &endpoint {
-                Some(endpoint) => {
-                    let bytes = postcard::to_stdvec(endpoint).map_err(|e| e.to_string())?;
+            let mut table = tx.open_table(REGISTRATIONS).map_err(|e| e.to_string())?;
+            match &registration {
+                Some(registration) => {
+                    let bytes = postcard::to_stdvec(registration).map_err(|e| e.to_string())?;
                     table.insert(key.as_slice(), bytes.as_slice()).map_err(|e| e.to_string())?;
                 }
                 None => {
@@ -162,19 +225,15 @@ impl Registry {
             }
         }
         tx.commit().map_err(|e| e.to_string())?;
-        let mut endpoints = self.lock();
-        match endpoint {
-            Some(endpoint) => endpoints.insert(device, endpoint),
-            None => endpoints.remove(&device),
-        };
+        self.lock().put(device, registration);
         Ok(())
     }
 
-    /// Drops `device`'s endpoint if it is still `url` (the device may have registered a new
-    /// one meanwhile), and remembers that `url` is gone. Blocking.
+    /// Drops `device`'s registration if its endpoint is still `url` (the device may have
+    /// registered a new one meanwhile), and remembers that `url` is gone. Blocking.
     fn drop_gone(&self, device: PeerId, url: &str) {
         if self.get(&device).is_some_and(|e| e.url == url) {
-            self.gone.lock().unwrap_or_else(PoisonError::into_inner).insert(device, url.to_string());
+            self.lock().gone.insert(device, url.to_string());
             if let Err(e) = self.write(device, None) {
                 tracing::warn!(%device, error = %e, "could not drop a gone push endpoint");
             }

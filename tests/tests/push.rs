@@ -151,7 +151,8 @@ fn an_offline_device_gets_one_wake_up_per_burst_that_says_nothing_and_a_connecte
 
 #[test]
 fn gone_endpoints_are_dropped_and_slow_or_failing_push_services_delay_no_one() {
-    let mesh = Mesh::start(2, 2);
+    // These relays sign their wake-ups (VAPID), as some push services ask.
+    let mesh = Mesh::start_with_relay_args(2, 2, &["--push-vapid-subject", "mailto:ops@example.org"]);
     let log = mesh.gateway.tmp().join("push.log");
     let (_service, base) = push_service(&log);
     let (alice, _) = profile(&mesh, "alice", ALICE);
@@ -205,7 +206,16 @@ fn gone_endpoints_are_dropped_and_slow_or_failing_push_services_delay_no_one() {
     assert!(relay_sum(&mesh, "meshgram_relay_push_endpoints_dropped_total") >= 1.0);
     // 503 with Retry-After: tried again, and taken.
     let (_, _, flaky_path) = &wake_paths[2];
-    assert_eq!(wait_received(&log, flaky_path, 2).len(), 2, "retried after the 503");
+    let flaky = wait_received(&log, flaky_path, 2);
+    assert_eq!(flaky.len(), 2, "retried after the 503");
+    // Signed for the push service's origin, by the relay's key, with the operator's contact.
+    let authorization = flaky[1]["headers"]["authorization"].as_str().expect("a VAPID Authorization header");
+    let checked = run(Path::new("python3"), &[&tool(), "vapid", authorization], None);
+    assert!(checked.status.success(), "the VAPID token does not verify: {}", checked.stderr);
+    let claims: Value = serde_json::from_str(&checked.stdout).unwrap();
+    assert_eq!(claims["aud"], base.as_str(), "{claims}");
+    assert_eq!(claims["sub"], "mailto:ops@example.org");
+    assert!(claims["exp"].as_u64().unwrap() > meshgram_tests::unix_now());
     // 500 every time: retried with backoff (1 s, 2 s, ...), then given up; the messages wait.
     assert!(wait_received(&log, "/fail/mallory", 2).len() >= 2, "retried after a 500");
     assert_eq!(texts(&meshgram(&mallory_fails, &["messages"]).ok_json()), ["wake up"]);
@@ -248,4 +258,52 @@ fn nobody_registers_or_removes_another_devices_endpoint_and_the_operator_can_tur
     thread::sleep(QUIET);
     assert!(received(&quiet_log, "/ok/bob").is_empty(), "push is off");
     assert_eq!(texts(&meshgram(&bob, &["messages"]).ok_json()), ["hello"]);
+}
+
+/// The texts of a group's messages on `profile`, without its service messages.
+fn group_texts(profile: &Path, group: &str) -> Vec<String> {
+    let messages = meshgram(profile, &["messages", group]).ok_json();
+    array(&messages, "messages")
+        .iter()
+        .filter(|m| m["notice"] != true)
+        .filter_map(|m| m["text"].as_str().map(str::to_string))
+        .collect()
+}
+
+#[test]
+fn a_member_is_woken_once_for_a_group_post_and_a_subscriber_for_a_channel_post() {
+    let mesh = Mesh::start(3, 2);
+    let log = mesh.gateway.tmp().join("push.log");
+    let (_service, base) = push_service(&log);
+    let (alice, _) = profile(&mesh, "alice", ALICE);
+    let (bob, _) = profile(&mesh, "bob", BOB);
+    let created = meshgram(&alice, &["group", "create", "Hikers", BOB]).ok_json();
+    let group = created["id"].as_str().unwrap().to_string();
+    let channel = meshgram(&alice, &["channel", "create", "News"]).ok_json()["id"].as_str().unwrap().to_string();
+    let link = meshgram(&alice, &["channel", "link", &channel]).ok_json()["link"].as_str().unwrap().to_string();
+    meshgram(&bob, &["channel", "subscribe", &link]).ok_json();
+    // Bob learns of the group, registers, and reads once: each relay he reads a group or the
+    // channel from learns to wake him for it.
+    meshgram(&bob, &["messages"]).ok_json();
+    let url = format!("{base}/ok/bob");
+    register(&bob, &url, &keys());
+    meshgram(&bob, &["messages"]).ok_json();
+    let before = received(&log, "/ok/bob").len();
+
+    // Bob's app is closed. Three posts in the group wake him once.
+    meshgram_stdin(&alice, &["send", &group, "--lines"], "g1\ng2\ng3\n").ok_json();
+    let woken = wait_received(&log, "/ok/bob", before + 1);
+    assert_eq!(woken.len(), before + 1, "no wake-up for the group posts within {WAKE_WAIT:?}");
+    thread::sleep(QUIET);
+    assert_eq!(received(&log, "/ok/bob").len(), before + 1, "one wake-up for the group's burst");
+    assert_eq!(group_texts(&bob, &group), ["g1", "g2", "g3"]);
+
+    // A channel post wakes him too, through the relay he reads the channel from (his own
+    // mailbox relay, mirroring it, or one of the channel's).
+    let before = received(&log, "/ok/bob").len();
+    meshgram(&alice, &["channel", "post", &channel, "news"]).ok_json();
+    assert_eq!(wait_received(&log, "/ok/bob", before + 1).len(), before + 1, "no wake-up for the channel post");
+    thread::sleep(QUIET);
+    assert_eq!(received(&log, "/ok/bob").len(), before + 1, "one wake-up for the channel post");
+    assert_eq!(group_texts(&bob, &channel), ["news"]);
 }

@@ -9,6 +9,8 @@
                                 30 s, then 201.
   push_service.py keys          a device's subscription keys: {"private", "p256dh", "auth"}
                                 (base64url; private is the raw P-256 scalar).
+  push_service.py vapid HEADER  checks an `Authorization: vapid t=JWT, k=KEY` header (RFC 8292):
+                                the JWT's ES256 signature by KEY; prints its claims.
   push_service.py decrypt PRIVATE AUTH
                                 reads a body (base64) on stdin and writes its plaintext,
                                 decrypted with http_ece (aes128gcm), an implementation of its
@@ -51,6 +53,22 @@ def decrypt(private_b64: str, auth_b64: str) -> None:
     body = base64.b64decode(sys.stdin.read())
     plaintext = http_ece.decrypt(body, private_key=private, auth_secret=unb64url(auth_b64), version="aes128gcm")
     sys.stdout.buffer.write(plaintext)
+
+
+def vapid(header: str) -> None:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+
+    scheme, _, params = header.partition(" ")
+    assert scheme == "vapid", f"not a vapid header: {header}"
+    fields = dict(part.strip().split("=", 1) for part in params.split(","))
+    header_b64, claims_b64, signature_b64 = fields["t"].split(".")
+    key = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), unb64url(fields["k"]))
+    signature = unb64url(signature_b64)
+    der = encode_dss_signature(int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big"))
+    key.verify(der, f"{header_b64}.{claims_b64}".encode(), ec.ECDSA(hashes.SHA256()))
+    assert json.loads(unb64url(header_b64)) == {"typ": "JWT", "alg": "ES256"}
+    print(json.dumps(json.loads(unb64url(claims_b64))))
 
 
 def serve(log_path: str) -> None:
@@ -105,6 +123,8 @@ if __name__ == "__main__":
         serve(sys.argv[2])
     elif command == "keys":
         keys()
+    elif command == "vapid" and len(sys.argv) == 3:
+        vapid(sys.argv[2])
     elif command == "decrypt" and len(sys.argv) == 4:
         decrypt(sys.argv[2], sys.argv[3])
     else:

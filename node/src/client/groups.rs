@@ -1068,6 +1068,8 @@ impl Messenger {
                 return Err(e);
             }
         }
+        let reads = plan.values().map(|(relay, cursors)| (relay.clone(), cursors.iter().map(|c| c.group).collect()));
+        self.push_groups(reads.collect()).await;
         // One long-poll per relay, all at once; the first answer is applied, the others are
         // dropped (the relay answers a dropped one when the next read comes).
         let reads: Vec<_> = plan

@@ -337,6 +337,9 @@ pub struct Messenger {
     saves_session: bool,
     /// This device's push endpoint (`push.json`), given to each mailbox relay it greets.
     pub(crate) push: Option<crate::proto::mailbox::PushEndpoint>,
+    /// The groups each relay was told to wake this device for (`PushGroups`): those it reads
+    /// there.
+    pub(crate) push_groups_told: HashMap<PeerId, (RelayInfo, Vec<crate::proto::group::GroupId>)>,
 }
 
 impl Messenger {
@@ -383,6 +386,7 @@ impl Messenger {
             unresponsive: HashMap::new(),
             saves_session: true,
             push,
+            push_groups_told: HashMap::new(),
         }
     }
 
@@ -415,6 +419,7 @@ impl Messenger {
             unresponsive: HashMap::new(),
             saves_session: self.saves_session,
             push: self.push.clone(),
+            push_groups_told: HashMap::new(),
         })
     }
 

@@ -2,6 +2,10 @@
 //! that one of them wakes the app when something arrives while it is not connected (the relay
 //! side is `meshgram_relay::push`).
 //!
+//! Group posts are stored on the group's own relays, not the member's mailbox relays: before
+//! reading groups the device tells each relay it reads from which groups to wake it for
+//! (`PushGroups`), so that exactly the relay it reads a group from wakes it for that group.
+//!
 //! The subscription is kept in the profile (`push.json`) and sent again each time this device
 //! greets one of its mailbox relays, so that relays newly responsible for its mailbox (placement
 //! moves as relays come and go) learn it the next time the device is online. A relay whose push
@@ -16,6 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::client::messaging::{MessagingError, Messenger};
 use crate::defaults::RELAY_ANSWER_DEADLINE;
+use crate::proto::group::GroupId;
 use crate::proto::mailbox::PushEndpoint;
 use crate::proto::{ErrorCode, MailboxRequest, MailboxResponse, RelayInfo};
 
@@ -98,11 +103,24 @@ impl Messenger {
         self.tell_mailbox_relays(Some(endpoint)).await
     }
 
-    /// Removes this device's subscription from its mailbox relays and the profile.
+    /// Removes this device's subscription from its mailbox relays (and the relays it reads
+    /// groups from) and the profile.
     pub async fn push_unregister(&mut self) -> Result<Vec<PushRelay>, MessagingError> {
         PushSubscription::remove(self.client.profile())?;
         self.push = None;
-        self.tell_mailbox_relays(None).await
+        self.push_groups_told.clear();
+        let relays = self.tell_mailbox_relays(None).await?;
+        // The relays it reads groups from may be any: every other known relay forgets it too
+        // (best effort; one that is down never sends while it is).
+        for relay in self.session.relays.clone() {
+            if !relays.iter().any(|r| r.relay == relay.peer_id) {
+                let request = MailboxRequest::SetPush { push: None };
+                if let Err(e) = self.relay_call(&relay, request, RELAY_ANSWER_DEADLINE).await {
+                    tracing::warn!(relay = %relay.peer_id, error = %e, "could not remove the push endpoint there");
+                }
+            }
+        }
+        Ok(relays)
     }
 
     /// The profile's subscription, and whether each mailbox relay holds it.
@@ -147,6 +165,55 @@ impl Messenger {
     async fn current_mailbox_relays(&mut self) -> Result<Vec<RelayInfo>, MessagingError> {
         self.refresh_mailbox_relays().await?;
         Ok(self.mailbox_relays.clone())
+    }
+
+    /// About to read `reads` (each relay, and the groups read there): if the device has a push
+    /// subscription, tells each relay the groups to wake it for, those it no longer reads there
+    /// included (best effort: the next read tries again).
+    pub(crate) async fn push_groups(&mut self, mut reads: Vec<(RelayInfo, Vec<GroupId>)>) {
+        let Some(push) = self.push.clone() else { return };
+        for (relay, told) in &self.push_groups_told {
+            if !reads.iter().any(|(r, _)| r.peer_id == *relay) && !told.1.is_empty() {
+                reads.push((told.0.clone(), Vec::new()));
+            }
+        }
+        for (relay, mut groups) in reads {
+            groups.sort_unstable();
+            if self.push_groups_told.get(&relay.peer_id).is_some_and(|(_, told)| *told == groups) {
+                continue;
+            }
+            // The reader greeted every relay of `reads`; one it no longer reads from may need it.
+            if let Err(e) = self.greet(&relay).await {
+                tracing::warn!(relay = %relay.peer_id, error = %e, "could not tell the relay which groups to wake for");
+                continue;
+            }
+            let request = MailboxRequest::PushGroups { push: push.clone(), groups: groups.clone() };
+            if self.push_request(&relay, request).await {
+                self.push_groups_told.insert(relay.peer_id, (relay, groups));
+            }
+        }
+    }
+
+    /// Sends a push registration to `relay`; whether it took it. A relay whose push service said
+    /// the subscription is gone refuses it (`NOT_FOUND`): it would never wake us again, so the
+    /// device drops it.
+    async fn push_request(&mut self, relay: &RelayInfo, request: MailboxRequest) -> bool {
+        match tokio::time::timeout(RELAY_ANSWER_DEADLINE, self.client.mailbox_request(relay, request)).await {
+            Ok(Ok(MailboxResponse::PushSet)) => return true,
+            Ok(Ok(MailboxResponse::Error(e))) if e.code == ErrorCode::NotFound => {
+                tracing::warn!(relay = %relay.peer_id, error = %e, "the push subscription is gone; dropping it");
+                self.push = None;
+                if let Err(e) = PushSubscription::remove(self.client.profile()) {
+                    tracing::warn!(error = %e, "could not remove the gone push subscription");
+                }
+            }
+            Ok(Ok(other)) => tracing::warn!(relay = %relay.peer_id, ?other, "the relay did not take the push endpoint"),
+            Ok(Err(e)) => {
+                tracing::warn!(relay = %relay.peer_id, error = %e, "could not give the relay the push endpoint")
+            }
+            Err(_) => tracing::warn!(relay = %relay.peer_id, "the relay did not answer the push endpoint in time"),
+        }
+        false
     }
 
     /// Just greeted `relay`: if it holds this device's mailbox and the device has a push

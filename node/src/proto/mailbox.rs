@@ -29,7 +29,7 @@ use crate::ids::UserId;
 use crate::net::pipe::{PipeLimits, RequestKind};
 use crate::proto::WireError;
 use crate::proto::envelope::{Envelope, EnvelopeId};
-use crate::proto::group::{GroupBatch, GroupCursor};
+use crate::proto::group::{GroupBatch, GroupCursor, GroupId};
 use crate::proto::media::{ChunkHash, FileId, PartRecord};
 
 /// Client ↔ relay: hello, send, fetch, ack.
@@ -88,6 +88,10 @@ pub enum MailboxRequest {
     SetPush { push: Option<PushEndpoint> },
     /// This device's push endpoint as this relay holds it. Answered `Push`.
     GetPush,
+    /// Registers this device's push endpoint (as `SetPush`) and the groups it reads from this
+    /// relay (at most [`crate::proto::group::MAX_GROUPS_PER_FETCH`], replacing those before):
+    /// a post in one of them wakes the device while it is not connected here. Answered `PushSet`.
+    PushGroups { push: PushEndpoint, groups: Vec<GroupId> },
 }
 
 /// A Web Push subscription (RFC 8030, as UnifiedPush and browsers hand them out): where to POST
@@ -139,6 +143,7 @@ impl MailboxRequest {
             MailboxRequest::GroupFetch { .. } => "group_fetch",
             MailboxRequest::SetPush { .. } => "set_push",
             MailboxRequest::GetPush => "get_push",
+            MailboxRequest::PushGroups { .. } => "push_groups",
         }
     }
 }
