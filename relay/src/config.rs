@@ -39,6 +39,7 @@ pub struct RelayFile {
     pub log_format: LogFormat,
     pub push: bool,
     pub push_vapid_subject: Option<String>,
+    pub push_private_endpoints: bool,
 }
 
 impl Default for RelayFile {
@@ -62,6 +63,7 @@ impl Default for RelayFile {
             log_format: LogFormat::Text,
             push: true,
             push_vapid_subject: None,
+            push_private_endpoints: false,
         }
     }
 }
@@ -128,8 +130,11 @@ impl RelayFile {
         {
             return Err(invalid("push_vapid_subject", "must be a mailto: or https:// URL (RFC 8292)"));
         }
-        config.settings.push =
-            crate::push::PushSettings { enabled: self.push, vapid_subject: self.push_vapid_subject.clone() };
+        config.settings.push = crate::push::PushSettings {
+            enabled: self.push,
+            vapid_subject: self.push_vapid_subject.clone(),
+            private_endpoints: self.push_private_endpoints,
+        };
         Ok(config)
     }
 }
@@ -251,6 +256,10 @@ push = {push}
 # A contact for push services that ask relays to identify themselves (VAPID, RFC 8292):
 # "mailto:…" or "https://…". Without it wake-ups are not signed.
 # push_vapid_subject = "mailto:relay-operator@example.org"
+
+# Send wake-ups to endpoints on loopback, private or link-local addresses: only for a push service
+# on this machine or network. Off, a device cannot make the relay POST into its own network.
+push_private_endpoints = {push_private_endpoints}
 "#,
         data_dir = quoted(&values.data_dir.display().to_string()),
         gateway_key = optional("gateway_key", &values.gateway_key, "<64 hex digits>"),
@@ -267,6 +276,7 @@ push = {push}
         worker_threads = d.worker_threads,
         log_format = quoted("text"),
         push = d.push,
+        push_private_endpoints = d.push_private_endpoints,
     )
 }
 

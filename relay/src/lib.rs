@@ -156,7 +156,7 @@ impl RelayConfig {
                 send_burst: 50_000,
                 media_quota: DEFAULT_MEDIA_QUOTA_MIB << 20,
                 media_upload_grace: Duration::from_secs(24 * 3600),
-                push: push::PushSettings { enabled: true, vapid_subject: None },
+                push: push::PushSettings { enabled: true, vapid_subject: None, private_endpoints: false },
             },
             store: StoreLimits { ttl: Duration::from_secs(30 * 24 * 3600), max_per_mailbox: 100_000 },
         }

@@ -253,7 +253,7 @@ impl Mailboxes {
         groups: Option<Vec<GroupId>>,
         channel: Responder<MailboxResponse>,
     ) {
-        if let Some(Err(why)) = push.as_ref().map(PushEndpoint::validate) {
+        if let Some(Err(why)) = push.as_ref().map(|push| self.pusher.check(push)) {
             return self.respond(channel, refuse(ErrorCode::BadRequest, why));
         }
         let registry = self.pusher.registry.clone();

@@ -90,6 +90,9 @@ struct Cli {
     /// Wake devices that are not connected through their push endpoints (default true).
     #[arg(long, env = "MESHGRAM_RELAY_PUSH")]
     push: Option<bool>,
+    /// Send wake-ups to push endpoints on loopback or private addresses (default false).
+    #[arg(long, env = "MESHGRAM_RELAY_PUSH_PRIVATE_ENDPOINTS")]
+    push_private_endpoints: Option<bool>,
     /// VAPID contact (mailto: or https://) for push services that ask for signed wake-ups.
     #[arg(long, env = "MESHGRAM_RELAY_PUSH_VAPID_SUBJECT")]
     push_vapid_subject: Option<String>,
@@ -164,6 +167,7 @@ fn settings(cli: &Cli) -> anyhow::Result<RelayFile> {
     set(&mut file.worker_threads, &cli.worker_threads);
     set(&mut file.log_format, &cli.log_format);
     set(&mut file.push, &cli.push);
+    set(&mut file.push_private_endpoints, &cli.push_private_endpoints);
     file.push_vapid_subject = cli.push_vapid_subject.clone().or(file.push_vapid_subject);
     Ok(file)
 }

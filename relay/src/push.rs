@@ -27,6 +27,7 @@ use libp2p::PeerId;
 use meshgram_node::crypto::cert::unix_now;
 use meshgram_node::proto::group::GroupId;
 use meshgram_node::proto::mailbox::PushEndpoint;
+use meshgram_node::server::public_http;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use ring::rand::{SecureRandom, SystemRandom};
 use ring::signature::KeyPair;
@@ -72,6 +73,10 @@ pub struct PushSettings {
     pub enabled: bool,
     /// `mailto:…` or `https://…` for VAPID's `sub`; without it wake-ups are not signed.
     pub vapid_subject: Option<String>,
+    /// Whether endpoints on loopback, private or link-local addresses are taken (a push
+    /// service on this machine or network). Off, a device cannot make the relay POST into its
+    /// own network.
+    pub private_endpoints: bool,
 }
 
 /// Why the registrations could not be opened.
@@ -81,6 +86,8 @@ pub enum PushOpenError {
     Database { path: String, reason: String },
     #[error("VAPID key {path}: {reason}")]
     VapidKey { path: String, reason: String },
+    #[error("the push HTTP client: {0}")]
+    HttpClient(String),
 }
 
 /// What a device registered here: its endpoint, and the groups whose posts it wants to be woken
@@ -247,6 +254,7 @@ pub(crate) struct Pusher {
     pub(crate) registry: Registry,
     wake: Option<mpsc::Sender<PeerId>>,
     metrics: Arc<Metrics>,
+    private_endpoints: bool,
 }
 
 impl Pusher {
@@ -264,17 +272,33 @@ impl Pusher {
                 None => None,
             };
             let (tx, rx) = mpsc::channel(QUEUE);
-            let client = reqwest::Client::builder()
-                .timeout(POST_TIMEOUT)
-                .build()
-                .map_err(|e| PushOpenError::Database { path: "HTTP client".into(), reason: e.to_string() })?;
+            let client = reqwest::Client::builder().timeout(POST_TIMEOUT);
+            let client = match settings.private_endpoints {
+                true => client.redirect(reqwest::redirect::Policy::none()),
+                // Push services answer; they do not redirect.
+                false => public_http::public_only(client, 0),
+            };
+            let client = client.build().map_err(|e| PushOpenError::HttpClient(e.to_string()))?;
             let dispatcher = Dispatcher { registry: registry.clone(), metrics: Arc::clone(&metrics), client, vapid };
             tokio::spawn(dispatcher.run(rx));
             Some(tx)
         } else {
             None
         };
-        Ok(Pusher { registry, wake, metrics })
+        Ok(Pusher { registry, wake, metrics, private_endpoints: settings.private_endpoints })
+    }
+
+    /// Refuses an endpoint this relay would not send to: one on a non-public address, unless
+    /// the operator allowed those (names are checked again when they resolve, at each send).
+    pub(crate) fn check(&self, endpoint: &PushEndpoint) -> Result<(), String> {
+        endpoint.validate()?;
+        let url = reqwest::Url::parse(&endpoint.url).map_err(|e| format!("the push endpoint is not a URL: {e}"))?;
+        if !self.private_endpoints && !public_http::host_may_be_public(&url) {
+            return Err(
+                "the push endpoint must be on a public address; this relay does not send into its own network".into()
+            );
+        }
+        Ok(())
     }
 
     /// Envelopes arrived here for `device`, which has no session here, and this relay is the

@@ -28,6 +28,9 @@ const WAKE_WAIT: Duration = Duration::from_secs(20);
 const QUIET: Duration = Duration::from_secs(7);
 /// The plaintext of every wake-up (`meshgram_relay::push::WAKE_UP_TEXT`).
 const WAKE_UP_TEXT: &str = "{\"meshgram\":\"wake\"}";
+/// The stand-in push service listens on loopback, which relays refuse to send into unless
+/// told (a relay must not POST into its own network for anyone).
+const LOCAL_PUSH: [&str; 2] = ["--push-private-endpoints", "true"];
 
 fn tool() -> String {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/push_service.py").display().to_string()
@@ -75,9 +78,14 @@ fn decrypt(keys: &Value, body_b64: &str) -> String {
 }
 
 /// `meshgram push register URL --p256dh … --auth …` on `profile`.
-fn register(profile: &Path, url: &str, keys: &Value) -> Value {
+fn register_output(profile: &Path, url: &str, keys: &Value) -> meshgram_tests::CliOutput {
     let (p256dh, auth) = (keys["p256dh"].as_str().unwrap(), keys["auth"].as_str().unwrap());
-    meshgram(profile, &["push", "register", url, "--p256dh", p256dh, "--auth", auth]).ok_json()
+    meshgram(profile, &["push", "register", url, "--p256dh", p256dh, "--auth", auth])
+}
+
+/// [`register_output`], which must succeed; its JSON.
+fn register(profile: &Path, url: &str, keys: &Value) -> Value {
+    register_output(profile, url, keys).ok_json()
 }
 
 /// How many of `profile`'s mailbox relays hold `url` for it, as `push status` says.
@@ -98,7 +106,7 @@ fn profile(mesh: &Mesh, name: &str, phone: &str) -> (PathBuf, u64) {
 
 #[test]
 fn an_offline_device_gets_one_wake_up_per_burst_that_says_nothing_and_a_connected_one_none() {
-    let mesh = Mesh::start(3, 2);
+    let mesh = Mesh::start_with_relay_args(3, 2, &LOCAL_PUSH);
     let log = mesh.gateway.tmp().join("push.log");
     let (_service, base) = push_service(&log);
     let (alice, alice_id) = profile(&mesh, "alice", ALICE);
@@ -152,7 +160,11 @@ fn an_offline_device_gets_one_wake_up_per_burst_that_says_nothing_and_a_connecte
 #[test]
 fn gone_endpoints_are_dropped_and_slow_or_failing_push_services_delay_no_one() {
     // These relays sign their wake-ups (VAPID), as some push services ask.
-    let mesh = Mesh::start_with_relay_args(2, 2, &["--push-vapid-subject", "mailto:ops@example.org"]);
+    let mesh = Mesh::start_with_relay_args(
+        2,
+        2,
+        &[LOCAL_PUSH[0], LOCAL_PUSH[1], "--push-vapid-subject", "mailto:ops@example.org"],
+    );
     let log = mesh.gateway.tmp().join("push.log");
     let (_service, base) = push_service(&log);
     let (alice, _) = profile(&mesh, "alice", ALICE);
@@ -226,7 +238,7 @@ fn gone_endpoints_are_dropped_and_slow_or_failing_push_services_delay_no_one() {
 
 #[test]
 fn nobody_registers_or_removes_another_devices_endpoint_and_the_operator_can_turn_push_off() {
-    let mesh = Mesh::start(2, 2);
+    let mesh = Mesh::start_with_relay_args(2, 2, &LOCAL_PUSH);
     let log = mesh.gateway.tmp().join("push.log");
     let (_service, base) = push_service(&log);
     let (alice, _) = profile(&mesh, "alice", ALICE);
@@ -241,6 +253,14 @@ fn nobody_registers_or_removes_another_devices_endpoint_and_the_operator_can_tur
     meshgram(&alice, &["send", BOB, "still yours"]).ok_json();
     assert_eq!(wait_received(&log, "/ok/bob", 1).len(), 1);
     assert!(received(&log, "/ok/mallory").is_empty());
+    // Relays that were not told otherwise refuse endpoints in their own network.
+    let guarded = Mesh::start(1, 1);
+    let (carol, _) = profile(&guarded, "carol", CAROL);
+    let refused = register_output(&carol, &format!("{base}/ok/carol"), &keys());
+    let error = refused.expect_err(&["BAD_REQUEST"]);
+    assert!(error["message"].as_str().unwrap().contains("public address"), "{error}");
+    let status = meshgram(&carol, &["push", "status"]).ok_json();
+    assert!(status["subscription"].is_null(), "a refused subscription is not kept: {status}");
     // A bad subscription is refused with a clear error, and the old one kept.
     let bad = meshgram(&bob, &["push", "register", "ftp://push.example/x", "--p256dh", "AAAA", "--auth", "AAAA"]);
     bad.expect_err(&["USAGE"]);
@@ -248,7 +268,7 @@ fn nobody_registers_or_removes_another_devices_endpoint_and_the_operator_can_tur
 
     // The operator's switch: relays started with `--push false` take registrations and send
     // nothing.
-    let quiet = Mesh::start_with_relay_args(2, 2, &["--push", "false"]);
+    let quiet = Mesh::start_with_relay_args(2, 2, &[LOCAL_PUSH[0], LOCAL_PUSH[1], "--push", "false"]);
     let quiet_log = quiet.gateway.tmp().join("push.log");
     let (_quiet_service, quiet_base) = push_service(&quiet_log);
     let (alice, _) = profile(&quiet, "alice", ALICE);
@@ -272,7 +292,7 @@ fn group_texts(profile: &Path, group: &str) -> Vec<String> {
 
 #[test]
 fn a_member_is_woken_once_for_a_group_post_and_a_subscriber_for_a_channel_post() {
-    let mesh = Mesh::start(3, 2);
+    let mesh = Mesh::start_with_relay_args(3, 2, &LOCAL_PUSH);
     let log = mesh.gateway.tmp().join("push.log");
     let (_service, base) = push_service(&log);
     let (alice, _) = profile(&mesh, "alice", ALICE);

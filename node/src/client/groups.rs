@@ -1070,8 +1070,10 @@ impl Messenger {
         }
         let reads = plan.values().map(|(relay, cursors)| (relay.clone(), cursors.iter().map(|c| c.group).collect()));
         self.push_groups(reads.collect()).await;
-        // One long-poll per relay, all at once; the first answer is applied, the others are
-        // dropped (the relay answers a dropped one when the next read comes).
+        // One read per relay, all at once. A long-poll applies the first answer and drops the
+        // others (the relay answers a dropped one when the next read comes); a read that waits
+        // for nothing applies every answer, or the groups on the slower relays would be read
+        // only on the next call.
         let reads: Vec<_> = plan
             .into_values()
             .map(|(relay, cursors)| {
@@ -1085,7 +1087,31 @@ impl Messenger {
                 })
             })
             .collect();
-        let ((relay, answer), _, _) = futures::future::select_all(reads).await;
+        let answers = match wait_ms {
+            0 => futures::future::join_all(reads).await,
+            _ => vec![futures::future::select_all(reads).await.0],
+        };
+        let (mut more, mut failed) = (false, None);
+        for (relay, answer) in answers {
+            match self.apply_group_answer(records, &relay, answer, inbox).await {
+                Ok(cut) => more |= cut,
+                Err(e) => failed = failed.or(Some(e)),
+            }
+        }
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(more),
+        }
+    }
+
+    /// Applies one relay's answer to a group read; whether a batch was cut short.
+    async fn apply_group_answer(
+        &mut self,
+        records: &[GroupRecord],
+        relay: &RelayInfo,
+        answer: Result<Result<MailboxResponse, crate::client::net::NetError>, tokio::time::error::Elapsed>,
+        inbox: &mut Inbox,
+    ) -> Result<bool, MessagingError> {
         let batches = match answer {
             Ok(Ok(MailboxResponse::GroupEnvelopes { groups })) => groups,
             Ok(Ok(MailboxResponse::Error(e))) => {

@@ -98,9 +98,12 @@ impl Messenger {
     /// the profile (so it is sent again as those relays change). Fails only if no relay took it.
     pub async fn push_register(&mut self, subscription: PushSubscription) -> Result<Vec<PushRelay>, MessagingError> {
         let endpoint = subscription.to_endpoint()?;
+        let relays = self.tell_mailbox_relays(Some(endpoint.clone())).await?;
+        // Kept once a relay took it: one every relay refused leaves the old one in place.
         subscription.save(self.client.profile())?;
-        self.push = Some(endpoint.clone());
-        self.tell_mailbox_relays(Some(endpoint)).await
+        self.push = Some(endpoint);
+        self.push_groups_told.clear();
+        Ok(relays)
     }
 
     /// Removes this device's subscription from its mailbox relays (and the relays it reads
@@ -140,14 +143,20 @@ impl Messenger {
         Ok((subscription, relays))
     }
 
-    /// Sends `SetPush` to each mailbox relay; an error if none took it.
+    /// Sends `SetPush` to each mailbox relay. If none took it: their refusal, when one refused
+    /// (a definitive answer, such as an endpoint it does not send to), else `NoRelay`.
     async fn tell_mailbox_relays(&mut self, push: Option<PushEndpoint>) -> Result<Vec<PushRelay>, MessagingError> {
-        let mut relays = Vec::new();
+        let (mut relays, mut refusal) = (Vec::new(), None);
         for relay in self.current_mailbox_relays().await? {
             let request = MailboxRequest::SetPush { push: push.clone() };
             let status = match self.relay_call(&relay, request, RELAY_ANSWER_DEADLINE).await {
                 Ok(MailboxResponse::PushSet) => {
                     PushRelay { relay: relay.peer_id, endpoint: push.as_ref().map(|p| p.url.clone()), error: None }
+                }
+                Ok(MailboxResponse::Error(e)) | Err(MessagingError::Refused(e)) => {
+                    let status = PushRelay { relay: relay.peer_id, endpoint: None, error: Some(e.to_string()) };
+                    refusal = Some(e);
+                    status
                 }
                 Ok(_) => unexpected(relay.peer_id),
                 Err(e) => PushRelay { relay: relay.peer_id, endpoint: None, error: Some(e.to_string()) },
@@ -155,6 +164,9 @@ impl Messenger {
             relays.push(status);
         }
         if relays.iter().all(|r| r.error.is_some()) {
+            if let Some(refusal) = refusal {
+                return Err(MessagingError::Refused(refusal));
+            }
             let why = relays.iter().filter_map(|r| r.error.clone()).collect::<Vec<_>>().join("; ");
             return Err(MessagingError::NoRelay(why));
         }

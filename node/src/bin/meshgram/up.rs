@@ -345,6 +345,9 @@ pub(crate) async fn run(data: &Path, options: UpOptions, json: bool) -> anyhow::
             // The relays share this machine's cores: one thread each saves hand-offs.
             "--worker-threads".into(),
             "1".into(),
+            // A local network: a push service on this machine (ntfy, say) is one to wake.
+            "--push-private-endpoints".into(),
+            "true".into(),
         ];
         if let Some(addr) = &gateway_addr {
             args.extend(["--gateway".into(), addr.to_string()]);
