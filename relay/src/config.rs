@@ -12,7 +12,7 @@ use meshgram_node::ids::parse_hex;
 use meshgram_node::server::service::LogFormat;
 use serde::Deserialize;
 
-use crate::{DEFAULT_MEDIA_QUOTA_MIB, PlacementLookups, RelayConfig};
+use crate::{DEFAULT_MEDIA_QUOTA_MIB, RelayConfig};
 
 /// The config file's name in a data dir, as `init` writes it.
 pub const CONFIG_FILE: &str = "relay.toml";
@@ -117,7 +117,8 @@ impl RelayFile {
         config.settings.replication = at_least_one("replication", self.replication)?;
         config.settings.allow_fewer_replicas = self.allow_fewer_replicas;
         config.settings.send_rate = at_least_one("send_rate", self.send_rate)?;
-        config.settings.placement_lookups = PlacementLookups::default();
+        // Bursts of ten seconds' worth, as the template says.
+        config.settings.send_burst = self.send_rate.saturating_mul(10);
         let days = at_least_one("ttl_days", self.ttl_days)?;
         config.store.ttl =
             Duration::from_secs(days.checked_mul(24 * 3600).ok_or_else(|| invalid("ttl_days", "too large"))?);

@@ -456,6 +456,7 @@ fn scrape(metrics: &metrics::Metrics, store: &StoreHandle, data_dir: &Path) -> S
         mailbox_store: size(DATABASE_FILE),
         mailbox_log: std::fs::metadata(database.with_extension("wal")).map_or(0, |m| m.len()),
         media_index: size(media::uploads::MEDIA_DATABASE_FILE),
+        push_registrations: size(push::PUSH_DATABASE_FILE),
     });
     metrics.encode()
 }

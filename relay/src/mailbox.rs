@@ -260,9 +260,10 @@ impl Mailboxes {
         let metrics = Arc::clone(&self.metrics);
         self.tasks.spawn(async move {
             let response = match tokio::task::spawn_blocking(move || {
+                let now = unix_now();
                 match (push, groups) {
-                    (Some(push), Some(groups)) => registry.set_groups(device, push, groups)?,
-                    (push, _) => registry.set(device, push)?,
+                    (Some(push), Some(groups)) => registry.set_groups(device, push, groups, now)?,
+                    (push, _) => registry.set(device, push, now)?,
                 }
                 metrics.push_registrations.set(gauge_value(registry.len()));
                 Ok::<_, SetError>(())
@@ -271,6 +272,7 @@ impl Mailboxes {
             {
                 Ok(Ok(())) => MailboxResponse::PushSet,
                 Ok(Err(e @ SetError::Gone)) => refuse(ErrorCode::NotFound, e.to_string()),
+                Ok(Err(e @ SetError::Full)) => refuse(ErrorCode::Unavailable, e.to_string()),
                 Ok(Err(e @ SetError::Store(_))) => refuse(ErrorCode::Internal, e.to_string()),
                 Err(e) => refuse(ErrorCode::Internal, format!("the push endpoint could not be kept: {e}")),
             };
@@ -395,6 +397,18 @@ impl Mailboxes {
     pub(crate) fn revoke_session(&mut self, device: PeerId, session: SessionId, until: u64) {
         let Some(ended) = self.sessions.revoke(device, session, until) else { return };
         self.metrics.sessions_revoked.inc();
+        // A signed-out device is woken no more (connected or not).
+        if self.pusher.registry.has(&device) {
+            let (registry, metrics) = (self.pusher.registry.clone(), Arc::clone(&self.metrics));
+            self.tasks.spawn(async move {
+                let _ = tokio::task::spawn_blocking(move || {
+                    registry.forget(device);
+                    metrics.push_registrations.set(gauge_value(registry.len()));
+                })
+                .await;
+                Done::Nothing
+            });
+        }
         if !ended {
             return;
         }
@@ -407,16 +421,29 @@ impl Mailboxes {
         }
     }
 
-    /// Drops envelopes past their TTL (on a task), and revocations that no longer matter.
+    /// Drops envelopes past their TTL and push registrations not renewed (on a task), and
+    /// revocations that no longer matter.
     pub(crate) fn expire_envelopes(&mut self) {
         let now = unix_now();
         self.sessions.forget_expired_revocations(now);
         let store = self.store.clone();
+        let (registry, metrics) = (self.pusher.registry.clone(), Arc::clone(&self.metrics));
         self.tasks.spawn(async move {
             match store.expire(now).await {
                 Ok(n) if n > 0 => tracing::info!(dropped = n, "expired undelivered envelopes"),
                 Ok(_) => {}
                 Err(e) => tracing::error!(error = %e, "expiring envelopes failed"),
+            }
+            // Push registrations their devices stopped renewing.
+            let expired = tokio::task::spawn_blocking(move || {
+                let dropped = registry.expire(now);
+                metrics.push_registrations.set(gauge_value(registry.len()));
+                dropped
+            });
+            if let Ok(dropped) = expired.await
+                && dropped > 0
+            {
+                tracing::info!(dropped, "expired push registrations not renewed");
             }
             Done::Nothing
         });
@@ -464,19 +491,16 @@ impl Mailboxes {
                     self.spawn_group_push(mailbox, readers);
                 }
                 // Members who read the group here and are not connected: woken by push.
-                for device in self.pusher.registry.watchers(&mailbox) {
-                    if self.sessions.get(&device).is_none() {
-                        self.pusher.arrived(device);
-                    }
-                }
+                let watchers = self.pusher.registry.watchers(&mailbox);
+                self.pusher.arrived(watchers.into_iter().filter(|device| self.sessions.get(device).is_none()));
                 continue;
             }
             match self.sessions.get_mut(&mailbox) {
                 Some(session) => session.state.arrivals += 1,
-                None if self.pusher.registry.get(&mailbox).is_some() => {
+                None if self.pusher.registry.has(&mailbox) => {
                     let closest = known.mailbox_relays(&mailbox).first().map(|relay| relay.peer_id);
                     if closest == Some(known.local()) {
-                        self.pusher.arrived(mailbox);
+                        self.pusher.arrived([mailbox]);
                     }
                 }
                 None => {}
@@ -806,7 +830,7 @@ impl Mailboxes {
         // A channel whose subscribers' apps are closed has no readers here, but devices to wake
         // for its posts: it stays followed.
         let registry = &self.pusher.registry;
-        self.mirrors.keep_wanted(now, |group| !registry.watchers(&group.mailbox()).is_empty());
+        self.mirrors.keep_wanted(now, |group| registry.has_watchers(&group.mailbox()));
         let reads = self.mirrors.plan(now, |group| mirror_origin(known, replication, group));
         for read in reads {
             self.spawn_mirror_read(read);

@@ -57,6 +57,7 @@ pub struct DiskUse {
     pub mailbox_store: u64,
     pub mailbox_log: u64,
     pub media_index: u64,
+    pub push_registrations: u64,
 }
 
 /// Request latency buckets, in seconds: 0.25 ms to about 33 s, doubling. Long-polls (a
@@ -182,7 +183,7 @@ impl Metrics {
             disk_bytes: register(
                 &mut r,
                 "disk_bytes",
-                "Bytes on disk, by part (mailbox_store, mailbox_log, media_index; chunks: chunk_bytes_held)",
+                "Bytes on disk, by part (mailbox_store, mailbox_log, media_index, push_registrations; chunks: chunk_bytes_held)",
                 Family::default(),
             ),
             envelopes_received: register(
@@ -409,7 +410,8 @@ impl Metrics {
             let _ = self.errors.get_or_create(&code);
             let _ = self.media_refusals.get_or_create(&code);
         }
-        for kind in ["hello", "send", "fetch", "ack", "post", "group_fetch", "mirror_group_fetch"] {
+        let kinds = ["hello", "send", "fetch", "ack", "post", "group_fetch", "mirror_group_fetch"];
+        for kind in kinds.into_iter().chain(["set_push", "get_push", "push_groups"]) {
             let _ = self.requests.get_or_create(&KindLabel { kind: kind.into() });
         }
         for kind in ["hello", "save_file_part", "get_upload_status", "get_chunk", "provide", "find_providers"] {
@@ -470,6 +472,7 @@ impl Metrics {
             ("mailbox_store", disk.mailbox_store),
             ("mailbox_log", disk.mailbox_log),
             ("media_index", disk.media_index),
+            ("push_registrations", disk.push_registrations),
         ];
         for (part, bytes) in parts {
             self.disk_bytes.get_or_create(&PartLabel { part }).set(i64::try_from(bytes).unwrap_or(i64::MAX));

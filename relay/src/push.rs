@@ -32,7 +32,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use ring::rand::{SecureRandom, SystemRandom};
 use ring::signature::KeyPair;
 use serde::{Deserialize, Serialize};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::Semaphore;
 
 use crate::metrics::Metrics;
 
@@ -45,12 +45,8 @@ const REGISTRATIONS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("push_
 /// At most one wake-up per device this often: a burst of messages wakes the app once, and it
 /// fetches them all.
 pub(crate) const COALESCE_FOR: Duration = Duration::from_secs(5);
-/// Wake-ups queued for the dispatcher; beyond it, arrivals are coalesced into those queued.
-const QUEUE: usize = 4096;
-/// Wake-ups being sent at once; the rest wait their turn (a slow push service slows only them).
+/// POSTs to push services under way at once; the rest wait their turn.
 const SENDING_AT_ONCE: usize = 64;
-/// Wake-ups waiting for a sending slot at most; past it a wake-up is given up (counted failed).
-const WAITING_AT_MOST: usize = 4096;
 /// One POST to a push service.
 const POST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Tries per wake-up, and the first pause between them (doubling, or the service's Retry-After
@@ -90,13 +86,27 @@ pub enum PushOpenError {
     HttpClient(String),
 }
 
-/// What a device registered here: its endpoint, and the groups whose posts it wants to be woken
-/// for (those it reads from this relay).
+/// What a device registered here: its endpoint, the groups whose posts it wants to be woken
+/// for (those it reads from this relay), and when it last said so.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct Registration {
     endpoint: PushEndpoint,
     groups: Vec<GroupId>,
+    refreshed_at: u64,
 }
+
+/// A registration its device has not renewed for this long is dropped: a device that comes
+/// online gives it again at its first greeting, so only abandoned ones go. As long as an
+/// envelope waits.
+pub(crate) const REGISTRATION_TTL_SECS: u64 = 30 * 24 * 3600;
+/// A registration given again unchanged is rewritten (its time renewed) at most this often, so
+/// that greetings cost no disk write.
+const REFRESH_EVERY_SECS: u64 = 24 * 3600;
+/// Registrations a relay keeps at most (a registration is a few hundred bytes; a million
+/// devices is far more than one relay serves).
+const MAX_REGISTRATIONS: usize = 1_000_000;
+/// Gone endpoints remembered at most (each until its device registers another).
+const MAX_GONE: usize = 100_000;
 
 /// The registrations in memory, with the index from a group's mailbox to its watchers, and the
 /// endpoints push services said are gone (a device offering one again on its next greeting is
@@ -131,10 +141,14 @@ impl Held {
 }
 
 /// Device → registration, durable (`push.redb`), with the in-memory copy the event loop reads.
+/// Changes are made one at a time (`changing`), each read, written and applied to memory before
+/// the next, so that memory and disk agree; the event loop's look-ups only take `held`, which
+/// is never held across a disk write.
 #[derive(Debug, Clone)]
 pub(crate) struct Registry {
     db: Arc<Database>,
     held: Arc<Mutex<Held>>,
+    changing: Arc<Mutex<()>>,
 }
 
 /// Why a registration was not kept.
@@ -142,8 +156,18 @@ pub(crate) struct Registry {
 pub(crate) enum SetError {
     #[error("the push service said this endpoint is gone (404/410); register a new subscription")]
     Gone,
+    #[error("this relay keeps as many push registrations as it may; try another relay")]
+    Full,
     #[error("the push endpoint could not be kept: {0}")]
     Store(String),
+}
+
+/// What a change does to a device's registration.
+enum Change {
+    /// The endpoint (the groups as they were).
+    Endpoint(Option<PushEndpoint>),
+    /// The endpoint and the groups.
+    Groups(PushEndpoint, Vec<GroupId>),
 }
 
 impl Registry {
@@ -165,7 +189,7 @@ impl Registry {
                 _ => tracing::error!("skipping a corrupt push registration"),
             }
         }
-        Ok(Registry { db: Arc::new(db), held: Arc::new(Mutex::new(held)) })
+        Ok(Registry { db: Arc::new(db), held: Arc::new(Mutex::new(held)), changing: Arc::default() })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Held> {
@@ -176,46 +200,84 @@ impl Registry {
         self.lock().registrations.get(device).map(|r| r.endpoint.clone())
     }
 
+    pub(crate) fn has(&self, device: &PeerId) -> bool {
+        self.lock().registrations.contains_key(device)
+    }
+
     /// The devices to wake for a post in the group whose mailbox this is.
     pub(crate) fn watchers(&self, group_mailbox: &PeerId) -> Vec<PeerId> {
         self.lock().watchers.get(group_mailbox).map(|w| w.iter().copied().collect()).unwrap_or_default()
+    }
+
+    pub(crate) fn has_watchers(&self, group_mailbox: &PeerId) -> bool {
+        self.lock().watchers.contains_key(group_mailbox)
     }
 
     pub(crate) fn len(&self) -> usize {
         self.lock().registrations.len()
     }
 
-    /// Keeps (`Some`, with the groups it watched) or drops `device`'s endpoint, durably, then in
-    /// memory; refuses one its push service said is gone. Blocking.
-    pub(crate) fn set(&self, device: PeerId, endpoint: Option<PushEndpoint>) -> Result<(), SetError> {
-        let registration = endpoint.map(|endpoint| {
-            let groups = self.lock().registrations.get(&device).map(|r| r.groups.clone()).unwrap_or_default();
-            Registration { endpoint, groups }
-        });
-        self.keep(device, registration)
+    /// Keeps (`Some`, with the groups it watched) or drops `device`'s endpoint; refuses one its
+    /// push service said is gone. Blocking.
+    pub(crate) fn set(&self, device: PeerId, endpoint: Option<PushEndpoint>, now: u64) -> Result<(), SetError> {
+        self.change(device, Change::Endpoint(endpoint), now)
     }
 
-    /// Keeps `device`'s endpoint and the groups it reads here, durably, then in memory. Blocking.
+    /// Keeps `device`'s endpoint and the groups it reads here. Blocking.
     pub(crate) fn set_groups(
         &self,
         device: PeerId,
         endpoint: PushEndpoint,
         groups: Vec<GroupId>,
+        now: u64,
     ) -> Result<(), SetError> {
-        self.keep(device, Some(Registration { endpoint, groups }))
+        self.change(device, Change::Groups(endpoint, groups), now)
     }
 
-    fn keep(&self, device: PeerId, registration: Option<Registration>) -> Result<(), SetError> {
-        {
+    fn change(&self, device: PeerId, change: Change, now: u64) -> Result<(), SetError> {
+        let _one_at_a_time = self.changing.lock().unwrap_or_else(PoisonError::into_inner);
+        let (old, registration) = {
             let mut held = self.lock();
+            let old = held.registrations.get(&device).cloned();
+            let registration = match change {
+                Change::Endpoint(None) => None,
+                Change::Endpoint(Some(endpoint)) => {
+                    let groups = old.as_ref().map(|r| r.groups.clone()).unwrap_or_default();
+                    Some(Registration { endpoint, groups, refreshed_at: now })
+                }
+                Change::Groups(endpoint, mut groups) => {
+                    groups.sort_unstable();
+                    groups.dedup();
+                    Some(Registration { endpoint, groups, refreshed_at: now })
+                }
+            };
             match &registration {
                 Some(r) if held.gone.get(&device) == Some(&r.endpoint.url) => return Err(SetError::Gone),
+                Some(_) if old.is_none() && held.registrations.len() >= MAX_REGISTRATIONS => {
+                    return Err(SetError::Full);
+                }
                 _ => held.gone.remove(&device),
             };
+            (old, registration)
+        };
+        // The same again, lately written: nothing to write (a greeting costs no disk write).
+        let unchanged = match (&old, &registration) {
+            (Some(old), Some(new)) => {
+                old.endpoint == new.endpoint
+                    && old.groups == new.groups
+                    && now.saturating_sub(old.refreshed_at) < REFRESH_EVERY_SECS
+            }
+            (None, None) => true,
+            _ => false,
+        };
+        if unchanged {
+            return Ok(());
         }
         self.write(device, registration).map_err(SetError::Store)
     }
 
+    /// Writes `device`'s registration (or its removal), then applies it in memory. Callers hold
+    /// `changing`.
     fn write(&self, device: PeerId, registration: Option<Registration>) -> Result<(), String> {
         let key = device.to_bytes();
         let tx = self.db.begin_write().map_err(|e| e.to_string())?;
@@ -239,22 +301,73 @@ impl Registry {
     /// Drops `device`'s registration if its endpoint is still `url` (the device may have
     /// registered a new one meanwhile), and remembers that `url` is gone. Blocking.
     fn drop_gone(&self, device: PeerId, url: &str) {
-        if self.get(&device).is_some_and(|e| e.url == url) {
-            self.lock().gone.insert(device, url.to_string());
-            if let Err(e) = self.write(device, None) {
-                tracing::warn!(%device, error = %e, "could not drop a gone push endpoint");
+        let _one_at_a_time = self.changing.lock().unwrap_or_else(PoisonError::into_inner);
+        if self.get(&device).is_none_or(|e| e.url != url) {
+            return;
+        }
+        {
+            let mut held = self.lock();
+            if held.gone.len() >= MAX_GONE {
+                held.gone.clear();
+            }
+            held.gone.insert(device, url.to_string());
+        }
+        if let Err(e) = self.write(device, None) {
+            tracing::warn!(%device, error = %e, "could not drop a gone push endpoint");
+        }
+    }
+
+    /// Drops `device`'s registration: its session was revoked. Blocking.
+    pub(crate) fn forget(&self, device: PeerId) {
+        let _one_at_a_time = self.changing.lock().unwrap_or_else(PoisonError::into_inner);
+        if self.has(&device)
+            && let Err(e) = self.write(device, None)
+        {
+            tracing::warn!(%device, error = %e, "could not drop a revoked device's push endpoint");
+        }
+    }
+
+    /// Drops the registrations not renewed within [`REGISTRATION_TTL_SECS`]; how many. Blocking.
+    pub(crate) fn expire(&self, now: u64) -> usize {
+        let stale: Vec<PeerId> = self
+            .lock()
+            .registrations
+            .iter()
+            .filter(|(_, r)| now.saturating_sub(r.refreshed_at) > REGISTRATION_TTL_SECS)
+            .map(|(device, _)| *device)
+            .collect();
+        let _one_at_a_time = self.changing.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut dropped = 0;
+        for device in stale {
+            // Renewed since the scan: kept.
+            let still_stale = self
+                .lock()
+                .registrations
+                .get(&device)
+                .is_some_and(|r| now.saturating_sub(r.refreshed_at) > REGISTRATION_TTL_SECS);
+            if still_stale && self.write(device, None).is_ok() {
+                dropped += 1;
             }
         }
+        dropped
     }
 }
 
-/// The event loop's side: registrations, and the queue to the dispatcher.
+/// The event loop's side: registrations, and the devices waiting for a wake-up.
 #[derive(Debug)]
 pub(crate) struct Pusher {
     pub(crate) registry: Registry,
-    wake: Option<mpsc::Sender<PeerId>>,
-    metrics: Arc<Metrics>,
+    /// `None` when push is off.
+    pending: Option<Arc<Pending>>,
     private_endpoints: bool,
+}
+
+/// Devices to wake, as a set: an arrival for a device already waiting costs nothing and is
+/// never lost, however many arrive (a post in a channel with many watchers, say).
+#[derive(Debug, Default)]
+struct Pending {
+    devices: Mutex<HashSet<PeerId>>,
+    ready: tokio::sync::Notify,
 }
 
 impl Pusher {
@@ -266,12 +379,11 @@ impl Pusher {
     ) -> Result<Self, PushOpenError> {
         let registry = Registry::open(&data_dir.join(PUSH_DATABASE_FILE))?;
         metrics.push_registrations.set(crate::metrics::gauge_value(registry.len()));
-        let wake = if settings.enabled {
+        let pending = if settings.enabled {
             let vapid = match &settings.vapid_subject {
                 Some(subject) => Some(Vapid::load_or_create(&data_dir.join(VAPID_KEY_FILE), subject.clone())?),
                 None => None,
             };
-            let (tx, rx) = mpsc::channel(QUEUE);
             let client = reqwest::Client::builder().timeout(POST_TIMEOUT);
             let client = match settings.private_endpoints {
                 true => client.redirect(reqwest::redirect::Policy::none()),
@@ -279,40 +391,52 @@ impl Pusher {
                 false => public_http::public_only(client, 0),
             };
             let client = client.build().map_err(|e| PushOpenError::HttpClient(e.to_string()))?;
-            let dispatcher = Dispatcher { registry: registry.clone(), metrics: Arc::clone(&metrics), client, vapid };
-            tokio::spawn(dispatcher.run(rx));
-            Some(tx)
+            let pending = Arc::new(Pending::default());
+            let dispatcher = Dispatcher {
+                registry: registry.clone(),
+                metrics,
+                client,
+                vapid,
+                private_endpoints: settings.private_endpoints,
+                in_flight: Arc::default(),
+            };
+            tokio::spawn(dispatcher.run(Arc::clone(&pending)));
+            Some(pending)
         } else {
             None
         };
-        Ok(Pusher { registry, wake, metrics, private_endpoints: settings.private_endpoints })
+        Ok(Pusher { registry, pending, private_endpoints: settings.private_endpoints })
     }
 
     /// Refuses an endpoint this relay would not send to: one on a non-public address, unless
     /// the operator allowed those (names are checked again when they resolve, at each send).
     pub(crate) fn check(&self, endpoint: &PushEndpoint) -> Result<(), String> {
         endpoint.validate()?;
-        let url = reqwest::Url::parse(&endpoint.url).map_err(|e| format!("the push endpoint is not a URL: {e}"))?;
-        if !self.private_endpoints && !public_http::host_may_be_public(&url) {
-            return Err(
-                "the push endpoint must be on a public address; this relay does not send into its own network".into()
-            );
-        }
-        Ok(())
+        sendable(&endpoint.url, self.private_endpoints)
     }
 
-    /// Envelopes arrived here for `device`, which has no session here, and this relay is the
-    /// closest live one to its mailbox: wake it up, if it registered. Never waits.
-    pub(crate) fn arrived(&self, device: PeerId) {
-        let Some(wake) = &self.wake else { return };
-        if self.registry.get(&device).is_none() {
+    /// Something arrived here for `devices`, which have no session here (and for which this
+    /// relay is the one to wake them): wake those that registered. Never waits.
+    pub(crate) fn arrived(&self, devices: impl IntoIterator<Item = PeerId>) {
+        let Some(pending) = &self.pending else { return };
+        let registered: Vec<PeerId> = devices.into_iter().filter(|d| self.registry.has(d)).collect();
+        if registered.is_empty() {
             return;
         }
-        if wake.try_send(device).is_err() {
-            // The dispatcher is that far behind: this device's wake-up, if queued, covers it.
-            self.metrics.push_wakeups_coalesced.inc();
-        }
+        pending.devices.lock().unwrap_or_else(PoisonError::into_inner).extend(registered);
+        pending.ready.notify_one();
     }
+}
+
+/// Whether this relay sends to `url`: a URL, on a public address unless `private_ok`.
+fn sendable(url: &str, private_ok: bool) -> Result<(), String> {
+    let parsed = reqwest::Url::parse(url).map_err(|e| format!("the push endpoint is not a URL: {e}"))?;
+    if !private_ok && !public_http::host_may_be_public(&parsed) {
+        return Err(
+            "the push endpoint must be on a public address; this relay does not send into its own network".into()
+        );
+    }
+    Ok(())
 }
 
 /// Sends wake-ups, coalesced, each on its own task.
@@ -321,59 +445,72 @@ struct Dispatcher {
     metrics: Arc<Metrics>,
     client: reqwest::Client,
     vapid: Option<Arc<Vapid>>,
+    private_endpoints: bool,
+    /// Devices whose wake-up is being sent or retried: an arrival meanwhile is folded into it.
+    in_flight: Arc<Mutex<HashSet<PeerId>>>,
 }
 
 impl Dispatcher {
-    async fn run(self, mut wake: mpsc::Receiver<PeerId>) {
+    async fn run(self, pending: Arc<Pending>) {
+        // Each POST holds a slot, not a wake-up's whole life: a push service that stalls or
+        // asks to retry later costs only its own wake-ups their time.
         let sending = Arc::new(Semaphore::new(SENDING_AT_ONCE));
-        let waiting = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let mut last: HashMap<PeerId, Instant> = HashMap::new();
-        let mut swept = Instant::now();
-        while let Some(device) = wake.recv().await {
+        loop {
+            pending.ready.notified().await;
+            let devices: Vec<PeerId> = pending.devices.lock().unwrap_or_else(PoisonError::into_inner).drain().collect();
             let now = Instant::now();
-            if now.duration_since(swept) > COALESCE_FOR {
-                last.retain(|_, at| now.duration_since(*at) < COALESCE_FOR);
-                swept = now;
-            }
-            if last.get(&device).is_some_and(|at| now.duration_since(*at) < COALESCE_FOR) {
-                self.metrics.push_wakeups_coalesced.inc();
-                continue;
-            }
-            let Some(endpoint) = self.registry.get(&device) else { continue };
-            if waiting.load(std::sync::atomic::Ordering::Relaxed) >= WAITING_AT_MOST {
-                tracing::warn!(%device, "too many wake-ups waiting for the push services; giving this one up");
-                self.metrics.push_wakeups_failed.inc();
-                continue;
-            }
-            last.insert(device, now);
-            waiting.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let (sending, waiting) = (Arc::clone(&sending), Arc::clone(&waiting));
-            let (registry, metrics, client, vapid) =
-                (self.registry.clone(), Arc::clone(&self.metrics), self.client.clone(), self.vapid.clone());
-            tokio::spawn(async move {
-                let Ok(_slot) = sending.acquire_owned().await else { return };
-                waiting.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-                let outcome = send_with_retries(&client, vapid.as_deref(), &endpoint).await;
-                match outcome {
-                    Outcome::Sent => {
-                        metrics.push_wakeups_sent.inc();
-                    }
-                    Outcome::Gone => {
-                        tracing::info!(%device, "the push endpoint is gone; dropping it");
-                        metrics.push_endpoints_dropped.inc();
-                        let (url, held) = (endpoint.url.clone(), registry.clone());
-                        let dropped = tokio::task::spawn_blocking(move || held.drop_gone(device, &url)).await;
-                        if let Err(e) = dropped {
-                            tracing::warn!(error = %e, "dropping a gone push endpoint did not finish");
-                        }
-                        metrics.push_registrations.set(crate::metrics::gauge_value(registry.len()));
-                    }
-                    Outcome::Failed(why) => {
-                        tracing::warn!(%device, %why, "a wake-up could not be delivered");
-                        metrics.push_wakeups_failed.inc();
-                    }
+            last.retain(|_, at| now.duration_since(*at) < COALESCE_FOR);
+            for device in devices {
+                let busy = self.in_flight.lock().unwrap_or_else(PoisonError::into_inner).contains(&device);
+                if busy || last.contains_key(&device) {
+                    self.metrics.push_wakeups_coalesced.inc();
+                    continue;
                 }
-            });
+                let Some(endpoint) = self.registry.get(&device) else { continue };
+                last.insert(device, now);
+                self.in_flight.lock().unwrap_or_else(PoisonError::into_inner).insert(device);
+                tokio::spawn(self.wake(device, endpoint, Arc::clone(&sending)));
+            }
+        }
+    }
+
+    /// One wake-up, to its end.
+    fn wake(
+        &self,
+        device: PeerId,
+        endpoint: PushEndpoint,
+        sending: Arc<Semaphore>,
+    ) -> impl Future<Output = ()> + use<> {
+        let (registry, metrics, client, vapid) =
+            (self.registry.clone(), Arc::clone(&self.metrics), self.client.clone(), self.vapid.clone());
+        let (private_ok, in_flight) = (self.private_endpoints, Arc::clone(&self.in_flight));
+        async move {
+            // Checked at each send too: registrations kept from before the operator changed
+            // their mind, and address literals, which no resolver sees.
+            let outcome = match sendable(&endpoint.url, private_ok) {
+                Ok(()) => send_with_retries(&client, vapid.as_deref(), &endpoint, &sending).await,
+                Err(why) => Outcome::Failed(why),
+            };
+            match outcome {
+                Outcome::Sent => {
+                    metrics.push_wakeups_sent.inc();
+                }
+                Outcome::Gone => {
+                    tracing::info!(%device, "the push endpoint is gone; dropping it");
+                    metrics.push_endpoints_dropped.inc();
+                    let (url, held) = (endpoint.url.clone(), registry.clone());
+                    if let Err(e) = tokio::task::spawn_blocking(move || held.drop_gone(device, &url)).await {
+                        tracing::warn!(error = %e, "dropping a gone push endpoint did not finish");
+                    }
+                    metrics.push_registrations.set(crate::metrics::gauge_value(registry.len()));
+                }
+                Outcome::Failed(why) => {
+                    tracing::warn!(%device, %why, "a wake-up could not be delivered");
+                    metrics.push_wakeups_failed.inc();
+                }
+            }
+            in_flight.lock().unwrap_or_else(PoisonError::into_inner).remove(&device);
         }
     }
 }
@@ -387,10 +524,16 @@ enum Outcome {
     Failed(String),
 }
 
-async fn send_with_retries(client: &reqwest::Client, vapid: Option<&Vapid>, endpoint: &PushEndpoint) -> Outcome {
+async fn send_with_retries(
+    client: &reqwest::Client,
+    vapid: Option<&Vapid>,
+    endpoint: &PushEndpoint,
+    sending: &Semaphore,
+) -> Outcome {
     let mut pause = FIRST_PAUSE;
     let mut last = String::new();
     for attempt in 1..=ATTEMPTS {
+        let Ok(slot) = sending.acquire().await else { return Outcome::Failed("shutting down".into()) };
         let body = match encrypt(endpoint, WAKE_UP_TEXT) {
             Ok(body) => body,
             // A key that is not a curve point: no attempt can succeed.
@@ -427,6 +570,7 @@ async fn send_with_retries(client: &reqwest::Client, vapid: Option<&Vapid>, endp
                 None
             }
         };
+        drop(slot);
         if attempt < ATTEMPTS {
             tokio::time::sleep(retry_after.unwrap_or(pause).min(MAX_PAUSE)).await;
             pause = (pause * 2).min(MAX_PAUSE);
@@ -506,7 +650,12 @@ impl Vapid {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let made = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng)
                     .map_err(|_| err("could not make a key".into()))?;
-                std::fs::write(path, made.as_ref()).map_err(|e| err(e.to_string()))?;
+                // Whole or not at all (the servers' umask makes it 0600): a key cut short by a
+                // crash would keep the relay from starting.
+                let tmp = path.with_extension("key.tmp");
+                std::fs::write(&tmp, made.as_ref())
+                    .and_then(|()| std::fs::rename(&tmp, path))
+                    .map_err(|e| err(e.to_string()))?;
                 made.as_ref().to_vec()
             }
             Err(e) => return Err(err(e.to_string())),
@@ -534,6 +683,42 @@ impl Vapid {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn endpoint(url: &str) -> PushEndpoint {
+        PushEndpoint { url: url.into(), p256dh: vec![4; 65], auth: vec![1; 16] }
+    }
+
+    #[test]
+    fn registrations_keep_their_groups_refuse_gone_endpoints_and_expire() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(PUSH_DATABASE_FILE);
+        let registry = Registry::open(&path).unwrap();
+        let (device, group) = (PeerId::random(), GroupId([7; 16]));
+        registry.set_groups(device, endpoint("https://a.example/1"), vec![group, group], 100).unwrap();
+        assert_eq!(registry.watchers(&group.mailbox()), [device]);
+        // A new endpoint keeps the groups; the same again writes nothing (and renews nothing).
+        registry.set(device, Some(endpoint("https://a.example/2")), 200).unwrap();
+        assert!(registry.has_watchers(&group.mailbox()));
+        registry.set(device, Some(endpoint("https://a.example/2")), 300).unwrap();
+        assert_eq!(registry.lock().registrations[&device].refreshed_at, 200);
+        // What is on disk is what is in memory.
+        drop(registry);
+        let registry = Registry::open(&path).unwrap();
+        assert_eq!(registry.get(&device).unwrap().url, "https://a.example/2");
+        assert_eq!(registry.watchers(&group.mailbox()), [device]);
+        // Gone: dropped, and refused when offered again; another endpoint is taken.
+        registry.drop_gone(device, "https://a.example/2");
+        assert!(!registry.has(&device) && !registry.has_watchers(&group.mailbox()));
+        assert!(matches!(registry.set(device, Some(endpoint("https://a.example/2")), 400), Err(SetError::Gone)));
+        registry.set(device, Some(endpoint("https://a.example/3")), 400).unwrap();
+        // Not renewed for the TTL: expired; revoked: forgotten.
+        let other = PeerId::random();
+        registry.set(other, Some(endpoint("https://a.example/4")), 400 + REGISTRATION_TTL_SECS).unwrap();
+        assert_eq!(registry.expire(401 + REGISTRATION_TTL_SECS), 1);
+        assert!(!registry.has(&device) && registry.has(&other));
+        registry.forget(other);
+        assert_eq!(registry.len(), 0);
+    }
 
     // Decryption is checked end to end by an independent implementation (Python's http_ece) in
     // tests/tests/push.rs; ring's ephemeral keys cannot be used twice to decrypt here.

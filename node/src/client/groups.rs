@@ -1091,16 +1091,21 @@ impl Messenger {
             0 => futures::future::join_all(reads).await,
             _ => vec![futures::future::select_all(reads).await.0],
         };
-        let (mut more, mut failed) = (false, None);
+        let (mut more, mut applied, mut failed) = (false, false, None);
         for (relay, answer) in answers {
             match self.apply_group_answer(records, &relay, answer, inbox).await {
-                Ok(cut) => more |= cut,
-                Err(e) => failed = failed.or(Some(e)),
+                Ok(cut) => (more, applied) = (more | cut, true),
+                Err(e) => {
+                    tracing::info!(relay = %relay.peer_id, error = %e, "a group relay failed; read again next time");
+                    failed = failed.or(Some(e));
+                }
             }
         }
+        // What the others answered is applied (and in `inbox`): the failed relay's groups are
+        // read again on the next call, from it or the next closest.
         match failed {
-            Some(e) => Err(e),
-            None => Ok(more),
+            Some(e) if !applied => Err(e),
+            _ => Ok(more),
         }
     }
 

@@ -339,7 +339,7 @@ pub struct Messenger {
     pub(crate) push: Option<crate::proto::mailbox::PushEndpoint>,
     /// The groups each relay was told to wake this device for (`PushGroups`): those it reads
     /// there.
-    pub(crate) push_groups_told: HashMap<PeerId, (RelayInfo, Vec<crate::proto::group::GroupId>)>,
+    pub(crate) push_groups_told: crate::client::push::PushGroupsTold,
 }
 
 impl Messenger {
@@ -372,6 +372,7 @@ impl Messenger {
                 None
             }
         };
+        let push_groups_told = crate::client::push::load_groups_told(client.profile());
         Messenger {
             client,
             session,
@@ -385,8 +386,8 @@ impl Messenger {
             unacked: HashMap::new(),
             unresponsive: HashMap::new(),
             saves_session: true,
+            push_groups_told,
             push,
-            push_groups_told: HashMap::new(),
         }
     }
 
@@ -419,7 +420,7 @@ impl Messenger {
             unresponsive: HashMap::new(),
             saves_session: self.saves_session,
             push: self.push.clone(),
-            push_groups_told: HashMap::new(),
+            push_groups_told: self.push_groups_told.clone(),
         })
     }
 

@@ -11,6 +11,7 @@
 //! moves as relays come and go) learn it the next time the device is online. A relay whose push
 //! service said the subscription is gone refuses it (`NOT_FOUND`), and the device drops it.
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use base64::Engine;
@@ -26,6 +27,29 @@ use crate::proto::{ErrorCode, MailboxRequest, MailboxResponse, RelayInfo};
 
 /// The subscription's file in the profile.
 pub const PUSH_FILE: &str = "push.json";
+/// The relays told which groups to wake this device for, and those groups, in the profile: a
+/// later process tells a relay it no longer reads a group from, and unregistering reaches them.
+const PUSH_GROUPS_FILE: &str = "push-groups.json";
+
+/// The relays told which groups to wake this device for.
+pub(crate) type PushGroupsTold = HashMap<PeerId, (RelayInfo, Vec<GroupId>)>;
+
+/// The profile's [`PushGroupsTold`] (none if unreadable: relays are then told afresh).
+pub(crate) fn load_groups_told(profile: &Path) -> PushGroupsTold {
+    let Ok(bytes) = std::fs::read(profile.join(PUSH_GROUPS_FILE)) else { return HashMap::new() };
+    let told: Vec<(RelayInfo, Vec<GroupId>)> = serde_json::from_slice(&bytes).unwrap_or_default();
+    told.into_iter().map(|(relay, groups)| (relay.peer_id, (relay, groups))).collect()
+}
+
+fn save_groups_told(profile: &Path, told: &PushGroupsTold) -> Result<(), MessagingError> {
+    let path = profile.join(PUSH_GROUPS_FILE);
+    let list: Vec<&(RelayInfo, Vec<GroupId>)> = told.values().collect();
+    let json = serde_json::to_vec(&list).map_err(|e| MessagingError::File(e.to_string()))?;
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, json)
+        .and_then(|()| std::fs::rename(&tmp, &path))
+        .map_err(|e| MessagingError::File(format!("{}: {e}", path.display())))
+}
 
 /// A Web Push subscription as push services and browsers hand it out: the endpoint URL and the
 /// keys, base64url.
@@ -102,7 +126,10 @@ impl Messenger {
         // Kept once a relay took it: one every relay refused leaves the old one in place.
         subscription.save(self.client.profile())?;
         self.push = Some(endpoint);
-        self.push_groups_told.clear();
+        // The group relays get the new endpoint with the next read.
+        for (_, groups) in self.push_groups_told.values_mut() {
+            groups.clear();
+        }
         Ok(relays)
     }
 
@@ -111,18 +138,26 @@ impl Messenger {
     pub async fn push_unregister(&mut self) -> Result<Vec<PushRelay>, MessagingError> {
         PushSubscription::remove(self.client.profile())?;
         self.push = None;
-        self.push_groups_told.clear();
         let relays = self.tell_mailbox_relays(None).await?;
-        // The relays it reads groups from may be any: every other known relay forgets it too
-        // (best effort; one that is down never sends while it is).
-        for relay in self.session.relays.clone() {
-            if !relays.iter().any(|r| r.relay == relay.peer_id) {
-                let request = MailboxRequest::SetPush { push: None };
-                if let Err(e) = self.relay_call(&relay, request, RELAY_ANSWER_DEADLINE).await {
-                    tracing::warn!(relay = %relay.peer_id, error = %e, "could not remove the push endpoint there");
+        // The relays it reads groups from forget it too (best effort: one that is down is told
+        // by the next unregistering, and drops it when it expires).
+        let group_relays: Vec<RelayInfo> = self.push_groups_told.values().map(|(relay, _)| relay.clone()).collect();
+        for relay in group_relays {
+            if relays.iter().any(|r| r.relay == relay.peer_id) {
+                self.push_groups_told.remove(&relay.peer_id);
+                continue;
+            }
+            let request = MailboxRequest::SetPush { push: None };
+            match self.relay_call(&relay, request, RELAY_ANSWER_DEADLINE).await {
+                Ok(_) => {
+                    self.push_groups_told.remove(&relay.peer_id);
+                }
+                Err(e) => {
+                    tracing::warn!(relay = %relay.peer_id, error = %e, "could not remove the push endpoint there")
                 }
             }
         }
+        save_groups_told(self.client.profile(), &self.push_groups_told)?;
         Ok(relays)
     }
 
@@ -184,6 +219,7 @@ impl Messenger {
     /// included (best effort: the next read tries again).
     pub(crate) async fn push_groups(&mut self, mut reads: Vec<(RelayInfo, Vec<GroupId>)>) {
         let Some(push) = self.push.clone() else { return };
+        let mut changed = false;
         for (relay, told) in &self.push_groups_told {
             if !reads.iter().any(|(r, _)| r.peer_id == *relay) && !told.1.is_empty() {
                 reads.push((told.0.clone(), Vec::new()));
@@ -202,7 +238,11 @@ impl Messenger {
             let request = MailboxRequest::PushGroups { push: push.clone(), groups: groups.clone() };
             if self.push_request(&relay, request).await {
                 self.push_groups_told.insert(relay.peer_id, (relay, groups));
+                changed = true;
             }
+        }
+        if changed && let Err(e) = save_groups_told(self.client.profile(), &self.push_groups_told) {
+            tracing::warn!(error = %e, "could not keep which relays wake this device for its groups");
         }
     }
 
