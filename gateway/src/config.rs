@@ -47,6 +47,10 @@ pub struct Limits {
     pub sign_in_burst: u32,
     pub sign_in_refill_secs: u64,
     pub cert_ttl_secs: u64,
+    pub max_password_attempts: u32,
+    pub password_lockout_secs: u64,
+    pub lookup_burst: u32,
+    pub lookups_per_second: u32,
 }
 
 impl Default for Limits {
@@ -61,6 +65,10 @@ impl Default for Limits {
             sign_in_burst: defaults::SIGN_IN_BURST,
             sign_in_refill_secs: defaults::SIGN_IN_REFILL_SECS,
             cert_ttl_secs: defaults::CERT_TTL_SECS,
+            max_password_attempts: defaults::MAX_PASSWORD_ATTEMPTS,
+            password_lockout_secs: defaults::PASSWORD_LOCKOUT_SECS,
+            lookup_burst: defaults::LOOKUP_BURST,
+            lookups_per_second: defaults::LOOKUPS_PER_SECOND,
         }
     }
 }
@@ -73,6 +81,9 @@ impl Limits {
         }
         if self.max_code_attempts == 0 || self.code_ttl_secs == 0 || self.cert_ttl_secs < 60 {
             return Err("max_code_attempts and code_ttl_secs must be > 0 and cert_ttl_secs >= 60".into());
+        }
+        if self.max_password_attempts == 0 || self.lookup_burst == 0 || self.lookups_per_second == 0 {
+            return Err("max_password_attempts, lookup_burst and lookups_per_second must be > 0".into());
         }
         Ok(())
     }

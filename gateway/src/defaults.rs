@@ -14,6 +14,18 @@ pub const CODE_LOCKOUT_SECS: u64 = 900;
 pub const SEND_CODE_BURST: u32 = 5;
 /// Then one more code per ten minutes, so nobody can use us to spam a number.
 pub const SEND_CODE_REFILL_SECS: u64 = 600;
+/// Wrong 2FA passwords per account before it takes none for a while. Per account, durably:
+/// devices are free, so a limit per device bounds nothing, and a wrong password does not use
+/// up the login code. Only someone holding a valid login code gets to guess at all.
+pub const MAX_PASSWORD_ATTEMPTS: u32 = 5;
+/// How long an account takes no password after that: an hour, so that guessing a password of
+/// any strength takes years.
+pub const PASSWORD_LOCKOUT_SECS: u64 = 3600;
+/// Directory lookups per account in a burst: a new device resolving its contacts and chats.
+pub const LOOKUP_BURST: u32 = 600;
+/// Then this many per second: enough for any person or bot, and slow to enumerate a directory
+/// of sequential user ids and phone numbers with.
+pub const LOOKUPS_PER_SECOND: u32 = 10;
 /// Sign-in and password attempts per device in a burst.
 pub const SIGN_IN_BURST: u32 = 20;
 /// Then one more every three seconds.

@@ -25,7 +25,7 @@ use crate::code_sender::CodeSender;
 use crate::config::Limits;
 use crate::defaults::{LAST_SEEN_RESOLUTION_SECS, MAX_BOTS_PER_OWNER};
 use crate::metrics::Metrics;
-use crate::store::{ChannelName, CodeRecord, Store, StoreError, StoredAccount, StoredSession, Tables};
+use crate::store::{ChannelName, CodeRecord, PasswordGuard, Store, StoreError, StoredAccount, StoredSession, Tables};
 use meshgram_node::server::limits::RateLimiter;
 
 impl From<StoreError> for WireError {
@@ -67,6 +67,7 @@ pub struct AuthService {
     limits: Limits,
     send_code_limiter: RateLimiter,
     sign_in_limiter: RateLimiter,
+    lookup_limiter: RateLimiter,
     runtime: tokio::runtime::Handle,
     metrics: Arc<Metrics>,
 }
@@ -92,6 +93,7 @@ impl AuthService {
             sender,
             send_code_limiter: RateLimiter::new(limits.send_code_burst, limits.send_code_refill_secs),
             sign_in_limiter: RateLimiter::new(limits.sign_in_burst, limits.sign_in_refill_secs),
+            lookup_limiter: RateLimiter::per_second(limits.lookup_burst, limits.lookups_per_second),
             limits,
             runtime,
             metrics,
@@ -288,20 +290,20 @@ impl AuthService {
         self.sign_in_limiter.check(&peer.to_string(), now).map_err(|s| WireError::flood_wait(s, "sign-in attempts"))?;
         check_device(&peer, &device, &device_name)?;
         // Commit even when the code is wrong: the attempt counter must survive.
-        let password_hash = self.store.write(|t| {
+        let guarded = self.store.write(|t| {
             Ok::<_, WireError>(match self.check_code(t, phone, code, now)? {
                 Err(e) => Err(e),
-                Ok(()) => Ok(t.account_by_phone(phone)?.and_then(|a| a.password_hash)),
+                Ok(()) => Ok(t.account_by_phone(phone)?.and_then(|a| Some((a.user_id, a.password_hash?)))),
             })
         })??;
-        if let Some(hash) = password_hash {
+        if let Some((user, hash)) = guarded {
             let password = password.ok_or_else(|| {
                 WireError::new(
                     Code::SessionPasswordNeeded,
                     "this account is protected by a password; send it with the code",
                 )
             })?;
-            verify_password(&password, &hash)?;
+            self.check_password(user, &password, &hash, now)?;
         }
         let (account, session, new_account) = self.store.write(|t| {
             if let Err(e) = self.check_code(t, phone, code, now)? {
@@ -451,7 +453,7 @@ impl AuthService {
                 .map_err(|s| WireError::flood_wait(s, "password attempts"))?;
             let current =
                 current.ok_or_else(|| WireError::new(Code::PasswordHashInvalid, "the current password is required"))?;
-            verify_password(&current, hash)?;
+            self.check_password(account.user_id, &current, hash, now)?;
         }
         let new_hash = new.map(|p| hash_password(&p)).transpose()?;
         let account = self.store.write(|t| {
@@ -463,9 +465,43 @@ impl AuthService {
         Ok(AuthResponse::Me(account.to_account()))
     }
 
+    /// Checks `user`'s 2FA password, counting wrong ones per account, durably: after
+    /// `max_password_attempts` the account takes none for `password_lockout_secs`, whichever
+    /// device asks. argon2 runs outside any transaction.
+    fn check_password(&self, user: UserId, password: &str, hash: &str, now: u64) -> AuthResult<()> {
+        let guard = self.store.read(|t| t.password_guard(user))?;
+        if guard.locked_until > now {
+            return Err(WireError::flood_wait(guard.locked_until - now, "wrong passwords on this account"));
+        }
+        match verify_password(password, hash) {
+            Ok(()) => {
+                if guard.wrong > 0 {
+                    self.store.write(|t| t.put_password_guard(user, &PasswordGuard::default()))?;
+                }
+                Ok(())
+            }
+            Err(wrong) => {
+                let limits = &self.limits;
+                self.store.write(|t| {
+                    let mut guard = t.password_guard(user)?;
+                    guard.wrong += 1;
+                    if guard.wrong >= limits.max_password_attempts {
+                        tracing::warn!(%user, "too many wrong passwords; the account takes none for a while");
+                        guard = PasswordGuard { wrong: 0, locked_until: now + limits.password_lockout_secs };
+                    }
+                    t.put_password_guard(user, &guard)
+                })?;
+                Err(wrong)
+            }
+        }
+    }
+
     fn lookup(&self, peer: PeerId, query: &LookupQuery, now: u64) -> AuthResult<AuthResponse> {
         let card = self.store.read(|t| {
-            self.authed(t, &peer, now)?;
+            let me = self.authed(t, &peer, now)?;
+            self.lookup_limiter
+                .check(&me.user_id.to_string(), now)
+                .map_err(|secs| WireError::flood_wait(secs, "lookups"))?;
             let account = match query {
                 LookupQuery::Username(name) => t.account_by_username(name)?,
                 LookupQuery::Phone(phone) => t.account_by_phone(phone)?,

@@ -45,6 +45,8 @@ const BACKUPS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("backup
 const BOT_COMMANDS: TableDefinition<u64, &[u8]> = TableDefinition::new("bot_commands");
 /// Public channels' `@name`s (canonical, as usernames) → [`ChannelName`].
 const CHANNEL_NAMES: TableDefinition<&str, &[u8]> = TableDefinition::new("channel_names");
+/// User id → its wrong 2FA passwords and lockout ([`PasswordGuard`]).
+const PASSWORD_GUARDS: TableDefinition<u64, &[u8]> = TableDefinition::new("password_guards");
 const NEXT_USER_ID: &str = "next_user_id";
 const NEXT_REVOCATION: &str = "next_revocation";
 /// User ids start here so they look like account numbers, not row counters.
@@ -203,6 +205,14 @@ pub struct Tables<'t> {
     backups: Table<'t, (u64, u64), &'static [u8]>,
     bot_commands: Table<'t, u64, &'static [u8]>,
     channel_names: Table<'t, &'static str, &'static [u8]>,
+    password_guards: Table<'t, u64, &'static [u8]>,
+}
+
+/// An account's wrong 2FA passwords since the last right one, and until when it takes none.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PasswordGuard {
+    pub wrong: u32,
+    pub locked_until: u64,
 }
 
 /// A public channel's name: who claimed it, and the channel's link it stands for.
@@ -238,6 +248,7 @@ impl<'t> Tables<'t> {
             backups: tx.open_table(BACKUPS)?,
             bot_commands: tx.open_table(BOT_COMMANDS)?,
             channel_names: tx.open_table(CHANNEL_NAMES)?,
+            password_guards: tx.open_table(PASSWORD_GUARDS)?,
         })
     }
 
@@ -334,6 +345,26 @@ impl<'t> Tables<'t> {
     }
 
     // ---- login codes ----
+
+    /// The account's guard against password guessing (none: no wrong password lately).
+    pub fn password_guard(&self, user: UserId) -> Result<PasswordGuard, StoreError> {
+        Ok(self
+            .password_guards
+            .get(user.0)?
+            .map(|v| decode("password guard", v.value()))
+            .transpose()?
+            .unwrap_or_default())
+    }
+
+    /// Stores it (the default removes it).
+    pub fn put_password_guard(&mut self, user: UserId, guard: &PasswordGuard) -> Result<(), StoreError> {
+        if *guard == PasswordGuard::default() {
+            self.password_guards.remove(user.0)?;
+        } else {
+            self.password_guards.insert(user.0, encode(guard).as_slice())?;
+        }
+        Ok(())
+    }
 
     /// The pending code for a phone.
     pub fn code(&self, phone: &Phone) -> Result<Option<CodeRecord>, StoreError> {

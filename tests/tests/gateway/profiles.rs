@@ -112,3 +112,49 @@ fn two_factor_password_guards_new_devices() {
     assert_eq!(login["user_id"], alice["user_id"], "{login}");
     assert_eq!(login["account"]["has_password"], false, "{login}");
 }
+
+#[test]
+fn wrong_passwords_lock_the_account_whatever_the_device_and_the_lockout_survives_a_restart() {
+    let limits = "[limits]\nsend_code_burst = 20\nmax_password_attempts = 3\npassword_lockout_secs = 600\n";
+    let mut gw = Gateway::builder().config(limits).start();
+    let alice_p = gw.new_profile("alice");
+    gw.login(&alice_p, ALICE);
+    meshgram(&alice_p, &["password", "set", "--new", "hunter22"]).ok_json();
+
+    // Each guess from a fresh device (devices are free) counts against the account.
+    for i in 0..3 {
+        let guesser = gw.new_profile(&format!("guesser-{i}"));
+        gw.login_with(&guesser, ALICE, &[], |code| vec![code.to_string(), format!("guess-{i}")])
+            .expect_err(&["PASSWORD_HASH_INVALID"]);
+    }
+    // Now not even the right password gets in, from any device, for the lockout.
+    let owner = gw.new_profile("alice-new-phone");
+    let wait =
+        gw.login_with(&owner, ALICE, &[], |code| vec![code.to_string(), "hunter22".to_string()]).expect_flood_wait(600);
+    assert!(wait > 500, "locked for the configured lockout: {wait} s");
+    meshgram(&alice_p, &["password", "set", "--new", "other-pw", "--current", "hunter22"]).expect_flood_wait(600);
+    // Kept on disk: a restarted gateway still refuses.
+    gw.restart_same_port();
+    gw.login_with(&owner, ALICE, &[], |code| vec![code.to_string(), "hunter22".to_string()]).expect_flood_wait(600);
+    // The signed-in device is not signed out by someone else's guesses.
+    meshgram(&alice_p, &["whoami"]).ok_json();
+}
+
+#[test]
+fn directory_lookups_are_rate_limited_per_account() {
+    let gw = Gateway::builder().config("[limits]\nlookup_burst = 2\nlookups_per_second = 1\n").start();
+    let (alice_p, bob_p) = (gw.new_profile("alice"), gw.new_profile("bob"));
+    gw.login(&alice_p, ALICE);
+    gw.login(&bob_p, BOB);
+    // Enumerating user ids runs into FLOOD_WAIT soon, found or not.
+    let refused = (0..8)
+        .map(|i| meshgram(&alice_p, &["lookup", &(1_000_001 + i).to_string()]))
+        .filter(|out| !out.status.success())
+        .inspect(|out| {
+            out.expect_flood_wait(2);
+        })
+        .count();
+    assert!(refused >= 3, "8 lookups in a burst of 2 at 1/s: {refused} refused");
+    // Bob's lookups are his own.
+    meshgram(&bob_p, &["lookup", ALICE]).ok_json();
+}
