@@ -51,6 +51,9 @@ pub struct Limits {
     pub password_lockout_secs: u64,
     pub lookup_burst: u32,
     pub lookups_per_second: u32,
+    pub send_code_device_burst: u32,
+    pub send_code_device_refill_secs: u64,
+    pub send_codes_per_second: u32,
 }
 
 impl Default for Limits {
@@ -69,6 +72,9 @@ impl Default for Limits {
             password_lockout_secs: defaults::PASSWORD_LOCKOUT_SECS,
             lookup_burst: defaults::LOOKUP_BURST,
             lookups_per_second: defaults::LOOKUPS_PER_SECOND,
+            send_code_device_burst: defaults::SEND_CODE_DEVICE_BURST,
+            send_code_device_refill_secs: defaults::SEND_CODE_DEVICE_REFILL_SECS,
+            send_codes_per_second: defaults::SEND_CODES_PER_SECOND,
         }
     }
 }
@@ -82,8 +88,15 @@ impl Limits {
         if self.max_code_attempts == 0 || self.code_ttl_secs == 0 || self.cert_ttl_secs < 60 {
             return Err("max_code_attempts and code_ttl_secs must be > 0 and cert_ttl_secs >= 60".into());
         }
-        if self.max_password_attempts == 0 || self.lookup_burst == 0 || self.lookups_per_second == 0 {
-            return Err("max_password_attempts, lookup_burst and lookups_per_second must be > 0".into());
+        if self.max_password_attempts == 0
+            || self.lookup_burst == 0
+            || self.lookups_per_second == 0
+            || self.send_code_device_burst == 0
+            || self.send_codes_per_second == 0
+        {
+            return Err("max_password_attempts, lookup_burst, lookups_per_second, send_code_device_burst and \
+                        send_codes_per_second must be > 0"
+                .into());
         }
         Ok(())
     }

@@ -26,6 +26,14 @@ pub const LOOKUP_BURST: u32 = 600;
 /// Then this many per second: enough for any person or bot, and slow to enumerate a directory
 /// of sequential user ids and phone numbers with.
 pub const LOOKUPS_PER_SECOND: u32 = 10;
+/// Codes one device may ask for in a burst, whatever the numbers: a person mistyping theirs a
+/// few times, not a script walking a number range.
+pub const SEND_CODE_DEVICE_BURST: u32 = 10;
+/// Then one more per minute.
+pub const SEND_CODE_DEVICE_REFILL_SECS: u64 = 60;
+/// Codes per second from the whole gateway (bursts of ten seconds' worth): far above a
+/// community's sign-ups, and a cap on what anyone can cost its operator in SMS.
+pub const SEND_CODES_PER_SECOND: u32 = 20;
 /// Sign-in and password attempts per device in a burst.
 pub const SIGN_IN_BURST: u32 = 20;
 /// Then one more every three seconds.

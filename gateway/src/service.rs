@@ -68,6 +68,8 @@ pub struct AuthService {
     send_code_limiter: RateLimiter,
     sign_in_limiter: RateLimiter,
     lookup_limiter: RateLimiter,
+    send_code_peer_limiter: RateLimiter,
+    send_code_global_limiter: RateLimiter,
     runtime: tokio::runtime::Handle,
     metrics: Arc<Metrics>,
 }
@@ -94,6 +96,14 @@ impl AuthService {
             send_code_limiter: RateLimiter::new(limits.send_code_burst, limits.send_code_refill_secs),
             sign_in_limiter: RateLimiter::new(limits.sign_in_burst, limits.sign_in_refill_secs),
             lookup_limiter: RateLimiter::per_second(limits.lookup_burst, limits.lookups_per_second),
+            send_code_peer_limiter: RateLimiter::new(
+                limits.send_code_device_burst,
+                limits.send_code_device_refill_secs,
+            ),
+            send_code_global_limiter: RateLimiter::per_second(
+                limits.send_codes_per_second.saturating_mul(10),
+                limits.send_codes_per_second,
+            ),
             limits,
             runtime,
             metrics,
@@ -127,7 +137,7 @@ impl AuthService {
 
     fn dispatch(&self, peer: PeerId, request: AuthRequest, now: u64) -> AuthResult<AuthResponse> {
         match request {
-            AuthRequest::SendCode { phone } => self.send_code(&phone, now),
+            AuthRequest::SendCode { phone } => self.send_code(peer, &phone, now),
             AuthRequest::SignIn { phone, code, device, device_name, password } => {
                 self.sign_in(peer, &phone, &code, device, device_name, password, now)
             }
@@ -233,10 +243,18 @@ impl AuthService {
     // ---- sign-in ----
 
     /// `SendCode`: rate-limit, store a fresh code, deliver it.
-    fn send_code(&self, phone: &Phone, now: u64) -> AuthResult<AuthResponse> {
+    fn send_code(&self, peer: PeerId, phone: &Phone, now: u64) -> AuthResult<AuthResponse> {
+        // Every code costs an SMS: limited per number, per asking device and overall, so that
+        // nobody pumps texts through us to numbers of their choosing.
         self.send_code_limiter
             .check(phone.as_str(), now)
             .map_err(|s| WireError::flood_wait(s, "code requests for this number"))?;
+        self.send_code_peer_limiter
+            .check(&peer.to_string(), now)
+            .map_err(|s| WireError::flood_wait(s, "code requests from this device"))?;
+        self.send_code_global_limiter
+            .check("all", now)
+            .map_err(|s| WireError::flood_wait(s, "code requests; the gateway is busy"))?;
         let code = self.random_code();
         self.store.write(|t| {
             let old = t.code(phone)?;

@@ -5,6 +5,7 @@ use std::cell::RefCell;
 use std::thread;
 use std::time::Duration;
 
+use meshgram_node::crypto::identity::DEVICE_KEY_FILE;
 use meshgram_tests::{Gateway, meshgram, meshgram_stdin, wrong_code};
 
 use crate::{ALICE, BOB};
@@ -116,4 +117,27 @@ fn malformed_phone_is_refused() {
     out.expect_err(&["PHONE_NUMBER_INVALID", "USAGE"]);
     assert!(gw.codes_for("12345").is_empty() && gw.codes_for("+12345").is_empty(), "no code was sent");
     meshgram(&profile, &["whoami"]).expect_err(&["NOT_SIGNED_IN"]);
+}
+
+#[test]
+fn code_requests_per_device_are_limited_whatever_the_numbers() {
+    let gw = Gateway::builder().config("[limits]\nsend_code_device_burst = 2\n").start();
+    // One device walking a range of numbers (SMS pumping): two codes, then FLOOD_WAIT. The
+    // profiles share one device key, so the gateway sees one device.
+    let first = gw.new_profile("pump-0");
+    let numbers = ["+15550009001", "+15550009002", "+15550009003"];
+    gw.login(&first, numbers[0]);
+    let same_device = |i: usize| {
+        let profile = gw.new_profile(&format!("pump-{i}"));
+        std::fs::create_dir_all(&profile).unwrap();
+        std::fs::copy(first.join(DEVICE_KEY_FILE), profile.join(DEVICE_KEY_FILE)).unwrap();
+        profile
+    };
+    gw.login(&same_device(1), numbers[1]);
+    let out =
+        gw.login_with(&same_device(2), numbers[2], &[], |code| panic!("a third code {code} went to a third number"));
+    out.expect_flood_wait(60);
+    assert!(gw.codes_for(numbers[2]).is_empty(), "no code was sent to the third number");
+    // Another device is not held back by it.
+    gw.login(&gw.new_profile("alice"), ALICE);
 }
