@@ -54,6 +54,12 @@ pub struct Limits {
     pub send_code_device_burst: u32,
     pub send_code_device_refill_secs: u64,
     pub send_codes_per_second: u32,
+    pub send_code_ip_burst: u32,
+    pub send_code_ip_refill_secs: u64,
+    /// Whether loopback addresses count for `send_code_ip_*`: off by default, since the
+    /// gateway's own machine (local tools, `meshgram up`, tests) signs in from there.
+    pub limit_loopback: bool,
+    pub max_webhook_deliveries: u32,
 }
 
 impl Default for Limits {
@@ -75,6 +81,10 @@ impl Default for Limits {
             send_code_device_burst: defaults::SEND_CODE_DEVICE_BURST,
             send_code_device_refill_secs: defaults::SEND_CODE_DEVICE_REFILL_SECS,
             send_codes_per_second: defaults::SEND_CODES_PER_SECOND,
+            send_code_ip_burst: defaults::SEND_CODE_IP_BURST,
+            send_code_ip_refill_secs: defaults::SEND_CODE_IP_REFILL_SECS,
+            limit_loopback: false,
+            max_webhook_deliveries: defaults::MAX_WEBHOOK_DELIVERIES,
         }
     }
 }
@@ -93,9 +103,11 @@ impl Limits {
             || self.lookups_per_second == 0
             || self.send_code_device_burst == 0
             || self.send_codes_per_second == 0
+            || self.send_code_ip_burst == 0
+            || self.max_webhook_deliveries == 0
         {
-            return Err("max_password_attempts, lookup_burst, lookups_per_second, send_code_device_burst and \
-                        send_codes_per_second must be > 0"
+            return Err("max_password_attempts, lookup_burst, lookups_per_second, send_code_device_burst, \
+                        send_codes_per_second, send_code_ip_burst and max_webhook_deliveries must be > 0"
                 .into());
         }
         Ok(())

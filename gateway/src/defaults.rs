@@ -31,6 +31,16 @@ pub const LOOKUPS_PER_SECOND: u32 = 10;
 pub const SEND_CODE_DEVICE_BURST: u32 = 10;
 /// Then one more per minute.
 pub const SEND_CODE_DEVICE_REFILL_SECS: u64 = 60;
+/// Codes one IP address may ask for in a burst: a household or an office signing up, not a
+/// farm of devices (which are free; addresses are not).
+pub const SEND_CODE_IP_BURST: u32 = 50;
+/// Then one more per half minute.
+pub const SEND_CODE_IP_REFILL_SECS: u64 = 30;
+/// Codes handed to an SMS webhook at once: a slow provider then costs this many of the
+/// gateway's request threads, not all of them.
+pub const MAX_WEBHOOK_DELIVERIES: u32 = 16;
+/// What a code request is told to wait when they are all taken.
+pub const WEBHOOK_BUSY_RETRY_SECS: u64 = 5;
 /// Codes per second from the whole gateway (bursts of ten seconds' worth): far above a
 /// community's sign-ups, and a cap on what anyone can cost its operator in SMS.
 pub const SEND_CODES_PER_SECOND: u32 = 20;

@@ -2,6 +2,7 @@
 //! checks and one (sometimes two) durable transactions. Synchronous: the network loop runs it
 //! on blocking threads, because redb commits fsync and argon2 takes tens of milliseconds.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use argon2::Argon2;
@@ -23,7 +24,7 @@ use rand::Rng;
 
 use crate::code_sender::CodeSender;
 use crate::config::Limits;
-use crate::defaults::{LAST_SEEN_RESOLUTION_SECS, MAX_BOTS_PER_OWNER};
+use crate::defaults::{LAST_SEEN_RESOLUTION_SECS, MAX_BOTS_PER_OWNER, WEBHOOK_BUSY_RETRY_SECS};
 use crate::metrics::Metrics;
 use crate::store::{ChannelName, CodeRecord, PasswordGuard, Store, StoreError, StoredAccount, StoredSession, Tables};
 use meshgram_node::server::limits::RateLimiter;
@@ -69,7 +70,10 @@ pub struct AuthService {
     sign_in_limiter: RateLimiter,
     lookup_limiter: RateLimiter,
     send_code_peer_limiter: RateLimiter,
+    send_code_ip_limiter: RateLimiter,
     send_code_global_limiter: RateLimiter,
+    /// Codes being handed to the SMS webhook at once.
+    webhook_slots: tokio::sync::Semaphore,
     runtime: tokio::runtime::Handle,
     metrics: Arc<Metrics>,
 }
@@ -100,6 +104,8 @@ impl AuthService {
                 limits.send_code_device_burst,
                 limits.send_code_device_refill_secs,
             ),
+            send_code_ip_limiter: RateLimiter::new(limits.send_code_ip_burst, limits.send_code_ip_refill_secs),
+            webhook_slots: tokio::sync::Semaphore::new(limits.max_webhook_deliveries as usize),
             send_code_global_limiter: RateLimiter::per_second(
                 limits.send_codes_per_second.saturating_mul(10),
                 limits.send_codes_per_second,
@@ -122,10 +128,21 @@ impl AuthService {
 
     /// Answers one request from `peer` at unix time `now`. Never panics on client input.
     pub fn handle(&self, peer: PeerId, request: Result<AuthRequest, FrameError>, now: u64) -> AuthResponse {
+        self.handle_from(peer, None, request, now)
+    }
+
+    /// [`AuthService::handle`], knowing the IP address the request came from.
+    pub fn handle_from(
+        &self,
+        peer: PeerId,
+        ip: Option<IpAddr>,
+        request: Result<AuthRequest, FrameError>,
+        now: u64,
+    ) -> AuthResponse {
         let started = std::time::Instant::now();
         let (kind, result) = match request {
             Err(frame) => ("malformed", Err(WireError::new(Code::BadRequest, frame.to_string()))),
-            Ok(request) => (request.kind(), self.dispatch(peer, request, now)),
+            Ok(request) => (request.kind(), self.dispatch(peer, ip, request, now)),
         };
         let outcome = match &result {
             Ok(_) => "ok".to_string(),
@@ -135,9 +152,9 @@ impl AuthService {
         result.unwrap_or_else(AuthResponse::Error)
     }
 
-    fn dispatch(&self, peer: PeerId, request: AuthRequest, now: u64) -> AuthResult<AuthResponse> {
+    fn dispatch(&self, peer: PeerId, ip: Option<IpAddr>, request: AuthRequest, now: u64) -> AuthResult<AuthResponse> {
         match request {
-            AuthRequest::SendCode { phone } => self.send_code(peer, &phone, now),
+            AuthRequest::SendCode { phone } => self.send_code(peer, ip, &phone, now),
             AuthRequest::SignIn { phone, code, device, device_name, password } => {
                 self.sign_in(peer, &phone, &code, device, device_name, password, now)
             }
@@ -243,9 +260,23 @@ impl AuthService {
     // ---- sign-in ----
 
     /// `SendCode`: rate-limit, store a fresh code, deliver it.
-    fn send_code(&self, peer: PeerId, phone: &Phone, now: u64) -> AuthResult<AuthResponse> {
-        // Every code costs an SMS: limited per number, per asking device and overall, so that
-        // nobody pumps texts through us to numbers of their choosing.
+    fn send_code(&self, peer: PeerId, ip: Option<IpAddr>, phone: &Phone, now: u64) -> AuthResult<AuthResponse> {
+        // A slow SMS provider holds a delivery slot per code: when all are taken, say so at
+        // once rather than tie up the gateway's request threads (and before any limit counts
+        // this request).
+        let _delivering = match &self.sender {
+            CodeSender::Webhook { .. } => Some(self.webhook_slots.try_acquire().map_err(|_| {
+                WireError::flood_wait(WEBHOOK_BUSY_RETRY_SECS, "code requests while the SMS provider is slow")
+            })?),
+            CodeSender::File(_) => None,
+        };
+        // Every code costs an SMS: limited per number, per asking device, per address and
+        // overall, so that nobody pumps texts through us to numbers of their choosing.
+        if let Some(ip) = ip.filter(|ip| self.limits.limit_loopback || !ip.is_loopback()) {
+            self.send_code_ip_limiter
+                .check(&ip.to_string(), now)
+                .map_err(|s| WireError::flood_wait(s, "code requests from this address"))?;
+        }
         self.send_code_limiter
             .check(phone.as_str(), now)
             .map_err(|s| WireError::flood_wait(s, "code requests for this number"))?;

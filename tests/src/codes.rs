@@ -69,18 +69,25 @@ pub struct WebhookSink {
 #[derive(Debug)]
 struct WebhookState {
     status: StatusCode,
+    /// How long each answer takes (a slow SMS provider).
+    delay: Duration,
     posts: Arc<Mutex<Vec<Value>>>,
 }
 
 impl WebhookSink {
     /// Serves on `127.0.0.1:0`, answering every POST with `status`.
     pub fn start(status: u16) -> anyhow::Result<WebhookSink> {
+        WebhookSink::start_slow(status, Duration::ZERO)
+    }
+
+    /// Like [`WebhookSink::start`], each answer taking `delay` (the body is recorded at once).
+    pub fn start_slow(status: u16, delay: Duration) -> anyhow::Result<WebhookSink> {
         let status = StatusCode::from_u16(status).context("webhook status")?;
         let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
         let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).context("bind webhook sink")?;
         let url = format!("http://{}/sms", listener.local_addr()?);
         let posts = Arc::new(Mutex::new(Vec::new()));
-        let state = Arc::new(WebhookState { status, posts: posts.clone() });
+        let state = Arc::new(WebhookState { status, delay, posts: posts.clone() });
         let app = Router::new().route("/sms", post(receive_sms)).with_state(state);
         runtime.spawn(async move {
             if let Err(e) = axum::serve(listener, app).await {
@@ -106,6 +113,7 @@ async fn receive_sms(State(state): State<Arc<WebhookState>>, body: Bytes) -> Sta
     let post =
         serde_json::from_slice(&body).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into_owned()));
     state.posts.lock().unwrap_or_else(PoisonError::into_inner).push(post);
+    tokio::time::sleep(state.delay).await;
     state.status
 }
 

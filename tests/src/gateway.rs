@@ -26,6 +26,7 @@ enum CodeSource {
 pub struct GatewayBuilder {
     config: Option<String>,
     webhook_status: Option<u16>,
+    webhook_delay: Duration,
     args: Vec<String>,
 }
 
@@ -42,6 +43,12 @@ impl GatewayBuilder {
         self
     }
 
+    /// Like [`GatewayBuilder::webhook`], the webhook taking `delay` to answer each code.
+    pub fn slow_webhook(mut self, status: u16, delay: Duration) -> Self {
+        (self.webhook_status, self.webhook_delay) = (Some(status), delay);
+        self
+    }
+
     /// An extra command-line argument (e.g. `--cert-ttl-secs`, `900`).
     pub fn arg(mut self, arg: &str) -> Self {
         self.args.push(arg.to_string());
@@ -53,7 +60,9 @@ impl GatewayBuilder {
         let tmp = tempfile::Builder::new().prefix("meshgram-test-").tempdir().expect("create a temp dir");
         let data_dir = tmp.path().join("gw");
         let codes = match self.webhook_status {
-            Some(status) => CodeSource::Webhook(WebhookSink::start(status).expect("start the webhook sink")),
+            Some(status) => CodeSource::Webhook(
+                WebhookSink::start_slow(status, self.webhook_delay).expect("start the webhook sink"),
+            ),
             None => CodeSource::File(tmp.path().join("codes.log")),
         };
         let sink_arg = match &codes {

@@ -141,3 +141,38 @@ fn code_requests_per_device_are_limited_whatever_the_numbers() {
     // Another device is not held back by it.
     gw.login(&gw.new_profile("alice"), ALICE);
 }
+
+#[test]
+fn a_slow_sms_provider_holds_only_its_delivery_slots() {
+    let gw = Gateway::builder()
+        .slow_webhook(200, Duration::from_secs(4))
+        .config("[limits]\nmax_webhook_deliveries = 1\n")
+        .start();
+    let alice_p = gw.new_profile("alice");
+    gw.login(&alice_p, ALICE);
+    // Bob's code is with the slow provider; Carol is told to come back at once, not queued.
+    let bob_p = gw.new_profile("bob");
+    let bob = std::thread::scope(|s| {
+        let bob = s.spawn(|| gw.login(&bob_p, BOB));
+        thread::sleep(Duration::from_millis(1500));
+        let started = std::time::Instant::now();
+        let carol = gw.login_with(&gw.new_profile("carol"), "+15550003333", &[], |code| panic!("{code} sent"));
+        carol.expect_flood_wait(5);
+        assert!(started.elapsed() < Duration::from_secs(3), "refused at once: {:?}", started.elapsed());
+        // Signed-in users are served meanwhile.
+        meshgram(&alice_p, &["whoami"]).ok_json();
+        bob.join().unwrap()
+    });
+    assert_eq!(bob["new_account"], true, "{bob}");
+}
+
+#[test]
+fn code_requests_per_address_are_limited() {
+    // Loopback counts here (it does not by default: the gateway's own machine signs in from it).
+    let gw = Gateway::builder().config("[limits]\nsend_code_ip_burst = 2\nlimit_loopback = true\n").start();
+    gw.login(&gw.new_profile("alice"), ALICE);
+    gw.login(&gw.new_profile("bob"), BOB);
+    let out = gw.login_with(&gw.new_profile("carol"), "+15550003333", &[], |code| panic!("a third code {code}"));
+    let error = out.expect_err(&["FLOOD_WAIT"]);
+    assert!(error["message"].as_str().unwrap().contains("address"), "{error}");
+}
