@@ -5,16 +5,17 @@
 //! closest live one to its mailbox (so that exactly one of the replicas sends), or a post lands
 //! in a group the device reads from this relay and asked to be woken for (`PushGroups`: it reads
 //! each group from one relay), [`Pusher::arrived`] hands the device to the dispatcher task and
-//! returns at once: the message path never waits on a push service. The dispatcher coalesces (at most one wake-up per device per
-//! [`COALESCE_FOR`]) and sends each on a task of its own:
+//! returns at once: the message path never waits on a push service. The dispatcher coalesces
+//! (at most one wake-up per device per [`COALESCE_FOR`], none while one is in flight) and sends
+//! each on a task of its own:
 //! - the body is a fixed, content-free text encrypted to the device's keys as RFC 8291 says
 //!   (aes128gcm, RFC 8188), so the push service learns nothing, not even who wrote;
 //! - signed with VAPID (RFC 8292) when the operator gives a subject;
 //! - retried with backoff on 429, 5xx and network errors; the registration is dropped on
 //!   404 or 410 (the endpoint is gone); any other answer fails it.
 //!
-//! Registrations are kept in `DATA/push.redb` (device → endpoint and watched groups), and in
-//! memory for the event loop's look-ups.
+//! Registrations are kept in `DATA/push.redb` (device → endpoint, watched groups, when renewed),
+//! and in memory for the event loop's look-ups; see [`Registry`] for how they are kept small.
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
