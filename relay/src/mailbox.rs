@@ -467,7 +467,6 @@ impl Mailboxes {
         }
     }
 
-    /// Answers the fetches parked on these mailboxes with what has just arrived.
     /// Envelopes were committed here for `mailboxes`: their parked fetches answer, and a device
     /// that is not connected here is woken through its push endpoint if this relay is the
     /// closest live one to its mailbox (one of its replicas, and only one, sends).
