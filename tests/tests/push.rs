@@ -46,7 +46,22 @@ fn push_service(log: &Path) -> (Server, String) {
 
 /// A device's subscription keys: `private`, `p256dh`, `auth` (base64url).
 fn keys() -> Value {
-    let out = run(Path::new("python3"), &[&tool(), "keys"], None);
+    keys_with(&[])
+}
+
+/// [`keys`], the auth secret starting with '-' (base64url's 62nd digit), which a command line
+/// must take as a value, not a flag.
+fn keys_starting_with_a_hyphen() -> Value {
+    let keys = keys_with(&["--hyphen"]);
+    assert!(keys["auth"].as_str().unwrap().starts_with('-'), "{keys}");
+    keys
+}
+
+fn keys_with(flags: &[&str]) -> Value {
+    let tool = tool();
+    let mut args = vec![tool.as_str(), "keys"];
+    args.extend_from_slice(flags);
+    let out = run(Path::new("python3"), &args, None);
     assert!(out.status.success(), "{}", out.stderr);
     serde_json::from_str(&out.stdout).unwrap()
 }
@@ -111,7 +126,7 @@ fn an_offline_device_gets_one_wake_up_per_burst_that_says_nothing_and_a_connecte
     let (_service, base) = push_service(&log);
     let (alice, alice_id) = profile(&mesh, "alice", ALICE);
     let (bob, _) = profile(&mesh, "bob", BOB);
-    let bob_keys = keys();
+    let bob_keys = keys_starting_with_a_hyphen();
     let url = format!("{base}/ok/bob");
     let registered = register(&bob, &url, &bob_keys);
     assert_eq!(registered["subscription"]["url"], url.as_str());

@@ -7,8 +7,10 @@
                                 part: /ok/… 201; /gone/… 410; /fail/… 500; /flaky/… 503 with
                                 Retry-After: 1 the first time per path, then 201; /slow/… waits
                                 30 s, then 201.
-  push_service.py keys          a device's subscription keys: {"private", "p256dh", "auth"}
-                                (base64url; private is the raw P-256 scalar).
+  push_service.py keys [--hyphen]
+                                a device's subscription keys: {"private", "p256dh", "auth"}
+                                (base64url; private is the raw P-256 scalar); with --hyphen the
+                                auth secret starts with '-'.
   push_service.py vapid HEADER  checks an `Authorization: vapid t=JWT, k=KEY` header (RFC 8292):
                                 the JWT's ES256 signature by KEY; prints its claims.
   push_service.py decrypt PRIVATE AUTH
@@ -38,13 +40,17 @@ def unb64url(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
-def keys() -> None:
+def keys(hyphen: bool) -> None:
     private = ec.generate_private_key(ec.SECP256R1())
     public = private.public_key().public_bytes(
         serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
     )
     scalar = private.private_numbers().private_value.to_bytes(32, "big")
-    print(json.dumps({"private": b64url(scalar), "p256dh": b64url(public), "auth": b64url(os.urandom(16))}))
+    auth = bytearray(os.urandom(16))
+    if hyphen:
+        # The first six bits 62: base64url's '-'.
+        auth[0] = 0xF8 | (auth[0] & 0x03)
+    print(json.dumps({"private": b64url(scalar), "p256dh": b64url(public), "auth": b64url(bytes(auth))}))
 
 
 def decrypt(private_b64: str, auth_b64: str) -> None:
@@ -121,8 +127,8 @@ if __name__ == "__main__":
     command = sys.argv[1] if len(sys.argv) > 1 else ""
     if command == "serve" and len(sys.argv) == 3:
         serve(sys.argv[2])
-    elif command == "keys":
-        keys()
+    elif command == "keys" and sys.argv[2:] in ([], ["--hyphen"]):
+        keys(sys.argv[2:] == ["--hyphen"])
     elif command == "vapid" and len(sys.argv) == 3:
         vapid(sys.argv[2])
     elif command == "decrypt" and len(sys.argv) == 4:

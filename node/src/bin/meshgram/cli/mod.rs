@@ -318,11 +318,11 @@ pub(crate) enum PushCommand {
     Register {
         /// The endpoint URL.
         url: String,
-        /// The subscription's P-256 public key, base64url.
-        #[arg(long)]
+        /// The subscription's P-256 public key, base64url (which may start with '-').
+        #[arg(long, allow_hyphen_values = true)]
         p256dh: String,
-        /// The subscription's auth secret, base64url.
-        #[arg(long)]
+        /// The subscription's auth secret, base64url (which may start with '-').
+        #[arg(long, allow_hyphen_values = true)]
         auth: String,
     },
     /// The subscription, and whether each mailbox relay holds it.
