@@ -257,16 +257,13 @@ impl Mailboxes {
             return self.respond(channel, refuse(ErrorCode::BadRequest, why));
         }
         let registry = self.pusher.registry.clone();
-        let metrics = Arc::clone(&self.metrics);
         self.tasks.spawn(async move {
             let response = match tokio::task::spawn_blocking(move || {
                 let now = unix_now();
                 match (push, groups) {
-                    (Some(push), Some(groups)) => registry.set_groups(device, push, groups, now)?,
-                    (push, _) => registry.set(device, push, now)?,
+                    (Some(push), Some(groups)) => registry.set_groups(device, push, groups, now),
+                    (push, _) => registry.set(device, push, now),
                 }
-                metrics.push_registrations.set(gauge_value(registry.len()));
-                Ok::<_, SetError>(())
             })
             .await
             {
@@ -399,13 +396,9 @@ impl Mailboxes {
         self.metrics.sessions_revoked.inc();
         // A signed-out device is woken no more (connected or not).
         if self.pusher.registry.has(&device) {
-            let (registry, metrics) = (self.pusher.registry.clone(), Arc::clone(&self.metrics));
+            let registry = self.pusher.registry.clone();
             self.tasks.spawn(async move {
-                let _ = tokio::task::spawn_blocking(move || {
-                    registry.forget(device);
-                    metrics.push_registrations.set(gauge_value(registry.len()));
-                })
-                .await;
+                let _ = tokio::task::spawn_blocking(move || registry.forget(device)).await;
                 Done::Nothing
             });
         }
@@ -427,7 +420,7 @@ impl Mailboxes {
         let now = unix_now();
         self.sessions.forget_expired_revocations(now);
         let store = self.store.clone();
-        let (registry, metrics) = (self.pusher.registry.clone(), Arc::clone(&self.metrics));
+        let registry = self.pusher.registry.clone();
         self.tasks.spawn(async move {
             match store.expire(now).await {
                 Ok(n) if n > 0 => tracing::info!(dropped = n, "expired undelivered envelopes"),
@@ -435,12 +428,7 @@ impl Mailboxes {
                 Err(e) => tracing::error!(error = %e, "expiring envelopes failed"),
             }
             // Push registrations their devices stopped renewing.
-            let expired = tokio::task::spawn_blocking(move || {
-                let dropped = registry.expire(now);
-                metrics.push_registrations.set(gauge_value(registry.len()));
-                dropped
-            });
-            if let Ok(dropped) = expired.await
+            if let Ok(dropped) = tokio::task::spawn_blocking(move || registry.expire(now)).await
                 && dropped > 0
             {
                 tracing::info!(dropped, "expired push registrations not renewed");

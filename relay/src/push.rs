@@ -150,6 +150,8 @@ pub(crate) struct Registry {
     db: Arc<Database>,
     held: Arc<Mutex<Held>>,
     changing: Arc<Mutex<()>>,
+    /// `push_registrations`, kept in step with `held`.
+    count: prometheus_client::metrics::gauge::Gauge,
 }
 
 /// Why a registration was not kept.
@@ -172,7 +174,7 @@ enum Change {
 }
 
 impl Registry {
-    fn open(path: &Path) -> Result<Self, PushOpenError> {
+    fn open(path: &Path, count: prometheus_client::metrics::gauge::Gauge) -> Result<Self, PushOpenError> {
         let err = |e: &dyn std::fmt::Display| PushOpenError::Database {
             path: path.display().to_string(),
             reason: e.to_string(),
@@ -190,7 +192,8 @@ impl Registry {
                 _ => tracing::error!("skipping a corrupt push registration"),
             }
         }
-        Ok(Registry { db: Arc::new(db), held: Arc::new(Mutex::new(held)), changing: Arc::default() })
+        count.set(crate::metrics::gauge_value(held.registrations.len()));
+        Ok(Registry { db: Arc::new(db), held: Arc::new(Mutex::new(held)), changing: Arc::default(), count })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Held> {
@@ -212,10 +215,6 @@ impl Registry {
 
     pub(crate) fn has_watchers(&self, group_mailbox: &PeerId) -> bool {
         self.lock().watchers.contains_key(group_mailbox)
-    }
-
-    pub(crate) fn len(&self) -> usize {
-        self.lock().registrations.len()
     }
 
     /// Keeps (`Some`, with the groups it watched) or drops `device`'s endpoint; refuses one its
@@ -295,7 +294,9 @@ impl Registry {
             }
         }
         tx.commit().map_err(|e| e.to_string())?;
-        self.lock().put(device, registration);
+        let mut held = self.lock();
+        held.put(device, registration);
+        self.count.set(crate::metrics::gauge_value(held.registrations.len()));
         Ok(())
     }
 
@@ -378,8 +379,7 @@ impl Pusher {
         settings: &PushSettings,
         metrics: Arc<Metrics>,
     ) -> Result<Self, PushOpenError> {
-        let registry = Registry::open(&data_dir.join(PUSH_DATABASE_FILE))?;
-        metrics.push_registrations.set(crate::metrics::gauge_value(registry.len()));
+        let registry = Registry::open(&data_dir.join(PUSH_DATABASE_FILE), metrics.push_registrations.clone())?;
         let pending = if settings.enabled {
             let vapid = match &settings.vapid_subject {
                 Some(subject) => Some(Vapid::load_or_create(&data_dir.join(VAPID_KEY_FILE), subject.clone())?),
@@ -504,7 +504,6 @@ impl Dispatcher {
                     if let Err(e) = tokio::task::spawn_blocking(move || held.drop_gone(device, &url)).await {
                         tracing::warn!(error = %e, "dropping a gone push endpoint did not finish");
                     }
-                    metrics.push_registrations.set(crate::metrics::gauge_value(registry.len()));
                 }
                 Outcome::Failed(why) => {
                     tracing::warn!(%device, %why, "a wake-up could not be delivered");
@@ -693,7 +692,7 @@ mod tests {
     fn registrations_keep_their_groups_refuse_gone_endpoints_and_expire() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(PUSH_DATABASE_FILE);
-        let registry = Registry::open(&path).unwrap();
+        let registry = Registry::open(&path, Default::default()).unwrap();
         let (device, group) = (PeerId::random(), GroupId([7; 16]));
         registry.set_groups(device, endpoint("https://a.example/1"), vec![group, group], 100).unwrap();
         assert_eq!(registry.watchers(&group.mailbox()), [device]);
@@ -704,7 +703,7 @@ mod tests {
         assert_eq!(registry.lock().registrations[&device].refreshed_at, 200);
         // What is on disk is what is in memory.
         drop(registry);
-        let registry = Registry::open(&path).unwrap();
+        let registry = Registry::open(&path, Default::default()).unwrap();
         assert_eq!(registry.get(&device).unwrap().url, "https://a.example/2");
         assert_eq!(registry.watchers(&group.mailbox()), [device]);
         // Gone: dropped, and refused when offered again; another endpoint is taken.
@@ -718,7 +717,7 @@ mod tests {
         assert_eq!(registry.expire(401 + REGISTRATION_TTL_SECS), 1);
         assert!(!registry.has(&device) && registry.has(&other));
         registry.forget(other);
-        assert_eq!(registry.len(), 0);
+        assert_eq!(registry.count.get(), 0, "the gauge follows");
     }
 
     // Decryption is checked end to end by an independent implementation (Python's http_ece) in

@@ -275,23 +275,7 @@ impl Messenger {
         if !self.mailbox_relays.iter().any(|r| r.peer_id == relay.peer_id) {
             return;
         }
-        let request = MailboxRequest::SetPush { push: Some(push) };
-        match tokio::time::timeout(RELAY_ANSWER_DEADLINE, self.client.mailbox_request(relay, request)).await {
-            Ok(Ok(MailboxResponse::PushSet)) => {}
-            // Its push service said the subscription is gone: it would never wake us again.
-            Ok(Ok(MailboxResponse::Error(e))) if e.code == ErrorCode::NotFound => {
-                tracing::warn!(relay = %relay.peer_id, error = %e, "the push subscription is gone; dropping it");
-                self.push = None;
-                if let Err(e) = PushSubscription::remove(self.client.profile()) {
-                    tracing::warn!(error = %e, "could not remove the gone push subscription");
-                }
-            }
-            Ok(Ok(other)) => tracing::warn!(relay = %relay.peer_id, ?other, "the relay did not take the push endpoint"),
-            Ok(Err(e)) => {
-                tracing::warn!(relay = %relay.peer_id, error = %e, "could not give the relay the push endpoint")
-            }
-            Err(_) => tracing::warn!(relay = %relay.peer_id, "the relay did not answer the push endpoint in time"),
-        }
+        self.push_request(relay, MailboxRequest::SetPush { push: Some(push) }).await;
     }
 }
 
