@@ -110,9 +110,26 @@ impl Limits {
                         send_codes_per_second, send_code_ip_burst and max_webhook_deliveries must be > 0"
                 .into());
         }
+        // Every duration is added to the clock: bounded, no sum can overflow.
+        let durations = [
+            ("code_ttl_secs", self.code_ttl_secs),
+            ("code_lockout_secs", self.code_lockout_secs),
+            ("send_code_refill_secs", self.send_code_refill_secs),
+            ("sign_in_refill_secs", self.sign_in_refill_secs),
+            ("cert_ttl_secs", self.cert_ttl_secs),
+            ("password_lockout_secs", self.password_lockout_secs),
+            ("send_code_device_refill_secs", self.send_code_device_refill_secs),
+            ("send_code_ip_refill_secs", self.send_code_ip_refill_secs),
+        ];
+        if let Some((name, secs)) = durations.iter().find(|(_, secs)| *secs > MAX_DURATION_SECS) {
+            return Err(format!("{name} must be at most {MAX_DURATION_SECS} (ten years), not {secs}"));
+        }
         Ok(())
     }
 }
+
+/// The longest duration a setting may have: ten years.
+const MAX_DURATION_SECS: u64 = 10 * 365 * 24 * 3600;
 
 impl Config {
     /// Reads a TOML config file.

@@ -55,8 +55,9 @@ enum Command {
         /// The relay's peer id (a relay without a certificate prints it when refusing to start).
         #[arg(long)]
         relay: libp2p::PeerId,
-        /// How long the certificate is valid.
-        #[arg(long, default_value_t = meshgram_node::defaults::RELAY_CERT_DAYS)]
+        /// How long the certificate is valid, in days (1 to 3650).
+        #[arg(long, default_value_t = meshgram_node::defaults::RELAY_CERT_DAYS,
+              value_parser = clap::value_parser!(u64).range(1..=3650))]
         days: u64,
         /// Write it to this file instead of standard output.
         #[arg(long)]

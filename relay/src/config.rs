@@ -12,7 +12,7 @@ use meshgram_node::ids::parse_hex;
 use meshgram_node::server::service::LogFormat;
 use serde::Deserialize;
 
-use crate::{DEFAULT_MEDIA_QUOTA_MIB, RelayConfig};
+use crate::{ConnectionLimits, DEFAULT_MEDIA_QUOTA_MIB, RelayConfig};
 
 /// The config file's name in a data dir, as `init` writes it.
 pub const CONFIG_FILE: &str = "relay.toml";
@@ -40,6 +40,10 @@ pub struct RelayFile {
     pub push: bool,
     pub push_vapid_subject: Option<String>,
     pub push_private_endpoints: bool,
+    pub max_connections: u32,
+    pub max_connections_per_ip: u32,
+    pub limit_loopback: bool,
+    pub pipe_memory_mib: usize,
 }
 
 impl Default for RelayFile {
@@ -64,6 +68,10 @@ impl Default for RelayFile {
             push: true,
             push_vapid_subject: None,
             push_private_endpoints: false,
+            max_connections: ConnectionLimits::default().max_connections,
+            max_connections_per_ip: ConnectionLimits::default().max_per_ip,
+            limit_loopback: false,
+            pipe_memory_mib: ConnectionLimits::default().pipe_memory >> 20,
         }
     }
 }
@@ -135,6 +143,14 @@ impl RelayFile {
             enabled: self.push,
             vapid_subject: self.push_vapid_subject.clone(),
             private_endpoints: self.push_private_endpoints,
+        };
+        config.connections = ConnectionLimits {
+            max_connections: at_least_one("max_connections", self.max_connections)?,
+            max_per_ip: at_least_one("max_connections_per_ip", self.max_connections_per_ip)?,
+            limit_loopback: self.limit_loopback,
+            pipe_memory: at_least_one("pipe_memory_mib", self.pipe_memory_mib)?
+                .checked_mul(1 << 20)
+                .ok_or_else(|| invalid("pipe_memory_mib", "too large"))?,
         };
         Ok(config)
     }
@@ -261,6 +277,23 @@ push = {push}
 # Send wake-ups to endpoints on loopback, private or link-local addresses: only for a push service
 # on this machine or network. Off, a device cannot make the relay POST into its own network.
 push_private_endpoints = {push_private_endpoints}
+
+# Connections this relay takes in all (clients and relays). Each costs a file descriptor and
+# some memory; the relay raises its descriptor limit as far as the system allows at start.
+max_connections = {max_connections}
+
+# Connections from one IP address: a household or an office behind one address fits, one
+# machine opening thousands does not.
+max_connections_per_ip = {max_connections_per_ip}
+
+# Whether `max_connections_per_ip` also counts loopback addresses (off: a local network, or a
+# proxy on this machine, connects everything from 127.0.0.1).
+limit_loopback = {limit_loopback}
+
+# MiB that each client protocol's pipes (mailbox, media, replica) may hold together: requests
+# being read or handled and answers not yet written. Past it, pipes stop reading new requests
+# until answers drain; one pipe holds at most about 33 MiB of it.
+pipe_memory_mib = {pipe_memory_mib}
 "#,
         data_dir = quoted(&values.data_dir.display().to_string()),
         gateway_key = optional("gateway_key", &values.gateway_key, "<64 hex digits>"),
@@ -278,6 +311,10 @@ push_private_endpoints = {push_private_endpoints}
         log_format = quoted("text"),
         push = d.push,
         push_private_endpoints = d.push_private_endpoints,
+        max_connections = d.max_connections,
+        max_connections_per_ip = d.max_connections_per_ip,
+        limit_loopback = d.limit_loopback,
+        pipe_memory_mib = d.pipe_memory_mib,
     )
 }
 
@@ -320,6 +357,9 @@ mod tests {
             ("mailbox_quota", RelayFile { mailbox_quota: 0, ..good.clone() }),
             ("send_rate", RelayFile { send_rate: 0, ..good.clone() }),
             ("media_upload_grace_secs", RelayFile { media_upload_grace_secs: 0, ..good.clone() }),
+            ("max_connections", RelayFile { max_connections: 0, ..good.clone() }),
+            ("max_connections_per_ip", RelayFile { max_connections_per_ip: 0, ..good.clone() }),
+            ("pipe_memory_mib", RelayFile { pipe_memory_mib: usize::MAX, ..good.clone() }),
             ("push_vapid_subject", RelayFile { push_vapid_subject: Some("ops@example.org".into()), ..good }),
         ];
         for (key, file) in cases {

@@ -54,6 +54,7 @@ mod net;
 pub mod push;
 pub use meshgram_node::net::placement;
 mod relays;
+pub use accept::ConnectionLimits;
 pub use media::MediaOpenError;
 pub use relays::PlacementLookups;
 mod repair;
@@ -135,6 +136,7 @@ pub struct RelayConfig {
     pub cert_file: Option<PathBuf>,
     pub settings: RelaySettings,
     pub store: StoreLimits,
+    pub connections: ConnectionLimits,
 }
 
 impl RelayConfig {
@@ -159,6 +161,7 @@ impl RelayConfig {
                 push: push::PushSettings { enabled: true, vapid_subject: None, private_endpoints: false },
             },
             store: StoreLimits { ttl: Duration::from_secs(30 * 24 * 3600), max_per_mailbox: 100_000 },
+            connections: ConnectionLimits::default(),
         }
     }
 }
@@ -241,10 +244,10 @@ impl Relay {
         let gateway =
             config.gateway.as_ref().map(|addr| gateway_addr(addr, &config.settings.gateway_key)).transpose()?;
         let metrics = Arc::new(metrics::Metrics::new());
-        let (acceptor, inbound) = net::inbound_pipes(&metrics);
+        let (acceptor, inbound) = net::inbound_pipes(&metrics, config.connections);
         let asks_gateway = gateway.is_some();
         let mut swarm = build_swarm(keypair, SERVER_IDLE_TIMEOUT, |key| {
-            behaviour::RelayBehaviour::new(key, acceptor, asks_gateway)
+            behaviour::RelayBehaviour::new(key, acceptor, &config.connections, asks_gateway)
         })?;
         let peer_id = *swarm.local_peer_id();
         let listen = listen_on_all(&mut swarm, &config.listen).await?;

@@ -22,8 +22,8 @@ use meshgram_node::proto::group::{
 };
 use meshgram_node::proto::mailbox::PushEndpoint;
 use meshgram_node::proto::{
-    ErrorCode, MAX_ENVELOPE_SIZE, MAX_ENVELOPES_PER_BATCH, MAX_FETCH_WAIT_MS, MailboxRequest, MailboxResponse,
-    ReplicaRequest, ReplicaResponse, WireError,
+    ErrorCode, MAX_ENVELOPE_SIZE, MAX_ENVELOPES_PER_BATCH, MAX_FETCH_WAIT_MS, MAX_MAILBOX_MESSAGE_SIZE, MailboxRequest,
+    MailboxResponse, ReplicaRequest, ReplicaResponse, WireError,
 };
 use meshgram_node::server::limits::RateLimiter;
 use tokio::task::{JoinError, JoinSet};
@@ -47,8 +47,9 @@ pub(crate) enum Done {
     /// A fetch found nothing: park it until something arrives or its deadline, unless
     /// something arrived since it looked (`arrivals` then differs from the session's count).
     Park { peer: PeerId, channel: Responder<MailboxResponse>, max: u32, deadline: Instant, arrivals: u64 },
-    /// These acknowledged envelopes are deleted here (or failed to be, and will come again).
-    AcksApplied { peer: PeerId, ids: Vec<EnvelopeId> },
+    /// These acknowledged envelopes are deleted here (or failed to be, and will come again);
+    /// `then` is the fetch that waited for it, if it did (else the delete ran detached).
+    AcksApplied { peer: PeerId, ids: Vec<EnvelopeId>, then: Option<FetchAfterAcks> },
     /// A group fetch found nothing new: park it, unless a group message arrived since it
     /// looked (`arrivals` then differs from [`Mailboxes::group_arrivals`]).
     ParkGroups { peer: PeerId, fetch: GroupRead, arrivals: u64 },
@@ -108,6 +109,19 @@ struct FetchState {
     /// Acknowledged by a `Fetch` but maybe not yet deleted: fetches skip them rather than wait
     /// for the delete, which may queue behind other commits.
     acks_in_flight: HashSet<EnvelopeId>,
+    /// Deletes of acknowledgements running without a fetch waiting for them.
+    detached_deletes: usize,
+}
+
+/// Deletes of acknowledgements one client may have running detached (see `handle_fetch`).
+const MAX_DETACHED_DELETES: usize = 4;
+
+/// A fetch waiting for its acknowledgements' delete before it reads.
+#[derive(Debug)]
+pub(crate) struct FetchAfterAcks {
+    channel: Responder<MailboxResponse>,
+    max: u32,
+    deadline: Instant,
 }
 
 /// The clients' mailboxes on this relay: sessions, parked fetches, and the tasks serving them.
@@ -187,7 +201,7 @@ impl Mailboxes {
     ) {
         let request = match request {
             Ok(request) => request,
-            Err(e) => return self.respond(channel, refuse(ErrorCode::BadRequest, e.to_string())),
+            Err(e) => return self.respond(channel, MailboxResponse::Error(WireError::for_frame(&e))),
         };
         self.metrics.count_request(request.kind());
         let now = unix_now();
@@ -328,11 +342,17 @@ impl Mailboxes {
                 }
                 self.park_groups(peer, fetch);
             }
-            Done::AcksApplied { peer, ids } => {
+            Done::AcksApplied { peer, ids, then } => {
                 if let Some(session) = self.sessions.get_mut(&peer) {
                     for id in &ids {
                         session.state.acks_in_flight.remove(id);
                     }
+                    if then.is_none() {
+                        session.state.detached_deletes = session.state.detached_deletes.saturating_sub(1);
+                    }
+                }
+                if let Some(FetchAfterAcks { channel, max, deadline }) = then {
+                    self.spawn_fetch(peer, channel, max, deadline);
                 }
             }
             Done::Groups { channel, answer } => self.respond_groups(channel, answer),
@@ -676,19 +696,35 @@ impl Mailboxes {
         }
         let max = max.clamp(1, MAX_ENVELOPES_PER_BATCH as u32);
         let deadline = Instant::now() + Duration::from_millis(u64::from(wait_ms.min(MAX_FETCH_WAIT_MS)));
-        if !ack.is_empty() {
-            if let Some(session) = self.sessions.get_mut(&peer) {
-                session.state.acks_in_flight.extend(ack.iter().copied());
-            }
-            let deleted = self.delete_delivered(peer, ack.clone(), known);
-            self.tasks.spawn(async move {
-                if let Err(e) = deleted.await {
-                    tracing::error!(%peer, error = %e, "deleting acknowledged envelopes failed");
-                }
-                Done::AcksApplied { peer, ids: ack }
-            });
+        if ack.is_empty() {
+            return self.spawn_fetch(peer, channel, max, deadline);
         }
-        self.spawn_fetch(peer, channel, max, deadline);
+        // A fetch does not wait for its acknowledgements to be deleted (they may queue behind
+        // other commits), but only a few deletes per client run detached: past those, the
+        // fetch waits for its own, holding its request's slot, so a client sending fetches
+        // full of acknowledgements is slowed down instead of piling up delete tasks.
+        let detached = match self.sessions.get_mut(&peer) {
+            Some(session) => {
+                session.state.acks_in_flight.extend(ack.iter().copied());
+                let detached = session.state.detached_deletes < MAX_DETACHED_DELETES;
+                session.state.detached_deletes += usize::from(detached);
+                detached
+            }
+            None => false,
+        };
+        let deleted = self.delete_delivered(peer, ack.clone(), known);
+        let then = if detached {
+            self.spawn_fetch(peer, channel, max, deadline);
+            None
+        } else {
+            Some(FetchAfterAcks { channel, max, deadline })
+        };
+        self.tasks.spawn(async move {
+            if let Err(e) = deleted.await {
+                tracing::error!(%peer, error = %e, "deleting acknowledged envelopes failed");
+            }
+            Done::AcksApplied { peer, ids: ack, then }
+        });
     }
 
     /// Deletes envelopes the owner of `mailbox` has received: here (the returned future, done
@@ -720,23 +756,34 @@ impl Mailboxes {
     }
 
     /// Reads `peer`'s mailbox on a task; answers, or parks until `deadline` if it is empty.
-    fn spawn_fetch(&mut self, peer: PeerId, channel: Responder<MailboxResponse>, max: u32, deadline: Instant) {
+    fn spawn_fetch(&mut self, peer: PeerId, mut channel: Responder<MailboxResponse>, max: u32, deadline: Instant) {
         // The client is gone: nobody to answer.
         let Some(session) = self.sessions.get(&peer) else { return };
         let (arrivals, skip) = (session.state.arrivals, session.state.acks_in_flight.clone());
         let store = self.store.clone();
         self.tasks.spawn(async move {
-            let read = store.fetch(peer, max as usize + skip.len()).map(|(mut envelopes, more)| {
-                envelopes.retain(|e| !skip.contains(&e.id));
-                let more = more || envelopes.len() > max as usize;
-                envelopes.truncate(max as usize);
-                (envelopes, more)
-            });
+            // The answer fits what the pipe may hold (a caller that reads no answers gets small
+            // ones, then none), and is read off the runtime's threads.
+            let room = channel.room(MAX_MAILBOX_MESSAGE_SIZE, MAX_ENVELOPE_SIZE + 1024);
+            let read = tokio::task::spawn_blocking(move || {
+                store.fetch_within(peer, max as usize + skip.len(), room).map(|(mut envelopes, more)| {
+                    envelopes.retain(|e| !skip.contains(&e.id));
+                    let more = more || envelopes.len() > max as usize;
+                    envelopes.truncate(max as usize);
+                    (envelopes, more)
+                })
+            })
+            .await;
             match read {
-                Ok((envelopes, more)) if !envelopes.is_empty() || Instant::now() >= deadline => {
+                Ok(Ok((envelopes, more))) if !envelopes.is_empty() || Instant::now() >= deadline => {
                     Done::answer(channel, MailboxResponse::Envelopes { envelopes, more })
                 }
-                Ok(_) => Done::Park { peer, channel, max, deadline, arrivals },
+                Ok(Ok(_)) => {
+                    // Parked: it holds no room while it waits.
+                    channel.room(0, 0);
+                    Done::Park { peer, channel, max, deadline, arrivals }
+                }
+                Ok(Err(e)) => Done::answer(channel, internal(e)),
                 Err(e) => Done::answer(channel, internal(e)),
             }
         });

@@ -96,6 +96,18 @@ struct Cli {
     /// VAPID contact (mailto: or https://) for push services that ask for signed wake-ups.
     #[arg(long, env = "MESHGRAM_RELAY_PUSH_VAPID_SUBJECT")]
     push_vapid_subject: Option<String>,
+    /// Connections taken in all (default 20000).
+    #[arg(long, env = "MESHGRAM_RELAY_MAX_CONNECTIONS")]
+    max_connections: Option<u32>,
+    /// Connections taken from one IP address (default 64).
+    #[arg(long, env = "MESHGRAM_RELAY_MAX_CONNECTIONS_PER_IP")]
+    max_connections_per_ip: Option<u32>,
+    /// Whether the per-address limit counts loopback addresses too (default false).
+    #[arg(long, env = "MESHGRAM_RELAY_LIMIT_LOOPBACK")]
+    limit_loopback: Option<bool>,
+    /// MiB each client protocol's pipes may hold together (default 256).
+    #[arg(long, env = "MESHGRAM_RELAY_PIPE_MEMORY_MIB")]
+    pipe_memory_mib: Option<usize>,
     /// Exit when standard input closes (used by `meshgram up`, so that roles never outlive it).
     #[arg(long)]
     exit_on_stdin_close: bool,
@@ -169,8 +181,15 @@ fn settings(cli: &Cli) -> anyhow::Result<RelayFile> {
     set(&mut file.push, &cli.push);
     set(&mut file.push_private_endpoints, &cli.push_private_endpoints);
     file.push_vapid_subject = cli.push_vapid_subject.clone().or(file.push_vapid_subject);
+    set(&mut file.max_connections, &cli.max_connections);
+    set(&mut file.max_connections_per_ip, &cli.max_connections_per_ip);
+    set(&mut file.limit_loopback, &cli.limit_loopback);
+    set(&mut file.pipe_memory_mib, &cli.pipe_memory_mib);
     Ok(file)
 }
+
+/// Descriptors a relay keeps for other things than connections.
+const FILES_BESIDES_CONNECTIONS: u64 = 256;
 
 async fn run(cli: Cli, file: RelayFile) -> anyhow::Result<()> {
     service::init_tracing("info", file.log_format);
@@ -179,6 +198,17 @@ async fn run(cli: Cli, file: RelayFile) -> anyhow::Result<()> {
     service::keep_private(&config.data_dir).with_context(|| format!("creating {}", config.data_dir.display()))?;
     if cli.placement_lookups_always {
         config.settings.placement_lookups = meshgram_relay::PlacementLookups::Always;
+    }
+    // Stores, listeners and the HTTP server need descriptors besides the connections.
+    let usable = service::raise_open_file_limit().saturating_sub(FILES_BESIDES_CONNECTIONS);
+    let connections = &mut config.connections.max_connections;
+    if u64::from(*connections) > usable {
+        tracing::warn!(
+            max_connections = *connections,
+            usable,
+            "the open-file limit allows fewer connections; raise it (LimitNOFILE=) to take more"
+        );
+        *connections = u32::try_from(usable).unwrap_or(u32::MAX).max(1);
     }
 
     let mut relay = Relay::start(config).await.context("starting the relay")?;

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use meshgram_node::net::memory::MemoryBudget;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -44,6 +45,11 @@ struct PartLabel {
     part: &'static str,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProtocolLabel {
+    protocol: &'static str,
+}
+
 /// A certificate this relay checked.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum CertKind {
@@ -76,6 +82,9 @@ pub struct Metrics {
     replica_copies: Family<OutcomeLabel, Counter>,
     certificate_checks: Family<CertLabels, Counter>,
     disk_bytes: Family<PartLabel, Gauge>,
+    pipe_memory: Family<ProtocolLabel, Gauge>,
+    /// What `pipe_memory_bytes` reads at each scrape: each client protocol's pipe budget.
+    pipe_budgets: std::sync::Mutex<Vec<(&'static str, std::sync::Arc<MemoryBudget>)>>,
     /// Envelopes accepted from clients for replication.
     pub envelopes_received: Counter,
     /// Connections opened (clients and relays).
@@ -186,6 +195,13 @@ impl Metrics {
                 "Bytes on disk, by part (mailbox_store, mailbox_log, media_index, push_registrations; chunks: chunk_bytes_held)",
                 Family::default(),
             ),
+            pipe_memory: register(
+                &mut r,
+                "pipe_memory_bytes",
+                "Bytes held by pipes, by protocol (mailbox, media, replica): requests being read or handled, answers not yet written",
+                Family::default(),
+            ),
+            pipe_budgets: std::sync::Mutex::default(),
             envelopes_received: register(
                 &mut r,
                 "envelopes_received",
@@ -479,8 +495,18 @@ impl Metrics {
         }
     }
 
+    /// Reports what the pipes of `protocol` hold in `pipe_memory_bytes`.
+    pub fn watch_pipe_memory(&self, protocol: &'static str, budget: std::sync::Arc<MemoryBudget>) {
+        let _ = self.pipe_memory.get_or_create(&ProtocolLabel { protocol });
+        self.pipe_budgets.lock().unwrap_or_else(|p| p.into_inner()).push((protocol, budget));
+    }
+
     /// The OpenMetrics text exposition.
     pub fn encode(&self) -> String {
+        for (protocol, budget) in self.pipe_budgets.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            let used = i64::try_from(budget.used()).unwrap_or(i64::MAX);
+            self.pipe_memory.get_or_create(&ProtocolLabel { protocol }).set(used);
+        }
         let mut out = String::new();
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);

@@ -22,7 +22,7 @@ use libp2p::swarm::dial_opts::DialOpts;
 use libp2p::swarm::{ConnectionError, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm};
 use meshgram_node::crypto::cert::{RelayCert, Revoked};
-use meshgram_node::net::pipe::{self, Inbound, PipePool};
+use meshgram_node::net::pipe::{self, Inbound, PipePool, Serving};
 use meshgram_node::proto::media::{MEDIA_LIMITS, MEDIA_PROTOCOL, MediaRequest, MediaResponse};
 use meshgram_node::proto::{
     MAILBOX_LIMITS, MAILBOX_PROTOCOL, MailboxRequest, MailboxResponse, REPLICA_LIMITS, REPLICA_PROTOCOL,
@@ -33,7 +33,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::RelaySettings;
-use crate::accept::{Acceptor, Serve};
+use crate::accept::{Acceptor, ConnectionLimits, Serve};
 use crate::behaviour::{RelayBehaviour, RelayBehaviourEvent};
 use crate::mailbox::Mailboxes;
 use crate::media::{MediaServer, MediaStore};
@@ -98,37 +98,41 @@ pub(crate) struct EventLoop {
 }
 
 /// Where requests read from inbound pipes go: the acceptor's side (for the swarm's behaviour)
-/// and the loop's side. Each answer's latency goes to `metrics`.
-pub(crate) fn inbound_pipes(metrics: &Arc<Metrics>) -> (Acceptor, InboundPipes) {
+/// and the loop's side. Each answer's latency goes to `metrics`; each protocol's pipes hold at
+/// most `limits.pipe_memory` bytes together.
+pub(crate) fn inbound_pipes(metrics: &Arc<Metrics>, limits: ConnectionLimits) -> (Acceptor, InboundPipes) {
     let (mailbox_tx, mailbox) = mpsc::channel(INBOUND_QUEUE);
     let (replica_tx, replica) = mpsc::channel(INBOUND_QUEUE);
     let (media_tx, media) = mpsc::channel(INBOUND_QUEUE);
-    let observe = |protocol: &'static str| -> pipe::ObserveLatency {
-        let metrics = Arc::clone(metrics);
-        Arc::new(move |kind, took| metrics.observe_request(protocol, kind, took))
+    let serving = |protocol: &'static str, pipe_limits| {
+        let observed = Arc::clone(metrics);
+        let observe: pipe::ObserveLatency = Arc::new(move |kind, took| observed.observe_request(protocol, kind, took));
+        let serving = Serving::new(pipe_limits).with_memory(limits.pipe_memory).observed(observe);
+        metrics.watch_pipe_memory(protocol, Arc::clone(&serving.memory));
+        serving
     };
-    let (mailbox_latency, replica_latency, media_latency) = (observe("mailbox"), observe("replica"), observe("media"));
+    let mailbox_serving = serving("mailbox", MAILBOX_LIMITS);
+    let replica_serving = serving("replica", REPLICA_LIMITS);
+    let media_serving = serving("media", MEDIA_LIMITS);
     let routes: Vec<(StreamProtocol, Serve)> = vec![
         (
             StreamProtocol::new(MAILBOX_PROTOCOL),
-            Box::new(move |peer, stream| {
-                pipe::serve_observed(peer, stream, MAILBOX_LIMITS, mailbox_tx.clone(), mailbox_latency.clone())
+            Box::new(move |peer, stream, welcome| {
+                pipe::serve(peer, stream, &mailbox_serving, welcome, mailbox_tx.clone())
             }),
         ),
         (
             StreamProtocol::new(REPLICA_PROTOCOL),
-            Box::new(move |peer, stream| {
-                pipe::serve_observed(peer, stream, REPLICA_LIMITS, replica_tx.clone(), replica_latency.clone())
+            Box::new(move |peer, stream, welcome| {
+                pipe::serve(peer, stream, &replica_serving, welcome, replica_tx.clone())
             }),
         ),
         (
             StreamProtocol::new(MEDIA_PROTOCOL),
-            Box::new(move |peer, stream| {
-                pipe::serve_observed(peer, stream, MEDIA_LIMITS, media_tx.clone(), media_latency.clone())
-            }),
+            Box::new(move |peer, stream, welcome| pipe::serve(peer, stream, &media_serving, welcome, media_tx.clone())),
         ),
     ];
-    (Acceptor::new(routes), InboundPipes { mailbox, replica, media })
+    (Acceptor::new(routes, limits), InboundPipes { mailbox, replica, media })
 }
 
 /// What the relay keeps on disk.

@@ -79,7 +79,7 @@ impl ReplicaServer {
         let refuse = |code, message: String| ReplicaResponse::Error(WireError::new(code, message));
         let now = unix_now();
         match request {
-            Err(e) => channel.respond(refuse(ErrorCode::BadRequest, e.to_string())),
+            Err(e) => channel.respond(ReplicaResponse::Error(WireError::for_frame(&e))),
             Ok(ReplicaRequest::Hello { .. }) if relays.is_revoked(&peer) => channel.respond(refuse(
                 ErrorCode::CertInvalid,
                 "the gateway revoked this relay's admission; it may not store or delete replicas".into(),

@@ -254,6 +254,8 @@ pub(crate) const REPLICA_STORE_DEADLINE: Duration = Duration::from_secs(3);
 const DELETE_GATHER: Duration = Duration::from_millis(20);
 /// Deletes waiting to be gathered; when full, more are dropped (see above).
 const DELETE_QUEUE: usize = 4096;
+/// Delete calls under way at once; past them, gathering waits (and the queue fills).
+const MAX_DELETE_CALLS: usize = 64;
 
 /// Ids of one mailbox to delete on one other relay.
 #[derive(Debug)]
@@ -310,6 +312,9 @@ async fn forward_deletes(pipes: ReplicaPipes, mut rx: mpsc::Receiver<ReplicaDele
         }
         for ((relay, mailbox), ids) in gathered.drain() {
             for chunk in ids.chunks(MAX_ENVELOPES_PER_BATCH) {
+                while calls.len() >= MAX_DELETE_CALLS {
+                    calls.join_next().await;
+                }
                 let (pipes, request) = (pipes.clone(), ReplicaRequest::Delete { mailbox, ids: chunk.to_vec() });
                 calls.spawn(async move {
                     if let Err(e) = pipes.call(relay, &request).await {

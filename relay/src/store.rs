@@ -39,6 +39,13 @@ const MAILBOX_SIZES: TableDefinition<&[u8], u64> = TableDefinition::new("mailbox
 /// date by every put, delete and expiry, so repair compares replicas without reading mailboxes.
 const MAILBOX_DIGESTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("mailbox_digests");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// (when it expires, envelope id) for every id record: expiry reads only what is due.
+const EXPIRIES: TableDefinition<(u64, &[u8; 16]), ()> = TableDefinition::new("expiries");
+/// Set once [`EXPIRIES`] holds every id record (stores from before it are indexed at open).
+const EXPIRIES_BUILT: &str = "expiries_built";
+/// Ids one expiry step drops at most: each step is one transaction, so that the single writer
+/// never stops for long, however much is due at once.
+const EXPIRE_STEP: usize = 10_000;
 const NEXT_ARRIVAL: &str = "next_arrival";
 /// Set once `MAILBOX_DIGESTS` covers the mailboxes (a store from before it is scanned once).
 const DIGESTS_BUILT: &str = "mailbox_digests_built";
@@ -115,8 +122,13 @@ pub struct PutOutcome {
 #[derive(Debug)]
 enum Applied {
     Put(PutOutcome),
-    /// Envelopes deleted or expired.
+    /// Envelopes deleted.
     Count(u32),
+    /// Envelopes expired by one step, and whether more are due.
+    Expired {
+        dropped: u32,
+        more: bool,
+    },
 }
 
 /// One write the store applies.
@@ -243,7 +255,7 @@ impl QueuedPut {
     pub async fn outcome(self) -> Result<PutOutcome, StoreError> {
         match self.0.await.map_err(|_| StoreError::Stopped)?? {
             Applied::Put(outcome) => Ok(outcome),
-            Applied::Count(_) => Err(StoreError::Db("a put was answered as a delete".into())),
+            Applied::Count(_) | Applied::Expired { .. } => Err(StoreError::Db("a put was answered as a delete".into())),
         }
     }
 }
@@ -272,7 +284,9 @@ impl StoreHandle {
         tx.open_table(MAILBOX_SIZES)?;
         tx.open_table(MAILBOX_DIGESTS)?;
         tx.open_table(META)?;
+        tx.open_table(EXPIRIES)?;
         build_digests(&tx)?;
+        build_expiries(&tx)?;
         tx.commit()?;
         let wal = replay_log(&db, &path.with_extension("wal"))?;
         let (commands, rx) = mpsc::channel(STORE_QUEUE);
@@ -338,17 +352,30 @@ impl StoreHandle {
     /// Oldest envelopes of a mailbox, and whether more are waiting: what is stored, then what
     /// is queued to be (see [`Queued`]).
     pub fn fetch(&self, mailbox: PeerId, max: usize) -> Result<(Vec<Envelope>, bool), StoreError> {
+        self.fetch_within(mailbox, max, usize::MAX)
+    }
+
+    /// [`Self::fetch`], the envelopes also within about `max_bytes` as encoded (at least one
+    /// whatever its size, so that a read always makes progress).
+    pub fn fetch_within(
+        &self,
+        mailbox: PeerId,
+        max: usize,
+        max_bytes: usize,
+    ) -> Result<(Vec<Envelope>, bool), StoreError> {
         // Queued first: a put is applied before it leaves the queue, so one missing from this
         // snapshot is in the read that follows.
         let (queued, more_queued) = self.queued.of(&mailbox, max);
-        let (mut envelopes, mut more) = fetch(&self.db, &mailbox, max)?;
+        let (mut envelopes, mut more, mut bytes) = fetch(&self.db, &mailbox, max, max_bytes)?;
         if !more {
             let stored: std::collections::HashSet<EnvelopeId> = envelopes.iter().map(|e| e.id).collect();
             for envelope in queued.into_iter().filter(|e| !stored.contains(&e.id)) {
-                if envelopes.len() == max {
+                let size = encoded_size(&envelope);
+                if envelopes.len() == max || (!envelopes.is_empty() && bytes + size > max_bytes) {
                     more = true;
                     break;
                 }
+                bytes += size;
                 envelopes.push(envelope);
             }
             more |= more_queued;
@@ -498,9 +525,21 @@ impl StoreHandle {
         count(self.ask(Write::Delete { mailbox, ids }).await)
     }
 
-    /// Drops envelopes and ids past their TTL; returns how many envelopes were dropped.
+    /// Drops envelopes and ids past their TTL, in steps of [`EXPIRE_STEP`] (other writes go
+    /// between them); returns how many envelopes were dropped.
     pub async fn expire(&self, now: u64) -> Result<u32, StoreError> {
-        count(self.ask(Write::Expire { now }).await)
+        let mut dropped = 0;
+        loop {
+            match self.ask(Write::Expire { now }).await? {
+                Applied::Expired { dropped: step, more } => {
+                    dropped += step;
+                    if !more {
+                        return Ok(dropped);
+                    }
+                }
+                _ => return Err(StoreError::Db("an expiry was answered as something else".into())),
+            }
+        }
     }
 }
 
@@ -546,7 +585,7 @@ fn unsynced_write(db: &Database) -> Result<redb::WriteTransaction, StoreError> {
 fn count(applied: Result<Applied, StoreError>) -> Result<u32, StoreError> {
     match applied? {
         Applied::Count(n) => Ok(n),
-        Applied::Put(_) => Err(StoreError::Db("a delete was answered as a put".into())),
+        _ => Err(StoreError::Db("a delete was answered as something else".into())),
     }
 }
 
@@ -719,7 +758,10 @@ fn apply<'a>(
             (Applied::Count(count), (count > 0).then(|| Effect::Delete { mailbox: *mailbox, ids: ids.clone() }))
         }
         // Logged even when no envelope was dropped: the ids of delivered ones may have been.
-        Write::Expire { now } => (Applied::Count(expire(tx, *now)?), Some(Effect::Expire { now: *now })),
+        Write::Expire { now } => {
+            let (dropped, more) = expire(tx, *now)?;
+            (Applied::Expired { dropped, more }, Some(Effect::Expire { now: *now }))
+        }
     })
 }
 
@@ -755,6 +797,7 @@ fn put(
 ) -> Result<PutOutcome, StoreError> {
     let mut mailbox = tx.open_table(MAILBOX)?;
     let mut ids = tx.open_table(ENVELOPE_IDS)?;
+    let mut expiries = tx.open_table(EXPIRIES)?;
     let mut sizes = tx.open_table(MAILBOX_SIZES)?;
     let mut meta = tx.open_table(META)?;
     let mut arrival = meta.get(NEXT_ARRIVAL)?.map(|v| v.value()).unwrap_or(0);
@@ -787,6 +830,7 @@ fn put(
             outcome.over_quota.push(envelope.id);
             continue;
         }
+        expiries.insert((expires_at, &envelope.id.0), ())?;
         // Room for the sealed bytes and the routing fields, so the encoding never regrows.
         let bytes = postcard::to_extend(envelope, Vec::with_capacity(envelope.sealed.len() + 160)).map_err(encoding)?;
         mailbox.insert((key.as_slice(), arrival), bytes.as_slice())?;
@@ -803,25 +847,40 @@ fn put(
     Ok(outcome)
 }
 
-fn fetch(db: &Database, mailbox: &PeerId, max: usize) -> Result<(Vec<Envelope>, bool), StoreError> {
+/// A mailbox's oldest envelopes, at most `max` and (but for the first) `max_bytes` encoded;
+/// whether more are held; their encoded bytes.
+fn fetch(
+    db: &Database,
+    mailbox: &PeerId,
+    max: usize,
+    max_bytes: usize,
+) -> Result<(Vec<Envelope>, bool, usize), StoreError> {
     use redb::ReadableDatabase;
     let tx = db.begin_read()?;
     let table = tx.open_table(MAILBOX)?;
     let key = mailbox.to_bytes();
     let mut out = Vec::new();
     let mut more = false;
+    let mut bytes = 0;
     for entry in table.range((key.as_slice(), 0)..=(key.as_slice(), u64::MAX))? {
-        if out.len() == max {
+        let (_, value) = entry?;
+        let size = value.value().len();
+        if out.len() == max || (!out.is_empty() && bytes + size > max_bytes) {
             more = true;
             break;
         }
-        let (_, value) = entry?;
+        bytes += size;
         match postcard::from_bytes::<Envelope>(value.value()) {
             Ok(envelope) => out.push(envelope),
             Err(e) => tracing::error!(error = %e, "skipping a corrupt stored envelope"),
         }
     }
-    Ok((out, more))
+    Ok((out, more, bytes))
+}
+
+/// An envelope's size as stored and sent.
+fn encoded_size(envelope: &Envelope) -> usize {
+    postcard::experimental::serialized_size(envelope).unwrap_or(envelope.sealed.len())
 }
 
 /// Where an envelope id stands on a relay, for repair.
@@ -930,22 +989,30 @@ fn delete(tx: &redb::WriteTransaction, mailbox: &PeerId, delivered: &[EnvelopeId
     Ok(count)
 }
 
-fn expire(tx: &redb::WriteTransaction, now: u64) -> Result<u32, StoreError> {
+/// One step of expiry: drops at most [`EXPIRE_STEP`] ids due by `now` (their envelopes too, if
+/// still held), read from [`EXPIRIES`] in order; gives the envelopes dropped and whether more
+/// ids are due.
+fn expire(tx: &redb::WriteTransaction, now: u64) -> Result<(u32, bool), StoreError> {
     let mut table = tx.open_table(MAILBOX)?;
     let mut ids = tx.open_table(ENVELOPE_IDS)?;
     let mut sizes = tx.open_table(MAILBOX_SIZES)?;
-    let mut expired = Vec::new();
-    for entry in ids.iter()? {
-        let (id, value) = entry?;
-        if let Ok(record) = postcard::from_bytes::<IdRecord>(value.value())
-            && record.expires_at <= now
-        {
-            expired.push((*id.value(), record));
-        }
+    let mut expiries = tx.open_table(EXPIRIES)?;
+    let mut due = Vec::new();
+    for entry in expiries.range((0, &[0u8; 16])..=(now, &[0xff; 16]))?.take(EXPIRE_STEP + 1) {
+        let (key, _) = entry?;
+        let (expires_at, id) = key.value();
+        due.push((expires_at, *id));
     }
+    let more = due.len() > EXPIRE_STEP;
+    due.truncate(EXPIRE_STEP);
     let mut dropped = 0;
     let mut digests = DigestChanges::default();
-    for (id, record) in expired {
+    for (expires_at, id) in due {
+        expiries.remove((expires_at, &id))?;
+        // The id's own record says when it expires: an index entry it no longer matches (the
+        // record was replaced since) drops nothing.
+        let record = ids.get(&id)?.and_then(|v| postcard::from_bytes::<IdRecord>(v.value()).ok());
+        let Some(record) = record.filter(|r| r.expires_at == expires_at) else { continue };
         ids.remove(&id)?;
         if table.remove((record.mailbox.as_slice(), record.arrival))?.is_some() {
             digests.toggle(&record.mailbox, &EnvelopeId(id));
@@ -955,7 +1022,24 @@ fn expire(tx: &redb::WriteTransaction, now: u64) -> Result<u32, StoreError> {
         }
     }
     digests.apply(tx)?;
-    Ok(dropped)
+    Ok((dropped, more))
+}
+
+/// Indexes the id records of a store from before [`EXPIRIES`] was kept, once.
+fn build_expiries(tx: &redb::WriteTransaction) -> Result<(), StoreError> {
+    let mut meta = tx.open_table(META)?;
+    if meta.get(EXPIRIES_BUILT)?.is_some() {
+        return Ok(());
+    }
+    let mut expiries = tx.open_table(EXPIRIES)?;
+    for entry in tx.open_table(ENVELOPE_IDS)?.iter()? {
+        let (id, value) = entry?;
+        if let Ok(record) = postcard::from_bytes::<IdRecord>(value.value()) {
+            expiries.insert((record.expires_at, id.value()), ())?;
+        }
+    }
+    meta.insert(EXPIRIES_BUILT, 1)?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -1071,6 +1155,46 @@ mod tests {
         let store = open(dir.path(), 10);
         let ids: Vec<EnvelopeId> = batch.iter().map(|e| e.id).collect();
         assert_eq!(store.digests().unwrap(), vec![(bob, MailboxDigest::of(bob, &ids).digest)]);
+    }
+
+    #[tokio::test]
+    async fn expiry_reads_only_what_is_due_in_steps_and_a_store_from_before_is_indexed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (bob, carol) = (PeerId::random(), PeerId::random());
+        {
+            let store = open(dir.path(), 100_000);
+            // More due at once than one step drops, and some not due yet.
+            for _ in 0..(EXPIRE_STEP / 250 + 1) {
+                store.put((0..250).map(|i| envelope(bob, i)).collect(), 0, None).await.unwrap();
+            }
+            store.put(vec![envelope(carol, 0)], 50, None).await.unwrap();
+        }
+        // As an older relay left it: no expiry index, and no mark that it was built.
+        let path = dir.path().join("relay.redb");
+        let db = loop {
+            match Database::create(&path) {
+                Ok(db) => break db,
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        };
+        let tx = db.begin_write().unwrap();
+        tx.delete_table(EXPIRIES).unwrap();
+        tx.open_table(META).unwrap().remove(EXPIRIES_BUILT).unwrap();
+        tx.commit().unwrap();
+        drop(db);
+
+        let store = open(dir.path(), 100_000);
+        let due = (EXPIRE_STEP / 250 + 1) * 250;
+        assert_eq!(store.expire(100).await.unwrap() as usize, due, "every one due, over several steps");
+        assert!(store.fetch(bob, 10).unwrap().0.is_empty());
+        assert_eq!(store.fetch(carol, 10).unwrap().0.len(), 1, "not due yet");
+        assert_eq!(store.expire(150).await.unwrap(), 1);
+        let tx = store.db.begin_write().unwrap();
+        assert_eq!(
+            redb::ReadableTableMetadata::len(&tx.open_table(EXPIRIES).unwrap()).unwrap(),
+            0,
+            "the index empties"
+        );
     }
 
     #[tokio::test]

@@ -51,7 +51,7 @@ pub use http::{http_get, http_post};
 pub use mesh::{Mesh, files_under, inspect_relay, relay_metric, start_relay, wait_repair_settled};
 pub use metrics::{Scrape, documented_metrics};
 pub use output::{array, is_bot_token, str_field, texts, u64_field};
-pub use raw::RawClient;
+pub use raw::{RawClient, RawPeer, frame, frame_header, read_answer};
 pub use server::{READY_TIMEOUT, Server, start_node, start_node_as};
 pub use up::{RESTART_TIMEOUT, Roles, Up};
 

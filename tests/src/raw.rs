@@ -84,3 +84,110 @@ impl RawClient {
         }
     }
 }
+
+/// A bare libp2p peer that writes pipe frames by hand (see `meshgram_node::net::pipe`): what a
+/// hostile client can send, byte for byte, including what no honest client would.
+#[allow(missing_debug_implementations)] // a handle to a swarm task; nothing to show
+pub struct RawPeer {
+    keypair: libp2p::identity::Keypair,
+    control: libp2p_stream::Control,
+    relay: PeerId,
+    swarm: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for RawPeer {
+    fn drop(&mut self) {
+        self.swarm.abort();
+    }
+}
+
+impl RawPeer {
+    /// A new peer dialling the relay at `relay` (a multiaddr ending in `/p2p/<id>`).
+    pub fn connect(relay: &str) -> Self {
+        use futures::StreamExt;
+        let keypair = libp2p::identity::Keypair::generate_ed25519();
+        let mut swarm =
+            meshgram_node::net::transport::build_swarm(keypair.clone(), std::time::Duration::from_secs(60), |_| {
+                libp2p_stream::Behaviour::new()
+            })
+            .expect("a swarm");
+        let control = swarm.behaviour().new_control();
+        let mut addr: libp2p::Multiaddr = relay.parse().expect("a relay multiaddr");
+        swarm.dial(addr.clone()).expect("dial the relay");
+        let Some(libp2p::multiaddr::Protocol::P2p(relay)) = addr.pop() else { panic!("no /p2p in {relay}") };
+        let swarm = tokio::spawn(async move {
+            loop {
+                swarm.select_next_some().await;
+            }
+        });
+        RawPeer { keypair, control, relay, swarm }
+    }
+
+    pub fn peer_id(&self) -> PeerId {
+        self.keypair.public().to_peer_id()
+    }
+
+    /// A session certificate for this peer as user `user`, signed by `signer`.
+    pub fn cert(&self, signer: &ed25519::Keypair, user: u64) -> SessionCert {
+        let now = meshgram_node::crypto::cert::unix_now();
+        let body = CertBody {
+            user_id: UserId(user),
+            device: self.peer_id(),
+            noise_key: meshgram_node::ids::NoiseKey([7; 32]),
+            session_id: SessionId(user),
+            kind: AccountKind::User,
+            not_before: now - 60,
+            not_after: now + 3600,
+        };
+        SessionCert::sign(body, signer)
+    }
+
+    /// An envelope of `len` sealed bytes from this peer (as `user`) to `to`.
+    pub fn envelope(&self, user: u64, to: PeerId, len: usize) -> Envelope {
+        Envelope {
+            id: EnvelopeId::random(),
+            from_user: UserId(user),
+            from_device: self.peer_id(),
+            to_user: UserId(user),
+            to_device: to,
+            sent_at_ms: 0,
+            seq: 0,
+            sealed: vec![0x5a; len],
+        }
+    }
+
+    /// A new stream of `protocol` to the relay, once connected.
+    pub async fn open(&self, protocol: &'static str) -> libp2p::Stream {
+        for _ in 0..200 {
+            match self.control.clone().open_stream(self.relay, libp2p::StreamProtocol::new(protocol)).await {
+                Ok(stream) => return stream,
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
+            }
+        }
+        panic!("no {protocol} stream to the relay within 10 s");
+    }
+}
+
+/// A pipe frame: its length, its tag, and `message` (postcard).
+pub fn frame<M: serde::Serialize>(tag: u64, message: &M) -> Vec<u8> {
+    let body = postcard::to_allocvec(message).expect("encodes");
+    frame_header(tag, body.len()).into_iter().chain(body).collect()
+}
+
+/// A frame's header announcing a message of `len` bytes (whether or not they follow).
+pub fn frame_header(tag: u64, len: usize) -> Vec<u8> {
+    let len = u32::try_from(len + 8).expect("a frame length");
+    len.to_be_bytes().into_iter().chain(tag.to_be_bytes()).collect()
+}
+
+/// Reads one answer frame: its tag and message, or `None` once the stream has ended.
+pub async fn read_answer<M: serde::de::DeserializeOwned>(stream: &mut libp2p::Stream) -> Option<(u64, M)> {
+    use futures::AsyncReadExt;
+    let mut header = [0u8; 12];
+    stream.read_exact(&mut header).await.ok()?;
+    let len = u32::from_be_bytes(header[..4].try_into().ok()?) as usize - 8;
+    let tag = u64::from_be_bytes(header[4..].try_into().ok()?);
+    let mut body = vec![0; len];
+    stream.read_exact(&mut body).await.ok()?;
+    Some((tag, postcard::from_bytes(&body).expect("an answer decodes")))
+}

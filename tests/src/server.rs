@@ -121,6 +121,26 @@ impl Server {
         Some(status)
     }
 
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Its resident memory now, in bytes (`VmRSS`), or 0 once it has gone.
+    pub fn rss_bytes(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        let kib = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok());
+        kib.unwrap_or(0) * 1024
+    }
+
+    /// How many files (sockets included) it has open.
+    pub fn open_files(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid())).map_or(0, |dir| dir.count())
+    }
+
     /// Kills the process with SIGKILL (no clean shutdown) and reaps it.
     pub fn kill9(&mut self) {
         // Errors mean it is already dead and reaped, which is what we want.

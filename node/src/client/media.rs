@@ -713,12 +713,13 @@ impl ChunkServer {
         let mut pipes: Vec<crate::net::pipe::PipeTasks> = Vec::new();
         let mut greeted = HashMap::new();
         let reads = Arc::new(tokio::sync::Semaphore::new(CHUNK_READS));
+        let serving = crate::net::pipe::Serving::new(MEDIA_LIMITS);
         loop {
             tokio::select! {
                 Some((peer, stream)) = incoming.next() => {
                     pipes.retain(|p| !p.is_finished());
                     if pipes.len() < MAX_SERVED_PIPES {
-                        pipes.push(crate::net::pipe::serve(peer, stream, MEDIA_LIMITS, tx.clone()));
+                        pipes.push(crate::net::pipe::serve(peer, stream, &serving, &Default::default(), tx.clone()));
                     }
                 }
                 Some(inbound) = requests.recv() => self.answer(inbound, &mut greeted, &reads),
@@ -737,7 +738,7 @@ impl ChunkServer {
         let crate::net::pipe::Inbound { peer, request, responder } = inbound;
         let refuse = |code, message: String| MediaResponse::Error(WireError::new(code, message));
         match request {
-            Err(e) => responder.respond(refuse(ErrorCode::BadRequest, e.to_string())),
+            Err(e) => responder.respond(MediaResponse::Error(WireError::for_frame(&e))),
             Ok(MediaRequest::Hello { cert }) => {
                 let gateway = self.session.borrow().gateway.public_key();
                 let checked = gateway.map_err(|e| e.to_string()).and_then(|key| {

@@ -276,9 +276,17 @@ impl Client {
         expect_reply!(self.call(request).await?, "account update", AuthResponse::Me(a) => a)
     }
 
-    /// A user's card from the directory.
+    /// A user's card from the directory, without the devices whose keys do not check out: each
+    /// device's Noise key must be signed by its own ed25519 key, which is its peer id. The
+    /// gateway checks that at sign-in; a client that did not check would encrypt to whatever
+    /// key the gateway, or someone between, put on the card.
     pub async fn lookup(&self, query: LookupQuery) -> Result<UserCard, ClientError> {
-        expect_reply!(self.call(AuthRequest::Lookup(query)).await?, "Lookup", AuthResponse::Card(c) => c)
+        let mut card =
+            expect_reply!(self.call(AuthRequest::Lookup(query)).await?, "Lookup", AuthResponse::Card(c) => c)?;
+        for (device, why) in card.retain_checked_devices() {
+            tracing::warn!(user = %card.user_id, %device, %why, "a card's device is left out");
+        }
+        Ok(card)
     }
 
     /// The account's sessions.

@@ -146,7 +146,8 @@ impl RelayCert {
     /// A certificate for `relay`, valid from now (less the tolerated skew) for `days`.
     pub fn issue(gateway: &ed25519::Keypair, relay: PeerId, days: u64, now: u64) -> Self {
         let not_before = now.saturating_sub(CERT_CLOCK_SKEW_SECS);
-        Cert::sign(RelayCertBody { relay, not_before, not_after: now + days * 24 * 3600 }, gateway)
+        let not_after = now.saturating_add(days.saturating_mul(24 * 3600));
+        Cert::sign(RelayCertBody { relay, not_before, not_after }, gateway)
     }
 
     /// Admits the relay whose data dir is `relay_dir` before it starts, for whoever holds the

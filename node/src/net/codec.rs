@@ -22,6 +22,12 @@ pub enum FrameError {
     /// The body is not a valid message of this protocol.
     #[error("malformed request: {0}")]
     Malformed(String),
+    /// A request larger than a greeting before the peer was welcomed.
+    #[error("a request of {len} bytes before Hello (at most {max} until then); say Hello first")]
+    NotWelcomed { len: usize, max: usize },
+    /// More greetings than a connection may send so soon.
+    #[error("too many greetings on this connection; retry after {retry_after_secs} s")]
+    TooManyGreetings { retry_after_secs: u64 },
 }
 
 /// Length-prefixed postcard codec with a size limit in each direction.

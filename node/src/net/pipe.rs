@@ -17,6 +17,7 @@
 
 use std::collections::HashMap;
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -29,6 +30,8 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::net::codec::FrameError;
+use crate::net::memory::{Held, MemoryBudget};
+use crate::server::limits::RateLimiter;
 
 /// Requests one pipe may have unanswered at a relay, by default; further requests wait in the
 /// stream (back-pressure), which bounds the memory a single client can tie up. A request counts
@@ -53,6 +56,8 @@ pub struct PipeLimits {
     pub max_response: usize,
     /// Requests a caller may have unanswered (or answered but not yet written) at once.
     pub max_in_flight: usize,
+    /// Bytes one served pipe may hold: request bodies and answers not yet written.
+    pub max_memory: usize,
 }
 
 /// Why a call on a pipe got no answer.
@@ -102,21 +107,42 @@ async fn read_frame<M: DeserializeOwned, R: AsyncRead + Unpin>(
     io: &mut R,
     max: usize,
 ) -> io::Result<(u64, Result<M, FrameError>)> {
-    let mut header = [0u8; HEADER];
-    io.read_exact(&mut header[..4]).await?;
-    let len = u32::from_be_bytes([header[0], header[1], header[2], header[3]]) as usize;
-    if len < 8 {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("frame of {len} bytes has no tag")));
-    }
-    io.read_exact(&mut header[4..]).await?;
-    let tag = u64::from_be_bytes(header[4..].try_into().unwrap_or_default());
-    let len = len - 8;
+    let (tag, len) = read_header(io).await?;
     if len > max {
         return Ok((tag, Err(FrameError::TooLarge { len, max })));
     }
-    let mut body = vec![0u8; len];
-    io.read_exact(&mut body).await?;
+    let body = read_body(io, len, |_| {}).await?;
     Ok((tag, postcard::from_bytes(&body).map_err(|e| FrameError::Malformed(e.to_string()))))
+}
+
+/// A frame's header: its tag and the length of the message that follows.
+async fn read_header<R: AsyncRead + Unpin>(io: &mut R) -> io::Result<(u64, usize)> {
+    let mut header = [0u8; HEADER];
+    io.read_exact(&mut header).await?;
+    let len = u32::from_be_bytes([header[0], header[1], header[2], header[3]]) as usize;
+    let Some(len) = len.checked_sub(8) else {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("frame of {len} bytes has no tag")));
+    };
+    Ok((u64::from_be_bytes(header[4..].try_into().unwrap_or_default()), len))
+}
+
+/// A message of `len` bytes, read in pieces as they arrive (a header alone allocates little);
+/// `arriving` is told each piece's size before it is read.
+async fn read_body<R: AsyncRead + Unpin>(
+    io: &mut R,
+    len: usize,
+    mut arriving: impl FnMut(usize),
+) -> io::Result<Vec<u8>> {
+    const PIECE: usize = 64 * 1024;
+    let mut body = Vec::with_capacity(len.min(PIECE));
+    while body.len() < len {
+        let piece = (len - body.len()).min(PIECE);
+        arriving(piece);
+        let start = body.len();
+        body.resize(start + piece, 0);
+        io.read_exact(&mut body[start..]).await?;
+    }
+    Ok(body)
 }
 
 /// Writes whatever is queued, in as few writes as it can; ends when the queue closes, the
@@ -386,6 +412,19 @@ where
 
 // ---- the answering side ----
 
+/// Largest request a pipe reads before its peer is welcomed (its `Hello` answered with a
+/// welcome): a greeting is a certificate, and nobody unknown gets a 16 MiB buffer.
+pub const MAX_GREETING: usize = 16 * 1024;
+/// How long a served pipe may go without its peer being welcomed: an unknown peer must not hold
+/// a pipe (and so its connection) open for good.
+pub const GREETING_DEADLINE: Duration = Duration::from_secs(10);
+/// A request's body must arrive within this, plus a second per [`MIN_BODY_RATE`] bytes: a
+/// peer trickling a large frame holds its reservation only so long.
+const BODY_DEADLINE: Duration = Duration::from_secs(30);
+const MIN_BODY_RATE: usize = 64 * 1024;
+/// What a served protocol's pipes may hold in memory together, unless told otherwise.
+pub const DEFAULT_PROTOCOL_MEMORY: usize = 256 << 20;
+
 /// One request that arrived on a pipe, with the way to answer it.
 #[derive(Debug)]
 pub struct Inbound<Req, Resp> {
@@ -399,89 +438,173 @@ pub struct Inbound<Req, Resp> {
 #[derive(Debug)]
 pub struct Responder<Resp> {
     tag: u64,
-    out: mpsc::UnboundedSender<Answer<Resp>>,
+    out: mpsc::UnboundedSender<Answer>,
     slot: Slot,
+    max_response: usize,
+    /// Set when this request is a greeting (`Hello`) and its answer welcomes the peer.
+    welcomed: Option<Welcome>,
+    _answers: std::marker::PhantomData<fn(Resp)>,
 }
 
-/// A request's place in its pipe, freed once its answer is written, and what its answer's write
-/// is timed by.
+/// A request's place in its pipe, freed once its answer is written: its in-flight permit, the
+/// memory its body and answer hold, and what its answer's write is timed by.
 #[derive(Debug)]
 struct Slot {
     _permit: tokio::sync::OwnedSemaphorePermit,
+    held: Held,
+    request_bytes: usize,
     kind: &'static str,
     arrived: Instant,
 }
 
-/// An answer on its way to the writer, with its request's slot.
-type Answer<Resp> = (u64, Resp, Slot);
+/// An encoded answer on its way to the writer, with its request's slot.
+type Answer = (Vec<u8>, Slot);
 
 /// Told, for each request answered on a pipe, its kind and the time from its arrival to its
 /// answer's write (what the caller waited, but for the network): the relays' latency histograms.
 pub type ObserveLatency = Arc<dyn Fn(&'static str, Duration) + Send + Sync>;
 
-/// A request's name for [`ObserveLatency`]; `malformed` for a frame that was not one.
+/// What a served pipe needs to know of its requests.
 pub trait RequestKind {
+    /// Its name for [`ObserveLatency`] (`malformed` is used for a frame that was not one).
     fn kind(&self) -> &'static str;
+    /// Whether it is the greeting ([`MAX_GREETING`] applies until one is welcomed).
+    fn is_greeting(&self) -> bool;
 }
 
-impl<Resp> Responder<Resp> {
-    /// Sends the answer (a no-op if the caller has gone). Its slot stays taken until the answer
-    /// is written.
-    pub fn respond(self, response: Resp) {
-        let _ = self.out.send((self.tag, response, self.slot));
+/// Whether an answer to a greeting welcomes the peer.
+pub trait Greeting {
+    fn welcomes(&self) -> bool;
+}
+
+impl<Resp: Serialize + Greeting> Responder<Resp> {
+    /// Room for an answer of up to `want` bytes: what this pipe's and its protocol's memory
+    /// budgets have left, but at least `at_least` (so that an answer always makes progress).
+    /// It stays taken until the answer is written (or until the next call, which replaces it:
+    /// `room(0, 0)` gives it back); the answer should fit in it. A handler whose answer can be
+    /// large (a batch of envelopes) sizes it by this.
+    pub fn room(&mut self, want: usize, at_least: usize) -> usize {
+        self.slot.held.resize(self.slot.request_bytes);
+        let room = want.min(self.slot.held.room().max(at_least)).min(self.max_response);
+        self.slot.held.resize(self.slot.request_bytes + room);
+        room
+    }
+
+    /// Sends the answer (a no-op if the caller has gone). Its slot, and the memory it holds,
+    /// stay taken until the answer is written.
+    pub fn respond(mut self, response: Resp) {
+        if let Some(welcomed) = &self.welcomed
+            && response.welcomes()
+        {
+            welcomed.set();
+        }
+        let mut frame = Vec::new();
+        if let Err(e) = encode(self.tag, &response, self.max_response, &mut frame) {
+            tracing::error!(error = %e, "an answer could not be encoded; the caller will time out");
+            return;
+        }
+        self.slot.held.resize(self.slot.request_bytes + frame.len());
+        let _ = self.out.send((frame, self.slot));
+    }
+}
+
+/// Whether a connection's peer was welcomed on a protocol, shared by that connection's pipes of
+/// it: a pipe opened again on the connection needs no second greeting (the server's session is
+/// per connection too). It also limits the connection's greetings, each a signature check.
+#[derive(Debug, Clone)]
+pub struct Welcome {
+    welcomed: Arc<AtomicBool>,
+    greetings: Arc<RateLimiter>,
+}
+
+/// Greetings one connection may send on a protocol: a burst (a client greets once, and again
+/// when its certificate is renewed or the relay forgot it), then one per
+/// [`GREETING_REFILL_SECS`]. A pipelined flood of forged certificates costs the relay that many
+/// signature checks, not one each.
+const GREETING_BURST: u32 = 32;
+const GREETING_REFILL_SECS: u64 = 1;
+
+impl Default for Welcome {
+    fn default() -> Self {
+        Welcome {
+            welcomed: Arc::default(),
+            greetings: Arc::new(RateLimiter::new(GREETING_BURST, GREETING_REFILL_SECS)),
+        }
+    }
+}
+
+impl Welcome {
+    fn is_set(&self) -> bool {
+        self.welcomed.load(Ordering::Acquire)
+    }
+
+    fn set(&self) {
+        self.welcomed.store(true, Ordering::Release);
+    }
+
+    /// Takes one greeting, or says in how many seconds one may be sent.
+    fn take_greeting(&self) -> Result<(), u64> {
+        self.greetings.check("", crate::crypto::cert::unix_now())
+    }
+}
+
+/// How a server serves one protocol's pipes.
+#[derive(Clone)]
+pub struct Serving {
+    pub limits: PipeLimits,
+    /// What all of this protocol's pipes may hold in memory together (see [`MemoryBudget`]).
+    pub memory: Arc<MemoryBudget>,
+    /// Told each answer's latency, if anyone listens.
+    pub observe: Option<ObserveLatency>,
+}
+
+impl std::fmt::Debug for Serving {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Serving").field("limits", &self.limits).field("memory", &self.memory).finish_non_exhaustive()
+    }
+}
+
+impl Serving {
+    /// `limits`, with [`DEFAULT_PROTOCOL_MEMORY`] for all pipes together.
+    pub fn new(limits: PipeLimits) -> Self {
+        Serving { limits, memory: MemoryBudget::new(DEFAULT_PROTOCOL_MEMORY), observe: None }
+    }
+
+    pub fn with_memory(self, bytes: usize) -> Self {
+        Serving { memory: MemoryBudget::new(bytes), ..self }
+    }
+
+    pub fn observed(self, observe: ObserveLatency) -> Self {
+        Serving { observe: Some(observe), ..self }
     }
 }
 
 /// Serves one inbound pipe: each request goes to `inbound` (awaited, so a busy handler pushes
 /// back on the stream); answers are written as they come. The pipe is served until it ends or
 /// the returned tasks are dropped.
+///
+/// What one pipe can cost is bounded: requests in flight (until their answers are written), the
+/// bytes they and their answers hold (its own budget and its protocol's, see [`MemoryBudget`]),
+/// [`MAX_GREETING`]-byte requests until its peer is welcomed, which must be within
+/// [`GREETING_DEADLINE`], bodies read as they arrive within a deadline, and a writer that must
+/// make progress.
 pub fn serve<Req, Resp>(
     peer: PeerId,
     stream: Stream,
-    limits: PipeLimits,
+    serving: &Serving,
+    welcome: &Welcome,
     inbound: mpsc::Sender<Inbound<Req, Resp>>,
-) -> PipeTasks
-where
-    Req: DeserializeOwned + Send + 'static,
-    Resp: Serialize + Send + 'static,
-{
-    serve_with(peer, stream, limits, inbound, |_| "", None)
-}
-
-/// [`serve`], telling `observe` how long each request took to answer.
-pub fn serve_observed<Req, Resp>(
-    peer: PeerId,
-    stream: Stream,
-    limits: PipeLimits,
-    inbound: mpsc::Sender<Inbound<Req, Resp>>,
-    observe: ObserveLatency,
 ) -> PipeTasks
 where
     Req: DeserializeOwned + RequestKind + Send + 'static,
-    Resp: Serialize + Send + 'static,
-{
-    serve_with(peer, stream, limits, inbound, Req::kind, Some(observe))
-}
-
-fn serve_with<Req, Resp>(
-    peer: PeerId,
-    stream: Stream,
-    limits: PipeLimits,
-    inbound: mpsc::Sender<Inbound<Req, Resp>>,
-    kind_of: fn(&Req) -> &'static str,
-    observe: Option<ObserveLatency>,
-) -> PipeTasks
-where
-    Req: DeserializeOwned + Send + 'static,
-    Resp: Serialize + Send + 'static,
+    Resp: Serialize + Greeting + Send + 'static,
 {
     let (mut read, write) = stream.split();
-    let (out, rx) = mpsc::unbounded_channel::<Answer<Resp>>();
+    let Serving { limits, memory: protocol, observe } = serving.clone();
+    let (out, rx) = mpsc::unbounded_channel::<Answer>();
     let writer = tokio::spawn(async move {
-        let encode_answer = |(tag, response, slot): Answer<Resp>, buf: &mut Vec<u8>| {
-            if let Err(e) = encode(tag, &response, limits.max_response, buf) {
-                tracing::error!(%peer, error = %e, "an answer could not be encoded; the caller will time out");
-            }
+        let take = |(frame, slot): Answer, buf: &mut Vec<u8>| {
+            buf.extend_from_slice(&frame);
             Some(slot)
         };
         let written = |slot: Slot| {
@@ -489,31 +612,112 @@ where
                 observe(slot.kind, slot.arrived.elapsed());
             }
         };
-        let _ = write_loop(write, rx, encode_answer, written).await;
+        let _ = write_loop(write, rx, take, written).await;
     });
+    let welcome = welcome.clone();
     let reader = tokio::spawn(async move {
-        let slots = Arc::new(Semaphore::new(limits.max_in_flight));
-        loop {
-            let Ok(permit) = slots.clone().acquire_owned().await else { return };
-            let (tag, request) = match read_frame::<Req, _>(&mut read, limits.max_request).await {
-                Ok(frame) => frame,
-                Err(e) => {
-                    tracing::debug!(%peer, error = %e, "pipe closed");
-                    return;
-                }
-            };
-            let fatal = matches!(request, Err(FrameError::TooLarge { .. }));
-            let kind = request.as_ref().map_or("malformed", kind_of);
-            let slot = Slot { _permit: permit, kind, arrived: Instant::now() };
-            let responder = Responder { tag, out: out.clone(), slot };
-            if inbound.send(Inbound { peer, request, responder }).await.is_err() || fatal {
-                // Dropping `out` lets the writer send what is queued (this refusal included)
-                // and close.
-                return;
-            }
-        }
+        let why = serve_requests(peer, &mut read, limits, protocol, welcome, out, inbound).await;
+        tracing::debug!(%peer, %why, "pipe closed");
     });
     PipeTasks { reader, writer }
+}
+
+/// The reader of a served pipe; gives why it stopped.
+async fn serve_requests<Req, Resp>(
+    peer: PeerId,
+    read: &mut ReadHalf<Stream>,
+    limits: PipeLimits,
+    protocol: Arc<MemoryBudget>,
+    welcomed: Welcome,
+    out: mpsc::UnboundedSender<Answer>,
+    inbound: mpsc::Sender<Inbound<Req, Resp>>,
+) -> String
+where
+    Req: DeserializeOwned + RequestKind,
+{
+    let slots = Arc::new(Semaphore::new(limits.max_in_flight));
+    let pipe = MemoryBudget::new(limits.max_memory);
+    let opened = Instant::now();
+    loop {
+        let Ok(permit) = slots.clone().acquire_owned().await else { return "closed".into() };
+        // Nothing new is read while this pipe, or its protocol, holds its whole budget: a peer
+        // that reads no answers stops being read (and its writer's stall closes the pipe).
+        pipe.wait_below_limit().await;
+        protocol.wait_below_limit().await;
+        let header = if welcomed.is_set() {
+            read_header(read).await
+        } else {
+            match tokio::time::timeout(
+                (opened + GREETING_DEADLINE).saturating_duration_since(Instant::now()),
+                read_header(read),
+            )
+            .await
+            {
+                Ok(header) => header,
+                Err(_) => return format!("not welcomed within {GREETING_DEADLINE:?}"),
+            }
+        };
+        let (tag, len) = match header {
+            Ok(header) => header,
+            Err(e) => return e.to_string(),
+        };
+        let arrived = Instant::now();
+        let mut max = if welcomed.is_set() { limits.max_request } else { MAX_GREETING };
+        if len > max && max < limits.max_request && slots.available_permits() + 1 < limits.max_in_flight {
+            // A large request right behind its greeting: once the greeting is answered, the
+            // pipe may be welcomed.
+            let others = (limits.max_in_flight - 1) as u32;
+            drop(slots.acquire_many(others).await);
+            if welcomed.is_set() {
+                max = limits.max_request;
+            }
+        }
+        let mut held = Held::none(&pipe, &protocol);
+        let request = if len > limits.max_request {
+            Err(FrameError::TooLarge { len, max: limits.max_request })
+        } else if len > max {
+            Err(FrameError::NotWelcomed { len, max })
+        } else {
+            // The pipe's own room is taken up front (it waits only on itself); the protocol's
+            // is charged as bytes arrive, so a peer trickling a large frame holds only what it
+            // sent of the memory every pipe shares.
+            held.reserve_pipe(len).await;
+            let deadline = BODY_DEADLINE + Duration::from_secs((len / MIN_BODY_RATE) as u64);
+            match tokio::time::timeout(deadline, read_body(read, len, |piece| held.charge_protocol(piece))).await {
+                Ok(Ok(body)) => postcard::from_bytes(&body).map_err(|e| FrameError::Malformed(e.to_string())),
+                Ok(Err(e)) => return e.to_string(),
+                Err(_) => return format!("a {len}-byte request took over {deadline:?}"),
+            }
+        };
+        let fatal = matches!(request, Err(FrameError::TooLarge { .. } | FrameError::NotWelcomed { .. }));
+        let kind = request.as_ref().map_or("malformed", Req::kind);
+        let greets = request.as_ref().is_ok_and(Req::is_greeting);
+        // Greetings past the connection's allowance are refused here, without their check.
+        let request = match request {
+            Ok(_) if greets => match welcomed.take_greeting() {
+                Ok(()) => request,
+                Err(retry_after_secs) => Err(FrameError::TooManyGreetings { retry_after_secs }),
+            },
+            other => other,
+        };
+        let slot = Slot { _permit: permit, held, request_bytes: len, kind, arrived };
+        let responder = Responder {
+            tag,
+            out: out.clone(),
+            slot,
+            max_response: limits.max_response,
+            welcomed: greets.then(|| welcomed.clone()),
+            _answers: std::marker::PhantomData,
+        };
+        // Dropping `out` (by returning) lets the writer send what is queued, this refusal
+        // included, and close.
+        if inbound.send(Inbound { peer, request, responder }).await.is_err() {
+            return "the server stopped".into();
+        }
+        if fatal {
+            return "a request exceeded the size limit".into();
+        }
+    }
 }
 
 #[cfg(test)]

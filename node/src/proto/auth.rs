@@ -292,6 +292,23 @@ pub struct DeviceCard {
     pub keys: DeviceKeys,
 }
 
+impl UserCard {
+    /// Leaves out the devices whose keys do not check out (each device's Noise key must be
+    /// signed by its own ed25519 key, which is its peer id); gives each left out, and why.
+    pub fn retain_checked_devices(&mut self) -> Vec<(PeerId, String)> {
+        let mut left_out = Vec::new();
+        self.devices.retain(|device| match device.keys.verify() {
+            Ok(peer_id) if peer_id == device.peer_id => true,
+            checked => {
+                let why = checked.map_or_else(|e| e.to_string(), |other| format!("its keys are {other}'s"));
+                left_out.push((device.peer_id, why));
+                false
+            }
+        });
+        left_out
+    }
+}
+
 impl DeviceCard {
     /// The device's Noise key.
     pub fn noise_key(&self) -> NoiseKey {
@@ -324,5 +341,33 @@ mod tests {
         assert!(matches!("+15550001111".parse(), Ok(LookupQuery::Phone(_))));
         assert_eq!("42".parse::<LookupQuery>().unwrap(), LookupQuery::UserId(UserId(42)));
         assert!("@x".parse::<LookupQuery>().is_err());
+    }
+
+    #[test]
+    fn devices_whose_keys_do_not_check_out_are_left_out_of_a_card() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        let [a, b] = [a, b].map(|dir| {
+            std::fs::create_dir_all(&dir).unwrap();
+            crate::crypto::identity::DeviceIdentity::load_or_create(&dir).unwrap()
+        });
+        let honest = DeviceCard { peer_id: a.peer_id(), keys: a.device_keys() };
+        // Someone else's Noise key under a's signature, and a's keys under b's id.
+        let mut swapped_key = a.device_keys();
+        swapped_key.noise_key = b.noise_public;
+        let forged = DeviceCard { peer_id: a.peer_id(), keys: swapped_key };
+        let misfiled = DeviceCard { peer_id: b.peer_id(), keys: a.device_keys() };
+        let mut card = UserCard {
+            user_id: UserId(1),
+            kind: crate::crypto::cert::AccountKind::User,
+            username: None,
+            name: "a".into(),
+            devices: vec![forged, honest.clone(), misfiled],
+        };
+        let left_out = card.retain_checked_devices();
+        assert_eq!(card.devices, vec![honest]);
+        assert_eq!(left_out.len(), 2);
+        assert!(left_out[0].1.contains("signature"), "{left_out:?}");
+        assert!(left_out[1].1.contains("keys are"), "{left_out:?}");
     }
 }

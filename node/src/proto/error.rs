@@ -18,6 +18,24 @@ impl WireError {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
         WireError { code, message: message.into(), retry_after_secs: None }
     }
+    /// The answer to a frame that was not a request: `CERT_INVALID` for one too large before
+    /// the greeting (the caller greets again and retries), `FLOOD_WAIT` for greetings past a
+    /// connection's allowance, else `BAD_REQUEST`.
+    pub fn for_frame(e: &crate::net::codec::FrameError) -> Self {
+        use crate::net::codec::FrameError;
+        match e {
+            FrameError::NotWelcomed { .. } => WireError::new(ErrorCode::CertInvalid, e.to_string()),
+            FrameError::TooManyGreetings { retry_after_secs } => WireError {
+                code: ErrorCode::FloodWait,
+                message: e.to_string(),
+                retry_after_secs: Some(*retry_after_secs),
+            },
+            FrameError::TooLarge { .. } | FrameError::Malformed(_) => {
+                WireError::new(ErrorCode::BadRequest, e.to_string())
+            }
+        }
+    }
+
     /// A rate-limit refusal.
     pub fn flood_wait(retry_after_secs: u64, what: &str) -> Self {
         WireError {

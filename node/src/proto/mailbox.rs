@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::crypto::cert::{RelayCert, SessionCert};
 use crate::ids::UserId;
-use crate::net::pipe::{PipeLimits, RequestKind};
+use crate::net::pipe::{Greeting, PipeLimits, RequestKind};
 use crate::proto::WireError;
 use crate::proto::envelope::{Envelope, EnvelopeId};
 use crate::proto::group::{GroupBatch, GroupCursor, GroupId};
@@ -53,6 +53,8 @@ pub const MAILBOX_LIMITS: PipeLimits = PipeLimits {
     max_request: MAX_MAILBOX_MESSAGE_SIZE,
     max_response: MAX_MAILBOX_MESSAGE_SIZE,
     max_in_flight: crate::net::pipe::MAX_IN_FLIGHT,
+    // Room for one maximal request and one maximal answer at once; more waits.
+    max_memory: 2 * MAX_MAILBOX_MESSAGE_SIZE,
 };
 /// See [`MAILBOX_LIMITS`].
 pub const REPLICA_LIMITS: PipeLimits = MAILBOX_LIMITS;
@@ -151,6 +153,16 @@ impl MailboxRequest {
 impl RequestKind for MailboxRequest {
     fn kind(&self) -> &'static str {
         MailboxRequest::kind(self)
+    }
+
+    fn is_greeting(&self) -> bool {
+        matches!(self, MailboxRequest::Hello { .. })
+    }
+}
+
+impl Greeting for MailboxResponse {
+    fn welcomes(&self) -> bool {
+        matches!(self, MailboxResponse::Welcome { .. })
     }
 }
 
@@ -257,6 +269,16 @@ impl RequestKind for ReplicaRequest {
             ReplicaRequest::DeleteChunks { .. } => "delete_chunks",
             ReplicaRequest::GroupFetch { .. } => "group_fetch",
         }
+    }
+
+    fn is_greeting(&self) -> bool {
+        matches!(self, ReplicaRequest::Hello { .. })
+    }
+}
+
+impl Greeting for ReplicaResponse {
+    fn welcomes(&self) -> bool {
+        matches!(self, ReplicaResponse::Welcome { .. })
     }
 }
 

@@ -45,9 +45,13 @@ pub const MAX_PARTS: u32 = 15_000;
 /// The largest thumbnail a file reference carries (a 90-pixel JPEG is 2–5 KiB).
 pub const MAX_THUMBNAIL_BYTES: usize = 16 * 1024;
 /// Requests carry one chunk at most; answers one chunk or an upload's status. Sixteen in flight
-/// per pipe (a client keeps 8), so a pipe ties up at most ~32 MiB of a relay's memory.
-pub const MEDIA_LIMITS: PipeLimits =
-    PipeLimits { max_request: MAX_CHUNK_SIZE + 4096, max_response: MAX_CHUNK_SIZE + 64 * 1024, max_in_flight: 16 };
+/// per pipe (a client keeps 8), so a pipe ties up at most ~17 MiB of a relay's memory.
+pub const MEDIA_LIMITS: PipeLimits = PipeLimits {
+    max_request: MAX_CHUNK_SIZE + 4096,
+    max_response: MAX_CHUNK_SIZE + 64 * 1024,
+    max_in_flight: 16,
+    max_memory: 16 * (MAX_CHUNK_SIZE + 64 * 1024),
+};
 
 /// The blake3 hash of a stored (encrypted) chunk: its name everywhere.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -158,6 +162,16 @@ pub enum MediaResponse {
 impl crate::net::pipe::RequestKind for MediaRequest {
     fn kind(&self) -> &'static str {
         MediaRequest::kind(self)
+    }
+
+    fn is_greeting(&self) -> bool {
+        matches!(self, MediaRequest::Hello { .. })
+    }
+}
+
+impl crate::net::pipe::Greeting for MediaResponse {
+    fn welcomes(&self) -> bool {
+        matches!(self, MediaResponse::Welcome { .. })
     }
 }
 

@@ -14,6 +14,20 @@ pub fn keep_private(data_dir: &std::path::Path) -> std::io::Result<()> {
     std::fs::set_permissions(data_dir, std::fs::Permissions::from_mode(0o700))
 }
 
+/// Raises this process's open-file limit to the most the system allows it (each connection is a
+/// descriptor, and the usual soft limit of 1,024 is a few hundred clients), and gives it.
+pub fn raise_open_file_limit() -> u64 {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut limit = getrlimit(Resource::Nofile);
+    if limit.current < limit.maximum {
+        limit.current = limit.maximum;
+        if let Err(e) = setrlimit(Resource::Nofile, limit) {
+            tracing::warn!(error = %e, "could not raise the open-file limit");
+        }
+    }
+    getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX)
+}
+
 /// How a server writes its log to stderr.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -248,7 +248,7 @@ impl MediaServer {
     ) {
         let request = match request {
             Ok(request) => request,
-            Err(e) => return self.respond(channel, refuse(ErrorCode::BadRequest, e.to_string())),
+            Err(e) => return self.respond(channel, MediaResponse::Error(WireError::for_frame(&e))),
         };
         self.store.metrics.count_media_request(request.kind());
         let now = unix_now();

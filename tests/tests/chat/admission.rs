@@ -166,8 +166,9 @@ fn a_peer_posing_as_a_relay_without_a_certificate_is_given_nothing() {
         tokio::spawn(async move {
             // A pipe is served while its tasks are kept.
             let mut served = Vec::new();
+            let serving = pipe::Serving::new(REPLICA_LIMITS);
             while let Some((peer, stream)) = incoming.next().await {
-                served.push(pipe::serve(peer, stream, REPLICA_LIMITS, requests_tx.clone()));
+                served.push(pipe::serve(peer, stream, &serving, &Default::default(), requests_tx.clone()));
             }
         });
         // It says it is a relay, with a certificate from a gateway of its own making, and

@@ -11,6 +11,9 @@
 //!   disk fills (a small tmpfs; skipped unless root) acknowledges nothing after the failed write,
 //!   says so on `/healthz` and in its metrics, exits once there is room again, does not start
 //!   while the disk is full, and restarted has everything it acknowledged.
+//! - `hostile`: a peer that reads no answers, pipes that never greet or announce 16 MiB and
+//!   send a KiB, many pipes on one connection, a flood of connections from one address: each
+//!   bounded in the relay's memory and descriptors, with honest clients served meanwhile.
 //! - `features`: edits, deletes, delivery and read receipts, typing, `messages --follow`.
 //! - `node`: the client node — the CLI through its socket with the same output, `--follow` by
 //!   push, one node per profile, SIGKILL and restart, garbage on the socket, other users refused.
@@ -31,6 +34,7 @@ mod admission;
 mod basic;
 mod durability;
 mod features;
+mod hostile;
 mod node;
 mod repair;
 mod resilience;

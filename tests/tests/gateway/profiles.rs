@@ -1,6 +1,6 @@
 //! What a user may call themselves, and the 2FA password that guards new devices.
 
-use meshgram_tests::{Gateway, meshgram};
+use meshgram_tests::{Gateway, meshgram, meshgram_stdin};
 use serde_json::Value;
 
 use crate::{ALICE, BOB, lookup};
@@ -78,7 +78,8 @@ fn two_factor_password_guards_new_devices() {
     let alice_p = gw.new_profile("alice");
     let alice = gw.login(&alice_p, ALICE);
 
-    let account = meshgram(&alice_p, &["password", "set", "--new", "hunter22"]).ok_json();
+    // Asked for on stdin: a password never has to be on the command line.
+    let account = meshgram_stdin(&alice_p, &["password", "set"], "hunter22\n").ok_json();
     assert_eq!(account["has_password"], true, "{account}");
     meshgram(&alice_p, &["password", "set", "--new", "other-pw", "--current", "wrong-pw"])
         .expect_err(&["PASSWORD_HASH_INVALID"]);
@@ -103,7 +104,7 @@ fn two_factor_password_guards_new_devices() {
     assert_eq!(me["account"]["has_password"], true, "{me}");
 
     meshgram(&alice_p, &["password", "clear", "--current", "wrong-pw"]).expect_err(&["PASSWORD_HASH_INVALID"]);
-    let account = meshgram(&alice_p, &["password", "clear", "--current", "hunter22"]).ok_json();
+    let account = meshgram_stdin(&alice_p, &["password", "clear"], "hunter22\n").ok_json();
     assert_eq!(account["has_password"], false, "{account}");
 
     // Without a password the code alone is enough again.

@@ -287,9 +287,10 @@ fn start_lying_provider(
             let _net = net;
             let (tx, mut requests) = tokio::sync::mpsc::channel(64);
             let mut pipes = Vec::new();
+            let serving = pipe::Serving::new(MEDIA_LIMITS);
             loop {
                 tokio::select! {
-                    Some((peer, stream)) = incoming.next() => pipes.push(pipe::serve(peer, stream, MEDIA_LIMITS, tx.clone())),
+                    Some((peer, stream)) = incoming.next() => pipes.push(pipe::serve(peer, stream, &serving, &Default::default(), tx.clone())),
                     Some(inbound) = requests.recv() => {
                         let pipe::Inbound { request, responder, .. } = inbound;
                         responder.respond(match request {

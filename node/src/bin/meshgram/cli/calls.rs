@@ -101,8 +101,18 @@ async fn call_for(command: Command) -> Result<Call, CliError> {
             }
             Call::SetProfile { username, name }
         }
-        Command::Password(PasswordCommand::Set { new, current }) => Call::SetPassword { current, new: Some(new) },
+        Command::Password(PasswordCommand::Set { new, current }) => {
+            let new = match new {
+                Some(new) => new,
+                None => super::login::read_line("New password: ").await?,
+            };
+            Call::SetPassword { current, new: Some(new) }
+        }
         Command::Password(PasswordCommand::Clear { current }) => {
+            let current = match current {
+                Some(current) => current,
+                None => super::login::read_line("Current password: ").await?,
+            };
             Call::SetPassword { current: Some(current), new: None }
         }
         Command::Lookup { query } => Call::Lookup { query: parse_query(&query)? },

@@ -53,11 +53,12 @@ pub(crate) enum Command {
         /// A code you already received; skips sending a new one.
         #[arg(long)]
         code: Option<String>,
-        /// 2FA password, if the account has one (otherwise asked for).
-        #[arg(long)]
+        /// 2FA password, if the account has one (otherwise asked for). Prefer the prompt or the
+        /// environment: other users on the machine can read a command line.
+        #[arg(long, env = "MESHGRAM_PASSWORD", hide_env_values = true)]
         password: Option<String>,
-        /// Sign in as a bot with its token.
-        #[arg(long)]
+        /// Sign in as a bot with its token (better from the environment than on the command line).
+        #[arg(long, env = "MESHGRAM_BOT_TOKEN", hide_env_values = true)]
         bot_token: Option<String>,
         /// How this device appears in session lists.
         #[arg(long)]
@@ -234,17 +235,18 @@ pub(crate) enum ProfileCommand {
 
 #[derive(Subcommand, Debug)]
 pub(crate) enum PasswordCommand {
-    /// Set or change the password.
+    /// Set or change the password (asked for on standard input unless given).
     Set {
-        #[arg(long)]
-        new: String,
-        #[arg(long)]
+        #[arg(long, env = "MESHGRAM_NEW_PASSWORD", hide_env_values = true)]
+        new: Option<String>,
+        /// The password now, if the account has one.
+        #[arg(long, env = "MESHGRAM_PASSWORD", hide_env_values = true)]
         current: Option<String>,
     },
-    /// Remove the password.
+    /// Remove the password (asked for on standard input unless given).
     Clear {
-        #[arg(long)]
-        current: String,
+        #[arg(long, env = "MESHGRAM_PASSWORD", hide_env_values = true)]
+        current: Option<String>,
     },
 }
 
