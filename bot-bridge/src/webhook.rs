@@ -169,7 +169,9 @@ pub(crate) async fn deliver(bot: Weak<Bot>) {
                 }
             }
             Err(message) => {
-                tracing::info!(url = %hook.url, %message, "a webhook delivery failed; retrying");
+                // The host only: a webhook's path often holds a secret (Telegram suggests one).
+                let host = url::Url::parse(&hook.url).ok().and_then(|u| u.host_str().map(str::to_owned));
+                tracing::info!(host = host.as_deref().unwrap_or("?"), %message, "a webhook delivery failed; retrying");
                 let error = json!({ "date": meshgram_node::ids::now_ms() / 1000, "message": message });
                 let _ = this.store.set_setting(LAST_ERROR, Some(&error));
                 drop(this);

@@ -19,6 +19,8 @@
 pub mod client;
 pub mod crypto;
 pub mod defaults;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod ids;
 pub mod net;
 pub mod network_file;

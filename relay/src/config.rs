@@ -12,6 +12,7 @@ use meshgram_node::ids::parse_hex;
 use meshgram_node::server::service::LogFormat;
 use serde::Deserialize;
 
+use crate::store::Quota;
 use crate::{ConnectionLimits, DEFAULT_MEDIA_QUOTA_MIB, RelayConfig};
 
 /// The config file's name in a data dir, as `init` writes it.
@@ -32,6 +33,8 @@ pub struct RelayFile {
     pub allow_fewer_replicas: bool,
     pub ttl_days: u64,
     pub mailbox_quota: u64,
+    pub mailbox_quota_per_sender: u64,
+    pub sender_quota_mib: u64,
     pub media_quota_mib: u64,
     pub media_upload_grace_secs: u64,
     pub send_rate: u32,
@@ -59,7 +62,9 @@ impl Default for RelayFile {
             replication: 2,
             allow_fewer_replicas: false,
             ttl_days: 30,
-            mailbox_quota: 100_000,
+            mailbox_quota: Quota::DEFAULT.per_mailbox,
+            mailbox_quota_per_sender: Quota::DEFAULT.per_sender_in_mailbox,
+            sender_quota_mib: Quota::DEFAULT.bytes_per_sender >> 20,
             media_quota_mib: DEFAULT_MEDIA_QUOTA_MIB,
             media_upload_grace_secs: 24 * 3600,
             send_rate: 5_000,
@@ -130,7 +135,13 @@ impl RelayFile {
         let days = at_least_one("ttl_days", self.ttl_days)?;
         config.store.ttl =
             Duration::from_secs(days.checked_mul(24 * 3600).ok_or_else(|| invalid("ttl_days", "too large"))?);
-        config.store.max_per_mailbox = at_least_one("mailbox_quota", self.mailbox_quota)?;
+        config.store.quota = Quota {
+            per_mailbox: at_least_one("mailbox_quota", self.mailbox_quota)?,
+            per_sender_in_mailbox: at_least_one("mailbox_quota_per_sender", self.mailbox_quota_per_sender)?,
+            bytes_per_sender: at_least_one("sender_quota_mib", self.sender_quota_mib)?
+                .checked_mul(1 << 20)
+                .ok_or_else(|| invalid("sender_quota_mib", "too large"))?,
+        };
         config.settings.media_quota = self.media_quota_mib.saturating_mul(1 << 20);
         config.settings.media_upload_grace =
             Duration::from_secs(at_least_one("media_upload_grace_secs", self.media_upload_grace_secs)?);
@@ -247,6 +258,14 @@ ttl_days = {ttl_days}
 # mailbox cannot fill the disk.
 mailbox_quota = {mailbox_quota}
 
+# Envelopes one sender may have waiting in one mailbox: a tenth of it, so that a noisy sender
+# fills its share and real senders still get through.
+mailbox_quota_per_sender = {mailbox_quota_per_sender}
+
+# MiB one sender may have waiting here in all mailboxes together: any device id can be a
+# mailbox, so the per-mailbox limits alone do not bound what one account stores.
+sender_quota_mib = {sender_quota_mib}
+
 # MiB of file chunks one user may have recorded here: room for many photos and a few films,
 # small beside a relay's disk (uploads spread over the relays closest to each file).
 media_quota_mib = {media_quota_mib}
@@ -304,6 +323,8 @@ pipe_memory_mib = {pipe_memory_mib}
         allow_fewer_replicas = d.allow_fewer_replicas,
         ttl_days = d.ttl_days,
         mailbox_quota = d.mailbox_quota,
+        mailbox_quota_per_sender = d.mailbox_quota_per_sender,
+        sender_quota_mib = d.sender_quota_mib,
         media_quota_mib = d.media_quota_mib,
         media_upload_grace_secs = d.media_upload_grace_secs,
         send_rate = d.send_rate,
@@ -355,6 +376,8 @@ mod tests {
             ("ttl_days", RelayFile { ttl_days: 0, ..good.clone() }),
             ("ttl_days", RelayFile { ttl_days: u64::MAX, ..good.clone() }),
             ("mailbox_quota", RelayFile { mailbox_quota: 0, ..good.clone() }),
+            ("mailbox_quota_per_sender", RelayFile { mailbox_quota_per_sender: 0, ..good.clone() }),
+            ("sender_quota_mib", RelayFile { sender_quota_mib: u64::MAX, ..good.clone() }),
             ("send_rate", RelayFile { send_rate: 0, ..good.clone() }),
             ("media_upload_grace_secs", RelayFile { media_upload_grace_secs: 0, ..good.clone() }),
             ("max_connections", RelayFile { max_connections: 0, ..good.clone() }),

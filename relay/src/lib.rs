@@ -46,6 +46,8 @@ mod accept;
 mod behaviour;
 pub mod config;
 mod disk;
+#[doc(hidden)]
+pub mod fuzzing;
 mod mailbox;
 mod media;
 pub mod metrics;
@@ -160,7 +162,7 @@ impl RelayConfig {
                 media_upload_grace: Duration::from_secs(24 * 3600),
                 push: push::PushSettings { enabled: true, vapid_subject: None, private_endpoints: false },
             },
-            store: StoreLimits { ttl: Duration::from_secs(30 * 24 * 3600), max_per_mailbox: 100_000 },
+            store: StoreLimits { ttl: Duration::from_secs(30 * 24 * 3600), quota: store::Quota::DEFAULT },
             connections: ConnectionLimits::default(),
         }
     }

@@ -23,7 +23,7 @@ use meshgram_node::proto::group::{
 use meshgram_node::proto::mailbox::PushEndpoint;
 use meshgram_node::proto::{
     ErrorCode, MAX_ENVELOPE_SIZE, MAX_ENVELOPES_PER_BATCH, MAX_FETCH_WAIT_MS, MAX_MAILBOX_MESSAGE_SIZE, MailboxRequest,
-    MailboxResponse, ReplicaRequest, ReplicaResponse, WireError,
+    MailboxResponse, ReplicaRequest, ReplicaResponse, SignedAck, WireError,
 };
 use meshgram_node::server::limits::RateLimiter;
 use tokio::task::{JoinError, JoinSet};
@@ -115,6 +115,25 @@ struct FetchState {
 
 /// Deletes of acknowledgements one client may have running detached (see `handle_fetch`).
 const MAX_DETACHED_DELETES: usize = 4;
+
+/// Acknowledged ids as a request brings them: bare (`Fetch`, `Ack` of older clients: deleted
+/// on this relay only, the connection being the device's), or with the device's signature,
+/// which is passed on to the other replicas.
+#[derive(Debug)]
+struct Acked {
+    ids: Vec<EnvelopeId>,
+    proof: Option<SignedAck>,
+}
+
+impl Acked {
+    fn bare(ids: Vec<EnvelopeId>) -> Self {
+        Acked { ids, proof: None }
+    }
+
+    fn signed(ack: SignedAck) -> Self {
+        Acked { ids: ack.ids.clone(), proof: Some(ack) }
+    }
+}
 
 /// A fetch waiting for its acknowledgements' delete before it reads.
 #[derive(Debug)]
@@ -229,7 +248,17 @@ impl Mailboxes {
             MailboxRequest::GroupFetch { groups, max, wait_ms } => {
                 self.handle_group_fetch(peer, groups, max, wait_ms, GroupReader::Device(channel), Some(known))
             }
-            MailboxRequest::Fetch { max, wait_ms, ack } => self.handle_fetch(peer, max, wait_ms, ack, channel, known),
+            MailboxRequest::Fetch { max, wait_ms, ack } => {
+                self.handle_fetch(peer, max, wait_ms, Acked::bare(ack), channel, known);
+            }
+            MailboxRequest::FetchAcked { max, wait_ms, ack } => match checked_ack(&peer, ack) {
+                Ok(ack) => self.handle_fetch(peer, max, wait_ms, Acked::signed(ack), channel, known),
+                Err(refusal) => self.respond(channel, MailboxResponse::Error(refusal)),
+            },
+            MailboxRequest::AckSigned { ack } => match checked_ack(&peer, ack) {
+                Ok(ack) => self.handle_ack(peer, Acked::signed(ack), channel, known),
+                Err(refusal) => self.respond(channel, MailboxResponse::Error(refusal)),
+            },
             MailboxRequest::SetPush { push } => self.set_push(peer, push, None, channel),
             MailboxRequest::PushGroups { push, groups } => {
                 if groups.len() > MAX_GROUPS_PER_FETCH {
@@ -242,20 +271,29 @@ impl Mailboxes {
                 let push = self.pusher.registry.get(&peer);
                 self.respond(channel, MailboxResponse::Push { push });
             }
-            MailboxRequest::Ack { ids } => {
-                if ids.len() > MAX_ENVELOPES_PER_BATCH {
-                    return self.respond(channel, too_many_acks());
-                }
-                let deleted = self.delete_delivered(peer, ids, known);
-                self.tasks.spawn(async move {
-                    let response = match deleted.await {
-                        Ok(count) => MailboxResponse::Acked { count },
-                        Err(e) => internal(e),
-                    };
-                    Done::answer(channel, response)
-                });
-            }
+            MailboxRequest::Ack { ids } => self.handle_ack(peer, Acked::bare(ids), channel, known),
         }
+    }
+
+    /// `Ack` or `AckSigned`; answered once deleted here.
+    fn handle_ack(
+        &mut self,
+        peer: PeerId,
+        acked: Acked,
+        channel: Responder<MailboxResponse>,
+        known: &mut KnownRelays<'_>,
+    ) {
+        if acked.ids.len() > MAX_ENVELOPES_PER_BATCH {
+            return self.respond(channel, too_many_acks());
+        }
+        let deleted = self.delete_delivered(peer, acked, known);
+        self.tasks.spawn(async move {
+            let response = match deleted.await {
+                Ok(count) => MailboxResponse::Acked { count },
+                Err(e) => internal(e),
+            };
+            Done::answer(channel, response)
+        });
     }
 
     /// `SetPush` (`groups: None`) or `PushGroups` from `device` (the session's own: nobody
@@ -687,16 +725,16 @@ impl Mailboxes {
         peer: PeerId,
         max: u32,
         wait_ms: u32,
-        ack: Vec<EnvelopeId>,
+        acked: Acked,
         channel: Responder<MailboxResponse>,
         known: &mut KnownRelays<'_>,
     ) {
-        if ack.len() > MAX_ENVELOPES_PER_BATCH {
+        if acked.ids.len() > MAX_ENVELOPES_PER_BATCH {
             return self.respond(channel, too_many_acks());
         }
         let max = max.clamp(1, MAX_ENVELOPES_PER_BATCH as u32);
         let deadline = Instant::now() + Duration::from_millis(u64::from(wait_ms.min(MAX_FETCH_WAIT_MS)));
-        if ack.is_empty() {
+        if acked.ids.is_empty() {
             return self.spawn_fetch(peer, channel, max, deadline);
         }
         // A fetch does not wait for its acknowledgements to be deleted (they may queue behind
@@ -705,14 +743,15 @@ impl Mailboxes {
         // full of acknowledgements is slowed down instead of piling up delete tasks.
         let detached = match self.sessions.get_mut(&peer) {
             Some(session) => {
-                session.state.acks_in_flight.extend(ack.iter().copied());
+                session.state.acks_in_flight.extend(acked.ids.iter().copied());
                 let detached = session.state.detached_deletes < MAX_DETACHED_DELETES;
                 session.state.detached_deletes += usize::from(detached);
                 detached
             }
             None => false,
         };
-        let deleted = self.delete_delivered(peer, ack.clone(), known);
+        let ids = acked.ids.clone();
+        let deleted = self.delete_delivered(peer, acked, known);
         let then = if detached {
             self.spawn_fetch(peer, channel, max, deadline);
             None
@@ -723,32 +762,30 @@ impl Mailboxes {
             if let Err(e) = deleted.await {
                 tracing::error!(%peer, error = %e, "deleting acknowledged envelopes failed");
             }
-            Done::AcksApplied { peer, ids: ack, then }
+            Done::AcksApplied { peer, ids, then }
         });
     }
 
     /// Deletes envelopes the owner of `mailbox` has received: here (the returned future, done
-    /// once the delete is committed) and on the other replicas (best effort, gathered with
-    /// other deletes and not waited for: a replica that misses it still holds a copy, which the
-    /// recipient drops by id when it sees it again, and acknowledges there).
+    /// once the delete is committed) and, given the owner's signed acknowledgement, on the
+    /// other replicas (best effort, gathered with other deletes and not waited for: a
+    /// replica that misses it still holds a copy, which the recipient drops by id when it sees
+    /// it again, and acknowledges there). Without a proof the other replicas keep their copies
+    /// the same way: they delete nothing on another relay's word alone.
     fn delete_delivered(
         &mut self,
         mailbox: PeerId,
-        ids: Vec<EnvelopeId>,
+        Acked { ids, proof }: Acked,
         known: &mut KnownRelays<'_>,
     ) -> impl Future<Output = Result<u32, StoreError>> + Send + 'static {
-        let local = known.local();
-        let others: Vec<PeerId> = if ids.is_empty() {
-            Vec::new()
-        } else {
+        if let Some(ack) = proof.filter(|_| !ids.is_empty()) {
+            let local = known.local();
             let mut relays = known.mailbox_relays(&mailbox);
             relays.truncate(self.settings.replication + 1);
-            relays.into_iter().map(|r| r.peer_id).filter(|id| *id != local).collect()
-        };
-        for relay in others {
-            let delete = ReplicaDelete { relay, mailbox, ids: ids.clone() };
-            if !self.replica_deletes.try_send(delete) {
-                tracing::debug!(%relay, "too many replica deletes queued; this one is dropped");
+            for relay in relays.into_iter().map(|r| r.peer_id).filter(|id| *id != local) {
+                if !self.replica_deletes.try_send(ReplicaDelete { relay, ack: ack.clone() }) {
+                    tracing::debug!(%relay, "too many replica deletes queued; this one is dropped");
+                }
             }
         }
         let store = self.store.clone();
@@ -1041,12 +1078,6 @@ const MAX_GROUP_EPOCHS_KEPT: usize = 100_000;
 /// Each envelope must come from the connection's device and account, fit the size limit, and
 /// the batch must fit the batch limit.
 fn check_envelopes(peer: &PeerId, cert: &CertBody, envelopes: &[Envelope]) -> Result<(), WireError> {
-    if envelopes.is_empty() || envelopes.len() > MAX_ENVELOPES_PER_BATCH {
-        return Err(WireError::new(
-            ErrorCode::BadRequest,
-            format!("send 1 to {MAX_ENVELOPES_PER_BATCH} envelopes at a time"),
-        ));
-    }
     for e in envelopes {
         if &e.from_device != peer || e.from_user != cert.user_id {
             return Err(WireError::new(
@@ -1057,6 +1088,20 @@ fn check_envelopes(peer: &PeerId, cert: &CertBody, envelopes: &[Envelope]) -> Re
                 ),
             ));
         }
+    }
+    check_envelope_shapes(envelopes)
+}
+
+/// What every batch of envelopes must be, from a client or from another relay: 1 to
+/// [`MAX_ENVELOPES_PER_BATCH`] of them, each with content and within [`MAX_ENVELOPE_SIZE`].
+pub(crate) fn check_envelope_shapes(envelopes: &[Envelope]) -> Result<(), WireError> {
+    if envelopes.is_empty() || envelopes.len() > MAX_ENVELOPES_PER_BATCH {
+        return Err(WireError::new(
+            ErrorCode::BadRequest,
+            format!("send 1 to {MAX_ENVELOPES_PER_BATCH} envelopes at a time"),
+        ));
+    }
+    for e in envelopes {
         let len = e.encoded_len();
         if len > MAX_ENVELOPE_SIZE {
             return Err(WireError::new(
@@ -1069,6 +1114,16 @@ fn check_envelopes(peer: &PeerId, cert: &CertBody, envelopes: &[Envelope]) -> Re
         }
     }
     Ok(())
+}
+
+/// A client's signed acknowledgement, checked: of its own mailbox, signed by its device.
+fn checked_ack(peer: &PeerId, ack: SignedAck) -> Result<SignedAck, WireError> {
+    if ack.mailbox != *peer {
+        let why = format!("an acknowledgement is of the connection's own mailbox ({peer}), not {}", ack.mailbox);
+        return Err(WireError::new(ErrorCode::Forbidden, why));
+    }
+    ack.verify().map_err(|e| WireError::new(ErrorCode::BadRequest, e.to_string()))?;
+    Ok(ack)
 }
 
 /// The refusal of a relay whose store takes no more writes.

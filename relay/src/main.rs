@@ -8,7 +8,7 @@ use clap::Parser;
 use meshgram_node::crypto::identity::load_or_create_ed25519;
 use meshgram_node::server::service::{self, LogFormat};
 use meshgram_relay::config::{CONFIG_FILE, InitValues, RelayFile, template};
-use meshgram_relay::store::{StoreHandle, StoreLimits};
+use meshgram_relay::store::{Quota, StoreHandle, StoreLimits};
 use meshgram_relay::{Ended, Relay};
 
 #[derive(Parser, Debug)]
@@ -68,6 +68,12 @@ struct Cli {
     /// Envelopes a mailbox may hold (default 100000).
     #[arg(long, env = "MESHGRAM_RELAY_MAILBOX_QUOTA")]
     mailbox_quota: Option<u64>,
+    /// Envelopes one sender may have waiting in one mailbox (default 10000).
+    #[arg(long, env = "MESHGRAM_RELAY_MAILBOX_QUOTA_PER_SENDER")]
+    mailbox_quota_per_sender: Option<u64>,
+    /// MiB one sender may have waiting on this relay in all mailboxes (default 1024).
+    #[arg(long, env = "MESHGRAM_RELAY_SENDER_QUOTA_MIB")]
+    sender_quota_mib: Option<u64>,
     /// Bytes of file chunks (MiB) one user may have recorded on this relay: the parts of their
     /// uploads whose file id this relay is among the closest relays to (default 10240).
     #[arg(long, env = "MESHGRAM_RELAY_MEDIA_QUOTA_MIB")]
@@ -173,6 +179,8 @@ fn settings(cli: &Cli) -> anyhow::Result<RelayFile> {
     file.allow_fewer_replicas |= cli.allow_fewer_replicas;
     set(&mut file.ttl_days, &cli.ttl_days);
     set(&mut file.mailbox_quota, &cli.mailbox_quota);
+    set(&mut file.mailbox_quota_per_sender, &cli.mailbox_quota_per_sender);
+    set(&mut file.sender_quota_mib, &cli.sender_quota_mib);
     set(&mut file.media_quota_mib, &cli.media_quota_mib);
     set(&mut file.media_upload_grace_secs, &cli.media_upload_grace_secs);
     set(&mut file.send_rate, &cli.send_rate);
@@ -289,7 +297,7 @@ fn inspect(data: &Path) -> anyhow::Result<()> {
         bail!("{} holds no relay store", data.display());
     }
     // Limits apply to new writes only, and inspecting makes none.
-    let limits = StoreLimits { ttl: Duration::from_secs(30 * 24 * 3600), max_per_mailbox: u64::MAX };
+    let limits = StoreLimits { ttl: Duration::from_secs(30 * 24 * 3600), quota: Quota::UNLIMITED };
     let store = StoreHandle::open(&path, limits)
         .with_context(|| format!("opening {} (is the relay stopped?)", path.display()))?;
     let mailboxes: Vec<serde_json::Value> = store

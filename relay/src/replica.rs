@@ -15,7 +15,7 @@ use meshgram_node::net::pipe::Responder;
 use meshgram_node::proto::envelope::Envelope;
 use meshgram_node::proto::media::{MAX_CHUNK_SIZE, MAX_HASHES_PER_REQUEST};
 use meshgram_node::proto::{
-    ErrorCode, MAX_DIGESTS_PER_REQUEST, MAX_ENVELOPE_SIZE, ReplicaRequest, ReplicaResponse, WireError,
+    ErrorCode, MAX_ACKS_PER_DELETE, MAX_DIGESTS_PER_REQUEST, ReplicaRequest, ReplicaResponse, WireError,
 };
 use tokio::task::{JoinError, JoinSet};
 
@@ -162,14 +162,36 @@ impl ReplicaServer {
             Ok(ReplicaRequest::GroupFetch { groups, max, wait_ms }) => {
                 mailboxes.handle_mirror_read(peer, groups, max, wait_ms, channel);
             }
-            Ok(ReplicaRequest::Delete { mailbox, ids }) => {
+            Ok(ReplicaRequest::Delete { .. }) => channel.respond(refuse(
+                ErrorCode::Forbidden,
+                "a replica delete must carry the recipient's signed acknowledgement (DeleteAcked)".into(),
+            )),
+            Ok(ReplicaRequest::DeleteAcked { acks }) => {
+                if acks.is_empty() || acks.len() > MAX_ACKS_PER_DELETE {
+                    let why = format!("1 to {MAX_ACKS_PER_DELETE} acknowledgements per DeleteAcked");
+                    return channel.respond(refuse(ErrorCode::BadRequest, why));
+                }
                 let store = self.store.clone();
                 self.tasks.spawn(async move {
-                    let response = match store.delete(mailbox, ids).await {
-                        Ok(count) => ReplicaResponse::Deleted { count },
-                        Err(e) => refuse(ErrorCode::Internal, e.to_string()),
+                    // Checked off the event loop; all or nothing, so that a relay passing on a
+                    // forged one learns it at once.
+                    let checked = tokio::task::spawn_blocking(move || {
+                        acks.into_iter().map(|ack| ack.verify().map(|()| ack)).collect::<Result<Vec<_>, _>>()
+                    })
+                    .await;
+                    let acks = match checked {
+                        Ok(Ok(acks)) => acks,
+                        Ok(Err(e)) => return Done::answer(channel, refuse(ErrorCode::Forbidden, e.to_string())),
+                        Err(e) => return Done::answer(channel, refuse(ErrorCode::Internal, e.to_string())),
                     };
-                    Done::answer(channel, response)
+                    let mut count = 0;
+                    for ack in acks {
+                        match store.delete(ack.mailbox, ack.ids).await {
+                            Ok(deleted) => count += deleted,
+                            Err(e) => return Done::answer(channel, ReplicaResponse::Error(store_error(&e))),
+                        }
+                    }
+                    Done::answer(channel, ReplicaResponse::Deleted { count })
                 });
             }
         }
@@ -195,9 +217,13 @@ impl ReplicaServer {
         mailboxes: &mut Mailboxes,
     ) {
         let refuse = |code, message: String| ReplicaResponse::Error(WireError::new(code, message));
-        if let Some(bad) = envelopes.iter().find(|e| e.encoded_len() > MAX_ENVELOPE_SIZE) {
-            return channel.respond(refuse(ErrorCode::BadRequest, format!("envelope {} is too large", bad.id)));
+        // Checked as a client's send is, but for the sender (which only the entry relay, on its
+        // connection, can check).
+        if let Err(refusal) = crate::mailbox::check_envelope_shapes(&envelopes) {
+            return channel.respond(ReplicaResponse::Error(refusal));
         }
+        // A repaired copy lives no longer than a fresh one would.
+        let until = until.map(|until| until.min(now.saturating_add(self.store.ttl().as_secs())));
         if let Some(why) = self.store.failure() {
             return channel.respond(refuse(ErrorCode::Unavailable, store_failed(why)));
         }
@@ -217,7 +243,7 @@ impl ReplicaServer {
             };
             match outcome {
                 Ok(outcome) if !outcome.over_quota.is_empty() => {
-                    Done::answer(channel, refuse(ErrorCode::QuotaExceeded, "the recipient's mailbox is full".into()))
+                    Done::answer(channel, refuse(ErrorCode::QuotaExceeded, crate::store::OVER_QUOTA.into()))
                 }
                 Ok(outcome) => Done {
                     channel,

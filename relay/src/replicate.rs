@@ -18,7 +18,7 @@ use meshgram_node::crypto::cert::{RelayCert, unix_now};
 use meshgram_node::net::pipe::{PipeError, PipePool};
 use meshgram_node::proto::envelope::{Envelope, EnvelopeId};
 use meshgram_node::proto::{
-    ErrorCode, MAX_ENVELOPES_PER_BATCH, MailboxResponse, ReplicaRequest, ReplicaResponse, WireError,
+    ErrorCode, MAX_ACKS_PER_DELETE, MailboxResponse, ReplicaRequest, ReplicaResponse, SignedAck, WireError,
 };
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -217,7 +217,7 @@ async fn store_on(
         };
         match outcome {
             Ok(outcome) if !outcome.over_quota.is_empty() => {
-                Err(WireError::new(ErrorCode::QuotaExceeded, "the recipient's mailbox is full"))
+                Err(WireError::new(ErrorCode::QuotaExceeded, crate::store::OVER_QUOTA))
             }
             Ok(outcome) => Ok(outcome.duplicates),
             Err(e) => Err(crate::replica::store_error(&e)),
@@ -257,12 +257,11 @@ const DELETE_QUEUE: usize = 4096;
 /// Delete calls under way at once; past them, gathering waits (and the queue fills).
 const MAX_DELETE_CALLS: usize = 64;
 
-/// Ids of one mailbox to delete on one other relay.
+/// A recipient's signed acknowledgement to pass on to one other relay.
 #[derive(Debug)]
 pub(crate) struct ReplicaDelete {
     pub(crate) relay: PeerId,
-    pub(crate) mailbox: PeerId,
-    pub(crate) ids: Vec<EnvelopeId>,
+    pub(crate) ack: SignedAck,
 }
 
 /// Sends [`ReplicaDelete`]s, gathered per relay and mailbox over [`DELETE_GATHER`]; nothing
@@ -293,7 +292,7 @@ impl Drop for DeleteForwarder {
 }
 
 async fn forward_deletes(pipes: ReplicaPipes, mut rx: mpsc::Receiver<ReplicaDelete>) {
-    let mut gathered: HashMap<(PeerId, PeerId), Vec<EnvelopeId>> = HashMap::new();
+    let mut gathered: HashMap<PeerId, Vec<SignedAck>> = HashMap::new();
     // The calls under way; their answers are only logged.
     let mut calls = JoinSet::new();
     loop {
@@ -304,18 +303,18 @@ async fn forward_deletes(pipes: ReplicaPipes, mut rx: mpsc::Receiver<ReplicaDele
             },
             Some(_) = calls.join_next() => continue,
         };
-        let mut add = |d: ReplicaDelete| gathered.entry((d.relay, d.mailbox)).or_default().extend(d.ids);
+        let mut add = |d: ReplicaDelete| gathered.entry(d.relay).or_default().push(d.ack);
         add(first);
         let until = tokio::time::Instant::now() + DELETE_GATHER;
         while let Ok(Some(more)) = tokio::time::timeout_at(until, rx.recv()).await {
             add(more);
         }
-        for ((relay, mailbox), ids) in gathered.drain() {
-            for chunk in ids.chunks(MAX_ENVELOPES_PER_BATCH) {
+        for (relay, acks) in gathered.drain() {
+            for chunk in acks.chunks(MAX_ACKS_PER_DELETE) {
                 while calls.len() >= MAX_DELETE_CALLS {
                     calls.join_next().await;
                 }
-                let (pipes, request) = (pipes.clone(), ReplicaRequest::Delete { mailbox, ids: chunk.to_vec() });
+                let (pipes, request) = (pipes.clone(), ReplicaRequest::DeleteAcked { acks: chunk.to_vec() });
                 calls.spawn(async move {
                     if let Err(e) = pipes.call(relay, &request).await {
                         tracing::debug!(%relay, error = %e, "replica delete failed");

@@ -39,6 +39,12 @@ const MAILBOX_SIZES: TableDefinition<&[u8], u64> = TableDefinition::new("mailbox
 /// date by every put, delete and expiry, so repair compares replicas without reading mailboxes.
 const MAILBOX_DIGESTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("mailbox_digests");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// (mailbox key, sender's user id) → that sender's envelopes waiting in that mailbox.
+const SENDER_SHARES: TableDefinition<(&[u8], u64), u64> = TableDefinition::new("sender_shares");
+/// Sender's user id → bytes of its envelopes waiting here, in every mailbox.
+const SENDER_BYTES: TableDefinition<u64, u64> = TableDefinition::new("sender_bytes");
+/// Set once the two above count every stored envelope (stores from before are counted at open).
+const SENDERS_COUNTED: &str = "senders_counted";
 /// (when it expires, envelope id) for every id record: expiry reads only what is due.
 const EXPIRIES: TableDefinition<(u64, &[u8; 16]), ()> = TableDefinition::new("expiries");
 /// Set once [`EXPIRIES`] holds every id record (stores from before it are indexed at open).
@@ -61,7 +67,6 @@ const MAX_GROUP_BYTES: usize = 16 << 20;
 /// however long the log a crash left.
 const REPLAY_TX_BYTES: u64 = 8 << 20;
 /// The quota of a replayed store: none, what it stores was accepted when it was logged.
-const NO_QUOTA: u64 = u64::MAX;
 /// How often redb is made durable and the log emptied (sooner if the log reaches
 /// [`CHECKPOINT_BYTES`]). The syncing commit holds up the store for ~2 ms after 250 ms of
 /// steady traffic and ~7 ms after a second of it, so often and short is kinder to latency; the
@@ -114,7 +119,7 @@ pub struct PutOutcome {
     pub stored: Vec<EnvelopeId>,
     /// Held or delivered before: not stored again.
     pub duplicates: Vec<EnvelopeId>,
-    /// Refused because the recipient's mailbox is full.
+    /// Refused by the [`Quota`] ([`OVER_QUOTA`]).
     pub over_quota: Vec<EnvelopeId>,
 }
 
@@ -265,8 +270,33 @@ impl QueuedPut {
 pub struct StoreLimits {
     /// How long an undelivered envelope (and a delivered one's id) is kept.
     pub ttl: Duration,
+    pub quota: Quota,
+}
+
+/// Why envelopes over the [`Quota`] are refused (`QUOTA_EXCEEDED`).
+pub const OVER_QUOTA: &str =
+    "over quota: the recipient's mailbox is full, or the sender has its share of it or of this relay";
+
+/// What undelivered envelopes may take here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quota {
     /// Envelopes one mailbox may hold.
-    pub max_per_mailbox: u64,
+    pub per_mailbox: u64,
+    /// Envelopes one sender may have in one mailbox: a noisy sender fills its share of a
+    /// mailbox, never the whole of it, so others still get through.
+    pub per_sender_in_mailbox: u64,
+    /// Bytes one sender may have here, in all mailboxes (any device id can be a mailbox, so a
+    /// per-mailbox limit alone does not bound what one account stores).
+    pub bytes_per_sender: u64,
+}
+
+impl Quota {
+    /// A relay's defaults: 100,000 envelopes per mailbox, a tenth of that per sender, 1 GiB
+    /// per sender.
+    pub const DEFAULT: Quota = Quota { per_mailbox: 100_000, per_sender_in_mailbox: 10_000, bytes_per_sender: 1 << 30 };
+    /// No limit (what the log replays was decided when it was logged).
+    pub const UNLIMITED: Quota =
+        Quota { per_mailbox: u64::MAX, per_sender_in_mailbox: u64::MAX, bytes_per_sender: u64::MAX };
 }
 
 impl StoreHandle {
@@ -285,8 +315,11 @@ impl StoreHandle {
         tx.open_table(MAILBOX_DIGESTS)?;
         tx.open_table(META)?;
         tx.open_table(EXPIRIES)?;
+        tx.open_table(SENDER_SHARES)?;
+        tx.open_table(SENDER_BYTES)?;
         build_digests(&tx)?;
         build_expiries(&tx)?;
+        count_senders(&tx)?;
         tx.commit()?;
         let wal = replay_log(&db, &path.with_extension("wal"))?;
         let (commands, rx) = mpsc::channel(STORE_QUEUE);
@@ -748,7 +781,7 @@ fn apply<'a>(
         Write::Put { envelopes, now, until } => {
             let expires_at = now.saturating_add(limits.ttl.as_secs());
             let expires_at = until.map_or(expires_at, |until| until.min(expires_at));
-            let outcome = put(tx, envelopes, expires_at, limits.max_per_mailbox)?;
+            let outcome = put(tx, envelopes, expires_at, &limits.quota)?;
             let effect = (!outcome.stored.is_empty())
                 .then(|| Effect::Store { envelopes: stored_of(envelopes, &outcome.stored), expires_at });
             (Applied::Put(outcome), effect)
@@ -775,7 +808,7 @@ fn stored_of<'a>(envelopes: &'a [Envelope], stored: &[EnvelopeId]) -> Vec<&'a En
 fn apply_logged(tx: &redb::WriteTransaction, effect: &Effect) -> Result<(), StoreError> {
     match effect {
         Effect::Store { envelopes, expires_at } => {
-            put(tx, envelopes, *expires_at, NO_QUOTA)?;
+            put(tx, envelopes, *expires_at, &Quota::UNLIMITED)?;
         }
         Effect::Delete { mailbox, ids } => {
             delete(tx, mailbox, ids)?;
@@ -787,14 +820,14 @@ fn apply_logged(tx: &redb::WriteTransaction, effect: &Effect) -> Result<(), Stor
     Ok(())
 }
 
-/// Stores the envelopes not already known, their ids kept until `expires_at`, while their
-/// mailbox holds fewer than `quota`.
+/// Stores the envelopes not already known, their ids kept until `expires_at`, within `quota`.
 fn put(
     tx: &redb::WriteTransaction,
     envelopes: &[Envelope],
     expires_at: u64,
-    quota: u64,
+    quota: &Quota,
 ) -> Result<PutOutcome, StoreError> {
+    let mut senders = SenderCounts::open(tx)?;
     let mut mailbox = tx.open_table(MAILBOX)?;
     let mut ids = tx.open_table(ENVELOPE_IDS)?;
     let mut expiries = tx.open_table(EXPIRIES)?;
@@ -825,14 +858,14 @@ fn put(
             outcome.duplicates.push(envelope.id);
             continue;
         }
-        if *size >= quota {
+        // Room for the sealed bytes and the routing fields, so the encoding never regrows.
+        let bytes = postcard::to_extend(envelope, Vec::with_capacity(envelope.sealed.len() + 160)).map_err(encoding)?;
+        if *size >= quota.per_mailbox || !senders.admit(key, envelope.from_user.0, bytes.len() as u64, quota)? {
             ids.remove(&envelope.id.0)?;
             outcome.over_quota.push(envelope.id);
             continue;
         }
         expiries.insert((expires_at, &envelope.id.0), ())?;
-        // Room for the sealed bytes and the routing fields, so the encoding never regrows.
-        let bytes = postcard::to_extend(envelope, Vec::with_capacity(envelope.sealed.len() + 160)).map_err(encoding)?;
         mailbox.insert((key.as_slice(), arrival), bytes.as_slice())?;
         digests.toggle(key, &envelope.id);
         *size += 1;
@@ -896,10 +929,71 @@ pub enum IdState {
 }
 
 /// The start of a stored envelope: postcard decodes a prefix and ignores what follows, so the
-/// id is read without copying the sealed bytes.
+/// id and sender are read without copying the sealed bytes.
 #[derive(Deserialize)]
 struct EnvelopeHead {
     id: EnvelopeId,
+    from_user: meshgram_node::ids::UserId,
+}
+
+/// What each sender's envelopes take here ([`SENDER_SHARES`], [`SENDER_BYTES`]), kept with
+/// every put, delete and expiry in the same transaction.
+struct SenderCounts<'tx> {
+    shares: redb::Table<'tx, (&'static [u8], u64), u64>,
+    bytes: redb::Table<'tx, u64, u64>,
+}
+
+impl<'tx> SenderCounts<'tx> {
+    fn open(tx: &'tx redb::WriteTransaction) -> Result<Self, StoreError> {
+        Ok(SenderCounts { shares: tx.open_table(SENDER_SHARES)?, bytes: tx.open_table(SENDER_BYTES)? })
+    }
+
+    /// Counts an envelope of `sender` (`size` bytes stored) into `mailbox` if `quota` has room
+    /// for it; whether it had.
+    fn admit(&mut self, mailbox: &[u8], sender: u64, size: u64, quota: &Quota) -> Result<bool, StoreError> {
+        let share = self.shares.get((mailbox, sender))?.map_or(0, |v| v.value());
+        let bytes = self.bytes.get(sender)?.map_or(0, |v| v.value());
+        if share >= quota.per_sender_in_mailbox || bytes.saturating_add(size) > quota.bytes_per_sender {
+            return Ok(false);
+        }
+        self.shares.insert((mailbox, sender), share + 1)?;
+        self.bytes.insert(sender, bytes + size)?;
+        Ok(true)
+    }
+
+    /// Counts out a stored envelope (its bytes as stored) that left `mailbox`.
+    fn release(&mut self, mailbox: &[u8], stored: &[u8]) -> Result<(), StoreError> {
+        let Ok(head) = postcard::from_bytes::<EnvelopeHead>(stored) else { return Ok(()) };
+        let sender = head.from_user.0;
+        let share = self.shares.get((mailbox, sender))?.map_or(0, |v| v.value()).saturating_sub(1);
+        match share {
+            0 => drop(self.shares.remove((mailbox, sender))?),
+            share => drop(self.shares.insert((mailbox, sender), share)?),
+        }
+        let bytes = self.bytes.get(sender)?.map_or(0, |v| v.value()).saturating_sub(stored.len() as u64);
+        match bytes {
+            0 => drop(self.bytes.remove(sender)?),
+            bytes => drop(self.bytes.insert(sender, bytes)?),
+        }
+        Ok(())
+    }
+}
+
+/// Counts what each sender has stored, for a store from before it was counted, once.
+fn count_senders(tx: &redb::WriteTransaction) -> Result<(), StoreError> {
+    let mut meta = tx.open_table(META)?;
+    if meta.get(SENDERS_COUNTED)?.is_some() {
+        return Ok(());
+    }
+    let mut senders = SenderCounts::open(tx)?;
+    for entry in tx.open_table(MAILBOX)?.iter()? {
+        let (key, value) = entry?;
+        if let Ok(head) = postcard::from_bytes::<EnvelopeHead>(value.value()) {
+            senders.admit(key.value().0, head.from_user.0, value.value().len() as u64, &Quota::UNLIMITED)?;
+        }
+    }
+    meta.insert(SENDERS_COUNTED, 1)?;
+    Ok(())
 }
 
 /// The id record of `id`, if it is one of the mailbox whose key is `mailbox`.
@@ -966,6 +1060,7 @@ fn build_digests(tx: &redb::WriteTransaction) -> Result<(), StoreError> {
 }
 
 fn delete(tx: &redb::WriteTransaction, mailbox: &PeerId, delivered: &[EnvelopeId]) -> Result<u32, StoreError> {
+    let mut senders = SenderCounts::open(tx)?;
     let mut table = tx.open_table(MAILBOX)?;
     let ids = tx.open_table(ENVELOPE_IDS)?;
     let mut sizes = tx.open_table(MAILBOX_SIZES)?;
@@ -976,7 +1071,8 @@ fn delete(tx: &redb::WriteTransaction, mailbox: &PeerId, delivered: &[EnvelopeId
         // Only the mailbox's owner may delete from it. The id record stays (a replay is still
         // a duplicate); the missing mailbox entry is what says "delivered".
         let Some(record) = id_record(&ids, id, &key)? else { continue };
-        if table.remove((key.as_slice(), record.arrival))?.is_some() {
+        if let Some(removed) = table.remove((key.as_slice(), record.arrival))? {
+            senders.release(&key, removed.value())?;
             digests.toggle(&key, id);
             count += 1;
         }
@@ -993,6 +1089,7 @@ fn delete(tx: &redb::WriteTransaction, mailbox: &PeerId, delivered: &[EnvelopeId
 /// still held), read from [`EXPIRIES`] in order; gives the envelopes dropped and whether more
 /// ids are due.
 fn expire(tx: &redb::WriteTransaction, now: u64) -> Result<(u32, bool), StoreError> {
+    let mut senders = SenderCounts::open(tx)?;
     let mut table = tx.open_table(MAILBOX)?;
     let mut ids = tx.open_table(ENVELOPE_IDS)?;
     let mut sizes = tx.open_table(MAILBOX_SIZES)?;
@@ -1014,7 +1111,8 @@ fn expire(tx: &redb::WriteTransaction, now: u64) -> Result<(u32, bool), StoreErr
         let record = ids.get(&id)?.and_then(|v| postcard::from_bytes::<IdRecord>(v.value()).ok());
         let Some(record) = record.filter(|r| r.expires_at == expires_at) else { continue };
         ids.remove(&id)?;
-        if table.remove((record.mailbox.as_slice(), record.arrival))?.is_some() {
+        if let Some(removed) = table.remove((record.mailbox.as_slice(), record.arrival))? {
+            senders.release(&record.mailbox, removed.value())?;
             digests.toggle(&record.mailbox, &EnvelopeId(id));
             let size = sizes.get(record.mailbox.as_slice())?.map(|v| v.value()).unwrap_or(0);
             sizes.insert(record.mailbox.as_slice(), size.saturating_sub(1))?;
@@ -1062,8 +1160,14 @@ mod tests {
     }
 
     fn open(dir: &Path, max_per_mailbox: u64) -> StoreHandle {
-        StoreHandle::open(&dir.join("relay.redb"), StoreLimits { ttl: Duration::from_secs(100), max_per_mailbox })
-            .unwrap()
+        StoreHandle::open(
+            &dir.join("relay.redb"),
+            StoreLimits {
+                ttl: Duration::from_secs(100),
+                quota: Quota { per_mailbox: max_per_mailbox, ..Quota::UNLIMITED },
+            },
+        )
+        .unwrap()
     }
 
     #[tokio::test]
@@ -1198,6 +1302,36 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_sender_fills_its_share_of_a_mailbox_and_its_bytes_but_no_more() {
+        let dir = tempfile::tempdir().unwrap();
+        let quota = Quota { per_mailbox: 10, per_sender_in_mailbox: 3, bytes_per_sender: 2_000 };
+        let limits = StoreLimits { ttl: Duration::from_secs(100), quota };
+        let store = StoreHandle::open(&dir.path().join("relay.redb"), limits).unwrap();
+        let (bob, carol) = (PeerId::random(), PeerId::random());
+        let from = |user: u64, to: PeerId| Envelope { from_user: UserId(user), ..envelope(to, 0) };
+
+        // A noisy sender gets 3 of Bob's 10; another sender still gets in.
+        let noisy: Vec<_> = (0..5).map(|_| from(1, bob)).collect();
+        let outcome = store.put(noisy.clone(), 0, None).await.unwrap();
+        assert_eq!((outcome.stored.len(), outcome.over_quota.len()), (3, 2));
+        assert_eq!(store.put(vec![from(2, bob)], 0, None).await.unwrap().stored.len(), 1);
+        // Once Bob took one, the noisy sender has room for one more.
+        store.delete(bob, vec![noisy[0].id]).await.unwrap();
+        assert_eq!(store.put(vec![from(1, bob)], 0, None).await.unwrap().stored.len(), 1);
+
+        // Its bytes count in every mailbox: ~200 bytes each, 2,000 in all.
+        let elsewhere: Vec<_> = (0..12).map(|_| from(1, PeerId::random())).collect();
+        let outcome = store.put(elsewhere, 0, None).await.unwrap();
+        assert!(outcome.stored.len() < 12 && !outcome.over_quota.is_empty(), "{outcome:?}");
+        assert_eq!(store.put(vec![from(3, carol)], 0, None).await.unwrap().stored.len(), 1, "others are not");
+
+        // Expiry gives everything back, counts included.
+        store.expire(1_000).await.unwrap();
+        let again: Vec<_> = (0..3).map(|_| from(1, bob)).collect();
+        assert_eq!(store.put(again, 1_000, None).await.unwrap().stored.len(), 3);
+    }
+
+    #[tokio::test]
     async fn quotas_and_ttl() {
         let dir = tempfile::tempdir().unwrap();
         let store = open(dir.path(), 2);
@@ -1225,7 +1359,7 @@ mod tests {
         for _ in 0..50 {
             match StoreHandle::open(
                 &dir.path().join("relay.redb"),
-                StoreLimits { ttl: Duration::from_secs(100), max_per_mailbox: 10 },
+                StoreLimits { ttl: Duration::from_secs(100), quota: Quota { per_mailbox: 10, ..Quota::DEFAULT } },
             ) {
                 Ok(s) => {
                     reopened = Some(s);

@@ -943,17 +943,18 @@ impl Messenger {
             let bytes = postcard::to_stdvec(&payload).expect("invariant: payloads serialize");
             let sent_at_ms = now_ms();
             for (user, device) in &targets {
-                let id = EnvelopeId::random();
-                envelopes.push(Envelope {
-                    id,
+                let mut envelope = Envelope {
+                    id: EnvelopeId::random(),
                     from_user: me,
                     from_device: my_device,
                     to_user: *user,
                     to_device: device.peer_id,
                     sent_at_ms,
                     seq: first_seq[&device.peer_id] + i as u64,
-                    sealed: seal::seal(&self.client.identity, &device.noise_key(), &id, &bytes)?,
-                });
+                    sealed: Vec::new(),
+                };
+                seal::seal_envelope(&self.client.identity, &device.noise_key(), &mut envelope, &bytes)?;
+                envelopes.push(envelope);
             }
             sent.push((payload, sent_at_ms));
         }
@@ -1107,7 +1108,12 @@ impl Messenger {
         let mut wait = wait_ms;
         loop {
             let ack = self.unacked.remove(&relay.peer_id).unwrap_or_default();
-            let fetch = MailboxRequest::Fetch { max: MAX_ENVELOPES_PER_BATCH as u32, wait_ms: wait, ack: ack.clone() };
+            let max = MAX_ENVELOPES_PER_BATCH as u32;
+            // Signed, so that the relay can have the other replicas delete their copies too.
+            let fetch = match ack.is_empty() {
+                true => MailboxRequest::Fetch { max, wait_ms: wait, ack: Vec::new() },
+                false => MailboxRequest::FetchAcked { max, wait_ms: wait, ack: self.signed_ack(ack.clone()) },
+            };
             let deadline = std::time::Duration::from_millis(u64::from(wait)) + RELAY_ANSWER_DEADLINE;
             let answer = self.relay_call(relay, fetch, deadline).await;
             let (envelopes, more) = match answer {
@@ -1144,13 +1150,19 @@ impl Messenger {
         }
     }
 
+    /// `ids` of this device's mailbox, acknowledged under its signature.
+    fn signed_ack(&self, ids: Vec<EnvelopeId>) -> crate::proto::SignedAck {
+        crate::proto::SignedAck::sign(&self.client.identity.keypair, ids)
+    }
+
     /// Acknowledges what `receive` left unacknowledged. Commands that receive once and exit
     /// call it. Best effort: a missed acknowledgement costs only a redelivery, which the
     /// seen-set absorbs, so a relay that cannot be reached is logged, not an error.
     pub async fn flush_acks(&mut self) {
         for relay in self.mailbox_relays.clone() {
-            let Some(ids) = self.unacked.remove(&relay.peer_id) else { continue };
-            match self.relay_call(&relay, MailboxRequest::Ack { ids }, RELAY_ANSWER_DEADLINE).await {
+            let Some(ids) = self.unacked.remove(&relay.peer_id).filter(|ids| !ids.is_empty()) else { continue };
+            let ack = MailboxRequest::AckSigned { ack: self.signed_ack(ids) };
+            match self.relay_call(&relay, ack, RELAY_ANSWER_DEADLINE).await {
                 Ok(MailboxResponse::Acked { .. }) => {}
                 Ok(other) => tracing::warn!(relay = %relay.peer_id, answer = ?other, "acknowledgement refused"),
                 Err(e) => tracing::warn!(relay = %relay.peer_id, error = %e, "acknowledgement not delivered"),
@@ -1383,7 +1395,7 @@ impl Messenger {
         if envelope.to_device != self.client.identity.peer_id() {
             return Err(E2eError::Open("addressed to another device".into()).into());
         }
-        let opened = seal::open(&self.client.identity, &envelope.id, &envelope.sealed)?;
+        let opened = seal::open_envelope(&self.client.identity, envelope)?;
         let matches = |card: &UserCard| {
             card.devices.iter().any(|d| d.peer_id == envelope.from_device && d.noise_key() == opened.sender_key)
         };

@@ -448,20 +448,20 @@ impl Messenger {
     fn envelope_for(
         &self,
         chat: &Chat,
-        seal: impl FnOnce(&EnvelopeId) -> Result<Vec<u8>, MessagingError>,
+        seal: impl FnOnce(&mut Envelope) -> Result<(), MessagingError>,
     ) -> Result<Envelope, MessagingError> {
-        let id = EnvelopeId::random();
-        let sealed = seal(&id)?;
-        Ok(Envelope {
-            id,
+        let mut envelope = Envelope {
+            id: EnvelopeId::random(),
             from_user: self.me(),
             from_device: self.client.identity.peer_id(),
             to_user: chat.peer,
             to_device: chat.peer_device,
             sent_at_ms: now_ms(),
             seq: self.h().reserve_seq(&chat.peer_device, 1)?,
-            sealed,
-        })
+            sealed: Vec::new(),
+        };
+        seal(&mut envelope)?;
+        Ok(envelope)
     }
 
     /// A handshake message (or decline) inside the ordinary seal, for the peer device alone.
@@ -469,7 +469,7 @@ impl Messenger {
         let payload = Payload { message_id: MessageId::random(), chat_with: chat.peer, body };
         let bytes = postcard::to_stdvec(&payload).expect("invariant: payloads serialize");
         let envelope =
-            self.envelope_for(chat, |id| Ok(seal::seal(&self.client.identity, &chat.peer_key, id, &bytes)?))?;
+            self.envelope_for(chat, |e| Ok(seal::seal_envelope(&self.client.identity, &chat.peer_key, e, &bytes)?))?;
         Ok(Outgoing { envelope, message: None })
     }
 
@@ -507,7 +507,10 @@ impl Messenger {
         session.next_nonce += 1;
         let cipher = SessionCipher::new(&session.keys)?;
         let plain = postcard::to_stdvec(body).expect("invariant: secret bodies serialize");
-        let envelope = self.envelope_for(chat, |id| Ok(cipher.seal(nonce, &id.0, &plain)?))?;
+        let envelope = self.envelope_for(chat, |e| {
+            e.sealed = cipher.seal(nonce, &e.id.0, &plain)?;
+            Ok(())
+        })?;
         out.push(Outgoing { envelope, message });
         Ok(out)
     }

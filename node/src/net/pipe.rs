@@ -115,6 +115,20 @@ async fn read_frame<M: DeserializeOwned, R: AsyncRead + Unpin>(
     Ok((tag, postcard::from_bytes(&body).map_err(|e| FrameError::Malformed(e.to_string()))))
 }
 
+/// Reads frames from `bytes` as a served pipe's reader would (with its limits), until they end
+/// or one cannot be framed: the fuzz targets' way in.
+#[doc(hidden)]
+pub fn fuzz_read_frames<M: DeserializeOwned>(bytes: &[u8]) {
+    let mut io = futures::io::Cursor::new(bytes);
+    futures::executor::block_on(async {
+        while let Ok((_, message)) = read_frame::<M, _>(&mut io, MAX_GREETING).await {
+            if matches!(message, Err(FrameError::TooLarge { .. })) {
+                break;
+            }
+        }
+    });
+}
+
 /// A frame's header: its tag and the length of the message that follows.
 async fn read_header<R: AsyncRead + Unpin>(io: &mut R) -> io::Result<(u64, usize)> {
     let mut header = [0u8; HEADER];

@@ -94,6 +94,63 @@ pub enum MailboxRequest {
     /// relay (at most [`crate::proto::group::MAX_GROUPS_PER_FETCH`], replacing those before):
     /// a post in one of them wakes the device while it is not connected here. Answered `PushSet`.
     PushGroups { push: PushEndpoint, groups: Vec<GroupId> },
+    /// `Fetch`, its acknowledgements signed by the device ([`SignedAck`]): the relay passes
+    /// the signature on, so that the other replicas delete their copies too. Answered as `Fetch`.
+    FetchAcked { max: u32, wait_ms: u32, ack: SignedAck },
+    /// `Ack`, signed. Answered `Acked`.
+    AckSigned { ack: SignedAck },
+}
+
+/// A device's signed acknowledgement of envelopes in its own mailbox (the device is the
+/// mailbox): what a relay must show another relay before that one deletes its copies, so that
+/// no relay, certified or not, can erase envelopes their recipient never received.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignedAck {
+    pub mailbox: PeerId,
+    pub ids: Vec<EnvelopeId>,
+    /// The mailbox device's ed25519 signature over [`SignedAck::message`].
+    #[serde(with = "serde_bytes")]
+    pub signature: Vec<u8>,
+}
+
+/// Why a [`SignedAck`] was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AckError {
+    #[error("the mailbox {0} is not an ed25519 device id")]
+    NotADevice(PeerId),
+    #[error("the acknowledgement is not signed by its mailbox's device")]
+    BadSignature,
+    #[error("an acknowledgement names 1 to {MAX_ENVELOPES_PER_BATCH} envelopes")]
+    BadCount,
+}
+
+impl SignedAck {
+    /// `ids` of `keypair`'s own mailbox, signed by it.
+    pub fn sign(keypair: &libp2p::identity::Keypair, ids: Vec<EnvelopeId>) -> Self {
+        let mailbox = keypair.public().to_peer_id();
+        let signature = keypair.sign(&Self::message(&mailbox, &ids)).unwrap_or_default();
+        SignedAck { mailbox, ids, signature }
+    }
+
+    /// Checks that the mailbox's own key signed exactly these ids.
+    pub fn verify(&self) -> Result<(), AckError> {
+        if self.ids.is_empty() || self.ids.len() > MAX_ENVELOPES_PER_BATCH {
+            return Err(AckError::BadCount);
+        }
+        let key = libp2p::identity::PublicKey::try_decode_protobuf(self.mailbox.as_ref().digest())
+            .map_err(|_| AckError::NotADevice(self.mailbox))?;
+        if !key.verify(&Self::message(&self.mailbox, &self.ids), &self.signature) {
+            return Err(AckError::BadSignature);
+        }
+        Ok(())
+    }
+
+    fn message(mailbox: &PeerId, ids: &[EnvelopeId]) -> Vec<u8> {
+        let mut message = b"meshgram/ack/1".to_vec();
+        message.extend(mailbox.to_bytes());
+        ids.iter().for_each(|id| message.extend(id.0));
+        message
+    }
 }
 
 /// A Web Push subscription (RFC 8030, as UnifiedPush and browsers hand them out): where to POST
@@ -146,6 +203,8 @@ impl MailboxRequest {
             MailboxRequest::SetPush { .. } => "set_push",
             MailboxRequest::GetPush => "get_push",
             MailboxRequest::PushGroups { .. } => "push_groups",
+            MailboxRequest::FetchAcked { .. } => "fetch",
+            MailboxRequest::AckSigned { .. } => "ack",
         }
     }
 }
@@ -201,7 +260,8 @@ pub struct RelayInfo {
 pub enum ReplicaRequest {
     /// Keep these envelopes (the sender checked them); answer once committed.
     Store { envelopes: Vec<Envelope> },
-    /// The recipient acknowledged these; delete them.
+    /// The recipient acknowledged these; delete them. Refused: a delete must carry the
+    /// recipient's signature (`DeleteAcked`).
     Delete { mailbox: PeerId, ids: Vec<EnvelopeId> },
     /// Present this relay's certificate; required once per connection before `Store` or
     /// `Delete` (`CERT_INVALID` otherwise). Answered with the other relay's own.
@@ -248,6 +308,9 @@ pub enum ReplicaRequest {
     /// long-poll), so that a channel's readers spread over every relay while its relays answer
     /// one read per mirroring relay. Answered `GroupEnvelopes`.
     GroupFetch { groups: Vec<GroupCursor>, max: u32, wait_ms: u32 },
+    /// Delete the envelopes these recipients acknowledged (at most [`MAX_ACKS_PER_DELETE`]),
+    /// each ack checked against its mailbox's device key. Answered `Deleted`.
+    DeleteAcked { acks: Vec<SignedAck> },
 }
 
 impl RequestKind for ReplicaRequest {
@@ -268,6 +331,7 @@ impl RequestKind for ReplicaRequest {
             ReplicaRequest::CheckPart { .. } => "check_part",
             ReplicaRequest::DeleteChunks { .. } => "delete_chunks",
             ReplicaRequest::GroupFetch { .. } => "group_fetch",
+            ReplicaRequest::DeleteAcked { .. } => "delete",
         }
     }
 
@@ -281,6 +345,9 @@ impl Greeting for ReplicaResponse {
         matches!(self, ReplicaResponse::Welcome { .. })
     }
 }
+
+/// Acknowledgements per [`ReplicaRequest::DeleteAcked`].
+pub const MAX_ACKS_PER_DELETE: usize = 64;
 
 /// Ids per [`ReplicaRequest::Reconcile`]: 1 MiB of ids, far below the frame limit.
 pub const MAX_IDS_PER_RECONCILE: usize = 65_536;

@@ -20,7 +20,7 @@ use meshgram_node::crypto::seal;
 use meshgram_node::ids::{SessionId, UserId};
 use meshgram_node::proto::envelope::{Envelope, EnvelopeId};
 use meshgram_node::proto::{MailboxRequest, MailboxResponse, RelayInfo};
-use meshgram_relay::store::{StoreHandle, StoreLimits};
+use meshgram_relay::store::{Quota, StoreHandle, StoreLimits};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
@@ -582,7 +582,7 @@ pub(crate) const STORE_BATCH: usize = 256;
 const STORE_BATCHES: usize = 40;
 
 pub(crate) async fn store_latency(dir: &Path, singles: usize) -> anyhow::Result<StoreFigures> {
-    let limits = StoreLimits { ttl: Duration::from_secs(3600), max_per_mailbox: 1_000_000 };
+    let limits = StoreLimits { ttl: Duration::from_secs(3600), quota: Quota::UNLIMITED };
     let store = StoreHandle::open(&dir.join("store-probe.redb"), limits)?;
     let (alice, bob) = (DeviceIdentity::load_or_create(&dir.join("seal-alice"))?, PeerId::random());
     let envelope = |i: usize| Envelope {

@@ -1,5 +1,6 @@
 //! Relays admit only relays the gateway certified: a peer without a relay certificate may not
-//! store or delete replicas and is given none, and a relay without one does not start.
+//! store or delete replicas and is given none, and a relay without one does not start. Even a
+//! certified relay deletes only what the recipient's signed acknowledgement names.
 
 use std::time::Duration;
 
@@ -12,7 +13,7 @@ use meshgram_node::crypto::cert::{Cert, RelayCert, RelayCertBody, unix_now};
 use meshgram_node::ids::UserId;
 use meshgram_node::net::pipe::{self, PipePool};
 use meshgram_node::proto::envelope::{Envelope, EnvelopeId};
-use meshgram_node::proto::{ErrorCode, REPLICA_LIMITS, REPLICA_PROTOCOL, ReplicaRequest, ReplicaResponse};
+use meshgram_node::proto::{ErrorCode, REPLICA_LIMITS, REPLICA_PROTOCOL, ReplicaRequest, ReplicaResponse, SignedAck};
 use meshgram_tests::{Gateway, Mesh, RELAY_BIN, bin_path, meshgram, meshgram_stdin, run, texts, u64_field};
 
 use super::{ALICE, BOB};
@@ -26,7 +27,7 @@ async fn only_certified_relays_may_store_or_delete_replicas() {
     // A bare libp2p node calling the relay on the replica protocol, as another relay would.
     let keypair = libp2p::identity::Keypair::generate_ed25519();
     let me = keypair.public().to_peer_id();
-    let mut swarm = meshgram_node::net::transport::build_swarm(keypair, Duration::from_secs(60), |_| {
+    let mut swarm = meshgram_node::net::transport::build_swarm(keypair.clone(), Duration::from_secs(60), |_| {
         libp2p_stream::Behaviour::new()
     })
     .unwrap();
@@ -55,7 +56,8 @@ async fn only_certified_relays_may_store_or_delete_replicas() {
         ReplicaResponse::Error(e) => e.code,
         other => panic!("expected a refusal, got {other:?}"),
     };
-    let bob = PeerId::random();
+    let bob_keys = libp2p::identity::Keypair::generate_ed25519();
+    let bob = bob_keys.public().to_peer_id();
     let envelope = Envelope {
         id: EnvelopeId::random(),
         from_user: UserId(1),
@@ -91,7 +93,19 @@ async fn only_certified_relays_may_store_or_delete_replicas() {
         other => panic!("expected Welcome, got {other:?}"),
     }
     assert!(matches!(call(store).await, ReplicaResponse::Stored { duplicates } if duplicates.is_empty()));
-    assert!(matches!(call(delete).await, ReplicaResponse::Deleted { count: 1 }));
+
+    // Even a certified relay deletes nothing on its own word: a delete needs the recipient's
+    // signed acknowledgement, and one signed by anyone else is refused.
+    assert_eq!(refused(call(delete).await), ErrorCode::Forbidden);
+    let forged = SignedAck { mailbox: bob, ..SignedAck::sign(&keypair, vec![envelope.id]) };
+    assert_eq!(refused(call(ReplicaRequest::DeleteAcked { acks: vec![forged] }).await), ErrorCode::Forbidden);
+    let mut tampered = SignedAck::sign(&bob_keys, vec![EnvelopeId::random()]);
+    tampered.ids = vec![envelope.id];
+    assert_eq!(refused(call(ReplicaRequest::DeleteAcked { acks: vec![tampered] }).await), ErrorCode::Forbidden);
+    // Bob's own acknowledgement: the envelope was still there, and now it is not.
+    let acked = ReplicaRequest::DeleteAcked { acks: vec![SignedAck::sign(&bob_keys, vec![envelope.id])] };
+    assert!(matches!(call(acked.clone()).await, ReplicaResponse::Deleted { count: 1 }));
+    assert!(matches!(call(acked).await, ReplicaResponse::Deleted { count: 0 }));
 }
 
 #[test]

@@ -236,3 +236,43 @@ async fn greetings_are_limited_per_connection() {
     // The connection may still greet in a while; others may at once.
     honest_client_is_served(relay, &signer).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_noisy_sender_fills_its_share_of_a_mailbox_and_real_senders_still_get_in() {
+    let signer = ed25519::Keypair::generate();
+    let args = ["--mailbox-quota", "100", "--mailbox-quota-per-sender", "10"];
+    let mesh = Mesh::start_with_key_and_args(Gateway::start(), &signer, 1, 1, &args);
+    let relay = &mesh.relays[0];
+    let now = meshgram_tests::unix_now();
+    let signer = &signer;
+    let signed_in = |user: u64| async move {
+        let client = RawClient::new(&relay.tcp_addr());
+        let hello = client.call(MailboxRequest::Hello { cert: client.cert(signer, user, now - 60, now + 3600) }).await;
+        assert!(matches!(hello, MailboxResponse::Welcome { .. }), "{hello:?}");
+        client
+    };
+    let (victim, noisy, friend) = (signed_in(20).await, signed_in(21).await, signed_in(22).await);
+
+    // The noisy sender gets 10 envelopes into the victim's mailbox, then QUOTA_EXCEEDED.
+    let mut stored = 0;
+    for _ in 0..15 {
+        let envelope = noisy.envelope(21, victim.device(), 100);
+        match noisy.call(MailboxRequest::Send { envelopes: vec![envelope] }).await {
+            MailboxResponse::Stored { .. } => stored += 1,
+            MailboxResponse::Error(e) => assert_eq!(e.code, ErrorCode::QuotaExceeded, "{e:?}"),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(stored, 10);
+    // A real sender still gets in, and the victim reads both.
+    let real = friend.envelope(22, victim.device(), 100);
+    let sent = friend.call(MailboxRequest::Send { envelopes: vec![real.clone()] }).await;
+    assert!(matches!(sent, MailboxResponse::Stored { .. }), "{sent:?}");
+    match victim.call(MailboxRequest::Fetch { max: 100, wait_ms: 0, ack: vec![] }).await {
+        MailboxResponse::Envelopes { envelopes, .. } => {
+            assert_eq!(envelopes.len(), 11);
+            assert!(envelopes.iter().any(|e| e.id == real.id));
+        }
+        other => panic!("{other:?}"),
+    }
+}
