@@ -876,6 +876,7 @@ fn put(
         sizes.insert(key.as_slice(), size)?;
     }
     meta.insert(NEXT_ARRIVAL, arrival)?;
+    senders.write_back()?;
     digests.apply(tx)?;
     Ok(outcome)
 }
@@ -937,27 +938,55 @@ struct EnvelopeHead {
 }
 
 /// What each sender's envelopes take here ([`SENDER_SHARES`], [`SENDER_BYTES`]), kept with
-/// every put, delete and expiry in the same transaction.
+/// every put, delete and expiry in the same transaction: read once per sender and mailbox a
+/// transaction touches, written back once ([`SenderCounts::write_back`]).
 struct SenderCounts<'tx> {
-    shares: redb::Table<'tx, (&'static [u8], u64), u64>,
-    bytes: redb::Table<'tx, u64, u64>,
+    shares_table: redb::Table<'tx, (&'static [u8], u64), u64>,
+    bytes_table: redb::Table<'tx, u64, u64>,
+    shares: HashMap<(Vec<u8>, u64), u64>,
+    bytes: HashMap<u64, u64>,
 }
 
 impl<'tx> SenderCounts<'tx> {
     fn open(tx: &'tx redb::WriteTransaction) -> Result<Self, StoreError> {
-        Ok(SenderCounts { shares: tx.open_table(SENDER_SHARES)?, bytes: tx.open_table(SENDER_BYTES)? })
+        Ok(SenderCounts {
+            shares_table: tx.open_table(SENDER_SHARES)?,
+            bytes_table: tx.open_table(SENDER_BYTES)?,
+            shares: HashMap::new(),
+            bytes: HashMap::new(),
+        })
+    }
+
+    fn share(&mut self, mailbox: &[u8], sender: u64) -> Result<&mut u64, StoreError> {
+        Ok(match self.shares.entry((mailbox.to_vec(), sender)) {
+            std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
+            std::collections::hash_map::Entry::Vacant(entry) => {
+                let stored = self.shares_table.get((mailbox, sender))?.map_or(0, |v| v.value());
+                entry.insert(stored)
+            }
+        })
+    }
+
+    fn bytes(&mut self, sender: u64) -> Result<&mut u64, StoreError> {
+        Ok(match self.bytes.entry(sender) {
+            std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
+            std::collections::hash_map::Entry::Vacant(entry) => {
+                let stored = self.bytes_table.get(sender)?.map_or(0, |v| v.value());
+                entry.insert(stored)
+            }
+        })
     }
 
     /// Counts an envelope of `sender` (`size` bytes stored) into `mailbox` if `quota` has room
     /// for it; whether it had.
     fn admit(&mut self, mailbox: &[u8], sender: u64, size: u64, quota: &Quota) -> Result<bool, StoreError> {
-        let share = self.shares.get((mailbox, sender))?.map_or(0, |v| v.value());
-        let bytes = self.bytes.get(sender)?.map_or(0, |v| v.value());
-        if share >= quota.per_sender_in_mailbox || bytes.saturating_add(size) > quota.bytes_per_sender {
+        let bytes = *self.bytes(sender)?;
+        let share = self.share(mailbox, sender)?;
+        if *share >= quota.per_sender_in_mailbox || bytes.saturating_add(size) > quota.bytes_per_sender {
             return Ok(false);
         }
-        self.shares.insert((mailbox, sender), share + 1)?;
-        self.bytes.insert(sender, bytes + size)?;
+        *share += 1;
+        *self.bytes(sender)? += size;
         Ok(true)
     }
 
@@ -965,15 +994,26 @@ impl<'tx> SenderCounts<'tx> {
     fn release(&mut self, mailbox: &[u8], stored: &[u8]) -> Result<(), StoreError> {
         let Ok(head) = postcard::from_bytes::<EnvelopeHead>(stored) else { return Ok(()) };
         let sender = head.from_user.0;
-        let share = self.shares.get((mailbox, sender))?.map_or(0, |v| v.value()).saturating_sub(1);
-        match share {
-            0 => drop(self.shares.remove((mailbox, sender))?),
-            share => drop(self.shares.insert((mailbox, sender), share)?),
+        let share = self.share(mailbox, sender)?;
+        *share = share.saturating_sub(1);
+        let bytes = self.bytes(sender)?;
+        *bytes = bytes.saturating_sub(stored.len() as u64);
+        Ok(())
+    }
+
+    /// Writes what changed back to the tables (a count of 0 is removed).
+    fn write_back(mut self) -> Result<(), StoreError> {
+        for ((mailbox, sender), share) in self.shares.drain() {
+            match share {
+                0 => drop(self.shares_table.remove((mailbox.as_slice(), sender))?),
+                share => drop(self.shares_table.insert((mailbox.as_slice(), sender), share)?),
+            }
         }
-        let bytes = self.bytes.get(sender)?.map_or(0, |v| v.value()).saturating_sub(stored.len() as u64);
-        match bytes {
-            0 => drop(self.bytes.remove(sender)?),
-            bytes => drop(self.bytes.insert(sender, bytes)?),
+        for (sender, bytes) in self.bytes.drain() {
+            match bytes {
+                0 => drop(self.bytes_table.remove(sender)?),
+                bytes => drop(self.bytes_table.insert(sender, bytes)?),
+            }
         }
         Ok(())
     }
@@ -992,6 +1032,7 @@ fn count_senders(tx: &redb::WriteTransaction) -> Result<(), StoreError> {
             senders.admit(key.value().0, head.from_user.0, value.value().len() as u64, &Quota::UNLIMITED)?;
         }
     }
+    senders.write_back()?;
     meta.insert(SENDERS_COUNTED, 1)?;
     Ok(())
 }
@@ -1081,6 +1122,7 @@ fn delete(tx: &redb::WriteTransaction, mailbox: &PeerId, delivered: &[EnvelopeId
         let size = sizes.get(key.as_slice())?.map(|v| v.value()).unwrap_or(0);
         sizes.insert(key.as_slice(), size.saturating_sub(u64::from(count)))?;
     }
+    senders.write_back()?;
     digests.apply(tx)?;
     Ok(count)
 }
@@ -1119,6 +1161,7 @@ fn expire(tx: &redb::WriteTransaction, now: u64) -> Result<(u32, bool), StoreErr
             dropped += 1;
         }
     }
+    senders.write_back()?;
     digests.apply(tx)?;
     Ok((dropped, more))
 }

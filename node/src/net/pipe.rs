@@ -452,12 +452,11 @@ pub struct Inbound<Req, Resp> {
 #[derive(Debug)]
 pub struct Responder<Resp> {
     tag: u64,
-    out: mpsc::UnboundedSender<Answer>,
+    out: mpsc::UnboundedSender<Answer<Resp>>,
     slot: Slot,
     max_response: usize,
     /// Set when this request is a greeting (`Hello`) and its answer welcomes the peer.
     welcomed: Option<Welcome>,
-    _answers: std::marker::PhantomData<fn(Resp)>,
 }
 
 /// A request's place in its pipe, freed once its answer is written: its in-flight permit, the
@@ -471,8 +470,8 @@ struct Slot {
     arrived: Instant,
 }
 
-/// An encoded answer on its way to the writer, with its request's slot.
-type Answer = (Vec<u8>, Slot);
+/// An answer on its way to the writer (which encodes it), with its request's tag and slot.
+type Answer<Resp> = (u64, Resp, Slot);
 
 /// Told, for each request answered on a pipe, its kind and the time from its arrival to its
 /// answer's write (what the caller waited, but for the network): the relays' latency histograms.
@@ -512,13 +511,11 @@ impl<Resp: Serialize + Greeting> Responder<Resp> {
         {
             welcomed.set();
         }
-        let mut frame = Vec::new();
-        if let Err(e) = encode(self.tag, &response, self.max_response, &mut frame) {
-            tracing::error!(error = %e, "an answer could not be encoded; the caller will time out");
-            return;
-        }
-        self.slot.held.resize(self.slot.request_bytes + frame.len());
-        let _ = self.out.send((frame, self.slot));
+        // Its size is counted here (a walk of its fields; byte strings by their length), its
+        // bytes made by the writer, off the caller's thread.
+        let size = postcard::experimental::serialized_size(&response).unwrap_or(self.max_response);
+        self.slot.held.resize(self.slot.request_bytes + HEADER + size);
+        let _ = self.out.send((self.tag, response, self.slot));
     }
 }
 
@@ -615,10 +612,12 @@ where
 {
     let (mut read, write) = stream.split();
     let Serving { limits, memory: protocol, observe } = serving.clone();
-    let (out, rx) = mpsc::unbounded_channel::<Answer>();
+    let (out, rx) = mpsc::unbounded_channel::<Answer<Resp>>();
     let writer = tokio::spawn(async move {
-        let take = |(frame, slot): Answer, buf: &mut Vec<u8>| {
-            buf.extend_from_slice(&frame);
+        let take = |(tag, response, slot): Answer<Resp>, buf: &mut Vec<u8>| {
+            if let Err(e) = encode(tag, &response, limits.max_response, buf) {
+                tracing::error!(%peer, error = %e, "an answer could not be encoded; the caller will time out");
+            }
             Some(slot)
         };
         let written = |slot: Slot| {
@@ -643,7 +642,7 @@ async fn serve_requests<Req, Resp>(
     limits: PipeLimits,
     protocol: Arc<MemoryBudget>,
     welcomed: Welcome,
-    out: mpsc::UnboundedSender<Answer>,
+    out: mpsc::UnboundedSender<Answer<Resp>>,
     inbound: mpsc::Sender<Inbound<Req, Resp>>,
 ) -> String
 where
@@ -721,7 +720,6 @@ where
             slot,
             max_response: limits.max_response,
             welcomed: greets.then(|| welcomed.clone()),
-            _answers: std::marker::PhantomData,
         };
         // Dropping `out` (by returning) lets the writer send what is queued, this refusal
         // included, and close.

@@ -19,7 +19,7 @@ use meshgram_node::crypto::identity::DeviceIdentity;
 use meshgram_node::crypto::seal;
 use meshgram_node::ids::{SessionId, UserId};
 use meshgram_node::proto::envelope::{Envelope, EnvelopeId};
-use meshgram_node::proto::{MailboxRequest, MailboxResponse, RelayInfo};
+use meshgram_node::proto::{MailboxRequest, MailboxResponse, RelayInfo, SignedAck};
 use meshgram_relay::store::{Quota, StoreHandle, StoreLimits};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -201,9 +201,10 @@ impl MeshRig {
     /// Starts the recipient's fetch → ack loop; it runs until [`MeshRig::finish`].
     pub(crate) fn start_receiving(&mut self, tracker: Arc<Tracker>) {
         let net = Arc::clone(&self.recipient.net);
+        let keys = self.recipient.identity.keypair.clone();
         let relay = self.fetch_from.clone();
         let stop = Arc::clone(&self.stop_receiving);
-        self.receiver = Some(tokio::spawn(receive_loop(net, relay, tracker, stop)));
+        self.receiver = Some(tokio::spawn(receive_loop(net, keys, relay, tracker, stop)));
     }
 
     /// Sends `range` as fast as the window allows: `batch` envelopes per `Send`, at most
@@ -410,9 +411,11 @@ struct Received {
 }
 
 /// The recipient: long-poll `Fetch`, note each arrival; the next `Fetch` acknowledges the batch
-/// (as `Messenger` does), and a last `Ack` the final one.
+/// (as `Messenger` does, signed, so that the other replicas delete their copies), and a last
+/// `Ack` the final one.
 async fn receive_loop(
     net: Arc<ClientNet>,
+    keys: libp2p::identity::Keypair,
     relay: RelayInfo,
     tracker: Arc<Tracker>,
     stop: Arc<AtomicBool>,
@@ -421,7 +424,12 @@ async fn receive_loop(
     let mut ack = Vec::new();
     while !stop.load(Ordering::Relaxed) {
         let start = now_ns();
-        let fetch = MailboxRequest::Fetch { max: FETCH_MAX, wait_ms: FETCH_WAIT_MS, ack: std::mem::take(&mut ack) };
+        let fetch = match std::mem::take(&mut ack) {
+            ack if ack.is_empty() => MailboxRequest::Fetch { max: FETCH_MAX, wait_ms: FETCH_WAIT_MS, ack },
+            ack => {
+                MailboxRequest::FetchAcked { max: FETCH_MAX, wait_ms: FETCH_WAIT_MS, ack: SignedAck::sign(&keys, ack) }
+            }
+        };
         let envelopes = match net.mailbox_request(relay.peer_id, relay.addrs.clone(), fetch).await? {
             MailboxResponse::Envelopes { envelopes, .. } => envelopes,
             other => bail!("Fetch answered {other:?}"),
@@ -440,7 +448,8 @@ async fn receive_loop(
         received.cycles.push(Cycle { start, fetch: at - start, envelopes: envelopes.len() });
     }
     if !ack.is_empty() {
-        match net.mailbox_request(relay.peer_id, relay.addrs.clone(), MailboxRequest::Ack { ids: ack }).await? {
+        let ack = MailboxRequest::AckSigned { ack: SignedAck::sign(&keys, ack) };
+        match net.mailbox_request(relay.peer_id, relay.addrs.clone(), ack).await? {
             MailboxResponse::Acked { .. } => {}
             other => bail!("Ack answered {other:?}"),
         }
