@@ -273,6 +273,7 @@ impl EventLoop {
                     self.media.expire_uploads(grace, known);
                 }
             }
+            self.leave_routing();
         }
         self.mailboxes.shutdown().await;
         self.media.shutdown().await;
@@ -287,14 +288,15 @@ impl EventLoop {
                 peer_id,
                 info,
                 ..
-            // Relays speak the replica protocol; clients do not. Only relays join the table.
+            // Relays speak the replica protocol; clients do not. A peer that says it is one is
+            // greeted, and joins the routing table once its certificate checks out (`greeted`).
             })) if info.protocols.iter().any(|p| p.as_ref() == REPLICA_PROTOCOL) => {
-                for addr in &info.listen_addrs {
-                    self.swarm.behaviour_mut().kad.add_address(&peer_id, addr.clone());
-                }
                 let back = self.relays.is_down(&peer_id);
                 if self.relays.identified(peer_id, info.listen_addrs) {
                     self.greet(peer_id);
+                } else if self.relays.is_verified(&peer_id) {
+                    // It may listen elsewhere now (restarted on other ports).
+                    self.route(peer_id);
                 }
                 if back {
                     self.repair_soon();
@@ -420,8 +422,25 @@ impl EventLoop {
         if outcome.is_ok() {
             self.repair_soon();
         }
-        self.relays.greeted(peer, outcome);
+        if self.relays.greeted(peer, outcome) {
+            self.route(peer);
+        }
         self.count_verified();
+    }
+
+    /// Puts a verified relay in the routing table, with the addresses its identify gave.
+    fn route(&mut self, relay: PeerId) {
+        let kad = &mut self.swarm.behaviour_mut().kad;
+        for addr in self.relays.addrs(&relay) {
+            kad.add_address(&relay, addr.clone());
+        }
+    }
+
+    /// Takes the relays that lost their standing out of the routing table.
+    fn leave_routing(&mut self) {
+        for relay in self.relays.take_unrouted() {
+            self.swarm.behaviour_mut().kad.remove_peer(&relay);
+        }
     }
 
     /// Sets the gauges of connected peers (certified relays, and the rest: clients) and of the

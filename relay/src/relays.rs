@@ -16,6 +16,12 @@
 //! themselves, are greeted, and so join placement. A relay down for [`FORGET_AFTER`] is
 //! forgotten until it identifies itself again.
 //!
+//! Kademlia's routing table holds only relays whose certificate checked out: the event loop
+//! adds a relay to it when [`Relays::greeted`] says it is newly verified, with at most
+//! [`MAX_ADDRS_PER_RELAY`] addresses, and takes it out when it shows no valid certificate, is
+//! revoked or is forgotten ([`Relays::take_unrouted`]). Other relays' lookups are thus never
+//! answered with peers that merely claimed to be relays.
+//!
 //! Tasks report on relays with a [`RelayReport`] sent through a [`Reporter`]; the event loop
 //! hands each to [`Relays::report`]. Nothing else edits these sets.
 
@@ -42,6 +48,9 @@ const LOOKUP_FRESH_FOR: Duration = Duration::from_secs(600);
 const MAX_LOOKUPS: usize = 64;
 /// Reports queued from tasks to the event loop.
 const REPORT_QUEUE: usize = 1024;
+/// Listen addresses kept per relay (from its identify, which it fills as it likes): enough for
+/// TCP and QUIC on IPv4 and IPv6 and a few more.
+const MAX_ADDRS_PER_RELAY: usize = 8;
 
 /// What a task found out about another relay.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -94,6 +103,8 @@ pub(crate) struct Relays {
     revoked: HashSet<PeerId>,
     /// Listen addresses relays gave in their identify.
     addrs: HashMap<PeerId, Vec<Multiaddr>>,
+    /// Relays taken out of standing since the event loop last asked: to leave the routing table.
+    unrouted: Vec<PeerId>,
     /// Since when a relay has been reported down without identifying itself in between.
     down_since: HashMap<PeerId, Instant>,
     /// Whether to look mailboxes' closest relays up with Kademlia (see the module).
@@ -125,6 +136,7 @@ impl Relays {
             certified: HashMap::new(),
             revoked: HashSet::new(),
             addrs: HashMap::new(),
+            unrouted: Vec::new(),
             down_since: HashMap::new(),
             lookups,
             looked_up: HashMap::new(),
@@ -149,6 +161,8 @@ impl Relays {
             RelayReport::NotARelay => {
                 tracing::warn!(peer = %relay, "a peer showed no valid relay certificate; it gets no replicas");
                 self.not_relays.insert(relay, Instant::now() + NOT_A_RELAY_FOR);
+                self.verified.remove(&relay);
+                self.unrouted.push(relay);
             }
         }
     }
@@ -172,11 +186,21 @@ impl Relays {
     /// `relay` identified itself as a relay, so it is up. Returns whether to greet it now (its
     /// certificate is not checked yet, no greeting is under way, and it did not recently fail
     /// to show one); if so, the greeting counts as under way until [`Relays::greeted`].
+    /// Keeps at most [`MAX_ADDRS_PER_RELAY`] distinct addresses.
     pub(crate) fn identified(&mut self, relay: PeerId, addrs: Vec<Multiaddr>) -> bool {
         self.down.remove(&relay);
         self.down_since.remove(&relay);
-        if !addrs.is_empty() {
-            self.addrs.insert(relay, addrs);
+        let mut kept: Vec<Multiaddr> = Vec::with_capacity(addrs.len().min(MAX_ADDRS_PER_RELAY));
+        for addr in addrs {
+            if kept.len() == MAX_ADDRS_PER_RELAY {
+                break;
+            }
+            if !kept.contains(&addr) {
+                kept.push(addr);
+            }
+        }
+        if !kept.is_empty() {
+            self.addrs.insert(relay, kept);
         }
         let refused_lately = self.not_relays.get(&relay).is_some_and(|until| *until > Instant::now());
         !self.verified.contains(&relay)
@@ -186,18 +210,31 @@ impl Relays {
     }
 
     /// A greeting of `relay` ended: it showed a valid certificate (`Ok`), or failed, with what
-    /// that failure says about it.
-    pub(crate) fn greeted(&mut self, relay: PeerId, outcome: Result<(), Option<RelayReport>>) {
+    /// that failure says about it. Returns whether it is newly verified (and so joins the
+    /// routing table).
+    pub(crate) fn greeted(&mut self, relay: PeerId, outcome: Result<(), Option<RelayReport>>) -> bool {
         self.greeting.remove(&relay);
         match outcome {
             // Revoked while the greeting was under way: its certificate no longer counts.
-            Ok(()) if self.revoked.contains(&relay) => {}
-            Ok(()) => {
-                self.verified.insert(relay);
+            Ok(()) if self.revoked.contains(&relay) => false,
+            Ok(()) => self.verified.insert(relay),
+            Err(Some(report)) => {
+                self.report(relay, report);
+                false
             }
-            Err(Some(report)) => self.report(relay, report),
-            Err(None) => {}
+            Err(None) => false,
         }
+    }
+
+    /// The listen addresses `relay`'s identify gave (at most [`MAX_ADDRS_PER_RELAY`]).
+    pub(crate) fn addrs(&self, relay: &PeerId) -> &[Multiaddr] {
+        self.addrs.get(relay).map_or(&[], Vec::as_slice)
+    }
+
+    /// Relays that lost their standing since the last call: the event loop takes them out of
+    /// the routing table.
+    pub(crate) fn take_unrouted(&mut self) -> Vec<PeerId> {
+        std::mem::take(&mut self.unrouted)
     }
 
     /// How many other relays showed a valid certificate when greeted.
@@ -219,6 +256,7 @@ impl Relays {
         self.certified.remove(&relay);
         self.greeting.remove(&relay);
         let was_live = self.verified.remove(&relay);
+        self.unrouted.push(relay);
         if self.revoked.insert(relay) {
             tracing::warn!(peer = %relay, "the gateway revoked this relay's admission; it gets no more copies");
         }
@@ -269,6 +307,7 @@ impl Relays {
             self.down_since.remove(&relay);
             self.verified.remove(&relay);
             self.addrs.remove(&relay);
+            self.unrouted.push(relay);
         }
         self.looked_up.retain(|_, at| now.duration_since(*at) < LOOKUP_FRESH_FOR);
     }
@@ -432,5 +471,33 @@ mod tests {
         assert!(!relays.is_certified(&other, 101));
         relays.disconnected(&other);
         assert!(!relays.is_certified(&other, 10));
+    }
+
+    #[test]
+    fn only_verified_relays_are_routed_and_with_few_addresses() {
+        let mut relays = Relays::new(PeerId::random(), Vec::new(), PlacementLookups::WhenNeeded);
+        let claimer = PeerId::random();
+        let many: Vec<Multiaddr> =
+            (0..1000u16).map(|port| format!("/ip4/127.0.0.1/tcp/{port}").parse().unwrap()).collect();
+        assert!(relays.identified(claimer, many.iter().chain(&many).cloned().collect()));
+        assert_eq!(relays.addrs(&claimer), &many[..MAX_ADDRS_PER_RELAY], "distinct, and a few");
+        assert!(!relays.greeted(claimer, Err(Some(RelayReport::NotARelay))), "refused: not routed");
+        assert_eq!(relays.take_unrouted(), [claimer], "and taken out if it was (a bootstrap address)");
+
+        let relay = PeerId::random();
+        relays.identified(relay, Vec::new());
+        assert!(relays.greeted(relay, Ok(())), "verified: routed");
+        assert!(relays.take_unrouted().is_empty());
+        relays.revoke(relay);
+        assert_eq!(relays.take_unrouted(), [relay], "revoked: out");
+
+        let gone = PeerId::random();
+        relays.identified(gone, Vec::new());
+        relays.greeted(gone, Ok(()));
+        relays.report(gone, RelayReport::Down);
+        relays.forget_expired(Instant::now());
+        assert!(relays.take_unrouted().is_empty(), "down a while: still routed");
+        relays.forget_expired(Instant::now() + FORGET_AFTER);
+        assert_eq!(relays.take_unrouted(), [gone], "forgotten: out");
     }
 }

@@ -20,13 +20,14 @@ pub fn identify_config(key: &Keypair, agent: &str) -> identify::Config {
 }
 
 /// A relay's Kademlia: `/meshgram/kad/1`, in server mode (without it, a relay that has no
-/// confirmed external address refuses inbound queries).
+/// confirmed external address refuses inbound queries). Peers join the routing table only when
+/// the relay adds them (`add_address`), which it does once their relay certificate checked out:
+/// by default Kademlia would take in any peer that connects claiming its protocol, and hand it
+/// to every other relay's lookups.
 pub fn relay_kad(peer_id: PeerId) -> kad::Behaviour<MemoryStore> {
-    let mut kad = kad::Behaviour::with_config(
-        peer_id,
-        MemoryStore::new(peer_id),
-        kad::Config::new(StreamProtocol::new(KAD_PROTOCOL)),
-    );
+    let mut config = kad::Config::new(StreamProtocol::new(KAD_PROTOCOL));
+    config.set_kbucket_inserts(kad::BucketInserts::Manual);
+    let mut kad = kad::Behaviour::with_config(peer_id, MemoryStore::new(peer_id), config);
     kad.set_mode(Some(kad::Mode::Server));
     kad
 }

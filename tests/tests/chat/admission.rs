@@ -14,7 +14,9 @@ use meshgram_node::ids::UserId;
 use meshgram_node::net::pipe::{self, PipePool};
 use meshgram_node::proto::envelope::{Envelope, EnvelopeId};
 use meshgram_node::proto::{ErrorCode, REPLICA_LIMITS, REPLICA_PROTOCOL, ReplicaRequest, ReplicaResponse, SignedAck};
-use meshgram_tests::{Gateway, Mesh, RELAY_BIN, bin_path, meshgram, meshgram_stdin, run, texts, u64_field};
+use meshgram_tests::{
+    Gateway, Mesh, RELAY_BIN, bin_path, meshgram, meshgram_stdin, relay_metric, run, texts, u64_field,
+};
 
 use super::{ALICE, BOB};
 
@@ -226,5 +228,11 @@ fn a_peer_posing_as_a_relay_without_a_certificate_is_given_nothing() {
     assert_eq!(u64_field(&sent, "sent"), 50);
     assert_eq!(texts(&meshgram(&bob, &["messages"]).ok_json()), expected, "all delivered, by the real relays");
     assert_eq!(stores.load(std::sync::atomic::Ordering::SeqCst), 0, "the rogue was given no copy");
+    // Nor a place in the routing table, where other relays' lookups would find it: each relay's
+    // holds the other relay alone (the gauge is set every 2 s).
+    std::thread::sleep(Duration::from_millis(2500));
+    for relay in &mesh.relays {
+        assert_eq!(relay_metric(relay, "meshgram_relay_routing_table_peers"), Some(1), "the rogue is not routed");
+    }
     drop(runtime);
 }
