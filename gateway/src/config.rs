@@ -41,6 +41,7 @@ pub struct Limits {
     pub code_ttl_secs: u64,
     pub code_length: u8,
     pub max_code_attempts: u32,
+    pub max_code_attempts_per_phone: u32,
     pub code_lockout_secs: u64,
     pub send_code_burst: u32,
     pub send_code_refill_secs: u64,
@@ -56,7 +57,9 @@ pub struct Limits {
     pub send_codes_per_second: u32,
     pub send_code_ip_burst: u32,
     pub send_code_ip_refill_secs: u64,
-    /// Whether loopback addresses count for `send_code_ip_*`: off by default, since the
+    pub wrong_code_ip_burst: u32,
+    pub wrong_code_ip_refill_secs: u64,
+    /// Whether loopback addresses count for `send_code_ip_*` and `wrong_code_ip_*`: off by default, since the
     /// gateway's own machine (local tools, `meshgram up`, tests) signs in from there.
     pub limit_loopback: bool,
     pub max_webhook_deliveries: u32,
@@ -68,6 +71,7 @@ impl Default for Limits {
             code_ttl_secs: defaults::CODE_TTL_SECS,
             code_length: defaults::CODE_LENGTH,
             max_code_attempts: defaults::MAX_CODE_ATTEMPTS,
+            max_code_attempts_per_phone: defaults::MAX_CODE_ATTEMPTS_PER_PHONE,
             code_lockout_secs: defaults::CODE_LOCKOUT_SECS,
             send_code_burst: defaults::SEND_CODE_BURST,
             send_code_refill_secs: defaults::SEND_CODE_REFILL_SECS,
@@ -83,6 +87,8 @@ impl Default for Limits {
             send_codes_per_second: defaults::SEND_CODES_PER_SECOND,
             send_code_ip_burst: defaults::SEND_CODE_IP_BURST,
             send_code_ip_refill_secs: defaults::SEND_CODE_IP_REFILL_SECS,
+            wrong_code_ip_burst: defaults::WRONG_CODE_IP_BURST,
+            wrong_code_ip_refill_secs: defaults::WRONG_CODE_IP_REFILL_SECS,
             limit_loopback: false,
             max_webhook_deliveries: defaults::MAX_WEBHOOK_DELIVERIES,
         }
@@ -105,9 +111,12 @@ impl Limits {
             || self.send_codes_per_second == 0
             || self.send_code_ip_burst == 0
             || self.max_webhook_deliveries == 0
+            || self.max_code_attempts_per_phone == 0
+            || self.wrong_code_ip_burst == 0
         {
             return Err("max_password_attempts, lookup_burst, lookups_per_second, send_code_device_burst, \
-                        send_codes_per_second, send_code_ip_burst and max_webhook_deliveries must be > 0"
+                        send_codes_per_second, send_code_ip_burst, max_webhook_deliveries, \
+                        max_code_attempts_per_phone and wrong_code_ip_burst must be > 0"
                 .into());
         }
         // Every duration is added to the clock: bounded, no sum can overflow.
@@ -120,6 +129,7 @@ impl Limits {
             ("password_lockout_secs", self.password_lockout_secs),
             ("send_code_device_refill_secs", self.send_code_device_refill_secs),
             ("send_code_ip_refill_secs", self.send_code_ip_refill_secs),
+            ("wrong_code_ip_refill_secs", self.wrong_code_ip_refill_secs),
         ];
         if let Some((name, secs)) = durations.iter().find(|(_, secs)| *secs > MAX_DURATION_SECS) {
             return Err(format!("{name} must be at most {MAX_DURATION_SECS} (ten years), not {secs}"));

@@ -6,9 +6,15 @@
 pub const CODE_TTL_SECS: u64 = 300;
 /// Five digits, like Telegram: with the attempt limit below, a guess succeeds with p = 5e-5.
 pub const CODE_LENGTH: u8 = 5;
-/// Wrong codes allowed per sent code before the phone is locked out.
+/// Wrong codes one device may try for a number (however many codes it asks for) before it is
+/// locked out of that number. Per device: an attacker's guesses lock out the attacker, not the
+/// number's owner, whose device guesses at a code of its own.
 pub const MAX_CODE_ATTEMPTS: u32 = 5;
-/// How long a phone is locked out after too many wrong codes.
+/// Wrong codes for a number from every device together (each within a lockout period of the
+/// last) before the number takes none for a while: devices are free, so this bounds the
+/// guesses at a number, while one address (see `WRONG_CODE_IP_BURST`) cannot reach it alone.
+pub const MAX_CODE_ATTEMPTS_PER_PHONE: u32 = 50;
+/// How long a device, or a number, is locked out after too many wrong codes.
 pub const CODE_LOCKOUT_SECS: u64 = 900;
 /// Codes per phone in a burst: a user who mistypes the number or loses an SMS can retry.
 pub const SEND_CODE_BURST: u32 = 5;
@@ -36,6 +42,11 @@ pub const SEND_CODE_DEVICE_REFILL_SECS: u64 = 60;
 pub const SEND_CODE_IP_BURST: u32 = 50;
 /// Then one more per half minute.
 pub const SEND_CODE_IP_REFILL_SECS: u64 = 30;
+/// Wrong codes from one IP address in a burst, whatever the numbers and devices: a household
+/// mistyping, well under what locks a number out (`MAX_CODE_ATTEMPTS_PER_PHONE`).
+pub const WRONG_CODE_IP_BURST: u32 = 20;
+/// Then one more per minute.
+pub const WRONG_CODE_IP_REFILL_SECS: u64 = 60;
 /// Codes handed to an SMS webhook at once: a slow provider then costs this many of the
 /// gateway's request threads, not all of them.
 pub const MAX_WEBHOOK_DELIVERIES: u32 = 16;

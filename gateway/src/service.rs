@@ -26,7 +26,9 @@ use crate::code_sender::CodeSender;
 use crate::config::Limits;
 use crate::defaults::{LAST_SEEN_RESOLUTION_SECS, MAX_BOTS_PER_OWNER, WEBHOOK_BUSY_RETRY_SECS};
 use crate::metrics::Metrics;
-use crate::store::{ChannelName, CodeRecord, PasswordGuard, Store, StoreError, StoredAccount, StoredSession, Tables};
+use crate::store::{
+    ChannelName, CodeRecord, PasswordGuard, PhoneGuard, Store, StoreError, StoredAccount, StoredSession, Tables,
+};
 use meshgram_node::server::limits::RateLimiter;
 
 impl From<StoreError> for WireError {
@@ -54,6 +56,17 @@ pub struct IssuedBotToken {
     pub token: String,
 }
 
+/// What a `FLOOD_WAIT` after too many wrong codes from one device says.
+const WRONG_CODES_FROM_DEVICE: &str = "wrong codes for this number from this device";
+
+/// A login code guessed by `device` for `phone`, from `ip` if per-address limits apply.
+struct CodeGuess<'a> {
+    phone: &'a Phone,
+    device: &'a PeerId,
+    ip: Option<&'a str>,
+    code: &'a str,
+}
+
 /// The gateway's state and rules.
 #[derive(Debug)]
 pub struct AuthService {
@@ -72,6 +85,8 @@ pub struct AuthService {
     send_code_peer_limiter: RateLimiter,
     send_code_ip_limiter: RateLimiter,
     send_code_global_limiter: RateLimiter,
+    /// Wrong login codes per IP address, whatever the devices and phones.
+    wrong_code_ip_limiter: RateLimiter,
     /// Codes being handed to the SMS webhook at once.
     webhook_slots: tokio::sync::Semaphore,
     runtime: tokio::runtime::Handle,
@@ -105,6 +120,7 @@ impl AuthService {
                 limits.send_code_device_refill_secs,
             ),
             send_code_ip_limiter: RateLimiter::new(limits.send_code_ip_burst, limits.send_code_ip_refill_secs),
+            wrong_code_ip_limiter: RateLimiter::new(limits.wrong_code_ip_burst, limits.wrong_code_ip_refill_secs),
             webhook_slots: tokio::sync::Semaphore::new(limits.max_webhook_deliveries as usize),
             send_code_global_limiter: RateLimiter::per_second(
                 limits.send_codes_per_second.saturating_mul(10),
@@ -156,7 +172,7 @@ impl AuthService {
         match request {
             AuthRequest::SendCode { phone } => self.send_code(peer, ip, &phone, now),
             AuthRequest::SignIn { phone, code, device, device_name, password } => {
-                self.sign_in(peer, &phone, &code, device, device_name, password, now)
+                self.sign_in(peer, ip, &phone, &code, device, device_name, password, now)
             }
             AuthRequest::BotSignIn { token, device, device_name } => {
                 self.bot_sign_in(peer, &token, device, device_name, now)
@@ -272,7 +288,7 @@ impl AuthService {
         };
         // Every code costs an SMS: limited per number, per asking device, per address and
         // overall, so that nobody pumps texts through us to numbers of their choosing.
-        if let Some(ip) = ip.filter(|ip| self.limits.limit_loopback || !ip.is_loopback()) {
+        if let Some(ip) = self.limited_ip(ip) {
             self.send_code_ip_limiter
                 .check(&ip.to_string(), now)
                 .map_err(|s| WireError::flood_wait(s, "code requests from this address"))?;
@@ -288,32 +304,34 @@ impl AuthService {
             .map_err(|s| WireError::flood_wait(s, "code requests; the gateway is busy"))?;
         let code = self.random_code();
         self.store.write(|t| {
-            let old = t.code(phone)?;
+            self.phone_unlocked(t, phone, now)?;
+            let old = t.code(phone, &peer)?;
             if let Some(old) = &old
                 && old.locked_until > now
             {
-                return Err(WireError::flood_wait(old.locked_until - now, "wrong codes for this number"));
+                return Err(WireError::flood_wait(old.locked_until - now, WRONG_CODES_FROM_DEVICE));
             }
-            // Wrong attempts count per phone, not per code: asking for a new code must not buy
-            // more guesses. They are forgotten after a lockout, or a lockout period after the
-            // last code expired.
-            let carried = old
-                .filter(|o| o.locked_until == 0 && now < o.expires_at + self.limits.code_lockout_secs)
-                .map_or(0, |o| o.wrong_attempts);
+            // Wrong attempts count per phone and device, not per code: asking for a new code
+            // must not buy more guesses. They are forgotten after a lockout, or a lockout
+            // period after the last code expired; so are other devices' records for the phone.
+            let lockout = self.limits.code_lockout_secs;
+            t.remove_stale_codes(phone, |o| now >= o.locked_until && now >= o.expires_at + lockout)?;
+            let carried =
+                old.filter(|o| o.locked_until == 0 && now < o.expires_at + lockout).map_or(0, |o| o.wrong_attempts);
             let record = CodeRecord {
                 code_hash: *self.code_hash(&code).as_bytes(),
                 expires_at: now + self.limits.code_ttl_secs,
                 wrong_attempts: carried,
                 locked_until: 0,
             };
-            t.put_code(phone, &record)?;
+            t.put_code(phone, &peer, &record)?;
             Ok(())
         })?;
         let delivered = self.sender.deliver(&self.runtime, phone, &code, now);
         self.metrics.count_code(self.sender.kind(), delivered.is_ok());
         if let Err(e) = delivered {
             tracing::warn!(error = %e, phone = %phone.masked(), "login code not delivered");
-            self.store.write(|t| t.remove_code(phone))?;
+            self.store.write(|t| t.remove_code(phone, &peer))?;
             return Err(WireError::new(
                 Code::CodeDeliveryFailed,
                 "the login code could not be delivered; try again later",
@@ -329,6 +347,7 @@ impl AuthService {
     fn sign_in(
         &self,
         peer: PeerId,
+        ip: Option<IpAddr>,
         phone: &Phone,
         code: &str,
         device: DeviceKeys,
@@ -338,9 +357,16 @@ impl AuthService {
     ) -> AuthResult<AuthResponse> {
         self.sign_in_limiter.check(&peer.to_string(), now).map_err(|s| WireError::flood_wait(s, "sign-in attempts"))?;
         check_device(&peer, &device, &device_name)?;
-        // Commit even when the code is wrong: the attempt counter must survive.
+        let ip = self.limited_ip(ip).map(|ip| ip.to_string());
+        if let Some(ip) = &ip {
+            self.wrong_code_ip_limiter
+                .wait(ip, now)
+                .map_err(|s| WireError::flood_wait(s, "wrong codes from this address"))?;
+        }
+        let guess = CodeGuess { phone, device: &peer, ip: ip.as_deref(), code };
+        // Commit even when the code is wrong: the attempt counters must survive.
         let guarded = self.store.write(|t| {
-            Ok::<_, WireError>(match self.check_code(t, phone, code, now)? {
+            Ok::<_, WireError>(match self.check_code(t, &guess, now)? {
                 Err(e) => Err(e),
                 Ok(()) => Ok(t.account_by_phone(phone)?.and_then(|a| Some((a.user_id, a.password_hash?)))),
             })
@@ -355,10 +381,11 @@ impl AuthService {
             self.check_password(user, &password, &hash, now)?;
         }
         let (account, session, new_account) = self.store.write(|t| {
-            if let Err(e) = self.check_code(t, phone, code, now)? {
+            if let Err(e) = self.check_code(t, &guess, now)? {
                 return Ok(Err(e));
             }
-            t.remove_code(phone)?;
+            t.remove_code(phone, &peer)?;
+            t.put_phone_guard(phone, &PhoneGuard::default())?;
             let (account, new_account) = match t.account_by_phone(phone)? {
                 Some(account) => (account, false),
                 None => {
@@ -383,37 +410,80 @@ impl AuthService {
         Ok(AuthResponse::SignedIn { account: account.to_account(), cert: self.issue_cert(&session, now), new_account })
     }
 
-    /// Checks `code` against the phone's record. The outer `Result` is a storage failure (abort);
-    /// the inner one a refusal whose side effects (attempt counter, lockout) must be committed.
-    fn check_code(&self, t: &mut Tables<'_>, phone: &Phone, code: &str, now: u64) -> AuthResult<AuthResult<()>> {
-        let Some(mut record) = t.code(phone)? else {
+    /// Checks a guess against the code its device asked for. The outer `Result` is a storage
+    /// failure (abort); the inner one a refusal whose side effects (attempt counters, lockouts)
+    /// must be committed.
+    ///
+    /// Wrong guesses lock out their source: the device, for this phone, after
+    /// `max_code_attempts`, and the address after `wrong_code_ip_burst` (whatever the phones and
+    /// devices). Devices are free, so the phone also counts every device's wrong guesses, and
+    /// takes none for a while after `max_code_attempts_per_phone`: far more than one address
+    /// gets to make, so that locking a number out takes many addresses.
+    fn check_code(&self, t: &mut Tables<'_>, guess: &CodeGuess<'_>, now: u64) -> AuthResult<AuthResult<()>> {
+        let (phone, device) = (guess.phone, guess.device);
+        if let Err(locked) = self.phone_unlocked(t, phone, now) {
+            return Ok(Err(locked));
+        }
+        let Some(mut record) = t.code(phone, device)? else {
             return Ok(Err(WireError::new(
                 Code::PhoneCodeExpired,
-                "no valid code for this number: it was never sent, already used, or expired; request a new one",
+                "no valid code for this number on this device: it was never sent, already used, or expired; \
+                 request a new one",
             )));
         };
         if record.locked_until > now {
-            return Ok(Err(WireError::flood_wait(record.locked_until - now, "wrong codes for this number")));
+            return Ok(Err(WireError::flood_wait(record.locked_until - now, WRONG_CODES_FROM_DEVICE)));
         }
         if record.expires_at <= now {
-            t.remove_code(phone)?;
+            t.remove_code(phone, device)?;
             return Ok(Err(WireError::new(Code::PhoneCodeExpired, "the code has expired; request a new one")));
         }
         // blake3::Hash equality is constant-time.
-        if self.code_hash(code.trim()) == blake3::Hash::from_bytes(record.code_hash) {
+        if self.code_hash(guess.code.trim()) == blake3::Hash::from_bytes(record.code_hash) {
             return Ok(Ok(()));
         }
+        let limits = &self.limits;
+        if let Some(ip) = guess.ip {
+            // Taken after the guess was checked against `wait` in `sign_in`.
+            let _ = self.wrong_code_ip_limiter.check(ip, now);
+        }
+        let mut guard = t.phone_guard(phone)?;
+        if now >= guard.last_wrong_at.saturating_add(limits.code_lockout_secs) {
+            guard.wrong = 0;
+        }
+        guard.wrong += 1;
+        guard.last_wrong_at = now;
+        if guard.wrong >= limits.max_code_attempts_per_phone {
+            tracing::warn!(phone = %phone.masked(), "wrong codes from many devices; the number takes none for a while");
+            guard = PhoneGuard { wrong: 0, last_wrong_at: now, locked_until: now + limits.code_lockout_secs };
+        }
+        t.put_phone_guard(phone, &guard)?;
         record.wrong_attempts += 1;
-        let refusal = if record.wrong_attempts >= self.limits.max_code_attempts {
-            // Burn the code and lock the phone out for a while.
-            record.locked_until = now + self.limits.code_lockout_secs;
+        let refusal = if record.wrong_attempts >= limits.max_code_attempts {
+            // Burn the code and lock this device out of this number for a while.
+            record.locked_until = now + limits.code_lockout_secs;
             record.expires_at = now;
-            WireError::flood_wait(self.limits.code_lockout_secs, "wrong codes for this number")
+            WireError::flood_wait(limits.code_lockout_secs, WRONG_CODES_FROM_DEVICE)
         } else {
             WireError::new(Code::PhoneCodeInvalid, "the code is wrong")
         };
-        t.put_code(phone, &record)?;
+        t.put_code(phone, device, &record)?;
         Ok(Err(refusal))
+    }
+
+    /// Refuses while `phone` is locked out for wrong codes from many devices.
+    fn phone_unlocked(&self, t: &Tables<'_>, phone: &Phone, now: u64) -> AuthResult<()> {
+        let guard = t.phone_guard(phone)?;
+        if guard.locked_until > now {
+            return Err(WireError::flood_wait(guard.locked_until - now, "wrong codes for this number"));
+        }
+        Ok(())
+    }
+
+    /// The address a request came from, if per-address limits apply to it (loopback only with
+    /// `limit_loopback`).
+    fn limited_ip(&self, ip: Option<IpAddr>) -> Option<IpAddr> {
+        ip.filter(|ip| self.limits.limit_loopback || !ip.is_loopback())
     }
 
     /// `BotSignIn`: the token's secret must match the stored hash.
@@ -1096,6 +1166,76 @@ mod tests {
         assert_eq!(error_code(f.sign_in(&d, &p, wrong, None, T0 + 851)), Code::PhoneCodeInvalid);
         f.call(&d, AuthRequest::SendCode { phone: p.clone() }, T0 + 900);
         assert!(matches!(f.sign_in(&d, &p, &f.last_code(), None, T0 + 901), AuthResponse::SignedIn { .. }));
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn wrong_codes_lock_out_the_guessing_device_and_address_not_the_number() {
+        let limits = Limits {
+            max_code_attempts: 2,
+            max_code_attempts_per_phone: 6,
+            wrong_code_ip_burst: 3,
+            send_code_burst: 20,
+            ..Limits::default()
+        };
+        let f = fixture(limits);
+        let p = phone("+15550000010");
+        let wrong = |f: &Fixture| if f.last_code() == "00000" { "11111" } else { "00000" }.to_string();
+        let guess = |f: &Fixture, d: &Device, ip: &str, code: &str, now: u64| {
+            let request = AuthRequest::SignIn {
+                phone: p.clone(),
+                code: code.into(),
+                device: d.identity.device_keys(),
+                device_name: "test".into(),
+                password: None,
+            };
+            f.service.handle_from(d.identity.peer_id(), Some(ip.parse().unwrap()), Ok(request), now)
+        };
+        let send = |f: &Fixture, d: &Device, now: u64| f.call(d, AuthRequest::SendCode { phone: p.clone() }, now);
+
+        // The attacker's device guesses at its own code until it is locked out of the number.
+        let mallory = device();
+        send(&f, &mallory, T0);
+        assert_eq!(error_code(guess(&f, &mallory, "203.0.113.9", &wrong(&f), T0)), Code::PhoneCodeInvalid);
+        let AuthResponse::Error(locked) = guess(&f, &mallory, "203.0.113.9", &wrong(&f), T0) else { panic!() };
+        assert_eq!((locked.code, locked.retry_after_secs), (Code::FloodWait, Some(900)));
+        assert!(locked.message.contains("from this device"), "{}", locked.message);
+        assert_eq!(error_code(send(&f, &mallory, T0 + 1)), Code::FloodWait, "no new code for it either");
+
+        // The owner, on another device and address, still gets a code and signs in with it,
+        // and a guess from a device that asked for no code finds none.
+        let owner = device();
+        send(&f, &owner, T0 + 2);
+        let code = f.last_code();
+        assert_eq!(error_code(guess(&f, &device(), "198.51.100.7", &code, T0 + 2)), Code::PhoneCodeExpired);
+        assert!(matches!(guess(&f, &owner, "198.51.100.7", &code, T0 + 3), AuthResponse::SignedIn { .. }));
+
+        // Fresh devices from the same address: its third wrong code is its last for a while.
+        let second = device();
+        send(&f, &second, T0 + 4);
+        assert_eq!(error_code(guess(&f, &second, "203.0.113.9", &wrong(&f), T0 + 4)), Code::PhoneCodeInvalid);
+        let third = device();
+        send(&f, &third, T0 + 5);
+        let right = f.last_code();
+        let AuthResponse::Error(address) = guess(&f, &third, "203.0.113.9", &right, T0 + 5) else { panic!() };
+        assert_eq!(address.code, Code::FloodWait);
+        assert!(address.message.contains("from this address"), "{}", address.message);
+
+        // Many addresses together: the number takes no code for a while after 6 wrong ones
+        // (one counted since the owner's sign-in cleared the count), even the right one.
+        for i in 0..6u64 {
+            let d = device();
+            send(&f, &d, T0 + 10 + i);
+            let _ = guess(&f, &d, &format!("192.0.2.{i}"), &wrong(&f), T0 + 10 + i);
+        }
+        let owner_again = device();
+        let AuthResponse::Error(number) = send(&f, &owner_again, T0 + 20) else { panic!("the number is locked") };
+        assert_eq!(number.code, Code::FloodWait);
+        assert!(number.message.contains("for this number") && !number.message.contains("device"), "{}", number.message);
+        send(&f, &owner_again, T0 + 20 + 900);
+        assert!(matches!(
+            guess(&f, &owner_again, "198.51.100.7", &f.last_code(), T0 + 20 + 900),
+            AuthResponse::SignedIn { .. }
+        ));
     }
 
     #[tokio::test(flavor = "multi_thread")]

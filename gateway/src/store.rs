@@ -29,7 +29,13 @@ const SESSIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("sessions");
 const DEVICES: TableDefinition<&[u8], u64> = TableDefinition::new("devices");
 /// User id → active session ids.
 const USER_SESSIONS: MultimapTableDefinition<u64, u64> = MultimapTableDefinition::new("user_sessions");
-const CODES: TableDefinition<&str, &[u8]> = TableDefinition::new("codes");
+/// `"<phone> <device peer id>"` → the code that device asked for ([`CodeRecord`]): each device
+/// guesses at its own code, so wrong guesses lock out the guessing device, not the phone.
+const CODES: TableDefinition<&str, &[u8]> = TableDefinition::new("device_codes");
+/// Codes keyed by phone alone, before they were per device: short-lived, dropped at open.
+const LEGACY_CODES: TableDefinition<&str, &[u8]> = TableDefinition::new("codes");
+/// Phone → its wrong codes from every device together, and lockout ([`PhoneGuard`]).
+const PHONE_GUARDS: TableDefinition<&str, &[u8]> = TableDefinition::new("phone_guards");
 /// Bot id → keyed hash of its token secret.
 const BOT_SECRETS: TableDefinition<u64, &[u8]> = TableDefinition::new("bot_secrets");
 /// Owner user id → bot ids.
@@ -136,7 +142,7 @@ pub struct CodeRecord {
     pub code_hash: [u8; 32],
     pub expires_at: u64,
     pub wrong_attempts: u32,
-    /// After too many wrong attempts, nothing for this phone until then.
+    /// After too many wrong attempts, nothing for this phone from this device until then.
     pub locked_until: u64,
 }
 
@@ -150,6 +156,9 @@ impl Store {
     /// Opens (or creates) the database file.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let db = Database::create(path)?;
+        let tx = db.begin_write()?;
+        tx.delete_table(LEGACY_CODES)?;
+        tx.commit()?;
         let store = Store { db };
         // Create every table up front so read paths never meet a missing table.
         store.write(|_| Ok::<_, StoreError>(()))?;
@@ -206,12 +215,22 @@ pub struct Tables<'t> {
     bot_commands: Table<'t, u64, &'static [u8]>,
     channel_names: Table<'t, &'static str, &'static [u8]>,
     password_guards: Table<'t, u64, &'static [u8]>,
+    phone_guards: Table<'t, &'static str, &'static [u8]>,
 }
 
 /// An account's wrong 2FA passwords since the last right one, and until when it takes none.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PasswordGuard {
     pub wrong: u32,
+    pub locked_until: u64,
+}
+
+/// A phone's wrong login codes from every device lately (each within a lockout period of the
+/// one before), and until when it takes none.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PhoneGuard {
+    pub wrong: u32,
+    pub last_wrong_at: u64,
     pub locked_until: u64,
 }
 
@@ -224,6 +243,11 @@ pub struct ChannelName {
 
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     postcard::to_stdvec(value).expect("invariant: stored records always serialize")
+}
+
+/// A code record's key: the phone, then the device that asked (peer ids have no spaces).
+fn code_key(phone: &Phone, device: &PeerId) -> String {
+    format!("{} {device}", phone.as_str())
 }
 
 fn decode<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T, StoreError> {
@@ -249,6 +273,7 @@ impl<'t> Tables<'t> {
             bot_commands: tx.open_table(BOT_COMMANDS)?,
             channel_names: tx.open_table(CHANNEL_NAMES)?,
             password_guards: tx.open_table(PASSWORD_GUARDS)?,
+            phone_guards: tx.open_table(PHONE_GUARDS)?,
         })
     }
 
@@ -366,20 +391,58 @@ impl<'t> Tables<'t> {
         Ok(())
     }
 
-    /// The pending code for a phone.
-    pub fn code(&self, phone: &Phone) -> Result<Option<CodeRecord>, StoreError> {
-        self.codes.get(phone.as_str())?.map(|v| decode("code", v.value())).transpose()
+    /// The phone's guard against code guessing from many devices at once.
+    pub fn phone_guard(&self, phone: &Phone) -> Result<PhoneGuard, StoreError> {
+        Ok(self
+            .phone_guards
+            .get(phone.as_str())?
+            .map(|v| decode("phone guard", v.value()))
+            .transpose()?
+            .unwrap_or_default())
     }
 
-    /// Stores a phone's code record.
-    pub fn put_code(&mut self, phone: &Phone, record: &CodeRecord) -> Result<(), StoreError> {
-        self.codes.insert(phone.as_str(), encode(record).as_slice())?;
+    /// Stores it (the default removes it).
+    pub fn put_phone_guard(&mut self, phone: &Phone, guard: &PhoneGuard) -> Result<(), StoreError> {
+        if *guard == PhoneGuard::default() {
+            self.phone_guards.remove(phone.as_str())?;
+        } else {
+            self.phone_guards.insert(phone.as_str(), encode(guard).as_slice())?;
+        }
         Ok(())
     }
 
-    /// Deletes a phone's code record (used, or undeliverable).
-    pub fn remove_code(&mut self, phone: &Phone) -> Result<(), StoreError> {
-        self.codes.remove(phone.as_str())?;
+    /// The code `device` asked for `phone`.
+    pub fn code(&self, phone: &Phone, device: &PeerId) -> Result<Option<CodeRecord>, StoreError> {
+        self.codes.get(code_key(phone, device).as_str())?.map(|v| decode("code", v.value())).transpose()
+    }
+
+    /// Stores the code record of `device` for `phone`.
+    pub fn put_code(&mut self, phone: &Phone, device: &PeerId, record: &CodeRecord) -> Result<(), StoreError> {
+        self.codes.insert(code_key(phone, device).as_str(), encode(record).as_slice())?;
+        Ok(())
+    }
+
+    /// Deletes the code record of `device` for `phone` (used, or undeliverable).
+    pub fn remove_code(&mut self, phone: &Phone, device: &PeerId) -> Result<(), StoreError> {
+        self.codes.remove(code_key(phone, device).as_str())?;
+        Ok(())
+    }
+
+    /// Deletes `phone`'s code records that `stale` says are of no more use (expired, and any
+    /// lockout over), whichever devices asked for them.
+    pub fn remove_stale_codes(&mut self, phone: &Phone, stale: impl Fn(&CodeRecord) -> bool) -> Result<(), StoreError> {
+        // Keys are "<phone> <device>": the phone's run ends before "<phone>!" (' ' < '!').
+        let (from, to) = (format!("{} ", phone.as_str()), format!("{}!", phone.as_str()));
+        let mut gone = Vec::new();
+        for entry in self.codes.range(from.as_str()..to.as_str())? {
+            let (key, value) = entry?;
+            if stale(&decode("code", value.value())?) {
+                gone.push(key.value().to_string());
+            }
+        }
+        for key in gone {
+            self.codes.remove(key.as_str())?;
+        }
         Ok(())
     }
 

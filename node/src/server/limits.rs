@@ -52,6 +52,16 @@ impl RateLimiter {
 
     /// Takes `n` tokens at once (all or none).
     pub fn check_n(&self, key: &str, n: u32, now: u64) -> Result<(), u64> {
+        self.take(key, n, now, true)
+    }
+
+    /// Whether a token for `key` is there at `now`, without taking it: for limits on failures,
+    /// asked before an attempt and taken ([`RateLimiter::check`]) only if it fails.
+    pub fn wait(&self, key: &str, now: u64) -> Result<(), u64> {
+        self.take(key, 1, now, false)
+    }
+
+    fn take(&self, key: &str, n: u32, now: u64, take: bool) -> Result<(), u64> {
         let n = f64::from(n);
         let now = now as f64;
         let mut buckets = self.buckets.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -63,7 +73,9 @@ impl RateLimiter {
         bucket.tokens = (bucket.tokens + (now - bucket.updated).max(0.0) / self.refill_secs).min(self.burst);
         bucket.updated = now;
         if bucket.tokens >= n {
-            bucket.tokens -= n;
+            if take {
+                bucket.tokens -= n;
+            }
             Ok(())
         } else {
             Err(((n - bucket.tokens) * self.refill_secs).ceil().max(1.0) as u64)
@@ -95,6 +107,15 @@ mod tests {
         assert_eq!(limiter.check_n("a", 50, 0), Err(1));
         assert!(limiter.check_n("a", 50, 1).is_ok());
         assert!(limiter.check_n("a", 1000, 100).is_err(), "more than the burst never fits");
+    }
+
+    #[test]
+    fn waiting_takes_nothing() {
+        let limiter = RateLimiter::new(1, 10);
+        assert!(limiter.wait("a", 100).is_ok());
+        assert!(limiter.wait("a", 100).is_ok(), "still there");
+        assert!(limiter.check("a", 100).is_ok());
+        assert_eq!(limiter.wait("a", 100), Err(10));
     }
 
     #[test]

@@ -68,7 +68,7 @@ fn too_many_wrong_codes_lock_the_phone() {
         Gateway::builder().config("[limits]\nmax_code_attempts = 3\nsend_code_burst = 20\ncode_length = 6\n").start();
     let (alice_p, bob_p) = (gw.new_profile("alice"), gw.new_profile("bob"));
 
-    // Each `login` requests a new code, so the count must be per phone, not per code.
+    // Each `login` requests a new code, so the count must be per phone and device, not per code.
     for attempt in 1..=3 {
         let out = gw.login_with(&alice_p, ALICE, &[], |code| {
             assert_code_shape(code, 6);
@@ -90,6 +90,28 @@ fn too_many_wrong_codes_lock_the_phone() {
     // The lockout is per phone.
     let bob = gw.login(&bob_p, BOB);
     assert_eq!(bob["new_account"], true, "{bob}");
+}
+
+#[test]
+fn wrong_codes_lock_out_the_guessing_device_not_the_owner() {
+    let mut gw = Gateway::builder().config("[limits]\nmax_code_attempts = 3\nsend_code_burst = 20\n").start();
+    let (mallory_p, alice_p) = (gw.new_profile("mallory"), gw.new_profile("alice"));
+
+    // Someone else's device asks for codes to Alice's number and guesses until locked out.
+    for _ in 1..=3 {
+        gw.login_with(&mallory_p, ALICE, &[], |code| vec![wrong_code(code)])
+            .expect_err(&["PHONE_CODE_INVALID", "FLOOD_WAIT"]);
+    }
+    gw.login_with(&mallory_p, ALICE, &[], |code| vec![code.to_string()]).expect_flood_wait(900);
+    meshgram(&mallory_p, &["whoami"]).expect_err(&["NOT_SIGNED_IN"]);
+
+    // Alice, on her own device, gets her code and signs in at once.
+    let alice = gw.login(&alice_p, ALICE);
+    assert_eq!(alice["new_account"], true, "{alice}");
+
+    // A kill -9 and restart keep the guesser locked out (the count is on disk).
+    gw.restart_same_port();
+    gw.login_with(&mallory_p, ALICE, &[], |code| vec![code.to_string()]).expect_flood_wait(900);
 }
 
 #[test]
