@@ -520,12 +520,13 @@ impl AuthService {
     // ---- the signed-in device ----
 
     fn renew_cert(&self, peer: PeerId, now: u64) -> AuthResult<AuthResponse> {
-        let session = self.store.write(|t| self.authed(t, &peer, now))?;
+        let session = self.session_seen(&peer, now)?;
         Ok(AuthResponse::Cert(self.issue_cert(&session, now)))
     }
 
     fn get_me(&self, peer: PeerId, now: u64) -> AuthResult<AuthResponse> {
-        let account = self.store.write(|t| self.authed_account(t, &peer, now))?;
+        let session = self.session_seen(&peer, now)?;
+        let account = self.store.read(|t| account_of(t, &session))?;
         Ok(AuthResponse::Me(account.to_account()))
     }
 
@@ -645,8 +646,8 @@ impl AuthService {
     }
 
     fn list_sessions(&self, peer: PeerId, now: u64) -> AuthResult<AuthResponse> {
-        let mut sessions = self.store.write(|t| {
-            let me = self.authed(t, &peer, now)?;
+        let me = self.session_seen(&peer, now)?;
+        let mut sessions = self.store.read(|t| {
             let all = t.active_sessions(me.user_id)?;
             Ok::<_, WireError>(all.iter().map(|s| s.to_info(me.session_id)).collect::<Vec<_>>())
         })?;
@@ -878,12 +879,7 @@ impl AuthService {
 
     /// The caller's active session, refreshing `last_seen` now and then.
     fn authed(&self, t: &mut Tables<'_>, peer: &PeerId, now: u64) -> AuthResult<StoredSession> {
-        let mut session = t
-            .session_of_device(peer)?
-            .ok_or_else(|| WireError::new(Code::AuthKeyUnregistered, "this device is not signed in; run login"))?;
-        if session.revoked_at.is_some() {
-            return Err(WireError::new(Code::SessionRevoked, "this session was ended; sign in again"));
-        }
+        let mut session = live_session(t, peer)?;
         if now >= session.last_seen + LAST_SEEN_RESOLUTION_SECS {
             session.last_seen = now;
             t.put_session(&session)?;
@@ -891,10 +887,20 @@ impl AuthService {
         Ok(session)
     }
 
+    /// The device's session, for a request that writes nothing else: read without a commit,
+    /// and its `last_seen` written (a durable commit) only when due, once a minute.
+    fn session_seen(&self, peer: &PeerId, now: u64) -> AuthResult<StoredSession> {
+        let session = self.store.read(|t| live_session(t, peer))?;
+        if now < session.last_seen + LAST_SEEN_RESOLUTION_SECS {
+            return Ok(session);
+        }
+        // Checked again in the writing transaction: it may have been revoked meanwhile.
+        self.store.write(|t| self.authed(t, peer, now))
+    }
+
     fn authed_account(&self, t: &mut Tables<'_>, peer: &PeerId, now: u64) -> AuthResult<StoredAccount> {
         let session = self.authed(t, peer, now)?;
-        t.account(session.user_id)?
-            .ok_or_else(|| WireError::new(Code::AuthKeyUnregistered, "the account of this session no longer exists"))
+        account_of(t, &session)
     }
 
     fn authed_user(&self, t: &mut Tables<'_>, peer: &PeerId, now: u64) -> AuthResult<StoredAccount> {
@@ -958,6 +964,23 @@ impl AuthService {
 }
 
 /// The device keys must verify and belong to the connection's peer.
+/// The device's session, if it is signed in and the session was not ended.
+fn live_session(t: &Tables<'_>, peer: &PeerId) -> AuthResult<StoredSession> {
+    let session = t
+        .session_of_device(peer)?
+        .ok_or_else(|| WireError::new(Code::AuthKeyUnregistered, "this device is not signed in; run login"))?;
+    if session.revoked_at.is_some() {
+        return Err(WireError::new(Code::SessionRevoked, "this session was ended; sign in again"));
+    }
+    Ok(session)
+}
+
+/// The account of a live session.
+fn account_of(t: &Tables<'_>, session: &StoredSession) -> AuthResult<StoredAccount> {
+    t.account(session.user_id)?
+        .ok_or_else(|| WireError::new(Code::AuthKeyUnregistered, "the account of this session no longer exists"))
+}
+
 fn check_device(peer: &PeerId, keys: &DeviceKeys, device_name: &str) -> AuthResult<()> {
     let device = keys.verify().map_err(|e| WireError::new(Code::DeviceKeysInvalid, e.to_string()))?;
     if &device != peer {
@@ -1236,6 +1259,28 @@ mod tests {
             guess(&f, &owner_again, "198.51.100.7", &f.last_code(), T0 + 20 + 900),
             AuthResponse::SignedIn { .. }
         ));
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn reads_and_refusals_commit_nothing() {
+        let f = fixture(Limits { send_code_burst: 1, ..Limits::default() });
+        let d = device();
+        f.login(&d, &phone("+15550000011"), T0);
+        let commits = || f.service.store.commits();
+        let before = commits();
+        for _ in 0..10 {
+            assert!(matches!(f.call(&d, AuthRequest::GetMe, T0 + 1), AuthResponse::Me(_)));
+            assert!(matches!(f.call(&d, AuthRequest::RenewCert, T0 + 1), AuthResponse::Cert(_)));
+            assert!(matches!(f.call(&d, AuthRequest::ListSessions, T0 + 1), AuthResponse::Sessions(_)));
+            let refused = f.call(&d, AuthRequest::SendCode { phone: phone("+15550000011") }, T0 + 1);
+            assert_eq!(error_code(refused), Code::FloodWait);
+            assert_eq!(error_code(f.call(&device(), AuthRequest::GetMe, T0 + 1)), Code::AuthKeyUnregistered);
+        }
+        assert_eq!(commits(), before, "nothing was written");
+        // A minute on, the session's last_seen is due: one commit, then none again.
+        f.call(&d, AuthRequest::GetMe, T0 + 61);
+        f.call(&d, AuthRequest::GetMe, T0 + 62);
+        assert_eq!(commits(), before + 1);
     }
 
     #[tokio::test(flavor = "multi_thread")]

@@ -150,6 +150,8 @@ pub struct CodeRecord {
 #[derive(Debug)]
 pub struct Store {
     db: Database,
+    /// Transactions committed (each a durable write), for tests of what costs one.
+    commits: std::sync::atomic::AtomicU64,
 }
 
 impl Store {
@@ -159,7 +161,7 @@ impl Store {
         let tx = db.begin_write()?;
         tx.delete_table(LEGACY_CODES)?;
         tx.commit()?;
-        let store = Store { db };
+        let store = Store { db, commits: std::sync::atomic::AtomicU64::new(0) };
         // Create every table up front so read paths never meet a missing table.
         store.write(|_| Ok::<_, StoreError>(()))?;
         Ok(store)
@@ -181,7 +183,13 @@ impl Store {
             f(&mut tables)?
         };
         tx.commit().map_err(StoreError::from)?;
+        self.commits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(out)
+    }
+
+    /// Transactions committed since the store was opened.
+    pub fn commits(&self) -> u64 {
+        self.commits.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Runs `f` and discards whatever it wrote: for requests that only read.
