@@ -236,7 +236,7 @@ struct ClientShared<Resp> {
     queue: mpsc::UnboundedSender<Queued<Resp>>,
     limits: PipeLimits,
     timeout: Duration,
-    _tasks: PipeTasks,
+    tasks: PipeTasks,
 }
 
 impl<Req, Resp> Clone for PipeClient<Req, Resp> {
@@ -281,7 +281,7 @@ where
             .await;
             close_all(&pending, &format!("write failed: {}", result.err().map_or("closed".into(), |e| e.to_string())));
         });
-        let shared = ClientShared { queue, limits, timeout, _tasks: PipeTasks { reader, writer } };
+        let shared = ClientShared { queue, limits, timeout, tasks: PipeTasks { reader, writer } };
         PipeClient { shared: Arc::new(shared), _requests: std::marker::PhantomData }
     }
 
@@ -300,9 +300,10 @@ where
         }
     }
 
-    /// Whether the pipe has stopped (its stream ended or failed).
+    /// Whether the pipe has stopped (its stream ended or failed): its writer has, or its
+    /// reader has (the peer closed the stream), so that the next call opens a new pipe.
     pub fn is_closed(&self) -> bool {
-        self.shared.queue.is_closed()
+        self.shared.queue.is_closed() || self.shared.tasks.reader.is_finished()
     }
 }
 
@@ -660,14 +661,19 @@ where
         let header = if welcomed.is_set() {
             read_header(read).await
         } else {
-            match tokio::time::timeout(
-                (opened + GREETING_DEADLINE).saturating_duration_since(Instant::now()),
-                read_header(read),
-            )
-            .await
-            {
-                Ok(header) => header,
-                Err(_) => return format!("not welcomed within {GREETING_DEADLINE:?}"),
+            // The greeting just read may be welcomed while this waits for the next request
+            // (answers come later): at the deadline, only a peer still not welcomed is cut off,
+            // and the header read so far is kept.
+            let header = read_header(read);
+            tokio::pin!(header);
+            tokio::select! {
+                header = &mut header => header,
+                () = tokio::time::sleep_until((opened + GREETING_DEADLINE).into()) => {
+                    if !welcomed.is_set() {
+                        return format!("not welcomed within {GREETING_DEADLINE:?}");
+                    }
+                    header.await
+                }
             }
         };
         let (tag, len) = match header {

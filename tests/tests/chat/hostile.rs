@@ -32,7 +32,8 @@ async fn honest_client_is_served(relay: &Server, signer: &ed25519::Keypair) {
 /// Says Hello on a raw pipe and checks the welcome.
 async fn greet(peer: &RawPeer, pipe: &mut libp2p::Stream, signer: &ed25519::Keypair, user: u64) {
     pipe.write_all(&frame(1, &MailboxRequest::Hello { cert: peer.cert(signer, user) })).await.unwrap();
-    let (_, welcome) = read_answer::<MailboxResponse>(pipe).await.expect("an answer to Hello");
+    let answer = tokio::time::timeout(Duration::from_secs(30), read_answer::<MailboxResponse>(pipe)).await;
+    let (_, welcome) = answer.expect("the relay answers Hello within 30 s").expect("an answer to Hello");
     assert!(matches!(welcome, MailboxResponse::Welcome { .. }), "{welcome:?}");
 }
 
@@ -105,7 +106,11 @@ async fn before_hello_a_pipe_gets_a_greetings_room_and_ten_seconds() {
     }
     assert!(read_answer::<MailboxResponse>(&mut pipe).await.is_none(), "the pipe closed");
 
-    // A pipe that says nothing is closed after the greeting deadline.
+    // A pipe that says nothing is closed after the greeting deadline; one welcomed in time
+    // and then quiet (a relay's replica pipe between copies) is not.
+    let greeter = RawPeer::connect(&relay.tcp_addr());
+    let mut quiet = greeter.open(MAILBOX_PROTOCOL).await;
+    greet(&greeter, &mut quiet, &signer, 99).await;
     let mut silent = stranger.open(MAILBOX_PROTOCOL).await;
     let opened = Instant::now();
     let mut byte = [0u8; 1];
@@ -113,6 +118,11 @@ async fn before_hello_a_pipe_gets_a_greetings_room_and_ten_seconds() {
     assert!(matches!(read, Ok(Ok(0) | Err(_))), "closed, not answered: {read:?}");
     let lived = opened.elapsed();
     assert!(lived >= Duration::from_secs(9) && lived < Duration::from_secs(20), "closed after {lived:?}");
+    quiet.write_all(&frame(2, &MailboxRequest::Fetch { max: 1, wait_ms: 0, ack: vec![] })).await.unwrap();
+    match read_answer::<MailboxResponse>(&mut quiet).await {
+        Some((2, MailboxResponse::Envelopes { .. })) => {}
+        other => panic!("the welcomed pipe was closed or refused after its quiet spell: {other:?}"),
+    }
 
     // Signed-in peers announcing 16 MiB requests and trickling a KiB of each: the relay holds
     // what arrived, not what was announced, so honest clients are still served.
