@@ -206,7 +206,7 @@ pub(crate) fn invalid(name: &str) -> TgError {
 
 /// The router: everything goes through one handler, which reads the path the way Telegram's
 /// server does (so a bad path is Telegram's 404, not the framework's).
-pub(crate) fn router(bots: Arc<Bots>) -> axum::Router {
+pub fn router(bots: Arc<Bots>) -> axum::Router {
     // Bodies are bounded here, by kind: forms and JSON in `read_params`, files in
     // `read_multipart`.
     axum::Router::new().fallback(handle).with_state(bots).layer(axum::extract::DefaultBodyLimit::disable())
@@ -252,7 +252,7 @@ fn not_found(description: &str) -> Response {
 
 /// Reads the parameters from the query string and the body (JSON, an urlencoded form, or
 /// multipart with files, which are written under `files_root`).
-async fn read_params(request: Request, files_root: PathBuf) -> Result<Params, TgError> {
+pub(crate) async fn read_params(request: Request, files_root: PathBuf) -> Result<Params, TgError> {
     let files = Files { uploaded: HashMap::new(), written: std::sync::Mutex::default(), root: files_root };
     let mut params = Params(HashMap::new(), files);
     read_params_into(request, &mut params).await?;

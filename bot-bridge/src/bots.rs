@@ -31,14 +31,14 @@ const CARD_CACHE: Duration = Duration::from_secs(300);
 
 /// Where the network is, for signing bots in.
 #[derive(Debug, Clone)]
-pub(crate) struct Network {
-    pub(crate) gateway: GatewayAddr,
-    pub(crate) relays: Vec<RelayInfo>,
+pub struct Network {
+    pub gateway: GatewayAddr,
+    pub relays: Vec<RelayInfo>,
 }
 
 /// Every bot of this bridge, by the hash of its token.
 #[derive(Debug)]
-pub(crate) struct Bots {
+pub struct Bots {
     dir: PathBuf,
     network: Network,
     fetch_private_urls: bool,
@@ -48,7 +48,7 @@ pub(crate) struct Bots {
 }
 
 impl Bots {
-    pub(crate) fn new(data: &Path, network: Network, fetch_private_urls: bool) -> std::io::Result<Self> {
+    pub fn new(data: &Path, network: Network, fetch_private_urls: bool) -> std::io::Result<Self> {
         let dir = data.join("bots");
         std::fs::create_dir_all(&dir)?;
         let starting = tokio::sync::Mutex::new(());
@@ -57,7 +57,7 @@ impl Bots {
 
     /// Starts every bot that signed in before (so that their updates keep coming in); a bot
     /// that cannot start is logged and tried again at its next request.
-    pub(crate) async fn start_known(&self) {
+    pub async fn start_known(&self) {
         let Ok(entries) = std::fs::read_dir(&self.dir) else { return };
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();

@@ -1,16 +1,5 @@
 //! `meshgram-bot-bridge`: the Telegram Bot API over HTTP, so that unmodified bot libraries run
-//! on Meshgram. Each bot is a client node inside this process ([`bots`]); its updates wait in a
-//! redb queue ([`store`]); the HTTP side ([`api`]) and the methods ([`methods`]) turn requests
-//! into calls on the bot's node.
-
-mod api;
-mod bots;
-mod convert;
-mod files;
-mod methods;
-mod rich;
-mod store;
-mod webhook;
+//! on Meshgram (the library, `meshgram_bot_bridge`, says how).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -18,6 +7,7 @@ use std::sync::Arc;
 use anyhow::{Context, bail};
 use clap::Parser;
 use libp2p::Multiaddr;
+use meshgram_bot_bridge::{Bots, Network, router};
 use meshgram_node::client::session::GatewayAddr;
 use meshgram_node::network_file::NetworkFile;
 use meshgram_node::proto::RelayInfo;
@@ -70,7 +60,7 @@ fn main() -> anyhow::Result<()> {
     tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?.block_on(run(cli))
 }
 
-fn network_of(cli: &Cli) -> anyhow::Result<bots::Network> {
+fn network_of(cli: &Cli) -> anyhow::Result<Network> {
     let mut relays = Vec::new();
     for addr in &cli.relay {
         let mut addr = addr.clone();
@@ -88,7 +78,7 @@ fn network_of(cli: &Cli) -> anyhow::Result<bots::Network> {
         }
         (None, None) => bail!("give --network FILE or --gateway MULTIADDR"),
     };
-    Ok(bots::Network { gateway, relays })
+    Ok(Network { gateway, relays })
 }
 
 /// `/ip4/A/tcp/P` as a socket address.
@@ -106,13 +96,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     service::init_tracing("info", cli.log_format);
     let network = network_of(&cli)?;
     service::keep_private(&cli.data).with_context(|| format!("creating {}", cli.data.display()))?;
-    let bots = Arc::new(bots::Bots::new(&cli.data, network, cli.fetch_private_urls).context("opening the bots' data")?);
+    let bots = Arc::new(Bots::new(&cli.data, network, cli.fetch_private_urls).context("opening the bots' data")?);
     let addr = cli.listen.iter().find_map(tcp_socket).unwrap_or(cli.http);
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listening on {addr}"))?;
     let bound = listener.local_addr()?;
     let listen = format!("/ip4/{}/tcp/{}", bound.ip(), bound.port());
     let http = format!("http://{bound}");
-    let server = axum::serve(listener, api::router(bots.clone()));
+    let server = axum::serve(listener, router(bots.clone()));
     let starting = bots.clone();
     tokio::spawn(async move { starting.start_known().await });
     let bot_api = format!("{http}/bot");

@@ -349,11 +349,22 @@ async fn send_rich(
     }
 }
 
-async fn send_message(bot: &Bot, p: &Params) -> Result<Value, TgError> {
-    let (to, chat, _) = chat_of(bot, p, "chat_id").await?;
+/// A `sendMessage`'s text and extras, read and checked before anything is sent.
+pub(crate) fn message_of_params(p: &Params) -> Result<(convert::Formatted, Extras), TgError> {
     let text = formatted(p, "text", "parse_mode", "entities")?;
     check_text(&text.text)?;
     let extras = extras_of(p, &text.entities)?;
+    Ok((text, extras))
+}
+
+/// A file's caption and extras, likewise.
+pub(crate) fn caption_of_params(p: &Params) -> Result<(String, Extras), TgError> {
+    caption_of(formatted(p, "caption", "parse_mode", "caption_entities")?, p)
+}
+
+async fn send_message(bot: &Bot, p: &Params) -> Result<Value, TgError> {
+    let (to, chat, _) = chat_of(bot, p, "chat_id").await?;
+    let (text, extras) = message_of_params(p)?;
     let reply_to = reply_of(bot, chat, p)?;
     let m = send_rich(bot, to, text.text, None, extras, reply_to).await?;
     bot.message_json(&m).await
@@ -389,7 +400,7 @@ async fn sent_as(bot: &Bot, m: &StoredMessage, kind: &str) -> Result<Value, TgEr
 /// `sendPhoto`, `sendDocument`, …: the file in the parameter named after its kind.
 async fn send_media(bot: &Bot, p: &Params, kind: &str) -> Result<Value, TgError> {
     let (to, chat, _) = chat_of(bot, p, "chat_id").await?;
-    let (caption, extras) = caption_of(formatted(p, "caption", "parse_mode", "caption_entities")?, p)?;
+    let (caption, extras) = caption_of_params(p)?;
     let reply_to = reply_of(bot, chat, p)?;
     let file = files::input_file(bot, p, kind)
         .await?
@@ -446,9 +457,7 @@ async fn edit_message(bot: &Bot, p: &Params, with_text: bool) -> Result<Value, T
     let (_, chat, _) = chat_of(bot, p, "chat_id").await?;
     let id = message_of(bot, chat, p.required_int("message_id")?, "message to edit not found")?;
     let (text, extras) = if with_text {
-        let text = formatted(p, "text", "parse_mode", "entities")?;
-        check_text(&text.text)?;
-        let extras = extras_of(p, &text.entities)?;
+        let (text, extras) = message_of_params(p)?;
         (Some(text.text), extras)
     } else {
         (None, extras_of(p, &[])?)

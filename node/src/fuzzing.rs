@@ -13,7 +13,7 @@ use crate::proto::{AuthRequest, AuthResponse, MailboxRequest, MailboxResponse, R
 pub type Target = (&'static str, fn(&[u8]));
 
 /// The decoders, by the name of their fuzz target.
-pub const TARGETS: [Target; 7] = [
+pub const TARGETS: [Target; 8] = [
     ("pipe_frames", pipe_frames),
     ("codec_frames", codec_frames),
     ("mailbox_messages", mailbox_messages),
@@ -21,6 +21,7 @@ pub const TARGETS: [Target; 7] = [
     ("envelopes", envelopes),
     ("certificates", certificates),
     ("auth_messages", auth_messages),
+    ("media_messages", media_messages),
 ];
 
 /// Pipe frames one after another, as a relay's reader takes them, until the bytes end.
@@ -103,6 +104,28 @@ pub fn auth_messages(bytes: &[u8]) {
     }
     if let Ok(response) = postcard::from_bytes::<AuthResponse>(bytes) {
         round_trips(&response);
+    }
+}
+
+/// What a downloader decodes of media: a relay's answer, a file reference from a message (its
+/// checks and part arithmetic), a stored chunk opened against the reference's hashes, and the
+/// manifest it holds.
+pub fn media_messages(bytes: &[u8]) {
+    use crate::crypto::media::{FileKey, MANIFEST_INDEX};
+    use crate::proto::media::{FileRef, Manifest, MediaResponse};
+    if let Ok(response) = postcard::from_bytes::<MediaResponse>(bytes) {
+        round_trips(&response);
+    }
+    if let Ok(file) = postcard::from_bytes::<FileRef>(bytes) {
+        round_trips(&file);
+        if file.check().is_ok() {
+            let last = file.data_parts().saturating_sub(1);
+            assert!(file.part_len(last) <= u64::from(file.part_size));
+            let _ = FileKey(file.key).open_part(MANIFEST_INDEX, &file.manifest, bytes);
+        }
+    }
+    if let Ok(manifest) = postcard::from_bytes::<Manifest>(bytes) {
+        round_trips(&manifest);
     }
 }
 

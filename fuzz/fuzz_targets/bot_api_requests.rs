@@ -1,0 +1,2 @@
+#![no_main]
+libfuzzer_sys::fuzz_target!(|data: &[u8]| meshgram_bot_bridge::fuzzing::bot_api_requests(data));
