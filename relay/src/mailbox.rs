@@ -778,7 +778,8 @@ impl Mailboxes {
         Acked { ids, proof }: Acked,
         known: &mut KnownRelays<'_>,
     ) -> impl Future<Output = Result<u32, StoreError>> + Send + 'static {
-        if let Some(ack) = proof.filter(|_| !ids.is_empty()) {
+        let proof = proof.filter(|_| !ids.is_empty());
+        if let Some(ack) = &proof {
             let local = known.local();
             let mut relays = known.mailbox_relays(&mailbox);
             relays.truncate(self.settings.replication + 1);
@@ -789,7 +790,14 @@ impl Mailboxes {
             }
         }
         let store = self.store.clone();
-        async move { if ids.is_empty() { Ok(0) } else { store.delete(mailbox, ids).await } }
+        async move {
+            match proof {
+                // Kept as the proof of delivery that repair shows other relays.
+                Some(ack) => store.delete_acked(ack).await,
+                None if ids.is_empty() => Ok(0),
+                None => store.delete(mailbox, ids).await,
+            }
+        }
     }
 
     /// Reads `peer`'s mailbox on a task; answers, or parks until `deadline` if it is empty.

@@ -8,17 +8,20 @@
 //!    relays (the same rule as a `Send`, [`crate::placement`]).
 //! 2. To each other relay responsible for some of them: `Digests` (4,096 mailboxes per
 //!    request); it answers with the mailboxes whose digest differs from its own.
-//! 3. For each of those: `Reconcile` with the ids held here; it answers which it lacks
+//! 3. For each of those: `ReconcileProven` with the ids held here; it answers which it lacks
 //!    (`wanted`: sent with `StoreUntil`, so its dedup and quota apply and the copy expires with
-//!    the original) and which it has *delivered* (the copies here are stale: deleted, never sent
-//!    back).
+//!    the original) and, for those it has *delivered*, the recipient's signed acknowledgements
+//!    it kept. Each is checked against the mailbox's device key; the copies it covers are stale
+//!    and deleted here (and the acknowledgement kept, as proof for the next relay). A relay's
+//!    word that an envelope was delivered, without the recipient's signature, deletes nothing:
+//!    that copy waits for its recipient (who drops it by id) or its expiry.
 //!
 //! Every relay runs rounds for what it holds, so a pair of replicas converges from both sides:
-//! what one lacks the other pushes, what one delivered the other deletes. A relay that is no
+//! what one lacks the other pushes, what one proves delivered the other deletes. A relay that is no
 //! longer responsible for a mailbox (a closer one joined) still pushes to the responsible ones,
 //! and drops its copies once they are delivered, as any replica does. Deletes are not brought
 //! back because a store keeps the id of a delivered envelope until its TTL (`store`: the id
-//! record outlives the mailbox entry) and answers it as `delivered`, and `Store` of such an id is
+//! record outlives the mailbox entry) and does not want it again, and `Store` of such an id is
 //! a duplicate; a repaired copy expires when its original does, so it cannot outlive that
 //! record. A relay that does not answer within [`REPAIR_CALL_DEADLINE`] is reported down
 //! (`relays`), which makes placement skip it and starts the next round soon: its mailboxes then
@@ -44,7 +47,7 @@ use libp2p::kad::KBucketKey;
 use meshgram_node::proto::envelope::{Envelope, EnvelopeId};
 use meshgram_node::proto::{
     ErrorCode, MAX_DIGESTS_PER_REQUEST, MAX_ENVELOPES_PER_BATCH, MAX_IDS_PER_RECONCILE, MailboxDigest, ReplicaRequest,
-    ReplicaResponse, WireError,
+    ReplicaResponse, SignedAck, WireError,
 };
 
 use crate::media::MediaStore;
@@ -230,20 +233,18 @@ async fn repair_mailbox(
 ) -> Result<(), WireError> {
     let held = read(replicas, move |store| store.held_in(&mailbox)).await?;
     for ids in held.chunks(MAX_IDS_PER_RECONCILE) {
-        let request = ReplicaRequest::Reconcile { mailbox, held: ids.to_vec() };
-        let (wanted, delivered) = match call(replicas, relay, request).await? {
-            ReplicaResponse::Reconciled { wanted, delivered } => (wanted, delivered),
+        let request = ReplicaRequest::ReconcileProven { mailbox, held: ids.to_vec() };
+        let (wanted, proofs) = match call(replicas, relay, request).await? {
+            ReplicaResponse::ReconciledProven { wanted, proofs } => (wanted, proofs),
             other => return Err(unexpected(&other)),
         };
         // Only ids it was asked about, each once, whatever it answered.
         let sent: HashSet<EnvelopeId> = ids.iter().copied().collect();
-        let only_sent = |answer: Vec<EnvelopeId>| -> Vec<EnvelopeId> {
-            let answer: HashSet<EnvelopeId> = answer.into_iter().filter(|id| sent.contains(id)).collect();
-            answer.into_iter().collect()
-        };
-        let (wanted, delivered) = (only_sent(wanted), only_sent(delivered));
-        if !delivered.is_empty() {
-            let deleted = replicas.store.delete(mailbox, delivered).await.map_err(|e| store_error(&e))?;
+        let wanted: Vec<EnvelopeId> =
+            wanted.into_iter().filter(|id| sent.contains(id)).collect::<HashSet<_>>().into_iter().collect();
+        // Its copies are stale only where the recipient's own signature says it received them.
+        for ack in proven_deliveries(&mailbox, proofs, relay).await {
+            let deleted = replicas.store.delete_acked(ack).await.map_err(|e| store_error(&e))?;
             done.stale_deleted += u64::from(deleted);
         }
         for wanted in wanted.chunks(MAX_ENVELOPES_PER_BATCH) {
@@ -264,6 +265,25 @@ async fn repair_mailbox(
         }
     }
     Ok(())
+}
+
+/// Of the acknowledgements another relay showed as proof of delivery, those of `mailbox` that
+/// its device signed (checked off the runtime; at most as many as a reconcile names ids).
+async fn proven_deliveries(mailbox: &PeerId, proofs: Vec<SignedAck>, relay: PeerId) -> Vec<SignedAck> {
+    let mailbox = *mailbox;
+    let proofs: Vec<SignedAck> =
+        proofs.into_iter().filter(|ack| ack.mailbox == mailbox).take(MAX_IDS_PER_RECONCILE).collect();
+    if proofs.is_empty() {
+        return proofs;
+    }
+    let checked = tokio::task::spawn_blocking(move || {
+        let (good, bad): (Vec<_>, Vec<_>) = proofs.into_iter().partition(|ack| ack.verify().is_ok());
+        if !bad.is_empty() {
+            tracing::warn!(%relay, %mailbox, forged = bad.len(), "a relay showed delivery proofs that do not check out; those copies stay");
+        }
+        good
+    });
+    checked.await.unwrap_or_default()
 }
 
 /// Envelopes sorted by expiry, in runs that expire within [`EXPIRY_SPREAD`] of each other: a
@@ -290,5 +310,24 @@ async fn read<T: Send + 'static>(
     match tokio::task::spawn_blocking(move || f(&store)).await {
         Ok(result) => result.map_err(|e| store_error(&e)),
         Err(e) => Err(WireError::new(ErrorCode::Internal, format!("a store read failed: {e}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn only_the_recipients_own_acknowledgements_prove_a_delivery() {
+        let key = libp2p::identity::Keypair::generate_ed25519();
+        let mailbox = key.public().to_peer_id();
+        let ids = vec![EnvelopeId::random(), EnvelopeId::random()];
+        let good = SignedAck::sign(&key, ids.clone());
+        let other = libp2p::identity::Keypair::generate_ed25519();
+        let forged = SignedAck { mailbox, ids: ids.clone(), signature: other.sign(b"anything").unwrap() };
+        let tampered = SignedAck { ids: vec![EnvelopeId::random()], ..good.clone() };
+        let elsewhere = SignedAck::sign(&other, ids);
+        let proofs = vec![forged, good.clone(), tampered, elsewhere];
+        assert_eq!(proven_deliveries(&mailbox, proofs, PeerId::random()).await, [good]);
     }
 }

@@ -150,6 +150,26 @@ impl ReplicaServer {
                     Done::answer(channel, response)
                 });
             }
+            Ok(ReplicaRequest::ReconcileProven { mailbox, held }) => {
+                let store = self.store.clone();
+                self.tasks.spawn_blocking(move || {
+                    let answer = store.states(&mailbox, &held).and_then(|states| {
+                        let (mut wanted, mut delivered) = (Vec::new(), Vec::new());
+                        for (id, state) in held.into_iter().zip(states) {
+                            match state {
+                                IdState::Unknown => wanted.push(id),
+                                IdState::Delivered => delivered.push(id),
+                                IdState::Held => {}
+                            }
+                        }
+                        Ok(ReplicaResponse::ReconciledProven {
+                            wanted,
+                            proofs: store.delivery_proofs(&mailbox, &delivered)?,
+                        })
+                    });
+                    Done::answer(channel, answer.unwrap_or_else(|e| refuse(ErrorCode::Internal, e.to_string())))
+                });
+            }
             Ok(
                 request @ (ReplicaRequest::StoreChunk { .. }
                 | ReplicaRequest::RecordPart { .. }
@@ -186,7 +206,7 @@ impl ReplicaServer {
                     };
                     let mut count = 0;
                     for ack in acks {
-                        match store.delete(ack.mailbox, ack.ids).await {
+                        match store.delete_acked(ack).await {
                             Ok(deleted) => count += deleted,
                             Err(e) => return Done::answer(channel, ReplicaResponse::Error(store_error(&e))),
                         }

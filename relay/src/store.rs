@@ -16,6 +16,9 @@
 //!   an id whose `mailbox` entry is gone was delivered. Ids lead with the sender's clock
 //!   (`EnvelopeId`), so new ids land at the end of this table, not on random pages.
 //! - `mailbox_sizes`: device → envelopes waiting, for quotas (one update per mailbox per batch).
+//! - `delivery_proofs` and `ack_proofs`: for an id delivered on its recipient's signed
+//!   acknowledgement, that acknowledgement (kept once, however many ids it names, until the
+//!   last of them expires): what repair shows another relay before it deletes its copy.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -23,8 +26,8 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
-use meshgram_node::proto::MailboxDigest;
 use meshgram_node::proto::envelope::{Envelope, EnvelopeId};
+use meshgram_node::proto::{MailboxDigest, SignedAck};
 use redb::{Database, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
@@ -47,6 +50,10 @@ const SENDER_BYTES: TableDefinition<u64, u64> = TableDefinition::new("sender_byt
 const SENDERS_COUNTED: &str = "senders_counted";
 /// (when it expires, envelope id) for every id record: expiry reads only what is due.
 const EXPIRIES: TableDefinition<(u64, &[u8; 16]), ()> = TableDefinition::new("expiries");
+/// Envelope id → the hash of the signed acknowledgement that delivered it (in [`ACK_PROOFS`]).
+const DELIVERY_PROOFS: TableDefinition<&[u8; 16], &[u8; 32]> = TableDefinition::new("delivery_proofs");
+/// Hash of a recipient's signed acknowledgement → [`StoredProof`].
+const ACK_PROOFS: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("ack_proofs");
 /// Set once [`EXPIRIES`] holds every id record (stores from before it are indexed at open).
 const EXPIRIES_BUILT: &str = "expiries_built";
 /// Ids one expiry step drops at most: each step is one transaction, so that the single writer
@@ -113,6 +120,13 @@ struct IdRecord {
     expires_at: u64,
 }
 
+/// A signed acknowledgement kept as proof, and how many ids' records name it.
+#[derive(Debug, Serialize, Deserialize)]
+struct StoredProof {
+    ids: u32,
+    ack: SignedAck,
+}
+
 /// What a put did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PutOutcome {
@@ -149,6 +163,10 @@ enum Write {
         mailbox: PeerId,
         ids: Vec<EnvelopeId>,
     },
+    /// A delete on the recipient's signed acknowledgement, which is kept as proof.
+    DeleteAcked {
+        ack: SignedAck,
+    },
     Expire {
         now: u64,
     },
@@ -159,7 +177,7 @@ impl Write {
     fn envelopes(&self) -> &[Envelope] {
         match self {
             Write::Put { envelopes, .. } => envelopes,
-            Write::Delete { .. } | Write::Expire { .. } => &[],
+            Write::Delete { .. } | Write::DeleteAcked { .. } | Write::Expire { .. } => &[],
         }
     }
 }
@@ -317,6 +335,8 @@ impl StoreHandle {
         tx.open_table(EXPIRIES)?;
         tx.open_table(SENDER_SHARES)?;
         tx.open_table(SENDER_BYTES)?;
+        tx.open_table(DELIVERY_PROOFS)?;
+        tx.open_table(ACK_PROOFS)?;
         build_digests(&tx)?;
         build_expiries(&tx)?;
         count_senders(&tx)?;
@@ -558,6 +578,35 @@ impl StoreHandle {
         count(self.ask(Write::Delete { mailbox, ids }).await)
     }
 
+    /// Deletes the envelopes its recipient acknowledged (ids of other mailboxes are ignored),
+    /// keeping the acknowledgement as proof of their delivery for the ids' lifetime. The caller
+    /// checked it, or it is the recipient's own (who cannot prove more than it signed).
+    pub async fn delete_acked(&self, ack: SignedAck) -> Result<u32, StoreError> {
+        count(self.ask(Write::DeleteAcked { ack }).await)
+    }
+
+    /// The signed acknowledgements kept as proof that `ids` of `mailbox` were delivered, each
+    /// once (ids delivered without one, or not delivered, have none).
+    pub fn delivery_proofs(&self, mailbox: &PeerId, ids: &[EnvelopeId]) -> Result<Vec<SignedAck>, StoreError> {
+        use redb::ReadableDatabase;
+        let tx = self.db.begin_read()?;
+        let (proofs_of, proofs) = (tx.open_table(DELIVERY_PROOFS)?, tx.open_table(ACK_PROOFS)?);
+        let mut hashes = std::collections::HashSet::new();
+        let mut found = Vec::new();
+        for id in ids {
+            let Some(hash) = proofs_of.get(&id.0)?.map(|v| *v.value()) else { continue };
+            if !hashes.insert(hash) {
+                continue;
+            }
+            match proofs.get(&hash)?.map(|v| postcard::from_bytes::<StoredProof>(v.value())) {
+                Some(Ok(proof)) if proof.ack.mailbox == *mailbox => found.push(proof.ack),
+                Some(Err(e)) => tracing::error!(error = %e, "skipping a corrupt delivery proof"),
+                _ => {}
+            }
+        }
+        Ok(found)
+    }
+
     /// Drops envelopes and ids past their TTL, in steps of [`EXPIRE_STEP`] (other writes go
     /// between them); returns how many envelopes were dropped.
     pub async fn expire(&self, now: u64) -> Result<u32, StoreError> {
@@ -759,7 +808,7 @@ fn apply_and_log(
     if !effects.is_empty() {
         // A lost delete only means a redelivery, which recipients drop by id: a batch of
         // nothing but deletes is not synced, and becomes durable with the next sync.
-        let sync = effects.iter().any(|e| !matches!(e, Effect::Delete { .. }));
+        let sync = effects.iter().any(|e| !matches!(e, Effect::Delete { .. } | Effect::DeleteAcked { .. }));
         if let Err(e) = wal.append(&effects, sync) {
             if let Err(abort) = tx.abort() {
                 tracing::warn!(error = %abort, "aborting a transaction the log refused failed");
@@ -790,6 +839,10 @@ fn apply<'a>(
             let count = delete(tx, mailbox, ids)?;
             (Applied::Count(count), (count > 0).then(|| Effect::Delete { mailbox: *mailbox, ids: ids.clone() }))
         }
+        Write::DeleteAcked { ack } => {
+            let (count, proven) = delete_acked(tx, ack)?;
+            (Applied::Count(count), (count > 0 || proven > 0).then(|| Effect::DeleteAcked { ack: ack.clone() }))
+        }
         // Logged even when no envelope was dropped: the ids of delivered ones may have been.
         Write::Expire { now } => {
             let (dropped, more) = expire(tx, *now)?;
@@ -812,6 +865,9 @@ fn apply_logged(tx: &redb::WriteTransaction, effect: &Effect) -> Result<(), Stor
         }
         Effect::Delete { mailbox, ids } => {
             delete(tx, mailbox, ids)?;
+        }
+        Effect::DeleteAcked { ack } => {
+            delete_acked(tx, ack)?;
         }
         Effect::Expire { now } => {
             expire(tx, *now)?;
@@ -1127,6 +1183,53 @@ fn delete(tx: &redb::WriteTransaction, mailbox: &PeerId, delivered: &[EnvelopeId
     Ok(count)
 }
 
+/// [`delete`] on a signed acknowledgement, which is then kept as the proof of delivery of each
+/// of its ids that has a record here and no proof yet. Gives the envelopes deleted and the ids
+/// it became the proof of.
+fn delete_acked(tx: &redb::WriteTransaction, ack: &SignedAck) -> Result<(u32, u32), StoreError> {
+    let count = delete(tx, &ack.mailbox, &ack.ids)?;
+    let encoded = postcard::to_stdvec(ack).map_err(|e| StoreError::Db(e.to_string()))?;
+    let hash = *blake3::hash(&encoded).as_bytes();
+    let ids = tx.open_table(ENVELOPE_IDS)?;
+    let mut proofs_of = tx.open_table(DELIVERY_PROOFS)?;
+    let key = ack.mailbox.to_bytes();
+    let mut proven = 0;
+    for id in &ack.ids {
+        if id_record(&ids, id, &key)?.is_some() && proofs_of.get(&id.0)?.is_none() {
+            proofs_of.insert(&id.0, &hash)?;
+            proven += 1;
+        }
+    }
+    if proven > 0 {
+        let mut proofs = tx.open_table(ACK_PROOFS)?;
+        let held =
+            proofs.get(&hash)?.and_then(|v| postcard::from_bytes::<StoredProof>(v.value()).ok()).map_or(0, |p| p.ids);
+        let proof = StoredProof { ids: held + proven, ack: ack.clone() };
+        proofs.insert(&hash, postcard::to_stdvec(&proof).map_err(|e| StoreError::Db(e.to_string()))?.as_slice())?;
+    }
+    Ok((count, proven))
+}
+
+/// An id's record is gone: so is its share of its delivery proof.
+fn drop_delivery_proof(
+    proofs_of: &mut redb::Table<&[u8; 16], &[u8; 32]>,
+    proofs: &mut redb::Table<&[u8; 32], &[u8]>,
+    id: &[u8; 16],
+) -> Result<(), StoreError> {
+    let Some(hash) = proofs_of.remove(id)?.map(|v| *v.value()) else { return Ok(()) };
+    let proof = proofs.get(&hash)?.and_then(|v| postcard::from_bytes::<StoredProof>(v.value()).ok());
+    match proof {
+        Some(proof) if proof.ids > 1 => {
+            let proof = StoredProof { ids: proof.ids - 1, ..proof };
+            proofs.insert(&hash, postcard::to_stdvec(&proof).map_err(|e| StoreError::Db(e.to_string()))?.as_slice())?;
+        }
+        _ => {
+            proofs.remove(&hash)?;
+        }
+    }
+    Ok(())
+}
+
 /// One step of expiry: drops at most [`EXPIRE_STEP`] ids due by `now` (their envelopes too, if
 /// still held), read from [`EXPIRIES`] in order; gives the envelopes dropped and whether more
 /// ids are due.
@@ -1136,6 +1239,7 @@ fn expire(tx: &redb::WriteTransaction, now: u64) -> Result<(u32, bool), StoreErr
     let mut ids = tx.open_table(ENVELOPE_IDS)?;
     let mut sizes = tx.open_table(MAILBOX_SIZES)?;
     let mut expiries = tx.open_table(EXPIRIES)?;
+    let (mut proofs_of, mut proofs) = (tx.open_table(DELIVERY_PROOFS)?, tx.open_table(ACK_PROOFS)?);
     let mut due = Vec::new();
     for entry in expiries.range((0, &[0u8; 16])..=(now, &[0xff; 16]))?.take(EXPIRE_STEP + 1) {
         let (key, _) = entry?;
@@ -1153,6 +1257,7 @@ fn expire(tx: &redb::WriteTransaction, now: u64) -> Result<(u32, bool), StoreErr
         let record = ids.get(&id)?.and_then(|v| postcard::from_bytes::<IdRecord>(v.value()).ok());
         let Some(record) = record.filter(|r| r.expires_at == expires_at) else { continue };
         ids.remove(&id)?;
+        drop_delivery_proof(&mut proofs_of, &mut proofs, &id)?;
         if let Some(removed) = table.remove((record.mailbox.as_slice(), record.arrival))? {
             senders.release(&record.mailbox, removed.value())?;
             digests.toggle(&record.mailbox, &EnvelopeId(id));
@@ -1446,6 +1551,38 @@ mod tests {
         assert_eq!((got.iter().map(|e| e.seq).collect::<Vec<_>>(), more), (vec![1, 2, 3, 4], false));
         let replay = reopened.put(vec![batch[0].clone(), batch[1].clone()], 1, None).await.unwrap();
         assert_eq!(replay.duplicates, [batch[0].id, batch[1].id], "ids survive, delivered or not");
+    }
+
+    #[tokio::test]
+    async fn a_signed_acknowledgement_is_kept_as_proof_across_a_crash_until_its_ids_expire() {
+        use redb::{ReadableDatabase, ReadableTableMetadata};
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path(), 10);
+        let key = libp2p::identity::Keypair::generate_ed25519();
+        let bob = key.public().to_peer_id();
+        let bobs: Vec<_> = (0..3).map(|i| envelope(bob, i)).collect();
+        store.put(bobs.clone(), 1, None).await.unwrap();
+        let all: Vec<EnvelopeId> = bobs.iter().map(|e| e.id).collect();
+        store.delete(bob, vec![all[0]]).await.unwrap();
+        assert!(store.delivery_proofs(&bob, &all).unwrap().is_empty(), "an unsigned ack proves nothing");
+
+        // One acknowledgement for all three (one delivered before, on the unsigned ack): kept once.
+        let ack = SignedAck::sign(&key, all.clone());
+        assert_eq!(store.delete_acked(ack.clone()).await.unwrap(), 2);
+        assert_eq!(store.delivery_proofs(&bob, &all).unwrap(), [ack.clone()]);
+        assert!(store.delivery_proofs(&PeerId::random(), &all).unwrap().is_empty(), "of Bob's mailbox only");
+
+        // A crash before the checkpoint: the log brings the proof back.
+        let crashed = crash_copy(dir.path());
+        let reopened = open(crashed.path(), 10);
+        assert_eq!(reopened.delivery_proofs(&bob, &all).unwrap(), [ack]);
+
+        // The ids expire, and their proof with them.
+        reopened.expire(101).await.unwrap();
+        assert!(reopened.delivery_proofs(&bob, &all).unwrap().is_empty());
+        let tx = reopened.db.begin_read().unwrap();
+        assert_eq!(tx.open_table(ACK_PROOFS).unwrap().len().unwrap(), 0, "nothing left behind");
+        assert_eq!(tx.open_table(DELIVERY_PROOFS).unwrap().len().unwrap(), 0);
     }
 
     /// Copies the store's files as a crash now would leave them: redb has the writes unsynced

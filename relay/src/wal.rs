@@ -27,6 +27,7 @@ use std::io::{self, BufReader, Read, Seek, SeekFrom, Write as _};
 use std::path::{Path, PathBuf};
 
 use libp2p::PeerId;
+use meshgram_node::proto::SignedAck;
 use meshgram_node::proto::envelope::{Envelope, EnvelopeId};
 use serde::{Deserialize, Serialize};
 
@@ -52,6 +53,8 @@ pub(crate) enum Effect<E = Envelope> {
     Delete { mailbox: PeerId, ids: Vec<EnvelopeId> },
     /// Envelopes and ids past their TTL at `now` dropped.
     Expire { now: u64 },
+    /// Envelopes deleted on their recipient's signed acknowledgement, kept as proof.
+    DeleteAcked { ack: SignedAck },
 }
 
 impl Effect<&Envelope> {
@@ -61,6 +64,7 @@ impl Effect<&Envelope> {
             Effect::Store { envelopes, .. } => envelopes.iter().map(|e| e.sealed.len() + 160).sum(),
             Effect::Delete { ids, .. } => ids.len() * 17 + 48,
             Effect::Expire { .. } => 16,
+            Effect::DeleteAcked { ack } => ack.ids.len() * 17 + ack.signature.len() + 64,
         }
     }
 }

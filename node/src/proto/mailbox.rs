@@ -311,6 +311,10 @@ pub enum ReplicaRequest {
     /// Delete the envelopes these recipients acknowledged (at most [`MAX_ACKS_PER_DELETE`]),
     /// each ack checked against its mailbox's device key. Answered `Deleted`.
     DeleteAcked { acks: Vec<SignedAck> },
+    /// `Reconcile`, answered `ReconciledProven`: the ids this relay delivered come as the
+    /// recipient's signed acknowledgements, which the caller checks before it deletes its
+    /// copies (an unproven "delivered" deletes nothing).
+    ReconcileProven { mailbox: PeerId, held: Vec<EnvelopeId> },
 }
 
 impl RequestKind for ReplicaRequest {
@@ -321,7 +325,7 @@ impl RequestKind for ReplicaRequest {
             ReplicaRequest::Delete { .. } => "delete",
             ReplicaRequest::Hello { .. } => "hello",
             ReplicaRequest::Digests { .. } => "digests",
-            ReplicaRequest::Reconcile { .. } => "reconcile",
+            ReplicaRequest::Reconcile { .. } | ReplicaRequest::ReconcileProven { .. } => "reconcile",
             ReplicaRequest::StoreUntil { .. } => "store_until",
             ReplicaRequest::StoreChunk { .. } => "store_chunk",
             ReplicaRequest::RecordPart { .. } => "record_part",
@@ -442,5 +446,12 @@ pub enum ReplicaResponse {
     /// Answer to `GroupFetch`, as a member's is answered.
     GroupEnvelopes {
         groups: Vec<GroupBatch>,
+    },
+    /// Answer to `ReconcileProven`: the caller's ids this relay never held (`wanted`), and the
+    /// signed acknowledgements of those it delivered that it kept (ids delivered on an unsigned
+    /// acknowledgement have none: the caller keeps its copy until it expires).
+    ReconciledProven {
+        wanted: Vec<EnvelopeId>,
+        proofs: Vec<SignedAck>,
     },
 }

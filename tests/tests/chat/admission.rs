@@ -105,9 +105,21 @@ async fn only_certified_relays_may_store_or_delete_replicas() {
     tampered.ids = vec![envelope.id];
     assert_eq!(refused(call(ReplicaRequest::DeleteAcked { acks: vec![tampered] }).await), ErrorCode::Forbidden);
     // Bob's own acknowledgement: the envelope was still there, and now it is not.
-    let acked = ReplicaRequest::DeleteAcked { acks: vec![SignedAck::sign(&bob_keys, vec![envelope.id])] };
+    let bobs_ack = SignedAck::sign(&bob_keys, vec![envelope.id]);
+    let acked = ReplicaRequest::DeleteAcked { acks: vec![bobs_ack.clone()] };
     assert!(matches!(call(acked.clone()).await, ReplicaResponse::Deleted { count: 1 }));
     assert!(matches!(call(acked).await, ReplicaResponse::Deleted { count: 0 }));
+
+    // Repair asks what the relay delivered: it answers with Bob's acknowledgement as proof, which
+    // the asking relay checks before it drops its own copy (a relay's bare word drops nothing).
+    let never_seen = EnvelopeId::random();
+    match call(ReplicaRequest::ReconcileProven { mailbox: bob, held: vec![envelope.id, never_seen] }).await {
+        ReplicaResponse::ReconciledProven { wanted, proofs } => {
+            assert_eq!(wanted, [never_seen]);
+            assert_eq!(proofs, [bobs_ack]);
+        }
+        other => panic!("expected ReconciledProven, got {other:?}"),
+    }
 }
 
 #[test]
