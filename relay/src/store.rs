@@ -1569,7 +1569,7 @@ mod tests {
         // One acknowledgement for all three (one delivered before, on the unsigned ack): kept once.
         let ack = SignedAck::sign(&key, all.clone());
         assert_eq!(store.delete_acked(ack.clone()).await.unwrap(), 2);
-        assert_eq!(store.delivery_proofs(&bob, &all).unwrap(), [ack.clone()]);
+        assert_eq!(store.delivery_proofs(&bob, &all).unwrap(), std::slice::from_ref(&ack));
         assert!(store.delivery_proofs(&PeerId::random(), &all).unwrap().is_empty(), "of Bob's mailbox only");
 
         // A crash before the checkpoint: the log brings the proof back.
