@@ -12,7 +12,7 @@ use libp2p::identity::ed25519;
 use meshgram_node::crypto::cert::{CERT_CLOCK_SKEW_SECS, RelayCert, unix_now};
 use meshgram_node::net::codec::FrameError;
 use meshgram_node::net::pipe::Responder;
-use meshgram_node::proto::envelope::Envelope;
+use meshgram_node::proto::envelope::{Envelope, EnvelopeId};
 use meshgram_node::proto::media::{MAX_CHUNK_SIZE, MAX_HASHES_PER_REQUEST};
 use meshgram_node::proto::{
     ErrorCode, MAX_ACKS_PER_DELETE, MAX_DIGESTS_PER_REQUEST, ReplicaRequest, ReplicaResponse, WireError,
@@ -130,46 +130,8 @@ impl ReplicaServer {
                     Done::answer(channel, ReplicaResponse::Differ { mailboxes: differ })
                 });
             }
-            Ok(ReplicaRequest::Reconcile { mailbox, held }) => {
-                let store = self.store.clone();
-                self.tasks.spawn_blocking(move || {
-                    let response = match store.states(&mailbox, &held) {
-                        Ok(states) => {
-                            let (mut wanted, mut delivered) = (Vec::new(), Vec::new());
-                            for (id, state) in held.into_iter().zip(states) {
-                                match state {
-                                    IdState::Unknown => wanted.push(id),
-                                    IdState::Delivered => delivered.push(id),
-                                    IdState::Held => {}
-                                }
-                            }
-                            ReplicaResponse::Reconciled { wanted, delivered }
-                        }
-                        Err(e) => refuse(ErrorCode::Internal, e.to_string()),
-                    };
-                    Done::answer(channel, response)
-                });
-            }
-            Ok(ReplicaRequest::ReconcileProven { mailbox, held }) => {
-                let store = self.store.clone();
-                self.tasks.spawn_blocking(move || {
-                    let answer = store.states(&mailbox, &held).and_then(|states| {
-                        let (mut wanted, mut delivered) = (Vec::new(), Vec::new());
-                        for (id, state) in held.into_iter().zip(states) {
-                            match state {
-                                IdState::Unknown => wanted.push(id),
-                                IdState::Delivered => delivered.push(id),
-                                IdState::Held => {}
-                            }
-                        }
-                        Ok(ReplicaResponse::ReconciledProven {
-                            wanted,
-                            proofs: store.delivery_proofs(&mailbox, &delivered)?,
-                        })
-                    });
-                    Done::answer(channel, answer.unwrap_or_else(|e| refuse(ErrorCode::Internal, e.to_string())))
-                });
-            }
+            Ok(ReplicaRequest::Reconcile { mailbox, held }) => self.reconcile(channel, mailbox, held, false),
+            Ok(ReplicaRequest::ReconcileProven { mailbox, held }) => self.reconcile(channel, mailbox, held, true),
             Ok(
                 request @ (ReplicaRequest::StoreChunk { .. }
                 | ReplicaRequest::RecordPart { .. }
@@ -218,6 +180,32 @@ impl ReplicaServer {
     }
 
     /// A media request from another relay, on a task.
+    /// `Reconcile`, or with `proven` `ReconcileProven`, on a blocking task: which of `held` this
+    /// relay never had, and which it delivered (as the recipients' signed acknowledgements kept
+    /// for them, if `proven`).
+    fn reconcile(&mut self, channel: Responder<ReplicaResponse>, mailbox: PeerId, held: Vec<EnvelopeId>, proven: bool) {
+        let store = self.store.clone();
+        self.tasks.spawn_blocking(move || {
+            let answer = store.states(&mailbox, &held).and_then(|states| {
+                let (mut wanted, mut delivered) = (Vec::new(), Vec::new());
+                for (id, state) in held.into_iter().zip(states) {
+                    match state {
+                        IdState::Unknown => wanted.push(id),
+                        IdState::Delivered => delivered.push(id),
+                        IdState::Held => {}
+                    }
+                }
+                Ok(if proven {
+                    ReplicaResponse::ReconciledProven { wanted, proofs: store.delivery_proofs(&mailbox, &delivered)? }
+                } else {
+                    ReplicaResponse::Reconciled { wanted, delivered }
+                })
+            });
+            let refusal = |e: StoreError| ReplicaResponse::Error(WireError::new(ErrorCode::Internal, e.to_string()));
+            Done::answer(channel, answer.unwrap_or_else(refusal))
+        });
+    }
+
     fn media(&mut self, channel: Responder<ReplicaResponse>, request: ReplicaRequest) {
         let media = self.media.clone();
         self.tasks.spawn(async move {
