@@ -17,8 +17,8 @@ use meshgram_node::ids::{BOT_TOKEN_SECRET_LEN, BotToken, Phone, SessionId, UserI
 use meshgram_node::net::codec::FrameError;
 use meshgram_node::proto::{
     Account, AuthRequest, AuthResponse, BackupRecord, BotCommandInfo, DeviceCard, ErrorCode as Code, LookupQuery,
-    MAX_BACKUP_POINTER_BYTES, MAX_BACKUPS_KEPT, MAX_CHANNEL_LINK_CHARS, MAX_DEVICE_NAME_CHARS, MAX_NAME_CHARS,
-    MAX_PASSWORD_BYTES, MAX_REVOCATIONS_PER_ANSWER, UserCard, WireError,
+    MAX_BACKUP_POINTER_BYTES, MAX_BACKUPS_KEPT, MAX_CHANNEL_LINK_CHARS, MAX_DEVICE_NAME_CHARS,
+    MAX_DEVICES_PER_QUESTION, MAX_NAME_CHARS, MAX_PASSWORD_BYTES, MAX_REVOCATIONS_PER_ANSWER, UserCard, WireError,
 };
 use rand::Rng;
 
@@ -203,6 +203,7 @@ impl AuthService {
                 Ok(AuthResponse::BotToken { bot: issued.bot, token: issued.token })
             }
             AuthRequest::Revocations { since, relay_cert } => self.revocations(peer, since, &relay_cert, now),
+            AuthRequest::DevicesExist { devices, relay_cert } => self.devices_exist(peer, &devices, &relay_cert, now),
             AuthRequest::PutBackup { backup, keep } => self.put_backup(peer, backup, keep, now),
             AuthRequest::SetBotCommands { commands } => {
                 BotCommandInfo::check_all(&commands).map_err(|why| WireError::new(Code::BadRequest, why))?;
@@ -786,13 +787,8 @@ impl AuthService {
     /// `Revocations`: the list from `since` on, for relays of this network only. It names
     /// devices that signed out, which is nobody else's business.
     fn revocations(&self, peer: PeerId, since: u64, relay_cert: &RelayCert, now: u64) -> AuthResult<AuthResponse> {
-        relay_cert.verify_for(&self.signer.public(), &peer, now).map_err(|e| {
-            WireError::new(Code::CertInvalid, format!("revocations are for relays of this network: relay {e}"))
-        })?;
         self.store.read(|t| {
-            if t.relay_revoked_at(&peer)?.is_some() {
-                return Err(WireError::new(Code::CertInvalid, "this relay's admission was revoked"));
-            }
+            self.check_relay(t, peer, relay_cert, "revocations", now)?;
             let end = t.next_revocation_seq()?;
             // A relay that is ahead of this database (it was replaced) starts over.
             let since = if since > end { 0 } else { since };
@@ -802,6 +798,50 @@ impl AuthService {
             let revocations = found.into_iter().map(|(_, r)| r).filter(|r| r.body.until >= now).collect();
             Ok(AuthResponse::Revocations { revocations, next, more })
         })
+    }
+
+    /// `DevicesExist`: which of `devices` have a live session, for relays of this network only
+    /// (who is signed in on which device is nobody else's business).
+    fn devices_exist(
+        &self,
+        peer: PeerId,
+        devices: &[PeerId],
+        relay_cert: &RelayCert,
+        now: u64,
+    ) -> AuthResult<AuthResponse> {
+        if devices.len() > MAX_DEVICES_PER_QUESTION {
+            let why = format!("at most {MAX_DEVICES_PER_QUESTION} devices per question");
+            return Err(WireError::new(Code::BadRequest, why));
+        }
+        self.store.read(|t| {
+            self.check_relay(t, peer, relay_cert, "device questions", now)?;
+            let mut existing = Vec::new();
+            for device in devices {
+                if t.session_of_device(device)?.is_some_and(|s| s.revoked_at.is_none()) {
+                    existing.push(*device);
+                }
+            }
+            Ok(AuthResponse::Devices { existing })
+        })
+    }
+
+    /// Refuses a caller that is not a relay of this network: `relay_cert` must be its own,
+    /// signed here, and its admission not revoked. `what` says what only relays may ask.
+    fn check_relay(
+        &self,
+        t: &Tables<'_>,
+        peer: PeerId,
+        relay_cert: &RelayCert,
+        what: &str,
+        now: u64,
+    ) -> Result<(), WireError> {
+        relay_cert.verify_for(&self.signer.public(), &peer, now).map_err(|e| {
+            WireError::new(Code::CertInvalid, format!("{what} are for relays of this network: relay {e}"))
+        })?;
+        if t.relay_revoked_at(&peer)?.is_some() {
+            return Err(WireError::new(Code::CertInvalid, "this relay's admission was revoked"));
+        }
+        Ok(())
     }
 
     /// Ends `relay`'s admission: relays stop giving it copies and refuse its replica requests
@@ -1504,6 +1544,36 @@ mod tests {
     fn ask_revocations(f: &Fixture, relay: &Device, since: u64, signer: &ed25519::Keypair) -> AuthResponse {
         let relay_cert = RelayCert::issue(signer, relay.identity.peer_id(), 1, T0);
         f.call(relay, AuthRequest::Revocations { since, relay_cert }, T0 + 10)
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn relays_learn_which_devices_have_a_session_and_nobody_else_does() {
+        let f = fixture(Limits::default());
+        let gateway = f.service.signer.clone();
+        let (d1, d2, relay) = (device(), device(), device());
+        let p = phone("+15550000012");
+        f.login(&d1, &p, T0);
+        f.login(&d2, &p, T0);
+        let made_up = PeerId::random();
+        let ask = |from: &Device, devices: Vec<PeerId>, signer: &ed25519::Keypair| {
+            let relay_cert = RelayCert::issue(signer, from.identity.peer_id(), 1, T0);
+            f.call(from, AuthRequest::DevicesExist { devices, relay_cert }, T0 + 10)
+        };
+        let (p1, p2) = (d1.identity.peer_id(), d2.identity.peer_id());
+        let AuthResponse::Devices { existing } = ask(&relay, vec![p1, made_up, p2], &gateway) else { panic!() };
+        assert_eq!(existing, vec![p1, p2]);
+
+        // A revoked session's device no longer exists.
+        let AuthResponse::Sessions(list) = f.call(&d1, AuthRequest::ListSessions, T0 + 1) else { panic!() };
+        let target = list.iter().find(|s| !s.current).unwrap().session_id;
+        f.call(&d1, AuthRequest::RevokeSession { session_id: target }, T0 + 1);
+        let AuthResponse::Devices { existing } = ask(&relay, vec![p1, p2], &gateway) else { panic!() };
+        assert_eq!(existing, vec![p1]);
+
+        // Only relays of this network ask, and at most 256 devices at once.
+        assert_eq!(error_code(ask(&d1, vec![p1], &ed25519::Keypair::generate())), Code::CertInvalid);
+        let too_many = vec![p1; MAX_DEVICES_PER_QUESTION + 1];
+        assert_eq!(error_code(ask(&relay, too_many, &gateway)), Code::BadRequest);
     }
 
     #[tokio::test(flavor = "multi_thread")]

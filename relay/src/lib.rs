@@ -30,6 +30,8 @@
 //!   (`RelayReport`); lists the live relays placement chooses from.
 //! - [`revocations`]: asks the gateway every 2 s for revoked sessions and relays, checks their
 //!   signatures, and hands them to [`mailbox`] (drops the sessions) and [`relays`].
+//! - [`devices`]: which devices' mailboxes exist (the gateway is asked about new ones); sends
+//!   and replica stores for others are refused, and wait while the gateway is asked.
 //! - [`placement`]: which `R` relays are responsible for a mailbox (the Kademlia-closest to its
 //!   key); lives in `meshgram_node` because clients compute it too.
 //! - [`store`]: redb mailboxes behind a group-commit actor; dedup by envelope id, TTL, quotas.
@@ -45,6 +47,7 @@
 mod accept;
 mod behaviour;
 pub mod config;
+mod devices;
 mod disk;
 #[doc(hidden)]
 pub mod fuzzing;

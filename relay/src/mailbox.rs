@@ -29,6 +29,7 @@ use meshgram_node::server::limits::RateLimiter;
 use tokio::task::{JoinError, JoinSet};
 
 use crate::RelaySettings;
+use crate::devices::{Devices, Sorted, Waiting};
 use crate::metrics::{CertKind, Metrics, gauge_value};
 use crate::mirror::{self, Answered, Kept, Mirrors, PlannedRead, ReadId, Want};
 use crate::push::{Pusher, SetError};
@@ -174,6 +175,8 @@ pub(crate) struct Mailboxes {
     replica_deletes: DeleteForwarder,
     /// Devices' push endpoints, and the wake-ups sent to them.
     pusher: Pusher,
+    /// Which devices' mailboxes exist (sends and replica stores to others are refused).
+    pub(crate) devices: Devices,
     tasks: JoinSet<Done>,
 }
 
@@ -196,6 +199,7 @@ impl Mailboxes {
             replica_deletes: DeleteForwarder::start(Arc::clone(&replicas.pipes)),
             replicas,
             pusher,
+            devices: Devices::new(),
             tasks: JoinSet::new(),
         }
     }
@@ -229,6 +233,7 @@ impl Mailboxes {
             self.metrics.count_cert_check(CertKind::Session, hello.is_ok());
             let response = match hello {
                 Ok(_) => {
+                    self.devices.greeted(peer);
                     let mut mailbox_relays = known.mailbox_relays(&peer);
                     mailbox_relays.truncate(self.settings.replication);
                     MailboxResponse::Welcome { relay: known.local(), mailbox_relays, relays: known.live_relays() }
@@ -450,6 +455,7 @@ impl Mailboxes {
     /// request until a valid Hello), and certificates of that session are refused until
     /// `until`, when they have expired anyway.
     pub(crate) fn revoke_session(&mut self, device: PeerId, session: SessionId, until: u64) {
+        self.devices.forget(&device);
         let Some(ended) = self.sessions.revoke(device, session, until) else { return };
         self.metrics.sessions_revoked.inc();
         // A signed-out device is woken no more (connected or not).
@@ -619,7 +625,62 @@ impl Mailboxes {
         if let Err(refusal) = self.check_group_posts(&envelopes) {
             return self.respond(channel, MailboxResponse::Error(refusal));
         }
+        let envelopes = match self.devices.sort(envelopes) {
+            Sorted::Unknown(envelopes) => {
+                if let Err(Waiting::Send { channel, .. }) =
+                    self.devices.wait(Waiting::Send { peer, envelopes, channel })
+                {
+                    self.respond(channel, MailboxResponse::Error(busy_asking_gateway()));
+                }
+                return;
+            }
+            Sorted::Known { existing, missing } => match self.without_missing(existing, &missing) {
+                Ok(existing) => existing,
+                Err(refusal) => return self.respond(channel, MailboxResponse::Error(refusal)),
+            },
+        };
         self.replicate(cert, envelopes, channel, now, known);
+    }
+
+    /// A `Send` that waited for the gateway's word on its mailboxes, served again (its
+    /// session checked anew).
+    pub(crate) fn resume_send(
+        &mut self,
+        peer: PeerId,
+        envelopes: Vec<Envelope>,
+        channel: Responder<MailboxResponse>,
+        known: &mut KnownRelays<'_>,
+    ) {
+        let now = unix_now();
+        match self.sessions.check(&peer, now) {
+            Ok(session) => {
+                let cert = session.cert.clone();
+                self.handle_send(peer, &cert, envelopes, false, channel, now, known);
+            }
+            Err(refusal) => self.respond(channel, MailboxResponse::Error(refusal)),
+        }
+    }
+
+    /// The envelopes of `existing` (sorted by [`Devices::sort`]), or a refusal when every one
+    /// was for a device in `missing`: the others are stored, and those dropped (a stale card
+    /// may name a device signed out since; a made-up mailbox is refused).
+    pub(crate) fn without_missing(
+        &self,
+        existing: Vec<Envelope>,
+        missing: &[PeerId],
+    ) -> Result<Vec<Envelope>, WireError> {
+        if missing.is_empty() {
+            return Ok(existing);
+        }
+        self.metrics.mailboxes_missing.inc_by(missing.len() as u64);
+        let names: Vec<String> = missing.iter().take(3).map(PeerId::to_string).collect();
+        let more = if missing.len() > 3 { format!(" and {} more", missing.len() - 3) } else { String::new() };
+        if existing.is_empty() {
+            let why = format!("no such device: {}{more} (signed out, or never signed in)", names.join(", "));
+            return Err(WireError::new(ErrorCode::NotFound, why));
+        }
+        tracing::debug!(devices = %names.join(", "), "dropped envelopes to devices that do not exist");
+        Ok(existing)
     }
 
     /// Checks the group messages among `envelopes` as a relay can (see [`GroupSeal::verify`]),
@@ -1141,6 +1202,11 @@ pub(crate) fn store_failed(why: &str) -> String {
 }
 
 /// The answer to a device whose session the gateway revoked.
+/// Too many requests wait for the gateway's word on their mailboxes: retry in a second.
+pub(crate) fn busy_asking_gateway() -> WireError {
+    WireError::flood_wait(1, "requests waiting on new mailboxes")
+}
+
 fn session_revoked() -> MailboxResponse {
     MailboxResponse::Error(crate::sessions::session_revoked())
 }

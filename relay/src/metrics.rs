@@ -87,6 +87,9 @@ pub struct Metrics {
     pipe_budgets: std::sync::Mutex<Vec<(&'static str, std::sync::Arc<MemoryBudget>)>>,
     /// Envelopes accepted from clients for replication.
     pub envelopes_received: Counter,
+    /// Devices named by sends and replica stores that the gateway says do not exist (their
+    /// envelopes were dropped or refused).
+    pub mailboxes_missing: Counter,
     /// Connections opened (clients and relays).
     pub connections: Counter,
     /// Peers connected now: other relays (their certificate checked) and the rest (clients).
@@ -206,6 +209,12 @@ impl Metrics {
                 &mut r,
                 "envelopes_received",
                 "Envelopes accepted from clients",
+                Counter::default(),
+            ),
+            mailboxes_missing: register(
+                &mut r,
+                "mailboxes_missing",
+                "Devices named by sends or replica stores that have no session at the gateway (their envelopes not kept)",
                 Counter::default(),
             ),
             connections: register(&mut r, "connections", "Connections opened", Counter::default()),

@@ -35,6 +35,7 @@ use tokio_util::sync::CancellationToken;
 use crate::RelaySettings;
 use crate::accept::{Acceptor, ConnectionLimits, Serve};
 use crate::behaviour::{RelayBehaviour, RelayBehaviourEvent};
+use crate::devices::Waiting;
 use crate::mailbox::Mailboxes;
 use crate::media::{MediaServer, MediaStore};
 use crate::metrics::{CertKind, Metrics, gauge_value};
@@ -196,7 +197,9 @@ impl EventLoop {
     }
 
     /// Applies the gateway's revocations from now on, asking it every few seconds.
+    /// And asks it which devices exist before keeping envelopes for a mailbox not known yet.
     pub(crate) fn ask_gateway(&mut self, poller: RevocationPoller) {
+        self.mailboxes.devices.ask(poller.gateway().clone(), poller.cert().clone());
         self.revocations = Some(poller);
     }
 
@@ -261,7 +264,11 @@ impl EventLoop {
                     }
                     Err(e) => tracing::error!(error = %e, "relay repair task failed"),
                 },
-                _ = park_tick.tick() => self.mailboxes.expire_parked(),
+                _ = park_tick.tick() => {
+                    self.mailboxes.expire_parked();
+                    let ready = self.mailboxes.devices.tick();
+                    self.resume(ready);
+                }
                 _ = gauges_tick.tick() => self.set_gauges(),
                 _ = expire_tick.tick() => {
                     self.mailboxes.expire_envelopes();
@@ -274,6 +281,9 @@ impl EventLoop {
                 }
             }
             self.leave_routing();
+            if let Some(client) = self.swarm.behaviour_mut().gateway.as_mut() {
+                self.mailboxes.devices.send_question(client);
+            }
         }
         self.mailboxes.shutdown().await;
         self.media.shutdown().await;
@@ -375,6 +385,9 @@ impl EventLoop {
     /// Applies what a poll of the gateway brought: revoked sessions lose their access here,
     /// revoked relays their place in placement (so repair runs soon) and their replica access.
     fn gateway_answered(&mut self, event: GatewayEvent) {
+        if let Some(ready) = self.mailboxes.devices.answered(&event) {
+            return self.resume(ready);
+        }
         let Some(poller) = &mut self.revocations else { return };
         let Polled { revocations, again, refused } = poller.on_event(event);
         if let Some(why) = refused {
@@ -399,6 +412,22 @@ impl EventLoop {
         self.metrics.relays_revoked.set(gauge_value(self.relays.revoked_count()));
         if again {
             self.poll_gateway();
+        }
+    }
+
+    /// Serves again the requests that waited for the gateway's word on their mailboxes.
+    fn resume(&mut self, ready: Vec<Waiting>) {
+        for waiting in ready {
+            match waiting {
+                Waiting::Send { peer, envelopes, channel } => {
+                    let known = &mut self.relays.known(&mut self.swarm.behaviour_mut().kad);
+                    self.mailboxes.resume_send(peer, envelopes, channel, known);
+                }
+                Waiting::Store { peer, envelopes, until, channel } => {
+                    let (relays, mailboxes) = (&self.relays, &mut self.mailboxes);
+                    self.replica_server.resume_store(peer, envelopes, until, channel, relays, mailboxes);
+                }
+            }
         }
     }
 

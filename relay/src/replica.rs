@@ -19,7 +19,8 @@ use meshgram_node::proto::{
 };
 use tokio::task::{JoinError, JoinSet};
 
-use crate::mailbox::{Mailboxes, store_failed};
+use crate::devices::{Sorted, Waiting};
+use crate::mailbox::{Mailboxes, busy_asking_gateway, store_failed};
 use crate::media::MediaStore;
 use crate::metrics::CertKind;
 use crate::relays::Relays;
@@ -96,18 +97,15 @@ impl ReplicaServer {
                 };
                 channel.respond(response);
             }
-            Ok(_) if !relays.is_certified(&peer, now) => channel.respond(refuse(
-                ErrorCode::CertInvalid,
-                "say Hello with a gateway-signed relay certificate first".into(),
-            )),
-            Ok(ReplicaRequest::Store { envelopes }) => self.store(channel, envelopes, None, now, mailboxes),
+            Ok(_) if !relays.is_certified(&peer, now) => channel.respond(not_certified()),
+            Ok(ReplicaRequest::Store { envelopes }) => self.store(peer, channel, envelopes, None, now, mailboxes),
             Ok(ReplicaRequest::StoreUntil { envelopes, expires_at }) => {
                 // The copy it repairs has expired: nothing to keep.
                 if expires_at <= now {
                     let duplicates = envelopes.into_iter().map(|e| e.id).collect();
                     return channel.respond(ReplicaResponse::Stored { duplicates });
                 }
-                self.store(channel, envelopes, Some(expires_at), now, mailboxes);
+                self.store(peer, channel, envelopes, Some(expires_at), now, mailboxes);
             }
             Ok(ReplicaRequest::Digests { mailboxes }) => {
                 if mailboxes.len() > MAX_DIGESTS_PER_REQUEST {
@@ -214,10 +212,29 @@ impl ReplicaServer {
         });
     }
 
+    /// A `Store` that waited for the gateway's word on its mailboxes, served again (the
+    /// relay's standing checked anew).
+    pub(crate) fn resume_store(
+        &mut self,
+        peer: PeerId,
+        envelopes: Vec<Envelope>,
+        until: Option<u64>,
+        channel: Responder<ReplicaResponse>,
+        relays: &Relays,
+        mailboxes: &mut Mailboxes,
+    ) {
+        let now = unix_now();
+        if !relays.is_certified(&peer, now) {
+            return channel.respond(not_certified());
+        }
+        self.store(peer, channel, envelopes, until, now, mailboxes);
+    }
+
     /// A `Store` (or repair's `StoreUntil`, kept no longer than `until`): queued through
     /// `mailboxes`, so that fetches parked here see it at once, and answered once committed.
     fn store(
         &mut self,
+        peer: PeerId,
         channel: Responder<ReplicaResponse>,
         envelopes: Vec<Envelope>,
         until: Option<u64>,
@@ -242,6 +259,21 @@ impl ReplicaServer {
         {
             return channel.respond(ReplicaResponse::Error(refusal));
         }
+        // Only for devices that exist; the entry relay dropped the others already, so what is
+        // left here is a race with a sign-out, or a relay that did not check.
+        let envelopes = match mailboxes.devices.sort(envelopes) {
+            Sorted::Unknown(envelopes) => {
+                let waiting = Waiting::Store { peer, envelopes, until, channel };
+                if let Err(Waiting::Store { channel, .. }) = mailboxes.devices.wait(waiting) {
+                    channel.respond(ReplicaResponse::Error(busy_asking_gateway()));
+                }
+                return;
+            }
+            Sorted::Known { existing, missing } => match mailboxes.without_missing(existing, &missing) {
+                Ok(existing) => existing,
+                Err(_) => return channel.respond(ReplicaResponse::Stored { duplicates: Vec::new() }),
+            },
+        };
         let (store, put) = (self.store.clone(), mailboxes.put_and_push(&envelopes, now, until));
         self.tasks.spawn(async move {
             let mailboxes: HashSet<PeerId> = envelopes.iter().map(|e| e.to_device).collect();
@@ -265,6 +297,11 @@ impl ReplicaServer {
 }
 
 /// A failed write, as a replica request's refusal.
+fn not_certified() -> ReplicaResponse {
+    let why = "say Hello with a gateway-signed relay certificate first";
+    ReplicaResponse::Error(WireError::new(ErrorCode::CertInvalid, why))
+}
+
 pub(crate) fn store_error(e: &StoreError) -> WireError {
     WireError::new(store_error_code(e), e.to_string())
 }

@@ -80,6 +80,16 @@ impl RevocationPoller {
         RevocationPoller { gateway, gateway_key, cert, since: 0, in_flight: None, failures: 0, failed_total }
     }
 
+    /// Where the gateway is.
+    pub(crate) fn gateway(&self) -> &GatewayAddr {
+        &self.gateway
+    }
+
+    /// The certificate shown to it.
+    pub(crate) fn cert(&self) -> &RelayCert {
+        &self.cert
+    }
+
     /// Asks the gateway, unless a poll is under way and not yet past its deadline.
     pub(crate) fn poll(&mut self, client: &mut GatewayClient) {
         if let Some((_, sent)) = self.in_flight {

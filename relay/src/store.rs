@@ -1289,12 +1289,13 @@ fn build_expiries(tx: &redb::WriteTransaction) -> Result<(), StoreError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use meshgram_node::ids::UserId;
 
     use super::*;
 
-    fn envelope(to: PeerId, seq: u64) -> Envelope {
+    /// An envelope to `to` with a `seq` (its content is `seq` too), for the relay's unit tests.
+    pub(crate) fn envelope(to: PeerId, seq: u64) -> Envelope {
         Envelope {
             id: EnvelopeId::random(),
             from_user: UserId(1),

@@ -508,7 +508,7 @@ impl Messenger {
         let cipher = SessionCipher::new(&session.keys)?;
         let plain = postcard::to_stdvec(body).expect("invariant: secret bodies serialize");
         let envelope = self.envelope_for(chat, |e| {
-            e.sealed = cipher.seal(nonce, &e.id.0, &plain)?;
+            e.sealed = cipher.seal_frame(nonce, e, &plain)?;
             Ok(())
         })?;
         out.push(Outgoing { envelope, message });
@@ -880,8 +880,7 @@ impl Messenger {
         });
         for (id, sessions) in candidates {
             for session in sessions.iter().flatten() {
-                let Ok((nonce, plain)) = SessionCipher::new(&session.keys)?.open(&envelope.id.0, &envelope.sealed)
-                else {
+                let Ok((nonce, plain)) = SessionCipher::new(&session.keys)?.open_frame(envelope) else {
                     continue;
                 };
                 let generation = session.generation;

@@ -52,12 +52,18 @@ fn prologue(id: &EnvelopeId) -> Vec<u8> {
     [PROLOGUE_CONTEXT, &id.0].concat()
 }
 
-/// An envelope's routing fields, as bound into its seal (postcard: unambiguous).
-fn envelope_prologue(e: &Envelope) -> Vec<u8> {
+/// An envelope's routing fields after `context`, as its seal binds them (postcard:
+/// unambiguous): the Noise prologue of an ordinary envelope, the associated data of a secret
+/// chat's frame (`crypto::secret`).
+pub fn bound_fields(context: &[u8], e: &Envelope) -> Vec<u8> {
     let fields = (&e.id, e.from_user, &e.from_device, e.to_user, &e.to_device, e.sent_at_ms, e.seq);
-    let mut prologue = ENVELOPE_CONTEXT.to_vec();
-    prologue.extend(postcard::to_stdvec(&fields).unwrap_or_default());
-    prologue
+    let mut bound = context.to_vec();
+    bound.extend(postcard::to_stdvec(&fields).unwrap_or_default());
+    bound
+}
+
+fn envelope_prologue(e: &Envelope) -> Vec<u8> {
+    bound_fields(ENVELOPE_CONTEXT, e)
 }
 
 /// Seals `payload` into `envelope` (its routing fields as they are now bound to it) from

@@ -11,8 +11,10 @@
 //!   same state with it when the reply arrives.
 //! - **Transport.** The split keys seal frames with an explicit 64-bit nonce each, as snow's
 //!   stateless transport does and byte for byte what it would make ([`SessionCipher`]); unlike
-//!   that state the keys can be stored, so a session outlives the process. The envelope id is
-//!   the associated data. Replays are refused by a sliding window of nonces; gaps are fine.
+//!   that state the keys can be stored, so a session outlives the process. The envelope's
+//!   routing fields (id, sender, recipient, send time, `seq`) are the associated data, so a
+//!   relay that re-dates or re-addresses a frame makes it not open ([`SessionCipher::seal_frame`]).
+//!   Replays are refused by a sliding window of nonces; gaps are fine.
 //! - **Padding.** Every frame is padded (Padmé: at most 12 % larger, leaking only the order of
 //!   magnitude of the length) with a 256-byte floor, so relays see size buckets, not lengths.
 
@@ -22,8 +24,12 @@ use snow::resolvers::{BoxedCryptoResolver, DefaultResolver, FallbackResolver, Ri
 use snow::{Builder, HandshakeState};
 
 use crate::crypto::identity::DeviceIdentity;
-use crate::crypto::seal::E2eError;
+use crate::crypto::seal::{E2eError, bound_fields};
 use crate::ids::NoiseKey;
+use crate::proto::envelope::Envelope;
+
+/// What a frame's associated data starts with, before its envelope's routing fields.
+const FRAME_CONTEXT: &[u8] = b"meshgram/secret-frame/2\0";
 
 /// The handshake: static keys known to the initiator (from the responder's card), one message
 /// each way. Ring-backed where ring has the primitive (see [`resolver`]).
@@ -275,6 +281,20 @@ impl SessionCipher {
         Ok(frame)
     }
 
+    /// `plaintext` as the frame of `envelope` (its routing fields set, `sealed` still to
+    /// fill), bound to those fields.
+    pub fn seal_frame(&self, nonce: u64, envelope: &Envelope, plaintext: &[u8]) -> Result<Vec<u8>, E2eError> {
+        self.seal(nonce, &bound_fields(FRAME_CONTEXT, envelope), plaintext)
+    }
+
+    /// Opens `envelope`'s frame, bound to its routing fields as they were sealed. A frame bound
+    /// to its id alone (from a client before the fields were) opens too, as ordinary envelopes
+    /// do (`seal::open_envelope`): a relay cannot turn a bound frame into one of those.
+    pub fn open_frame(&self, envelope: &Envelope) -> Result<(u64, Vec<u8>), E2eError> {
+        self.open(&bound_fields(FRAME_CONTEXT, envelope), &envelope.sealed)
+            .or_else(|bound| self.open(&envelope.id.0, &envelope.sealed).map_err(|_| bound))
+    }
+
     /// Opens a frame sealed by the other side; returns its nonce and plaintext. Whether the
     /// nonce is fresh is the caller's to check ([`ReplayWindow`]).
     pub fn open(&self, ad: &[u8], frame: &[u8]) -> Result<(u64, Vec<u8>), E2eError> {
@@ -471,6 +491,44 @@ mod tests {
         window.mark(10_000 - 5);
         assert!(!window.is_fresh(10_000 - 5));
         assert_eq!(window.received(), 6);
+    }
+
+    #[test]
+    fn a_frame_whose_routing_fields_were_changed_does_not_open() {
+        use crate::ids::UserId;
+        use crate::proto::envelope::EnvelopeId;
+        let ((alice, _a), (bob, _b)) = (device(), device());
+        let (a, b) = handshake(&alice, &bob);
+        let (a, b) = (SessionCipher::new(&a).unwrap(), SessionCipher::new(&b).unwrap());
+        let mut envelope = Envelope {
+            id: EnvelopeId::random(),
+            from_user: UserId(1),
+            from_device: alice.peer_id(),
+            to_user: UserId(2),
+            to_device: bob.peer_id(),
+            sent_at_ms: 1_000,
+            seq: 7,
+            sealed: Vec::new(),
+        };
+        envelope.sealed = a.seal_frame(3, &envelope, b"hi").unwrap();
+        assert_eq!(b.open_frame(&envelope).unwrap(), (3, b"hi".to_vec()));
+        let altered: [fn(&mut Envelope); 5] = [
+            |e| e.sent_at_ms += 1,
+            |e| e.seq += 1,
+            |e| e.id = EnvelopeId::random(),
+            |e| e.to_user = UserId(3),
+            |e| e.from_user = UserId(4),
+        ];
+        for alter in altered {
+            let mut moved = envelope.clone();
+            alter(&mut moved);
+            assert!(b.open_frame(&moved).is_err(), "{moved:?}");
+        }
+        // A frame from before bound only its id; it still opens (re-dating it went unseen then).
+        let mut legacy = envelope.clone();
+        legacy.sealed = a.seal(4, &legacy.id.0, b"old").unwrap();
+        legacy.sent_at_ms += 1;
+        assert_eq!(b.open_frame(&legacy).unwrap(), (4, b"old".to_vec()));
     }
 
     #[test]

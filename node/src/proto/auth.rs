@@ -9,6 +9,7 @@
 //! RenewCert ───────────────────▶ Cert(cert)                | Error(SESSION_REVOKED)
 //! Lookup / ListSessions / RevokeSession / CreateBot / …
 //! Revocations{since, relay_cert} ─▶ Revocations{revocations, next, more}   (relays, every ~2 s)
+//! DevicesExist{devices, relay_cert} ─▶ Devices{existing}   (relays, before a new mailbox's first envelope)
 //! ```
 
 use libp2p::PeerId;
@@ -29,6 +30,8 @@ pub const MAX_AUTH_RESPONSE_SIZE: usize = 1024 * 1024;
 /// Revocations per answer: a signed revocation is ~150 bytes, so a full answer stays well
 /// under [`MAX_AUTH_RESPONSE_SIZE`]; a relay that is further behind asks again at once.
 pub const MAX_REVOCATIONS_PER_ANSWER: usize = 2_000;
+/// Devices per `DevicesExist`: 256 peer ids (~40 bytes each) fit well in a request.
+pub const MAX_DEVICES_PER_QUESTION: usize = 256;
 /// Longest display name, in characters (Telegram's first+last name fit in 64).
 pub const MAX_NAME_CHARS: usize = 64;
 /// Longest device name a client may report.
@@ -100,6 +103,10 @@ pub enum AuthRequest {
     SetChannelName { name: String, link: String },
     /// A public channel's link by its `@name`.
     ChannelByName { name: String },
+    /// A relay asks which of these devices have a session (signed in, not revoked): it keeps
+    /// envelopes only for mailboxes of devices that exist. At most
+    /// [`MAX_DEVICES_PER_QUESTION`]; only relays of this network may ask, as for `Revocations`.
+    DevicesExist { devices: Vec<PeerId>, relay_cert: RelayCert },
 }
 
 impl AuthRequest {
@@ -127,6 +134,7 @@ impl AuthRequest {
             AuthRequest::BotCommands { .. } => "bot_commands",
             AuthRequest::SetChannelName { .. } => "set_channel_name",
             AuthRequest::ChannelByName { .. } => "channel_by_name",
+            AuthRequest::DevicesExist { .. } => "devices_exist",
         }
     }
 }
@@ -196,6 +204,8 @@ pub enum AuthResponse {
     BotCommands(Vec<BotCommandInfo>),
     /// A public channel's link.
     ChannelLink(String),
+    /// Those of the asked devices that have a session.
+    Devices { existing: Vec<PeerId> },
 }
 
 /// The longest public channel link a name may stand for.

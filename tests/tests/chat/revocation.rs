@@ -358,3 +358,66 @@ async fn a_replaced_bot_token_cuts_the_bot_off_the_relays_within_seconds() {
     eprintln!("a replaced bot token cut the bot off both relays after {:?}", revoked_at.elapsed());
     assert_cut_off(&bot, &bob, &relays).await;
 }
+
+/// The relays' `envelopes_stored` gauges, summed (they are set every few seconds).
+fn envelopes_stored(mesh: &Mesh) -> u64 {
+    mesh.relays.iter().map(|relay| metric(relay, "meshgram_relay_envelopes_stored")).sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relays_keep_envelopes_only_for_devices_that_exist() {
+    let (mesh, laptop, alice, bob, relays) = alice_on_two_devices_and_bob();
+    let relay = &relays[0];
+    for device in [&alice, &bob] {
+        assert!(welcomed(&device.hello(relay).await));
+        if let MailboxResponse::Envelopes { envelopes, .. } = device.fetch(relay, 0).await {
+            let ids = envelopes.iter().map(|e| e.id).collect();
+            device.call(relay, MailboxRequest::Ack { ids }).await;
+        }
+    }
+    // What waits already (the laptop's request for the history, say), as the gauges say.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let stored_before = envelopes_stored(&mesh);
+    let to = |device: PeerId| {
+        let mut envelope = alice.envelopes(&bob, 1).remove(0);
+        envelope.to_device = device;
+        envelope
+    };
+
+    // Made-up mailboxes are refused: the relays asked the gateway, which knows no such device.
+    let made_up: Vec<Envelope> = (0..20).map(|_| to(PeerId::random())).collect();
+    let sent = alice.call(relay, MailboxRequest::Send { envelopes: made_up }).await;
+    assert_eq!(refusal(&sent), Some(ErrorCode::NotFound), "{sent:?}");
+    // Mixed with a real one: the real one is kept, the rest dropped.
+    let real = to(bob.peer_id());
+    let sent = alice.call(relay, MailboxRequest::Send { envelopes: vec![to(PeerId::random()), real.clone()] }).await;
+    assert!(matches!(sent, MailboxResponse::Stored { .. }), "{sent:?}");
+    assert_eq!(fetched_ids(bob.fetch(relay, 0).await), HashSet::from([real.id]));
+    assert!(metric(&mesh.relays[0], "meshgram_relay_mailboxes_missing_total") >= 21);
+    // Bob's copy on both relays, nothing else (the gauges are set every 2 s).
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(envelopes_stored(&mesh) - stored_before, 2, "only the real envelope, on R = 2 relays");
+
+    // A device signed out is a mailbox no more, within seconds of the revocation.
+    revoke_other_sessions(&laptop).await;
+    let deadline = Instant::now() + REVOCATION_BOUND;
+    loop {
+        let sent = bob.call(relay, MailboxRequest::Send { envelopes: bob.envelopes(&alice, 1) }).await;
+        if refusal(&sent) == Some(ErrorCode::NotFound) {
+            break;
+        }
+        assert!(matches!(sent, MailboxResponse::Stored { .. }), "{sent:?}");
+        assert!(Instant::now() < deadline, "a signed-out device still takes envelopes");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // With the gateway away, a new mailbox is no verdict: taken unchecked (messaging goes on).
+    mesh.gateway.server.stop();
+    let started = Instant::now();
+    let mut envelope = bob.envelopes(&alice, 1).remove(0);
+    envelope.to_device = PeerId::random();
+    let sent = bob.call(relay, MailboxRequest::Send { envelopes: vec![envelope] }).await;
+    assert!(matches!(sent, MailboxResponse::Stored { .. }), "taken while the gateway is away: {sent:?}");
+    eprintln!("a new mailbox with the gateway stopped: stored after {:?}", started.elapsed());
+    mesh.gateway.server.cont();
+}
