@@ -787,8 +787,9 @@ impl AuthService {
     /// `Revocations`: the list from `since` on, for relays of this network only. It names
     /// devices that signed out, which is nobody else's business.
     fn revocations(&self, peer: PeerId, since: u64, relay_cert: &RelayCert, now: u64) -> AuthResult<AuthResponse> {
+        self.check_relay_cert(peer, relay_cert, "revocations", now)?;
         self.store.read(|t| {
-            self.check_relay(t, peer, relay_cert, "revocations", now)?;
+            refuse_revoked_relay(t, peer)?;
             let end = t.next_revocation_seq()?;
             // A relay that is ahead of this database (it was replaced) starts over.
             let since = if since > end { 0 } else { since };
@@ -813,8 +814,9 @@ impl AuthService {
             let why = format!("at most {MAX_DEVICES_PER_QUESTION} devices per question");
             return Err(WireError::new(Code::BadRequest, why));
         }
+        self.check_relay_cert(peer, relay_cert, "device questions", now)?;
         self.store.read(|t| {
-            self.check_relay(t, peer, relay_cert, "device questions", now)?;
+            refuse_revoked_relay(t, peer)?;
             let mut existing = Vec::new();
             for device in devices {
                 if t.session_of_device(device)?.is_some_and(|s| s.revoked_at.is_none()) {
@@ -825,23 +827,14 @@ impl AuthService {
         })
     }
 
-    /// Refuses a caller that is not a relay of this network: `relay_cert` must be its own,
-    /// signed here, and its admission not revoked. `what` says what only relays may ask.
-    fn check_relay(
-        &self,
-        t: &Tables<'_>,
-        peer: PeerId,
-        relay_cert: &RelayCert,
-        what: &str,
-        now: u64,
-    ) -> Result<(), WireError> {
-        relay_cert.verify_for(&self.signer.public(), &peer, now).map_err(|e| {
-            WireError::new(Code::CertInvalid, format!("{what} are for relays of this network: relay {e}"))
-        })?;
-        if t.relay_revoked_at(&peer)?.is_some() {
-            return Err(WireError::new(Code::CertInvalid, "this relay's admission was revoked"));
-        }
-        Ok(())
+    /// Refuses a caller that is not a relay of this network, before anything is read:
+    /// `relay_cert` must be its own and signed here (and its admission not revoked,
+    /// [`refuse_revoked_relay`]). `what` says what only relays may ask.
+    fn check_relay_cert(&self, peer: PeerId, relay_cert: &RelayCert, what: &str, now: u64) -> Result<(), WireError> {
+        relay_cert
+            .verify_for(&self.signer.public(), &peer, now)
+            .map(|_| ())
+            .map_err(|e| WireError::new(Code::CertInvalid, format!("{what} are for relays of this network: relay {e}")))
     }
 
     /// Ends `relay`'s admission: relays stop giving it copies and refuse its replica requests
@@ -1087,6 +1080,14 @@ fn valid_username(raw: &str, kind: AccountKind) -> AuthResult<Username> {
         _ => {}
     }
     Ok(username)
+}
+
+/// Refuses a relay whose admission was revoked.
+fn refuse_revoked_relay(t: &Tables<'_>, relay: PeerId) -> Result<(), WireError> {
+    if t.relay_revoked_at(&relay)?.is_some() {
+        return Err(WireError::new(Code::CertInvalid, "this relay's admission was revoked"));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

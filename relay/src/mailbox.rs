@@ -626,13 +626,8 @@ impl Mailboxes {
             return self.respond(channel, MailboxResponse::Error(refusal));
         }
         let envelopes = match self.devices.sort(envelopes) {
-            Sorted::Unknown(envelopes) => {
-                if let Err(Waiting::Send { channel, .. }) =
-                    self.devices.wait(Waiting::Send { peer, envelopes, channel })
-                {
-                    self.respond(channel, MailboxResponse::Error(busy_asking_gateway()));
-                }
-                return;
+            Sorted::Unknown { envelopes, devices } => {
+                return self.devices.wait(Waiting::Send { peer, envelopes, channel }, devices);
             }
             Sorted::Known { existing, missing } => match self.without_missing(existing, &missing) {
                 Ok(existing) => existing,
@@ -664,15 +659,11 @@ impl Mailboxes {
     /// The envelopes of `existing` (sorted by [`Devices::sort`]), or a refusal when every one
     /// was for a device in `missing`: the others are stored, and those dropped (a stale card
     /// may name a device signed out since; a made-up mailbox is refused).
-    pub(crate) fn without_missing(
-        &self,
-        existing: Vec<Envelope>,
-        missing: &[PeerId],
-    ) -> Result<Vec<Envelope>, WireError> {
+    fn without_missing(&self, existing: Vec<Envelope>, missing: &[PeerId]) -> Result<Vec<Envelope>, WireError> {
         if missing.is_empty() {
             return Ok(existing);
         }
-        self.metrics.mailboxes_missing.inc_by(missing.len() as u64);
+        self.count_missing(missing.len());
         let names: Vec<String> = missing.iter().take(3).map(PeerId::to_string).collect();
         let more = if missing.len() > 3 { format!(" and {} more", missing.len() - 3) } else { String::new() };
         if existing.is_empty() {
@@ -681,6 +672,11 @@ impl Mailboxes {
         }
         tracing::debug!(devices = %names.join(", "), "dropped envelopes to devices that do not exist");
         Ok(existing)
+    }
+
+    /// Counts devices named by envelopes that the gateway says do not exist.
+    pub(crate) fn count_missing(&self, devices: usize) {
+        self.metrics.mailboxes_missing.inc_by(devices as u64);
     }
 
     /// Checks the group messages among `envelopes` as a relay can (see [`GroupSeal::verify`]),
@@ -1202,11 +1198,6 @@ pub(crate) fn store_failed(why: &str) -> String {
 }
 
 /// The answer to a device whose session the gateway revoked.
-/// Too many requests wait for the gateway's word on their mailboxes: retry in a second.
-pub(crate) fn busy_asking_gateway() -> WireError {
-    WireError::flood_wait(1, "requests waiting on new mailboxes")
-}
-
 fn session_revoked() -> MailboxResponse {
     MailboxResponse::Error(crate::sessions::session_revoked())
 }

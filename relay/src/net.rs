@@ -35,7 +35,7 @@ use tokio_util::sync::CancellationToken;
 use crate::RelaySettings;
 use crate::accept::{Acceptor, ConnectionLimits, Serve};
 use crate::behaviour::{RelayBehaviour, RelayBehaviourEvent};
-use crate::devices::Waiting;
+use crate::devices::{Released, Waiting, busy_asking_gateway};
 use crate::mailbox::Mailboxes;
 use crate::media::{MediaServer, MediaStore};
 use crate::metrics::{CertKind, Metrics, gauge_value};
@@ -266,8 +266,8 @@ impl EventLoop {
                 },
                 _ = park_tick.tick() => {
                     self.mailboxes.expire_parked();
-                    let ready = self.mailboxes.devices.tick();
-                    self.resume(ready);
+                    let released = self.mailboxes.devices.tick();
+                    self.resume(released);
                 }
                 _ = gauges_tick.tick() => self.set_gauges(),
                 _ = expire_tick.tick() => {
@@ -385,8 +385,8 @@ impl EventLoop {
     /// Applies what a poll of the gateway brought: revoked sessions lose their access here,
     /// revoked relays their place in placement (so repair runs soon) and their replica access.
     fn gateway_answered(&mut self, event: GatewayEvent) {
-        if let Some(ready) = self.mailboxes.devices.answered(&event) {
-            return self.resume(ready);
+        if let Some(released) = self.mailboxes.devices.answered(&event) {
+            return self.resume(released);
         }
         let Some(poller) = &mut self.revocations else { return };
         let Polled { revocations, again, refused } = poller.on_event(event);
@@ -415,8 +415,12 @@ impl EventLoop {
         }
     }
 
-    /// Serves again the requests that waited for the gateway's word on their mailboxes.
-    fn resume(&mut self, ready: Vec<Waiting>) {
+    /// Serves again the requests that waited for the gateway's word on their mailboxes, and
+    /// tells those that waited too long to retry.
+    fn resume(&mut self, Released { ready, too_late }: Released) {
+        for waiting in too_late {
+            waiting.refuse(busy_asking_gateway());
+        }
         for waiting in ready {
             match waiting {
                 Waiting::Send { peer, envelopes, channel } => {

@@ -20,7 +20,7 @@ use meshgram_node::proto::{
 use tokio::task::{JoinError, JoinSet};
 
 use crate::devices::{Sorted, Waiting};
-use crate::mailbox::{Mailboxes, busy_asking_gateway, store_failed};
+use crate::mailbox::{Mailboxes, store_failed};
 use crate::media::MediaStore;
 use crate::metrics::CertKind;
 use crate::relays::Relays;
@@ -100,11 +100,6 @@ impl ReplicaServer {
             Ok(_) if !relays.is_certified(&peer, now) => channel.respond(not_certified()),
             Ok(ReplicaRequest::Store { envelopes }) => self.store(peer, channel, envelopes, None, now, mailboxes),
             Ok(ReplicaRequest::StoreUntil { envelopes, expires_at }) => {
-                // The copy it repairs has expired: nothing to keep.
-                if expires_at <= now {
-                    let duplicates = envelopes.into_iter().map(|e| e.id).collect();
-                    return channel.respond(ReplicaResponse::Stored { duplicates });
-                }
                 self.store(peer, channel, envelopes, Some(expires_at), now, mailboxes);
             }
             Ok(ReplicaRequest::Digests { mailboxes }) => {
@@ -247,6 +242,11 @@ impl ReplicaServer {
         if let Err(refusal) = crate::mailbox::check_envelope_shapes(&envelopes) {
             return channel.respond(ReplicaResponse::Error(refusal));
         }
+        // The copy it repairs has expired (perhaps while it waited here): nothing to keep.
+        if until.is_some_and(|until| until <= now) {
+            let duplicates = envelopes.into_iter().map(|e| e.id).collect();
+            return channel.respond(ReplicaResponse::Stored { duplicates });
+        }
         // A repaired copy lives no longer than a fresh one would.
         let until = until.map(|until| until.min(now.saturating_add(self.store.ttl().as_secs())));
         if let Some(why) = self.store.failure() {
@@ -259,20 +259,20 @@ impl ReplicaServer {
         {
             return channel.respond(ReplicaResponse::Error(refusal));
         }
-        // Only for devices that exist; the entry relay dropped the others already, so what is
-        // left here is a race with a sign-out, or a relay that did not check.
+        // Only for devices that exist.
         let envelopes = match mailboxes.devices.sort(envelopes) {
-            Sorted::Unknown(envelopes) => {
-                let waiting = Waiting::Store { peer, envelopes, until, channel };
-                if let Err(Waiting::Store { channel, .. }) = mailboxes.devices.wait(waiting) {
-                    channel.respond(ReplicaResponse::Error(busy_asking_gateway()));
-                }
-                return;
+            Sorted::Unknown { envelopes, devices } => {
+                return mailboxes.devices.wait(Waiting::Store { peer, envelopes, until, channel }, devices);
             }
-            Sorted::Known { existing, missing } => match mailboxes.without_missing(existing, &missing) {
-                Ok(existing) => existing,
-                Err(_) => return channel.respond(ReplicaResponse::Stored { duplicates: Vec::new() }),
-            },
+            // Every copy or none: the entry relay found these devices, so this is a race with
+            // a sign-out (or its word against the gateway's). Refused, the copy goes to the
+            // next relay, or the send is retried, and the race has ended by then.
+            Sorted::Known { missing, .. } if !missing.is_empty() => {
+                mailboxes.count_missing(missing.len());
+                let why = format!("no such device: {} (signed out, or never signed in)", missing[0]);
+                return channel.respond(ReplicaResponse::Error(WireError::new(ErrorCode::NotFound, why)));
+            }
+            Sorted::Known { existing, .. } => existing,
         };
         let (store, put) = (self.store.clone(), mailboxes.put_and_push(&envelopes, now, until));
         self.tasks.spawn(async move {
