@@ -46,6 +46,7 @@
 
 mod accept;
 mod behaviour;
+mod boxed;
 pub mod config;
 mod devices;
 mod disk;
@@ -252,7 +253,7 @@ impl Relay {
         let (acceptor, inbound) = net::inbound_pipes(&metrics, config.connections);
         let asks_gateway = gateway.is_some();
         let mut swarm = build_swarm(keypair, SERVER_IDLE_TIMEOUT, |key| {
-            behaviour::RelayBehaviour::new(key, acceptor, &config.connections, asks_gateway)
+            boxed::Boxed(behaviour::RelayBehaviour::new(key, acceptor, &config.connections, asks_gateway))
         })?;
         let peer_id = *swarm.local_peer_id();
         let listen = listen_on_all(&mut swarm, &config.listen).await?;

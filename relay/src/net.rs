@@ -35,6 +35,7 @@ use tokio_util::sync::CancellationToken;
 use crate::RelaySettings;
 use crate::accept::{Acceptor, ConnectionLimits, Serve};
 use crate::behaviour::{RelayBehaviour, RelayBehaviourEvent};
+use crate::boxed::Boxed;
 use crate::devices::{Released, Waiting, busy_asking_gateway};
 use crate::mailbox::Mailboxes;
 use crate::media::{MediaServer, MediaStore};
@@ -67,7 +68,7 @@ type MediaInbound = Inbound<MediaRequest, MediaResponse>;
 type Greeted = (PeerId, Result<(), ReplicaCallError>);
 
 pub(crate) struct EventLoop {
-    swarm: Swarm<RelayBehaviour>,
+    swarm: Swarm<Boxed<RelayBehaviour>>,
     metrics: Arc<Metrics>,
     /// Requests read from clients' and other relays' pipes.
     inbound: InboundPipes,
@@ -153,7 +154,7 @@ pub(crate) struct InboundPipes {
 
 impl EventLoop {
     pub(crate) fn new(
-        swarm: Swarm<RelayBehaviour>,
+        swarm: Swarm<Boxed<RelayBehaviour>>,
         inbound: InboundPipes,
         Stores { mailboxes: store, media: media_store, pusher }: Stores,
         settings: RelaySettings,

@@ -186,7 +186,13 @@ async fn write_loop<T, Keep>(
             tokio::time::timeout(WRITE_STALL, write)
                 .await
                 .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "the peer reads nothing"))??;
-            buf.clear();
+            // An idle pipe holds no buffer (one large answer would otherwise keep its size
+            // for the pipe's life); a busy one reuses it.
+            if queue.is_empty() {
+                buf = Vec::new();
+            } else {
+                buf.clear();
+            }
         }
         kept.drain(..).for_each(&mut written);
     }
