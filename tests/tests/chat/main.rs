@@ -31,6 +31,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod admission;
+mod altered;
 mod basic;
 mod durability;
 mod features;
