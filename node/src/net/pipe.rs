@@ -478,7 +478,10 @@ struct Slot {
 }
 
 /// An answer on its way to the writer (which encodes it), with its request's tag and slot.
-type Answer<Resp> = (u64, Resp, Slot);
+///
+/// Boxed: an unbounded channel allocates room for 32 of what it carries up front, and a pipe
+/// is open for every connected client (224 bytes each unboxed: 7 KiB per idle client).
+type Answer<Resp> = Box<(u64, Resp, Slot)>;
 
 /// Told, for each request answered on a pipe, its kind and the time from its arrival to its
 /// answer's write (what the caller waited, but for the network): the relays' latency histograms.
@@ -522,7 +525,7 @@ impl<Resp: Serialize + Greeting> Responder<Resp> {
         // bytes made by the writer, off the caller's thread.
         let size = postcard::experimental::serialized_size(&response).unwrap_or(self.max_response);
         self.slot.held.resize(self.slot.request_bytes + HEADER + size);
-        let _ = self.out.send((self.tag, response, self.slot));
+        let _ = self.out.send(Box::new((self.tag, response, self.slot)));
     }
 }
 
@@ -621,7 +624,8 @@ where
     let Serving { limits, memory: protocol, observe } = serving.clone();
     let (out, rx) = mpsc::unbounded_channel::<Answer<Resp>>();
     let writer = tokio::spawn(async move {
-        let take = |(tag, response, slot): Answer<Resp>, buf: &mut Vec<u8>| {
+        let take = |answer: Answer<Resp>, buf: &mut Vec<u8>| {
+            let (tag, response, slot) = *answer;
             if let Err(e) = encode(tag, &response, limits.max_response, buf) {
                 tracing::error!(%peer, error = %e, "an answer could not be encoded; the caller will time out");
             }
@@ -686,60 +690,69 @@ where
             Ok(header) => header,
             Err(e) => return e.to_string(),
         };
-        let arrived = Instant::now();
-        let mut max = if welcomed.is_set() { limits.max_request } else { MAX_GREETING };
-        if len > max && max < limits.max_request && slots.available_permits() + 1 < limits.max_in_flight {
-            // A large request right behind its greeting: once the greeting is answered, the
-            // pipe may be welcomed.
-            let others = (limits.max_in_flight - 1) as u32;
-            drop(slots.acquire_many(others).await);
-            if welcomed.is_set() {
-                max = limits.max_request;
+        // The rest of the request's way lives on the heap while it runs: an idle pipe's
+        // reader then holds only what waiting for a header needs (a task per connection).
+        let step: Result<(), String> = Box::pin(async {
+            let arrived = Instant::now();
+            let mut max = if welcomed.is_set() { limits.max_request } else { MAX_GREETING };
+            if len > max && max < limits.max_request && slots.available_permits() + 1 < limits.max_in_flight {
+                // A large request right behind its greeting: once the greeting is answered, the
+                // pipe may be welcomed.
+                let others = (limits.max_in_flight - 1) as u32;
+                drop(slots.acquire_many(others).await);
+                if welcomed.is_set() {
+                    max = limits.max_request;
+                }
             }
-        }
-        let mut held = Held::none(&pipe, &protocol);
-        let request = if len > limits.max_request {
-            Err(FrameError::TooLarge { len, max: limits.max_request })
-        } else if len > max {
-            Err(FrameError::NotWelcomed { len, max })
-        } else {
-            // The pipe's own room is taken up front (it waits only on itself); the protocol's
-            // is charged as bytes arrive, so a peer trickling a large frame holds only what it
-            // sent of the memory every pipe shares.
-            held.reserve_pipe(len).await;
-            let deadline = BODY_DEADLINE + Duration::from_secs((len / MIN_BODY_RATE) as u64);
-            match tokio::time::timeout(deadline, read_body(read, len, |piece| held.charge_protocol(piece))).await {
-                Ok(Ok(body)) => postcard::from_bytes(&body).map_err(|e| FrameError::Malformed(e.to_string())),
-                Ok(Err(e)) => return e.to_string(),
-                Err(_) => return format!("a {len}-byte request took over {deadline:?}"),
+            let mut held = Held::none(&pipe, &protocol);
+            let request = if len > limits.max_request {
+                Err(FrameError::TooLarge { len, max: limits.max_request })
+            } else if len > max {
+                Err(FrameError::NotWelcomed { len, max })
+            } else {
+                // The pipe's own room is taken up front (it waits only on itself); the protocol's
+                // is charged as bytes arrive, so a peer trickling a large frame holds only what it
+                // sent of the memory every pipe shares.
+                held.reserve_pipe(len).await;
+                let deadline = BODY_DEADLINE + Duration::from_secs((len / MIN_BODY_RATE) as u64);
+                match tokio::time::timeout(deadline, read_body(read, len, |piece| held.charge_protocol(piece))).await {
+                    Ok(Ok(body)) => postcard::from_bytes(&body).map_err(|e| FrameError::Malformed(e.to_string())),
+                    Ok(Err(e)) => return Err(e.to_string()),
+                    Err(_) => return Err(format!("a {len}-byte request took over {deadline:?}")),
+                }
+            };
+            let fatal = matches!(request, Err(FrameError::TooLarge { .. } | FrameError::NotWelcomed { .. }));
+            let kind = request.as_ref().map_or("malformed", Req::kind);
+            let greets = request.as_ref().is_ok_and(Req::is_greeting);
+            // Greetings past the connection's allowance are refused here, without their check.
+            let request = match request {
+                Ok(_) if greets => match welcomed.take_greeting() {
+                    Ok(()) => request,
+                    Err(retry_after_secs) => Err(FrameError::TooManyGreetings { retry_after_secs }),
+                },
+                other => other,
+            };
+            let slot = Slot { _permit: permit, held, request_bytes: len, kind, arrived };
+            let responder = Responder {
+                tag,
+                out: out.clone(),
+                slot,
+                max_response: limits.max_response,
+                welcomed: greets.then(|| welcomed.clone()),
+            };
+            // Dropping `out` (by returning) lets the writer send what is queued, this refusal
+            // included, and close.
+            if inbound.send(Inbound { peer, request, responder }).await.is_err() {
+                return Err("the server stopped".into());
             }
-        };
-        let fatal = matches!(request, Err(FrameError::TooLarge { .. } | FrameError::NotWelcomed { .. }));
-        let kind = request.as_ref().map_or("malformed", Req::kind);
-        let greets = request.as_ref().is_ok_and(Req::is_greeting);
-        // Greetings past the connection's allowance are refused here, without their check.
-        let request = match request {
-            Ok(_) if greets => match welcomed.take_greeting() {
-                Ok(()) => request,
-                Err(retry_after_secs) => Err(FrameError::TooManyGreetings { retry_after_secs }),
-            },
-            other => other,
-        };
-        let slot = Slot { _permit: permit, held, request_bytes: len, kind, arrived };
-        let responder = Responder {
-            tag,
-            out: out.clone(),
-            slot,
-            max_response: limits.max_response,
-            welcomed: greets.then(|| welcomed.clone()),
-        };
-        // Dropping `out` (by returning) lets the writer send what is queued, this refusal
-        // included, and close.
-        if inbound.send(Inbound { peer, request, responder }).await.is_err() {
-            return "the server stopped".into();
-        }
-        if fatal {
-            return "a request exceeded the size limit".into();
+            if fatal {
+                return Err("a request exceeded the size limit".into());
+            }
+            Ok(())
+        })
+        .await;
+        if let Err(why) = step {
+            return why;
         }
     }
 }
