@@ -296,12 +296,13 @@ impl ReplicaServer {
     }
 }
 
-/// A failed write, as a replica request's refusal.
+/// The answer to a replica request from a peer that showed no relay certificate here.
 fn not_certified() -> ReplicaResponse {
     let why = "say Hello with a gateway-signed relay certificate first";
     ReplicaResponse::Error(WireError::new(ErrorCode::CertInvalid, why))
 }
 
+/// A failed write, as a replica request's refusal.
 pub(crate) fn store_error(e: &StoreError) -> WireError {
     WireError::new(store_error_code(e), e.to_string())
 }
