@@ -221,6 +221,16 @@ pub fn meshgram(profile: &Path, args: &[&str]) -> CliOutput {
     run(&bin_path(CLI_BIN), &cli_args(profile, args), None)
 }
 
+/// The account number of the profile's account (`whoami`).
+pub fn whoami_user_id(profile: &Path) -> u64 {
+    crate::u64_field(&meshgram(profile, &["whoami"]).ok_json()["account"], "user_id")
+}
+
+/// How many envelopes the profile's client dropped as forged or unopenable (`whoami`).
+pub fn dropped_envelopes(profile: &Path) -> u64 {
+    crate::u64_field(&meshgram(profile, &["whoami"]).ok_json(), "dropped_envelopes")
+}
+
 /// Like [`meshgram`], writing `stdin_text` to its stdin first.
 pub fn meshgram_stdin(profile: &Path, args: &[&str], stdin_text: &str) -> CliOutput {
     run(&bin_path(CLI_BIN), &cli_args(profile, args), Some(stdin_text))

@@ -43,7 +43,10 @@ mod up;
 use std::time::Duration;
 
 pub use bins::{BRIDGE_BIN, CLI_BIN, GATEWAY_BIN, RELAY_BIN, bin_path, target_dir};
-pub use cli::{CLI_TIMEOUT, CliChild, CliOutput, json_lines, meshgram, meshgram_stdin, run, spawn_meshgram};
+pub use cli::{
+    CLI_TIMEOUT, CliChild, CliOutput, dropped_envelopes, json_lines, meshgram, meshgram_stdin, run, spawn_meshgram,
+    whoami_user_id,
+};
 pub use codes::{CODE_TIMEOUT, WebhookSink, read_codes, wait_code, wrong_code};
 pub use files::{blake3_of_file, random_file};
 pub use gateway::{Gateway, GatewayBuilder};

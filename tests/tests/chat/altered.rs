@@ -11,17 +11,9 @@ use meshgram_node::ids::{UserId, now_ms};
 use meshgram_node::proto::envelope::{Envelope, EnvelopeId};
 use meshgram_node::proto::payload::{Body, MessageId, Payload};
 use meshgram_node::proto::{MailboxRequest, MailboxResponse};
-use meshgram_tests::{Mesh, RawClient, meshgram, texts, u64_field, unix_now};
+use meshgram_tests::{Mesh, RawClient, dropped_envelopes, meshgram, texts, unix_now, whoami_user_id};
 
 use super::{ALICE, BOB};
-
-fn user_id(profile: &std::path::Path) -> u64 {
-    u64_field(&meshgram(profile, &["whoami"]).ok_json()["account"], "user_id")
-}
-
-fn dropped(profile: &std::path::Path) -> u64 {
-    u64_field(&meshgram(profile, &["whoami"]).ok_json(), "dropped_envelopes")
-}
 
 /// The texts of Bob's messages, oldest first.
 fn shown(bob: &std::path::Path) -> Vec<String> {
@@ -36,9 +28,9 @@ async fn an_envelope_re_dated_reordered_or_re_addressed_on_the_way_is_dropped_no
     mesh.login(&bob, BOB);
     meshgram(&alice, &["send", BOB, "a real one first"]).ok_json();
     assert_eq!(shown(&bob), ["a real one first"]);
-    let before = dropped(&bob);
+    let before = dropped_envelopes(&bob);
 
-    let (alice_id, bob_id) = (UserId(user_id(&alice)), UserId(user_id(&bob)));
+    let (alice_id, bob_id) = (UserId(whoami_user_id(&alice)), UserId(whoami_user_id(&bob)));
     let (alice_device, bob_device) =
         (DeviceIdentity::load_or_create(&alice).unwrap(), DeviceIdentity::load_or_create(&bob).unwrap());
     let sealed = |text: &str, seq: u64| {
@@ -82,5 +74,5 @@ async fn an_envelope_re_dated_reordered_or_re_addressed_on_the_way_is_dropped_no
     drop(raw_alice);
 
     assert_eq!(shown(&bob), ["a real one first", "sealed and delivered as it was"]);
-    assert_eq!(dropped(&bob), before + 3, "the three altered envelopes are dropped as forged");
+    assert_eq!(dropped_envelopes(&bob), before + 3, "the three altered envelopes are dropped as forged");
 }

@@ -8,7 +8,7 @@ use meshgram_node::proto::envelope::{Envelope, EnvelopeId};
 use meshgram_node::proto::group::{GroupId, GroupSeal, PostCert};
 use meshgram_node::proto::payload::{Body, MessageId, Payload};
 use meshgram_node::proto::{ErrorCode, MailboxRequest, MailboxResponse};
-use meshgram_tests::{Mesh, RawClient, meshgram, str_field, u64_field, unix_now};
+use meshgram_tests::{Mesh, RawClient, dropped_envelopes, meshgram, str_field, unix_now, whoami_user_id};
 
 use super::{create_group, gateway_key, held_by_relays_now, relays_by_group_distance, unsealed_post, wait_for_texts};
 
@@ -16,14 +16,10 @@ const ALICE: &str = "+15550004001";
 const BOB: &str = "+15550004002";
 const CAROL: &str = "+15550004003";
 
-fn user_id(profile: &std::path::Path) -> u64 {
-    u64_field(&meshgram(profile, &["whoami"]).ok_json()["account"], "user_id")
-}
-
 /// A profile's own device on one relay, signed in with a certificate the test signs.
 async fn raw_device(mesh: &Mesh, relay: usize, profile: &std::path::Path, key: &ed25519::Keypair) -> RawClient {
     let raw = RawClient::of_profile(&mesh.relays[relay].tcp_addr(), profile);
-    let cert = raw.cert(key, user_id(profile), unix_now() - 60, unix_now() + 3600);
+    let cert = raw.cert(key, whoami_user_id(profile), unix_now() - 60, unix_now() + 3600);
     assert!(matches!(raw.call(MailboxRequest::Hello { cert }).await, MailboxResponse::Welcome { .. }));
     raw
 }
@@ -55,7 +51,7 @@ async fn posts_by_non_members_and_states_by_non_admins_are_refused_and_nothing_i
     // one-to-one Send addressed to the group's mailbox.
     let raw = raw_device(&mesh, holder, &mallory, &gateway_key).await;
     let post = |sealer: &dyn Fn(&mut Envelope)| {
-        let mut envelope = unsealed_post(user_id(&mallory), raw.device(), group_id);
+        let mut envelope = unsealed_post(whoami_user_id(&mallory), raw.device(), group_id);
         sealer(&mut envelope);
         envelope
     };
@@ -84,9 +80,9 @@ async fn posts_by_non_members_and_states_by_non_admins_are_refused_and_nothing_i
     // to Carol's device as an admin's client would.
     let mut state = record.state.clone();
     state.version += 1;
-    state.changed_by = UserId(user_id(&bob));
+    state.changed_by = UserId(whoami_user_id(&bob));
     for member in &mut state.members {
-        member.admin = member.user == UserId(user_id(&bob));
+        member.admin = member.user == UserId(whoami_user_id(&bob));
     }
     let body = Body::GroupState {
         state: Box::new(state),
@@ -99,13 +95,13 @@ async fn posts_by_non_members_and_states_by_non_admins_are_refused_and_nothing_i
     let carol_device = &carol_card["devices"][0];
     let noise = NoiseKey(meshgram_node::ids::parse_hex::<32>(str_field(&carol_device["keys"], "noise_key")).unwrap());
     let bob_identity = DeviceIdentity::load_or_create(&bob).unwrap();
-    let dropped_before = u64_field(&meshgram(&carol, &["whoami"]).ok_json(), "dropped_envelopes");
+    let dropped_before = dropped_envelopes(&carol);
     let id = EnvelopeId::random();
     let envelope = Envelope {
         id,
-        from_user: UserId(user_id(&bob)),
+        from_user: UserId(whoami_user_id(&bob)),
         from_device: bob_identity.peer_id(),
-        to_user: UserId(user_id(&carol)),
+        to_user: UserId(whoami_user_id(&carol)),
         to_device: str_field(carol_device, "peer_id").parse().unwrap(),
         sent_at_ms: now_ms(),
         seq: 1_000,
@@ -118,7 +114,7 @@ async fn posts_by_non_members_and_states_by_non_admins_are_refused_and_nothing_i
     ));
 
     let info = meshgram(&carol, &["group", "info", &group]).ok_json();
-    assert_eq!(u64_field(&meshgram(&carol, &["whoami"]).ok_json(), "dropped_envelopes"), dropped_before + 1);
+    assert_eq!(dropped_envelopes(&carol), dropped_before + 1);
     assert_eq!(info["version"], record.state.version, "{info}");
     let admins: Vec<&str> = info["members"]
         .as_array()
@@ -154,7 +150,7 @@ async fn a_removed_member_posting_with_its_old_key_through_a_relay_that_holds_no
     let order = relays_by_group_distance(&mesh, &group);
     let raw = raw_device(&mesh, order[2], &carol, &gateway_key(&mesh)).await;
     let key = *kept.current_key().unwrap();
-    let mut post = unsealed_post(user_id(&carol), raw.device(), group_id);
+    let mut post = unsealed_post(whoami_user_id(&carol), raw.device(), group_id);
     let body = Body::Text { text: "still here".into(), reply_to: None };
     let identity = DeviceIdentity::load_or_create(&carol).unwrap();
     let ciphertext = key.seal(&identity.keypair, &post.id, &group_id, 0, MessageId::random(), body);

@@ -2,22 +2,14 @@ use libp2p::identity::ed25519;
 use meshgram_node::crypto::identity::load_or_create_ed25519;
 use meshgram_node::proto::envelope::EnvelopeId;
 use meshgram_node::proto::{MailboxRequest, MailboxResponse};
-use meshgram_tests::{Mesh, RawClient, meshgram, str_field, u64_field, unix_now};
+use meshgram_tests::{Mesh, RawClient, dropped_envelopes, meshgram, str_field, unix_now, whoami_user_id};
 
 use super::{ALICE, BOB, only_chat, secret_messages};
-
-fn user_id(profile: &std::path::Path) -> u64 {
-    u64_field(&meshgram(profile, &["whoami"]).ok_json()["account"], "user_id")
-}
-
-fn dropped(profile: &std::path::Path) -> u64 {
-    u64_field(&meshgram(profile, &["whoami"]).ok_json(), "dropped_envelopes")
-}
 
 /// A profile's own device on one relay, signed in with a certificate the test signs.
 async fn raw_device(mesh: &Mesh, relay: usize, profile: &std::path::Path, key: &ed25519::Keypair) -> RawClient {
     let raw = RawClient::of_profile(&mesh.relays[relay].tcp_addr(), profile);
-    let cert = raw.cert(key, user_id(profile), unix_now() - 60, unix_now() + 3600);
+    let cert = raw.cert(key, whoami_user_id(profile), unix_now() - 60, unix_now() + 3600);
     assert!(matches!(raw.call(MailboxRequest::Hello { cert }).await, MailboxResponse::Welcome { .. }));
     raw
 }
@@ -53,7 +45,7 @@ async fn a_captured_secret_frame_replayed_moved_or_altered_is_refused() {
 
     let shown = |p| secret_messages(p, None).into_iter().filter(|m| m["text"] == sentinel).count();
     assert_eq!(shown(&bob), 1);
-    let before = dropped(&bob);
+    let before = dropped_envelopes(&bob);
 
     // Alice's device (the only one that may send as it) sends it again, as it was, under
     // another envelope id, and altered.
@@ -68,6 +60,6 @@ async fn a_captured_secret_frame_replayed_moved_or_altered_is_refused() {
         assert!(matches!(answer, MailboxResponse::Stored { .. }), "{answer:?}");
     }
     assert_eq!(shown(&bob), 1, "the message shows once");
-    assert_eq!(dropped(&bob), before + 2, "the moved and the altered copy are dropped as forged");
+    assert_eq!(dropped_envelopes(&bob), before + 2, "the moved and the altered copy are dropped as forged");
     assert_eq!(shown(&alice), 1);
 }
