@@ -118,6 +118,7 @@ async fn bench_sign_in() -> anyhow::Result<()> {
         listen: vec!["/ip4/127.0.0.1/tcp/0".parse()?],
         http: None,
         code_sink: Some(format!("webhook:{sms_url}")),
+        database: None,
         limits,
     };
     let gateway = Gateway::start(config).await?;

@@ -18,6 +18,9 @@ pub struct Config {
     pub http: Option<std::net::SocketAddr>,
     /// Where login codes go: `file:PATH` or `webhook:URL`.
     pub code_sink: Option<String>,
+    /// A PostgreSQL database (`postgres://…`, several hosts allowed) instead of the redb file
+    /// in the data dir: gateways that share one serve the same accounts.
+    pub database: Option<String>,
     /// Rate limits and lifetimes.
     pub limits: Limits,
 }
@@ -29,6 +32,7 @@ impl Default for Config {
             listen: meshgram_node::net::transport::default_listen_addrs(),
             http: None,
             code_sink: None,
+            database: None,
             limits: Limits::default(),
         }
     }

@@ -5,8 +5,8 @@
 //!   handed to the service on a blocking thread and answered on its channel.
 //! - [`service`]: the rules — login codes, sign-in, 2FA, sessions, profiles, directory, bots,
 //!   and the signed revocations relays poll for (ended sessions, revoked relays).
-//! - [`store`]: redb tables for accounts, sessions, codes, bot tokens and revocations; one
-//!   transaction per request.
+//! - [`store`]: accounts, sessions, codes, bot tokens and revocations, in a redb file or in
+//!   PostgreSQL (shared by several gateways); one transaction per request.
 //! - [`code_sender`]: where login codes go (a file, or an SMS provider's webhook).
 //! - [`http`]: `/healthz`, `/metrics`, and the operator's admin endpoint for bots and relays.
 //! - `behaviour`, [`config`], [`defaults`], [`metrics`]: configuration, tunables, Prometheus counters.
@@ -55,8 +55,8 @@ pub enum StartError {
     DataDir { path: PathBuf, source: std::io::Error },
     #[error(transparent)]
     Key(#[from] KeyFileError),
-    #[error("database {path}: {source}")]
-    Store { path: PathBuf, source: StoreError },
+    #[error("database {what}: {source}")]
+    Store { what: String, source: StoreError },
     #[error(transparent)]
     CodeSink(#[from] CodeSendError),
     #[error("config: {0}")]
@@ -96,6 +96,21 @@ impl AdminFile {
     }
 }
 
+/// The gateway's database: PostgreSQL at `database` if given, else the redb file in `data`.
+async fn open_store(data: &Path, database: Option<String>) -> Result<Store, StartError> {
+    match database {
+        // The PostgreSQL client blocks: connect off the async threads.
+        Some(url) => tokio::task::spawn_blocking(move || Store::connect(&url))
+            .await
+            .unwrap_or_else(|e| Err(StoreError::Unavailable(format!("connecting stopped: {e}"))))
+            .map_err(|source| StartError::Store { what: "(PostgreSQL)".into(), source }),
+        None => {
+            let path = data.join(DATABASE_FILE);
+            Store::open(&path).map_err(|source| StartError::Store { what: path.display().to_string(), source })
+        }
+    }
+}
+
 /// A running gateway. Dropping it stops every task.
 #[derive(Debug)]
 pub struct Gateway {
@@ -112,8 +127,7 @@ impl Gateway {
         std::fs::create_dir_all(data).map_err(|source| StartError::DataDir { path: data.clone(), source })?;
         let keypair = load_or_create_ed25519(&data.join(GATEWAY_KEY_FILE))?;
         let signer = keypair.clone().try_into_ed25519().expect("invariant: gateway keys are created as ed25519");
-        let db_path = data.join(DATABASE_FILE);
-        let store = Store::open(&db_path).map_err(|source| StartError::Store { path: db_path, source })?;
+        let store = open_store(data, config.database.clone()).await?;
         let sink = config.code_sink.clone().unwrap_or_else(|| format!("file:{}", data.join("codes.log").display()));
         let sender = CodeSender::parse(&sink)?;
         let metrics = Arc::new(Metrics::new());

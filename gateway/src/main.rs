@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use meshgram_gateway::config::Config;
+use meshgram_gateway::store::{PgStore, RedbStore};
 use meshgram_gateway::{AdminFile, Gateway};
 use meshgram_node::server::service;
 
@@ -24,6 +25,11 @@ struct Cli {
     /// Where login codes go: file:PATH or webhook:URL. Default: file:DATA/codes.log.
     #[arg(long)]
     code_sink: Option<String>,
+    /// A PostgreSQL database instead of the redb file in --data, shared with other gateways:
+    /// postgres://user@host1,host2/db?target_session_attrs=read-write (libpq-style; a unix
+    /// socket is host=/dir). Default: the config's `database`, else redb.
+    #[arg(long, env = "MESHGRAM_GATEWAY_DATABASE")]
+    database: Option<String>,
     /// TOML config file; flags override it.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -62,6 +68,13 @@ enum Command {
         /// Write it to this file instead of standard output.
         #[arg(long)]
         out: Option<PathBuf>,
+    },
+    /// Copy the redb database of --data into an empty PostgreSQL database, to run the gateway
+    /// on it from then on (`--database`). The gateway must be stopped.
+    Migrate {
+        /// postgres://… (as for --database).
+        #[arg(long)]
+        to: String,
     },
     /// End a relay's admission on the running gateway of --data (through its admin endpoint):
     /// within seconds the other relays give it no copies and refuse its replica requests.
@@ -118,6 +131,7 @@ async fn main() -> anyhow::Result<()> {
         Some(Command::Bot(command)) => admin(&config.data_dir, command).await,
         Some(Command::RelayRevoke { relay, json }) => relay_revoke(&config.data_dir, relay, json).await,
         Some(Command::RelayCert { relay, days, out }) => relay_cert(&config.data_dir, relay, days, out.as_deref()),
+        Some(Command::Migrate { to }) => migrate(config.data_dir, to).await,
         None => run(cli, config).await,
     }
 }
@@ -130,6 +144,7 @@ async fn run(cli: Cli, mut config: Config) -> anyhow::Result<()> {
     let any_loopback_port = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
     config.http = Some(cli.http.or(config.http).unwrap_or(any_loopback_port));
     config.code_sink = cli.code_sink.or(config.code_sink);
+    config.database = cli.database.or(config.database);
     if let Some(secs) = cli.cert_ttl_secs {
         config.limits.cert_ttl_secs = secs;
     }
@@ -144,6 +159,23 @@ async fn run(cli: Cli, mut config: Config) -> anyhow::Result<()> {
         () = gateway.wait() => bail!("a gateway task stopped unexpectedly"),
     }
     gateway.shutdown().await;
+    Ok(())
+}
+
+/// Copies the redb database of `data` into PostgreSQL (see [`Command::Migrate`]).
+async fn migrate(data: PathBuf, to: String) -> anyhow::Result<()> {
+    let path = data.join(meshgram_gateway::DATABASE_FILE);
+    if !path.exists() {
+        bail!("no gateway database at {}: is --data the gateway's data dir?", path.display());
+    }
+    let copied = tokio::task::spawn_blocking(move || -> anyhow::Result<u64> {
+        let source = RedbStore::open(&path)
+            .with_context(|| format!("opening {} (is the gateway still running?)", path.display()))?;
+        let target = PgStore::connect(&to).context("connecting to PostgreSQL")?;
+        Ok(target.migrate_from(&source)?)
+    })
+    .await??;
+    println!("copied {copied} records; start the gateway with --database to use them");
     Ok(())
 }
 

@@ -33,13 +33,21 @@ use meshgram_node::server::limits::RateLimiter;
 
 impl From<StoreError> for WireError {
     fn from(e: StoreError) -> Self {
-        // The client learns only that we failed; the operator gets the cause.
+        // The client learns only that we failed (and whether it may pass); the operator gets
+        // the cause.
+        if let StoreError::Unavailable(why) = &e {
+            tracing::warn!(error = %why, "gateway database unavailable");
+            return WireError::flood_wait(DATABASE_AWAY_RETRY_SECS, "the gateway's database is unavailable");
+        }
         tracing::error!(error = %e, "gateway store failure");
         WireError::new(Code::Internal, "internal error; try again later")
     }
 }
 
 type AuthResult<T> = Result<T, WireError>;
+
+/// After the database was unavailable, clients wait this long before trying again.
+const DATABASE_AWAY_RETRY_SECS: u64 = 1;
 
 /// A relay whose admission the operator revoked.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -250,7 +258,7 @@ impl AuthService {
                     if t.username_holder(&name)?.is_some() || held_by_other {
                         return Err(WireError::new(Code::UsernameOccupied, format!("{name} is already taken")));
                     }
-                    t.put_channel_name(&name, &ChannelName { owner: me.user_id, link })?;
+                    t.put_channel_name(&name, &ChannelName { owner: me.user_id, link: link.clone() })?;
                     Ok::<_, WireError>(())
                 })?;
                 Ok(AuthResponse::Done)
@@ -294,9 +302,7 @@ impl AuthService {
                 .check(&ip.to_string(), now)
                 .map_err(|s| WireError::flood_wait(s, "code requests from this address"))?;
         }
-        self.send_code_limiter
-            .check(phone.as_str(), now)
-            .map_err(|s| WireError::flood_wait(s, "code requests for this number"))?;
+        self.take_shared(&self.send_code_limiter, "send-code", phone.as_str(), now, "code requests for this number")?;
         self.send_code_peer_limiter
             .check(&peer.to_string(), now)
             .map_err(|s| WireError::flood_wait(s, "code requests from this device"))?;
@@ -316,7 +322,7 @@ impl AuthService {
             // must not buy more guesses. They are forgotten after a lockout, or a lockout
             // period after the last code expired; so are other devices' records for the phone.
             let lockout = self.limits.code_lockout_secs;
-            t.remove_stale_codes(phone, |o| now >= o.locked_until && now >= o.expires_at + lockout)?;
+            t.remove_stale_codes(phone, &|o| now >= o.locked_until && now >= o.expires_at + lockout)?;
             let carried =
                 old.filter(|o| o.locked_until == 0 && now < o.expires_at + lockout).map_or(0, |o| o.wrong_attempts);
             let record = CodeRecord {
@@ -356,7 +362,7 @@ impl AuthService {
         password: Option<String>,
         now: u64,
     ) -> AuthResult<AuthResponse> {
-        self.sign_in_limiter.check(&peer.to_string(), now).map_err(|s| WireError::flood_wait(s, "sign-in attempts"))?;
+        self.take_shared(&self.sign_in_limiter, "sign-in", &peer.to_string(), now, "sign-in attempts")?;
         check_device(&peer, &device, &device_name)?;
         let ip = self.limited_ip(ip).map(|ip| ip.to_string());
         if let Some(ip) = &ip {
@@ -404,7 +410,7 @@ impl AuthService {
                     (account, true)
                 }
             };
-            let session = self.new_session(t, &account, peer, device, device_name, now)?;
+            let session = self.new_session(t, &account, peer, device.clone(), device_name.clone(), now)?;
             Ok::<_, WireError>(Ok((account, session, new_account)))
         })??;
         tracing::info!(user = %account.user_id, session = %session.session_id, new_account, "signed in");
@@ -420,7 +426,7 @@ impl AuthService {
     /// devices). Devices are free, so the phone also counts every device's wrong guesses, and
     /// takes none for a while after `max_code_attempts_per_phone`: far more than one address
     /// gets to make, so that locking a number out takes many addresses.
-    fn check_code(&self, t: &mut Tables<'_>, guess: &CodeGuess<'_>, now: u64) -> AuthResult<AuthResult<()>> {
+    fn check_code(&self, t: &mut dyn Tables, guess: &CodeGuess<'_>, now: u64) -> AuthResult<AuthResult<()>> {
         let (phone, device) = (guess.phone, guess.device);
         if let Err(locked) = self.phone_unlocked(t, phone, now) {
             return Ok(Err(locked));
@@ -473,7 +479,7 @@ impl AuthService {
     }
 
     /// Refuses while `phone` is locked out for wrong codes from many devices.
-    fn phone_unlocked(&self, t: &Tables<'_>, phone: &Phone, now: u64) -> AuthResult<()> {
+    fn phone_unlocked(&self, t: &mut dyn Tables, phone: &Phone, now: u64) -> AuthResult<()> {
         let guard = t.phone_guard(phone)?;
         if guard.locked_until > now {
             return Err(WireError::flood_wait(guard.locked_until - now, "wrong codes for this number"));
@@ -496,7 +502,7 @@ impl AuthService {
         device_name: String,
         now: u64,
     ) -> AuthResult<AuthResponse> {
-        self.sign_in_limiter.check(&peer.to_string(), now).map_err(|s| WireError::flood_wait(s, "sign-in attempts"))?;
+        self.take_shared(&self.sign_in_limiter, "sign-in", &peer.to_string(), now, "sign-in attempts")?;
         check_device(&peer, &device, &device_name)?;
         let invalid = || WireError::new(Code::AccessTokenInvalid, "invalid token specified");
         let token: BotToken = token.parse().map_err(|_| invalid())?;
@@ -507,7 +513,7 @@ impl AuthService {
                 return Err(invalid());
             }
             let account = t.account(token.bot_id)?.filter(|a| a.kind == AccountKind::Bot).ok_or_else(invalid)?;
-            let session = self.new_session(t, &account, peer, device, device_name, now)?;
+            let session = self.new_session(t, &account, peer, device.clone(), device_name.clone(), now)?;
             Ok((account, session))
         })?;
         tracing::info!(bot = %account.user_id, session = %session.session_id, "bot signed in");
@@ -540,15 +546,15 @@ impl AuthService {
     ) -> AuthResult<AuthResponse> {
         let account = self.store.write(|t| {
             let mut account = self.authed_account(t, &peer, now)?;
-            if let Some(username) = username {
+            if let Some(username) = &username {
                 account.username = if username.trim().is_empty() {
                     None
                 } else {
-                    Some(self.free_username(t, &username, account.kind, Some(account.user_id))?)
+                    Some(self.free_username(t, username, account.kind, Some(account.user_id))?)
                 };
             }
-            if let Some(name) = name {
-                account.name = check_name(&name)?;
+            if let Some(name) = &name {
+                account.name = check_name(name)?;
             }
             t.put_account(&account)?;
             Ok::<_, WireError>(account)
@@ -569,9 +575,7 @@ impl AuthService {
             return Err(WireError::new(Code::Forbidden, "bots sign in with tokens and have no password"));
         }
         if let Some(hash) = &account.password_hash {
-            self.sign_in_limiter
-                .check(&peer.to_string(), now)
-                .map_err(|s| WireError::flood_wait(s, "password attempts"))?;
+            self.take_shared(&self.sign_in_limiter, "sign-in", &peer.to_string(), now, "password attempts")?;
             let current =
                 current.ok_or_else(|| WireError::new(Code::PasswordHashInvalid, "the current password is required"))?;
             self.check_password(account.user_id, &current, hash, now)?;
@@ -579,7 +583,7 @@ impl AuthService {
         let new_hash = new.map(|p| hash_password(&p)).transpose()?;
         let account = self.store.write(|t| {
             let mut account = self.authed_account(t, &peer, now)?;
-            account.password_hash = new_hash;
+            account.password_hash = new_hash.clone();
             t.put_account(&account)?;
             Ok::<_, WireError>(account)
         })?;
@@ -854,7 +858,7 @@ impl AuthService {
 
     /// Marks `session` revoked and tells the relays: its certificates (at most one TTL old)
     /// stop working there within seconds instead of at expiry.
-    fn end_session(&self, t: &mut Tables<'_>, session: &mut StoredSession, now: u64) -> Result<(), StoreError> {
+    fn end_session(&self, t: &mut dyn Tables, session: &mut StoredSession, now: u64) -> Result<(), StoreError> {
         session.revoked_at = Some(now);
         t.put_session(session)?;
         // A certificate issued just before is valid until `now + TTL`, and a relay whose clock
@@ -866,7 +870,7 @@ impl AuthService {
     /// Signs and stores a revocation, dropping those that no longer matter.
     fn record_revocation(
         &self,
-        t: &mut Tables<'_>,
+        t: &mut dyn Tables,
         peer: PeerId,
         revoked: Revoked,
         now: u64,
@@ -881,7 +885,7 @@ impl AuthService {
     /// Creates a session for `peer`, ending the device's previous one: a device has one session.
     fn new_session(
         &self,
-        t: &mut Tables<'_>,
+        t: &mut dyn Tables,
         account: &StoredAccount,
         peer: PeerId,
         keys: DeviceKeys,
@@ -910,8 +914,21 @@ impl AuthService {
 
     // ---- helpers ----
 
+    /// Takes a token from a limit that must hold across gateways: kept in the database when
+    /// gateways share one ([`Store::take_token`]). `what` says what is limited.
+    fn take_shared(
+        &self,
+        limiter: &RateLimiter,
+        name: &'static str,
+        key: &str,
+        now: u64,
+        what: &str,
+    ) -> AuthResult<()> {
+        self.store.take_token(limiter, name, key, now)?.map_err(|secs| WireError::flood_wait(secs, what))
+    }
+
     /// The caller's active session, refreshing `last_seen` now and then.
-    fn authed(&self, t: &mut Tables<'_>, peer: &PeerId, now: u64) -> AuthResult<StoredSession> {
+    fn authed(&self, t: &mut dyn Tables, peer: &PeerId, now: u64) -> AuthResult<StoredSession> {
         let mut session = live_session(t, peer)?;
         if now >= session.last_seen + LAST_SEEN_RESOLUTION_SECS {
             session.last_seen = now;
@@ -931,12 +948,12 @@ impl AuthService {
         self.store.write(|t| self.authed(t, peer, now))
     }
 
-    fn authed_account(&self, t: &mut Tables<'_>, peer: &PeerId, now: u64) -> AuthResult<StoredAccount> {
+    fn authed_account(&self, t: &mut dyn Tables, peer: &PeerId, now: u64) -> AuthResult<StoredAccount> {
         let session = self.authed(t, peer, now)?;
         account_of(t, &session)
     }
 
-    fn authed_user(&self, t: &mut Tables<'_>, peer: &PeerId, now: u64) -> AuthResult<StoredAccount> {
+    fn authed_user(&self, t: &mut dyn Tables, peer: &PeerId, now: u64) -> AuthResult<StoredAccount> {
         let account = self.authed_account(t, peer, now)?;
         if account.kind != AccountKind::User {
             return Err(WireError::new(Code::Forbidden, "bots cannot manage bots"));
@@ -945,7 +962,13 @@ impl AuthService {
     }
 
     /// Validates a username for an account kind and checks nobody else holds it.
-    fn free_username(&self, t: &Tables<'_>, raw: &str, kind: AccountKind, me: Option<UserId>) -> AuthResult<Username> {
+    fn free_username(
+        &self,
+        t: &mut dyn Tables,
+        raw: &str,
+        kind: AccountKind,
+        me: Option<UserId>,
+    ) -> AuthResult<Username> {
         let username = valid_username(raw, kind)?;
         let taken = match t.username_holder(&username)? {
             Some(holder) => Some(holder) != me,
@@ -998,7 +1021,7 @@ impl AuthService {
 
 /// The device keys must verify and belong to the connection's peer.
 /// The device's session, if it is signed in and the session was not ended.
-fn live_session(t: &Tables<'_>, peer: &PeerId) -> AuthResult<StoredSession> {
+fn live_session(t: &mut dyn Tables, peer: &PeerId) -> AuthResult<StoredSession> {
     let session = t
         .session_of_device(peer)?
         .ok_or_else(|| WireError::new(Code::AuthKeyUnregistered, "this device is not signed in; run login"))?;
@@ -1009,7 +1032,7 @@ fn live_session(t: &Tables<'_>, peer: &PeerId) -> AuthResult<StoredSession> {
 }
 
 /// The account of a live session.
-fn account_of(t: &Tables<'_>, session: &StoredSession) -> AuthResult<StoredAccount> {
+fn account_of(t: &mut dyn Tables, session: &StoredSession) -> AuthResult<StoredAccount> {
     t.account(session.user_id)?
         .ok_or_else(|| WireError::new(Code::AuthKeyUnregistered, "the account of this session no longer exists"))
 }
@@ -1083,7 +1106,7 @@ fn valid_username(raw: &str, kind: AccountKind) -> AuthResult<Username> {
 }
 
 /// Refuses a relay whose admission was revoked.
-fn refuse_revoked_relay(t: &Tables<'_>, relay: PeerId) -> Result<(), WireError> {
+fn refuse_revoked_relay(t: &mut dyn Tables, relay: PeerId) -> Result<(), WireError> {
     if t.relay_revoked_at(&relay)?.is_some() {
         return Err(WireError::new(Code::CertInvalid, "this relay's admission was revoked"));
     }

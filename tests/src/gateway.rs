@@ -28,6 +28,7 @@ pub struct GatewayBuilder {
     webhook_status: Option<u16>,
     webhook_delay: Duration,
     args: Vec<String>,
+    key_from: Option<PathBuf>,
 }
 
 impl GatewayBuilder {
@@ -55,10 +56,25 @@ impl GatewayBuilder {
         self
     }
 
+    /// Keeps its accounts in this PostgreSQL database (`--database URL`) instead of redb.
+    pub fn database(self, url: &str) -> Self {
+        self.arg("--database").arg(url)
+    }
+
+    /// Signs with the same key as `other` (two gateways of one network on one database).
+    pub fn same_key_as(mut self, other: &Gateway) -> Self {
+        self.key_from = Some(other.data_dir.join(meshgram_node::defaults::GATEWAY_KEY_FILE));
+        self
+    }
+
     /// Starts the gateway, panicking if it does not become ready.
     pub fn start(self) -> Gateway {
         let tmp = tempfile::Builder::new().prefix("meshgram-test-").tempdir().expect("create a temp dir");
         let data_dir = tmp.path().join("gw");
+        if let Some(key) = &self.key_from {
+            fs::create_dir_all(&data_dir).expect("create the data dir");
+            fs::copy(key, data_dir.join(meshgram_node::defaults::GATEWAY_KEY_FILE)).expect("copy the gateway key");
+        }
         let codes = match self.webhook_status {
             Some(status) => CodeSource::Webhook(
                 WebhookSink::start_slow(status, self.webhook_delay).expect("start the webhook sink"),
@@ -255,6 +271,12 @@ impl Gateway {
     /// that addresses saved in profiles stay valid. Retries briefly in case the port is not
     /// free again yet.
     pub fn restart_same_port(&mut self) {
+        self.restart_same_port_with(&[]);
+    }
+
+    /// [`Gateway::restart_same_port`] with `extra` arguments from now on (e.g. `--database`).
+    pub fn restart_same_port_with(&mut self, extra: &[&str]) {
+        self.fixed_args.extend(extra.iter().map(|arg| arg.to_string()));
         let port = self.server.tcp_port();
         self.server.kill9();
         let mut last_error = None;

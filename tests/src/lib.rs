@@ -22,6 +22,8 @@
 //! - [`metrics`]: [`Scrape`], a `/metrics` parsed by a real OpenMetrics parser, and
 //!   [`documented_metrics`], the names an operator doc lists.
 //! - [`files`]: [`random_file`] and [`blake3_of_file`], for files that round-trip.
+//! - [`postgres`]: [`Postgres`], a throwaway PostgreSQL cluster on a unix socket, for gateways
+//!   that share a database.
 //! - [`raw`]: [`RawClient`], a device speaking the relay protocols with certificates the test signs.
 //! - [`output`]: reading what commands printed ([`array`], [`str_field`], [`texts`], ...).
 //!
@@ -36,6 +38,7 @@ mod http;
 mod mesh;
 mod metrics;
 mod output;
+mod postgres;
 mod raw;
 mod server;
 mod up;
@@ -54,6 +57,7 @@ pub use http::{http_get, http_post};
 pub use mesh::{Mesh, files_under, inspect_relay, relay_metric, start_relay, wait_repair_settled};
 pub use metrics::{Scrape, documented_metrics};
 pub use output::{array, is_bot_token, str_field, texts, u64_field};
+pub use postgres::Postgres;
 pub use raw::{RawClient, RawPeer, frame, frame_header, read_answer};
 pub use server::{READY_TIMEOUT, Server, start_node, start_node_as};
 pub use up::{RESTART_TIMEOUT, Roles, Up};

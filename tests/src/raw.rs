@@ -1,15 +1,23 @@
 //! A raw client for tests of bad input: a device that speaks the mailbox and media protocols to
-//! one relay, with certificates the test signs (the relays trust a gateway key the test holds).
+//! one relay, with certificates the test signs (the relays trust a gateway key the test holds),
+//! or the auth protocol to a gateway.
 
 use libp2p::PeerId;
 use libp2p::identity::ed25519;
 use meshgram_node::client::net::ClientNet;
 use meshgram_node::crypto::cert::{AccountKind, CertBody, SessionCert};
-use meshgram_node::crypto::identity::DeviceIdentity;
+use meshgram_node::crypto::identity::{DeviceIdentity, DeviceKeys};
 use meshgram_node::ids::{SessionId, UserId};
 use meshgram_node::proto::envelope::{Envelope, EnvelopeId};
 use meshgram_node::proto::media::{MediaRequest, MediaResponse};
-use meshgram_node::proto::{MailboxRequest, MailboxResponse, RelayInfo};
+use meshgram_node::proto::{AuthRequest, AuthResponse, MailboxRequest, MailboxResponse, RelayInfo};
+
+/// A server's peer id and address, from a multiaddr ending in `/p2p/<id>`.
+fn server_info(addr: &str) -> RelayInfo {
+    let mut multiaddr: libp2p::Multiaddr = addr.parse().expect("a server multiaddr");
+    let Some(libp2p::multiaddr::Protocol::P2p(peer_id)) = multiaddr.pop() else { panic!("no /p2p in {addr}") };
+    RelayInfo { peer_id, addrs: vec![multiaddr] }
+}
 
 /// A client that speaks the mailbox protocol with certificates the test signs.
 #[allow(missing_debug_implementations)] // a handle to a network task; nothing to show
@@ -17,29 +25,44 @@ pub struct RawClient {
     identity: DeviceIdentity,
     net: ClientNet,
     relay: RelayInfo,
-    _dir: Option<tempfile::TempDir>,
+    /// Where its device keys are (its own temp dir, or a profile's).
+    keys: std::path::PathBuf,
+    _dir: Option<std::sync::Arc<tempfile::TempDir>>,
 }
 
 impl RawClient {
     /// A fresh device talking to the relay at `relay` (a multiaddr ending in `/p2p/<id>`).
     pub fn new(relay: &str) -> Self {
-        let dir = tempfile::tempdir().expect("a temp dir");
-        let identity = DeviceIdentity::load_or_create(dir.path()).expect("device keys");
-        Self::with_identity(relay, identity, Some(dir))
+        let dir = std::sync::Arc::new(tempfile::tempdir().expect("a temp dir"));
+        Self::with_keys(relay, dir.path().to_path_buf(), Some(dir))
     }
 
     /// A profile's own device (its keys read from the profile), e.g. to capture or replay
     /// what that device's client would send or fetch.
     pub fn of_profile(relay: &str, profile: &std::path::Path) -> Self {
-        let identity = DeviceIdentity::load_or_create(profile).expect("the profile's device keys");
-        Self::with_identity(relay, identity, None)
+        Self::with_keys(relay, profile.to_path_buf(), None)
     }
 
-    fn with_identity(relay: &str, identity: DeviceIdentity, dir: Option<tempfile::TempDir>) -> Self {
+    /// The same device talking to another server, over its own connections: two gateways of
+    /// one network share a peer id, so one network task would take them for one.
+    pub fn same_device_at(&self, server: &str) -> Self {
+        Self::with_keys(server, self.keys.clone(), self._dir.clone())
+    }
+
+    fn with_keys(server: &str, keys: std::path::PathBuf, dir: Option<std::sync::Arc<tempfile::TempDir>>) -> Self {
+        let identity = DeviceIdentity::load_or_create(&keys).expect("device keys");
         let net = ClientNet::spawn(&identity).expect("the network task");
-        let mut addr: libp2p::Multiaddr = relay.parse().expect("a relay multiaddr");
-        let Some(libp2p::multiaddr::Protocol::P2p(peer_id)) = addr.pop() else { panic!("no /p2p in {relay}") };
-        RawClient { identity, net, relay: RelayInfo { peer_id, addrs: vec![addr] }, _dir: dir }
+        RawClient { identity, net, relay: server_info(server), keys, _dir: dir }
+    }
+
+    /// Sends an auth request to its server, a gateway.
+    pub async fn auth(&self, request: AuthRequest) -> AuthResponse {
+        self.net.auth_request(self.relay.peer_id, self.relay.addrs.clone(), request).await.expect("the gateway answers")
+    }
+
+    /// Its device's keys, as a sign-in sends them.
+    pub fn device_keys(&self) -> DeviceKeys {
+        self.identity.device_keys()
     }
 
     /// Its device: the mailbox its fetches read.

@@ -70,16 +70,29 @@ impl RateLimiter {
             buckets.retain(|_, b| b.tokens + (now - b.updated) / refill < burst);
         }
         let bucket = buckets.entry(key.to_string()).or_insert(Bucket { tokens: self.burst, updated: now });
-        bucket.tokens = (bucket.tokens + (now - bucket.updated).max(0.0) / self.refill_secs).min(self.burst);
-        bucket.updated = now;
-        if bucket.tokens >= n {
-            if take {
-                bucket.tokens -= n;
-            }
-            Ok(())
-        } else {
-            Err(((n - bucket.tokens) * self.refill_secs).ceil().max(1.0) as u64)
+        *bucket = Bucket { tokens: self.refilled(Some((bucket.tokens, bucket.updated)), now), updated: now };
+        if bucket.tokens < n {
+            return Err(self.secs_until(n - bucket.tokens));
         }
+        if take {
+            bucket.tokens -= n;
+        }
+        Ok(())
+    }
+
+    /// The tokens at `now` of a bucket left with `tokens` at `updated` (`None`: never used, so
+    /// full). With [`RateLimiter::secs_until`], the arithmetic for buckets kept elsewhere (a
+    /// database that several gateways share).
+    pub fn refilled(&self, bucket: Option<(f64, f64)>, now: f64) -> f64 {
+        match bucket {
+            None => self.burst,
+            Some((tokens, updated)) => (tokens + (now - updated).max(0.0) / self.refill_secs).min(self.burst),
+        }
+    }
+
+    /// Whole seconds until a bucket has `missing` more tokens.
+    pub fn secs_until(&self, missing: f64) -> u64 {
+        (missing * self.refill_secs).ceil().max(1.0) as u64
     }
 }
 

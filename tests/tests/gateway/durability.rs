@@ -37,7 +37,11 @@ fn assert_still_signed_in(profile: &Path, login: &Value) {
 
 #[test]
 fn kill_9_and_restart_keeps_accounts_sessions_and_identity() {
-    let mut gw = Gateway::start();
+    kill_9_and_restart_keeps_accounts_sessions_and_identity_of(Gateway::start());
+}
+
+/// The kill -9 test on `gw`, whichever database it keeps its accounts in.
+pub(crate) fn kill_9_and_restart_keeps_accounts_sessions_and_identity_of(mut gw: Gateway) {
     let (alice1_p, alice2_p, bob_p) = (gw.new_profile("alice1"), gw.new_profile("alice2"), gw.new_profile("bob"));
     let alice1 = gw.login(&alice1_p, ALICE);
     let alice2 = gw.login(&alice2_p, ALICE);

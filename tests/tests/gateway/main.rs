@@ -6,6 +6,7 @@
 //! - `profiles`: usernames, display names and 2FA passwords.
 //! - `bots`: bots created by users and by the operator, bot tokens.
 //! - `durability`: kill -9 and restart on the same data.
+//! - `postgres`: gateways on PostgreSQL: two on one database, and `migrate` from redb.
 //! - `sinks_and_http`: webhook code delivery, ready line, health and metrics.
 //! - `cli_errors`: client-side failures (no session, bad address, dead gateway).
 //! - `wire`: garbage, oversized frames and non-libp2p bytes sent straight at the gateway.
@@ -20,6 +21,7 @@ mod bots;
 mod cli_errors;
 mod codes;
 mod durability;
+mod postgres;
 mod profiles;
 mod sessions;
 mod sinks_and_http;

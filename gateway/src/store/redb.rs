@@ -1,24 +1,24 @@
-//! The gateway's durable state in one redb file: accounts, sessions, login codes, bot tokens,
-//! and the revocations relays fetch.
+//! The embedded backend: the gateway's tables in one redb file.
 //!
-//! Every request runs in one write transaction ([`Store::write`]) and commits only if its closure
-//! returns `Ok`, so a request either happens wholly or not at all. Reads also use a write
-//! transaction, aborted instead of committed: redb serializes writers anyway, the gateway's
-//! load is dominated by commits, and one `Tables` type keeps the accessors in one place.
-//! Values are postcard-encoded structs; indexes are separate tables.
+//! Reads also use a write transaction, aborted instead of committed: redb serializes writers
+//! anyway, the gateway's load is dominated by commits, and one tables type keeps the accessors
+//! in one place. Values are postcard-encoded structs; indexes are separate tables.
 
 use std::path::Path;
 
 use libp2p::PeerId;
-use meshgram_node::crypto::cert::{AccountKind, Revocation};
-use meshgram_node::crypto::identity::DeviceKeys;
+use meshgram_node::crypto::cert::Revocation;
 use meshgram_node::ids::{Phone, SessionId, UserId, Username};
-use meshgram_node::proto::{Account, BackupRecord, BotCommandInfo, SessionInfo};
+use meshgram_node::proto::{BackupRecord, BotCommandInfo};
 use redb::{
     Database, MultimapTable, MultimapTableDefinition, ReadableMultimapTable, ReadableTable, Table, TableDefinition,
     WriteTransaction,
 };
-use serde::{Deserialize, Serialize, de::DeserializeOwned};
+
+use super::{
+    ChannelName, CodeRecord, FIRST_USER_ID, PasswordGuard, PhoneGuard, Record, StoreError, StoredAccount,
+    StoredSession, Tables, decode, encode,
+};
 
 const ACCOUNTS: TableDefinition<u64, &[u8]> = TableDefinition::new("accounts");
 const PHONES: TableDefinition<&str, u64> = TableDefinition::new("phones");
@@ -55,20 +55,6 @@ const CHANNEL_NAMES: TableDefinition<&str, &[u8]> = TableDefinition::new("channe
 const PASSWORD_GUARDS: TableDefinition<u64, &[u8]> = TableDefinition::new("password_guards");
 const NEXT_USER_ID: &str = "next_user_id";
 const NEXT_REVOCATION: &str = "next_revocation";
-/// User ids start here so they look like account numbers, not row counters.
-const FIRST_USER_ID: u64 = 1_000_001;
-
-/// A storage failure: the disk, or a record that no longer decodes.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    /// redb failed.
-    #[error("database: {0}")]
-    Db(#[from] redb::Error),
-    /// A stored record does not decode.
-    #[error("corrupt {what} record: {reason}")]
-    Corrupt { what: &'static str, reason: String },
-}
-
 macro_rules! from_redb {
     ($($t:ty),*) => {$(impl From<$t> for StoreError {
         fn from(e: $t) -> Self { StoreError::Db(e.into()) }
@@ -76,92 +62,22 @@ macro_rules! from_redb {
 }
 from_redb!(redb::DatabaseError, redb::TransactionError, redb::TableError, redb::StorageError, redb::CommitError);
 
-/// An account as stored.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct StoredAccount {
-    pub user_id: UserId,
-    pub kind: AccountKind,
-    pub phone: Option<Phone>,
-    pub username: Option<Username>,
-    pub name: String,
-    /// argon2id PHC string.
-    pub password_hash: Option<String>,
-    pub owner: Option<UserId>,
-    pub created_at: u64,
-}
-
-impl StoredAccount {
-    /// The owner's view.
-    pub fn to_account(&self) -> Account {
-        Account {
-            user_id: self.user_id,
-            kind: self.kind,
-            phone: self.phone.clone(),
-            username: self.username.clone(),
-            name: self.name.clone(),
-            has_password: self.password_hash.is_some(),
-            owner: self.owner,
-            created_at: self.created_at,
-        }
-    }
-}
-
-/// A device session as stored.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct StoredSession {
-    pub session_id: SessionId,
-    pub user_id: UserId,
-    pub device: PeerId,
-    pub keys: DeviceKeys,
-    pub device_name: String,
-    pub kind: AccountKind,
-    pub created_at: u64,
-    pub last_seen: u64,
-    pub revoked_at: Option<u64>,
-}
-
-impl StoredSession {
-    /// As shown in a session list; `current` marks the caller's own.
-    pub fn to_info(&self, current: SessionId) -> SessionInfo {
-        SessionInfo {
-            session_id: self.session_id,
-            device: self.device,
-            device_name: self.device_name.clone(),
-            kind: self.kind,
-            created_at: self.created_at,
-            last_seen: self.last_seen,
-            current: self.session_id == current,
-        }
-    }
-}
-
-/// A login code waiting to be used.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct CodeRecord {
-    /// Keyed blake3 of the code; compared in constant time.
-    pub code_hash: [u8; 32],
-    pub expires_at: u64,
-    pub wrong_attempts: u32,
-    /// After too many wrong attempts, nothing for this phone from this device until then.
-    pub locked_until: u64,
-}
-
-/// The gateway database.
+/// A gateway database in a redb file.
 #[derive(Debug)]
-pub struct Store {
+pub struct RedbStore {
     db: Database,
     /// Transactions committed (each a durable write), for tests of what costs one.
     commits: std::sync::atomic::AtomicU64,
 }
 
-impl Store {
+impl RedbStore {
     /// Opens (or creates) the database file.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let db = Database::create(path)?;
         let tx = db.begin_write()?;
         tx.delete_table(LEGACY_CODES)?;
         tx.commit()?;
-        let store = Store { db, commits: std::sync::atomic::AtomicU64::new(0) };
+        let store = RedbStore { db, commits: std::sync::atomic::AtomicU64::new(0) };
         // Create every table up front so read paths never meet a missing table.
         store.write(|_| Ok::<_, StoreError>(()))?;
         Ok(store)
@@ -176,10 +92,10 @@ impl Store {
     }
 
     /// Runs `f` in a write transaction; commits (durably) only if it returns `Ok`.
-    pub fn write<T, E: From<StoreError>>(&self, f: impl FnOnce(&mut Tables<'_>) -> Result<T, E>) -> Result<T, E> {
+    pub fn write<T, E: From<StoreError>>(&self, mut f: impl FnMut(&mut dyn Tables) -> Result<T, E>) -> Result<T, E> {
         let tx = self.db.begin_write().map_err(StoreError::from)?;
         let out = {
-            let mut tables = Tables::open(&tx)?;
+            let mut tables = RedbTables::open(&tx)?;
             f(&mut tables)?
         };
         tx.commit().map_err(StoreError::from)?;
@@ -193,10 +109,10 @@ impl Store {
     }
 
     /// Runs `f` and discards whatever it wrote: for requests that only read.
-    pub fn read<T, E: From<StoreError>>(&self, f: impl FnOnce(&mut Tables<'_>) -> Result<T, E>) -> Result<T, E> {
+    pub fn read<T, E: From<StoreError>>(&self, mut f: impl FnMut(&mut dyn Tables) -> Result<T, E>) -> Result<T, E> {
         let tx = self.db.begin_write().map_err(StoreError::from)?;
         let out = {
-            let mut tables = Tables::open(&tx)?;
+            let mut tables = RedbTables::open(&tx)?;
             f(&mut tables)
         };
         tx.abort().map_err(StoreError::from)?;
@@ -204,9 +120,95 @@ impl Store {
     }
 }
 
+impl RedbStore {
+    /// Hands every record to `sink`, from one read transaction: what `migrate` copies.
+    pub fn export(&self, sink: &mut dyn FnMut(Record) -> Result<(), StoreError>) -> Result<(), StoreError> {
+        use redb::ReadableDatabase;
+        let tx = self.db.begin_read()?;
+        for entry in tx.open_table(ACCOUNTS)?.iter()? {
+            sink(Record::Account(decode("account", entry?.1.value())?))?;
+        }
+        for entry in tx.open_table(SESSIONS)?.iter()? {
+            sink(Record::Session(decode("session", entry?.1.value())?))?;
+        }
+        for entry in tx.open_table(DEVICES)?.iter()? {
+            let (device, session) = entry?;
+            let device = PeerId::from_bytes(device.value())
+                .map_err(|e| StoreError::Corrupt { what: "device", reason: e.to_string() })?;
+            sink(Record::Device { device, session: SessionId(session.value()) })?;
+        }
+        for entry in tx.open_table(CODES)?.iter()? {
+            let (key, record) = entry?;
+            let corrupt = |reason: String| StoreError::Corrupt { what: "code key", reason };
+            let (phone, device) = key.value().split_once(' ').ok_or_else(|| corrupt("no device".into()))?;
+            sink(Record::Code {
+                phone: phone.parse().map_err(|e: meshgram_node::ids::InvalidValue| corrupt(e.0))?,
+                device: device.parse().map_err(|e: libp2p::identity::ParseError| corrupt(e.to_string()))?,
+                record: decode("code", record.value())?,
+            })?;
+        }
+        for entry in tx.open_table(PHONE_GUARDS)?.iter()? {
+            let (phone, guard) = entry?;
+            let phone = phone.value().parse().map_err(|e: meshgram_node::ids::InvalidValue| StoreError::Corrupt {
+                what: "phone guard",
+                reason: e.0,
+            })?;
+            sink(Record::PhoneGuard(phone, decode("phone guard", guard.value())?))?;
+        }
+        for entry in tx.open_table(PASSWORD_GUARDS)?.iter()? {
+            let (user, guard) = entry?;
+            sink(Record::PasswordGuard(UserId(user.value()), decode("password guard", guard.value())?))?;
+        }
+        let accounts = tx.open_table(ACCOUNTS)?;
+        for entry in tx.open_table(BOT_SECRETS)?.iter()? {
+            let (bot, hash) = entry?;
+            let owner = match accounts.get(bot.value())? {
+                Some(account) => decode::<StoredAccount>("account", account.value())?.owner,
+                None => None,
+            };
+            let hash = hash
+                .value()
+                .try_into()
+                .map_err(|_| StoreError::Corrupt { what: "bot secret", reason: "not 32 bytes".into() })?;
+            sink(Record::BotSecret { bot: UserId(bot.value()), owner, hash })?;
+        }
+        for entry in tx.open_table(BOT_COMMANDS)?.iter()? {
+            let (bot, commands) = entry?;
+            sink(Record::BotCommands(UserId(bot.value()), decode("bot commands", commands.value())?))?;
+        }
+        for entry in tx.open_table(CHANNEL_NAMES)?.iter()? {
+            let (name, channel) = entry?;
+            let name = name.value().parse().map_err(|e: meshgram_node::ids::InvalidValue| StoreError::Corrupt {
+                what: "channel name",
+                reason: e.0,
+            })?;
+            sink(Record::ChannelName(name, decode("channel name", channel.value())?))?;
+        }
+        for entry in tx.open_table(BACKUPS)?.iter()? {
+            let (key, record) = entry?;
+            let (user, seq) = key.value();
+            sink(Record::Backup { user: UserId(user), seq, record: decode("backup", record.value())? })?;
+        }
+        for entry in tx.open_table(REVOCATIONS)?.iter()? {
+            let (seq, revocation) = entry?;
+            sink(Record::Revocation { seq: seq.value(), revocation: decode("revocation", revocation.value())? })?;
+        }
+        for entry in tx.open_table(REVOKED_RELAYS)?.iter()? {
+            let (relay, at) = entry?;
+            let relay = PeerId::from_bytes(relay.value())
+                .map_err(|e| StoreError::Corrupt { what: "revoked relay", reason: e.to_string() })?;
+            sink(Record::RevokedRelay { relay, at: at.value() })?;
+        }
+        let meta = tx.open_table(META)?;
+        sink(Record::NextUserId(meta.get(NEXT_USER_ID)?.map_or(FIRST_USER_ID, |v| v.value())))?;
+        sink(Record::NextRevocation(meta.get(NEXT_REVOCATION)?.map_or(0, |v| v.value())))?;
+        Ok(())
+    }
+}
+
 /// The open tables of one transaction, with typed accessors.
 #[allow(missing_debug_implementations)] // redb tables are not Debug
-pub struct Tables<'t> {
+pub struct RedbTables<'t> {
     accounts: Table<'t, u64, &'static [u8]>,
     phones: Table<'t, &'static str, u64>,
     usernames: Table<'t, &'static str, u64>,
@@ -226,45 +228,14 @@ pub struct Tables<'t> {
     phone_guards: Table<'t, &'static str, &'static [u8]>,
 }
 
-/// An account's wrong 2FA passwords since the last right one, and until when it takes none.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PasswordGuard {
-    pub wrong: u32,
-    pub locked_until: u64,
-}
-
-/// A phone's wrong login codes from every device lately (each within a lockout period of the
-/// one before), and until when it takes none.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PhoneGuard {
-    pub wrong: u32,
-    pub last_wrong_at: u64,
-    pub locked_until: u64,
-}
-
-/// A public channel's name: who claimed it, and the channel's link it stands for.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ChannelName {
-    pub owner: UserId,
-    pub link: String,
-}
-
-fn encode<T: Serialize>(value: &T) -> Vec<u8> {
-    postcard::to_stdvec(value).expect("invariant: stored records always serialize")
-}
-
 /// A code record's key: the phone, then the device that asked (peer ids have no spaces).
 fn code_key(phone: &Phone, device: &PeerId) -> String {
     format!("{} {device}", phone.as_str())
 }
 
-fn decode<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T, StoreError> {
-    postcard::from_bytes(bytes).map_err(|e| StoreError::Corrupt { what, reason: e.to_string() })
-}
-
-impl<'t> Tables<'t> {
+impl<'t> RedbTables<'t> {
     fn open(tx: &'t WriteTransaction) -> Result<Self, StoreError> {
-        Ok(Tables {
+        Ok(RedbTables {
             accounts: tx.open_table(ACCOUNTS)?,
             phones: tx.open_table(PHONES)?,
             usernames: tx.open_table(USERNAMES)?,
@@ -284,40 +255,44 @@ impl<'t> Tables<'t> {
             phone_guards: tx.open_table(PHONE_GUARDS)?,
         })
     }
+}
 
+impl Tables for RedbTables<'_> {
     // ---- accounts ----
 
     /// The account, if it exists.
-    pub fn account(&self, id: UserId) -> Result<Option<StoredAccount>, StoreError> {
+    fn account(&mut self, id: UserId) -> Result<Option<StoredAccount>, StoreError> {
         self.accounts.get(id.0)?.map(|v| decode("account", v.value())).transpose()
     }
 
     /// Account by phone.
-    pub fn account_by_phone(&self, phone: &Phone) -> Result<Option<StoredAccount>, StoreError> {
-        match self.phones.get(phone.as_str())?.map(|v| v.value()) {
+    fn account_by_phone(&mut self, phone: &Phone) -> Result<Option<StoredAccount>, StoreError> {
+        let id = self.phones.get(phone.as_str())?.map(|v| v.value());
+        match id {
             Some(id) => self.account(UserId(id)),
             None => Ok(None),
         }
     }
 
     /// Account by username, case-insensitively.
-    pub fn account_by_username(&self, username: &Username) -> Result<Option<StoredAccount>, StoreError> {
-        match self.usernames.get(username.canonical().as_str())?.map(|v| v.value()) {
+    fn account_by_username(&mut self, username: &Username) -> Result<Option<StoredAccount>, StoreError> {
+        let id = self.usernames.get(username.canonical().as_str())?.map(|v| v.value());
+        match id {
             Some(id) => self.account(UserId(id)),
             None => Ok(None),
         }
     }
 
     /// Allocates the next user id.
-    pub fn next_user_id(&mut self) -> Result<UserId, StoreError> {
-        let id = self.meta.get(NEXT_USER_ID)?.map(|v| v.value()).unwrap_or(FIRST_USER_ID);
+    fn next_user_id(&mut self) -> Result<UserId, StoreError> {
+        let id = self.meta.get(NEXT_USER_ID)?.map_or(FIRST_USER_ID, |v| v.value());
         self.meta.insert(NEXT_USER_ID, id + 1)?;
         Ok(UserId(id))
     }
 
     /// Inserts or updates an account and its phone/username indexes. The caller has checked
     /// that a new username is free.
-    pub fn put_account(&mut self, account: &StoredAccount) -> Result<(), StoreError> {
+    fn put_account(&mut self, account: &StoredAccount) -> Result<(), StoreError> {
         if let Some(old) = self.account(account.user_id)?
             && let Some(old_name) = old.username
             && Some(&old_name) != account.username.as_ref()
@@ -335,27 +310,28 @@ impl<'t> Tables<'t> {
     }
 
     /// Who holds this username, if anyone.
-    pub fn username_holder(&self, username: &Username) -> Result<Option<UserId>, StoreError> {
+    fn username_holder(&mut self, username: &Username) -> Result<Option<UserId>, StoreError> {
         Ok(self.usernames.get(username.canonical().as_str())?.map(|v| UserId(v.value())))
     }
 
     // ---- sessions ----
 
     /// The session, revoked or not.
-    pub fn session(&self, id: SessionId) -> Result<Option<StoredSession>, StoreError> {
+    fn session(&mut self, id: SessionId) -> Result<Option<StoredSession>, StoreError> {
         self.sessions.get(id.0)?.map(|v| decode("session", v.value())).transpose()
     }
 
     /// The latest session of a device, revoked or not.
-    pub fn session_of_device(&self, device: &PeerId) -> Result<Option<StoredSession>, StoreError> {
-        match self.devices.get(device.to_bytes().as_slice())?.map(|v| v.value()) {
+    fn session_of_device(&mut self, device: &PeerId) -> Result<Option<StoredSession>, StoreError> {
+        let id = self.devices.get(device.to_bytes().as_slice())?.map(|v| v.value());
+        match id {
             Some(id) => self.session(SessionId(id)),
             None => Ok(None),
         }
     }
 
     /// Stores a session; active ones are indexed under their user and device.
-    pub fn put_session(&mut self, session: &StoredSession) -> Result<(), StoreError> {
+    fn put_session(&mut self, session: &StoredSession) -> Result<(), StoreError> {
         self.sessions.insert(session.session_id.0, encode(session).as_slice())?;
         self.devices.insert(session.device.to_bytes().as_slice(), session.session_id.0)?;
         if session.revoked_at.is_none() {
@@ -367,10 +343,11 @@ impl<'t> Tables<'t> {
     }
 
     /// Active sessions of a user.
-    pub fn active_sessions(&self, user: UserId) -> Result<Vec<StoredSession>, StoreError> {
+    fn active_sessions(&mut self, user: UserId) -> Result<Vec<StoredSession>, StoreError> {
+        let ids = self.user_sessions.get(user.0)?.map(|id| Ok(id?.value())).collect::<Result<Vec<_>, StoreError>>()?;
         let mut out = Vec::new();
-        for id in self.user_sessions.get(user.0)? {
-            if let Some(s) = self.session(SessionId(id?.value()))? {
+        for id in ids {
+            if let Some(s) = self.session(SessionId(id))? {
                 out.push(s);
             }
         }
@@ -380,7 +357,7 @@ impl<'t> Tables<'t> {
     // ---- login codes ----
 
     /// The account's guard against password guessing (none: no wrong password lately).
-    pub fn password_guard(&self, user: UserId) -> Result<PasswordGuard, StoreError> {
+    fn password_guard(&mut self, user: UserId) -> Result<PasswordGuard, StoreError> {
         Ok(self
             .password_guards
             .get(user.0)?
@@ -390,7 +367,7 @@ impl<'t> Tables<'t> {
     }
 
     /// Stores it (the default removes it).
-    pub fn put_password_guard(&mut self, user: UserId, guard: &PasswordGuard) -> Result<(), StoreError> {
+    fn put_password_guard(&mut self, user: UserId, guard: &PasswordGuard) -> Result<(), StoreError> {
         if *guard == PasswordGuard::default() {
             self.password_guards.remove(user.0)?;
         } else {
@@ -400,7 +377,7 @@ impl<'t> Tables<'t> {
     }
 
     /// The phone's guard against code guessing from many devices at once.
-    pub fn phone_guard(&self, phone: &Phone) -> Result<PhoneGuard, StoreError> {
+    fn phone_guard(&mut self, phone: &Phone) -> Result<PhoneGuard, StoreError> {
         Ok(self
             .phone_guards
             .get(phone.as_str())?
@@ -410,7 +387,7 @@ impl<'t> Tables<'t> {
     }
 
     /// Stores it (the default removes it).
-    pub fn put_phone_guard(&mut self, phone: &Phone, guard: &PhoneGuard) -> Result<(), StoreError> {
+    fn put_phone_guard(&mut self, phone: &Phone, guard: &PhoneGuard) -> Result<(), StoreError> {
         if *guard == PhoneGuard::default() {
             self.phone_guards.remove(phone.as_str())?;
         } else {
@@ -420,25 +397,25 @@ impl<'t> Tables<'t> {
     }
 
     /// The code `device` asked for `phone`.
-    pub fn code(&self, phone: &Phone, device: &PeerId) -> Result<Option<CodeRecord>, StoreError> {
+    fn code(&mut self, phone: &Phone, device: &PeerId) -> Result<Option<CodeRecord>, StoreError> {
         self.codes.get(code_key(phone, device).as_str())?.map(|v| decode("code", v.value())).transpose()
     }
 
     /// Stores the code record of `device` for `phone`.
-    pub fn put_code(&mut self, phone: &Phone, device: &PeerId, record: &CodeRecord) -> Result<(), StoreError> {
+    fn put_code(&mut self, phone: &Phone, device: &PeerId, record: &CodeRecord) -> Result<(), StoreError> {
         self.codes.insert(code_key(phone, device).as_str(), encode(record).as_slice())?;
         Ok(())
     }
 
     /// Deletes the code record of `device` for `phone` (used, or undeliverable).
-    pub fn remove_code(&mut self, phone: &Phone, device: &PeerId) -> Result<(), StoreError> {
+    fn remove_code(&mut self, phone: &Phone, device: &PeerId) -> Result<(), StoreError> {
         self.codes.remove(code_key(phone, device).as_str())?;
         Ok(())
     }
 
     /// Deletes `phone`'s code records that `stale` says are of no more use (expired, and any
     /// lockout over), whichever devices asked for them.
-    pub fn remove_stale_codes(&mut self, phone: &Phone, stale: impl Fn(&CodeRecord) -> bool) -> Result<(), StoreError> {
+    fn remove_stale_codes(&mut self, phone: &Phone, stale: &dyn Fn(&CodeRecord) -> bool) -> Result<(), StoreError> {
         // Keys are "<phone> <device>": the phone's run ends before "<phone>!" (' ' < '!').
         let (from, to) = (format!("{} ", phone.as_str()), format!("{}!", phone.as_str()));
         let mut gone = Vec::new();
@@ -457,7 +434,7 @@ impl<'t> Tables<'t> {
     // ---- backups ----
 
     /// Adds a backup pointer for `user` and drops all but the newest `keep`.
-    pub fn put_backup(&mut self, user: UserId, record: &BackupRecord, keep: usize) -> Result<(), StoreError> {
+    fn put_backup(&mut self, user: UserId, record: &BackupRecord, keep: usize) -> Result<(), StoreError> {
         let last = self.backups.range((user.0, 0)..=(user.0, u64::MAX))?.next_back().transpose()?;
         let next = last.map_or(0, |(k, _)| k.value().1 + 1);
         self.backups.insert((user.0, next), encode(record).as_slice())?;
@@ -472,7 +449,7 @@ impl<'t> Tables<'t> {
     }
 
     /// A user's backup pointers, newest first.
-    pub fn backups(&self, user: UserId) -> Result<Vec<BackupRecord>, StoreError> {
+    fn backups(&mut self, user: UserId) -> Result<Vec<BackupRecord>, StoreError> {
         let mut out = Vec::new();
         for entry in self.backups.range((user.0, 0)..=(user.0, u64::MAX))?.rev() {
             out.push(decode("backup", entry?.1.value())?);
@@ -483,7 +460,7 @@ impl<'t> Tables<'t> {
     // ---- bots ----
 
     /// Replaces the commands a bot lists (none: removed).
-    pub fn put_bot_commands(&mut self, bot: UserId, commands: &[BotCommandInfo]) -> Result<(), StoreError> {
+    fn put_bot_commands(&mut self, bot: UserId, commands: &[BotCommandInfo]) -> Result<(), StoreError> {
         if commands.is_empty() {
             self.bot_commands.remove(bot.0)?;
         } else {
@@ -493,29 +470,29 @@ impl<'t> Tables<'t> {
     }
 
     /// The public channel named `name`, if one is.
-    pub fn channel_name(&self, name: &Username) -> Result<Option<ChannelName>, StoreError> {
+    fn channel_name(&mut self, name: &Username) -> Result<Option<ChannelName>, StoreError> {
         self.channel_names.get(name.canonical().as_str())?.map(|v| decode("channel name", v.value())).transpose()
     }
 
     /// Names a public channel. The caller has checked that the name is free or already theirs.
-    pub fn put_channel_name(&mut self, name: &Username, channel: &ChannelName) -> Result<(), StoreError> {
+    fn put_channel_name(&mut self, name: &Username, channel: &ChannelName) -> Result<(), StoreError> {
         self.channel_names.insert(name.canonical().as_str(), encode(channel).as_slice())?;
         Ok(())
     }
 
     /// Frees a channel's name (for any account or channel to take).
-    pub fn remove_channel_name(&mut self, name: &Username) -> Result<(), StoreError> {
+    fn remove_channel_name(&mut self, name: &Username) -> Result<(), StoreError> {
         self.channel_names.remove(name.canonical().as_str())?;
         Ok(())
     }
 
     /// The commands a bot lists.
-    pub fn bot_commands(&self, bot: UserId) -> Result<Vec<BotCommandInfo>, StoreError> {
+    fn bot_commands(&mut self, bot: UserId) -> Result<Vec<BotCommandInfo>, StoreError> {
         self.bot_commands.get(bot.0)?.map_or(Ok(Vec::new()), |v| decode("bot commands", v.value()))
     }
 
     /// The keyed hash of a bot's token secret.
-    pub fn bot_secret(&self, bot: UserId) -> Result<Option<[u8; 32]>, StoreError> {
+    fn bot_secret(&mut self, bot: UserId) -> Result<Option<[u8; 32]>, StoreError> {
         self.bot_secrets
             .get(bot.0)?
             .map(|v| {
@@ -527,7 +504,7 @@ impl<'t> Tables<'t> {
     }
 
     /// Sets a bot's token hash and records its owner.
-    pub fn put_bot_secret(&mut self, bot: UserId, owner: Option<UserId>, hash: &[u8; 32]) -> Result<(), StoreError> {
+    fn put_bot_secret(&mut self, bot: UserId, owner: Option<UserId>, hash: &[u8; 32]) -> Result<(), StoreError> {
         self.bot_secrets.insert(bot.0, hash.as_slice())?;
         if let Some(owner) = owner {
             self.owner_bots.insert(owner.0, bot.0)?;
@@ -536,10 +513,11 @@ impl<'t> Tables<'t> {
     }
 
     /// Bots created by `owner`.
-    pub fn bots_of(&self, owner: UserId) -> Result<Vec<StoredAccount>, StoreError> {
+    fn bots_of(&mut self, owner: UserId) -> Result<Vec<StoredAccount>, StoreError> {
+        let ids = self.owner_bots.get(owner.0)?.map(|id| Ok(id?.value())).collect::<Result<Vec<_>, StoreError>>()?;
         let mut out = Vec::new();
-        for id in self.owner_bots.get(owner.0)? {
-            if let Some(a) = self.account(UserId(id?.value()))? {
+        for id in ids {
+            if let Some(a) = self.account(UserId(id))? {
                 out.push(a);
             }
         }
@@ -547,10 +525,11 @@ impl<'t> Tables<'t> {
     }
 
     /// Every bot account (for the operator's list).
-    pub fn all_bots(&self) -> Result<Vec<StoredAccount>, StoreError> {
+    fn all_bots(&mut self) -> Result<Vec<StoredAccount>, StoreError> {
+        let ids = self.bot_secrets.iter()?.map(|entry| Ok(entry?.0.value())).collect::<Result<Vec<_>, StoreError>>()?;
         let mut out = Vec::new();
-        for entry in self.bot_secrets.iter()? {
-            if let Some(a) = self.account(UserId(entry?.0.value()))? {
+        for id in ids {
+            if let Some(a) = self.account(UserId(id))? {
                 out.push(a);
             }
         }
@@ -560,7 +539,7 @@ impl<'t> Tables<'t> {
     // ---- revocations ----
 
     /// Appends a revocation; returns its sequence number (they only grow).
-    pub fn add_revocation(&mut self, revocation: &Revocation) -> Result<u64, StoreError> {
+    fn add_revocation(&mut self, revocation: &Revocation) -> Result<u64, StoreError> {
         let seq = self.next_revocation_seq()?;
         self.meta.insert(NEXT_REVOCATION, seq + 1)?;
         self.revocations.insert(seq, encode(revocation).as_slice())?;
@@ -568,12 +547,12 @@ impl<'t> Tables<'t> {
     }
 
     /// The sequence number the next revocation will get.
-    pub fn next_revocation_seq(&self) -> Result<u64, StoreError> {
+    fn next_revocation_seq(&mut self) -> Result<u64, StoreError> {
         Ok(self.meta.get(NEXT_REVOCATION)?.map(|v| v.value()).unwrap_or(0))
     }
 
     /// Up to `limit` revocations from sequence number `since` on, with their numbers.
-    pub fn revocations_since(&self, since: u64, limit: usize) -> Result<Vec<(u64, Revocation)>, StoreError> {
+    fn revocations_since(&mut self, since: u64, limit: usize) -> Result<Vec<(u64, Revocation)>, StoreError> {
         let mut out = Vec::new();
         for entry in self.revocations.range(since..)?.take(limit) {
             let (seq, value) = entry?;
@@ -584,7 +563,7 @@ impl<'t> Tables<'t> {
 
     /// Deletes the revocations that no longer matter at `now` (every certificate they end has
     /// expired); returns how many.
-    pub fn prune_revocations(&mut self, now: u64) -> Result<usize, StoreError> {
+    fn prune_revocations(&mut self, now: u64) -> Result<usize, StoreError> {
         let mut expired = Vec::new();
         for entry in self.revocations.iter()? {
             let (seq, value) = entry?;
@@ -600,12 +579,12 @@ impl<'t> Tables<'t> {
     }
 
     /// When `relay`'s admission was revoked, if it was.
-    pub fn relay_revoked_at(&self, relay: &PeerId) -> Result<Option<u64>, StoreError> {
+    fn relay_revoked_at(&mut self, relay: &PeerId) -> Result<Option<u64>, StoreError> {
         Ok(self.revoked_relays.get(relay.to_bytes().as_slice())?.map(|v| v.value()))
     }
 
     /// Records that `relay`'s admission was revoked at `at`.
-    pub fn put_revoked_relay(&mut self, relay: &PeerId, at: u64) -> Result<(), StoreError> {
+    fn put_revoked_relay(&mut self, relay: &PeerId, at: u64) -> Result<(), StoreError> {
         self.revoked_relays.insert(relay.to_bytes().as_slice(), at)?;
         Ok(())
     }

@@ -1,0 +1,157 @@
+//! A throwaway PostgreSQL cluster for one test: Debian's server binaries, `initdb` into a temp
+//! dir, listening only on a unix socket there. `initdb` refuses root, so as root the cluster
+//! runs as the `postgres` user. Shut down and deleted on drop.
+
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use tempfile::TempDir;
+
+/// How long a new cluster may take to accept connections.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A running PostgreSQL server on a unix socket in its own temp dir.
+#[derive(Debug)]
+pub struct Postgres {
+    server: Child,
+    dir: TempDir,
+    bin: PathBuf,
+}
+
+impl Postgres {
+    /// Creates and starts a cluster, panicking if it cannot.
+    pub fn start() -> Postgres {
+        Self::try_start().unwrap_or_else(|e| panic!("PostgreSQL did not start: {e:#}"))
+    }
+
+    fn try_start() -> anyhow::Result<Postgres> {
+        let bin = server_bin_dir()?;
+        let dir = tempfile::Builder::new().prefix("meshgram-pg-").tempdir()?;
+        // The server's user must be able to write there.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777))?;
+        let data = dir.path().join("data");
+        let initdb = as_server_user(Command::new(bin.join("initdb")))
+            .args(["--auth=trust", "--username=meshgram", "--no-sync", "--encoding=UTF8", "-D"])
+            .arg(&data)
+            .current_dir(dir.path())
+            .output()
+            .context("running initdb")?;
+        if !initdb.status.success() {
+            bail!("initdb failed: {}", String::from_utf8_lossy(&initdb.stderr));
+        }
+        let server = as_server_user(Command::new(bin.join("postgres")))
+            .arg("-D")
+            .arg(&data)
+            .arg("-k")
+            .arg(dir.path())
+            // No TCP at all: the socket file is the only way in. The tests kill gateways, not
+            // the database, so its own fsyncs only slow them down.
+            .args(["-c", "listen_addresses=", "-c", "fsync=off", "-c", "max_connections=200"])
+            .current_dir(dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting postgres")?;
+        let pg = Postgres { server, dir, bin };
+        pg.wait_ready()?;
+        Ok(pg)
+    }
+
+    fn wait_ready(&self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            let ready = Command::new(self.bin.join("pg_isready"))
+                .arg("-h")
+                .arg(self.dir.path())
+                .args(["-U", "meshgram", "-d", "postgres", "-q"])
+                .status()?;
+            if ready.success() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("not accepting connections after {START_TIMEOUT:?}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// A connection string for database `postgres` (what `--database` takes).
+    pub fn url(&self) -> String {
+        format!("host={} user=meshgram dbname=postgres", self.dir.path().display())
+    }
+
+    /// The directory holding the socket.
+    pub fn socket_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Runs one SQL command with `psql` and returns its unaligned output.
+    pub fn sql(&self, command: &str) -> String {
+        let out = Command::new(self.bin.join("psql"))
+            .arg("-h")
+            .arg(self.dir.path())
+            .args(["-U", "meshgram", "-d", "postgres", "-XAtq", "-v", "ON_ERROR_STOP=1", "-c", command])
+            .output()
+            .expect("run psql");
+        assert!(out.status.success(), "psql -c {command:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+}
+
+impl Drop for Postgres {
+    /// A fast shutdown (SIGINT), so no server process outlives the test; SIGKILL if it hangs.
+    fn drop(&mut self) {
+        let _ = Command::new("kill").args(["-INT", &self.server.id().to_string()]).status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.server.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+    }
+}
+
+/// Debian's PostgreSQL server binaries (`/usr/lib/postgresql/<version>/bin`), newest first.
+fn server_bin_dir() -> anyhow::Result<PathBuf> {
+    let mut found: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .context("no /usr/lib/postgresql: install Debian's postgresql package (./tests/run does)")?
+        .filter_map(Result::ok)
+        .filter_map(|entry| {
+            let version = entry.file_name().to_str()?.parse().ok()?;
+            let bin = entry.path().join("bin");
+            bin.join("initdb").exists().then_some((version, bin))
+        })
+        .collect();
+    found.sort();
+    found.pop().map(|(_, bin)| bin).context("no initdb under /usr/lib/postgresql/*/bin")
+}
+
+/// As root, runs `command` as the `postgres` user (initdb and postgres refuse root).
+fn as_server_user(mut command: Command) -> Command {
+    if is_root()
+        && let Some((uid, gid)) = postgres_user()
+    {
+        command.uid(uid).gid(gid);
+    }
+    command
+}
+
+fn is_root() -> bool {
+    Command::new("id").arg("-u").output().is_ok_and(|out| out.stdout.trim_ascii() == b"0")
+}
+
+/// The `postgres` user's uid and gid, from /etc/passwd.
+fn postgres_user() -> Option<(u32, u32)> {
+    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
+    let line = passwd.lines().find(|line| line.starts_with("postgres:"))?;
+    let mut fields = line.split(':').skip(2);
+    Some((fields.next()?.parse().ok()?, fields.next()?.parse().ok()?))
+}

@@ -1,0 +1,227 @@
+//! Gateways on PostgreSQL (a real server, a throwaway cluster per test): two gateways on one
+//! database serve the same accounts, and what must be unique or single-use stays so across
+//! them; a redb gateway moves over with `migrate` and its users stay signed in.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use meshgram_node::ids::Phone;
+use meshgram_node::proto::{AuthRequest, AuthResponse, ErrorCode};
+use meshgram_tests::{CODE_TIMEOUT, Gateway, Postgres, RawClient, meshgram, run, str_field};
+
+use crate::durability::kill_9_and_restart_keeps_accounts_sessions_and_identity_of;
+use crate::{ALICE, BOB, lookup, sessions};
+
+/// Two gateways of one network (one signing key) on one database.
+fn two_gateways(pg: &Postgres) -> (Gateway, Gateway) {
+    let a = Gateway::builder().database(&pg.url()).start();
+    let b = Gateway::builder().database(&pg.url()).same_key_as(&a).start();
+    (a, b)
+}
+
+fn phone(number: &str) -> Phone {
+    number.parse().unwrap()
+}
+
+/// Asks `gw` (`client`'s gateway) for a code for `number` and returns it, from the gateway's sink.
+async fn code_from(gw: &Gateway, client: &RawClient, number: &str) -> String {
+    let before = gw.codes_for(number).len();
+    let sent = client.auth(AuthRequest::SendCode { phone: phone(number) }).await;
+    assert!(matches!(sent, AuthResponse::CodeSent { .. }), "{sent:?}");
+    let deadline = Instant::now() + CODE_TIMEOUT;
+    loop {
+        if let Some(code) = gw.codes_for(number).get(before) {
+            return code.clone();
+        }
+        assert!(Instant::now() < deadline, "no code for {number} reached the sink");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn sign_in(client: &RawClient, number: &str, code: &str) -> AuthRequest {
+    AuthRequest::SignIn {
+        phone: phone(number),
+        code: code.to_string(),
+        device: client.device_keys(),
+        device_name: "raw".into(),
+        password: None,
+    }
+}
+
+fn error_code(response: &AuthResponse) -> Option<ErrorCode> {
+    match response {
+        AuthResponse::Error(e) => Some(e.code),
+        _ => None,
+    }
+}
+
+#[test]
+fn a_gateway_on_postgres_survives_kill_9_like_one_on_redb() {
+    let pg = Postgres::start();
+    kill_9_and_restart_keeps_accounts_sessions_and_identity_of(Gateway::builder().database(&pg.url()).start());
+}
+
+#[test]
+fn two_gateways_on_one_database_serve_the_same_accounts_and_exactly_one_wins_a_username() {
+    let pg = Postgres::start();
+    let (a, b) = two_gateways(&pg);
+    let (alice_p, bob_p) = (a.new_profile("alice"), b.new_profile("bob"));
+    let alice = a.login(&alice_p, ALICE);
+    let bob = b.login(&bob_p, BOB);
+    assert_ne!(alice["user_id"], bob["user_id"], "user ids come from one sequence");
+
+    // A profile set through one gateway is what the other looks up.
+    meshgram(&alice_p, &["profile", "set", "--username", "alice", "--name", "Alice"]).ok_json();
+    let card = lookup(&bob_p, "@alice");
+    assert_eq!(card["user_id"], alice["user_id"], "{card}");
+    assert_eq!(card["name"], "Alice", "{card}");
+    // Alice's second device signs in at the other gateway: the same account, two sessions.
+    let alice2_p = b.new_profile("alice2");
+    let alice2 = b.login(&alice2_p, ALICE);
+    assert_eq!(alice2["user_id"], alice["user_id"], "{alice2}");
+    assert_eq!(alice2["new_account"], false, "{alice2}");
+    assert_eq!(sessions(&alice_p).len(), 2);
+
+    // Both ask for the same free username at the same moment, each at its own gateway.
+    for round in 0..6 {
+        let name = format!("race{round}");
+        let (mine, theirs) = std::thread::scope(|s| {
+            let mine = s.spawn(|| meshgram(&alice_p, &["profile", "set", "--username", &name]));
+            let theirs = s.spawn(|| meshgram(&bob_p, &["profile", "set", "--username", &name]));
+            (mine.join().unwrap(), theirs.join().unwrap())
+        });
+        let won: Vec<_> = [&mine, &theirs].into_iter().filter(|out| out.status.success()).collect();
+        assert_eq!(won.len(), 1, "exactly one wins @{name}:\n{mine}\n{theirs}");
+        let lost = if mine.status.success() { &theirs } else { &mine };
+        lost.expect_err(&["USERNAME_OCCUPIED"]);
+        let winner = if mine.status.success() { &alice } else { &bob };
+        let card = lookup(&alice_p, &format!("@{name}"));
+        assert_eq!(card["user_id"], winner["user_id"], "{card}");
+    }
+    assert_eq!(pg.sql("SELECT count(*) FROM accounts"), "2");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_code_sent_through_one_gateway_is_accepted_once_then_refused_at_the_other() {
+    let pg = Postgres::start();
+    let (a, b) = two_gateways(&pg);
+    let at_a = RawClient::new(&a.addr());
+    let at_b = at_a.same_device_at(&b.addr());
+    let code = code_from(&a, &at_a, ALICE).await;
+
+    let signed_in = at_b.auth(sign_in(&at_b, ALICE, &code)).await;
+    assert!(matches!(signed_in, AuthResponse::SignedIn { new_account: true, .. }), "{signed_in:?}");
+    for device in [&at_a, &at_b] {
+        let again = device.auth(sign_in(device, ALICE, &code)).await;
+        assert_eq!(error_code(&again), Some(ErrorCode::PhoneCodeExpired), "{again:?}");
+    }
+
+    // Both gateways asked at once: one code, one sign-in, whatever the race.
+    let racer_a = RawClient::new(&a.addr());
+    let racer_b = racer_a.same_device_at(&b.addr());
+    let code = code_from(&b, &racer_b, BOB).await;
+    let (won_a, won_b) =
+        tokio::join!(racer_a.auth(sign_in(&racer_a, BOB, &code)), racer_b.auth(sign_in(&racer_b, BOB, &code)));
+    let won = [&won_a, &won_b].iter().filter(|r| matches!(r, AuthResponse::SignedIn { .. })).count();
+    assert_eq!(won, 1, "{won_a:?}\n{won_b:?}");
+    assert_eq!(pg.sql("SELECT count(*) FROM sessions WHERE active"), "2");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn code_requests_for_a_number_are_limited_across_gateways() {
+    let pg = Postgres::start();
+    let (a, b) = two_gateways(&pg);
+    let at_a = RawClient::new(&a.addr());
+    let at_b = at_a.same_device_at(&b.addr());
+    // The default allows 5 codes per number at once: 3 through one gateway, 2 through the other.
+    for (gw, device) in [(&a, &at_a), (&a, &at_a), (&a, &at_a), (&b, &at_b), (&b, &at_b)] {
+        code_from(gw, device, ALICE).await;
+    }
+    for device in [&at_a, &at_b] {
+        let refused = device.auth(AuthRequest::SendCode { phone: phone(ALICE) }).await;
+        let AuthResponse::Error(e) = &refused else { panic!("a sixth code was sent: {refused:?}") };
+        assert_eq!(e.code, ErrorCode::FloodWait, "{e:?}");
+        assert!(e.message.contains("this number"), "{e:?}");
+    }
+    // Other numbers are not held up.
+    code_from(&b, &at_b, BOB).await;
+}
+
+#[test]
+fn a_session_revoked_at_one_gateway_cannot_renew_at_the_other() {
+    let pg = Postgres::start();
+    let (a, b) = two_gateways(&pg);
+    let (phone_p, laptop_p) = (a.new_profile("phone"), b.new_profile("laptop"));
+    a.login(&phone_p, ALICE);
+    b.login(&laptop_p, ALICE);
+    meshgram(&phone_p, &["renew"]).ok_json();
+
+    let revoked = meshgram(&laptop_p, &["sessions", "revoke", "--others"]).ok_json();
+    assert_eq!(revoked["revoked"], 1, "{revoked}");
+    meshgram(&phone_p, &["renew"]).expect_err(&["SESSION_REVOKED"]);
+    meshgram(&phone_p, &["whoami"]).expect_err(&["SESSION_REVOKED"]);
+    meshgram(&laptop_p, &["renew"]).ok_json();
+}
+
+#[test]
+fn migrate_moves_a_redb_gateway_to_postgres_and_its_users_stay_signed_in() {
+    let pg = Postgres::start();
+    let mut gw = Gateway::start();
+    let (alice_p, bob_p) = (gw.new_profile("alice"), gw.new_profile("bob"));
+    let alice = gw.login(&alice_p, ALICE);
+    let bob = gw.login(&bob_p, BOB);
+    meshgram(&alice_p, &["profile", "set", "--username", "alice", "--name", "Alice"]).ok_json();
+    let created = meshgram(&alice_p, &["bot", "create", "--username", "echo_bot", "--name", "Echo"]).ok_json();
+    let token = str_field(&created, "token").to_string();
+    let before = sessions(&alice_p);
+
+    // The gateway holds its database open: migrate refuses while it runs.
+    let busy = gw.operator(&["migrate", "--to", &pg.url()]);
+    assert!(!busy.status.success(), "migrated from a running gateway:\n{busy}");
+    assert!(busy.stderr.contains("still running"), "{busy}");
+
+    gw.kill9();
+    let migrated = gw.operator(&["migrate", "--to", &pg.url()]);
+    assert!(migrated.status.success(), "{migrated}");
+    assert!(migrated.stdout.contains("copied"), "{migrated}");
+    // A second run would mix two gateways' data: refused, and nothing changes.
+    let again = gw.operator(&["migrate", "--to", &pg.url()]);
+    assert!(!again.status.success() && again.stderr.contains("already holds gateway data"), "{again}");
+    assert_eq!(pg.sql("SELECT count(*) FROM accounts"), "3");
+
+    // The redb file is set aside so that only PostgreSQL can be answering.
+    let redb = gw.data_dir().join("gateway.redb");
+    std::fs::rename(&redb, redb.with_extension("redb.migrated")).unwrap();
+    gw.restart_same_port_with(&["--database", &pg.url()]);
+    assert!(!redb.exists(), "the gateway on PostgreSQL made no new redb file");
+
+    for (profile, login) in [(&alice_p, &alice), (&bob_p, &bob)] {
+        let me = meshgram(profile, &["whoami"]).ok_json();
+        assert_eq!(me["account"]["user_id"], login["user_id"], "{me}");
+        assert_eq!(me["session_id"], login["session_id"], "{me}");
+        meshgram(profile, &["renew"]).ok_json();
+    }
+    assert_eq!(sessions(&alice_p).len(), before.len());
+    assert_eq!(lookup(&bob_p, "@alice")["name"], "Alice");
+    let bot = gw.login_bot(&gw.new_profile("echo"), &token).ok_json();
+    assert_eq!(bot["user_id"], created["bot"]["user_id"], "{bot}");
+    // Ids go on from where redb left them.
+    let carol = gw.login(&gw.new_profile("carol"), "+15550003333");
+    let carol_id = carol["user_id"].as_u64().unwrap();
+    let bot_id = created["bot"]["user_id"].as_u64().unwrap();
+    assert_eq!(carol_id, bot_id + 1, "{carol}");
+}
+
+#[test]
+fn a_bad_database_url_or_an_unreachable_database_is_a_clear_error() {
+    let gateway = meshgram_tests::bin_path(meshgram_tests::GATEWAY_BIN);
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().display().to_string();
+    let nowhere = format!("host={} user=meshgram dbname=postgres connect_timeout=1", dir.path().display());
+    for (url, says) in [("postgres://[::1", "does not parse"), (nowhere.as_str(), "database unavailable")] {
+        let out = run(&gateway, &["--data", &data, "--database", url, "--http", "127.0.0.1:0"], None);
+        assert!(!out.status.success(), "{out}");
+        assert!(out.stderr.contains(says), "expected {says:?}:\n{out}");
+    }
+    assert!(!Path::new(&dir.path().join("gateway.redb")).exists());
+}
