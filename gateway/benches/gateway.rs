@@ -3,9 +3,14 @@
 //! Prints, each with a baseline measured in the same run:
 //! 1. session certificate verifications per second on one thread, against a bare ed25519
 //!    verification of a 32-byte message (the floor any certificate check pays);
-//! 2. full sign-ins per second (SendCode → code delivered to an SMS webhook → SignIn, over real
-//!    loopback libp2p connections, durable redb commits), against authenticated `GetMe` round
-//!    trips by the same clients over the same connections.
+//! 2. for one gateway on redb, and one and two gateways on PostgreSQL (a throwaway cluster on a
+//!    unix socket, Debian's server), each with an empty database and with 1,000,000 accounts:
+//!    full sign-ins per second (SendCode → code delivered to an SMS webhook → SignIn, over real
+//!    loopback libp2p connections, durable commits), authenticated `GetMe` round trips, and
+//!    lookups by username and by phone, by the same clients over the same connections; every
+//!    figure also as a ratio to the same figure for redb with an empty database, this run.
+//!
+//! `MESHGRAM_BENCH_ACCOUNTS=N` fills N accounts instead of 1,000,000 (0 skips the full runs).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -17,16 +22,23 @@ use libp2p::PeerId;
 use libp2p::identity::ed25519;
 use meshgram_gateway::Gateway;
 use meshgram_gateway::config::{Config, Limits};
+use meshgram_gateway::store::{Store, StoreError, StoredAccount};
 use meshgram_node::client::{Client, GatewayAddr};
 use meshgram_node::crypto::cert::{AccountKind, CertBody, SessionCert};
-use meshgram_node::ids::{NoiseKey, Phone, SessionId, UserId};
-use meshgram_node::proto::{AuthRequest, AuthResponse};
+use meshgram_node::ids::{NoiseKey, Phone, SessionId, UserId, Username};
+use meshgram_node::proto::{AuthRequest, AuthResponse, LookupQuery};
+use meshgram_tests::Postgres;
 use tokio::sync::{Mutex, Notify};
 
 const VERIFY_SECS: f64 = 2.0;
 const CLIENTS: usize = 8;
 const SIGN_INS_PER_CLIENT: usize = 50;
 const GET_ME_PER_CLIENT: usize = 200;
+const LOOKUPS_PER_CLIENT: usize = 200;
+/// Accounts in the "full" database, unless `MESHGRAM_BENCH_ACCOUNTS` says otherwise.
+const FULL_ACCOUNTS: usize = 1_000_000;
+/// Accounts written per transaction while filling.
+const FILL_BATCH: usize = 10_000;
 /// Every load loop is bounded in time as well as count.
 const LOAD_DEADLINE: Duration = Duration::from_secs(60);
 
@@ -104,7 +116,101 @@ impl Sms {
     }
 }
 
-async fn bench_sign_in() -> anyhow::Result<()> {
+/// Where the gateways of one setup keep their accounts.
+#[derive(Debug, Clone)]
+enum Backend {
+    Redb,
+    /// A PostgreSQL database, by connection string.
+    Postgres(String),
+}
+
+/// What one setup measured, per second.
+#[derive(Debug, Clone, Copy)]
+struct Figures {
+    sign_ins: f64,
+    get_me: f64,
+    by_username: f64,
+    by_phone: f64,
+}
+
+/// The phone and username of filler account `i`.
+fn filler(i: usize) -> (Phone, Username) {
+    let phone = format!("+1777{i:07}").parse().expect("invariant: a valid phone");
+    let username = format!("filler{i}").parse().expect("invariant: a valid username");
+    (phone, username)
+}
+
+/// Writes `n` accounts (each with a phone and a username) straight into `store`.
+fn fill_accounts(store: &Store, n: usize) -> Result<(), StoreError> {
+    for start in (0..n).step_by(FILL_BATCH) {
+        store.write(|t| {
+            for i in start..(start + FILL_BATCH).min(n) {
+                let (phone, username) = filler(i);
+                let user_id = t.next_user_id()?;
+                t.put_account(&StoredAccount {
+                    user_id,
+                    kind: AccountKind::User,
+                    phone: Some(phone),
+                    username: Some(username),
+                    name: format!("Filler {i}"),
+                    password_hash: None,
+                    owner: None,
+                    created_at: 1_800_000_000,
+                })?;
+            }
+            Ok::<_, StoreError>(())
+        })?;
+    }
+    Ok(())
+}
+
+/// Runs `per_client` calls of `request(client index, call index)` on every client at once;
+/// returns calls per second.
+async fn load(
+    clients: &[Arc<Client>],
+    per_client: usize,
+    request: impl Fn(usize, usize) -> AuthRequest + Send + Sync + 'static,
+) -> anyhow::Result<f64> {
+    let request = Arc::new(request);
+    let start = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, client) in clients.iter().enumerate() {
+        let (client, request) = (Arc::clone(client), Arc::clone(&request));
+        tasks.spawn(async move {
+            let mut n = 0u64;
+            for j in 0..per_client {
+                if start.elapsed() > LOAD_DEADLINE {
+                    break;
+                }
+                match client.call(request(i, j)).await? {
+                    AuthResponse::Error(e) => anyhow::bail!("call {j} of client {i} failed: {e}"),
+                    _ => n += 1,
+                }
+            }
+            anyhow::Ok(n)
+        });
+    }
+    let mut calls = 0;
+    while let Some(done) = tasks.join_next().await {
+        calls += done??;
+    }
+    Ok(per_second(calls, start.elapsed()))
+}
+
+/// One sign-in of `client` as `phone`, its code taken from the SMS stand-in.
+async fn sign_in(client: &Client, phone: Phone, sms: &Sms) -> anyhow::Result<()> {
+    client.call(AuthRequest::SendCode { phone: phone.clone() }).await?;
+    let code = sms.take(phone.as_str()).await;
+    let device = client.identity.device_keys();
+    match client.call(AuthRequest::SignIn { phone, code, device, device_name: "bench".into(), password: None }).await? {
+        AuthResponse::SignedIn { .. } => Ok(()),
+        other => anyhow::bail!("unexpected {other:?}"),
+    }
+}
+
+/// Starts `gateways` gateways (sharing one signing key) on `backend`, after writing `fill`
+/// filler accounts into it, and measures them; lookups ask for the `held` fillers it has.
+async fn bench_setup(backend: &Backend, gateways: usize, fill: usize, held: usize) -> anyhow::Result<Figures> {
     let dir = tempfile::tempdir()?;
     let sms = Arc::new(Sms::default());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -112,54 +218,70 @@ async fn bench_sign_in() -> anyhow::Result<()> {
     let app = axum::Router::new().route("/sms", axum::routing::post(receive_sms)).with_state(Arc::clone(&sms));
     let sms_server = tokio::spawn(async move { axum::serve(listener, app).await });
 
-    let limits = Limits { send_code_burst: 1_000_000, sign_in_burst: 1_000_000, ..Limits::default() };
-    let config = Config {
-        data_dir: dir.path().join("gw"),
-        listen: vec!["/ip4/127.0.0.1/tcp/0".parse()?],
-        http: None,
-        code_sink: Some(format!("webhook:{sms_url}")),
-        database: None,
-        limits,
+    let database = match backend {
+        Backend::Redb => None,
+        Backend::Postgres(url) => Some(url.clone()),
     };
-    let gateway = Gateway::start(config).await?;
-    let addr = GatewayAddr::from_multiaddr(&gateway.ready.listen[0])?;
-
-    let mut clients = Vec::new();
-    for i in 0..CLIENTS {
-        let profile = dir.path().join(format!("client{i}"));
-        clients.push(Arc::new((Client::open(&profile, addr.clone())?, profile)));
+    let first_data = dir.path().join("gw0");
+    if fill > 0 {
+        let (database, first_data) = (database.clone(), first_data.clone());
+        let filled = Instant::now();
+        tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
+            let store = match database {
+                Some(url) => Store::connect(&url)?,
+                None => {
+                    std::fs::create_dir_all(&first_data).map_err(|e| StoreError::Unavailable(e.to_string()))?;
+                    Store::open(&first_data.join(meshgram_gateway::DATABASE_FILE))?
+                }
+            };
+            fill_accounts(&store, fill)
+        })
+        .await??;
+        println!("    (filled {fill} accounts in {:.0} s)", filled.elapsed().as_secs_f64());
+    }
+    let limits =
+        Limits { send_code_burst: 1_000_000, sign_in_burst: 1_000_000, lookup_burst: 1_000_000, ..Limits::default() };
+    let mut running = Vec::new();
+    for g in 0..gateways {
+        let data_dir = dir.path().join(format!("gw{g}"));
+        if g > 0 {
+            std::fs::create_dir_all(&data_dir)?;
+            let key = meshgram_gateway::GATEWAY_KEY_FILE;
+            std::fs::copy(first_data.join(key), data_dir.join(key))?;
+        }
+        let config = Config {
+            data_dir,
+            listen: vec!["/ip4/127.0.0.1/tcp/0".parse()?],
+            http: None,
+            code_sink: Some(format!("webhook:{sms_url}")),
+            database: database.clone(),
+            limits: limits.clone(),
+        };
+        running.push(Gateway::start(config).await?);
     }
 
-    let sign_in = |client: Arc<(Client, std::path::PathBuf)>, phone: Phone, sms: Arc<Sms>| async move {
-        let (client, _) = &*client;
-        client.call(AuthRequest::SendCode { phone: phone.clone() }).await?;
-        let code = sms.take(phone.as_str()).await;
-        let device = client.identity.device_keys();
-        match client
-            .call(AuthRequest::SignIn { phone, code, device, device_name: "bench".into(), password: None })
-            .await?
-        {
-            AuthResponse::SignedIn { .. } => Ok(()),
-            other => anyhow::bail!("unexpected {other:?}"),
-        }
-    };
-    // Warm-up: connect and create the accounts.
-    for (i, c) in clients.iter().enumerate() {
-        sign_in(Arc::clone(c), format!("+1555900{i:04}").parse()?, Arc::clone(&sms)).await?;
+    // Clients spread over the gateways, each signed in and named once before measuring.
+    let mut clients = Vec::new();
+    for i in 0..CLIENTS {
+        let gateway = &running[i % gateways];
+        let addr = GatewayAddr::from_multiaddr(&gateway.ready.listen[0])?;
+        let client = Client::open(&dir.path().join(format!("client{i}")), addr)?;
+        sign_in(&client, format!("+1555900{i:04}").parse()?, &sms).await?;
+        client.call(AuthRequest::SetProfile { username: Some(format!("bench{i}")), name: None }).await?;
+        clients.push(Arc::new(client));
     }
 
     let start = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
-    for (i, c) in clients.iter().enumerate() {
-        let (c, sms) = (Arc::clone(c), Arc::clone(&sms));
+    for (i, client) in clients.iter().enumerate() {
+        let (client, sms) = (Arc::clone(client), Arc::clone(&sms));
         tasks.spawn(async move {
             let mut n = 0u64;
             for j in 0..SIGN_INS_PER_CLIENT {
                 if start.elapsed() > LOAD_DEADLINE {
                     break;
                 }
-                let phone: Phone = format!("+1555{i:03}{j:05}").parse()?;
-                sign_in(Arc::clone(&c), phone, Arc::clone(&sms)).await?;
+                sign_in(&client, format!("+1555{i:03}{j:05}").parse()?, &sms).await?;
                 n += 1;
             }
             anyhow::Ok(n)
@@ -171,41 +293,85 @@ async fn bench_sign_in() -> anyhow::Result<()> {
     }
     let sign_in_rate = per_second(sign_ins, start.elapsed());
 
-    let start = Instant::now();
-    for c in &clients {
-        let c = Arc::clone(c);
-        tasks.spawn(async move {
-            let mut n = 0u64;
-            for _ in 0..GET_ME_PER_CLIENT {
-                if start.elapsed() > LOAD_DEADLINE {
-                    break;
-                }
-                c.0.call(AuthRequest::GetMe).await?;
-                n += 1;
-            }
-            anyhow::Ok(n)
-        });
-    }
-    let mut get_mes = 0;
-    while let Some(done) = tasks.join_next().await {
-        get_mes += done??;
-    }
-    let get_me_rate = per_second(get_mes, start.elapsed());
+    let get_me = load(&clients, GET_ME_PER_CLIENT, |_, _| AuthRequest::GetMe).await?;
+    // Spread over the whole table: a filler when there are any, else a bench client.
+    let target = move |i: usize, j: usize| (i * 7_919 + j * 104_729) % held.max(1);
+    let by_username = load(&clients, LOOKUPS_PER_CLIENT, move |i, j| {
+        let name = match held {
+            0 => format!("bench{}", j % CLIENTS).parse().expect("invariant: a valid username"),
+            _ => filler(target(i, j)).1,
+        };
+        AuthRequest::Lookup(LookupQuery::Username(name))
+    })
+    .await?;
+    let by_phone = load(&clients, LOOKUPS_PER_CLIENT, move |i, j| {
+        let phone = match held {
+            0 => format!("+1555900{:04}", j % CLIENTS).parse().expect("invariant: a valid phone"),
+            _ => filler(target(i, j)).0,
+        };
+        AuthRequest::Lookup(LookupQuery::Phone(phone))
+    })
+    .await?;
 
-    println!("sign-in round trips, {CLIENTS} clients over loopback TCP, durable commits:");
-    println!("  GetMe round trips (baseline)    {get_me_rate:>10.0} /s   ({get_mes} calls)");
-    println!(
-        "  SendCode+webhook+SignIn         {sign_in_rate:>10.0} /s   ({sign_ins} sign-ins)   ratio {:.2}x of baseline",
-        sign_in_rate / get_me_rate
-    );
     drop(clients);
-    gateway.shutdown().await;
+    for gateway in running {
+        gateway.shutdown().await;
+    }
     sms_server.abort();
+    Ok(Figures { sign_ins: sign_in_rate, get_me, by_username, by_phone })
+}
+
+async fn bench_gateways() -> anyhow::Result<()> {
+    let full = std::env::var("MESHGRAM_BENCH_ACCOUNTS").ok().and_then(|n| n.parse().ok()).unwrap_or(FULL_ACCOUNTS);
+    let pg = tokio::task::spawn_blocking(Postgres::start_durable).await?;
+    let mut databases = 0;
+    let mut fresh_database = || {
+        databases += 1;
+        pg.sql(&format!("CREATE DATABASE bench{databases}"));
+        Backend::Postgres(pg.url_of(&format!("bench{databases}")))
+    };
+    // (database, its backend, gateways, accounts it holds, accounts to fill in first)
+    let mut setups = vec![
+        ("redb", Backend::Redb, 1, 0, 0),
+        ("postgres", fresh_database(), 1, 0, 0),
+        ("postgres", fresh_database(), 2, 0, 0),
+    ];
+    if full > 0 {
+        setups.push(("redb", Backend::Redb, 1, full, full));
+        // One full database for both PostgreSQL setups: filling it is the slow part.
+        let filled = fresh_database();
+        setups.push(("postgres", filled.clone(), 1, full, full));
+        setups.push(("postgres", filled, 2, full, 0));
+    }
+    println!(
+        "gateways, {CLIENTS} clients over loopback TCP, durable commits (PostgreSQL: fsync and synchronous_commit on):"
+    );
+    println!(
+        "  {:<9} {:>9} {:>8} {:>11} {:>9} {:>14} {:>14}",
+        "database", "accounts", "gateways", "sign-ins/s", "GetMe/s", "by username/s", "by phone/s"
+    );
+    let mut baseline: Option<Figures> = None;
+    for (name, backend, gateways, held, fill) in setups {
+        let figures = bench_setup(&backend, gateways, fill, held).await?;
+        println!(
+            "  {name:<9} {held:>9} {gateways:>8} {:>11.0} {:>9.0} {:>14.0} {:>14.0}",
+            figures.sign_ins, figures.get_me, figures.by_username, figures.by_phone
+        );
+        let base = *baseline.get_or_insert(figures);
+        println!(
+            "  {:<28} {:>10.2}x {:>8.2}x {:>13.2}x {:>13.2}x   (ratio to redb, empty)",
+            "",
+            figures.sign_ins / base.sign_ins,
+            figures.get_me / base.get_me,
+            figures.by_username / base.by_username,
+            figures.by_phone / base.by_phone
+        );
+    }
     Ok(())
 }
 
 fn main() -> anyhow::Result<()> {
     // `cargo bench` passes `--bench`; `cargo test --benches` would pass nothing and we still run.
     bench_cert_verification();
-    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(bench_sign_in())
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(bench_gateways())
 }

@@ -73,6 +73,9 @@ struct CodeGuess<'a> {
     device: &'a PeerId,
     ip: Option<&'a str>,
     code: &'a str,
+    /// Set by [`AuthService::check_code`] when the code was wrong: the address is charged
+    /// once the transaction is over, since a transaction may run more than once.
+    wrong: std::cell::Cell<bool>,
 }
 
 /// The gateway's state and rules.
@@ -370,14 +373,16 @@ impl AuthService {
                 .wait(ip, now)
                 .map_err(|s| WireError::flood_wait(s, "wrong codes from this address"))?;
         }
-        let guess = CodeGuess { phone, device: &peer, ip: ip.as_deref(), code };
+        let guess = CodeGuess { phone, device: &peer, ip: ip.as_deref(), code, wrong: std::cell::Cell::new(false) };
         // Commit even when the code is wrong: the attempt counters must survive.
         let guarded = self.store.write(|t| {
             Ok::<_, WireError>(match self.check_code(t, &guess, now)? {
                 Err(e) => Err(e),
                 Ok(()) => Ok(t.account_by_phone(phone)?.and_then(|a| Some((a.user_id, a.password_hash?)))),
             })
-        })??;
+        });
+        self.charge_wrong_code(&guess, now);
+        let guarded = guarded??;
         if let Some((user, hash)) = guarded {
             let password = password.ok_or_else(|| {
                 WireError::new(
@@ -387,7 +392,7 @@ impl AuthService {
             })?;
             self.check_password(user, &password, &hash, now)?;
         }
-        let (account, session, new_account) = self.store.write(|t| {
+        let signed_in = self.store.write(|t| {
             if let Err(e) = self.check_code(t, &guess, now)? {
                 return Ok(Err(e));
             }
@@ -412,7 +417,9 @@ impl AuthService {
             };
             let session = self.new_session(t, &account, peer, device.clone(), device_name.clone(), now)?;
             Ok::<_, WireError>(Ok((account, session, new_account)))
-        })??;
+        });
+        self.charge_wrong_code(&guess, now);
+        let (account, session, new_account) = signed_in??;
         tracing::info!(user = %account.user_id, session = %session.session_id, new_account, "signed in");
         Ok(AuthResponse::SignedIn { account: account.to_account(), cert: self.issue_cert(&session, now), new_account })
     }
@@ -428,6 +435,7 @@ impl AuthService {
     /// gets to make, so that locking a number out takes many addresses.
     fn check_code(&self, t: &mut dyn Tables, guess: &CodeGuess<'_>, now: u64) -> AuthResult<AuthResult<()>> {
         let (phone, device) = (guess.phone, guess.device);
+        guess.wrong.set(false);
         if let Err(locked) = self.phone_unlocked(t, phone, now) {
             return Ok(Err(locked));
         }
@@ -450,10 +458,7 @@ impl AuthService {
             return Ok(Ok(()));
         }
         let limits = &self.limits;
-        if let Some(ip) = guess.ip {
-            // Taken after the guess was checked against `wait` in `sign_in`.
-            let _ = self.wrong_code_ip_limiter.check(ip, now);
-        }
+        guess.wrong.set(true);
         let mut guard = t.phone_guard(phone)?;
         if now >= guard.last_wrong_at.saturating_add(limits.code_lockout_secs) {
             guard.wrong = 0;
@@ -476,6 +481,16 @@ impl AuthService {
         };
         t.put_code(phone, device, &record)?;
         Ok(Err(refusal))
+    }
+
+    /// Charges the guess's address for a wrong code, once its transaction is over (checked
+    /// against `wait` in `sign_in`, before the guess).
+    fn charge_wrong_code(&self, guess: &CodeGuess<'_>, now: u64) {
+        if guess.wrong.get()
+            && let Some(ip) = guess.ip
+        {
+            let _ = self.wrong_code_ip_limiter.check(ip, now);
+        }
     }
 
     /// Refuses while `phone` is locked out for wrong codes from many devices.
@@ -622,32 +637,13 @@ impl AuthService {
     }
 
     fn lookup(&self, peer: PeerId, query: &LookupQuery, now: u64) -> AuthResult<AuthResponse> {
-        let card = self.store.read(|t| {
+        let (me, card) = self.store.read(|t| {
             let me = self.authed(t, &peer, now)?;
-            self.lookup_limiter
-                .check(&me.user_id.to_string(), now)
-                .map_err(|secs| WireError::flood_wait(secs, "lookups"))?;
-            let account = match query {
-                LookupQuery::Username(name) => t.account_by_username(name)?,
-                LookupQuery::Phone(phone) => t.account_by_phone(phone)?,
-                LookupQuery::UserId(id) => t.account(*id)?,
-                LookupQuery::Group(_) => None,
-            }
-            .ok_or_else(|| WireError::new(Code::NotFound, "no such user"))?;
-            let devices = t
-                .active_sessions(account.user_id)?
-                .into_iter()
-                .map(|s| DeviceCard { peer_id: s.device, keys: s.keys })
-                .collect();
-            Ok::<_, WireError>(UserCard {
-                user_id: account.user_id,
-                kind: account.kind,
-                username: account.username,
-                name: account.name,
-                devices,
-            })
+            Ok::<_, WireError>((me.user_id, card_of(t, query)))
         })?;
-        Ok(AuthResponse::Card(card))
+        // Limited after the read, which may run more than once; a lookup of nobody counts too.
+        self.lookup_limiter.check(&me.to_string(), now).map_err(|secs| WireError::flood_wait(secs, "lookups"))?;
+        Ok(AuthResponse::Card(card?))
     }
 
     fn list_sessions(&self, peer: PeerId, now: u64) -> AuthResult<AuthResponse> {
@@ -799,7 +795,7 @@ impl AuthService {
             let since = if since > end { 0 } else { since };
             let found = t.revocations_since(since, MAX_REVOCATIONS_PER_ANSWER)?;
             let more = found.len() == MAX_REVOCATIONS_PER_ANSWER;
-            let next = found.last().map_or(since, |(seq, _)| seq + 1);
+            let next = found.last().map_or(since, |(seq, _)| seq.saturating_add(1));
             let revocations = found.into_iter().map(|(_, r)| r).filter(|r| r.body.until >= now).collect();
             Ok(AuthResponse::Revocations { revocations, next, more })
         })
@@ -1029,6 +1025,29 @@ fn live_session(t: &mut dyn Tables, peer: &PeerId) -> AuthResult<StoredSession> 
         return Err(WireError::new(Code::SessionRevoked, "this session was ended; sign in again"));
     }
     Ok(session)
+}
+
+/// The card of the account `query` names.
+fn card_of(t: &mut dyn Tables, query: &LookupQuery) -> AuthResult<UserCard> {
+    let account = match query {
+        LookupQuery::Username(name) => t.account_by_username(name)?,
+        LookupQuery::Phone(phone) => t.account_by_phone(phone)?,
+        LookupQuery::UserId(id) => t.account(*id)?,
+        LookupQuery::Group(_) => None,
+    }
+    .ok_or_else(|| WireError::new(Code::NotFound, "no such user"))?;
+    let devices = t
+        .active_sessions(account.user_id)?
+        .into_iter()
+        .map(|s| DeviceCard { peer_id: s.device, keys: s.keys })
+        .collect();
+    Ok(UserCard {
+        user_id: account.user_id,
+        kind: account.kind,
+        username: account.username,
+        name: account.name,
+        devices,
+    })
 }
 
 /// The account of a live session.

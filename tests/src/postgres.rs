@@ -23,12 +23,18 @@ pub struct Postgres {
 }
 
 impl Postgres {
-    /// Creates and starts a cluster, panicking if it cannot.
+    /// Creates and starts a cluster, panicking if it cannot. It does not fsync: tests kill
+    /// gateways, not the database, and its own syncs would only slow them down.
     pub fn start() -> Postgres {
-        Self::try_start().unwrap_or_else(|e| panic!("PostgreSQL did not start: {e:#}"))
+        Self::try_start(false).unwrap_or_else(|e| panic!("PostgreSQL did not start: {e:#}"))
     }
 
-    fn try_start() -> anyhow::Result<Postgres> {
+    /// [`Postgres::start`] with fsync on, as in production: for benchmarks.
+    pub fn start_durable() -> Postgres {
+        Self::try_start(true).unwrap_or_else(|e| panic!("PostgreSQL did not start: {e:#}"))
+    }
+
+    fn try_start(fsync: bool) -> anyhow::Result<Postgres> {
         let bin = server_bin_dir()?;
         let dir = tempfile::Builder::new().prefix("meshgram-pg-").tempdir()?;
         // The server's user must be able to write there.
@@ -48,9 +54,9 @@ impl Postgres {
             .arg(&data)
             .arg("-k")
             .arg(dir.path())
-            // No TCP at all: the socket file is the only way in. The tests kill gateways, not
-            // the database, so its own fsyncs only slow them down.
-            .args(["-c", "listen_addresses=", "-c", "fsync=off", "-c", "max_connections=200"])
+            // No TCP at all: the socket file is the only way in.
+            .args(["-c", "listen_addresses=", "-c", "max_connections=200", "-c"])
+            .arg(if fsync { "fsync=on" } else { "fsync=off" })
             .current_dir(dir.path())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -82,7 +88,12 @@ impl Postgres {
 
     /// A connection string for database `postgres` (what `--database` takes).
     pub fn url(&self) -> String {
-        format!("host={} user=meshgram dbname=postgres", self.dir.path().display())
+        self.url_of("postgres")
+    }
+
+    /// A connection string for database `name` (made with `CREATE DATABASE`).
+    pub fn url_of(&self, name: &str) -> String {
+        format!("host={} user=meshgram dbname={name}", self.dir.path().display())
     }
 
     /// The directory holding the socket.

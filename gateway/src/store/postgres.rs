@@ -42,6 +42,15 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Races lost in a row before a request gives up: far more than contention between a few
 /// gateways produces.
 const MAX_CONFLICTS: u32 = 50;
+/// Races lost in a row to one key inserted meanwhile (23505) before it counts as a real
+/// duplicate: a retry sees the other's row and takes another path, so a second one is a bug.
+const MAX_DUPLICATES: u32 = 3;
+/// Server-side bounds, so that a statement or lock that hangs (a partitioned primary, a stuck
+/// transaction elsewhere) fails as unavailable instead of holding a request and a connection.
+const SESSION_OPTIONS: &str =
+    "-c statement_timeout=5000 -c lock_timeout=3000 -c idle_in_transaction_session_timeout=30000";
+/// A dead peer on an open connection is noticed after this (TCP keepalive and user timeout).
+const DEAD_PEER_AFTER: Duration = Duration::from_secs(5);
 /// Serializes schema creation between gateways starting at once (any fixed number).
 const SCHEMA_LOCK: i64 = 0x6d65_7368_6772_616d; // "meshgram"
 
@@ -130,6 +139,18 @@ impl std::fmt::Debug for PgStore {
     }
 }
 
+impl Drop for PgStore {
+    /// Closing a connection runs the client's own runtime, which must not happen on an async
+    /// thread (where the last reference to a store may well be dropped): close them on a
+    /// thread of their own.
+    fn drop(&mut self) {
+        let idle = std::mem::take(&mut self.lock().idle);
+        if !idle.is_empty() {
+            let _ = std::thread::spawn(move || drop(idle)).join();
+        }
+    }
+}
+
 #[derive(Default)]
 struct Pool {
     idle: Vec<Connection>,
@@ -148,6 +169,11 @@ struct Connection {
 enum Failure {
     /// Lost a race with another transaction: run the request again.
     Conflict,
+    /// A key inserted meanwhile by another transaction: run again, a few times at most.
+    Duplicate,
+    /// A prepared statement this connection cached no longer fits (the schema changed, or
+    /// the server forgot it): forget them all and run again.
+    StaleStatement,
     /// The connection (or the primary behind it) is gone: run it again on a new one.
     Lost,
     /// Anything else: the request fails.
@@ -158,27 +184,32 @@ fn classify(e: &postgres::Error) -> Failure {
     if e.is_closed() {
         return Failure::Lost;
     }
-    match e.code() {
-        Some(code)
-            if *code == SqlState::T_R_SERIALIZATION_FAILURE
-                || *code == SqlState::T_R_DEADLOCK_DETECTED
-                || *code == SqlState::UNIQUE_VIOLATION =>
-        {
-            Failure::Conflict
-        }
-        // A demoted primary, a server shutting down or starting up, a broken connection.
-        Some(code)
-            if *code == SqlState::READ_ONLY_SQL_TRANSACTION
-                || *code == SqlState::ADMIN_SHUTDOWN
-                || *code == SqlState::CRASH_SHUTDOWN
-                || *code == SqlState::CANNOT_CONNECT_NOW
-                || code.code().starts_with("08") =>
-        {
-            Failure::Lost
-        }
-        Some(_) => Failure::Fatal,
-        // No SQLSTATE: the socket failed (refused, reset, timed out).
-        None => Failure::Lost,
+    let Some(code) = e.code() else {
+        // No SQLSTATE: a socket that failed (refused, reset, timed out) may pass; anything
+        // else (a value that does not convert, a bad configuration) will not.
+        let io = std::error::Error::source(e).is_some_and(|source| source.is::<std::io::Error>());
+        return if io { Failure::Lost } else { Failure::Fatal };
+    };
+    if *code == SqlState::T_R_SERIALIZATION_FAILURE || *code == SqlState::T_R_DEADLOCK_DETECTED {
+        Failure::Conflict
+    } else if *code == SqlState::UNIQUE_VIOLATION {
+        Failure::Duplicate
+    } else if *code == SqlState::INVALID_SQL_STATEMENT_NAME || *code == SqlState::FEATURE_NOT_SUPPORTED {
+        Failure::StaleStatement
+    } else if *code == SqlState::READ_ONLY_SQL_TRANSACTION
+        || *code == SqlState::ADMIN_SHUTDOWN
+        || *code == SqlState::CRASH_SHUTDOWN
+        || *code == SqlState::CANNOT_CONNECT_NOW
+        || *code == SqlState::TOO_MANY_CONNECTIONS
+        || *code == SqlState::QUERY_CANCELED
+        || *code == SqlState::LOCK_NOT_AVAILABLE
+        || code.code().starts_with("08")
+    {
+        // A demoted primary, a server shutting down, starting up or full, a broken
+        // connection, a statement or lock past its timeout: all may pass.
+        Failure::Lost
+    } else {
+        Failure::Fatal
     }
 }
 
@@ -204,6 +235,11 @@ impl PgStore {
         if config.get_application_name().is_none() {
             config.application_name("meshgram-gateway");
         }
+        let options = match config.get_options() {
+            Some(theirs) => format!("{SESSION_OPTIONS} {theirs}"),
+            None => SESSION_OPTIONS.to_string(),
+        };
+        config.options(&options).keepalives(true).keepalives_idle(DEAD_PEER_AFTER).tcp_user_timeout(DEAD_PEER_AFTER);
         let store = PgStore { config, pool: Mutex::default(), freed: Condvar::new(), commits: AtomicU64::new(0) };
         {
             let mut connection = store.connection(Instant::now())?;
@@ -222,19 +258,20 @@ impl PgStore {
         commit: bool,
         mut f: impl FnMut(&mut dyn Tables) -> Result<T, E>,
     ) -> Result<T, E> {
-        self.run(commit, |t| f(t))
+        self.run(IsolationLevel::Serializable, commit, |t| f(t))
     }
 
     fn run<T, E: From<StoreError>>(
         &self,
+        isolation: IsolationLevel,
         commit: bool,
         mut f: impl FnMut(&mut PgTables<'_>) -> Result<T, E>,
     ) -> Result<T, E> {
         let started = Instant::now();
-        let mut conflicts = 0;
+        let (mut conflicts, mut duplicates) = (0, 0);
         loop {
             let mut connection = self.connection(started)?;
-            let failure = match connection.attempt(commit, &mut f) {
+            let (failure, error) = match connection.attempt(isolation, commit, &mut f) {
                 Ok(Ok(out)) => {
                     if commit {
                         self.commits.fetch_add(1, Ordering::Relaxed);
@@ -242,34 +279,41 @@ impl PgStore {
                     return Ok(out);
                 }
                 Ok(Err(e)) => return Err(e),
-                Err((Failure::Conflict, _)) => {
-                    conflicts += 1;
-                    if conflicts >= MAX_CONFLICTS {
-                        return Err(StoreError::Unavailable(format!("{conflicts} conflicts in a row")).into());
-                    }
-                    // Step aside for a moment, longer each time, so the winner can finish.
-                    std::thread::sleep(Duration::from_micros(200 * u64::from(conflicts)));
-                    continue;
-                }
-                Err(failure) => failure,
+                Err(failed) => failed,
             };
             match failure {
-                (Failure::Lost, _) if started.elapsed() < UNAVAILABLE_AFTER => {
+                Failure::Duplicate if duplicates < MAX_DUPLICATES => duplicates += 1,
+                Failure::Conflict | Failure::StaleStatement if conflicts < MAX_CONFLICTS => {
+                    if failure == Failure::StaleStatement {
+                        connection.forget_statements();
+                    }
+                    conflicts += 1;
+                    // Step aside for a moment, longer each time, so the winner can finish; the
+                    // connection goes back first, for others to use meanwhile.
+                    drop(connection);
+                    std::thread::sleep(Duration::from_micros(200 * u64::from(conflicts)));
+                }
+                Failure::Conflict | Failure::StaleStatement => {
+                    return Err(StoreError::Unavailable(format!("{conflicts} lost races in a row: {error}")).into());
+                }
+                Failure::Lost if started.elapsed() < UNAVAILABLE_AFTER => {
                     connection.discard();
                     std::thread::sleep(Duration::from_millis(100));
                 }
-                (Failure::Lost, e) => {
+                Failure::Lost => {
                     connection.discard();
-                    return Err(e.into());
+                    return Err(error.into());
                 }
-                (_, e) => return Err(e.into()),
+                Failure::Duplicate | Failure::Fatal => return Err(error.into()),
             }
         }
     }
 
     /// Accounts and active sessions.
     pub(super) fn counts(&self) -> Result<(u64, u64), StoreError> {
-        self.run(false, |t| {
+        // Read committed: counting whole tables serializably would make sign-ins running
+        // meanwhile lose races to a metrics scrape.
+        self.run(IsolationLevel::ReadCommitted, false, |t| {
             let row = t.query_one(
                 "SELECT (SELECT count(*) FROM accounts), (SELECT count(*) FROM sessions WHERE active)",
                 &[],
@@ -283,7 +327,8 @@ impl PgStore {
     }
 
     /// Takes a token for `key` from the bucket of `limiter` named `name`, kept in the
-    /// database for every gateway to share.
+    /// database for every gateway to share. Read committed with the bucket's row locked: takes
+    /// of one key queue on the lock instead of failing each other's transactions.
     pub(super) fn take_token(
         &self,
         limiter: &RateLimiter,
@@ -292,37 +337,44 @@ impl PgStore {
         now: u64,
     ) -> Result<Result<(), u64>, StoreError> {
         let now = now as f64;
-        self.run(true, |t| {
-            let row = t.query_opt(
+        let taken = self.run(IsolationLevel::ReadCommitted, true, |t| {
+            t.execute(
+                "INSERT INTO rate_limits (name, key, tokens, updated) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (name, key) DO NOTHING",
+                &[&name, &key, &limiter.refilled(None, now), &now],
+            )?;
+            let row = t.query_one(
                 "SELECT tokens, updated FROM rate_limits WHERE name = $1 AND key = $2 FOR UPDATE",
                 &[&name, &key],
             )?;
-            let bucket = match row {
-                Some(row) => Some((t.column::<f64>(&row, 0)?, t.column::<f64>(&row, 1)?)),
-                None => None,
-            };
-            let tokens = limiter.refilled(bucket, now);
+            let (tokens, updated) = (t.column::<f64>(&row, 0)?, t.column::<f64>(&row, 1)?);
+            // Gateways' clocks differ a little: a bucket never goes back in time, or each
+            // round trip between a fast and a slow gateway would refill it for free.
+            let at = now.max(updated);
+            let tokens = limiter.refilled(Some((tokens, updated)), at);
             if tokens < 1.0 {
                 return Ok(Err(limiter.secs_until(1.0 - tokens)));
             }
             t.execute(
-                "INSERT INTO rate_limits (name, key, tokens, updated) VALUES ($1, $2, $3, $4)
-                 ON CONFLICT (name, key) DO UPDATE SET tokens = EXCLUDED.tokens, updated = EXCLUDED.updated",
-                &[&name, &key, &(tokens - 1.0), &now],
+                "UPDATE rate_limits SET tokens = $3, updated = $4 WHERE name = $1 AND key = $2",
+                &[&name, &key, &(tokens - 1.0), &at],
             )?;
-            // Buckets full again say nothing: now and then, drop them.
-            if rand::random::<u8>() == 0 {
-                let full_since = now - limiter.secs_until(limiter.refilled(None, now)) as f64;
-                t.execute("DELETE FROM rate_limits WHERE name = $1 AND updated < $2", &[&name, &full_since])?;
-            }
-            Ok(Ok(()))
-        })
+            Ok::<_, StoreError>(Ok(()))
+        })?;
+        // Buckets full again say nothing: now and then, drop them, in a transaction of its own.
+        if rand::random::<u8>() == 0 {
+            let full_since = now - limiter.secs_until(limiter.refilled(None, now)) as f64;
+            let _dropped = self.run(IsolationLevel::ReadCommitted, true, |t| {
+                t.execute("DELETE FROM rate_limits WHERE name = $1 AND updated < $2", &[&name, &full_since])
+            })?;
+        }
+        Ok(taken)
     }
 
     /// Copies every record of `source` into this database, which must hold no gateway data;
     /// returns how many were copied. One transaction: a failed copy leaves nothing behind.
     pub fn migrate_from(&self, source: &super::RedbStore) -> Result<u64, StoreError> {
-        self.run(true, |t| {
+        self.run(IsolationLevel::Serializable, true, |t| {
             for table in DATA_TABLES {
                 // Table names come from the constant list above, not from input.
                 let sql = format!("SELECT EXISTS (SELECT 1 FROM {table})");
@@ -407,6 +459,7 @@ impl Lent<'_> {
     /// One try at `f` in a transaction. `Err` says why the try failed, if running it again may help.
     fn attempt<T, E: From<StoreError>>(
         &mut self,
+        isolation: IsolationLevel,
         commit: bool,
         f: &mut impl FnMut(&mut PgTables<'_>) -> Result<T, E>,
     ) -> Result<Result<T, E>, (Failure, StoreError)> {
@@ -414,16 +467,17 @@ impl Lent<'_> {
         let tx = connection
             .client
             .build_transaction()
-            .isolation_level(IsolationLevel::Serializable)
+            .isolation_level(isolation)
             .start()
             .map_err(|e| (classify(&e), pg_error(&e)))?;
         let mut tables = PgTables { tx, statements: &mut connection.statements, failure: None };
         let out = f(&mut tables);
-        if let Some(failure) = tables.failure.take() {
-            // Whatever `f` made of the error, the transaction is aborted; the drop rolls it back.
-            if failure.0 != Failure::Fatal {
-                return Err(failure);
-            }
+        // After a failed statement the transaction is aborted, whatever `f` made of the error:
+        // it is rolled back (by the drop), never reported as committed.
+        match tables.failure.take() {
+            Some((Failure::Fatal, e)) => return Ok(Err(e.into())),
+            Some(failure) => return Err(failure),
+            None => {}
         }
         let out = match out {
             Ok(out) => out,
@@ -441,6 +495,13 @@ impl Lent<'_> {
                 .into())),
                 failure => Err((failure, pg_error(&e))),
             },
+        }
+    }
+
+    /// Drops the statements prepared on this connection (they will be prepared again).
+    fn forget_statements(&mut self) {
+        if let Some(connection) = &mut self.connection {
+            connection.statements.clear();
         }
     }
 
@@ -639,8 +700,12 @@ impl Tables for PgTables<'_> {
 
     fn next_user_id(&mut self) -> Result<UserId, StoreError> {
         let row = self.query_one("SELECT nextval('user_ids')", &[])?;
-        let id = unsigned(self.column::<i64>(&row, 0)?);
-        Ok(UserId(id.max(FIRST_USER_ID)))
+        let id = self.column::<i64>(&row, 0)?;
+        // Below the first id, the sequence was reset: it would hand out ids that are taken.
+        match u64::try_from(id) {
+            Ok(id) if id >= FIRST_USER_ID => Ok(UserId(id)),
+            _ => Err(StoreError::Corrupt { what: "user id sequence", reason: format!("it gave {id}") }),
+        }
     }
 
     fn put_account(&mut self, account: &StoredAccount) -> Result<(), StoreError> {
@@ -858,7 +923,10 @@ impl Tables for PgTables<'_> {
         // One counter row that every revocation updates: concurrent ones serialize on it, so a
         // number is visible only after all smaller ones are (a sequence would not promise that).
         let seq = self.next_revocation_seq()?;
-        self.set_counter(NEXT_REVOCATION, seq + 1)?;
+        let next = seq
+            .checked_add(1)
+            .ok_or_else(|| StoreError::Corrupt { what: "revocation counter", reason: "at its end".into() })?;
+        self.set_counter(NEXT_REVOCATION, next)?;
         self.put_revocation(seq, revocation)?;
         Ok(seq)
     }

@@ -161,6 +161,13 @@ fn a_session_revoked_at_one_gateway_cannot_renew_at_the_other() {
     meshgram(&phone_p, &["renew"]).expect_err(&["SESSION_REVOKED"]);
     meshgram(&phone_p, &["whoami"]).expect_err(&["SESSION_REVOKED"]);
     meshgram(&laptop_p, &["renew"]).ok_json();
+
+    // A gateway on PostgreSQL shuts down cleanly (closing its connections off the async threads).
+    let (mut a, mut b) = (a, b);
+    for gw in [&mut a, &mut b] {
+        let status = gw.server.terminate();
+        assert!(status.is_some_and(|s| s.success()), "{status:?}\n{:?}", gw.server.stderr());
+    }
 }
 
 #[test]
