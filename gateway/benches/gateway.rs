@@ -239,8 +239,14 @@ async fn bench_setup(backend: &Backend, gateways: usize, fill: usize, held: usiz
         .await??;
         println!("    (filled {fill} accounts in {:.0} s)", filled.elapsed().as_secs_f64());
     }
-    let limits =
-        Limits { send_code_burst: 1_000_000, sign_in_burst: 1_000_000, lookup_burst: 1_000_000, ..Limits::default() };
+    let limits = Limits {
+        send_code_burst: 1_000_000,
+        send_code_device_burst: 1_000_000,
+        send_codes_per_second: 1_000_000,
+        sign_in_burst: 1_000_000,
+        lookup_burst: 1_000_000,
+        ..Limits::default()
+    };
     let mut running = Vec::new();
     for g in 0..gateways {
         let data_dir = dir.path().join(format!("gw{g}"));

@@ -29,6 +29,7 @@ pub struct GatewayBuilder {
     webhook_delay: Duration,
     args: Vec<String>,
     key_from: Option<PathBuf>,
+    code_file: Option<PathBuf>,
 }
 
 impl GatewayBuilder {
@@ -67,6 +68,12 @@ impl GatewayBuilder {
         self
     }
 
+    /// Writes its codes to `other`'s code file (gateways that hand a sign-in to each other).
+    pub fn same_code_sink_as(mut self, other: &Gateway) -> Self {
+        self.code_file = other.code_sink_file().map(Path::to_path_buf);
+        self
+    }
+
     /// Starts the gateway, panicking if it does not become ready.
     pub fn start(self) -> Gateway {
         let tmp = tempfile::Builder::new().prefix("meshgram-test-").tempdir().expect("create a temp dir");
@@ -79,7 +86,7 @@ impl GatewayBuilder {
             Some(status) => CodeSource::Webhook(
                 WebhookSink::start_slow(status, self.webhook_delay).expect("start the webhook sink"),
             ),
-            None => CodeSource::File(tmp.path().join("codes.log")),
+            None => CodeSource::File(self.code_file.clone().unwrap_or_else(|| tmp.path().join("codes.log"))),
         };
         let sink_arg = match &codes {
             CodeSource::File(path) => format!("file:{}", path.display()),

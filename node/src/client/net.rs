@@ -33,6 +33,9 @@ pub enum NetError {
     /// The network task has stopped.
     #[error("the client's network task has stopped")]
     Stopped,
+    /// The connection closed while the request was out: it may or may not have been served.
+    #[error("the connection to {peer} closed before it answered")]
+    ConnectionClosed { peer: PeerId },
 }
 
 type Reply<T> = oneshot::Sender<Result<T, NetError>>;
@@ -291,6 +294,7 @@ fn settle<Req, Resp>(
                         &p.addrs,
                         dial_errors.remove(&p.peer).unwrap_or_else(|| "dial failed".into()),
                     ),
+                    request_response::OutboundFailure::ConnectionClosed => NetError::ConnectionClosed { peer: p.peer },
                     other => NetError::RequestFailed { peer: p.peer, reason: other.to_string() },
                 };
                 let _ = p.reply.send(Err(err));

@@ -88,6 +88,27 @@ impl GatewayAddr {
         }
     }
 
+    /// From the addresses of one gateway, or of several gateways of one network (they share one
+    /// key, so one peer id): a client dials them all and talks to whichever answers, so one
+    /// gateway down leaves the others.
+    pub fn from_multiaddrs(addrs: &[Multiaddr]) -> Result<Self, ClientError> {
+        let mut gateway: Option<GatewayAddr> = None;
+        for addr in addrs {
+            let one = Self::from_multiaddr(addr)?;
+            match &mut gateway {
+                None => gateway = Some(one),
+                Some(known) if known.peer_id == one.peer_id => known.addrs.extend(one.addrs),
+                Some(known) => {
+                    return Err(ClientError::GatewayAddress(format!(
+                        "{addr} is another network's gateway than {}: gateways of one network share one key",
+                        known.peer_id
+                    )));
+                }
+            }
+        }
+        gateway.ok_or_else(|| ClientError::GatewayAddress("no gateway address given".into()))
+    }
+
     /// From the `gateway` entry of a `network.json` written by `meshgram up`.
     pub fn from_network_file(path: &Path) -> Result<Self, ClientError> {
         let file =
@@ -154,6 +175,11 @@ pub struct Client {
     net: Arc<ClientNet>,
 }
 
+/// How many times [`Client::call`] sends a request again after its connection closed.
+pub const GATEWAY_RESENDS: u32 = 2;
+/// The pause before it does: a gateway's address that just went away is refused at once.
+const GATEWAY_RESEND_PAUSE: std::time::Duration = std::time::Duration::from_millis(200);
+
 /// Turns an [`AuthResponse`] into the one variant a typed call expects, or says which call got
 /// something else.
 macro_rules! expect_reply {
@@ -181,8 +207,24 @@ impl Client {
     }
 
     /// One request/response with the gateway; a refusal becomes `ClientError::Gateway`.
+    ///
+    /// A request whose connection closed under it is sent again, on a new connection (to
+    /// another of the network's gateways, if one went away), at most
+    /// [`GATEWAY_RESENDS`] times. It may have been served before the connection closed: a
+    /// resent sign-in then finds its code used, which the user sees as such.
     pub async fn call(&self, request: AuthRequest) -> Result<AuthResponse, ClientError> {
-        let response = self.net.auth_request(self.gateway.peer_id, self.gateway.addrs.clone(), request).await?;
+        let mut resends = 0;
+        let response = loop {
+            let sent = self.net.auth_request(self.gateway.peer_id, self.gateway.addrs.clone(), request.clone()).await;
+            match sent {
+                Err(NetError::ConnectionClosed { .. }) if resends < GATEWAY_RESENDS => {
+                    resends += 1;
+                    tracing::debug!(resends, "the gateway's connection closed under a request; sending it again");
+                    tokio::time::sleep(GATEWAY_RESEND_PAUSE).await;
+                }
+                sent => break sent?,
+            }
+        };
         match response {
             AuthResponse::Error(e) => Err(ClientError::Gateway(e)),
             ok => Ok(ok),

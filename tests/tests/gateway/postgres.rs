@@ -3,6 +3,7 @@
 //! them; a redb gateway moves over with `migrate` and its users stay signed in.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use meshgram_node::ids::Phone;
@@ -168,6 +169,70 @@ fn a_session_revoked_at_one_gateway_cannot_renew_at_the_other() {
         let status = gw.server.terminate();
         assert!(status.is_some_and(|s| s.success()), "{status:?}\n{:?}", gw.server.stderr());
     }
+}
+
+#[test]
+fn a_gateway_killed_under_a_sign_in_loop_leaves_every_client_to_the_other() {
+    const CLIENTS: usize = 4;
+    const SIGN_INS: usize = 5;
+    let pg = Postgres::start();
+    let mut a = Gateway::builder().database(&pg.url()).start();
+    let b = Gateway::builder().database(&pg.url()).same_key_as(&a).same_code_sink_as(&a).start();
+    let (addr_a, addr_b) = (a.addr(), b.addr());
+    let both = ["--gateway", addr_a.as_str(), "--gateway", addr_b.as_str()];
+    let signed_in = AtomicUsize::new(0);
+    let tries = AtomicUsize::new(0);
+
+    let profiles = std::thread::scope(|s| {
+        let clients: Vec<_> = (0..CLIENTS)
+            .map(|c| {
+                let (b, both, signed_in, tries) = (&b, &both, &signed_in, &tries);
+                s.spawn(move || {
+                    let mut profiles = Vec::new();
+                    for k in 0..SIGN_INS {
+                        let phone = format!("+1555{c:03}{k:04}");
+                        // A sign-in caught by the kill (its code used at the dying gateway just
+                        // before) fails as such; the user asks for a new code, at most twice.
+                        let mut done = None;
+                        for attempt in 0..3 {
+                            tries.fetch_add(1, Ordering::SeqCst);
+                            let profile = b.new_profile(&format!("c{c}-{k}-{attempt}"));
+                            let login = b.login_via(both, &profile, &phone, &[], |code| vec![code.to_string()]);
+                            if login.status.success() {
+                                done = Some((profile, login.ok_json()));
+                                break;
+                            }
+                        }
+                        let (profile, login) = done.unwrap_or_else(|| panic!("{phone} never signed in"));
+                        signed_in.fetch_add(1, Ordering::SeqCst);
+                        profiles.push((profile, login));
+                    }
+                    profiles
+                })
+            })
+            .collect();
+        // Kill one gateway once a few sign-ins are through, with the rest still to come.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while signed_in.load(Ordering::SeqCst) < CLIENTS && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        a.kill9();
+        let before_kill = signed_in.load(Ordering::SeqCst);
+        assert!(before_kill < CLIENTS * SIGN_INS, "the loop was over before the kill");
+        println!("{before_kill} of {} sign-ins were through when one gateway was killed", CLIENTS * SIGN_INS);
+        clients.into_iter().flat_map(|c| c.join().unwrap()).collect::<Vec<_>>()
+    });
+
+    assert_eq!(profiles.len(), CLIENTS * SIGN_INS, "every client finished every sign-in");
+    let retries = tries.load(Ordering::SeqCst) - CLIENTS * SIGN_INS;
+    println!("{retries} sign-ins were asked again");
+    assert!(retries <= CLIENTS, "{retries} sign-ins had to be asked again: more than the kill can explain");
+    // Every session works through the gateway that is left.
+    for (profile, login) in profiles.iter().step_by(3) {
+        let me = meshgram(profile, &["whoami"]).ok_json();
+        assert_eq!(me["account"]["user_id"], login["user_id"], "{me}");
+    }
+    assert_eq!(pg.sql("SELECT count(*) FROM accounts"), (CLIENTS * SIGN_INS).to_string());
 }
 
 #[test]

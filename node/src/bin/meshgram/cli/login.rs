@@ -32,14 +32,14 @@ pub(super) fn resolve_gateway(
             _ => return Err(CliError::usage(format!("--relay {addr} does not end in /p2p/<relay peer id>"))),
         }
     }
-    match (&args.gateway, &args.network) {
-        (Some(addr), _) => Ok((GatewayAddr::from_multiaddr(addr)?, relays)),
-        (None, Some(file)) => {
+    match (args.gateway.as_slice(), &args.network) {
+        ([_, ..], _) => Ok((GatewayAddr::from_multiaddrs(&args.gateway)?, relays)),
+        ([], Some(file)) => {
             let network = NetworkFile::load(file).map_err(|e| CliError::usage(e.to_string()))?;
             relays.extend(network.relays.into_iter().map(|r| RelayInfo { peer_id: r.peer_id, addrs: r.addrs }));
             Ok((GatewayAddr { peer_id: network.gateway.peer_id, addrs: network.gateway.addrs }, relays))
         }
-        (None, None) => Err(CliError::usage("give --gateway MULTIADDR or --network FILE")),
+        ([], None) => Err(CliError::usage("give --gateway MULTIADDR or --network FILE")),
     }
 }
 

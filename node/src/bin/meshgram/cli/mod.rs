@@ -214,9 +214,10 @@ pub(crate) enum Command {
 #[derive(clap::Args, Debug)]
 #[group(multiple = false)]
 pub(crate) struct GatewayArgs {
-    /// The gateway's multiaddr, ending in /p2p/<peer id>.
+    /// The gateway's multiaddr, ending in /p2p/<peer id>; repeat it for each gateway of the
+    /// network (the one that answers is used).
     #[arg(long)]
-    gateway: Option<Multiaddr>,
+    gateway: Vec<Multiaddr>,
     /// A network.json written by `meshgram up` (gateway and relays).
     #[arg(long)]
     network: Option<PathBuf>,
@@ -544,7 +545,7 @@ pub(crate) async fn run(cli: Cli) -> CliResult {
         }
         Command::Node => node::run(&profile, json).await,
         Command::App { port, no_open, gateway, relay, device_name, exit_on_stdin_close } => {
-            let given = gateway.gateway.is_some() || gateway.network.is_some();
+            let given = !gateway.gateway.is_empty() || gateway.network.is_some();
             let gateway = given.then(|| login::resolve_gateway(&gateway, &relay)).transpose()?;
             let device_name = device_name.unwrap_or_else(|| login::default_device_name().replace("CLI", "app"));
             let options = crate::app::AppOptions { port, open: !no_open, gateway, device_name, exit_on_stdin_close };
