@@ -120,7 +120,16 @@ impl RelayFile {
             config.listen = addrs("listen", &self.listen)?;
         }
         config.bootstrap = addrs("bootstrap", &self.bootstrap)?;
-        config.gateway = self.gateway.as_deref().map(|addr| parse_addr("gateway", addr)).transpose()?;
+        // Comma-separated: the gateways of one network share one key, any of them answers.
+        config.gateway = match self.gateway.as_deref() {
+            Some(list) => list
+                .split(',')
+                .map(str::trim)
+                .filter(|a| !a.is_empty())
+                .map(|a| parse_addr("gateway", a))
+                .collect::<Result<_, _>>()?,
+            None => Vec::new(),
+        };
         config.cert_file = self.relay_cert.clone();
         config.http = Some(
             self.http
@@ -221,8 +230,9 @@ data_dir = {data_dir}
 # certificates it signed are accepted here: required.
 {gateway_key}
 
-# The gateway's libp2p address, asked every 2 s for revoked sessions and relays. Without it a
-# revoked session keeps access here until its certificate expires (up to an hour).
+# The gateway's libp2p address (several gateways of one network: comma-separated), asked every
+# 2 s for revoked sessions and relays. Without it a revoked session keeps access here until its
+# certificate expires (up to an hour).
 {gateway}
 
 # The gateway's certificate admitting this relay (default: DATA/relay.cert), issued by
@@ -358,6 +368,16 @@ mod tests {
         let parsed: RelayFile = toml::from_str(&template(&values)).unwrap();
         assert_eq!(parsed.gateway_key, Some(key));
         assert_eq!(parsed.listen, values.listen);
+    }
+
+    #[test]
+    fn several_gateways_are_comma_separated() {
+        let key = meshgram_node::ids::hex(&ed25519::Keypair::generate().public().to_bytes());
+        let gateway = Some(" /ip4/127.0.0.1/tcp/4001, /ip4/127.0.0.2/tcp/4001 ,".into());
+        let config = RelayFile { gateway_key: Some(key), gateway, ..RelayFile::default() }.to_config().unwrap();
+        let expected: Vec<Multiaddr> =
+            vec!["/ip4/127.0.0.1/tcp/4001".parse().unwrap(), "/ip4/127.0.0.2/tcp/4001".parse().unwrap()];
+        assert_eq!(config.gateway, expected);
     }
 
     #[test]

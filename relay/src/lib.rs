@@ -134,9 +134,10 @@ pub struct RelayConfig {
     pub listen: Vec<Multiaddr>,
     /// Other relays to join through, each ending in `/p2p/<peer id>`.
     pub bootstrap: Vec<Multiaddr>,
-    /// Where the gateway listens, to ask it for revocations every few seconds. Without it,
-    /// revoked sessions keep access here until their certificates expire.
-    pub gateway: Option<Multiaddr>,
+    /// Where the gateway listens (every gateway of the network: they share one key), to ask
+    /// it for revocations every few seconds. Without it, revoked sessions keep access here
+    /// until their certificates expire.
+    pub gateway: Vec<Multiaddr>,
     pub http: Option<SocketAddr>,
     /// The gateway's certificate for this relay (JSON); default `DATA/relay.cert`.
     pub cert_file: Option<PathBuf>,
@@ -152,7 +153,7 @@ impl RelayConfig {
             data_dir,
             listen: meshgram_node::net::transport::default_listen_addrs(),
             bootstrap: Vec::new(),
-            gateway: None,
+            gateway: Vec::new(),
             http: None,
             cert_file: None,
             settings: RelaySettings {
@@ -247,8 +248,7 @@ impl Relay {
                 _ => return Err(StartError::Bootstrap(addr.clone())),
             }
         }
-        let gateway =
-            config.gateway.as_ref().map(|addr| gateway_addr(addr, &config.settings.gateway_key)).transpose()?;
+        let gateway = gateway_addr(&config.gateway, &config.settings.gateway_key)?;
         let metrics = Arc::new(metrics::Metrics::new());
         let (acceptor, inbound) = net::inbound_pipes(&metrics, config.connections);
         let asks_gateway = gateway.is_some();
@@ -381,18 +381,26 @@ fn load_cert(path: &Path, relay: &PeerId, gateway_key: &ed25519::PublicKey) -> R
     Ok(cert)
 }
 
-/// The gateway's peer id (its key's) and where to dial it. An address ending in `/p2p/<id>`
-/// must name the peer whose key signs certificates.
-fn gateway_addr(addr: &Multiaddr, key: &ed25519::PublicKey) -> Result<revocations::GatewayAddr, StartError> {
-    let expected = libp2p::identity::PublicKey::from(key.clone()).to_peer_id();
-    let mut dial = addr.clone();
-    if let Some(Protocol::P2p(named)) = dial.iter().last() {
-        if named != expected {
-            return Err(StartError::GatewayAddr { addr: addr.clone(), named, expected });
-        }
-        dial.pop();
+/// The gateway's peer id (its key's) and where to dial it (any of `addrs`, the addresses of
+/// the network's gateways); `None` without addresses. An address ending in `/p2p/<id>` must
+/// name the peer whose key signs certificates.
+fn gateway_addr(addrs: &[Multiaddr], key: &ed25519::PublicKey) -> Result<Option<revocations::GatewayAddr>, StartError> {
+    if addrs.is_empty() {
+        return Ok(None);
     }
-    Ok(revocations::GatewayAddr { peer: expected, addrs: vec![dial] })
+    let expected = libp2p::identity::PublicKey::from(key.clone()).to_peer_id();
+    let mut dials = Vec::new();
+    for addr in addrs {
+        let mut dial = addr.clone();
+        if let Some(Protocol::P2p(named)) = dial.iter().last() {
+            if named != expected {
+                return Err(StartError::GatewayAddr { addr: addr.clone(), named, expected });
+            }
+            dial.pop();
+        }
+        dials.push(dial);
+    }
+    Ok(Some(revocations::GatewayAddr { peer: expected, addrs: dials }))
 }
 
 /// `/healthz` (503 with the reason once the store takes no writes) and `/metrics`.

@@ -38,8 +38,8 @@ struct Cli {
     /// it signs are the only ones this relay accepts.
     #[arg(long, env = "MESHGRAM_GATEWAY_KEY", global = true)]
     gateway_key: Option<String>,
-    /// The gateway's address (from its ready line or network.json), to ask it for revoked
-    /// sessions and relays every 2 s. Without it a revoked session keeps access here until
+    /// The gateway's address (from its ready line or network.json; several gateways of one
+    /// network comma-separated), to ask it for revoked sessions and relays every 2 s. Without it a revoked session keeps access here until
     /// its certificate expires (up to an hour).
     #[arg(long, env = "MESHGRAM_RELAY_GATEWAY", global = true)]
     gateway: Option<String>,

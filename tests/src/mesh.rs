@@ -156,6 +156,8 @@ pub fn start_relay(
 #[derive(Debug)]
 pub struct Mesh {
     pub gateway: Gateway,
+    /// Other gateways of the network (same key, one database), after `gateway`.
+    pub more_gateways: Vec<Gateway>,
     pub relays: Vec<Server>,
 }
 
@@ -169,6 +171,20 @@ impl Mesh {
     /// Like [`Mesh::start`], on a gateway the test started (say, with short certificates).
     pub fn start_on(gateway: Gateway, relays: usize, replication: usize) -> Mesh {
         Mesh::start_on_with_args(gateway, relays, replication, &[])
+    }
+
+    /// Like [`Mesh::start_on`], with several gateways of one network (sharing a key and a
+    /// database): relays and logins are given all their addresses.
+    pub fn start_on_gateways(mut gateways: Vec<Gateway>, relays: usize, replication: usize) -> Mesh {
+        let gateway = gateways.remove(0);
+        let key = gateway.server.ready["public_key"].as_str().expect("gateway ready line has public_key").to_string();
+        let gateway_dir = gateway.data_dir().to_path_buf();
+        let addrs = std::iter::once(&gateway).chain(&gateways).map(Gateway::addr).collect::<Vec<_>>().join(",");
+        let mut mesh = Mesh::start_relays(gateway, &key, Some(&addrs), relays, replication, &[], |dir| {
+            admit_relay(&gateway_dir, dir)
+        });
+        mesh.more_gateways = gateways;
+        mesh
     }
 
     /// Like [`Mesh::start`], each relay started with `extra` arguments too.
@@ -244,12 +260,15 @@ impl Mesh {
             servers.push(server);
         }
         wait_until_relays_verified(&servers);
-        Mesh { gateway, relays: servers }
+        Mesh { gateway, more_gateways: Vec::new(), relays: servers }
     }
 
-    /// `--gateway ADDR --relay R1 --relay R2 …` for `meshgram login`.
+    /// `--gateway ADDR … --relay R1 --relay R2 …` for `meshgram login`.
     pub fn login_args(&self) -> Vec<String> {
-        let mut args = vec!["--gateway".to_string(), self.gateway.addr()];
+        let mut args = Vec::new();
+        for gateway in std::iter::once(&self.gateway).chain(&self.more_gateways) {
+            args.extend(["--gateway".to_string(), gateway.addr()]);
+        }
         for relay in &self.relays {
             args.extend(["--relay".to_string(), relay.tcp_addr()]);
         }

@@ -97,7 +97,7 @@ fn a_relay_set_up_with_init_runs_from_its_config_alone_and_its_metrics_follow_th
         }
         relays.push(start_as_printed(&printed));
     }
-    let mesh = Mesh { gateway, relays };
+    let mesh = Mesh { gateway, more_gateways: Vec::new(), relays };
     mesh.wait_until_verified();
     let https: Vec<String> = mesh.relays.iter().map(|r| r.http().expect("relays serve HTTP")).collect();
 

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use meshgram_node::ids::Phone;
 use meshgram_node::proto::{AuthRequest, AuthResponse, ErrorCode};
-use meshgram_tests::{CODE_TIMEOUT, Gateway, Postgres, RawClient, meshgram, run, str_field};
+use meshgram_tests::{CODE_TIMEOUT, Gateway, Mesh, Postgres, RawClient, meshgram, relay_metric, run, str_field};
 
 use crate::durability::kill_9_and_restart_keeps_accounts_sessions_and_identity_of;
 use crate::{ALICE, BOB, lookup, sessions};
@@ -233,6 +233,33 @@ fn a_gateway_killed_under_a_sign_in_loop_leaves_every_client_to_the_other() {
         assert_eq!(me["account"]["user_id"], login["user_id"], "{me}");
     }
     assert_eq!(pg.sql("SELECT count(*) FROM accounts"), (CLIENTS * SIGN_INS).to_string());
+}
+
+#[test]
+fn with_one_gateway_dead_relays_learn_revocations_from_the_other_and_messages_flow() {
+    let pg = Postgres::start();
+    let a = Gateway::builder().database(&pg.url()).start();
+    let b = Gateway::builder().database(&pg.url()).same_key_as(&a).same_code_sink_as(&a).start();
+    let mut mesh = Mesh::start_on_gateways(vec![a, b], 1, 1);
+    let (phone_p, laptop_p, bob_p) = (mesh.new_profile("phone"), mesh.new_profile("laptop"), mesh.new_profile("bob"));
+    mesh.login(&phone_p, ALICE);
+    mesh.login(&laptop_p, ALICE);
+    mesh.login(&bob_p, BOB);
+    meshgram(&bob_p, &["send", ALICE, "before"]).ok_json();
+
+    mesh.gateway.kill9();
+    meshgram(&bob_p, &["send", ALICE, "after"]).ok_json();
+    let revoked = meshgram(&laptop_p, &["sessions", "revoke", "--others"]).ok_json();
+    assert_eq!(revoked["revoked"], 1, "{revoked}");
+    // The relay polls for revocations every 2 s, now answered by the gateway that is left.
+    let relay = &mesh.relays[0];
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while relay_metric(relay, "meshgram_relay_sessions_revoked_total").unwrap_or(0) < 1 {
+        assert!(Instant::now() < deadline, "the relay never learned of the revocation");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let texts = meshgram_tests::texts(&meshgram(&laptop_p, &["messages", BOB]).ok_json());
+    assert_eq!(texts, ["before", "after"], "both reached the device that is still signed in");
 }
 
 #[test]
