@@ -961,7 +961,7 @@ impl Tables for PgTables<'_> {
 
     fn put_revoked_relay(&mut self, relay: &PeerId, at: u64) -> Result<(), StoreError> {
         self.execute(
-            "INSERT INTO revoked_relays (relay, at) VALUES ($1, $2) ON CONFLICT (relay) DO NOTHING",
+            "INSERT INTO revoked_relays (relay, at) VALUES ($1, $2) ON CONFLICT (relay) DO UPDATE SET at = EXCLUDED.at",
             &[&relay.to_bytes(), &clamped(at)],
         )?;
         Ok(())
