@@ -243,7 +243,7 @@ async fn bench_setup(backend: &Backend, gateways: usize, fill: usize, held: usiz
         let filled = Instant::now();
         tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
             let store = match database {
-                Some(url) => Store::connect(&url)?,
+                Some(url) => Store::connect(&url, None)?,
                 None => {
                     std::fs::create_dir_all(&first_data).map_err(|e| StoreError::Unavailable(e.to_string()))?;
                     Store::open(&first_data.join(meshgram_gateway::DATABASE_FILE))?
@@ -276,6 +276,7 @@ async fn bench_setup(backend: &Backend, gateways: usize, fill: usize, held: usiz
             http: None,
             code_sink: Some(format!("webhook:{sms_url}")),
             database: database.clone(),
+            database_ca: None,
             limits: limits.clone(),
         };
         running.push(Gateway::start(config).await?);

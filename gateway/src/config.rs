@@ -21,6 +21,9 @@ pub struct Config {
     /// A PostgreSQL database (`postgres://…`, several hosts allowed) instead of the redb file
     /// in the data dir: gateways that share one serve the same accounts.
     pub database: Option<String>,
+    /// PEM file of the certificate authority the database's TLS certificate must chain to
+    /// (default: the usual public roots).
+    pub database_ca: Option<PathBuf>,
     /// Rate limits and lifetimes.
     pub limits: Limits,
 }
@@ -33,6 +36,7 @@ impl Default for Config {
             http: None,
             code_sink: None,
             database: None,
+            database_ca: None,
             limits: Limits::default(),
         }
     }

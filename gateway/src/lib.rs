@@ -96,11 +96,12 @@ impl AdminFile {
     }
 }
 
-/// The gateway's database: PostgreSQL at `database` if given, else the redb file in `data`.
-async fn open_store(data: &Path, database: Option<String>) -> Result<Store, StartError> {
+/// The gateway's database: PostgreSQL at `database` if given (TLS roots from `ca`), else the
+/// redb file in `data`.
+async fn open_store(data: &Path, database: Option<String>, ca: Option<PathBuf>) -> Result<Store, StartError> {
     match database {
         // The PostgreSQL client blocks: connect off the async threads.
-        Some(url) => tokio::task::spawn_blocking(move || Store::connect(&url))
+        Some(url) => tokio::task::spawn_blocking(move || Store::connect(&url, ca.as_deref()))
             .await
             .unwrap_or_else(|e| Err(StoreError::Unavailable(format!("connecting stopped: {e}"))))
             .map_err(|source| StartError::Store { what: "(PostgreSQL)".into(), source }),
@@ -127,7 +128,7 @@ impl Gateway {
         std::fs::create_dir_all(data).map_err(|source| StartError::DataDir { path: data.clone(), source })?;
         let keypair = load_or_create_ed25519(&data.join(GATEWAY_KEY_FILE))?;
         let signer = keypair.clone().try_into_ed25519().expect("invariant: gateway keys are created as ed25519");
-        let store = open_store(data, config.database.clone()).await?;
+        let store = open_store(data, config.database.clone(), config.database_ca.clone()).await?;
         let sink = config.code_sink.clone().unwrap_or_else(|| format!("file:{}", data.join("codes.log").display()));
         let sender = CodeSender::parse(&sink)?;
         let metrics = Arc::new(Metrics::new());

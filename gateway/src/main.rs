@@ -30,6 +30,11 @@ struct Cli {
     /// socket is host=/dir). Default: the config's `database`, else redb.
     #[arg(long, env = "MESHGRAM_GATEWAY_DATABASE")]
     database: Option<String>,
+    /// PEM file of the certificate authority the database's TLS certificate must chain to
+    /// (default: the config's `database_ca`, else the usual public roots). Add
+    /// sslmode=require to the URL to refuse a database without TLS.
+    #[arg(long, env = "MESHGRAM_GATEWAY_DATABASE_CA", global = true)]
+    database_ca: Option<PathBuf>,
     /// TOML config file; flags override it.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -131,7 +136,10 @@ async fn main() -> anyhow::Result<()> {
         Some(Command::Bot(command)) => admin(&config.data_dir, command).await,
         Some(Command::RelayRevoke { relay, json }) => relay_revoke(&config.data_dir, relay, json).await,
         Some(Command::RelayCert { relay, days, out }) => relay_cert(&config.data_dir, relay, days, out.as_deref()),
-        Some(Command::Migrate { to }) => migrate(config.data_dir, to).await,
+        Some(Command::Migrate { to }) => {
+            let ca = cli.database_ca.clone().or(config.database_ca.clone());
+            migrate(config.data_dir, to, ca).await
+        }
         None => run(cli, config).await,
     }
 }
@@ -145,6 +153,7 @@ async fn run(cli: Cli, mut config: Config) -> anyhow::Result<()> {
     config.http = Some(cli.http.or(config.http).unwrap_or(any_loopback_port));
     config.code_sink = cli.code_sink.or(config.code_sink);
     config.database = cli.database.or(config.database);
+    config.database_ca = cli.database_ca.or(config.database_ca);
     if let Some(secs) = cli.cert_ttl_secs {
         config.limits.cert_ttl_secs = secs;
     }
@@ -163,7 +172,7 @@ async fn run(cli: Cli, mut config: Config) -> anyhow::Result<()> {
 }
 
 /// Copies the redb database of `data` into PostgreSQL (see [`Command::Migrate`]).
-async fn migrate(data: PathBuf, to: String) -> anyhow::Result<()> {
+async fn migrate(data: PathBuf, to: String, ca: Option<PathBuf>) -> anyhow::Result<()> {
     let path = data.join(meshgram_gateway::DATABASE_FILE);
     if !path.exists() {
         bail!("no gateway database at {}: is --data the gateway's data dir?", path.display());
@@ -171,7 +180,7 @@ async fn migrate(data: PathBuf, to: String) -> anyhow::Result<()> {
     let copied = tokio::task::spawn_blocking(move || -> anyhow::Result<u64> {
         let source = RedbStore::open(&path)
             .with_context(|| format!("opening {} (is the gateway still running?)", path.display()))?;
-        let target = PgStore::connect(&to).context("connecting to PostgreSQL")?;
+        let target = PgStore::connect(&to, ca.as_deref()).context("connecting to PostgreSQL")?;
         Ok(target.migrate_from(&source)?)
     })
     .await??;

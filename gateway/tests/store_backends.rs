@@ -235,7 +235,7 @@ fn redb_and_postgres_read_back_the_same_and_migrate_copies_everything() {
     let redb_path = dir.path().join("gateway.redb");
 
     let on_redb = script(&Store::open(&redb_path).unwrap(), &inputs);
-    let on_postgres = script(&Store::connect(&pg.url()).unwrap(), &inputs);
+    let on_postgres = script(&Store::connect(&pg.url(), None).unwrap(), &inputs);
     assert_eq!(on_redb, on_postgres);
     // The script's reads say what they should (not just the same wrong thing twice).
     let expect = |line: &str| assert!(on_redb.iter().any(|said| said == line), "no {line:?} in {on_redb:#?}");
@@ -254,11 +254,11 @@ fn redb_and_postgres_read_back_the_same_and_migrate_copies_everything() {
 
     // A copy of the redb database reads back the same from PostgreSQL; ids carry on.
     pg.sql("CREATE DATABASE copy");
-    let copy = PgStore::connect(&pg.url_of("copy")).unwrap();
+    let copy = PgStore::connect(&pg.url_of("copy"), None).unwrap();
     let copied = copy.migrate_from(&RedbStore::open(&redb_path).unwrap()).unwrap();
     assert!(copied > 20, "{copied}");
     let redb = Store::open(&redb_path).unwrap();
-    let copy = Store::connect(&pg.url_of("copy")).unwrap();
+    let copy = Store::connect(&pg.url_of("copy"), None).unwrap();
     let read_all = |store: &Store| {
         store
             .read(|t| {
@@ -278,6 +278,6 @@ fn redb_and_postgres_read_back_the_same_and_migrate_copies_everything() {
     };
     assert_eq!(read_all(&redb), read_all(&copy));
     drop(redb);
-    let again = PgStore::connect(&pg.url_of("copy")).unwrap().migrate_from(&RedbStore::open(&redb_path).unwrap());
+    let again = PgStore::connect(&pg.url_of("copy"), None).unwrap().migrate_from(&RedbStore::open(&redb_path).unwrap());
     assert!(matches!(again, Err(StoreError::NotEmpty { .. })), "{again:?}");
 }

@@ -20,21 +20,30 @@ pub struct Postgres {
     server: Child,
     dir: TempDir,
     bin: PathBuf,
+    /// Its port: of the socket file, and with [`Postgres::start_tls`] of loopback TCP too.
+    port: u16,
+    tls: bool,
 }
 
 impl Postgres {
     /// Creates and starts a cluster, panicking if it cannot. It does not fsync: tests kill
     /// gateways, not the database, and its own syncs would only slow them down.
     pub fn start() -> Postgres {
-        Self::try_start(false).unwrap_or_else(|e| panic!("PostgreSQL did not start: {e:#}"))
+        Self::try_start(false, false).unwrap_or_else(|e| panic!("PostgreSQL did not start: {e:#}"))
     }
 
     /// [`Postgres::start`] with fsync on, as in production: for benchmarks.
     pub fn start_durable() -> Postgres {
-        Self::try_start(true).unwrap_or_else(|e| panic!("PostgreSQL did not start: {e:#}"))
+        Self::try_start(true, false).unwrap_or_else(|e| panic!("PostgreSQL did not start: {e:#}"))
     }
 
-    fn try_start(fsync: bool) -> anyhow::Result<Postgres> {
+    /// [`Postgres::start`], also listening on a loopback TCP port with TLS: a certificate
+    /// for 127.0.0.1 from a throwaway certificate authority ([`Postgres::ca_file`]).
+    pub fn start_tls() -> Postgres {
+        Self::try_start(false, true).unwrap_or_else(|e| panic!("PostgreSQL did not start: {e:#}"))
+    }
+
+    fn try_start(fsync: bool, tls: bool) -> anyhow::Result<Postgres> {
         let bin = server_bin_dir()?;
         let dir = tempfile::Builder::new().prefix("meshgram-pg-").tempdir()?;
         // The server's user must be able to write there.
@@ -49,21 +58,29 @@ impl Postgres {
         if !initdb.status.success() {
             bail!("initdb failed: {}", String::from_utf8_lossy(&initdb.stderr));
         }
-        let server = as_server_user(Command::new(bin.join("postgres")))
-            .arg("-D")
-            .arg(&data)
-            .arg("-k")
-            .arg(dir.path())
+        let mut server = as_server_user(Command::new(bin.join("postgres")));
+        server.arg("-D").arg(&data).arg("-k").arg(dir.path());
+        server.args(["-c", "max_connections=200", "-c"]).arg(if fsync { "fsync=on" } else { "fsync=off" });
+        // The socket file is in the test's own dir, so the default port is free there.
+        let port = if tls { free_port()? } else { 5432 };
+        server.args(["-p", &port.to_string()]);
+        if tls {
+            make_certificates(dir.path())?;
+            server.args(["-c", "listen_addresses=127.0.0.1", "-c", "ssl=on"]);
+            server.arg("-c").arg(format!("ssl_cert_file={}", dir.path().join("server.pem").display()));
+            server.arg("-c").arg(format!("ssl_key_file={}", dir.path().join("server.key").display()));
+        } else {
             // No TCP at all: the socket file is the only way in.
-            .args(["-c", "listen_addresses=", "-c", "max_connections=200", "-c"])
-            .arg(if fsync { "fsync=on" } else { "fsync=off" })
+            server.args(["-c", "listen_addresses="]);
+        }
+        let server = server
             .current_dir(dir.path())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .context("starting postgres")?;
-        let pg = Postgres { server, dir, bin };
+        let pg = Postgres { server, dir, bin, port, tls };
         pg.wait_ready()?;
         Ok(pg)
     }
@@ -74,7 +91,7 @@ impl Postgres {
             let ready = Command::new(self.bin.join("pg_isready"))
                 .arg("-h")
                 .arg(self.dir.path())
-                .args(["-U", "meshgram", "-d", "postgres", "-q"])
+                .args(["-p", &self.port.to_string(), "-U", "meshgram", "-d", "postgres", "-q"])
                 .status()?;
             if ready.success() {
                 return Ok(());
@@ -93,12 +110,19 @@ impl Postgres {
 
     /// A connection string for database `name` (made with `CREATE DATABASE`).
     pub fn url_of(&self, name: &str) -> String {
-        format!("host={} user=meshgram dbname={name}", self.dir.path().display())
+        format!("host={} port={} user=meshgram dbname={name}", self.dir.path().display(), self.port)
     }
 
-    /// The directory holding the socket.
-    pub fn socket_dir(&self) -> &Path {
-        self.dir.path()
+    /// With [`Postgres::start_tls`]: a connection string over loopback TCP with `sslmode`.
+    pub fn tcp_url(&self, sslmode: &str) -> String {
+        assert!(self.tls, "started with start_tls");
+        format!("host=127.0.0.1 port={} user=meshgram dbname=postgres sslmode={sslmode}", self.port)
+    }
+
+    /// With [`Postgres::start_tls`]: the PEM certificate of the authority that signed the
+    /// server's.
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
     }
 
     /// Runs one SQL command with `psql` and returns its unaligned output.
@@ -106,7 +130,8 @@ impl Postgres {
         let out = Command::new(self.bin.join("psql"))
             .arg("-h")
             .arg(self.dir.path())
-            .args(["-U", "meshgram", "-d", "postgres", "-XAtq", "-v", "ON_ERROR_STOP=1", "-c", command])
+            .args(["-p", &self.port.to_string(), "-U", "meshgram", "-d", "postgres", "-XAtq", "-v", "ON_ERROR_STOP=1"])
+            .args(["-c", command])
             .output()
             .expect("run psql");
         assert!(out.status.success(), "psql -c {command:?}: {}", String::from_utf8_lossy(&out.stderr));
@@ -128,6 +153,61 @@ impl Drop for Postgres {
         let _ = self.server.kill();
         let _ = self.server.wait();
     }
+}
+
+/// Writes `ca.pem` and, signed by it, `server.pem` and `server.key` for 127.0.0.1 into `dir`,
+/// with openssl; the key readable by the server's user alone, as PostgreSQL demands.
+fn make_certificates(dir: &Path) -> anyhow::Result<()> {
+    let openssl = |args: &[&str]| -> anyhow::Result<()> {
+        let out = Command::new("openssl").args(args).current_dir(dir).output().context("running openssl")?;
+        if !out.status.success() {
+            bail!("openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
+    };
+    std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n")?;
+    let key = ["-newkey", "rsa:2048", "-nodes"];
+    openssl(
+        &[
+            &["req", "-x509"],
+            &key[..],
+            &["-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=meshgram test CA"],
+        ]
+        .concat(),
+    )?;
+    openssl(
+        &[&["req"], &key[..], &["-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1"]].concat(),
+    )?;
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+    ])?;
+    let server_key = dir.join("server.key");
+    std::fs::set_permissions(&server_key, std::fs::Permissions::from_mode(0o600))?;
+    if is_root()
+        && let Some((uid, gid)) = postgres_user()
+    {
+        std::os::unix::fs::chown(&server_key, Some(uid), Some(gid))?;
+    }
+    Ok(())
+}
+
+/// A loopback TCP port nobody listens on just now.
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 /// Debian's PostgreSQL server binaries (`/usr/lib/postgresql/<version>/bin`), newest first.

@@ -294,9 +294,10 @@ impl Store {
         RedbStore::open(path).map(Store::Redb)
     }
 
-    /// Connects to PostgreSQL at `url` and creates the gateway's tables if they are missing.
-    pub fn connect(url: &str) -> Result<Self, StoreError> {
-        PgStore::connect(url).map(|store| Store::Postgres(Box::new(store)))
+    /// Connects to PostgreSQL at `url` (TLS roots from `ca`, see [`PgStore::connect`]) and
+    /// creates the gateway's tables if they are missing.
+    pub fn connect(url: &str, ca: Option<&std::path::Path>) -> Result<Self, StoreError> {
+        PgStore::connect(url, ca).map(|store| Store::Postgres(Box::new(store)))
     }
 
     /// Runs `f` in a transaction; commits (durably) only if it returns `Ok`. `f` may run more

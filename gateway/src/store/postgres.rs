@@ -9,9 +9,11 @@
 //! commit leaves the outcome unknown, and the request fails as unavailable.
 //!
 //! Unique usernames and phones are constraints, user ids come from a sequence, and values are
-//! the same postcard records as in redb, next to the columns that index them.
+//! the same postcard records as in redb, next to the columns that index them. Connections over
+//! TCP use TLS (rustls) when the server offers it, and must with `sslmode=require`.
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -23,8 +25,9 @@ use meshgram_node::proto::{BackupRecord, BotCommandInfo};
 use meshgram_node::server::limits::RateLimiter;
 use postgres::error::SqlState;
 use postgres::types::ToSql;
-use postgres::{Client, Config, IsolationLevel, NoTls, Row, Statement, Transaction};
+use postgres::{Client, Config, IsolationLevel, Row, Statement, Transaction};
 use serde::de::DeserializeOwned;
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::{
     ChannelName, CodeRecord, FIRST_USER_ID, PasswordGuard, PhoneGuard, Record, StoreError, StoredAccount,
@@ -127,6 +130,9 @@ const NEXT_REVOCATION: &str = "next_revocation";
 /// A gateway database in PostgreSQL, with this gateway's connections to it.
 pub struct PgStore {
     config: Config,
+    /// TLS for connections over TCP (`sslmode` decides whether it is required; unix sockets
+    /// never use it).
+    tls: MakeRustlsConnect,
     pool: Mutex<Pool>,
     /// Signalled when a connection is given back or closed.
     freed: Condvar,
@@ -185,10 +191,15 @@ fn classify(e: &postgres::Error) -> Failure {
         return Failure::Lost;
     }
     let Some(code) = e.code() else {
-        // No SQLSTATE: a socket that failed (refused, reset, timed out) may pass; anything
-        // else (a value that does not convert, a bad configuration) will not.
-        let io = std::error::Error::source(e).is_some_and(|source| source.is::<std::io::Error>());
-        return if io { Failure::Lost } else { Failure::Fatal };
+        // No SQLSTATE: a socket that failed (refused, reset, timed out) may pass; a TLS
+        // failure (a certificate nobody here trusts) and anything else (a value that does not
+        // convert, a bad configuration) will not.
+        let io = std::error::Error::source(e).and_then(|source| source.downcast_ref::<std::io::Error>());
+        return match io {
+            Some(io) if io.get_ref().is_some_and(|inner| inner.is::<rustls::Error>()) => Failure::Fatal,
+            Some(_) => Failure::Lost,
+            None => Failure::Fatal,
+        };
     };
     if *code == SqlState::T_R_SERIALIZATION_FAILURE || *code == SqlState::T_R_DEADLOCK_DETECTED {
         Failure::Conflict
@@ -214,19 +225,26 @@ fn classify(e: &postgres::Error) -> Failure {
 }
 
 fn pg_error(e: &postgres::Error) -> StoreError {
+    // The client's own errors say what failed ("error performing TLS handshake") and leave
+    // why ("invalid peer certificate: UnknownIssuer") to their source.
+    let said = match (e.as_db_error(), std::error::Error::source(e)) {
+        (Some(db), _) => format!("{}: {}", db.code().code(), db.message()),
+        (None, Some(source)) => format!("{e}: {source}"),
+        (None, None) => e.to_string(),
+    };
     match classify(e) {
-        Failure::Lost => StoreError::Unavailable(e.to_string()),
-        _ => StoreError::Postgres(match e.as_db_error() {
-            Some(db) => format!("{}: {}", db.code().code(), db.message()),
-            None => e.to_string(),
-        }),
+        Failure::Lost => StoreError::Unavailable(said),
+        _ => StoreError::Postgres(said),
     }
 }
 
 impl PgStore {
     /// Connects to the database at `url` (a libpq-style URL or key=value string, several
-    /// hosts allowed) and creates the gateway's tables if they are missing.
-    pub fn connect(url: &str) -> Result<Self, StoreError> {
+    /// hosts allowed) and creates the gateway's tables if they are missing. Over TCP the
+    /// server's certificate must chain to `ca` (PEM), or without it to the usual public roots;
+    /// `sslmode=require` in `url` refuses a server without TLS.
+    pub fn connect(url: &str, ca: Option<&Path>) -> Result<Self, StoreError> {
+        let tls = tls_connector(ca)?;
         let mut config: Config =
             url.parse().map_err(|e| StoreError::Postgres(format!("the database URL does not parse: {e}")))?;
         if config.get_connect_timeout().is_none() {
@@ -240,7 +258,7 @@ impl PgStore {
             None => SESSION_OPTIONS.to_string(),
         };
         config.options(&options).keepalives(true).keepalives_idle(DEAD_PEER_AFTER).tcp_user_timeout(DEAD_PEER_AFTER);
-        let store = PgStore { config, pool: Mutex::default(), freed: Condvar::new(), commits: AtomicU64::new(0) };
+        let store = PgStore { config, tls, pool: Mutex::default(), freed: Condvar::new(), commits: AtomicU64::new(0) };
         {
             let mut connection = store.connection(Instant::now())?;
             let mut tx = connection.client().transaction().map_err(|e| pg_error(&e))?;
@@ -409,7 +427,7 @@ impl PgStore {
             if pool.open < MAX_CONNECTIONS {
                 pool.open += 1;
                 drop(pool);
-                match self.config.connect(NoTls) {
+                match self.config.connect(self.tls.clone()) {
                     Ok(client) => {
                         let connection = Connection { client, statements: HashMap::new() };
                         return Ok(Lent { store: self, connection: Some(connection) });
@@ -443,6 +461,34 @@ impl PgStore {
         self.lock().open -= 1;
         self.freed.notify_one();
     }
+}
+
+/// The TLS client for connections to the database: roots from the PEM file `ca`, else the
+/// public ones (webpki-roots).
+fn tls_connector(ca: Option<&Path>) -> Result<MakeRustlsConnect, StoreError> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    match ca {
+        Some(path) => {
+            let bad = |why: String| StoreError::Postgres(format!("database CA file {}: {why}", path.display()));
+            for cert in CertificateDer::pem_file_iter(path).map_err(|e| bad(e.to_string()))? {
+                roots.add(cert.map_err(|e| bad(e.to_string()))?).map_err(|e| bad(e.to_string()))?;
+            }
+            if roots.is_empty() {
+                return Err(bad("no certificate in it".into()));
+            }
+        }
+        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+    }
+    // The workspace has two crypto providers (ring and aws-lc-rs): name one.
+    let config =
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| StoreError::Postgres(format!("TLS setup: {e}")))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    Ok(MakeRustlsConnect::new(config))
 }
 
 /// A connection lent to one request; given back to the pool when dropped.

@@ -312,6 +312,29 @@ fn migrate_moves_a_redb_gateway_to_postgres_and_its_users_stay_signed_in() {
 }
 
 #[test]
+fn over_tcp_the_database_is_reached_with_tls_and_a_certificate_it_cannot_show_is_refused() {
+    let pg = Postgres::start_tls();
+    let ca = pg.ca_file().display().to_string();
+    let gw = Gateway::builder().database(&pg.tcp_url("require")).arg("--database-ca").arg(&ca).start();
+    let profile = gw.new_profile("alice");
+    gw.login(&profile, ALICE);
+    let encrypted = pg.sql(
+        "SELECT bool_and(s.ssl) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+         WHERE a.application_name = 'meshgram-gateway'",
+    );
+    assert_eq!(encrypted, "t", "every gateway connection is TLS");
+
+    // Without the authority, the server's certificate is nobody's the gateway trusts.
+    let gateway = meshgram_tests::bin_path(meshgram_tests::GATEWAY_BIN);
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().display().to_string();
+    let url = pg.tcp_url("require");
+    let out = run(&gateway, &["--data", &data, "--database", &url, "--http", "127.0.0.1:0"], None);
+    assert!(!out.status.success(), "{out}");
+    assert!(out.stderr.contains("certificate"), "{out}");
+}
+
+#[test]
 fn a_bad_database_url_or_an_unreachable_database_is_a_clear_error() {
     let gateway = meshgram_tests::bin_path(meshgram_tests::GATEWAY_BIN);
     let dir = tempfile::tempdir().unwrap();
