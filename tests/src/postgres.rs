@@ -1,6 +1,7 @@
 //! A throwaway PostgreSQL cluster for one test: Debian's server binaries, `initdb` into a temp
 //! dir, listening only on a unix socket there. `initdb` refuses root, so as root the cluster
-//! runs as the `postgres` user. Shut down and deleted on drop.
+//! runs as the `postgres` user. It can be stopped and started again; shut down and deleted on
+//! drop.
 
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
@@ -23,6 +24,8 @@ pub struct Postgres {
     /// Its port: of the socket file, and with [`Postgres::start_tls`] of loopback TCP too.
     port: u16,
     tls: bool,
+    /// The server's command line, to start it again.
+    args: Vec<std::ffi::OsString>,
 }
 
 impl Postgres {
@@ -58,31 +61,48 @@ impl Postgres {
         if !initdb.status.success() {
             bail!("initdb failed: {}", String::from_utf8_lossy(&initdb.stderr));
         }
-        let mut server = as_server_user(Command::new(bin.join("postgres")));
-        server.arg("-D").arg(&data).arg("-k").arg(dir.path());
-        server.args(["-c", "max_connections=200", "-c"]).arg(if fsync { "fsync=on" } else { "fsync=off" });
+        let mut args: Vec<std::ffi::OsString> = vec!["-D".into(), data.into(), "-k".into(), dir.path().into()];
+        let mut set = |setting: String| args.extend(["-c".into(), setting.into()]);
+        set("max_connections=200".into());
+        set(format!("fsync={}", if fsync { "on" } else { "off" }));
         // The socket file is in the test's own dir, so the default port is free there.
         let port = if tls { free_port()? } else { 5432 };
-        server.args(["-p", &port.to_string()]);
+        set(format!("port={port}"));
         if tls {
             make_certificates(dir.path())?;
-            server.args(["-c", "listen_addresses=127.0.0.1", "-c", "ssl=on"]);
-            server.arg("-c").arg(format!("ssl_cert_file={}", dir.path().join("server.pem").display()));
-            server.arg("-c").arg(format!("ssl_key_file={}", dir.path().join("server.key").display()));
+            set("listen_addresses=127.0.0.1".into());
+            set("ssl=on".into());
+            set(format!("ssl_cert_file={}", dir.path().join("server.pem").display()));
+            set(format!("ssl_key_file={}", dir.path().join("server.key").display()));
         } else {
             // No TCP at all: the socket file is the only way in.
-            server.args(["-c", "listen_addresses="]);
+            set("listen_addresses=".into());
         }
-        let server = server
-            .current_dir(dir.path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting postgres")?;
-        let pg = Postgres { server, dir, bin, port, tls };
+        let server = spawn_server(&bin, dir.path(), &args)?;
+        let pg = Postgres { server, dir, bin, port, tls, args };
         pg.wait_ready()?;
         Ok(pg)
+    }
+
+    /// Shuts the server down (fast: SIGINT), as an operator restarting it would; connections
+    /// break. SIGKILL if it hangs.
+    pub fn stop(&mut self) {
+        let _ = Command::new("kill").args(["-INT", &self.server.id().to_string()]).status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.server.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+    }
+
+    /// Starts the stopped server again on the same data, waiting until it takes connections.
+    pub fn start_again(&mut self) {
+        self.server = spawn_server(&self.bin, self.dir.path(), &self.args).expect("postgres starts again");
+        self.wait_ready().unwrap_or_else(|e| panic!("PostgreSQL did not start again: {e:#}"));
     }
 
     fn wait_ready(&self) -> anyhow::Result<()> {
@@ -140,19 +160,22 @@ impl Postgres {
 }
 
 impl Drop for Postgres {
-    /// A fast shutdown (SIGINT), so no server process outlives the test; SIGKILL if it hangs.
+    /// So that no server process outlives the test.
     fn drop(&mut self) {
-        let _ = Command::new("kill").args(["-INT", &self.server.id().to_string()]).status();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.server.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.server.kill();
-        let _ = self.server.wait();
+        self.stop();
     }
+}
+
+/// The `postgres` server with `args`, as the server's user, its output discarded.
+fn spawn_server(bin: &Path, dir: &Path, args: &[std::ffi::OsString]) -> anyhow::Result<Child> {
+    as_server_user(Command::new(bin.join("postgres")))
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting postgres")
 }
 
 /// Writes `ca.pem` and, signed by it, `server.pem` and `server.key` for 127.0.0.1 into `dir`,

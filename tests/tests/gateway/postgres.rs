@@ -263,6 +263,34 @@ fn with_one_gateway_dead_relays_learn_revocations_from_the_other_and_messages_fl
 }
 
 #[test]
+fn a_database_restart_under_a_running_gateway_is_waited_out_not_an_error() {
+    let mut pg = Postgres::start();
+    let gw = Gateway::builder().database(&pg.url()).start();
+    let alice_p = gw.new_profile("alice");
+    let alice = gw.login(&alice_p, ALICE);
+    meshgram(&alice_p, &["renew"]).ok_json();
+
+    // Every connection the gateway holds breaks; a request made while the database is down
+    // waits (up to 10 s) and goes on once it is back, on new connections.
+    pg.stop();
+    let (renewed, took) = std::thread::scope(|s| {
+        let renew = s.spawn(|| {
+            let started = Instant::now();
+            (meshgram(&alice_p, &["renew"]), started.elapsed())
+        });
+        std::thread::sleep(Duration::from_secs(2));
+        pg.start_again();
+        renew.join().unwrap()
+    });
+    assert_eq!(renewed.ok_json()["session_id"], alice["session_id"], "{renewed}");
+    assert!(took >= Duration::from_millis(1500), "renewed in {took:?}: before the database was back?");
+    // And the gateway goes on as before, without a restart of its own.
+    let bob = gw.login(&gw.new_profile("bob"), BOB);
+    assert_eq!(bob["new_account"], true, "{bob}");
+    assert_eq!(lookup(&alice_p, BOB)["user_id"], bob["user_id"]);
+}
+
+#[test]
 fn migrate_moves_a_redb_gateway_to_postgres_and_its_users_stay_signed_in() {
     let pg = Postgres::start();
     let mut gw = Gateway::start();
