@@ -790,11 +790,11 @@ impl Tables for PgTables<'_> {
     }
 
     fn active_sessions(&mut self, user: UserId) -> Result<Vec<StoredSession>, StoreError> {
-        self.records(
-            "session",
-            "SELECT record FROM sessions WHERE user_id = $1 AND active ORDER BY session_id",
-            &[&signed(user.0)],
-        )
+        let mut sessions: Vec<StoredSession> =
+            self.records("session", "SELECT record FROM sessions WHERE user_id = $1 AND active", &[&signed(user.0)])?;
+        // In redb's order: by id as the u64 it is (signed, random ids from 2^63 up sort first).
+        sessions.sort_by_key(|s| s.session_id.0);
+        Ok(sessions)
     }
 
     fn password_guard(&mut self, user: UserId) -> Result<PasswordGuard, StoreError> {
