@@ -140,6 +140,13 @@ fn filler(i: usize) -> (Phone, Username) {
     (phone, username)
 }
 
+/// The phone and username bench client `i` signs in and names itself with.
+fn bench_client(i: usize) -> (Phone, Username) {
+    let phone = format!("+1555900{i:04}").parse().expect("invariant: a valid phone");
+    let username = format!("bench{i}").parse().expect("invariant: a valid username");
+    (phone, username)
+}
+
 /// Writes `n` accounts (each with a phone and a username) straight into `store`.
 fn fill_accounts(store: &Store, n: usize) -> Result<(), StoreError> {
     for start in (0..n).step_by(FILL_BATCH) {
@@ -288,8 +295,9 @@ async fn bench_setup(backend: &Backend, gateways: usize, fill: usize, held: usiz
         let gateway = &running[i % gateways];
         let addr = GatewayAddr::from_multiaddr(&gateway.ready.listen[0])?;
         let client = Client::open(&dir.path().join(format!("client{i}")), addr)?;
-        sign_in(&client, format!("+1555900{i:04}").parse()?, &sms).await?;
-        client.call(AuthRequest::SetProfile { username: Some(format!("bench{i}")), name: None }).await?;
+        let (phone, username) = bench_client(i);
+        sign_in(&client, phone, &sms).await?;
+        client.call(AuthRequest::SetProfile { username: Some(username.as_str().to_string()), name: None }).await?;
         clients.push(Arc::new(client));
     }
 
@@ -300,21 +308,16 @@ async fn bench_setup(backend: &Backend, gateways: usize, fill: usize, held: usiz
     .await?;
     let get_me = load_requests(&clients, GET_ME_PER_CLIENT, |_, _| AuthRequest::GetMe).await?;
     // Spread over the whole table: a filler when there are any, else a bench client.
-    let target = move |i: usize, j: usize| (i * 7_919 + j * 104_729) % held.max(1);
+    let looked_up = move |i: usize, j: usize| match held {
+        0 => bench_client(j % CLIENTS),
+        _ => filler((i * 7_919 + j * 104_729) % held),
+    };
     let by_username = load_requests(&clients, LOOKUPS_PER_CLIENT, move |i, j| {
-        let name = match held {
-            0 => format!("bench{}", j % CLIENTS).parse().expect("invariant: a valid username"),
-            _ => filler(target(i, j)).1,
-        };
-        AuthRequest::Lookup(LookupQuery::Username(name))
+        AuthRequest::Lookup(LookupQuery::Username(looked_up(i, j).1))
     })
     .await?;
     let by_phone = load_requests(&clients, LOOKUPS_PER_CLIENT, move |i, j| {
-        let phone = match held {
-            0 => format!("+1555900{:04}", j % CLIENTS).parse().expect("invariant: a valid phone"),
-            _ => filler(target(i, j)).0,
-        };
-        AuthRequest::Lookup(LookupQuery::Phone(phone))
+        AuthRequest::Lookup(LookupQuery::Phone(looked_up(i, j).0))
     })
     .await?;
 
